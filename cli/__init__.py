@@ -1,0 +1,1 @@
+"""The `llmir-onnx` command line (installed as the package `llmir_onnx.cli`)."""

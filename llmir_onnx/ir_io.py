@@ -1,0 +1,89 @@
+"""Loading and saving models: lazy external data, safe paths, checksums.
+
+Weights stay memory-mapped: onnx_ir keeps external initializers as `ExternalTensor`s that read
+their bytes (via mmap) only when asked, so loading a 100 GB model costs its graph, not its weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx_ir as ir
+
+from llmir_onnx.errors import InputModelError
+
+# onnxruntime-gpu 1.31 refuses IR 11+ models written by newer onnx helpers; 10 is read everywhere.
+MAX_IR_VERSION = 10
+EXTERNAL_DATA_SUFFIX = ".data"
+
+
+def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
+    yield model.graph
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield attr.value
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from attr.value
+
+
+def external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
+    """Every initializer of the model (subgraphs included) whose bytes live in an external file."""
+    for graph in _graphs(model):
+        for name, value in graph.initializers.items():
+            if isinstance(value.const_value, ir.ExternalTensor):
+                yield name, value.const_value
+
+
+def check_external_data_paths(model: ir.Model, model_dir: Path) -> None:
+    """Refuse external-data locations that escape the model's folder (e.g. `../../etc/passwd`)."""
+    root = model_dir.resolve()
+    for name, tensor in external_tensors(model):
+        target = (root / tensor.location).resolve()
+        if not target.is_relative_to(root):
+            raise InputModelError(
+                f"initializer {name!r} stores its data at {tensor.location!r}, outside the model's folder "
+                f"{root}; move the data file next to the model and fix its location"
+            )
+        if not target.is_file():
+            raise InputModelError(
+                f"initializer {name!r} stores its data in {tensor.location!r}, which does not exist in {root}; "
+                "copy the external data file next to the model"
+            )
+
+
+def load_model(path: str | os.PathLike) -> ir.Model:
+    """Load a model lazily; external weights stay on disk until read."""
+    model_path = Path(path)
+    if not model_path.is_file():
+        raise InputModelError(f"model file {str(model_path)!r} does not exist; pass the path of an .onnx file")
+    try:
+        model = ir.load(model_path)
+    except Exception as error:  # onnx/protobuf raise many kinds; the user needs one line
+        raise InputModelError(f"cannot read {str(model_path)!r} as an ONNX model: {error}") from error
+    check_external_data_paths(model, model_path.parent)
+    return model
+
+
+def save_model(model: ir.Model, path: str | os.PathLike, *, external_threshold_bytes: int = 1024) -> Path:
+    """Save with weights over the threshold in `<file>.data` beside it; returns the model path."""
+    model_path = Path(path)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    ir.save(
+        model,
+        model_path,
+        external_data=model_path.name + EXTERNAL_DATA_SUFFIX,
+        size_threshold_bytes=external_threshold_bytes,
+    )
+    return model_path
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,97 @@
+"""Write a partition to disk atomically: rank models, their external data, the manifest.
+
+Everything is written into a temporary sibling folder first and renamed into place at the end, so
+a failed or interrupted partition leaves no half-written plan (and an older plan stays intact
+until the new one is complete).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from llmir_onnx.errors import PlanError
+from llmir_onnx.ir_io import save_model, sha256_file
+from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
+
+
+def rank_file_name(rank: int) -> str:
+    return f"rank{rank}.onnx"
+
+
+def tensor_infos(values: Sequence[ir.Value]) -> list[TensorInfo]:
+    infos = []
+    for value in values:
+        dtype = value.dtype.name.lower() if value.dtype is not None else "undefined"
+        shape: list[int | str] = []
+        if value.shape is not None:
+            shape = [dim if isinstance(dim, int) else str(dim.value) for dim in value.shape]
+        infos.append(TensorInfo(name=value.name or "", dtype=dtype, shape=shape))
+    return infos
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
+    """Yield a fresh temporary folder that replaces `out_dir` only if the block succeeds."""
+    out_dir = out_dir.resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise PlanError(f"{str(out_dir)!r} exists and is not a folder; choose another -o")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
+        raise PlanError(f"{str(out_dir)!r} is not empty and holds no plan; choose an empty or new -o folder")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    previous = None
+    if out_dir.exists():
+        previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.rename(out_dir, previous / "plan")
+    os.rename(staging, out_dir)
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def write_plan(
+    out_dir: Path,
+    *,
+    source_path: Path,
+    source_model: ir.Model,
+    mesh: dict[str, Any],
+    rank_models: Sequence[tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]],
+    options: dict[str, Any],
+) -> Manifest:
+    """Save every rank model and the manifest into `out_dir`, atomically."""
+    with atomic_output_dir(out_dir) as staging:
+        entries = []
+        for rank, coords, model, inputs, outputs in rank_models:
+            path = save_model(model, staging / rank_file_name(rank))
+            entries.append(
+                RankEntry(
+                    rank=rank,
+                    coords=coords,
+                    file=path.name,
+                    sha256=sha256_file(path),
+                    inputs=inputs,
+                    outputs=outputs,
+                )
+            )
+        manifest = Manifest(
+            source={"path": str(source_path.resolve()), "sha256": sha256_file(source_path)},
+            mesh=mesh,
+            inputs=tensor_infos(source_model.graph.inputs),
+            outputs=tensor_infos(source_model.graph.outputs),
+            ranks=entries,
+            options=options,
+        )
+        manifest.write(staging)
+    return manifest

@@ -1,0 +1,216 @@
+"""`llmir-onnx verify`: run every rank of a plan as its own process and compare with the original.
+
+The ranks are real processes with real onnxruntime sessions and the real custom-op library: the
+collectives and Send/Recv they execute are the ones production runs. Outside a launcher this
+module starts `mpiexec -n WORLD` itself; under one (mpiexec, srun, torchrun) each process runs its
+own rank and rank 0 assembles the results from the files the ranks write.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
+from llmir_onnx.ir_io import sha256_file
+from llmir_onnx.plan.manifest import Manifest, SliceBinding
+
+RANK_DONE_SUFFIX = ".done"
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_error: float
+    max_rel_error: float
+    ok: bool
+
+
+def mpiexec_path() -> str:
+    """The mpiexec of the mpich wheel installed beside this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise CommunicationError("no mpiexec found; install the package's dependencies (pip install mpich)")
+    return found
+
+
+def load_feeds(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path) as archive:
+        return {name: archive[name] for name in archive.files}
+
+
+def run_rank(plan_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray], work_dir: Path) -> None:
+    """Run this process's rank and write its outputs to `work_dir/rank{N}.npz`."""
+    import onnxruntime as ort
+
+    from llmir_onnx.runtime.launch import setup_communication
+
+    comm = setup_communication(expected_world_size=manifest.world_size)
+    entry = manifest.rank_entry(comm.rank)
+    model_path = plan_dir / entry.file
+    if sha256_file(model_path) != entry.sha256:
+        raise PlanError(f"{str(model_path)!r} does not match the sha256 in the manifest; partition again")
+    missing = sorted({binding.original for binding in entry.inputs} - feeds.keys())
+    if missing:
+        raise PlanError(f"rank {comm.rank} needs inputs {missing} that the feeds do not hold")
+    session = ort.InferenceSession(str(model_path), comm.session_options(), providers=["CPUExecutionProvider"])
+    rank_feeds = {b.local: np.ascontiguousarray(b.take(feeds[b.original])) for b in entry.inputs}
+    results = session.run([b.local for b in entry.outputs], rank_feeds)
+    out_path = work_dir / f"rank{comm.rank}.npz"
+    np.savez(out_path, **{binding.local: array for binding, array in zip(entry.outputs, results, strict=True)})
+    (work_dir / f"rank{comm.rank}{RANK_DONE_SUFFIX}").touch()
+
+
+def assemble_outputs(manifest: Manifest, work_dir: Path) -> dict[str, np.ndarray]:
+    """Put the original model's outputs back together from every rank's slices."""
+    parts: dict[str, list[tuple[SliceBinding, np.ndarray]]] = {}
+    for entry in manifest.ranks:
+        with np.load(work_dir / f"rank{entry.rank}.npz") as archive:
+            for binding in entry.outputs:
+                parts.setdefault(binding.original, []).append((binding, archive[binding.local]))
+    assembled = {}
+    for info in manifest.outputs:
+        pieces = parts.get(info.name)
+        if not pieces:
+            raise PlanError(f"no rank produces output {info.name!r}; the plan is incomplete")
+        whole = [array for binding, array in pieces if binding.dim is None]
+        if whole:
+            assembled[info.name] = whole[0]
+            continue
+        dim = pieces[0][0].dim
+        shape = list(pieces[0][1].shape)
+        shape[dim] = max(binding.stop for binding, _ in pieces)
+        full = np.empty(shape, dtype=pieces[0][1].dtype)
+        covered = np.zeros(shape[dim], dtype=bool)
+        for binding, array in pieces:
+            index = [slice(None)] * len(shape)
+            index[dim] = slice(binding.start, binding.stop)
+            full[tuple(index)] = array
+            covered[binding.start : binding.stop] = True
+        if not covered.all():
+            raise PlanError(f"the ranks' slices of output {info.name!r} leave dim {dim} partly uncovered")
+        assembled[info.name] = full
+    return assembled
+
+
+def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], atol: float, rtol: float
+            ) -> list[OutputComparison]:
+    rows = []
+    for name, expected in reference.items():
+        got = actual[name]
+        if got.shape != expected.shape:
+            rows.append(OutputComparison(name, tuple(got.shape), float("inf"), float("inf"), False))
+            continue
+        diff = np.abs(got.astype(np.float64) - expected.astype(np.float64))
+        max_abs = float(diff.max()) if diff.size else 0.0
+        rel = diff / np.maximum(np.abs(expected.astype(np.float64)), np.finfo(np.float32).tiny)
+        max_rel = float(rel.max()) if rel.size else 0.0
+        ok = bool(np.allclose(got, expected, atol=atol, rtol=rtol))
+        rows.append(OutputComparison(name, tuple(got.shape), max_abs, max_rel, ok))
+    return rows
+
+
+def reference_outputs(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    names = [output.name for output in session.get_outputs()]
+    return dict(zip(names, session.run(names, feeds), strict=True))
+
+
+def launch_ranks(plan_dir: Path, feeds_path: Path, work_dir: Path, world_size: int, timeout_s: float) -> None:
+    command = [
+        mpiexec_path(), "-n", str(world_size), sys.executable, "-m", "llmir_onnx.runtime.rank_main",
+        "verify-rank", str(plan_dir), str(feeds_path), str(work_dir),
+    ]
+    try:
+        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as error:
+        raise CommunicationError(f"the {world_size} ranks did not finish within {timeout_s:.0f} s") from error
+    if completed.returncode != 0:
+        lines = [line for line in (completed.stderr + completed.stdout).splitlines() if line.strip()]
+        detail = " | ".join(line for line in lines if line.startswith("llmir-onnx")) or " | ".join(lines[-3:])
+        raise CommunicationError(f"rank processes failed (exit {completed.returncode}): {detail}")
+
+
+def wait_for_ranks(manifest: Manifest, work_dir: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    pending = {entry.rank for entry in manifest.ranks}
+    while pending:
+        pending = {rank for rank in pending if not (work_dir / f"rank{rank}{RANK_DONE_SUFFIX}").exists()}
+        if pending and time.monotonic() > deadline:
+            raise CommunicationError(f"ranks {sorted(pending)} wrote no results within {timeout_s:.0f} s")
+        time.sleep(0.05)
+
+
+def verify_plan(
+    plan_dir: Path,
+    feeds: dict[str, np.ndarray],
+    *,
+    model_path: Path | None = None,
+    atol: float = 1e-4,
+    rtol: float = 1e-4,
+    timeout_s: float = 600.0,
+) -> tuple[dict[str, np.ndarray], list[OutputComparison]]:
+    """Run the plan on `feeds` and compare with the original model; returns (outputs, comparisons)."""
+    from llmir_onnx.runtime.launch import detect_rank_env
+
+    manifest = Manifest.read(plan_dir)
+    source = model_path or Path(manifest.source["path"])
+    if not source.is_file():
+        raise PlanError(f"the original model {str(source)!r} is gone; pass its path with --model")
+    env = detect_rank_env()
+    if env.launcher != "none":
+        work_dir = plan_dir / ".verify"
+        if env.rank == 0:
+            shutil.rmtree(work_dir, ignore_errors=True)
+        work_dir.mkdir(exist_ok=True)
+        run_rank(plan_dir, manifest, feeds, work_dir)
+        if env.rank != 0:
+            return {}, []
+        wait_for_ranks(manifest, work_dir, timeout_s)
+        assembled = assemble_outputs(manifest, work_dir)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    else:
+        with tempfile.TemporaryDirectory(prefix="llmir-verify-") as tmp:
+            work_dir = Path(tmp)
+            feeds_path = work_dir / "feeds.npz"
+            np.savez(feeds_path, **feeds)
+            launch_ranks(plan_dir.resolve(), feeds_path, work_dir, manifest.world_size, timeout_s)
+            assembled = assemble_outputs(manifest, work_dir)
+    reference = reference_outputs(source, feeds)
+    rows = compare(reference, assembled, atol, rtol)
+    return assembled, rows
+
+
+def format_comparisons(rows: list[OutputComparison], atol: float, rtol: float) -> str:
+    width = max([len(row.name) for row in rows] + [6])
+    lines = [f"{'output':<{width}}  {'shape':<22} {'max abs err':>12} {'max rel err':>12}  ok (atol={atol:g}, rtol={rtol:g})"]
+    for row in rows:
+        shape = "x".join(str(d) for d in row.shape)
+        lines.append(f"{row.name:<{width}}  {shape:<22} {row.max_abs_error:12.3e} {row.max_rel_error:12.3e}  "
+                     f"{'yes' if row.ok else 'NO'}")
+    return "\n".join(lines)
+
+
+def raise_if_mismatch(rows: list[OutputComparison]) -> None:
+    bad = [row.name for row in rows if not row.ok]
+    if bad:
+        raise VerificationError(f"outputs {bad} differ from the original model beyond tolerance")
+
+
+def rank_main_verify(plan_dir: str, feeds_path: str, work_dir: str) -> None:
+    manifest = Manifest.read(plan_dir)
+    run_rank(Path(plan_dir), manifest, load_feeds(Path(feeds_path)), Path(work_dir))
+
