@@ -8,6 +8,7 @@ headers, MPI from the mpich wheel, CUDA and NCCL when present) and runs CMake. I
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,14 @@ def _load_builder():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _replace_file(source: Path, dest: Path) -> None:
+    """Copy then rename: a process that has the old library mapped keeps a valid file."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = dest.with_name(dest.name + ".tmp")
+    shutil.copy2(source, staging)
+    os.replace(staging, dest)
 
 
 class CMakeLibrary(Extension):
@@ -43,12 +52,9 @@ class BuildCustomOps(build_ext):
             dest = Path(self.get_ext_fullpath(ext.name))
             if library not in built:
                 continue  # the CUDA variant when no CUDA toolkit is present (build.py says so)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(built[library], dest)
-            if self.inplace is False:
-                inplace = ROOT / "llmir_onnx" / "_lib" / library
-                inplace.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(built[library], inplace)
+            _replace_file(built[library], dest)
+            if not self.inplace:
+                _replace_file(built[library], ROOT / "llmir_onnx" / "_lib" / library)
 
 
 setup(

@@ -1,0 +1,285 @@
+#include "kernels.h"
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+namespace llmir {
+namespace {
+
+size_t product(const std::vector<int64_t>& shape, size_t begin, size_t end) {
+  size_t out = 1;
+  for (size_t i = begin; i < end; ++i) out *= static_cast<size_t>(shape[i]);
+  return out;
+}
+
+std::string format_shape(const int64_t* dims, int64_t ndim) {
+  std::string out = "[";
+  for (int64_t i = 0; i < ndim; ++i) out += (i ? "," : "") + std::to_string(dims[i]);
+  return out + "]";
+}
+
+DType checked_dtype(int elem_type, const OpLabel& label) {
+  try {
+    return to_dtype(elem_type);
+  } catch (const Error& error) {
+    throw Error(label.message(error.what()));
+  }
+}
+
+std::vector<int> resolve_group(const std::vector<int64_t>& attribute, int world_size, int me, OpLabel& label) {
+  std::vector<int> ranks;
+  if (attribute.empty()) {
+    for (int rank = 0; rank < world_size; ++rank) ranks.push_back(rank);
+  } else {
+    for (int64_t rank : attribute) ranks.push_back(static_cast<int>(rank));
+  }
+  label.scope = "group " + format_ranks(ranks);
+  std::set<int> seen;
+  for (int64_t rank : attribute) {
+    if (rank < 0) throw Error(label.message("group member " + std::to_string(rank) + " is not a rank"));
+    if (rank >= world_size) {
+      throw Error(label.message("group member " + std::to_string(rank) + " does not exist: the world has " +
+                                std::to_string(world_size) + " rank(s); launch at least " +
+                                std::to_string(*std::max_element(attribute.begin(), attribute.end()) + 1) +
+                                " ranks (e.g. mpiexec -n N) or fix the node's group attribute"));
+    }
+    if (!seen.insert(static_cast<int>(rank)).second) {
+      throw Error(label.message("group member " + std::to_string(rank) + " appears twice"));
+    }
+  }
+  if (std::find(ranks.begin(), ranks.end(), me) == ranks.end()) {
+    throw Error(label.message("this rank is not a member of the group; the node belongs to another rank's model"));
+  }
+  return ranks;
+}
+
+int64_t normalized_axis(int64_t axis, size_t ndim, const OpLabel& label) {
+  const auto rank = static_cast<int64_t>(ndim);
+  if (rank == 0) throw Error(label.message("needs an input of rank >= 1 to use an axis, got a scalar"));
+  if (axis < -rank || axis >= rank) {
+    throw Error(label.message("axis " + std::to_string(axis) + " is out of range for an input of rank " +
+                              std::to_string(rank)));
+  }
+  return axis < 0 ? axis + rank : axis;
+}
+
+// Pre-flight check, one small allgather: every member runs the same op with the same reduction, axis,
+// dtype and shape. Otherwise MPI/NCCL would read or write past buffers, or silently mix data.
+void agree(GroupComm& comm, const std::vector<int>& ranks, const OpAttributes& attributes, int64_t axis,
+           const InputTensor& input, const OpLabel& label) {
+  constexpr size_t kWords = 5 + kMaxRank;
+  if (input.shape.size() > static_cast<size_t>(kMaxRank)) {
+    throw Error(label.message("inputs of rank > " + std::to_string(kMaxRank) + " are not supported"));
+  }
+  int64_t mine[kWords] = {};
+  mine[0] = static_cast<int64_t>(attributes.kind);
+  mine[1] = input.elem_type;
+  mine[2] = static_cast<int64_t>(attributes.reduction);
+  mine[3] = axis;  // normalized, so -1 and ndim-1 agree
+  mine[4] = static_cast<int64_t>(input.shape.size());
+  for (size_t i = 0; i < input.shape.size(); ++i) mine[5 + i] = input.shape[i];
+  std::vector<int64_t> all(kWords * ranks.size());
+  comm.allgather_host_words(mine, all.data(), kWords, label);
+  for (size_t member = 0; member < ranks.size(); ++member) {
+    const int64_t* theirs = all.data() + member * kWords;
+    if (std::memcmp(theirs, mine, sizeof(mine)) == 0) continue;
+    auto describe = [&](const int64_t* words) {
+      const auto kind = static_cast<OpKind>(words[0]);
+      std::string text = std::string(op_name(kind)) + " of " + dtype_name(static_cast<int>(words[1])) + " " +
+                         format_shape(words + 5, std::min<int64_t>(words[4], kMaxRank));
+      if (kind == OpKind::kAllReduce || kind == OpKind::kReduceScatter) {
+        text += std::string(" reduction=") + reduction_name(static_cast<Reduction>(words[2]));
+      }
+      if (kind == OpKind::kAllGather || kind == OpKind::kReduceScatter) text += " axis=" + std::to_string(words[3]);
+      return text;
+    };
+    throw Error(label.message("group members disagree: rank " + std::to_string(ranks[member]) + " runs " +
+                              describe(theirs) + ", this rank runs " + describe(mine) +
+                              "; every member must pass the same dtype and shape"));
+  }
+}
+
+void all_reduce(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
+                const AllocateOutput& output) {
+  const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
+  const DType dtype = checked_dtype(input.elem_type, label);
+  if (dtype == DType::kBool && attributes.reduction == Reduction::kSum) {
+    throw Error(label.message("bool tensors support reduction \"max\" (logical or) and \"min\" (logical and), "
+                              "not \"sum\"; cast to an integer type to count"));
+  }
+  GroupComm& comm = backend.group(ranks, label);
+  agree(comm, ranks, attributes, 0, input, label);
+  void* out = output(input.shape);
+  if (input.count == 0) return;
+  comm.allreduce(input.data, out, input.count, dtype, attributes.reduction, label);
+}
+
+void all_gather(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
+                const AllocateOutput& output) {
+  const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
+  const DType dtype = checked_dtype(input.elem_type, label);
+  const auto axis = static_cast<size_t>(normalized_axis(attributes.axis, input.shape.size(), label));
+  GroupComm& comm = backend.group(ranks, label);
+  agree(comm, ranks, attributes, static_cast<int64_t>(axis), input, label);
+  const size_t members = ranks.size();
+  std::vector<int64_t> shape = input.shape;
+  shape[axis] *= static_cast<int64_t>(members);
+  auto* out = static_cast<char*>(output(shape));
+  if (input.count == 0) return;
+  const size_t element = dtype_size(dtype);
+  const size_t outer = product(input.shape, 0, axis);
+  if (outer == 1) {  // members' blocks are already contiguous in the output
+    comm.allgather(input.data, out, input.count, dtype, label);
+    return;
+  }
+  // Gather into [members, outer, row], then interleave each member's rows into [outer, members * row].
+  const size_t row_bytes = (input.count / outer) * element;
+  Device::Buffer gathered = backend.device().allocate(members * input.count * element);
+  comm.allgather(input.data, gathered.get(), input.count, dtype, label);
+  for (size_t member = 0; member < members; ++member) {
+    backend.device().copy_2d(out + member * row_bytes, members * row_bytes,
+                             static_cast<char*>(gathered.get()) + member * input.count * element, row_bytes, row_bytes,
+                             outer);
+  }
+}
+
+void reduce_scatter(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
+                    const AllocateOutput& output) {
+  const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
+  const DType dtype = checked_dtype(input.elem_type, label);
+  if (dtype == DType::kBool && attributes.reduction == Reduction::kSum) {
+    throw Error(label.message("bool tensors support reduction \"max\" (logical or) and \"min\" (logical and), "
+                              "not \"sum\"; cast to an integer type to count"));
+  }
+  const auto axis = static_cast<size_t>(normalized_axis(attributes.axis, input.shape.size(), label));
+  const auto members = static_cast<int64_t>(ranks.size());
+  if (input.shape[axis] % members != 0) {
+    throw Error(label.message("input dimension " + std::to_string(axis) + " of shape " +
+                              format_shape(input.shape.data(), static_cast<int64_t>(input.shape.size())) +
+                              " does not divide by the group size " + std::to_string(members)));
+  }
+  GroupComm& comm = backend.group(ranks, label);
+  agree(comm, ranks, attributes, static_cast<int64_t>(axis), input, label);
+  std::vector<int64_t> shape = input.shape;
+  shape[axis] /= members;
+  auto* out = output(shape);
+  if (input.count == 0) return;
+  const size_t element = dtype_size(dtype);
+  const size_t outer = product(input.shape, 0, axis);
+  const size_t chunk = input.count / static_cast<size_t>(members);  // elements each member receives
+  if (outer == 1) {
+    comm.reduce_scatter(input.data, out, chunk, dtype, attributes.reduction, label);
+    return;
+  }
+  // Pack member m's slice of every outer row into block m of [members, outer, piece], then scatter.
+  const size_t piece_bytes = (chunk / outer) * element;
+  const size_t row_bytes = piece_bytes * static_cast<size_t>(members);
+  Device::Buffer packed = backend.device().allocate(input.count * element);
+  for (int64_t member = 0; member < members; ++member) {
+    backend.device().copy_2d(static_cast<char*>(packed.get()) + member * chunk * element, piece_bytes,
+                             static_cast<const char*>(input.data) + member * piece_bytes, row_bytes, piece_bytes,
+                             outer);
+  }
+  comm.reduce_scatter(packed.get(), out, chunk, dtype, attributes.reduction, label);
+}
+
+void check_peer(const OpAttributes& attributes, Backend& backend, OpLabel& label) {
+  label.scope = "peer " + std::to_string(attributes.peer);
+  const int world_size = backend.world_size();
+  if (attributes.peer < 0 || attributes.peer >= world_size) {
+    throw Error(label.message("peer " + std::to_string(attributes.peer) + " does not exist: the world has " +
+                              std::to_string(world_size) + " rank(s)"));
+  }
+  if (attributes.peer == label.world_rank) throw Error(label.message("peer is this rank itself"));
+}
+
+void send(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
+          const AllocateOutput& output) {
+  check_peer(attributes, backend, label);
+  const DType dtype = checked_dtype(input.elem_type, label);
+  if (input.shape.size() > static_cast<size_t>(kMaxRank)) {
+    throw Error(label.message("inputs of rank > " + std::to_string(kMaxRank) + " are not supported"));
+  }
+  int64_t header[kHeaderWords] = {};
+  header[0] = input.elem_type;
+  header[1] = static_cast<int64_t>(input.shape.size());
+  for (size_t i = 0; i < input.shape.size(); ++i) header[2 + i] = input.shape[i];
+  header[kHeaderWords - 1] = attributes.tag;
+  PeerLink& link = backend.peer(static_cast<int>(attributes.peer), label);
+  Device& device = backend.device();
+  Device::Buffer staged_header = device.allocate(sizeof(header));
+  device.from_host(staged_header.get(), header, sizeof(header));
+  link.send(staged_header.get(), sizeof(header), static_cast<int>(attributes.tag), label);
+  if (input.count) link.send(input.data, input.count * dtype_size(dtype), static_cast<int>(attributes.tag), label);
+  const int64_t sent = static_cast<int64_t>(input.count);
+  device.from_host(output({}), &sent, sizeof(sent));
+}
+
+void recv(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& like,
+          const AllocateOutput& output) {
+  check_peer(attributes, backend, label);
+  checked_dtype(like.elem_type, label);
+  PeerLink& link = backend.peer(static_cast<int>(attributes.peer), label);
+  Device& device = backend.device();
+  int64_t header[kHeaderWords] = {};
+  Device::Buffer staged_header = device.allocate(sizeof(header));
+  link.recv(staged_header.get(), sizeof(header), static_cast<int>(attributes.tag), label);
+  device.to_host(header, staged_header.get(), sizeof(header));
+  const std::string from = "rank " + std::to_string(attributes.peer);
+  if (header[kHeaderWords - 1] != attributes.tag) {
+    throw Error(label.message(from + " sent a message with tag " + std::to_string(header[kHeaderWords - 1]) +
+                              ", this Recv expects tag " + std::to_string(attributes.tag) +
+                              "; Send and Recv nodes between two ranks must run in the same order"));
+  }
+  if (header[0] != like.elem_type) {
+    throw Error(label.message(from + " sent " + dtype_name(static_cast<int>(header[0])) + " but this Recv expects " +
+                              dtype_name(like.elem_type) + " (the type of its `like` input)"));
+  }
+  const int64_t ndim = header[1];
+  if (ndim < 0 || ndim > kMaxRank) throw Error(label.message(from + " sent a corrupt header"));
+  std::vector<int64_t> shape(header + 2, header + 2 + ndim);
+  if (attributes.has_shape) {
+    bool matches = static_cast<int64_t>(attributes.shape.size()) == ndim;
+    for (size_t i = 0; matches && i < shape.size(); ++i) {
+      matches = attributes.shape[i] < 0 || attributes.shape[i] == shape[i];
+    }
+    if (!matches) {
+      throw Error(label.message(from + " sent shape " + format_shape(shape.data(), ndim) +
+                                ", this Recv's shape attribute is " +
+                                format_shape(attributes.shape.data(), static_cast<int64_t>(attributes.shape.size()))));
+    }
+  }
+  void* out = output(shape);
+  const size_t count = product(shape, 0, shape.size());
+  if (count) link.recv(out, count * dtype_size(to_dtype(like.elem_type)), static_cast<int>(attributes.tag), label);
+}
+
+}  // namespace
+
+const char* op_name(OpKind kind) {
+  switch (kind) {
+    case OpKind::kAllReduce: return "AllReduce";
+    case OpKind::kAllGather: return "AllGather";
+    case OpKind::kReduceScatter: return "ReduceScatter";
+    case OpKind::kSend: return "Send";
+    case OpKind::kRecv: return "Recv";
+  }
+  return "?";
+}
+
+void run_op(Backend& backend, const OpAttributes& attributes, const InputTensor& input, const AllocateOutput& output) {
+  OpLabel label;
+  label.op = op_name(attributes.kind);
+  label.node = attributes.node;
+  label.world_rank = backend.world_rank();
+  switch (attributes.kind) {
+    case OpKind::kAllReduce: return all_reduce(backend, attributes, label, input, output);
+    case OpKind::kAllGather: return all_gather(backend, attributes, label, input, output);
+    case OpKind::kReduceScatter: return reduce_scatter(backend, attributes, label, input, output);
+    case OpKind::kSend: return send(backend, attributes, label, input, output);
+    case OpKind::kRecv: return recv(backend, attributes, label, input, output);
+  }
+}
+
+}  // namespace llmir

@@ -1,0 +1,297 @@
+// onnxruntime glue: the OrtCustomOp wrappers, RegisterCustomOps and the C functions Python calls via ctypes.
+#define ORT_API_MANUAL_INIT
+#include <onnxruntime_cxx_api.h>
+#undef ORT_API_MANUAL_INIT
+
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "mpi_backend.h"
+#include "world.h"
+#ifdef LLMIR_WITH_CUDA
+#include "cuda_backend.h"
+#endif
+
+#ifndef LLMIR_VERSION
+#define LLMIR_VERSION "0.1.0"
+#endif
+
+namespace llmir {
+namespace {
+
+constexpr const char* kDomain = "ai.llmir";
+constexpr int kOpsetVersion = 1;
+
+// Optional attributes: absent is not an error (the status is released), present but wrong type is.
+bool attribute_int(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* out) {
+  OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, out);
+  if (status == nullptr) return true;
+  api.ReleaseStatus(status);
+  return false;
+}
+
+bool attribute_string(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::string* out) {
+  size_t size = 0;
+  OrtStatus* status = api.KernelInfoGetAttribute_string(info, name, nullptr, &size);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  std::string text(size, '\0');
+  status = api.KernelInfoGetAttribute_string(info, name, text.data(), &size);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  while (!text.empty() && text.back() == '\0') text.pop_back();
+  *out = text;
+  return true;
+}
+
+bool attribute_ints(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::vector<int64_t>* out) {
+  size_t size = 0;
+  OrtStatus* status = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  out->assign(size, 0);
+  if (size == 0) return true;
+  status = api.KernelInfoGetAttributeArray_int64(info, name, out->data(), &size);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  return true;
+}
+
+std::string node_name(const OrtApi& api, const OrtKernelInfo* info) {
+  size_t size = 0;
+  OrtStatus* status = api.KernelInfo_GetNodeName(info, nullptr, &size);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return {};
+  }
+  std::string name(size, '\0');
+  status = api.KernelInfo_GetNodeName(info, name.data(), &size);
+  if (status != nullptr) {
+    api.ReleaseStatus(status);
+    return {};
+  }
+  while (!name.empty() && name.back() == '\0') name.pop_back();
+  return name;
+}
+
+using BackendFactory = std::unique_ptr<Backend> (*)(OrtKernelContext* context, const void* input_data);
+
+std::unique_ptr<Backend> cpu_backend_factory(OrtKernelContext*, const void*) { return mpi::make_cpu_backend(); }
+
+#ifdef LLMIR_WITH_CUDA
+std::unique_ptr<Backend> cuda_backend_factory(OrtKernelContext* context, const void* input_data) {
+  void* stream = nullptr;
+  Ort::ThrowOnError(Ort::GetApi().KernelContext_GetGPUComputeStream(context, &stream));
+  return cuda::make_backend(stream, input_data);
+}
+#endif
+
+struct Kernel {
+  OpAttributes attributes;
+  BackendFactory backend_factory;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
+    try {
+      Ort::KernelContext context(raw_context);
+      Ort::ConstValue value = context.GetInput(0);
+      const auto info = value.GetTensorTypeAndShapeInfo();
+      InputTensor input;
+      input.elem_type = static_cast<int>(info.GetElementType());
+      input.shape = info.GetShape();
+      input.count = info.GetElementCount();
+      input.data = value.GetTensorRawData();
+      std::unique_ptr<Backend> backend = backend_factory(raw_context, input.data);
+      run_op(*backend, attributes, input, [&](const std::vector<int64_t>& shape) -> void* {
+        return context.GetOutput(0, shape).GetTensorMutableRawData();
+      });
+      return nullptr;
+    } catch (const Ort::Exception& error) {
+      return Ort::GetApi().CreateStatus(error.GetOrtErrorCode(), error.what());
+    } catch (const std::exception& error) {
+      return Ort::GetApi().CreateStatus(ORT_FAIL, error.what());
+    }
+  }
+};
+
+struct CustomOp : Ort::CustomOpBase<CustomOp, Kernel, /*WithStatus=*/true> {
+  CustomOp(OpKind kind, const char* provider, BackendFactory factory, uint32_t api_version)
+      : kind_(kind), provider_(provider), factory_(factory) {
+    OrtCustomOp::version = api_version;
+  }
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel_out) const {
+    try {
+      auto kernel = std::make_unique<Kernel>();
+      kernel->backend_factory = factory_;
+      OpAttributes& attributes = kernel->attributes;
+      attributes.kind = kind_;
+      attributes.node = node_name(api, info);
+      const std::string where = std::string("ai.llmir ") + op_name(kind_) +
+                                (attributes.node.empty() ? "" : " [node " + attributes.node + "]");
+      std::string reduction = "sum";
+      attribute_string(api, info, "reduction", &reduction);
+      attributes.reduction = parse_reduction(reduction);
+      attribute_int(api, info, "axis", &attributes.axis);
+      attribute_ints(api, info, "group", &attributes.group);
+      if (kind_ == OpKind::kSend || kind_ == OpKind::kRecv) {
+        if (!attribute_int(api, info, "peer", &attributes.peer)) {
+          throw Error(where + ": the attribute `peer` (the other rank's global rank) is required");
+        }
+        attribute_int(api, info, "tag", &attributes.tag);
+        if (attributes.tag < 0 || attributes.tag > kMaxUserTag) {
+          throw Error(where + ": tag " + std::to_string(attributes.tag) + " is outside 0.." +
+                      std::to_string(kMaxUserTag));
+        }
+        attributes.has_shape = attribute_ints(api, info, "shape", &attributes.shape);
+      }
+      *kernel_out = kernel.release();
+      return nullptr;
+    } catch (const std::exception& error) {
+      return api.CreateStatus(ORT_INVALID_ARGUMENT, error.what());
+    }
+  }
+
+  const char* GetName() const { return op_name(kind_); }
+  const char* GetExecutionProviderType() const { return provider_; }
+  size_t GetInputTypeCount() const { return 1; }
+  // Any tensor type: the kernel checks its dtype and names the supported list.
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED; }
+  OrtMemType GetInputMemoryType(size_t) const {
+    // Recv's `like` input only carries a type: keep it on the host even on the CUDA EP.
+    return kind_ == OpKind::kRecv ? OrtMemTypeCPUInput : OrtMemTypeDefault;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return kind_ == OpKind::kSend ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64 : ONNX_TENSOR_ELEMENT_DATA_TYPE_UNDEFINED;
+  }
+  int start_version() const { return start_ver_; }
+
+ private:
+  OpKind kind_;
+  const char* provider_;
+  BackendFactory factory_;
+};
+
+std::mutex g_registry_mutex;
+// Domains and ops must outlive every session that uses them: never destroyed.
+std::vector<Ort::CustomOpDomain>& domains() {
+  static auto* kept = new std::vector<Ort::CustomOpDomain>();
+  return *kept;
+}
+std::vector<std::unique_ptr<CustomOp>>& custom_ops() {
+  static auto* kept = new std::vector<std::unique_ptr<CustomOp>>();
+  return *kept;
+}
+
+const OrtApi* negotiate_api(const OrtApiBase* api_base, uint32_t* version) {
+  // Our headers' version first; 16 is the oldest with KernelComputeV2, all this library calls.
+  for (uint32_t candidate = ORT_API_VERSION; candidate >= 16; --candidate) {
+    if (const OrtApi* api = api_base->GetApi(candidate)) {
+      *version = candidate;
+      return api;
+    }
+  }
+  return nullptr;
+}
+
+}  // namespace
+}  // namespace llmir
+
+extern "C" {
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                  const OrtApiBase* api_base) {
+  using namespace llmir;
+  uint32_t version = 0;
+  const OrtApi* api = negotiate_api(api_base, &version);
+  if (api == nullptr) {
+    std::fprintf(stderr, "ai.llmir: this onnxruntime is too old (needs the C API version 16, onnxruntime >= 1.16)\n");
+    const OrtApi* oldest = api_base->GetApi(1);
+    return oldest ? oldest->CreateStatus(ORT_FAIL, "ai.llmir needs onnxruntime >= 1.16") : nullptr;
+  }
+  Ort::InitApi(api);
+  try {
+    std::lock_guard<std::mutex> lock(g_registry_mutex);
+    if (custom_ops().empty()) {
+      for (OpKind kind : {OpKind::kAllReduce, OpKind::kAllGather, OpKind::kReduceScatter, OpKind::kSend,
+                          OpKind::kRecv}) {
+        custom_ops().push_back(std::make_unique<CustomOp>(kind, nullptr, &cpu_backend_factory, version));
+#ifdef LLMIR_WITH_CUDA
+        custom_ops().push_back(
+            std::make_unique<CustomOp>(kind, "CUDAExecutionProvider", &cuda_backend_factory, version));
+#endif
+      }
+    }
+    Ort::CustomOpDomain domain(kDomain);
+    for (auto& op : custom_ops()) domain.Add(op.get());
+    Ort::UnownedSessionOptions(options).Add(domain);
+    domains().push_back(std::move(domain));
+    (void)kOpsetVersion;  // ops are registered from opset 1 on (CustomOpBase's start_ver_)
+    return nullptr;
+  } catch (const std::exception& error) {
+    return api->CreateStatus(ORT_FAIL, error.what());
+  }
+}
+
+// ctypes helpers. Failures print one line and return -1 (there is no Python exception to raise from C).
+__attribute__((visibility("default"))) int llmir_world_rank(void) {
+  try {
+    return llmir::world::rank();
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s\n", error.what());
+    return -1;
+  }
+}
+
+__attribute__((visibility("default"))) int llmir_world_size(void) {
+  try {
+    return llmir::world::size();
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s\n", error.what());
+    return -1;
+  }
+}
+
+// 0: finalized (or nothing of ours to finalize); 1: skipped because a communication failed or timed out
+// (MPI_Finalize would wait for the dead peer); -1: error.
+__attribute__((visibility("default"))) int llmir_finalize(void) {
+  try {
+#ifdef LLMIR_WITH_CUDA
+    llmir::cuda::finalize();
+#endif
+    return llmir::mpi::finalize();
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s\n", error.what());
+    return -1;
+  }
+}
+
+__attribute__((visibility("default"))) void llmir_abort(int code) {
+  std::fflush(stdout);
+  std::fflush(stderr);
+  if (llmir::mpi::is_initialized()) MPI_Abort(MPI_COMM_WORLD, code);
+  std::_Exit(code);
+}
+
+__attribute__((visibility("default"))) const char* llmir_version(void) {
+#ifdef LLMIR_WITH_CUDA
+  return LLMIR_VERSION " (cpu+mpi, cuda+nccl)";
+#else
+  return LLMIR_VERSION " (cpu+mpi)";
+#endif
+}
+
+}  // extern "C"
