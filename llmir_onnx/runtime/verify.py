@@ -150,7 +150,7 @@ def wait_for_ranks(manifest: Manifest, work_dir: Path, timeout_s: float) -> None
     while pending:
         pending = {rank for rank in pending if not (work_dir / f"rank{rank}{RANK_DONE_SUFFIX}").exists()}
         if pending and time.monotonic() > deadline:
-            raise CommunicationError(f"ranks {sorted(pending)} wrote no results within {timeout_s:.0f} s")
+            raise CommunicationError(f"ranks {sorted(pending)} reported no result (waited {timeout_s:.0f} s)")
         time.sleep(0.05)
 
 
@@ -188,6 +188,8 @@ def verify_plan(
             feeds_path = work_dir / "feeds.npz"
             np.savez(feeds_path, **feeds)
             launch_ranks(plan_dir.resolve(), feeds_path, work_dir, manifest.world_size, timeout_s)
+            # mpiexec may exit 0 after killing ranks when one dies early: trust only the ranks' own markers.
+            wait_for_ranks(manifest, work_dir, timeout_s=0.0)
             assembled = assemble_outputs(manifest, work_dir)
     reference = reference_outputs(source, feeds)
     rows = compare(reference, assembled, atol, rtol)
@@ -196,7 +198,8 @@ def verify_plan(
 
 def format_comparisons(rows: list[OutputComparison], atol: float, rtol: float) -> str:
     width = max([len(row.name) for row in rows] + [6])
-    lines = [f"{'output':<{width}}  {'shape':<22} {'max abs err':>12} {'max rel err':>12}  ok (atol={atol:g}, rtol={rtol:g})"]
+    header = f"{'output':<{width}}  {'shape':<22} {'max abs err':>12} {'max rel err':>12}"
+    lines = [f"{header}  ok (atol={atol:g}, rtol={rtol:g})"]
     for row in rows:
         shape = "x".join(str(d) for d in row.shape)
         lines.append(f"{row.name:<{width}}  {shape:<22} {row.max_abs_error:12.3e} {row.max_rel_error:12.3e}  "

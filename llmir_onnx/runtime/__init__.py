@@ -1,0 +1,1 @@
+"""Running partitioned models: launcher detection, communication setup, per-rank sessions."""
