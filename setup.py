@@ -12,7 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
-from setuptools import Extension, setup
+from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
@@ -58,6 +58,9 @@ class BuildCustomOps(build_ext):
 
 
 setup(
+    # The CLI lives in cli/ (the product layout) but installs as llmir_onnx.cli, never as a top-level `cli`.
+    packages=[*find_packages(include=["llmir_onnx", "llmir_onnx.*"]), "llmir_onnx.cli"],
+    package_dir={"llmir_onnx.cli": "cli"},
     ext_modules=[CMakeLibrary("llmir_onnx._lib.libllmir_ops"), CMakeLibrary("llmir_onnx._lib.libllmir_ops_cuda")],
     cmdclass={"build_ext": BuildCustomOps},
 )
