@@ -1,0 +1,812 @@
+"""Pipeline stage split: cut one model into P stage models that hand values over with Send/Recv.
+
+The input is one model: the original, or one tp rank's already tensor-parallel model (then each tp
+rank is cut the same way, and stage s of tp rank t talks to stage s +- 1 of the same tp rank).
+
+Where the layers are. Decoder layers are found by name first: the node name (`/model/layers.3/...`,
+`/transformer/h.3/...`), else the exporter's scope metadata (torch dynamo's `namespace`,
+`pkg.torch.onnx.name_scopes`), else output or weight names (`model.layers.3.self_attn.q_proj.weight`).
+The layer count is the number of distinct KV cache inputs (`past...N...`) when the model has them, so a
+name index beyond it (the genai builder's `/model/layers.{L}/final_norm_layernorm`) is not a layer. A
+model without such names falls back on its KV cache structure: a node belongs to the first layer
+whose KV cache input it feeds (the residual stream flows from layer N's attention into layer N+1's),
+so stages are cut right after a layer's attention; correct, with a little more to send.
+
+Where each node goes. A node is *replicable* when everything it reads comes from model inputs,
+weights and other replicable nodes, and it is not "heavy": the attention mask, rotary cos/sin,
+position arithmetic, shape computations, Identity copies and transposes of weights (a tied lm_head's
+table). Replicable nodes are recomputed in every stage that reads them instead of being sent: they
+are cheap, and the model inputs they need are fed to each stage that needs them. Heavy nodes
+(multiplying input-derived data by a weight matrix, or reading more than
+`replicate_max_weight_bytes` of weights: a large embedding or rotary table), nodes reading the data
+of a KV cache input, and everything downstream of them are placed: on the stage of their layer, or,
+when unnamed, on the latest stage among their producers (so a large embedding lands on stage 0, the
+final norm and lm_head on the last); a node never runs before a value it reads. A small embedding
+table (tiny test models) is replicable, hence computed on the stage that reads it: stage 0.
+Reading only a KV cache's *shape* does not tie a node to that layer: exporters take the batch size
+and past length from any layer's cache (torch dynamo: the last one's), so in each stage such a Shape
+is rewired to one of the stage's own caches with the same declared shape, and each stage is fed only
+its own layers' caches. A graph output of replicated nodes comes from the last stage only.
+
+What crosses. Every value produced on stage p and read on stage m > p is sent p -> p+1 -> ... -> m:
+each intermediate stage receives it and sends it on, even if it does not use it. Each crossing value
+has its own tag. Deadlock freedom does not rely on onnxruntime's node order: on each link the Sends
+and the Recvs follow one canonical order (the original topological order of the producers), made
+explicit by data dependencies: Recv k's dtype-carrying input is an empty slice of Recv k-1's output,
+and Send k's input is reshaped to its own shape plus 0 x (Send k-1's output). Send outputs are graph
+outputs named `llmir.sent.<tag>` (so nothing prunes them); they are in no binding.
+
+Collectives. A tp rank's model holds ai.llmir collectives whose `group` lists tp ranks (the
+partitioner works on a pp = 1 mesh, where global rank = tp rank; no `group` = the whole pp = 1
+world). On stage s they are rewritten to the global ranks of stage s's tp group (via DeviceMesh).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from llmir_onnx.errors import InputModelError, PlanError
+from llmir_onnx.ir_io import MAX_IR_VERSION
+from llmir_onnx.mesh import DeviceMesh, MeshCoords
+from llmir_onnx.ops import (
+    ALL_GATHER,
+    ALL_REDUCE,
+    LLMIR_DOMAIN,
+    LLMIR_OPSET_VERSION,
+    REDUCE_SCATTER,
+    recv_like_initializer,
+    recv_node,
+    send_node,
+)
+from llmir_onnx.passes.stage_balance import (
+    NodeCost,
+    StageBalance,
+    StageUnit,
+    balance_stages,
+    default_node_cost,
+    stage_layer_ranges,
+    subgraph_nodes,
+    unit_from_nodes,
+)
+from llmir_onnx.plan.manifest import SliceBinding
+
+SENT_OUTPUT_PREFIX = "llmir.sent."
+DEFAULT_REPLICATE_MAX_WEIGHT_BYTES = 1 << 20
+
+LAYER_NAME_PATTERN = re.compile(r"(?:^|[/.:\s])(?:layers|layer|h|blocks|block)[./_:](\d+)(?=$|[/.:_\s])")
+KV_INPUT_PATTERN = re.compile(r"(?:past|cache)\D*?(\d+)", re.IGNORECASE)
+# exporter metadata keys that carry the module scope of a node
+SCOPE_METADATA_KEYS = ("namespace", "pkg.torch.onnx.name_scopes")
+# contrib ops whose first output has the dtype of their first input (onnx shape inference does not know them)
+_DTYPE_OF_FIRST_INPUT_OPS = frozenset({
+    "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
+    "LayerNormalization", "GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding",
+    "MatMulNBits", "FastGelu", "BiasGelu", "QuickGelu", "Gelu", "BiasAdd", "FusedMatMul",
+})
+_COLLECTIVES = frozenset({ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER})
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """One stage's model and how to feed it (bindings map the INPUT model's names to this stage's)."""
+
+    stage: int
+    rank: int
+    model: ir.Model
+    inputs: list[SliceBinding]
+    outputs: list[SliceBinding]
+    layers: range
+    received: tuple[str, ...]  # crossing values this stage receives from stage - 1, in order
+    sent: tuple[str, ...]  # crossing values this stage sends to stage + 1, in order
+
+
+@dataclass(frozen=True)
+class StageSplitResult:
+    stages: tuple[PipelineStage, ...]
+    num_layers: int
+    layer_source: str  # "names" or "kv-cache structure"
+    balance: StageBalance | None  # None when the cuts were given
+
+
+# --------------------------------------------------------------------------- layer analysis
+
+
+def _layer_from_text(text: str) -> int | None:
+    match = LAYER_NAME_PATTERN.search(text)
+    return int(match.group(1)) if match else None
+
+
+def layer_of_node_by_name(node: ir.Node) -> int | None:
+    """The decoder layer a node's name, scope metadata, outputs or weights name; None if none does."""
+    if node.name and (layer := _layer_from_text(node.name)) is not None:
+        return layer
+    for key in SCOPE_METADATA_KEYS:
+        scope = node.metadata_props.get(key)
+        if scope and (layer := _layer_from_text(scope)) is not None:
+            return layer
+    for value in node.outputs:
+        if value.name and (layer := _layer_from_text(value.name)) is not None:
+            return layer
+    for value in node.inputs:
+        is_weight = value is not None and value.const_value is not None and value.producer() is None
+        if is_weight and value.name and (layer := _layer_from_text(value.name)) is not None:
+            return layer
+    return None
+
+
+def kv_cache_layers(graph: ir.Graph) -> dict[ir.Value, int]:
+    """Model inputs that are a layer's past KV cache (`past_key_values.3.key`, ...) -> layer index."""
+    found = {}
+    for value in graph.inputs:
+        name = value.name or ""
+        match = KV_INPUT_PATTERN.search(name)
+        if match and ("past" in name.lower() or "cache" in name.lower()):
+            found[value] = int(match.group(1))
+    return found
+
+
+def _owner_map(graph: ir.Graph) -> dict[ir.Node, ir.Node]:
+    """Top-level node of every node (itself, or the If/Loop/Scan whose subgraph holds it)."""
+    owner: dict[ir.Node, ir.Node] = {}
+    for node in graph:
+        owner[node] = node
+        for inner in subgraph_nodes(node):
+            owner[inner] = node
+    return owner
+
+
+def _reads(node: ir.Node, owner: dict[ir.Node, ir.Node]) -> list[ir.Value]:
+    """Values of the top-level graph a node reads: its inputs and what its subgraphs capture."""
+    values = [v for v in node.inputs if v is not None]
+    inner_nodes = subgraph_nodes(node)
+    if not inner_nodes:
+        return values
+    defined_inside: set[ir.Value] = set()
+    for inner in inner_nodes:
+        defined_inside.update(inner.outputs)
+        if inner.graph is not None:
+            defined_inside.update(inner.graph.inputs)
+            defined_inside.update(inner.graph.initializers.values())
+    for inner in inner_nodes:
+        values.extend(v for v in inner.inputs if v is not None and v not in defined_inside)
+    return values
+
+
+def _consumers(value: ir.Value, owner: dict[ir.Node, ir.Node]) -> set[ir.Node]:
+    return {owner.get(use.node, use.node) for use in value.uses()}
+
+
+@dataclass
+class _Placement:
+    num_layers: int
+    layer_source: str
+    replicable: set[ir.Node]
+    position: dict[ir.Node, int]  # non-replicable nodes: -1 before layer 0, else the layer
+    order: dict[ir.Node, int]  # topological index
+    owner: dict[ir.Node, ir.Node]
+    kv_layers: dict[ir.Value, int]  # past KV cache inputs -> layer
+
+
+def _weight_bytes_read(node: ir.Node) -> int:
+    total = 0
+    for each in (node, *subgraph_nodes(node)):
+        for value in each.inputs:
+            if value is not None and value.const_value is not None and value.producer() is None:
+                total += int(value.const_value.nbytes)
+    return total
+
+
+_WEIGHT_MATMUL_OPS = frozenset({"MatMul", "Gemm", "MatMulInteger", "FusedMatMul", "MatMulNBits", "Conv", "Einsum"})
+
+
+def _multiplies_weight_matrix(node: ir.Node) -> bool:
+    """Whether a node multiplies by a weight with two or more non-trivial dims (a projection)."""
+    for each in (node, *subgraph_nodes(node)):
+        if each.op_type not in _WEIGHT_MATMUL_OPS:
+            continue
+        for value in each.inputs:
+            if value is None or value.const_value is None or value.producer() is not None:
+                continue
+            if sum(1 for d in value.const_value.shape if int(d) > 1) >= 2:
+                return True
+    return False
+
+
+def analyze_layers(model: ir.Model, replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES
+                   ) -> _Placement:
+    """Which layer each node belongs to, and which nodes are replicable (see the module docstring)."""
+    graph = model.graph
+    nodes = list(graph)
+    order = {node: index for index, node in enumerate(nodes)}
+    owner = _owner_map(graph)
+    for node in nodes:
+        for value in _reads(node, owner):
+            producer = value.producer()
+            if producer is not None and order.get(owner.get(producer, producer), -1) > order[node]:
+                raise InputModelError(
+                    f"node {node.name!r} ({node.op_type}) reads {value.name!r} before it is computed: the graph "
+                    "is not topologically sorted; sort it (onnx_ir TopologicalSortPass) first"
+                )
+
+    kv_layers = kv_cache_layers(graph)
+    named = {node: layer_of_node_by_name(node) for node in nodes}
+    if kv_layers:
+        num_layers = len(set(kv_layers.values()))
+        if sorted(set(kv_layers.values())) != list(range(num_layers)):
+            raise InputModelError(
+                f"the KV cache inputs name layers {sorted(set(kv_layers.values()))}, not 0..{num_layers - 1}; "
+                "pipeline stages need the layers numbered from 0"
+            )
+    else:
+        indices = {layer for layer in named.values() if layer is not None}
+        num_layers = max(indices) + 1 if indices else 0
+    labels = {node: layer for node, layer in named.items() if layer is not None and layer < num_layers}
+    layer_source = "names"
+    if num_layers == 0 or len(set(labels.values())) < num_layers:
+        labels = _labels_from_kv_cache(nodes, kv_layers, owner)
+        layer_source = "kv-cache structure"
+    if num_layers == 0 or len(set(labels.values())) < num_layers:
+        raise InputModelError(
+            "cannot find the decoder layers: no node, scope or weight name carries a layer index "
+            "(layers.N, h.N, blocks.N) and the past KV cache inputs do not show them either; name the layers"
+        )
+
+    # A node is replicable unless it is "heavy" (multiplies model-input-derived data by a weight matrix,
+    # or reads more than replicate_max_weight_bytes of weights: projections, a large embedding or
+    # rotary table), reads the data of a KV cache input (only its layer's stage is fed it), or reads a
+    # value of a non-replicable node.
+    replicable: set[ir.Node] = set()
+    position: dict[ir.Node, int] = {}
+    reads_model_input: dict[ir.Value, bool] = {v: True for v in graph.inputs}
+    for node in nodes:
+        reads = _reads(node, owner)
+        producers = {owner.get(p, p) for v in reads if (p := v.producer()) is not None}
+        touches_input = any(reads_model_input.get(v, False) for v in reads)
+        for value in node.outputs:
+            reads_model_input[value] = touches_input
+        upstream = [position[p] for p in producers if p not in replicable]
+        # reading only a KV cache's shape does not tie a node to that layer: see _use_own_kv_shapes
+        kv_read = [] if node.op_type in _SHAPE_ONLY_OPS else [kv_layers[v] for v in reads if v in kv_layers]
+        heavy = touches_input and (
+            _multiplies_weight_matrix(node) or _weight_bytes_read(node) > replicate_max_weight_bytes
+        )
+        if not heavy and not kv_read and not upstream:
+            replicable.add(node)
+            continue
+        position[node] = max([labels.get(node, -1), *kv_read, *upstream])
+    return _Placement(num_layers, layer_source, replicable, position, order, owner, kv_layers)
+
+
+_SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
+
+
+def _labels_from_kv_cache(nodes: list[ir.Node], kv_layers: dict[ir.Value, int], owner: dict[ir.Node, ir.Node]
+                          ) -> dict[ir.Node, int]:
+    """Fallback: a node belongs to the first layer whose KV cache input it feeds (or reads the data of)."""
+    labels: dict[ir.Node, int] = {}
+    for node in nodes:
+        if node.op_type in _SHAPE_ONLY_OPS:
+            continue
+        anchors = [kv_layers[v] for v in _reads(node, owner) if v in kv_layers]
+        if anchors:
+            labels[node] = min(anchors)
+    downstream: set[ir.Node] = set(labels)
+    for node in nodes:
+        if node in downstream:
+            continue
+        if any((p := v.producer()) is not None and owner.get(p, p) in downstream for v in _reads(node, owner)):
+            downstream.add(node)
+    for node in reversed(nodes):
+        if node in labels or node not in downstream:
+            continue
+        consumer_labels = [labels[c] for value in node.outputs for c in _consumers(value, owner) if c in labels]
+        if consumer_labels:
+            labels[node] = min(consumer_labels)
+    return labels
+
+
+# --------------------------------------------------------------------------- cost units
+
+
+def layer_units(model: ir.Model, node_cost: NodeCost = default_node_cost,
+                replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES
+                ) -> tuple[StageUnit, list[StageUnit], StageUnit]:
+    """(embedding, layers, head) cost units of a model, for `balance_stages`.
+
+    The embedding is what is placed before layer 0; the head is every node after the last layer's
+    own nodes (final norm, lm_head). A replicable node counts in every unit that reads it (it is
+    recomputed there, and its weights are held there).
+    """
+    placement = analyze_layers(model, replicate_max_weight_bytes)
+    count = placement.num_layers
+    embedding, head = -1, count  # unit indices besides the layers 0 .. count-1
+    last_layer_own = _last_layer_own_nodes(model, placement)
+    unit_of: dict[ir.Node, set[int]] = {}
+    for node, position in placement.position.items():
+        unit_of[node] = {head if position == count - 1 and node not in last_layer_own else position}
+    graph_outputs = set(model.graph.outputs)
+    for node in reversed(list(model.graph)):
+        if node not in placement.replicable:
+            continue
+        units: set[int] = set()
+        for value in node.outputs:
+            if value in graph_outputs:
+                units.add(head)
+            for consumer in _consumers(value, placement.owner):
+                units |= unit_of.get(consumer, set())
+        unit_of[node] = units
+    members: dict[int, list[ir.Node]] = {index: [] for index in range(embedding, head + 1)}
+    for node in model.graph:
+        for index in unit_of[node]:
+            members[index].append(node)
+    return (
+        unit_from_nodes("embedding", members[embedding], node_cost),
+        [unit_from_nodes(f"layer {i}", members[i], node_cost) for i in range(count)],
+        unit_from_nodes("lm_head", members[head], node_cost),
+    )
+
+
+def _last_layer_own_nodes(model: ir.Model, placement: _Placement) -> set[ir.Node]:
+    """The last layer's nodes proper (the rest of its stage position is the head)."""
+    last = placement.num_layers - 1
+    candidates = [n for n in model.graph if placement.position.get(n) == last]
+    if placement.layer_source == "names":
+        return {n for n in candidates if layer_of_node_by_name(n) == last}
+    # structural fallback: up to the last node that reads the last layer's KV cache
+    last_kv = {v for v, layer in placement.kv_layers.items() if layer == last}
+    readers = [i for i, n in enumerate(candidates) if any(v in last_kv for v in _reads(n, placement.owner))]
+    return set(candidates[: readers[-1] + 1]) if readers else set()
+
+
+# --------------------------------------------------------------------------- types of crossing values
+
+
+def _crossing_types(model: ir.Model, names: set[str]) -> dict[str, tuple[ir.DataType, ir.Shape | None]]:
+    """dtype and shape of the named values: from the model, else from onnx shape inference on a copy."""
+    values = {v.name: v for n in model.graph for v in n.outputs if v.name in names}
+    known = {name: (v.dtype, v.shape) for name, v in values.items() if v.dtype is not None}
+    missing = names - known.keys()
+    if not missing:
+        return known
+    copy = ir.Model(model.graph.clone(), ir_version=model.ir_version,
+                    functions=list(model.functions.values()))
+    inferred = ir.passes.common.ShapeInferencePass(strict_mode=False)(copy).model
+    inferred_values = {v.name: v for n in inferred.graph for v in n.outputs if v.name in missing}
+    # contrib ops onnx does not know: propagate the dtype of their first input, in graph order
+    dtypes = {v.name: v.dtype for n in inferred.graph for v in n.outputs if v.dtype is not None}
+    dtypes.update({v.name: v.dtype for v in inferred.graph.inputs if v.dtype is not None})
+    dtypes.update({name: v.dtype for name, v in inferred.graph.initializers.items() if v.dtype is not None})
+    for node in inferred.graph:
+        if node.op_type in _DTYPE_OF_FIRST_INPUT_OPS and node.inputs and node.inputs[0] is not None:
+            source = dtypes.get(node.inputs[0].name)
+            for value in node.outputs:
+                if value.name and value.name not in dtypes and source is not None:
+                    dtypes[value.name] = source
+        for value in node.outputs:
+            if value.dtype is None and value.name in dtypes:
+                value.dtype = dtypes[value.name]
+    for name in missing:
+        value = inferred_values.get(name)
+        if value is None or value.dtype is None:
+            producer = values[name].producer()
+            raise InputModelError(
+                f"value {name!r} (output of {producer.op_type if producer else '?'} node "
+                f"{producer.name if producer else '?'!r}) crosses a pipeline stage but its element type is "
+                "unknown and shape inference cannot tell it; add value_info for it to the model"
+            )
+        known[name] = (value.dtype, value.shape)
+    return known
+
+
+# --------------------------------------------------------------------------- the split
+
+
+def _global_rank(mesh: DeviceMesh, stage: int, cp_rank: int, tp_rank: int) -> int:
+    return mesh.rank_of(MeshCoords(pp=stage, cp=cp_rank, tp=tp_rank))
+
+
+def compose_bindings(outer: Sequence[SliceBinding], inner: Sequence[SliceBinding]) -> list[SliceBinding]:
+    """Bindings original -> stage-local from (original -> tp-local) and (tp-local -> stage-local, whole)."""
+    by_local = {b.local: b for b in outer}
+    composed = []
+    for binding in inner:
+        if binding.dim is not None:
+            raise PlanError(f"stage binding {binding} slices its tensor; stage bindings are whole tensors")
+        source = by_local.get(binding.original)
+        if source is None:
+            raise PlanError(f"stage value {binding.original!r} has no binding to the original model")
+        composed.append(SliceBinding(source.original, binding.local, source.dim, source.start, source.stop))
+    return composed
+
+
+class PipelineStageSplit:
+    """The pipeline stage split pass: one model in, one model per pipeline stage out.
+
+    Not an `onnx_ir` PassBase (which returns one model): call it, get a `StageSplitResult`. Cuts are
+    `stage_cut_after_layer` when given, else chosen by `balance_stages` from `node_cost` under
+    `memory_limit_bytes`: exact weight bytes per stage plus `extra_memory_bytes_per_layer` (e.g. one
+    layer's KV cache at the planned batch and length). The input model is not modified.
+    """
+
+    def __init__(
+        self,
+        mesh: DeviceMesh,
+        *,
+        tp_rank: int = 0,
+        cp_rank: int = 0,
+        stage_cut_after_layer: Sequence[int] | None = None,
+        node_cost: NodeCost = default_node_cost,
+        memory_limit_bytes: int | None = None,
+        extra_memory_bytes_per_layer: int = 0,
+        replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
+    ) -> None:
+        if not 0 <= tp_rank < mesh.tp or not 0 <= cp_rank < mesh.cp:
+            raise PlanError(f"tp_rank {tp_rank} / cp_rank {cp_rank} are outside the mesh {mesh}")
+        self.mesh = mesh
+        self.tp_rank = tp_rank
+        self.cp_rank = cp_rank
+        self.stage_cut_after_layer = None if stage_cut_after_layer is None else tuple(stage_cut_after_layer)
+        self.node_cost = node_cost
+        self.memory_limit_bytes = memory_limit_bytes
+        self.extra_memory_bytes_per_layer = extra_memory_bytes_per_layer
+        self.replicate_max_weight_bytes = replicate_max_weight_bytes
+
+    def __call__(self, model: ir.Model) -> StageSplitResult:
+        return self.call(model)
+
+    def call(self, model: ir.Model) -> StageSplitResult:
+        num_stages = self.mesh.pp
+        placement = analyze_layers(model, self.replicate_max_weight_bytes)
+        balance = None
+        if self.stage_cut_after_layer is not None:
+            if len(self.stage_cut_after_layer) != num_stages - 1:
+                raise PlanError(
+                    f"stage_cut_after_layer {list(self.stage_cut_after_layer)} has "
+                    f"{len(self.stage_cut_after_layer)} cuts; --pp {num_stages} needs {num_stages - 1}"
+                )
+            ranges = stage_layer_ranges(placement.num_layers, self.stage_cut_after_layer)
+        else:
+            prefix, layers, suffix = layer_units(model, self.node_cost, self.replicate_max_weight_bytes)
+            if self.extra_memory_bytes_per_layer:
+                layers = [dataclasses.replace(unit, extra_memory_bytes=self.extra_memory_bytes_per_layer)
+                          for unit in layers]
+            balance = balance_stages(layers, num_stages, prefix=prefix, suffix=suffix,
+                                     memory_limit_bytes=self.memory_limit_bytes)
+            ranges = balance.stage_layers
+        layer_stage = {layer: s for s, layer_range in enumerate(ranges) for layer in layer_range}
+        stages = _Splitter(model, placement, layer_stage, ranges, self).build()
+        return StageSplitResult(stages, placement.num_layers, placement.layer_source, balance)
+
+
+class _Splitter:
+    def __init__(self, model: ir.Model, placement: _Placement, layer_stage: dict[int, int],
+                 ranges: Sequence[range], options: PipelineStageSplit) -> None:
+        self.model = model
+        self.placement = placement
+        self.ranges = ranges
+        self.options = options
+        self.num_stages = len(ranges)
+        graph = model.graph
+        self.stage_of: dict[ir.Node, int] = {
+            node: layer_stage[max(position, 0)] for node, position in placement.position.items()
+        }
+        last = self.num_stages - 1
+        # which stages need each replicable node (reverse order: consumers first)
+        self.needs: dict[ir.Node, set[int]] = {}
+        graph_outputs = set(graph.outputs)
+        for node in reversed(list(graph)):
+            if node not in placement.replicable:
+                continue
+            need: set[int] = set()
+            for value in node.outputs:
+                if value in graph_outputs:
+                    need.add(last)
+                for consumer in _consumers(value, placement.owner):
+                    need |= self.needs.get(consumer, set()) if consumer in placement.replicable \
+                        else {self.stage_of[consumer]}
+            self.needs[node] = need
+        # crossing values: (value, producing stage, last consuming stage), in canonical order
+        crossing = []
+        for node in graph:
+            if node in placement.replicable:
+                continue
+            produced_on = self.stage_of[node]
+            for index, value in enumerate(node.outputs):
+                consumer_stages = [self.stage_of[c] for c in _consumers(value, placement.owner)]
+                last_use = max([produced_on, *consumer_stages])
+                if last_use > produced_on:
+                    crossing.append((placement.order[node], index, value, produced_on, last_use))
+        crossing.sort(key=lambda item: (item[0], item[1]))
+        self.crossing = [(value, first, last_use) for _, _, value, first, last_use in crossing]
+        self.tag = {value: tag for tag, (value, _, _) in enumerate(self.crossing)}
+        types = _crossing_types(model, {v.name for v, _, _ in self.crossing if v.name})
+        self.types = types
+
+    def _output_stage(self, value: ir.Value) -> int:
+        """The one stage that returns a graph output: its producer's, or the last for replicated ones."""
+        producer = value.producer()
+        if producer is None or producer in self.placement.replicable:
+            return self.num_stages - 1
+        return self.stage_of[producer]
+
+    def _link(self, stage: int) -> list[ir.Value]:
+        """Values sent from `stage` to `stage + 1`, in the canonical order."""
+        return [value for value, first, last_use in self.crossing if first <= stage < last_use]
+
+    def build(self) -> tuple[PipelineStage, ...]:
+        return tuple(self._build_stage(stage) for stage in range(self.num_stages))
+
+    def _peer(self, stage: int) -> int:
+        return _global_rank(self.options.mesh, stage, self.options.cp_rank, self.options.tp_rank)
+
+    def _build_stage(self, stage: int) -> PipelineStage:
+        original = self.model.graph
+        graph = original.clone()
+        node_map = dict(zip(original, graph, strict=True))
+        value_map: dict[ir.Value, ir.Value] = dict(zip(original.inputs, graph.inputs, strict=True))
+        for old, new in node_map.items():
+            value_map.update(zip(old.outputs, new.outputs, strict=True))
+        for name, value in original.initializers.items():
+            value_map[value] = graph.initializers[name]
+
+        keep = {
+            node_map[node] for node in original
+            if (node in self.placement.replicable and stage in self.needs[node])
+            or (node not in self.placement.replicable and self.stage_of[node] == stage)
+        }
+        helpers = _HelperConstants(graph)
+        received = self._link(stage - 1) if stage > 0 else []
+        sent = self._link(stage) if stage < self.num_stages - 1 else []
+        available: dict[ir.Value, ir.Value] = {}
+        new_nodes: list[ir.Node] = []
+
+        previous: ir.Value | None = None
+        for value in received:
+            dtype, shape = self.types[value.name]
+            tag = self.tag[value]
+            if previous is None:
+                like = recv_like_initializer(dtype, f"llmir.recv_like.{dtype.name.lower()}")
+                if like.name not in graph.initializers:
+                    graph.register_initializer(like)
+                like = graph.initializers[like.name]
+            else:
+                like = self._empty_like_after(previous, dtype, tag, helpers, new_nodes)
+            shape_dims = None if shape is None else [d if isinstance(d, int) else None for d in shape]
+            recv = recv_node(like, peer=self._peer(stage - 1), tag=tag, shape=shape_dims,
+                             name=f"/llmir/pipeline/recv_{tag}")
+            out = recv.outputs[0]
+            cloned = value_map[value]
+            cloned.replace_all_uses_with(out)
+            cloned.name = f"{value.name}.llmir.unused"
+            out.name = value.name  # the received value keeps the name it had in the input model
+            out.dtype = dtype
+            out.shape = shape.copy() if shape is not None else None
+            new_nodes.append(recv)
+            available[value] = out
+            previous = out
+
+        sent_outputs: list[ir.Value] = []
+        previous_sent: ir.Value | None = None
+        for value in sent:
+            tag = self.tag[value]
+            source = available.get(value, value_map[value])
+            if previous_sent is not None:
+                dtype, shape = self.types[value.name]
+                source = self._after(source, previous_sent, tag, dtype, shape, helpers, new_nodes)
+            send = send_node(source, peer=self._peer(stage + 1), tag=tag, name=f"/llmir/pipeline/send_{tag}")
+            out = send.outputs[0]
+            out.name = f"{SENT_OUTPUT_PREFIX}{tag}"
+            out.dtype = ir.DataType.INT64
+            out.shape = ir.Shape([])
+            new_nodes.append(send)
+            sent_outputs.append(out)
+            previous_sent = out
+
+        produced_here = {value for value in original.outputs if self._output_stage(value) == stage}
+        outputs = [value_map[v] for v in original.outputs if v in produced_here]
+        graph.outputs.clear()
+        graph.outputs.extend([*outputs, *sent_outputs])
+        dropped = [node for node in graph if node not in keep]
+        try:
+            graph.remove(dropped, safe=True)
+        except ValueError as error:
+            raise PlanError(f"stage {stage}: the split left a dangling use ({error}); this is a bug") from error
+        graph.extend(new_nodes)
+        graph.sort()
+        self._use_own_kv_shapes(graph, stage, value_map)
+        stage_inputs = [value_map[v] for v in original.inputs
+                        if value_map[v].uses() or value_map[v] in outputs]
+        graph.inputs.clear()
+        graph.inputs.extend(stage_inputs)
+        for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in outputs]:
+            del graph.initializers[name]
+        graph.opset_imports[LLMIR_DOMAIN] = LLMIR_OPSET_VERSION
+        self._rewrite_collective_groups(graph, stage)
+
+        stage_model = ir.Model(
+            graph,
+            ir_version=min(self.model.ir_version, MAX_IR_VERSION),
+            producer_name="llmir-onnx",
+            functions=list(self.model.functions.values()),
+            metadata_props={**self.model.metadata_props, "llmir.pipeline_stage": str(stage),
+                            "llmir.layers": f"{self.ranges[stage].start}-{self.ranges[stage].stop - 1}"},
+        )
+        inputs = [SliceBinding(v.name, v.name, None, 0, 0) for v in stage_inputs]
+        output_bindings = [SliceBinding(v.name, v.name, None, 0, 0) for v in outputs]
+        return PipelineStage(
+            stage=stage,
+            rank=self._peer(stage),
+            model=stage_model,
+            inputs=inputs,
+            outputs=output_bindings,
+            layers=self.ranges[stage],
+            received=tuple(v.name or "" for v in received),
+            sent=tuple(v.name or "" for v in sent),
+        )
+
+    @staticmethod
+    def _empty_like_after(previous: ir.Value, dtype: ir.DataType, tag: int, helpers: _HelperConstants,
+                          new_nodes: list[ir.Node]) -> ir.Value:
+        """An empty tensor of `dtype` that exists only after `previous` did: orders Recv after Recv."""
+        prefix = f"/llmir/pipeline/recv_{tag}_order"
+        flat = ir.node("Reshape", [previous, helpers.minus_one], name=f"{prefix}/Reshape")
+        empty = ir.node("Slice", [flat.outputs[0], helpers.zero, helpers.zero], name=f"{prefix}/Slice")
+        cast = ir.node("Cast", [empty.outputs[0]], attributes={"to": dtype}, name=f"{prefix}/Cast")
+        for node, suffix in ((flat, "flat"), (empty, "empty"), (cast, "like")):
+            node.outputs[0].name = f"llmir.recv_{tag}.{suffix}"
+        cast.outputs[0].dtype = dtype
+        cast.outputs[0].shape = ir.Shape([0])
+        new_nodes.extend([flat, empty, cast])
+        return cast.outputs[0]
+
+    @staticmethod
+    def _after(value: ir.Value, previous_sent: ir.Value, tag: int, dtype: ir.DataType, shape: ir.Shape | None,
+               helpers: _HelperConstants, new_nodes: list[ir.Node]) -> ir.Value:
+        """`value` unchanged, but only once `previous_sent` exists: orders Send after Send."""
+        prefix = f"/llmir/pipeline/send_{tag}_order"
+        shape_of = ir.node("Shape", [value], name=f"{prefix}/Shape")
+        zero = ir.node("Mul", [previous_sent, helpers.zero_scalar], name=f"{prefix}/Mul")
+        same = ir.node("Add", [shape_of.outputs[0], zero.outputs[0]], name=f"{prefix}/Add")
+        reshaped = ir.node("Reshape", [value, same.outputs[0]], name=f"{prefix}/Reshape")
+        for node, suffix in ((shape_of, "shape"), (zero, "zero"), (same, "same_shape"), (reshaped, "ordered")):
+            node.outputs[0].name = f"llmir.send_{tag}.{suffix}"
+        reshaped.outputs[0].dtype = dtype
+        reshaped.outputs[0].shape = shape.copy() if shape is not None else None
+        new_nodes.extend([shape_of, zero, same, reshaped])
+        return reshaped.outputs[0]
+
+    def _use_own_kv_shapes(self, graph: ir.Graph, stage: int, value_map: dict[ir.Value, ir.Value]) -> None:
+        """Shape/Size of another stage's KV cache input -> of this stage's own one with the same declared shape.
+
+        Exporters read batch size and past length off any layer's cache (torch dynamo: the last
+        layer's); the declared shapes (same static dims, same named dims) say they are equal, so the
+        stage is fed only its own layers' caches. Without a match the foreign input stays (and is fed).
+        """
+        own = [value_map[v] for v, layer in self.placement.kv_layers.items() if layer in self.ranges[stage]]
+        foreign = {value_map[v] for v, layer in self.placement.kv_layers.items() if layer not in self.ranges[stage]}
+        for node in list(graph):
+            if node.op_type not in _SHAPE_ONLY_OPS or not node.inputs or node.inputs[0] not in foreign:
+                continue
+            source = node.inputs[0]
+            assert source is not None
+            match = next((v for v in own if v.dtype == source.dtype and source.shape is not None
+                          and v.shape is not None and list(v.shape) == list(source.shape)), None)
+            if match is not None:
+                node.replace_input_with(0, match)
+
+    def _rewrite_collective_groups(self, graph: ir.Graph, stage: int) -> None:
+        mesh = self.options.mesh
+        for node in ir.traversal.RecursiveGraphIterator(graph):
+            if node.domain != LLMIR_DOMAIN or node.op_type not in _COLLECTIVES:
+                continue
+            attr = node.attributes.get("group")
+            tp_ranks = list(attr.as_ints()) if attr is not None and attr.as_ints() else list(range(mesh.tp))
+            bad = [r for r in tp_ranks if not 0 <= r < mesh.tp]
+            if bad:
+                raise PlanError(
+                    f"{node.op_type} node {node.name!r} has group {tp_ranks}: ranks {bad} are not tp ranks of a "
+                    f"tp={mesh.tp} model; the stage split expects the tensor-parallel model of a pp=1 mesh"
+                )
+            node.attributes["group"] = ir.AttrInt64s(
+                "group", [_global_rank(mesh, stage, self.options.cp_rank, r) for r in tp_ranks]
+            )
+
+
+class _HelperConstants:
+    """Small int64 initializers the ordering chains use, added to the graph on first use."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+
+    def _get(self, name: str, array: np.ndarray) -> ir.Value:
+        if name not in self.graph.initializers:
+            tensor = ir.tensor(array, name=name)
+            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64),
+                             const_value=tensor)
+            self.graph.register_initializer(value)
+        return self.graph.initializers[name]
+
+    @property
+    def minus_one(self) -> ir.Value:
+        return self._get("llmir.const.minus_one_1d", np.array([-1], dtype=np.int64))
+
+    @property
+    def zero(self) -> ir.Value:
+        return self._get("llmir.const.zero_1d", np.array([0], dtype=np.int64))
+
+    @property
+    def zero_scalar(self) -> ir.Value:
+        return self._get("llmir.const.zero", np.array(0, dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class StageRankModel:
+    """One rank of a tp x pp plan: what `plan.emit.write_plan` takes, plus the layer range."""
+
+    rank: int
+    coords: dict[str, int]
+    model: ir.Model
+    inputs: list[SliceBinding]  # ORIGINAL model names -> this rank's
+    outputs: list[SliceBinding]
+    layers: range
+
+    def as_plan_entry(self) -> tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]:
+        return self.rank, self.coords, self.model, self.inputs, self.outputs
+
+
+def split_tp_ranks(
+    tp_models: Sequence[tuple[ir.Model, Sequence[SliceBinding], Sequence[SliceBinding]]],
+    mesh: DeviceMesh,
+    *,
+    stage_cut_after_layer: Sequence[int] | None = None,
+    node_cost: NodeCost = default_node_cost,
+    memory_limit_bytes: int | None = None,
+    extra_memory_bytes_per_layer: int = 0,
+    replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
+) -> tuple[list[StageRankModel], StageSplitResult]:
+    """Cut every tp rank's model (index = tp rank; bindings original -> tp-local) into mesh.pp stages.
+
+    The cuts are chosen once, on tp rank 0 (every tp rank holds the same layers with equal shares),
+    then applied to all tp ranks, so stage s of every tp rank holds the same layers and its Sends
+    match the Recvs of stage s + 1 of the same tp rank. Returns the ranks sorted by global rank and
+    tp rank 0's split result (its `balance` says why the cuts are where they are).
+    """
+    if len(tp_models) != mesh.tp:
+        raise PlanError(f"{len(tp_models)} tensor-parallel models for a mesh with tp={mesh.tp}")
+    ranks: list[StageRankModel] = []
+    first: StageSplitResult | None = None
+    cuts = stage_cut_after_layer
+    for tp_rank, (model, inputs, outputs) in enumerate(tp_models):
+        result = PipelineStageSplit(
+            mesh,
+            tp_rank=tp_rank,
+            stage_cut_after_layer=cuts,
+            node_cost=node_cost,
+            memory_limit_bytes=memory_limit_bytes,
+            extra_memory_bytes_per_layer=extra_memory_bytes_per_layer,
+            replicate_max_weight_bytes=replicate_max_weight_bytes,
+        )(model)
+        if first is None:
+            first = result
+            cuts = [stage.layers.stop - 1 for stage in result.stages[:-1]]
+        for stage in result.stages:
+            coords = mesh.coords(stage.rank)
+            ranks.append(StageRankModel(
+                rank=stage.rank,
+                coords={"pp": coords.pp, "cp": coords.cp, "tp": coords.tp},
+                model=stage.model,
+                inputs=compose_bindings(inputs, stage.inputs),
+                outputs=compose_bindings(outputs, stage.outputs),
+                layers=stage.layers,
+            ))
+    assert first is not None
+    return sorted(ranks, key=lambda entry: entry.rank), first
