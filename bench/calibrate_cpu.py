@@ -1,0 +1,166 @@
+"""Calibrate the `cpu-here` device profile on this machine, single-threaded.
+
+    .venv/bin/python bench/calibrate_cpu.py [--quick]
+
+Measures, with one thread (OMP/OpenBLAS/MKL threads = 1, onnxruntime intra_op_num_threads = 1):
+
+- float32 matmul FLOP/s with numpy (n x n @ n x n, 2 n^3 FLOPs), best of several runs, for n = 512,
+  1024, 2048; and the same with an onnxruntime MatMul (MLAS), float32 and float16;
+- memory bandwidth: numpy `np.copyto` of a 256 MiB float32 array counted as 2 x 256 MiB moved (read +
+  write), `sum` of it (256 MiB read) and a float32 matrix-vector product over it (8192 x 8192: 256 MiB
+  of matrix read), best of several runs; the profile takes the matrix-vector figure (decode is weight
+  streaming through matrix-vector products); and an onnxruntime MatMul [1, 8192] x W (W an initializer);
+- onnxruntime's per-node dispatch cost: a chain of 400 `Add` nodes on 1-element tensors, run time
+  divided by the node count.
+
+Best-of timings: the machine is shared, and the best run is the one least disturbed by others.
+
+Prints a table and two sets of profile fields: onnxruntime-calibrated (its own MatMul kernels, the
+runtime the cost model predicts: the built-in `cpu-here` in `llmir_onnx/plan/devices.py`) and
+numpy-calibrated (`bench/profiles/cpu-here-numpy.json`); `bench/cost_vs_measured.py` reports the
+error of both.
+"""
+
+from __future__ import annotations
+
+import os
+
+for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ[_var] = "1"
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+
+import numpy as np  # noqa: E402
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+from onnx import TensorProto, helper  # noqa: E402
+
+
+def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    run()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def ort_matmul_flops(n: int, elem: int, np_dtype: type[np.generic], repeats: int) -> float:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "mm",
+        [helper.make_tensor_value_info("a", elem, [n, n]), helper.make_tensor_value_info("b", elem, [n, n])],
+        [helper.make_tensor_value_info("c", elem, [n, n])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    sess = session(model)
+    rng = np.random.default_rng(0)
+    feeds = {"a": rng.standard_normal((n, n)).astype(np_dtype), "b": rng.standard_normal((n, n)).astype(np_dtype)}
+    return 2 * n**3 / best_seconds(lambda: sess.run(None, feeds), repeats)
+
+
+def node_overhead(nodes: int, repeats: int) -> float:
+    names = ["x"] + [f"t{i}" for i in range(nodes)]
+    graph = helper.make_graph(
+        [helper.make_node("Add", [names[i], "one"], [names[i + 1]]) for i in range(nodes)],
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1])],
+        initializer=[onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {"x": np.zeros(1, np.float32)}
+    return best_seconds(lambda: sess.run(None, feeds), repeats) / nodes
+
+
+def ort_gemv_bandwidth(k: int, n: int, repeats: int) -> float:
+    """Bytes/s of weights streamed by an onnxruntime MatMul [1, k] x W[k, n] (W an initializer, as in decode)."""
+    weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
+        initializer=[onnx.numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    sess = session(model)
+    feeds = {"x": np.ones((1, k), np.float32)}
+    return weight.nbytes / best_seconds(lambda: sess.run(None, feeds), repeats)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="fewer repeats")
+    args = parser.parse_args()
+    repeats = 3 if args.quick else 15
+    rng = np.random.default_rng(0)
+    rows = []
+    numpy_flops, ort_flops = {}, {}
+    for n in (512, 1024, 2048):
+        a = rng.standard_normal((n, n)).astype(np.float32)
+        b = rng.standard_normal((n, n)).astype(np.float32)
+        numpy_flops[n] = 2 * n**3 / best_seconds(lambda a=a, b=b: a @ b, repeats)
+        rows.append((f"numpy float32 matmul n={n}", f"{numpy_flops[n] / 1e9:.1f} GFLOP/s"))
+    for n in (512, 1024, 2048):
+        ort_flops[n] = ort_matmul_flops(n, TensorProto.FLOAT, np.float32, repeats)
+        rows.append((f"onnxruntime float32 MatMul n={n}", f"{ort_flops[n] / 1e9:.1f} GFLOP/s"))
+    fp16 = ort_matmul_flops(1024, TensorProto.FLOAT16, np.float16, max(2, repeats // 2))
+    rows.append(("onnxruntime float16 MatMul n=1024", f"{fp16 / 1e9:.1f} GFLOP/s"))
+
+    size = 256 << 20
+    src = np.ones(size // 4, np.float32)
+    dst = np.empty_like(src)
+    copy_bandwidth = 2 * size / best_seconds(lambda: np.copyto(dst, src), repeats)
+    rows.append(("numpy copyto 256 MiB (read + write)", f"{copy_bandwidth / 1e9:.2f} GB/s"))
+    read_bandwidth = size / best_seconds(lambda: src.sum(), repeats)
+    rows.append(("numpy sum 256 MiB (read)", f"{read_bandwidth / 1e9:.2f} GB/s"))
+    matrix = src.reshape(8192, -1)
+    vector = np.ones(matrix.shape[1], np.float32)
+    gemv_bandwidth = size / best_seconds(lambda: matrix @ vector, repeats)
+    rows.append(("numpy matrix-vector 8192 x 8192 (matrix bytes)", f"{gemv_bandwidth / 1e9:.2f} GB/s"))
+    ort_gemv = ort_gemv_bandwidth(8192, 8192, repeats)
+    rows.append(("onnxruntime MatMul [1, 8192] x W[8192, 8192] (W bytes)", f"{ort_gemv / 1e9:.2f} GB/s"))
+    overhead = node_overhead(400, repeats * 3)
+    rows.append(("onnxruntime per-node dispatch (400 Add)", f"{overhead * 1e6:.2f} us"))
+
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    # Peaks are the best of the sizes (the machine is shared: the best run is the least disturbed).
+    # Bandwidth is the matrix-vector figure: decode streams weights through matrix-vector products.
+    numpy_fields = {
+        "peak_flops": {"float32": float(f"{max(numpy_flops.values()):.3g}"), "float16": float(f"{fp16:.3g}")},
+        "memory_bandwidth": float(f"{gemv_bandwidth:.3g}"),
+        "node_overhead": float(f"{overhead:.3g}"),
+    }
+    ort_fields = {
+        "peak_flops": {"float32": float(f"{max(ort_flops.values()):.3g}"), "float16": float(f"{fp16:.3g}")},
+        "memory_bandwidth": float(f"{ort_gemv:.3g}"),
+        "node_overhead": float(f"{overhead:.3g}"),
+    }
+    print("onnxruntime-calibrated (the built-in cpu-here):", json.dumps(ort_fields))
+    print("numpy-calibrated (bench/profiles/cpu-here-numpy.json):", json.dumps(numpy_fields))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""Cost model: FLOPs, bytes moved and communication bytes per node, and time estimates per rank.
+
+Per node, at concrete sizes (see `llmir_onnx.plan.shapes`):
+
+- `flops`: MatMul / Gemm 2·M·N·K (times the broadcast batch); elementwise ops one per output element
+  (exp/sigmoid/erf/tanh/softmax and the normalizations a few more, see FLOPS_PER_ELEMENT); reductions
+  one per input element; data movement (Gather, Transpose, Concat, Slice, Expand, ...) none.
+- `bytes`: every input read once plus every output written once (weights included, which is what makes
+  decode memory-bound); Reshape / Squeeze / Unsqueeze / Identity / Flatten / Shape / Size / Constant move
+  nothing (onnxruntime aliases or folds them); a Gather reads only the rows it returns.
+- `comm_bytes`: the payload of an ai.llmir op (AllReduce/ReduceScatter/Send: its input, AllGather/Recv:
+  its output).
+
+Time of a node on a `DeviceProfile` (roofline + alpha-beta):
+
+    compute  = flops / (peak_flops[dtype] * compute_efficiency)
+    memory   = bytes / (memory_bandwidth * memory_efficiency)
+    node     = max(compute, memory) + node_overhead
+    comm     = link_latency + factor * comm_bytes / link_bandwidth,  factor = 2(n-1)/n for AllReduce,
+               (n-1)/n for AllGather / ReduceScatter (n = group size), 1 for Send / Recv
+
+Prefill (max_batch x max_seq new tokens) and decode (max_batch x 1 token after max_seq - 1) are
+estimated separately; decode throughput is max_batch / decode step time.
+
+`annotate_costs` is the one function here that writes into a model: it sets the metadata_props
+`llmir.flops`, `llmir.bytes`, `llmir.comm_bytes` of every node (nothing else), and only when called.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from llmir_onnx.plan.devices import DeviceProfile
+from llmir_onnx.plan.memory import phase_sizes
+from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, evaluate_shapes
+
+META_FLOPS = "llmir.flops"
+META_BYTES = "llmir.bytes"
+META_COMM_BYTES = "llmir.comm_bytes"
+
+# Ops whose outputs alias their input or are folded at session creation: no data moves.
+FREE_OPS = frozenset({"Reshape", "Squeeze", "Unsqueeze", "Identity", "Flatten", "Shape", "Size", "Constant"})
+DATA_MOVEMENT_OPS = frozenset(
+    {"Gather", "GatherElements", "Transpose", "Concat", "Slice", "Split", "Expand", "Tile", "Pad", "Cast",
+     "ConstantOfShape", "Range", "Where", "Send", "Recv", "AllGather"}
+)  # fmt: skip
+FLOPS_PER_ELEMENT = {
+    "Exp": 4, "Log": 4, "Sigmoid": 4, "Tanh": 4, "Erf": 4, "Gelu": 8, "FastGelu": 8, "QuickGelu": 5,
+    "Softmax": 5, "LogSoftmax": 5, "Sqrt": 1, "Pow": 1, "Div": 1, "Sin": 4, "Cos": 4,
+    "LayerNormalization": 8, "SimplifiedLayerNormalization": 5, "RMSNormalization": 5,
+    "SkipSimplifiedLayerNormalization": 6, "SkipLayerNormalization": 9, "RotaryEmbedding": 3,
+}  # fmt: skip
+# A decoder layer's scope in node names (`/model/layers.3/...`, `/transformer/h.3/...`) or in the
+# `namespace` metadata torch.onnx's dynamo exporter writes (`.../model.model.layers.3: ...`).
+LAYER_PATTERN = re.compile(r"(?:^|[/.:\s'])(?:layers|layer|h|blocks|block)[._](\d+)(?=$|[/.:\s'])")
+LAYER_METADATA_KEYS = ("namespace", "pkg.torch.onnx.name_scopes")
+
+
+@dataclass(frozen=True)
+class NodeCost:
+    name: str
+    op_type: str
+    domain: str
+    flops: int
+    bytes: int
+    comm_bytes: int
+    dtype: str
+    group_size: int
+    layer: int | None
+
+
+@dataclass(frozen=True)
+class TimeEstimate:
+    """Predicted time of one phase on one rank, and its parts (seconds)."""
+
+    phase: str
+    batch: int
+    seq: int
+    past: int
+    flops: int
+    bytes: int
+    comm_bytes: int
+    compute_s: float
+    memory_s: float
+    roofline_s: float
+    overhead_s: float
+    comm_s: float
+    total_s: float
+    nodes: int
+
+
+@dataclass(frozen=True)
+class PhaseEstimates:
+    device: str
+    prefill: TimeEstimate
+    decode: TimeEstimate
+    decode_tokens_per_s: float
+
+
+def layer_of(node_name: str) -> int | None:
+    """The decoder layer index in a node name (`/model/layers.3/...` -> 3), None outside layers."""
+    match = LAYER_PATTERN.search(node_name)
+    return int(match.group(1)) if match else None
+
+
+def node_layer(node: ir.Node) -> int | None:
+    """The decoder layer of a node: from its name, else from its scope metadata (dynamo exports)."""
+    layer = layer_of(node.name or "")
+    if layer is not None:
+        return layer
+    for key in LAYER_METADATA_KEYS:
+        scope = node.metadata_props.get(key)
+        if scope:
+            layer = layer_of(scope)
+            if layer is not None:
+                return layer
+    return None
+
+
+def _bytes_of(values: Iterable[ir.Value | None], shapes: Mapping[str, TensorShape]) -> int:
+    return sum(shapes[v.name].nbytes for v in values if v is not None and v.name and v.name in shapes)
+
+
+def _compute_dtype(node: ir.Node, shapes: Mapping[str, TensorShape]) -> str:
+    for value in (*node.inputs, *node.outputs):
+        if value is not None and value.name in shapes and shapes[value.name].dtype.is_floating_point():
+            return shapes[value.name].dtype.name.lower()
+    return "float32"
+
+
+def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
+    """FLOPs, bytes moved and communication bytes of one node at the evaluated shapes."""
+    op = node.op_type
+    domain = node.domain or ""
+    outputs = [shapes[o.name] for o in node.outputs if o.name and o.name in shapes]
+    inputs = [shapes[v.name] if v is not None and v.name in shapes else None for v in node.inputs]
+    out_numel = sum(o.numel for o in outputs[:1])
+    flops = 0
+    moved = _bytes_of(node.inputs, shapes) + _bytes_of(node.outputs, shapes)
+    comm = 0
+    group = 1
+    if domain == LLMIR_DOMAIN:
+        group_attr = node.attributes.get("group")
+        group = len(group_attr.value) if group_attr is not None and group_attr.value else 1
+        if op in ("AllReduce", "ReduceScatter", "Send"):
+            comm = _bytes_of(node.inputs[:1], shapes)
+        else:  # AllGather, Recv
+            comm = _bytes_of(node.outputs[:1], shapes)
+        if op == "AllReduce":
+            flops = out_numel * (group - 1)
+    elif op in FREE_OPS:
+        moved = 0
+    elif op in ("MatMul", "FusedMatMul", "MatMulNBits") and inputs[0] is not None:
+        k = inputs[0].shape[-1]
+        flops = 2 * out_numel * k
+    elif op == "Gemm" and inputs[0] is not None:
+        transposed = node.attributes.get("transA")
+        k = inputs[0].shape[0] if transposed is not None and transposed.value else inputs[0].shape[1]
+        flops = 2 * out_numel * k + (out_numel if len(node.inputs) > 2 else 0)
+    elif op == "Gather" and outputs:
+        moved = 2 * outputs[0].nbytes + (inputs[1].nbytes if inputs[1] is not None else 0)
+    elif op == "GroupQueryAttention" and inputs[0] is not None:
+        heads = int(node.attributes["num_heads"].value)
+        batch, seq = inputs[0].shape[0], inputs[0].shape[1]
+        present = outputs[1]
+        head_dim, total = present.shape[3], present.shape[2]
+        flops = 4 * batch * heads * seq * total * head_dim + 5 * batch * heads * seq * total
+    elif op == "Attention" and domain in ("", "ai.onnx") and len(outputs) > 1:
+        present = outputs[1]  # [B, kv, T, hd]
+        y = outputs[0]
+        batch, total, head_dim = present.shape[0], present.shape[2], present.shape[3]
+        heads_x_seq = y.numel // (batch * (y.shape[-1] if len(y.shape) == 4 else head_dim))
+        # QK^T and PV: 2 x 2 x B x H x S x T x hd, softmax about 5 per score
+        flops = 4 * batch * heads_x_seq * total * head_dim + 5 * batch * heads_x_seq * total
+    elif op.startswith("Reduce") and inputs[0] is not None:
+        flops = inputs[0].numel
+    elif op in DATA_MOVEMENT_OPS:
+        flops = 0
+    else:
+        flops = out_numel * FLOPS_PER_ELEMENT.get(op, 1)
+    return NodeCost(
+        name=node.name or op,
+        op_type=op,
+        domain=domain,
+        flops=int(flops),
+        bytes=int(moved),
+        comm_bytes=int(comm),
+        dtype=_compute_dtype(node, shapes),
+        group_size=group,
+        layer=node_layer(node),
+    )
+
+
+def node_costs(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None) -> list[NodeCost]:
+    shapes = evaluate_shapes(model, sizes, overrides)
+    return [node_cost(node, shapes) for node in model.graph]
+
+
+def annotate_costs(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None) -> list[NodeCost]:
+    """Write llmir.flops / llmir.bytes / llmir.comm_bytes into every node's metadata_props, in place."""
+    costs = node_costs(model, sizes, overrides)
+    for node, cost in zip(model.graph, costs, strict=True):
+        node.metadata_props[META_FLOPS] = str(cost.flops)
+        node.metadata_props[META_BYTES] = str(cost.bytes)
+        node.metadata_props[META_COMM_BYTES] = str(cost.comm_bytes)
+    return costs
+
+
+def comm_seconds(op_type: str, payload: float, group: int, device: DeviceProfile) -> float:
+    """Alpha-beta time of one ai.llmir op moving `payload` bytes among `group` ranks."""
+    if payload <= 0:
+        return 0.0
+    if op_type == "AllReduce":
+        factor = 2 * (group - 1) / group if group > 1 else 0.0
+    elif op_type in ("AllGather", "ReduceScatter"):
+        factor = (group - 1) / group if group > 1 else 0.0
+    else:  # Send / Recv
+        factor = 1.0
+    if factor == 0.0:
+        return 0.0
+    return device.link_latency + factor * payload / device.link_bandwidth
+
+
+def node_seconds(cost: NodeCost, device: DeviceProfile) -> tuple[float, float, float]:
+    """(compute, memory, communication) seconds of one node; the node's time is max of the first two + overhead."""
+    compute = cost.flops / device.flops_per_second(cost.dtype) if cost.flops else 0.0
+    memory = cost.bytes / device.bytes_per_second if cost.bytes else 0.0
+    comm = comm_seconds(cost.op_type, cost.comm_bytes, cost.group_size, device) if cost.domain == LLMIR_DOMAIN else 0.0
+    return compute, memory, comm
+
+
+def estimate_time(costs: Iterable[NodeCost], device: DeviceProfile, phase: str, sizes: Sizes) -> TimeEstimate:
+    flops = moved = comm_bytes = nodes = 0
+    compute_s = memory_s = roofline_s = comm_s = 0.0
+    overhead_s = 0.0
+    for cost in costs:
+        compute, memory, comm = node_seconds(cost, device)
+        flops += cost.flops
+        moved += cost.bytes
+        comm_bytes += cost.comm_bytes
+        compute_s += compute
+        memory_s += memory
+        roofline_s += max(compute, memory)
+        comm_s += comm
+        if cost.op_type not in FREE_OPS:
+            overhead_s += device.node_overhead
+        nodes += 1
+    return TimeEstimate(
+        phase=phase,
+        batch=sizes.batch,
+        seq=sizes.seq,
+        past=sizes.past,
+        flops=flops,
+        bytes=moved,
+        comm_bytes=comm_bytes,
+        compute_s=compute_s,
+        memory_s=memory_s,
+        roofline_s=roofline_s,
+        overhead_s=overhead_s,
+        comm_s=comm_s,
+        total_s=roofline_s + overhead_s + comm_s,
+        nodes=nodes,
+    )
+
+
+def estimate_phases(
+    model: ir.Model,
+    device: DeviceProfile,
+    max_batch: int,
+    max_seq: int,
+    overrides: Mapping[str, int] | None = None,
+) -> PhaseEstimates:
+    """Predicted prefill and decode time of one model (one rank) on `device`."""
+    estimates = {
+        phase: estimate_time(node_costs(model, sizes, overrides), device, phase, sizes)
+        for phase, sizes in phase_sizes(max_batch, max_seq).items()
+    }
+    decode = estimates["decode"]
+    return PhaseEstimates(
+        device=device.name,
+        prefill=estimates["prefill"],
+        decode=decode,
+        decode_tokens_per_s=max_batch / decode.total_s if decode.total_s > 0 else float("inf"),
+    )
+
+
+def node_time_function(
+    model: ir.Model,
+    device: DeviceProfile,
+    max_batch: int,
+    max_seq: int,
+    overrides: Mapping[str, int] | None = None,
+) -> Callable[[ir.Node], float]:
+    """Predicted prefill + decode seconds of each node of `model`, as a callable on its nodes.
+
+    Meant as the per-node cost of pipeline stage balancing (`passes.stage_balance`): the shapes are
+    evaluated once per phase here, so calling it per node is a dictionary lookup. Nodes of another
+    model raise KeyError.
+    """
+    seconds: dict[int, float] = {}
+    for sizes in phase_sizes(max_batch, max_seq).values():
+        shapes = evaluate_shapes(model, sizes, overrides)
+        for node in model.graph:
+            cost = node_cost(node, shapes)
+            compute, memory, comm = node_seconds(cost, device)
+            overhead = 0.0 if cost.op_type in FREE_OPS else device.node_overhead
+            seconds[id(node)] = seconds.get(id(node), 0.0) + max(compute, memory) + comm + overhead
+
+    def time_of(node: ir.Node) -> float:
+        return seconds[id(node)]
+
+    return time_of

@@ -1,0 +1,718 @@
+"""Layout search: per-rank memory and predicted speed of every (tp, pp), from the ORIGINAL model only.
+
+`enumerate_layouts` never builds rank models and never reads a weight, so it plans a 70B model on a
+laptop. It evaluates the original model's shapes and per-node costs once per phase (prefill of
+max_batch x max_seq tokens, decode of max_batch x 1 token after max_seq - 1), then scales them:
+
+- Tensor parallelism (Megatron): a value is replicated (R), split by attention heads / MLP columns (Q:
+  1/tp of it on each rank) or split by KV heads (KV: kv_local/kv_heads, where kv_local = kv_heads/tp,
+  or 1 when tp > kv_heads and each KV head is replicated tp/kv_heads times). Inside a decoder layer a
+  MatMul by a weight whose input is replicated is column-parallel (its output is Q, or KV when its
+  width is kv_heads x head_dim), one whose input is split is row-parallel (its output is a full-size
+  partial sum, followed by an AllReduce of that size, then replicated); every other node's output
+  takes the widest split of its inputs (Q over KV over R), and a KV input expanded to more elements
+  (repeat_kv) becomes Q. Past KV inputs and present outputs are KV. Outside the layers everything is
+  replicated: embedding and lm_head are NOT split across tp (each rank holds both), like the
+  partitioner's default; with `vocab_parallel=True` (the partitioner's option of that name) the
+  embedding table and lm_head are split by vocabulary rows/columns (1/tp each), the embedding lookup is
+  followed by an AllReduce of [batch, seq, hidden] and the logits by an AllGather.
+- Pipeline parallelism: contiguous layer ranges, chosen by `passes.stage_balance.balance_stages`
+  (minimise the slowest stage) with prefill + decode time as the cost and the per-rank memory as the
+  limit. Everything before layer 0 that only the first layer uses (the embedding) is on stage 0; what
+  several layers use (mask, rotary tables) is recomputed by every stage that needs it; everything after
+  the last layer (final norm, lm_head) is on the last stage. A stage receives the hidden state
+  [batch, seq, hidden] from the previous one (Send/Recv).
+
+Per rank: exact weight bytes (each initializer once, scaled as above), exact KV cache of its layers,
+an activation peak from liveness over its nodes with scaled sizes (values received from an earlier
+stage count from the start), and the largest collective payload. Time: roofline + overhead per
+node (scaled FLOPs and bytes) + alpha-beta collectives (`plan.cost`); the prefill latency and the
+decode step are the sums over stages plus the Send/Recv between them (one batch flows through the
+pipeline at a time: pipelining several micro-batches is not modelled, so pp never speeds up one
+request, only fits bigger models). Decode tokens/s = max_batch / decode step.
+
+With `allow_kv_replication=False` (a partitioner that cannot replicate KV heads) tp must also
+divide the KV heads.
+
+Layouts: by default every (tp, pp) with tp x pp == devices; `include_fewer=True` adds every
+tp x pp < devices (for models that fit on fewer devices, leaving the rest for replicas). A layout
+that breaks a rule (tp must divide the heads and the MLP width, tp and kv heads must divide one
+another, pp <= layers) is listed as invalid with its reason; one that does not fit says by how much.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from llmir_onnx.errors import PlanError
+from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost, node_layer
+from llmir_onnx.plan.devices import DeviceProfile
+from llmir_onnx.plan.memory import format_bytes, past_kv_inputs, phase_sizes
+from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
+
+REPLICATED, HEADS, KV_HEADS = "R", "Q", "KV"
+_PRESENT = re.compile(r"present", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class RankEstimate:
+    """One pipeline stage's rank (all tp ranks of a stage are alike)."""
+
+    stage: int
+    layers: tuple[int, int]  # [start, stop)
+    weight_bytes: int
+    kv_cache_bytes: int
+    activation_peak_bytes: int
+    communication_bytes: int
+    total_bytes: int
+    prefill_s: float
+    decode_s: float
+
+
+@dataclass(frozen=True)
+class LayoutEstimate:
+    tp: int
+    pp: int
+    devices: int
+    valid: bool
+    reason: str
+    max_batch: int
+    max_seq: int
+    fits: bool = False
+    max_rank_bytes: int = 0
+    device_memory_bytes: int = 0
+    # None for an invalid layout (JSON has no infinity)
+    prefill_s: float | None = None
+    decode_step_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    ranks: list[RankEstimate] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"tp{self.tp} x pp{self.pp}"
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the layout rules need to know about the model."""
+
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    column_widths: tuple[int, ...]  # output widths of the column-parallel weights (heads x hd, mlp, ...)
+
+
+class _Analysis:
+    """Structure and per-phase costs of the original model, computed once and scaled per layout."""
+
+    def __init__(
+        self,
+        model: ir.Model,
+        max_batch: int,
+        max_seq: int,
+        overrides: Mapping[str, int] | None,
+        vocab_parallel: bool = False,
+    ) -> None:
+        self.model = model
+        self.vocab_parallel = vocab_parallel
+        self.nodes = list(model.graph)
+        self.index = {id(node): i for i, node in enumerate(self.nodes)}
+        self.sizes = phase_sizes(max_batch, max_seq)
+        self.shapes: dict[str, dict[str, TensorShape]] = {
+            phase: evaluate_shapes(model, sizes, overrides) for phase, sizes in self.sizes.items()
+        }
+        self.costs: dict[str, list[NodeCost]] = {
+            phase: [node_cost(node, shapes) for node in self.nodes] for phase, shapes in self.shapes.items()
+        }
+        self.past_inputs = {v.name for v in past_kv_inputs(model)}
+        if not self.past_inputs:
+            raise PlanError("the model has no past key/value inputs; the layout search needs a decoder with a KV cache")
+        # each KV input's exact size at batch = max_batch and past = max_seq (as the memory plan counts it)
+        at_max = bind_dims(model, Sizes(batch=max_batch, seq=1, past=max_seq), overrides)
+        self.kv_bytes = {
+            v.name: math.prod(d if isinstance(d, int) else at_max[str(d.value)] for d in v.shape) * v.dtype.itemsize  # type: ignore[union-attr]
+            for v in past_kv_inputs(model)
+        }
+        self.node_layer = [node_layer(node) for node in self.nodes]
+        layer_ids = sorted({layer for layer in self.node_layer if layer is not None})
+        if not layer_ids or layer_ids != list(range(len(layer_ids))):
+            raise PlanError(
+                "cannot find the decoder layers from node names or scope metadata (expected '/layers.N/' or "
+                "'/h.N/', N = 0, 1, ...); the layout search needs the layer structure"
+            )
+        self.num_layers = len(layer_ids)
+        self._place_outside_nodes()
+        self._propagate_kinds()
+        self.shape = self._model_shape()
+
+    # -- structure
+
+    def _place_outside_nodes(self) -> None:
+        """Node placement: its layer, 'pre' (stage 0 only), 'shared' (every stage) or 'post' (last stage)."""
+        first_layer_node = min(i for i, layer in enumerate(self.node_layer) if layer is not None)
+        consumers_layers: dict[str, set[int | str]] = {}
+        self.placement: list[int | str] = [0] * len(self.nodes)
+        for i in range(len(self.nodes) - 1, -1, -1):
+            node = self.nodes[i]
+            layer = self.node_layer[i]
+            if layer is not None:
+                place: int | str = layer
+                reach: set[int | str] = {layer}
+            elif i > first_layer_node:
+                place = "post"
+                reach = {"post"}
+            else:
+                reach = set()
+                for output in node.outputs:
+                    reach |= consumers_layers.get(output.name or "", set())
+                # only layer 0 (or nothing) needs it: stage 0 alone; otherwise every stage computes its own
+                place = "pre" if reach <= {0} else "shared"
+            self.placement[i] = place
+            for value in node.inputs:
+                if value is not None and value.name:
+                    consumers_layers.setdefault(value.name, set()).update(reach)
+        self.past_layer: dict[str, int] = {}
+        for i, node in enumerate(self.nodes):
+            layer = self.node_layer[i]
+            for value in node.inputs:
+                if value is not None and value.name in self.past_inputs and layer is not None:
+                    self.past_layer.setdefault(value.name, layer)
+        missing = self.past_inputs - set(self.past_layer)
+        if missing:
+            raise PlanError(f"KV inputs {sorted(missing)} are not read by any decoder layer node")
+
+    def _propagate_kinds(self) -> None:
+        graph = self.model.graph
+        self.kind: dict[str, str] = {v.name or "": REPLICATED for v in graph.inputs}
+        for name in self.past_inputs:
+            self.kind[name] = KV_HEADS
+        self.weights = set(graph.initializers)
+        self.weight_kind: dict[str, str] = {name: REPLICATED for name in self.weights}
+        # node index -> the collective that follows it under tp: "AllReduce" (row-parallel products, a
+        # vocab-parallel embedding) or "AllGather" (vocab-parallel logits)
+        self.collectives: dict[int, str] = {}
+        self.row_parallel: set[int] = set()
+        vocab = self._vocab_size()
+        kv_widths = set()
+        for name in self.past_inputs:
+            shape = self.shapes["prefill"][name].shape
+            self.kv_heads, self.head_dim = shape[1], shape[3]
+            kv_widths.add(shape[1] * shape[3])
+        self.column_widths: set[int] = set()
+        prefill = self.shapes["prefill"]
+        for i, node in enumerate(self.nodes):
+            inputs = [v for v in node.inputs if v is not None and v.name and v.name not in self.weights]
+            kinds = [self.kind.get(v.name or "", REPLICATED) for v in inputs]
+            weight = next((v for v in node.inputs if v is not None and v.name in self.weights), None)
+            in_layer = self.node_layer[i] is not None
+            out_kind = REPLICATED
+            if node.op_type in ("MatMul", "Gemm") and weight is not None and in_layer and len(inputs) == 1:
+                width = prefill[weight.name or ""].shape[-1]
+                if kinds[0] == REPLICATED:
+                    out_kind = KV_HEADS if (width in kv_widths and self.kv_heads != self._heads_guess()) else HEADS
+                    self.weight_kind[weight.name or ""] = out_kind
+                    if out_kind == HEADS:
+                        self.column_widths.add(width)
+                else:
+                    self.weight_kind[weight.name or ""] = kinds[0]
+                    self.row_parallel.add(i)
+                    self.collectives[i] = "AllReduce"
+                    out_kind = REPLICATED
+            elif self.vocab_parallel and weight is not None and self._is_vocab_table(i, node, weight, vocab):
+                self.weight_kind[weight.name or ""] = HEADS
+                if node.op_type == "Gather":  # each rank looks up its rows; the partial rows are summed
+                    self.row_parallel.add(i)
+                    self.collectives[i] = "AllReduce"
+                else:  # lm_head: each rank computes its vocab slice of the logits, then they are gathered
+                    out_kind = HEADS
+                    self.collectives[i] = "AllGather"
+                    self.column_widths.add(vocab)
+            elif HEADS in kinds:
+                out_kind = HEADS
+            elif KV_HEADS in kinds:
+                kv_numel = max(prefill[v.name or ""].numel for v, k in zip(inputs, kinds, strict=True) if k == KV_HEADS)
+                out_numel = max((prefill[o.name].numel for o in node.outputs if o.name in prefill), default=0)
+                out_kind = HEADS if out_numel > kv_numel else KV_HEADS
+            for output in node.outputs:
+                if output.name:
+                    self.kind[output.name] = out_kind
+
+    def _vocab_size(self) -> int:
+        """The last dimension of the first graph output (the logits)."""
+        logits = self.model.graph.outputs[0]
+        return self.shapes["prefill"][logits.name or ""].shape[-1]
+
+    def _is_vocab_table(self, i: int, node: ir.Node, weight: ir.Value, vocab: int) -> bool:
+        shape = self.shapes["prefill"][weight.name or ""].shape
+        if len(shape) != 2 or self.node_layer[i] is not None:
+            return False
+        if node.op_type == "Gather":
+            return self.placement[i] == "pre" and node.inputs[0] is weight and shape[0] == vocab
+        return node.op_type in ("MatMul", "Gemm") and self.placement[i] == "post" and shape[1] == vocab
+
+    def _heads_guess(self) -> int:
+        if not hasattr(self, "_heads"):
+            self._heads = self._find_heads()
+        return self._heads
+
+    def _find_heads(self) -> int:
+        """Attention heads: dim 1 of the (eager) Softmax input, or the heads of an attention op."""
+        prefill = self.shapes["prefill"]
+        for i, node in enumerate(self.nodes):
+            if self.node_layer[i] is None:
+                continue
+            if node.op_type == "Softmax" and node.inputs[0] is not None:
+                shape = prefill[node.inputs[0].name or ""].shape
+                if len(shape) == 4:
+                    return shape[1]
+            if node.op_type == "GroupQueryAttention":
+                return int(node.attributes["num_heads"].value)
+            if node.op_type == "Attention" and (node.domain or "") in ("", "ai.onnx"):
+                if "q_num_heads" in node.attributes:
+                    return int(node.attributes["q_num_heads"].value)
+                return prefill[node.inputs[0].name or ""].shape[1]
+        raise PlanError(
+            "cannot find the attention head count (no 4-D Softmax, Attention or GroupQueryAttention in a layer)"
+        )
+
+    def _model_shape(self) -> ModelShape:
+        return ModelShape(
+            layers=self.num_layers,
+            heads=self._heads_guess(),
+            kv_heads=self.kv_heads,
+            head_dim=self.head_dim,
+            column_widths=tuple(sorted(self.column_widths)),
+        )
+
+    # -- scaling
+
+    def scale(self, kind: str, tp: int) -> float:
+        if kind == HEADS:
+            return 1.0 / tp
+        if kind == KV_HEADS:
+            kv_local = max(1, self.kv_heads // tp)
+            return kv_local / self.kv_heads
+        return 1.0
+
+    def stage_nodes(self, start: int, stop: int, last: bool) -> list[int]:
+        chosen = []
+        for i, place in enumerate(self.placement):
+            if isinstance(place, int):
+                if start <= place < stop:
+                    chosen.append(i)
+            elif place == "shared" or (place == "pre" and start == 0) or (place == "post" and last):
+                chosen.append(i)
+        return chosen
+
+    def scaled_node(self, i: int, phase: str, tp: int) -> tuple[float, float, float, int]:
+        """(flops, bytes, payload of the collective after it, 1 if not free) of node i on one tp rank."""
+        node = self.nodes[i]
+        shapes = self.shapes[phase]
+        cost = self.costs[phase][i]
+        moved = 0.0
+        if node.op_type not in FREE_OPS:
+            if node.op_type == "Gather" and cost.bytes:
+                moved = cost.bytes * self._value_scale(node.outputs[0], tp)
+            else:
+                for value in (*node.inputs, *node.outputs):
+                    if value is None or not value.name or value.name not in shapes:
+                        continue
+                    moved += shapes[value.name].nbytes * self._value_scale(value, tp, i)
+        if node.op_type in ("MatMul", "Gemm", "Gather") and self._weight_of(node):
+            flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp)
+        else:
+            flop_scale = self.scale(self.kind.get(node.outputs[0].name or "", REPLICATED), tp)
+        # the collective moves the full-size tensor: the partial sums, or the gathered output
+        payload = shapes[node.outputs[0].name or ""].nbytes if (tp > 1 and i in self.collectives) else 0
+        return cost.flops * flop_scale, moved, float(payload), int(node.op_type not in FREE_OPS)
+
+    def collective_seconds(self, i: int, payload: float, tp: int, device: DeviceProfile) -> float:
+        return comm_seconds(self.collectives[i], payload, tp, device) if payload else 0.0
+
+    def _weight_of(self, node: ir.Node) -> str:
+        for value in node.inputs:
+            if value is not None and value.name in self.weights:
+                return value.name
+        return ""
+
+    def _value_scale(self, value: ir.Value, tp: int, node_index: int | None = None) -> float:
+        name = value.name or ""
+        if name in self.weights:
+            return self.scale(self.weight_kind.get(name, REPLICATED), tp)
+        if node_index is not None and node_index in self.row_parallel and value in self.nodes[node_index].outputs:
+            return 1.0  # a row-parallel product is a full-size partial sum
+        return self.scale(self.kind.get(name, REPLICATED), tp)
+
+
+def _check_layout(shape: ModelShape, tp: int, pp: int, allow_kv_replication: bool = True) -> str:
+    """'' when (tp, pp) can be applied, else the reason it cannot."""
+    if shape.heads % tp:
+        return f"tp {tp} does not divide the {shape.heads} attention heads"
+    if shape.kv_heads % tp and not allow_kv_replication:
+        return f"tp {tp} does not divide the {shape.kv_heads} KV heads (KV head replication is off)"
+    if shape.kv_heads % tp and tp % shape.kv_heads:
+        return f"tp {tp} and the {shape.kv_heads} KV heads do not divide one another"
+    for width in shape.column_widths:
+        if width % tp:
+            return f"tp {tp} does not divide a column-parallel width of {width}"
+    if pp > shape.layers:
+        return f"pp {pp} exceeds the {shape.layers} decoder layers"
+    return ""
+
+
+def _stage_estimate(
+    analysis: _Analysis,
+    tp: int,
+    stage: int,
+    start: int,
+    stop: int,
+    last: bool,
+    device: DeviceProfile,
+    max_batch: int,
+    max_seq: int,
+) -> RankEstimate:
+    nodes = analysis.stage_nodes(start, stop, last)
+    times = {}
+    largest_comm = 0.0
+    hidden_bytes = {}
+    for phase in ("prefill", "decode"):
+        total = 0.0
+        for i in nodes:
+            flops, moved, payload, counted = analysis.scaled_node(i, phase, tp)
+            cost = analysis.costs[phase][i]
+            compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
+            memory = moved / device.bytes_per_second if moved else 0.0
+            total += max(compute, memory) + counted * device.node_overhead
+            if payload:
+                total += analysis.collective_seconds(i, payload, tp, device)
+                # an AllReduce holds its input and output; an AllGather its shard and the full output
+                shard = payload if analysis.collectives[i] == "AllReduce" else payload / tp
+                largest_comm = max(largest_comm, payload + shard)
+        hidden_bytes[phase] = _boundary_bytes(analysis, start, phase)
+        if stage > 0:
+            total += comm_seconds("Recv", hidden_bytes[phase], 2, device)
+            largest_comm = max(largest_comm, hidden_bytes[phase])
+        times[phase] = total
+    weights: dict[str, float] = {}
+    for i in nodes:
+        for value in analysis.nodes[i].inputs:
+            if value is not None and value.name in analysis.weights and value.const_value is not None:
+                weights[value.name] = value.const_value.nbytes * analysis.scale(analysis.weight_kind[value.name], tp)
+    kv = 0.0
+    for name, layer in analysis.past_layer.items():
+        if start <= layer < stop:
+            kv += analysis.kv_bytes[name] * analysis.scale(KV_HEADS, tp)
+    peak = max(_stage_peak(analysis, nodes, phase, tp) for phase in ("prefill", "decode"))
+    weight_total = round(sum(weights.values()))
+    total = weight_total + int(kv) + int(peak) + int(largest_comm)
+    return RankEstimate(
+        stage=stage,
+        layers=(start, stop),
+        weight_bytes=weight_total,
+        kv_cache_bytes=int(kv),
+        activation_peak_bytes=int(peak),
+        communication_bytes=int(largest_comm),
+        total_bytes=total,
+        prefill_s=times["prefill"],
+        decode_s=times["decode"],
+    )
+
+
+def _boundary_bytes(analysis: _Analysis, start: int, phase: str) -> float:
+    """Bytes of the replicated activations produced before layer `start` and read from it on (the hidden state)."""
+    if start == 0:
+        return 0.0
+    shapes = analysis.shapes[phase]
+    total = 0.0
+    seen = set()
+    for i, node in enumerate(analysis.nodes):
+        place = analysis.placement[i]
+        if not (isinstance(place, int) and place >= start) and place != "post":
+            continue
+        for value in node.inputs:
+            if value is None or not value.name or value.name in seen or value.name in analysis.weights:
+                continue
+            producer = value.producer()
+            if producer is None:
+                continue
+            origin = analysis.placement[analysis.index[id(producer)]]
+            if isinstance(origin, int) and origin < start:
+                seen.add(value.name)
+                total += shapes[value.name].nbytes
+    return total
+
+
+def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int) -> float:
+    shapes = analysis.shapes[phase]
+    graph_outputs = {v.name for v in analysis.model.graph.outputs}
+    excluded = set(analysis.weights) | {v.name for v in analysis.model.graph.inputs}
+    excluded |= {name for name in graph_outputs if _PRESENT.search(name or "")}
+    last_use: dict[str, int] = {}
+    produced_here: set[str] = set()
+    for i in nodes:
+        for value in analysis.nodes[i].inputs:
+            if value is not None and value.name:
+                last_use[value.name] = i
+        produced_here |= {o.name for o in analysis.nodes[i].outputs if o.name}
+    # values received from an earlier stage are alive from the start until their last use here
+    live = 0.0
+    for name in last_use:
+        if name not in produced_here and name not in excluded and name in shapes:
+            live += shapes[name].nbytes * analysis.scale(analysis.kind.get(name, REPLICATED), tp)
+    peak = live
+    for i in nodes:
+        node = analysis.nodes[i]
+        outs = [o.name for o in node.outputs if o.name and o.name not in excluded]
+        sizes = {
+            name: shapes[name].nbytes * analysis._value_scale(node.outputs[k], tp, i) for k, name in enumerate(outs)
+        }
+        live += sum(sizes.values())
+        peak = max(peak, live)
+        for value in node.inputs:
+            if value is None or not value.name or value.name in excluded or value.name in graph_outputs:
+                continue
+            if last_use.get(value.name) == i:
+                live -= shapes[value.name].nbytes * analysis._value_scale(value, tp)
+        for name, size in sizes.items():
+            if name not in last_use and name not in graph_outputs:
+                live -= size
+    return peak
+
+
+def enumerate_layouts(
+    model: ir.Model,
+    devices: int,
+    device_memory_bytes: int,
+    device: DeviceProfile,
+    max_batch: int,
+    max_seq: int,
+    *,
+    include_fewer: bool = False,
+    allow_kv_replication: bool = True,
+    vocab_parallel: bool = False,
+    overrides: Mapping[str, int] | None = None,
+) -> list[LayoutEstimate]:
+    """Every (tp, pp) layout, ranked: valid and fitting first, then by decode tokens/s, then prefill latency."""
+    if devices < 1:
+        raise PlanError(f"--devices {devices}: need at least one device")
+    analysis = _Analysis(model, max_batch, max_seq, overrides, vocab_parallel)
+    counts = range(1, devices + 1) if include_fewer else [devices]
+    layouts = []
+    for used in counts:
+        for tp in range(1, used + 1):
+            if used % tp:
+                continue
+            pp = used // tp
+            layouts.append(
+                _layout(analysis, tp, pp, device_memory_bytes, device, max_batch, max_seq, allow_kv_replication)
+            )
+    return rank_layouts(layouts)
+
+
+def rank_layouts(layouts: Sequence[LayoutEstimate]) -> list[LayoutEstimate]:
+    return sorted(
+        layouts,
+        key=lambda e: (
+            not e.valid,
+            not e.fits,
+            -(e.decode_tokens_per_s or 0.0),
+            e.prefill_s if e.prefill_s is not None else float("inf"),
+            e.devices,
+            e.pp,
+        ),
+    )
+
+
+def _layout(
+    analysis: _Analysis,
+    tp: int,
+    pp: int,
+    device_memory_bytes: int,
+    device: DeviceProfile,
+    max_batch: int,
+    max_seq: int,
+    allow_kv_replication: bool = True,
+) -> LayoutEstimate:
+    reason = _check_layout(analysis.shape, tp, pp, allow_kv_replication)
+    if reason:
+        return LayoutEstimate(
+            tp=tp,
+            pp=pp,
+            devices=tp * pp,
+            valid=False,
+            reason=reason,
+            max_batch=max_batch,
+            max_seq=max_seq,
+            device_memory_bytes=device_memory_bytes,
+        )
+    bounds = _balanced_bounds(analysis, tp, pp, device_memory_bytes, device, max_batch, max_seq)
+    ranks = [
+        _stage_estimate(analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, device, max_batch, max_seq)
+        for s in range(pp)
+    ]
+    worst = max(ranks, key=lambda r: r.total_bytes)
+    fits = worst.total_bytes <= device_memory_bytes
+    prefill = sum(r.prefill_s for r in ranks)
+    decode = sum(r.decode_s for r in ranks)
+    if fits:
+        reason = f"fits: the fullest rank (stage {worst.stage}) needs {format_bytes(worst.total_bytes)}"
+    else:
+        reason = (
+            f"does not fit: stage {worst.stage}'s ranks need {format_bytes(worst.total_bytes)}, "
+            f"{format_bytes(worst.total_bytes - device_memory_bytes)} over {format_bytes(device_memory_bytes)}"
+        )
+    return LayoutEstimate(
+        tp=tp,
+        pp=pp,
+        devices=tp * pp,
+        valid=True,
+        reason=reason,
+        max_batch=max_batch,
+        max_seq=max_seq,
+        fits=fits,
+        max_rank_bytes=worst.total_bytes,
+        device_memory_bytes=device_memory_bytes,
+        prefill_s=prefill,
+        decode_step_s=decode,
+        decode_tokens_per_s=max_batch / decode,
+        ranks=ranks,
+    )
+
+
+def _balanced_bounds(
+    analysis: _Analysis,
+    tp: int,
+    pp: int,
+    device_memory_bytes: int,
+    device: DeviceProfile,
+    max_batch: int,
+    max_seq: int,
+) -> list[int]:
+    """Layer bounds [0, ..., layers] of the pp stages, balanced on predicted time."""
+    if pp == 1:
+        return [0, analysis.num_layers]
+    from llmir_onnx.passes.stage_balance import StageUnit, balance_stages
+
+    def unit(name: str, nodes: list[int]) -> StageUnit:
+        seconds = 0.0
+        weights: dict[str, int] = {}
+        for phase in ("prefill", "decode"):
+            for i in nodes:
+                flops, moved, payload, counted = analysis.scaled_node(i, phase, tp)
+                dtype = analysis.costs[phase][i].dtype
+                compute = flops / device.flops_per_second(dtype) if flops else 0.0
+                seconds += max(compute, moved / device.bytes_per_second) + counted * device.node_overhead
+                seconds += analysis.collective_seconds(i, payload, tp, device)
+        for i in nodes:
+            for value in analysis.nodes[i].inputs:
+                if value is not None and value.name in analysis.weights and value.const_value is not None:
+                    scale = analysis.scale(analysis.weight_kind[value.name], tp)
+                    weights[value.name] = int(value.const_value.nbytes * scale)
+        return StageUnit(name, seconds, weights)
+
+    places = analysis.placement
+    layers = [unit(f"layer {k}", [i for i, p in enumerate(places) if p == k]) for k in range(analysis.num_layers)]
+    prefix = unit("embedding", [i for i, p in enumerate(places) if p == "pre"])
+    suffix = unit("final norm + lm_head", [i for i, p in enumerate(places) if p == "post"])
+    try:
+        balance = balance_stages(layers, pp, prefix=prefix, suffix=suffix, memory_limit_bytes=device_memory_bytes)
+    except PlanError:
+        balance = balance_stages(layers, pp, prefix=prefix, suffix=suffix)
+    return [r.start for r in balance.stage_layers] + [analysis.num_layers]
+
+
+def model_shape(model: ir.Model, overrides: Mapping[str, int] | None = None) -> ModelShape:
+    """Layers, heads, KV heads, head size and column widths as the layout rules see them."""
+    return _Analysis(model, 1, 2, overrides).shape
+
+
+def _seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value >= 1:
+        return f"{value:.2f} s"
+    return f"{value * 1e3:.1f} ms"
+
+
+def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
+    """A fixed-width table, one layout per line, in the given (ranked) order."""
+    header = (
+        "#",
+        "layout",
+        "devices",
+        "prefill",
+        "decode tok/s",
+        "mem/rank (max)",
+        "weights",
+        "kv cache",
+        "activations",
+        "fits",
+        "note",
+    )
+    rows = [header]
+    for position, layout in enumerate(layouts, 1):
+        if not layout.valid:
+            rows.append(
+                (
+                    str(position),
+                    layout.label,
+                    str(layout.devices),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "invalid",
+                    layout.reason,
+                )
+            )
+            continue
+        worst = max(layout.ranks, key=lambda r: r.total_bytes)
+        rows.append(
+            (
+                str(position),
+                layout.label,
+                str(layout.devices),
+                _seconds(layout.prefill_s),
+                f"{layout.decode_tokens_per_s:.1f}",
+                format_bytes(layout.max_rank_bytes),
+                format_bytes(worst.weight_bytes),
+                format_bytes(worst.kv_cache_bytes),
+                format_bytes(worst.activation_peak_bytes),
+                "yes" if layout.fits else "NO",
+                "" if layout.fits else f"over by {format_bytes(layout.max_rank_bytes - layout.device_memory_bytes)}",
+            )
+        )
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None, str]:
+    """The best valid layout that fits, and why; (None, reason) when none fits."""
+    ranked = rank_layouts(layouts)
+    fitting = [layout for layout in ranked if layout.valid and layout.fits]
+    if not fitting:
+        valid = [layout for layout in ranked if layout.valid]
+        if not valid:
+            return None, "no (tp, pp) layout is valid for this model and device count"
+        closest = min(valid, key=lambda e: e.max_rank_bytes)
+        return None, (
+            f"no layout fits {format_bytes(closest.device_memory_bytes)} per device; the smallest, "
+            f"{closest.label}, {closest.reason}; add devices, lower --max-batch/--max-seq or use bigger devices"
+        )
+    best = fitting[0]
+    why = (
+        f"{best.label}: highest predicted decode throughput among the layouts that fit "
+        f"({best.decode_tokens_per_s:.1f} tokens/s at batch {best.max_batch}, prefill "
+        f"{_seconds(best.prefill_s)}); {best.reason}"
+    )
+    return best, why

@@ -1,0 +1,275 @@
+"""Cost model, device profiles and the layout search, checked against hand-computed figures."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import onnx_ir as ir
+import pytest
+
+from llmir_onnx import ops
+from llmir_onnx.errors import PlanError
+from llmir_onnx.ir_io import load_model
+from llmir_onnx.plan.cost import (
+    META_BYTES,
+    META_COMM_BYTES,
+    META_FLOPS,
+    annotate_costs,
+    comm_seconds,
+    estimate_phases,
+    node_costs,
+)
+from llmir_onnx.plan.devices import BUILTIN_PROFILES, DeviceProfile, load_profile, profile_from_dict
+from llmir_onnx.plan.layouts import enumerate_layouts, format_layout_table, model_shape, recommend
+from llmir_onnx.plan.memory import plan_memory
+from llmir_onnx.plan.shapes import Sizes
+from tests.test_memory import hand_weight_bytes, linear_params
+from tests.test_synthetic import synthetic
+
+GiB = 1 << 30
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, Path]:
+    config = synthetic.PRESETS["tiny"]
+    return config, synthetic.generate(config, tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def llama7b(tmp_path_factory: pytest.TempPathFactory) -> tuple[object, ir.Model]:
+    config = synthetic.PRESETS["llama-7b"]
+    path = synthetic.generate(config, tmp_path_factory.mktemp("l7b"), sparse=True)
+    return config, load_model(path)
+
+
+def test_matmul_flops_and_weight_bytes_by_hand(tiny: tuple[object, Path]) -> None:
+    config, path = tiny
+    batch, seq = 2, 6
+    costs = node_costs(load_model(path), Sizes(batch=batch, seq=seq))
+    by_name = {c.name: c for c in costs}
+    tokens = batch * seq
+    q = by_name["/model/layers.0/self_attn/q_proj/MatMul"]
+    h = config.hidden
+    assert q.flops == 2 * tokens * h * h
+    # reads x [tokens, h] and W [h, h], writes [tokens, h], float32
+    assert q.bytes == 4 * (tokens * h + h * h + tokens * h)
+    projections = sum(c.flops for c in costs if "_proj/MatMul" in c.name)
+    assert projections == 2 * tokens * config.layers * linear_params(config)
+    lm_head = by_name["/lm_head/MatMul"]
+    assert lm_head.flops == 2 * tokens * h * config.vocab
+    scores = by_name["/model/layers.0/self_attn/MatMul"]  # q @ k^T: [b, heads, s, hd] x [b, heads, hd, s]
+    assert scores.flops == 2 * batch * config.heads * seq * seq * config.head_dim
+    reshape = next(c for c in costs if c.op_type == "Reshape")
+    assert reshape.bytes == 0 and reshape.flops == 0
+    embedding = by_name["/model/embed_tokens/Gather"]  # reads only the gathered rows
+    assert embedding.bytes == 2 * tokens * h * 4 + tokens * 8
+
+
+def test_annotate_writes_metadata_props(tiny: tuple[object, Path]) -> None:
+    _, path = tiny
+    model = load_model(path)
+    costs = annotate_costs(model, Sizes(batch=1, seq=4))
+    for node, cost in zip(model.graph, costs, strict=True):
+        assert node.metadata_props[META_FLOPS] == str(cost.flops)
+        assert node.metadata_props[META_BYTES] == str(cost.bytes)
+        assert node.metadata_props[META_COMM_BYTES] == "0"
+    fresh = load_model(path)  # the analysis itself never touches a model
+    node_costs(fresh, Sizes(batch=1, seq=4))
+    assert all(META_FLOPS not in node.metadata_props for node in fresh.graph)
+
+
+def _collective_model(op_builder, group: list[int]) -> ir.Model:
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch_size", 1024]))
+    node = op_builder(x, group)
+    node.name = "/comm"
+    node.outputs[0].name = "y"
+    graph = ir.Graph([x], [node.outputs[0]], nodes=[node], opset_imports={"": 17, ops.LLMIR_DOMAIN: 1})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_collective_comm_bytes_and_alpha_beta_time() -> None:
+    device = profile_from_dict(
+        {"name": "t", "memory_bytes": GiB, "peak_flops": {"float32": 1e12}, "memory_bandwidth": 1e11,
+         "link_bandwidth": 1e9, "link_latency": 1e-5, "node_overhead": 0.0}
+    )  # fmt: skip
+    model = _collective_model(lambda x, g: ops.all_reduce_node(x, group=g), [0, 1, 2, 3])
+    (cost,) = node_costs(model, Sizes(batch=8, seq=1))
+    payload = 8 * 1024 * 4
+    assert cost.comm_bytes == payload and cost.group_size == 4
+    # ring allreduce: alpha + 2 (n - 1) / n x bytes / bandwidth
+    assert comm_seconds("AllReduce", payload, 4, device) == pytest.approx(1e-5 + 1.5 * payload / 1e9)
+    assert comm_seconds("AllGather", payload, 4, device) == pytest.approx(1e-5 + 0.75 * payload / 1e9)
+    assert comm_seconds("AllReduce", payload, 1, device) == 0.0
+    gather = _collective_model(lambda x, g: ops.all_gather_node(x, axis=1, group=g), [0, 1])
+    (cost,) = node_costs(gather, Sizes(batch=8, seq=1))
+    assert cost.comm_bytes == 2 * payload  # the gathered output
+    estimate = estimate_phases(model, device, max_batch=8, max_seq=16)
+    assert estimate.decode.comm_s == pytest.approx(1e-5 + 1.5 * payload / 1e9)
+    memory = plan_memory(model, 8, 16)
+    assert memory.communication_bytes == 2 * payload  # input + output of the one collective
+
+
+def test_device_profiles_builtin_and_json(tmp_path: Path) -> None:
+    assert set(BUILTIN_PROFILES) == {"h100-sxm", "a100-80g", "cpu-here"}
+    h100 = load_profile("h100-sxm")
+    assert h100.flops_per_second("float16") == pytest.approx(989.4e12 * 0.7)
+    assert h100.flops_per_second("int4") == pytest.approx(66.9e12 * 0.7)  # falls back to float32
+    path = tmp_path / "dev.json"
+    path.write_text(h100.to_json().replace('"h100-sxm"', '"mine"'))
+    mine = load_profile(path)
+    assert isinstance(mine, DeviceProfile) and mine.name == "mine" and mine.peak_flops == h100.peak_flops
+    raw = json.loads(path.read_text())
+    del raw["link_bandwidth"]
+    raw["typo_field"] = 1
+    path.write_text(json.dumps(raw))
+    with pytest.raises(PlanError, match=r"missing link_bandwidth; unknown typo_field"):
+        load_profile(path)
+    with pytest.raises(PlanError, match="neither a built-in profile"):
+        load_profile("v100")
+
+
+def test_phases_are_estimated_separately(tiny: tuple[object, Path]) -> None:
+    _, path = tiny
+    estimate = estimate_phases(load_model(path), load_profile("cpu-here"), max_batch=2, max_seq=64)
+    assert (estimate.prefill.seq, estimate.prefill.past) == (64, 0)
+    assert (estimate.decode.seq, estimate.decode.past) == (1, 63)
+    assert estimate.prefill.flops > 30 * estimate.decode.flops
+    assert estimate.decode_tokens_per_s == pytest.approx(2 / estimate.decode.total_s)
+
+
+def hand_7b_rank_weights(config, tp: int) -> int:
+    """Layers split tp ways; embedding, lm_head, norms and rotary tables on every rank (float16)."""
+    replicated = hand_weight_bytes(config, 2) - config.layers * linear_params(config) * 2
+    return config.layers * linear_params(config) * 2 // tp + replicated
+
+
+def test_7b_layouts_by_hand(llama7b: tuple[object, ir.Model]) -> None:
+    config, model = llama7b
+    assert model_shape(model).heads == 32 and model_shape(model).kv_heads == 32
+    layouts = enumerate_layouts(model, 8, 80 * GiB, load_profile("h100-sxm"), max_batch=8, max_seq=4096)
+    assert {(lay.tp, lay.pp) for lay in layouts} == {(8, 1), (4, 2), (2, 4), (1, 8)}
+    by = {(lay.tp, lay.pp): lay for lay in layouts}
+    tp8 = by[(8, 1)].ranks[0]
+    # 6.48 G layer parameters x 2 bytes / 8 + 2 x 32000 x 4096 x 2 (embedding, lm_head) + norms + rotary
+    assert tp8.weight_bytes == hand_7b_rank_weights(config, 8) == 2_144_870_400
+    # KV: 2 x 32 layers x batch 8 x 32/8 heads x 4096 x 128 x 2 bytes = 2 GiB per rank
+    assert tp8.kv_cache_bytes == 2 * 32 * 8 * 4 * 4096 * 128 * 2 == 2 * GiB
+    # one AllReduce of [8, 4096, 4096] float16 = 256 MiB in flight, input + output
+    assert tp8.communication_bytes == 2 * 8 * 4096 * 4096 * 2
+    tp4pp2 = by[(4, 2)]
+    assert [r.layers for r in tp4pp2.ranks] == [(0, 16), (16, 32)]  # symmetric: equal halves
+    layer_bytes = linear_params(config) * 2 // 4 + 2 * 4096 * 2
+    rotary = 2 * 2048 * 128 * 2
+    assert tp4pp2.ranks[0].weight_bytes == 16 * layer_bytes + 32000 * 4096 * 2 + rotary
+    assert tp4pp2.ranks[1].weight_bytes == 16 * layer_bytes + 32000 * 4096 * 2 + 4096 * 2 + rotary
+    assert tp4pp2.ranks[1].kv_cache_bytes == 2 * 16 * 8 * 8 * 4096 * 128 * 2
+    assert all(lay.fits for lay in layouts)
+    assert layouts[0].tp == 8  # decode is memory bound: splitting the weights 8 ways is fastest
+    best, why = recommend(layouts)
+    assert best is layouts[0] and "tp8 x pp1" in why
+    table = format_layout_table(layouts)
+    assert table.splitlines()[0].split()[:3] == ["#", "layout", "devices"] and "tp1 x pp8" in table
+    # a too small device: every layout fails, and the reason says by how much
+    small = enumerate_layouts(model, 8, 4 * GiB, load_profile("h100-sxm"), max_batch=8, max_seq=4096)
+    assert not any(lay.fits for lay in small)
+    best, why = recommend(small)
+    assert best is None and "no layout fits 4.00 GiB" in why
+
+
+def test_1x1_layout_equals_the_memory_plan_of_the_model(tiny: tuple[object, Path]) -> None:
+    _, path = tiny
+    model = load_model(path)
+    (layout,) = enumerate_layouts(model, 1, GiB, load_profile("cpu-here"), max_batch=2, max_seq=32)
+    plan = plan_memory(model, 2, 32)
+    rank = layout.ranks[0]
+    assert (rank.weight_bytes, rank.kv_cache_bytes, rank.activation_peak_bytes) == (
+        plan.weight_bytes, plan.kv_cache_bytes, plan.activation_peak_bytes,
+    )  # fmt: skip
+    estimate = estimate_phases(model, load_profile("cpu-here"), 2, 32)
+    assert layout.prefill_s == pytest.approx(estimate.prefill.total_s)
+    assert layout.decode_step_s == pytest.approx(estimate.decode.total_s)
+
+
+def test_layout_rules_on_gqa(tiny: tuple[object, Path]) -> None:
+    _, path = tiny  # 8 heads, 4 KV heads, 2 layers
+    model = load_model(path)
+    layouts = enumerate_layouts(model, 8, GiB, load_profile("cpu-here"), 2, 32, include_fewer=True)
+    by = {(lay.tp, lay.pp): lay for lay in layouts}
+    assert "does not divide the 8 attention heads" in by[(3, 1)].reason and not by[(3, 1)].valid
+    assert "exceeds the 2 decoder layers" in by[(1, 4)].reason
+    # tp 8 > 4 KV heads: each rank keeps one KV head (replicated twice): KV = 2 x 2 x 2 x 1 x 32 x 16 x 4
+    assert by[(8, 1)].valid and by[(8, 1)].ranks[0].kv_cache_bytes == 2 * 2 * 2 * 1 * 32 * 16 * 4
+    strict = enumerate_layouts(model, 8, GiB, load_profile("cpu-here"), 2, 32, allow_kv_replication=False)
+    assert not next(lay for lay in strict if lay.tp == 8).valid
+
+
+def test_layout_estimate_matches_partitioned_rank_models(tiny: tuple[object, Path]) -> None:
+    """The analytic per-rank figures against the memory plan of the real rank models (partitioner)."""
+    from llmir_onnx.partition import PartitionOptions, partition
+
+    _, path = tiny
+    device = load_profile("cpu-here")
+    for tp in (2, 4):
+        ranks = partition(load_model(path), PartitionOptions(tp=tp)).ranks
+        layouts = enumerate_layouts(load_model(path), tp, GiB, device, max_batch=2, max_seq=64)
+        layout = next(lay for lay in layouts if (lay.tp, lay.pp) == (tp, 1))
+        predicted = layout.ranks[0]
+        for rank in ranks:
+            actual = plan_memory(rank.model, 2, 64)
+            assert actual.kv_cache_bytes == predicted.kv_cache_bytes
+            assert actual.communication_bytes == predicted.communication_bytes
+            # the partitioner adds a few shape constants as initializers
+            assert abs(actual.weight_bytes - predicted.weight_bytes) <= 0.01 * actual.weight_bytes
+            assert (
+                abs(actual.activation_peak_bytes - predicted.activation_peak_bytes)
+                <= 0.1 * actual.activation_peak_bytes
+            )
+            timing = estimate_phases(rank.model, device, 2, 64)
+            assert layout.prefill_s == pytest.approx(timing.prefill.total_s, rel=0.15)
+            assert layout.decode_step_s == pytest.approx(timing.decode.total_s, rel=0.15)
+
+
+def test_7b_vocab_parallel_splits_embedding_and_lm_head(llama7b: tuple[object, ir.Model]) -> None:
+    config, model = llama7b
+    device = load_profile("h100-sxm")
+    plain = enumerate_layouts(model, 8, 80 * GiB, device, max_batch=8, max_seq=4096)
+    split = enumerate_layouts(model, 8, 80 * GiB, device, max_batch=8, max_seq=4096, vocab_parallel=True)
+    tp8 = next(lay for lay in split if lay.tp == 8).ranks[0]
+    table = 32000 * 4096 * 2
+    # embedding and lm_head 1/8 each; norms (65 x 4096) and rotary tables (2 x 2048 x 128) stay whole
+    assert tp8.weight_bytes == config.layers * linear_params(config) * 2 // 8 + 2 * table // 8 + 65 * 4096 * 2 + (
+        2 * 2048 * 128 * 2
+    )
+    # the largest collective is now the AllGather of the logits: [8, 4096, 32000] float16 plus this rank's slice
+    logits = 8 * 4096 * 32000 * 2
+    assert tp8.communication_bytes == logits + logits // 8
+    plain_tp8 = next(lay for lay in plain if lay.tp == 8)
+    assert next(lay for lay in split if lay.tp == 8).decode_step_s < plain_tp8.decode_step_s
+
+
+def test_results_are_strict_json_for_the_manifest(tiny: tuple[object, Path]) -> None:
+    from dataclasses import asdict
+
+    _, path = tiny
+    model = load_model(path)
+    device = load_profile("cpu-here")
+    layouts = enumerate_layouts(model, 6, GiB, device, 2, 16, include_fewer=True)
+    assert any(not lay.valid for lay in layouts)
+    for item in (*layouts, plan_memory(model, 2, 16), estimate_phases(model, device, 2, 16), device):
+        json.dumps(asdict(item), allow_nan=False)
+
+
+def test_node_time_function_sums_both_phases(tiny: tuple[object, Path]) -> None:
+    from llmir_onnx.plan.cost import node_time_function
+
+    _, path = tiny
+    model = load_model(path)
+    device = load_profile("cpu-here")
+    time_of = node_time_function(model, device, max_batch=2, max_seq=32)
+    estimate = estimate_phases(model, device, 2, 32)
+    total = sum(time_of(node) for node in model.graph)
+    assert total == pytest.approx(estimate.prefill.total_s + estimate.decode.total_s)
+    lm_head = next(node for node in model.graph if node.name == "/lm_head/MatMul")
+    norm = next(node for node in model.graph if node.op_type == "Sqrt")
+    assert time_of(lm_head) > 10 * time_of(norm)
