@@ -128,6 +128,193 @@ def verify(
     typer.echo(f"all {len(rows)} outputs match the original model")
 
 
+def _parse_prompt_ids(values: list[str]) -> list[list[int]]:
+    from llmir_onnx.errors import GenerationError
+
+    rows = [row for value in values for row in value.split(";") if row.strip()]
+    try:
+        return [[int(token) for token in row.split(",") if token.strip()] for row in rows]
+    except ValueError:
+        raise GenerationError(
+            f"--prompt-ids {values!r} is not a comma-separated list of integers (rows separated by ';')"
+        ) from None
+
+
+def _default_stop_ids(tokenizer: Any, tokenizer_dir: Path) -> list[int]:
+    """The tokenizer's end-of-sequence id (tokenizer_config.json's eos_token), if it names one."""
+    import json
+
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    if not config_path.is_file():
+        return []
+    eos = json.loads(config_path.read_text()).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    token_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None
+    return [] if token_id is None else [int(token_id)]
+
+
+@app.command()
+@reports_errors
+def generate(
+    plan: Annotated[Path, typer.Argument(help="A folder written by `llmir-onnx partition`.")],
+    prompt: Annotated[
+        list[str] | None, typer.Option("--prompt", help="Prompt text (repeat for a batch; needs --tokenizer).")
+    ] = None,
+    prompt_ids: Annotated[
+        list[str] | None,
+        typer.Option("--prompt-ids", help="Prompt token ids '1,2,3' (';' or repeating the option for a batch)."),
+    ] = None,
+    tokenizer_dir: Annotated[
+        Path | None, typer.Option("--tokenizer", help="Folder with tokenizer.json (the `tokenizers` package).")
+    ] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", min=1)] = 32,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (default).")] = 0.0,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = all).")] = 0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Keep the smallest set with this probability.")] = 1.0,
+    seed: Annotated[int | None, typer.Option("--seed", help="Seed of the sampler (sampling only).")] = None,
+    micro_batches: Annotated[
+        int, typer.Option("--micro-batches", min=1, help="Pipeline micro-batches the batch is cut into.")
+    ] = 1,
+    device: Annotated[str, typer.Option("--device", help="cpu, or cuda (device = local rank).")] = "cpu",
+    threads: Annotated[
+        int | None, typer.Option("--threads", min=1, help="onnxruntime intra-op threads per rank.")
+    ] = None,
+    stop_token_id: Annotated[
+        list[int] | None, typer.Option("--stop-token-id", help="Stop when every sequence produced this id.")
+    ] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the tokenizer's EOS.")] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Also run the original model greedily and compare token by token.")
+    ] = False,
+    model: Annotated[
+        Path | None, typer.Option("--model", help="The original model for --check, if it moved.")
+    ] = None,
+    save_tokens: Annotated[
+        Path | None, typer.Option("--save-tokens", help="Write tokens and timings as JSON to this file.")
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Generate text with a plan: prefill, then decode with per-rank KV caches (starts its own ranks)."""
+    import json
+
+    import numpy as np
+
+    from llmir_onnx.errors import GenerationError, VerificationError
+    from llmir_onnx.plan.manifest import Manifest
+    from llmir_onnx.runtime.generate import reference_greedy
+    from llmir_onnx.runtime.generate_job import (
+        GenerateRequest,
+        load_tokenizer,
+        run_generate_rank,
+        spawn_generation,
+    )
+    from llmir_onnx.runtime.launch import detect_rank_env
+
+    manifest = Manifest.read(plan)
+    tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
+    if bool(prompt) == bool(prompt_ids):
+        raise GenerationError("give exactly one of --prompt (with --tokenizer) and --prompt-ids")
+    if prompt:
+        if tokenizer is None:
+            raise GenerationError("--prompt needs --tokenizer DIR (a folder with tokenizer.json), or use --prompt-ids")
+        rows = [list(tokenizer.encode(text).ids) for text in prompt]  # type: ignore[attr-defined]
+    else:
+        rows = _parse_prompt_ids(prompt_ids or [])
+    if not rows or any(not row for row in rows):
+        raise GenerationError("a prompt is empty; every prompt needs at least one token")
+    if len({len(row) for row in rows}) != 1:
+        raise GenerationError(
+            f"batched prompts must have the same number of tokens (got {[len(row) for row in rows]}); "
+            "padding is not supported"
+        )
+    if check and temperature != 0.0:
+        raise GenerationError("--check compares greedy tokens: drop --temperature/--top-k/--top-p")
+    stop_ids = list(stop_token_id or [])
+    if not stop_ids and not ignore_eos and tokenizer is not None and tokenizer_dir is not None:
+        stop_ids = _default_stop_ids(tokenizer, tokenizer_dir)
+    request = GenerateRequest(
+        plan_dir=str(plan.resolve()), prompt_ids=rows, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, micro_batches=micro_batches, stop_token_ids=stop_ids,
+        device=device, intra_op_num_threads=threads,
+        tokenizer_dir=str(tokenizer_dir.resolve()) if tokenizer_dir is not None else None,
+    )
+    env = detect_rank_env()
+    if env.rank == 0 and prompt and len(rows) == 1:
+        typer.echo(prompt[0], nl=False)
+    if env.launcher == "none":
+        report = spawn_generation(request, manifest.world_size)[0]
+    else:
+        report = run_generate_rank(request)
+        if env.rank != 0:
+            return
+    if len(rows) > 1:
+        for index, tokens in enumerate(report.tokens):
+            text = tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens))  # type: ignore[attr-defined]
+            typer.echo(f"[{index}] {text}")
+    typer.echo(f"llmir-onnx: {report.summary()}", err=True)
+    result: dict[str, Any] = {"tokens": report.tokens, "prompt_ids": rows, "prompt_tokens_per_s":
+                              report.prompt_tokens_per_s, "decode_tokens_per_s": report.decode_tokens_per_s,
+                              "world_size": manifest.world_size}
+    if check:
+        source = model or Path(manifest.source["path"])
+        expected = reference_greedy(str(source), np.array(rows, dtype=np.int64), max_new_tokens,
+                                    frozenset(stop_ids)).tolist()
+        result["reference_tokens"] = expected
+        if save_tokens is not None:
+            save_tokens.write_text(json.dumps(result))
+        if expected != report.tokens:
+            raise VerificationError(f"the plan generated {report.tokens} but the original model's greedy tokens "
+                                    f"are {expected}")
+        typer.echo(f"llmir-onnx: check: the {sum(map(len, expected))} generated tokens equal the original "
+                   "model's greedy tokens (onnxruntime)", err=True)
+    elif save_tokens is not None:
+        save_tokens.write_text(json.dumps(result))
+
+
+@app.command()
+@reports_errors
+def plan(
+    model: Annotated[Path, typer.Argument(help="The ONNX model (only shapes are read; weights need not exist).")],
+    devices: Annotated[int, typer.Option("--devices", min=1, help="Number of devices to lay the model out on.")],
+    device_memory: Annotated[
+        str | None, typer.Option("--device-memory", help="Memory per device, e.g. 80GiB (default: the profile's).")
+    ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="Device profile: h100-sxm, a100-80g, cpu-here, or a JSON file.")
+    ] = "h100-sxm",
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences served at once.")] = 1,
+    max_seq: Annotated[int, typer.Option("--max-seq", min=1, help="Longest sequence (prompt + generated).")] = 2048,
+    include_fewer: Annotated[
+        bool, typer.Option("--include-fewer", help="Also list layouts that use fewer devices.")
+    ] = False,
+    debug: DebugOption = False,
+) -> None:
+    """Rank the (tp, pp) layouts by predicted speed and memory per rank, and recommend one."""
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.plan.devices import load_profile
+    from llmir_onnx.plan.layouts import enumerate_layouts, format_layout_table, recommend
+    from llmir_onnx.plan.memory import format_bytes, parse_bytes
+
+    profile = load_profile(device)
+    memory = parse_bytes(device_memory) if device_memory is not None else profile.memory_bytes
+    layouts = enumerate_layouts(
+        load_model(model, check_data=False), devices, memory, profile, max_batch, max_seq,
+        include_fewer=include_fewer,
+    )
+    typer.echo(
+        f"{model}: {devices} x {profile.name} with {format_bytes(memory)} each, "
+        f"batch {max_batch}, sequences up to {max_seq} tokens"
+    )
+    typer.echo(format_layout_table(layouts))
+    best, reason = recommend(layouts)
+    if best is None:
+        from llmir_onnx.errors import PlanError
+
+        raise PlanError(reason)
+    typer.echo(f"recommended: {reason}")
+
+
 def main() -> None:
     app(prog_name="llmir-onnx")
 

@@ -38,7 +38,7 @@ def external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]
                 yield name, value.const_value
 
 
-def check_external_data_paths(model: ir.Model, model_dir: Path) -> None:
+def check_external_data_paths(model: ir.Model, model_dir: Path, *, require_files: bool = True) -> None:
     """Refuse external-data locations that escape the model's folder (e.g. `../../etc/passwd`)."""
     root = model_dir.resolve()
     for name, tensor in external_tensors(model):
@@ -48,15 +48,18 @@ def check_external_data_paths(model: ir.Model, model_dir: Path) -> None:
                 f"initializer {name!r} stores its data at {tensor.location!r}, outside the model's folder "
                 f"{root}; move the data file next to the model and fix its location"
             )
-        if not target.is_file():
+        if require_files and not target.is_file():
             raise InputModelError(
                 f"initializer {name!r} stores its data in {tensor.location!r}, which does not exist in {root}; "
                 "copy the external data file next to the model"
             )
 
 
-def load_model(path: str | os.PathLike) -> ir.Model:
-    """Load a model lazily; external weights stay on disk until read."""
+def load_model(path: str | os.PathLike, *, check_data: bool = True) -> ir.Model:
+    """Load a model lazily; external weights stay on disk until read.
+
+    `check_data=False` is for analyses that need shapes only (`plan`): the weight files may be absent.
+    """
     model_path = Path(path)
     if not model_path.is_file():
         raise InputModelError(f"model file {str(model_path)!r} does not exist; pass the path of an .onnx file")
@@ -64,7 +67,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
         model = ir.load(model_path)
     except Exception as error:  # onnx/protobuf raise many kinds; the user needs one line
         raise InputModelError(f"cannot read {str(model_path)!r} as an ONNX model: {error}") from error
-    check_external_data_paths(model, model_path.parent)
+    check_external_data_paths(model, model_path.parent, require_files=check_data)
     return model
 
 

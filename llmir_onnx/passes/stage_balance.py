@@ -26,6 +26,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.plan.memory import format_bytes
 
 NodeCost = Callable[[ir.Node], float]
 
@@ -59,13 +60,6 @@ class StageBalance:
     @property
     def bottleneck_cost(self) -> float:
         return max(self.stage_costs)
-
-
-def format_bytes(count: float) -> str:
-    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(count) >= scale:
-            return f"{count / scale:.2f} {unit}"
-    return f"{int(count)} B"
 
 
 def _tensor_bytes(value: ir.Value) -> int:

@@ -1,0 +1,78 @@
+"""The command line as a user meets it: exit codes, one-line errors, no tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("llmir-onnx: error: "), lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_lists_every_command() -> None:
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for command in ("partition", "verify", "plan"):
+        assert command in result.stdout
+
+
+@pytest.fixture(scope="module")
+def llama_7b_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 7B LLaMA with real shapes and a sparse (never read) weight file."""
+    out = tmp_path_factory.mktemp("llama7b")
+    subprocess.run(
+        [sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--out", str(out), "--preset", "llama-7b",
+         "--dtype", "float16", "--no-weights"],
+        check=True, capture_output=True, timeout=120,
+    )
+    return out / "model.onnx"
+
+
+def test_plan_ranks_layouts_for_a_7b_model(llama_7b_shapes: Path) -> None:
+    result = run_cli("plan", str(llama_7b_shapes), "--devices", "8", "--device-memory", "80GiB",
+                     "--max-batch", "8", "--max-seq", "4096")
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line[:1].isdigit()]
+    assert [row[1:4] for row in rows] == [["tp8", "x", "pp1"], ["tp4", "x", "pp2"], ["tp2", "x", "pp4"],
+                                          ["tp1", "x", "pp8"]]
+    assert all(row[-1] == "yes" for row in rows)
+    assert "recommended: tp8 x pp1" in result.stdout
+
+
+def test_plan_with_too_little_memory_fails_saying_by_how_much(llama_7b_shapes: Path) -> None:
+    result = run_cli("plan", str(llama_7b_shapes), "--devices", "8", "--device-memory", "8GiB",
+                     "--max-batch", "8", "--max-seq", "4096")
+    assert_one_line_error(result, "no layout fits 8.00 GiB per device", "over")
+
+
+def test_plan_refuses_an_unreadable_memory_size(llama_7b_shapes: Path) -> None:
+    result = run_cli("plan", str(llama_7b_shapes), "--devices", "8", "--device-memory", "lots")
+    assert_one_line_error(result, "cannot read 'lots' as a memory size")
+
+
+def test_partition_of_a_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_cli("partition", str(tmp_path / "absent.onnx"), "--tp", "2", "-o", str(tmp_path / "plan"))
+    assert_one_line_error(result, "does not exist")
+    assert not (tmp_path / "plan").exists()
+
+
+def test_verify_of_a_folder_without_plan_is_a_one_line_error(tmp_path: Path) -> None:
+    result = run_cli("verify", str(tmp_path))
+    assert_one_line_error(result, "manifest.json", "does not exist")
