@@ -69,19 +69,63 @@ def partition(
         bool,
         typer.Option("--replicate-unsupported", help="Replicate ops with no sharding rule instead of failing."),
     ] = False,
+    device: Annotated[
+        str, typer.Option("--device", help="Device profile for costs: h100-sxm, a100-80g, cpu-here, or a JSON file.")
+    ] = "h100-sxm",
+    device_memory: Annotated[
+        str | None, typer.Option("--device-memory", help="Fail unless every rank fits this, e.g. 80GiB.")
+    ] = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Batch the memory plan is sized for.")] = 1,
+    max_seq: Annotated[int, typer.Option("--max-seq", min=1, help="Sequence length the plan is sized for.")] = 2048,
+    cuts: Annotated[
+        str | None,
+        typer.Option("--stage-cuts", help="Pipeline cuts as layer indices, e.g. '13,27' (default: cost-balanced)."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Write one ONNX model per rank (tp x pp) and a manifest into OUT."""
     from llmir_onnx.api import partition_to_dir
+    from llmir_onnx.plan.memory import format_bytes, parse_bytes
 
     manifest = partition_to_dir(
-        model, out, tp=tp, pp=pp, vocab_parallel=vocab_parallel, replicate_unsupported=replicate_unsupported
+        model,
+        out,
+        tp=tp,
+        pp=pp,
+        vocab_parallel=vocab_parallel,
+        replicate_unsupported=replicate_unsupported,
+        device=device,
+        device_memory_bytes=parse_bytes(device_memory) if device_memory is not None else None,
+        max_batch=max_batch,
+        max_seq=max_seq,
+        stage_cut_after_layer=_parse_cuts(cuts),
     )
-    typer.echo(f"wrote {len(manifest.ranks)} rank models to {out}")
+    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}) to {out}")
+    typer.echo(
+        f"  {'rank':<5}{'pp':>3}{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
+        f"{'total':>12}{'prefill':>11}{'decode tok/s':>14}"
+    )
     for entry in manifest.ranks:
-        size = sum(p.stat().st_size for p in out.glob(entry.file + "*"))
-        coords = " ".join(f"{axis}={value}" for axis, value in entry.coords.items())
-        typer.echo(f"  rank {entry.rank:<3} {coords:<16} {entry.file:<14} {size / 2**20:10.2f} MiB")
+        memory, cost = entry.memory, entry.cost
+        layers = f"{entry.layers[0]}-{entry.layers[1] - 1}" if entry.layers else "all"
+        typer.echo(
+            f"  {entry.rank:<5}{entry.coords['pp']:>3}{entry.coords['tp']:>4}  {layers:<9}{entry.file:<13}"
+            f"{format_bytes(memory['weight_bytes']):>12}{format_bytes(memory['kv_cache_bytes']):>12}"
+            f"{format_bytes(memory['activation_peak_bytes']):>13}{format_bytes(memory['total_bytes']):>12}"
+            f"{cost['prefill']['total_s'] * 1e3:>9.2f}ms{cost['decode_tokens_per_s']:>14.1f}"
+        )
+    typer.echo(f"  (memory at batch {max_batch} x {max_seq} tokens; times predicted for {device})")
+
+
+def _parse_cuts(text: str | None) -> tuple[int, ...] | None:
+    from llmir_onnx.errors import PlanError
+
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise PlanError(f"--stage-cuts {text!r}: write the last layer of each stage but the last, e.g. 13,27") from None
 
 
 @app.command()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
+from typing import Any
 
+from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.emit import write_plan
-from llmir_onnx.plan.manifest import Manifest, SliceBinding
+from llmir_onnx.plan.manifest import Manifest
 
 
 def partition_to_dir(
@@ -17,24 +20,56 @@ def partition_to_dir(
     pp: int = 1,
     vocab_parallel: bool = False,
     replicate_unsupported: bool = False,
+    device: str = "h100-sxm",
+    device_memory_bytes: int | None = None,
+    max_batch: int = 1,
+    max_seq: int = 2048,
+    stage_cut_after_layer: tuple[int, ...] | None = None,
 ) -> Manifest:
-    """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically."""
-    from llmir_onnx.partition import PartitionOptions, partition
+    """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
-    options = PartitionOptions(tp=tp, pp=pp, vocab_parallel=vocab_parallel, replicate_unsupported=replicate_unsupported)
+    Each rank's memory plan and cost estimate (on `device` at max_batch x max_seq) go into the
+    manifest; with `device_memory_bytes`, a rank that does not fit fails the partition before
+    anything is written.
+    """
+    from llmir_onnx.partition import PartitionOptions, partition
+    from llmir_onnx.plan.cost import estimate_phases
+    from llmir_onnx.plan.devices import load_profile
+    from llmir_onnx.plan.memory import format_bytes, plan_memory
+
+    profile = load_profile(device)
+    options = PartitionOptions(
+        tp=tp,
+        pp=pp,
+        vocab_parallel=vocab_parallel,
+        replicate_unsupported=replicate_unsupported,
+        stage_cut_after_layer=stage_cut_after_layer,
+        device=device,
+        device_memory_bytes=device_memory_bytes,
+        max_batch=max_batch,
+        max_seq=max_seq,
+    )
     source = load_model(model_path)
     result = partition(load_model(model_path), options)
     mesh = result.mesh
-    rank_models = [
-        (
-            program.rank,
-            mesh.coords(program.rank),
-            program.model,
-            [SliceBinding(b.original, b.local, b.dim, b.start, b.stop) for b in program.inputs],
-            [SliceBinding(b.original, b.local, b.dim, b.start, b.stop) for b in program.outputs],
+    details: list[dict[str, Any]] = []
+    for program in result.ranks:
+        memory = plan_memory(program.model, max_batch, max_seq)
+        if device_memory_bytes is not None and memory.total_bytes > device_memory_bytes:
+            raise PlanError(
+                f"rank {program.rank} needs {format_bytes(memory.total_bytes)} (weights "
+                f"{format_bytes(memory.weight_bytes)}, KV cache {format_bytes(memory.kv_cache_bytes)}, activations "
+                f"{format_bytes(memory.activation_peak_bytes)}) at batch {max_batch} x {max_seq} tokens, "
+                f"{format_bytes(memory.total_bytes - device_memory_bytes)} over --device-memory "
+                f"{format_bytes(device_memory_bytes)}; use more --tp/--pp, or lower --max-batch/--max-seq"
+            )
+        details.append(
+            {
+                "layers": [program.layers.start, program.layers.stop] if program.layers is not None else None,
+                "memory": asdict(memory),
+                "cost": asdict(estimate_phases(program.model, profile, max_batch, max_seq)),
+            }
         )
-        for program in result.ranks
-    ]
     mesh_info = {
         "tp": mesh.tp,
         "pp": mesh.pp,
@@ -47,6 +82,19 @@ def partition_to_dir(
         source_path=model_path,
         source_model=source,
         mesh=mesh_info,
-        rank_models=rank_models,
-        options={"tp": tp, "pp": pp, "vocab_parallel": vocab_parallel, "replicate_unsupported": replicate_unsupported},
+        rank_models=[
+            (p.rank, mesh.coords(p.rank).as_dict(), p.model, list(p.inputs), list(p.outputs)) for p in result.ranks
+        ],
+        rank_details=details,
+        options={
+            "tp": tp,
+            "pp": pp,
+            "vocab_parallel": vocab_parallel,
+            "replicate_unsupported": replicate_unsupported,
+            "device": device,
+            "device_memory_bytes": device_memory_bytes,
+            "max_batch": max_batch,
+            "max_seq": max_seq,
+            "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
+        },
     )

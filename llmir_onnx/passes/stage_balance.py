@@ -127,8 +127,7 @@ def default_node_cost(node: ir.Node) -> float:
     return cost
 
 
-def unit_from_nodes(name: str, nodes: Sequence[ir.Node], node_cost: NodeCost, extra_memory_bytes: int = 0
-                    ) -> StageUnit:
+def unit_from_nodes(name: str, nodes: Sequence[ir.Node], node_cost: NodeCost, extra_memory_bytes: int = 0) -> StageUnit:
     weights: dict[str, int] = {}
     total = 0.0
     for node in nodes:
@@ -189,8 +188,9 @@ def _min_max_partition(count: int, stages: int, weight: np.ndarray, allowed: np.
     return bounds[::-1]
 
 
-def _describe_stage(stage: int, start: int, stop: int, count: int, prefix: StageUnit | None,
-                    suffix: StageUnit | None) -> str:
+def _describe_stage(
+    stage: int, start: int, stop: int, count: int, prefix: StageUnit | None, suffix: StageUnit | None
+) -> str:
     parts = []
     if start == 0 and prefix is not None:
         parts.append(prefix.name)

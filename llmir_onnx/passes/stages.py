@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from llmir_onnx.errors import InputModelError, PlanError
+from llmir_onnx.errors import InputModelError, LlmirError, PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.ops import (
@@ -75,6 +75,7 @@ from llmir_onnx.passes.stage_balance import (
     unit_from_nodes,
 )
 from llmir_onnx.plan.manifest import SliceBinding
+from llmir_onnx.plan.shapes import dims_in_input_terms
 
 SENT_OUTPUT_PREFIX = "llmir.sent."
 DEFAULT_REPLICATE_MAX_WEIGHT_BYTES = 1 << 20
@@ -84,11 +85,25 @@ KV_INPUT_PATTERN = re.compile(r"(?:past|cache)\D*?(\d+)", re.IGNORECASE)
 # exporter metadata keys that carry the module scope of a node
 SCOPE_METADATA_KEYS = ("namespace", "pkg.torch.onnx.name_scopes")
 # contrib ops whose first output has the dtype of their first input (onnx shape inference does not know them)
-_DTYPE_OF_FIRST_INPUT_OPS = frozenset({
-    "SkipSimplifiedLayerNormalization", "SkipLayerNormalization", "SimplifiedLayerNormalization",
-    "LayerNormalization", "GroupQueryAttention", "MultiHeadAttention", "Attention", "RotaryEmbedding",
-    "MatMulNBits", "FastGelu", "BiasGelu", "QuickGelu", "Gelu", "BiasAdd", "FusedMatMul",
-})
+_DTYPE_OF_FIRST_INPUT_OPS = frozenset(
+    {
+        "SkipSimplifiedLayerNormalization",
+        "SkipLayerNormalization",
+        "SimplifiedLayerNormalization",
+        "LayerNormalization",
+        "GroupQueryAttention",
+        "MultiHeadAttention",
+        "Attention",
+        "RotaryEmbedding",
+        "MatMulNBits",
+        "FastGelu",
+        "BiasGelu",
+        "QuickGelu",
+        "Gelu",
+        "BiasAdd",
+        "FusedMatMul",
+    }
+)
 _COLLECTIVES = frozenset({ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER})
 
 
@@ -221,8 +236,7 @@ def _multiplies_weight_matrix(node: ir.Node) -> bool:
     return False
 
 
-def analyze_layers(model: ir.Model, replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES
-                   ) -> _Placement:
+def analyze_layers(model: ir.Model, replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES) -> _Placement:
     """Which layer each node belongs to, and which nodes are replicable (see the module docstring)."""
     graph = model.graph
     nodes = list(graph)
@@ -289,8 +303,9 @@ def analyze_layers(model: ir.Model, replicate_max_weight_bytes: int = DEFAULT_RE
 _SHAPE_ONLY_OPS = frozenset({"Shape", "Size"})
 
 
-def _labels_from_kv_cache(nodes: list[ir.Node], kv_layers: dict[ir.Value, int], owner: dict[ir.Node, ir.Node]
-                          ) -> dict[ir.Node, int]:
+def _labels_from_kv_cache(
+    nodes: list[ir.Node], kv_layers: dict[ir.Value, int], owner: dict[ir.Node, ir.Node]
+) -> dict[ir.Node, int]:
     """Fallback: a node belongs to the first layer whose KV cache input it feeds (or reads the data of)."""
     labels: dict[ir.Node, int] = {}
     for node in nodes:
@@ -317,9 +332,11 @@ def _labels_from_kv_cache(nodes: list[ir.Node], kv_layers: dict[ir.Value, int], 
 # --------------------------------------------------------------------------- cost units
 
 
-def layer_units(model: ir.Model, node_cost: NodeCost = default_node_cost,
-                replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES
-                ) -> tuple[StageUnit, list[StageUnit], StageUnit]:
+def layer_units(
+    model: ir.Model,
+    node_cost: NodeCost = default_node_cost,
+    replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
+) -> tuple[StageUnit, list[StageUnit], StageUnit]:
     """(embedding, layers, head) cost units of a model, for `balance_stages`.
 
     The embedding is what is placed before layer 0; the head is every node after the last layer's
@@ -370,6 +387,25 @@ def _last_layer_own_nodes(model: ir.Model, placement: _Placement) -> set[ir.Node
 # --------------------------------------------------------------------------- types of crossing values
 
 
+def _with_input_dim_names(
+    model: ir.Model, types: dict[str, tuple[ir.DataType, ir.Shape | None]]
+) -> dict[str, tuple[ir.DataType, ir.Shape | None]]:
+    """Declare crossing values' dims by the input dims they equal (batch_size, ...), not `unk__87`."""
+    try:
+        named = dims_in_input_terms(model, types)
+    except LlmirError:
+        # Only the Recv's declared shape is at stake (the data's shape travels by handshake at run
+        # time); a model the shape planner cannot evaluate keeps the shapes its exporter declared.
+        return types
+    improved = dict(types)
+    for name, dims in named.items():
+        dtype, shape = types[name]
+        old = list(shape) if shape is not None and len(shape) == len(dims) else [None] * len(dims)
+        merged = [new if new is not None else prior for new, prior in zip(dims, old, strict=True)]
+        improved[name] = (dtype, ir.Shape(merged))
+    return improved
+
+
 def _crossing_types(model: ir.Model, names: set[str]) -> dict[str, tuple[ir.DataType, ir.Shape | None]]:
     """dtype and shape of the named values: from the model, else from onnx shape inference on a copy."""
     values = {v.name: v for n in model.graph for v in n.outputs if v.name in names}
@@ -377,8 +413,7 @@ def _crossing_types(model: ir.Model, names: set[str]) -> dict[str, tuple[ir.Data
     missing = names - known.keys()
     if not missing:
         return known
-    copy = ir.Model(model.graph.clone(), ir_version=model.ir_version,
-                    functions=list(model.functions.values()))
+    copy = ir.Model(model.graph.clone(), ir_version=model.ir_version, functions=list(model.functions.values()))
     inferred = ir.passes.common.ShapeInferencePass(strict_mode=False)(copy).model
     inferred_values = {v.name: v for n in inferred.graph for v in n.outputs if v.name in missing}
     # contrib ops onnx does not know: propagate the dtype of their first input, in graph order
@@ -477,10 +512,12 @@ class PipelineStageSplit:
         else:
             prefix, layers, suffix = layer_units(model, self.node_cost, self.replicate_max_weight_bytes)
             if self.extra_memory_bytes_per_layer:
-                layers = [dataclasses.replace(unit, extra_memory_bytes=self.extra_memory_bytes_per_layer)
-                          for unit in layers]
-            balance = balance_stages(layers, num_stages, prefix=prefix, suffix=suffix,
-                                     memory_limit_bytes=self.memory_limit_bytes)
+                layers = [
+                    dataclasses.replace(unit, extra_memory_bytes=self.extra_memory_bytes_per_layer) for unit in layers
+                ]
+            balance = balance_stages(
+                layers, num_stages, prefix=prefix, suffix=suffix, memory_limit_bytes=self.memory_limit_bytes
+            )
             ranges = balance.stage_layers
         layer_stage = {layer: s for s, layer_range in enumerate(ranges) for layer in layer_range}
         stages = _Splitter(model, placement, layer_stage, ranges, self).build()
@@ -488,8 +525,14 @@ class PipelineStageSplit:
 
 
 class _Splitter:
-    def __init__(self, model: ir.Model, placement: _Placement, layer_stage: dict[int, int],
-                 ranges: Sequence[range], options: PipelineStageSplit) -> None:
+    def __init__(
+        self,
+        model: ir.Model,
+        placement: _Placement,
+        layer_stage: dict[int, int],
+        ranges: Sequence[range],
+        options: PipelineStageSplit,
+    ) -> None:
         self.model = model
         self.placement = placement
         self.ranges = ranges
@@ -511,8 +554,11 @@ class _Splitter:
                 if value in graph_outputs:
                     need.add(last)
                 for consumer in _consumers(value, placement.owner):
-                    need |= self.needs.get(consumer, set()) if consumer in placement.replicable \
+                    need |= (
+                        self.needs.get(consumer, set())
+                        if consumer in placement.replicable
                         else {self.stage_of[consumer]}
+                    )
             self.needs[node] = need
         # crossing values: (value, producing stage, last consuming stage), in canonical order
         crossing = []
@@ -529,7 +575,7 @@ class _Splitter:
         self.crossing = [(value, first, last_use) for _, _, value, first, last_use in crossing]
         self.tag = {value: tag for tag, (value, _, _) in enumerate(self.crossing)}
         types = _crossing_types(model, {v.name for v, _, _ in self.crossing if v.name})
-        self.types = types
+        self.types = _with_input_dim_names(model, types)
 
     def _output_stage(self, value: ir.Value) -> int:
         """The one stage that returns a graph output: its producer's, or the last for replicated ones."""
@@ -559,7 +605,8 @@ class _Splitter:
             value_map[value] = graph.initializers[name]
 
         keep = {
-            node_map[node] for node in original
+            node_map[node]
+            for node in original
             if (node in self.placement.replicable and stage in self.needs[node])
             or (node not in self.placement.replicable and self.stage_of[node] == stage)
         }
@@ -581,8 +628,9 @@ class _Splitter:
             else:
                 like = self._empty_like_after(previous, dtype, tag, helpers, new_nodes)
             shape_dims = None if shape is None else [d if isinstance(d, int) else None for d in shape]
-            recv = recv_node(like, peer=self._peer(stage - 1), tag=tag, shape=shape_dims,
-                             name=f"/llmir/pipeline/recv_{tag}")
+            recv = recv_node(
+                like, peer=self._peer(stage - 1), tag=tag, shape=shape_dims, name=f"/llmir/pipeline/recv_{tag}"
+            )
             out = recv.outputs[0]
             cloned = value_map[value]
             cloned.replace_all_uses_with(out)
@@ -623,8 +671,7 @@ class _Splitter:
         graph.extend(new_nodes)
         graph.sort()
         self._use_own_kv_shapes(graph, stage, value_map)
-        stage_inputs = [value_map[v] for v in original.inputs
-                        if value_map[v].uses() or value_map[v] in outputs]
+        stage_inputs = [value_map[v] for v in original.inputs if value_map[v].uses() or value_map[v] in outputs]
         graph.inputs.clear()
         graph.inputs.extend(stage_inputs)
         for name in [n for n, v in graph.initializers.items() if not v.uses() and v not in outputs]:
@@ -637,8 +684,11 @@ class _Splitter:
             ir_version=min(self.model.ir_version, MAX_IR_VERSION),
             producer_name="llmir-onnx",
             functions=list(self.model.functions.values()),
-            metadata_props={**self.model.metadata_props, "llmir.pipeline_stage": str(stage),
-                            "llmir.layers": f"{self.ranges[stage].start}-{self.ranges[stage].stop - 1}"},
+            metadata_props={
+                **self.model.metadata_props,
+                "llmir.pipeline_stage": str(stage),
+                "llmir.layers": f"{self.ranges[stage].start}-{self.ranges[stage].stop - 1}",
+            },
         )
         inputs = [SliceBinding(v.name, v.name, None, 0, 0) for v in stage_inputs]
         output_bindings = [SliceBinding(v.name, v.name, None, 0, 0) for v in outputs]
@@ -654,8 +704,9 @@ class _Splitter:
         )
 
     @staticmethod
-    def _empty_like_after(previous: ir.Value, dtype: ir.DataType, tag: int, helpers: _HelperConstants,
-                          new_nodes: list[ir.Node]) -> ir.Value:
+    def _empty_like_after(
+        previous: ir.Value, dtype: ir.DataType, tag: int, helpers: _HelperConstants, new_nodes: list[ir.Node]
+    ) -> ir.Value:
         """An empty tensor of `dtype` that exists only after `previous` did: orders Recv after Recv."""
         prefix = f"/llmir/pipeline/recv_{tag}_order"
         flat = ir.node("Reshape", [previous, helpers.minus_one], name=f"{prefix}/Reshape")
@@ -669,8 +720,15 @@ class _Splitter:
         return cast.outputs[0]
 
     @staticmethod
-    def _after(value: ir.Value, previous_sent: ir.Value, tag: int, dtype: ir.DataType, shape: ir.Shape | None,
-               helpers: _HelperConstants, new_nodes: list[ir.Node]) -> ir.Value:
+    def _after(
+        value: ir.Value,
+        previous_sent: ir.Value,
+        tag: int,
+        dtype: ir.DataType,
+        shape: ir.Shape | None,
+        helpers: _HelperConstants,
+        new_nodes: list[ir.Node],
+    ) -> ir.Value:
         """`value` unchanged, but only once `previous_sent` exists: orders Send after Send."""
         prefix = f"/llmir/pipeline/send_{tag}_order"
         shape_of = ir.node("Shape", [value], name=f"{prefix}/Shape")
@@ -698,8 +756,17 @@ class _Splitter:
                 continue
             source = node.inputs[0]
             assert source is not None
-            match = next((v for v in own if v.dtype == source.dtype and source.shape is not None
-                          and v.shape is not None and list(v.shape) == list(source.shape)), None)
+            match = next(
+                (
+                    v
+                    for v in own
+                    if v.dtype == source.dtype
+                    and source.shape is not None
+                    and v.shape is not None
+                    and list(v.shape) == list(source.shape)
+                ),
+                None,
+            )
             if match is not None:
                 node.replace_input_with(0, match)
 
@@ -730,8 +797,9 @@ class _HelperConstants:
     def _get(self, name: str, array: np.ndarray) -> ir.Value:
         if name not in self.graph.initializers:
             tensor = ir.tensor(array, name=name)
-            value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64),
-                             const_value=tensor)
+            value = ir.Value(
+                name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.INT64), const_value=tensor
+            )
             self.graph.register_initializer(value)
         return self.graph.initializers[name]
 
@@ -800,13 +868,15 @@ def split_tp_ranks(
             cuts = [stage.layers.stop - 1 for stage in result.stages[:-1]]
         for stage in result.stages:
             coords = mesh.coords(stage.rank)
-            ranks.append(StageRankModel(
-                rank=stage.rank,
-                coords={"pp": coords.pp, "cp": coords.cp, "tp": coords.tp},
-                model=stage.model,
-                inputs=compose_bindings(inputs, stage.inputs),
-                outputs=compose_bindings(outputs, stage.outputs),
-                layers=stage.layers,
-            ))
+            ranks.append(
+                StageRankModel(
+                    rank=stage.rank,
+                    coords={"pp": coords.pp, "cp": coords.cp, "tp": coords.tp},
+                    model=stage.model,
+                    inputs=compose_bindings(inputs, stage.inputs),
+                    outputs=compose_bindings(outputs, stage.outputs),
+                    layers=stage.layers,
+                )
+            )
     assert first is not None
     return sorted(ranks, key=lambda entry: entry.rank), first

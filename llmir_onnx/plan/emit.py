@@ -61,20 +61,28 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(previous, ignore_errors=True)
 
 
+RankModel = tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]
+
+
 def write_plan(
     out_dir: Path,
     *,
     source_path: Path,
     source_model: ir.Model,
     mesh: dict[str, Any],
-    rank_models: Sequence[tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]],
+    rank_models: Sequence[RankModel],
     options: dict[str, Any],
+    rank_details: Sequence[dict[str, Any]] | None = None,
 ) -> Manifest:
-    """Save every rank model and the manifest into `out_dir`, atomically."""
+    """Save every rank model and the manifest into `out_dir`, atomically.
+
+    `rank_details[i]` holds extra RankEntry fields (layers, memory, cost) for `rank_models[i]`.
+    """
     with atomic_output_dir(out_dir) as staging:
         entries = []
-        for rank, coords, model, inputs, outputs in rank_models:
+        for index, (rank, coords, model, inputs, outputs) in enumerate(rank_models):
             path = save_model(model, staging / rank_file_name(rank))
+            details = rank_details[index] if rank_details is not None else {}
             entries.append(
                 RankEntry(
                     rank=rank,
@@ -83,6 +91,7 @@ def write_plan(
                     sha256=sha256_file(path),
                     inputs=inputs,
                     outputs=outputs,
+                    **details,
                 )
             )
         manifest = Manifest(

@@ -15,8 +15,16 @@ Schema version 1 (all keys always present):
     inputs, outputs   the original model's [{"name", "dtype", "shape"}]; shape entries are ints or
                       strings (symbolic dims)
     ranks             [{"rank", "coords": {"pp", "cp", "tp"}, "file", "sha256",
+                        "layers": [first, stop) decoder layers of its pipeline stage, or null (all),
                         "inputs":  [{"original", "local", "dim", "start", "stop"}],
-                        "outputs": [{"original", "local", "dim", "start", "stop"}]}]
+                        "outputs": [{"original", "local", "dim", "start", "stop"}],
+                        "memory": {"max_batch", "max_seq", "weight_bytes", "kv_cache_bytes",
+                                   "activation_peak_bytes", "communication_bytes", "total_bytes", ...},
+                        "cost": {"device", "prefill": {...}, "decode": {...}, "decode_tokens_per_s"}}]
+
+Graph outputs of a rank model that no binding names (e.g. `llmir.sent.<tag>`, the element counts
+of Send nodes) are bookkeeping: a runtime may fetch them or not. Byte counts are exact for weights
+and the KV cache; activation peaks and times are estimates (see plan/memory.py and plan/cost.py).
 """
 
 from __future__ import annotations
@@ -67,6 +75,9 @@ class RankEntry:
     sha256: str
     inputs: list[SliceBinding]
     outputs: list[SliceBinding]
+    layers: list[int] | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+    cost: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,9 @@ class Manifest:
                 sha256=entry["sha256"],
                 inputs=[SliceBinding(**binding) for binding in entry["inputs"]],
                 outputs=[SliceBinding(**binding) for binding in entry["outputs"]],
+                layers=entry.get("layers"),
+                memory=entry.get("memory", {}),
+                cost=entry.get("cost", {}),
             )
             for entry in raw["ranks"]
         ]

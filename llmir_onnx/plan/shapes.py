@@ -28,7 +28,7 @@ import ast
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -736,3 +736,30 @@ def evaluate_shapes(
 ) -> dict[str, TensorShape]:
     """Shapes (and small values) of every value of `model` at `sizes`, keyed by value name."""
     return ShapeEvaluator(model, sizes, overrides).run()
+
+
+def dims_in_input_terms(model: ir.Model, value_names: Iterable[str]) -> dict[str, tuple[int | str | None, ...]]:
+    """Each named value's dims as a static int, the graph-input dim name it always equals, or None.
+
+    Intermediate values of an export often carry no shape, or machine names such as `unk__87` from
+    symbolic inference that no input binds. Evaluating the model at two unrelated size points and
+    matching every dim against the inputs' named dims recovers `[batch_size, sequence_length, 4096]`
+    for a hidden state: what a Recv must declare so later analyses and runtimes can bind it.
+    """
+    points = (Sizes(batch=2, seq=3, past=5), Sizes(batch=3, seq=7, past=11))
+    evaluated = [evaluate_shapes(model, sizes) for sizes in points]
+    bound = [bind_dims(model, sizes) for sizes in points]
+    named: dict[str, tuple[int | str | None, ...]] = {}
+    for name in value_names:
+        first, second = evaluated[0].get(name), evaluated[1].get(name)
+        if first is None or second is None or len(first.shape) != len(second.shape):
+            continue
+        dims: list[int | str | None] = []
+        for a, b in zip(first.shape, second.shape, strict=True):
+            if a == b:
+                dims.append(int(a))
+                continue
+            matches = [dim for dim, size in bound[0].items() if size == a and bound[1].get(dim) == b]
+            dims.append(matches[0] if matches else None)
+        named[name] = tuple(dims)
+    return named

@@ -1,0 +1,185 @@
+"""Entry point: partition one ONNX model into per-rank models for a tensor-parallel mesh.
+
+The pipeline (onnx_ir passes sharing one ShardingState):
+
+    AnnotatePass          names, constants as initializers, global shapes, Megatron weight roles
+    PropagatePass         a placement for every value from per-op rules (propagation/), redistributions
+    InsertCollectivesPass AllReduce / AllGather / ReduceScatter / local Slice where placements change
+    LocalizePass          local head counts and sizes (reshape targets, split sizes, attributes)
+    materialize_rank      per rank: a copy of the localized graph with its slice of every weight
+
+Every rank of a tensor-parallel group runs the same graph; only weights and a few rank constants
+(slice offsets, the vocabulary offset of a vocab-parallel embedding) differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_ir as ir
+
+from llmir_onnx.errors import LlmirError, ShardingError
+from llmir_onnx.mesh import DeviceMesh
+from llmir_onnx.passes import (
+    AnnotatePass,
+    InsertCollectivesPass,
+    LocalizePass,
+    PropagatePass,
+    ShardingState,
+    materialize_rank,
+)
+from llmir_onnx.placement import Placement, Replicate, Shard
+from llmir_onnx.plan.manifest import SliceBinding
+
+
+@dataclass(frozen=True)
+class PartitionOptions:
+    tp: int
+    pp: int = 1
+    vocab_parallel: bool = False
+    replicate_unsupported: bool = False
+    # Pipeline cuts: balanced by the cost model on `device` at (max_batch, max_seq) unless given.
+    stage_cut_after_layer: tuple[int, ...] | None = None
+    device: str = "h100-sxm"
+    device_memory_bytes: int | None = None
+    max_batch: int = 1
+    max_seq: int = 2048
+
+
+# How one ORIGINAL model input/output maps onto one rank (dim None: the rank holds the full tensor).
+TensorBinding = SliceBinding
+
+
+@dataclass
+class RankProgram:
+    rank: int
+    model: ir.Model
+    inputs: list[TensorBinding]
+    outputs: list[TensorBinding]
+    layers: range | None = None  # the decoder layers this rank's pipeline stage holds (None: all)
+
+
+@dataclass
+class PartitionResult:
+    mesh: DeviceMesh
+    ranks: list[RankProgram]
+    placements: dict[str, str]
+    warnings: list[str]
+
+
+def _binding(value: ir.Value, placement: Placement, size: int | str | None, tp: int, tp_rank: int) -> TensorBinding:
+    if isinstance(placement, Replicate) or tp == 1:
+        return TensorBinding(value.name, value.name, None, 0, 0)
+    if isinstance(placement, Shard) and not placement.blocks and not placement.inner and isinstance(size, int):
+        ((start, stop),) = placement.local_ranges(size, tp, tp_rank)
+        return TensorBinding(value.name, value.name, placement.dim, start, stop)
+    raise ShardingError(f"graph input/output {value.name!r} would be {placement}, which a binding cannot express")
+
+
+def _check_options(options: PartitionOptions) -> None:
+    if options.tp < 1:
+        raise ShardingError(f"--tp must be at least 1, got {options.tp}")
+    if options.pp < 1:
+        raise ShardingError(f"--pp must be at least 1, got {options.pp}")
+
+
+def plan(
+    model: ir.Model,
+    options: PartitionOptions,
+    input_seeds: dict[str, Placement] | None = None,
+    keep_output_placements: bool = False,
+) -> tuple[ir.Model, ShardingState]:
+    """Run the sharding passes on a copy of `model`; returns the localized template and the plan.
+
+    `input_seeds` fixes the placement of graph inputs (the others are free); `keep_output_placements`
+    leaves Partial outputs unreduced (rule tests reduce them in numpy).
+    """
+    _check_options(options)
+    # Tensor parallelism is planned on one pipeline stage; stages are cut afterwards (split_tp_ranks).
+    mesh = DeviceMesh(pp=1, tp=options.tp)
+    state = ShardingState(
+        mesh,
+        replicate_unsupported=options.replicate_unsupported,
+        vocab_parallel=options.vocab_parallel,
+        keep_output_placements=keep_output_placements,
+        input_seeds=dict(input_seeds or {}),
+    )
+    template = model.clone()
+    manager = ir.passes.PassManager(
+        [AnnotatePass(state), PropagatePass(state), InsertCollectivesPass(state), LocalizePass(state)]
+    )
+    try:
+        manager(template)
+    except ir.passes.PassError as error:
+        # The pass framework wraps what a pass raises (twice); a user must see our message, not the wrapper.
+        cause: BaseException | None = error
+        while cause is not None and not isinstance(cause, LlmirError):
+            cause = cause.__cause__
+        if cause is not None:
+            raise cause from None
+        raise
+    return template, state
+
+
+def _single_rank(model: ir.Model) -> PartitionResult:
+    """tp 1: the original graph runs as it is; nothing to split, so nothing can fail to split."""
+    from llmir_onnx import ops
+    from llmir_onnx.ir_io import MAX_IR_VERSION
+
+    copy = model.clone()
+    copy.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
+    copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
+    inputs = [TensorBinding(v.name, v.name, None, 0, 0) for v in copy.graph.inputs]
+    outputs = [TensorBinding(v.name, v.name, None, 0, 0) for v in copy.graph.outputs]
+    placements = {v.name: "R" for v in [*copy.graph.inputs, *copy.graph.outputs]}
+    return PartitionResult(DeviceMesh(), [RankProgram(0, copy, inputs, outputs)], placements, [])
+
+
+def partition(model: ir.Model, options: PartitionOptions) -> PartitionResult:
+    """Tensor-parallel sharding of `model`, then (pp > 1) pipeline stages cut from every tp rank."""
+    _check_options(options)
+    tensor_parallel = _single_rank(model) if options.tp == 1 else _partition_tp(model, options)
+    if options.pp == 1:
+        return tensor_parallel
+    return _cut_stages(tensor_parallel, options)
+
+
+def _partition_tp(model: ir.Model, options: PartitionOptions) -> PartitionResult:
+    template, state = plan(model, options)
+    mesh = state.mesh
+    graph = template.graph
+    ranks = []
+    for rank in range(mesh.world_size):
+        tp_rank = mesh.coords(rank).tp
+        inputs = [_binding(v, state.placements[v.name], _dim_of(state, v), mesh.tp, tp_rank) for v in graph.inputs]
+        outputs = [_binding(v, state.placements[v.name], _dim_of(state, v), mesh.tp, tp_rank) for v in graph.outputs]
+        ranks.append(RankProgram(rank, materialize_rank(template, state, tp_rank), inputs, outputs))
+    placements = {name: str(p) for name, p in state.placements.items()}
+    return PartitionResult(mesh=mesh, ranks=ranks, placements=placements, warnings=list(state.warnings))
+
+
+def _cut_stages(tensor_parallel: PartitionResult, options: PartitionOptions) -> PartitionResult:
+    from llmir_onnx.passes.stages import split_tp_ranks
+    from llmir_onnx.plan.cost import node_time_function
+    from llmir_onnx.plan.devices import load_profile
+
+    mesh = DeviceMesh(pp=options.pp, tp=options.tp)
+    first = tensor_parallel.ranks[0].model
+    node_cost = node_time_function(first, load_profile(options.device), options.max_batch, options.max_seq)
+    staged, _ = split_tp_ranks(
+        [(program.model, program.inputs, program.outputs) for program in tensor_parallel.ranks],
+        mesh,
+        stage_cut_after_layer=options.stage_cut_after_layer,
+        node_cost=node_cost,
+        memory_limit_bytes=options.device_memory_bytes,
+    )
+    ranks = [RankProgram(s.rank, s.model, list(s.inputs), list(s.outputs), s.layers) for s in staged]
+    return PartitionResult(mesh, ranks, tensor_parallel.placements, tensor_parallel.warnings)
+
+
+def _dim_of(state: ShardingState, value: ir.Value) -> int | str | None:
+    placement = state.placements[value.name]
+    shape = state.shapes.get(value.name)
+    if not isinstance(placement, Shard) or shape is None:
+        return None
+    return shape[placement.dim]

@@ -1,0 +1,17 @@
+"""The sharding passes, in pipeline order: annotate, propagate, insert_collectives, localize."""
+
+from llmir_onnx.passes.annotate import AnnotatePass
+from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
+from llmir_onnx.passes.localize import LocalizePass, materialize_rank
+from llmir_onnx.passes.propagate import PropagatePass
+from llmir_onnx.passes.state import Redistribution, ShardingState
+
+__all__ = [
+    "AnnotatePass",
+    "InsertCollectivesPass",
+    "LocalizePass",
+    "PropagatePass",
+    "Redistribution",
+    "ShardingState",
+    "materialize_rank",
+]

@@ -1,0 +1,375 @@
+"""Annotate: prepare the graph and seed the Megatron layout on the weights.
+
+* every node gets a unique name (errors name nodes), constants become initializers and weight
+  aliases (torch's `Identity(initializer)`) are folded, so "is this a weight" is one question;
+* global shapes of every value come from onnxruntime's symbolic shape inference (it understands the
+  contrib ops and computes reshape targets from Shape chains), falling back to onnx's;
+* weight matmuls get a role. In topological order, a weight matmul whose output reaches other weight
+  matmuls (without passing through one) opens a block: column-parallel. The matmuls it reaches close
+  the block: row-parallel. A weight matmul that reaches none (the lm_head) stays replicated. No
+  architecture names are involved: q/k/v/gate/up open, o_proj/down close, whatever they are called.
+* a column-parallel weight whose output is split into q|k|v (Split, Slices, packed GroupQueryAttention)
+  gets those block widths, so each rank takes the same heads from each block.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import tempfile
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, TopologicalSortPass
+
+from llmir_onnx.passes.state import ShardingState
+from llmir_onnx.placement import Shard
+from llmir_onnx.propagation.attention import gqa_packed_blocks
+from llmir_onnx.propagation.base import RuleContext, Shape, WeightRole, normalize_dim
+from llmir_onnx.propagation.shape_ops import block_of_slice, slice_axes, slice_params
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_MATMULS = ("MatMul", "Gemm")
+# Values that only carry shapes: data does not flow from their input into their output.
+SHAPE_READERS = ("Shape", "Size")
+# Ops between a projection and the split of its fused output that keep the last axis.
+PASS_THROUGH = ("Add", "Identity", "Cast", "Reshape")
+INLINE_LIMIT_ELEMENTS = 64
+
+
+def _fold_weight_aliases(graph: ir.Graph) -> int:
+    folded = 0
+    for node in list(graph):
+        if node.op_type == "Identity" and node.domain == "" and node.inputs[0] is not None:
+            source = node.inputs[0]
+            if source.is_initializer() and not node.outputs[0].is_graph_output():
+                node.outputs[0].replace_all_uses_with(source)
+                graph.remove(node, safe=True)
+                folded += 1
+    return folded
+
+
+def _dim_value(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
+    if dim.HasField("dim_value"):
+        return int(dim.dim_value)
+    return dim.dim_param or None
+
+
+def _shapes_of(inferred: onnx.ModelProto) -> dict[str, Shape]:
+    shapes: dict[str, Shape] = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        tensor_type = info.type.tensor_type
+        if tensor_type.HasField("shape"):
+            shapes[info.name] = tuple(_dim_value(d) for d in tensor_type.shape.dim)
+    return shapes
+
+
+def global_shapes(model: ir.Model) -> dict[str, Shape]:
+    """Shapes of every value of the unsharded model, symbolic where the model is dynamic."""
+    proto = ir.serde.serialize_model(model)
+    kept = []
+    for init in proto.graph.initializer:
+        elements = 1
+        for d in init.dims:
+            elements *= d
+        if init.data_location == onnx.TensorProto.EXTERNAL or elements > INLINE_LIMIT_ELEMENTS:
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+        else:
+            kept.append(init)
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    symbolic: dict[str, Shape] = {}
+    try:
+        from onnxruntime.tools import symbolic_shape_infer
+
+        # Its warnings ("Unable to determine if ... treat as equal") are about symbols we do not use.
+        noisy = logging.getLogger(symbolic_shape_infer.__name__)
+        level = noisy.level
+        noisy.setLevel(logging.ERROR)
+        try:
+            # When it cannot infer everything it saves "sym_shape_infer_temp.onnx" into the working
+            # directory; keep the user's folder clean by running it inside a temporary one.
+            with tempfile.TemporaryDirectory(prefix="llmir-shapes-") as scratch, contextlib.chdir(scratch):
+                inferred = symbolic_shape_infer.SymbolicShapeInference.infer_shapes(
+                    proto, auto_merge=True, guess_output_rank=False
+                )
+        finally:
+            noisy.setLevel(level)
+        symbolic = _shapes_of(inferred)
+    except Exception as error:  # its failures are many and not ours; onnx's inference still answers
+        logger.info("symbolic shape inference failed (%s); using onnx shape inference only", error)
+    # onnx's inference never guesses: where it knows a size it is right. onnxruntime's symbolic inference
+    # computes reshape targets from Shape chains (head counts) but, merging unknown broadcast dims, can
+    # claim a size-1 mask axis has the size of the head axis. Take onnx's integers first.
+    exact = _shapes_of(onnx.shape_inference.infer_shapes(proto, data_prop=True))
+    shapes: dict[str, Shape] = dict(symbolic)
+    for name, shape in exact.items():
+        other = symbolic.get(name)
+        if shape is None:
+            continue
+        if other is None or len(other) != len(shape):
+            shapes[name] = shape
+            continue
+        shapes[name] = tuple(a if isinstance(a, int) else b for a, b in zip(shape, other, strict=True))
+    for value in model.graph.initializers.values():
+        if value.const_value is not None:
+            shapes[value.name] = tuple(int(d) for d in value.const_value.shape)
+    return shapes
+
+
+def _is_weight(value: ir.Value | None, shapes: dict[str, Shape], rank: int = 2) -> bool:
+    return value is not None and value.is_initializer() and len(shapes.get(value.name) or ()) == rank
+
+
+def _is_weight_matmul(node: ir.Node, shapes: dict[str, Shape]) -> bool:
+    if node.domain == "" and node.op_type in WEIGHT_MATMULS:
+        return _is_weight(node.inputs[1], shapes)
+    # onnxruntime's block-quantized matmul (int4 exports): B is [N, k_blocks, blob].
+    return node.domain == "com.microsoft" and node.op_type == "MatMulNBits" and _is_weight(node.inputs[1], shapes, 3)
+
+
+def _reached_weight_matmuls(start: ir.Node, weight_nodes: set[str]) -> list[ir.Node]:
+    reached: dict[str, ir.Node] = {}
+    seen: set[int] = set()
+    queue = collections.deque(start.outputs)
+    while queue:
+        value = queue.popleft()
+        for consumer in value.consumers():
+            if id(consumer) in seen:
+                continue
+            seen.add(id(consumer))
+            if consumer.name in weight_nodes:
+                if consumer.inputs[0] is value:  # the activation side, not the weight
+                    reached[consumer.name] = consumer
+                continue
+            if consumer.op_type in SHAPE_READERS:
+                continue
+            queue.extend(consumer.outputs)
+    return list(reached.values())
+
+
+def _fused_blocks(ctx: RuleContext, node: ir.Node) -> tuple[int, ...]:
+    """Block widths of a fused projection, found by following its output to where it is split."""
+    width = ctx.static_dim(node.outputs[0], -1) if ctx.rank(node.outputs[0]) else None
+    if width is None:
+        return ()
+    frontier = [node.outputs[0]]
+    for _ in range(4):
+        next_frontier = []
+        for value in frontier:
+            rank = ctx.rank(value)
+            consumers = value.consumers()
+            slices = [c for c in consumers if c.op_type == "Slice" and c.inputs[0] is value]
+            for consumer in consumers:
+                if consumer.op_type == "Split" and consumer.inputs[0] is value and rank:
+                    axis_attr = consumer.attributes.get("axis")
+                    axis = normalize_dim(axis_attr.as_int() if axis_attr else 0, rank)
+                    if axis == rank - 1:
+                        sizes = _split_sizes(ctx, consumer, width)
+                        if sizes and sum(sizes) == width and len(sizes) > 1:
+                            return tuple(sizes)
+                packed_gqa = consumer.op_type == "GroupQueryAttention" and (
+                    len(consumer.inputs) < 2 or consumer.inputs[1] is None
+                )
+                if packed_gqa and consumer.inputs[0] is value:
+                    blocks = gqa_packed_blocks(ctx, consumer)
+                    if blocks and sum(blocks) == width:
+                        return blocks
+                if consumer.op_type in PASS_THROUGH and consumer.inputs[0] is value:
+                    out_rank = ctx.rank(consumer.outputs[0])
+                    if out_rank and ctx.static_dim(consumer.outputs[0], -1) == width:
+                        next_frontier.append(consumer.outputs[0])
+            if len(slices) > 1 and rank:
+                blocks = _slice_blocks(ctx, slices, rank, width)
+                if blocks:
+                    return blocks
+        frontier = next_frontier
+    return ()
+
+
+def _split_sizes(ctx: RuleContext, node: ir.Node, width: int) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        return ctx.constant_ints(node.inputs[1])
+    attr = node.attributes.get("split")
+    if attr is not None:
+        return list(attr.as_ints())
+    parts = len(node.outputs)
+    return [width // parts] * parts if width % parts == 0 else None
+
+
+def _slice_blocks(ctx: RuleContext, slices: list[ir.Node], rank: int, width: int) -> tuple[int, ...]:
+    """Block widths of a fused output cut by Slices along its last axis (chunk, qkv slicing)."""
+    ranges = []
+    for node in slices:
+        params = slice_params(ctx, node)
+        if params is None:
+            return _runtime_chunk_blocks(ctx, slices, rank, width)
+        starts, ends, axes, steps = params
+        axes = [normalize_dim(a, rank) for a in axes]
+        if rank - 1 not in axes:
+            return ()
+        k = axes.index(rank - 1)
+        if steps[k] != 1:
+            return ()
+        start = starts[k] + width if starts[k] < 0 else starts[k]
+        end = min(ends[k] + width if ends[k] < 0 else ends[k], width)
+        ranges.append((start, end))
+    ranges = sorted(set(ranges))
+    offset = 0
+    for start, end in ranges:
+        if start != offset:
+            return ()
+        offset = end
+    if offset != width:
+        return ()
+    blocks = tuple(end - start for start, end in ranges)
+    shard = Shard(rank - 1, blocks)
+    assert all(block_of_slice(shard, width, s, e, 1) is not None for s, e in ranges)
+    return blocks
+
+
+def _runtime_chunk_blocks(ctx: RuleContext, slices: list[ir.Node], rank: int, width: int) -> tuple[int, ...]:
+    """torch's chunk: Slice bounds computed from the Shape of the fused tensor, so equal pieces.
+
+    Equal pieces are all a shard needs (their order does not matter when they are the same width),
+    and bounds read from the local shape at run time are already local.
+    """
+    widths = []
+    for node in slices:
+        axes = slice_axes(ctx, node, rank)
+        out_width = ctx.static_dim(node.outputs[0], -1) if ctx.rank(node.outputs[0]) == rank else None
+        if axes != [rank - 1] or out_width is None:
+            return ()
+        widths.append(out_width)
+    if len(set(widths)) == 1 and sum(widths) == width:
+        return tuple(widths)
+    return ()
+
+
+def _head_counts(ctx: RuleContext, node: ir.Node, blocks: tuple[int, ...]) -> tuple[int, ...] | None:
+    """Heads per block of a column projection's output, read where it is reshaped into [heads, head_dim]."""
+    output = node.outputs[0]
+    if not blocks:
+        heads = _heads_of(ctx, output)
+        return None if heads is None else (heads,)
+    for consumer in output.consumers():
+        if consumer.op_type == "GroupQueryAttention" and consumer.inputs[0] is output:
+            heads_attr = consumer.attributes.get("num_heads")
+            kv = consumer.attributes.get("kv_num_heads")
+            if heads_attr is not None and kv is not None:
+                return (heads_attr.as_int(), kv.as_int(), kv.as_int())
+    # Phi-3 style: q, k, v sliced out of the fused output by constant Slices, each reshaped to heads.
+    rank = ctx.rank(output)
+    width = ctx.static_dim(output, -1) if rank else None
+    by_start: dict[int, int] = {}
+    for consumer in output.consumers():
+        params = slice_params(ctx, consumer) if consumer.op_type == "Slice" and consumer.inputs[0] is output else None
+        if params is None or rank is None or width is None:
+            continue
+        starts, _, axes, _ = params
+        axes = [normalize_dim(a, rank) for a in axes]
+        if rank - 1 in axes:
+            heads = _heads_of(ctx, consumer.outputs[0])
+            start = starts[axes.index(rank - 1)]
+            if heads is not None:
+                by_start[start + width if start < 0 else start] = heads
+    offsets = [sum(blocks[:i]) for i in range(len(blocks))]
+    if all(offset in by_start for offset in offsets):
+        return tuple(by_start[offset] for offset in offsets)
+    return None
+
+
+def _heads_of(ctx: RuleContext, value: ir.Value) -> int | None:
+    """The head count of a [.., heads * head_dim] value, from the Reshape that splits its last axis."""
+    width = ctx.static_dim(value, -1) if ctx.rank(value) else None
+    frontier = [value]
+    for _ in range(3):
+        next_frontier = []
+        for current in frontier:
+            for consumer in current.consumers():
+                if consumer.op_type == "Reshape" and consumer.inputs[0] is current:
+                    out = ctx.shape(consumer.outputs[0])
+                    static = out is not None and len(out) >= 2 and isinstance(out[-1], int) and isinstance(out[-2], int)
+                    if static and width is not None and out[-1] * out[-2] == width:
+                        return out[-2]
+                if consumer.op_type in ("Add", "Identity", "Cast") and consumer.inputs[0] is current:
+                    next_frontier.append(consumer.outputs[0])
+        frontier = next_frontier
+    return None
+
+
+def _kv_parts_of(ctx: RuleContext, node: ir.Node, blocks: tuple[int, ...]) -> tuple[int, ...]:
+    """Per-block parts when a block has fewer heads than tp ranks (GQA/MQA kv heads are then replicated)."""
+    heads = _head_counts(ctx, node, blocks)
+    if heads is None or all(h % ctx.tp == 0 for h in heads):
+        return ()
+    if not all(h % ctx.tp == 0 or ctx.tp % h == 0 for h in heads):
+        return ()  # propagate reports the head count that tp does not divide
+    parts = tuple(ctx.tp if h % ctx.tp == 0 else h for h in heads)
+    return parts
+
+
+def assign_weight_roles(model: ir.Model, ctx: RuleContext, vocab_parallel: bool = False) -> dict[str, WeightRole]:
+    """Megatron roles of weight matmuls; with `vocab_parallel`, the lm_head and embedding split by vocabulary."""
+    weight_nodes = [node for node in model.graph if _is_weight_matmul(node, ctx.shapes)]
+    names = {node.name for node in weight_nodes}
+    roles: dict[str, WeightRole] = {}
+    for node in weight_nodes:
+        if node.name in roles:
+            continue
+        reached = _reached_weight_matmuls(node, names)
+        if not reached:
+            # The lm_head (its output is the logits): split its vocabulary columns only when asked.
+            lm_head = vocab_parallel and _reaches_graph_output(node)
+            roles[node.name] = WeightRole("column" if lm_head else "replicate")
+            continue
+        blocks = _fused_blocks(ctx, node)
+        roles[node.name] = WeightRole("column", blocks, _kv_parts_of(ctx, node, blocks))
+        for closing in reached:
+            roles.setdefault(closing.name, WeightRole("row"))
+    if vocab_parallel:
+        for node in model.graph:
+            table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" else None
+            axis = node.attributes.get("axis")
+            if _is_weight(table, ctx.shapes) and (axis is None or axis.as_int() == 0):
+                roles[node.name] = WeightRole("vocab")
+    return roles
+
+
+def _reaches_graph_output(node: ir.Node) -> bool:
+    seen: set[int] = set()
+    queue = collections.deque(node.outputs)
+    while queue:
+        value = queue.popleft()
+        if value.is_graph_output():
+            return True
+        for consumer in value.consumers():
+            if id(consumer) not in seen and consumer.op_type not in SHAPE_READERS:
+                seen.add(id(consumer))
+                queue.extend(consumer.outputs)
+    return False
+
+
+class AnnotatePass(ir.passes.InPlacePass):
+    """Names, constants, global shapes and weight roles; the graph's meaning is unchanged."""
+
+    def __init__(self, state: ShardingState) -> None:
+        super().__init__()
+        self.state = state
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        NameFixPass()(model)
+        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+        _fold_weight_aliases(model.graph)
+        TopologicalSortPass()(model)
+        self.state.shapes = global_shapes(model)
+        ctx = RuleContext(tp=self.state.tp, shapes=self.state.shapes)
+        self.state.roles = assign_weight_roles(model, ctx, self.state.vocab_parallel)
+        return ir.passes.PassResult(model, modified=True)
+
+    def ensures(self, model: ir.Model) -> None:
+        names = [node.name for node in model.graph]
+        if len(set(names)) != len(names) or not all(names):
+            raise ir.passes.PostconditionError("every node must have a unique name after annotate")

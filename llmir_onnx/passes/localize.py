@@ -1,0 +1,300 @@
+"""Localize: make the graph compute on local shards; then slice the weights for each rank.
+
+Rank-independent part (LocalizePass, in place): every head count or hidden size that became local.
+* Reshape/Expand whose output is split on axis k: the target's element k must be the local size. A
+  constant target is rewritten; a target computed at run time (Shape->Gather->Concat chains) already
+  holds the local size when it reads the shape of a split tensor, and holds the global one when it was
+  a literal: a `Where(target == global, local, target)` on element k covers both, and leaves -1 and 0.
+* Split sizes and Slice bounds on a fused (blocked) axis; head-count attributes of attention ops.
+* Graph inputs and outputs get local shapes; intermediate shapes are dropped (onnxruntime re-infers).
+
+Rank-dependent part (`materialize_rank`): a copy of the localized model with its weights sliced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from llmir_onnx import ops
+from llmir_onnx.errors import ShardingError
+from llmir_onnx.ir_io import MAX_IR_VERSION
+from llmir_onnx.passes.state import ShardingState
+from llmir_onnx.placement import Partial, Placement, Shard, shard_array
+from llmir_onnx.propagation.base import normalize_dim
+
+HEAD_ATTRIBUTES = {
+    "GroupQueryAttention": ("num_heads", "kv_num_heads"),
+    "RotaryEmbedding": ("num_heads",),
+    "Attention": ("num_heads", "q_num_heads", "kv_num_heads"),
+    "MultiHeadAttention": ("num_heads",),
+}
+
+
+class LocalizePass(ir.passes.InPlacePass):
+    def __init__(self, state: ShardingState) -> None:
+        super().__init__()
+        self.state = state
+        self._counter = 0
+
+    def requires(self, model: ir.Model) -> None:
+        if not self.state.collectives_inserted:
+            raise ir.passes.PreconditionError("localize runs after insert_collectives")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        tp = self.state.tp
+        if tp > 1:
+            for node in list(graph):
+                if node.op_type in ("Reshape", "Expand") and node.domain == "":
+                    self._localize_target(graph, node)
+                elif node.op_type == "Split" and node.domain == "":
+                    self._localize_split(graph, node)
+                elif node.op_type == "Slice" and node.domain == "":
+                    self._localize_slice(graph, node)
+                elif node.op_type in HEAD_ATTRIBUTES:
+                    self._localize_heads(node)
+                elif node.op_type == "Gather" and getattr(self.state.roles.get(node.name), "kind", "") == "vocab":
+                    self._localize_vocab_gather(graph, node)
+                elif node.op_type == "MatMulNBits":
+                    self._localize_nbits(node)
+        io_values = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
+        for value in [*graph.inputs, *graph.outputs]:
+            value.shape = self._local_shape(value)
+        for node in graph:
+            for value in node.outputs:
+                if value.name not in io_values:
+                    value.shape = None
+        model.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
+        model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+        self.state.localized = True
+        return ir.passes.PassResult(model, modified=True)
+
+    def _placement(self, value: ir.Value | None) -> Placement | None:
+        return None if value is None else self.state.placements.get(value.name)
+
+    def _global_dim(self, value: ir.Value, dim: int) -> int:
+        shape = self.state.shapes.get(value.name)
+        size = shape[dim] if shape else None
+        if not isinstance(size, int):
+            raise ShardingError(f"axis {dim} of {value.name!r} has no static size; cannot localize it")
+        return size
+
+    def _local_shape(self, value: ir.Value) -> ir.Shape | None:
+        shape = self.state.shapes.get(value.name)
+        placement = self._placement(value)
+        if shape is None:
+            return value.shape
+        dims: list[int | str | None] = list(shape)
+        for axis, _, local in self._local_axes(value, placement):
+            dims[axis] = local
+        return ir.Shape(
+            [d if isinstance(d, int) else (d if isinstance(d, str) and d.isidentifier() else None) for d in dims]
+        )
+
+    def _local_axes(self, value: ir.Value, placement: Placement | None) -> list[tuple[int, int, int]]:
+        """(axis, global size, local size) of every axis of `value` that is split."""
+        if not isinstance(placement, Shard):
+            return []
+        axes = [(placement.dim, self._global_dim(value, placement.dim))]
+        axes_local = [(placement.dim, axes[0][1], placement.local_size(axes[0][1], self.state.tp))]
+        if placement.inner:
+            size = self._global_dim(value, placement.dim + 1)
+            axes_local.append((placement.dim + 1, size, size // placement.inner))
+        return axes_local
+
+    def _new_initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
+        self._counter += 1
+        name = f"{base}__local_{self._counter}"
+        value = ir.Value(
+            name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.from_numpy(array.dtype))
+        )
+        value.const_value = ir.tensor(array, name=name)
+        graph.register_initializer(value)
+        return value
+
+    def _localize_target(self, graph: ir.Graph, node: ir.Node) -> None:
+        out = node.outputs[0]
+        split_axes = self._local_axes(out, self._placement(out))
+        target = node.inputs[1]
+        if not split_axes or target is None:
+            return
+        if target.const_value is not None:
+            values = target.const_value.numpy().astype(np.int64).reshape(-1).copy()
+            for k, size, local in split_axes:
+                if values[k] == size:
+                    values[k] = local
+                elif values[k] not in (-1, 0, 1, local):
+                    raise ShardingError(
+                        f"node {node.name} ({node.op_type}) gives axis {k} the size {values[k]}, expected {size}; "
+                        "cannot localize its target shape"
+                    )
+            node.replace_input_with(1, self._new_initializer(graph, target.name, values))
+            return
+        # At run time element k is either the global size (a literal), the local size (read from the
+        # shape of a split tensor), or in between: repeat_kv's `kv_heads_local * n_rep` when kv heads are
+        # replicated. Every value but the local one is rewritten; -1 and 0 are left alone.
+        rank = len(self.state.shapes.get(out.name) or ())
+        tp = self.state.tp
+        current = target
+        for k, size, local in split_axes:
+            candidates = sorted({size // d for d in range(1, tp + 1) if tp % d == 0 and size % d == 0} - {local})
+            for candidate in candidates:
+                marker = np.full(rank, -2, dtype=np.int64)
+                marker[k] = candidate
+                replacement = np.zeros(rank, dtype=np.int64)
+                replacement[k] = local
+                marker_value = self._new_initializer(graph, f"{node.name}/size_{candidate}", marker)
+                local_value = self._new_initializer(graph, f"{node.name}/local_size", replacement)
+                equal = ir.Node("", "Equal", [current, marker_value], name=f"{node.name}/llmir_is_{k}_{candidate}")
+                where = ir.Node(
+                    "",
+                    "Where",
+                    [equal.outputs[0], local_value, current],
+                    name=f"{node.name}/llmir_local_{k}_{candidate}",
+                )
+                graph.insert_before(node, [equal, where])
+                current = where.outputs[0]
+        node.replace_input_with(1, current)
+
+    def _localize_split(self, graph: ir.Graph, node: ir.Node) -> None:
+        placement = self._placement(node.inputs[0])
+        if not isinstance(placement, Shard) or not placement.blocks:
+            return
+        rank = len(self.state.shapes.get(node.inputs[0].name) or ())
+        axis_attr = node.attributes.get("axis")
+        axis = normalize_dim(axis_attr.as_int() if axis_attr else 0, rank)
+        if axis != placement.dim:
+            return
+        local = np.array(
+            [b // placement.block_parts(i, self.state.tp) for i, b in enumerate(placement.blocks)], dtype=np.int64
+        )
+        if len(node.inputs) > 1 and node.inputs[1] is not None:
+            node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/split", local))
+        elif "split" in node.attributes:
+            node.attributes["split"] = ir.AttrInt64s("split", [int(x) for x in local])
+
+    def _localize_slice(self, graph: ir.Graph, node: ir.Node) -> None:
+        placement = self._placement(node.inputs[0])
+        if not isinstance(placement, Shard) or not placement.blocks:
+            return
+        rank = len(self.state.shapes.get(node.inputs[0].name) or ())
+        axes_value = node.inputs[3] if len(node.inputs) > 3 else None
+        if node.inputs[1].const_value is None or node.inputs[2].const_value is None:
+            return  # bounds read from the local shape at run time (propagate checked they are equal blocks)
+        starts = node.inputs[1].const_value.numpy().astype(np.int64).reshape(-1)
+        ends = node.inputs[2].const_value.numpy().astype(np.int64).reshape(-1)
+        axes = (
+            axes_value.const_value.numpy().reshape(-1).tolist() if axes_value is not None else list(range(len(starts)))
+        )
+        axes = [normalize_dim(int(a), rank) for a in axes]
+        if placement.dim not in axes:
+            return
+        k = axes.index(placement.dim)
+        size = self._global_dim(node.inputs[0], placement.dim)
+        tp = self.state.tp
+        new_starts, new_ends = starts.copy(), ends.copy()
+        start = starts[k] + size if starts[k] < 0 else starts[k]
+        end = min(ends[k] + size if ends[k] < 0 else ends[k], size)
+        # Local offsets of the selected block: the local widths of the blocks before it.
+        offset = local_offset = 0
+        for index, block in enumerate(placement.blocks):
+            if offset == start:
+                break
+            offset += block
+            local_offset += block // placement.block_parts(index, tp)
+        new_starts[k] = local_offset
+        new_ends[k] = local_offset + (end - start) // placement.block_parts(index, tp)
+        node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/starts", new_starts))
+        node.replace_input_with(2, self._new_initializer(graph, f"{node.name}/ends", new_ends))
+
+    def _localize_vocab_gather(self, graph: ir.Graph, node: ir.Node) -> None:
+        """Embedding lookup in this rank's vocabulary rows; ids outside them give zeros (summed later)."""
+        table, ids = node.inputs[0], node.inputs[1]
+        if table is None or ids is None or not isinstance(self._placement(table), Shard):
+            return
+        vocab = self._global_dim(table, 0)
+        local = vocab // self.state.tp
+        dtype = (ids.dtype or ir.DataType.INT64).numpy()
+        name = node.name
+        start = self._rank_initializer(graph, f"{name}/vocab_start", lambda r: np.array(r * local, dtype=dtype))
+        size = self._new_initializer(graph, f"{name}/vocab_size", np.array(local, dtype=dtype))
+        zero = self._new_initializer(graph, f"{name}/zero", np.array(0, dtype=dtype))
+        minus_one = self._new_initializer(graph, f"{name}/last_axis", np.array([-1], dtype=np.int64))
+        shifted = ir.Node("", "Sub", [ids, start], name=f"{name}/llmir_local_ids")
+        above = ir.Node("", "GreaterOrEqual", [shifted.outputs[0], zero], name=f"{name}/llmir_above")
+        below = ir.Node("", "Less", [shifted.outputs[0], size], name=f"{name}/llmir_below")
+        mine = ir.Node("", "And", [above.outputs[0], below.outputs[0]], name=f"{name}/llmir_mine")
+        safe = ir.Node("", "Where", [mine.outputs[0], shifted.outputs[0], zero], name=f"{name}/llmir_safe_ids")
+        graph.insert_before(node, [shifted, above, below, mine, safe])
+        node.replace_input_with(1, safe.outputs[0])
+        out = node.outputs[0]
+        table_type = table.dtype or ir.DataType.FLOAT
+        mask = ir.Node("", "Unsqueeze", [mine.outputs[0], minus_one], name=f"{name}/llmir_mask")
+        mask_float = ir.Node(
+            "",
+            "Cast",
+            [mask.outputs[0]],
+            attributes=[ir.AttrInt64("to", table_type.value)],
+            name=f"{name}/llmir_mask_cast",
+        )
+        masked = ir.Node("", "Mul", [out, mask_float.outputs[0]], name=f"{name}/llmir_masked")
+        # Rewire every reader of the lookup to the masked value, then let the Mul read the raw lookup.
+        out.replace_all_uses_with(masked.outputs[0])
+        masked.replace_input_with(0, out)
+        graph.insert_after(node, [mask, mask_float, masked])
+        placement = self._placement(out)
+        if placement is not None and masked.outputs[0].name:
+            self.state.placements[masked.outputs[0].name] = placement
+
+    def _localize_nbits(self, node: ir.Node) -> None:
+        role = self.state.roles.get(node.name)
+        if role is None or not isinstance(self._placement(node.inputs[1]), Shard):
+            return
+        name = "N" if role.kind == "column" else "K"
+        node.attributes[name] = ir.AttrInt64(name, node.attributes[name].as_int() // self.state.tp)
+
+    def _rank_initializer(self, graph: ir.Graph, base: str, per_rank: Callable[[int], np.ndarray]) -> ir.Value:
+        value = self._new_initializer(graph, base, per_rank(0))
+        self.state.rank_constants[value.name] = per_rank
+        return value
+
+    def _localize_heads(self, node: ir.Node) -> None:
+        if not any(isinstance(self._placement(v), Shard) for v in node.inputs if v is not None):
+            return
+        tp = self.state.tp
+        for name in HEAD_ATTRIBUTES[node.op_type]:
+            attr = node.attributes.get(name)
+            if attr is not None and attr.as_int() > 0:
+                heads = attr.as_int()
+                # kv heads fewer than ranks are replicated: each rank keeps one.
+                local = heads // tp if heads % tp == 0 else 1
+                node.attributes[name] = ir.AttrInt64(name, local)
+
+
+def materialize_rank(template: ir.Model, state: ShardingState, tp_rank: int) -> ir.Model:
+    """A copy of the localized model holding the weights of one tp rank."""
+    model = template.clone()
+    tp = state.tp
+    for name, value in model.graph.initializers.items():
+        if name in state.rank_constants:
+            array = state.rank_constants[name](tp_rank)
+            value.const_value = ir.tensor(array, name=name)
+            continue
+        placement = state.weight_placements.get(name, state.placements.get(name))
+        if tp == 1 or placement is None or not isinstance(placement, Shard | Partial):
+            continue
+        array = value.const_value.numpy()
+        if isinstance(placement, Shard):
+            view = state.weight_views.get(name)
+            viewed = array.reshape(view) if view else array
+            array = np.ascontiguousarray(shard_array(viewed, placement, tp, tp_rank))
+            if view:
+                array = array.reshape(-1)
+        elif tp_rank != 0:
+            array = np.zeros_like(array)
+        value.const_value = ir.tensor(array, name=name)
+        value.shape = ir.Shape(array.shape)
+    return model

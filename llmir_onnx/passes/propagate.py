@@ -1,0 +1,172 @@
+"""Propagate: give every value a placement, node by node in topological order.
+
+Weights and graph inputs are *free*: the first rule that asks for a placement fixes theirs (a weight is
+then sliced, an input bound as a slice). A weight asked for a different placement by a later consumer
+is duplicated for that consumer (the copy shares the stored bytes until localize slices it). Any other
+mismatch between what a value holds and what its consumer's rule needs is a redistribution, which
+insert_collectives turns into a collective.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import onnx_ir as ir
+
+from llmir_onnx.errors import ShardingError
+from llmir_onnx.passes.state import Redistribution, ShardingState
+from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
+from llmir_onnx.propagation import lookup
+from llmir_onnx.propagation.base import Decision, RuleContext, any_sharded, divisibility_error, replicated
+
+logger = logging.getLogger(__name__)
+
+
+def _check_divisible(ctx: RuleContext, node: ir.Node, value: ir.Value, placement: Placement) -> None:
+    if not isinstance(placement, Shard):
+        return
+    size = ctx.static_dim(value, placement.dim) if ctx.rank(value) is not None else None
+    if size is None:
+        raise ShardingError(
+            f"value {value.name!r} of node {node.name} ({node.op_type}) is split on axis {placement.dim} whose "
+            "size is not static; export the model with static head counts and hidden sizes"
+        )
+    sizes = list(placement.blocks) if placement.blocks else [size]
+    if sum(sizes) != size:
+        raise ShardingError(f"internal: blocks {placement} of {value.name!r} do not add up to its size {size}")
+    if placement.parts:
+        # Fewer parts than ranks was chosen from a head count; that count carries the tp constraint.
+        if not placement.divides(size, ctx.tp):
+            raise ShardingError(f"internal: {placement} does not split axis {placement.dim} of {value.name!r}")
+        return
+    ctx.require_divisible(node, f"axis {placement.dim} of {value.name!r}", sizes)
+
+
+class PropagatePass(ir.passes.InPlacePass):
+    """Placements for every value; redistributions where a rule needs something else."""
+
+    def __init__(self, state: ShardingState) -> None:
+        super().__init__()
+        self.state = state
+
+    def requires(self, model: ir.Model) -> None:
+        if not self.state.shapes:
+            raise ir.passes.PreconditionError("propagate needs global shapes: run AnnotatePass first")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        state = self.state
+        ctx = RuleContext(tp=state.tp, shapes=state.shapes, roles=state.roles)
+        graph = model.graph
+        free = {v.name for v in graph.inputs} | set(graph.initializers)
+        placements = state.placements
+        for value in graph.inputs:
+            if value.name in state.input_seeds:
+                placements[value.name] = state.input_seeds[value.name]
+        reduced: set[str] = set()
+        for node in list(graph):
+            current = [placements.get(v.name) if v is not None else None for v in node.inputs]
+            # A Partial value already reduced for an earlier consumer is offered reduced: reusing that
+            # AllReduce beats carrying the partial further and reducing it a second time downstream.
+            current = [
+                REPLICATE if v is not None and isinstance(p, Partial) and v.name in reduced else p
+                for v, p in zip(node.inputs, current, strict=True)
+            ]
+            decision = self._decide(ctx, node, current)
+            self._check_captured_values(node)
+            for index, (value, required) in enumerate(zip(node.inputs, decision.inputs, strict=True)):
+                if value is None or required is None:
+                    continue
+                held = placements.get(value.name)
+                if index in decision.weight_views:
+                    state.weight_views[value.name] = decision.weight_views[index]
+                if held is None and value.name in free:
+                    placements[value.name] = required
+                    continue
+                held = held or REPLICATE
+                if held == required:
+                    continue
+                if isinstance(held, Partial) and isinstance(required, Replicate):
+                    reduced.add(value.name)
+                if value.is_initializer():
+                    self._duplicate_weight(graph, node, index, value, required)
+                    continue
+                state.redistributions.append(Redistribution(node.name, index, value.name, held, required))
+            for value, placement in zip(node.outputs, decision.outputs, strict=True):
+                _check_divisible(ctx, node, value, placement)
+                placements[value.name] = placement
+        error = divisibility_error(state.tp, ctx.constraints)
+        if error is not None:
+            raise error
+        for value in graph.inputs:
+            placements.setdefault(value.name, REPLICATE)
+        for name in graph.initializers:
+            placements.setdefault(name, REPLICATE)
+        for value in graph.outputs:
+            held = placements.get(value.name, REPLICATE)
+            if state.keep_output_placements:
+                break
+            rank = len(state.shapes.get(value.name) or ())
+            vocab_split = state.vocab_parallel and isinstance(held, Shard) and rank and held.dim == rank - 1
+            if isinstance(held, Partial) or (isinstance(held, Shard) and held.blocks) or vocab_split:
+                state.output_targets[value.name] = REPLICATE
+        state.weight_placements = {name: placements[name] for name in graph.initializers}
+        state.propagated = True
+        return ir.passes.PassResult(model, modified=True)
+
+    def _check_captured_values(self, node: ir.Node) -> None:
+        """Subgraphs (If/Loop/Scan) read outer values implicitly; no rule sees those, so they must be full."""
+        for attr in node.attributes.values():
+            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else []
+            graphs += list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
+            for subgraph in graphs:
+                for inner in ir.traversal.RecursiveGraphIterator(subgraph):
+                    for value in inner.inputs:
+                        held = self.state.placements.get(value.name) if value is not None else None
+                        if value is not None and value.graph is not subgraph and held not in (None, REPLICATE):
+                            raise ShardingError(
+                                f"node {node.name} ({node.op_type}) reads {value.name!r}, which is {held}, inside "
+                                "its subgraph; sharding through control flow is not supported: export without it"
+                            )
+
+    def _decide(self, ctx: RuleContext, node: ir.Node, current: list[Placement | None]) -> Decision:
+        rule = lookup(node)
+        if rule is None:
+            if not any_sharded(current):
+                return replicated(node)
+            held = ", ".join(
+                f"{v.name!r} is {p}"
+                for v, p in zip(node.inputs, current, strict=True)
+                if v is not None and p not in (None, REPLICATE)
+            )
+            domain = node.domain or "ai.onnx"
+            if not self.state.replicate_unsupported:
+                raise ShardingError(
+                    f"no sharding rule for op {domain}::{node.op_type} in node {node.name}, which sits in a sharded "
+                    f"region ({held}); pass --replicate-unsupported to gather its inputs and run it replicated"
+                )
+            message = f"node {node.name} ({domain}::{node.op_type}) has no sharding rule; its inputs are gathered"
+            logger.warning(message)
+            self.state.warnings.append(message)
+            return replicated(node)
+        decision = rule(ctx, node, current)
+        if len(decision.inputs) != len(node.inputs) or len(decision.outputs) != len(node.outputs):
+            raise ShardingError(f"internal: the rule for {node.op_type} answered for the wrong number of values")
+        return decision
+
+    def _duplicate_weight(
+        self, graph: ir.Graph, node: ir.Node, index: int, value: ir.Value, required: Placement
+    ) -> None:
+        copy = ir.Value(name=f"{value.name}__{required!s}", shape=value.shape, type=value.type)
+        copy.const_value = value.const_value
+        if copy.name not in graph.initializers:
+            graph.register_initializer(copy)
+        else:
+            copy = graph.initializers[copy.name]
+        node.replace_input_with(index, copy)
+        self.state.placements[copy.name] = required
+        self.state.shapes[copy.name] = self.state.shapes.get(value.name)
+
+    def ensures(self, model: ir.Model) -> None:
+        missing = [v.name for node in model.graph for v in node.outputs if v.name not in self.state.placements]
+        if missing:
+            raise ir.passes.PostconditionError(f"values without placement: {missing[:5]}")

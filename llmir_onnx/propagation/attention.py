@@ -1,0 +1,123 @@
+"""Attention ops of onnxruntime's contrib domain and of opset 23, sharded by heads.
+
+Their head counts are attributes; localize divides them by tp. A packed qkv input (GroupQueryAttention
+with empty key/value inputs) is a fused shard whose blocks are the q, k and v columns.
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from llmir_onnx.placement import REPLICATE, Placement, Shard
+from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def gqa_packed_blocks(ctx: RuleContext, node: ir.Node) -> tuple[int, ...] | None:
+    """Global [q | k | v] column widths of a packed GroupQueryAttention query input."""
+    width = ctx.static_dim(node.inputs[0], -1) if ctx.rank(node.inputs[0]) else None
+    heads, kv_heads = _attr_int(node, "num_heads", 0), _attr_int(node, "kv_num_heads", 0)
+    if width is None or not heads or not kv_heads:
+        return None
+    head_dim = width // (heads + 2 * kv_heads)
+    return (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim)
+
+
+def _check_heads(ctx: RuleContext, node: ir.Node, names: tuple[str, ...]) -> None:
+    for name in names:
+        count = _attr_int(node, name, 0)
+        if count:
+            ctx.require_divisible(node, name, [count], replicable=name == "kv_num_heads")
+
+
+def kv_parts(tp: int, kv_heads: int) -> tuple[int, ...]:
+    """Parts of the kv-head axis: () for tp-way, (kv_heads,) when the kv heads are fewer than the ranks."""
+    return (kv_heads,) if kv_heads and kv_heads % tp and tp % kv_heads == 0 else ()
+
+
+@register(["GroupQueryAttention"], domain="com.microsoft")
+def gqa_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    _check_heads(ctx, node, ("num_heads", "kv_num_heads"))
+    packed = len(node.inputs) < 2 or node.inputs[1] is None
+    query = placements[0]
+    if not isinstance(query, Shard):
+        return replicated(node)
+    if packed:
+        blocks = gqa_packed_blocks(ctx, node)
+        if blocks is None or query.blocks != blocks:
+            return replicated(node)
+    kv = kv_parts(ctx.tp, _attr_int(node, "kv_num_heads", 0))
+    required: list[Placement | None] = []
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            required.append(None)
+        elif index == 0:
+            required.append(query)
+        elif index in (1, 2):
+            required.append(Shard(2, (), kv))
+        elif index in (3, 4):
+            required.append(Shard(1, (), kv))  # past key / value: [batch, kv_heads, past, head_dim]
+        else:
+            required.append(REPLICATE)  # seqlens_k, total_sequence_length, cos/sin caches, ...
+    outputs: list[Placement] = [Shard(2), Shard(1, (), kv), Shard(1, (), kv)][: len(node.outputs)]
+    return Decision(required, outputs)
+
+
+@register(["RotaryEmbedding"], domain="com.microsoft")
+@register(["RotaryEmbedding"])
+def rotary_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = placements[0]
+    rank = ctx.rank(node.inputs[0])
+    if not isinstance(shard, Shard) or rank is None:
+        return replicated(node)
+    heads = _attr_int(node, "num_heads", 0)
+    if rank == 3 and (not heads or shard.dim != 2 or shard.blocks):
+        return replicated(node)  # [batch, seq, heads * head_dim] without a head count: cannot localize
+    if rank == 4 and shard.dim not in (0, 1):
+        return replicated(node)  # [batch, heads, seq, head_dim]: only batch and heads may be split
+    heads = _attr_int(node, "num_heads", 0)
+    if heads:
+        ctx.require_divisible(node, "num_heads", [heads], replicable=bool(shard.parts))
+    return Decision([shard, *[REPLICATE if v is not None else None for v in node.inputs[1:]]], [shard])
+
+
+def _heads_axis(rank: int | None) -> int | None:
+    """Heads axis of an attention operand: [batch, heads, seq, head_dim] or [batch, seq, heads*head_dim]."""
+    return {4: 1, 3: 2}.get(rank or 0)
+
+
+@register(["Attention"])
+def onnx_attention_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    """opset-23 Attention(Q, K, V, attn_mask, past_key, past_value) -> (Y, present_key, present_value, qk)."""
+    query = placements[0]
+    q_axis = _heads_axis(ctx.rank(node.inputs[0]))
+    if not isinstance(query, Shard) or q_axis is None or query.dim != q_axis or query.blocks:
+        return replicated(node)
+    _check_heads(ctx, node, ("q_num_heads", "kv_num_heads"))
+    key = placements[1]
+    kv = key.parts if isinstance(key, Shard) else ()
+    required: list[Placement | None] = []
+    for index, value in enumerate(node.inputs):
+        if value is None:
+            required.append(None)
+        elif index in (0, 1, 2):
+            axis = _heads_axis(ctx.rank(value))
+            if axis is None:
+                return replicated(node)
+            required.append(Shard(axis, (), kv if index else ()))
+        elif index == 3:
+            shape = ctx.shape(value)
+            # The mask broadcasts to [batch, q_heads, q_seq, kv_seq]: split its head axis when it has one.
+            per_head = shape is not None and len(shape) == 4 and shape[1] != 1
+            required.append(Shard(1) if per_head else REPLICATE)
+        elif index in (4, 5):
+            required.append(Shard(1, (), kv))
+        else:
+            required.append(REPLICATE)
+    y_axis = _heads_axis(ctx.rank(node.outputs[0])) or q_axis
+    outputs: list[Placement] = [Shard(y_axis), Shard(1, (), kv), Shard(1, (), kv), Shard(1)][: len(node.outputs)]
+    return Decision(required, outputs)

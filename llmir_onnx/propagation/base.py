@@ -1,0 +1,182 @@
+"""What a sharding rule sees and returns.
+
+A rule is a function ``rule(ctx, node, placements) -> Decision``. ``placements`` holds, per input, the
+placement that value currently has, or None where the input is absent or is a *free* value (a weight
+or a graph input whose placement has not been fixed yet: it can take whatever the rule asks for at
+no communication cost, the weight is sliced or the input bound as a slice). The decision says which
+placement every input must have (the propagate pass inserts a redistribution where it differs) and
+which placement every output gets. Rules never touch the graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import onnx_ir as ir
+
+from llmir_onnx.errors import ShardingError
+from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
+
+Dim = int | str | None
+Shape = tuple[Dim, ...] | None
+
+
+@dataclass
+class Decision:
+    inputs: list[Placement | None]
+    outputs: list[Placement]
+    note: str = ""
+    # Input index -> the shape a flat weight is viewed as before it is sliced (MatMulNBits' 1-D scales).
+    weight_views: dict[int, tuple[int, ...]] = field(default_factory=dict)
+
+
+@dataclass
+class WeightRole:
+    """How annotate decided to split one weight matmul (Megatron layout)."""
+
+    kind: str  # "column" | "row" | "replicate"
+    blocks: tuple[int, ...] = ()
+    parts: tuple[int, ...] = ()  # per block; set when a block has fewer heads than tp (KV heads replicated)
+
+
+@dataclass(frozen=True)
+class SplitConstraint:
+    """A size that the tp degree must divide for this layout (a head count, a block of columns)."""
+
+    node: str
+    op_type: str
+    what: str
+    sizes: tuple[int, ...]
+    # KV heads may also be fewer than tp ranks: each is then replicated over tp // heads ranks.
+    replicable: bool = False
+
+    def allows(self, tp: int) -> bool:
+        return all(size % tp == 0 or (self.replicable and tp % size == 0) for size in self.sizes)
+
+
+@dataclass
+class RuleContext:
+    tp: int
+    shapes: dict[str, Shape]
+    roles: dict[str, WeightRole] = field(default_factory=dict)
+    constraints: list[SplitConstraint] = field(default_factory=list)
+
+    def require_divisible(self, node: ir.Node, what: str, sizes: Sequence[int], replicable: bool = False) -> None:
+        """Record that `sizes` are split over tp; propagation goes on, the error comes once, at the end."""
+        self.constraints.append(
+            SplitConstraint(node.name, node.op_type, what, tuple(int(s) for s in sizes), replicable)
+        )
+
+    def shape(self, value: ir.Value | None) -> Shape:
+        if value is None:
+            return None
+        return self.shapes.get(value.name)
+
+    def rank(self, value: ir.Value | None) -> int | None:
+        shape = self.shape(value)
+        return None if shape is None else len(shape)
+
+    def static_dim(self, value: ir.Value, dim: int) -> int | None:
+        shape = self.shape(value)
+        if shape is None:
+            return None
+        size = shape[dim]
+        return size if isinstance(size, int) else None
+
+    def constant(self, value: ir.Value | None) -> ir.TensorProtocol | None:
+        if value is None:
+            return None
+        return value.const_value
+
+    def constant_ints(self, value: ir.Value | None) -> list[int] | None:
+        tensor = self.constant(value)
+        if tensor is None:
+            return None
+        return [int(x) for x in tensor.numpy().reshape(-1)]
+
+
+Rule = Callable[[RuleContext, ir.Node, list[Placement | None]], Decision]
+
+_RULES: dict[tuple[str, str], Rule] = {}
+
+
+def _normalize_domain(domain: str) -> str:
+    return "" if domain in ("", "ai.onnx") else domain
+
+
+def register(op_types: Sequence[str], domain: str = "") -> Callable[[Rule], Rule]:
+    def wrap(rule: Rule) -> Rule:
+        for op_type in op_types:
+            _RULES[(_normalize_domain(domain), op_type)] = rule
+        return rule
+
+    return wrap
+
+
+def lookup(node: ir.Node) -> Rule | None:
+    return _RULES.get((_normalize_domain(node.domain), node.op_type))
+
+
+def registered_ops() -> list[tuple[str, str]]:
+    return sorted(_RULES)
+
+
+def normalize_dim(dim: int, rank: int) -> int:
+    return dim + rank if dim < 0 else dim
+
+
+def valid_tp_values(sizes: Sequence[int], limit: int = 64) -> str:
+    valid = [t for t in range(1, min([limit, *sizes]) + 1) if all(size % t == 0 for size in sizes)]
+    if len(valid) == 1:
+        return "--tp 1"
+    return "--tp " + ", ".join(str(t) for t in valid[:-1]) + f" or {valid[-1]}"
+
+
+def divisibility_error(tp: int, constraints: Sequence[SplitConstraint]) -> ShardingError | None:
+    """One error for a tp that some split cannot take; head counts are named first, they are what users know."""
+    broken = [c for c in constraints if not c.allows(tp)]
+    if not broken:
+        return None
+    broken.sort(key=lambda c: (not c.what.startswith(("num_heads", "kv_num_heads")),))
+    first = broken[0]
+    shown = first.sizes[0] if len(first.sizes) == 1 else "|".join(str(s) for s in first.sizes)
+    # At another tp, head counts below the largest one (kv heads of GQA/MQA) may be replicated instead.
+    heads = [size for c in constraints if c.what.startswith("num_heads") for size in c.sizes]
+    most = max(heads, default=0)
+    kv_counts = {size for size in heads if size < most}
+    listing = [dataclasses.replace(c, replicable=True) if kv_counts.issuperset(c.sizes) else c for c in constraints]
+    limit = max(size for c in constraints for size in c.sizes)
+    valid = [t for t in range(1, min(limit, 64) + 1) if all(c.allows(t) for c in listing)]
+    listed = "--tp 1" if len(valid) == 1 else "--tp " + ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
+    return ShardingError(
+        f"--tp {tp} does not divide {first.what}={shown} in node {first.node} ({first.op_type}); use {listed}"
+    )
+
+
+def replicated(node: ir.Node) -> Decision:
+    """Everything replicated: the safe answer for ops that are correct only on full tensors."""
+    return Decision([REPLICATE if v is not None else None for v in node.inputs], [REPLICATE] * len(node.outputs))
+
+
+def any_sharded(placements: Sequence[Placement | None]) -> bool:
+    return any(isinstance(p, Shard | Partial) for p in placements)
+
+
+__all__ = [
+    "REPLICATE",
+    "Decision",
+    "Partial",
+    "Placement",
+    "Replicate",
+    "RuleContext",
+    "Shard",
+    "WeightRole",
+    "any_sharded",
+    "divisibility_error",
+    "lookup",
+    "normalize_dim",
+    "register",
+    "replicated",
+]

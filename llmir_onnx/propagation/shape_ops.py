@@ -1,0 +1,356 @@
+"""Data movement: Reshape/Flatten, Transpose, (Un)Squeeze, Expand, Concat, Split, Slice, Gather, and
+the ops that only read shapes (Shape, Size) or make tensors from them (ConstantOfShape, Range).
+
+Reshape follows DTensor's view rules: dims are grouped by equal products; a 1-to-1 dim keeps its
+shard; a flattened group stays sharded only if its leftmost piece is the sharded one; a split dim
+stays sharded on its leftmost piece, which must be divisible by tp (that is where a head count
+that tp does not divide is caught).
+"""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
+from llmir_onnx.propagation.base import (
+    Decision,
+    RuleContext,
+    Shape,
+    normalize_dim,
+    register,
+    replicated,
+)
+
+INT64_MAX = 2**63 - 1
+
+
+def _attr_int(node: ir.Node, name: str, default: int) -> int:
+    attr = node.attributes.get(name)
+    return default if attr is None else attr.as_int()
+
+
+def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
+    attr = node.attributes.get(name)
+    return None if attr is None else list(attr.as_ints())
+
+
+def _only_shard(placements: list[Placement | None]) -> Shard | None:
+    first = placements[0] if placements else None
+    return first if isinstance(first, Shard) else None
+
+
+def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape: Shape, shard: Shard) -> Shard | None:
+    """Where the shard of `in_shape` lands in `out_shape`, or None when the reshape mixes it up."""
+    if in_shape is None or out_shape is None:
+        return None
+    n, m, dim = len(in_shape), len(out_shape), shard.dim
+    prefix = 0
+    while prefix < min(n, m) and in_shape[prefix] is not None and in_shape[prefix] == out_shape[prefix]:
+        prefix += 1
+    if dim < prefix:
+        return shard
+    suffix = 0
+    while (
+        suffix < min(n, m) - prefix
+        and in_shape[n - 1 - suffix] is not None
+        and in_shape[n - 1 - suffix] == out_shape[m - 1 - suffix]
+    ):
+        suffix += 1
+    if dim >= n - suffix:
+        return shard.with_dim(dim + m - n)
+    middle_in = list(in_shape[prefix : n - suffix])
+    middle_out = list(out_shape[prefix : m - suffix])
+    if not all(isinstance(d, int) for d in middle_in + middle_out):
+        return None
+    groups: list[tuple[list[int], list[int]]] = []
+    i = j = 0
+    while i < len(middle_in) and j < len(middle_out):
+        gi, go = [i], [j]
+        pi, po = middle_in[i], middle_out[j]
+        i, j = i + 1, j + 1
+        while pi != po:
+            if pi < po and i < len(middle_in):
+                pi *= middle_in[i]
+                gi.append(i)
+                i += 1
+            elif po < pi and j < len(middle_out):
+                po *= middle_out[j]
+                go.append(j)
+                j += 1
+            else:
+                return None
+        groups.append((gi, go))
+    local = dim - prefix
+    for gi, go in groups:
+        if local not in gi:
+            continue
+        ins = [d for d in gi if middle_in[d] != 1]
+        outs = [d for d in go if middle_out[d] != 1]
+        if not outs or local not in ins or ins[0] != local:
+            return None
+        first_out = outs[0]
+        if len(ins) == 1 and len(outs) == 1:
+            return shard.with_dim(prefix + first_out)
+        if len(ins) > 1 and len(outs) == 1:
+            if shard.inner:
+                # repeat_kv's [kv_heads, n_rep] merged into the query heads: split tp ways again.
+                return Shard(prefix + first_out) if ins == [local, local + 1] else None
+            return None if shard.blocks else Shard(prefix + first_out, (), shard.parts)
+        if len(ins) == 1 and len(outs) > 1:
+            if shard.blocks:
+                # [3*H] -> [3, H]: the fused blocks become their own axis; the next one is split.
+                widths = set(shard.blocks)
+                rest = 1
+                for d in outs[1:]:
+                    rest *= middle_out[d]
+                if len(widths) == 1 and middle_out[first_out] == len(shard.blocks) and rest == shard.blocks[0]:
+                    second = outs[1]
+                    ctx.require_divisible(node, "num_heads", [middle_out[second]])
+                    return Shard(prefix + second)
+                return None
+            if shard.inner:
+                return None
+            ctx.require_divisible(node, "num_heads", [middle_out[first_out]], replicable=bool(shard.parts))
+            return Shard(prefix + first_out, (), shard.parts)
+        return None
+    return None
+
+
+@register(["Reshape", "Flatten"])
+def reshape_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = _only_shard(placements)
+    if shard is None:
+        return replicated(node)
+    target = map_reshape_dim(ctx, node, ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0]), shard)
+    if target is None:
+        return replicated(node)
+    return Decision([shard, *([REPLICATE] * (len(node.inputs) - 1))], [target])
+
+
+@register(["Transpose"])
+def transpose_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = _only_shard(placements)
+    if shard is None:
+        return replicated(node)
+    rank = ctx.rank(node.inputs[0])
+    perm = _attr_ints(node, "perm") or (list(reversed(range(rank))) if rank is not None else None)
+    if perm is None or shard.inner:
+        return replicated(node)
+    return Decision([shard], [shard.with_dim(perm.index(shard.dim))])
+
+
+def _axes(ctx: RuleContext, node: ir.Node) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        return ctx.constant_ints(node.inputs[1])
+    return _attr_ints(node, "axes")
+
+
+@register(["Unsqueeze"])
+def unsqueeze_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = _only_shard(placements)
+    axes = _axes(ctx, node)
+    out_rank = ctx.rank(node.outputs[0])
+    if shard is None or axes is None or out_rank is None:
+        return replicated(node)
+    inserted = {normalize_dim(a, out_rank) for a in axes}
+    kept = [d for d in range(out_rank) if d not in inserted]
+    return Decision([shard, *([REPLICATE] * (len(node.inputs) - 1))], [shard.with_dim(kept[shard.dim])])
+
+
+@register(["Squeeze"])
+def squeeze_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = _only_shard(placements)
+    in_shape = ctx.shape(node.inputs[0])
+    if shard is None or in_shape is None:
+        return replicated(node)
+    axes = _axes(ctx, node)
+    removed = (
+        {normalize_dim(a, len(in_shape)) for a in axes}
+        if axes is not None
+        else {d for d, size in enumerate(in_shape) if size == 1}
+    )
+    if shard.dim in removed:
+        return replicated(node)
+    new_dim = shard.dim - sum(1 for a in removed if a < shard.dim)
+    return Decision([shard, *([REPLICATE] * (len(node.inputs) - 1))], [shard.with_dim(new_dim)])
+
+
+@register(["Expand"])
+def expand_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = _only_shard(placements)
+    in_rank, out_rank = ctx.rank(node.inputs[0]), ctx.rank(node.outputs[0])
+    if shard is None or in_rank is None or out_rank is None or shard.inner:
+        return replicated(node)
+    out_dim = shard.dim + out_rank - in_rank
+    in_shape, out_shape = ctx.shape(node.inputs[0]), ctx.shape(node.outputs[0])
+    if (
+        shard.is_replicated_within(ctx.tp)
+        and not shard.blocks
+        and in_shape is not None
+        and out_shape is not None
+        and shard.dim + 1 < in_rank
+        and in_shape[shard.dim + 1] == 1
+        and isinstance(out_shape[out_dim + 1], int)
+        and out_shape[out_dim + 1] > 1
+    ):
+        # repeat_kv with fewer kv heads than ranks: a rank repeats its kv head only for its own query heads.
+        repeat = ctx.tp // shard.parts[0]
+        ctx.require_divisible(node, "num_heads/kv_heads", [out_shape[out_dim + 1] * shard.parts[0]])
+        return Decision([shard, REPLICATE], [Shard(out_dim, (), shard.parts, inner=repeat)])
+    return Decision([shard, REPLICATE], [shard.with_dim(out_dim)])
+
+
+@register(["Concat"])
+def concat_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    out_rank = ctx.rank(node.outputs[0])
+    shards = {p for p in placements if isinstance(p, Shard)}
+    if len(shards) != 1 or out_rank is None:
+        return replicated(node)
+    (shard,) = shards
+    axis = normalize_dim(_attr_int(node, "axis", 0), out_rank)
+    if shard.dim == axis:
+        return replicated(node)
+    return Decision([shard if v is not None else None for v in node.inputs], [shard])
+
+
+def _split_sizes(ctx: RuleContext, node: ir.Node, size: int | None) -> list[int] | None:
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        return ctx.constant_ints(node.inputs[1])
+    sizes = _attr_ints(node, "split")
+    if sizes is not None:
+        return sizes
+    parts = _attr_int(node, "num_outputs", len(node.outputs))
+    if size is None:
+        return None
+    step = -(-size // parts)
+    return [min(step, size - i * step) for i in range(parts)]
+
+
+@register(["Split"])
+def split_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = _only_shard(placements)
+    rank = ctx.rank(node.inputs[0])
+    if shard is None or rank is None:
+        return replicated(node)
+    axis = normalize_dim(_attr_int(node, "axis", 0), rank)
+    rest = [REPLICATE] * (len(node.inputs) - 1)
+    if axis != shard.dim:
+        return Decision([shard, *rest], [shard] * len(node.outputs))
+    sizes = _split_sizes(ctx, node, ctx.static_dim(node.inputs[0], axis))
+    if shard.blocks and sizes is not None and tuple(sizes) == shard.blocks:
+        return Decision([shard, *rest], [shard.block(i) for i in range(len(node.outputs))])
+    return replicated(node)
+
+
+def slice_params(ctx: RuleContext, node: ir.Node) -> tuple[list[int], list[int], list[int], list[int]] | None:
+    """Constant (starts, ends, axes, steps) of a Slice, or None when any is computed at run time."""
+    starts = ctx.constant_ints(node.inputs[1])
+    ends = ctx.constant_ints(node.inputs[2])
+    if starts is None or ends is None:
+        return None
+    axes = ctx.constant_ints(node.inputs[3]) if len(node.inputs) > 3 and node.inputs[3] is not None else None
+    steps = ctx.constant_ints(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else None
+    if (len(node.inputs) > 3 and node.inputs[3] is not None and axes is None) or (
+        len(node.inputs) > 4 and node.inputs[4] is not None and steps is None
+    ):
+        return None
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    return starts, ends, axes, steps
+
+
+def slice_axes(ctx: RuleContext, node: ir.Node, rank: int) -> list[int] | None:
+    if len(node.inputs) > 3 and node.inputs[3] is not None:
+        axes = ctx.constant_ints(node.inputs[3])
+        return None if axes is None else [normalize_dim(a, rank) for a in axes]
+    starts = node.inputs[1]
+    shape = ctx.shape(starts)
+    if shape is None or not isinstance(shape[0], int):
+        return None
+    return list(range(shape[0]))
+
+
+def block_of_slice(shard: Shard, size: int, start: int, end: int, step: int) -> int | None:
+    """Which block of a fused shard a Slice selects exactly, or None."""
+    if step != 1:
+        return None
+    start = start + size if start < 0 else start
+    end = min(end + size if end < 0 else end, size)
+    offset = 0
+    for index, block in enumerate(shard.blocks or (size,)):
+        if start == offset and end == offset + block:
+            return index
+        offset += block
+    return None
+
+
+@register(["Slice"])
+def slice_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = _only_shard(placements)
+    rank = ctx.rank(node.inputs[0])
+    if shard is None or rank is None:
+        return replicated(node)
+    rest = [REPLICATE if v is not None else None for v in node.inputs[1:]]
+    axes = slice_axes(ctx, node, rank)
+    if axes is None:
+        return replicated(node)
+    if shard.dim not in axes:
+        return Decision([shard, *rest], [shard])
+    params = slice_params(ctx, node)
+    size = ctx.static_dim(node.inputs[0], shard.dim)
+    if size is None:
+        return replicated(node)
+    if params is None:
+        # Bounds computed at run time from the local shape (torch's chunk): one of equal blocks.
+        out_width = ctx.static_dim(node.outputs[0], shard.dim) if ctx.rank(node.outputs[0]) == rank else None
+        if shard.blocks and len(set(shard.blocks)) == 1 and out_width == shard.blocks[0] and len(set(shard.parts)) <= 1:
+            return Decision([shard, *rest], [shard.block(0)])
+        return replicated(node)
+    starts, ends, _, steps = params
+    k = axes.index(shard.dim)
+    block = block_of_slice(shard, size, starts[k], ends[k], steps[k])
+    if block is None:
+        return replicated(node)
+    return Decision([shard, *rest], [shard.block(block)])
+
+
+@register(["Gather"])
+def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    data_rank, idx_rank = ctx.rank(node.inputs[0]), ctx.rank(node.inputs[1])
+    if data_rank is None or idx_rank is None:
+        return replicated(node)
+    axis = normalize_dim(_attr_int(node, "axis", 0), data_rank)
+    data, indices = placements
+    role = ctx.roles.get(node.name)
+    if role is not None and role.kind == "vocab" and not isinstance(indices, Shard | Partial):
+        # Vocab-parallel embedding: each rank looks up the ids in its rows (others give zeros): a partial sum.
+        vocab = ctx.static_dim(node.inputs[0], 0)
+        if vocab is not None:
+            ctx.require_divisible(node, "the vocabulary size", [vocab])
+        return Decision([Shard(0), REPLICATE], [PARTIAL_SUM])
+    if isinstance(data, Shard) and not isinstance(indices, Shard) and data.dim != axis:
+        out_dim = data.dim if data.dim < axis else data.dim + idx_rank - 1
+        return Decision([data, REPLICATE], [data.with_dim(out_dim)])
+    if isinstance(indices, Shard) and not isinstance(data, Shard):
+        return Decision([REPLICATE, indices], [indices.with_dim(axis + indices.dim)])
+    return replicated(node)
+
+
+@register(["Shape", "Size"])
+def shape_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    # The shape is read at run time from the LOCAL tensor; localize corrects the consumers that need it.
+    return Decision([None], [REPLICATE])
+
+
+@register(["ConstantOfShape", "Range", "Constant", "EyeLike", "NonZero", "RandomNormalLike", "RandomUniformLike"])
+def replicated_producers(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    return replicated(node)
+
+
+@register(["Trilu"])
+def trilu_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
+    shard = _only_shard(placements)
+    rank = ctx.rank(node.inputs[0])
+    if shard is None or rank is None or shard.dim >= rank - 2:
+        return replicated(node)
+    return Decision([shard, *([REPLICATE] * (len(node.inputs) - 1))], [shard])

@@ -1,0 +1,43 @@
+"""DeviceMesh: the group tables in its docstring, asserted literally."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmir_onnx.errors import PlanError
+from llmir_onnx.mesh import DeviceMesh, MeshCoords
+
+
+def test_tp4_pp2_tables() -> None:
+    mesh = DeviceMesh(pp=2, tp=4)
+    assert mesh.world_size == 8
+    assert mesh.groups("tp") == [(0, 1, 2, 3), (4, 5, 6, 7)]
+    assert mesh.groups("pp") == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    assert mesh.groups("cp") == [(0,), (1,), (2,), (3,), (4,), (5,), (6,), (7,)]
+    assert [mesh.coords(r).pp for r in range(8)] == [0, 0, 0, 0, 1, 1, 1, 1]
+    assert [mesh.coords(r).tp for r in range(8)] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert mesh.group(6, "tp") == (4, 5, 6, 7)
+    assert mesh.group(6, "pp") == (2, 6)
+
+
+def test_tp2_pp2_tables() -> None:
+    mesh = DeviceMesh(pp=2, tp=2)
+    assert mesh.groups("tp") == [(0, 1), (2, 3)]
+    assert mesh.groups("pp") == [(0, 2), (1, 3)]
+    assert mesh.coords(3) == MeshCoords(pp=1, cp=0, tp=1)
+
+
+def test_rank_formula_with_context_axis() -> None:
+    mesh = DeviceMesh(pp=2, cp=3, tp=2)
+    for rank in range(mesh.world_size):
+        c = mesh.coords(rank)
+        assert rank == (c.pp * mesh.cp + c.cp) * mesh.tp + c.tp
+        assert mesh.rank_of(c) == rank
+    assert mesh.groups("cp")[0] == (0, 2, 4)
+
+
+def test_bad_mesh_and_rank() -> None:
+    with pytest.raises(PlanError):
+        DeviceMesh(tp=0)
+    with pytest.raises(PlanError, match="outside the mesh"):
+        DeviceMesh(tp=2).coords(2)
