@@ -25,7 +25,7 @@ $(STAMP) $(LIBRARY) &: $(BIN)/python $(INSTALL_INPUTS)
 	touch $(STAMP)
 
 demo: setup
-	$(BIN)/llmir-onnx partition $(DEMO_MODEL) --tp 2 -o $(DEMO_PLAN)
+	$(BIN)/llmir-onnx partition $(DEMO_MODEL) --tp 2 --pp 2 -o $(DEMO_PLAN)
 	$(BIN)/llmir-onnx verify $(DEMO_PLAN)
 
 lint: setup

@@ -81,11 +81,16 @@ def partition(
         str | None,
         typer.Option("--stage-cuts", help="Pipeline cuts as layer indices, e.g. '13,27' (default: cost-balanced)."),
     ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
+    show_progress: Annotated[
+        bool, typer.Option("--progress", help="Progress on stderr even when it is not a terminal.")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Write one ONNX model per rank (tp x pp) and a manifest into OUT."""
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.plan.memory import format_bytes, parse_bytes
+    from llmir_onnx.progress import Progress
 
     manifest = partition_to_dir(
         model,
@@ -99,6 +104,7 @@ def partition(
         max_batch=max_batch,
         max_seq=max_seq,
         stage_cut_after_layer=_parse_cuts(cuts),
+        progress=Progress(enabled=False if quiet else (True if show_progress else None)),
     )
     typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}) to {out}")
     typer.echo(
@@ -254,6 +260,8 @@ def generate(
         spawn_generation,
     )
     from llmir_onnx.runtime.launch import detect_rank_env
+    from llmir_onnx.runtime.sampling import SamplingConfig
+    from llmir_onnx.runtime.session import DEVICE_CPU, DEVICE_CUDA
 
     manifest = Manifest.read(plan)
     tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
@@ -274,6 +282,11 @@ def generate(
         )
     if check and temperature != 0.0:
         raise GenerationError("--check compares greedy tokens: drop --temperature/--top-k/--top-p")
+    SamplingConfig(temperature, top_k, top_p, seed)  # option errors here, before any rank starts
+    if micro_batches > len(rows):
+        raise GenerationError(f"--micro-batches {micro_batches} exceeds the batch of {len(rows)} prompt(s)")
+    if device not in (DEVICE_CPU, DEVICE_CUDA):
+        raise GenerationError(f"--device {device!r}: use {DEVICE_CPU} or {DEVICE_CUDA}")
     stop_ids = list(stop_token_id or [])
     if not stop_ids and not ignore_eos and tokenizer is not None and tokenizer_dir is not None:
         stop_ids = _default_stop_ids(tokenizer, tokenizer_dir)

@@ -2,14 +2,48 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
+
+import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.emit import write_plan
 from llmir_onnx.plan.manifest import Manifest
+from llmir_onnx.progress import QUIET, Progress
+
+
+def _structure_signature(model: ir.Model) -> tuple[Any, ...]:
+    """What the memory plan and cost read: ops with their attributes, value types, weight shapes.
+
+    Tensor values (weights, rank offsets), the peers of Send/Recv and which ranks a collective's group
+    holds (its size stays) are left out: they differ between the tp ranks of a stage and change
+    neither memory nor cost.
+    """
+    graph = model.graph
+    nodes = tuple(
+        (
+            node.domain,
+            node.op_type,
+            tuple(v.name if v is not None else "" for v in node.inputs),
+            tuple((v.name, v.dtype, str(v.shape)) for v in node.outputs),
+            tuple(
+                (name, len(attr.value) if name == "group" else str(attr.value))
+                for name, attr in sorted(node.attributes.items())
+                if name != "peer" and attr.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            ),
+        )
+        for node in ir.traversal.RecursiveGraphIterator(graph)
+    )
+    weights = tuple(
+        (name, value.const_value.dtype, tuple(value.const_value.shape)) if value.const_value is not None else (name,)
+        for name, value in graph.initializers.items()
+    )
+    io = tuple((v.name, v.dtype, str(v.shape)) for v in [*graph.inputs, *graph.outputs])
+    return nodes, weights, io
 
 
 def partition_to_dir(
@@ -25,6 +59,7 @@ def partition_to_dir(
     max_batch: int = 1,
     max_seq: int = 2048,
     stage_cut_after_layer: tuple[int, ...] | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
@@ -35,7 +70,7 @@ def partition_to_dir(
     from llmir_onnx.partition import PartitionOptions, partition
     from llmir_onnx.plan.cost import estimate_phases
     from llmir_onnx.plan.devices import load_profile
-    from llmir_onnx.plan.memory import format_bytes, plan_memory
+    from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
 
     profile = load_profile(device)
     options = PartitionOptions(
@@ -49,12 +84,25 @@ def partition_to_dir(
         max_batch=max_batch,
         max_seq=max_seq,
     )
+    progress = progress if progress is not None else QUIET
+    progress.phase(f"loading {model_path.name} (weights stay on disk)")
     source = load_model(model_path)
+    progress.phase(f"sharding for tp {tp} x pp {pp}")
     result = partition(load_model(model_path), options)
+    progress.phase(f"memory plan and cost of {len(result.ranks)} ranks")
     mesh = result.mesh
     details: list[dict[str, Any]] = []
+    # The tp ranks of one stage run the same graph on equal-shaped weights, so their memory plans and
+    # costs are equal: evaluate each distinct structure once (the shape evaluation dominates planning).
+    analyses: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
     for program in result.ranks:
-        memory = plan_memory(program.model, max_batch, max_seq)
+        signature = _structure_signature(program.model)
+        if signature not in analyses:
+            analysis = plan_memory(program.model, max_batch, max_seq)
+            cost = estimate_phases(program.model, profile, max_batch, max_seq)
+            analyses[signature] = (asdict(analysis), asdict(cost))
+        memory_fields, cost_fields = analyses[signature]
+        memory = MemoryPlan(**memory_fields)
         if device_memory_bytes is not None and memory.total_bytes > device_memory_bytes:
             raise PlanError(
                 f"rank {program.rank} needs {format_bytes(memory.total_bytes)} (weights "
@@ -66,8 +114,8 @@ def partition_to_dir(
         details.append(
             {
                 "layers": [program.layers.start, program.layers.stop] if program.layers is not None else None,
-                "memory": asdict(memory),
-                "cost": asdict(estimate_phases(program.model, profile, max_batch, max_seq)),
+                "memory": copy.deepcopy(memory_fields),
+                "cost": copy.deepcopy(cost_fields),
             }
         )
     mesh_info = {
@@ -86,6 +134,7 @@ def partition_to_dir(
             (p.rank, mesh.coords(p.rank).as_dict(), p.model, list(p.inputs), list(p.outputs)) for p in result.ranks
         ],
         rank_details=details,
+        progress=progress,
         options={
             "tp": tp,
             "pp": pp,

@@ -32,3 +32,7 @@ class VerificationError(LlmirError):
     """Partitioned ranks did not reproduce the original model's outputs within tolerance."""
 
     exit_code = 1
+
+
+class GenerationError(LlmirError):
+    """Generation cannot run as asked: bad sampling options, prompts, tokenizer, or a rank that failed."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import onnx_ir as ir
@@ -71,8 +71,19 @@ def load_model(path: str | os.PathLike, *, check_data: bool = True) -> ir.Model:
     return model
 
 
-def save_model(model: ir.Model, path: str | os.PathLike, *, external_threshold_bytes: int = 1024) -> Path:
-    """Save with weights over the threshold in `<file>.data` beside it; returns the model path."""
+def save_model(
+    model: ir.Model,
+    path: str | os.PathLike,
+    *,
+    external_threshold_bytes: int = 1024,
+    on_tensor: Callable[[ir.TensorProtocol], None] | None = None,
+) -> Path:
+    """Save with weights over the threshold in `<file>.data` beside it; returns the model path.
+
+    Tensors are written one at a time, in initializer order (serial writer: lazy weights are read
+    only while they are written, so memory stays at one tensor's write buffer). `on_tensor` is
+    called with each external tensor as its write starts (progress).
+    """
     model_path = Path(path)
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     ir.save(
@@ -80,6 +91,8 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, external_threshold_b
         model_path,
         external_data=model_path.name + EXTERNAL_DATA_SUFFIX,
         size_threshold_bytes=external_threshold_bytes,
+        callback=None if on_tensor is None else (lambda tensor, _info: on_tensor(tensor)),
+        max_workers=1,
     )
     return model_path
 

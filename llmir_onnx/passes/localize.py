@@ -22,8 +22,9 @@ from llmir_onnx import ops
 from llmir_onnx.errors import ShardingError
 from llmir_onnx.ir_io import MAX_IR_VERSION
 from llmir_onnx.passes.state import ShardingState
-from llmir_onnx.placement import Partial, Placement, Shard, shard_array
+from llmir_onnx.placement import Partial, Placement, Shard
 from llmir_onnx.propagation.base import normalize_dim
+from llmir_onnx.weight_slices import rank_weight
 
 HEAD_ATTRIBUTES = {
     "GroupQueryAttention": ("num_heads", "kv_num_heads"),
@@ -286,15 +287,8 @@ def materialize_rank(template: ir.Model, state: ShardingState, tp_rank: int) -> 
         placement = state.weight_placements.get(name, state.placements.get(name))
         if tp == 1 or placement is None or not isinstance(placement, Shard | Partial):
             continue
-        array = value.const_value.numpy()
-        if isinstance(placement, Shard):
-            view = state.weight_views.get(name)
-            viewed = array.reshape(view) if view else array
-            array = np.ascontiguousarray(shard_array(viewed, placement, tp, tp_rank))
-            if view:
-                array = array.reshape(-1)
-        elif tp_rank != 0:
-            array = np.zeros_like(array)
-        value.const_value = ir.tensor(array, name=name)
-        value.shape = ir.Shape(array.shape)
+        # Lazy over external data: the bytes are read (a slice at a time) only when the rank is saved.
+        tensor = rank_weight(value.const_value, placement, tp, tp_rank, state.weight_views.get(name), name)
+        value.const_value = tensor
+        value.shape = ir.Shape(list(tensor.shape))
     return model

@@ -387,6 +387,10 @@ def _last_layer_own_nodes(model: ir.Model, placement: _Placement) -> set[ir.Node
 # --------------------------------------------------------------------------- types of crossing values
 
 
+def _copy_shape(shape: ir.Shape | None) -> ir.Shape | None:
+    return None if shape is None else ir.Shape(list(shape))
+
+
 def _with_input_dim_names(
     model: ir.Model, types: dict[str, tuple[ir.DataType, ir.Shape | None]]
 ) -> dict[str, tuple[ir.DataType, ir.Shape | None]]:
@@ -494,6 +498,9 @@ class PipelineStageSplit:
         self.memory_limit_bytes = memory_limit_bytes
         self.extra_memory_bytes_per_layer = extra_memory_bytes_per_layer
         self.replicate_max_weight_bytes = replicate_max_weight_bytes
+        # dtype and shape of the values crossing the cuts. Every tp rank runs the same graph, so
+        # split_tp_ranks infers them once (on tp rank 0) and hands them to the other ranks' splits.
+        self.crossing_types: dict[str, tuple[ir.DataType, ir.Shape | None]] | None = None
 
     def __call__(self, model: ir.Model) -> StageSplitResult:
         return self.call(model)
@@ -574,8 +581,13 @@ class _Splitter:
         crossing.sort(key=lambda item: (item[0], item[1]))
         self.crossing = [(value, first, last_use) for _, _, value, first, last_use in crossing]
         self.tag = {value: tag for tag, (value, _, _) in enumerate(self.crossing)}
-        types = _crossing_types(model, {v.name for v, _, _ in self.crossing if v.name})
-        self.types = _with_input_dim_names(model, types)
+        names = {v.name for v, _, _ in self.crossing if v.name}
+        known = options.crossing_types
+        if known is None or not names <= known.keys():
+            known = _crossing_types(model, names)
+            options.crossing_types = known
+        fresh = {name: (known[name][0], _copy_shape(known[name][1])) for name in names}
+        self.types = _with_input_dim_names(model, fresh)
 
     def _output_stage(self, value: ir.Value) -> int:
         """The one stage that returns a graph output: its producer's, or the last for replicated ones."""
@@ -853,8 +865,9 @@ def split_tp_ranks(
     ranks: list[StageRankModel] = []
     first: StageSplitResult | None = None
     cuts = stage_cut_after_layer
+    crossing_types: dict[str, tuple[ir.DataType, ir.Shape | None]] | None = None
     for tp_rank, (model, inputs, outputs) in enumerate(tp_models):
-        result = PipelineStageSplit(
+        split = PipelineStageSplit(
             mesh,
             tp_rank=tp_rank,
             stage_cut_after_layer=cuts,
@@ -862,7 +875,10 @@ def split_tp_ranks(
             memory_limit_bytes=memory_limit_bytes,
             extra_memory_bytes_per_layer=extra_memory_bytes_per_layer,
             replicate_max_weight_bytes=replicate_max_weight_bytes,
-        )(model)
+        )
+        split.crossing_types = crossing_types
+        result = split(model)
+        crossing_types = split.crossing_types
         if first is None:
             first = result
             cuts = [stage.layers.stop - 1 for stage in result.stages[:-1]]

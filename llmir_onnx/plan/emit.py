@@ -7,6 +7,7 @@ until the new one is complete).
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import shutil
@@ -20,6 +21,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import save_model, sha256_file
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
+from llmir_onnx.progress import QUIET, Progress
 
 
 def rank_file_name(rank: int) -> str:
@@ -61,6 +63,18 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(previous, ignore_errors=True)
 
 
+# Writers beyond the disk's parallelism only add memory (one write buffer each).
+MAX_WRITER_THREADS = 4
+
+
+def _external_bytes(model: ir.Model, threshold: int = 1024) -> int:
+    return sum(
+        v.const_value.nbytes
+        for v in model.graph.initializers.values()
+        if v.const_value is not None and v.const_value.nbytes > threshold
+    )
+
+
 RankModel = tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]
 
 
@@ -73,15 +87,35 @@ def write_plan(
     rank_models: Sequence[RankModel],
     options: dict[str, Any],
     rank_details: Sequence[dict[str, Any]] | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Save every rank model and the manifest into `out_dir`, atomically.
 
     `rank_details[i]` holds extra RankEntry fields (layers, memory, cost) for `rank_models[i]`.
     """
+    progress = progress if progress is not None else QUIET
+    workers = max(1, min(len(rank_models), os.cpu_count() or 1, MAX_WRITER_THREADS))
     with atomic_output_dir(out_dir) as staging:
+        progress.start_bytes(f"writing {len(rank_models)} ranks", sum(_external_bytes(m[2]) for m in rank_models))
+
+        def save(rank: int, model: ir.Model) -> Path:
+            def on_tensor(tensor: ir.TensorProtocol) -> None:
+                progress.advance(tensor.nbytes, note=f"rank {rank}")
+
+            return save_model(model, staging / rank_file_name(rank), on_tensor=on_tensor)
+
+        # One rank file per thread: copy_file_range, pread and write release the GIL, and each
+        # thread holds at most one tensor's write buffer (weight_slices.CHUNK_BYTES).
+        with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as executor:
+            futures = [executor.submit(save, rank, model) for rank, _, model, _, _ in rank_models]
+            try:
+                paths = [future.result() for future in futures]
+            except BaseException:
+                executor.shutdown(wait=True, cancel_futures=True)
+                raise
+        progress.finish()
         entries = []
-        for index, (rank, coords, model, inputs, outputs) in enumerate(rank_models):
-            path = save_model(model, staging / rank_file_name(rank))
+        for index, ((rank, coords, _, inputs, outputs), path) in enumerate(zip(rank_models, paths, strict=True)):
             details = rank_details[index] if rank_details is not None else {}
             entries.append(
                 RankEntry(

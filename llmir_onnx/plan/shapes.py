@@ -519,7 +519,9 @@ class ShapeEvaluator:
             shape[axis] = shape[axis] * len(group) if op == "AllGather" else shape[axis] // len(group)
             return [TensorShape(tuple(shape), first.dtype)]
         if op == "Send":
-            return [TensorShape((), ir.DataType.INT64)]
+            # Its output is the element count it sent, known from the input's shape; the stage split
+            # orders Sends through it (`shape + 0 * count`), so later Reshape targets depend on it.
+            return [TensorShape((), ir.DataType.INT64, np.array(first.numel, dtype=np.int64))]
         if op == "Recv":
             shape = list(_attr(node, "shape", []) or [])
             output = node.outputs[0]

@@ -27,6 +27,11 @@ def main(argv: list[str]) -> int:
 
         rank_main_verify(*args)
         return 0
+    if role == "generate-rank":
+        from llmir_onnx.runtime.generate_job import rank_main_generate
+
+        rank_main_generate(*args)
+        return 0
     raise SystemExit(f"unknown rank role {role!r}")
 
 

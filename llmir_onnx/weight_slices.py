@@ -1,0 +1,212 @@
+"""Lazy rank weights: a tp rank's slice of an external weight, read from the source only when saved.
+
+Partitioning a model must not hold the model in memory. A rank's weight is described here by
+where its bytes live in the source's external data file; `tofile` (what onnx_ir's saver calls,
+tensor by tensor) streams them into the rank's data file through a buffer of at most
+`CHUNK_BYTES`, so the partitioner's peak memory is a few chunks, whatever the model's size.
+
+* A slice whose pieces are long contiguous byte runs (a split of axis 0: row-parallel weights, a
+  vocabulary split of the embedding) is copied run by run with `os.copy_file_range`: the bytes
+  never enter this process.
+* A slice whose pieces are short (a split of the last axis: column-parallel weights) is gathered
+  a block of rows at a time: `os.pread` of whole rows into a reused buffer, numpy picks this rank's
+  columns, one `write`.
+* `numpy()` and `tobytes()` still give the whole slice (tests and small models use them).
+
+No mmap is involved: pages a process maps count in its resident set until unmapped, so reading
+a 100 GB model through one mapping would look (and, under memory pressure, act) like holding it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from typing import BinaryIO
+
+import numpy as np
+import onnx_ir as ir
+
+from llmir_onnx.placement import Partial, Placement, Shard, shard_array
+
+# Bytes a tensor write holds in this process at once (one read buffer and one gathered block).
+CHUNK_BYTES = 8 << 20
+# Byte runs at least this long are copied one by one (in the kernel where possible); shorter ones
+# are gathered from blocks of whole rows.
+LONG_RUN_BYTES = 256 << 10
+
+
+def _copy_range(source_fd: int, source_offset: int, length: int, file: BinaryIO) -> None:
+    """Append `length` bytes of `source_fd` at `source_offset` to `file` (kernel copy when possible)."""
+    copied = 0
+    copy_file_range = getattr(os, "copy_file_range", None)
+    if copy_file_range is not None and hasattr(file, "fileno"):
+        file.flush()
+        destination = file.tell()
+        try:
+            while copied < length:
+                step = copy_file_range(
+                    source_fd,
+                    file.fileno(),
+                    min(1 << 30, length - copied),
+                    offset_src=source_offset + copied,
+                    offset_dst=destination + copied,
+                )
+                if step == 0:
+                    break
+                copied += step
+        except OSError:
+            pass  # another filesystem, or one that refuses: the buffered copy below does the rest
+        file.seek(destination + copied)
+    while copied < length:
+        chunk = os.pread(source_fd, min(CHUNK_BYTES, length - copied), source_offset + copied)
+        if not chunk:
+            raise OSError(f"external data ends {length - copied} bytes early at offset {source_offset + copied}")
+        file.write(chunk)
+        copied += len(chunk)
+
+
+class ExternalSlice(ir.LazyTensor):
+    """Pieces `ranges` of axis `dim` of an external tensor viewed as `view`, concatenated on that axis.
+
+    The result has the shape `shape` (the sliced view, or flat when the weight was viewed to be split).
+    A LazyTensor whose function gathers the whole slice (for `numpy()`); `tofile` streams instead.
+    """
+
+    __slots__ = ("_dim", "_ranges", "_source", "_view")
+
+    def __init__(
+        self,
+        source: ir.ExternalTensor,
+        view: Sequence[int],
+        dim: int,
+        ranges: Sequence[tuple[int, int]],
+        shape: Sequence[int],
+        *,
+        name: str | None = None,
+    ) -> None:
+        super().__init__(self._gather, dtype=source.dtype, shape=ir.Shape(list(shape)), name=name)
+        self._source = source
+        self._view = tuple(int(d) for d in view)
+        self._dim = dim
+        self._ranges = tuple((int(a), int(b)) for a, b in ranges)
+        sliced = list(self._view)
+        sliced[dim] = sum(stop - start for start, stop in self._ranges)
+        if math.prod(sliced) != math.prod(shape):
+            raise ValueError(f"slice of {self._view} to {sliced} cannot have the shape {tuple(shape)}")
+
+    @property
+    def source(self) -> ir.ExternalTensor:
+        return self._source
+
+    def __repr__(self) -> str:
+        return f"{self._repr_base()}(source={self._source!r}, dim={self._dim}, ranges={self._ranges!r})"
+
+    def _layout(self) -> tuple[int, int, int]:
+        """(outer rows, positions on the split axis, bytes per position)."""
+        outer = math.prod(self._view[: self._dim])
+        inner_bytes = math.prod(self._view[self._dim + 1 :]) * self.dtype.itemsize
+        return outer, self._view[self._dim], int(inner_bytes)
+
+    def _gather(self) -> ir.Tensor:
+        full = np.memmap(
+            self._source.path,
+            dtype=np.dtype(self.dtype.numpy()).newbyteorder("<"),
+            mode="r",
+            offset=self._source.offset or 0,
+            shape=self._view,
+        )
+        pieces = [np.take(full, np.arange(start, stop), axis=self._dim) for start, stop in self._ranges]
+        array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=self._dim)
+        del full
+        return ir.tensor(np.ascontiguousarray(array).reshape(self.shape.numpy()), name=self.name)
+
+    def tofile(self, file: BinaryIO) -> None:
+        outer, axis, inner_bytes = self._layout()
+        base = self._source.offset or 0
+        row_bytes = axis * inner_bytes
+        shortest_run = min(stop - start for start, stop in self._ranges) * inner_bytes
+        with open(self._source.path, "rb") as source:
+            fd = source.fileno()
+            if shortest_run >= LONG_RUN_BYTES or outer == 1:
+                for row in range(outer):
+                    for start, stop in self._ranges:
+                        offset = base + row * row_bytes + start * inner_bytes
+                        _copy_range(fd, offset, (stop - start) * inner_bytes, file)
+                return
+            rows_per_block = max(1, CHUNK_BYTES // row_bytes)
+            buffer = bytearray(rows_per_block * row_bytes)
+            for first in range(0, outer, rows_per_block):
+                rows = min(rows_per_block, outer - first)
+                length = rows * row_bytes
+                view = memoryview(buffer)[:length]
+                got = os.preadv(fd, [view], base + first * row_bytes)
+                if got != length:
+                    raise OSError(f"{self._source.path}: external data ends early at offset {base + first * row_bytes}")
+                block = np.frombuffer(buffer, dtype=np.uint8, count=length).reshape(rows, axis, inner_bytes)
+                pieces = [block[:, start:stop] for start, stop in self._ranges]
+                gathered = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
+                file.write(np.ascontiguousarray(gathered).data)
+
+
+class Zeros(ir.LazyTensor):
+    """An all-zero tensor written in chunks (a Partial weight's share on every rank but the first)."""
+
+    __slots__ = ()
+
+    def __init__(self, dtype: ir.DataType, shape: Sequence[int], *, name: str | None = None) -> None:
+        super().__init__(self._zeros, dtype=dtype, shape=ir.Shape(list(shape)), name=name)
+
+    def __repr__(self) -> str:
+        return f"{self._repr_base()}(zeros)"
+
+    def _zeros(self) -> ir.Tensor:
+        return ir.tensor(np.zeros(self.shape.numpy(), dtype=self.dtype.numpy()), name=self.name)
+
+    def tofile(self, file: BinaryIO) -> None:
+        remaining = self.nbytes
+        zeros = bytes(min(CHUNK_BYTES, remaining))
+        while remaining > 0:
+            step = min(len(zeros), remaining)
+            file.write(zeros[:step] if step < len(zeros) else zeros)
+            remaining -= step
+
+
+def _streamable(tensor: ir.TensorProtocol) -> bool:
+    """External tensors of whole-byte element types can be sliced without loading them."""
+    return isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0 and tensor.size > 0
+
+
+def rank_weight(
+    tensor: ir.TensorProtocol,
+    placement: Placement,
+    tp: int,
+    tp_rank: int,
+    view: Sequence[int] | None = None,
+    name: str | None = None,
+) -> ir.TensorProtocol:
+    """The weight tp rank `tp_rank` holds: lazy over an external source, else sliced in memory.
+
+    Same bytes as `shard_array(tensor.numpy().reshape(view), placement, tp, tp_rank)` (flattened
+    when `view` is given).
+    """
+    source_shape = tuple(int(d) for d in tensor.shape)
+    viewed = tuple(view) if view else source_shape
+    if _streamable(tensor):
+        assert isinstance(tensor, ir.ExternalTensor)
+        if isinstance(placement, Partial) and placement.op == "sum":
+            return tensor if tp_rank == 0 else Zeros(tensor.dtype, source_shape, name=name)
+        if isinstance(placement, Shard):
+            dim = placement.dim % len(viewed)
+            ranges = placement.local_ranges(viewed[dim], tp, tp_rank)
+            local = list(viewed)
+            local[dim] = sum(stop - start for start, stop in ranges)
+            shape = [math.prod(local)] if view else local
+            return ExternalSlice(tensor, viewed, dim, ranges, shape, name=name)
+        return tensor
+    array = tensor.numpy()
+    viewed_array = array.reshape(viewed)
+    local_array = np.ascontiguousarray(shard_array(viewed_array, placement, tp, tp_rank))
+    if view:
+        local_array = local_array.reshape(-1)
+    return ir.tensor(local_array, name=name)

@@ -1,0 +1,253 @@
+"""`llmir-onnx generate` through real rank processes, real onnxruntime sessions and the ai.llmir library.
+
+Plans of the committed small LLaMA-GQA export (tp 2) and of a tiny synthetic model with a long
+position table (long enough generations to interrupt) are written once per module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmir_onnx.api import partition_to_dir
+from llmir_onnx.errors import GenerationError
+from llmir_onnx.runtime.generate import generate, reference_greedy
+from llmir_onnx.runtime.generate_job import FAULT_ENV, GenerateRequest, spawn_generation
+from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
+from llmir_onnx.runtime.session import OriginalSession, RankSession
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL_MODEL = ROOT / "models" / "llama-gqa-torch-legacy" / "model.onnx"
+CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
+PROMPT = [[5, 17, 42, 99, 3, 250]]
+TIMEOUT_S = 60
+
+
+@pytest.fixture(scope="module")
+def tp2_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if not SMALL_MODEL.is_file():
+        pytest.skip(f"{SMALL_MODEL} is missing")
+    plan = tmp_path_factory.mktemp("runtime") / "tp2"
+    partition_to_dir(SMALL_MODEL, plan, tp=2)
+    return plan
+
+
+@pytest.fixture(scope="module")
+def long_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tp 2 plan of a tiny synthetic LLaMA with 4096 positions: a generation that lasts seconds."""
+    folder = tmp_path_factory.mktemp("runtime-long")
+    subprocess.run(
+        [sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--preset", "tiny", "--max-position", "4096",
+         "--out", str(folder / "model")], check=True, capture_output=True, timeout=TIMEOUT_S,
+    )
+    plan = folder / "tp2"
+    partition_to_dir(folder / "model" / "model.onnx", plan, tp=2)
+    return plan
+
+
+def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})}, cwd=ROOT)
+
+
+def _prompt_arg(rows: list[list[int]]) -> str:
+    return ";".join(",".join(map(str, row)) for row in rows)
+
+
+def test_tp2_generate_equals_original_greedy(tp2_plan: Path, tmp_path: Path) -> None:
+    saved = tmp_path / "tokens.json"
+    result = _cli("generate", str(tp2_plan), "--prompt-ids", _prompt_arg(PROMPT), "--max-new-tokens", "12",
+                  "--check", "--save-tokens", str(saved))
+    assert result.returncode == 0, result.stderr
+    assert "equal the original model's greedy tokens" in result.stderr
+    tokens = json.loads(saved.read_text())
+    # The reference is recomputed here, independently of the CLI's own --check.
+    expected = reference_greedy(str(SMALL_MODEL), np.array(PROMPT), 12).tolist()
+    assert tokens["tokens"] == expected
+    assert len(expected[0]) == 12
+    # Streamed on rank 0 as produced: the ids appear on stdout.
+    assert result.stdout.split() == [str(token) for token in expected[0]]
+
+
+def test_tp2_batched_micro_batches_equal_original(tp2_plan: Path) -> None:
+    prompts = np.random.default_rng(0).integers(0, 512, size=(4, 5))
+    request = GenerateRequest(str(tp2_plan), prompts.tolist(), 6, micro_batches=2, stream=False)
+    reports = spawn_generation(request, 2)
+    assert reports[0].tokens == reference_greedy(str(SMALL_MODEL), prompts, 6).tolist()
+
+
+def test_seeded_sampling_same_on_every_rank_and_reproducible(tp2_plan: Path) -> None:
+    def run(seed: int) -> list[list[list[int]]]:
+        request = GenerateRequest(str(tp2_plan), PROMPT, 16, temperature=1.0, top_k=100, top_p=0.95, seed=seed,
+                                  stream=False)
+        return [report.tokens for report in spawn_generation(request, 2)]
+
+    first, again, other = run(11), run(11), run(12)
+    assert first[0] == first[1]  # both ranks continued with the same tokens
+    assert first == again
+    assert first[0] != other[0]
+    greedy = reference_greedy(str(SMALL_MODEL), np.array(PROMPT), 16).tolist()
+    assert first[0] != greedy  # it really sampled
+
+
+def test_killed_rank_ends_every_rank_within_the_timeout(tp2_plan: Path) -> None:
+    start = time.monotonic()
+    mark = f"kill-{os.getpid()}-{time.time()}"
+    result = _cli("generate", str(tp2_plan), "--prompt-ids", _prompt_arg(PROMPT), "--max-new-tokens", "40",
+                  env={"LLMIR_COMM_TIMEOUT_S": "5", FAULT_ENV: "1:4", MARK_ENV: mark})
+    elapsed = time.monotonic() - start
+    assert result.returncode != 0
+    assert elapsed < 5 + 12, f"took {elapsed:.1f} s"
+    error_line = result.stderr.strip().splitlines()[-1]
+    assert error_line.startswith("llmir-onnx: error: generation failed")
+    assert "rank 1 died: the rank process" in error_line and "killed by SIGKILL" in error_line
+    assert "rank 0 failed" in error_line and "no answer from the group within 5.0 s" in error_line
+    assert _rank_processes(mark) == []
+
+
+MARK_ENV = "LLMIR_TEST_JOB_MARK"
+
+
+def _rank_processes(mark: str) -> list[int]:
+    """Pids of processes whose environment carries this test's mark (ranks inherit the CLI's env)."""
+    found = []
+    needle = f"{MARK_ENV}={mark}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if needle in environ:
+            found.append(int(entry.name))
+    return found
+
+
+def test_ctrl_c_stops_every_rank(long_plan: Path) -> None:
+    mark = f"ctrl-c-{os.getpid()}-{time.time()}"
+    process = subprocess.Popen(
+        [*CLI, "generate", str(long_plan), "--prompt-ids", "1,2,3", "--max-new-tokens", "4000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, MARK_ENV: mark},
+    )
+    # Wait until the ranks stream tokens, i.e. they are in the middle of generating.
+    assert process.stdout is not None
+    deadline = time.monotonic() + 20
+    while len(process.stdout.read(40).split()) < 5 and time.monotonic() < deadline:
+        pass
+    ranks = [pid for pid in _rank_processes(mark) if pid != process.pid]
+    assert len(ranks) >= 5, f"mpiexec, 2 supervisors and 2 ranks expected, found {ranks}"
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=20)
+    assert process.returncode != 0
+    assert "interrupted: every rank was stopped" in stderr
+    time.sleep(0.5)
+    assert _rank_processes(mark) == []
+
+
+def test_under_mpiexec_every_process_runs_its_rank(tp2_plan: Path) -> None:
+    from llmir_onnx.runtime.verify import mpiexec_path
+
+    result = subprocess.run(
+        [mpiexec_path(), "-n", "2", *CLI, "generate", str(tp2_plan), "--prompt-ids", _prompt_arg(PROMPT),
+         "--max-new-tokens", "5", "--check"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("equal the original model's greedy tokens") == 1  # rank 0 reports
+
+
+def test_rank_session_speaks_original_names(tmp_path: Path) -> None:
+    """tp 1 plan in this process (world 1): same logits and cache as the original, by original names."""
+    plan = tmp_path / "tp1"
+    partition_to_dir(SMALL_MODEL, plan, tp=1)
+    rank = RankSession(plan, intra_op_num_threads=1)
+    original = OriginalSession(SMALL_MODEL, intra_op_num_threads=1)
+    assert sorted(rank.input_names) == sorted(original.input_names)
+    prompt = np.array(PROMPT)
+    ours = generate(rank, prompt, 8, Sampler(SamplingConfig()))
+    theirs = generate(original, prompt, 8, Sampler(SamplingConfig()))
+    assert ours.tokens.tolist() == theirs.tokens.tolist()
+    with pytest.raises(GenerationError, match="needs inputs"):
+        rank.run({"input_ids": prompt})
+
+
+def test_cuda_device_is_refused_clearly_without_cuda(tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA; the GPU smoke script covers it")
+    with pytest.raises(GenerationError, match="onnxruntime-gpu"):
+        OriginalSession(SMALL_MODEL, device="cuda")
+
+
+def test_rank_session_cuda_loads_the_cuda_library_then_needs_the_cuda_provider(tp2_plan: Path) -> None:
+    """What can run here of the CUDA path: the CUDA/NCCL library variant loads and registers, and a
+    CPU-only onnxruntime is refused with the fix named (a subprocess: one library variant per process)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA; the GPU smoke script covers it")
+    plan = tp2_plan.parent / "tp1-cuda"
+    if not plan.exists():
+        partition_to_dir(SMALL_MODEL, plan, tp=1)
+    code = (
+        "import sys\n"
+        "from llmir_onnx.errors import GenerationError\n"
+        "from llmir_onnx.runtime.session import RankSession\n"
+        "try:\n"
+        f"    RankSession({str(plan)!r}, device='cuda')\n"
+        "except GenerationError as error:\n"
+        "    from llmir_onnx.runtime.launch import setup_communication\n"
+        "    print(setup_communication(cuda=True).library_path.name, '|', error)\n"
+        "    sys.exit(0)\n"
+        "sys.exit('no error')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("libllmir_ops_cuda.so |")
+    assert "onnxruntime-gpu" in result.stdout
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 2)])
+def test_pipeline_plan_with_micro_batches_equals_original(tmp_path: Path, tp: int, pp: int) -> None:
+    """Stage ranks hand hidden states over by Send/Recv inside their graphs; only the last stage has
+    logits, so the token broadcast is what feeds the first stage."""
+    plan = tmp_path / f"tp{tp}pp{pp}"
+    partition_to_dir(SMALL_MODEL, plan, tp=tp, pp=pp)
+    manifest_ranks = json.loads((plan / "manifest.json").read_text())["ranks"]
+    with_logits = [
+        entry["rank"] for entry in manifest_ranks if any(b["original"] == "logits" for b in entry["outputs"])
+    ]
+    assert with_logits == list(range(tp * (pp - 1), tp * pp))  # the last stage only
+    prompts = np.random.default_rng(1).integers(0, 512, size=(4, 5))
+    expected = reference_greedy(str(SMALL_MODEL), prompts, 6).tolist()
+    for micro_batches in (1, 4):
+        request = GenerateRequest(str(plan), prompts.tolist(), 6, micro_batches=micro_batches, stream=False)
+        reports = spawn_generation(request, tp * pp)
+        assert [report.tokens for report in reports] == [expected] * (tp * pp)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--prompt-ids", "1,2", "--top-k", "5"], "need --temperature > 0"),
+        (["--prompt-ids", "1,2", "--micro-batches", "2"], "exceeds the batch"),
+        (["--prompt-ids", "1,2;3"], "same number of tokens"),
+        (["--prompt", "hello"], "--prompt needs --tokenizer"),
+        (["--prompt-ids", "1,x"], "not a comma-separated list"),
+    ],
+)
+def test_bad_generate_options_fail_before_any_rank_starts(tp2_plan: Path, args: list[str], message: str) -> None:
+    result = _cli("generate", str(tp2_plan), *args)
+    assert result.returncode == 2
+    assert result.stderr.startswith("llmir-onnx: error:") and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
