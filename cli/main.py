@@ -76,7 +76,10 @@ def partition(
         str | None, typer.Option("--device-memory", help="Fail unless every rank fits this, e.g. 80GiB.")
     ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Batch the memory plan is sized for.")] = 1,
-    max_seq: Annotated[int, typer.Option("--max-seq", min=1, help="Sequence length the plan is sized for.")] = 2048,
+    max_seq: Annotated[
+        int | None,
+        typer.Option("--max-seq", min=1, help="Sequence the plan is sized for [default: 2048 or the model's limit]."),
+    ] = None,
     cuts: Annotated[
         str | None,
         typer.Option("--stage-cuts", help="Pipeline cuts as layer indices, e.g. '13,27' (default: cost-balanced)."),
@@ -120,7 +123,10 @@ def partition(
             f"{format_bytes(memory['activation_peak_bytes']):>13}{format_bytes(memory['total_bytes']):>12}"
             f"{cost['prefill']['total_s'] * 1e3:>9.2f}ms{cost['decode_tokens_per_s']:>14.1f}"
         )
-    typer.echo(f"  (memory at batch {max_batch} x {max_seq} tokens; times predicted for {device})")
+    typer.echo(
+        f"  (memory at batch {manifest.options['max_batch']} x {manifest.options['max_seq']} tokens; "
+        f"times predicted for {device})"
+    )
 
 
 def _parse_cuts(text: str | None) -> tuple[int, ...] | None:

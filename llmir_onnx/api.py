@@ -13,7 +13,10 @@ from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.emit import write_plan
 from llmir_onnx.plan.manifest import Manifest
+from llmir_onnx.plan.shapes import position_limit
 from llmir_onnx.progress import QUIET, Progress
+
+DEFAULT_MAX_SEQ = 2048
 
 
 def _structure_signature(model: ir.Model) -> tuple[Any, ...]:
@@ -57,7 +60,7 @@ def partition_to_dir(
     device: str = "h100-sxm",
     device_memory_bytes: int | None = None,
     max_batch: int = 1,
-    max_seq: int = 2048,
+    max_seq: int | None = None,
     stage_cut_after_layer: tuple[int, ...] | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
@@ -65,7 +68,8 @@ def partition_to_dir(
 
     Each rank's memory plan and cost estimate (on `device` at max_batch x max_seq) go into the
     manifest; with `device_memory_bytes`, a rank that does not fit fails the partition before
-    anything is written.
+    anything is written. `max_seq` defaults to 2048, or the model's own limit when its position
+    tables are shorter (GPT-2's 128 positions).
     """
     from llmir_onnx.partition import PartitionOptions, partition
     from llmir_onnx.plan.cost import estimate_phases
@@ -73,6 +77,11 @@ def partition_to_dir(
     from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
 
     profile = load_profile(device)
+    progress = progress if progress is not None else QUIET
+    progress.phase(f"loading {model_path.name} (weights stay on disk)")
+    source = load_model(model_path)
+    if max_seq is None:
+        max_seq = min(DEFAULT_MAX_SEQ, position_limit(source) or DEFAULT_MAX_SEQ)
     options = PartitionOptions(
         tp=tp,
         pp=pp,
@@ -84,9 +93,6 @@ def partition_to_dir(
         max_batch=max_batch,
         max_seq=max_seq,
     )
-    progress = progress if progress is not None else QUIET
-    progress.phase(f"loading {model_path.name} (weights stay on disk)")
-    source = load_model(model_path)
     progress.phase(f"sharding for tp {tp} x pp {pp}")
     result = partition(load_model(model_path), options)
     progress.phase(f"memory plan and cost of {len(result.ranks)} ranks")

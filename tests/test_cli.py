@@ -76,3 +76,36 @@ def test_partition_of_a_missing_model_is_a_one_line_error(tmp_path: Path) -> Non
 def test_verify_of_a_folder_without_plan_is_a_one_line_error(tmp_path: Path) -> None:
     result = run_cli("verify", str(tmp_path))
     assert_one_line_error(result, "manifest.json", "does not exist")
+
+
+LLAMA = ROOT / "models" / "llama-gqa-torch-legacy" / "model.onnx"
+
+
+def test_partition_tp2_pp2_then_verify_through_the_cli(tmp_path: Path) -> None:
+    plan = tmp_path / "plan"
+    result = run_cli("partition", str(LLAMA), "--tp", "2", "--pp", "2", "-o", str(plan))
+    assert result.returncode == 0, result.stderr
+    assert "wrote 4 rank models (tp 2 x pp 2)" in result.stdout
+    saved = tmp_path / "out.npz"
+    result = run_cli("verify", str(plan), "--save-outputs", str(saved))
+    assert result.returncode == 0, result.stderr + result.stdout
+    assert "all 5 outputs match the original model" in result.stdout
+    import numpy as np
+
+    with np.load(saved) as outputs:
+        assert outputs["present.1.key"].shape == (1, 4, 7, 16)  # full heads, reassembled from both tp ranks
+
+
+def test_too_small_device_memory_names_the_rank_and_writes_nothing(tmp_path: Path) -> None:
+    plan = tmp_path / "plan"
+    result = run_cli("partition", str(LLAMA), "--tp", "2", "--pp", "2", "-o", str(plan), "--device-memory", "1MiB")
+    assert_one_line_error(result, "rank 0 needs", "MiB over --device-memory 1.00 MiB")
+    assert not plan.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_impossible_tp_writes_nothing(tmp_path: Path) -> None:
+    plan = tmp_path / "plan"
+    result = run_cli("partition", str(LLAMA), "--tp", "3", "-o", str(plan))
+    assert_one_line_error(result, "--tp 3 does not divide num_heads=8", "use --tp 1, 2, 4 or 8")
+    assert list(tmp_path.iterdir()) == []

@@ -113,9 +113,11 @@ def test_tp_that_does_not_divide_the_heads(name: str, tp: int, message: str) -> 
         partition(_model(name), PartitionOptions(tp=tp))
 
 
-def test_pipeline_stages_fail_cleanly() -> None:
-    with pytest.raises(LlmirError, match="pipeline stages are not implemented yet; use --pp 1"):
-        partition(_model("llama-gqa-torch-legacy"), PartitionOptions(tp=2, pp=2))
+def test_more_stages_than_layers_fail_cleanly() -> None:
+    with pytest.raises(
+        LlmirError, match=r"^--pp 4 needs at least one decoder layer per stage but the model has 2 layers; use --pp 2"
+    ):
+        partition(_model("llama-gqa-torch-legacy"), PartitionOptions(tp=2, pp=4))
 
 
 def _mlp_with(

@@ -89,11 +89,13 @@ class LocalizePass(ir.passes.InPlacePass):
         if shape is None:
             return value.shape
         dims: list[int | str | None] = list(shape)
+        if value.shape is not None and len(value.shape) == len(dims):
+            # The export's own dim names (even expressions like `past_sequence_length + sequence_length`)
+            # are what users and runtimes bind; only the split axes change.
+            dims = [d if isinstance(d, int) else d.value for d in value.shape]
         for axis, _, local in self._local_axes(value, placement):
             dims[axis] = local
-        return ir.Shape(
-            [d if isinstance(d, int) else (d if isinstance(d, str) and d.isidentifier() else None) for d in dims]
-        )
+        return ir.Shape(dims)
 
     def _local_axes(self, value: ir.Value, placement: Placement | None) -> list[tuple[int, int, int]]:
         """(axis, global size, local size) of every axis of `value` that is split."""

@@ -236,7 +236,14 @@ class ShapeEvaluator:
         for name, value in graph.initializers.items():
             self.values[name] = self._initializer(value)
         for node in graph:
-            self._node(node)
+            try:
+                self._node(node)
+            except (ValueError, IndexError) as error:  # numpy's, on shapes the model cannot take
+                raise PlanError(
+                    f"node {node.name!r} ({node.op_type}): shapes do not work out at batch {self.sizes.batch}, "
+                    f"{self.sizes.seq} new + {self.sizes.past} past tokens ({error}); the model may not take "
+                    "sequences this long: lower --max-seq"
+                ) from error
         return self.values
 
     # -- sources
@@ -765,3 +772,29 @@ def dims_in_input_terms(model: ir.Model, value_names: Iterable[str]) -> dict[str
             dims.append(matches[0] if matches else None)
         named[name] = tuple(dims)
     return named
+
+
+def position_limit(model: ir.Model) -> int | None:
+    """The longest sequence the model's position tables allow, if it has any (GPT-2: 128 rows of wpe).
+
+    Found where positions index a table: a 2-D initializer gathered by indices computed from the
+    `position_ids` input, or a rotary `cos_cache` initializer (onnxruntime-genai, opset-23 RotaryEmbedding).
+    Models that compute rotary angles from positions (torch LLaMA exports) have no limit here.
+    """
+    graph = model.graph
+    from_positions: set[int] = set()
+    for value in graph.inputs:
+        if "position" in (value.name or ""):
+            from_positions.add(id(value))
+    limits: list[int] = []
+    for node in graph:
+        if any(value is not None and id(value) in from_positions for value in node.inputs):
+            from_positions.update(id(output) for output in node.outputs)
+            table = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
+            if table is not None and table.const_value is not None and len(table.const_value.shape) == 2:
+                limits.append(int(table.const_value.shape[0]))
+        for value in node.inputs:
+            tensor = value.const_value if value is not None else None
+            if tensor is not None and "cos_cache" in (value.name or "") and len(tensor.shape) == 2:
+                limits.append(int(tensor.shape[0]))
+    return min(limits) if limits else None
