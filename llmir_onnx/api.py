@@ -13,10 +13,8 @@ from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.emit import write_plan
 from llmir_onnx.plan.manifest import Manifest
-from llmir_onnx.plan.shapes import position_limit
+from llmir_onnx.plan.shapes import default_max_seq
 from llmir_onnx.progress import QUIET, Progress
-
-DEFAULT_MAX_SEQ = 2048
 
 
 def _structure_signature(model: ir.Model) -> tuple[Any, ...]:
@@ -81,7 +79,7 @@ def partition_to_dir(
     progress.phase(f"loading {model_path.name} (weights stay on disk)")
     source = load_model(model_path)
     if max_seq is None:
-        max_seq = min(DEFAULT_MAX_SEQ, position_limit(source) or DEFAULT_MAX_SEQ)
+        max_seq = default_max_seq(source)
     options = PartitionOptions(
         tp=tp,
         pp=pp,

@@ -345,6 +345,38 @@ def register_schemas() -> None:
     for definition in _definitions():
         if not _is_registered(definition.name):
             onnx.defs.register_schema(_schema(definition))
+    _register_onnxruntime_default_domain_ops()
+
+
+def _register_onnxruntime_default_domain_ops() -> None:
+    """onnxruntime implements SimplifiedLayerNormalization in the ONNX domain (the genai builder emits
+    it) but onnx has no schema for it, so onnx.checker refuses such models outright. Declaring its
+    signature (from onnxruntime's contrib schema) lets the checker check the rest of the model."""
+    try:
+        onnx.defs.get_schema("SimplifiedLayerNormalization", 1, "")
+        return
+    except onnx.defs.SchemaError:
+        pass
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    optional = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        "SimplifiedLayerNormalization",
+        "",
+        1,
+        "onnxruntime's RMS normalization over the last axes: X / sqrt(mean(X^2) + epsilon) * scale.",
+        inputs=[OpSchema.FormalParameter("X", "T"), OpSchema.FormalParameter("scale", "V")],
+        outputs=[
+            OpSchema.FormalParameter("Y", "V"),
+            OpSchema.FormalParameter("inv_std_var", "U", param_option=optional),
+        ],
+        type_constraints=[("T", floats, ""), ("U", ["tensor(float)", "tensor(double)"], ""), ("V", floats, "")],
+        attributes=[
+            OpSchema.Attribute("axis", OpSchema.AttrType.INT, "first normalized axis", required=False),
+            OpSchema.Attribute("epsilon", OpSchema.AttrType.FLOAT, "", required=False),
+            OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, "", required=False),
+        ],
+    )
+    onnx.defs.register_schema(schema)
 
 
 register_schemas()

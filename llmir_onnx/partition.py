@@ -43,7 +43,7 @@ class PartitionOptions:
     device: str = "h100-sxm"
     device_memory_bytes: int | None = None
     max_batch: int = 1
-    max_seq: int = 2048
+    max_seq: int | None = None  # None: plan.shapes.default_max_seq of the model
 
 
 # How one ORIGINAL model input/output maps onto one rank (dim None: the rank holds the full tensor).
@@ -162,10 +162,12 @@ def _cut_stages(tensor_parallel: PartitionResult, options: PartitionOptions) -> 
     from llmir_onnx.passes.stages import split_tp_ranks
     from llmir_onnx.plan.cost import node_time_function
     from llmir_onnx.plan.devices import load_profile
+    from llmir_onnx.plan.shapes import default_max_seq
 
     mesh = DeviceMesh(pp=options.pp, tp=options.tp)
     first = tensor_parallel.ranks[0].model
-    node_cost = node_time_function(first, load_profile(options.device), options.max_batch, options.max_seq)
+    max_seq = options.max_seq or default_max_seq(first)
+    node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
     staged, _ = split_tp_ranks(
         [(program.model, program.inputs, program.outputs) for program in tensor_parallel.ranks],
         mesh,

@@ -798,3 +798,11 @@ def position_limit(model: ir.Model) -> int | None:
             if tensor is not None and "cos_cache" in (value.name or "") and len(tensor.shape) == 2:
                 limits.append(int(tensor.shape[0]))
     return min(limits) if limits else None
+
+
+DEFAULT_MAX_SEQ = 2048
+
+
+def default_max_seq(model: ir.Model) -> int:
+    """2048, or less when the model's position tables are shorter (what memory plans are sized for)."""
+    return min(DEFAULT_MAX_SEQ, position_limit(model) or DEFAULT_MAX_SEQ)
