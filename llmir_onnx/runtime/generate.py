@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmir_onnx.errors import GenerationError
+from llmir_onnx.runtime.generate_job import TokenRates
 from llmir_onnx.runtime.sampling import Sampler
 from llmir_onnx.runtime.session import BoundSession, Tensor
 
@@ -141,21 +142,13 @@ class TokenBroadcast:
 
 
 @dataclass
-class GenerationResult:
+class GenerationResult(TokenRates):
     tokens: np.ndarray  # [batch, generated] int64
     prompt_tokens: int
     prompt_seconds: float
     decode_tokens: int
     decode_seconds: float
     step_seconds: list[float] = field(default_factory=list)
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else float("nan")
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
 def _empty_past(session: BoundSession, name: str, batch: int) -> np.ndarray:

@@ -75,15 +75,13 @@ class GenerateRequest:
         return cls(**json.loads(path.read_text()))
 
 
-@dataclass
-class RankReport:
-    rank: int
-    tokens: list[list[int]]
+class TokenRates:
+    """Prompt and decode throughput of a generation, from the counts and seconds a subclass holds."""
+
     prompt_tokens: int
     prompt_seconds: float
     decode_tokens: int
     decode_seconds: float
-    step_seconds: list[float]
 
     @property
     def prompt_tokens_per_s(self) -> float:
@@ -99,6 +97,17 @@ class RankReport:
             f"({self.prompt_tokens_per_s:.1f} tokens/s); decode: {self.decode_tokens} tokens in "
             f"{self.decode_seconds:.3f} s ({self.decode_tokens_per_s:.1f} tokens/s)"
         )
+
+
+@dataclass
+class RankReport(TokenRates):
+    rank: int
+    tokens: list[list[int]]
+    prompt_tokens: int
+    prompt_seconds: float
+    decode_tokens: int
+    decode_seconds: float
+    step_seconds: list[float]
 
 
 def load_tokenizer(directory: str | Path) -> object:
