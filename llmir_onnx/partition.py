@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from llmir_onnx.errors import LlmirError, ShardingError
 from llmir_onnx.mesh import DeviceMesh
@@ -139,9 +140,11 @@ def partition(model: ir.Model, options: PartitionOptions) -> PartitionResult:
     """Tensor-parallel sharding of `model`, then (pp > 1) pipeline stages cut from every tp rank."""
     _check_options(options)
     tensor_parallel = _single_rank(model) if options.tp == 1 else _partition_tp(model, options)
-    if options.pp == 1:
-        return tensor_parallel
-    return _cut_stages(tensor_parallel, options)
+    result = tensor_parallel if options.pp == 1 else _cut_stages(tensor_parallel, options)
+    for program in result.ranks:
+        # Rewrites leave constants nobody reads (old head counts); onnxruntime warns about each one.
+        ir.passes.common.RemoveUnusedNodesPass()(program.model)
+    return result
 
 
 def _partition_tp(model: ir.Model, options: PartitionOptions) -> PartitionResult:
