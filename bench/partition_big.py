@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         "ratio_time_vs_faster_cp": part[0] / cp_best,
         "ratio_time_vs_faster_cp_durable": part[1] / cp_best_durable,
         "ratio_peak_rss_vs_weights": part[2] / weight_bytes,
+        "load_average": os.getloadavg(),
     }
     gib = 2**30
     print(f"weights {weight_bytes / gib:.2f} GiB; plan written {plan_bytes / gib:.2f} GiB (tp 4 x pp 2)")
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"peak RSS / weight bytes      : {rows['ratio_peak_rss_vs_weights']:.4f} "
           f"({part[2] / 2**20:.0f} MiB), target <= 0.05")  # fmt: skip
     print("cache state: the source weights are in the page cache for every step (written by the generator)")
+    print(f"load average after the run (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(json.dumps(rows))
     if args.verify:
         start = time.perf_counter()

@@ -172,6 +172,12 @@ class Zeros(ir.LazyTensor):
             remaining -= step
 
 
+def _resolve_view(view: tuple[int, ...], elements: int) -> tuple[int, ...]:
+    """`view` with its -1 (at most one, as in a reshape) replaced by the size it stands for."""
+    known = math.prod(d for d in view if d != -1)
+    return tuple(elements // known if d == -1 else d for d in view)
+
+
 def _streamable(tensor: ir.TensorProtocol) -> bool:
     """External tensors of whole-byte element types can be sliced without loading them."""
     return isinstance(tensor, ir.ExternalTensor) and tensor.dtype.bitwidth % 8 == 0 and tensor.size > 0
@@ -191,7 +197,7 @@ def rank_weight(
     when `view` is given).
     """
     source_shape = tuple(int(d) for d in tensor.shape)
-    viewed = tuple(view) if view else source_shape
+    viewed = _resolve_view(tuple(view), math.prod(source_shape)) if view else source_shape
     if _streamable(tensor):
         assert isinstance(tensor, ir.ExternalTensor)
         if isinstance(placement, Partial) and placement.op == "sum":

@@ -603,8 +603,10 @@ def test_bundled_models_split_in_process(path: Path, tmp_path: Path) -> None:
         assert _kv_layers([b.local for b in stage.outputs]) == set(stage.layers)
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except onnx.checker.ValidationError:
-        pass  # e.g. the genai builder's contrib ops in the default domain: the original fails too
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError):
+        # the genai builder's exports declare shapes onnx's own inference contradicts: the original
+        # fails full checking too (tests/test_rank_models_check.py checks their ranks structurally)
+        pass
     else:
         check_stage_models(result.stages, tmp_path)
     feeds = random_feeds(model)

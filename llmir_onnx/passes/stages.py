@@ -584,10 +584,9 @@ class _Splitter:
         names = {v.name for v, _, _ in self.crossing if v.name}
         known = options.crossing_types
         if known is None or not names <= known.keys():
-            known = _crossing_types(model, names)
+            known = _with_input_dim_names(model, _crossing_types(model, names))
             options.crossing_types = known
-        fresh = {name: (known[name][0], _copy_shape(known[name][1])) for name in names}
-        self.types = _with_input_dim_names(model, fresh)
+        self.types = {name: (known[name][0], _copy_shape(known[name][1])) for name in names}
 
     def _output_stage(self, value: ir.Value) -> int:
         """The one stage that returns a graph output: its producer's, or the last for replicated ones."""

@@ -1,0 +1,289 @@
+"""Big-model behaviour on small models: lazy weights, bounded memory, determinism, atomic output, > 2 GiB."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from llmir_onnx import weight_slices
+from llmir_onnx.api import partition_to_dir
+from llmir_onnx.ir_io import load_model
+from llmir_onnx.partition import PartitionOptions, partition
+from llmir_onnx.placement import PARTIAL_SUM, Partial, Placement, Replicate, Shard, shard_array
+from llmir_onnx.plan import emit
+from llmir_onnx.plan.memory import plan_memory
+from llmir_onnx.weight_slices import ExternalSlice, Zeros, rank_weight
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _load_synthetic() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "models" / "make_synthetic.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("make_synthetic", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+synthetic = _load_synthetic()
+TINY = synthetic.PRESETS["tiny"]
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic.generate(TINY, tmp_path_factory.mktemp("tiny"))
+
+
+def _external(tmp_path: Path, array: np.ndarray, offset: int = 24) -> ir.ExternalTensor:
+    """`array` stored at `offset` of a data file, as a model's external initializer would be."""
+    data = tmp_path / "weights.data"
+    data.write_bytes(b"\x07" * offset + array.tobytes() + b"\x09" * 5)
+    return ir.ExternalTensor(
+        "weights.data",
+        offset,
+        array.nbytes,
+        ir.DataType.from_numpy(array.dtype),
+        shape=ir.Shape(array.shape),
+        name="w",
+        base_dir=str(tmp_path),
+    )
+
+
+def _written(tensor: ir.TensorProtocol, tmp_path: Path) -> bytes:
+    out = tmp_path / "out.bin"
+    with open(out, "wb") as stream:
+        stream.write(b"head")  # the saver writes each tensor at an offset of an open file
+        tensor.tofile(stream)
+    return out.read_bytes()[4:]
+
+
+PLACEMENTS: list[tuple[Placement, tuple[int, ...] | None]] = [
+    (Shard(0), None),
+    (Shard(1), None),
+    (Shard(-1), None),
+    (Shard(1, blocks=(32, 16, 16)), None),  # fused q|k|v columns
+    (Shard(1, blocks=(32, 16, 16), parts=(4, 2, 2)), None),  # kv heads fewer than ranks: replicated pairs
+    (Shard(0, blocks=(8, 16)), None),
+    (Shard(1), (24, 4, 16)),  # a weight viewed as [in, heads, head_dim] to be split by heads
+    (Shard(0), (8, -1)),  # MatMulNBits' blob viewed as [N, -1]
+    (PARTIAL_SUM, None),
+    (Replicate(), None),
+]
+
+
+@pytest.mark.parametrize(("placement", "view"), PLACEMENTS, ids=[f"{p}-{v}" for p, v in PLACEMENTS])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_lazy_rank_weight_equals_sliced_array(
+    placement: Placement, view: tuple[int, ...] | None, dtype: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Tiny chunks and run thresholds so the block gather, its last short block and the run copy all run.
+    monkeypatch.setattr(weight_slices, "CHUNK_BYTES", 200)
+    monkeypatch.setattr(weight_slices, "LONG_RUN_BYTES", 64)
+    array = np.random.default_rng(0).standard_normal((24, 64)).astype(dtype)
+    source = _external(tmp_path, array)
+    tp = 4
+    for tp_rank in range(tp):
+        expected = np.ascontiguousarray(shard_array(array.reshape(view or array.shape), placement, tp, tp_rank))
+        if view:
+            expected = expected.reshape(-1)
+        tensor = rank_weight(source, placement, tp, tp_rank, view, name="w")
+        assert tuple(tensor.shape) == expected.shape
+        assert tensor.dtype == source.dtype
+        assert tensor.nbytes == expected.nbytes
+        np.testing.assert_array_equal(tensor.numpy(), expected)
+        assert _written(tensor, tmp_path) == expected.tobytes()
+        if isinstance(placement, Shard):
+            assert isinstance(tensor, ExternalSlice)
+        elif isinstance(placement, Partial) and tp_rank > 0:
+            assert isinstance(tensor, Zeros)
+        else:
+            assert tensor is source  # unchanged weights are copied file to file, never loaded
+
+
+def test_in_memory_weights_are_sliced_in_memory() -> None:
+    array = np.arange(32, dtype=np.float32).reshape(4, 8)
+    tensor = rank_weight(ir.tensor(array), Shard(1), 2, 1)
+    np.testing.assert_array_equal(tensor.numpy(), array[:, 4:])
+
+
+def test_partition_reads_weights_only_while_writing(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No weight is loaded (mmap of the source) on the partition path; the plan matches the numbers.
+
+    Only tensors the saver inlines into the rank's .onnx (1 KiB and less: the tiny model's norms) are read.
+    """
+    loaded: list[str] = []
+    original_load = ir.ExternalTensor._load
+
+    def counting_load(self: ir.ExternalTensor) -> None:
+        if self.nbytes > 1024:
+            loaded.append(self.name or "?")
+        original_load(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", counting_load)
+    gathered: list[str] = []
+    original_gather = ExternalSlice._gather
+
+    def counting_gather(self: ExternalSlice) -> ir.Tensor:
+        gathered.append(self.name or "?")
+        return original_gather(self)
+
+    monkeypatch.setattr(ExternalSlice, "_gather", counting_gather)
+    manifest = partition_to_dir(tiny_model, tmp_path / "plan", tp=2, pp=2)
+    assert loaded == []
+    assert gathered == []
+    source = load_model(tiny_model)
+    weights = {name: value.const_value for name, value in source.graph.initializers.items()}
+    assert sum(t.nbytes for t in weights.values() if isinstance(t, ir.ExternalTensor)) > 0
+    monkeypatch.setattr(ir.ExternalTensor, "_load", original_load)
+    # Every rank's weights are the slices the placements say (gate/up by columns, down by rows).
+    tp_of = {entry.rank: entry.coords["tp"] for entry in manifest.ranks}
+    checked = 0
+    for entry in manifest.ranks:
+        rank_model = load_model(tmp_path / "plan" / entry.file)
+        for name, value in rank_model.graph.initializers.items():
+            if name in weights and name.endswith(("gate_proj.weight", "down_proj.weight")):
+                full = weights[name].numpy()
+                placement = Shard(1) if "gate" in name else Shard(0)
+                expected = shard_array(full, placement, 2, tp_of[entry.rank])
+                np.testing.assert_array_equal(value.const_value.numpy(), expected)
+                checked += 1
+    assert checked == 2 * TINY.layers * 2  # two weights per layer, each layer on two tp ranks
+
+
+def _partition_cli(model: Path, out: Path, *extra: str, hash_seed: str = "0") -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+    return subprocess.run(
+        [sys.executable, "-m", "llmir_onnx.cli.main", "partition", str(model), "--tp", "2", "--pp", "2",
+         "-o", str(out), *extra],
+        capture_output=True, text=True, timeout=300, env=env, check=False,
+    )  # fmt: skip
+
+
+def _tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
+
+
+def test_partition_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:
+    """Same model and options, two processes with different hash seeds: byte-identical plans."""
+    first = _partition_cli(tiny_model, tmp_path / "a", "--quiet", hash_seed="1")
+    second = _partition_cli(tiny_model, tmp_path / "b", "--quiet", hash_seed="2")
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 0, second.stderr
+    a, b = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
+    assert sorted(a) == sorted(b)
+    assert "manifest.json" in a and "rank3.onnx.data" in a
+    for name in a:
+        assert a[name] == b[name], f"{name} differs between two partitions of the same model"
+
+
+def test_progress_goes_to_stderr_only_when_asked(tiny_model: Path, tmp_path: Path) -> None:
+    shown = _partition_cli(tiny_model, tmp_path / "shown", "--progress")
+    assert shown.returncode == 0, shown.stderr
+    assert "writing 4 ranks" in shown.stderr and "100%" in shown.stderr
+    assert "llmir-onnx:" not in shown.stdout
+    # stderr is a pipe here, not a terminal: no progress unless asked; --quiet wins over a terminal.
+    silent = _partition_cli(tiny_model, tmp_path / "silent")
+    assert silent.returncode == 0 and silent.stderr == ""
+    quiet = _partition_cli(tiny_model, tmp_path / "quiet", "--quiet")
+    assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+class _Injected(Exception):
+    pass
+
+
+@pytest.mark.parametrize("error", [_Injected, KeyboardInterrupt])
+def test_interrupted_partition_keeps_the_older_plan(
+    error: type[BaseException], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "plan"
+    partition_to_dir(tiny_model, out, tp=2)
+    before = _tree_bytes(out)
+    original_save = emit.save_model
+
+    def failing_save(model: ir.Model, path: Path, **kwargs: object) -> Path:
+        if path.name == "rank1.onnx":
+            # Fail half way: rank 1's data file exists in the staging folder when the error comes.
+            original_save(model, path, **kwargs)  # type: ignore[arg-type]
+            raise error("interrupted while writing rank 1")
+        return original_save(model, path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(emit, "save_model", failing_save)
+    with pytest.raises(error):
+        partition_to_dir(tiny_model, out, tp=2)
+    assert _tree_bytes(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]  # no staging folder left behind
+    with pytest.raises(error):
+        partition_to_dir(tiny_model, tmp_path / "fresh", tp=2)
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plan"]
+
+
+def _peak_rss_of_partition(model: Path, out: Path) -> int:
+    child = subprocess.Popen(
+        [sys.executable, "-m", "llmir_onnx.cli.main", "partition", str(model), "--tp", "2", "--pp", "2",
+         "-o", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    _, status, usage = os.wait4(child.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return usage.ru_maxrss * 1024
+
+
+def test_peak_memory_does_not_grow_with_the_weights(tiny_model: Path, tmp_path: Path) -> None:
+    """A ~200 MB model partitions in about the memory of a tiny one (the old path held every weight)."""
+    config = replace(TINY, hidden=1024, intermediate=4096, layers=4, heads=8, kv_heads=4, vocab=8192)
+    big = synthetic.generate(config, tmp_path / "big")
+    weight_bytes = (tmp_path / "big" / "model.onnx.data").stat().st_size
+    assert weight_bytes > 150 << 20
+    small_peak = _peak_rss_of_partition(tiny_model, tmp_path / "small-plan")
+    big_peak = _peak_rss_of_partition(big, tmp_path / "big-plan")
+    # Generous: interpreter and graph noise, and a few write buffers per writer thread.
+    assert big_peak - small_peak < 0.25 * weight_bytes, (small_peak, big_peak, weight_bytes)
+
+
+def _iter_rank_weight_bytes(models: list[ir.Model]) -> Iterator[int]:
+    for model in models:
+        for value in model.graph.initializers.values():
+            if value.const_value is not None:
+                yield value.const_value.nbytes
+
+
+def test_over_2gib_model_plans_without_serializing_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 2.4 GiB model (sparse file: no disk time) goes through every pass and the memory plan.
+
+    Anything that serialized a ModelProto with its weights inline would fail at protobuf's 2 GiB;
+    anything that read the weights would count here.
+    """
+    config = replace(TINY, hidden=2048, intermediate=8192, layers=8, heads=16, kv_heads=8, vocab=32000)
+    model_path = synthetic.generate(replace(config, dtype="float32"), tmp_path / "big", sparse=True)
+    weight_bytes = (tmp_path / "big" / "model.onnx.data").stat().st_size
+    assert weight_bytes > 2**31
+    loaded: list[str] = []
+    original_load = ir.ExternalTensor._load
+
+    def counting_load(self: ir.ExternalTensor) -> None:
+        loaded.append(self.name or "?")
+        original_load(self)
+
+    monkeypatch.setattr(ir.ExternalTensor, "_load", counting_load)
+    result = partition(load_model(model_path), PartitionOptions(tp=2, pp=2))
+    assert len(result.ranks) == 4
+    for program in result.ranks:
+        assert plan_memory(program.model, 1, 128).weight_bytes > 0
+    assert loaded == []
+    # tp 2: the embedding and lm_head are replicated, everything else is split once.
+    assert sum(_iter_rank_weight_bytes([p.model for p in result.ranks])) >= weight_bytes
