@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.memory import activation_peak, kv_cache_bytes, plan_memory, weight_bytes
-from llmir_onnx.plan.shapes import Sizes, bind_dims, evaluate_shapes
+from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
 from tests.test_synthetic import make_feeds, synthetic
 
 
@@ -109,10 +109,10 @@ def test_dimension_names_real_exports_use() -> None:
     }  # fmt: skip
 
 
-@pytest.mark.parametrize(("batch", "past", "seq"), [(2, 0, 6), (1, 5, 1)])
-def test_every_evaluated_shape_matches_onnxruntime(tiny: tuple[object, Path], batch: int, past: int, seq: int) -> None:
-    config, path = tiny
-    shapes = evaluate_shapes(load_model(path), Sizes(batch=batch, seq=seq, past=past))
+def every_value_by_onnxruntime(
+    path: Path, shapes: dict[str, TensorShape], feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """Every value of the model as onnxruntime computes it: intermediates exposed as outputs, no fusions."""
     proto = onnx.load(str(path))
     existing = {o.name for o in proto.graph.output}
     names = [o for node in proto.graph.node for o in node.output if o and o not in existing]
@@ -122,15 +122,22 @@ def test_every_evaluated_shape_matches_onnxruntime(tiny: tuple[object, Path], ba
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
     out_names = [o.name for o in session.get_outputs()]
-    results = session.run(None, make_feeds(config, batch, past, seq))
+    return dict(zip(out_names, session.run(None, feeds), strict=True))
+
+
+@pytest.mark.parametrize(("batch", "past", "seq"), [(2, 0, 6), (1, 5, 1)])
+def test_every_evaluated_shape_matches_onnxruntime(tiny: tuple[object, Path], batch: int, past: int, seq: int) -> None:
+    config, path = tiny
+    shapes = evaluate_shapes(load_model(path), Sizes(batch=batch, seq=seq, past=past))
+    values = every_value_by_onnxruntime(path, shapes, make_feeds(config, batch, past, seq))
     checked = 0
-    for name, array in zip(out_names, results, strict=True):
+    for name, array in values.items():
         assert shapes[name].shape == tuple(array.shape), name
         assert shapes[name].dtype.numpy() == array.dtype, name
         if shapes[name].value is not None:  # small computed values (shape arithmetic) are exact
             np.testing.assert_array_equal(shapes[name].value, array, err_msg=name)
         checked += 1
-    assert checked == len(out_names) > 400
+    assert checked == len(values) > 400
 
 
 def test_missing_shape_rule_names_the_node() -> None:
@@ -193,17 +200,7 @@ def test_shapes_of_bundled_exports_match_onnxruntime(path: Path) -> None:
         shapes = evaluate_shapes(model, sizes)
     except PlanError as error:
         pytest.fail(f"{path.parent.name}: {error}")
-    proto = onnx.load(str(path))
-    existing = {o.name for o in proto.graph.output}
-    names = [o for node in proto.graph.node for o in node.output if o and o not in existing]
-    for name in names:
-        proto.graph.output.append(helper.make_tensor_value_info(name, shapes[name].dtype.value, None))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    out_names = [o.name for o in session.get_outputs()]
-    results = session.run(None, bundled_feeds(model, sizes))
-    for name, array in zip(out_names, results, strict=True):
+    for name, array in every_value_by_onnxruntime(path, shapes, bundled_feeds(model, sizes)).items():
         assert shapes[name].shape == tuple(array.shape), name
     plan = plan_memory(model, 2, 8)
     assert plan.weight_bytes == sum(
