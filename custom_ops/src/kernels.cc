@@ -100,14 +100,20 @@ void agree(GroupComm& comm, const std::vector<int>& ranks, const OpAttributes& a
   }
 }
 
-void all_reduce(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
-                const AllocateOutput& output) {
-  const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
-  const DType dtype = checked_dtype(input.elem_type, label);
-  if (dtype == DType::kBool && attributes.reduction == Reduction::kSum) {
+// The element type of a reducing op's input; bool has logical max/min but no sum.
+DType reduction_dtype(int elem_type, Reduction reduction, const OpLabel& label) {
+  const DType dtype = checked_dtype(elem_type, label);
+  if (dtype == DType::kBool && reduction == Reduction::kSum) {
     throw Error(label.message("bool tensors support reduction \"max\" (logical or) and \"min\" (logical and), "
                               "not \"sum\"; cast to an integer type to count"));
   }
+  return dtype;
+}
+
+void all_reduce(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
+                const AllocateOutput& output) {
+  const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
+  const DType dtype = reduction_dtype(input.elem_type, attributes.reduction, label);
   GroupComm& comm = backend.group(ranks, label);
   agree(comm, ranks, attributes, 0, input, label);
   void* out = output(input.shape);
@@ -147,11 +153,7 @@ void all_gather(Backend& backend, const OpAttributes& attributes, OpLabel& label
 void reduce_scatter(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
                     const AllocateOutput& output) {
   const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
-  const DType dtype = checked_dtype(input.elem_type, label);
-  if (dtype == DType::kBool && attributes.reduction == Reduction::kSum) {
-    throw Error(label.message("bool tensors support reduction \"max\" (logical or) and \"min\" (logical and), "
-                              "not \"sum\"; cast to an integer type to count"));
-  }
+  const DType dtype = reduction_dtype(input.elem_type, attributes.reduction, label);
   const auto axis = static_cast<size_t>(normalized_axis(attributes.axis, input.shape.size(), label));
   const auto members = static_cast<int64_t>(ranks.size());
   if (input.shape[axis] % members != 0) {
