@@ -159,21 +159,36 @@ def verify(
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="New tokens in random inputs.")] = 4,
     past_tokens: Annotated[int, typer.Option("--past-tokens", min=0, help="Past KV length in random inputs.")] = 3,
     seed: Annotated[int, typer.Option("--seed")] = 0,
+    past_from: Annotated[
+        str,
+        typer.Option(
+            "--past-from",
+            help="Random inputs' past KV cache: 'model' (the original model's cache of random tokens, what a "
+            "real decode step sees) or 'noise' (standard normal values).",
+        ),
+    ] = "model",
     debug: DebugOption = False,
 ) -> None:
     """Run every rank as a process, reassemble the outputs and compare with the original model."""
     import numpy as np
 
+    from llmir_onnx.errors import InputModelError
     from llmir_onnx.ir_io import load_model
     from llmir_onnx.plan.manifest import Manifest
-    from llmir_onnx.runtime.feeds import FeedSizes, random_feeds
+    from llmir_onnx.runtime.feeds import PAST_FROM_MODEL, PAST_FROM_NOISE, FeedSizes, model_past_feeds, random_feeds
     from llmir_onnx.runtime.verify import format_comparisons, load_feeds, raise_if_mismatch, verify_plan
 
+    if past_from not in (PAST_FROM_MODEL, PAST_FROM_NOISE):
+        raise InputModelError(f"--past-from {past_from!r} is not one of: {PAST_FROM_MODEL}, {PAST_FROM_NOISE}")
     if inputs is not None:
         feeds = load_feeds(inputs)
     else:
         source = model or Path(Manifest.read(plan).source["path"])
-        feeds = random_feeds(load_model(source), FeedSizes(batch, new_tokens, past_tokens, seed))
+        sizes = FeedSizes(batch, new_tokens, past_tokens, seed)
+        if past_from == PAST_FROM_MODEL:
+            feeds = model_past_feeds(source, sizes)
+        else:
+            feeds = random_feeds(load_model(source), sizes)
     outputs, rows = verify_plan(plan, feeds, model_path=model, atol=atol, rtol=rtol)
     if not rows:  # a non-zero rank under an external launcher: rank 0 reports
         return

@@ -42,6 +42,7 @@ REDUCTIONS: tuple[str, ...] = ("sum", "max", "min")
 # ONNX type strings of the element types every ai.llmir op accepts (the C++ kernels register the same).
 TENSOR_TYPES: tuple[str, ...] = (
     "tensor(float)",
+    "tensor(double)",
     "tensor(float16)",
     "tensor(bfloat16)",
     "tensor(int32)",
@@ -52,6 +53,7 @@ TENSOR_TYPES: tuple[str, ...] = (
 )
 ELEMENT_TYPES: tuple[int, ...] = (
     onnx.TensorProto.FLOAT,
+    onnx.TensorProto.DOUBLE,
     onnx.TensorProto.FLOAT16,
     onnx.TensorProto.BFLOAT16,
     onnx.TensorProto.INT32,

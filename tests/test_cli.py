@@ -96,6 +96,11 @@ def test_partition_tp2_pp2_then_verify_through_the_cli(tmp_path: Path) -> None:
         assert outputs["present.1.key"].shape == (1, 4, 7, 16)  # full heads, reassembled from both tp ranks
 
 
+def test_verify_refuses_an_unknown_past_source(tmp_path: Path) -> None:
+    result = run_cli("verify", str(tmp_path), "--past-from", "zeros")
+    assert_one_line_error(result, "--past-from 'zeros' is not one of: model, noise")
+
+
 def test_too_small_device_memory_names_the_rank_and_writes_nothing(tmp_path: Path) -> None:
     plan = tmp_path / "plan"
     result = run_cli("partition", str(LLAMA), "--tp", "2", "--pp", "2", "-o", str(plan), "--device-memory", "1MiB")

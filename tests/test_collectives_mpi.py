@@ -111,12 +111,12 @@ def error_of(run: RankRun, rank: int) -> str:
 @pytest.mark.parametrize("world", [2, 4])
 def test_every_op_dtype_reduction_axis(world: int) -> None:
     run = launch(world, "all_ops", str(world))
-    # (7 dtypes x (3 reductions x 5 + 1) + bool (2 x 5) + 8 x 4 gathers) x (values + inferred shape)
-    assert_all_ok(run, world, min_checks=2 * (7 * 16 + 10 + 32))
+    # (8 dtypes x (3 reductions x 5 + 1) + bool (2 x 5) + 9 x 4 gathers) x (values + inferred shape)
+    assert_all_ok(run, world, min_checks=2 * (8 * 16 + 10 + 36))
 
 
 def test_single_process_without_launcher_is_world_one() -> None:
-    assert_all_ok(launch(0, "all_ops", "1"), 1, min_checks=2 * (7 * 16 + 10 + 32))
+    assert_all_ok(launch(0, "all_ops", "1"), 1, min_checks=2 * (8 * 16 + 10 + 36))
 
 
 def test_subgroups_pairs_and_cross_in_one_graph() -> None:
@@ -125,8 +125,8 @@ def test_subgroups_pairs_and_cross_in_one_graph() -> None:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_send_recv_ring_tags_dynamic_shapes(world: int) -> None:
-    # 8 dtypes x 3 steps x 3 tensors x (count + data)
-    assert_all_ok(launch(world, "send_recv"), world, min_checks=8 * 3 * 3 * 2)
+    # 9 dtypes x 3 steps x 3 tensors x (count + data)
+    assert_all_ok(launch(world, "send_recv"), world, min_checks=9 * 3 * 3 * 2)
 
 
 def test_pipeline_chain_with_data_dependencies() -> None:

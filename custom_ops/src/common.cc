@@ -10,7 +10,7 @@ namespace llmir {
 
 bool dtype_supported(int onnx_elem_type) {
   switch (onnx_elem_type) {
-    case 1: case 2: case 3: case 6: case 7: case 9: case 10: case 16:
+    case 1: case 2: case 3: case 6: case 7: case 9: case 10: case 11: case 16:
       return true;
     default:
       return false;
@@ -41,7 +41,7 @@ DType to_dtype(int onnx_elem_type) {
   if (!dtype_supported(onnx_elem_type)) {
     throw Error(std::string("unsupported element type ") + dtype_name(onnx_elem_type) + " (" +
                 std::to_string(onnx_elem_type) +
-                "); supported: float32, float16, bfloat16, int32, int64, int8, uint8, bool");
+                "); supported: float32, float64, float16, bfloat16, int32, int64, int8, uint8, bool");
   }
   return static_cast<DType>(onnx_elem_type);
 }
@@ -49,7 +49,7 @@ DType to_dtype(int onnx_elem_type) {
 size_t dtype_size(DType dtype) {
   switch (dtype) {
     case DType::kFloat32: case DType::kInt32: return 4;
-    case DType::kInt64: return 8;
+    case DType::kInt64: case DType::kFloat64: return 8;
     case DType::kFloat16: case DType::kBfloat16: return 2;
     case DType::kUint8: case DType::kInt8: case DType::kBool: return 1;
   }

@@ -25,6 +25,7 @@ enum class DType : int {
   kInt64 = 7,
   kBool = 9,
   kFloat16 = 10,
+  kFloat64 = 11,
   kBfloat16 = 16,
 };
 

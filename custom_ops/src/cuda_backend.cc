@@ -73,6 +73,7 @@ std::map<std::tuple<int, std::vector<int>, int>, std::unique_ptr<NcclComm>>& ncc
 ncclDataType_t nccl_type(DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return ncclFloat32;
+    case DType::kFloat64: return ncclFloat64;
     case DType::kFloat16: return ncclFloat16;
     case DType::kBfloat16: return ncclBfloat16;
     case DType::kInt32: return ncclInt32;

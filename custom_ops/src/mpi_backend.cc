@@ -67,6 +67,7 @@ void create_16bit_ops() {
 MPI_Datatype datatype(DType dtype) {
   switch (dtype) {
     case DType::kFloat32: return MPI_FLOAT;
+    case DType::kFloat64: return MPI_DOUBLE;
     case DType::kInt32: return MPI_INT32_T;
     case DType::kInt64: return MPI_INT64_T;
     case DType::kInt8: return MPI_INT8_T;

@@ -9,11 +9,17 @@ else is refused by name, so the user knows to pass --inputs.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.errors import InputModelError
+from llmir_onnx.ir_io import load_model
+
+if TYPE_CHECKING:
+    import onnxruntime
 
 
 @dataclass(frozen=True)
@@ -68,4 +74,47 @@ def random_feeds(model: ir.Model, sizes: FeedSizes = FeedSizes()) -> dict[str, n
             feeds[name] = rng.standard_normal((batch, heads, past, head_dim)).astype(dtype)
         else:
             raise InputModelError(f"cannot make a random value for input {name!r} (shape {shape}); pass --inputs")
+    return feeds
+
+
+def original_session(model_path: Path) -> onnxruntime.InferenceSession:
+    """An onnxruntime CPU session of the original model; one onnxruntime refuses is bad input, said in a line."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # onnxruntime's pybind errors share no base class but Exception
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputModelError(f"onnxruntime cannot run the original model {str(model_path)!r}: {reason}") from error
+
+
+PAST_FROM_MODEL = "model"
+PAST_FROM_NOISE = "noise"
+
+
+def model_past_feeds(model_path: Path, sizes: FeedSizes = FeedSizes()) -> dict[str, np.ndarray]:
+    """Random new tokens after a past KV cache that the original model made from random tokens.
+
+    Why not noise: a standard-normal past is a cache no model produces (real keys have a few
+    large channels and a norm the model's own attention expects), and pushed through a 30-layer
+    model it turns float32 rounding differences into errors several times larger than the ones
+    real decoding sees. Running the original on `past_tokens` random tokens first gives the
+    decode step a cache the model could really hold; the new tokens, mask and positions are
+    those of `random_feeds`.
+    """
+    from llmir_onnx.runtime.generate import kv_cache_pairs
+
+    model = load_model(model_path)
+    feeds = random_feeds(model, sizes)
+    if sizes.past_tokens == 0:
+        return feeds
+    session = original_session(model_path)
+    output_names = [output.name for output in session.get_outputs()]
+    pairs = kv_cache_pairs([value.name or "" for value in model.graph.inputs], output_names)
+    if not pairs:
+        return feeds
+    prompt_sizes = FeedSizes(sizes.batch, new_tokens=sizes.past_tokens, past_tokens=0, seed=sizes.seed + 1)
+    presents = dict(zip(output_names, session.run(output_names, random_feeds(model, prompt_sizes)), strict=True))
+    for present, past in pairs.items():
+        feeds[past] = presents[present]
     return feeds

@@ -122,9 +122,9 @@ def compare(reference: dict[str, np.ndarray], actual: dict[str, np.ndarray], ato
 
 
 def reference_outputs(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    import onnxruntime as ort
+    from llmir_onnx.runtime.feeds import original_session
 
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    session = original_session(model_path)
     names = [output.name for output in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
 

@@ -24,6 +24,7 @@ from llmir_onnx.ops import LLMIR_DOMAIN, LLMIR_OPSET_IMPORT
 # dtype name -> (numpy dtype, ONNX element type)
 DTYPES: dict[str, tuple[np.dtype, int]] = {
     "float32": (np.dtype(np.float32), TensorProto.FLOAT),
+    "float64": (np.dtype(np.float64), TensorProto.DOUBLE),
     "float16": (np.dtype(np.float16), TensorProto.FLOAT16),
     "bfloat16": (np.dtype(ml_dtypes.bfloat16), TensorProto.BFLOAT16),
     "int32": (np.dtype(np.int32), TensorProto.INT32),
