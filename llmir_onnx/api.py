@@ -5,16 +5,21 @@ from __future__ import annotations
 import copy
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
-from llmir_onnx.plan.emit import write_plan
+from llmir_onnx.plan.data_files import RankWeights, WeightWriter
+from llmir_onnx.plan.emit import atomic_output_dir, start_weight_writer, write_plan_into
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.plan.shapes import default_max_seq
 from llmir_onnx.progress import QUIET, Progress
+
+if TYPE_CHECKING:
+    from llmir_onnx.partition import PartitionResult
+    from llmir_onnx.plan.devices import DeviceProfile
 
 
 def _structure_signature(model: ir.Model) -> tuple[Any, ...]:
@@ -69,10 +74,8 @@ def partition_to_dir(
     anything is written. `max_seq` defaults to 2048, or the model's own limit when its position
     tables are shorter (GPT-2's 128 positions).
     """
-    from llmir_onnx.partition import PartitionOptions, partition
-    from llmir_onnx.plan.cost import estimate_phases
+    from llmir_onnx.partition import PartitionOptions, RankWeightsPlan, partition
     from llmir_onnx.plan.devices import load_profile
-    from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
 
     profile = load_profile(device)
     progress = progress if progress is not None else QUIET
@@ -92,9 +95,55 @@ def partition_to_dir(
         max_seq=max_seq,
     )
     progress.phase(f"sharding for tp {tp} x pp {pp}")
-    result = partition(load_model(model_path), options)
-    progress.phase(f"memory plan and cost of {len(result.ranks)} ranks")
-    mesh = result.mesh
+    with atomic_output_dir(out_dir) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
+
+        def write_weights(planned: RankWeightsPlan) -> None:
+            # From here the weights stream to disk while the stage graphs, plans and costs are made.
+            weights = [RankWeights(rank, stage, tensors) for rank, stage, tensors in planned]
+            start_weight_writer(writer, weights, progress)
+
+        result = partition(load_model(model_path), options, on_weights_known=write_weights)
+        mesh = result.mesh
+        details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes)
+        mesh_info = {
+            "tp": mesh.tp,
+            "pp": mesh.pp,
+            "cp": mesh.cp,
+            "world_size": mesh.world_size,
+            "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]},
+        }
+        return write_plan_into(
+            staging,
+            writer,
+            source_path=model_path,
+            source_model=source,
+            mesh=mesh_info,
+            rank_models=[
+                (p.rank, mesh.coords(p.rank).as_dict(), p.model, list(p.inputs), list(p.outputs)) for p in result.ranks
+            ],
+            rank_details=details,
+            progress=progress,
+            options={
+                "tp": tp,
+                "pp": pp,
+                "vocab_parallel": vocab_parallel,
+                "replicate_unsupported": replicate_unsupported,
+                "device": device,
+                "device_memory_bytes": device_memory_bytes,
+                "max_batch": max_batch,
+                "max_seq": max_seq,
+                "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
+            },
+        )
+
+
+def _rank_details(
+    result: PartitionResult, profile: DeviceProfile, max_batch: int, max_seq: int, device_memory_bytes: int | None
+) -> list[dict[str, Any]]:
+    """Each rank's layers, memory plan and cost; a rank over `device_memory_bytes` is a PlanError."""
+    from llmir_onnx.plan.cost import estimate_phases
+    from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
+
     details: list[dict[str, Any]] = []
     # The tp ranks of one stage run the same graph on equal-shaped weights, so their memory plans and
     # costs are equal: evaluate each distinct structure once (the shape evaluation dominates planning).
@@ -122,32 +171,4 @@ def partition_to_dir(
                 "cost": copy.deepcopy(cost_fields),
             }
         )
-    mesh_info = {
-        "tp": mesh.tp,
-        "pp": mesh.pp,
-        "cp": mesh.cp,
-        "world_size": mesh.world_size,
-        "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]},
-    }
-    return write_plan(
-        out_dir,
-        source_path=model_path,
-        source_model=source,
-        mesh=mesh_info,
-        rank_models=[
-            (p.rank, mesh.coords(p.rank).as_dict(), p.model, list(p.inputs), list(p.outputs)) for p in result.ranks
-        ],
-        rank_details=details,
-        progress=progress,
-        options={
-            "tp": tp,
-            "pp": pp,
-            "vocab_parallel": vocab_parallel,
-            "replicate_unsupported": replicate_unsupported,
-            "device": device,
-            "device_memory_bytes": device_memory_bytes,
-            "max_batch": max_batch,
-            "max_seq": max_seq,
-            "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
-        },
-    )
+    return details

@@ -97,6 +97,14 @@ def save_model(
     return model_path
 
 
+def save_model_proto(model: ir.Model, path: str | os.PathLike) -> Path:
+    """Save the model file alone: external tensors are referenced where they already are, not rewritten."""
+    model_path = Path(path)
+    model.ir_version = min(model.ir_version, MAX_IR_VERSION)
+    ir.save(model, model_path)
+    return model_path
+
+
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as stream:

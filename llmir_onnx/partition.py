@@ -14,13 +14,14 @@ Every rank of a tensor-parallel group runs the same graph; only weights and a fe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import onnx_ir as ir
 import onnx_ir.passes.common
 
 from llmir_onnx.errors import LlmirError, ShardingError
-from llmir_onnx.mesh import DeviceMesh
+from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.passes import (
     AnnotatePass,
     InsertCollectivesPass,
@@ -136,15 +137,48 @@ def _single_rank(model: ir.Model) -> PartitionResult:
     return PartitionResult(DeviceMesh(), [RankProgram(0, copy, inputs, outputs)], placements, [])
 
 
-def partition(model: ir.Model, options: PartitionOptions) -> PartitionResult:
-    """Tensor-parallel sharding of `model`, then (pp > 1) pipeline stages cut from every tp rank."""
+# Each rank's weights, known before the rank models are all built: (global rank, pipeline stage,
+# {initializer name: tensor}), sorted by rank. The tensors are lazy (slices of the source's data).
+RankWeightsPlan = list[tuple[int, int, dict[str, ir.TensorProtocol]]]
+
+
+def _remove_unused(model: ir.Model) -> None:
+    # Rewrites leave constants nobody reads (old head counts); onnxruntime warns about each one.
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+
+
+def partition(
+    model: ir.Model,
+    options: PartitionOptions,
+    on_weights_known: Callable[[RankWeightsPlan], None] | None = None,
+) -> PartitionResult:
+    """Tensor-parallel sharding of `model`, then (pp > 1) pipeline stages cut from every tp rank.
+
+    `on_weights_known` is called once with every rank's weights as soon as they are decided: for
+    pp > 1 before the stage graphs are built, so their bytes can be written meanwhile.
+    """
     _check_options(options)
     tensor_parallel = _single_rank(model) if options.tp == 1 else _partition_tp(model, options)
-    result = tensor_parallel if options.pp == 1 else _cut_stages(tensor_parallel, options)
+    for program in tensor_parallel.ranks:
+        _remove_unused(program.model)
+    if options.pp == 1:
+        if on_weights_known is not None:
+            on_weights_known([(p.rank, 0, _initializer_tensors(p.model, None, 0)) for p in tensor_parallel.ranks])
+        return tensor_parallel
+    result = _cut_stages(tensor_parallel, options, on_weights_known)
     for program in result.ranks:
-        # Rewrites leave constants nobody reads (old head counts); onnxruntime warns about each one.
-        ir.passes.common.RemoveUnusedNodesPass()(program.model)
+        _remove_unused(program.model)
     return result
+
+
+def _initializer_tensors(
+    model: ir.Model, stages_of: dict[str, set[int]] | None, stage: int
+) -> dict[str, ir.TensorProtocol]:
+    return {
+        name: value.const_value
+        for name, value in model.graph.initializers.items()
+        if value.const_value is not None and (stages_of is None or stage in stages_of.get(name, ()))
+    }
 
 
 def _partition_tp(model: ir.Model, options: PartitionOptions) -> PartitionResult:
@@ -161,7 +195,11 @@ def _partition_tp(model: ir.Model, options: PartitionOptions) -> PartitionResult
     return PartitionResult(mesh=mesh, ranks=ranks, placements=placements, warnings=list(state.warnings))
 
 
-def _cut_stages(tensor_parallel: PartitionResult, options: PartitionOptions) -> PartitionResult:
+def _cut_stages(
+    tensor_parallel: PartitionResult,
+    options: PartitionOptions,
+    on_weights_known: Callable[[RankWeightsPlan], None] | None = None,
+) -> PartitionResult:
     from llmir_onnx.passes.stages import split_tp_ranks
     from llmir_onnx.plan.cost import node_time_function
     from llmir_onnx.plan.devices import load_profile
@@ -171,12 +209,26 @@ def _cut_stages(tensor_parallel: PartitionResult, options: PartitionOptions) -> 
     first = tensor_parallel.ranks[0].model
     max_seq = options.max_seq or default_max_seq(first)
     node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
+    tp_models = [program.model for program in tensor_parallel.ranks]
+
+    def weights_by_stage(stages_of: dict[str, set[int]]) -> None:
+        if on_weights_known is None:
+            return
+        planned = [
+            (mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=tp_rank)), stage, _initializer_tensors(model, stages_of, stage))
+            for tp_rank, model in enumerate(tp_models)
+            for stage in range(mesh.pp)
+        ]
+        on_weights_known(sorted(planned, key=lambda entry: entry[0]))
+
     staged, _ = split_tp_ranks(
         [(program.model, program.inputs, program.outputs) for program in tensor_parallel.ranks],
         mesh,
         stage_cut_after_layer=options.stage_cut_after_layer,
         node_cost=node_cost,
         memory_limit_bytes=options.device_memory_bytes,
+        consume_models=True,  # the tp rank models are not used after their split
+        on_initializer_stages=weights_by_stage,
     )
     ranks = [RankProgram(s.rank, s.model, list(s.inputs), list(s.outputs), s.layers) for s in staged]
     return PartitionResult(mesh, ranks, tensor_parallel.placements, tensor_parallel.warnings)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -36,34 +36,42 @@ CHUNK_BYTES = 8 << 20
 LONG_RUN_BYTES = 256 << 10
 
 
-def _copy_range(source_fd: int, source_offset: int, length: int, file: BinaryIO) -> None:
-    """Append `length` bytes of `source_fd` at `source_offset` to `file` (kernel copy when possible)."""
+def copy_range_at(source_fd: int, source_offset: int, length: int, target_fd: int, target_offset: int) -> None:
+    """Copy `length` bytes between two files at explicit offsets (in the kernel where possible)."""
     copied = 0
     copy_file_range = getattr(os, "copy_file_range", None)
-    if copy_file_range is not None and hasattr(file, "fileno"):
-        file.flush()
-        destination = file.tell()
+    if copy_file_range is not None:
         try:
             while copied < length:
                 step = copy_file_range(
                     source_fd,
-                    file.fileno(),
+                    target_fd,
                     min(1 << 30, length - copied),
                     offset_src=source_offset + copied,
-                    offset_dst=destination + copied,
+                    offset_dst=target_offset + copied,
                 )
                 if step == 0:
                     break
                 copied += step
         except OSError:
             pass  # another filesystem, or one that refuses: the buffered copy below does the rest
-        file.seek(destination + copied)
     while copied < length:
         chunk = os.pread(source_fd, min(CHUNK_BYTES, length - copied), source_offset + copied)
         if not chunk:
             raise OSError(f"external data ends {length - copied} bytes early at offset {source_offset + copied}")
-        file.write(chunk)
-        copied += len(chunk)
+        view = memoryview(chunk)
+        while view:
+            written = os.pwrite(target_fd, view, target_offset + copied)
+            view = view[written:]
+            copied += written
+
+
+def _copy_range(source_fd: int, source_offset: int, length: int, file: BinaryIO) -> None:
+    """Append `length` bytes of `source_fd` at `source_offset` to `file`."""
+    file.flush()
+    destination = file.tell()
+    copy_range_at(source_fd, source_offset, length, file.fileno(), destination)
+    file.seek(destination + length)
 
 
 class ExternalSlice(ir.LazyTensor):
@@ -99,10 +107,37 @@ class ExternalSlice(ir.LazyTensor):
     def source(self) -> ir.ExternalTensor:
         return self._source
 
+    @property
+    def view(self) -> tuple[int, ...]:
+        return self._view
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    @property
+    def ranges(self) -> tuple[tuple[int, int], ...]:
+        return self._ranges
+
     def __repr__(self) -> str:
         return f"{self._repr_base()}(source={self._source!r}, dim={self._dim}, ranges={self._ranges!r})"
 
-    def _layout(self) -> tuple[int, int, int]:
+    def shortest_run_bytes(self) -> int:
+        """The shortest contiguous byte run of the slice in the source (a whole row when `dim` is 0)."""
+        outer, _, inner_bytes = self.layout()
+        if outer == 1:
+            return sum(stop - start for start, stop in self._ranges) * inner_bytes
+        return min(stop - start for start, stop in self._ranges) * inner_bytes
+
+    def byte_runs(self) -> Iterator[tuple[int, int]]:
+        """(source file offset, length) of each contiguous piece, in the slice's byte order."""
+        outer, axis, inner_bytes = self.layout()
+        base = self._source.offset or 0
+        for row in range(outer):
+            for start, stop in self._ranges:
+                yield base + (row * axis + start) * inner_bytes, (stop - start) * inner_bytes
+
+    def layout(self) -> tuple[int, int, int]:
         """(outer rows, positions on the split axis, bytes per position)."""
         outer = math.prod(self._view[: self._dim])
         inner_bytes = math.prod(self._view[self._dim + 1 :]) * self.dtype.itemsize
@@ -122,17 +157,14 @@ class ExternalSlice(ir.LazyTensor):
         return ir.tensor(np.ascontiguousarray(array).reshape(self.shape.numpy()), name=self.name)
 
     def tofile(self, file: BinaryIO) -> None:
-        outer, axis, inner_bytes = self._layout()
+        outer, axis, inner_bytes = self.layout()
         base = self._source.offset or 0
         row_bytes = axis * inner_bytes
-        shortest_run = min(stop - start for start, stop in self._ranges) * inner_bytes
         with open(self._source.path, "rb") as source:
             fd = source.fileno()
-            if shortest_run >= LONG_RUN_BYTES or outer == 1:
-                for row in range(outer):
-                    for start, stop in self._ranges:
-                        offset = base + row * row_bytes + start * inner_bytes
-                        _copy_range(fd, offset, (stop - start) * inner_bytes, file)
+            if self.shortest_run_bytes() >= LONG_RUN_BYTES:
+                for offset, length in self.byte_runs():
+                    _copy_range(fd, offset, length, file)
                 return
             rows_per_block = max(1, CHUNK_BYTES // row_bytes)
             buffer = bytearray(rows_per_block * row_bytes)

@@ -212,16 +212,16 @@ def test_interrupted_partition_keeps_the_older_plan(
     out = tmp_path / "plan"
     partition_to_dir(tiny_model, out, tp=2)
     before = _tree_bytes(out)
-    original_save = emit.save_model
+    original_save = emit.save_model_proto
 
-    def failing_save(model: ir.Model, path: Path, **kwargs: object) -> Path:
+    def failing_save(model: ir.Model, path: Path) -> Path:
         if path.name == "rank1.onnx":
-            # Fail half way: rank 1's data file exists in the staging folder when the error comes.
-            original_save(model, path, **kwargs)  # type: ignore[arg-type]
+            # Fail half way: the data files and rank 0 exist in the staging folder when the error comes.
+            original_save(model, path)
             raise error("interrupted while writing rank 1")
-        return original_save(model, path, **kwargs)  # type: ignore[arg-type]
+        return original_save(model, path)
 
-    monkeypatch.setattr(emit, "save_model", failing_save)
+    monkeypatch.setattr(emit, "save_model_proto", failing_save)
     with pytest.raises(error):
         partition_to_dir(tiny_model, out, tp=2)
     assert _tree_bytes(out) == before

@@ -181,7 +181,8 @@ def test_mismatched_shapes_across_ranks() -> None:
 
 
 def test_bool_sum_is_an_error() -> None:
-    run = launch(2, "error_bool_sum", comm_timeout_s=10)
+    # Both ranks fail on their own; without this flag mpiexec may kill one before it prints its verdict.
+    run = launch(2, "error_bool_sum", comm_timeout_s=10, mpiexec_flags=("-disable-auto-cleanup",))
     assert run.returncode != 0, run.describe()
     for rank in (0, 1):
         message = error_of(run, rank)

@@ -18,7 +18,8 @@ from typing import Any
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import save_model, sha256_file
+from llmir_onnx.ir_io import save_model_proto, sha256_file
+from llmir_onnx.plan.data_files import RankWeights, WeightWriter
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.progress import QUIET, Progress
 
@@ -62,14 +63,6 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(previous, ignore_errors=True)
 
 
-def _external_bytes(model: ir.Model, threshold: int = 1024) -> int:
-    return sum(
-        v.const_value.nbytes
-        for v in model.graph.initializers.values()
-        if v.const_value is not None and v.const_value.nbytes > threshold
-    )
-
-
 RankModel = tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]
 
 
@@ -89,40 +82,71 @@ def write_plan(
     `rank_details[i]` holds extra RankEntry fields (layers, memory, cost) for `rank_models[i]`.
     """
     progress = progress if progress is not None else QUIET
-    with atomic_output_dir(out_dir) as staging:
-        progress.start_bytes(f"writing {len(rank_models)} ranks", sum(_external_bytes(m[2]) for m in rank_models))
-        # One rank after the other, one tensor at a time. Writing several rank files from threads was
-        # measured slower on this machine (2 threads 1.4x, 4 threads 2.8x the serial time for a 4.45 GiB
-        # model): the copies are kernel and page-cache work that the threads only contend for.
-        paths = []
-        for rank, _, model, _, _ in rank_models:
-
-            def on_tensor(tensor: ir.TensorProtocol, rank: int = rank) -> None:
-                progress.advance(tensor.nbytes, note=f"rank {rank}")
-
-            paths.append(save_model(model, staging / rank_file_name(rank), on_tensor=on_tensor))
-        progress.finish()
-        entries = []
-        for index, ((rank, coords, _, inputs, outputs), path) in enumerate(zip(rank_models, paths, strict=True)):
-            details = rank_details[index] if rank_details is not None else {}
-            entries.append(
-                RankEntry(
-                    rank=rank,
-                    coords=coords,
-                    file=path.name,
-                    sha256=sha256_file(path),
-                    inputs=inputs,
-                    outputs=outputs,
-                    **details,
-                )
-            )
-        manifest = Manifest(
-            source={"path": str(source_path.resolve()), "sha256": sha256_file(source_path)},
+    with atomic_output_dir(out_dir) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
+        weights = [RankWeights.of_model(rank, coords.get("pp", 0), model) for rank, coords, model, _, _ in rank_models]
+        start_weight_writer(writer, weights, progress)
+        return write_plan_into(
+            staging,
+            writer,
+            source_path=source_path,
+            source_model=source_model,
             mesh=mesh,
-            inputs=tensor_infos(source_model.graph.inputs),
-            outputs=tensor_infos(source_model.graph.outputs),
-            ranks=entries,
+            rank_models=rank_models,
             options=options,
+            rank_details=rank_details,
+            progress=progress,
         )
-        manifest.write(staging)
+
+
+def start_weight_writer(writer: WeightWriter, ranks: Sequence[RankWeights], progress: Progress) -> None:
+    writer.start(ranks)
+    assert writer.layout is not None
+    progress.start_bytes(f"writing {len(ranks)} ranks", writer.layout.total_bytes)
+
+
+def write_plan_into(
+    staging: Path,
+    writer: WeightWriter,
+    *,
+    source_path: Path,
+    source_model: ir.Model,
+    mesh: dict[str, Any],
+    rank_models: Sequence[RankModel],
+    options: dict[str, Any],
+    rank_details: Sequence[dict[str, Any]] | None = None,
+    progress: Progress | None = None,
+) -> Manifest:
+    """The rank model files and the manifest, in `staging`, whose weights `writer` is writing."""
+    progress = progress if progress is not None else QUIET
+    data_files: dict[int, list[str]] = {}
+    paths = []
+    for rank, _, model, _, _ in rank_models:
+        data_files[rank] = writer.place(rank, model)
+        paths.append(save_model_proto(model, staging / rank_file_name(rank)))
+    writer.finish()
+    progress.finish()
+    entries = []
+    for index, ((rank, coords, _, inputs, outputs), path) in enumerate(zip(rank_models, paths, strict=True)):
+        details = rank_details[index] if rank_details is not None else {}
+        entries.append(
+            RankEntry(
+                rank=rank,
+                coords=coords,
+                file=path.name,
+                sha256=sha256_file(path),
+                inputs=inputs,
+                outputs=outputs,
+                data_files=data_files[rank],
+                **details,
+            )
+        )
+    manifest = Manifest(
+        source={"path": str(source_path.resolve()), "sha256": sha256_file(source_path)},
+        mesh=mesh,
+        inputs=tensor_infos(source_model.graph.inputs),
+        outputs=tensor_infos(source_model.graph.outputs),
+        ranks=entries,
+        options=options,
+    )
+    manifest.write(staging)
     return manifest

@@ -16,6 +16,10 @@ Schema version 1 (all keys always present):
                       strings (symbolic dims)
     ranks             [{"rank", "coords": {"pp", "cp", "tp"}, "file", "sha256",
                         "layers": [first, stop) decoder layers of its pipeline stage, or null (all),
+                        "data_files": the external data files its model references, in the plan
+                                      folder: its own `rankN.onnx.data` and its stage's
+                                      `stageS.shared.data` (weights several ranks of the stage
+                                      hold, stored once); copy these with the model file,
                         "inputs":  [{"original", "local", "dim", "start", "stop"}],
                         "outputs": [{"original", "local", "dim", "start", "stop"}],
                         "memory": {"max_batch", "max_seq", "weight_bytes", "kv_cache_bytes",
@@ -76,6 +80,7 @@ class RankEntry:
     inputs: list[SliceBinding]
     outputs: list[SliceBinding]
     layers: list[int] | None = None
+    data_files: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
 
@@ -132,6 +137,7 @@ class Manifest:
                 inputs=[SliceBinding(**binding) for binding in entry["inputs"]],
                 outputs=[SliceBinding(**binding) for binding in entry["outputs"]],
                 layers=entry.get("layers"),
+                data_files=entry.get("data_files", []),
                 memory=entry.get("memory", {}),
                 cost=entry.get("cost", {}),
             )

@@ -1,0 +1,392 @@
+"""Where each rank's weights go on disk, and one pass over the source that puts them there.
+
+The physical limit of partitioning is reading every source weight once and writing every plan
+byte once. This module plans the files so that the plan holds no byte twice, then fills them in
+source order:
+
+* Layout. A weight (an initializer over `EXTERNAL_THRESHOLD_BYTES`) that several ranks of one
+  pipeline stage hold unchanged (a replicated norm, embedding or lm_head; a KV head that tp ranks
+  share when tp exceeds the KV heads) goes once into `stage<s>.shared.data`, which those ranks'
+  models all reference; every other weight goes into its rank's `rank<r>.onnx.data`. Sharing stops
+  at the stage: a stage's files are all a host running that stage needs. Offsets are aligned to
+  4 KiB so onnxruntime can memory-map the weights, and are assigned in rank and initializer order,
+  so the same model and options give the same files.
+* Writing. Jobs run sorted by where they read the source, so it is read front to back once:
+  whole tensors and long row slices are copied file to file in the kernel (`copy_file_range`);
+  the column slices that the tp ranks take from one source tensor are gathered together from one
+  mapped window of rows, so those rows are read once for all ranks, not once per rank; a tensor
+  that is all zeros (a Partial share) is a hole in a sparse file and costs nothing.
+
+The rank models then reference their weights as external tensors at these places and are saved
+as small protobufs (no weight passes through protobuf).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+from collections import defaultdict
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from llmir_onnx.weight_slices import LONG_RUN_BYTES, ExternalSlice, Zeros, copy_range_at
+
+EXTERNAL_THRESHOLD_BYTES = 1024
+ALIGNMENT_BYTES = 4096
+# The most source bytes mapped at once while gathering column slices.
+WINDOW_BYTES = 8 << 20
+
+
+def rank_data_name(rank: int) -> str:
+    return f"rank{rank}.onnx.data"
+
+
+def stage_shared_data_name(stage: int) -> str:
+    return f"stage{stage}.shared.data"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one weight's bytes live in the plan."""
+
+    file: str
+    offset: int
+    length: int
+
+
+@dataclass(frozen=True)
+class RankWeights:
+    """One rank's weights to place: its rank, its pipeline stage, {initializer name: tensor}."""
+
+    rank: int
+    stage: int
+    tensors: dict[str, ir.TensorProtocol]
+
+    @classmethod
+    def of_model(cls, rank: int, stage: int, model: ir.Model) -> RankWeights:
+        return cls(rank, stage, {name: value.const_value for name, value in _initializers(model)})
+
+
+def _tensor_key(tensor: ir.TensorProtocol) -> tuple[object, ...]:
+    """Equal keys mean equal bytes: the same source range, the same slice of it, or the same object."""
+    if isinstance(tensor, ExternalSlice):
+        source = tensor.source
+        return ("slice", os.fspath(source.path), source.offset or 0, tensor.view, tensor.dim, tensor.ranges)
+    if isinstance(tensor, ir.ExternalTensor):
+        return ("external", os.fspath(tensor.path), tensor.offset or 0, tensor.length, tensor.dtype)
+    if isinstance(tensor, Zeros):
+        return ("zeros", tensor.dtype, tuple(tensor.shape))
+    return ("object", id(tensor))
+
+
+def _initializers(model: ir.Model) -> Iterator[tuple[str, ir.Value]]:
+    for graph in model.graphs():
+        for name, value in graph.initializers.items():
+            if value.const_value is not None:
+                yield name, value
+
+
+def _is_external(tensor: ir.TensorProtocol) -> bool:
+    return tensor.nbytes > EXTERNAL_THRESHOLD_BYTES
+
+
+def _align(offset: int) -> int:
+    return -(-offset // ALIGNMENT_BYTES) * ALIGNMENT_BYTES
+
+
+@dataclass
+class DataLayout:
+    """Every weight's place; `jobs` lists each distinct weight once with the place it is written to."""
+
+    placements: dict[tuple[int, str], Placement]  # (rank, initializer name) -> place
+    jobs: list[tuple[ir.TensorProtocol, Placement]]
+    file_sizes: dict[str, int]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(place.length for _, place in self.jobs)
+
+    def append(self, file: str, tensor: ir.TensorProtocol) -> Placement:
+        """A place at the end of `file` for one more weight."""
+        offset = _align(self.file_sizes.get(file, 0))
+        place = Placement(file, offset, tensor.nbytes)
+        self.file_sizes[file] = offset + tensor.nbytes
+        self.jobs.append((tensor, place))
+        return place
+
+
+def plan_layout(ranks: Sequence[RankWeights]) -> DataLayout:
+    """Place every rank's external weights: once per stage, shared when several of its ranks hold them."""
+    ranks = sorted(ranks, key=lambda entry: entry.rank)
+    holders: dict[tuple[int, tuple[object, ...]], set[int]] = defaultdict(set)
+    for entry in ranks:
+        for tensor in entry.tensors.values():
+            if _is_external(tensor):
+                holders[(entry.stage, _tensor_key(tensor))].add(entry.rank)
+    layout = DataLayout({}, [], {})
+    placed: dict[tuple[int, tuple[object, ...]], Placement] = {}
+    for entry in ranks:
+        for name, tensor in entry.tensors.items():
+            if not _is_external(tensor):
+                continue
+            key = (entry.stage, _tensor_key(tensor))
+            if key not in placed:
+                shared = len(holders[key]) > 1
+                file = stage_shared_data_name(entry.stage) if shared else rank_data_name(entry.rank)
+                placed[key] = layout.append(file, tensor)
+            layout.placements[(entry.rank, name)] = placed[key]
+    return layout
+
+
+def reference_placed_weights(rank: int, model: ir.Model, layout: DataLayout, plan_dir: Path) -> list[str]:
+    """Point the rank model's weights at their places; returns the data files it references.
+
+    A large weight the layout does not know (one made after the weights were planned) is placed at
+    the end of the rank's own file: the caller writes `layout.jobs` added since. Small lazy weights
+    are read into the model.
+    """
+    files: set[str] = set()
+    for name, value in _initializers(model):
+        tensor = value.const_value
+        assert tensor is not None
+        if not _is_external(tensor):
+            if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
+                value.const_value = ir.tensor(tensor.numpy(), name=tensor.name)
+            continue
+        place = layout.placements.get((rank, name))
+        if place is None:
+            place = layout.append(rank_data_name(rank), tensor)
+            layout.placements[(rank, name)] = place
+        files.add(place.file)
+        value.const_value = ir.ExternalTensor(
+            place.file,
+            place.offset,
+            place.length,
+            tensor.dtype,
+            shape=ir.Shape(list(tensor.shape)),
+            name=tensor.name or name,
+            base_dir=plan_dir,
+        )
+    return sorted(files)
+
+
+def _source_order(job: tuple[ir.TensorProtocol, Placement]) -> tuple[str, int]:
+    tensor = job[0]
+    if isinstance(tensor, ExternalSlice):
+        return os.fspath(tensor.source.path), tensor.source.offset or 0
+    if isinstance(tensor, ir.ExternalTensor):
+        return os.fspath(tensor.path), tensor.offset or 0
+    return "", 0
+
+
+class _Files:
+    """The plan's data files, opened once each for writing at explicit offsets."""
+
+    def __init__(self, folder: Path) -> None:
+        self._folder = folder
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def fd(self, name: str) -> int:
+        with self._lock:
+            if name not in self._fds:
+                self._fds[name] = os.open(self._folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            return self._fds[name]
+
+    def close(self, sizes: dict[str, int] | None) -> None:
+        """Close every file; with `sizes`, first extend each to its size."""
+        for name in sizes or {}:
+            # Holes (alignment, all-zero weights) read as zeros; the size covers the last weight.
+            os.ftruncate(self.fd(name), sizes[name])
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+
+def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _write_gathered(
+    group: list[tuple[ExternalSlice, Placement]], files: _Files, advance: Callable[[int], None]
+) -> None:
+    """Column slices of one source tensor for several ranks: each window of rows is mapped once."""
+    first = group[0][0]
+    outer, axis, inner_bytes = first.layout()
+    row_bytes = axis * inner_bytes
+    base = first.source.offset or 0
+    rows_per_window = max(1, WINDOW_BYTES // row_bytes)
+    written = [0] * len(group)
+    with open(first.source.path, "rb") as source:
+        size = os.fstat(source.fileno()).st_size
+        if base + outer * row_bytes > size:
+            raise OSError(
+                f"{first.source.path}: external data ends at byte {size}, inside weight {first.source.name!r} "
+                f"(bytes {base}..{base + outer * row_bytes})"
+            )
+        for row in range(0, outer, rows_per_window):
+            rows = min(rows_per_window, outer - row)
+            start = base + row * row_bytes
+            aligned = start - start % mmap.ALLOCATIONGRANULARITY
+            window = mmap.mmap(source.fileno(), start - aligned + rows * row_bytes, prot=mmap.PROT_READ,
+                               offset=aligned)  # fmt: skip
+            try:
+                block = np.frombuffer(window, dtype=np.uint8, count=rows * row_bytes, offset=start - aligned)
+                block = block.reshape(rows, axis, inner_bytes)
+                for index, (tensor, place) in enumerate(group):
+                    pieces = [block[:, a:b] for a, b in tensor.ranges]
+                    gathered = np.ascontiguousarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, 1))
+                    _pwrite_all(files.fd(place.file), gathered.data, place.offset + written[index])
+                    written[index] += gathered.nbytes
+                    advance(gathered.nbytes)
+                del block, pieces, gathered
+            finally:
+                window.close()
+    for (tensor, place), count in zip(group, written, strict=True):
+        if count != place.length:
+            raise OSError(f"wrote {count} of {place.length} bytes of {tensor.name!r}")
+
+
+# One tensor to write, or the column slices of one source tensor that several ranks take.
+Unit = tuple[ir.TensorProtocol, Placement] | list[tuple[ExternalSlice, Placement]]
+
+
+def _write_units(jobs: Sequence[tuple[ir.TensorProtocol, Placement]]) -> list[Unit]:
+    """The jobs in source order; the short-run slices of one source tensor as one group, where its first was."""
+    groups: dict[tuple[object, ...], list[tuple[ExternalSlice, Placement]]] = {}
+    units: list[Unit] = []
+    for tensor, place in sorted(jobs, key=_source_order):
+        if isinstance(tensor, ExternalSlice) and tensor.shortest_run_bytes() < LONG_RUN_BYTES:
+            source = tensor.source
+            key = (os.fspath(source.path), source.offset or 0, tensor.view, tensor.dim)
+            if key not in groups:
+                groups[key] = []
+                units.append(groups[key])
+            groups[key].append((tensor, place))
+        else:
+            units.append((tensor, place))
+    return units
+
+
+def _write_unit(unit: Unit, files: _Files, advance: Callable[[int], None]) -> None:
+    if isinstance(unit, list):
+        _write_gathered(unit, files, advance)
+        return
+    tensor, place = unit
+    fd = files.fd(place.file)
+    if isinstance(tensor, Zeros):
+        pass  # a hole in the file
+    elif isinstance(tensor, ExternalSlice):
+        with open(tensor.source.path, "rb") as source_file:
+            offset = place.offset
+            for run_offset, run_length in tensor.byte_runs():
+                copy_range_at(source_file.fileno(), run_offset, run_length, fd, offset)
+                offset += run_length
+    elif isinstance(tensor, ir.ExternalTensor):
+        with open(tensor.path, "rb") as source_file:
+            copy_range_at(source_file.fileno(), tensor.offset or 0, place.length, fd, place.offset)
+    else:
+        _pwrite_all(fd, tensor.tobytes(), place.offset)
+    advance(place.length)
+
+
+class WeightWriter:
+    """Writes a plan's weight files in the background, from the moment the weights are known.
+
+    `start` places the weights (`plan_layout`) and starts two threads: one gathers column slices (a
+    memory copy, then a write), the other copies whole tensors and row slices file to file in the
+    kernel. Meanwhile the caller builds the rank graphs (Python, mostly holding the GIL; the copies
+    release it), then `place`s each rank model and `finish`es. Leaving the `with` block by an error
+    stops the threads at their next tensor.
+    """
+
+    def __init__(self, folder: Path, on_bytes: Callable[[int], None] | None = None) -> None:
+        self.folder = folder
+        self.layout: DataLayout | None = None
+        self._advance = on_bytes or (lambda _count: None)
+        self._files = _Files(folder)
+        self._failed = threading.Event()
+        self._pool: ThreadPoolExecutor | None = None
+        self._futures: list[Future[None]] = []
+        self._written_jobs = 0
+
+    def __enter__(self) -> WeightWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self._failed.set()
+            self._join(raise_errors=False)
+            self._files.close(None)
+
+    def start(self, ranks: Sequence[RankWeights]) -> None:
+        if self.layout is not None:
+            raise RuntimeError("WeightWriter.start called twice")
+        self.layout = plan_layout(ranks)
+        self._written_jobs = len(self.layout.jobs)
+        units = _write_units(self.layout.jobs)
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmir-write")
+        self._futures = [
+            self._pool.submit(self._run, [unit for unit in units if isinstance(unit, list)]),
+            self._pool.submit(self._run, [unit for unit in units if not isinstance(unit, list)]),
+        ]
+
+    def _run(self, units: list[Unit]) -> None:
+        try:
+            for unit in units:
+                if self._failed.is_set():
+                    return
+                _write_unit(unit, self._files, self._advance)
+        except BaseException:
+            self._failed.set()
+            raise
+
+    def place(self, rank: int, model: ir.Model) -> list[str]:
+        """Point `model`'s weights at their places in the plan; returns the data files it references."""
+        if self.layout is None:
+            raise RuntimeError("WeightWriter.place before start")
+        return reference_placed_weights(rank, model, self.layout, self.folder)
+
+    def _join(self, raise_errors: bool) -> None:
+        for future in self._futures:
+            try:
+                future.result()
+            except BaseException:
+                if raise_errors:
+                    raise
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+        self._futures = []
+
+    def finish(self) -> None:
+        """Wait for the background writes, write weights placed since `start`, extend and close the files."""
+        assert self.layout is not None
+        try:
+            self._join(raise_errors=True)
+        except BaseException:
+            self._failed.set()
+            self._join(raise_errors=False)
+            raise
+        for unit in _write_units(self.layout.jobs[self._written_jobs :]):
+            _write_unit(unit, self._files, self._advance)
+        self._files.close(self.layout.file_sizes)
+
+
+def write_data_files(folder: Path, ranks: Sequence[RankWeights]) -> DataLayout:
+    """Place and write the weights of `ranks` into `folder` (no graphs to build meanwhile)."""
+    with WeightWriter(folder) as writer:
+        writer.start(ranks)
+        writer.finish()
+    assert writer.layout is not None
+    return writer.layout

@@ -1,0 +1,180 @@
+"""The plan's weight files: each byte placed once, written from the source, referenced by the rank models."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from llmir_onnx import weight_slices
+from llmir_onnx.api import partition_to_dir
+from llmir_onnx.placement import PARTIAL_SUM, Placement, Shard, shard_array
+from llmir_onnx.plan import data_files
+from llmir_onnx.plan.data_files import (
+    ALIGNMENT_BYTES,
+    RankWeights,
+    WeightWriter,
+    rank_data_name,
+    stage_shared_data_name,
+    write_data_files,
+)
+from llmir_onnx.plan.manifest import Manifest
+from llmir_onnx.weight_slices import rank_weight
+
+MODELS = Path(__file__).resolve().parents[1] / "models"
+TP = 4
+
+
+def _source(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, ir.ExternalTensor]:
+    """The arrays stored one after another (unaligned) in one data file, as external tensors."""
+    offset, blob, tensors = 24, bytearray(b"\x07" * 24), {}
+    for name, array in arrays.items():
+        blob += array.tobytes()
+        tensors[name] = ir.ExternalTensor(
+            "source.data", offset, array.nbytes, ir.DataType.from_numpy(array.dtype),
+            shape=ir.Shape(array.shape), name=name, base_dir=str(folder),
+        )  # fmt: skip
+        offset += array.nbytes
+    (folder / "source.data").write_bytes(bytes(blob))
+    return tensors
+
+
+def _read(folder: Path, place: data_files.Placement) -> bytes:
+    with open(folder / place.file, "rb") as stream:
+        stream.seek(place.offset)
+        return stream.read(place.length)
+
+
+# name -> (placement, view): column and row splits, fused blocks, a heads view, a Partial, a replica.
+WEIGHTS: dict[str, tuple[Placement | None, tuple[int, ...] | None]] = {
+    "q_proj_columns": (Shard(1), None),
+    "o_proj_rows": (Shard(0), None),
+    "qkv_fused_columns": (Shard(1, blocks=(32, 16, 16)), None),
+    "kv_heads_shared_by_pairs": (Shard(1, blocks=(32, 16, 16), parts=(4, 2, 2)), None),
+    "heads_view": (Shard(1), (48, 4, 16)),
+    "bias_partial": (PARTIAL_SUM, None),
+    "norm_replicated": (None, None),
+}
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_every_rank_weight_is_written_once_where_it_is_placed(
+    dtype: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small windows and run thresholds: the gather crosses many windows, and both copy paths run.
+    monkeypatch.setattr(data_files, "WINDOW_BYTES", 700)
+    monkeypatch.setattr(data_files, "LONG_RUN_BYTES", 64)
+    monkeypatch.setattr(weight_slices, "LONG_RUN_BYTES", 64)
+    rng = np.random.default_rng(1)
+    # 48 x 64: every rank's share is over the 1 KiB threshold of external data, even in float16.
+    arrays = {name: rng.standard_normal((48, 64)).astype(dtype) for name in WEIGHTS}
+    source = _source(tmp_path, arrays)
+    in_memory = ir.tensor(rng.standard_normal((40, 40)).astype(dtype), name="rewritten_constant")
+    expected: dict[tuple[int, str], bytes] = {}
+    ranks = []
+    for stage in range(2):
+        for tp_rank in range(TP):
+            rank = stage * TP + tp_rank
+            tensors: dict[str, ir.TensorProtocol] = {"rewritten_constant": in_memory}
+            expected[(rank, "rewritten_constant")] = in_memory.tobytes()
+            for name, (placement, view) in WEIGHTS.items():
+                if placement is None:
+                    tensors[name] = source[name]
+                    expected[(rank, name)] = arrays[name].tobytes()
+                    continue
+                tensors[name] = rank_weight(source[name], placement, TP, tp_rank, view, name=name)
+                local = shard_array(arrays[name].reshape(view or arrays[name].shape), placement, TP, tp_rank)
+                expected[(rank, name)] = np.ascontiguousarray(local).tobytes()
+            ranks.append(RankWeights(rank, stage, tensors))
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    layout = write_data_files(plan, ranks)
+    for key, data in expected.items():
+        place = layout.placements[key]
+        assert place.offset % ALIGNMENT_BYTES == 0
+        assert _read(plan, place) == data, key
+    # Held unchanged by all ranks of a stage: once in the stage's shared file, one copy per stage.
+    for stage in range(2):
+        shared = {layout.placements[(stage * TP + t, "norm_replicated")] for t in range(TP)}
+        assert len(shared) == 1 and next(iter(shared)).file == stage_shared_data_name(stage)
+    # Slices held by one rank go to its own file; kv heads two ranks share are stored once for the pair.
+    assert layout.placements[(1, "q_proj_columns")].file == rank_data_name(1)
+    assert layout.placements[(0, "kv_heads_shared_by_pairs")] != layout.placements[(2, "kv_heads_shared_by_pairs")]
+    # The Partial's zero shares of ranks 1..3 are one hole, shared.
+    zero_places = {layout.placements[(t, "bias_partial")] for t in range(1, TP)}
+    assert len(zero_places) == 1
+    # No byte twice: the files hold the distinct weights plus alignment padding, nothing else.
+    distinct = {(place.file, place.offset, place.length) for place in layout.placements.values()}
+    assert layout.total_bytes == sum(length for _, _, length in distinct)
+    on_disk = sum((plan / name).stat().st_size for name in layout.file_sizes)
+    assert on_disk < layout.total_bytes + ALIGNMENT_BYTES * len(distinct)
+
+
+def test_a_weight_made_after_planning_goes_to_the_end_of_its_rank_file(tmp_path: Path) -> None:
+    array = np.arange(2048, dtype=np.float32).reshape(32, 64)
+    source = _source(tmp_path, {"w": array})
+    late = np.full((16, 32), 3.0, dtype=np.float32)
+    graph = ir.Graph([], [], nodes=[], initializers=[ir.Value(name="late", const_value=ir.tensor(late, name="late"))])
+    model = ir.Model(graph, ir_version=10)
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    with WeightWriter(plan) as writer:
+        writer.start([RankWeights(0, 0, {"w": source["w"]})])
+        assert writer.place(0, model) == [rank_data_name(0)]
+        writer.finish()
+    reference = model.graph.initializers["late"].const_value
+    assert isinstance(reference, ir.ExternalTensor) and reference.offset and reference.offset >= array.nbytes
+    np.testing.assert_array_equal(reference.numpy(), late)
+
+
+def test_a_failed_write_raises_and_leaves_no_open_files(tmp_path: Path) -> None:
+    source = _source(tmp_path, {"w": np.ones((32, 64), np.float32)})
+    (tmp_path / "source.data").write_bytes(b"short")  # the weight's bytes are gone
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    with pytest.raises(OSError, match="ends"), WeightWriter(plan) as writer:
+        writer.start([RankWeights(0, 0, {"w": rank_weight(source["w"], Shard(0), 2, 0)})])
+        writer.finish()
+
+
+def _external_refs(model_path: Path) -> list[tuple[str, int, int]]:
+    proto = onnx.load(model_path, load_external_data=False)
+    refs = []
+    for tensor in proto.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            info = {entry.key: entry.value for entry in tensor.external_data}
+            refs.append((info["location"], int(info.get("offset", 0)), int(info["length"])))
+    return refs
+
+
+@pytest.mark.parametrize(
+    ("name", "tp", "pp"), [("llama-gqa-torch-legacy", 4, 2), ("gpt2-torch-legacy", 2, 2), ("llama-gqa-genai", 8, 1)]
+)
+def test_plan_files_hold_only_referenced_bytes(name: str, tp: int, pp: int, tmp_path: Path) -> None:
+    """Every data file is covered by the rank models' references (gaps below the alignment only), the
+    manifest lists each rank's files, and a stage's shared file serves all its tp ranks."""
+    plan = tmp_path / "plan"
+    manifest = partition_to_dir(MODELS / name / "model.onnx", plan, tp=tp, pp=pp)
+    ranges: dict[str, set[tuple[int, int]]] = defaultdict(set)
+    for entry in manifest.ranks:
+        refs = _external_refs(plan / entry.file)
+        assert sorted({location for location, _, _ in refs}) == entry.data_files
+        for location, offset, length in refs:
+            ranges[location].add((offset, offset + length))
+    data_names = sorted(p.name for p in plan.iterdir() if p.name.endswith(".data"))
+    assert sorted(ranges) == data_names
+    for location, spans in ranges.items():
+        end = 0
+        for start, stop in sorted(spans):
+            assert start >= end or (start, stop) in spans, f"{location}: overlapping weights at {start}"
+            assert start - end < ALIGNMENT_BYTES, f"{location}: {start - end} unreferenced bytes at {end}"
+            end = max(end, stop)
+        assert (plan / location).stat().st_size == end
+    shared = [files for entry in manifest.ranks for files in entry.data_files if files.endswith("shared.data")]
+    if tp > 1:
+        assert len(shared) == len(manifest.ranks), "every rank of a tp > 1 stage shares replicated weights"
+    assert Manifest.read(plan).ranks[0].data_files == manifest.ranks[0].data_files
