@@ -12,7 +12,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter
-from llmir_onnx.plan.emit import atomic_output_dir, start_weight_writer, write_plan_into
+from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, write_plan_into
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.plan.shapes import default_max_seq
 from llmir_onnx.progress import QUIET, Progress
@@ -112,9 +112,7 @@ def partition_to_dir(
             "world_size": mesh.world_size,
             "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]},
         }
-        return write_plan_into(
-            staging,
-            writer,
+        contents = PlanContents(
             source_path=model_path,
             source_model=source,
             mesh=mesh_info,
@@ -122,7 +120,6 @@ def partition_to_dir(
                 (p.rank, mesh.coords(p.rank).as_dict(), p.model, list(p.inputs), list(p.outputs)) for p in result.ranks
             ],
             rank_details=details,
-            progress=progress,
             options={
                 "tp": tp,
                 "pp": pp,
@@ -135,6 +132,7 @@ def partition_to_dir(
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
             },
         )
+        return write_plan_into(staging, writer, contents, progress)
 
 
 def _rank_details(

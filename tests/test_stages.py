@@ -32,7 +32,7 @@ from llmir_onnx.passes.stages import (
     layer_units,
     split_tp_ranks,
 )
-from llmir_onnx.plan.emit import write_plan
+from llmir_onnx.plan.emit import PlanContents, write_plan
 from llmir_onnx.plan.manifest import SliceBinding
 from llmir_onnx.runtime.feeds import random_feeds
 from llmir_onnx.runtime.verify import format_comparisons, verify_plan
@@ -639,8 +639,8 @@ def split_and_write_plan(path: Path, plan_dir: Path, pp: int, tp: int = 1, **spl
     assert [r.rank for r in ranks] == list(range(mesh.world_size))
     mesh_info = {"tp": tp, "pp": pp, "cp": 1, "world_size": mesh.world_size,
                  "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}}
-    write_plan(plan_dir, source_path=path, source_model=source, mesh=mesh_info,
-               rank_models=[r.as_plan_entry() for r in ranks], options={"tp": tp, "pp": pp})
+    rank_models = [r.as_plan_entry() for r in ranks]
+    write_plan(plan_dir, PlanContents(path, source, mesh_info, rank_models, options={"tp": tp, "pp": pp}))
 
 
 @pytest.fixture

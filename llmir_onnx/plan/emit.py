@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,36 +67,30 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
 RankModel = tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]
 
 
-def write_plan(
-    out_dir: Path,
-    *,
-    source_path: Path,
-    source_model: ir.Model,
-    mesh: dict[str, Any],
-    rank_models: Sequence[RankModel],
-    options: dict[str, Any],
-    rank_details: Sequence[dict[str, Any]] | None = None,
-    progress: Progress | None = None,
-) -> Manifest:
-    """Save every rank model and the manifest into `out_dir`, atomically.
+@dataclass(frozen=True)
+class PlanContents:
+    """What a plan folder holds besides the weights: the source, the mesh, the rank models, the options.
 
     `rank_details[i]` holds extra RankEntry fields (layers, memory, cost) for `rank_models[i]`.
     """
+
+    source_path: Path
+    source_model: ir.Model
+    mesh: dict[str, Any]
+    rank_models: Sequence[RankModel]
+    options: dict[str, Any]
+    rank_details: Sequence[dict[str, Any]] | None = None
+
+
+def write_plan(out_dir: Path, contents: PlanContents, progress: Progress | None = None) -> Manifest:
+    """Save every rank model, its weights and the manifest into `out_dir`, atomically."""
     progress = progress if progress is not None else QUIET
     with atomic_output_dir(out_dir) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
-        weights = [RankWeights.of_model(rank, coords.get("pp", 0), model) for rank, coords, model, _, _ in rank_models]
+        weights = [
+            RankWeights.of_model(rank, coords.get("pp", 0), model) for rank, coords, model, _, _ in contents.rank_models
+        ]
         start_weight_writer(writer, weights, progress)
-        return write_plan_into(
-            staging,
-            writer,
-            source_path=source_path,
-            source_model=source_model,
-            mesh=mesh,
-            rank_models=rank_models,
-            options=options,
-            rank_details=rank_details,
-            progress=progress,
-        )
+        return write_plan_into(staging, writer, contents, progress)
 
 
 def start_weight_writer(writer: WeightWriter, ranks: Sequence[RankWeights], progress: Progress) -> None:
@@ -105,29 +100,20 @@ def start_weight_writer(writer: WeightWriter, ranks: Sequence[RankWeights], prog
 
 
 def write_plan_into(
-    staging: Path,
-    writer: WeightWriter,
-    *,
-    source_path: Path,
-    source_model: ir.Model,
-    mesh: dict[str, Any],
-    rank_models: Sequence[RankModel],
-    options: dict[str, Any],
-    rank_details: Sequence[dict[str, Any]] | None = None,
-    progress: Progress | None = None,
+    staging: Path, writer: WeightWriter, contents: PlanContents, progress: Progress | None = None
 ) -> Manifest:
     """The rank model files and the manifest, in `staging`, whose weights `writer` is writing."""
     progress = progress if progress is not None else QUIET
     data_files: dict[int, list[str]] = {}
     paths = []
-    for rank, _, model, _, _ in rank_models:
+    for rank, _, model, _, _ in contents.rank_models:
         data_files[rank] = writer.place(rank, model)
         paths.append(save_model_proto(model, staging / rank_file_name(rank)))
     writer.finish()
     progress.finish()
     entries = []
-    for index, ((rank, coords, _, inputs, outputs), path) in enumerate(zip(rank_models, paths, strict=True)):
-        details = rank_details[index] if rank_details is not None else {}
+    for index, ((rank, coords, _, inputs, outputs), path) in enumerate(zip(contents.rank_models, paths, strict=True)):
+        details = contents.rank_details[index] if contents.rank_details is not None else {}
         entries.append(
             RankEntry(
                 rank=rank,
@@ -141,12 +127,12 @@ def write_plan_into(
             )
         )
     manifest = Manifest(
-        source={"path": str(source_path.resolve()), "sha256": sha256_file(source_path)},
-        mesh=mesh,
-        inputs=tensor_infos(source_model.graph.inputs),
-        outputs=tensor_infos(source_model.graph.outputs),
+        source={"path": str(contents.source_path.resolve()), "sha256": sha256_file(contents.source_path)},
+        mesh=contents.mesh,
+        inputs=tensor_infos(contents.source_model.graph.inputs),
+        outputs=tensor_infos(contents.source_model.graph.outputs),
         ranks=entries,
-        options=options,
+        options=contents.options,
     )
     manifest.write(staging)
     return manifest
