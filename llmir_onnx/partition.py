@@ -190,7 +190,9 @@ def _partition_tp(model: ir.Model, options: PartitionOptions) -> PartitionResult
         tp_rank = mesh.coords(rank).tp
         inputs = [_binding(v, state.placements[v.name], _dim_of(state, v), mesh.tp, tp_rank) for v in graph.inputs]
         outputs = [_binding(v, state.placements[v.name], _dim_of(state, v), mesh.tp, tp_rank) for v in graph.outputs]
-        ranks.append(RankProgram(rank, materialize_rank(template, state, tp_rank), inputs, outputs))
+        # The template is a copy made for this partition: the last rank may take it instead of a copy.
+        last = rank == mesh.world_size - 1
+        ranks.append(RankProgram(rank, materialize_rank(template, state, tp_rank, consume=last), inputs, outputs))
     placements = {name: str(p) for name, p in state.placements.items()}
     return PartitionResult(mesh=mesh, ranks=ranks, placements=placements, warnings=list(state.warnings))
 

@@ -43,7 +43,7 @@ def _source(folder: Path, arrays: dict[str, np.ndarray]) -> dict[str, ir.Externa
     return tensors
 
 
-def _read(folder: Path, place: data_files.Placement) -> bytes:
+def _read(folder: Path, place: data_files.WeightPlace) -> bytes:
     with open(folder / place.file, "rb") as stream:
         stream.seek(place.offset)
         return stream.read(place.length)
@@ -94,21 +94,21 @@ def test_every_rank_weight_is_written_once_where_it_is_placed(
     plan.mkdir()
     layout = write_data_files(plan, ranks)
     for key, data in expected.items():
-        place = layout.placements[key]
+        place = layout.places[key]
         assert place.offset % ALIGNMENT_BYTES == 0
         assert _read(plan, place) == data, key
     # Held unchanged by all ranks of a stage: once in the stage's shared file, one copy per stage.
     for stage in range(2):
-        shared = {layout.placements[(stage * TP + t, "norm_replicated")] for t in range(TP)}
+        shared = {layout.places[(stage * TP + t, "norm_replicated")] for t in range(TP)}
         assert len(shared) == 1 and next(iter(shared)).file == stage_shared_data_name(stage)
     # Slices held by one rank go to its own file; kv heads two ranks share are stored once for the pair.
-    assert layout.placements[(1, "q_proj_columns")].file == rank_data_name(1)
-    assert layout.placements[(0, "kv_heads_shared_by_pairs")] != layout.placements[(2, "kv_heads_shared_by_pairs")]
+    assert layout.places[(1, "q_proj_columns")].file == rank_data_name(1)
+    assert layout.places[(0, "kv_heads_shared_by_pairs")] != layout.places[(2, "kv_heads_shared_by_pairs")]
     # The Partial's zero shares of ranks 1..3 are one hole, shared.
-    zero_places = {layout.placements[(t, "bias_partial")] for t in range(1, TP)}
+    zero_places = {layout.places[(t, "bias_partial")] for t in range(1, TP)}
     assert len(zero_places) == 1
     # No byte twice: the files hold the distinct weights plus alignment padding, nothing else.
-    distinct = {(place.file, place.offset, place.length) for place in layout.placements.values()}
+    distinct = {(place.file, place.offset, place.length) for place in layout.places.values()}
     assert layout.total_bytes == sum(length for _, _, length in distinct)
     on_disk = sum((plan / name).stat().st_size for name in layout.file_sizes)
     assert on_disk < layout.total_bytes + ALIGNMENT_BYTES * len(distinct)

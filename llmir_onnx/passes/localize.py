@@ -277,9 +277,10 @@ class LocalizePass(ir.passes.InPlacePass):
                 node.attributes[name] = ir.AttrInt64(name, local)
 
 
-def materialize_rank(template: ir.Model, state: ShardingState, tp_rank: int) -> ir.Model:
-    """A copy of the localized model holding the weights of one tp rank."""
-    model = template.clone()
+def materialize_rank(template: ir.Model, state: ShardingState, tp_rank: int, consume: bool = False) -> ir.Model:
+    """A copy of the localized model holding the weights of one tp rank (`consume`: the template itself,
+    for the last rank, when the template is not used after)."""
+    model = template if consume else template.clone()
     tp = state.tp
     for name, value in model.graph.initializers.items():
         if name in state.rank_constants:

@@ -52,7 +52,7 @@ def stage_shared_data_name(stage: int) -> str:
 
 
 @dataclass(frozen=True)
-class Placement:
+class WeightPlace:
     """Where one weight's bytes live in the plan."""
 
     file: str
@@ -104,18 +104,18 @@ def _align(offset: int) -> int:
 class DataLayout:
     """Every weight's place; `jobs` lists each distinct weight once with the place it is written to."""
 
-    placements: dict[tuple[int, str], Placement]  # (rank, initializer name) -> place
-    jobs: list[tuple[ir.TensorProtocol, Placement]]
+    places: dict[tuple[int, str], WeightPlace]  # (rank, initializer name) -> place
+    jobs: list[tuple[ir.TensorProtocol, WeightPlace]]
     file_sizes: dict[str, int]
 
     @property
     def total_bytes(self) -> int:
         return sum(place.length for _, place in self.jobs)
 
-    def append(self, file: str, tensor: ir.TensorProtocol) -> Placement:
+    def append(self, file: str, tensor: ir.TensorProtocol) -> WeightPlace:
         """A place at the end of `file` for one more weight."""
         offset = _align(self.file_sizes.get(file, 0))
-        place = Placement(file, offset, tensor.nbytes)
+        place = WeightPlace(file, offset, tensor.nbytes)
         self.file_sizes[file] = offset + tensor.nbytes
         self.jobs.append((tensor, place))
         return place
@@ -130,7 +130,7 @@ def plan_layout(ranks: Sequence[RankWeights]) -> DataLayout:
             if _is_external(tensor):
                 holders[(entry.stage, _tensor_key(tensor))].add(entry.rank)
     layout = DataLayout({}, [], {})
-    placed: dict[tuple[int, tuple[object, ...]], Placement] = {}
+    placed: dict[tuple[int, tuple[object, ...]], WeightPlace] = {}
     for entry in ranks:
         for name, tensor in entry.tensors.items():
             if not _is_external(tensor):
@@ -140,7 +140,7 @@ def plan_layout(ranks: Sequence[RankWeights]) -> DataLayout:
                 shared = len(holders[key]) > 1
                 file = stage_shared_data_name(entry.stage) if shared else rank_data_name(entry.rank)
                 placed[key] = layout.append(file, tensor)
-            layout.placements[(entry.rank, name)] = placed[key]
+            layout.places[(entry.rank, name)] = placed[key]
     return layout
 
 
@@ -159,10 +159,10 @@ def reference_placed_weights(rank: int, model: ir.Model, layout: DataLayout, pla
             if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
                 value.const_value = ir.tensor(tensor.numpy(), name=tensor.name)
             continue
-        place = layout.placements.get((rank, name))
+        place = layout.places.get((rank, name))
         if place is None:
             place = layout.append(rank_data_name(rank), tensor)
-            layout.placements[(rank, name)] = place
+            layout.places[(rank, name)] = place
         files.add(place.file)
         value.const_value = ir.ExternalTensor(
             place.file,
@@ -176,7 +176,7 @@ def reference_placed_weights(rank: int, model: ir.Model, layout: DataLayout, pla
     return sorted(files)
 
 
-def _source_order(job: tuple[ir.TensorProtocol, Placement]) -> tuple[str, int]:
+def _source_order(job: tuple[ir.TensorProtocol, WeightPlace]) -> tuple[str, int]:
     tensor = job[0]
     if isinstance(tensor, ExternalSlice):
         return os.fspath(tensor.source.path), tensor.source.offset or 0
@@ -218,7 +218,7 @@ def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
 
 
 def _write_gathered(
-    group: list[tuple[ExternalSlice, Placement]], files: _Files, advance: Callable[[int], None]
+    group: list[tuple[ExternalSlice, WeightPlace]], files: _Files, advance: Callable[[int], None]
 ) -> None:
     """Column slices of one source tensor for several ranks: each window of rows is mapped once."""
     first = group[0][0]
@@ -234,22 +234,30 @@ def _write_gathered(
                 f"{first.source.path}: external data ends at byte {size}, inside weight {first.source.name!r} "
                 f"(bytes {base}..{base + outer * row_bytes})"
             )
+        # One output buffer, reused: a fresh array per window would page-fault (and zero) every byte again.
+        widest = max(sum(b - a for a, b in tensor.ranges) for tensor, _ in group) * inner_bytes
+        out = np.empty(rows_per_window * widest, dtype=np.uint8)
+        populate = getattr(mmap, "MAP_POPULATE", 0)  # map the window's pages in one call, not a fault each
         for row in range(0, outer, rows_per_window):
             rows = min(rows_per_window, outer - row)
             start = base + row * row_bytes
             aligned = start - start % mmap.ALLOCATIONGRANULARITY
-            window = mmap.mmap(source.fileno(), start - aligned + rows * row_bytes, prot=mmap.PROT_READ,
-                               offset=aligned)  # fmt: skip
+            window = mmap.mmap(source.fileno(), start - aligned + rows * row_bytes, flags=mmap.MAP_SHARED | populate,
+                               prot=mmap.PROT_READ, offset=aligned)  # fmt: skip
             try:
                 block = np.frombuffer(window, dtype=np.uint8, count=rows * row_bytes, offset=start - aligned)
                 block = block.reshape(rows, axis, inner_bytes)
                 for index, (tensor, place) in enumerate(group):
-                    pieces = [block[:, a:b] for a, b in tensor.ranges]
-                    gathered = np.ascontiguousarray(pieces[0] if len(pieces) == 1 else np.concatenate(pieces, 1))
+                    local_axis = sum(b - a for a, b in tensor.ranges)
+                    gathered = out[: rows * local_axis * inner_bytes].reshape(rows, local_axis, inner_bytes)
+                    column = 0
+                    for a, b in tensor.ranges:
+                        np.copyto(gathered[:, column : column + b - a], block[:, a:b])
+                        column += b - a
                     _pwrite_all(files.fd(place.file), gathered.data, place.offset + written[index])
                     written[index] += gathered.nbytes
                     advance(gathered.nbytes)
-                del block, pieces, gathered
+                del block, gathered
             finally:
                 window.close()
     for (tensor, place), count in zip(group, written, strict=True):
@@ -258,12 +266,12 @@ def _write_gathered(
 
 
 # One tensor to write, or the column slices of one source tensor that several ranks take.
-Unit = tuple[ir.TensorProtocol, Placement] | list[tuple[ExternalSlice, Placement]]
+Unit = tuple[ir.TensorProtocol, WeightPlace] | list[tuple[ExternalSlice, WeightPlace]]
 
 
-def _write_units(jobs: Sequence[tuple[ir.TensorProtocol, Placement]]) -> list[Unit]:
+def _write_units(jobs: Sequence[tuple[ir.TensorProtocol, WeightPlace]]) -> list[Unit]:
     """The jobs in source order; the short-run slices of one source tensor as one group, where its first was."""
-    groups: dict[tuple[object, ...], list[tuple[ExternalSlice, Placement]]] = {}
+    groups: dict[tuple[object, ...], list[tuple[ExternalSlice, WeightPlace]]] = {}
     units: list[Unit] = []
     for tensor, place in sorted(jobs, key=_source_order):
         if isinstance(tensor, ExternalSlice) and tensor.shortest_run_bytes() < LONG_RUN_BYTES:
