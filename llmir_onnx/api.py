@@ -102,7 +102,7 @@ def partition_to_dir(
             weights = [RankWeights(rank, stage, tensors) for rank, stage, tensors in planned]
             start_weight_writer(writer, weights, progress)
 
-        result = partition(load_model(model_path), options, on_weights_known=write_weights)
+        result = partition(load_model(model_path), options, on_weights_known=write_weights, consume_model=True)
         mesh = result.mesh
         details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes)
         mesh_info = {

@@ -90,8 +90,12 @@ def plan(
     options: PartitionOptions,
     input_seeds: dict[str, Placement] | None = None,
     keep_output_placements: bool = False,
+    consume_model: bool = False,
 ) -> tuple[ir.Model, ShardingState]:
     """Run the sharding passes on a copy of `model`; returns the localized template and the plan.
+
+    With `consume_model` the passes run on `model` itself (the caller loaded it for this and will not
+    use it again): a graph copy is a large share of the partition's time on a deep model.
 
     `input_seeds` fixes the placement of graph inputs (the others are free); `keep_output_placements`
     leaves Partial outputs unreduced (rule tests reduce them in numpy).
@@ -106,7 +110,7 @@ def plan(
         keep_output_placements=keep_output_placements,
         input_seeds=dict(input_seeds or {}),
     )
-    template = model.clone()
+    template = model if consume_model else model.clone()
     manager = ir.passes.PassManager(
         [AnnotatePass(state), PropagatePass(state), InsertCollectivesPass(state), LocalizePass(state)]
     )
@@ -123,12 +127,12 @@ def plan(
     return template, state
 
 
-def _single_rank(model: ir.Model) -> PartitionResult:
+def _single_rank(model: ir.Model, consume_model: bool = False) -> PartitionResult:
     """tp 1: the original graph runs as it is; nothing to split, so nothing can fail to split."""
     from llmir_onnx import ops
     from llmir_onnx.ir_io import MAX_IR_VERSION
 
-    copy = model.clone()
+    copy = model if consume_model else model.clone()
     copy.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
     copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
     inputs = [TensorBinding(v.name, v.name, None, 0, 0) for v in copy.graph.inputs]
@@ -151,14 +155,19 @@ def partition(
     model: ir.Model,
     options: PartitionOptions,
     on_weights_known: Callable[[RankWeightsPlan], None] | None = None,
+    consume_model: bool = False,
 ) -> PartitionResult:
     """Tensor-parallel sharding of `model`, then (pp > 1) pipeline stages cut from every tp rank.
 
     `on_weights_known` is called once with every rank's weights as soon as they are decided: for
-    pp > 1 before the stage graphs are built, so their bytes can be written meanwhile.
+    pp > 1 before the stage graphs are built, so their bytes can be written meanwhile. With
+    `consume_model` the rank models are cut from `model` itself, which is then not usable.
     """
     _check_options(options)
-    tensor_parallel = _single_rank(model) if options.tp == 1 else _partition_tp(model, options)
+    if options.tp == 1:
+        tensor_parallel = _single_rank(model, consume_model)
+    else:
+        tensor_parallel = _partition_tp(model, options, consume_model)
     for program in tensor_parallel.ranks:
         _remove_unused(program.model)
     if options.pp == 1:
@@ -181,8 +190,8 @@ def _initializer_tensors(
     }
 
 
-def _partition_tp(model: ir.Model, options: PartitionOptions) -> PartitionResult:
-    template, state = plan(model, options)
+def _partition_tp(model: ir.Model, options: PartitionOptions, consume_model: bool = False) -> PartitionResult:
+    template, state = plan(model, options, consume_model=consume_model)
     mesh = state.mesh
     graph = template.graph
     ranks = []
