@@ -156,11 +156,14 @@ def _external_refs(model_path: Path) -> list[tuple[str, int, int]]:
 )
 def test_plan_files_hold_only_referenced_bytes(name: str, tp: int, pp: int, tmp_path: Path) -> None:
     """Every data file is covered by the rank models' references (gaps below the alignment only), the
-    manifest lists each rank's files, and a stage's shared file serves all its tp ranks."""
+    manifest lists each rank's files, a stage's shared file serves all its tp ranks, and every written
+    rank model passes onnx.checker with its external data."""
     plan = tmp_path / "plan"
     manifest = partition_to_dir(MODELS / name / "model.onnx", plan, tp=tp, pp=pp)
     ranges: dict[str, set[tuple[int, int]]] = defaultdict(set)
     for entry in manifest.ranks:
+        # The checker resolves the external data of the written file (shared files included).
+        onnx.checker.check_model(str(plan / entry.file), full_check=True)
         refs = _external_refs(plan / entry.file)
         assert sorted({location for location, _, _ in refs}) == entry.data_files
         for location, offset, length in refs:
