@@ -153,8 +153,14 @@ def verify(
     model: Annotated[
         Path | None, typer.Option("--model", help="The original model, if it moved since partitioning.")
     ] = None,
-    atol: Annotated[float, typer.Option("--atol")] = 1e-4,
-    rtol: Annotated[float, typer.Option("--rtol")] = 1e-4,
+    atol: Annotated[
+        float | None,
+        typer.Option("--atol", help="Absolute tolerance [default: 1e-4; float16 outputs 1e-3, bfloat16 8e-3]."),
+    ] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option("--rtol", help="Relative tolerance [default: 1e-4; float16 outputs 4e-3, bfloat16 3e-2]."),
+    ] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Batch size of random inputs.")] = 1,
     new_tokens: Annotated[int, typer.Option("--new-tokens", min=1, help="New tokens in random inputs.")] = 4,
     past_tokens: Annotated[int, typer.Option("--past-tokens", min=0, help="Past KV length in random inputs.")] = 3,
@@ -194,7 +200,7 @@ def verify(
         return
     if save_outputs is not None:
         np.savez(save_outputs, **outputs)
-    typer.echo(format_comparisons(rows, atol, rtol))
+    typer.echo(format_comparisons(rows))
     raise_if_mismatch(rows)
     typer.echo(f"all {len(rows)} outputs match the original model")
 
