@@ -1,10 +1,11 @@
 """Partition a multi-GB model at tp 4 x pp 2: wall time against `cp` of its weights, peak memory.
 
-    .venv/bin/python bench/partition_big.py --work /big/scratch [--layers 12] [--rounds 5] [--keep] [--verify]
+    .venv/bin/python bench/partition_big.py --work /big/scratch [--shape 7b] [--layers 12] [--rounds 5]
+                                            [--keep] [--verify]
 
-Generates a LLaMA-shaped float16 model with models/make_synthetic.py (hidden 4096, 32 heads, 8 kv
-heads, intermediate 11008, vocab 32000; 12 layers are 4.45 GiB of weights), then runs `--rounds`
-pairs of
+Generates a LLaMA-shaped float16 model with models/make_synthetic.py (`--shape 7b`: hidden 4096, 32
+heads, 8 kv heads, intermediate 11008, vocab 32000, 12 layers are 4.45 GiB of weights; `--shape 70b`:
+hidden 8192, 64 heads, intermediate 28672, 8 layers are 13.7 GiB), then runs `--rounds` pairs of
 
 1. `cp` of the weight file to the same disk;
 2. `llmir-onnx partition --tp 4 --pp 2 --quiet` as a subprocess: wall time and peak RSS
@@ -32,6 +33,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+# (hidden, heads, intermediate) of one decoder layer: 0.38 GiB (7b) and 1.6 GiB (70b) of float16 weights.
+# The partition's graph work grows with the layer count, its copying with the bytes, so the two shapes
+# bracket how a model's depth and width weigh on the time against cp.
+LAYER_SHAPES = {"7b": (4096, 32, 11008), "70b": (8192, 64, 28672)}
 PYTHON = sys.executable
 
 
@@ -60,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch folder on the disk to measure")
     parser.add_argument("--layers", type=int, default=12)
+    parser.add_argument(
+        "--shape", choices=sorted(LAYER_SHAPES), default="7b", help="layer shape: LLaMA-2 7B or 70B (8 kv heads)"
+    )
     parser.add_argument("--rounds", type=int, default=5, help="cp, partition pairs to run (median reported)")
     parser.add_argument("--keep", action="store_true", help="keep the model and the plan")
     parser.add_argument("--verify", action="store_true", help="run `llmir-onnx verify` on the plan afterwards")
@@ -70,10 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     model = model_dir / "model.onnx"
     data = model_dir / "model.onnx.data"
     if not data.is_file():
+        hidden, heads, intermediate = LAYER_SHAPES[args.shape]
         subprocess.run(
-            [PYTHON, str(ROOT / "models" / "make_synthetic.py"), "--out", str(model_dir), "--hidden", "4096",
-             "--layers", str(args.layers), "--heads", "32", "--kv-heads", "8", "--intermediate", "11008",
-             "--vocab", "32000", "--dtype", "float16"],
+            [PYTHON, str(ROOT / "models" / "make_synthetic.py"), "--out", str(model_dir), "--hidden", str(hidden),
+             "--layers", str(args.layers), "--heads", str(heads), "--kv-heads", "8", "--intermediate",
+             str(intermediate), "--vocab", "32000", "--dtype", "float16"],
             check=True,
         )  # fmt: skip
     weight_bytes = data.stat().st_size

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import queue
 import sys
 import threading
 from collections import defaultdict
@@ -40,6 +41,8 @@ from llmir_onnx.weight_slices import LONG_RUN_BYTES, ExternalSlice, Zeros, copy_
 
 EXTERNAL_THRESHOLD_BYTES = 1024
 ALIGNMENT_BYTES = 4096
+# Threads writing weights: the copies are kernel and memory work that releases the GIL.
+WRITER_THREADS = 2
 # How often a thread holding the GIL hands it over while the weights are being written.
 GIL_SWITCH_INTERVAL_S = 0.0002
 # The most source bytes mapped at once while gathering column slices.
@@ -314,11 +317,11 @@ def _write_unit(unit: Unit, files: _Files, advance: Callable[[int], None]) -> No
 class WeightWriter:
     """Writes a plan's weight files in the background, from the moment the weights are known.
 
-    `start` places the weights (`plan_layout`) and starts two threads: one gathers column slices (a
-    memory copy, then a write), the other copies whole tensors and row slices file to file in the
-    kernel. Meanwhile the caller builds the rank graphs (Python, mostly holding the GIL; the copies
-    release it), then `place`s each rank model and `finish`es. Leaving the `with` block by an error
-    stops the threads at their next tensor.
+    `start` places the weights (`plan_layout`) and starts two threads that take the units in source
+    order: column slices gathered from the source (a memory copy, then a write), whole tensors and
+    row slices copied file to file in the kernel. Meanwhile the caller builds the rank graphs (Python,
+    mostly holding the GIL; the copies release it), then `place`s each rank model and `finish`es.
+    Leaving the `with` block by an error stops the threads at their next tensor.
     """
 
     def __init__(self, folder: Path, on_bytes: Callable[[int], None] | None = None) -> None:
@@ -350,17 +353,20 @@ class WeightWriter:
         # it for 5 ms at a time by default, which starved the writes to ~0.5 GB/s on a 32-layer model.
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
-        units = _write_units(self.layout.jobs)
-        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="llmir-write")
-        self._futures = [
-            self._pool.submit(self._run, [unit for unit in units if isinstance(unit, list)]),
-            self._pool.submit(self._run, [unit for unit in units if not isinstance(unit, list)]),
-        ]
+        # Both threads take the next unit in source order from one queue: a split by kind (gathers on one
+        # thread, kernel copies on the other) left one thread idle for half the time on wide layers.
+        pending: queue.SimpleQueue[Unit] = queue.SimpleQueue()
+        for unit in _write_units(self.layout.jobs):
+            pending.put(unit)
+        self._pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="llmir-write")
+        self._futures = [self._pool.submit(self._run, pending) for _ in range(WRITER_THREADS)]
 
-    def _run(self, units: list[Unit]) -> None:
+    def _run(self, pending: queue.SimpleQueue[Unit]) -> None:
         try:
-            for unit in units:
-                if self._failed.is_set():
+            while not self._failed.is_set():
+                try:
+                    unit = pending.get_nowait()
+                except queue.Empty:
                     return
                 _write_unit(unit, self._files, self._advance)
         except BaseException:
