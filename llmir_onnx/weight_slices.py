@@ -1,27 +1,31 @@
 """Lazy rank weights: a tp rank's slice of an external weight, read from the source only when saved.
 
 Partitioning a model must not hold the model in memory. A rank's weight is described here by
-where its bytes live in the source's external data file; `tofile` (what onnx_ir's saver calls,
-tensor by tensor) streams them into the rank's data file through a buffer of at most
-`CHUNK_BYTES`, so the partitioner's peak memory is a few chunks, whatever the model's size.
+where its bytes live in the source's external data file, and streamed from there into a plan file
+(`plan/data_files.py` for a plan; `tofile`, what onnx_ir's saver calls, for a single model) through
+at most `CHUNK_BYTES` at a time, so the partitioner's peak memory is a few chunks, whatever the
+model's size.
 
 * A slice whose pieces are long contiguous byte runs (a split of axis 0: row-parallel weights, a
   vocabulary split of the embedding) is copied run by run with `os.copy_file_range`: the bytes
-  never enter this process.
+  never enter this process (`copy_runs`).
 * A slice whose pieces are short (a split of the last axis: column-parallel weights) is gathered
-  a block of rows at a time: `os.pread` of whole rows into a reused buffer, numpy picks this rank's
-  columns, one `write`.
+  a window of whole rows at a time (`gather_slices`): the rows are mapped, numpy copies each
+  slice's columns into a reused buffer, which is written. Several slices of one weight (the tp
+  ranks' shares) are gathered from the same window, so the rows are read once for all of them.
 * `numpy()` and `tobytes()` still give the whole slice (tests and small models use them).
 
-No mmap is involved: pages a process maps count in its resident set until unmapped, so reading
-a 100 GB model through one mapping would look (and, under memory pressure, act) like holding it.
+Pages a process maps count in its resident set until unmapped, so no mapping outlives its window:
+reading a 100 GB model through one mapping would look (and, under memory pressure, act) like
+holding it.
 """
 
 from __future__ import annotations
 
 import math
+import mmap
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import BinaryIO
 
 import numpy as np
@@ -29,7 +33,7 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import Partial, Placement, Shard, shard_array
 
-# Bytes a tensor write holds in this process at once (one read buffer and one gathered block).
+# Bytes a tensor write holds in this process at once (one mapped window of rows, or one read buffer).
 CHUNK_BYTES = 8 << 20
 # Byte runs at least this long are copied one by one (in the kernel where possible); shorter ones
 # are gathered from blocks of whole rows.
@@ -59,19 +63,61 @@ def copy_range_at(source_fd: int, source_offset: int, length: int, target_fd: in
         chunk = os.pread(source_fd, min(CHUNK_BYTES, length - copied), source_offset + copied)
         if not chunk:
             raise OSError(f"external data ends {length - copied} bytes early at offset {source_offset + copied}")
-        view = memoryview(chunk)
-        while view:
-            written = os.pwrite(target_fd, view, target_offset + copied)
-            view = view[written:]
-            copied += written
+        pwrite_all(target_fd, chunk, target_offset + copied)
+        copied += len(chunk)
 
 
-def _copy_range(source_fd: int, source_offset: int, length: int, file: BinaryIO) -> None:
-    """Append `length` bytes of `source_fd` at `source_offset` to `file`."""
-    file.flush()
-    destination = file.tell()
-    copy_range_at(source_fd, source_offset, length, file.fileno(), destination)
-    file.seek(destination + length)
+def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
+    """Write all of `data` at `offset` (pwrite may write less than asked)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def gather_slices(slices: Sequence[ExternalSlice], write: Callable[[int, memoryview], None]) -> None:
+    """Stream short-run slices of one source weight (same view and axis): `write(index, chunk)` gets the
+    bytes of `slices[index]` in order, a window of whole rows at a time.
+
+    Each window is mapped once for all the slices and unmapped before the next; one output buffer is
+    reused (a fresh array per window would page-fault, and zero, every byte again).
+    """
+    first = slices[0]
+    outer, axis, inner_bytes = first.layout()
+    row_bytes = axis * inner_bytes
+    base = first.source.offset or 0
+    rows_per_window = max(1, CHUNK_BYTES // row_bytes)
+    widest = max(sum(b - a for a, b in piece.ranges) for piece in slices) * inner_bytes
+    out = np.empty(rows_per_window * widest, dtype=np.uint8)
+    populate = getattr(mmap, "MAP_POPULATE", 0)  # map the window's pages in one call, not a fault each
+    with open(first.source.path, "rb") as source:
+        size = os.fstat(source.fileno()).st_size
+        if base + outer * row_bytes > size:
+            raise OSError(
+                f"{first.source.path}: external data ends at byte {size}, inside weight {first.source.name!r} "
+                f"(bytes {base}..{base + outer * row_bytes})"
+            )
+        for row in range(0, outer, rows_per_window):
+            rows = min(rows_per_window, outer - row)
+            start = base + row * row_bytes
+            aligned = start - start % mmap.ALLOCATIONGRANULARITY
+            window = mmap.mmap(source.fileno(), start - aligned + rows * row_bytes, flags=mmap.MAP_SHARED | populate,
+                               prot=mmap.PROT_READ, offset=aligned)  # fmt: skip
+            try:
+                block = np.frombuffer(window, dtype=np.uint8, count=rows * row_bytes, offset=start - aligned)
+                block = block.reshape(rows, axis, inner_bytes)
+                for index, piece in enumerate(slices):
+                    local_axis = sum(b - a for a, b in piece.ranges)
+                    gathered = out[: rows * local_axis * inner_bytes].reshape(rows, local_axis, inner_bytes)
+                    column = 0
+                    for a, b in piece.ranges:
+                        np.copyto(gathered[:, column : column + b - a], block[:, a:b])
+                        column += b - a
+                    write(index, gathered.data)
+                del block, gathered
+            finally:
+                window.close()
 
 
 class ExternalSlice(ir.LazyTensor):
@@ -122,12 +168,19 @@ class ExternalSlice(ir.LazyTensor):
     def __repr__(self) -> str:
         return f"{self._repr_base()}(source={self._source!r}, dim={self._dim}, ranges={self._ranges!r})"
 
-    def shortest_run_bytes(self) -> int:
-        """The shortest contiguous byte run of the slice in the source (a whole row when `dim` is 0)."""
+    @property
+    def is_gathered(self) -> bool:
+        """Whether the slice's contiguous runs are too short to copy one by one (see `gather_slices`)."""
         outer, _, inner_bytes = self.layout()
         if outer == 1:
-            return sum(stop - start for start, stop in self._ranges) * inner_bytes
-        return min(stop - start for start, stop in self._ranges) * inner_bytes
+            return False  # one row: each range is a run as long as the slice's share of it
+        return min(stop - start for start, stop in self._ranges) * inner_bytes < LONG_RUN_BYTES
+
+    def copy_runs(self, source_fd: int, target_fd: int, target_offset: int) -> None:
+        """Copy the slice run by run to `target_offset` of `target_fd`, file to file (in the kernel)."""
+        for run_offset, run_length in self.byte_runs():
+            copy_range_at(source_fd, run_offset, run_length, target_fd, target_offset)
+            target_offset += run_length
 
     def byte_runs(self) -> Iterator[tuple[int, int]]:
         """(source file offset, length) of each contiguous piece, in the slice's byte order."""
@@ -157,28 +210,14 @@ class ExternalSlice(ir.LazyTensor):
         return ir.tensor(np.ascontiguousarray(array).reshape(self.shape.numpy()), name=self.name)
 
     def tofile(self, file: BinaryIO) -> None:
-        outer, axis, inner_bytes = self.layout()
-        base = self._source.offset or 0
-        row_bytes = axis * inner_bytes
+        if self.is_gathered:
+            gather_slices([self], lambda _index, chunk: file.write(chunk))
+            return
+        file.flush()
+        start = file.tell()
         with open(self._source.path, "rb") as source:
-            fd = source.fileno()
-            if self.shortest_run_bytes() >= LONG_RUN_BYTES:
-                for offset, length in self.byte_runs():
-                    _copy_range(fd, offset, length, file)
-                return
-            rows_per_block = max(1, CHUNK_BYTES // row_bytes)
-            buffer = bytearray(rows_per_block * row_bytes)
-            for first in range(0, outer, rows_per_block):
-                rows = min(rows_per_block, outer - first)
-                length = rows * row_bytes
-                view = memoryview(buffer)[:length]
-                got = os.preadv(fd, [view], base + first * row_bytes)
-                if got != length:
-                    raise OSError(f"{self._source.path}: external data ends early at offset {base + first * row_bytes}")
-                block = np.frombuffer(buffer, dtype=np.uint8, count=length).reshape(rows, axis, inner_bytes)
-                pieces = [block[:, start:stop] for start, stop in self._ranges]
-                gathered = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=1)
-                file.write(np.ascontiguousarray(gathered).data)
+            self.copy_runs(source.fileno(), file.fileno(), start)
+        file.seek(start + self.nbytes)
 
 
 class Zeros(ir.LazyTensor):

@@ -66,8 +66,7 @@ def test_every_rank_weight_is_written_once_where_it_is_placed(
     dtype: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Small windows and run thresholds: the gather crosses many windows, and both copy paths run.
-    monkeypatch.setattr(data_files, "WINDOW_BYTES", 700)
-    monkeypatch.setattr(data_files, "LONG_RUN_BYTES", 64)
+    monkeypatch.setattr(weight_slices, "CHUNK_BYTES", 700)
     monkeypatch.setattr(weight_slices, "LONG_RUN_BYTES", 64)
     rng = np.random.default_rng(1)
     # 48 x 64: every rank's share is over the 1 KiB threshold of external data, even in float16.

@@ -23,7 +23,6 @@ as small protobufs (no weight passes through protobuf).
 
 from __future__ import annotations
 
-import mmap
 import os
 import queue
 import sys
@@ -34,10 +33,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx_ir as ir
 
-from llmir_onnx.weight_slices import LONG_RUN_BYTES, ExternalSlice, Zeros, copy_range_at
+from llmir_onnx.weight_slices import ExternalSlice, Zeros, copy_range_at, gather_slices, pwrite_all
 
 EXTERNAL_THRESHOLD_BYTES = 1024
 ALIGNMENT_BYTES = 4096
@@ -45,8 +43,6 @@ ALIGNMENT_BYTES = 4096
 WRITER_THREADS = 2
 # How often a thread holding the GIL hands it over while the weights are being written.
 GIL_SWITCH_INTERVAL_S = 0.0002
-# The most source bytes mapped at once while gathering column slices.
-WINDOW_BYTES = 8 << 20
 
 
 def rank_data_name(rank: int) -> str:
@@ -215,57 +211,19 @@ class _Files:
         self._fds.clear()
 
 
-def _pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
 def _write_gathered(
     group: list[tuple[ExternalSlice, WeightPlace]], files: _Files, advance: Callable[[int], None]
 ) -> None:
-    """Column slices of one source tensor for several ranks: each window of rows is mapped once."""
-    first = group[0][0]
-    outer, axis, inner_bytes = first.layout()
-    row_bytes = axis * inner_bytes
-    base = first.source.offset or 0
-    rows_per_window = max(1, WINDOW_BYTES // row_bytes)
+    """Column slices of one source tensor for several ranks, from one pass over its rows."""
     written = [0] * len(group)
-    with open(first.source.path, "rb") as source:
-        size = os.fstat(source.fileno()).st_size
-        if base + outer * row_bytes > size:
-            raise OSError(
-                f"{first.source.path}: external data ends at byte {size}, inside weight {first.source.name!r} "
-                f"(bytes {base}..{base + outer * row_bytes})"
-            )
-        # One output buffer, reused: a fresh array per window would page-fault (and zero) every byte again.
-        widest = max(sum(b - a for a, b in tensor.ranges) for tensor, _ in group) * inner_bytes
-        out = np.empty(rows_per_window * widest, dtype=np.uint8)
-        populate = getattr(mmap, "MAP_POPULATE", 0)  # map the window's pages in one call, not a fault each
-        for row in range(0, outer, rows_per_window):
-            rows = min(rows_per_window, outer - row)
-            start = base + row * row_bytes
-            aligned = start - start % mmap.ALLOCATIONGRANULARITY
-            window = mmap.mmap(source.fileno(), start - aligned + rows * row_bytes, flags=mmap.MAP_SHARED | populate,
-                               prot=mmap.PROT_READ, offset=aligned)  # fmt: skip
-            try:
-                block = np.frombuffer(window, dtype=np.uint8, count=rows * row_bytes, offset=start - aligned)
-                block = block.reshape(rows, axis, inner_bytes)
-                for index, (tensor, place) in enumerate(group):
-                    local_axis = sum(b - a for a, b in tensor.ranges)
-                    gathered = out[: rows * local_axis * inner_bytes].reshape(rows, local_axis, inner_bytes)
-                    column = 0
-                    for a, b in tensor.ranges:
-                        np.copyto(gathered[:, column : column + b - a], block[:, a:b])
-                        column += b - a
-                    _pwrite_all(files.fd(place.file), gathered.data, place.offset + written[index])
-                    written[index] += gathered.nbytes
-                    advance(gathered.nbytes)
-                del block, gathered
-            finally:
-                window.close()
+
+    def write(index: int, chunk: memoryview) -> None:
+        place = group[index][1]
+        pwrite_all(files.fd(place.file), chunk, place.offset + written[index])
+        written[index] += chunk.nbytes
+        advance(chunk.nbytes)
+
+    gather_slices([tensor for tensor, _ in group], write)
     for (tensor, place), count in zip(group, written, strict=True):
         if count != place.length:
             raise OSError(f"wrote {count} of {place.length} bytes of {tensor.name!r}")
@@ -280,7 +238,7 @@ def _write_units(jobs: Sequence[tuple[ir.TensorProtocol, WeightPlace]]) -> list[
     groups: dict[tuple[object, ...], list[tuple[ExternalSlice, WeightPlace]]] = {}
     units: list[Unit] = []
     for tensor, place in sorted(jobs, key=_source_order):
-        if isinstance(tensor, ExternalSlice) and tensor.shortest_run_bytes() < LONG_RUN_BYTES:
+        if isinstance(tensor, ExternalSlice) and tensor.is_gathered:
             source = tensor.source
             key = (os.fspath(source.path), source.offset or 0, tensor.view, tensor.dim)
             if key not in groups:
@@ -302,15 +260,12 @@ def _write_unit(unit: Unit, files: _Files, advance: Callable[[int], None]) -> No
         pass  # a hole in the file
     elif isinstance(tensor, ExternalSlice):
         with open(tensor.source.path, "rb") as source_file:
-            offset = place.offset
-            for run_offset, run_length in tensor.byte_runs():
-                copy_range_at(source_file.fileno(), run_offset, run_length, fd, offset)
-                offset += run_length
+            tensor.copy_runs(source_file.fileno(), fd, place.offset)
     elif isinstance(tensor, ir.ExternalTensor):
         with open(tensor.path, "rb") as source_file:
             copy_range_at(source_file.fileno(), tensor.offset or 0, place.length, fd, place.offset)
     else:
-        _pwrite_all(fd, tensor.tobytes(), place.offset)
+        pwrite_all(fd, tensor.tobytes(), place.offset)
     advance(place.length)
 
 
