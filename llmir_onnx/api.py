@@ -12,7 +12,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter
-from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, write_plan_into
+from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, tensor_infos, write_plan_into
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.plan.shapes import default_max_seq
 from llmir_onnx.progress import QUIET, Progress
@@ -102,7 +102,9 @@ def partition_to_dir(
             weights = [RankWeights(rank, stage, tensors) for rank, stage, tensors in planned]
             start_weight_writer(writer, weights, progress)
 
-        result = partition(load_model(model_path), options, on_weights_known=write_weights, consume_model=True)
+        # The partition consumes the loaded graph: the original's IO is read off it first.
+        source_inputs, source_outputs = tensor_infos(source.graph.inputs), tensor_infos(source.graph.outputs)
+        result = partition(source, options, on_weights_known=write_weights, consume_model=True)
         mesh = result.mesh
         details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes)
         mesh_info = {
@@ -114,7 +116,8 @@ def partition_to_dir(
         }
         contents = PlanContents(
             source_path=model_path,
-            source_model=source,
+            inputs=source_inputs,
+            outputs=source_outputs,
             mesh=mesh_info,
             rank_models=[
                 (p.rank, mesh.coords(p.rank).as_dict(), p.model, list(p.inputs), list(p.outputs)) for p in result.ranks

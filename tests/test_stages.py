@@ -32,7 +32,7 @@ from llmir_onnx.passes.stages import (
     layer_units,
     split_tp_ranks,
 )
-from llmir_onnx.plan.emit import PlanContents, write_plan
+from llmir_onnx.plan.emit import PlanContents, tensor_infos, write_plan
 from llmir_onnx.plan.manifest import SliceBinding
 from llmir_onnx.runtime.feeds import random_feeds
 from llmir_onnx.runtime.verify import format_comparisons, verify_plan
@@ -640,7 +640,8 @@ def split_and_write_plan(path: Path, plan_dir: Path, pp: int, tp: int = 1, **spl
     mesh_info = {"tp": tp, "pp": pp, "cp": 1, "world_size": mesh.world_size,
                  "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}}
     rank_models = [r.as_plan_entry() for r in ranks]
-    write_plan(plan_dir, PlanContents(path, source, mesh_info, rank_models, options={"tp": tp, "pp": pp}))
+    io = tensor_infos(source.graph.inputs), tensor_infos(source.graph.outputs)
+    write_plan(plan_dir, PlanContents(path, *io, mesh_info, rank_models, options={"tp": tp, "pp": pp}))
 
 
 @pytest.fixture

@@ -71,11 +71,14 @@ RankModel = tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceB
 class PlanContents:
     """What a plan folder holds besides the weights: the source, the mesh, the rank models, the options.
 
-    `rank_details[i]` holds extra RankEntry fields (layers, memory, cost) for `rank_models[i]`.
+    `inputs` and `outputs` are the original model's (`tensor_infos` of its graph, taken before the
+    partition consumes it). `rank_details[i]` holds extra RankEntry fields (layers, memory, cost) for
+    `rank_models[i]`.
     """
 
     source_path: Path
-    source_model: ir.Model
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
     mesh: dict[str, Any]
     rank_models: Sequence[RankModel]
     options: dict[str, Any]
@@ -129,8 +132,8 @@ def write_plan_into(
     manifest = Manifest(
         source={"path": str(contents.source_path.resolve()), "sha256": sha256_file(contents.source_path)},
         mesh=contents.mesh,
-        inputs=tensor_infos(contents.source_model.graph.inputs),
-        outputs=tensor_infos(contents.source_model.graph.outputs),
+        inputs=contents.inputs,
+        outputs=contents.outputs,
         ranks=entries,
         options=contents.options,
     )
