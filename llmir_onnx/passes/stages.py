@@ -559,24 +559,12 @@ class _Splitter:
         self.stage_of: dict[ir.Node, int] = {
             node: layer_stage[max(position, 0)] for node, position in placement.position.items()
         }
-        last = self.num_stages - 1
         # which stages need each replicable node (reverse order: consumers first)
         self.needs: dict[ir.Node, set[int]] = {}
-        graph_outputs = set(graph.outputs)
+        self._graph_outputs = set(graph.outputs)
         for node in reversed(list(graph)):
-            if node not in placement.replicable:
-                continue
-            need: set[int] = set()
-            for value in node.outputs:
-                if value in graph_outputs:
-                    need.add(last)
-                for consumer in _consumers(value, placement.owner):
-                    need |= (
-                        self.needs.get(consumer, set())
-                        if consumer in placement.replicable
-                        else {self.stage_of[consumer]}
-                    )
-            self.needs[node] = need
+            if node in placement.replicable:
+                self.needs[node] = set().union(*(self._stages_reading(value) for value in node.outputs))
         # crossing values: (value, producing stage, last consuming stage), in canonical order
         crossing = []
         for node in graph:
@@ -615,21 +603,20 @@ class _Splitter:
         self.types = {name: (known[name][0], _copy_shape(known[name][1])) for name in names}
         return tuple(self._build_stage(stage) for stage in range(self.num_stages))
 
+    def _stages_reading(self, value: ir.Value) -> set[int]:
+        """The stages that read `value`: its consumers' (a replicable one's: all that need it), and the
+        last stage for a graph output. Replicable consumers must have their `needs` already."""
+        stages = {self.num_stages - 1} if value in self._graph_outputs else set()
+        for consumer in _consumers(value, self.placement.owner):
+            if consumer in self.placement.replicable:
+                stages |= self.needs.get(consumer, set())
+            else:
+                stages.add(self.stage_of[consumer])
+        return stages
+
     def initializer_stages(self) -> dict[str, set[int]]:
         """The stages whose models will hold each initializer: those keeping a node that reads it."""
-        graph_outputs = set(self.model.graph.outputs)
-        stages: dict[str, set[int]] = {}
-        for name, value in self.model.graph.initializers.items():
-            used: set[int] = set()
-            for consumer in _consumers(value, self.placement.owner):
-                if consumer in self.placement.replicable:
-                    used |= self.needs.get(consumer, set())
-                else:
-                    used.add(self.stage_of[consumer])
-            if value in graph_outputs:
-                used.add(self.num_stages - 1)
-            stages[name] = used
-        return stages
+        return {name: self._stages_reading(value) for name, value in self.model.graph.initializers.items()}
 
     def _peer(self, stage: int) -> int:
         return _global_rank(self.options.mesh, stage, self.options.cp_rank, self.options.tp_rank)
