@@ -689,7 +689,17 @@ def test_synthetic_tp2_pp4_through_processes(synthetic4_path: Path, tmp_path: Pa
     _verify(synthetic4_path, tmp_path / "plan", pp=4, tp=2)  # 8 ranks
 
 
-@pytest.mark.parametrize("path", [p for p in bundled_models() if _layer_count(p) >= 4], ids=lambda p: p.parent.name)
+DEEP_BUNDLED_MODELS = [p for p in bundled_models() if _layer_count(p) >= 4] or [
+    pytest.param(
+        None,
+        marks=pytest.mark.skip(
+            reason="no model in models/ has 4+ layers: only models/smollm2 (models/export_smollm2.py, not committed)"
+        ),
+    )
+]
+
+
+@pytest.mark.parametrize("path", DEEP_BUNDLED_MODELS, ids=lambda p: p.parent.name if p else "smollm2-absent")
 def test_large_bundled_models_pp4_through_processes(path: Path, tmp_path: Path, mpi_env: None) -> None:
     _verify(path, tmp_path / "plan", pp=4)
 
