@@ -108,6 +108,8 @@ def model_past_feeds(model_path: Path, sizes: FeedSizes = FeedSizes()) -> dict[s
     feeds = random_feeds(model, sizes)
     if sizes.past_tokens == 0:
         return feeds
+    # Its own session, dropped on return: verify makes the reference session again after the ranks ran,
+    # because keeping one through the rank runs would add the model's size to verify's peak memory.
     session = original_session(model_path)
     output_names = [output.name for output in session.get_outputs()]
     pairs = kv_cache_pairs([value.name or "" for value in model.graph.inputs], output_names)
