@@ -46,9 +46,10 @@ def _sync() -> float:
     return time.perf_counter() - start
 
 
-def _timed(command: list[str]) -> tuple[float, float, int]:
+def _timed(command: list[str], settle_s: float) -> tuple[float, float, int]:
     """(seconds to return, seconds to return + sync, peak RSS of the child in bytes)."""
     _sync()
+    time.sleep(settle_s)
     start = time.perf_counter()
     child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     # wait4 gives this child's own rusage (RUSAGE_CHILDREN would report the largest child so far).
@@ -69,6 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         "--shape", choices=sorted(LAYER_SHAPES), default="7b", help="layer shape: LLaMA-2 7B or 70B (8 kv heads)"
     )
     parser.add_argument("--rounds", type=int, default=5, help="cp, partition pairs to run (median reported)")
+    parser.add_argument(
+        "--settle", type=float, default=0.0, help="seconds to wait after the sync before each timed step"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the model and the plan")
     parser.add_argument("--verify", action="store_true", help="run `llmir-onnx verify` on the plan afterwards")
     args = parser.parse_args(argv)
@@ -91,11 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     partition_cmd = [*cli, "partition", str(model), "--tp", "4", "--pp", "2", "-o", str(plan_dir), "--quiet"]
     rounds = []
     for _ in range(args.rounds):
+        # Both steps start from the same state: neither output exists (deleting one frees its pages in
+        # the page cache, which the next writer then gets without reclaiming others).
         copy.unlink(missing_ok=True)
-        cp = _timed(["cp", str(data), str(copy)])
-        copy.unlink()
         shutil.rmtree(plan_dir, ignore_errors=True)
-        part = _timed(partition_cmd)
+        cp = _timed(["cp", str(data), str(copy)], args.settle)
+        copy.unlink()
+        part = _timed(partition_cmd, args.settle)
         rounds.append((cp, part))
     plan_bytes = sum(p.stat().st_size for p in plan_dir.iterdir())
     # The disk of a shared VM swings 2-4x within a minute: each round's ratio compares a partition

@@ -30,6 +30,12 @@ def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
                 yield from attr.value
 
 
+def initializer_tensors(model: ir.Model) -> dict[str, ir.TensorProtocol]:
+    """The main graph's initializers that hold a value, by name."""
+    initializers = model.graph.initializers.items()
+    return {name: value.const_value for name, value in initializers if value.const_value is not None}
+
+
 def external_tensors(model: ir.Model) -> Iterator[tuple[str, ir.ExternalTensor]]:
     """Every initializer of the model (subgraphs included) whose bytes live in an external file."""
     for graph in _graphs(model):

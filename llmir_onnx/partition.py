@@ -9,7 +9,10 @@ The pipeline (onnx_ir passes sharing one ShardingState):
     materialize_rank      per rank: a copy of the localized graph with its slice of every weight
 
 Every rank of a tensor-parallel group runs the same graph; only weights and a few rank constants
-(slice offsets, the vocabulary offset of a vocab-parallel embedding) differ.
+(slice offsets, the vocabulary offset of a vocab-parallel embedding) differ. With pipeline stages
+(pp > 1) that is used to cut once: the localized graph takes tp rank 0's weights and is split into
+stages (passes.stages.split_tp_stages), and every other tp rank gets copies of those stage graphs
+with its own weights and Send/Recv peers; the other tp ranks are never whole graphs.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common
 
 from llmir_onnx.errors import LlmirError, ShardingError
+from llmir_onnx.ir_io import initializer_tensors
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.passes import (
     AnnotatePass,
@@ -157,92 +161,111 @@ def partition(
     on_weights_known: Callable[[RankWeightsPlan], None] | None = None,
     consume_model: bool = False,
 ) -> PartitionResult:
-    """Tensor-parallel sharding of `model`, then (pp > 1) pipeline stages cut from every tp rank.
+    """Tensor-parallel sharding of `model`, then (pp > 1) pipeline stages cut from the tp ranks.
 
     `on_weights_known` is called once with every rank's weights as soon as they are decided: for
     pp > 1 before the stage graphs are built, so their bytes can be written meanwhile. With
     `consume_model` the rank models are cut from `model` itself, which is then not usable.
     """
     _check_options(options)
-    if options.tp == 1:
-        tensor_parallel = _single_rank(model, consume_model)
-    else:
-        tensor_parallel = _partition_tp(model, options, consume_model)
-    for program in tensor_parallel.ranks:
-        _remove_unused(program.model)
-    if options.pp == 1:
-        if on_weights_known is not None:
-            on_weights_known([(p.rank, 0, _initializer_tensors(p.model, None, 0)) for p in tensor_parallel.ranks])
-        return tensor_parallel
-    result = _cut_stages(tensor_parallel, options, on_weights_known)
+    if options.pp > 1:
+        return _partition_stages(model, options, on_weights_known, consume_model)
+    result = _single_rank(model, consume_model) if options.tp == 1 else _partition_tp(model, options, consume_model)
     for program in result.ranks:
         _remove_unused(program.model)
+    if on_weights_known is not None:
+        on_weights_known([(p.rank, 0, initializer_tensors(p.model)) for p in result.ranks])
     return result
 
 
-def _initializer_tensors(
-    model: ir.Model, stages_of: dict[str, set[int]] | None, stage: int
-) -> dict[str, ir.TensorProtocol]:
-    return {
-        name: value.const_value
-        for name, value in model.graph.initializers.items()
-        if value.const_value is not None and (stages_of is None or stage in stages_of.get(name, ()))
-    }
+def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[list[TensorBinding], ...]:
+    """tp rank `tp_rank`'s (inputs, outputs): original -> tp-local."""
+    tp = state.tp
+    inputs = [_binding(v, state.placements[v.name], _dim_of(state, v), tp, tp_rank) for v in graph.inputs]
+    outputs = [_binding(v, state.placements[v.name], _dim_of(state, v), tp, tp_rank) for v in graph.outputs]
+    return inputs, outputs
 
 
 def _partition_tp(model: ir.Model, options: PartitionOptions, consume_model: bool = False) -> PartitionResult:
     template, state = plan(model, options, consume_model=consume_model)
     mesh = state.mesh
-    graph = template.graph
     ranks = []
     for rank in range(mesh.world_size):
-        tp_rank = mesh.coords(rank).tp
-        inputs = [_binding(v, state.placements[v.name], _dim_of(state, v), mesh.tp, tp_rank) for v in graph.inputs]
-        outputs = [_binding(v, state.placements[v.name], _dim_of(state, v), mesh.tp, tp_rank) for v in graph.outputs]
+        inputs, outputs = _tp_bindings(template.graph, state, mesh.coords(rank).tp)
         # The template is a copy made for this partition: the last rank may take it instead of a copy.
         last = rank == mesh.world_size - 1
-        ranks.append(RankProgram(rank, materialize_rank(template, state, tp_rank, consume=last), inputs, outputs))
+        ranks.append(RankProgram(rank, materialize_rank(template, state, rank, consume=last), inputs, outputs))
     placements = {name: str(p) for name, p in state.placements.items()}
     return PartitionResult(mesh=mesh, ranks=ranks, placements=placements, warnings=list(state.warnings))
 
 
-def _cut_stages(
-    tensor_parallel: PartitionResult,
+def _partition_stages(
+    model: ir.Model,
     options: PartitionOptions,
-    on_weights_known: Callable[[RankWeightsPlan], None] | None = None,
+    on_weights_known: Callable[[RankWeightsPlan], None] | None,
+    consume_model: bool,
 ) -> PartitionResult:
-    from llmir_onnx.passes.stages import split_tp_ranks
+    """pp > 1: tp rank 0's model is cut into stages once; the other tp ranks get copies of its stages.
+
+    Only tp rank 0 is ever a whole graph (the template itself, holding rank 0's weights); the other
+    tp ranks exist as their weights (lazy slices) until their stage copies are made.
+    """
+    from llmir_onnx.passes.localize import rank_tensor
+    from llmir_onnx.passes.stages import split_tp_stages
     from llmir_onnx.plan.cost import node_time_function
     from llmir_onnx.plan.devices import load_profile
     from llmir_onnx.plan.shapes import default_max_seq
 
     mesh = DeviceMesh(pp=options.pp, tp=options.tp)
-    first = tensor_parallel.ranks[0].model
+    if options.tp == 1:
+        single = _single_rank(model, consume_model)
+        first, bindings = single.ranks[0].model, [(single.ranks[0].inputs, single.ranks[0].outputs)]
+        placements, warnings = single.placements, single.warnings
+        weights = [initializer_tensors(first)]
+    else:
+        template, state = plan(model, options, consume_model=consume_model)
+        bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
+        unsharded = initializer_tensors(template)
+        weights = [
+            {name: rank_tensor(state, name, tensor, tp_rank) for name, tensor in unsharded.items()}
+            for tp_rank in range(options.tp)
+        ]
+        first = materialize_rank(template, state, 0, consume=True)
+        placements = {name: str(p) for name, p in state.placements.items()}
+        warnings = list(state.warnings)
+    _remove_unused(first)
     max_seq = options.max_seq or default_max_seq(first)
     node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
-    tp_models = [program.model for program in tensor_parallel.ranks]
 
     def weights_by_stage(stages_of: dict[str, set[int]]) -> None:
         if on_weights_known is None:
             return
         planned = [
-            (mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=tp_rank)), stage, _initializer_tensors(model, stages_of, stage))
-            for tp_rank, model in enumerate(tp_models)
+            (
+                mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=tp_rank)),
+                stage,
+                {name: tensor for name, tensor in rank_weights.items() if stage in stages_of.get(name, ())},
+            )
+            for tp_rank, rank_weights in enumerate(weights)
             for stage in range(mesh.pp)
         ]
         on_weights_known(sorted(planned, key=lambda entry: entry[0]))
 
-    staged, _ = split_tp_ranks(
-        [(program.model, program.inputs, program.outputs) for program in tensor_parallel.ranks],
+    staged, _ = split_tp_stages(
+        first,
+        bindings,
+        weights.__getitem__,
         mesh,
         stage_cut_after_layer=options.stage_cut_after_layer,
         node_cost=node_cost,
         memory_limit_bytes=options.device_memory_bytes,
-        consume_models=True,  # the tp rank models are not used after their split
+        consume_model=True,  # tp rank 0's model is this partition's own (the template or a copy)
         on_initializer_stages=weights_by_stage,
     )
     ranks = [RankProgram(s.rank, s.model, list(s.inputs), list(s.outputs), s.layers) for s in staged]
-    return PartitionResult(mesh, ranks, tensor_parallel.placements, tensor_parallel.warnings)
+    for program in ranks:
+        _remove_unused(program.model)
+    return PartitionResult(mesh, ranks, placements, warnings)
 
 
 def _dim_of(state: ShardingState, value: ir.Value) -> int | str | None:

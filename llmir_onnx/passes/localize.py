@@ -277,21 +277,28 @@ class LocalizePass(ir.passes.InPlacePass):
                 node.attributes[name] = ir.AttrInt64(name, local)
 
 
+def rank_tensor(state: ShardingState, name: str, tensor: ir.TensorProtocol, tp_rank: int) -> ir.TensorProtocol:
+    """What tp rank `tp_rank` holds of initializer `name`, whose value in the template is `tensor`.
+
+    Lazy over external data: the bytes are read (a slice at a time) only when the rank is saved.
+    """
+    if name in state.rank_constants:
+        return ir.tensor(state.rank_constants[name](tp_rank), name=name)
+    placement = state.weight_placements.get(name, state.placements.get(name))
+    if state.tp == 1 or placement is None or not isinstance(placement, Shard | Partial):
+        return tensor
+    return rank_weight(tensor, placement, state.tp, tp_rank, state.weight_views.get(name), name)
+
+
 def materialize_rank(template: ir.Model, state: ShardingState, tp_rank: int, consume: bool = False) -> ir.Model:
     """A copy of the localized model holding the weights of one tp rank (`consume`: the template itself,
     for the last rank, when the template is not used after)."""
     model = template if consume else template.clone()
-    tp = state.tp
     for name, value in model.graph.initializers.items():
-        if name in state.rank_constants:
-            array = state.rank_constants[name](tp_rank)
-            value.const_value = ir.tensor(array, name=name)
+        if value.const_value is None:
             continue
-        placement = state.weight_placements.get(name, state.placements.get(name))
-        if tp == 1 or placement is None or not isinstance(placement, Shard | Partial):
-            continue
-        # Lazy over external data: the bytes are read (a slice at a time) only when the rank is saved.
-        tensor = rank_weight(value.const_value, placement, tp, tp_rank, state.weight_views.get(name), name)
-        value.const_value = tensor
-        value.shape = ir.Shape(list(tensor.shape))
+        tensor = rank_tensor(state, name, value.const_value, tp_rank)
+        if tensor is not value.const_value:
+            value.const_value = tensor
+            value.shape = ir.Shape(list(tensor.shape))
     return model

@@ -45,21 +45,23 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.errors import InputModelError, LlmirError, PlanError
-from llmir_onnx.ir_io import MAX_IR_VERSION
+from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.ops import (
     ALL_GATHER,
     ALL_REDUCE,
     LLMIR_DOMAIN,
     LLMIR_OPSET_VERSION,
+    RECV,
     REDUCE_SCATTER,
+    SEND,
     recv_like_initializer,
     recv_node,
     send_node,
@@ -75,7 +77,7 @@ from llmir_onnx.passes.stage_balance import (
     unit_from_nodes,
 )
 from llmir_onnx.plan.manifest import SliceBinding
-from llmir_onnx.plan.shapes import dims_in_input_terms
+from llmir_onnx.plan.shapes import types_in_input_terms
 
 SENT_OUTPUT_PREFIX = "llmir.sent."
 DEFAULT_REPLICATE_MAX_WEIGHT_BYTES = 1 << 20
@@ -391,32 +393,39 @@ def _copy_shape(shape: ir.Shape | None) -> ir.Shape | None:
     return None if shape is None else ir.Shape(list(shape))
 
 
-def _with_input_dim_names(
-    model: ir.Model, types: dict[str, tuple[ir.DataType, ir.Shape | None]]
-) -> dict[str, tuple[ir.DataType, ir.Shape | None]]:
-    """Declare crossing values' dims by the input dims they equal (batch_size, ...), not `unk__87`."""
+def _crossing_types(model: ir.Model, names: set[str]) -> dict[str, tuple[ir.DataType, ir.Shape | None]]:
+    """dtype and shape of the named values, dims named by the input dims they equal (batch_size, ...),
+    not `unk__87`: from the shape planner's evaluation, else as declared, else from onnx shape inference.
+    """
+    values = {v.name: v for n in model.graph for v in n.outputs if v.name in names}
+    declared = {name: (v.dtype, v.shape) for name, v in values.items()}
     try:
-        named = dims_in_input_terms(model, types)
+        evaluated = types_in_input_terms(model, names)
     except LlmirError:
         # Only the Recv's declared shape is at stake (the data's shape travels by handshake at run
-        # time); a model the shape planner cannot evaluate keeps the shapes its exporter declared.
-        return types
-    improved = dict(types)
-    for name, dims in named.items():
-        dtype, shape = types[name]
-        old = list(shape) if shape is not None and len(shape) == len(dims) else [None] * len(dims)
-        merged = [new if new is not None else prior for new, prior in zip(dims, old, strict=True)]
-        improved[name] = (dtype, ir.Shape(merged))
-    return improved
+        # time); a model the shape planner cannot evaluate keeps the types its exporter declared.
+        evaluated = {}
+    types: dict[str, tuple[ir.DataType, ir.Shape | None]] = {}
+    for name in names:
+        dtype, shape = declared.get(name, (None, None))
+        if name in evaluated:
+            evaluated_dtype, dims = evaluated[name]
+            old = list(shape) if shape is not None and len(shape) == len(dims) else [None] * len(dims)
+            shape = ir.Shape([new if new is not None else prior for new, prior in zip(dims, old, strict=True)])
+            dtype = dtype or evaluated_dtype
+        if dtype is not None:
+            types[name] = (dtype, shape)
+    missing = names - types.keys()
+    if missing:
+        types.update(_inferred_types(model, missing, values))
+    return types
 
 
-def _crossing_types(model: ir.Model, names: set[str]) -> dict[str, tuple[ir.DataType, ir.Shape | None]]:
-    """dtype and shape of the named values: from the model, else from onnx shape inference on a copy."""
-    values = {v.name: v for n in model.graph for v in n.outputs if v.name in names}
-    known = {name: (v.dtype, v.shape) for name, v in values.items() if v.dtype is not None}
-    missing = names - known.keys()
-    if not missing:
-        return known
+def _inferred_types(
+    model: ir.Model, missing: set[str], values: dict[str, ir.Value]
+) -> dict[str, tuple[ir.DataType, ir.Shape | None]]:
+    """dtype and shape of the named values by onnx shape inference on a copy of the model."""
+    known: dict[str, tuple[ir.DataType, ir.Shape | None]] = {}
     copy = ir.Model(model.graph.clone(), ir_version=model.ir_version, functions=list(model.functions.values()))
     inferred = ir.passes.common.ShapeInferencePass(strict_mode=False)(copy).model
     inferred_values = {v.name: v for n in inferred.graph for v in n.outputs if v.name in missing}
@@ -505,9 +514,6 @@ class PipelineStageSplit:
         # Told, before any stage is built, which stages will hold each initializer (so that writing
         # the weights can start while the stage graphs are being built).
         self.on_initializer_stages: Callable[[dict[str, set[int]]], None] | None = None
-        # dtype and shape of the values crossing the cuts. Every tp rank runs the same graph, so
-        # split_tp_ranks infers them once (on tp rank 0) and hands them to the other ranks' splits.
-        self.crossing_types: dict[str, tuple[ir.DataType, ir.Shape | None]] | None = None
 
     def __call__(self, model: ir.Model) -> StageSplitResult:
         return self.call(model)
@@ -596,10 +602,7 @@ class _Splitter:
         # The crossing values' types need a shape inference over a graph copy: done here, not at
         # construction, so `initializer_stages` is ready (and the weights stream) before it.
         names = {v.name for v, _, _ in self.crossing if v.name}
-        known = self.options.crossing_types
-        if known is None or not names <= known.keys():
-            known = _with_input_dim_names(self.model, _crossing_types(self.model, names))
-            self.options.crossing_types = known
+        known = _crossing_types(self.model, names)
         self.types = {name: (known[name][0], _copy_shape(known[name][1])) for name in names}
         return tuple(self._build_stage(stage) for stage in range(self.num_stages))
 
@@ -873,51 +876,110 @@ def split_tp_ranks(
 ) -> tuple[list[StageRankModel], StageSplitResult]:
     """Cut every tp rank's model (index = tp rank; bindings original -> tp-local) into mesh.pp stages.
 
-    With `consume_models` the tp models' graphs become their last stages (no copy); do not use them after.
-    `on_initializer_stages` is called once, before any stage is built, with the stages that will hold
-    each initializer (the same for every tp rank: they run the same graph).
-
-    The cuts are chosen once, on tp rank 0 (every tp rank holds the same layers with equal shares),
-    then applied to all tp ranks, so stage s of every tp rank holds the same layers and its Sends
-    match the Recvs of stage s + 1 of the same tp rank. Returns the ranks sorted by global rank and
-    tp rank 0's split result (its `balance` says why the cuts are where they are).
+    The tp ranks' models must be one graph with different weights (what the partitioner makes); see
+    `split_tp_stages`, which this calls with tp rank 0's model and the other ranks' weights. With
+    `consume_models`, tp rank 0's graph becomes its last stage (no copy); do not use it after.
     """
     if len(tp_models) != mesh.tp:
         raise PlanError(f"{len(tp_models)} tensor-parallel models for a mesh with tp={mesh.tp}")
-    ranks: list[StageRankModel] = []
-    first: StageSplitResult | None = None
-    cuts = stage_cut_after_layer
-    crossing_types: dict[str, tuple[ir.DataType, ir.Shape | None]] | None = None
-    for tp_rank, (model, inputs, outputs) in enumerate(tp_models):
-        split = PipelineStageSplit(
-            mesh,
-            tp_rank=tp_rank,
-            stage_cut_after_layer=cuts,
-            node_cost=node_cost,
-            memory_limit_bytes=memory_limit_bytes,
-            extra_memory_bytes_per_layer=extra_memory_bytes_per_layer,
-            replicate_max_weight_bytes=replicate_max_weight_bytes,
-            consume_input=consume_models,
+    weights = [initializer_tensors(model) for model, _, _ in tp_models]
+    shapes = {name: tuple(tensor.shape) for name, tensor in weights[0].items()}
+    for tp_rank, rank_weights in enumerate(weights[1:], 1):
+        differing = sorted(
+            set(shapes).symmetric_difference(rank_weights)
+            | {name for name, tensor in rank_weights.items() if shapes.get(name) != tuple(tensor.shape)}
         )
-        split.crossing_types = crossing_types
-        if tp_rank == 0:
-            split.on_initializer_stages = on_initializer_stages
-        result = split(model)
-        crossing_types = split.crossing_types
-        if first is None:
-            first = result
-            cuts = [stage.layers.stop - 1 for stage in result.stages[:-1]]
-        for stage in result.stages:
-            coords = mesh.coords(stage.rank)
+        if differing:
+            raise PlanError(
+                f"tp rank {tp_rank}'s model differs from tp rank 0's in the initializers {differing[:5]}: the "
+                "stage split cuts tp ranks that run one graph with equal-shaped weights (the partitioner's output)"
+            )
+    return split_tp_stages(
+        tp_models[0][0],
+        [(inputs, outputs) for _, inputs, outputs in tp_models],
+        weights.__getitem__,
+        mesh,
+        stage_cut_after_layer=stage_cut_after_layer,
+        node_cost=node_cost,
+        memory_limit_bytes=memory_limit_bytes,
+        extra_memory_bytes_per_layer=extra_memory_bytes_per_layer,
+        replicate_max_weight_bytes=replicate_max_weight_bytes,
+        consume_model=consume_models,
+        on_initializer_stages=on_initializer_stages,
+    )
+
+
+def split_tp_stages(
+    model: ir.Model,
+    bindings: Sequence[tuple[Sequence[SliceBinding], Sequence[SliceBinding]]],
+    weights_of: Callable[[int], Mapping[str, ir.TensorProtocol]],
+    mesh: DeviceMesh,
+    *,
+    stage_cut_after_layer: Sequence[int] | None = None,
+    node_cost: NodeCost = default_node_cost,
+    memory_limit_bytes: int | None = None,
+    extra_memory_bytes_per_layer: int = 0,
+    replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
+    consume_model: bool = False,
+    on_initializer_stages: Callable[[dict[str, set[int]]], None] | None = None,
+) -> tuple[list[StageRankModel], StageSplitResult]:
+    """Cut tp rank 0's `model` into mesh.pp stages, then give every other tp rank a copy of each stage.
+
+    Every tp rank runs the same graph on equal-shaped weights, so one split serves them all: tp rank
+    t's stage s is tp rank 0's stage s with t's weights (`weights_of(t)`: initializer name -> tensor)
+    and Send/Recv peers on tp rank t of the neighbouring stages. Cutting once and copying half-graphs
+    costs a fraction of cutting every rank's whole graph (the analysis, the shape inference of the
+    crossing values and a graph copy per rank), and stage s of every tp rank holds the same layers by
+    construction. `bindings[t]`: tp rank t's (inputs, outputs), original -> tp-local.
+
+    `on_initializer_stages` is called once, before any stage is built, with the stages that will hold
+    each initializer (the same for every tp rank). With `consume_model` the model's graph becomes
+    tp rank 0's last stage. Returns the ranks sorted by global rank and the split result (its
+    `balance` says why the cuts are where they are).
+    """
+    if len(bindings) != mesh.tp:
+        raise PlanError(f"{len(bindings)} tensor-parallel bindings for a mesh with tp={mesh.tp}")
+    split = PipelineStageSplit(
+        mesh,
+        stage_cut_after_layer=stage_cut_after_layer,
+        node_cost=node_cost,
+        memory_limit_bytes=memory_limit_bytes,
+        extra_memory_bytes_per_layer=extra_memory_bytes_per_layer,
+        replicate_max_weight_bytes=replicate_max_weight_bytes,
+        consume_input=consume_model,
+    )
+    split.on_initializer_stages = on_initializer_stages
+    result = split(model)
+    ranks: list[StageRankModel] = []
+    for stage in result.stages:
+        for tp_rank, (inputs, outputs) in enumerate(bindings):
+            stage_model = stage.model if tp_rank == 0 else _on_tp_rank(stage.model, mesh, tp_rank, weights_of(tp_rank))
+            rank = _global_rank(mesh, stage.stage, 0, tp_rank)
+            coords = mesh.coords(rank)
             ranks.append(
                 StageRankModel(
-                    rank=stage.rank,
+                    rank=rank,
                     coords={"pp": coords.pp, "cp": coords.cp, "tp": coords.tp},
-                    model=stage.model,
+                    model=stage_model,
                     inputs=compose_bindings(inputs, stage.inputs),
                     outputs=compose_bindings(outputs, stage.outputs),
                     layers=stage.layers,
                 )
             )
-    assert first is not None
-    return sorted(ranks, key=lambda entry: entry.rank), first
+    return sorted(ranks, key=lambda entry: entry.rank), result
+
+
+def _on_tp_rank(
+    stage_model: ir.Model, mesh: DeviceMesh, tp_rank: int, weights: Mapping[str, ir.TensorProtocol]
+) -> ir.Model:
+    """A copy of tp rank 0's stage model for tp rank `tp_rank`: its weights, its pipeline peers."""
+    model = stage_model.clone()
+    for name, value in model.graph.initializers.items():
+        tensor = weights.get(name)
+        if tensor is not None:
+            value.const_value = tensor
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if node.domain == LLMIR_DOMAIN and node.op_type in (SEND, RECV):
+            peer = mesh.coords(node.attributes["peer"].as_int())
+            node.attributes["peer"] = ir.AttrInt64("peer", mesh.rank_of(dataclasses.replace(peer, tp=tp_rank)))
+    return model

@@ -747,18 +747,22 @@ def evaluate_shapes(
     return ShapeEvaluator(model, sizes, overrides).run()
 
 
-def dims_in_input_terms(model: ir.Model, value_names: Iterable[str]) -> dict[str, tuple[int | str | None, ...]]:
-    """Each named value's dims as a static int, the graph-input dim name it always equals, or None.
+def types_in_input_terms(
+    model: ir.Model, value_names: Iterable[str]
+) -> dict[str, tuple[ir.DataType, tuple[int | str | None, ...]]]:
+    """Each named value's element type, and its dims as a static int, the graph-input dim name it always
+    equals, or None.
 
-    Intermediate values of an export often carry no shape, or machine names such as `unk__87` from
-    symbolic inference that no input binds. Evaluating the model at two unrelated size points and
+    Intermediate values of an export often carry no type, no shape, or machine names such as `unk__87`
+    from symbolic inference that no input binds. Evaluating the model at two unrelated size points and
     matching every dim against the inputs' named dims recovers `[batch_size, sequence_length, 4096]`
-    for a hidden state: what a Recv must declare so later analyses and runtimes can bind it.
+    for a hidden state: what a Recv must declare so later analyses and runtimes can bind it. Raises
+    PlanError when the model cannot be evaluated.
     """
     points = (Sizes(batch=2, seq=3, past=5), Sizes(batch=3, seq=7, past=11))
     evaluated = [evaluate_shapes(model, sizes) for sizes in points]
     bound = [bind_dims(model, sizes) for sizes in points]
-    named: dict[str, tuple[int | str | None, ...]] = {}
+    named: dict[str, tuple[ir.DataType, tuple[int | str | None, ...]]] = {}
     for name in value_names:
         first, second = evaluated[0].get(name), evaluated[1].get(name)
         if first is None or second is None or len(first.shape) != len(second.shape):
@@ -770,7 +774,7 @@ def dims_in_input_terms(model: ir.Model, value_names: Iterable[str]) -> dict[str
                 continue
             matches = [dim for dim, size in bound[0].items() if size == a and bound[1].get(dim) == b]
             dims.append(matches[0] if matches else None)
-        named[name] = tuple(dims)
+        named[name] = (first.dtype, tuple(dims))
     return named
 
 
