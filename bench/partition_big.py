@@ -11,13 +11,15 @@ hidden 8192, 64 heads, intermediate 28672, 8 layers are 13.7 GiB), then runs `--
 2. `llmir-onnx partition --tp 4 --pp 2 --quiet` as a subprocess: wall time and peak RSS
    (the child's own rusage from wait4, which includes any pages of the weights it maps).
 
-Each step starts after a `sync` (not timed) so one step's dirty pages are not flushed on the next
-step's clock; each is timed to its return ("cached": the data may still be in the page cache) and
-to the end of a following `sync` ("durable"). The disk of a shared VM changes speed 2-4x within a
-minute, so each round's ratio compares the partition with the cp just before it, and the median
-round is the result. Dropping the page cache needs root, so the source is warm in the page cache
-for every step (24 GB of RAM holds it). Ratios: partition time / cp time (target <= 1.2), peak
-RSS / weight bytes (target <= 0.05).
+Both steps start from the same state: neither output exists (each round deletes both first), and a
+`sync` (not timed; then `--settle` seconds of waiting) so one step's dirty pages are not flushed on
+the next step's clock. Each is timed to its return ("cached": the data may still be in the page
+cache) and to the end of a following `sync` ("durable"). The disk and memory of a shared VM change
+speed 2-4x within a minute (this one's guest also hands freed pages back to its host, which makes
+the next writes into them slower), so each round's ratio compares the partition with the cp just
+before it, and the median round is the result. Whether the source stays in the page cache depends
+on the RAM (the script says which held). Ratios: partition time / cp time (target <= 1.2), peak RSS
+/ weight bytes (target <= 0.05).
 """
 
 from __future__ import annotations
@@ -132,7 +134,12 @@ def main(argv: list[str] | None = None) -> int:
           f"(durable: {rows['median_ratio_time_vs_cp_durable']:.2f}x), target <= 1.2")  # fmt: skip
     print(f"peak RSS / weight bytes      : {rows['ratio_peak_rss_vs_weights']:.4f} "
           f"({peak / 2**20:.0f} MiB), target <= 0.05")  # fmt: skip
-    print("cache state: the source weights are in the page cache for every step (written by the generator)")
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if 2 * weight_bytes < ram:
+        print("cache state: the source weights stay in the page cache for every step (the generator wrote them)")
+    else:
+        print(f"cache state: source plus one output ({2 * weight_bytes / gib:.1f} GiB) exceed the RAM "
+              f"({ram / gib:.1f} GiB): steps re-read part of the source and wait on writeback")  # fmt: skip
     print(f"load average after the run (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(json.dumps(rows))
     if args.verify:

@@ -338,14 +338,17 @@ def layer_units(
     model: ir.Model,
     node_cost: NodeCost = default_node_cost,
     replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
+    placement: _Placement | None = None,
 ) -> tuple[StageUnit, list[StageUnit], StageUnit]:
     """(embedding, layers, head) cost units of a model, for `balance_stages`.
 
     The embedding is what is placed before layer 0; the head is every node after the last layer's
     own nodes (final norm, lm_head). A replicable node counts in every unit that reads it (it is
-    recomputed there, and its weights are held there).
+    recomputed there, and its weights are held there). `placement`: the model's `analyze_layers`,
+    when the caller has it already.
     """
-    placement = analyze_layers(model, replicate_max_weight_bytes)
+    if placement is None:
+        placement = analyze_layers(model, replicate_max_weight_bytes)
     count = placement.num_layers
     embedding, head = -1, count  # unit indices besides the layers 0 .. count-1
     last_layer_own = _last_layer_own_nodes(model, placement)
@@ -530,7 +533,7 @@ class PipelineStageSplit:
                 )
             ranges = stage_layer_ranges(placement.num_layers, self.stage_cut_after_layer)
         else:
-            prefix, layers, suffix = layer_units(model, self.node_cost, self.replicate_max_weight_bytes)
+            prefix, layers, suffix = layer_units(model, self.node_cost, self.replicate_max_weight_bytes, placement)
             if self.extra_memory_bytes_per_layer:
                 layers = [
                     dataclasses.replace(unit, extra_memory_bytes=self.extra_memory_bytes_per_layer) for unit in layers
