@@ -209,3 +209,21 @@ def test_sharded_value_captured_by_a_subgraph_is_refused() -> None:
     proto.graph.output.append(helper.make_tensor_value_info("b", TensorProto.FLOAT, None))
     with pytest.raises(ShardingError, match=r"node branchy \(If\) reads 'h', which is S\(2\), inside its subgraph"):
         partition(ir.serde.deserialize_model(proto), PartitionOptions(tp=2))
+
+
+def test_cyclic_gc_is_paused_only_inside_a_partition() -> None:
+    import gc
+
+    from llmir_onnx.partition import cyclic_gc_paused
+
+    assert gc.isenabled()
+    with cyclic_gc_paused():
+        with cyclic_gc_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # the inner block leaves the outer one's pause alone
+    assert gc.isenabled()
+    partition(_model("llama-gqa-torch-legacy"), PartitionOptions(tp=2, pp=2))
+    assert gc.isenabled()
+    with pytest.raises(LlmirError):
+        partition(_model("llama-gqa-torch-legacy"), PartitionOptions(tp=2, pp=4))
+    assert gc.isenabled()  # re-enabled when the partition fails, too
