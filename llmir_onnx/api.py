@@ -12,6 +12,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.partition import cyclic_gc_paused
+from llmir_onnx.passes.stages import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter
 from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, tensor_infos, write_plan_into
 from llmir_onnx.plan.manifest import Manifest
@@ -122,7 +123,8 @@ def partition_to_dir(
             outputs=source_outputs,
             mesh=mesh_info,
             rank_models=[
-                (p.rank, mesh.coords(p.rank).as_dict(), p.model, list(p.inputs), list(p.outputs)) for p in result.ranks
+                (p.rank, mesh.coords(p.rank).as_dict(), p.model_or_copy, list(p.inputs), list(p.outputs))
+                for p in result.ranks
             ],
             rank_details=details,
             options={
@@ -151,11 +153,15 @@ def _rank_details(
     # The tp ranks of one stage run the same graph on equal-shaped weights, so their memory plans and
     # costs are equal: evaluate each distinct structure once (the shape evaluation dominates planning).
     analyses: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+    signatures: dict[int, tuple[Any, ...]] = {}  # by id of the model
     for program in result.ranks:
-        signature = _structure_signature(program.model)
+        # A tp rank copy has its tp rank 0's structure (only weights and peers differ): no need to make it.
+        model = program.model_or_copy
+        model = model.source if isinstance(model, TpRankCopy) else model
+        signature = signatures.get(id(model)) or signatures.setdefault(id(model), _structure_signature(model))
         if signature not in analyses:
-            analysis = plan_memory(program.model, max_batch, max_seq)
-            cost = estimate_phases(program.model, profile, max_batch, max_seq)
+            analysis = plan_memory(model, max_batch, max_seq)
+            cost = estimate_phases(model, profile, max_batch, max_seq)
             analyses[signature] = (asdict(analysis), asdict(cost))
         memory_fields, cost_fields = analyses[signature]
         memory = MemoryPlan(**memory_fields)

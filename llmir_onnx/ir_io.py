@@ -11,6 +11,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from llmir_onnx.errors import InputModelError
@@ -103,11 +104,15 @@ def save_model(
     return model_path
 
 
-def save_model_proto(model: ir.Model, path: str | os.PathLike) -> Path:
-    """Save the model file alone: external tensors are referenced where they already are, not rewritten."""
-    model_path = Path(path)
+def model_proto(model: ir.Model) -> onnx.ModelProto:
+    """The model file's protobuf: external tensors are referenced where they already are, not read."""
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-    ir.save(model, model_path)
+    return ir.serde.serialize_model(model)
+
+
+def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
+    model_path = Path(path)
+    model_path.write_bytes(proto.SerializeToString())
     return model_path
 
 

@@ -36,6 +36,7 @@ from llmir_onnx.passes import (
     ShardingState,
     materialize_rank,
 )
+from llmir_onnx.passes.stages import TpRankCopy
 from llmir_onnx.placement import Placement, Replicate, Shard
 from llmir_onnx.plan.manifest import SliceBinding
 
@@ -58,13 +59,37 @@ class PartitionOptions:
 TensorBinding = SliceBinding
 
 
-@dataclass
 class RankProgram:
-    rank: int
-    model: ir.Model
-    inputs: list[TensorBinding]
-    outputs: list[TensorBinding]
-    layers: range | None = None  # the decoder layers this rank's pipeline stage holds (None: all)
+    """One rank's model and how the original model's inputs and outputs map onto it.
+
+    With pipeline stages the tp ranks but the first are made lazily (`TpRankCopy`): `model` makes the
+    graph on first use, while a plan writer can write the rank from its tp rank 0's model without it.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        model: ir.Model | TpRankCopy,
+        inputs: list[TensorBinding],
+        outputs: list[TensorBinding],
+        layers: range | None = None,  # the decoder layers this rank's pipeline stage holds (None: all)
+    ) -> None:
+        self.rank = rank
+        self._model = model
+        self.inputs = inputs
+        self.outputs = outputs
+        self.layers = layers
+
+    @property
+    def model(self) -> ir.Model:
+        if isinstance(self._model, TpRankCopy):
+            self._model = self._model.materialize()
+        return self._model
+
+    @property
+    def model_or_copy(self) -> ir.Model | TpRankCopy:
+        """The model, or while it is not made, what it is a copy of."""
+        return self._model
 
 
 @dataclass
@@ -286,8 +311,10 @@ def _partition_stages(
         on_initializer_stages=weights_by_stage,
     )
     ranks = [RankProgram(s.rank, s.model, list(s.inputs), list(s.outputs), s.layers) for s in staged]
+    # The other tp ranks' copies are made from these stage models, so they inherit the clean-up.
     for program in ranks:
-        _remove_unused(program.model)
+        if isinstance(program.model_or_copy, ir.Model):
+            _remove_unused(program.model_or_copy)
     return PartitionResult(mesh, ranks, placements, warnings)
 
 

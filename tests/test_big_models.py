@@ -12,6 +12,7 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
 
@@ -19,6 +20,7 @@ from llmir_onnx import weight_slices
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.partition import PartitionOptions, partition
+from llmir_onnx.passes import stages
 from llmir_onnx.placement import PARTIAL_SUM, Partial, Placement, Replicate, Shard, shard_array
 from llmir_onnx.plan import emit
 from llmir_onnx.plan.memory import plan_memory
@@ -205,6 +207,39 @@ class _Injected(Exception):
     pass
 
 
+@pytest.mark.parametrize(("tp", "pp"), [(2, 2), (4, 2)])
+def test_tp_rank_copies_are_written_as_if_made(
+    tp: int, pp: int, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The other tp ranks of a stage are written by patching tp rank 0's serialized model (their weights'
+    places and values, their peers): the files equal those written from the copies made as graphs."""
+    made_as_graphs: list[int] = []
+    original = emit._made
+
+    def made(model: object) -> ir.Model:
+        if isinstance(model, stages.TpRankCopy):
+            made_as_graphs.append(model.tp_rank)
+        return original(model)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(emit, "_made", made)
+    patched = partition_to_dir(tiny_model, tmp_path / "patched", tp=tp, pp=pp)
+    assert made_as_graphs == []  # no copy was made as a graph
+    monkeypatch.setattr(emit, "_tp_rank_copy_proto", lambda *args: None)
+    graphs = partition_to_dir(tiny_model, tmp_path / "graphs", tp=tp, pp=pp)
+    assert sorted(made_as_graphs) == sorted(list(range(1, tp)) * pp)  # every copy was made as a graph here
+    a, b = _tree_bytes(tmp_path / "patched"), _tree_bytes(tmp_path / "graphs")
+    assert sorted(a) == sorted(b)
+    for name in a:
+        if name != "manifest.json":  # it names its own folder
+            assert a[name] == b[name], f"{name} differs between the patched and the made copies"
+    assert [r.sha256 for r in patched.ranks] == [r.sha256 for r in graphs.ranks]
+    for rank in range(tp * pp):
+        nodes = onnx.load(tmp_path / "patched" / f"rank{rank}.onnx").graph.node
+        peers = [a.i for n in nodes if n.op_type in ("Send", "Recv") for a in n.attribute if a.name == "peer"]
+        # Stage s of tp rank t talks to stages s -+ 1 of the same tp rank (global rank = stage * tp + t).
+        assert peers and all(peer % tp == rank % tp and peer // tp != rank // tp for peer in peers), (rank, peers)
+
+
 @pytest.mark.parametrize("error", [_Injected, KeyboardInterrupt])
 def test_interrupted_partition_keeps_the_older_plan(
     error: type[BaseException], tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -212,16 +247,16 @@ def test_interrupted_partition_keeps_the_older_plan(
     out = tmp_path / "plan"
     partition_to_dir(tiny_model, out, tp=2)
     before = _tree_bytes(out)
-    original_save = emit.save_model_proto
+    original_write = emit.write_model_proto
 
-    def failing_save(model: ir.Model, path: Path) -> Path:
+    def failing_write(proto: onnx.ModelProto, path: Path) -> Path:
         if path.name == "rank1.onnx":
             # Fail half way: the data files and rank 0 exist in the staging folder when the error comes.
-            original_save(model, path)
+            original_write(proto, path)
             raise error("interrupted while writing rank 1")
-        return original_save(model, path)
+        return original_write(proto, path)
 
-    monkeypatch.setattr(emit, "save_model_proto", failing_save)
+    monkeypatch.setattr(emit, "write_model_proto", failing_write)
     with pytest.raises(error):
         partition_to_dir(tiny_model, out, tp=2)
     assert _tree_bytes(out) == before

@@ -107,6 +107,7 @@ _DTYPE_OF_FIRST_INPUT_OPS = frozenset(
     }
 )
 _COLLECTIVES = frozenset({ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER})
+PIPELINE_OPS = frozenset({SEND, RECV})
 
 
 # --------------------------------------------------------------------------- results
@@ -851,12 +852,39 @@ class _HelperConstants:
 
 
 @dataclass(frozen=True)
+class TpRankCopy:
+    """Tp rank `tp_rank`'s stage model, not yet made: tp rank 0's (`source`) with other weights and peers.
+
+    `weights` are the rank's initializers by name; `changed` names those that differ from tp rank 0's
+    (sliced weights, rank constants), `peers` maps each Send/Recv peer of the source to this rank's.
+    `materialize` makes the model (a graph copy); a plan writer can instead patch the source's
+    serialized model with the same differences, which is what the copies are for.
+    """
+
+    source: ir.Model
+    tp_rank: int
+    weights: Mapping[str, ir.TensorProtocol]
+    changed: frozenset[str]
+    peers: Mapping[int, int]
+
+    def materialize(self) -> ir.Model:
+        model = self.source.clone()
+        for name, value in model.graph.initializers.items():
+            if name in self.changed:
+                value.const_value = self.weights[name]
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+            if node.domain == LLMIR_DOMAIN and node.op_type in PIPELINE_OPS:
+                node.attributes["peer"] = ir.AttrInt64("peer", self.peers[node.attributes["peer"].as_int()])
+        return model
+
+
+@dataclass(frozen=True)
 class StageRankModel:
     """One rank of a tp x pp plan: what `plan.emit.write_plan` takes, plus the layer range."""
 
     rank: int
     coords: dict[str, int]
-    model: ir.Model
+    model: ir.Model | TpRankCopy
     inputs: list[SliceBinding]  # ORIGINAL model names -> this rank's
     outputs: list[SliceBinding]
     layers: range
@@ -897,7 +925,7 @@ def split_tp_ranks(
                 f"tp rank {tp_rank}'s model differs from tp rank 0's in the initializers {differing[:5]}: the "
                 "stage split cuts tp ranks that run one graph with equal-shaped weights (the partitioner's output)"
             )
-    return split_tp_stages(
+    ranks, result = split_tp_stages(
         tp_models[0][0],
         [(inputs, outputs) for _, inputs, outputs in tp_models],
         weights.__getitem__,
@@ -910,6 +938,8 @@ def split_tp_ranks(
         consume_model=consume_models,
         on_initializer_stages=on_initializer_stages,
     )
+    made = [r if isinstance(r.model, ir.Model) else dataclasses.replace(r, model=r.model.materialize()) for r in ranks]
+    return made, result
 
 
 def split_tp_stages(
@@ -954,9 +984,20 @@ def split_tp_stages(
     split.on_initializer_stages = on_initializer_stages
     result = split(model)
     ranks: list[StageRankModel] = []
+    first_weights = weights_of(0)
     for stage in result.stages:
         for tp_rank, (inputs, outputs) in enumerate(bindings):
-            stage_model = stage.model if tp_rank == 0 else _on_tp_rank(stage.model, mesh, tp_rank, weights_of(tp_rank))
+            stage_model: ir.Model | TpRankCopy = stage.model
+            if tp_rank > 0:
+                weights = weights_of(tp_rank)
+                changed = frozenset(name for name, tensor in weights.items() if tensor is not first_weights.get(name))
+                stage_model = TpRankCopy(
+                    source=stage.model,
+                    tp_rank=tp_rank,
+                    weights=weights,
+                    changed=changed,
+                    peers={peer: _same_peer_on(mesh, peer, tp_rank) for peer in _pipeline_peers(stage.model)},
+                )
             rank = _global_rank(mesh, stage.stage, 0, tp_rank)
             coords = mesh.coords(rank)
             ranks.append(
@@ -972,17 +1013,14 @@ def split_tp_stages(
     return sorted(ranks, key=lambda entry: entry.rank), result
 
 
-def _on_tp_rank(
-    stage_model: ir.Model, mesh: DeviceMesh, tp_rank: int, weights: Mapping[str, ir.TensorProtocol]
-) -> ir.Model:
-    """A copy of tp rank 0's stage model for tp rank `tp_rank`: its weights, its pipeline peers."""
-    model = stage_model.clone()
-    for name, value in model.graph.initializers.items():
-        tensor = weights.get(name)
-        if tensor is not None:
-            value.const_value = tensor
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        if node.domain == LLMIR_DOMAIN and node.op_type in (SEND, RECV):
-            peer = mesh.coords(node.attributes["peer"].as_int())
-            node.attributes["peer"] = ir.AttrInt64("peer", mesh.rank_of(dataclasses.replace(peer, tp=tp_rank)))
-    return model
+def _pipeline_peers(model: ir.Model) -> set[int]:
+    return {
+        node.attributes["peer"].as_int()
+        for node in ir.traversal.RecursiveGraphIterator(model.graph)
+        if node.domain == LLMIR_DOMAIN and node.op_type in PIPELINE_OPS
+    }
+
+
+def _same_peer_on(mesh: DeviceMesh, peer: int, tp_rank: int) -> int:
+    """The rank at `peer`'s pipeline stage (and cp rank) on tp rank `tp_rank`."""
+    return mesh.rank_of(dataclasses.replace(mesh.coords(peer), tp=tp_rank))

@@ -28,11 +28,12 @@ import queue
 import sys
 import threading
 from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from llmir_onnx.weight_slices import ExternalSlice, Zeros, copy_range_at, gather_slices, pwrite_all
@@ -158,24 +159,55 @@ def reference_placed_weights(rank: int, model: ir.Model, layout: DataLayout, pla
         tensor = value.const_value
         assert tensor is not None
         if not _is_external(tensor):
-            if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
-                value.const_value = ir.tensor(tensor.numpy(), name=tensor.name)
+            value.const_value = _in_memory(tensor)
             continue
         place = layout.places.get((rank, name))
         if place is None:
             place = layout.append(rank_data_name(rank), tensor)
             layout.places[(rank, name)] = place
         files.add(place.file)
-        value.const_value = ir.ExternalTensor(
-            place.file,
-            place.offset,
-            place.length,
-            tensor.dtype,
-            shape=ir.Shape(list(tensor.shape)),
-            name=tensor.name or name,
-            base_dir=plan_dir,
-        )
+        value.const_value = _placed(place, tensor.dtype, list(tensor.shape), tensor.name or name, plan_dir)
     return sorted(files)
+
+
+def reference_placed_weights_in_proto(
+    rank: int, graph: onnx.GraphProto, layout: DataLayout, plan_dir: Path, replaced: Mapping[str, ir.TensorProtocol]
+) -> list[str] | None:
+    """`reference_placed_weights` on a serialized graph that another rank of the same stage holds
+    (its external tensors placed already): they are pointed at this rank's places, and the small
+    tensors named in `replaced` take this rank's values. Returns the data files it references, or None
+    when a weight has no place for this rank (the caller makes and places the rank's model instead).
+    """
+    files: set[str] = set()
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            place = layout.places.get((rank, tensor.name))
+            if place is None:
+                return None
+            files.add(place.file)
+            dtype = ir.DataType(tensor.data_type)
+            tensor.CopyFrom(ir.serde.serialize_tensor(_placed(place, dtype, list(tensor.dims), tensor.name, plan_dir)))
+        elif tensor.name in replaced:
+            value = replaced[tensor.name]
+            if _is_external(value):
+                return None
+            value = _in_memory(value)
+            value.name = tensor.name  # as the graph serializer names initializers
+            tensor.CopyFrom(ir.serde.serialize_tensor(value))
+    return sorted(files)
+
+
+def _in_memory(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+    """A small weight's bytes in the model itself, not a reference to the source's data."""
+    if isinstance(tensor, (ir.ExternalTensor, ir.LazyTensor)):
+        return ir.tensor(tensor.numpy(), name=tensor.name)
+    return tensor
+
+
+def _placed(place: WeightPlace, dtype: ir.DataType, shape: list[int], name: str, plan_dir: Path) -> ir.ExternalTensor:
+    return ir.ExternalTensor(
+        place.file, place.offset, place.length, dtype, shape=ir.Shape(shape), name=name, base_dir=plan_dir
+    )
 
 
 def _source_order(job: tuple[ir.TensorProtocol, WeightPlace]) -> tuple[str, int]:

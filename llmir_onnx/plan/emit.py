@@ -16,11 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import onnx
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import save_model_proto, sha256_file
-from llmir_onnx.plan.data_files import RankWeights, WeightWriter
+from llmir_onnx.ir_io import model_proto, sha256_file, write_model_proto
+from llmir_onnx.ops import LLMIR_DOMAIN
+from llmir_onnx.passes.stages import PIPELINE_OPS, TpRankCopy
+from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.progress import QUIET, Progress
 
@@ -64,7 +67,8 @@ def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(previous, ignore_errors=True)
 
 
-RankModel = tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]
+# rank, mesh coords, model (or a tp rank copy still to make), input and output bindings
+RankModel = tuple[int, dict[str, int], ir.Model | TpRankCopy, list[SliceBinding], list[SliceBinding]]
 
 
 @dataclass(frozen=True)
@@ -90,7 +94,8 @@ def write_plan(out_dir: Path, contents: PlanContents, progress: Progress | None 
     progress = progress if progress is not None else QUIET
     with atomic_output_dir(out_dir) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
         weights = [
-            RankWeights.of_model(rank, coords.get("pp", 0), model) for rank, coords, model, _, _ in contents.rank_models
+            RankWeights.of_model(rank, coords.get("pp", 0), _made(model))
+            for rank, coords, model, _, _ in contents.rank_models
         ]
         start_weight_writer(writer, weights, progress)
         return write_plan_into(staging, writer, contents, progress)
@@ -102,6 +107,31 @@ def start_weight_writer(writer: WeightWriter, ranks: Sequence[RankWeights], prog
     progress.start_bytes(f"writing {len(ranks)} ranks", writer.layout.total_bytes)
 
 
+def _made(model: ir.Model | TpRankCopy) -> ir.Model:
+    return model.materialize() if isinstance(model, TpRankCopy) else model
+
+
+def _tp_rank_copy_proto(
+    source: onnx.ModelProto, rank: int, copy: TpRankCopy, writer: WeightWriter, staging: Path
+) -> tuple[onnx.ModelProto, list[str]] | None:
+    """Rank `rank`'s model file made from its tp rank 0's serialized model, without a graph copy: its
+    weights' places and values, its pipeline peers. The same bytes as the copy's model made and
+    saved; None when the copy's weights were not all planned (then the model is made instead)."""
+    assert writer.layout is not None
+    proto = onnx.ModelProto()
+    proto.CopyFrom(source)
+    changed = {name: copy.weights[name] for name in copy.changed}
+    files = reference_placed_weights_in_proto(rank, proto.graph, writer.layout, staging, changed)
+    if files is None:
+        return None
+    for node in proto.graph.node:
+        if node.domain == LLMIR_DOMAIN and node.op_type in PIPELINE_OPS:
+            for attribute in node.attribute:
+                if attribute.name == "peer":
+                    attribute.i = copy.peers[attribute.i]
+    return proto, files
+
+
 def write_plan_into(
     staging: Path, writer: WeightWriter, contents: PlanContents, progress: Progress | None = None
 ) -> Manifest:
@@ -109,9 +139,19 @@ def write_plan_into(
     progress = progress if progress is not None else QUIET
     data_files: dict[int, list[str]] = {}
     paths = []
+    # Serialized stage models, by id of the model, for the tp rank copies made from them.
+    protos: dict[int, onnx.ModelProto] = {}
     for rank, _, model, _, _ in contents.rank_models:
-        data_files[rank] = writer.place(rank, model)
-        paths.append(save_model_proto(model, staging / rank_file_name(rank)))
+        copied = None
+        if isinstance(model, TpRankCopy) and id(model.source) in protos:
+            copied = _tp_rank_copy_proto(protos[id(model.source)], rank, model, writer, staging)
+        if copied is not None:
+            proto, data_files[rank] = copied
+        else:
+            made = _made(model)
+            data_files[rank] = writer.place(rank, made)
+            proto = protos[id(made)] = model_proto(made)
+        paths.append(write_model_proto(proto, staging / rank_file_name(rank)))
     writer.finish()
     progress.finish()
     entries = []
