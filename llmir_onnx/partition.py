@@ -132,7 +132,7 @@ def plan(
     leaves Partial outputs unreduced (rule tests reduce them in numpy).
     """
     _check_options(options)
-    # Tensor parallelism is planned on one pipeline stage; stages are cut afterwards (split_tp_ranks).
+    # Tensor parallelism is planned on one pipeline stage; stages are cut afterwards (split_tp_stages).
     mesh = DeviceMesh(pp=1, tp=options.tp)
     state = ShardingState(
         mesh,

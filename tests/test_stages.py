@@ -30,7 +30,8 @@ from llmir_onnx.passes.stages import (
     PipelineStageSplit,
     compose_bindings,
     layer_units,
-    split_tp_ranks,
+    split_tp_stages,
+    tp_models_for_split,
 )
 from llmir_onnx.plan.emit import PlanContents, tensor_infos, write_plan
 from llmir_onnx.plan.manifest import SliceBinding
@@ -635,7 +636,7 @@ def split_and_write_plan(path: Path, plan_dir: Path, pp: int, tp: int = 1, **spl
              [SliceBinding(b.original, b.local, b.dim, b.start, b.stop) for b in p.outputs])
             for p in sorted(tp_result.ranks, key=lambda program: program.rank)
         ]
-    ranks, _ = split_tp_ranks(tp_models, mesh, **split_options)
+    ranks, _ = split_tp_stages(*tp_models_for_split(tp_models), mesh, **split_options)
     assert [r.rank for r in ranks] == list(range(mesh.world_size))
     mesh_info = {"tp": tp, "pp": pp, "cp": 1, "world_size": mesh.world_size,
                  "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}}

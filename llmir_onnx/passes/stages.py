@@ -889,30 +889,24 @@ class StageRankModel:
     outputs: list[SliceBinding]
     layers: range
 
-    def as_plan_entry(self) -> tuple[int, dict[str, int], ir.Model, list[SliceBinding], list[SliceBinding]]:
+    def as_plan_entry(
+        self,
+    ) -> tuple[int, dict[str, int], ir.Model | TpRankCopy, list[SliceBinding], list[SliceBinding]]:
         return self.rank, self.coords, self.model, self.inputs, self.outputs
 
 
-def split_tp_ranks(
-    tp_models: Sequence[tuple[ir.Model, Sequence[SliceBinding], Sequence[SliceBinding]]],
-    mesh: DeviceMesh,
-    *,
-    stage_cut_after_layer: Sequence[int] | None = None,
-    node_cost: NodeCost = default_node_cost,
-    memory_limit_bytes: int | None = None,
-    extra_memory_bytes_per_layer: int = 0,
-    replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
-    consume_models: bool = False,
-    on_initializer_stages: Callable[[dict[str, set[int]]], None] | None = None,
-) -> tuple[list[StageRankModel], StageSplitResult]:
-    """Cut every tp rank's model (index = tp rank; bindings original -> tp-local) into mesh.pp stages.
+TensorsByName = dict[str, ir.TensorProtocol]
 
-    The tp ranks' models must be one graph with different weights (what the partitioner makes); see
-    `split_tp_stages`, which this calls with tp rank 0's model and the other ranks' weights. With
-    `consume_models`, tp rank 0's graph becomes its last stage (no copy); do not use it after.
+
+def tp_models_for_split(
+    tp_models: Sequence[tuple[ir.Model, Sequence[SliceBinding], Sequence[SliceBinding]]],
+) -> tuple[ir.Model, list[tuple[Sequence[SliceBinding], Sequence[SliceBinding]]], Callable[[int], TensorsByName]]:
+    """`split_tp_stages`' first three arguments from every tp rank's whole model (index = tp rank;
+    bindings original -> tp-local): tp rank 0's model, the bindings, each rank's weights by name.
+
+    The models must be one graph with equal-shaped weights (what the partitioner makes), since every
+    tp rank's stages are copies of tp rank 0's.
     """
-    if len(tp_models) != mesh.tp:
-        raise PlanError(f"{len(tp_models)} tensor-parallel models for a mesh with tp={mesh.tp}")
     weights = [initializer_tensors(model) for model, _, _ in tp_models]
     shapes = {name: tuple(tensor.shape) for name, tensor in weights[0].items()}
     for tp_rank, rank_weights in enumerate(weights[1:], 1):
@@ -925,21 +919,7 @@ def split_tp_ranks(
                 f"tp rank {tp_rank}'s model differs from tp rank 0's in the initializers {differing[:5]}: the "
                 "stage split cuts tp ranks that run one graph with equal-shaped weights (the partitioner's output)"
             )
-    ranks, result = split_tp_stages(
-        tp_models[0][0],
-        [(inputs, outputs) for _, inputs, outputs in tp_models],
-        weights.__getitem__,
-        mesh,
-        stage_cut_after_layer=stage_cut_after_layer,
-        node_cost=node_cost,
-        memory_limit_bytes=memory_limit_bytes,
-        extra_memory_bytes_per_layer=extra_memory_bytes_per_layer,
-        replicate_max_weight_bytes=replicate_max_weight_bytes,
-        consume_model=consume_models,
-        on_initializer_stages=on_initializer_stages,
-    )
-    made = [r if isinstance(r.model, ir.Model) else dataclasses.replace(r, model=r.model.materialize()) for r in ranks]
-    return made, result
+    return tp_models[0][0], [(inputs, outputs) for _, inputs, outputs in tp_models], weights.__getitem__
 
 
 def split_tp_stages(
