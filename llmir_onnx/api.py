@@ -12,7 +12,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.partition import cyclic_gc_paused
-from llmir_onnx.passes.stages import TpRankCopy
+from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter
 from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, tensor_infos, write_plan_into
 from llmir_onnx.plan.manifest import Manifest

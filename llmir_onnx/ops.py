@@ -68,6 +68,7 @@ ALL_GATHER = "AllGather"
 REDUCE_SCATTER = "ReduceScatter"
 SEND = "Send"
 RECV = "Recv"
+PIPELINE_OPS = frozenset({SEND, RECV})
 OP_TYPES: tuple[str, ...] = (ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER, SEND, RECV)
 
 

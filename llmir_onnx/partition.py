@@ -6,13 +6,14 @@ The pipeline (onnx_ir passes sharing one ShardingState):
     PropagatePass         a placement for every value from per-op rules (propagation/), redistributions
     InsertCollectivesPass AllReduce / AllGather / ReduceScatter / local Slice where placements change
     LocalizePass          local head counts and sizes (reshape targets, split sizes, attributes)
-    materialize_rank      per rank: a copy of the localized graph with its slice of every weight
+    materialize_rank      the localized graph takes tp rank 0's slice of every weight
 
 Every rank of a tensor-parallel group runs the same graph; only weights and a few rank constants
-(slice offsets, the vocabulary offset of a vocab-parallel embedding) differ. With pipeline stages
-(pp > 1) that is used to cut once: the localized graph takes tp rank 0's weights and is split into
-stages (passes.stages.split_tp_stages), and every other tp rank gets copies of those stage graphs
-with its own weights and Send/Recv peers; the other tp ranks are never whole graphs.
+(slice offsets, the vocabulary offset of a vocab-parallel embedding) differ. So only tp rank 0 is
+made as a graph; every other tp rank is a `TpRankCopy` of it (its weights, its Send/Recv peers),
+made as a graph only when asked (`RankProgram.model`), and written to a plan by patching tp rank
+0's serialized model. With pipeline stages (pp > 1) tp rank 0's model is cut into stages once
+(passes.stages.split_tp_stages) and the copies are of its stages.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from llmir_onnx.passes import (
     ShardingState,
     materialize_rank,
 )
-from llmir_onnx.passes.stages import TpRankCopy
+from llmir_onnx.passes.localize import TpRankCopy, rank_tensor, tp_rank_copy
 from llmir_onnx.placement import Placement, Replicate, Shard
 from llmir_onnx.plan.manifest import SliceBinding
 
@@ -62,8 +63,8 @@ TensorBinding = SliceBinding
 class RankProgram:
     """One rank's model and how the original model's inputs and outputs map onto it.
 
-    With pipeline stages the tp ranks but the first are made lazily (`TpRankCopy`): `model` makes the
-    graph on first use, while a plan writer can write the rank from its tp rank 0's model without it.
+    The tp ranks but the first are made lazily (`TpRankCopy`): `model` makes the graph on first use,
+    while a plan writer can write the rank from its tp rank 0's model without it.
     """
 
     def __init__(
@@ -217,13 +218,19 @@ def partition(
     with cyclic_gc_paused():
         if options.pp > 1:
             return _partition_stages(model, options, on_weights_known, consume_model)
-        single = options.tp == 1
-        result = _single_rank(model, consume_model) if single else _partition_tp(model, options, consume_model)
-        for program in result.ranks:
-            _remove_unused(program.model)
+        if options.tp == 1:
+            result = _single_rank(model, consume_model)
+            _remove_unused(result.ranks[0].model)
+        else:
+            result = _partition_tp(model, options, consume_model)
         if on_weights_known is not None:
-            on_weights_known([(p.rank, 0, initializer_tensors(p.model)) for p in result.ranks])
+            on_weights_known([(p.rank, 0, _rank_initializers(p)) for p in result.ranks])
         return result
+
+
+def _rank_initializers(program: RankProgram) -> dict[str, ir.TensorProtocol]:
+    model = program.model_or_copy
+    return model.initializer_tensors() if isinstance(model, TpRankCopy) else initializer_tensors(model)
 
 
 def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[list[TensorBinding], ...]:
@@ -235,16 +242,30 @@ def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[l
 
 
 def _partition_tp(model: ir.Model, options: PartitionOptions, consume_model: bool = False) -> PartitionResult:
-    template, state = plan(model, options, consume_model=consume_model)
-    mesh = state.mesh
+    """pp = 1: the template becomes tp rank 0's model; the other tp ranks are copies of it (`TpRankCopy`)."""
+    template, state, weights = _tp_ranks_of(model, options, consume_model)
+    bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
+    first = materialize_rank(template, state, 0, consume=True)
+    _remove_unused(first)  # before the copies are made from it
     ranks = []
-    for rank in range(mesh.world_size):
-        inputs, outputs = _tp_bindings(template.graph, state, mesh.coords(rank).tp)
-        # The template is a copy made for this partition: the last rank may take it instead of a copy.
-        last = rank == mesh.world_size - 1
-        ranks.append(RankProgram(rank, materialize_rank(template, state, rank, consume=last), inputs, outputs))
+    for tp_rank, (inputs, outputs) in enumerate(bindings):
+        rank_model = first if tp_rank == 0 else tp_rank_copy(first, tp_rank, weights[tp_rank], weights[0])
+        ranks.append(RankProgram(tp_rank, rank_model, inputs, outputs))
     placements = {name: str(p) for name, p in state.placements.items()}
-    return PartitionResult(mesh=mesh, ranks=ranks, placements=placements, warnings=list(state.warnings))
+    return PartitionResult(mesh=state.mesh, ranks=ranks, placements=placements, warnings=list(state.warnings))
+
+
+def _tp_ranks_of(
+    model: ir.Model, options: PartitionOptions, consume_model: bool
+) -> tuple[ir.Model, ShardingState, list[dict[str, ir.TensorProtocol]]]:
+    """The localized template, its sharding plan, and every tp rank's initializers by name."""
+    template, state = plan(model, options, consume_model=consume_model)
+    unsharded = initializer_tensors(template)
+    weights = [
+        {name: rank_tensor(state, name, tensor, tp_rank) for name, tensor in unsharded.items()}
+        for tp_rank in range(options.tp)
+    ]
+    return template, state, weights
 
 
 def _partition_stages(
@@ -258,7 +279,6 @@ def _partition_stages(
     Only tp rank 0 is ever a whole graph (the template itself, holding rank 0's weights); the other
     tp ranks exist as their weights (lazy slices) until their stage copies are made.
     """
-    from llmir_onnx.passes.localize import rank_tensor
     from llmir_onnx.passes.stages import split_tp_stages
     from llmir_onnx.plan.cost import node_time_function
     from llmir_onnx.plan.devices import load_profile
@@ -271,13 +291,8 @@ def _partition_stages(
         placements, warnings = single.placements, single.warnings
         weights = [initializer_tensors(first)]
     else:
-        template, state = plan(model, options, consume_model=consume_model)
+        template, state, weights = _tp_ranks_of(model, options, consume_model)
         bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
-        unsharded = initializer_tensors(template)
-        weights = [
-            {name: rank_tensor(state, name, tensor, tp_rank) for name, tensor in unsharded.items()}
-            for tp_rank in range(options.tp)
-        ]
         first = materialize_rank(template, state, 0, consume=True)
         placements = {name: str(p) for name, p in state.placements.items()}
         warnings = list(state.warnings)

@@ -59,13 +59,13 @@ from llmir_onnx.ops import (
     ALL_REDUCE,
     LLMIR_DOMAIN,
     LLMIR_OPSET_VERSION,
-    RECV,
+    PIPELINE_OPS,
     REDUCE_SCATTER,
-    SEND,
     recv_like_initializer,
     recv_node,
     send_node,
 )
+from llmir_onnx.passes.localize import TpRankCopy, tp_rank_copy
 from llmir_onnx.passes.stage_balance import (
     NodeCost,
     StageBalance,
@@ -107,7 +107,6 @@ _DTYPE_OF_FIRST_INPUT_OPS = frozenset(
     }
 )
 _COLLECTIVES = frozenset({ALL_REDUCE, ALL_GATHER, REDUCE_SCATTER})
-PIPELINE_OPS = frozenset({SEND, RECV})
 
 
 # --------------------------------------------------------------------------- results
@@ -852,33 +851,6 @@ class _HelperConstants:
 
 
 @dataclass(frozen=True)
-class TpRankCopy:
-    """Tp rank `tp_rank`'s stage model, not yet made: tp rank 0's (`source`) with other weights and peers.
-
-    `weights` are the rank's initializers by name; `changed` names those that differ from tp rank 0's
-    (sliced weights, rank constants), `peers` maps each Send/Recv peer of the source to this rank's.
-    `materialize` makes the model (a graph copy); a plan writer can instead patch the source's
-    serialized model with the same differences, which is what the copies are for.
-    """
-
-    source: ir.Model
-    tp_rank: int
-    weights: Mapping[str, ir.TensorProtocol]
-    changed: frozenset[str]
-    peers: Mapping[int, int]
-
-    def materialize(self) -> ir.Model:
-        model = self.source.clone()
-        for name, value in model.graph.initializers.items():
-            if name in self.changed:
-                value.const_value = self.weights[name]
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
-            if node.domain == LLMIR_DOMAIN and node.op_type in PIPELINE_OPS:
-                node.attributes["peer"] = ir.AttrInt64("peer", self.peers[node.attributes["peer"].as_int()])
-        return model
-
-
-@dataclass(frozen=True)
 class StageRankModel:
     """One rank of a tp x pp plan: what `plan.emit.write_plan` takes, plus the layer range."""
 
@@ -969,15 +941,8 @@ def split_tp_stages(
         for tp_rank, (inputs, outputs) in enumerate(bindings):
             stage_model: ir.Model | TpRankCopy = stage.model
             if tp_rank > 0:
-                weights = weights_of(tp_rank)
-                changed = frozenset(name for name, tensor in weights.items() if tensor is not first_weights.get(name))
-                stage_model = TpRankCopy(
-                    source=stage.model,
-                    tp_rank=tp_rank,
-                    weights=weights,
-                    changed=changed,
-                    peers={peer: _same_peer_on(mesh, peer, tp_rank) for peer in _pipeline_peers(stage.model)},
-                )
+                peers = {peer: _same_peer_on(mesh, peer, tp_rank) for peer in _pipeline_peers(stage.model)}
+                stage_model = tp_rank_copy(stage.model, tp_rank, weights_of(tp_rank), first_weights, peers)
             rank = _global_rank(mesh, stage.stage, 0, tp_rank)
             coords = mesh.coords(rank)
             ranks.append(

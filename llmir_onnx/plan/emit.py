@@ -21,8 +21,8 @@ import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import model_proto, sha256_file, write_model_proto
-from llmir_onnx.ops import LLMIR_DOMAIN
-from llmir_onnx.passes.stages import PIPELINE_OPS, TpRankCopy
+from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
+from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.progress import QUIET, Progress
