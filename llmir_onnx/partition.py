@@ -159,18 +159,44 @@ def plan(
     return template, state
 
 
-def _single_rank(model: ir.Model, consume_model: bool = False) -> PartitionResult:
-    """tp 1: the original graph runs as it is; nothing to split, so nothing can fail to split."""
-    from llmir_onnx import ops
-    from llmir_onnx.ir_io import MAX_IR_VERSION
+@dataclass
+class _TpRankZero:
+    """Tp rank 0's model (the partition's own graph, holding tp rank 0's weights, cleaned of unused
+    nodes) and what the other tp ranks need to be its copies: their bindings and weights."""
 
-    copy = model if consume_model else model.clone()
-    copy.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
-    copy.ir_version = min(copy.ir_version, MAX_IR_VERSION)
-    inputs = [TensorBinding(v.name, v.name, None, 0, 0) for v in copy.graph.inputs]
-    outputs = [TensorBinding(v.name, v.name, None, 0, 0) for v in copy.graph.outputs]
-    placements = {v.name: "R" for v in [*copy.graph.inputs, *copy.graph.outputs]}
-    return PartitionResult(DeviceMesh(), [RankProgram(0, copy, inputs, outputs)], placements, [])
+    model: ir.Model
+    bindings: list[tuple[list[TensorBinding], list[TensorBinding]]]  # per tp rank: inputs, outputs
+    weights: list[dict[str, ir.TensorProtocol]]  # per tp rank: initializer name -> tensor
+    placements: dict[str, str]
+    warnings: list[str]
+
+
+def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: bool) -> _TpRankZero:
+    if options.tp == 1:
+        # The original graph runs as it is; nothing to split, so nothing can fail to split.
+        from llmir_onnx import ops
+        from llmir_onnx.ir_io import MAX_IR_VERSION
+
+        first = model if consume_model else model.clone()
+        first.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
+        first.ir_version = min(first.ir_version, MAX_IR_VERSION)
+        whole = [TensorBinding(v.name, v.name, None, 0, 0) for v in first.graph.inputs]
+        whole_out = [TensorBinding(v.name, v.name, None, 0, 0) for v in first.graph.outputs]
+        placements = {v.name: "R" for v in [*first.graph.inputs, *first.graph.outputs]}
+        _remove_unused(first)
+        return _TpRankZero(first, [(whole, whole_out)], [initializer_tensors(first)], placements, [])
+    template, state = plan(model, options, consume_model=consume_model)
+    bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
+    unsharded = initializer_tensors(template)
+    first = materialize_rank(template, state, 0, consume=True)
+    # Tp rank 0's tensors are the very objects its model holds: a copy's weights differ where they are others.
+    weights = [initializer_tensors(first)] + [
+        {name: rank_tensor(state, name, tensor, tp_rank) for name, tensor in unsharded.items()}
+        for tp_rank in range(1, options.tp)
+    ]
+    _remove_unused(first)  # before any copy is made from it
+    placements = {name: str(p) for name, p in state.placements.items()}
+    return _TpRankZero(first, bindings, weights, placements, list(state.warnings))
 
 
 # Each rank's weights, known before the rank models are all built: (global rank, pipeline stage,
@@ -216,13 +242,14 @@ def partition(
     """
     _check_options(options)
     with cyclic_gc_paused():
+        zero = _tp_rank_zero(model, options, consume_model)
         if options.pp > 1:
-            return _partition_stages(model, options, on_weights_known, consume_model)
-        if options.tp == 1:
-            result = _single_rank(model, consume_model)
-            _remove_unused(result.ranks[0].model)
-        else:
-            result = _partition_tp(model, options, consume_model)
+            return _partition_stages(zero, options, on_weights_known)
+        ranks = [RankProgram(0, zero.model, *zero.bindings[0])] + [
+            RankProgram(tp_rank, tp_rank_copy(zero.model, tp_rank, weights, zero.weights[0]), *zero.bindings[tp_rank])
+            for tp_rank, weights in enumerate(zero.weights[1:], 1)
+        ]
+        result = PartitionResult(DeviceMesh(tp=options.tp), ranks, zero.placements, zero.warnings)
         if on_weights_known is not None:
             on_weights_known([(p.rank, 0, _rank_initializers(p)) for p in result.ranks])
         return result
@@ -241,38 +268,10 @@ def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[l
     return inputs, outputs
 
 
-def _partition_tp(model: ir.Model, options: PartitionOptions, consume_model: bool = False) -> PartitionResult:
-    """pp = 1: the template becomes tp rank 0's model; the other tp ranks are copies of it (`TpRankCopy`)."""
-    template, state, weights = _tp_ranks_of(model, options, consume_model)
-    bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
-    first = materialize_rank(template, state, 0, consume=True)
-    _remove_unused(first)  # before the copies are made from it
-    ranks = []
-    for tp_rank, (inputs, outputs) in enumerate(bindings):
-        rank_model = first if tp_rank == 0 else tp_rank_copy(first, tp_rank, weights[tp_rank], weights[0])
-        ranks.append(RankProgram(tp_rank, rank_model, inputs, outputs))
-    placements = {name: str(p) for name, p in state.placements.items()}
-    return PartitionResult(mesh=state.mesh, ranks=ranks, placements=placements, warnings=list(state.warnings))
-
-
-def _tp_ranks_of(
-    model: ir.Model, options: PartitionOptions, consume_model: bool
-) -> tuple[ir.Model, ShardingState, list[dict[str, ir.TensorProtocol]]]:
-    """The localized template, its sharding plan, and every tp rank's initializers by name."""
-    template, state = plan(model, options, consume_model=consume_model)
-    unsharded = initializer_tensors(template)
-    weights = [
-        {name: rank_tensor(state, name, tensor, tp_rank) for name, tensor in unsharded.items()}
-        for tp_rank in range(options.tp)
-    ]
-    return template, state, weights
-
-
 def _partition_stages(
-    model: ir.Model,
+    zero: _TpRankZero,
     options: PartitionOptions,
     on_weights_known: Callable[[RankWeightsPlan], None] | None,
-    consume_model: bool,
 ) -> PartitionResult:
     """pp > 1: tp rank 0's model is cut into stages once; the other tp ranks get copies of its stages.
 
@@ -285,18 +284,7 @@ def _partition_stages(
     from llmir_onnx.plan.shapes import default_max_seq
 
     mesh = DeviceMesh(pp=options.pp, tp=options.tp)
-    if options.tp == 1:
-        single = _single_rank(model, consume_model)
-        first, bindings = single.ranks[0].model, [(single.ranks[0].inputs, single.ranks[0].outputs)]
-        placements, warnings = single.placements, single.warnings
-        weights = [initializer_tensors(first)]
-    else:
-        template, state, weights = _tp_ranks_of(model, options, consume_model)
-        bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
-        first = materialize_rank(template, state, 0, consume=True)
-        placements = {name: str(p) for name, p in state.placements.items()}
-        warnings = list(state.warnings)
-    _remove_unused(first)
+    first, weights = zero.model, zero.weights
     max_seq = options.max_seq or default_max_seq(first)
     node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
 
@@ -316,7 +304,7 @@ def _partition_stages(
 
     staged, _ = split_tp_stages(
         first,
-        bindings,
+        zero.bindings,
         weights.__getitem__,
         mesh,
         stage_cut_after_layer=options.stage_cut_after_layer,
@@ -330,7 +318,7 @@ def _partition_stages(
     for program in ranks:
         if isinstance(program.model_or_copy, ir.Model):
             _remove_unused(program.model_or_copy)
-    return PartitionResult(mesh, ranks, placements, warnings)
+    return PartitionResult(mesh, ranks, zero.placements, zero.warnings)
 
 
 def _dim_of(state: ShardingState, value: ir.Value) -> int | str | None:
