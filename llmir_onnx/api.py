@@ -158,7 +158,9 @@ def _rank_details(
         # A tp rank copy has its tp rank 0's structure (only weights and peers differ): no need to make it.
         model = program.model_or_copy
         model = model.source if isinstance(model, TpRankCopy) else model
-        signature = signatures.get(id(model)) or signatures.setdefault(id(model), _structure_signature(model))
+        if id(model) not in signatures:
+            signatures[id(model)] = _structure_signature(model)
+        signature = signatures[id(model)]
         if signature not in analyses:
             analysis = plan_memory(model, max_batch, max_seq)
             cost = estimate_phases(model, profile, max_batch, max_seq)

@@ -31,6 +31,18 @@ def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
                 yield from attr.value
 
 
+def graph_protos(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """A serialized graph and every subgraph in it (If branches, Loop and Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                yield from graph_protos(attribute.g)
+            elif attribute.type == onnx.AttributeProto.GRAPHS:
+                for subgraph in attribute.graphs:
+                    yield from graph_protos(subgraph)
+
+
 def initializer_tensors(model: ir.Model) -> dict[str, ir.TensorProtocol]:
     """The main graph's initializers that hold a value, by name."""
     initializers = model.graph.initializers.items()

@@ -180,3 +180,33 @@ def test_plan_files_hold_only_referenced_bytes(name: str, tp: int, pp: int, tmp_
     if tp > 1:
         assert len(shared) == len(manifest.ranks), "every rank of a tp > 1 stage shares replicated weights"
     assert Manifest.read(plan).ranks[0].data_files == manifest.ranks[0].data_files
+
+
+def test_a_copied_graph_with_an_unplanned_subgraph_weight_is_made_instead(tmp_path: Path) -> None:
+    """The proto patch reaches the weights of subgraphs too: one with no place for the rank means the
+    rank's model must be made and placed as a graph (None), not left pointing at tp rank 0's bytes."""
+    external = onnx.TensorProto(name="w", data_type=onnx.TensorProto.FLOAT, dims=[512])
+    external.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", "rank0.onnx.data"), ("offset", "0"), ("length", "2048")):
+        external.external_data.add(key=key, value=value)
+    then_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["w"], ["y"])], "then", [],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [512])], initializer=[external],
+    )  # fmt: skip
+    else_branch = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["z"])], "else", [],
+        [onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [512])],
+    )  # fmt: skip
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("If", ["c"], ["out"], then_branch=then_branch, else_branch=else_branch)], "main",
+        [onnx.helper.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+         onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [512])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [512])],
+    )  # fmt: skip
+    layout = data_files.DataLayout({}, [], {})
+    assert data_files.reference_placed_weights_in_proto(1, graph, layout, tmp_path, {}) is None
+    layout.places[(1, "w")] = data_files.WeightPlace("rank1.onnx.data", 4096, 2048)
+    assert data_files.reference_placed_weights_in_proto(1, graph, layout, tmp_path, {}) == ["rank1.onnx.data"]
+    then_graph = next(a.g for a in graph.node[0].attribute if a.name == "then_branch")
+    placed = {entry.key: entry.value for entry in then_graph.initializer[0].external_data}
+    assert (placed["location"], placed["offset"], placed["length"]) == ("rank1.onnx.data", "4096", "2048")

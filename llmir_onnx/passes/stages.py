@@ -602,8 +602,8 @@ class _Splitter:
         return [value for value, first, last_use in self.crossing if first <= stage < last_use]
 
     def build(self) -> tuple[PipelineStage, ...]:
-        # The crossing values' types need a shape inference over a graph copy: done here, not at
-        # construction, so `initializer_stages` is ready (and the weights stream) before it.
+        # The crossing values' types need the shape planner's evaluation of the whole model: done here,
+        # not at construction, so `initializer_stages` is ready (and the weights stream) before it.
         names = {v.name for v, _, _ in self.crossing if v.name}
         known = _crossing_types(self.model, names)
         self.types = {name: (known[name][0], _copy_shape(known[name][1])) for name in names}

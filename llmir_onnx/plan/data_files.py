@@ -36,6 +36,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
+from llmir_onnx.ir_io import graph_protos
 from llmir_onnx.weight_slices import ExternalSlice, Zeros, copy_range_at, gather_slices, pwrite_all
 
 EXTERNAL_THRESHOLD_BYTES = 1024
@@ -173,13 +174,13 @@ def reference_placed_weights(rank: int, model: ir.Model, layout: DataLayout, pla
 def reference_placed_weights_in_proto(
     rank: int, graph: onnx.GraphProto, layout: DataLayout, plan_dir: Path, replaced: Mapping[str, ir.TensorProtocol]
 ) -> list[str] | None:
-    """`reference_placed_weights` on a serialized graph that another rank of the same stage holds
+    """`reference_placed_weights` on a serialized graph (and its subgraphs) that another rank of the same stage holds
     (its external tensors placed already): they are pointed at this rank's places, and the small
     tensors named in `replaced` take this rank's values. Returns the data files it references, or None
     when a weight has no place for this rank (the caller makes and places the rank's model instead).
     """
     files: set[str] = set()
-    for tensor in graph.initializer:
+    for tensor in (tensor for subgraph in graph_protos(graph) for tensor in subgraph.initializer):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             place = layout.places.get((rank, tensor.name))
             if place is None:

@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import model_proto, sha256_file, write_model_proto
+from llmir_onnx.ir_io import graph_protos, model_proto, sha256_file, write_model_proto
 from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
 from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
@@ -124,7 +124,7 @@ def _tp_rank_copy_proto(
     files = reference_placed_weights_in_proto(rank, proto.graph, writer.layout, staging, changed)
     if files is None:
         return None
-    for node in proto.graph.node:
+    for node in (node for graph in graph_protos(proto.graph) for node in graph.node):
         if node.domain == LLMIR_DOMAIN and node.op_type in PIPELINE_OPS:
             for attribute in node.attribute:
                 if attribute.name == "peer":
