@@ -262,7 +262,8 @@ def generate(
     ] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Do not stop at the tokenizer's EOS.")] = False,
     check: Annotated[
-        bool, typer.Option("--check", help="Also run the original model greedily and compare token by token.")
+        bool, typer.Option("--check", help="Also recompute the original model's greedy tokens without a KV cache "
+                           "(the whole sequence at every step) and compare token by token.")
     ] = False,
     model: Annotated[
         Path | None, typer.Option("--model", help="The original model for --check, if it moved.")
@@ -279,7 +280,7 @@ def generate(
 
     from llmir_onnx.errors import GenerationError, VerificationError
     from llmir_onnx.plan.manifest import Manifest
-    from llmir_onnx.runtime.generate import reference_greedy
+    from llmir_onnx.runtime.generate import recompute_greedy
     from llmir_onnx.runtime.generate_job import (
         GenerateRequest,
         load_tokenizer,
@@ -309,6 +310,10 @@ def generate(
         )
     if check and temperature != 0.0:
         raise GenerationError("--check compares greedy tokens: drop --temperature/--top-k/--top-p")
+    source = model or Path(manifest.source["path"])
+    if check and not source.is_file():
+        raise GenerationError(f"--check needs the original model, and {str(source)!r} is gone; pass its path "
+                              "with --model")
     SamplingConfig(temperature, top_k, top_p, seed)  # option errors here, before any rank starts
     if micro_batches > len(rows):
         raise GenerationError(f"--micro-batches {micro_batches} exceeds the batch of {len(rows)} prompt(s)")
@@ -341,17 +346,17 @@ def generate(
                               report.prompt_tokens_per_s, "decode_tokens_per_s": report.decode_tokens_per_s,
                               "world_size": manifest.world_size}
     if check:
-        source = model or Path(manifest.source["path"])
-        expected = reference_greedy(str(source), np.array(rows, dtype=np.int64), max_new_tokens,
-                                    frozenset(stop_ids)).tolist()
+        reference = recompute_greedy(source, np.array(rows, dtype=np.int64), max_new_tokens, frozenset(stop_ids))
+        expected = reference.tokens.tolist()
         result["reference_tokens"] = expected
         if save_tokens is not None:
             save_tokens.write_text(json.dumps(result))
-        if expected != report.tokens:
-            raise VerificationError(f"the plan generated {report.tokens} but the original model's greedy tokens "
-                                    f"are {expected}")
+        difference = reference.first_difference(report.tokens)
+        if difference is not None:
+            raise VerificationError(f"the plan's tokens differ from the original model's greedy tokens (recomputed "
+                                    f"without a KV cache): {difference}")
         typer.echo(f"llmir-onnx: check: the {sum(map(len, expected))} generated tokens equal the original "
-                   "model's greedy tokens (onnxruntime)", err=True)
+                   "model's greedy tokens (onnxruntime, recomputed without a KV cache)", err=True)
     elif save_tokens is not None:
         save_tokens.write_text(json.dumps(result))
 

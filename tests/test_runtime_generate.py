@@ -19,7 +19,8 @@ import pytest
 
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.errors import GenerationError
-from llmir_onnx.runtime.generate import generate, reference_greedy
+from llmir_onnx.runtime import generate as generate_module
+from llmir_onnx.runtime.generate import generate, recompute_greedy
 from llmir_onnx.runtime.generate_job import FAULT_ENV, GenerateRequest, spawn_generation
 from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
 from llmir_onnx.runtime.session import OriginalSession, RankSession
@@ -68,8 +69,8 @@ def test_tp2_generate_equals_original_greedy(tp2_plan: Path, tmp_path: Path) -> 
     assert "equal the original model's greedy tokens" in result.stderr
     tokens = json.loads(saved.read_text())
     # The reference is recomputed here, independently of the CLI's own --check.
-    expected = reference_greedy(str(SMALL_MODEL), np.array(PROMPT), 12).tolist()
-    assert tokens["tokens"] == expected
+    expected = recompute_greedy(SMALL_MODEL, np.array(PROMPT), 12).tokens.tolist()
+    assert tokens["tokens"] == expected == tokens["reference_tokens"]
     assert len(expected[0]) == 12
     # Streamed on rank 0 as produced: the ids appear on stdout.
     assert result.stdout.split() == [str(token) for token in expected[0]]
@@ -79,7 +80,7 @@ def test_tp2_batched_micro_batches_equal_original(tp2_plan: Path) -> None:
     prompts = np.random.default_rng(0).integers(0, 512, size=(4, 5))
     request = GenerateRequest(str(tp2_plan), prompts.tolist(), 6, micro_batches=2, stream=False)
     reports = spawn_generation(request, 2)
-    assert reports[0].tokens == reference_greedy(str(SMALL_MODEL), prompts, 6).tolist()
+    assert reports[0].tokens == recompute_greedy(SMALL_MODEL, prompts, 6).tokens.tolist()
 
 
 def test_seeded_sampling_same_on_every_rank_and_reproducible(tp2_plan: Path) -> None:
@@ -92,7 +93,7 @@ def test_seeded_sampling_same_on_every_rank_and_reproducible(tp2_plan: Path) -> 
     assert first[0] == first[1]  # both ranks continued with the same tokens
     assert first == again
     assert first[0] != other[0]
-    greedy = reference_greedy(str(SMALL_MODEL), np.array(PROMPT), 16).tolist()
+    greedy = recompute_greedy(SMALL_MODEL, np.array(PROMPT), 16).tokens.tolist()
     assert first[0] != greedy  # it really sampled
 
 
@@ -227,11 +228,79 @@ def test_pipeline_plan_with_micro_batches_equals_original(tmp_path: Path, tp: in
     ]
     assert with_logits == list(range(tp * (pp - 1), tp * pp))  # the last stage only
     prompts = np.random.default_rng(1).integers(0, 512, size=(4, 5))
-    expected = reference_greedy(str(SMALL_MODEL), prompts, 6).tolist()
+    expected = recompute_greedy(SMALL_MODEL, prompts, 6).tokens.tolist()
     for micro_batches in (1, 4):
         request = GenerateRequest(str(plan), prompts.tolist(), 6, micro_batches=micro_batches, stream=False)
         reports = spawn_generation(request, tp * pp)
         assert [report.tokens for report in reports] == [expected] * (tp * pp)
+
+
+# One plan per KV cache layout of the bundled exports against the no-cache recompute (the legacy
+# export's flat [B, kv, S, D] cache: the tests above): optimum's and dynamo's flat caches, dynamo's
+# opset-23 Attention op, the genai builder's GroupQueryAttention (no position_ids: positions come from
+# the mask), and llama-kv2 (2 KV heads) at tp 4 x pp 2, where each KV head and its cache is replicated
+# on 2 ranks of a stage, with 2 micro-batches.
+KV_LAYOUT_PLANS = [
+    ("llama-gqa-optimum", 2, 1),
+    ("llama-gqa-torch-dynamo", 2, 1),
+    ("llama-gqa-torch-dynamo-opset23", 2, 1),
+    ("llama-gqa-genai", 2, 1),
+    ("llama-kv2-torch-legacy", 4, 2),
+    ("llama-kv2-genai", 4, 2),
+]
+# The recompute's picks for these prompts win by a top-2 logit margin of 5.9e-3 or more (llama-kv2;
+# 6.9e-2 for llama-gqa), while the original's cached and uncached last-position logits differ by at
+# most 1.1e-5 (float32 rounding, measured along these sequences): no pick can flip between the two.
+MIN_MARGIN = 1e-3
+
+
+@pytest.mark.parametrize(("name", "tp", "pp"), KV_LAYOUT_PLANS)
+def test_plan_greedy_equals_no_cache_recompute(tmp_path: Path, name: str, tp: int, pp: int) -> None:
+    model = ROOT / "models" / name / "model.onnx"
+    plan = tmp_path / "plan"
+    partition_to_dir(model, plan, tp=tp, pp=pp)
+    prompts = np.random.default_rng(2).integers(0, 512, size=(2, 5))
+    expected = recompute_greedy(model, prompts, 10)
+    assert expected.margins.min() > MIN_MARGIN
+    request = GenerateRequest(str(plan), prompts.tolist(), 10, micro_batches=pp, stream=False)
+    reports = spawn_generation(request, tp * pp)
+    assert [report.tokens for report in reports] == [expected.tokens.tolist()] * (tp * pp)
+
+
+def test_recompute_does_not_share_a_cache_loop_bug(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cache bookkeeping bug (decode positions that forget the past length) changes what the KV-cache
+    loop generates, on a plan and on the original alike; the recompute, which never has a past, stays
+    right and points at the first wrong token."""
+    original = OriginalSession(SMALL_MODEL, intra_op_num_threads=1)
+    prompt = np.array(PROMPT)
+    right = generate(original, prompt, 10, Sampler(SamplingConfig())).tokens.tolist()
+    step_feeds = generate_module._step_feeds
+
+    def positions_forget_the_past(session: OriginalSession, ids: np.ndarray, past_length: int,
+                                  past: dict[str, np.ndarray]) -> dict[str, object]:
+        feeds = step_feeds(session, ids, past_length, past)
+        feeds[generate_module.POSITION_IDS] = step_feeds(session, ids, 0, past)[generate_module.POSITION_IDS]
+        return feeds
+
+    monkeypatch.setattr(generate_module, "_step_feeds", positions_forget_the_past)
+    wrong = generate(original, prompt, 10, Sampler(SamplingConfig())).tokens.tolist()
+    recomputed = recompute_greedy(SMALL_MODEL, prompt, 10)
+    assert wrong != right
+    assert recomputed.tokens.tolist() == right
+    difference = recomputed.first_difference(wrong)
+    assert difference is not None and difference.startswith("row 0 step ")
+
+
+def test_check_names_the_first_wrong_token(tp2_plan: Path) -> None:
+    """--check against another model (same vocabulary, other weights): exit 1, one line naming the row,
+    the step, both tokens and the original's margin there."""
+    other = ROOT / "models" / "qwen3-torch-legacy" / "model.onnx"
+    result = _cli("generate", str(tp2_plan), "--prompt-ids", _prompt_arg(PROMPT), "--max-new-tokens", "4",
+                  "--check", "--model", str(other))
+    assert result.returncode == 1
+    error_line = result.stderr.strip().splitlines()[-1]
+    assert error_line.startswith("llmir-onnx: error: the plan's tokens differ from the original model's greedy")
+    assert "row 0 step 0: the plan chose " in error_line and "top-2 logit margin there is" in error_line
 
 
 @pytest.mark.parametrize(
@@ -242,6 +311,7 @@ def test_pipeline_plan_with_micro_batches_equals_original(tmp_path: Path, tp: in
         (["--prompt-ids", "1,2;3"], "same number of tokens"),
         (["--prompt", "hello"], "--prompt needs --tokenizer"),
         (["--prompt-ids", "1,x"], "not a comma-separated list"),
+        (["--prompt-ids", "1,2", "--check", "--model", "no/such/model.onnx"], "pass its path with --model"),
     ],
 )
 def test_bad_generate_options_fail_before_any_rank_starts(tp2_plan: Path, args: list[str], message: str) -> None:

@@ -30,6 +30,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -260,12 +261,61 @@ def generate(
     )
 
 
-def reference_greedy(model_path: str, prompt_ids: np.ndarray, max_new_tokens: int,
-                     stop_token_ids: frozenset[int] = frozenset()) -> np.ndarray:
-    """The original model's greedy tokens with plain onnxruntime (for --check)."""
-    from llmir_onnx.runtime.sampling import SamplingConfig
+@dataclass(frozen=True)
+class RecomputedGreedy:
+    """Greedy tokens of the original model recomputed without a KV cache, with each pick's margin."""
+
+    tokens: np.ndarray  # [batch, generated] int64
+    margins: np.ndarray  # [batch, generated] float64: top-1 minus top-2 logit of each pick
+
+    def first_difference(self, tokens: list[list[int]]) -> str | None:
+        """Where `tokens` first differ from these, with the margin there (None when they are equal)."""
+        expected = self.tokens.tolist()
+        if len(tokens) != len(expected):
+            return f"{len(tokens)} rows generated, the original has {len(expected)}"
+        for row, (ours, theirs) in enumerate(zip(tokens, expected, strict=True)):
+            if ours == theirs:
+                continue
+            step = next((i for i, (got, want) in enumerate(zip(ours, theirs, strict=False)) if got != want), None)
+            if step is None:
+                return f"row {row}: the plan generated {len(ours)} tokens, the original {len(theirs)}"
+            return (f"row {row} step {step}: the plan chose {ours[step]}, the original {theirs[step]} (its top-2 "
+                    f"logit margin there is {self.margins[row, step]:.3g})")
+        return None
+
+
+def recompute_greedy(model_path: str | Path, prompt_ids: np.ndarray, max_new_tokens: int,
+                     stop_token_ids: frozenset[int] = frozenset()) -> RecomputedGreedy:
+    """The original model's greedy tokens WITHOUT a KV cache: every step runs the whole sequence so far
+    from an empty (0-token) past and takes the argmax of the last position's logits.
+
+    An independent reference for `generate`: it shares no cache bookkeeping with the loop under test
+    (no present-to-past hand-over, no past lengths in masks or positions), so a bug there cannot hide
+    on both sides as it could if the original ran through `generate` too. It costs O(n^2) in the
+    generated length.
+    Same stop rule as `generate`: stop after `max_new_tokens` or once every row produced a stop id.
+    """
     from llmir_onnx.runtime.session import OriginalSession
 
+    if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
+        raise GenerationError(f"prompt ids must be [batch, length>0], got shape {list(prompt_ids.shape)}")
     session = OriginalSession(model_path)
-    return generate(session, prompt_ids, max_new_tokens, Sampler(SamplingConfig()),
-                    stop_token_ids=stop_token_ids).tokens
+    batch = prompt_ids.shape[0]
+    pasts = {past: _empty_past(session, past, batch)
+             for past in kv_cache_pairs(session.input_names, session.output_names).values()}
+    logits = logits_name(session.output_names)
+    sequence = prompt_ids.astype(np.int64)
+    tokens: list[np.ndarray] = []
+    margins: list[np.ndarray] = []
+    finished = np.zeros(batch, dtype=bool)
+    for _ in range(max_new_tokens):
+        last = session.run(_step_feeds(session, sequence, 0, pasts))[logits][:, -1, :].astype(np.float64)
+        picked = np.argmax(last, axis=-1).astype(np.int64)
+        top_two = np.sort(last, axis=-1)[:, -2:]
+        tokens.append(picked)
+        margins.append(top_two[:, 1] - top_two[:, 0])
+        finished |= np.isin(picked, list(stop_token_ids))
+        if finished.all():
+            break
+        sequence = np.concatenate([sequence, picked[:, None]], axis=1)
+    return RecomputedGreedy(np.stack(tokens, axis=1), np.stack(margins, axis=1))
