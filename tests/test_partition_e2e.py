@@ -222,3 +222,79 @@ def test_smollm2_tp2_fails_naming_the_heads(tmp_path: Path) -> None:
 
     with pytest.raises(LlmirError, match=r"--tp 2 does not divide num_heads=9 in node .*; use --tp 1 or 3$"):
         partition(load_model(MODELS / "smollm2/model.onnx"), PartitionOptions(tp=2))
+
+
+def _with_unsupported_ops(source: Path, target: Path) -> None:
+    """The LLaMA export with two ops that have no sharding rule in every layer, both where values are
+    sharded: TopK (k = the whole width, sorted) over the MLP's column-parallel intermediate S(2), whose
+    result needs the whole row, and Clip on the attention's row-parallel output, a partial sum P (a clip
+    of a part is no part of the clip). Both have shape rules in plan/shapes.py, which the plan needs."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(source)  # 1 MiB of weights: in memory is fine
+    width = json.loads((source.parent / "config.json").read_text())["intermediate_size"]
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array([width], dtype=np.int64), "unsupported_topk_k"),
+        numpy_helper.from_array(np.array(-0.25, dtype=np.float32), "unsupported_clip_min"),
+        numpy_helper.from_array(np.array(0.25, dtype=np.float32), "unsupported_clip_max"),
+    ])
+    nodes = []
+    for node in model.graph.node:
+        if node.name.endswith("/mlp/down_proj/MatMul"):
+            name = node.name.replace("down_proj/MatMul", "topk")
+            nodes.append(helper.make_node("TopK", [node.input[0], "unsupported_topk_k"],
+                                          [f"{name}_values", f"{name}_indices"], name=name, axis=-1))
+            node.input[0] = f"{name}_values"
+        nodes.append(node)
+        if node.name.endswith("/self_attn/o_proj/MatMul"):
+            name, projected = node.name.replace("o_proj/MatMul", "clip"), node.output[0]
+            for consumer in model.graph.node:
+                consumer.input[:] = [f"{name}_output" if value == projected else value for value in consumer.input]
+            nodes.append(helper.make_node("Clip", [projected, "unsupported_clip_min", "unsupported_clip_max"],
+                                          [f"{name}_output"], name=name))
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    target.parent.mkdir(parents=True)
+    onnx.save(model, target, save_as_external_data=True, location="model.onnx.data")
+
+
+@pytest.fixture(scope="module")
+def unsupported_ops_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("unsupported") / "model" / "model.onnx"
+    _with_unsupported_ops(MODELS / "llama-gqa-torch-legacy" / "model.onnx", path)
+    return path
+
+
+def test_unsupported_ops_sit_in_sharded_regions(unsupported_ops_model: Path) -> None:
+    """Without the flag the partition refuses them; with it, each of the 4 inserted nodes is gathered."""
+    from llmir_onnx.errors import ShardingError
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.partition import PartitionOptions, partition
+
+    refusal = r"no sharding rule for op ai\.onnx::(Clip|TopK) in node /model/model/layers\.0/"
+    with pytest.raises(ShardingError, match=refusal):
+        partition(load_model(unsupported_ops_model), PartitionOptions(tp=2))
+    result = partition(load_model(unsupported_ops_model), PartitionOptions(tp=2, replicate_unsupported=True))
+    gathered = sorted(w.split()[1] for w in result.warnings)
+    assert gathered == sorted(f"/model/model/layers.{layer}/{part}" for layer in (0, 1)
+                              for part in ("self_attn/clip", "mlp/topk"))
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(2, 1), (2, 2)])
+def test_replicate_unsupported_matches_original(unsupported_ops_model: Path, tmp_path: Path, tp: int,
+                                                pp: int) -> None:
+    """--replicate-unsupported: the ranks, as real processes, reproduce the original's logits and KV
+    cache (a shard-wise TopK or a Clip of partial sums would be far off)."""
+    from llmir_onnx.api import partition_to_dir
+    from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
+    from llmir_onnx.runtime.verify import verify_plan
+
+    plan = tmp_path / "plan"
+    partition_to_dir(unsupported_ops_model, plan, tp=tp, pp=pp, replicate_unsupported=True)
+    feeds = model_past_feeds(unsupported_ops_model, FeedSizes(batch=2, new_tokens=3, past_tokens=4, seed=5))
+    _, rows = verify_plan(plan, feeds, model_path=unsupported_ops_model, atol=ATOL, rtol=RTOL, timeout_s=180)
+    assert {row.name for row in rows} >= {"logits", "present.0.key", "present.1.value"}
+    bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+    assert not bad, bad
