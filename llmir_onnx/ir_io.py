@@ -15,6 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from llmir_onnx.errors import InputModelError
+from llmir_onnx.plan.manifest import FileDigest
 
 # onnxruntime-gpu 1.31 refuses IR 11+ models written by newer onnx helpers; 10 is read everywhere.
 MAX_IR_VERSION = 10
@@ -122,15 +123,25 @@ def model_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    model_path = Path(path)
-    model_path.write_bytes(proto.SerializeToString())
-    return model_path
+def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> FileDigest:
+    """Write the model file; returns its size and sha256, taken from the bytes written (no read back)."""
+    data = proto.SerializeToString()
+    Path(path).write_bytes(data)
+    return FileDigest(len(data), hashlib.sha256(data).hexdigest())
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> FileDigest:
+    """The size and sha256 of a file, read once front to back through one reused buffer."""
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+    size = 0
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while count := stream.readinto(buffer):
+            digest.update(view[:count])
+            size += count
+    return FileDigest(size, digest.hexdigest())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return hash_file(path).sha256

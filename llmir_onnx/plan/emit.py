@@ -24,7 +24,7 @@ from llmir_onnx.ir_io import graph_protos, model_proto, sha256_file, write_model
 from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
 from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
-from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
+from llmir_onnx.plan.manifest import MANIFEST_NAME, FileDigest, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.progress import QUIET, Progress
 
 
@@ -138,7 +138,7 @@ def write_plan_into(
     """The rank model files and the manifest, in `staging`, whose weights `writer` is writing."""
     progress = progress if progress is not None else QUIET
     data_files: dict[int, list[str]] = {}
-    paths = []
+    files: dict[str, FileDigest] = {}
     # Serialized stage models, by id of the model, for the tp rank copies made from them.
     protos: dict[int, onnx.ModelProto] = {}
     for rank, _, model, _, _ in contents.rank_models:
@@ -151,18 +151,18 @@ def write_plan_into(
             made = _made(model)
             data_files[rank] = writer.place(rank, made)
             proto = protos[id(made)] = model_proto(made)
-        paths.append(write_model_proto(proto, staging / rank_file_name(rank)))
+        files[rank_file_name(rank)] = write_model_proto(proto, staging / rank_file_name(rank))
     writer.finish()
+    files.update(writer.digests)
     progress.finish()
     entries = []
-    for index, ((rank, coords, _, inputs, outputs), path) in enumerate(zip(contents.rank_models, paths, strict=True)):
+    for index, (rank, coords, _, inputs, outputs) in enumerate(contents.rank_models):
         details = contents.rank_details[index] if contents.rank_details is not None else {}
         entries.append(
             RankEntry(
                 rank=rank,
                 coords=coords,
-                file=path.name,
-                sha256=sha256_file(path),
+                file=rank_file_name(rank),
                 inputs=inputs,
                 outputs=outputs,
                 data_files=data_files[rank],
@@ -175,6 +175,7 @@ def write_plan_into(
         inputs=contents.inputs,
         outputs=contents.outputs,
         ranks=entries,
+        files=dict(sorted(files.items())),
         options=contents.options,
     )
     manifest.write(staging)
