@@ -7,6 +7,7 @@ their bytes (via mmap) only when asked, so loading a 100 GB model costs its grap
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -75,6 +76,48 @@ def check_external_data_paths(model: ir.Model, model_dir: Path, *, require_files
             )
 
 
+def check_external_data_sizes(model: ir.Model) -> None:
+    """Refuse external data whose declared `length` is not the tensor's size, or that its file does not hold.
+
+    onnxruntime refuses such a model; a partition would otherwise copy whatever bytes are there."""
+    for name, tensor in external_tensors(model):
+        needed = math.ceil(tensor.dtype.bitwidth * tensor.size / 8)
+        shape = "x".join(str(dim) for dim in tensor.shape) or "scalar"
+        if tensor.length is not None and tensor.length != needed:
+            raise InputModelError(
+                f"initializer {name!r} ({tensor.dtype.name.lower()} {shape}, {needed} bytes) declares an external "
+                f"data length of {tensor.length} bytes in {tensor.location!r}; fix its `length` (export the model "
+                "again)"
+            )
+        offset = tensor.offset or 0
+        size = os.path.getsize(tensor.path)
+        if offset + needed > size:
+            raise InputModelError(
+                f"initializer {name!r} needs bytes {offset} to {offset + needed} of {tensor.location!r}, which holds "
+                f"only {size} bytes (a truncated or wrong data file); copy the complete data file next to the model"
+            )
+
+
+def lift_external_constants(model: ir.Model) -> int:
+    """Constant nodes whose tensor lives in external data become initializers (the same value, lazily
+    read like every other weight); returns how many. Weights are streamed as initializers only."""
+    lifted = 0
+    for graph in list(_graphs(model)):
+        for node in list(graph):
+            attribute = node.attributes.get("value")
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or attribute is None:
+                continue
+            if not isinstance(attribute.value, ir.ExternalTensor):
+                continue
+            output = node.outputs[0]
+            value = ir.Value(name=output.name, shape=output.shape, type=output.type, const_value=attribute.value)
+            ir.convenience.replace_all_uses_with(output, value, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            graph.register_initializer(value)
+            lifted += 1
+    return lifted
+
+
 def load_model(path: str | os.PathLike, *, check_data: bool = True) -> ir.Model:
     """Load a model lazily; external weights stay on disk until read.
 
@@ -83,11 +126,20 @@ def load_model(path: str | os.PathLike, *, check_data: bool = True) -> ir.Model:
     model_path = Path(path)
     if not model_path.is_file():
         raise InputModelError(f"model file {str(model_path)!r} does not exist; pass the path of an .onnx file")
+    if model_path.stat().st_size == 0:
+        raise InputModelError(f"model file {str(model_path)!r} is empty (0 bytes); pass a complete .onnx file")
     try:
         model = ir.load(model_path)
     except Exception as error:  # onnx/protobuf raise many kinds; the user needs one line
-        raise InputModelError(f"cannot read {str(model_path)!r} as an ONNX model: {error}") from error
+        raise InputModelError(
+            f"cannot read {str(model_path)!r} as an ONNX model ({error}); pass an .onnx file from an ONNX exporter"
+        ) from error
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise InputModelError(f"{str(model_path)!r} holds no ONNX graph (no nodes, no outputs); pass an .onnx model")
+    lift_external_constants(model)
     check_external_data_paths(model, model_path.parent, require_files=check_data)
+    if check_data:
+        check_external_data_sizes(model)
     return model
 
 
