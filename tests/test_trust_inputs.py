@@ -97,8 +97,7 @@ def test_bad_input_is_one_line_and_writes_nothing(
     out = tmp_path / "out" / "plan"
     result = run_cli("partition", str(model), "--tp", str(tp), "-o", str(out), "--quiet")
     assert_one_line_error(result, *fragments)
-    assert not out.exists()
-    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("make", [single_relu, matmul_relu_opset7])

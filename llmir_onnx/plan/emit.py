@@ -156,6 +156,7 @@ def atomic_output_dir(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
         raise PlanError(f"{str(out_dir)!r} exists and is not a folder; choose another -o")
     if not force:
         _refuse_foreign_files(out_dir)
+    created = [folder for folder in [out_dir.parent, *out_dir.parent.parents] if not folder.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(out_dir)
     staging, lock = _make_staging(out_dir, "partial")
@@ -164,6 +165,9 @@ def atomic_output_dir(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         os.close(lock)
+        for folder in created:  # innermost first: a failed partition leaves no folder it made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     _release_staging(staging, lock)
     previous = None
