@@ -25,6 +25,14 @@ app = typer.Typer(
 
 F = TypeVar("F", bound=Callable[..., Any])
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+NoCheckHashesOption = Annotated[
+    bool,
+    typer.Option(
+        "--no-check-hashes",
+        help="Skip the sha256 of the plan's files (their paths and sizes are still checked); by default every "
+        "file is hashed once before any rank starts.",
+    ),
+]
 
 
 def reports_errors(command: F) -> F:
@@ -69,6 +77,14 @@ def partition(
         bool,
         typer.Option("--replicate-unsupported", help="Replicate ops with no sharding rule instead of failing."),
     ] = False,
+    allow_replicated: Annotated[
+        bool,
+        typer.Option("--allow-replicated", help="Write a tp > 1 plan even if it shards no weight (refused otherwise)."),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Replace OUT even if it holds files that are not a plan's (they are deleted)."),
+    ] = False,
     device: Annotated[
         str, typer.Option("--device", help="Device profile for costs: h100-sxm, a100-80g, cpu-here, or a JSON file.")
     ] = "h100-sxm",
@@ -102,6 +118,8 @@ def partition(
         pp=pp,
         vocab_parallel=vocab_parallel,
         replicate_unsupported=replicate_unsupported,
+        allow_replicated=allow_replicated,
+        force=force,
         device=device,
         device_memory_bytes=parse_bytes(device_memory) if device_memory is not None else None,
         max_batch=max_batch,
@@ -173,6 +191,7 @@ def verify(
             "real decode step sees) or 'noise' (standard normal values).",
         ),
     ] = "model",
+    no_check_hashes: NoCheckHashesOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Run every rank as a process, reassemble the outputs and compare with the original model."""
@@ -195,7 +214,7 @@ def verify(
             feeds = model_past_feeds(source, sizes)
         else:
             feeds = random_feeds(load_model(source), sizes)
-    outputs, rows = verify_plan(plan, feeds, model_path=model, atol=atol, rtol=rtol)
+    outputs, rows = verify_plan(plan, feeds, model_path=model, atol=atol, rtol=rtol, check_hashes=not no_check_hashes)
     if not rows:  # a non-zero rank under an external launcher: rank 0 reports
         return
     if save_outputs is not None:
@@ -271,6 +290,7 @@ def generate(
     save_tokens: Annotated[
         Path | None, typer.Option("--save-tokens", help="Write tokens and timings as JSON to this file.")
     ] = None,
+    no_check_hashes: NoCheckHashesOption = False,
     debug: DebugOption = False,
 ) -> None:
     """Generate text with a plan: prefill, then decode with per-rank KV caches (starts its own ranks)."""
@@ -279,6 +299,7 @@ def generate(
     import numpy as np
 
     from llmir_onnx.errors import GenerationError, VerificationError
+    from llmir_onnx.plan.integrity import check_plan_files
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.runtime.generate import recompute_greedy
     from llmir_onnx.runtime.generate_job import (
@@ -329,6 +350,12 @@ def generate(
         tokenizer_dir=str(tokenizer_dir.resolve()) if tokenizer_dir is not None else None,
     )
     env = detect_rank_env()
+    if env.launcher == "none":
+        # Once here for every rank, before any starts; the ranks then check only paths and sizes.
+        check_plan_files(plan, manifest, check_hashes=not no_check_hashes)
+        request.check_hashes = False
+    else:
+        request.check_hashes = not no_check_hashes
     if env.rank == 0 and prompt and len(rows) == 1:
         typer.echo(prompt[0], nl=False)
     if env.launcher == "none":
@@ -359,6 +386,27 @@ def generate(
                    "model's greedy tokens (onnxruntime, recomputed without a KV cache)", err=True)
     elif save_tokens is not None:
         save_tokens.write_text(json.dumps(result))
+
+
+@app.command()
+@reports_errors
+def check(
+    plan: Annotated[Path, typer.Argument(help="A folder written by `llmir-onnx partition`.")],
+    no_check_hashes: NoCheckHashesOption = False,
+    debug: DebugOption = False,
+) -> None:
+    """Check a plan without running it: the manifest's schema, every file's path, size and sha256."""
+    from llmir_onnx.plan.integrity import check_plan_files
+    from llmir_onnx.plan.manifest import Manifest
+    from llmir_onnx.plan.memory import format_bytes
+
+    manifest = Manifest.read(plan)
+    result = check_plan_files(plan, manifest, check_hashes=not no_check_hashes)
+    what = "sizes and sha256 match" if result.hashed else "sizes match (sha256 not checked)"
+    typer.echo(
+        f"{plan}: plan ok: tp {manifest.mesh.get('tp')} x pp {manifest.mesh.get('pp')}, {result.files} files "
+        f"({format_bytes(result.bytes)}), {what}"
+    )
 
 
 @app.command()

@@ -63,6 +63,8 @@ def partition_to_dir(
     pp: int = 1,
     vocab_parallel: bool = False,
     replicate_unsupported: bool = False,
+    allow_replicated: bool = False,
+    force: bool = False,
     device: str = "h100-sxm",
     device_memory_bytes: int | None = None,
     max_batch: int = 1,
@@ -76,6 +78,9 @@ def partition_to_dir(
     manifest; with `device_memory_bytes`, a rank that does not fit fails the partition before
     anything is written. `max_seq` defaults to 2048, or the model's own limit when its position
     tables are shorter (GPT-2's 128 positions).
+
+    `out_dir` may hold a previous plan (replaced) but no other file, unless `force`; tp > 1 that shards no
+    weight is refused unless `allow_replicated`.
     """
     from llmir_onnx.partition import PartitionOptions, RankWeightsPlan, partition
     from llmir_onnx.plan.devices import load_profile
@@ -91,6 +96,7 @@ def partition_to_dir(
         pp=pp,
         vocab_parallel=vocab_parallel,
         replicate_unsupported=replicate_unsupported,
+        allow_replicated=allow_replicated,
         stage_cut_after_layer=stage_cut_after_layer,
         device=device,
         device_memory_bytes=device_memory_bytes,
@@ -98,7 +104,7 @@ def partition_to_dir(
         max_seq=max_seq,
     )
     progress.phase(f"sharding for tp {tp} x pp {pp}")
-    with atomic_output_dir(out_dir) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
+    with atomic_output_dir(out_dir, force=force) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
 
         def write_weights(planned: RankWeightsPlan) -> None:
             # From here the weights stream to disk while the stage graphs, plans and costs are made.
@@ -132,6 +138,7 @@ def partition_to_dir(
                 "pp": pp,
                 "vocab_parallel": vocab_parallel,
                 "replicate_unsupported": replicate_unsupported,
+                "allow_replicated": allow_replicated,
                 "device": device,
                 "device_memory_bytes": device_memory_bytes,
                 "max_batch": max_batch,

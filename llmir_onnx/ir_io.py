@@ -7,6 +7,7 @@ their bytes (via mmap) only when asked, so loading a 100 GB model costs its grap
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import onnx
 import onnx_ir as ir
 
 from llmir_onnx.errors import InputModelError
+from llmir_onnx.plan.manifest import FileDigest
 
 # onnxruntime-gpu 1.31 refuses IR 11+ models written by newer onnx helpers; 10 is read everywhere.
 MAX_IR_VERSION = 10
@@ -74,6 +76,48 @@ def check_external_data_paths(model: ir.Model, model_dir: Path, *, require_files
             )
 
 
+def check_external_data_sizes(model: ir.Model) -> None:
+    """Refuse external data whose declared `length` is not the tensor's size, or that its file does not hold.
+
+    onnxruntime refuses such a model; a partition would otherwise copy whatever bytes are there."""
+    for name, tensor in external_tensors(model):
+        needed = math.ceil(tensor.dtype.bitwidth * tensor.size / 8)
+        shape = "x".join(str(dim) for dim in tensor.shape) or "scalar"
+        if tensor.length is not None and tensor.length != needed:
+            raise InputModelError(
+                f"initializer {name!r} ({tensor.dtype.name.lower()} {shape}, {needed} bytes) declares an external "
+                f"data length of {tensor.length} bytes in {tensor.location!r}; fix its `length` (export the model "
+                "again)"
+            )
+        offset = tensor.offset or 0
+        size = os.path.getsize(tensor.path)
+        if offset + needed > size:
+            raise InputModelError(
+                f"initializer {name!r} needs bytes {offset} to {offset + needed} of {tensor.location!r}, which holds "
+                f"only {size} bytes (a truncated or wrong data file); copy the complete data file next to the model"
+            )
+
+
+def lift_external_constants(model: ir.Model) -> int:
+    """Constant nodes whose tensor lives in external data become initializers (the same value, lazily
+    read like every other weight); returns how many. Weights are streamed as initializers only."""
+    lifted = 0
+    for graph in list(_graphs(model)):
+        for node in list(graph):
+            attribute = node.attributes.get("value")
+            if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or attribute is None:
+                continue
+            if not isinstance(attribute.value, ir.ExternalTensor):
+                continue
+            output = node.outputs[0]
+            value = ir.Value(name=output.name, shape=output.shape, type=output.type, const_value=attribute.value)
+            ir.convenience.replace_all_uses_with(output, value, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            graph.register_initializer(value)
+            lifted += 1
+    return lifted
+
+
 def load_model(path: str | os.PathLike, *, check_data: bool = True) -> ir.Model:
     """Load a model lazily; external weights stay on disk until read.
 
@@ -82,11 +126,20 @@ def load_model(path: str | os.PathLike, *, check_data: bool = True) -> ir.Model:
     model_path = Path(path)
     if not model_path.is_file():
         raise InputModelError(f"model file {str(model_path)!r} does not exist; pass the path of an .onnx file")
+    if model_path.stat().st_size == 0:
+        raise InputModelError(f"model file {str(model_path)!r} is empty (0 bytes); pass a complete .onnx file")
     try:
         model = ir.load(model_path)
     except Exception as error:  # onnx/protobuf raise many kinds; the user needs one line
-        raise InputModelError(f"cannot read {str(model_path)!r} as an ONNX model: {error}") from error
+        raise InputModelError(
+            f"cannot read {str(model_path)!r} as an ONNX model ({error}); pass an .onnx file from an ONNX exporter"
+        ) from error
+    if len(model.graph) == 0 and not model.graph.outputs:
+        raise InputModelError(f"{str(model_path)!r} holds no ONNX graph (no nodes, no outputs); pass an .onnx model")
+    lift_external_constants(model)
     check_external_data_paths(model, model_path.parent, require_files=check_data)
+    if check_data:
+        check_external_data_sizes(model)
     return model
 
 
@@ -122,15 +175,25 @@ def model_proto(model: ir.Model) -> onnx.ModelProto:
     return ir.serde.serialize_model(model)
 
 
-def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> Path:
-    model_path = Path(path)
-    model_path.write_bytes(proto.SerializeToString())
-    return model_path
+def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> FileDigest:
+    """Write the model file; returns its size and sha256, taken from the bytes written (no read back)."""
+    data = proto.SerializeToString()
+    Path(path).write_bytes(data)
+    return FileDigest(len(data), hashlib.sha256(data).hexdigest())
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> FileDigest:
+    """The size and sha256 of a file, read once front to back through one reused buffer."""
     digest = hashlib.sha256()
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
+    size = 0
+    buffer = bytearray(chunk_bytes)
+    view = memoryview(buffer)
+    with open(path, "rb", buffering=0) as stream:
+        while count := stream.readinto(buffer):
+            digest.update(view[:count])
+            size += count
+    return FileDigest(size, digest.hexdigest())
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    return hash_file(path).sha256

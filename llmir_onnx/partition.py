@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -48,6 +49,8 @@ class PartitionOptions:
     pp: int = 1
     vocab_parallel: bool = False
     replicate_unsupported: bool = False
+    # tp > 1 that shards no weight is refused (each rank would run the whole model) unless this is set.
+    allow_replicated: bool = False
     # Pipeline cuts: balanced by the cost model on `device` at (max_batch, max_seq) unless given.
     stage_cut_after_layer: tuple[int, ...] | None = None
     device: str = "h100-sxm"
@@ -186,6 +189,8 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
         _remove_unused(first)
         return _TpRankZero(first, [(whole, whole_out)], [initializer_tensors(first)], placements, [])
     template, state = plan(model, options, consume_model=consume_model)
+    if not options.allow_replicated:
+        _refuse_unsharded(template, state)
     bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
     unsharded = initializer_tensors(template)
     first = materialize_rank(template, state, 0, consume=True)
@@ -197,6 +202,21 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
     _remove_unused(first)  # before any copy is made from it
     placements = {name: str(p) for name, p in state.placements.items()}
     return _TpRankZero(first, bindings, weights, placements, list(state.warnings))
+
+
+def _refuse_unsharded(template: ir.Model, state: ShardingState) -> None:
+    """tp > 1 where no weight is sharded: every rank would hold and run the whole model, which is not what
+    a user asking for tensor parallelism wants (and usually means the model's ops were not recognized)."""
+    if any(isinstance(placement, Shard) for placement in state.weight_placements.values()):
+        return
+    ops = Counter(node.op_type for node in ir.traversal.RecursiveGraphIterator(template.graph))
+    found = ", ".join(f"{op} x{count}" for op, count in ops.most_common(6)) + (", ..." if len(ops) > 6 else "")
+    weights = len(state.weight_placements)
+    raise ShardingError(
+        f"--tp {state.tp} shards no weight of this model ({weights} weight{'s' if weights != 1 else ''}, "
+        f"ops: {found or 'none'}): every rank would hold and run the whole model; use --tp 1, or pass "
+        "--allow-replicated to write such a replicated plan anyway"
+    )
 
 
 # Each rank's weights, known before the rank models are all built: (global rank, pipeline stage,

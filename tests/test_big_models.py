@@ -232,7 +232,7 @@ def test_tp_rank_copies_are_written_as_if_made(
     for name in a:
         if name != "manifest.json":  # it names its own folder
             assert a[name] == b[name], f"{name} differs between the patched and the made copies"
-    assert [r.sha256 for r in patched.ranks] == [r.sha256 for r in graphs.ranks]
+    assert patched.files == graphs.files
     if pp == 1:
         return  # no pipeline peers
     for rank in range(tp * pp):

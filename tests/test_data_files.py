@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import defaultdict
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 
 from llmir_onnx import weight_slices
 from llmir_onnx.api import partition_to_dir
+from llmir_onnx.ir_io import hash_file
 from llmir_onnx.placement import PARTIAL_SUM, Placement, Shard, shard_array
 from llmir_onnx.plan import data_files
 from llmir_onnx.plan.data_files import (
@@ -20,7 +22,6 @@ from llmir_onnx.plan.data_files import (
     WeightWriter,
     rank_data_name,
     stage_shared_data_name,
-    write_data_files,
 )
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.weight_slices import rank_weight
@@ -61,10 +62,21 @@ WEIGHTS: dict[str, tuple[Placement | None, tuple[int, ...] | None]] = {
 }
 
 
-@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+@pytest.mark.parametrize(("dtype", "order"), [(np.float16, "source"), (np.float32, "source"), (np.float32, "shuffled")])
 def test_every_rank_weight_is_written_once_where_it_is_placed(
-    dtype: type, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    dtype: type, order: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """... and each file's size and sha256, taken as it is written, are those of the bytes on disk, also
+    when its weights are written in another order than the file's (`shuffled`)."""
+    if order == "shuffled":
+        in_source_order = data_files._write_units
+
+        def shuffled(jobs: list[tuple[ir.TensorProtocol, data_files.WeightPlace]]) -> list[data_files.Unit]:
+            units = in_source_order(jobs)
+            random.Random(3).shuffle(units)
+            return units
+
+        monkeypatch.setattr(data_files, "_write_units", shuffled)
     # Small windows and run thresholds: the gather crosses many windows, and both copy paths run.
     monkeypatch.setattr(weight_slices, "CHUNK_BYTES", 700)
     monkeypatch.setattr(weight_slices, "LONG_RUN_BYTES", 64)
@@ -91,7 +103,13 @@ def test_every_rank_weight_is_written_once_where_it_is_placed(
             ranks.append(RankWeights(rank, stage, tensors))
     plan = tmp_path / "plan"
     plan.mkdir()
-    layout = write_data_files(plan, ranks)
+    with WeightWriter(plan) as writer:
+        writer.start(ranks)
+        writer.finish()
+    layout = writer.layout
+    assert layout is not None
+    assert writer.digests == {name: hash_file(plan / name) for name in layout.file_sizes}
+    assert sorted(writer.digests) == sorted(path.name for path in plan.iterdir())
     for key, data in expected.items():
         place = layout.places[key]
         assert place.offset % ALIGNMENT_BYTES == 0
@@ -180,6 +198,9 @@ def test_plan_files_hold_only_referenced_bytes(name: str, tp: int, pp: int, tmp_
     if tp > 1:
         assert len(shared) == len(manifest.ranks), "every rank of a tp > 1 stage shares replicated weights"
     assert Manifest.read(plan).ranks[0].data_files == manifest.ranks[0].data_files
+    # The manifest's sizes and hashes, taken while the files were written, are the files' own.
+    assert sorted(manifest.files) == sorted(path.name for path in plan.iterdir() if path.name != "manifest.json")
+    assert manifest.files == {name: hash_file(plan / name) for name in manifest.files}
 
 
 def test_a_copied_graph_with_an_unplanned_subgraph_weight_is_made_instead(tmp_path: Path) -> None:

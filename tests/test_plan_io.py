@@ -12,7 +12,7 @@ import pytest
 from llmir_onnx.errors import InputModelError, PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.emit import atomic_output_dir
-from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding, TensorInfo
+from llmir_onnx.plan.manifest import FileDigest, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.runtime.verify import assemble_outputs
 
 
@@ -23,9 +23,10 @@ def _manifest(bindings_per_rank: list[list[SliceBinding]]) -> Manifest:
         inputs=[TensorInfo("x", "float32", ["batch", 4])],
         outputs=[TensorInfo("y", "float32", ["batch", 6])],
         ranks=[
-            RankEntry(rank, {"pp": 0, "cp": 0, "tp": rank}, f"rank{rank}.onnx", "f" * 64, [], bindings)
+            RankEntry(rank, {"pp": 0, "cp": 0, "tp": rank}, f"rank{rank}.onnx", [], bindings)
             for rank, bindings in enumerate(bindings_per_rank)
         ],
+        files={f"rank{rank}.onnx": FileDigest(10, "f" * 64) for rank in range(len(bindings_per_rank))},
     )
 
 
@@ -37,7 +38,7 @@ def test_manifest_round_trip(tmp_path: Path) -> None:
 
 def test_manifest_of_another_version_is_refused(tmp_path: Path) -> None:
     (tmp_path / "manifest.json").write_text('{"format": "llmir-onnx-plan", "version": 99}')
-    with pytest.raises(PlanError, match="not a version-1"):
+    with pytest.raises(PlanError, match="not a version-2"):
         Manifest.read(tmp_path)
 
 

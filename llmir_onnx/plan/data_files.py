@@ -17,12 +17,21 @@ source order:
   mapped window of rows, so those rows are read once for all ranks, not once per rank; a tensor
   that is all zeros (a Partial share) is a hole in a sparse file and costs nothing.
 
+* Hashing. The manifest holds each file's sha256, taken while the file is written (no second pass
+  over the plan): the kernel copies never bring the bytes into this process and the units finish
+  out of file order, so each file's hash follows its writes from behind, in file order: when a
+  unit finishes, the file's prefix that is now complete (its weights, the alignment gaps and
+  all-zero holes between them) is read back from the page cache, where the bytes just went, and
+  hashed (`_OrderedHash`). Source order is the files' order for every exported model we know, so
+  the prefix grows right behind the writes and the reads stay in the cache.
+
 The rank models then reference their weights as external tensors at these places and are saved
 as small protobufs (no weight passes through protobuf).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import sys
@@ -37,6 +46,7 @@ import onnx
 import onnx_ir as ir
 
 from llmir_onnx.ir_io import graph_protos
+from llmir_onnx.plan.manifest import FileDigest
 from llmir_onnx.weight_slices import ExternalSlice, Zeros, copy_range_at, gather_slices, pwrite_all
 
 EXTERNAL_THRESHOLD_BYTES = 1024
@@ -45,6 +55,9 @@ ALIGNMENT_BYTES = 4096
 WRITER_THREADS = 2
 # How often a thread holding the GIL hands it over while the weights are being written.
 GIL_SWITCH_INTERVAL_S = 0.0002
+# Bytes read back at once to hash a file's completed prefix.
+HASH_CHUNK_BYTES = 8 << 20
+_ZEROS = bytes(HASH_CHUNK_BYTES)
 
 
 def rank_data_name(rank: int) -> str:
@@ -220,25 +233,126 @@ def _source_order(job: tuple[ir.TensorProtocol, WeightPlace]) -> tuple[str, int]
     return "", 0
 
 
+class _OrderedHash:
+    """The sha256 of one data file, fed in file order as its weights are written, in whatever order.
+
+    `places` are the file's weights as (offset, length), in file order; `written(offset)` says the
+    weight at `offset` is on disk (or is a hole). The prefix up to the first weight not yet written
+    is then read back and hashed: gaps between weights and holes read as zeros, and so do bytes past
+    the file's current end, which later writes or the final truncate only extend with zeros. One
+    thread hashes a file at a time; the others only record what they wrote and go on writing.
+    """
+
+    def __init__(self, fd: Callable[[], int], places: Sequence[tuple[int, int]] = ()) -> None:
+        self._fd = fd
+        self._places: list[tuple[int, int]] = []
+        self._written: set[int] = set()
+        self._next = 0  # index of the first place not hashed yet
+        self._hashed = 0  # bytes hashed
+        self._digest = hashlib.sha256()
+        self._lock = threading.Lock()
+        self._busy = False
+        self.extend(places)
+
+    def extend(self, places: Sequence[tuple[int, int]]) -> None:
+        """More places, after the known ones (weights placed after the writes started go at the end)."""
+        with self._lock:
+            for offset, length in places:
+                if self._places and offset < sum(self._places[-1]):
+                    raise ValueError(f"place at {offset} overlaps or precedes the file's last place")
+                self._places.append((offset, length))
+
+    def written(self, offset: int) -> None:
+        with self._lock:
+            self._written.add(offset)
+            if self._busy:
+                return  # the thread hashing this file takes it in its next round
+            self._busy = True
+        try:
+            while (end := self._complete_prefix()) is not None:
+                self._hash_range(self._hashed, end)
+                self._hashed = end
+        except BaseException:
+            with self._lock:
+                self._busy = False
+            raise
+
+    def _complete_prefix(self) -> int | None:
+        """The end of the written prefix past what is hashed; None (and not busy) when there is none."""
+        with self._lock:
+            end = self._hashed
+            while self._next < len(self._places) and self._places[self._next][0] in self._written:
+                offset, length = self._places[self._next]
+                self._written.discard(offset)
+                end = offset + length
+                self._next += 1
+            if end == self._hashed:
+                self._busy = False
+                return None
+            return end
+
+    def _hash_range(self, start: int, stop: int) -> None:
+        fd = self._fd()
+        buffer = bytearray(min(HASH_CHUNK_BYTES, stop - start))
+        view = memoryview(buffer)
+        while start < stop:
+            want = min(len(buffer), stop - start)
+            got = os.preadv(fd, [view[:want]], start)
+            self._digest.update(view[:got])
+            if got < want:  # past the current end of the file: zeros (see the class docstring)
+                self._digest.update(memoryview(_ZEROS)[: want - got])
+            start += want
+
+    def digest(self, size: int) -> FileDigest:
+        """The file's digest once every place is written and the file has its final `size`."""
+        if self._next != len(self._places) or self._busy:
+            raise RuntimeError("a data file's hash was asked for before all its weights were written")
+        if size > self._hashed:
+            self._hash_range(self._hashed, size)
+            self._hashed = size
+        return FileDigest(size, self._digest.hexdigest())
+
+
 class _Files:
     """The plan's data files, opened once each for writing at explicit offsets."""
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
         self._fds: dict[str, int] = {}
+        self._hashes: dict[str, _OrderedHash] = {}
         self._lock = threading.Lock()
 
     def fd(self, name: str) -> int:
         with self._lock:
             if name not in self._fds:
-                self._fds[name] = os.open(self._folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                # Read and write: each file's hash reads back what was written (see _OrderedHash).
+                self._fds[name] = os.open(self._folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             return self._fds[name]
 
-    def close(self, sizes: dict[str, int] | None) -> None:
-        """Close every file; with `sizes`, first extend each to its size."""
-        for name in sizes or {}:
+    def expect(self, places: Sequence[WeightPlace]) -> None:
+        """The places to hash as they are written: the first ones of their files, or after those known."""
+        by_file: dict[str, list[tuple[int, int]]] = defaultdict(list)
+        for place in sorted(places, key=lambda place: (place.file, place.offset)):
+            by_file[place.file].append((place.offset, place.length))
+        for name, spans in by_file.items():
+            if name not in self._hashes:
+                self._hashes[name] = _OrderedHash(lambda name=name: self.fd(name))
+            self._hashes[name].extend(spans)
+
+    def written(self, place: WeightPlace) -> None:
+        self._hashes[place.file].written(place.offset)
+
+    def finish(self, sizes: dict[str, int]) -> dict[str, FileDigest]:
+        """Extend each file to its size and close them all; returns each file's digest."""
+        digests = {}
+        for name in sorted(sizes):
             # Holes (alignment, all-zero weights) read as zeros; the size covers the last weight.
             os.ftruncate(self.fd(name), sizes[name])
+            digests[name] = self._hashes[name].digest(sizes[name])
+        self.close()
+        return digests
+
+    def close(self) -> None:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
@@ -260,6 +374,8 @@ def _write_gathered(
     for (tensor, place), count in zip(group, written, strict=True):
         if count != place.length:
             raise OSError(f"wrote {count} of {place.length} bytes of {tensor.name!r}")
+    for _, place in group:
+        files.written(place)
 
 
 # One tensor to write, or the column slices of one source tensor that several ranks take.
@@ -300,6 +416,7 @@ def _write_unit(unit: Unit, files: _Files, advance: Callable[[int], None]) -> No
     else:
         pwrite_all(fd, tensor.tobytes(), place.offset)
     advance(place.length)
+    files.written(place)
 
 
 class WeightWriter:
@@ -322,6 +439,8 @@ class WeightWriter:
         self._futures: list[Future[None]] = []
         self._written_jobs = 0
         self._switch_interval: float | None = None
+        # Each data file's size and sha256, once `finish` has written them all.
+        self.digests: dict[str, FileDigest] = {}
 
     def __enter__(self) -> WeightWriter:
         return self
@@ -330,13 +449,14 @@ class WeightWriter:
         if kind is not None:
             self._failed.set()
             self._join(raise_errors=False)
-            self._files.close(None)
+            self._files.close()
 
     def start(self, ranks: Sequence[RankWeights]) -> None:
         if self.layout is not None:
             raise RuntimeError("WeightWriter.start called twice")
         self.layout = plan_layout(ranks)
         self._written_jobs = len(self.layout.jobs)
+        self._files.expect([place for _, place in self.layout.jobs])
         # The writer threads need the GIL for a moment between copies; the caller's graph building holds
         # it for 5 ms at a time by default, which starved the writes to ~0.5 GB/s on a 32-layer model.
         self._switch_interval = sys.getswitchinterval()
@@ -383,7 +503,8 @@ class WeightWriter:
         self._futures = []
 
     def finish(self) -> None:
-        """Wait for the background writes, write weights placed since `start`, extend and close the files."""
+        """Wait for the background writes, write weights placed since `start`, extend and close the files
+        (`digests` then holds their sizes and hashes)."""
         assert self.layout is not None
         try:
             self._join(raise_errors=True)
@@ -391,15 +512,9 @@ class WeightWriter:
             self._failed.set()
             self._join(raise_errors=False)
             raise
-        for unit in _write_units(self.layout.jobs[self._written_jobs :]):
+        late = self.layout.jobs[self._written_jobs :]
+        self._files.expect([place for _, place in late])
+        for unit in _write_units(late):
             _write_unit(unit, self._files, self._advance)
-        self._files.close(self.layout.file_sizes)
+        self.digests = self._files.finish(self.layout.file_sizes)
 
-
-def write_data_files(folder: Path, ranks: Sequence[RankWeights]) -> DataLayout:
-    """Place and write the weights of `ranks` into `folder` (no graphs to build meanwhile)."""
-    with WeightWriter(folder) as writer:
-        writer.start(ranks)
-        writer.finish()
-    assert writer.layout is not None
-    return writer.layout

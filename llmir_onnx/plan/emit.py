@@ -8,7 +8,10 @@ until the new one is complete).
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -24,7 +27,7 @@ from llmir_onnx.ir_io import graph_protos, model_proto, sha256_file, write_model
 from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
 from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
-from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
+from llmir_onnx.plan.manifest import MANIFEST_NAME, FileDigest, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.progress import QUIET, Progress
 
 
@@ -43,28 +46,138 @@ def tensor_infos(values: Sequence[ir.Value]) -> list[TensorInfo]:
     return infos
 
 
+# Held (flock) by the partition that owns a staging folder, for as long as it runs; removed before the
+# folder becomes the plan. A folder whose lock nobody holds belongs to a dead partition.
+STAGING_LOCK_NAME = ".llmir-partition.lock"
+# Files a plan folder may hold besides those its manifest names: verify's work folder under a launcher.
+PLAN_WORK_NAMES = frozenset({MANIFEST_NAME, ".verify"})
+
+
+def _staging_pattern(out_dir: Path) -> re.Pattern[str]:
+    return re.compile(rf"\.{re.escape(out_dir.name)}\.(partial|old)-(\d+)-[^/]+")
+
+
+def _make_staging(out_dir: Path, kind: str) -> tuple[Path, int]:
+    """A new hidden sibling of `out_dir` named with this process's pid, and the fd of its held lock."""
+    folder = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.{kind}-{os.getpid()}-", dir=out_dir.parent))
+    lock = os.open(folder / STAGING_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return folder, lock
+
+
+def _release_staging(folder: Path, lock: int) -> None:
+    (folder / STAGING_LOCK_NAME).unlink(missing_ok=True)
+    os.close(lock)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
+
+
+def _is_stale(folder: Path, pid: int) -> bool:
+    """Whether `folder` belongs to a partition that died: its lock is free, or (lock not made yet, or
+    already released while it renames) the pid in its name runs no more."""
+    try:
+        lock = os.open(folder / STAGING_LOCK_NAME, os.O_RDWR)
+    except FileNotFoundError:
+        return pid != os.getpid() and not _pid_alive(pid)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(lock)
+    return True
+
+
+def remove_stale_staging(out_dir: Path) -> list[Path]:
+    """Remove the staging folders that dead partitions (kill -9, power loss) left beside `out_dir`.
+
+    Only folders of this naming (with a pid and a lock) are judged; a running partition's are kept."""
+    pattern = _staging_pattern(out_dir)
+    removed = []
+    for folder in sorted(out_dir.parent.iterdir()) if out_dir.parent.is_dir() else []:
+        match = pattern.fullmatch(folder.name)
+        if match and folder.is_dir() and not folder.is_symlink() and _is_stale(folder, int(match.group(2))):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
+
+
+def plan_file_names(plan_dir: Path) -> set[str]:
+    """The names the plan in `plan_dir` owns (its manifest and the files it lists), read leniently: any
+    version, any damage (what cannot be read owns nothing)."""
+    try:
+        raw = json.loads((plan_dir / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return set(PLAN_WORK_NAMES)
+    names = set(PLAN_WORK_NAMES)
+    if isinstance(raw, dict):
+        names.update(name for name in raw.get("files") or {} if isinstance(name, str))
+        for entry in raw.get("ranks") or []:
+            if isinstance(entry, dict):
+                names.update(name for name in [entry.get("file"), *(entry.get("data_files") or [])]
+                             if isinstance(name, str))
+    return names
+
+
+def _refuse_foreign_files(out_dir: Path) -> None:
+    if not out_dir.is_dir():
+        return
+    foreign = sorted(path.name for path in out_dir.iterdir() if path.name not in plan_file_names(out_dir))
+    if not foreign:
+        return
+    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+    if not (out_dir / MANIFEST_NAME).is_file():
+        raise PlanError(
+            f"{str(out_dir)!r} is not empty and holds no plan ({shown}); choose an empty or new -o folder, "
+            "or pass --force to replace the folder and everything in it"
+        )
+    raise PlanError(
+        f"{str(out_dir)!r} holds files that are not part of its plan ({shown}); move them away, choose another "
+        "-o folder, or pass --force to replace the folder and everything in it"
+    )
+
+
 @contextlib.contextmanager
-def atomic_output_dir(out_dir: Path) -> Iterator[Path]:
-    """Yield a fresh temporary folder that replaces `out_dir` only if the block succeeds."""
+def atomic_output_dir(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
+    """Yield a fresh staging folder that replaces `out_dir` only if the block succeeds.
+
+    An existing `out_dir` must hold only a plan (a previous partition's files), unless `force`; staging
+    folders that dead partitions left beside it are removed first."""
     out_dir = out_dir.resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise PlanError(f"{str(out_dir)!r} exists and is not a folder; choose another -o")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
-        raise PlanError(f"{str(out_dir)!r} is not empty and holds no plan; choose an empty or new -o folder")
+    if not force:
+        _refuse_foreign_files(out_dir)
+    created = [folder for folder in [out_dir.parent, *out_dir.parent.parents] if not folder.exists()]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    remove_stale_staging(out_dir)
+    staging, lock = _make_staging(out_dir, "partial")
     try:
         yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        os.close(lock)
+        for folder in created:  # innermost first: a failed partition leaves no folder it made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
+    _release_staging(staging, lock)
     previous = None
     if out_dir.exists():
-        previous = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        previous, previous_lock = _make_staging(out_dir, "old")
         os.rename(out_dir, previous / "plan")
     os.rename(staging, out_dir)
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+        os.close(previous_lock)
 
 
 # rank, mesh coords, model (or a tp rank copy still to make), input and output bindings
@@ -89,10 +202,12 @@ class PlanContents:
     rank_details: Sequence[dict[str, Any]] | None = None
 
 
-def write_plan(out_dir: Path, contents: PlanContents, progress: Progress | None = None) -> Manifest:
-    """Save every rank model, its weights and the manifest into `out_dir`, atomically."""
+def write_plan(
+    out_dir: Path, contents: PlanContents, progress: Progress | None = None, *, force: bool = False
+) -> Manifest:
+    """Save every rank model, its weights and the manifest into `out_dir`, atomically (see atomic_output_dir)."""
     progress = progress if progress is not None else QUIET
-    with atomic_output_dir(out_dir) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
+    with atomic_output_dir(out_dir, force=force) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
         weights = [
             RankWeights.of_model(rank, coords.get("pp", 0), _made(model))
             for rank, coords, model, _, _ in contents.rank_models
@@ -138,7 +253,7 @@ def write_plan_into(
     """The rank model files and the manifest, in `staging`, whose weights `writer` is writing."""
     progress = progress if progress is not None else QUIET
     data_files: dict[int, list[str]] = {}
-    paths = []
+    files: dict[str, FileDigest] = {}
     # Serialized stage models, by id of the model, for the tp rank copies made from them.
     protos: dict[int, onnx.ModelProto] = {}
     for rank, _, model, _, _ in contents.rank_models:
@@ -151,18 +266,18 @@ def write_plan_into(
             made = _made(model)
             data_files[rank] = writer.place(rank, made)
             proto = protos[id(made)] = model_proto(made)
-        paths.append(write_model_proto(proto, staging / rank_file_name(rank)))
+        files[rank_file_name(rank)] = write_model_proto(proto, staging / rank_file_name(rank))
     writer.finish()
+    files.update(writer.digests)
     progress.finish()
     entries = []
-    for index, ((rank, coords, _, inputs, outputs), path) in enumerate(zip(contents.rank_models, paths, strict=True)):
+    for index, (rank, coords, _, inputs, outputs) in enumerate(contents.rank_models):
         details = contents.rank_details[index] if contents.rank_details is not None else {}
         entries.append(
             RankEntry(
                 rank=rank,
                 coords=coords,
-                file=path.name,
-                sha256=sha256_file(path),
+                file=rank_file_name(rank),
                 inputs=inputs,
                 outputs=outputs,
                 data_files=data_files[rank],
@@ -175,6 +290,7 @@ def write_plan_into(
         inputs=contents.inputs,
         outputs=contents.outputs,
         ranks=entries,
+        files=dict(sorted(files.items())),
         options=contents.options,
     )
     manifest.write(staging)

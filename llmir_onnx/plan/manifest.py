@@ -4,20 +4,24 @@ It is meant to be enough for another runtime to use a plan without this package:
 rank's model file with its sha256, and for every input and output of the ORIGINAL model which
 slice each rank holds (`dim`, `start`, `stop`; `dim` null means the rank holds the whole tensor).
 
-Schema version 1 (all keys always present):
+Schema version 2 (all keys always present):
 
     format            "llmir-onnx-plan"
-    version           1
+    version           2
     source            {"path": str (absolute at partition time), "sha256": str}
     mesh              {"tp": int, "pp": int, "cp": int, "world_size": int,
                        "groups": {"tp": [[rank, ...], ...], "pp": [[rank, ...], ...]}}
     options           the partition options used (free-form, informative)
     inputs, outputs   the original model's [{"name", "dtype", "shape"}]; shape entries are ints or
                       strings (symbolic dims)
-    ranks             [{"rank", "coords": {"pp", "cp", "tp"}, "file", "sha256",
+    files             {name: {"size": int, "sha256": str}} for EVERY file of the plan besides the
+                      manifest (rank models, their data files), sorted by name; names are plain file
+                      names inside the plan folder. `llmir-onnx check` and every runtime entry point
+                      compare the files against these before a rank starts.
+    ranks             [{"rank", "coords": {"pp", "cp", "tp"}, "file": its model, a key of `files`,
                         "layers": [first, stop) decoder layers of its pipeline stage, or null (all),
-                        "data_files": the external data files its model references, in the plan
-                                      folder: its own `rankN.onnx.data` and its stage's
+                        "data_files": the external data files its model references, keys of `files`:
+                                      its own `rankN.onnx.data` and its stage's
                                       `stageS.shared.data` (weights several ranks of the stage
                                       hold, stored once); copy these with the model file,
                         "inputs":  [{"original", "local", "dim", "start", "stop"}],
@@ -25,6 +29,9 @@ Schema version 1 (all keys always present):
                         "memory": {"max_batch", "max_seq", "weight_bytes", "kv_cache_bytes",
                                    "activation_peak_bytes", "communication_bytes", "total_bytes", ...},
                         "cost": {"device", "prefill": {...}, "decode": {...}, "decode_tokens_per_s"}}]
+
+Version 1 (until issue 12) hashed the rank models only, not their data files: such a plan is refused
+with a request to partition again (its data files cannot be checked).
 
 Graph outputs of a rank model that no binding names (e.g. `llmir.sent.<tag>`, the element counts
 of Send nodes) are bookkeeping: a runtime may fetch them or not. Byte counts are exact for weights
@@ -35,14 +42,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any
+from pathlib import Path, PurePath
+from typing import Any, TypeVar
 
 from llmir_onnx.errors import PlanError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "llmir-onnx-plan"
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -72,17 +81,29 @@ class TensorInfo:
 
 
 @dataclass(frozen=True)
+class FileDigest:
+    """What one plan file must be: its size in bytes and the sha256 of its bytes."""
+
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class RankEntry:
     rank: int
     coords: dict[str, int]
     file: str
-    sha256: str
     inputs: list[SliceBinding]
     outputs: list[SliceBinding]
     layers: list[int] | None = None
     data_files: list[str] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     cost: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def files(self) -> list[str]:
+        """Every plan file this rank's session reads: its model, then its data files."""
+        return [self.file, *self.data_files]
 
 
 @dataclass(frozen=True)
@@ -92,6 +113,7 @@ class Manifest:
     inputs: list[TensorInfo]
     outputs: list[TensorInfo]
     ranks: list[RankEntry]
+    files: dict[str, FileDigest] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
@@ -107,7 +129,9 @@ class Manifest:
         raise PlanError(f"the manifest has no rank {rank}; its world size is {self.world_size}")
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
+        raw = asdict(self)
+        raw["files"] = {name: raw["files"][name] for name in sorted(raw["files"])}
+        return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def write(self, plan_dir: Path) -> Path:
         path = plan_dir / MANIFEST_NAME
@@ -116,38 +140,142 @@ class Manifest:
 
     @classmethod
     def read(cls, plan_dir: str | Path) -> Manifest:
+        """The manifest of `plan_dir`, checked key by key: a missing key or a wrong type is a PlanError naming it."""
         path = Path(plan_dir) / MANIFEST_NAME
         if not path.is_file():
             raise PlanError(f"{str(path)!r} does not exist; pass a folder written by `llmir-onnx partition`")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise PlanError(f"{str(path)!r} is not valid JSON ({error}); partition the model again") from error
-        if raw.get("format") != MANIFEST_FORMAT or raw.get("version") != MANIFEST_VERSION:
+        if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or raw.get("version") != MANIFEST_VERSION:
+            found = (raw.get("format"), raw.get("version")) if isinstance(raw, dict) else (None, None)
             raise PlanError(
                 f"{str(path)!r} is not a version-{MANIFEST_VERSION} {MANIFEST_FORMAT} manifest "
-                f"(format={raw.get('format')!r}, version={raw.get('version')!r}); partition the model again"
+                f"(format={found[0]!r}, version={found[1]!r}); partition the model again"
             )
-        ranks = [
-            RankEntry(
-                rank=entry["rank"],
-                coords=entry["coords"],
-                file=entry["file"],
-                sha256=entry["sha256"],
-                inputs=[SliceBinding(**binding) for binding in entry["inputs"]],
-                outputs=[SliceBinding(**binding) for binding in entry["outputs"]],
-                layers=entry.get("layers"),
-                data_files=entry.get("data_files", []),
-                memory=entry.get("memory", {}),
-                cost=entry.get("cost", {}),
-            )
-            for entry in raw["ranks"]
-        ]
-        return cls(
-            source=raw["source"],
-            mesh=raw["mesh"],
-            inputs=[TensorInfo(**info) for info in raw["inputs"]],
-            outputs=[TensorInfo(**info) for info in raw["outputs"]],
+        return _ManifestReader(str(path)).manifest(raw)
+
+
+def plan_file_name_error(name: str) -> str | None:
+    """Why `name` cannot be a file of a plan folder (None when it can): plan files are plain names in it."""
+    pure = PurePath(name)
+    if not name or pure.is_absolute() or len(pure.parts) != 1 or pure.name in (".", ".."):
+        return f"{name!r} is not a plain file name inside the plan folder"
+    return None
+
+
+class _ManifestReader:
+    """Reads the manifest's JSON into its dataclasses; every error names the key (a JSON path) and the file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, key: str, problem: str) -> PlanError:
+        return PlanError(f"{self.path!r}: key {key!r} {problem}; partition the model again")
+
+    def get(self, obj: dict[str, Any], key: str, kind: type[T] | tuple[type, ...], where: str) -> T:
+        name = f"{where}.{key}" if where else key
+        if key not in obj:
+            raise self.fail(name, "is missing")
+        value = obj[key]
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # JSON has no int/bool distinction in Python's reading: true is not a count.
+        if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
+            names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+            raise self.fail(name, f"should be {names}, not {type(value).__name__} {json.dumps(value)[:40]}")
+        return value  # type: ignore[return-value]
+
+    def file_name(self, name: str, where: str) -> str:
+        problem = plan_file_name_error(name)
+        if problem is not None:
+            raise self.fail(where, f"names {problem}")
+        return name
+
+    def binding(self, raw: Any, where: str) -> SliceBinding:
+        if not isinstance(raw, dict):
+            raise self.fail(where, "should be an object")
+        return SliceBinding(
+            original=self.get(raw, "original", str, where),
+            local=self.get(raw, "local", str, where),
+            dim=self.get(raw, "dim", (int, type(None)), where),
+            start=self.get(raw, "start", int, where),
+            stop=self.get(raw, "stop", int, where),
+        )
+
+    def bindings(self, raw: dict[str, Any], key: str, where: str) -> list[SliceBinding]:
+        items = self.get(raw, key, list, where)
+        return [self.binding(item, f"{where}.{key}[{index}]") for index, item in enumerate(items)]
+
+    def tensor_info(self, raw: Any, where: str) -> TensorInfo:
+        if not isinstance(raw, dict):
+            raise self.fail(where, "should be an object")
+        shape = self.get(raw, "shape", list, where)
+        for index, dim in enumerate(shape):
+            if isinstance(dim, bool) or not isinstance(dim, (int, str)):
+                raise self.fail(f"{where}.shape[{index}]", "should be int or str")
+        return TensorInfo(self.get(raw, "name", str, where), self.get(raw, "dtype", str, where), shape)
+
+    def rank(self, raw: Any, where: str, files: dict[str, FileDigest]) -> RankEntry:
+        if not isinstance(raw, dict):
+            raise self.fail(where, "should be an object")
+        coords = self.get(raw, "coords", dict, where)
+        for axis in ("pp", "cp", "tp"):
+            self.get(coords, axis, int, f"{where}.coords")
+        file = self.file_name(self.get(raw, "file", str, where), f"{where}.file")
+        data_files = []
+        for index, name in enumerate(self.get(raw, "data_files", list, where)):
+            if not isinstance(name, str):
+                raise self.fail(f"{where}.data_files[{index}]", "should be str")
+            data_files.append(self.file_name(name, f"{where}.data_files[{index}]"))
+        for key, name in [(f"{where}.file", file)] + [
+            (f"{where}.data_files[{index}]", name) for index, name in enumerate(data_files)
+        ]:
+            if name not in files:
+                raise self.fail(key, f"names {name!r}, which `files` does not list")
+        layers = self.get(raw, "layers", (list, type(None)), where)
+        return RankEntry(
+            rank=self.get(raw, "rank", int, where),
+            coords=coords,
+            file=file,
+            inputs=self.bindings(raw, "inputs", where),
+            outputs=self.bindings(raw, "outputs", where),
+            layers=layers,
+            data_files=data_files,
+            memory=self.get(raw, "memory", dict, where),
+            cost=self.get(raw, "cost", dict, where),
+        )
+
+    def files(self, raw: dict[str, Any]) -> dict[str, FileDigest]:
+        files = {}
+        for name, digest in self.get(raw, "files", dict, "").items():
+            where = f"files.{name}"
+            self.file_name(name, where)
+            if not isinstance(digest, dict):
+                raise self.fail(where, "should be an object")
+            size = self.get(digest, "size", int, where)
+            sha256 = self.get(digest, "sha256", str, where)
+            if size < 0 or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+                raise self.fail(where, "should hold a size >= 0 and a 64-digit lowercase hex sha256")
+            files[name] = FileDigest(size, sha256)
+        return files
+
+    def manifest(self, raw: dict[str, Any]) -> Manifest:
+        mesh = self.get(raw, "mesh", dict, "")
+        world_size = self.get(mesh, "world_size", int, "mesh")
+        files = self.files(raw)
+        source = self.get(raw, "source", dict, "")
+        self.get(source, "path", str, "source")
+        self.get(source, "sha256", str, "source")
+        ranks = [self.rank(entry, f"ranks[{i}]", files) for i, entry in enumerate(self.get(raw, "ranks", list, ""))]
+        if sorted(entry.rank for entry in ranks) != list(range(world_size)):
+            raise self.fail("ranks", f"should hold ranks 0 to {world_size - 1} once each (mesh.world_size)")
+        return Manifest(
+            source=source,
+            mesh=mesh,
+            inputs=[self.tensor_info(t, f"inputs[{i}]") for i, t in enumerate(self.get(raw, "inputs", list, ""))],
+            outputs=[self.tensor_info(t, f"outputs[{i}]") for i, t in enumerate(self.get(raw, "outputs", list, ""))],
             ranks=ranks,
-            options=raw.get("options", {}),
+            files=files,
+            options=self.get(raw, "options", dict, ""),
         )

@@ -66,6 +66,8 @@ class GenerateRequest:
     intra_op_num_threads: int | None = None
     tokenizer_dir: str | None = None
     stream: bool = True
+    # Each rank hashes its plan files before its session; False where the launching process hashed them all.
+    check_hashes: bool = True
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -227,7 +229,8 @@ def run_generate_rank(request: GenerateRequest, work_dir: Path | None = None) ->
     try:
         sampler = Sampler(SamplingConfig(request.temperature, request.top_k, request.top_p, request.seed))
         session = RankSession(request.plan_dir, device=request.device,
-                              intra_op_num_threads=request.intra_op_num_threads or default_intra_op_threads())
+                              intra_op_num_threads=request.intra_op_num_threads or default_intra_op_threads(),
+                              check_hashes=request.check_hashes)
         if work_dir is not None:
             _handle_peer_death_notice(rank)
         owner = logits_owner(session.manifest)

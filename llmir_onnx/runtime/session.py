@@ -3,7 +3,8 @@
 `RankSession(plan_dir)`:
   1. reads the manifest and sets up communication for this process's rank (launcher environment,
      ai.llmir library, world size checked against the plan);
-  2. checks the rank file's sha256 against the manifest;
+  2. checks the files this rank reads (its model, its data files) against the manifest: inside the
+     plan folder, the recorded sizes and, unless `check_hashes=False`, sha256 (plan/integrity.py);
   3. creates the onnxruntime session on the CPU, or on CUDA with `device_id` = the launcher's local
      rank (wrapped around the visible GPUs; CUDA EP + `libllmir_ops_cuda.so`, whose collectives use
      NCCL, or MPI through host memory with LLMIR_CUDA_COMM=staging);
@@ -28,8 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmir_onnx.errors import GenerationError, PlanError
-from llmir_onnx.ir_io import sha256_file
+from llmir_onnx.errors import GenerationError
+from llmir_onnx.plan.integrity import check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding
 
 if TYPE_CHECKING:
@@ -193,6 +194,7 @@ class RankSession(BoundSession):
         device: str = DEVICE_CPU,
         intra_op_num_threads: int | None = None,
         comm: CommContext | None = None,
+        check_hashes: bool = True,
     ) -> None:
         import onnxruntime as ort
 
@@ -204,14 +206,8 @@ class RankSession(BoundSession):
             cuda=device == DEVICE_CUDA, expected_world_size=self.manifest.world_size
         )
         self.entry: RankEntry = self.manifest.rank_entry(self.comm.rank)
+        check_rank_files(self.plan_dir, self.manifest, self.comm.rank, check_hashes=check_hashes)
         model_path = self.plan_dir / self.entry.file
-        if not model_path.is_file():
-            raise PlanError(f"rank {self.comm.rank}'s model {str(model_path)!r} is missing; partition again")
-        if sha256_file(model_path) != self.entry.sha256:
-            raise PlanError(
-                f"{str(model_path)!r} does not match the sha256 in the manifest (changed after partitioning); "
-                "partition the model again"
-            )
         device_id = rank_device_id(self.comm.local_rank) if device == DEVICE_CUDA else 0
         providers = execution_providers(device, device_id)
         options = self.comm.session_options(intra_op_num_threads=intra_op_num_threads)

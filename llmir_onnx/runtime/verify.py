@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
-from llmir_onnx.ir_io import sha256_file
+from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
 from llmir_onnx.plan.manifest import Manifest, SliceBinding
 
 RANK_DONE_SUFFIX = ".done"
@@ -67,17 +67,20 @@ def load_feeds(path: Path) -> dict[str, np.ndarray]:
         return {name: archive[name] for name in archive.files}
 
 
-def run_rank(plan_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray], work_dir: Path) -> None:
-    """Run this process's rank and write its outputs to `work_dir/rank{N}.npz`."""
+def run_rank(
+    plan_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray], work_dir: Path, *, check_hashes: bool = True
+) -> None:
+    """Run this process's rank and write its outputs to `work_dir/rank{N}.npz`.
+
+    Its files are checked first; `check_hashes=False` where the launching process hashed them already."""
     import onnxruntime as ort
 
     from llmir_onnx.runtime.launch import setup_communication
 
     comm = setup_communication(expected_world_size=manifest.world_size)
     entry = manifest.rank_entry(comm.rank)
+    check_rank_files(plan_dir, manifest, comm.rank, check_hashes=check_hashes)
     model_path = plan_dir / entry.file
-    if sha256_file(model_path) != entry.sha256:
-        raise PlanError(f"{str(model_path)!r} does not match the sha256 in the manifest; partition again")
     missing = sorted({binding.original for binding in entry.inputs} - feeds.keys())
     if missing:
         raise PlanError(f"rank {comm.rank} needs inputs {missing} that the feeds do not hold")
@@ -184,8 +187,12 @@ def verify_plan(
     atol: float | None = None,
     rtol: float | None = None,
     timeout_s: float = 600.0,
+    check_hashes: bool = True,
 ) -> tuple[dict[str, np.ndarray], list[OutputComparison]]:
-    """Run the plan on `feeds` and compare with the original model; returns (outputs, comparisons)."""
+    """Run the plan on `feeds` and compare with the original model; returns (outputs, comparisons).
+
+    The plan's files are checked against the manifest before any rank starts: by this process when it
+    launches the ranks, by each rank for its own files under an external launcher."""
     from llmir_onnx.runtime.launch import detect_rank_env
 
     manifest = Manifest.read(plan_dir)
@@ -198,13 +205,14 @@ def verify_plan(
         if env.rank == 0:
             shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(exist_ok=True)
-        run_rank(plan_dir, manifest, feeds, work_dir)
+        run_rank(plan_dir, manifest, feeds, work_dir, check_hashes=check_hashes)
         if env.rank != 0:
             return {}, []
         wait_for_ranks(manifest, work_dir, timeout_s)
         assembled = assemble_outputs(manifest, work_dir)
         shutil.rmtree(work_dir, ignore_errors=True)
     else:
+        check_plan_files(plan_dir, manifest, check_hashes=check_hashes)
         with tempfile.TemporaryDirectory(prefix="llmir-verify-") as tmp:
             work_dir = Path(tmp)
             feeds_path = work_dir / "feeds.npz"
@@ -244,6 +252,7 @@ def raise_if_mismatch(rows: list[OutputComparison]) -> None:
 
 
 def rank_main_verify(plan_dir: str, feeds_path: str, work_dir: str) -> None:
+    """A rank that `verify_plan` launched: it checked the files' hashes already (sizes and paths are checked again)."""
     manifest = Manifest.read(plan_dir)
-    run_rank(Path(plan_dir), manifest, load_feeds(Path(feeds_path)), Path(work_dir))
+    run_rank(Path(plan_dir), manifest, load_feeds(Path(feeds_path)), Path(work_dir), check_hashes=False)
 
