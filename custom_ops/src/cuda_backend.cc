@@ -146,14 +146,14 @@ int64_t hash_key(const std::string& key) {
   return static_cast<int64_t>(hash >> 1);
 }
 
-// The unique id travels from ranks[0] to the other members over MPI when this is an MPI world, else over
+// The unique id travels from the group's lowest rank to the other members over MPI when this is an MPI world, else over
 // the launcher-environment TCP store.
 void share_unique_id(const std::vector<int>& ranks, const std::string& key, ncclUniqueId* id, const OpLabel& label) {
   if (world::kind() == world::Kind::kMpi) {
     mpi::rendezvous(ranks, hash_key(key), id, sizeof(*id), label);
     return;
   }
-  if (world::rank() == ranks.front()) {
+  if (world::rank() == *std::min_element(ranks.begin(), ranks.end())) {
     store::set(key, std::string(reinterpret_cast<const char*>(id), sizeof(*id)), label);
   } else {
     const std::string value = store::get(key, label);
@@ -181,7 +181,7 @@ NcclComm& nccl_comm(CommKind kind, const std::vector<int>& ranks, const OpLabel&
     int index = 0;
     while (ranks[static_cast<size_t>(index)] != me) ++index;
     ncclUniqueId id{};
-    if (index == 0) {
+    if (me == *std::min_element(ranks.begin(), ranks.end())) {  // the root of share_unique_id
       const ncclResult_t code = ncclGetUniqueId(&id);
       if (code != ncclSuccess) fail(*slot, label, nccl_error(*slot, code));
     }

@@ -339,6 +339,14 @@ def error_not_in_group(args: list[str]) -> int:
     return 1
 
 
+def error_group_order(args: list[str]) -> int:
+    """The same two ranks in another order: rank 0's group is [1,0], rank 1's is [0,1]."""
+    comm = setup_communication()
+    group = [1, 0] if comm.rank == 0 else [0, 1]
+    _run_single_op({"group": group}, np.ones(4, np.float32))
+    return 1
+
+
 def error_group_beyond_world(args: list[str]) -> int:
     _run_single_op({"group": [0, 5]}, np.ones(4, np.float32))
     return 1
@@ -474,6 +482,7 @@ SCENARIOS = {
     "pipeline": pipeline,
     "reuse": reuse,
     "error_not_in_group": error_not_in_group,
+    "error_group_order": error_group_order,
     "error_group_beyond_world": error_group_beyond_world,
     "error_shape_mismatch": error_shape_mismatch,
     "error_bool_sum": error_bool_sum,
