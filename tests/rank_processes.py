@@ -1,0 +1,65 @@
+"""Finding the processes of one job started by a test: every process that inherited the test's mark
+(an environment variable), and among them the rank processes proper."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+MARK_ENV = "LLMIR_TEST_JOB_MARK"
+
+
+def marked_processes(mark: str) -> list[int]:
+    """Pids of live processes whose environment carries this mark (ranks inherit the CLI's env)."""
+    found = []
+    needle = f"{MARK_ENV}={mark}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().split(") ")[-1][:1]
+        except OSError:
+            continue
+        if needle in environ and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().split(") ")[-1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def rank_process(mark: str, rank: int) -> int | None:
+    """The rank process of `rank` (the child of its supervisor: both run llmir_onnx.runtime.rank_main)."""
+    for pid in marked_processes(mark):
+        if b"rank_main" not in _cmdline(pid) or b"rank_main" not in _cmdline(_parent(pid)):
+            continue
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PMI_RANK={rank}".encode() in environ:
+            return pid
+    return None
+
+
+def seconds_until_gone(mark: str, limit_s: float) -> float:
+    """Seconds until no marked process is left (polled every 20 ms), or `limit_s` if some remain."""
+    start = time.monotonic()
+    while marked_processes(mark):
+        if time.monotonic() - start > limit_s:
+            return limit_s
+        time.sleep(0.02)
+    return time.monotonic() - start
