@@ -387,13 +387,54 @@ std::unique_ptr<Backend> make_backend(void* stream, const void* input_data) {
   return std::make_unique<CudaBackend>(static_cast<cudaStream_t>(stream), use_staging());
 }
 
-void finalize() {
+// NCCL's documented teardown of a non-blocking communicator (nccl.h, ncclCommFinalize): ncclCommFinalize
+// flushes the issued work and leaves the communicator ncclInProgress until it is globally quiescent;
+// once ncclCommGetAsyncError says ncclSuccess, ncclCommDestroy frees the rest without blocking. Every
+// communicator is finalized first and only then waited for, so that members that finalize their
+// communicators in another order cannot wait for each other. A communicator that fails or stays busy
+// past the deadline is aborted; each failure is reported.
+std::string finalize() {
   std::lock_guard<std::mutex> lock(g_nccl_mutex);
+  std::vector<std::string> failures;
+  std::vector<NcclComm*> finalizing;
+  auto describe = [](const NcclComm& state, const std::string& what) {
+    return "NCCL communicator " + format_ranks(state.ranks) + ": " + what;
+  };
   for (auto& [key, state] : nccl_comms()) {
-    if (state->comm != nullptr && !state->broken) ncclCommDestroy(state->comm);
+    if (state->comm == nullptr || state->broken) continue;
+    const ncclResult_t code = ncclCommFinalize(state->comm);
+    if (code == ncclSuccess || code == ncclInProgress) {
+      finalizing.push_back(state.get());
+      continue;
+    }
+    failures.push_back(describe(*state, "ncclCommFinalize: " + nccl_error(*state, code)));
+    ncclCommAbort(state->comm);
+    state->comm = nullptr;
+  }
+  const Deadline deadline(comm_timeout_seconds());
+  for (NcclComm* state : finalizing) {
+    ncclResult_t async = ncclInProgress;
+    for (uint64_t iteration = 0;; ++iteration) {
+      const ncclResult_t code = ncclCommGetAsyncError(state->comm, &async);
+      if (code != ncclSuccess) async = code;
+      if (async != ncclInProgress || deadline.expired()) break;
+      poll_pause(iteration);
+    }
+    if (async == ncclSuccess) {
+      const ncclResult_t code = ncclCommDestroy(state->comm);
+      if (code != ncclSuccess) failures.push_back(describe(*state, "ncclCommDestroy: " + nccl_error(*state, code)));
+    } else {
+      failures.push_back(describe(*state, async == ncclInProgress
+                                              ? "ncclCommFinalize did not complete: " + deadline.timeout_message()
+                                              : "ncclCommFinalize: " + nccl_error(*state, async)));
+      ncclCommAbort(state->comm);
+    }
     state->comm = nullptr;
   }
   nccl_comms().clear();
+  std::string joined;
+  for (const auto& failure : failures) joined += (joined.empty() ? "" : "; ") + failure;
+  return joined;
 }
 
 }  // namespace llmir::cuda
