@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from rank_processes import MARK_ENV, marked_processes, rank_process, seconds_until_gone
+from job_helpers import MARK_ENV, long_generation_plan, marked_processes, rank_process, seconds_until_gone
 
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.runtime.job import FAULT_ENV, KIND_COMMUNICATION, KIND_KILLED, KIND_LOCAL, _failure_message, _JobFiles
@@ -49,15 +49,7 @@ def small4_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def long4_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tp 2 x pp 2 plan of a tiny synthetic LLaMA with 4096 positions: a generation that lasts seconds."""
-    folder = tmp_path_factory.mktemp("faults-long")
-    subprocess.run(
-        [sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--preset", "tiny", "--max-position", "4096",
-         "--out", str(folder / "model")], check=True, capture_output=True, timeout=GENEROUS_S,
-    )
-    plan = folder / "tp2pp2"
-    partition_to_dir(folder / "model" / "model.onnx", plan, tp=2, pp=2)
-    return plan
+    return long_generation_plan(tmp_path_factory.mktemp("faults-long"), tp=2, pp=2, timeout_s=GENEROUS_S)
 
 
 def _start_generation(plan: Path, mark: str) -> subprocess.Popen[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from rank_processes import MARK_ENV, marked_processes, seconds_until_gone
+from job_helpers import MARK_ENV, long_generation_plan, marked_processes, seconds_until_gone
 
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.errors import GenerationError
@@ -43,14 +43,7 @@ def tp2_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def long_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tp 2 plan of a tiny synthetic LLaMA with 4096 positions: a generation that lasts seconds."""
-    folder = tmp_path_factory.mktemp("runtime-long")
-    subprocess.run(
-        [sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--preset", "tiny", "--max-position", "4096",
-         "--out", str(folder / "model")], check=True, capture_output=True, timeout=TIMEOUT_S,
-    )
-    plan = folder / "tp2"
-    partition_to_dir(folder / "model" / "model.onnx", plan, tp=2)
-    return plan
+    return long_generation_plan(tmp_path_factory.mktemp("runtime-long"), tp=2, timeout_s=TIMEOUT_S)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:

@@ -1,13 +1,31 @@
-"""Finding the processes of one job started by a test: every process that inherited the test's mark
-(an environment variable), and among them the rank processes proper."""
+"""Helpers of the tests that run rank jobs: a plan whose generation lasts seconds (long enough to
+interrupt), and finding the processes of one job (every process that inherited the test's mark, an
+environment variable, and among them the rank processes proper)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
+from llmir_onnx.api import partition_to_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+
 MARK_ENV = "LLMIR_TEST_JOB_MARK"
+
+
+def long_generation_plan(folder: Path, tp: int, pp: int = 1, timeout_s: float = 60.0) -> Path:
+    """A (tp, pp) plan of a tiny synthetic LLaMA with 4096 positions: a generation that lasts seconds."""
+    subprocess.run(
+        [sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--preset", "tiny", "--max-position", "4096",
+         "--out", str(folder / "model")], check=True, capture_output=True, timeout=timeout_s,
+    )
+    plan = folder / f"tp{tp}pp{pp}"
+    partition_to_dir(folder / "model" / "model.onnx", plan, tp=tp, pp=pp)
+    return plan
 
 
 def marked_processes(mark: str) -> list[int]:
