@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +25,9 @@ from llmir_onnx.runtime.launch import custom_ops_library_path
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "mpi_workers" / "collectives_worker.py"
 MPIEXEC = Path(sys.prefix) / "bin" / "mpiexec"
+# Where each rank records its verdict before it exits (the workers' _common.VERDICT_DIR_ENV): a
+# failing rank whose peers fail too waits for their verdicts before it exits.
+VERDICT_DIR_ENV = "LLMIR_TEST_VERDICT_DIR"
 EVERY_RANK_REPORTS = ("-disable-auto-cleanup",)
 HYDRA_DEFAULTS: tuple[str, ...] = ()
 # For tests where one rank may finish its part while its peer fails: under EVERY_RANK_REPORTS the
@@ -70,6 +75,8 @@ def launch(
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     # A broken op fails within this many seconds instead of hanging the suite.
     env["LLMIR_COMM_TIMEOUT_S"] = str(comm_timeout_s)
+    verdict_dir = tempfile.mkdtemp(prefix="llmir-verdicts-")
+    env[VERDICT_DIR_ENV] = verdict_dir
     command = [sys.executable, str(WORKER), scenario, *args, f"--run-id={run_id}"]
     if world > 0:
         command = [str(MPIEXEC), *mpiexec_flags, "-n", str(world), *command]
@@ -81,6 +88,8 @@ def launch(
     except subprocess.TimeoutExpired as error:
         output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
         pytest.fail(f"{scenario} on {world} ranks hung past {timeout_s} s (run id {run_id}); output:\n{output}")
+    finally:
+        shutil.rmtree(verdict_dir, ignore_errors=True)
     elapsed = time.monotonic() - start
     output = completed.stdout + completed.stderr
     verdicts = {}
@@ -302,8 +311,10 @@ def test_peer_that_never_arrives_times_out_naming_op_and_group() -> None:
 
 def test_peer_that_leaves_cleanly_early_times_out_on_every_survivor() -> None:
     """The last rank finalizes and exits 0 without entering the op: mpiexec sees nothing wrong, so only
-    the communication timeout can end the others."""
-    run = launch(3, "peer_never_arrives", "finalize", timeout_s=60, comm_timeout_s=3)
+    the communication timeout can end the others. Hydra's defaults: its MPI_Finalize waits for the
+    others, which never finalize, so only hydra's cleanup ends it (each survivor waits for the other's
+    verdict before it exits)."""
+    run = launch(3, "peer_never_arrives", "finalize", timeout_s=60, comm_timeout_s=3, mpiexec_flags=HYDRA_DEFAULTS)
     assert run.returncode != 0, run.describe()
     assert "RANK 2 leaving early" in run.output, run.describe()
     for rank in (0, 1):

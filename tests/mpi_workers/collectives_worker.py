@@ -449,7 +449,7 @@ def peer_never_arrives(args: list[str]) -> int:
         _run_single_op({"group": list(range(comm.world_size))}, np.ones(16, np.float32))
     except Exception as error:
         print(f"RANK {comm.rank} AllReduce ended after {time.monotonic() - start:.2f} s", flush=True)
-        fail(comm.rank, error, linger_s=2.0)
+        fail(comm.rank, error, wait_for=range(last))
     return 1
 
 
