@@ -187,11 +187,23 @@ def test_group_order_mismatch_is_an_immediate_error_on_every_member() -> None:
     order (not the timeout) shows that no member waited for the other."""
     run = launch(2, "error_group_order", timeout_s=100, comm_timeout_s=120)
     assert run.returncode != 0, run.describe()
-    for rank in (0, 1):
+    for rank, own, other in ((0, "[1,0]", 1), (1, "[0,1]", 0)):
         message = error_of(run, rank)
         assert "ai.llmir AllReduce" in message and "[node my_AllReduce]" in message, message
         assert "LLMIR_COMM_TIMEOUT_S" not in message, message
-        assert "[0,1]" in message and "[1,0]" in message and "order" in message, message
+        assert f"this rank lists it as {own}, rank {other} in another order" in message, message
+
+
+def test_group_order_mismatch_on_existing_communicators_is_an_immediate_error() -> None:
+    """Both orders' communicators exist already (every rank ran [0,1] and then [1,0]); then rank 0 runs
+    [1,0] while rank 1 runs [0,1]: each waits on a different communicator unless the signature check
+    (on the members' ascending-order communicator) includes the order."""
+    run = launch(2, "error_group_order_cached", timeout_s=100, comm_timeout_s=120)
+    assert run.returncode != 0, run.describe()
+    for rank, own, other in ((0, "[1,0]", 1), (1, "[0,1]", 0)):
+        message = error_of(run, rank)
+        assert "LLMIR_COMM_TIMEOUT_S" not in message, message
+        assert f"this rank lists it as {own}, rank {other} in another order" in message, message
 
 
 def test_group_member_beyond_world_size() -> None:

@@ -347,6 +347,16 @@ def error_group_order(args: list[str]) -> int:
     return 1
 
 
+def error_group_order_cached(args: list[str]) -> int:
+    """Every rank runs [0,1] and [1,0] in agreement (both communicators exist), then rank 0 runs [1,0]
+    while rank 1 runs [0,1]."""
+    comm = setup_communication()
+    for group in ([0, 1], [1, 0]):
+        _run_single_op({"group": group}, np.ones(4, np.float32))
+    _run_single_op({"group": [1, 0] if comm.rank == 0 else [0, 1]}, np.ones(4, np.float32))
+    return 1
+
+
 def error_group_beyond_world(args: list[str]) -> int:
     _run_single_op({"group": [0, 5]}, np.ones(4, np.float32))
     return 1
@@ -483,6 +493,7 @@ SCENARIOS = {
     "reuse": reuse,
     "error_not_in_group": error_not_in_group,
     "error_group_order": error_group_order,
+    "error_group_order_cached": error_group_order_cached,
     "error_group_beyond_world": error_group_beyond_world,
     "error_shape_mismatch": error_shape_mismatch,
     "error_bool_sum": error_bool_sum,
