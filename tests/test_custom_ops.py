@@ -40,7 +40,9 @@ def test_smoke_on_4_ranks(library: str) -> None:
     path = custom_ops_library_path() if library == "cpu" else LIBRARY_DIR / CUDA_LIBRARY_NAME
     if not path.is_file():
         pytest.skip(f"{CUDA_LIBRARY_NAME} was not built (no CUDA toolkit at install time)")
-    result = _run([str(MPIEXEC), "-n", "4", sys.executable, str(TESTS / "smoke.py"), str(path)])
+    # The timeout bounds the error paths' waits (a folded Recv would wait for it; see smoke.py).
+    result = _run([str(MPIEXEC), "-n", "4", sys.executable, str(TESTS / "smoke.py"), str(path)],
+                  env={"LLMIR_COMM_TIMEOUT_S": "60"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert "all smoke checks passed on 4 ranks (llmir_finalize -> 0)" in result.stdout, result.stdout
 
