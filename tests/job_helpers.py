@@ -59,10 +59,11 @@ def _parent(pid: int) -> int:
         return -1
 
 
-def rank_process(mark: str, rank: int) -> int | None:
-    """The rank process of `rank` (the child of its supervisor: both run llmir_onnx.runtime.rank_main)."""
+def rank_process(mark: str, rank: int, supervisor: bool = False) -> int | None:
+    """The rank process of `rank` (the child of its supervisor: both run llmir_onnx.runtime.rank_main),
+    or with `supervisor` its supervisor (the process mpiexec started)."""
     for pid in marked_processes(mark):
-        if b"rank_main" not in _cmdline(pid) or b"rank_main" not in _cmdline(_parent(pid)):
+        if b"rank_main" not in _cmdline(pid) or (b"rank_main" in _cmdline(_parent(pid))) == supervisor:
             continue
         try:
             environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")

@@ -75,22 +75,26 @@ def _error_line(stderr: str) -> str:
     return lines[-1]
 
 
-def test_kill_9_of_one_rank_of_a_4_rank_generation_stops_every_process(long4_plan: Path) -> None:
+@pytest.mark.parametrize("which", ["rank", "supervisor"])
+def test_kill_9_of_one_rank_of_a_4_rank_generation_stops_every_process(long4_plan: Path, which: str) -> None:
+    """Either process of rank 2: the rank itself, or its supervisor (same command line; mpiexec's child).
+    Killing a supervisor makes hydra kill the other ranks at once; the rank still gets named."""
     mark = _mark("kill-generate")
     process = _start_generation(long4_plan, mark)
-    victim = rank_process(mark, 2)
-    assert victim is not None, f"no rank 2 process among {marked_processes(mark)}"
+    victim = rank_process(mark, 2, supervisor=which == "supervisor")
+    assert victim is not None, f"no rank 2 {which} process among {marked_processes(mark)}"
     os.kill(victim, signal.SIGKILL)
     killed_at = time.monotonic()
     _, stderr = process.communicate(timeout=GENEROUS_S)
     exited_s = time.monotonic() - killed_at
     gone_s = exited_s + seconds_until_gone(mark, GENEROUS_S)
-    print(f"\nkill -9 of rank 2 (generate, 4 ranks): the CLI exited {exited_s:.2f} s later, every process was "
-          f"gone {gone_s:.2f} s later")
+    print(f"\nkill -9 of rank 2's {which} process (generate, 4 ranks): the CLI exited {exited_s:.2f} s later, "
+          f"every process was gone {gone_s:.2f} s later")
     assert process.returncode != 0
     line = _error_line(stderr)
-    assert line.startswith(f"llmir-onnx: error: generation failed: rank 2 died: the rank process (pid {victim}) "
-                           "was killed by SIGKILL"), line
+    expected = (f"the rank process (pid {victim}) was killed by SIGKILL" if which == "rank"
+                else f"its supervisor process (pid {victim}) was killed")
+    assert line.startswith(f"llmir-onnx: error: generation failed: rank 2 died: {expected}"), line
     assert gone_s < GENEROUS_S and marked_processes(mark) == []
 
 

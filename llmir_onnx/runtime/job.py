@@ -58,7 +58,13 @@ KIND_KILLED = "killed"  # the rank process died by a signal nobody forwarded: a 
 KIND_EXITED = "exited"  # the rank process exited without reporting: a cause
 KIND_SIGNALLED = "signalled"  # SIGINT/SIGTERM reached the rank through its launcher: a cause
 KIND_COMMUNICATION = "communication"  # an ai.llmir op failed (lost peer, timeout, disagreement): an effect
+# Seen by the parent only: a rank whose processes are gone without a record. Hydra kills every other
+# rank's process group when one of ITS processes (a supervisor) dies by a signal, so several ranks can
+# vanish together; the rank whose supervisor was killed records it from its rank process (which
+# outlives its supervisor by up to one watchdog period), and the parent waits that long for the record.
+KIND_VANISHED = "vanished"
 _EFFECTS = frozenset({KIND_COMMUNICATION})
+VANISHED_GRACE_S = 3 * WATCHDOG_PERIOD_S
 _PR_SET_PDEATHSIG = 1
 
 
@@ -77,8 +83,14 @@ class RankFailure:
     def is_cause(self) -> bool:
         return self.kind not in _EFFECTS
 
+    @property
+    def precedence(self) -> int:
+        """0: a recorded cause; 1: vanished without a record; 2: a follow-on error."""
+        return 2 if not self.is_cause else 1 if self.kind == KIND_VANISHED else 0
+
     def describe(self) -> str:
-        verb = {KIND_KILLED: "died:", KIND_EXITED: "died:", KIND_SIGNALLED: "was stopped"}.get(self.kind, "failed:")
+        verbs = {KIND_KILLED: "died:", KIND_EXITED: "died:", KIND_VANISHED: "died:", KIND_SIGNALLED: "was stopped"}
+        verb = verbs.get(self.kind, "failed:")
         return f"rank {self.rank} {verb} {self.message}"
 
 
@@ -156,7 +168,7 @@ class _JobFiles:
             return None
         if self.succeeded(rank) or _error_path(self.work_dir, rank).exists():  # it reported as it exited
             return None
-        return RankFailure(rank, KIND_KILLED, "its processes vanished without a word (killed or crashed)",
+        return RankFailure(rank, KIND_VANISHED, "its processes vanished without a word (killed or crashed)",
                            time.clock_gettime(time.CLOCK_MONOTONIC))
 
     def first_failure(self) -> RankFailure | None:
@@ -165,7 +177,7 @@ class _JobFiles:
                     if (failure := self.failure(rank) or self.vanished(rank)) is not None]
         if not failures:
             return None
-        return min(failures, key=lambda failure: (not failure.is_cause, failure.at, failure.rank))
+        return min(failures, key=lambda failure: (failure.precedence, failure.at, failure.rank))
 
     def pids(self) -> list[int]:
         found = []
@@ -273,6 +285,7 @@ def run_rank_job(
     files = _JobFiles(work_dir, world_size)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     cause: RankFailure | None = None
+    vanished_since: float | None = None
     with open(work_dir / LOG_FILE, "wb") as log:
         debug = bool(os.environ.get("LLMIR_DEBUG"))
         process = subprocess.Popen(command, env=env, stderr=None if debug else log, start_new_session=True,
@@ -282,6 +295,10 @@ def run_rank_job(
             while process.poll() is None:
                 time.sleep(POLL_S)
                 cause = files.first_failure()
+                if cause is not None and cause.kind == KIND_VANISHED:
+                    vanished_since = vanished_since or time.monotonic()
+                    if time.monotonic() - vanished_since < VANISHED_GRACE_S:
+                        continue  # a record of the rank that really died may still come
                 if cause is not None:
                     _stop(process, files)
                     break
@@ -373,7 +390,9 @@ def _run_rank_process(work_dir: Path, rank: int, body: Callable[[], None]) -> No
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     os.environ[JOB_ENV] = str(work_dir)
     _write_atomically(_pid_path(work_dir, rank), str(os.getpid()))
-    _exit_when_parent_changes(lambda: None)
+    supervisor = os.getppid()
+    _exit_when_parent_changes(lambda: write_rank_error(
+        work_dir, rank, KIND_KILLED, f"its supervisor process (pid {supervisor}) was killed; the rank process left"))
     try:
         body()
     except BaseException as error:  # onnxruntime's errors are not all RuntimeErrors: report every failure
