@@ -273,10 +273,13 @@ def broadcast_eager_mask(
     Its own versions go through torch.vmap, which TorchScript tracing records with the
     example's query length baked into a Reshape.
     """
-    if mask_function is not masking_utils.causal_mask_function:
-        raise NotImplementedError(f"only the plain causal mask is traceable here, not {mask_function}")
     kv_positions = torch.arange(kv_length, device=cache_position.device) + kv_offset
-    allowed = kv_positions[None, None, None, :] <= cache_position[None, None, :, None]
+    if mask_function is masking_utils.causal_mask_function:
+        allowed = kv_positions[None, None, None, :] <= cache_position[None, None, :, None]
+    else:
+        # transformers' mask functions (sliding window: causal and kv > q - window) are elementwise
+        # comparisons of (batch, head, q, kv) indices, so broadcast indices evaluate them whole.
+        allowed = mask_function(None, None, cache_position[None, None, :, None], kv_positions[None, None, None, :])
     if attention_mask is not None:
         padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
         allowed = allowed & padding[:, None, None, :]
@@ -357,10 +360,6 @@ def export_torch_legacy(model: PreTrainedModel, hf_dir: Path, work: Path) -> Pat
 
 
 def export_torch_dynamo(model: PreTrainedModel, hf_dir: Path, work: Path, opset: int | None = None) -> Path:
-    inputs, outputs = io_names(model.config)
-    # Sizes of 0 or 1 would be specialised by torch.export: trace with 2+ everywhere.
-    feeds = example_inputs(model.config, batch=2, past_len=4, new_len=3)
-    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
     batch = torch.export.Dim("batch_size", min=1, max=64)
     seq = torch.export.Dim("sequence_length", min=1, max=64)
     past = torch.export.Dim("past_sequence_length", min=1, max=64)
@@ -372,6 +371,33 @@ def export_torch_dynamo(model: PreTrainedModel, hf_dir: Path, work: Path, opset:
         # *past arrives as one tuple argument.
         tuple({0: batch, 2: past} for _ in range(2 * num_layers(model.config))),
     )
+    return dynamo_export(model, work, dynamic_shapes, opset)
+
+
+def export_torch_dynamo_autodims(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+    """What a user gets who marks the dims dynamic without naming them (Dim.AUTO).
+
+    The graph's dims are torch.export's own symbols: `s10`/`s43` for the batch of input_ids and
+    of attention_mask, one past-length symbol per layer (`s69`, `s15`), `s53` for the mask's
+    length, and presents of length `s69 + s70`.
+    """
+    auto = torch.export.Dim.AUTO
+    dynamic_shapes = (
+        {0: auto, 1: auto},
+        {0: auto, 1: auto},
+        {0: auto, 1: auto},
+        tuple({0: auto, 2: auto} for _ in range(2 * num_layers(model.config))),
+    )
+    return dynamo_export(model, work, dynamic_shapes)
+
+
+def dynamo_export(
+    model: PreTrainedModel, work: Path, dynamic_shapes: tuple[Any, ...], opset: int | None = None
+) -> Path:
+    inputs, outputs = io_names(model.config)
+    # Sizes of 0 or 1 would be specialised by torch.export: trace with 2+ everywhere.
+    feeds = example_inputs(model.config, batch=2, past_len=4, new_len=3)
+    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
     path = work / "model.onnx"
     program = torch.onnx.export(
         FlatKvDecoder(model),
@@ -446,6 +472,7 @@ EXPORTERS: dict[str, Exporter] = {
     "torch-legacy": Exporter(export_torch_legacy, (*ALL_FAMILIES, "llama-kv2")),
     "torch-dynamo": Exporter(export_torch_dynamo, ALL_FAMILIES),
     "torch-dynamo-opset23": Exporter(export_torch_dynamo_opset23, ("llama-gqa",), attn_implementation="sdpa"),
+    "torch-dynamo-autodims": Exporter(export_torch_dynamo_autodims, ("llama-gqa",)),
     "optimum": Exporter(export_optimum, ALL_FAMILIES),
     # The genai builder has no GPT-2 support (no GPT2LMHeadModel in its model table). Its Phi-3
     # export (0.11.4) is wrong: lm_head reads layer 0's post-attention norm instead of the final
