@@ -73,6 +73,9 @@ NEW_LEN = 2
 CHECK_SHAPES = ((1, PAST_LEN, NEW_LEN), (1, 6, 1), (2, 4, 1))
 ATOL = 1e-4
 RTOL = 1e-4
+# (atol, rtol) of a low-precision export against torch holding the same weights (int4: the
+# dequantized weights; fp16: computed in float16 by onnxruntime).
+LOW_PRECISION_TOLERANCE = {"int4": (1e-3, 1e-3), "fp16": (5e-2, 5e-2)}
 # mistral-window's sliding window: longer than every check's past + new tokens, since
 # transformers' sliding-window cache makes the export fail past it.
 MISTRAL_WINDOW = 16
@@ -358,6 +361,20 @@ def make_stablelm_config() -> PretrainedConfig:
     )
 
 
+def make_llama_wide_config() -> PretrainedConfig:
+    # For the quantized and half-precision genai exports: the row-parallel projections' inner
+    # dims (o_proj: 8 heads x 64 = 512, down_proj: 512) stay whole int4 blocks of 128 at tp 4.
+    # vocab 384, not 512: the genai builder (0.11.4) takes a Linear of lm_head's shape for lm_head,
+    # so with vocab == intermediate it wires lm_head to the first layer's up_proj input (the same
+    # happens to Phi-3, whose gate_up_proj is 512 x 128 like its lm_head).
+    config = make_llama_gqa_config()
+    config.vocab_size = 384
+    config.hidden_size = 256
+    config.head_dim = 64
+    config.intermediate_size = 512
+    return config
+
+
 FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "llama-gqa": make_llama_gqa_config,
     "llama-kv2": make_llama_kv2_config,
@@ -373,6 +390,7 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "olmo-clip": make_olmo_clip_config,
     "starcoder2-kv2": make_starcoder2_config,
     "stablelm-qkln": make_stablelm_config,
+    "llama-wide": make_llama_wide_config,
 }
 
 
@@ -650,7 +668,9 @@ def export_optimum(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
     return work / "model.onnx"
 
 
-def export_genai(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+def export_genai(
+    model: PreTrainedModel, hf_dir: Path, work: Path, precision: str = "fp32", extra_options: tuple[str, ...] = ()
+) -> Path:
     cache = work / "cache"
     cmd = [
         sys.executable,
@@ -661,7 +681,7 @@ def export_genai(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
         "-o",
         str(work),
         "-p",
-        "fp32",
+        precision,
         "-e",
         "cpu",
         "-c",
@@ -669,6 +689,7 @@ def export_genai(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
         "--extra_options",
         "hf_token=false",
         "hf_remote=false",
+        *extra_options,
     ]
     subprocess.run(cmd, check=True)
     return work / "model.onnx"
@@ -681,6 +702,18 @@ class Exporter:
     # How the model runs attention while exported: eager gives MatMul/Softmax, sdpa gives
     # ONNX Attention at opset 23. optimum and the genai builder load the saved folder themselves.
     attn_implementation: str = "eager"
+    # Weights the export holds other than the float32 model's: "int4" (MatMulNBits) or "fp16".
+    # Such an export is checked against the torch model with the weights it holds (dequantized,
+    # or rounded to float16), within LOW_PRECISION_TOLERANCE, and its reference.npz holds
+    # onnxruntime's outputs, not torch's.
+    precision: str = "fp32"
+
+
+def genai_exporter(precision: str, *extra_options: str) -> Callable[[PreTrainedModel, Path, Path], Path]:
+    def export(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+        return export_genai(model, hf_dir, work, precision, extra_options)
+
+    return export
 
 
 ALL_FAMILIES = ("llama-gqa", "gpt2", "phi3", "qwen3")
@@ -709,6 +742,26 @@ EXPORTERS: dict[str, Exporter] = {
     # export (0.11.4) is wrong: lm_head reads layer 0's post-attention norm instead of the final
     # norm (logits differ from torch by ~10), so it is not exported.
     "genai": Exporter(export_genai, ("llama-gqa", "llama-kv2", "qwen3", "qwen2-kv2")),
+    # int4 (RTN), symmetric (no zero points) by default, asymmetric (uint4 with zero points) on
+    # request. Accuracy level 1 (float32 activations), not the CPU default 4 (activations quantized
+    # to int8, which moves logits of ~12 by up to ~1.4 at block 128), so that the export is checked
+    # tightly against torch with the dequantized weights; the graph is the same but for that attribute.
+    "genai-int4-b32": Exporter(
+        genai_exporter("int4", "int4_block_size=32", "int4_accuracy_level=1"), ("llama-wide",), precision="int4"
+    ),
+    "genai-int4-b128": Exporter(
+        genai_exporter("int4", "int4_block_size=128", "int4_accuracy_level=1"), ("llama-wide",), precision="int4"
+    ),
+    "genai-int4-b32-zp": Exporter(
+        genai_exporter("int4", "int4_block_size=32", "int4_is_symmetric=false", "int4_accuracy_level=1"),
+        ("llama-wide",),
+        precision="int4",
+    ),
+    "genai-int4-b128-zp": Exporter(
+        genai_exporter("int4", "int4_block_size=128", "int4_is_symmetric=false", "int4_accuracy_level=1"),
+        ("llama-wide",),
+        precision="int4",
+    ),
 }
 
 
@@ -839,7 +892,9 @@ def run_onnxruntime(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
     return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
 
 
-def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
+def compare(
+    reference: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float = ATOL, rtol: float = RTOL
+) -> dict[str, float]:
     diffs: dict[str, float] = {}
     for name, expected in reference.items():
         if name not in got:
@@ -848,9 +903,75 @@ def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dic
         if actual.shape != expected.shape:
             raise RuntimeError(f"output {name}: shape {actual.shape} != torch {expected.shape}")
         diffs[name] = float(np.max(np.abs(actual - expected)))
-        if not np.allclose(actual, expected, atol=ATOL, rtol=RTOL):
-            raise RuntimeError(f"output {name}: max abs diff {diffs[name]:.3g} exceeds atol {ATOL} rtol {RTOL}")
+        if not np.allclose(actual, expected, atol=atol, rtol=rtol):
+            raise RuntimeError(f"output {name}: max abs diff {diffs[name]:.3g} exceeds atol {atol} rtol {rtol}")
     return diffs
+
+
+def dequantize_matmul_nbits(node: onnx.NodeProto, initializers: dict[str, np.ndarray]) -> np.ndarray:
+    """The float weight `[N, K]` a MatMulNBits node (4 bits) multiplies by: (q - zero point) * scale per block."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+    if attrs["bits"] != 4:
+        raise RuntimeError(f"{node.name}: {attrs['bits']}-bit MatMulNBits is not handled here")
+    packed = initializers[node.input[1]].reshape(n, -1)
+    blocks = -(-k // block)
+    # Two 4-bit values a byte, the low nibble first.
+    quant = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, : blocks * block].astype(np.float32)
+    scales = initializers[node.input[2]].reshape(n, blocks).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        zp_packed = initializers[node.input[3]].reshape(n, -1)
+        zero_points = np.stack([zp_packed & 0x0F, zp_packed >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    else:
+        zero_points = np.full((n, blocks), 8)
+    weight = (quant.reshape(n, blocks, block) - zero_points[..., None]) * scales[..., None]
+    return weight.reshape(n, blocks * block)[:, :k]
+
+
+# genai builder weight names (`model.layers.0.attn.qkv_proj.MatMul.weight_Q4`) -> torch Linear modules.
+GENAI_PROJECTIONS = {
+    "attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_proj": ("mlp.gate_proj",),
+    "mlp.up_proj": ("mlp.up_proj",),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def model_with_exported_weights(model: PreTrainedModel, path: Path, precision: str) -> PreTrainedModel:
+    """A copy of the torch model holding the weights the export holds: int4 dequantized, or float16 rounded."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        if precision == "fp16":
+            for param in twin.parameters():
+                param.copy_(param.half().float())
+            return twin
+        if precision != "int4":
+            raise ValueError(f"unknown precision {precision}")
+        proto = onnx.load(str(path), load_external_data=True)
+        initializers = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        replaced = set()
+        for node in proto.graph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            weight = torch.from_numpy(dequantize_matmul_nbits(node, initializers))
+            name = node.input[1]
+            if name.startswith("lm_head."):
+                targets = ["lm_head"]
+            else:
+                layer, proj = name.removeprefix("model.layers.").split(".MatMul")[0].split(".", 1)
+                targets = [f"model.layers.{layer}.{t}" for t in GENAI_PROJECTIONS[proj]]
+            modules = [twin.get_submodule(t) for t in targets]
+            rows = [m.weight.shape[0] for m in modules]
+            for module, part in zip(modules, torch.split(weight, rows), strict=True):
+                module.weight.copy_(part)
+            replaced.update(targets)
+    linears = {n for n, m in twin.named_modules() if isinstance(m, torch.nn.Linear)}
+    if linears - replaced:
+        raise RuntimeError(f"{path}: no MatMulNBits weight found for {sorted(linears - replaced)}")
+    return twin
 
 
 def save_reference(
@@ -892,11 +1013,31 @@ def export_one(family: str, exporter_name: str, out: Path) -> dict[str, Any]:
         export_seconds = time.perf_counter() - start
         source_ir = onnx.load(str(exported), load_external_data=False).ir_version
         proto = finalize(exported, dest, config)
+    precision = EXPORTERS[exporter_name].precision
+    atol, rtol = LOW_PRECISION_TOLERANCE.get(precision, (ATOL, RTOL))
+    if precision != "fp32":
+        # The export's IO dtype (float16 for fp16) for the float inputs; torch gets the same values.
+        io_dtype = onnx.helper.tensor_dtype_to_np_dtype(proto.graph.input[-1].type.tensor_type.elem_type)
+        twin = model_with_exported_weights(model, dest / "model.onnx", precision)
+        checks = [
+            ({k: v.astype(io_dtype) if v.dtype == np.float32 else v for k, v in f.items()}, {}) for f, _ in checks
+        ]
+        checks = [
+            (f, torch_reference(twin, {k: v.astype(np.float32) if v.dtype == io_dtype else v for k, v in f.items()}))
+            for f, _ in checks
+        ]
     diffs: dict[str, float] = {}
+    first_outputs: dict[str, np.ndarray] = {}
     for feeds, reference in checks:
-        got = compare(reference, run_onnxruntime(dest / "model.onnx", feeds))
+        outputs = run_onnxruntime(dest / "model.onnx", feeds)
+        first_outputs = first_outputs or outputs
+        got = compare(reference, {k: v.astype(np.float32) for k, v in outputs.items()}, atol, rtol)
         diffs = {k: max(v, diffs.get(k, 0.0)) for k, v in got.items()}
-    save_reference(dest / REFERENCE_FILE, *checks[0], model_inputs=[i.name for i in proto.graph.input])
+    # A low-precision export's reference is onnxruntime's own output (torch's differs by its rounding).
+    reference_outputs = checks[0][1] if precision == "fp32" else first_outputs
+    save_reference(
+        dest / REFERENCE_FILE, checks[0][0], reference_outputs, model_inputs=[i.name for i in proto.graph.input]
+    )
     sizes = {p.name: p.stat().st_size for p in sorted(dest.iterdir())}
     kv_heads, head_dim = kv_shape(config)
     return {
@@ -922,7 +1063,9 @@ def export_one(family: str, exporter_name: str, out: Path) -> dict[str, Any]:
         "file_sizes": sizes,
         "versions": tool_versions(),
         "max_abs_diff_vs_torch": diffs,
-        "check": f"(batch, past, new) in {CHECK_SHAPES}: allclose atol {ATOL} rtol {RTOL}",
+        "check": f"(batch, past, new) in {CHECK_SHAPES}: allclose atol {atol} rtol {rtol}"
+        + ("" if precision == "fp32" else f" against torch with the export's {precision} weights"),
+        "reference_npz": "torch outputs" if precision == "fp32" else "onnxruntime outputs",
     }
 
 
