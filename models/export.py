@@ -593,6 +593,33 @@ def export_torch_legacy(model: PreTrainedModel, hf_dir: Path, work: Path) -> Pat
     return path
 
 
+def export_torch_legacy_half(model: PreTrainedModel, hf_dir: Path, work: Path, dtype: torch.dtype) -> Path:
+    """The torch-legacy export of the model cast to float16 or bfloat16 (weights, IO and compute)."""
+    import copy
+
+    half = copy.deepcopy(model).to(dtype)
+    inputs, outputs = io_names(model.config)
+    feeds = example_inputs(model.config)
+    args = tuple(
+        torch.from_numpy(feeds[name]).to(dtype) if feeds[name].dtype == np.float32 else torch.from_numpy(feeds[name])
+        for name in inputs
+    )
+    path = work / "model.onnx"
+    with traceable_masks():
+        torch.onnx.export(
+            FlatKvDecoder(half),
+            args,
+            str(path),
+            dynamo=False,
+            opset_version=LEGACY_OPSET,
+            input_names=inputs,
+            output_names=outputs,
+            dynamic_axes=dynamic_axes(model.config),
+            do_constant_folding=True,
+        )
+    return path
+
+
 def export_torch_dynamo(model: PreTrainedModel, hf_dir: Path, work: Path, opset: int | None = None) -> Path:
     batch = torch.export.Dim("batch_size", min=1, max=64)
     seq = torch.export.Dim("sequence_length", min=1, max=64)
@@ -756,6 +783,14 @@ EXPORTERS: dict[str, Exporter] = {
         genai_exporter("int4", "int4_block_size=32", "int4_is_symmetric=false", "int4_accuracy_level=1"),
         ("llama-wide",),
         precision="int4",
+    ),
+    # The genai builder's fp16 CPU export (0.11.4) fails in onnxruntime (Expand in
+    # attn_mask_reformat: "invalid expand shape"); onnxruntime's CPU has no bfloat16 MatMul, Add
+    # or ReduceMax kernels, so no bfloat16 export runs there.
+    "torch-legacy-fp16": Exporter(
+        lambda model, hf_dir, work: export_torch_legacy_half(model, hf_dir, work, torch.float16),
+        ("llama-gqa",),
+        precision="fp16",
     ),
     "genai-int4-b128-zp": Exporter(
         genai_exporter("int4", "int4_block_size=128", "int4_is_symmetric=false", "int4_accuracy_level=1"),
