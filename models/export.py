@@ -764,7 +764,8 @@ EXPORTERS: dict[str, Exporter] = {
     "torch-dynamo-autodims": Exporter(export_torch_dynamo_autodims, ("llama-gqa",)),
     # optimum 2.1 cannot export falcon-gqa: its dummy past has num_kv_heads (2) heads where the
     # model caches k and v broadcast to all 8 query heads (torch.cat: "Expected size 2 but got size 8").
-    "optimum": Exporter(export_optimum, (*ALL_FAMILIES, "qwen2-kv2")),
+    # optimum-onnx 0.1.0 has no StarCoder2 config ("custom or unsupported architecture").
+    "optimum": Exporter(export_optimum, (*ALL_FAMILIES, "qwen2-kv2", "stablelm-qkln")),
     # The genai builder has no GPT-2 support (no GPT2LMHeadModel in its model table). Its Phi-3
     # export (0.11.4) is wrong: lm_head reads layer 0's post-attention norm instead of the final
     # norm (logits differ from torch by ~10), so it is not exported.
