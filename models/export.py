@@ -179,68 +179,60 @@ def make_qwen3_config() -> PretrainedConfig:
     )
 
 
+# What every family below shares (the families above spell it out).
+TINY: dict[str, Any] = {
+    "vocab_size": 512,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 128,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+
+
 def make_mistral_window_config() -> PretrainedConfig:
     # Sliding-window attention with transformers' sliding-window cache: the export runs only up to
     # 16 tokens (past + new; onnxruntime fails on the mask Add beyond), presents keep 15 tokens.
     return MistralConfig(
-        vocab_size=512,
+        **TINY,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=4,
         head_dim=16,
-        max_position_embeddings=128,
         sliding_window=MISTRAL_WINDOW,
-        rope_theta=10000.0,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
         architectures=["MistralForCausalLM"],
-        torch_dtype="float32",
     )
 
 
 def make_qwen3_kv1_config() -> PretrainedConfig:
     # Per-head q/k RMSNorm with ONE KV head under 4 query heads: tp 2 and 4 replicate the KV head.
     return Qwen3Config(
-        vocab_size=512,
+        **TINY,
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=1,
         head_dim=16,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
         architectures=["Qwen3ForCausalLM"],
-        torch_dtype="float32",
     )
 
 
 def make_qwen2_kv2_config() -> PretrainedConfig:
     # Qwen2 has a bias on q, k and v (not on o); 8 query heads over 2 KV heads: tp 4 replicates.
     return Qwen2Config(
-        vocab_size=512,
+        **TINY,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
         use_sliding_window=False,
-        bos_token_id=1,
-        eos_token_id=2,
         architectures=["Qwen2ForCausalLM"],
-        torch_dtype="float32",
     )
 
 
@@ -248,9 +240,8 @@ def make_falcon_config(kv_heads: int | None) -> PretrainedConfig:
     """Falcon's fused query_key_value: grouped per KV head (new decoder architecture) or multi-query."""
     grouped = kv_heads is not None
     config = FalconConfig(
-        vocab_size=512,
+        **TINY,
         hidden_size=128,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_kv_heads=kv_heads,
         new_decoder_architecture=grouped,
@@ -259,13 +250,7 @@ def make_falcon_config(kv_heads: int | None) -> PretrainedConfig:
         alibi=False,
         bias=False,
         ffn_hidden_size=256,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
         architectures=["FalconForCausalLM"],
-        torch_dtype="float32",
     )
     # The heads of the KV cache, which the tests read as num_key_value_heads: multi-query caches its
     # one KV head; the grouped architecture caches k and v broadcast to every query head (8), though
@@ -277,21 +262,14 @@ def make_falcon_config(kv_heads: int | None) -> PretrainedConfig:
 def make_olmo2_config() -> PretrainedConfig:
     # OLMo 2 normalises q and k over ALL heads (q_norm over 8 x 16, k_norm over 2 x 16), not per head.
     return Olmo2Config(
-        vocab_size=512,
+        **TINY,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
         rms_norm_eps=1e-6,
-        tie_word_embeddings=False,
         pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
         architectures=["Olmo2ForCausalLM"],
-        torch_dtype="float32",
     )
 
 
@@ -299,42 +277,28 @@ def make_olmo_clip_config() -> PretrainedConfig:
     # OLMo clamps q, k and v to [-clip_qkv, clip_qkv]; projections have std ~2.3 here, so 2.0 clips
     # about a third of the values.
     return OlmoConfig(
-        vocab_size=512,
+        **TINY,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=4,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
         clip_qkv=2.0,
-        tie_word_embeddings=False,
         pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
         architectures=["OlmoForCausalLM"],
-        torch_dtype="float32",
     )
 
 
 def make_starcoder2_config() -> PretrainedConfig:
     # Biases on every projection, LayerNorm, GQA with 2 KV heads, a plain (gelu) 2-matrix MLP.
     return Starcoder2Config(
-        vocab_size=512,
+        **TINY,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
         sliding_window=None,
         use_bias=True,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
         architectures=["Starcoder2ForCausalLM"],
-        torch_dtype="float32",
     )
 
 
@@ -342,22 +306,15 @@ def make_stablelm_config() -> PretrainedConfig:
     # StableLM 2: per-head LayerNorm on q and k (a separate weight per head), partial rotary
     # (a quarter of head_dim), qkv bias, 2 KV heads.
     return StableLmConfig(
-        vocab_size=512,
+        **TINY,
         hidden_size=128,
         intermediate_size=256,
-        num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=2,
-        max_position_embeddings=128,
-        rope_theta=10000.0,
         partial_rotary_factor=0.25,
         qk_layernorm=True,
         use_qkv_bias=True,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
         architectures=["StableLmForCausalLM"],
-        torch_dtype="float32",
     )
 
 
