@@ -530,41 +530,20 @@ def dynamic_axes(config: PretrainedConfig) -> dict[str, dict[int, str]]:
     return axes
 
 
-def export_torch_legacy(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+def export_torch_legacy(model: PreTrainedModel, hf_dir: Path, work: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The torch-legacy export; with dtype float16 (or bfloat16), of the model cast to it: weights, IO, compute."""
+    import copy
+
     inputs, outputs = io_names(model.config)
     feeds = example_inputs(model.config)
     args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+        args = tuple(arg.to(dtype) if arg.is_floating_point() else arg for arg in args)
     path = work / "model.onnx"
     with traceable_masks():
         torch.onnx.export(
             FlatKvDecoder(model),
-            args,
-            str(path),
-            dynamo=False,
-            opset_version=LEGACY_OPSET,
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=dynamic_axes(model.config),
-            do_constant_folding=True,
-        )
-    return path
-
-
-def export_torch_legacy_half(model: PreTrainedModel, hf_dir: Path, work: Path, dtype: torch.dtype) -> Path:
-    """The torch-legacy export of the model cast to float16 or bfloat16 (weights, IO and compute)."""
-    import copy
-
-    half = copy.deepcopy(model).to(dtype)
-    inputs, outputs = io_names(model.config)
-    feeds = example_inputs(model.config)
-    args = tuple(
-        torch.from_numpy(feeds[name]).to(dtype) if feeds[name].dtype == np.float32 else torch.from_numpy(feeds[name])
-        for name in inputs
-    )
-    path = work / "model.onnx"
-    with traceable_masks():
-        torch.onnx.export(
-            FlatKvDecoder(half),
             args,
             str(path),
             dynamo=False,
@@ -746,7 +725,7 @@ EXPORTERS: dict[str, Exporter] = {
     # attn_mask_reformat: "invalid expand shape"); onnxruntime's CPU has no bfloat16 MatMul, Add
     # or ReduceMax kernels, so no bfloat16 export runs there.
     "torch-legacy-fp16": Exporter(
-        lambda model, hf_dir, work: export_torch_legacy_half(model, hf_dir, work, torch.float16),
+        lambda model, hf_dir, work: export_torch_legacy(model, hf_dir, work, torch.float16),
         ("llama-gqa",),
         precision="fp16",
     ),
