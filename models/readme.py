@@ -24,6 +24,11 @@ EXPORTER_TOOLS = {
     "torch-dynamo-autodims": ("torch", "transformers", "onnxscript", "onnx"),
     "optimum": ("torch", "transformers", "optimum", "optimum-onnx", "onnx"),
     "genai": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "genai-int4-b32": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "genai-int4-b128": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "genai-int4-b32-zp": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "genai-int4-b128-zp": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "torch-legacy-fp16": ("torch", "transformers", "onnx"),
 }
 
 
