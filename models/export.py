@@ -45,15 +45,23 @@ from readme import write_readme
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    FalconConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    OlmoConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2Config,
     Qwen3Config,
+    StableLmConfig,
+    Starcoder2Config,
     masking_utils,
 )
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
+from transformers.modeling_utils import no_init_weights
 
 MAX_IR_VERSION = 10
 REFERENCE_FILE = "reference.npz"
@@ -65,6 +73,12 @@ NEW_LEN = 2
 CHECK_SHAPES = ((1, PAST_LEN, NEW_LEN), (1, 6, 1), (2, 4, 1))
 ATOL = 1e-4
 RTOL = 1e-4
+# (atol, rtol) of a low-precision export against torch holding the same weights (int4: the
+# dequantized weights; fp16: computed in float16 by onnxruntime).
+LOW_PRECISION_TOLERANCE = {"int4": (1e-3, 1e-3), "fp16": (5e-2, 5e-2)}
+# mistral-window's sliding window: longer than every check's past + new tokens, since
+# transformers' sliding-window cache makes the export fail past it.
+MISTRAL_WINDOW = 16
 TOOLCHAIN = (
     "torch",
     "transformers",
@@ -165,18 +179,187 @@ def make_qwen3_config() -> PretrainedConfig:
     )
 
 
+# What every family below shares (the families above spell it out).
+TINY: dict[str, Any] = {
+    "vocab_size": 512,
+    "num_hidden_layers": 2,
+    "max_position_embeddings": 128,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "torch_dtype": "float32",
+}
+
+
+def make_mistral_window_config() -> PretrainedConfig:
+    # Sliding-window attention with transformers' sliding-window cache: the export runs only up to
+    # 16 tokens (past + new; onnxruntime fails on the mask Add beyond), presents keep 15 tokens.
+    return MistralConfig(
+        **TINY,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=16,
+        sliding_window=MISTRAL_WINDOW,
+        rms_norm_eps=1e-5,
+        architectures=["MistralForCausalLM"],
+    )
+
+
+def make_qwen3_kv1_config() -> PretrainedConfig:
+    # Per-head q/k RMSNorm with ONE KV head under 4 query heads: tp 2 and 4 replicate the KV head.
+    return Qwen3Config(
+        **TINY,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        architectures=["Qwen3ForCausalLM"],
+    )
+
+
+def make_qwen2_kv2_config() -> PretrainedConfig:
+    # Qwen2 has a bias on q, k and v (not on o); 8 query heads over 2 KV heads: tp 4 replicates.
+    return Qwen2Config(
+        **TINY,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        use_sliding_window=False,
+        architectures=["Qwen2ForCausalLM"],
+    )
+
+
+def make_falcon_config(kv_heads: int | None) -> PretrainedConfig:
+    """Falcon's fused query_key_value: grouped per KV head (new decoder architecture) or multi-query."""
+    grouped = kv_heads is not None
+    config = FalconConfig(
+        **TINY,
+        hidden_size=128,
+        num_attention_heads=8,
+        num_kv_heads=kv_heads,
+        new_decoder_architecture=grouped,
+        multi_query=not grouped,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+        ffn_hidden_size=256,
+        architectures=["FalconForCausalLM"],
+    )
+    # The heads of the KV cache, which the tests read as num_key_value_heads: multi-query caches its
+    # one KV head; the grouped architecture caches k and v broadcast to every query head (8), though
+    # its weights hold 2 (num_kv_heads).
+    config.num_key_value_heads = config.num_attention_heads if grouped else 1
+    return config
+
+
+def make_olmo2_config() -> PretrainedConfig:
+    # OLMo 2 normalises q and k over ALL heads (q_norm over 8 x 16, k_norm over 2 x 16), not per head.
+    return Olmo2Config(
+        **TINY,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        rms_norm_eps=1e-6,
+        pad_token_id=0,
+        architectures=["Olmo2ForCausalLM"],
+    )
+
+
+def make_olmo_clip_config() -> PretrainedConfig:
+    # OLMo clamps q, k and v to [-clip_qkv, clip_qkv]; projections have std ~2.3 here, so 2.0 clips
+    # about a third of the values.
+    return OlmoConfig(
+        **TINY,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        clip_qkv=2.0,
+        pad_token_id=0,
+        architectures=["OlmoForCausalLM"],
+    )
+
+
+def make_starcoder2_config() -> PretrainedConfig:
+    # Biases on every projection, LayerNorm, GQA with 2 KV heads, a plain (gelu) 2-matrix MLP.
+    return Starcoder2Config(
+        **TINY,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        sliding_window=None,
+        use_bias=True,
+        architectures=["Starcoder2ForCausalLM"],
+    )
+
+
+def make_stablelm_config() -> PretrainedConfig:
+    # StableLM 2: per-head LayerNorm on q and k (a separate weight per head), partial rotary
+    # (a quarter of head_dim), qkv bias, 2 KV heads.
+    return StableLmConfig(
+        **TINY,
+        hidden_size=128,
+        intermediate_size=256,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        partial_rotary_factor=0.25,
+        qk_layernorm=True,
+        use_qkv_bias=True,
+        architectures=["StableLmForCausalLM"],
+    )
+
+
+def make_llama_wide_config() -> PretrainedConfig:
+    # For the quantized and half-precision genai exports: the row-parallel projections' inner
+    # dims (o_proj: 8 heads x 64 = 512, down_proj: 512) stay whole int4 blocks of 128 at tp 4.
+    # vocab 384, not 512: the genai builder (0.11.4) takes a Linear of lm_head's shape for lm_head,
+    # so with vocab == intermediate it wires lm_head to the first layer's up_proj input (the same
+    # happens to Phi-3, whose gate_up_proj is 512 x 128 like its lm_head).
+    config = make_llama_gqa_config()
+    config.vocab_size = 384
+    config.hidden_size = 256
+    config.head_dim = 64
+    config.intermediate_size = 512
+    return config
+
+
 FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "llama-gqa": make_llama_gqa_config,
     "llama-kv2": make_llama_kv2_config,
     "gpt2": make_gpt2_config,
     "phi3": make_phi3_config,
     "qwen3": make_qwen3_config,
+    "mistral-window": make_mistral_window_config,
+    "qwen3-kv1": make_qwen3_kv1_config,
+    "qwen2-kv2": make_qwen2_kv2_config,
+    "falcon-gqa": lambda: make_falcon_config(2),
+    "falcon-mqa": lambda: make_falcon_config(None),
+    "olmo2-kv2": make_olmo2_config,
+    "olmo-clip": make_olmo_clip_config,
+    "starcoder2-kv2": make_starcoder2_config,
+    "stablelm-qkln": make_stablelm_config,
+    "llama-wide": make_llama_wide_config,
 }
 
 
 def build_model(config: PretrainedConfig, attn_implementation: str = "eager") -> PreTrainedModel:
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation, torch_dtype=torch.float32)
+    # transformers 4.57's StableLM init zeroes LayerNorm biases that its per-head q/k norms do not
+    # have (AttributeError); every parameter is redrawn below, so skip its init.
+    skip_init = no_init_weights() if config.model_type == "stablelm" else contextlib.nullcontext()
+    with skip_init:
+        model = AutoModelForCausalLM.from_config(
+            config, attn_implementation=attn_implementation, torch_dtype=torch.float32
+        )
     # Random init gives tiny weights with near-uniform logits, zero biases and all-ones norm
     # weights; widen them so a wrong partition shows up as a large error (a bias added on every
     # rank, a norm weight sliced wrongly), and so no two tensors are equal and get merged by an
@@ -231,7 +414,7 @@ class FlatKvDecoder(torch.nn.Module):
         position_ids: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        cache = seeded_cache(past, self.layers)
+        cache = seeded_cache(past, self.model.config)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -246,15 +429,23 @@ class FlatKvDecoder(torch.nn.Module):
         return tuple(flat)
 
 
-def seeded_cache(past: tuple[torch.Tensor, ...], layers: int) -> DynamicCache:
+def seeded_cache(past: tuple[torch.Tensor, ...], config: PretrainedConfig) -> DynamicCache:
+    """The cache transformers builds for the config (`DynamicCache(config=...)`), holding `past`.
+
+    A config with a sliding window gets transformers' sliding-window layers, which keep only the
+    last window - 1 tokens: its export runs only up to the window (what a user's export of such a
+    model does).
+    """
+    cache = DynamicCache(config=config)
+    if not cache.layers:  # a config transformers does not read layers from
+        cache.layers = [DynamicLayer() for _ in range(num_layers(config))]
     # Set the layers directly: DynamicLayer.update concatenates onto an empty 1-D tensor
     # first, which TorchScript tracing records as a Concat that fails in onnxruntime.
-    cache = DynamicCache()
-    for layer in range(layers):
-        cache_layer = DynamicLayer()
+    for layer, cache_layer in enumerate(cache.layers):
         cache_layer.lazy_initialization(past[2 * layer])
         cache_layer.keys, cache_layer.values = past[2 * layer], past[2 * layer + 1]
-        cache.layers.append(cache_layer)
+        if isinstance(cache_layer, DynamicSlidingWindowLayer):
+            cache_layer.cumulative_length = past[2 * layer].shape[-2]
     return cache
 
 
@@ -273,10 +464,13 @@ def broadcast_eager_mask(
     Its own versions go through torch.vmap, which TorchScript tracing records with the
     example's query length baked into a Reshape.
     """
-    if mask_function is not masking_utils.causal_mask_function:
-        raise NotImplementedError(f"only the plain causal mask is traceable here, not {mask_function}")
     kv_positions = torch.arange(kv_length, device=cache_position.device) + kv_offset
-    allowed = kv_positions[None, None, None, :] <= cache_position[None, None, :, None]
+    if mask_function is masking_utils.causal_mask_function:
+        allowed = kv_positions[None, None, None, :] <= cache_position[None, None, :, None]
+    else:
+        # transformers' mask functions (sliding window: causal and kv > q - window) are elementwise
+        # comparisons of (batch, head, q, kv) indices, so broadcast indices evaluate them whole.
+        allowed = mask_function(None, None, cache_position[None, None, :, None], kv_positions[None, None, None, :])
     if attention_mask is not None:
         padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
         allowed = allowed & padding[:, None, None, :]
@@ -336,10 +530,16 @@ def dynamic_axes(config: PretrainedConfig) -> dict[str, dict[int, str]]:
     return axes
 
 
-def export_torch_legacy(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+def export_torch_legacy(model: PreTrainedModel, hf_dir: Path, work: Path, dtype: torch.dtype = torch.float32) -> Path:
+    """The torch-legacy export; with dtype float16 (or bfloat16), of the model cast to it: weights, IO, compute."""
+    import copy
+
     inputs, outputs = io_names(model.config)
     feeds = example_inputs(model.config)
     args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+        args = tuple(arg.to(dtype) if arg.is_floating_point() else arg for arg in args)
     path = work / "model.onnx"
     with traceable_masks():
         torch.onnx.export(
@@ -357,10 +557,6 @@ def export_torch_legacy(model: PreTrainedModel, hf_dir: Path, work: Path) -> Pat
 
 
 def export_torch_dynamo(model: PreTrainedModel, hf_dir: Path, work: Path, opset: int | None = None) -> Path:
-    inputs, outputs = io_names(model.config)
-    # Sizes of 0 or 1 would be specialised by torch.export: trace with 2+ everywhere.
-    feeds = example_inputs(model.config, batch=2, past_len=4, new_len=3)
-    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
     batch = torch.export.Dim("batch_size", min=1, max=64)
     seq = torch.export.Dim("sequence_length", min=1, max=64)
     past = torch.export.Dim("past_sequence_length", min=1, max=64)
@@ -372,6 +568,33 @@ def export_torch_dynamo(model: PreTrainedModel, hf_dir: Path, work: Path, opset:
         # *past arrives as one tuple argument.
         tuple({0: batch, 2: past} for _ in range(2 * num_layers(model.config))),
     )
+    return dynamo_export(model, work, dynamic_shapes, opset)
+
+
+def export_torch_dynamo_autodims(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+    """What a user gets who marks the dims dynamic without naming them (Dim.AUTO).
+
+    The graph's dims are torch.export's own symbols: `s10`/`s43` for the batch of input_ids and
+    of attention_mask, one past-length symbol per layer (`s69`, `s15`), `s53` for the mask's
+    length, and presents of length `s69 + s70`.
+    """
+    auto = torch.export.Dim.AUTO
+    dynamic_shapes = (
+        {0: auto, 1: auto},
+        {0: auto, 1: auto},
+        {0: auto, 1: auto},
+        tuple({0: auto, 2: auto} for _ in range(2 * num_layers(model.config))),
+    )
+    return dynamo_export(model, work, dynamic_shapes)
+
+
+def dynamo_export(
+    model: PreTrainedModel, work: Path, dynamic_shapes: tuple[Any, ...], opset: int | None = None
+) -> Path:
+    inputs, outputs = io_names(model.config)
+    # Sizes of 0 or 1 would be specialised by torch.export: trace with 2+ everywhere.
+    feeds = example_inputs(model.config, batch=2, past_len=4, new_len=3)
+    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
     path = work / "model.onnx"
     program = torch.onnx.export(
         FlatKvDecoder(model),
@@ -408,7 +631,9 @@ def export_optimum(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
     return work / "model.onnx"
 
 
-def export_genai(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+def export_genai(
+    model: PreTrainedModel, hf_dir: Path, work: Path, precision: str = "fp32", extra_options: tuple[str, ...] = ()
+) -> Path:
     cache = work / "cache"
     cmd = [
         sys.executable,
@@ -419,7 +644,7 @@ def export_genai(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
         "-o",
         str(work),
         "-p",
-        "fp32",
+        precision,
         "-e",
         "cpu",
         "-c",
@@ -427,6 +652,7 @@ def export_genai(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
         "--extra_options",
         "hf_token=false",
         "hf_remote=false",
+        *extra_options,
     ]
     subprocess.run(cmd, check=True)
     return work / "model.onnx"
@@ -439,18 +665,75 @@ class Exporter:
     # How the model runs attention while exported: eager gives MatMul/Softmax, sdpa gives
     # ONNX Attention at opset 23. optimum and the genai builder load the saved folder themselves.
     attn_implementation: str = "eager"
+    # Weights the export holds other than the float32 model's: "int4" (MatMulNBits) or "fp16".
+    # Such an export is checked against the torch model with the weights it holds (dequantized,
+    # or rounded to float16), within LOW_PRECISION_TOLERANCE, and its reference.npz holds
+    # onnxruntime's outputs, not torch's.
+    precision: str = "fp32"
+
+
+def genai_exporter(precision: str, *extra_options: str) -> Callable[[PreTrainedModel, Path, Path], Path]:
+    def export(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+        return export_genai(model, hf_dir, work, precision, extra_options)
+
+    return export
 
 
 ALL_FAMILIES = ("llama-gqa", "gpt2", "phi3", "qwen3")
 EXPORTERS: dict[str, Exporter] = {
-    "torch-legacy": Exporter(export_torch_legacy, (*ALL_FAMILIES, "llama-kv2")),
-    "torch-dynamo": Exporter(export_torch_dynamo, ALL_FAMILIES),
+    "torch-legacy": Exporter(
+        export_torch_legacy,
+        (
+            *ALL_FAMILIES,
+            "llama-kv2",
+            "mistral-window",
+            "qwen3-kv1",
+            "falcon-gqa",
+            "falcon-mqa",
+            "olmo2-kv2",
+            "olmo-clip",
+            "starcoder2-kv2",
+        ),
+    ),
+    "torch-dynamo": Exporter(export_torch_dynamo, (*ALL_FAMILIES, "qwen3-kv1", "stablelm-qkln")),
     "torch-dynamo-opset23": Exporter(export_torch_dynamo_opset23, ("llama-gqa",), attn_implementation="sdpa"),
-    "optimum": Exporter(export_optimum, ALL_FAMILIES),
+    "torch-dynamo-autodims": Exporter(export_torch_dynamo_autodims, ("llama-gqa",)),
+    # optimum 2.1 cannot export falcon-gqa: its dummy past has num_kv_heads (2) heads where the
+    # model caches k and v broadcast to all 8 query heads (torch.cat: "Expected size 2 but got size 8").
+    # optimum-onnx 0.1.0 has no StarCoder2 config ("custom or unsupported architecture").
+    "optimum": Exporter(export_optimum, (*ALL_FAMILIES, "qwen2-kv2", "stablelm-qkln")),
     # The genai builder has no GPT-2 support (no GPT2LMHeadModel in its model table). Its Phi-3
     # export (0.11.4) is wrong: lm_head reads layer 0's post-attention norm instead of the final
     # norm (logits differ from torch by ~10), so it is not exported.
-    "genai": Exporter(export_genai, ("llama-gqa", "llama-kv2", "qwen3")),
+    "genai": Exporter(export_genai, ("llama-gqa", "llama-kv2", "qwen3", "qwen2-kv2")),
+    # int4 (RTN), symmetric (no zero points) by default, asymmetric (uint4 with zero points) on
+    # request. Accuracy level 1 (float32 activations), not the CPU default 4 (activations quantized
+    # to int8, which moves logits of ~12 by up to ~1.4 at block 128), so that the export is checked
+    # tightly against torch with the dequantized weights; the graph is the same but for that attribute.
+    "genai-int4-b32": Exporter(
+        genai_exporter("int4", "int4_block_size=32", "int4_accuracy_level=1"), ("llama-wide",), precision="int4"
+    ),
+    "genai-int4-b128": Exporter(
+        genai_exporter("int4", "int4_block_size=128", "int4_accuracy_level=1"), ("llama-wide",), precision="int4"
+    ),
+    "genai-int4-b32-zp": Exporter(
+        genai_exporter("int4", "int4_block_size=32", "int4_is_symmetric=false", "int4_accuracy_level=1"),
+        ("llama-wide",),
+        precision="int4",
+    ),
+    # The genai builder's fp16 CPU export (0.11.4) fails in onnxruntime (Expand in
+    # attn_mask_reformat: "invalid expand shape"); onnxruntime's CPU has no bfloat16 MatMul, Add
+    # or ReduceMax kernels, so no bfloat16 export runs there.
+    "torch-legacy-fp16": Exporter(
+        lambda model, hf_dir, work: export_torch_legacy(model, hf_dir, work, torch.float16),
+        ("llama-gqa",),
+        precision="fp16",
+    ),
+    "genai-int4-b128-zp": Exporter(
+        genai_exporter("int4", "int4_block_size=128", "int4_is_symmetric=false", "int4_accuracy_level=1"),
+        ("llama-wide",),
+        precision="int4",
+    ),
 }
 
 
@@ -581,7 +864,9 @@ def run_onnxruntime(path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.nd
     return dict(zip(names, session.run(names, {k: v for k, v in feeds.items() if k in wanted}), strict=True))
 
 
-def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dict[str, float]:
+def compare(
+    reference: dict[str, np.ndarray], got: dict[str, np.ndarray], atol: float = ATOL, rtol: float = RTOL
+) -> dict[str, float]:
     diffs: dict[str, float] = {}
     for name, expected in reference.items():
         if name not in got:
@@ -590,9 +875,75 @@ def compare(reference: dict[str, np.ndarray], got: dict[str, np.ndarray]) -> dic
         if actual.shape != expected.shape:
             raise RuntimeError(f"output {name}: shape {actual.shape} != torch {expected.shape}")
         diffs[name] = float(np.max(np.abs(actual - expected)))
-        if not np.allclose(actual, expected, atol=ATOL, rtol=RTOL):
-            raise RuntimeError(f"output {name}: max abs diff {diffs[name]:.3g} exceeds atol {ATOL} rtol {RTOL}")
+        if not np.allclose(actual, expected, atol=atol, rtol=rtol):
+            raise RuntimeError(f"output {name}: max abs diff {diffs[name]:.3g} exceeds atol {atol} rtol {rtol}")
     return diffs
+
+
+def dequantize_matmul_nbits(node: onnx.NodeProto, initializers: dict[str, np.ndarray]) -> np.ndarray:
+    """The float weight `[N, K]` a MatMulNBits node (4 bits) multiplies by: (q - zero point) * scale per block."""
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
+    if attrs["bits"] != 4:
+        raise RuntimeError(f"{node.name}: {attrs['bits']}-bit MatMulNBits is not handled here")
+    packed = initializers[node.input[1]].reshape(n, -1)
+    blocks = -(-k // block)
+    # Two 4-bit values a byte, the low nibble first.
+    quant = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(n, -1)[:, : blocks * block].astype(np.float32)
+    scales = initializers[node.input[2]].reshape(n, blocks).astype(np.float32)
+    if len(node.input) > 3 and node.input[3]:
+        zp_packed = initializers[node.input[3]].reshape(n, -1)
+        zero_points = np.stack([zp_packed & 0x0F, zp_packed >> 4], axis=-1).reshape(n, -1)[:, :blocks]
+    else:
+        zero_points = np.full((n, blocks), 8)
+    weight = (quant.reshape(n, blocks, block) - zero_points[..., None]) * scales[..., None]
+    return weight.reshape(n, blocks * block)[:, :k]
+
+
+# genai builder weight names (`model.layers.0.attn.qkv_proj.MatMul.weight_Q4`) -> torch Linear modules.
+GENAI_PROJECTIONS = {
+    "attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "attn.o_proj": ("self_attn.o_proj",),
+    "mlp.gate_proj": ("mlp.gate_proj",),
+    "mlp.up_proj": ("mlp.up_proj",),
+    "mlp.down_proj": ("mlp.down_proj",),
+}
+
+
+def model_with_exported_weights(model: PreTrainedModel, path: Path, precision: str) -> PreTrainedModel:
+    """A copy of the torch model holding the weights the export holds: int4 dequantized, or float16 rounded."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        if precision == "fp16":
+            for param in twin.parameters():
+                param.copy_(param.half().float())
+            return twin
+        if precision != "int4":
+            raise ValueError(f"unknown precision {precision}")
+        proto = onnx.load(str(path), load_external_data=True)
+        initializers = {t.name: onnx.numpy_helper.to_array(t) for t in proto.graph.initializer}
+        replaced = set()
+        for node in proto.graph.node:
+            if node.op_type != "MatMulNBits":
+                continue
+            weight = torch.from_numpy(dequantize_matmul_nbits(node, initializers))
+            name = node.input[1]
+            if name.startswith("lm_head."):
+                targets = ["lm_head"]
+            else:
+                layer, proj = name.removeprefix("model.layers.").split(".MatMul")[0].split(".", 1)
+                targets = [f"model.layers.{layer}.{t}" for t in GENAI_PROJECTIONS[proj]]
+            modules = [twin.get_submodule(t) for t in targets]
+            rows = [m.weight.shape[0] for m in modules]
+            for module, part in zip(modules, torch.split(weight, rows), strict=True):
+                module.weight.copy_(part)
+            replaced.update(targets)
+    linears = {n for n, m in twin.named_modules() if isinstance(m, torch.nn.Linear)}
+    if linears - replaced:
+        raise RuntimeError(f"{path}: no MatMulNBits weight found for {sorted(linears - replaced)}")
+    return twin
 
 
 def save_reference(
@@ -634,11 +985,31 @@ def export_one(family: str, exporter_name: str, out: Path) -> dict[str, Any]:
         export_seconds = time.perf_counter() - start
         source_ir = onnx.load(str(exported), load_external_data=False).ir_version
         proto = finalize(exported, dest, config)
+    precision = EXPORTERS[exporter_name].precision
+    atol, rtol = LOW_PRECISION_TOLERANCE.get(precision, (ATOL, RTOL))
+    if precision != "fp32":
+        # The export's IO dtype (float16 for fp16) for the float inputs; torch gets the same values.
+        io_dtype = onnx.helper.tensor_dtype_to_np_dtype(proto.graph.input[-1].type.tensor_type.elem_type)
+        twin = model_with_exported_weights(model, dest / "model.onnx", precision)
+        checks = [
+            ({k: v.astype(io_dtype) if v.dtype == np.float32 else v for k, v in f.items()}, {}) for f, _ in checks
+        ]
+        checks = [
+            (f, torch_reference(twin, {k: v.astype(np.float32) if v.dtype == io_dtype else v for k, v in f.items()}))
+            for f, _ in checks
+        ]
     diffs: dict[str, float] = {}
+    first_outputs: dict[str, np.ndarray] = {}
     for feeds, reference in checks:
-        got = compare(reference, run_onnxruntime(dest / "model.onnx", feeds))
+        outputs = run_onnxruntime(dest / "model.onnx", feeds)
+        first_outputs = first_outputs or outputs
+        got = compare(reference, {k: v.astype(np.float32) for k, v in outputs.items()}, atol, rtol)
         diffs = {k: max(v, diffs.get(k, 0.0)) for k, v in got.items()}
-    save_reference(dest / REFERENCE_FILE, *checks[0], model_inputs=[i.name for i in proto.graph.input])
+    # A low-precision export's reference is onnxruntime's own output (torch's differs by its rounding).
+    reference_outputs = checks[0][1] if precision == "fp32" else first_outputs
+    save_reference(
+        dest / REFERENCE_FILE, checks[0][0], reference_outputs, model_inputs=[i.name for i in proto.graph.input]
+    )
     sizes = {p.name: p.stat().st_size for p in sorted(dest.iterdir())}
     kv_heads, head_dim = kv_shape(config)
     return {
@@ -664,7 +1035,9 @@ def export_one(family: str, exporter_name: str, out: Path) -> dict[str, Any]:
         "file_sizes": sizes,
         "versions": tool_versions(),
         "max_abs_diff_vs_torch": diffs,
-        "check": f"(batch, past, new) in {CHECK_SHAPES}: allclose atol {ATOL} rtol {RTOL}",
+        "check": f"(batch, past, new) in {CHECK_SHAPES}: allclose atol {atol} rtol {rtol}"
+        + ("" if precision == "fp32" else f" against torch with the export's {precision} weights"),
+        "reference_npz": "torch outputs" if precision == "fp32" else "onnxruntime outputs",
     }
 
 

@@ -23,6 +23,7 @@ import json
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -127,24 +128,38 @@ def main() -> int:
     model, tokenizer = load(gguf)
     load_seconds = time.perf_counter() - start
     print(f"loaded {gguf.name} in {load_seconds:.1f} s", flush=True)
+    source = f"{PACKAGE} {gguf.name} (dequantised to float32 by transformers)"
+    export_and_check(model, tokenizer, args.out, args.out / "export_info.json", source, load_seconds)
+    return 0
 
+
+def export_and_check(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    onnx_dir: Path,
+    info_path: Path,
+    source: str,
+    load_seconds: float,
+    extra_info: dict[str, Any] | None = None,
+) -> None:
+    """Export with the torch-legacy exporter into onnx_dir, check it against torch, write info_path."""
     checks = []
     for batch, past_len, new_len in CHECK_SHAPES:
         feeds = example_inputs(model.config, batch=batch, past_len=past_len, new_len=new_len)
         checks.append((feeds, torch_reference(model, feeds)))
 
     start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="export-smollm2-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="export-real-") as tmp:
         exported = export_torch_legacy(model, Path(tmp), Path(tmp))
         export_seconds = time.perf_counter() - start
-        proto = finalize(exported, args.out, model.config)
+        proto = finalize(exported, onnx_dir, model.config)
     write_seconds = time.perf_counter() - start - export_seconds
-    tokenizer.save_pretrained(str(args.out))
+    tokenizer.save_pretrained(str(onnx_dir))
     print(f"exported in {export_seconds:.1f} s, rewritten with external data in {write_seconds:.1f} s", flush=True)
 
     diffs: dict[str, float] = {}
     for feeds, reference in checks:
-        got = max_diffs(reference, run_onnxruntime(args.out / "model.onnx", feeds))
+        got = max_diffs(reference, run_onnxruntime(onnx_dir / "model.onnx", feeds))
         diffs = {k: max(v, diffs.get(k, 0.0)) for k, v in got.items()}
     worst_present = max(v for k, v in diffs.items() if k != "logits")
 
@@ -153,14 +168,14 @@ def main() -> int:
         torch_ids = model.generate(
             torch.tensor([prompt_ids]), max_new_tokens=DECODE_STEPS, do_sample=False, pad_token_id=0
         )[0, len(prompt_ids) :].tolist()
-    onnx_ids, decode_diffs = greedy_decode_onnx(args.out / "model.onnx", model, prompt_ids)
+    onnx_ids, decode_diffs = greedy_decode_onnx(onnx_dir / "model.onnx", model, prompt_ids)
     if onnx_ids != torch_ids:
         raise RuntimeError(f"greedy decode differs: onnxruntime {onnx_ids} vs torch {torch_ids}")
 
     config = model.config
     kv_heads, head_dim = kv_shape(config)
     info = {
-        "source": f"{PACKAGE} {gguf.name} (dequantised to float32 by transformers)",
+        "source": source,
         "exporter": "torch-legacy",
         "toolchain": tool_versions(),
         "load_seconds": round(load_seconds, 1),
@@ -178,7 +193,7 @@ def main() -> int:
         "inputs": value_info_summary(proto.graph.input),
         "outputs": value_info_summary(proto.graph.output),
         "ops": op_histogram(proto),
-        "file_sizes": {p.name: p.stat().st_size for p in sorted(args.out.iterdir()) if p.is_file()},
+        "file_sizes": {p.name: p.stat().st_size for p in sorted(onnx_dir.iterdir()) if p.is_file()},
         "max_abs_diff_vs_torch": diffs,
         "max_abs_diff_logits": diffs["logits"],
         "max_abs_diff_present": worst_present,
@@ -191,14 +206,14 @@ def main() -> int:
             "max_abs_diff_vs_torch": decode_diffs,
         },
     }
-    (args.out / "export_info.json").write_text(json.dumps(info, indent=1) + "\n")
+    info.update(extra_info or {})
+    info_path.write_text(json.dumps(info, indent=1) + "\n")
     print(
         json.dumps(
             {k: info[k] for k in ("file_sizes", "max_abs_diff_logits", "max_abs_diff_present", "greedy_decode", "ops")},
             indent=1,
         )
     )
-    return 0
 
 
 if __name__ == "__main__":

@@ -21,8 +21,14 @@ EXPORTER_TOOLS = {
     "torch-legacy": ("torch", "transformers", "onnx"),
     "torch-dynamo": ("torch", "transformers", "onnxscript", "onnx"),
     "torch-dynamo-opset23": ("torch", "transformers", "onnxscript", "onnx"),
+    "torch-dynamo-autodims": ("torch", "transformers", "onnxscript", "onnx"),
     "optimum": ("torch", "transformers", "optimum", "optimum-onnx", "onnx"),
     "genai": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "genai-int4-b32": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "genai-int4-b128": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "genai-int4-b32-zp": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "genai-int4-b128-zp": ("torch", "transformers", "onnxruntime-genai", "onnx"),
+    "torch-legacy-fp16": ("torch", "transformers", "onnx"),
 }
 
 
