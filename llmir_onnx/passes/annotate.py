@@ -27,6 +27,7 @@ from llmir_onnx.passes.state import ShardingState
 from llmir_onnx.placement import Shard
 from llmir_onnx.propagation.attention import gqa_packed_blocks
 from llmir_onnx.propagation.base import RuleContext, Shape, WeightRole, normalize_dim
+from llmir_onnx.propagation.elementwise import ELEMENTWISE_OPS
 from llmir_onnx.propagation.shape_ops import block_of_slice, slice_axes, slice_params
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ SHAPE_READERS = ("Shape", "Size")
 # Ops between a projection and the split of its fused output that keep the last axis.
 PASS_THROUGH = ("Add", "Identity", "Cast", "Reshape")
 INLINE_LIMIT_ELEMENTS = 64
+# Ops between a projection and the Reshape that splits its heads, searched for the head count.
+HEAD_SEARCH_DEPTH = 10
 
 
 def _fold_weight_aliases(graph: ir.Graph) -> int:
@@ -285,7 +288,10 @@ def _heads_of(ctx: RuleContext, value: ir.Value) -> int | None:
     """The head count of a [.., heads * head_dim] value, from the Reshape that splits its last axis."""
     width = ctx.static_dim(value, -1) if ctx.rank(value) else None
     frontier = [value]
-    for _ in range(3):
+    seen: set[int] = set()
+    # Elementwise ops keep the [.., heads * head_dim] layout: a bias added on either side (Add(bias, x),
+    # as torch exports a Linear), a clip, a norm over all heads (OLMo 2) sit between projection and split.
+    for _ in range(HEAD_SEARCH_DEPTH):
         next_frontier = []
         for current in frontier:
             for consumer in current.consumers():
@@ -294,10 +300,16 @@ def _heads_of(ctx: RuleContext, value: ir.Value) -> int | None:
                     static = out is not None and len(out) >= 2 and isinstance(out[-1], int) and isinstance(out[-2], int)
                     if static and width is not None and out[-1] * out[-2] == width:
                         return out[-2]
-                if consumer.op_type in ("Add", "Identity", "Cast") and consumer.inputs[0] is current:
+                keeps_layout = consumer.op_type in ELEMENTWISE_OPS and consumer.domain in ("", "ai.onnx")
+                if keeps_layout and id(consumer) not in seen and _last_dim(ctx, consumer.outputs[0]) == width:
+                    seen.add(id(consumer))
                     next_frontier.append(consumer.outputs[0])
         frontier = next_frontier
     return None
+
+
+def _last_dim(ctx: RuleContext, value: ir.Value) -> int | None:
+    return ctx.static_dim(value, -1) if ctx.rank(value) else None
 
 
 def _kv_parts_of(ctx: RuleContext, node: ir.Node, blocks: tuple[int, ...]) -> tuple[int, ...]:

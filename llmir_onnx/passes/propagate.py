@@ -93,7 +93,10 @@ class PropagatePass(ir.passes.InPlacePass):
                 state.redistributions.append(Redistribution(node.name, index, value.name, held, required))
             for value, placement in zip(node.outputs, decision.outputs, strict=True):
                 _check_divisible(ctx, node, value, placement)
-                placements[value.name] = placement
+                # A single kv head held whole by every rank is replicated: rules that act per head or on
+                # head_dim (q/k norms, rotary) then need no gather, and none can split head_dim by mistake.
+                full = isinstance(placement, Shard) and placement.holds_everything()
+                placements[value.name] = REPLICATE if full else placement
         error = divisibility_error(state.tp, ctx.constraints)
         if error is not None:
             raise error
