@@ -823,3 +823,96 @@ def _check_case(case: Case, tp: int) -> None:
         if name in case.expect:
             assert placements[name] == case.expect[name], f"{case.name}: {name} is {placements[name]}"
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=f"{case.name}:{name}")
+
+
+# --------------------------------------------------------------------------- com.microsoft: MatMulNBits
+
+
+def _nbits_weights(name: str, k: int, n: int, block_size: int, zero_points: bool, seed: int) -> dict[str, np.ndarray]:
+    """Random 4-bit blocks as onnxruntime lays them out: B [N, k_blocks, blob], scales and zero points flat."""
+    rng = np.random.default_rng(seed)
+    blocks = -(-k // block_size)
+    weights = {
+        f"{name}.B": rng.integers(0, 256, (n, blocks, block_size // 2)).astype(np.uint8),
+        f"{name}.scales": (rng.uniform(0.5, 1.5, n * blocks) / (8 * np.sqrt(k))).astype(np.float32),
+    }
+    if zero_points:
+        weights[f"{name}.zp"] = rng.integers(0, 256, n * -(-blocks // 2)).astype(np.uint8)
+    return weights
+
+
+def _nbits_node(name: str, x: str, out: str, k: int, n: int, block_size: int, zero_points: bool) -> onnx.NodeProto:
+    inputs = [x, f"{name}.B", f"{name}.scales"] + ([f"{name}.zp"] if zero_points else [])
+    return helper.make_node(
+        "MatMulNBits", inputs, [out], domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size
+    )
+
+
+def nbits_mlp_case(block_size: int, zero_points: bool, hidden: int, inner: int, tps: tuple[int, ...]) -> Case:
+    """An int4 MLP as the genai builder writes it: column-parallel up (N split), row-parallel down (K blocks split)."""
+    return Case(
+        f"matmulnbits_mlp_block{block_size}{'_zp' if zero_points else ''}",
+        [
+            _nbits_node("up", "x", "h", hidden, inner, block_size, zero_points),
+            helper.make_node("Relu", ["h"], ["a"]),
+            _nbits_node("down", "a", "z", inner, hidden, block_size, zero_points),
+        ],
+        {"x": (rand(2, 3, hidden), R)},
+        ["h", "z"],
+        weights=_nbits_weights("up", hidden, inner, block_size, zero_points, 1)
+        | _nbits_weights("down", inner, hidden, block_size, zero_points, 2),
+        expect={"h": "S(2)", "z": "P"},
+        tps=tps,
+        opsets={"": 18, "com.microsoft": 1},
+    )
+
+
+NBITS_CASES = [
+    nbits_mlp_case(32, False, 64, 128, (2, 4)),
+    nbits_mlp_case(32, True, 64, 256, (2, 4)),
+    nbits_mlp_case(128, False, 64, 256, (2,)),
+    nbits_mlp_case(128, True, 64, 512, (2,)),
+    nbits_mlp_case(16, True, 64, 256, (2, 4)),
+]
+NBITS_TPS = [(case, tp) for case in NBITS_CASES for tp in case.tps]
+
+
+@pytest.mark.parametrize(("case", "tp"), NBITS_TPS, ids=[f"{case.name}-{tp}" for case, tp in NBITS_TPS])
+def test_matmulnbits_splits_match_full_tensors(case: Case, tp: int) -> None:
+    _check_case(case, tp)
+
+
+@pytest.mark.parametrize(
+    ("case", "tp", "message"),
+    [
+        (nbits_mlp_case(128, False, 64, 256, ()), 4, r"K blocks \(K=256, block_size 128\)=2 .*use --tp 1 or 2$"),
+        (
+            nbits_mlp_case(32, True, 64, 128, ()),
+            4,
+            r"zero-point bytes per row \(4-bit, K=128, block_size 32\)=2 .*use --tp 1 or 2$",
+        ),
+    ],
+    ids=["k-blocks", "packed-zero-points"],
+)
+def test_matmulnbits_refuses_a_tp_that_splits_a_block(case: Case, tp: int, message: str) -> None:
+    from llmir_onnx.errors import ShardingError
+
+    with pytest.raises(ShardingError, match=message):
+        simulate(case, tp)
+
+
+# --------------------------------------------------------------------------- the tp values an error offers
+
+
+def test_offered_tp_values_are_the_ones_that_work() -> None:
+    """Constraints met at the refused tp say little about another tp: each offered value is tried first."""
+    from llmir_onnx.propagation.base import SplitConstraint, divisibility_error
+
+    heads = [SplitConstraint("n", "Reshape", "num_heads", (8,)), SplitConstraint("k", "Reshape", "num_heads", (2,))]
+    assert str(divisibility_error(3, heads)).endswith("use --tp 1, 2, 4 or 8")
+    assert str(divisibility_error(3, heads, lambda tp: tp != 8)).endswith("use --tp 1, 2 or 4")
+    # The refused tp itself is never offered, whatever the constraints say.
+    kv = [SplitConstraint("k", "Reshape", "num_heads", (2,)), SplitConstraint("q", "Reshape", "num_heads", (4,))]
+    assert (
+        "4" not in str(divisibility_error(4, [*kv, SplitConstraint("o", "MatMul", "num_heads", (2,))])).split("use")[1]
+    )
