@@ -51,6 +51,10 @@ class Shard:
         """Some ranks hold the same part: a sum over ranks would count it more than once."""
         return any(p < tp for p in self.parts)
 
+    def holds_everything(self) -> bool:
+        """One part replicated over every rank (a single kv head): the data of Replicate under another name."""
+        return not self.blocks and not self.inner and bool(self.parts) and all(p == 1 for p in self.parts)
+
     def block(self, index: int) -> Shard:
         """The plain shard of one block of a fused shard (what a Split/Slice of that block holds)."""
         parts = (self.block_parts(index, 0),) if self.parts else ()

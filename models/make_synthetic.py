@@ -81,6 +81,12 @@ class SyntheticConfig:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     seed: int = 0
+    # Variants that current families add to the LLaMA layer (all off: plain LLaMA):
+    # "head": RMSNorm of q and k over head_dim after the head split (Qwen 3); "all": over all heads, on
+    # the projections' outputs (OLMo 2).
+    qk_norm: str = ""
+    qkv_bias: bool = False  # Qwen 2: q/k/v projections with a bias, exported as Add(bias, MatMul)
+    clip_qkv: float = 0.0  # OLMo: q/k/v projections clipped to [-clip, clip]
 
     @property
     def head_dim(self) -> int:
@@ -93,6 +99,8 @@ class SyntheticConfig:
             raise ValueError(f"--heads {self.heads} is not a multiple of --kv-heads {self.kv_heads}")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for the rotary embedding")
+        if self.qk_norm not in ("", "head", "all"):
+            raise ValueError(f"qk_norm {self.qk_norm!r}: use '', 'head' or 'all'")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: use one of {sorted(DTYPES)}")
 
@@ -179,6 +187,14 @@ def weight_specs(config: SyntheticConfig) -> list[WeightSpec]:
             WeightSpec(f"{p}.mlp.up_proj.weight", (h, i), "linear", fan_in=h),
             WeightSpec(f"{p}.mlp.down_proj.weight", (i, h), "linear", fan_in=i),
         ]
+        if config.qkv_bias:
+            specs += [
+                WeightSpec(f"{p}.self_attn.{name}_proj.bias", (heads * hd,), "linear", fan_in=h)
+                for name, heads in (("q", config.heads), ("k", config.kv_heads), ("v", config.kv_heads))
+            ]
+        if config.qk_norm:
+            widths = {"q": hd, "k": hd} if config.qk_norm == "head" else {"q": h, "k": config.kv_heads * hd}
+            specs += [WeightSpec(f"{p}.self_attn.{name}_norm.weight", (w,), "norm") for name, w in widths.items()]
     specs += [
         WeightSpec("model.norm.weight", (h,), "norm"),
         WeightSpec("lm_head.weight", (h, config.vocab), "linear", fan_in=h),
@@ -322,6 +338,16 @@ def _repeat_kv(b: GraphBuilder, x: str, n_rep: int, scope: str) -> str:
     return b.op("Reshape", [expanded, target], scope)
 
 
+def _projection(b: GraphBuilder, config: SyntheticConfig, x: str, w: str, scope: str, name: str) -> str:
+    out = b.op("MatMul", [x, f"{w}.self_attn.{name}_proj.weight"], f"{scope}/{name}_proj")
+    if config.qkv_bias:
+        out = b.op("Add", [f"{w}.self_attn.{name}_proj.bias", out], f"{scope}/{name}_proj")
+    if config.clip_qkv:
+        bound = np.float32(config.clip_qkv).astype(DTYPES[config.dtype][1])
+        out = b.op("Clip", [out, b.const(-bound, scope), b.const(bound, scope)], scope)
+    return out
+
+
 def build_graph(config: SyntheticConfig, locations: dict[str, tuple[int, int]], data_name: str) -> onnx.ModelProto:
     elem_type, dtype = DTYPES[config.dtype]
     b = GraphBuilder()
@@ -386,11 +412,17 @@ def build_graph(config: SyntheticConfig, locations: dict[str, tuple[int, int]], 
         )
         scope = f"{p}/self_attn"
         batch_dim, seq_dim = b.dim(normed, 0, scope), b.dim(normed, 1, scope)
-        q = b.op("MatMul", [normed, f"{w}.self_attn.q_proj.weight"], f"{scope}/q_proj")
-        k = b.op("MatMul", [normed, f"{w}.self_attn.k_proj.weight"], f"{scope}/k_proj")
-        v = b.op("MatMul", [normed, f"{w}.self_attn.v_proj.weight"], f"{scope}/v_proj")
-        q = _apply_rotary(b, _split_heads(b, q, hd, batch_dim, seq_dim, scope), cos, sin, scope)
-        k = _apply_rotary(b, _split_heads(b, k, hd, batch_dim, seq_dim, scope), cos, sin, scope)
+        q, k, v = (_projection(b, config, normed, w, scope, name) for name in ("q", "k", "v"))
+        if config.qk_norm == "all":
+            q = _rms_norm(b, q, f"{w}.self_attn.q_norm.weight", f"{scope}/q_norm", elem_type, config.rms_norm_eps)
+            k = _rms_norm(b, k, f"{w}.self_attn.k_norm.weight", f"{scope}/k_norm", elem_type, config.rms_norm_eps)
+        q = _split_heads(b, q, hd, batch_dim, seq_dim, scope)
+        k = _split_heads(b, k, hd, batch_dim, seq_dim, scope)
+        if config.qk_norm == "head":
+            q = _rms_norm(b, q, f"{w}.self_attn.q_norm.weight", f"{scope}/q_norm", elem_type, config.rms_norm_eps)
+            k = _rms_norm(b, k, f"{w}.self_attn.k_norm.weight", f"{scope}/k_norm", elem_type, config.rms_norm_eps)
+        q = _apply_rotary(b, q, cos, sin, scope)
+        k = _apply_rotary(b, k, cos, sin, scope)
         v = _split_heads(b, v, hd, batch_dim, seq_dim, scope)
         k = b.op_to("Concat", [f"past_key_values.{layer}.key", k], f"present.{layer}.key", scope, axis=-2)
         v = b.op_to("Concat", [f"past_key_values.{layer}.value", v], f"present.{layer}.value", scope, axis=-2)
@@ -458,6 +490,8 @@ def hf_config(config: SyntheticConfig) -> dict[str, object]:
         "hidden_act": "silu",
         "tie_word_embeddings": False,
         "torch_dtype": config.dtype,
+        "attention_bias": config.qkv_bias,
+        "clip_qkv": config.clip_qkv or None,
         "bos_token_id": 1,
         "eos_token_id": 2,
     }

@@ -38,10 +38,16 @@ class Case:
     weights: dict[str, np.ndarray] = field(default_factory=dict)
     expect: dict[str, str] = field(default_factory=dict)  # output -> placement it must end with
     tps: tuple[int, ...] = (2, 4)
+    # Opset per domain: contrib ops (com.microsoft) and newer ONNX ops (opset-23 Attention) need theirs.
+    opsets: dict[str, int] = field(default_factory=lambda: {"": 18})
 
 
 def rand(*shape: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed + sum(shape)).standard_normal(shape).astype(np.float32)
+
+
+def _positive(*shape: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed + 7).uniform(0.1, 0.9, shape).astype(np.float32)
 
 
 def make_model(case: Case) -> onnx.ModelProto:
@@ -55,8 +61,10 @@ def make_model(case: Case) -> onnx.ModelProto:
         [helper.make_tensor_value_info(name, F, None) for name in case.outputs],
         [numpy_helper.from_array(array, name) for name, array in case.weights.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    model.ir_version = 9
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid(domain, version) for domain, version in case.opsets.items()]
+    )
+    model.ir_version = 10
     return onnx.shape_inference.infer_shapes(model)
 
 
@@ -499,7 +507,168 @@ def reduction_cases() -> list[Case]:
     ]
 
 
-CASES = elementwise_cases() + matmul_cases() + shape_cases() + reduction_cases()
+def indexing_cases() -> list[Case]:
+    i64 = np.int64
+    return [
+        Case(
+            "gather_elements_other_axis",
+            [helper.make_node("GatherElements", ["x", "i"], ["z"], axis=2)],
+            {"x": (rand(2, 8, 5), S1), "i": (np.random.default_rng(1).integers(0, 5, (2, 8, 3)).astype(i64), S1)},
+            ["z"],
+            expect={"z": "S(1)"},
+        ),
+        Case(
+            "gather_elements_weight_indices_sliced",
+            [helper.make_node("GatherElements", ["x", "i"], ["z"], axis=0)],
+            {"x": (rand(3, 8, 5), S1)},
+            ["z"],
+            weights={"i": np.random.default_rng(2).integers(0, 3, (2, 8, 5)).astype(i64)},
+            expect={"z": "S(1)"},
+        ),
+        Case(
+            "scatter_elements_other_axis",
+            [helper.make_node("ScatterElements", ["x", "i", "u"], ["z"], axis=2)],
+            {"x": (rand(2, 8, 5), S1), "u": (rand(2, 8, 2, seed=3), S1)},
+            ["z"],
+            weights={"i": np.tile(np.array([3, 0], i64), (2, 8, 1))},
+            expect={"z": "S(1)"},
+        ),
+        Case(
+            "gather_nd_trailing_axis",
+            [helper.make_node("GatherND", ["x", "i"], ["z"])],
+            {"x": (rand(5, 8, 3), S1)},
+            ["z"],
+            weights={"i": np.array([[4], [0], [2], [2]], i64)},
+            expect={"z": "S(1)"},
+        ),
+        Case(
+            "gather_nd_batch_axis",
+            [helper.make_node("GatherND", ["x", "i"], ["z"], batch_dims=1)],
+            {"x": (rand(4, 6, 5), S0), "i": (np.random.default_rng(4).integers(0, 6, (4, 3, 1)).astype(i64), S0)},
+            ["z"],
+            expect={"z": "S(0)"},
+        ),
+        Case(
+            "gather_nd_sharded_index_tuples",
+            [helper.make_node("GatherND", ["table", "i"], ["z"])],
+            {"i": (np.random.default_rng(5).integers(0, 5, (8, 2)).astype(i64), S0)},
+            ["z"],
+            weights={"table": rand(5, 5, 3)},
+            expect={"z": "S(0)"},
+        ),
+        Case(
+            "scatter_nd_trailing_axis",
+            [helper.make_node("ScatterND", ["x", "i", "u"], ["z"])],
+            {"x": (rand(5, 8, 3), S1), "u": (rand(2, 8, 3, seed=6), S1)},
+            ["z"],
+            weights={"i": np.array([[3], [0]], i64)},
+            expect={"z": "S(1)"},
+        ),
+    ]
+
+
+def norm_over_sharded_axis_cases() -> list[Case]:
+    """A norm over a split axis: each rank reduces its piece to a Partial, one AllReduce later sums them."""
+    x = rand(2, 3, 16)
+    kv2 = Shard(1, (), (2,))
+    return [
+        Case(
+            "reduce_mean_over_sharded_axis_is_partial",
+            [const("a", [-1]), helper.make_node("ReduceMean", ["x", "a"], ["z"], keepdims=1)],
+            {"x": (x, S2)},
+            ["z"],
+            expect={"z": "P"},
+        ),
+        Case(
+            "reduce_sum_square_over_sharded_axis_is_partial",
+            [const("a", [2]), helper.make_node("ReduceSumSquare", ["x", "a"], ["z"], keepdims=0)],
+            {"x": (x, S2)},
+            ["z"],
+            expect={"z": "P"},
+        ),
+        Case(
+            "rms_of_all_heads_mean_of_squares_plus_eps_is_partial",
+            [
+                helper.make_node("Pow", ["x", "two"], ["sq"]),
+                const("a", [-1]),
+                helper.make_node("ReduceMean", ["sq", "a"], ["m"], keepdims=1),
+                helper.make_node("Add", ["m", "eps"], ["z"]),
+            ],
+            {"x": (x, S2)},
+            ["z"],
+            weights={"two": np.array(2.0, np.float32), "eps": np.array(1e-5, np.float32)},
+            expect={"z": "P"},
+        ),
+        Case(
+            "reduce_mean_over_kv_heads_held_by_two_ranks_each",
+            [const("a", [1, 2]), helper.make_node("ReduceMean", ["k", "a"], ["z"], keepdims=0)],
+            {"k": (rand(1, 2, 3, 4), kv2)},
+            ["z"],
+            expect={"z": "P"},
+            tps=(4,),
+        ),
+        Case(
+            "reduce_sum_over_kv_heads_held_by_two_ranks_each",
+            [const("a", [1]), helper.make_node("ReduceSum", ["k", "a"], ["z"], keepdims=1)],
+            {"k": (rand(1, 2, 3, 4), kv2)},
+            ["z"],
+            expect={"z": "P"},
+            tps=(4,),
+        ),
+    ]
+
+
+def single_kv_head_cases() -> list[Case]:
+    """One kv head on every rank (tp > kv heads = 1): per-head q/k norms and rotary need no gather."""
+    k = rand(1, 3, 16)
+    one_head = Shard(2, (), (1,))
+    return [
+        Case(
+            "k_norm_over_head_dim_of_a_single_kv_head",
+            [
+                const("t", [1, 3, 1, 16]),
+                helper.make_node("Reshape", ["k", "t"], ["heads"]),
+                helper.make_node("Pow", ["heads", "two"], ["sq"]),
+                const("a", [-1]),
+                helper.make_node("ReduceMean", ["sq", "a"], ["m"], keepdims=1),
+                helper.make_node("Add", ["m", "eps"], ["me"]),
+                helper.make_node("Sqrt", ["me"], ["root"]),
+                helper.make_node("Div", ["heads", "root"], ["normed"]),
+                helper.make_node("Mul", ["normed", "g"], ["scaled"]),
+                helper.make_node("Transpose", ["scaled"], ["z"], perm=[0, 2, 1, 3]),
+            ],
+            {"k": (k, one_head)},
+            ["z"],
+            weights={
+                "two": np.array(2.0, np.float32),
+                "eps": np.array(1e-6, np.float32),
+                "g": _positive(16, seed=8),
+            },
+            expect={"z": "R"},
+        ),
+        Case(
+            "rotate_half_of_a_single_kv_head",
+            [
+                helper.make_node("Split", ["k"], ["lo", "hi"], axis=-1, num_outputs=2),
+                helper.make_node("Neg", ["hi"], ["nhi"]),
+                helper.make_node("Concat", ["nhi", "lo"], ["z"], axis=-1),
+            ],
+            {"k": (k, one_head)},
+            ["z"],
+            expect={"z": "R"},
+        ),
+    ]
+
+
+CASES = (
+    elementwise_cases()
+    + matmul_cases()
+    + shape_cases()
+    + reduction_cases()
+    + indexing_cases()
+    + norm_over_sharded_axis_cases()
+    + single_kv_head_cases()
+)
 
 
 CASE_TPS = [(case, tp) for case in CASES for tp in (2, 4) if tp in case.tps]
@@ -532,3 +701,218 @@ def test_a_wrong_rule_is_caught() -> None:
     finally:
         base._RULES[key] = original
     assert not np.allclose(got["z"], expected, atol=1e-3)
+
+
+# --------------------------------------------------------------------------- families, op by op
+# Every op of every elementwise family, through the family's one rule: the shard survives, the values match.
+
+I32 = TensorProto.INT32
+
+
+def _since(op_type: str, domain: str = "") -> int:
+    return max(18, onnx.defs.get_schema(op_type, domain=domain).since_version) if not domain else 18
+
+
+def _elementwise_op_case(family: str, op_type: str, domain: str) -> Case:
+    """A case running `op_type` on tensors split on axis 1 (ints and booleans cast back to float at the end)."""
+    shape = (2, 8, 4)
+    x, y = _positive(*shape), _positive(*shape, seed=1)
+    sharded = {"x": (x, S1)}
+    nodes: list[onnx.NodeProto] = []
+    weights: dict[str, np.ndarray] = {}
+    attrs: dict[str, object] = {}
+    to_float = False
+    inputs = ["x"]
+    if family in ("sum", "product", "quotient", "arithmetic", "comparison"):
+        sharded["y"] = (y, S1)
+        inputs = ["x", "y"]
+        if op_type in ("Sum", "Mean"):
+            sharded["w"] = (_positive(*shape, seed=2), S1)
+            inputs = ["x", "y", "w"]
+        if op_type == "PRelu":
+            sharded, inputs = {"x": (x - 0.5, S1)}, ["x", "slope"]
+            weights["slope"] = _positive(4, seed=3)
+        if op_type == "Mod":
+            attrs["fmod"] = 1
+        to_float = family == "comparison"
+    elif family in ("logical", "bitwise"):
+        kind = TensorProto.BOOL if family == "logical" else I32
+        nodes.append(helper.make_node("Cast", ["x"], ["xi"], to=kind))
+        inputs = ["xi"]
+        if family == "bitwise":
+            sharded["x"] = ((x * 100).astype(np.float32), S1)
+        else:
+            sharded["x"] = (np.where(x > 0.5, x, 0).astype(np.float32), S1)  # Cast to bool: zeros are False
+        if op_type not in ("Not", "BitwiseNot"):
+            sharded["y"] = (np.where(y > 0.5, y * 100, 0).astype(np.float32), S1)
+            nodes.append(helper.make_node("Cast", ["y"], ["yi"], to=kind))
+            inputs = ["xi", "yi"]
+        if op_type == "BitShift":
+            kind = TensorProto.UINT32
+            nodes = [helper.make_node("Cast", [n.input[0]], [n.output[0]], to=kind) for n in nodes]
+            sharded["y"] = ((y * 4).astype(np.float32), S1)
+            attrs["direction"] = "LEFT"
+        to_float = True
+    elif family == "select":
+        sharded["y"] = (y, S1)
+        sharded["c"] = (np.where(rand(2, 1, 4, seed=4) > 0, 1.0, 0.0).astype(np.float32), R)
+        nodes.append(helper.make_node("Cast", ["c"], ["cb"], to=TensorProto.BOOL))
+        inputs = ["cb", "x", "y"]
+    elif family == "clip":
+        weights |= {"lo": np.array(0.3, np.float32), "hi": np.array(0.6, np.float32)}
+        inputs = ["x", "lo", "hi"]
+    elif family == "cast":
+        sharded["x"] = ((x * 10).astype(np.float32), S1)
+        if op_type == "Cast":
+            attrs["to"] = I32
+        else:
+            weights["like"] = np.zeros((1,), np.int32)
+            inputs = ["x", "like"]
+        to_float = True
+    elif family == "test":
+        to_float = True
+    elif op_type == "BiasGelu":
+        weights["bias"] = rand(4, seed=5)
+        inputs = ["x", "bias"]
+    elif op_type == "QuickGelu":
+        attrs["alpha"] = 1.5
+    out = "z_raw" if to_float else "z"
+    nodes.append(helper.make_node(op_type, inputs, [out], domain=domain, **attrs))
+    if to_float:
+        nodes.append(helper.make_node("Cast", [out], ["z"], to=F))
+    opsets = {"": _since(op_type, domain)}
+    if domain:
+        opsets[domain] = 1
+    return Case(f"{family}:{op_type}", nodes, sharded, ["z"], weights, expect={"z": "S(1)"}, opsets=opsets)
+
+
+def _family_cases() -> list[Case]:
+    from llmir_onnx.propagation.elementwise import ELEMENTWISE_FAMILIES
+
+    return [
+        _elementwise_op_case(family.name, op, family.domain) for family in ELEMENTWISE_FAMILIES for op in family.ops
+    ]
+
+
+FAMILY_CASES = _family_cases()
+
+
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=[case.name for case in FAMILY_CASES])
+def test_every_elementwise_op_keeps_its_shard(case: Case) -> None:
+    _check_case(case, 4)
+
+
+def test_every_registered_family_op_has_a_case() -> None:
+    """The table is the registry: an op added to a family is tested by adding it, nothing else."""
+    from llmir_onnx.propagation import lookup
+    from llmir_onnx.propagation.elementwise import ELEMENTWISE_FAMILIES, elementwise_rule
+
+    for family in ELEMENTWISE_FAMILIES:
+        for op in family.ops:
+            node = ir.Node(family.domain, op, [])
+            assert lookup(node) is elementwise_rule, f"{family.domain}::{op}"
+    assert {case.name for case in FAMILY_CASES} == {f"{f.name}:{op}" for f in ELEMENTWISE_FAMILIES for op in f.ops}
+
+
+def _check_case(case: Case, tp: int) -> None:
+    expected = dict(
+        zip(case.outputs, run(make_model(case), {k: a for k, (a, _) in case.inputs.items()}, case.outputs), strict=True)
+    )
+    got, placements = simulate(case, tp)
+    for name in case.outputs:
+        if name in case.expect:
+            assert placements[name] == case.expect[name], f"{case.name}: {name} is {placements[name]}"
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=f"{case.name}:{name}")
+
+
+# --------------------------------------------------------------------------- com.microsoft: MatMulNBits
+
+
+def _nbits_weights(name: str, k: int, n: int, block_size: int, zero_points: bool, seed: int) -> dict[str, np.ndarray]:
+    """Random 4-bit blocks as onnxruntime lays them out: B [N, k_blocks, blob], scales and zero points flat."""
+    rng = np.random.default_rng(seed)
+    blocks = -(-k // block_size)
+    weights = {
+        f"{name}.B": rng.integers(0, 256, (n, blocks, block_size // 2)).astype(np.uint8),
+        f"{name}.scales": (rng.uniform(0.5, 1.5, n * blocks) / (8 * np.sqrt(k))).astype(np.float32),
+    }
+    if zero_points:
+        weights[f"{name}.zp"] = rng.integers(0, 256, n * -(-blocks // 2)).astype(np.uint8)
+    return weights
+
+
+def _nbits_node(name: str, x: str, out: str, k: int, n: int, block_size: int, zero_points: bool) -> onnx.NodeProto:
+    inputs = [x, f"{name}.B", f"{name}.scales"] + ([f"{name}.zp"] if zero_points else [])
+    return helper.make_node(
+        "MatMulNBits", inputs, [out], domain="com.microsoft", K=k, N=n, bits=4, block_size=block_size
+    )
+
+
+def nbits_mlp_case(block_size: int, zero_points: bool, hidden: int, inner: int, tps: tuple[int, ...]) -> Case:
+    """An int4 MLP as the genai builder writes it: column-parallel up (N split), row-parallel down (K blocks split)."""
+    return Case(
+        f"matmulnbits_mlp_block{block_size}{'_zp' if zero_points else ''}",
+        [
+            _nbits_node("up", "x", "h", hidden, inner, block_size, zero_points),
+            helper.make_node("Relu", ["h"], ["a"]),
+            _nbits_node("down", "a", "z", inner, hidden, block_size, zero_points),
+        ],
+        {"x": (rand(2, 3, hidden), R)},
+        ["h", "z"],
+        weights=_nbits_weights("up", hidden, inner, block_size, zero_points, 1)
+        | _nbits_weights("down", inner, hidden, block_size, zero_points, 2),
+        expect={"h": "S(2)", "z": "P"},
+        tps=tps,
+        opsets={"": 18, "com.microsoft": 1},
+    )
+
+
+NBITS_CASES = [
+    nbits_mlp_case(32, False, 64, 128, (2, 4)),
+    nbits_mlp_case(32, True, 64, 256, (2, 4)),
+    nbits_mlp_case(128, False, 64, 256, (2,)),
+    nbits_mlp_case(128, True, 64, 512, (2,)),
+    nbits_mlp_case(16, True, 64, 256, (2, 4)),
+]
+NBITS_TPS = [(case, tp) for case in NBITS_CASES for tp in case.tps]
+
+
+@pytest.mark.parametrize(("case", "tp"), NBITS_TPS, ids=[f"{case.name}-{tp}" for case, tp in NBITS_TPS])
+def test_matmulnbits_splits_match_full_tensors(case: Case, tp: int) -> None:
+    _check_case(case, tp)
+
+
+@pytest.mark.parametrize(
+    ("case", "tp", "message"),
+    [
+        (nbits_mlp_case(128, False, 64, 256, ()), 4, r"K blocks \(K=256, block_size 128\)=2 .*use --tp 1 or 2$"),
+        (
+            nbits_mlp_case(32, True, 64, 128, ()),
+            4,
+            r"zero-point bytes per row \(4-bit, K=128, block_size 32\)=2 .*use --tp 1 or 2$",
+        ),
+    ],
+    ids=["k-blocks", "packed-zero-points"],
+)
+def test_matmulnbits_refuses_a_tp_that_splits_a_block(case: Case, tp: int, message: str) -> None:
+    from llmir_onnx.errors import ShardingError
+
+    with pytest.raises(ShardingError, match=message):
+        simulate(case, tp)
+
+
+# --------------------------------------------------------------------------- the tp values an error offers
+
+
+def test_offered_tp_values_are_the_ones_that_work() -> None:
+    """Constraints met at the refused tp say little about another tp: each offered value is tried first."""
+    from llmir_onnx.propagation.base import SplitConstraint, divisibility_error
+
+    heads = [SplitConstraint("n", "Reshape", "num_heads", (8,)), SplitConstraint("k", "Reshape", "num_heads", (2,))]
+    assert str(divisibility_error(3, heads)).endswith("use --tp 1, 2, 4 or 8")
+    assert str(divisibility_error(3, heads, lambda tp: tp != 8)).endswith("use --tp 1, 2 or 4")
+    # The refused tp itself is never offered, whatever the constraints say.
+    kv = [SplitConstraint("k", "Reshape", "num_heads", (2,)), SplitConstraint("q", "Reshape", "num_heads", (4,))]
+    assert (
+        "4" not in str(divisibility_error(4, [*kv, SplitConstraint("o", "MatMul", "num_heads", (2,))])).split("use")[1]
+    )

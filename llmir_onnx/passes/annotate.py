@@ -27,6 +27,7 @@ from llmir_onnx.passes.state import ShardingState
 from llmir_onnx.placement import Shard
 from llmir_onnx.propagation.attention import gqa_packed_blocks
 from llmir_onnx.propagation.base import RuleContext, Shape, WeightRole, normalize_dim
+from llmir_onnx.propagation.elementwise import ELEMENTWISE_OPS
 from llmir_onnx.propagation.shape_ops import block_of_slice, slice_axes, slice_params
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ SHAPE_READERS = ("Shape", "Size")
 # Ops between a projection and the split of its fused output that keep the last axis.
 PASS_THROUGH = ("Add", "Identity", "Cast", "Reshape")
 INLINE_LIMIT_ELEMENTS = 64
+# Ops between a projection and the Reshape that splits its heads, searched for the head count.
+HEAD_SEARCH_DEPTH = 10
 
 
 def _fold_weight_aliases(graph: ir.Graph) -> int:
@@ -254,8 +257,8 @@ def _head_counts(ctx: RuleContext, node: ir.Node, blocks: tuple[int, ...]) -> tu
     if not blocks:
         heads = _heads_of(ctx, output)
         return None if heads is None else (heads,)
-    for consumer in output.consumers():
-        if consumer.op_type == "GroupQueryAttention" and consumer.inputs[0] is output:
+    for packed, consumer in ((v, c) for v in _same_layout(ctx, output) for c in v.consumers()):
+        if consumer.op_type == "GroupQueryAttention" and consumer.inputs[0] is packed:
             heads_attr = consumer.attributes.get("num_heads")
             kv = consumer.attributes.get("kv_num_heads")
             if heads_attr is not None and kv is not None:
@@ -283,21 +286,41 @@ def _head_counts(ctx: RuleContext, node: ir.Node, blocks: tuple[int, ...]) -> tu
 
 def _heads_of(ctx: RuleContext, value: ir.Value) -> int | None:
     """The head count of a [.., heads * head_dim] value, from the Reshape that splits its last axis."""
-    width = ctx.static_dim(value, -1) if ctx.rank(value) else None
-    frontier = [value]
-    for _ in range(3):
+    width = _last_dim(ctx, value)
+    for current in _same_layout(ctx, value):
+        for consumer in current.consumers():
+            if consumer.op_type == "Reshape" and consumer.inputs[0] is current:
+                out = ctx.shape(consumer.outputs[0])
+                static = out is not None and len(out) >= 2 and isinstance(out[-1], int) and isinstance(out[-2], int)
+                if static and width is not None and out[-1] * out[-2] == width:
+                    return out[-2]
+    return None
+
+
+def _same_layout(ctx: RuleContext, value: ir.Value) -> list[ir.Value]:
+    """`value` and the values elementwise ops make of it with the same last axis, nearest first.
+
+    A bias added on either side (Add(bias, x), as torch exports a Linear), a clip, a norm over all heads
+    (OLMo 2) sit between a projection and where its heads are split.
+    """
+    width = _last_dim(ctx, value)
+    found, frontier = [value], [value]
+    seen: set[int] = set()
+    for _ in range(HEAD_SEARCH_DEPTH):
         next_frontier = []
         for current in frontier:
             for consumer in current.consumers():
-                if consumer.op_type == "Reshape" and consumer.inputs[0] is current:
-                    out = ctx.shape(consumer.outputs[0])
-                    static = out is not None and len(out) >= 2 and isinstance(out[-1], int) and isinstance(out[-2], int)
-                    if static and width is not None and out[-1] * out[-2] == width:
-                        return out[-2]
-                if consumer.op_type in ("Add", "Identity", "Cast") and consumer.inputs[0] is current:
+                keeps_layout = consumer.op_type in ELEMENTWISE_OPS and consumer.domain in ("", "ai.onnx")
+                if keeps_layout and id(consumer) not in seen and _last_dim(ctx, consumer.outputs[0]) == width:
+                    seen.add(id(consumer))
                     next_frontier.append(consumer.outputs[0])
+        found.extend(next_frontier)
         frontier = next_frontier
-    return None
+    return found
+
+
+def _last_dim(ctx: RuleContext, value: ir.Value) -> int | None:
+    return ctx.static_dim(value, -1) if ctx.rank(value) else None
 
 
 def _kv_parts_of(ctx: RuleContext, node: ir.Node, blocks: tuple[int, ...]) -> tuple[int, ...]:

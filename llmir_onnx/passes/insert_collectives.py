@@ -91,10 +91,13 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
             node = ops.all_reduce_node(value, self.group, reduction=held.op, name=self._name("AllReduce"))
             return self._named(self._insert(graph, node, value), value, "allreduce")
         if isinstance(held, Shard) and isinstance(required, Replicate):
-            if held.blocks or held.parts or held.inner:
+            if held.holds_everything():
+                return value
+            if held.blocks or held.inner:
                 raise ShardingError(f"cannot gather the shard {held} of {where}; no rule keeps it sharded")
             node = ops.all_gather_node(value, held.dim, self.group, name=self._name("AllGather"))
-            return self._named(self._insert(graph, node, value), value, "allgather")
+            gathered = self._named(self._insert(graph, node, value), value, "allgather")
+            return self._distinct_parts(graph, gathered, held, value) if held.parts else gathered
         if isinstance(held, Partial) and isinstance(required, Shard):
             if not required.blocks and held.op == "sum":
                 node = ops.reduce_scatter_node(value, required.dim, self.group, name=self._name("ReduceScatter"))
@@ -110,6 +113,26 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
             full = value if isinstance(held, Replicate) else self._convert(graph, value, held, REPLICATE, None)
             return self._rank_zero_only(graph, full)
         raise ShardingError(f"internal: no redistribution from {held} to {required} for {where}")
+
+    def _distinct_parts(self, graph: ir.Graph, gathered: ir.Value, held: Shard, source: ir.Value) -> ir.Value:
+        """Keep one copy of each part from an AllGather of a shard that neighbouring ranks hold alike."""
+        shape = self.state.shapes.get(source.name)
+        size = shape[held.dim] if shape else None
+        if not isinstance(size, int):
+            raise ShardingError(f"cannot gather {gathered.name!r}: axis {held.dim} has no static size")
+        tp = self.state.tp
+        parts = held.block_parts(0, tp)
+        width = size // parts
+        indices = np.concatenate([np.arange(width) + k * (tp // parts) * width for k in range(parts)])
+        index_value = self._constant(graph, self._name("distinct_parts"), lambda r: indices.astype(np.int64))
+        node = ir.Node(
+            "",
+            "Gather",
+            [gathered, index_value],
+            attributes=[ir.AttrInt64("axis", held.dim)],
+            name=self._name("Gather"),
+        )
+        return self._named(self._insert(graph, node, gathered), gathered, "distinct")
 
     def _named(self, result: ir.Value, source: ir.Value, what: str) -> ir.Value:
         result.name = f"{source.name}__{what}"

@@ -25,6 +25,7 @@ from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.passes.state import ShardingState
 from llmir_onnx.placement import Partial, Placement, Shard
 from llmir_onnx.propagation.base import normalize_dim
+from llmir_onnx.propagation.reductions import PARTIAL_REDUCTIONS, partial_reduction_scale
 from llmir_onnx.weight_slices import rank_weight
 
 HEAD_ATTRIBUTES = {
@@ -62,6 +63,8 @@ class LocalizePass(ir.passes.InPlacePass):
                     self._localize_vocab_gather(graph, node)
                 elif node.op_type == "MatMulNBits":
                     self._localize_nbits(node)
+                elif node.op_type in PARTIAL_REDUCTIONS and node.domain == "":
+                    self._scale_partial_reduction(graph, node)
         io_values = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
         for value in [*graph.inputs, *graph.outputs]:
             value.shape = self._local_shape(value)
@@ -252,6 +255,27 @@ class LocalizePass(ir.passes.InPlacePass):
         placement = self._placement(out)
         if placement is not None and masked.outputs[0].name:
             self.state.placements[masked.outputs[0].name] = placement
+
+    def _scale_partial_reduction(self, graph: ir.Graph, node: ir.Node) -> None:
+        placement, out = self._placement(node.inputs[0]), node.outputs[0]
+        if not isinstance(placement, Shard) or not isinstance(self._placement(out), Partial):
+            return
+        scale = partial_reduction_scale(node.op_type, placement, self.state.tp)
+        if scale == 1.0:
+            return
+        name = node.name
+        factor = self._new_initializer(graph, f"{name}/partial_scale", np.array(scale, dtype=np.float32))
+        typed = ir.Node("", "CastLike", [factor, node.inputs[0]], name=f"{name}/llmir_partial_scale_cast")
+        scaled = ir.Node("", "Mul", [out, typed.outputs[0]], name=f"{name}/llmir_partial_scale")
+        out.replace_all_uses_with(scaled.outputs[0], replace_graph_outputs=True)
+        scaled.replace_input_with(0, out)
+        graph.insert_after(node, [typed, scaled])
+        # The scaled value takes the name its readers (and a graph output) know.
+        placement, original = self._placement(out), out.name
+        out.name = f"{original}__unscaled"
+        scaled.outputs[0].name = original
+        self.state.placements[out.name] = placement
+        self.state.shapes[out.name] = self.state.shapes.get(original)
 
     def _localize_nbits(self, node: ir.Node) -> None:
         role = self.state.roles.get(node.name)

@@ -13,7 +13,8 @@ import logging
 
 import onnx_ir as ir
 
-from llmir_onnx.errors import ShardingError
+from llmir_onnx.errors import LlmirError, ShardingError
+from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.passes.state import Redistribution, ShardingState
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from llmir_onnx.propagation import lookup
@@ -42,12 +43,38 @@ def _check_divisible(ctx: RuleContext, node: ir.Node, value: ir.Value, placement
     ctx.require_divisible(node, f"axis {placement.dim} of {value.name!r}", sizes)
 
 
+def _partitions_at(model: ir.Model, state: ShardingState, tp: int) -> bool:
+    """Whether the sharding passes succeed on a copy of `model` at another tp (shapes do not depend on tp)."""
+    from llmir_onnx.passes.annotate import assign_weight_roles
+    from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
+    from llmir_onnx.passes.localize import LocalizePass
+
+    trial = model.clone()
+    probe = ShardingState(
+        DeviceMesh(pp=1, tp=tp),
+        replicate_unsupported=state.replicate_unsupported,
+        vocab_parallel=state.vocab_parallel,
+        input_seeds=dict(state.input_seeds),
+        shapes=dict(state.shapes),
+    )
+    probe.roles = assign_weight_roles(trial, RuleContext(tp=tp, shapes=probe.shapes), state.vocab_parallel)
+    try:
+        PropagatePass(probe, try_other_tps=False).call(trial)
+        InsertCollectivesPass(probe).call(trial)
+        LocalizePass(probe).call(trial)
+    except LlmirError:
+        return False
+    return True
+
+
 class PropagatePass(ir.passes.InPlacePass):
     """Placements for every value; redistributions where a rule needs something else."""
 
-    def __init__(self, state: ShardingState) -> None:
+    def __init__(self, state: ShardingState, try_other_tps: bool = True) -> None:
         super().__init__()
         self.state = state
+        # A tp that some split cannot take is refused with the tp values that work, each one tried.
+        self.try_other_tps = try_other_tps
 
     def requires(self, model: ir.Model) -> None:
         if not self.state.shapes:
@@ -93,8 +120,12 @@ class PropagatePass(ir.passes.InPlacePass):
                 state.redistributions.append(Redistribution(node.name, index, value.name, held, required))
             for value, placement in zip(node.outputs, decision.outputs, strict=True):
                 _check_divisible(ctx, node, value, placement)
-                placements[value.name] = placement
-        error = divisibility_error(state.tp, ctx.constraints)
+                # A single kv head held whole by every rank is replicated: rules that act per head or on
+                # head_dim (q/k norms, rotary) then need no gather, and none can split head_dim by mistake.
+                full = isinstance(placement, Shard) and placement.holds_everything()
+                placements[value.name] = REPLICATE if full else placement
+        works = (lambda tp: _partitions_at(model, self.state, tp)) if self.try_other_tps else None
+        error = divisibility_error(state.tp, ctx.constraints, works)
         if error is not None:
             raise error
         for value in graph.inputs:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmir_onnx.propagation import attention, elementwise, matmul, reductions, shape_ops
+from llmir_onnx.propagation import attention, elementwise, indexing, matmul, reductions, shape_ops
 from llmir_onnx.propagation.base import Decision, RuleContext, WeightRole, lookup, register, registered_ops
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "WeightRole",
     "attention",
     "elementwise",
+    "indexing",
     "lookup",
     "matmul",
     "reductions",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from llmir_onnx.errors import ShardingError
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
 
@@ -51,6 +52,12 @@ def gqa_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]
         if blocks is None or query.blocks != blocks:
             return replicated(node)
     kv = kv_parts(ctx.tp, _attr_int(node, "kv_num_heads", 0))
+    if packed and query.parts != ((ctx.tp, *kv, *kv) if kv else ()):
+        # A rank would read kv heads that are not those of its query heads: a model that cannot run.
+        raise ShardingError(
+            f"node {node.name} (GroupQueryAttention) gets its packed q|k|v split as {query}, which does not "
+            f"give each rank the kv heads of its query heads at --tp {ctx.tp}; use a tp that divides kv_num_heads"
+        )
     required: list[Placement | None] = []
     for index, value in enumerate(node.inputs):
         if value is None:

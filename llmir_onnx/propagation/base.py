@@ -127,28 +127,32 @@ def normalize_dim(dim: int, rank: int) -> int:
     return dim + rank if dim < 0 else dim
 
 
-def valid_tp_values(sizes: Sequence[int], limit: int = 64) -> str:
-    valid = [t for t in range(1, min([limit, *sizes]) + 1) if all(size % t == 0 for size in sizes)]
-    if len(valid) == 1:
-        return "--tp 1"
-    return "--tp " + ", ".join(str(t) for t in valid[:-1]) + f" or {valid[-1]}"
+def tp_candidates(constraints: Sequence[SplitConstraint], limit: int = 64) -> list[int]:
+    """The tp degrees that every recorded split allows, kv head counts taken as replicable."""
+    # At another tp, head counts below the largest one (kv heads of GQA/MQA) may be replicated instead.
+    heads = [size for c in constraints if c.what.startswith("num_heads") for size in c.sizes]
+    most = max(heads, default=0)
+    kv_counts = {size for size in heads if size < most}
+    listing = [dataclasses.replace(c, replicable=True) if kv_counts.issuperset(c.sizes) else c for c in constraints]
+    largest = max((size for c in constraints for size in c.sizes), default=1)
+    return [t for t in range(1, min(largest, limit) + 1) if all(c.allows(t) for c in listing)]
 
 
-def divisibility_error(tp: int, constraints: Sequence[SplitConstraint]) -> ShardingError | None:
-    """One error for a tp that some split cannot take; head counts are named first, they are what users know."""
+def divisibility_error(
+    tp: int, constraints: Sequence[SplitConstraint], works: Callable[[int], bool] | None = None
+) -> ShardingError | None:
+    """One error for a tp that some split cannot take; head counts are named first, they are what users know.
+
+    The tp values it offers are the candidates the constraints allow that `works` confirms (a trial
+    partition): a constraint met at one tp says little about the splits another tp would choose.
+    """
     broken = [c for c in constraints if not c.allows(tp)]
     if not broken:
         return None
     broken.sort(key=lambda c: (not c.what.startswith(("num_heads", "kv_num_heads")),))
     first = broken[0]
     shown = first.sizes[0] if len(first.sizes) == 1 else "|".join(str(s) for s in first.sizes)
-    # At another tp, head counts below the largest one (kv heads of GQA/MQA) may be replicated instead.
-    heads = [size for c in constraints if c.what.startswith("num_heads") for size in c.sizes]
-    most = max(heads, default=0)
-    kv_counts = {size for size in heads if size < most}
-    listing = [dataclasses.replace(c, replicable=True) if kv_counts.issuperset(c.sizes) else c for c in constraints]
-    limit = max(size for c in constraints for size in c.sizes)
-    valid = [t for t in range(1, min(limit, 64) + 1) if all(c.allows(t) for c in listing)]
+    valid = [t for t in tp_candidates(constraints) if t == 1 or (t != tp and (works is None or works(t)))]
     listed = "--tp 1" if len(valid) == 1 else "--tp " + ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
     return ShardingError(
         f"--tp {tp} does not divide {first.what}={shown} in node {first.node} ({first.op_type}); use {listed}"

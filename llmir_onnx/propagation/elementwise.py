@@ -8,81 +8,94 @@ weight that is then held by rank 0 only), a partial times a replicated factor (M
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
 
-UNARY_OPS = (
-    "Abs",
-    "Acos",
-    "Asin",
-    "Atan",
-    "Ceil",
-    "Cos",
-    "Cosh",
-    "Elu",
-    "Erf",
-    "Exp",
-    "Floor",
-    "Gelu",
-    "HardSigmoid",
-    "HardSwish",
-    "IsInf",
-    "IsNaN",
-    "LeakyRelu",
-    "Log",
-    "Mish",
-    "Neg",
-    "Not",
-    "Reciprocal",
-    "Relu",
-    "Round",
-    "Selu",
-    "Sigmoid",
-    "Sign",
-    "Sin",
-    "Sinh",
-    "Softplus",
-    "Softsign",
-    "Sqrt",
-    "Tan",
-    "Tanh",
-    "ThresholdedRelu",
-    "Identity",
-    "Cast",
-    "CastLike",
-    "FastGelu",
-    "QuickGelu",
-    "BiasGelu",
+
+@dataclass(frozen=True)
+class ElementwiseFamily:
+    """Ops that share one sharding rule: numpy broadcasting over every input, one output shape.
+
+    `partial` says how a Partial("sum") input may pass through (see `_linear_partial`): "sum" for ops
+    linear in all their inputs together, "product" / "quotient" for ops linear in one factor, "linear"
+    for unary ops with f(a + b) == f(a) + f(b), "" for none (the input is reduced first).
+    """
+
+    name: str
+    ops: tuple[str, ...]
+    domain: str = ""
+    partial: str = ""
+
+
+ELEMENTWISE_FAMILIES = (
+    ElementwiseFamily(
+        "math",
+        (
+            "Abs",
+            "Acos",
+            "Acosh",
+            "Asin",
+            "Asinh",
+            "Atan",
+            "Atanh",
+            "Ceil",
+            "Cos",
+            "Cosh",
+            "Erf",
+            "Exp",
+            "Floor",
+            "Log",
+            "Reciprocal",
+            "Round",
+            "Sign",
+            "Sin",
+            "Sinh",
+            "Sqrt",
+            "Tan",
+            "Tanh",
+        ),
+    ),
+    ElementwiseFamily(
+        "activation",
+        (
+            "Celu",
+            "Elu",
+            "Gelu",
+            "HardSigmoid",
+            "HardSwish",
+            "LeakyRelu",
+            "Mish",
+            "Relu",
+            "Selu",
+            "Shrink",
+            "Sigmoid",
+            "Softplus",
+            "Softsign",
+            "Swish",
+            "ThresholdedRelu",
+        ),
+    ),
+    ElementwiseFamily("linear", ("Neg", "Identity"), partial="linear"),
+    ElementwiseFamily("cast", ("Cast", "CastLike"), partial="linear"),
+    ElementwiseFamily("clip", ("Clip",)),
+    ElementwiseFamily("test", ("IsInf", "IsNaN")),
+    ElementwiseFamily("sum", ("Add", "Sub", "Sum"), partial="sum"),
+    ElementwiseFamily("product", ("Mul",), partial="product"),
+    ElementwiseFamily("quotient", ("Div",), partial="quotient"),
+    ElementwiseFamily("arithmetic", ("Pow", "Max", "Min", "Mod", "Mean", "PRelu")),
+    ElementwiseFamily("comparison", ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual")),
+    ElementwiseFamily("logical", ("And", "Or", "Xor", "Not")),
+    ElementwiseFamily("bitwise", ("BitShift", "BitwiseAnd", "BitwiseOr", "BitwiseXor", "BitwiseNot")),
+    ElementwiseFamily("select", ("Where",)),
+    ElementwiseFamily("contrib activation", ("FastGelu", "QuickGelu", "BiasGelu", "Gelu"), domain="com.microsoft"),
 )
-BINARY_OPS = (
-    "Add",
-    "Sub",
-    "Mul",
-    "Div",
-    "Pow",
-    "Max",
-    "Min",
-    "Mod",
-    "Equal",
-    "Less",
-    "LessOrEqual",
-    "Greater",
-    "GreaterOrEqual",
-    "And",
-    "Or",
-    "Xor",
-    "BitShift",
-    "BitwiseAnd",
-    "BitwiseOr",
-    "Where",
-    "Sum",
-    "Mean",
-    "PRelu",
-)
-# Ops f with f(sum_i x_i) == sum_i f(x_i): a partial input gives a partial output.
-LINEAR_UNARY = ("Neg", "Identity")
+# Ops of the default domain that keep their input's layout (annotate follows them to find head counts).
+ELEMENTWISE_OPS = frozenset(op for family in ELEMENTWISE_FAMILIES if not family.domain for op in family.ops)
+_PARTIAL_KIND = {(family.domain, op): family.partial for family in ELEMENTWISE_FAMILIES for op in family.ops}
 FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
 
@@ -106,31 +119,39 @@ def _out_rank(ctx: RuleContext, node: ir.Node) -> int | None:
 
 def _linear_partial(node: ir.Node, placements: list[Placement | None]) -> Decision | None:
     """The decision keeping a Partial output, or None when this op is not linear in its partial inputs."""
-    op = node.op_type
+    kind = _PARTIAL_KIND.get((_domain(node), node.op_type), "")
     present = [i for i, v in enumerate(node.inputs) if v is not None]
     partial = [i for i in present if isinstance(placements[i], Partial) and placements[i] == PARTIAL_SUM]
-    if not partial:
+    if not partial or not kind:
         return None
     outputs: list[Placement] = [PARTIAL_SUM] * len(node.outputs)
-    if op in ("Add", "Sub", "Sum"):
+    if kind == "sum":
         # Free inputs (weights) become Partial too: rank 0 holds them, the others zeros.
         if all(isinstance(placements[i], Partial) or placements[i] is None for i in present):
             return Decision([PARTIAL_SUM if v is not None else None for v in node.inputs], outputs)
         return None
-    if op == "Mul" and len(partial) == 1:
+    if kind == "product" and len(partial) == 1:
         return Decision([PARTIAL_SUM if i in partial else REPLICATE for i in range(len(node.inputs))], outputs)
-    if op == "Div" and partial == [0]:
+    if kind == "quotient" and partial == [0]:
         return Decision([PARTIAL_SUM, REPLICATE], outputs)
-    if op in LINEAR_UNARY:
+    if kind == "linear" and partial == [0]:
+        if node.op_type == "Cast" and not _casts_to_float(node):
+            return None  # rounding to an integer type is not linear
+        if node.op_type == "CastLike":
+            return None  # its target type is a tensor's; keep the cautious answer
         return Decision([PARTIAL_SUM], outputs)
-    if op == "Cast":
-        to = node.attributes.get("to")
-        if to is not None and ir.DataType(to.as_int()) in FLOAT_TYPES:
-            return Decision([PARTIAL_SUM], outputs)
     return None
 
 
-@register(UNARY_OPS + BINARY_OPS)
+def _casts_to_float(node: ir.Node) -> bool:
+    to = node.attributes.get("to")
+    return to is not None and ir.DataType(to.as_int()) in FLOAT_TYPES
+
+
+def _domain(node: ir.Node) -> str:
+    return "" if node.domain in ("", "ai.onnx") else node.domain
+
+
 def elementwise_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     out_rank = _out_rank(ctx, node)
     shards: set[Shard] = set()
@@ -157,3 +178,7 @@ def elementwise_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement
     if linear is not None and not shards:
         return linear
     return replicated(node)
+
+
+for _family in ELEMENTWISE_FAMILIES:
+    register(_family.ops, domain=_family.domain)(elementwise_rule)

@@ -125,8 +125,8 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
     role = ctx.roles.get(node.name)
     if role is None or role.kind not in ("column", "row") or (len(node.inputs) > 4 and node.inputs[4] is not None):
         return replicated(node)  # act-order (g_idx) weights are not split
-    n = _int_attr(node, "N", 0)
-    k_blocks = -(-_int_attr(node, "K", 0) // _int_attr(node, "block_size", 0))
+    n, k, block_size = _int_attr(node, "N", 0), _int_attr(node, "K", 0), _int_attr(node, "block_size", 0)
+    k_blocks = -(-k // block_size)
     a_rank = ctx.rank(node.inputs[0]) or 2
     views: dict[int, tuple[int, ...]] = {}
     required: list[Placement | None] = []
@@ -148,6 +148,13 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
                 views[index] = (n, -1)
             required.append(Shard(1))
     if role.kind == "row":
-        ctx.require_divisible(node, "the quantization blocks of K", [k_blocks])
+        ctx.require_divisible(node, f"the number of K blocks (K={k}, block_size {block_size})", [k_blocks])
+        zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+        if zero_points is not None and zero_points.dtype == ir.DataType.UINT8:
+            # Packed zero points: a rank's blocks must fill whole bytes of every row.
+            bits = _int_attr(node, "bits", 4)
+            row_bytes = -(-k_blocks * bits // 8)
+            what = f"the packed zero-point bytes per row ({bits}-bit, K={k}, block_size {block_size})"
+            ctx.require_divisible(node, what, [row_bytes])
     outputs: list[Placement] = [Shard(a_rank - 1)] if role.kind == "column" else [PARTIAL_SUM]
     return Decision(required, outputs, weight_views=views)

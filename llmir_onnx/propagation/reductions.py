@@ -65,6 +65,21 @@ def _reduce_axes(ctx: RuleContext, node: ir.Node, rank: int) -> list[int] | None
     return list(range(rank))
 
 
+# Reductions whose result over the whole axis is a weighted sum of their results over its pieces.
+PARTIAL_REDUCTIONS = ("ReduceSum", "ReduceSumSquare", "ReduceMean")
+
+
+def partial_reduction_scale(op_type: str, placement: Shard, tp: int) -> float:
+    """What localize multiplies a rank's partial reduction by (1: nothing to do).
+
+    A rank's piece is 1/parts of the axis and `tp // parts` ranks hold the same piece: a mean over the
+    piece weighs 1/parts of the whole mean, and each copy counts 1/(tp // parts) of it.
+    """
+    parts = placement.block_parts(0, tp)
+    duplicates = tp // parts
+    return 1.0 / (parts * duplicates) if op_type == "ReduceMean" else 1.0 / duplicates
+
+
 @register(REDUCE_OPS)
 def reduce_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     placement = placements[0]
@@ -78,7 +93,10 @@ def reduce_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
     if axes is None:
         return replicated(node)
     if placement.dim in axes:
-        if node.op_type == "ReduceSum" and not placement.blocks and not placement.is_replicated_within(ctx.tp):
+        if node.op_type in PARTIAL_REDUCTIONS and not placement.blocks and not placement.inner:
+            # Each rank reduces its piece; localize scales the piece's mean (or a sum over pieces that
+            # several ranks hold alike) so that the partials add up to the whole: one AllReduce of a
+            # reduced tensor (RMSNorm's mean of squares over all heads) instead of a gather of the input.
             return Decision([placement, *rest], [PARTIAL_SUM])
         return replicated(node)
     keepdims = _attr_int(node, "keepdims", 1)
