@@ -35,6 +35,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.model_facts import BATCH, CLI_HINT, NEW, PAST, TOTAL, dim_roles, role_from_name
 
 SMALL_INT_ELEMENTS = 64
 # Values with at most this many elements are computed (not only shaped) when their inputs are known.
@@ -80,27 +81,13 @@ _BIN_OPS: dict[type[ast.operator], Callable[[int, int], int]] = {
 }
 
 
+def _role_size(role: str, sizes: Sizes) -> int:
+    return {BATCH: sizes.batch, NEW: sizes.seq, PAST: sizes.past, TOTAL: sizes.total}[role]
+
+
 def _classify_dim(name: str, sizes: Sizes) -> int | None:
-    lowered = name.lower()
-    if "batch" in lowered or lowered in ("b", "n", "bs"):
-        return sizes.batch
-    if "past" in lowered or "cache" in lowered:
-        return sizes.past
-    if "total" in lowered or "all" in lowered or "kv" in lowered or "key" in lowered or "present" in lowered:
-        return sizes.total
-    if re.search(r"seq|len|token", lowered):
-        return sizes.seq
-    return None
-
-
-def _dim_from_role(input_name: str, axis: int, rank: int, sizes: Sizes) -> int | None:
-    """An auto-named dim (torch.export's `s53`) read from the input it belongs to."""
-    lowered = input_name.lower()
-    if "mask" in lowered and rank == 2 and axis == 1:
-        return sizes.total  # attention_mask [batch, past + new]
-    if ("input_ids" in lowered or "position_ids" in lowered) and rank == 2 and axis == 1:
-        return sizes.seq
-    return None
+    role = role_from_name(name)
+    return None if role is None else _role_size(role, sizes)
 
 
 def _eval_expr(expr: str, known: Mapping[str, int]) -> int | None:
@@ -127,26 +114,21 @@ def _eval_expr(expr: str, known: Mapping[str, int]) -> int | None:
 
 
 def bind_dims(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Map every symbolic dimension name of the graph inputs to an int at `sizes`."""
-    bound: dict[str, int] = dict(overrides or {})
+    """Map every symbolic dimension name of the graph inputs to an int at `sizes`.
+
+    Roles come from `model_facts.dim_roles` (the signature, the user's --dim, names as a hint);
+    `overrides` fixes sizes outright; a dim written as arithmetic (`past_sequence_length + 1`) is
+    evaluated from the others.
+    """
+    roles = dim_roles(model)
+    bound: dict[str, int] = {symbol: _role_size(role, sizes) for symbol, role in roles.roles.items()}
+    bound.update(overrides or {})
     pending: list[tuple[str, str]] = []
     for value in model.graph.inputs:
-        if value.shape is None:
-            continue
-        for axis, dim in enumerate(value.shape):
-            if isinstance(dim, int) or dim.value is None or dim.value in bound:
+        for dim in value.shape or ():
+            if isinstance(dim, int) or dim.value is None or str(dim.value) in bound:
                 continue
-            name = str(dim.value)
-            if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
-                guess = _classify_dim(name, sizes)
-                if guess is None:
-                    guess = _dim_from_role(value.name or "", axis, len(value.shape), sizes)
-                if guess is None:
-                    pending.append((value.name or "", name))
-                else:
-                    bound[name] = guess
-            else:
-                pending.append((value.name or "", name))
+            pending.append((value.name or "", str(dim.value)))
     for input_name, name in pending:
         if name in bound:
             continue
@@ -155,11 +137,11 @@ def bind_dims(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None
             guess = _classify_dim(symbol, sizes)
             if symbol not in known and guess is not None:
                 known[symbol] = guess
-        evaluated = _eval_expr(name, known)
+        evaluated = _eval_expr(name.replace(".", "_"), known)
         if evaluated is None:
             raise PlanError(
                 f"cannot tell what the dimension {name!r} of input {input_name!r} stands for (batch, new tokens, "
-                f"past tokens or their total); pass overrides={{{name!r}: <size>}}"
+                f"past tokens or their total); settle it with {CLI_HINT.format(symbol=name)}"
             )
         bound[name] = evaluated
     return bound
