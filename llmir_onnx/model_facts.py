@@ -280,9 +280,8 @@ def dim_roles(model: ir.Model) -> DimRoles:
             continue
         if len(candidates) > 1:
             said = "; ".join(f"{role} as {where}" for role, where in candidates.items())
-            raise PlanError(
-                f"the dimension {symbol!r} stands for two things ({said}); settle it with {CLI_HINT.format(symbol=symbol)}"
-            )
+            settle = CLI_HINT.format(symbol=symbol)
+            raise PlanError(f"the dimension {symbol!r} stands for two things ({said}); settle it with {settle}")
         ((role, where),) = candidates.items()
         roles[symbol], sources[symbol] = role, where
     for symbol, role in hints.items():

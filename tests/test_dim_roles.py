@@ -48,8 +48,13 @@ def autodims_model(out_dir: Path, source: Path = SOURCE) -> Path:
         past = "past_key_values." + value.name.removeprefix("present.")
         if value.name.startswith("present.") and past in by_input:
             own = by_input[past]
-            _rename(value, {"batch_size": own["batch_size"], "past_sequence_length + sequence_length":
-                            f"s70 + {own['past_sequence_length']}"})
+            _rename(
+                value,
+                {
+                    "batch_size": own["batch_size"],
+                    "past_sequence_length + sequence_length": f"s70 + {own['past_sequence_length']}",
+                },
+            )
         else:
             _rename(value, inner)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,7 @@ def test_automatic_symbols_get_their_roles_from_the_signature(tmp_path: Path) ->
 
 
 def test_a_sum_in_an_output_ties_its_terms() -> None:
-    """`x` has no standard role, but `present.0.key [.., 's70 + s98', ..]` with s98 the past makes s70 the new tokens."""
+    """`x` has no standard role; `present.0.key [.., 's70 + s98', ..]` with s98 the past makes s70 the new tokens."""
     helper = onnx.helper
     graph = helper.make_graph(
         [helper.make_node("Concat", ["past_key_values.0.key", "x"], ["present.0.key"], axis=2)],

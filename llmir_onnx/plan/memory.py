@@ -4,7 +4,7 @@ Four parts, in bytes, for serving at most `max_batch` sequences of at most `max_
 
 - `weight_bytes`: exact, the sum of every initializer's size from its metadata (shape x dtype); the
   weights themselves are never read.
-- `kv_cache_bytes`: exact, from the past key/value inputs (rank-4 inputs whose name says "past"): each
+- `kv_cache_bytes`: exact, from the past key/value inputs (`model_facts.kv_cache_inputs`): each
   shaped at batch = max_batch and past length = max_seq, i.e. 2 x layers x max_batch x kv_heads_local x
   max_seq x head_dim x itemsize for the usual [batch, kv_heads, past, head_dim] layout.
 - `activation_peak_bytes`: the most bytes of intermediate tensors alive at once when the graph's nodes
@@ -29,10 +29,9 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, evaluate_shapes
-
-PAST_PATTERN = re.compile(r"past", re.IGNORECASE)
-PRESENT_PATTERN = re.compile(r"present", re.IGNORECASE)
+from llmir_onnx.model_facts import is_kv_output
+from llmir_onnx.model_facts import kv_cache_inputs as past_kv_inputs
+from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, bind_dims, evaluate_shapes
 
 
 @dataclass(frozen=True)
@@ -70,24 +69,8 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
-def past_kv_inputs(model: ir.Model) -> list[ir.Value]:
-    """The KV cache inputs: rank-4 floating inputs whose name says "past"."""
-    found = []
-    for value in model.graph.inputs:
-        if not PAST_PATTERN.search(value.name or ""):
-            continue
-        if value.shape is None or len(value.shape) != 4:
-            continue
-        if value.dtype is None or not value.dtype.is_floating_point():
-            continue
-        found.append(value)
-    return found
-
-
 def kv_cache_bytes(model: ir.Model, max_batch: int, max_seq: int, overrides: Mapping[str, int] | None = None) -> int:
     """Exact bytes of the past KV inputs shaped at batch = max_batch and past length = max_seq."""
-    from llmir_onnx.plan.shapes import bind_dims
-
     dims = bind_dims(model, Sizes(batch=max_batch, seq=1, past=max_seq), overrides)
     total = 0
     for value in past_kv_inputs(model):
@@ -96,10 +79,6 @@ def kv_cache_bytes(model: ir.Model, max_batch: int, max_seq: int, overrides: Map
             count *= dim if isinstance(dim, int) else dims[str(dim.value)]
         total += count * int(value.dtype.itemsize)  # type: ignore[union-attr]
     return total
-
-
-def _is_kv_output(value: ir.Value) -> bool:
-    return bool(PRESENT_PATTERN.search(value.name or ""))
 
 
 def activation_peak(
@@ -121,7 +100,7 @@ def activation_peak(
     graph_outputs = {v.name for v in graph.outputs}
     not_activations = graph_inputs | set(graph.initializers)
     if not include_kv_outputs:
-        not_activations |= {v.name for v in graph.outputs if _is_kv_output(v)}
+        not_activations |= {v.name for v in graph.outputs if is_kv_output(v)}
 
     last_use: dict[str, int] = {}
     nodes = list(graph)
