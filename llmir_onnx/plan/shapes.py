@@ -44,6 +44,14 @@ LLMIR_DOMAIN = "ai.llmir"
 MS_DOMAIN = "com.microsoft"
 
 
+class ShapeMismatchError(PlanError):
+    """The model cannot take the sizes it is evaluated at (`where`: the node that says so)."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
+
+
 @dataclass(frozen=True)
 class Sizes:
     """The sizes a model is evaluated at: `seq` new tokens after `past` cached ones, for `batch` sequences."""
@@ -220,11 +228,12 @@ class ShapeEvaluator:
         for node in graph:
             try:
                 self._node(node)
-            except (ValueError, IndexError) as error:  # numpy's, on shapes the model cannot take
-                raise PlanError(
+            except (ValueError, IndexError, ShapeMismatchError) as error:  # numpy's, on shapes the model cannot take
+                raise ShapeMismatchError(
                     f"node {node.name!r} ({node.op_type}): shapes do not work out at batch {self.sizes.batch}, "
                     f"{self.sizes.seq} new + {self.sizes.past} past tokens ({error}); the model may not take "
-                    "sequences this long: lower --max-seq"
+                    "sequences this long: lower --max-seq",
+                    where=f"node {node.name!r} ({node.op_type})",
                 ) from error
         return self.values
 
@@ -605,10 +614,10 @@ def _reshape(shape: tuple[int, ...], target: list[int], allowzero: bool, node: i
         known = math.prod(d for d in out if d != -1)
         total = math.prod(shape)
         if known == 0 or total % known:
-            raise PlanError(f"Reshape node {node.name!r}: cannot reshape {shape} to {target}")
+            raise ShapeMismatchError(f"Reshape node {node.name!r}: cannot reshape {shape} to {target}")
         out[out.index(-1)] = total // known
     if math.prod(out) != math.prod(shape):
-        raise PlanError(f"Reshape node {node.name!r}: {shape} has a different size than {out}")
+        raise ShapeMismatchError(f"Reshape node {node.name!r}: {shape} has a different size than {out}")
     return tuple(out)
 
 
@@ -789,6 +798,73 @@ def position_limit(model: ir.Model) -> int | None:
 DEFAULT_MAX_SEQ = 2048
 
 
+@dataclass(frozen=True)
+class SequenceLimit:
+    """The longest sequence a model takes, where that is less than asked: `tokens` (None: no limit below
+    what was asked) and why, in a few words."""
+
+    tokens: int | None
+    reason: str = ""
+
+
+def _fails_at(model: ir.Model, max_batch: int, tokens: int) -> ShapeMismatchError | None:
+    """Why the model cannot take `tokens` (prefill of all of them, or decode of the last after the
+    others: the two phases every plan is sized for), or None when it can."""
+    for sizes in (Sizes(batch=max_batch, seq=tokens, past=0), Sizes(batch=max_batch, seq=1, past=tokens - 1)):
+        try:
+            evaluate_shapes(model, sizes)
+        except ShapeMismatchError as error:
+            return error
+    return None
+
+
+def sequence_limit(model: ir.Model, max_batch: int = 1, up_to: int = DEFAULT_MAX_SEQ) -> SequenceLimit:
+    """The longest sequence of at most `up_to` tokens the model takes.
+
+    Two limits are found. A position table (GPT-2's 128 rows of wpe, a rotary cos cache) is read off
+    the graph: its indices come from an input, so shapes alone never show it. Everything else (a
+    sliding-window cache sliced to its window, a fixed-size mask or bias constant) shows as shapes that
+    stop working out: the shape evaluator is run at `up_to` tokens and, when that fails, bisected for
+    the largest length that works (lengths the model takes are assumed to be all those below one
+    bound: a window or a table). Only a model that fails at `up_to` pays for the search, about
+    2 log2(up_to) shape evaluations; a model that takes `up_to` costs two.
+    """
+    table = position_limit(model)
+    ceiling = min(up_to, table) if table is not None else up_to
+    failure = _fails_at(model, max_batch, ceiling)
+    if failure is None:
+        if table is not None and table < up_to:
+            return SequenceLimit(table, f"its position table has {table} rows")
+        return SequenceLimit(None)
+    if (first := _fails_at(model, max_batch, 1)) is not None:
+        raise first  # not a length limit: the model fails at one token
+    works, fails = 1, ceiling
+    while fails - works > 1:
+        middle = (works + fails) // 2
+        error = _fails_at(model, max_batch, middle)
+        if error is None:
+            works = middle
+        else:
+            fails, failure = middle, error
+    return SequenceLimit(works, f"{failure.where or 'its shapes'} fails at {fails} tokens")
+
+
+def choose_max_seq(model: ir.Model, max_batch: int, requested: int | None) -> tuple[int, SequenceLimit]:
+    """The sequence length a plan is sized for: `requested`, or by default DEFAULT_MAX_SEQ lowered to what
+    the model takes; a request beyond what the model takes is a PlanError saying the limit."""
+    if requested is not None and requested < 1:
+        raise PlanError(f"--max-seq ({requested}) must be at least 1")
+    limit = sequence_limit(model, max_batch, requested or DEFAULT_MAX_SEQ)
+    if limit.tokens is None:
+        return requested or DEFAULT_MAX_SEQ, limit
+    if requested is not None:
+        raise PlanError(
+            f"--max-seq {requested} is more than the model takes: at most {limit.tokens} tokens ({limit.reason}); "
+            f"use --max-seq {limit.tokens} or less"
+        )
+    return limit.tokens, limit
+
+
 def default_max_seq(model: ir.Model) -> int:
-    """2048, or less when the model's position tables are shorter (what memory plans are sized for)."""
-    return min(DEFAULT_MAX_SEQ, position_limit(model) or DEFAULT_MAX_SEQ)
+    """DEFAULT_MAX_SEQ, or less when the model takes less (what memory plans are sized for by default)."""
+    return choose_max_seq(model, 1, None)[0]
