@@ -25,6 +25,7 @@ from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
 from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
+from llmir_onnx.plan.rank_check import check_rank_model
 from llmir_onnx.progress import QUIET, Progress
 
 
@@ -154,6 +155,8 @@ def write_plan_into(
         paths.append(write_model_proto(proto, staging / rank_file_name(rank)))
     writer.finish()
     progress.finish()
+    for (rank, *_), path in zip(contents.rank_models, paths, strict=True):
+        check_rank_model(path, rank, contents.source_path)  # before the plan is published
     entries = []
     for index, ((rank, coords, _, inputs, outputs), path) in enumerate(zip(contents.rank_models, paths, strict=True)):
         details = contents.rank_details[index] if contents.rank_details is not None else {}

@@ -21,6 +21,7 @@ import numpy as np
 from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
 from llmir_onnx.ir_io import sha256_file
 from llmir_onnx.plan.manifest import Manifest, SliceBinding
+from llmir_onnx.runtime.session import load_rank_session
 
 RANK_DONE_SUFFIX = ".done"
 
@@ -69,8 +70,6 @@ def load_feeds(path: Path) -> dict[str, np.ndarray]:
 
 def run_rank(plan_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray], work_dir: Path) -> None:
     """Run this process's rank and write its outputs to `work_dir/rank{N}.npz`."""
-    import onnxruntime as ort
-
     from llmir_onnx.runtime.launch import setup_communication
 
     comm = setup_communication(expected_world_size=manifest.world_size)
@@ -81,7 +80,7 @@ def run_rank(plan_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray], w
     missing = sorted({binding.original for binding in entry.inputs} - feeds.keys())
     if missing:
         raise PlanError(f"rank {comm.rank} needs inputs {missing} that the feeds do not hold")
-    session = ort.InferenceSession(str(model_path), comm.session_options(), providers=["CPUExecutionProvider"])
+    session = load_rank_session(model_path, comm.rank, comm.session_options(), ["CPUExecutionProvider"])
     rank_feeds = {b.local: np.ascontiguousarray(b.take(feeds[b.original])) for b in entry.inputs}
     results = session.run([b.local for b in entry.outputs], rank_feeds)
     out_path = work_dir / f"rank{comm.rank}.npz"
