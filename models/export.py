@@ -45,15 +45,22 @@ from readme import write_readme
 from transformers import (
     AutoModelForCausalLM,
     DynamicCache,
+    FalconConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
+    Olmo2Config,
+    OlmoConfig,
     Phi3Config,
     PretrainedConfig,
     PreTrainedModel,
+    Qwen2Config,
     Qwen3Config,
+    StableLmConfig,
+    Starcoder2Config,
     masking_utils,
 )
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer
 
 MAX_IR_VERSION = 10
 REFERENCE_FILE = "reference.npz"
@@ -65,6 +72,9 @@ NEW_LEN = 2
 CHECK_SHAPES = ((1, PAST_LEN, NEW_LEN), (1, 6, 1), (2, 4, 1))
 ATOL = 1e-4
 RTOL = 1e-4
+# mistral-window's sliding window: longer than every check's past + new tokens, since
+# transformers' sliding-window cache makes the export fail past it.
+MISTRAL_WINDOW = 16
 TOOLCHAIN = (
     "torch",
     "transformers",
@@ -165,12 +175,201 @@ def make_qwen3_config() -> PretrainedConfig:
     )
 
 
+def make_mistral_window_config() -> PretrainedConfig:
+    # Sliding-window attention with transformers' sliding-window cache: the export runs only up to
+    # 16 tokens (past + new; onnxruntime fails on the mask Add beyond), presents keep 15 tokens.
+    return MistralConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=16,
+        max_position_embeddings=128,
+        sliding_window=MISTRAL_WINDOW,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["MistralForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def make_qwen3_kv1_config() -> PretrainedConfig:
+    # Per-head q/k RMSNorm with ONE KV head under 4 query heads: tp 2 and 4 replicate the KV head.
+    return Qwen3Config(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["Qwen3ForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def make_qwen2_kv2_config() -> PretrainedConfig:
+    # Qwen2 has a bias on q, k and v (not on o); 8 query heads over 2 KV heads: tp 4 replicates.
+    return Qwen2Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["Qwen2ForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def make_falcon_config(kv_heads: int | None) -> PretrainedConfig:
+    """Falcon's fused query_key_value: grouped per KV head (new decoder architecture) or multi-query."""
+    grouped = kv_heads is not None
+    config = FalconConfig(
+        vocab_size=512,
+        hidden_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_kv_heads=kv_heads,
+        new_decoder_architecture=grouped,
+        multi_query=not grouped,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+        ffn_hidden_size=256,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["FalconForCausalLM"],
+        torch_dtype="float32",
+    )
+    # Falcon calls it num_kv_heads (and multi-query means 1); the tests read num_key_value_heads.
+    config.num_key_value_heads = kv_heads if grouped else 1
+    return config
+
+
+def make_olmo2_config() -> PretrainedConfig:
+    # OLMo 2 normalises q and k over ALL heads (q_norm over 8 x 16, k_norm over 2 x 16), not per head.
+    return Olmo2Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["Olmo2ForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def make_olmo_clip_config() -> PretrainedConfig:
+    # OLMo clamps q, k and v to [-clip_qkv, clip_qkv]; projections have std ~2.3 here, so 2.0 clips
+    # about a third of the values.
+    return OlmoConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        clip_qkv=2.0,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["OlmoForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def make_starcoder2_config() -> PretrainedConfig:
+    # Biases on every projection, LayerNorm, GQA with 2 KV heads, a plain (gelu) 2-matrix MLP.
+    return Starcoder2Config(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        sliding_window=None,
+        use_bias=True,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["Starcoder2ForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def make_stablelm_config() -> PretrainedConfig:
+    # StableLM 2: per-head LayerNorm on q and k (a separate weight per head), partial rotary
+    # (a quarter of head_dim), qkv bias, 2 KV heads.
+    return StableLmConfig(
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rope_theta=10000.0,
+        partial_rotary_factor=0.25,
+        qk_layernorm=True,
+        use_qkv_bias=True,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["StableLmForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
 FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "llama-gqa": make_llama_gqa_config,
     "llama-kv2": make_llama_kv2_config,
     "gpt2": make_gpt2_config,
     "phi3": make_phi3_config,
     "qwen3": make_qwen3_config,
+    "mistral-window": make_mistral_window_config,
+    "qwen3-kv1": make_qwen3_kv1_config,
+    "qwen2-kv2": make_qwen2_kv2_config,
+    "falcon-gqa": lambda: make_falcon_config(2),
+    "falcon-mqa": lambda: make_falcon_config(None),
+    "olmo2-kv2": make_olmo2_config,
+    "olmo-clip": make_olmo_clip_config,
+    "starcoder2-kv2": make_starcoder2_config,
+    "stablelm-qkln": make_stablelm_config,
 }
 
 
@@ -231,7 +430,7 @@ class FlatKvDecoder(torch.nn.Module):
         position_ids: torch.Tensor,
         *past: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        cache = seeded_cache(past, self.layers)
+        cache = seeded_cache(past, self.model.config)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -246,15 +445,23 @@ class FlatKvDecoder(torch.nn.Module):
         return tuple(flat)
 
 
-def seeded_cache(past: tuple[torch.Tensor, ...], layers: int) -> DynamicCache:
+def seeded_cache(past: tuple[torch.Tensor, ...], config: PretrainedConfig) -> DynamicCache:
+    """The cache transformers builds for the config (`DynamicCache(config=...)`), holding `past`.
+
+    A config with a sliding window gets transformers' sliding-window layers, which keep only the
+    last window - 1 tokens: its export runs only up to the window (what a user's export of such a
+    model does).
+    """
+    cache = DynamicCache(config=config)
+    if not cache.layers:  # a config transformers does not read layers from
+        cache.layers = [DynamicLayer() for _ in range(num_layers(config))]
     # Set the layers directly: DynamicLayer.update concatenates onto an empty 1-D tensor
     # first, which TorchScript tracing records as a Concat that fails in onnxruntime.
-    cache = DynamicCache()
-    for layer in range(layers):
-        cache_layer = DynamicLayer()
+    for layer, cache_layer in enumerate(cache.layers):
         cache_layer.lazy_initialization(past[2 * layer])
         cache_layer.keys, cache_layer.values = past[2 * layer], past[2 * layer + 1]
-        cache.layers.append(cache_layer)
+        if isinstance(cache_layer, DynamicSlidingWindowLayer):
+            cache_layer.cumulative_length = past[2 * layer].shape[-2]
     return cache
 
 
@@ -273,10 +480,13 @@ def broadcast_eager_mask(
     Its own versions go through torch.vmap, which TorchScript tracing records with the
     example's query length baked into a Reshape.
     """
-    if mask_function is not masking_utils.causal_mask_function:
-        raise NotImplementedError(f"only the plain causal mask is traceable here, not {mask_function}")
     kv_positions = torch.arange(kv_length, device=cache_position.device) + kv_offset
-    allowed = kv_positions[None, None, None, :] <= cache_position[None, None, :, None]
+    if mask_function is masking_utils.causal_mask_function:
+        allowed = kv_positions[None, None, None, :] <= cache_position[None, None, :, None]
+    else:
+        # transformers' mask functions (sliding window: causal and kv > q - window) are elementwise
+        # comparisons of (batch, head, q, kv) indices, so broadcast indices evaluate them whole.
+        allowed = mask_function(None, None, cache_position[None, None, :, None], kv_positions[None, None, None, :])
     if attention_mask is not None:
         padding = attention_mask[:, kv_offset : kv_offset + kv_length].to(torch.bool)
         allowed = allowed & padding[:, None, None, :]
@@ -357,10 +567,6 @@ def export_torch_legacy(model: PreTrainedModel, hf_dir: Path, work: Path) -> Pat
 
 
 def export_torch_dynamo(model: PreTrainedModel, hf_dir: Path, work: Path, opset: int | None = None) -> Path:
-    inputs, outputs = io_names(model.config)
-    # Sizes of 0 or 1 would be specialised by torch.export: trace with 2+ everywhere.
-    feeds = example_inputs(model.config, batch=2, past_len=4, new_len=3)
-    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
     batch = torch.export.Dim("batch_size", min=1, max=64)
     seq = torch.export.Dim("sequence_length", min=1, max=64)
     past = torch.export.Dim("past_sequence_length", min=1, max=64)
@@ -372,6 +578,33 @@ def export_torch_dynamo(model: PreTrainedModel, hf_dir: Path, work: Path, opset:
         # *past arrives as one tuple argument.
         tuple({0: batch, 2: past} for _ in range(2 * num_layers(model.config))),
     )
+    return dynamo_export(model, work, dynamic_shapes, opset)
+
+
+def export_torch_dynamo_autodims(model: PreTrainedModel, hf_dir: Path, work: Path) -> Path:
+    """What a user gets who marks the dims dynamic without naming them (Dim.AUTO).
+
+    The graph's dims are torch.export's own symbols: `s10`/`s43` for the batch of input_ids and
+    of attention_mask, one past-length symbol per layer (`s69`, `s15`), `s53` for the mask's
+    length, and presents of length `s69 + s70`.
+    """
+    auto = torch.export.Dim.AUTO
+    dynamic_shapes = (
+        {0: auto, 1: auto},
+        {0: auto, 1: auto},
+        {0: auto, 1: auto},
+        tuple({0: auto, 2: auto} for _ in range(2 * num_layers(model.config))),
+    )
+    return dynamo_export(model, work, dynamic_shapes)
+
+
+def dynamo_export(
+    model: PreTrainedModel, work: Path, dynamic_shapes: tuple[Any, ...], opset: int | None = None
+) -> Path:
+    inputs, outputs = io_names(model.config)
+    # Sizes of 0 or 1 would be specialised by torch.export: trace with 2+ everywhere.
+    feeds = example_inputs(model.config, batch=2, past_len=4, new_len=3)
+    args = tuple(torch.from_numpy(feeds[name]) for name in inputs)
     path = work / "model.onnx"
     program = torch.onnx.export(
         FlatKvDecoder(model),
@@ -443,9 +676,23 @@ class Exporter:
 
 ALL_FAMILIES = ("llama-gqa", "gpt2", "phi3", "qwen3")
 EXPORTERS: dict[str, Exporter] = {
-    "torch-legacy": Exporter(export_torch_legacy, (*ALL_FAMILIES, "llama-kv2")),
+    "torch-legacy": Exporter(
+        export_torch_legacy,
+        (
+            *ALL_FAMILIES,
+            "llama-kv2",
+            "mistral-window",
+            "qwen3-kv1",
+            "falcon-gqa",
+            "falcon-mqa",
+            "olmo2-kv2",
+            "olmo-clip",
+            "starcoder2-kv2",
+        ),
+    ),
     "torch-dynamo": Exporter(export_torch_dynamo, ALL_FAMILIES),
     "torch-dynamo-opset23": Exporter(export_torch_dynamo_opset23, ("llama-gqa",), attn_implementation="sdpa"),
+    "torch-dynamo-autodims": Exporter(export_torch_dynamo_autodims, ("llama-gqa",)),
     "optimum": Exporter(export_optimum, ALL_FAMILIES),
     # The genai builder has no GPT-2 support (no GPT2LMHeadModel in its model table). Its Phi-3
     # export (0.11.4) is wrong: lm_head reads layer 0's post-attention norm instead of the final

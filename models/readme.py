@@ -21,6 +21,7 @@ EXPORTER_TOOLS = {
     "torch-legacy": ("torch", "transformers", "onnx"),
     "torch-dynamo": ("torch", "transformers", "onnxscript", "onnx"),
     "torch-dynamo-opset23": ("torch", "transformers", "onnxscript", "onnx"),
+    "torch-dynamo-autodims": ("torch", "transformers", "onnxscript", "onnx"),
     "optimum": ("torch", "transformers", "optimum", "optimum-onnx", "onnx"),
     "genai": ("torch", "transformers", "onnxruntime-genai", "onnx"),
 }
