@@ -690,14 +690,14 @@ EXPORTERS: dict[str, Exporter] = {
             "starcoder2-kv2",
         ),
     ),
-    "torch-dynamo": Exporter(export_torch_dynamo, ALL_FAMILIES),
+    "torch-dynamo": Exporter(export_torch_dynamo, (*ALL_FAMILIES, "qwen3-kv1", "stablelm-qkln")),
     "torch-dynamo-opset23": Exporter(export_torch_dynamo_opset23, ("llama-gqa",), attn_implementation="sdpa"),
     "torch-dynamo-autodims": Exporter(export_torch_dynamo_autodims, ("llama-gqa",)),
-    "optimum": Exporter(export_optimum, ALL_FAMILIES),
+    "optimum": Exporter(export_optimum, (*ALL_FAMILIES, "qwen2-kv2", "falcon-gqa")),
     # The genai builder has no GPT-2 support (no GPT2LMHeadModel in its model table). Its Phi-3
     # export (0.11.4) is wrong: lm_head reads layer 0's post-attention norm instead of the final
     # norm (logits differ from torch by ~10), so it is not exported.
-    "genai": Exporter(export_genai, ("llama-gqa", "llama-kv2", "qwen3")),
+    "genai": Exporter(export_genai, ("llama-gqa", "llama-kv2", "qwen3", "qwen2-kv2")),
 }
 
 
