@@ -99,3 +99,28 @@ def test_partition_refuses_to_publish_a_rank_model_the_checker_refuses(
     assert message.startswith("rank 0's model would not load: onnx.checker (full check) says:")
     assert "broken_add" in message and "Add" in message
     assert not (tmp_path / "plan").exists()
+
+
+def test_a_genai_rank_whose_attention_heads_do_not_fit_o_proj_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """onnx has no GroupQueryAttention schema; the check mirrors onnxruntime's, so a rank whose attention
+    yields more heads than its o_proj weight takes (what onnxruntime refuses at load) fails partition."""
+    from llmir_onnx.api import partition_to_dir
+    from llmir_onnx.errors import PlanError
+    from llmir_onnx.plan import emit
+
+    real = emit.model_proto
+
+    def more_heads(model: object) -> onnx.ModelProto:
+        proto = real(model)  # type: ignore[arg-type]
+        for node in proto.graph.node:
+            for attribute in node.attribute:
+                if node.op_type == "GroupQueryAttention" and attribute.name in ("num_heads", "kv_num_heads"):
+                    attribute.i = {"num_heads": 6, "kv_num_heads": 1}[attribute.name]  # was 4 and 2: 6 heads out
+        return proto
+
+    monkeypatch.setattr(emit, "model_proto", more_heads)
+    with pytest.raises(PlanError, match=r"rank 0's model would not load: .*o_proj/MatMul.*Incompatible dimensions"):
+        partition_to_dir(MODELS / "llama-gqa-genai" / "model.onnx", tmp_path / "plan", tp=2)
+    assert not (tmp_path / "plan").exists()
