@@ -124,6 +124,9 @@ def partition(
     limit = manifest.options.get("max_seq_limit")
     if max_seq is None and limit is not None:
         typer.echo(f"  max-seq {limit['tokens']}: the longest sequence the model takes ({limit['reason']})")
+    cache_tokens = min(entry.memory.get("kv_cache_tokens", manifest.options["max_seq"]) for entry in manifest.ranks)
+    if cache_tokens < manifest.options["max_seq"]:
+        typer.echo(f"  KV cache: the model keeps at most {cache_tokens} past tokens (a sliding window); sized for that")
     typer.echo(
         f"  {'rank':<5}{'pp':>3}{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
         f"{'total':>12}{'prefill':>11}{'decode tok/s':>14}"

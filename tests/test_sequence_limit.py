@@ -102,3 +102,15 @@ def test_the_manifest_records_the_limit_and_the_cli_says_it(tmp_path: Path) -> N
     assert beyond.exit_code != 0
     assert "--max-seq 129 is more than the model takes: at most 128 tokens" in beyond.output
     assert not (tmp_path / "other").exists()
+
+
+def test_a_sliding_window_cache_is_sized_at_its_window() -> None:
+    """mistral-window keeps the last 15 tokens in its presents: the model takes 2048 tokens, its cache holds 15."""
+    from llmir_onnx.plan.memory import kv_cache_bytes, plan_memory
+
+    model = load_model(MODELS / "mistral-window-torch-legacy" / "model.onnx")
+    assert choose_max_seq(model, 1, None)[0] == DEFAULT_MAX_SEQ
+    plan = plan_memory(model, max_batch=2, max_seq=DEFAULT_MAX_SEQ)
+    assert plan.kv_cache_tokens == 15
+    assert plan.kv_cache_bytes == kv_cache_bytes(model, 2, 15) == 2 * 2 * 2 * 4 * 15 * 16 * 4  # k+v, layers, batch
+    assert plan_memory(model, max_batch=1, max_seq=8).kv_cache_tokens == 8
