@@ -12,12 +12,14 @@ small abstract interpreter over the graph in topological order instead:
 - weights are never read: initializer shapes come from metadata; only integer initializers of at most
   `SMALL_INT_ELEMENTS` elements (shape constants) are read.
 
-Symbolic input dimensions are bound by name (`bind_dims`): names with "batch" bind to the batch size,
-names with "past" to the past length, names with "total" or "all"/"kv"/"key" lengths to past + new,
-other names with "seq"/"len"/"token" to the new-token count; arithmetic names such as
-`past_sequence_length + 1` are evaluated; an auto-generated name (torch.export's `s53`) is read from
-its input's role (axis 1 of `attention_mask`: past + new; of `input_ids` / `position_ids`: new). A
-name that fits none of these fails naming the input and the dimension (pass `overrides={name: value}`).
+Symbolic input dimensions are bound by their role (`bind_dims`): batch, new tokens, past tokens or
+their total, as `model_facts.dim_roles` reads it from where the dim stands in the LLM signature
+(torch.export's automatic `s70` works as `sequence_length` does), names being only a hint;
+arithmetic names such as `past_sequence_length + 1` are evaluated. A dim with no role fails naming
+the input, the dimension and the CLI option that settles it (`--dim s1=batch`).
+
+`sequence_limit` / `choose_max_seq`: the longest sequence the model takes (a position table read
+off the graph; else bisection for the largest length at which the shapes still work out).
 
 An op with no rule fails naming the node and op: nothing is guessed.
 """
