@@ -141,3 +141,33 @@ def test_autodims_export_partitions_and_matches_original(tmp_path: Path) -> None
     _, rows = verify_plan(tmp_path / "plan", feeds, model_path=path, atol=1e-4, rtol=1e-4, timeout_s=180)
     assert rows and any(row.name.startswith("present") for row in rows)
     assert all(row.ok for row in rows), [row for row in rows if not row.ok]
+
+
+def test_cli_dim_settles_an_input_of_no_standard_name_through_stages(tmp_path: Path) -> None:
+    """An attention mask called `am` has no standard role: partition says which --dim settles it; given on
+    the CLI, the roles travel with the model (and its stage models' memory plans) and the plan verifies."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+    from llmir_onnx.runtime.verify import verify_plan
+
+    path = autodims_model(tmp_path / "model")
+    proto = onnx.load(str(path), load_external_data=False)
+    for value in proto.graph.input:
+        if value.name == "attention_mask":
+            value.name = "am"
+    for node in proto.graph.node:
+        node.input[:] = ["am" if name == "attention_mask" else name for name in node.input]
+    onnx.save(proto, str(path))
+    args = ["partition", str(path), "--tp", "2", "--pp", "2", "--quiet", "--max-seq", "64", "-o"]
+    refused = CliRunner().invoke(app, [*args, str(tmp_path / "refused")])
+    assert refused.exit_code != 0
+    assert "of input 'am' stands for" in refused.output and "--dim s43=batch|new|past|total" in refused.output
+    assert "overrides" not in refused.output
+    settled = CliRunner().invoke(app, [*args, str(tmp_path / "plan"), "--dim", "s43=batch", "--dim", "s53=total"])
+    assert settled.exit_code == 0, settled.output
+    with np.load(SOURCE / "reference.npz") as data:
+        feeds = {k.removeprefix("input."): data[k] for k in data.files if k.startswith("input.")}
+    feeds["am"] = feeds.pop("attention_mask")
+    _, rows = verify_plan(tmp_path / "plan", feeds, model_path=path, atol=1e-4, rtol=1e-4, timeout_s=180)
+    assert rows and all(row.ok for row in rows), [row for row in rows if not row.ok]
