@@ -33,6 +33,14 @@ NoCheckHashesOption = Annotated[
         "file is hashed once before any rank starts.",
     ),
 ]
+DimOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--dim",
+        help="What a symbolic dim stands for, where the model's signature leaves it open: SYMBOL=batch|new|past|total "
+        "(repeat for several).",
+    ),
+]
 
 
 def reports_errors(command: F) -> F:
@@ -96,6 +104,7 @@ def partition(
         int | None,
         typer.Option("--max-seq", min=1, help="Sequence the plan is sized for [default: 2048 or the model's limit]."),
     ] = None,
+    dims: DimOption = None,
     cuts: Annotated[
         str | None,
         typer.Option("--stage-cuts", help="Pipeline cuts as layer indices, e.g. '13,27' (default: cost-balanced)."),
@@ -108,6 +117,7 @@ def partition(
 ) -> None:
     """Write one ONNX model per rank (tp x pp) and a manifest into OUT."""
     from llmir_onnx.api import partition_to_dir
+    from llmir_onnx.model_facts import parse_dim_hints
     from llmir_onnx.plan.memory import format_bytes, parse_bytes
     from llmir_onnx.progress import Progress
 
@@ -125,9 +135,16 @@ def partition(
         max_batch=max_batch,
         max_seq=max_seq,
         stage_cut_after_layer=_parse_cuts(cuts),
+        dim_roles=parse_dim_hints(dims or []),
         progress=Progress(enabled=False if quiet else (True if show_progress else None)),
     )
     typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}) to {out}")
+    limit = manifest.options.get("max_seq_limit")
+    if max_seq is None and limit is not None:
+        typer.echo(f"  max-seq {limit['tokens']}: the longest sequence the model takes ({limit['reason']})")
+    cache_tokens = min(entry.memory.get("kv_cache_tokens", manifest.options["max_seq"]) for entry in manifest.ranks)
+    if cache_tokens < manifest.options["max_seq"]:
+        typer.echo(f"  KV cache: the model keeps at most {cache_tokens} past tokens (a sliding window); sized for that")
     typer.echo(
         f"  {'rank':<5}{'pp':>3}{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
         f"{'total':>12}{'prefill':>11}{'decode tok/s':>14}"
@@ -421,7 +438,11 @@ def plan(
         str, typer.Option("--device", help="Device profile: h100-sxm, a100-80g, cpu-here, or a JSON file.")
     ] = "h100-sxm",
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Sequences served at once.")] = 1,
-    max_seq: Annotated[int, typer.Option("--max-seq", min=1, help="Longest sequence (prompt + generated).")] = 2048,
+    max_seq: Annotated[
+        int | None,
+        typer.Option("--max-seq", min=1, help="Longest sequence (prompt + generated) [default: 2048 or less]."),
+    ] = None,
+    dims: DimOption = None,
     include_fewer: Annotated[
         bool, typer.Option("--include-fewer", help="Also list layouts that use fewer devices.")
     ] = False,
@@ -429,20 +450,25 @@ def plan(
 ) -> None:
     """Rank the (tp, pp) layouts by predicted speed and memory per rank, and recommend one."""
     from llmir_onnx.ir_io import load_model
+    from llmir_onnx.model_facts import parse_dim_hints, record_dim_hints
     from llmir_onnx.plan.devices import load_profile
     from llmir_onnx.plan.layouts import enumerate_layouts, format_layout_table, recommend
     from llmir_onnx.plan.memory import format_bytes, parse_bytes
+    from llmir_onnx.plan.shapes import choose_max_seq
 
     profile = load_profile(device)
     memory = parse_bytes(device_memory) if device_memory is not None else profile.memory_bytes
-    layouts = enumerate_layouts(
-        load_model(model, check_data=False), devices, memory, profile, max_batch, max_seq,
-        include_fewer=include_fewer,
-    )
+    source = load_model(model, check_data=False)
+    record_dim_hints(source, parse_dim_hints(dims or []))
+    asked = max_seq
+    max_seq, limit = choose_max_seq(source, max_batch, asked)
+    layouts = enumerate_layouts(source, devices, memory, profile, max_batch, max_seq, include_fewer=include_fewer)
     typer.echo(
         f"{model}: {devices} x {profile.name} with {format_bytes(memory)} each, "
         f"batch {max_batch}, sequences up to {max_seq} tokens"
     )
+    if asked is None and limit.tokens is not None:
+        typer.echo(f"  max-seq {limit.tokens}: the longest sequence the model takes ({limit.reason})")
     typer.echo(format_layout_table(layouts))
     best, reason = recommend(layouts)
     if best is None:

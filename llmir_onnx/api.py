@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -11,12 +12,13 @@ import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
+from llmir_onnx.model_facts import record_dim_hints
 from llmir_onnx.partition import cyclic_gc_paused
 from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter
 from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, tensor_infos, write_plan_into
 from llmir_onnx.plan.manifest import Manifest
-from llmir_onnx.plan.shapes import default_max_seq
+from llmir_onnx.plan.shapes import choose_max_seq
 from llmir_onnx.progress import QUIET, Progress
 
 if TYPE_CHECKING:
@@ -70,14 +72,17 @@ def partition_to_dir(
     max_batch: int = 1,
     max_seq: int | None = None,
     stage_cut_after_layer: tuple[int, ...] | None = None,
+    dim_roles: Mapping[str, str] | None = None,
     progress: Progress | None = None,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
     Each rank's memory plan and cost estimate (on `device` at max_batch x max_seq) go into the
     manifest; with `device_memory_bytes`, a rank that does not fit fails the partition before
-    anything is written. `max_seq` defaults to 2048, or the model's own limit when its position
-    tables are shorter (GPT-2's 128 positions).
+    anything is written. `max_seq` defaults to 2048, or the longest sequence the model takes when
+    that is less (GPT-2's 128 positions, a sliding-window cache): the manifest's options record it as
+    `max_seq_limit`. `dim_roles` ({symbol: "batch" | "new" | "past" | "total"}, the CLI's --dim)
+    settles dims the model's signature leaves open.
 
     `out_dir` may hold a previous plan (replaced) but no other file, unless `force`; tp > 1 that shards no
     weight is refused unless `allow_replicated`.
@@ -89,8 +94,8 @@ def partition_to_dir(
     progress = progress if progress is not None else QUIET
     progress.phase(f"loading {model_path.name} (weights stay on disk)")
     source = load_model(model_path)
-    if max_seq is None:
-        max_seq = default_max_seq(source)
+    record_dim_hints(source, dim_roles or {})
+    max_seq, limit = choose_max_seq(source, max_batch, max_seq)
     options = PartitionOptions(
         tp=tp,
         pp=pp,
@@ -143,6 +148,7 @@ def partition_to_dir(
                 "device_memory_bytes": device_memory_bytes,
                 "max_batch": max_batch,
                 "max_seq": max_seq,
+                "max_seq_limit": None if limit.tokens is None else {"tokens": limit.tokens, "reason": limit.reason},
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
             },
         )

@@ -379,7 +379,19 @@ def _register_onnxruntime_default_domain_ops() -> None:
             OpSchema.Attribute("stash_type", OpSchema.AttrType.INT, "", required=False),
         ],
     )
+    schema.set_type_and_shape_inference_function(_infer_like_input)
     onnx.defs.register_schema(schema)
+
+
+def _infer_like_input(ctx: InferenceContext) -> None:
+    """Y: X's shape, the scale's element type (so the checker's inference goes on past the norm)."""
+    x, scale = ctx.get_input_type(0), ctx.get_input_type(1)
+    if x is None or scale is None or not x.HasField("tensor_type"):
+        return
+    output = onnx.TypeProto()
+    output.CopyFrom(x)
+    output.tensor_type.elem_type = scale.tensor_type.elem_type
+    ctx.set_output_type(0, output)
 
 
 register_schemas()

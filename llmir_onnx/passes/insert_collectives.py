@@ -96,6 +96,8 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
             if held.blocks or held.inner:
                 raise ShardingError(f"cannot gather the shard {held} of {where}; no rule keeps it sharded")
             node = ops.all_gather_node(value, held.dim, self.group, name=self._name("AllGather"))
+            # Shapes are still global here: the gathered value is `value`'s shape, not its shape x tp.
+            node.outputs[0].shape = None if value.shape is None else ir.Shape(list(value.shape))
             gathered = self._named(self._insert(graph, node, value), value, "allgather")
             return self._distinct_parts(graph, gathered, held, value) if held.parts else gathered
         if isinstance(held, Partial) and isinstance(required, Shard):

@@ -54,6 +54,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import InputModelError, LlmirError, PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
+from llmir_onnx.model_facts import is_kv_input
 from llmir_onnx.ops import (
     ALL_GATHER,
     ALL_REDUCE,
@@ -164,9 +165,8 @@ def kv_cache_layers(graph: ir.Graph) -> dict[ir.Value, int]:
     """Model inputs that are a layer's past KV cache (`past_key_values.3.key`, ...) -> layer index."""
     found = {}
     for value in graph.inputs:
-        name = value.name or ""
-        match = KV_INPUT_PATTERN.search(name)
-        if match and ("past" in name.lower() or "cache" in name.lower()):
+        match = KV_INPUT_PATTERN.search(value.name or "")
+        if match and is_kv_input(value):
             found[value] = int(match.group(1))
     return found
 

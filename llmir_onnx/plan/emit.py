@@ -28,6 +28,7 @@ from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
 from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
 from llmir_onnx.plan.manifest import MANIFEST_NAME, FileDigest, Manifest, RankEntry, SliceBinding, TensorInfo
+from llmir_onnx.plan.rank_check import check_rank_model
 from llmir_onnx.progress import QUIET, Progress
 
 
@@ -270,6 +271,8 @@ def write_plan_into(
     writer.finish()
     files.update(writer.digests)
     progress.finish()
+    for rank, *_ in contents.rank_models:
+        check_rank_model(staging / rank_file_name(rank), rank, contents.source_path)  # before the plan is published
     entries = []
     for index, (rank, coords, _, inputs, outputs) in enumerate(contents.rank_models):
         details = contents.rank_details[index] if contents.rank_details is not None else {}

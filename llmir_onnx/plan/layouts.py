@@ -50,9 +50,10 @@ from dataclasses import dataclass, field
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.model_facts import kv_cache_inputs
 from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost, node_layer
 from llmir_onnx.plan.devices import DeviceProfile
-from llmir_onnx.plan.memory import format_bytes, past_kv_inputs, phase_sizes
+from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
 from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
 
 REPLICATED, HEADS, KV_HEADS = "R", "Q", "KV"
@@ -130,14 +131,15 @@ class _Analysis:
         self.costs: dict[str, list[NodeCost]] = {
             phase: [node_cost(node, shapes) for node in self.nodes] for phase, shapes in self.shapes.items()
         }
-        self.past_inputs = {v.name for v in past_kv_inputs(model)}
+        self.past_inputs = {v.name for v in kv_cache_inputs(model)}
         if not self.past_inputs:
             raise PlanError("the model has no past key/value inputs; the layout search needs a decoder with a KV cache")
-        # each KV input's exact size at batch = max_batch and past = max_seq (as the memory plan counts it)
-        at_max = bind_dims(model, Sizes(batch=max_batch, seq=1, past=max_seq), overrides)
+        # each KV input's exact size at batch = max_batch and the past the cache holds (as the memory plan counts it)
+        cache_tokens = kv_cache_tokens(model, self.shapes["decode"], max_seq)
+        at_max = bind_dims(model, Sizes(batch=max_batch, seq=1, past=cache_tokens), overrides)
         self.kv_bytes = {
             v.name: math.prod(d if isinstance(d, int) else at_max[str(d.value)] for d in v.shape) * v.dtype.itemsize  # type: ignore[union-attr]
-            for v in past_kv_inputs(model)
+            for v in kv_cache_inputs(model)
         }
         self.node_layer = [node_layer(node) for node in self.nodes]
         layer_ids = sorted({layer for layer in self.node_layer if layer is not None})

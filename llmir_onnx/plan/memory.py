@@ -4,9 +4,11 @@ Four parts, in bytes, for serving at most `max_batch` sequences of at most `max_
 
 - `weight_bytes`: exact, the sum of every initializer's size from its metadata (shape x dtype); the
   weights themselves are never read.
-- `kv_cache_bytes`: exact, from the past key/value inputs (rank-4 inputs whose name says "past"): each
+- `kv_cache_bytes`: exact, from the past key/value inputs (`model_facts.kv_cache_inputs`): each
   shaped at batch = max_batch and past length = max_seq, i.e. 2 x layers x max_batch x kv_heads_local x
-  max_seq x head_dim x itemsize for the usual [batch, kv_heads, past, head_dim] layout.
+  max_seq x head_dim x itemsize for the usual [batch, kv_heads, past, head_dim] layout; a model whose
+  present outputs stay shorter than max_seq (a sliding-window cache) holds only that many
+  (`kv_cache_tokens`).
 - `activation_peak_bytes`: the most bytes of intermediate tensors alive at once when the graph's nodes
   run in their (topological) order, with every shape evaluated at prefill (max_batch x max_seq new
   tokens, no past) and at decode (max_batch x 1 token after max_seq - 1): the larger wins. A tensor
@@ -29,10 +31,9 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, evaluate_shapes
-
-PAST_PATTERN = re.compile(r"past", re.IGNORECASE)
-PRESENT_PATTERN = re.compile(r"present", re.IGNORECASE)
+from llmir_onnx.model_facts import is_kv_output, kv_length_axis
+from llmir_onnx.model_facts import kv_cache_inputs as past_kv_inputs
+from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, bind_dims, evaluate_shapes
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class MemoryPlan:
     kv_cache_inputs: int
     activation_peak_phase: str
     activation_peak_node: str
+    # past tokens the KV cache holds per sequence: max_seq, or fewer where the model keeps a window
+    kv_cache_tokens: int = 0
 
 
 def weight_bytes(model: ir.Model) -> int:
@@ -70,24 +73,8 @@ def weight_bytes(model: ir.Model) -> int:
     return total
 
 
-def past_kv_inputs(model: ir.Model) -> list[ir.Value]:
-    """The KV cache inputs: rank-4 floating inputs whose name says "past"."""
-    found = []
-    for value in model.graph.inputs:
-        if not PAST_PATTERN.search(value.name or ""):
-            continue
-        if value.shape is None or len(value.shape) != 4:
-            continue
-        if value.dtype is None or not value.dtype.is_floating_point():
-            continue
-        found.append(value)
-    return found
-
-
 def kv_cache_bytes(model: ir.Model, max_batch: int, max_seq: int, overrides: Mapping[str, int] | None = None) -> int:
     """Exact bytes of the past KV inputs shaped at batch = max_batch and past length = max_seq."""
-    from llmir_onnx.plan.shapes import bind_dims
-
     dims = bind_dims(model, Sizes(batch=max_batch, seq=1, past=max_seq), overrides)
     total = 0
     for value in past_kv_inputs(model):
@@ -96,10 +83,6 @@ def kv_cache_bytes(model: ir.Model, max_batch: int, max_seq: int, overrides: Map
             count *= dim if isinstance(dim, int) else dims[str(dim.value)]
         total += count * int(value.dtype.itemsize)  # type: ignore[union-attr]
     return total
-
-
-def _is_kv_output(value: ir.Value) -> bool:
-    return bool(PRESENT_PATTERN.search(value.name or ""))
 
 
 def activation_peak(
@@ -121,7 +104,7 @@ def activation_peak(
     graph_outputs = {v.name for v in graph.outputs}
     not_activations = graph_inputs | set(graph.initializers)
     if not include_kv_outputs:
-        not_activations |= {v.name for v in graph.outputs if _is_kv_output(v)}
+        not_activations |= {v.name for v in graph.outputs if is_kv_output(v)}
 
     last_use: dict[str, int] = {}
     nodes = list(graph)
@@ -174,19 +157,34 @@ def phase_sizes(max_batch: int, max_seq: int) -> dict[str, Sizes]:
     }
 
 
+def kv_cache_tokens(model: ir.Model, decode_shapes: Mapping[str, TensorShape], max_seq: int) -> int:
+    """Past tokens the KV cache holds per sequence at `max_seq`: max_seq, or the length of the present
+    outputs where they stay shorter (a sliding-window cache keeps only its window; the next step's
+    past is that present)."""
+    lengths = [
+        decode_shapes[value.name].shape[kv_length_axis(value)]
+        for value in model.graph.outputs
+        if is_kv_output(value) and value.name in decode_shapes and len(decode_shapes[value.name].shape) == 4
+    ]
+    return min(max_seq, max(lengths)) if lengths else max_seq
+
+
 def plan_memory(
     model: ir.Model, max_batch: int, max_seq: int, overrides: Mapping[str, int] | None = None
 ) -> MemoryPlan:
     """The memory plan of `model` serving max_batch sequences of up to max_seq tokens."""
     peaks = []
     comm = 0
+    cache_tokens = max_seq
     for phase, sizes in phase_sizes(max_batch, max_seq).items():
         shapes = evaluate_shapes(model, sizes, overrides)
         peaks.append(activation_peak(model, sizes, phase, shapes))
         comm = max(comm, communication_bytes(model, shapes))
+        if phase == "decode":
+            cache_tokens = kv_cache_tokens(model, shapes, max_seq)
     peak = max(peaks, key=lambda p: p.bytes)
     weights = weight_bytes(model)
-    kv = kv_cache_bytes(model, max_batch, max_seq, overrides)
+    kv = kv_cache_bytes(model, max_batch, cache_tokens, overrides)
     return MemoryPlan(
         max_batch=max_batch,
         max_seq=max_seq,
@@ -198,6 +196,7 @@ def plan_memory(
         kv_cache_inputs=len(past_kv_inputs(model)),
         activation_peak_phase=peak.phase,
         activation_peak_node=peak.node,
+        kv_cache_tokens=cache_tokens,
     )
 
 

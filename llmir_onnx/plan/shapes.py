@@ -12,12 +12,14 @@ small abstract interpreter over the graph in topological order instead:
 - weights are never read: initializer shapes come from metadata; only integer initializers of at most
   `SMALL_INT_ELEMENTS` elements (shape constants) are read.
 
-Symbolic input dimensions are bound by name (`bind_dims`): names with "batch" bind to the batch size,
-names with "past" to the past length, names with "total" or "all"/"kv"/"key" lengths to past + new,
-other names with "seq"/"len"/"token" to the new-token count; arithmetic names such as
-`past_sequence_length + 1` are evaluated; an auto-generated name (torch.export's `s53`) is read from
-its input's role (axis 1 of `attention_mask`: past + new; of `input_ids` / `position_ids`: new). A
-name that fits none of these fails naming the input and the dimension (pass `overrides={name: value}`).
+Symbolic input dimensions are bound by their role (`bind_dims`): batch, new tokens, past tokens or
+their total, as `model_facts.dim_roles` reads it from where the dim stands in the LLM signature
+(torch.export's automatic `s70` works as `sequence_length` does), names being only a hint;
+arithmetic names such as `past_sequence_length + 1` are evaluated. A dim with no role fails naming
+the input, the dimension and the CLI option that settles it (`--dim s1=batch`).
+
+`sequence_limit` / `choose_max_seq`: the longest sequence the model takes (a position table read
+off the graph; else bisection for the largest length at which the shapes still work out).
 
 An op with no rule fails naming the node and op: nothing is guessed.
 """
@@ -35,12 +37,21 @@ import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.model_facts import BATCH, CLI_HINT, NEW, PAST, TOTAL, dim_roles, role_from_name
 
 SMALL_INT_ELEMENTS = 64
 # Values with at most this many elements are computed (not only shaped) when their inputs are known.
 MAX_COMPUTED_ELEMENTS = 4096
 LLMIR_DOMAIN = "ai.llmir"
 MS_DOMAIN = "com.microsoft"
+
+
+class ShapeMismatchError(PlanError):
+    """The model cannot take the sizes it is evaluated at (`where`: the node that says so)."""
+
+    def __init__(self, message: str, where: str = "") -> None:
+        super().__init__(message)
+        self.where = where
 
 
 @dataclass(frozen=True)
@@ -80,27 +91,13 @@ _BIN_OPS: dict[type[ast.operator], Callable[[int, int], int]] = {
 }
 
 
+def _role_size(role: str, sizes: Sizes) -> int:
+    return {BATCH: sizes.batch, NEW: sizes.seq, PAST: sizes.past, TOTAL: sizes.total}[role]
+
+
 def _classify_dim(name: str, sizes: Sizes) -> int | None:
-    lowered = name.lower()
-    if "batch" in lowered or lowered in ("b", "n", "bs"):
-        return sizes.batch
-    if "past" in lowered or "cache" in lowered:
-        return sizes.past
-    if "total" in lowered or "all" in lowered or "kv" in lowered or "key" in lowered or "present" in lowered:
-        return sizes.total
-    if re.search(r"seq|len|token", lowered):
-        return sizes.seq
-    return None
-
-
-def _dim_from_role(input_name: str, axis: int, rank: int, sizes: Sizes) -> int | None:
-    """An auto-named dim (torch.export's `s53`) read from the input it belongs to."""
-    lowered = input_name.lower()
-    if "mask" in lowered and rank == 2 and axis == 1:
-        return sizes.total  # attention_mask [batch, past + new]
-    if ("input_ids" in lowered or "position_ids" in lowered) and rank == 2 and axis == 1:
-        return sizes.seq
-    return None
+    role = role_from_name(name)
+    return None if role is None else _role_size(role, sizes)
 
 
 def _eval_expr(expr: str, known: Mapping[str, int]) -> int | None:
@@ -127,26 +124,21 @@ def _eval_expr(expr: str, known: Mapping[str, int]) -> int | None:
 
 
 def bind_dims(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None) -> dict[str, int]:
-    """Map every symbolic dimension name of the graph inputs to an int at `sizes`."""
-    bound: dict[str, int] = dict(overrides or {})
+    """Map every symbolic dimension name of the graph inputs to an int at `sizes`.
+
+    Roles come from `model_facts.dim_roles` (the signature, the user's --dim, names as a hint);
+    `overrides` fixes sizes outright; a dim written as arithmetic (`past_sequence_length + 1`) is
+    evaluated from the others.
+    """
+    roles = dim_roles(model)
+    bound: dict[str, int] = {symbol: _role_size(role, sizes) for symbol, role in roles.roles.items()}
+    bound.update(overrides or {})
     pending: list[tuple[str, str]] = []
     for value in model.graph.inputs:
-        if value.shape is None:
-            continue
-        for axis, dim in enumerate(value.shape):
-            if isinstance(dim, int) or dim.value is None or dim.value in bound:
+        for dim in value.shape or ():
+            if isinstance(dim, int) or dim.value is None or str(dim.value) in bound:
                 continue
-            name = str(dim.value)
-            if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.]*", name):
-                guess = _classify_dim(name, sizes)
-                if guess is None:
-                    guess = _dim_from_role(value.name or "", axis, len(value.shape), sizes)
-                if guess is None:
-                    pending.append((value.name or "", name))
-                else:
-                    bound[name] = guess
-            else:
-                pending.append((value.name or "", name))
+            pending.append((value.name or "", str(dim.value)))
     for input_name, name in pending:
         if name in bound:
             continue
@@ -155,11 +147,11 @@ def bind_dims(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None
             guess = _classify_dim(symbol, sizes)
             if symbol not in known and guess is not None:
                 known[symbol] = guess
-        evaluated = _eval_expr(name, known)
+        evaluated = _eval_expr(name.replace(".", "_"), known)
         if evaluated is None:
             raise PlanError(
                 f"cannot tell what the dimension {name!r} of input {input_name!r} stands for (batch, new tokens, "
-                f"past tokens or their total); pass overrides={{{name!r}: <size>}}"
+                f"past tokens or their total); settle it with {CLI_HINT.format(symbol=name)}"
             )
         bound[name] = evaluated
     return bound
@@ -238,11 +230,12 @@ class ShapeEvaluator:
         for node in graph:
             try:
                 self._node(node)
-            except (ValueError, IndexError) as error:  # numpy's, on shapes the model cannot take
-                raise PlanError(
+            except (ValueError, IndexError, ShapeMismatchError) as error:  # numpy's, on shapes the model cannot take
+                raise ShapeMismatchError(
                     f"node {node.name!r} ({node.op_type}): shapes do not work out at batch {self.sizes.batch}, "
                     f"{self.sizes.seq} new + {self.sizes.past} past tokens ({error}); the model may not take "
-                    "sequences this long: lower --max-seq"
+                    "sequences this long: lower --max-seq",
+                    where=f"node {node.name!r} ({node.op_type})",
                 ) from error
         return self.values
 
@@ -623,10 +616,10 @@ def _reshape(shape: tuple[int, ...], target: list[int], allowzero: bool, node: i
         known = math.prod(d for d in out if d != -1)
         total = math.prod(shape)
         if known == 0 or total % known:
-            raise PlanError(f"Reshape node {node.name!r}: cannot reshape {shape} to {target}")
+            raise ShapeMismatchError(f"Reshape node {node.name!r}: cannot reshape {shape} to {target}")
         out[out.index(-1)] = total // known
     if math.prod(out) != math.prod(shape):
-        raise PlanError(f"Reshape node {node.name!r}: {shape} has a different size than {out}")
+        raise ShapeMismatchError(f"Reshape node {node.name!r}: {shape} has a different size than {out}")
     return tuple(out)
 
 
@@ -807,6 +800,73 @@ def position_limit(model: ir.Model) -> int | None:
 DEFAULT_MAX_SEQ = 2048
 
 
+@dataclass(frozen=True)
+class SequenceLimit:
+    """The longest sequence a model takes, where that is less than asked: `tokens` (None: no limit below
+    what was asked) and why, in a few words."""
+
+    tokens: int | None
+    reason: str = ""
+
+
+def _fails_at(model: ir.Model, max_batch: int, tokens: int) -> ShapeMismatchError | None:
+    """Why the model cannot take `tokens` (prefill of all of them, or decode of the last after the
+    others: the two phases every plan is sized for), or None when it can."""
+    for sizes in (Sizes(batch=max_batch, seq=tokens, past=0), Sizes(batch=max_batch, seq=1, past=tokens - 1)):
+        try:
+            evaluate_shapes(model, sizes)
+        except ShapeMismatchError as error:
+            return error
+    return None
+
+
+def sequence_limit(model: ir.Model, max_batch: int = 1, up_to: int = DEFAULT_MAX_SEQ) -> SequenceLimit:
+    """The longest sequence of at most `up_to` tokens the model takes.
+
+    Two limits are found. A position table (GPT-2's 128 rows of wpe, a rotary cos cache) is read off
+    the graph: its indices come from an input, so shapes alone never show it. Everything else (a
+    sliding-window cache sliced to its window, a fixed-size mask or bias constant) shows as shapes that
+    stop working out: the shape evaluator is run at `up_to` tokens and, when that fails, bisected for
+    the largest length that works (lengths the model takes are assumed to be all those below one
+    bound: a window or a table). Only a model that fails at `up_to` pays for the search, about
+    2 log2(up_to) shape evaluations; a model that takes `up_to` costs two.
+    """
+    table = position_limit(model)
+    ceiling = min(up_to, table) if table is not None else up_to
+    failure = _fails_at(model, max_batch, ceiling)
+    if failure is None:
+        if table is not None and table < up_to:
+            return SequenceLimit(table, f"its position table has {table} rows")
+        return SequenceLimit(None)
+    if (first := _fails_at(model, max_batch, 1)) is not None:
+        raise first  # not a length limit: the model fails at one token
+    works, fails = 1, ceiling
+    while fails - works > 1:
+        middle = (works + fails) // 2
+        error = _fails_at(model, max_batch, middle)
+        if error is None:
+            works = middle
+        else:
+            fails, failure = middle, error
+    return SequenceLimit(works, f"{failure.where or 'its shapes'} fails at {fails} tokens")
+
+
+def choose_max_seq(model: ir.Model, max_batch: int, requested: int | None) -> tuple[int, SequenceLimit]:
+    """The sequence length a plan is sized for: `requested`, or by default DEFAULT_MAX_SEQ lowered to what
+    the model takes; a request beyond what the model takes is a PlanError saying the limit."""
+    if requested is not None and requested < 1:
+        raise PlanError(f"--max-seq ({requested}) must be at least 1")
+    limit = sequence_limit(model, max_batch, requested or DEFAULT_MAX_SEQ)
+    if limit.tokens is None:
+        return requested or DEFAULT_MAX_SEQ, limit
+    if requested is not None:
+        raise PlanError(
+            f"--max-seq {requested} is more than the model takes: at most {limit.tokens} tokens ({limit.reason}); "
+            f"use --max-seq {limit.tokens} or less"
+        )
+    return limit.tokens, limit
+
+
 def default_max_seq(model: ir.Model) -> int:
-    """2048, or less when the model's position tables are shorter (what memory plans are sized for)."""
-    return min(DEFAULT_MAX_SEQ, position_limit(model) or DEFAULT_MAX_SEQ)
+    """DEFAULT_MAX_SEQ, or less when the model takes less (what memory plans are sized for by default)."""
+    return choose_max_seq(model, 1, None)[0]

@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from llmir_onnx.errors import InputModelError
 from llmir_onnx.ir_io import load_model
+from llmir_onnx.model_facts import KV_CACHE, MASK, POSITIONS, TOKEN_IDS, input_kind, kv_cache_pairs, kv_length_axis
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -58,20 +59,24 @@ def random_feeds(model: ir.Model, sizes: FeedSizes = FeedSizes()) -> dict[str, n
         name = value.name or ""
         dtype = value.dtype.numpy() if value.dtype is not None else np.float32
         shape = list(value.shape) if value.shape is not None else []
-        if "input_ids" in name:
+        kind = input_kind(value)
+        if kind == TOKEN_IDS:
             feeds[name] = rng.integers(0, vocab_size(model), size=(batch, new)).astype(dtype)
-        elif "attention_mask" in name:
+        elif kind == MASK and len(shape) == 2:
             feeds[name] = np.ones((batch, past + new), dtype=dtype)
-        elif "position_ids" in name:
+        elif kind == POSITIONS and len(shape) == 2:
             feeds[name] = np.broadcast_to(np.arange(past, past + new), (batch, new)).astype(dtype)
-        elif "past" in name and len(shape) == 4:
-            heads, head_dim = _static(shape[1]), _static(shape[3])
-            if heads is None or head_dim is None:
+        elif kind == KV_CACHE:
+            tokens_axis = kv_length_axis(value)
+            static = [_static(dim) for axis, dim in enumerate(shape) if axis not in (0, tokens_axis)]
+            if None in static:
                 raise InputModelError(
                     f"input {name!r} has shape {shape}: heads and head_dim must be static to make a random "
                     "KV cache; pass --inputs"
                 )
-            feeds[name] = rng.standard_normal((batch, heads, past, head_dim)).astype(dtype)
+            cache_shape = [batch, *static]
+            cache_shape.insert(tokens_axis, past)
+            feeds[name] = rng.standard_normal(cache_shape).astype(dtype)
         else:
             raise InputModelError(f"cannot make a random value for input {name!r} (shape {shape}); pass --inputs")
     return feeds
@@ -106,8 +111,6 @@ def model_past_feeds(model_path: Path, sizes: FeedSizes = FeedSizes()) -> dict[s
     decode step a cache the model could really hold; the new tokens, mask and positions are
     those of `random_feeds`.
     """
-    from llmir_onnx.runtime.generate import kv_cache_pairs
-
     model = load_model(model_path)
     feeds = random_feeds(model, sizes)
     if sizes.past_tokens == 0:

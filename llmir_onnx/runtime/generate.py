@@ -26,7 +26,6 @@ a stage's time is linear in its batch. The broadcast at the end of each step is 
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmir_onnx.errors import GenerationError
+from llmir_onnx.model_facts import kv_cache_pairs
 from llmir_onnx.runtime.generate_job import TokenRates
 from llmir_onnx.runtime.sampling import Sampler
 from llmir_onnx.runtime.session import BoundSession, Tensor
@@ -49,33 +49,6 @@ if TYPE_CHECKING:
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 POSITION_IDS = "position_ids"
-# "past_key_values.3.key" and "present.3.key" share the key ".3.key".
-_CACHE_PREFIX = re.compile(r"^(past_key_values|past_key_value|present_key_values|past|present)")
-
-
-def _cache_key(name: str) -> str | None:
-    match = _CACHE_PREFIX.match(name)
-    return name[match.end():] if match else None
-
-
-def kv_cache_pairs(input_names: list[str], output_names: list[str]) -> dict[str, str]:
-    """{present output: past input} for the KV cache tensors of one model (original names)."""
-    pasts = {_cache_key(name): name for name in input_names if name.startswith("past")}
-    pairs = {}
-    for name in output_names:
-        if not name.startswith("present"):
-            continue
-        past = pasts.get(_cache_key(name))
-        if past is None:
-            raise GenerationError(f"output {name!r} looks like a KV cache but no input matches it; inputs: "
-                                  f"{sorted(pasts.values())}")
-        pairs[name] = past
-    unmatched = sorted(set(pasts.values()) - set(pairs.values()))
-    if unmatched:
-        raise GenerationError(f"KV cache inputs {unmatched} have no present.* output to feed them")
-    return pairs
-
-
 def logits_name(output_names: list[str]) -> str:
     """The original model's logits output: the one named *logits*, else the first non-cache output."""
     named = [name for name in output_names if "logits" in name]

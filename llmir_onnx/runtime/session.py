@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmir_onnx.errors import GenerationError
+from llmir_onnx.errors import GenerationError, PlanError
 from llmir_onnx.plan.integrity import check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding
 
@@ -44,6 +44,22 @@ CUDA_PROVIDER = "CUDAExecutionProvider"
 CPU_PROVIDER = "CPUExecutionProvider"
 
 Tensor = Any  # numpy.ndarray or onnxruntime.OrtValue
+
+
+def load_rank_session(
+    model_path: Path, rank: int, options: onnxruntime.SessionOptions, providers: list[Any]
+) -> onnxruntime.InferenceSession:
+    """An onnxruntime session of one rank's model; one that onnxruntime refuses is said as such, in a line."""
+    import onnxruntime as ort
+
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as error:  # onnxruntime's pybind errors share no base class but Exception
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise PlanError(
+            f"rank {rank}'s model {model_path.name!r} does not load in onnxruntime: {reason}; this is a partition "
+            "bug: please report it with the model"
+        ) from error
 
 
 def execution_providers(device: str, device_id: int) -> list[Any]:
@@ -196,8 +212,6 @@ class RankSession(BoundSession):
         comm: CommContext | None = None,
         check_hashes: bool = True,
     ) -> None:
-        import onnxruntime as ort
-
         from llmir_onnx.runtime.launch import setup_communication
 
         self.plan_dir = Path(plan_dir)
@@ -214,7 +228,7 @@ class RankSession(BoundSession):
         # Op failures (a lost peer) come back as exceptions that the caller reports on one line;
         # onnxruntime's own log would print each of them a second time.
         options.log_severity_level = 4
-        session = ort.InferenceSession(str(model_path), options, providers=providers)
+        session = load_rank_session(model_path, self.comm.rank, options, providers)
         if device == DEVICE_CUDA and CUDA_PROVIDER not in session.get_providers():
             raise GenerationError(f"rank {self.comm.rank}: onnxruntime did not enable {CUDA_PROVIDER} on device "
                                   f"{device_id}; check the CUDA/cuDNN installation")

@@ -20,6 +20,7 @@ import numpy as np
 from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
 from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
 from llmir_onnx.plan.manifest import Manifest, SliceBinding
+from llmir_onnx.runtime.session import load_rank_session
 
 RANK_DONE_SUFFIX = ".done"
 
@@ -72,8 +73,6 @@ def run_rank(
     """Run this process's rank and write its outputs to `work_dir/rank{N}.npz`.
 
     Its files are checked first; `check_hashes=False` where the launching process hashed them already."""
-    import onnxruntime as ort
-
     from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice
     from llmir_onnx.runtime.launch import setup_communication
 
@@ -85,7 +84,7 @@ def run_rank(
     missing = sorted({binding.original for binding in entry.inputs} - feeds.keys())
     if missing:
         raise PlanError(f"rank {comm.rank} needs inputs {missing} that the feeds do not hold")
-    session = ort.InferenceSession(str(model_path), comm.session_options(), providers=["CPUExecutionProvider"])
+    session = load_rank_session(model_path, comm.rank, comm.session_options(), ["CPUExecutionProvider"])
     rank_feeds = {b.local: np.ascontiguousarray(b.take(feeds[b.original])) for b in entry.inputs}
     before_run = fault_hook(comm.rank)
     if before_run is not None:

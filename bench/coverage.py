@@ -1,0 +1,133 @@
+"""Coverage table: every bundled export x layout, partitioned and verified, written to docs/COVERAGE.md.
+
+    .venv/bin/python bench/coverage.py [--models NAME ...] [--out docs/COVERAGE.md]
+
+For each model in models/ (its family and exporter from models/models.json) and each layout
+(tp 1, tp 2, tp 4, tp 2 x pp 2): `partition_to_dir` with the CLI's defaults (the rank models pass
+onnx.checker there), then `verify_plan` on the export's own check inputs (reference.npz) with the
+default tolerances, ranks as real processes with the ai.llmir library. A cell is "pass", or the
+one-line reason it is not (the error the user would see, or the worst output of verify).
+Not a test: the tests assert the same things; this makes the coverage visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from llmir_onnx.api import partition_to_dir  # noqa: E402
+from llmir_onnx.errors import LlmirError  # noqa: E402
+from llmir_onnx.runtime.verify import verify_plan  # noqa: E402
+
+MODELS = ROOT / "models"
+LAYOUTS = [(1, 1), (2, 1), (4, 1), (2, 2)]  # (tp, pp)
+
+
+def _feeds(model_dir: Path) -> dict[str, np.ndarray]:
+    stored = model_dir / "reference.npz"
+    if stored.is_file():
+        with np.load(stored) as data:
+            return {k.removeprefix("input."): data[k] for k in data.files if k.startswith("input.")}
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.runtime.feeds import random_feeds
+
+    return random_feeds(load_model(model_dir / "model.onnx"))
+
+
+def one_cell(model_dir: Path, tp: int, pp: int) -> str:
+    """'pass', or the one-line reason this layout does not partition and verify."""
+    with tempfile.TemporaryDirectory(prefix="llmir-coverage-") as tmp:
+        plan_dir = Path(tmp) / "plan"
+        try:
+            partition_to_dir(model_dir / "model.onnx", plan_dir, tp=tp, pp=pp)
+        except LlmirError as error:
+            return f"partition: {error}"
+        try:
+            _, rows = verify_plan(plan_dir, _feeds(model_dir), model_path=model_dir / "model.onnx", timeout_s=300)
+        except LlmirError as error:
+            return f"verify: {error}"
+        bad = [row for row in rows if not row.ok]
+        if not rows:
+            return "verify compared no outputs"
+        if bad:
+            worst = max(bad, key=lambda row: row.max_abs_error)
+            return f"verify: {len(bad)} outputs out of tolerance, worst {worst.name} max abs {worst.max_abs_error:.3g}"
+        return "pass"
+
+
+def _label(tp: int, pp: int) -> str:
+    return f"tp {tp}" if pp == 1 else f"tp {tp} x pp {pp}"
+
+
+def table(results: dict[str, dict[str, str]], info: dict[str, dict]) -> str:
+    layouts = [_label(tp, pp) for tp, pp in LAYOUTS]
+    lines = [
+        "| family | exporter | model | heads / kv | " + " | ".join(layouts) + " |",
+        "|---|---|---|---|" + "---|" * len(layouts),
+    ]
+    notes: list[str] = []
+    for name, cells in results.items():
+        meta = info.get(name, {})
+        shown = []
+        for layout in layouts:
+            cell = cells[layout]
+            if cell == "pass":
+                shown.append("pass")
+            else:
+                if cell not in notes:
+                    notes.append(cell)
+                shown.append(f"fail [{notes.index(cell) + 1}]")
+        heads = f"{meta.get('heads', '?')} / {meta.get('kv_heads', '?')}"
+        lines.append(
+            f"| {meta.get('family', '?')} | {meta.get('exporter', '?')} | `{name}` | {heads} | "
+            + " | ".join(shown)
+            + " |"
+        )
+    passed = sum(cell == "pass" for cells in results.values() for cell in cells.values())
+    total = sum(len(cells) for cells in results.values())
+    out = "\n".join(lines) + "\n"
+    if notes:
+        out += "\nReasons:\n\n" + "".join(f"{i}. {note}\n" for i, note in enumerate(notes, 1))
+    out += f"\n{passed} of {total} model x layout cells pass.\n"
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", help="model folder names (default: every bundled model)")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "COVERAGE.md")
+    args = parser.parse_args()
+    info = json.loads((MODELS / "models.json").read_text())["models"]
+    names = args.models or sorted(p.parent.name for p in MODELS.glob("*/model.onnx") if p.parent.name != "smollm2")
+    results: dict[str, dict[str, str]] = {}
+    started = time.perf_counter()
+    for name in names:
+        results[name] = {}
+        for tp, pp in LAYOUTS:
+            cell = one_cell(MODELS / name, tp, pp)
+            results[name][_label(tp, pp)] = cell
+            print(f"{name:<36} {_label(tp, pp):<12} {cell}", flush=True)
+    header = (
+        "# Coverage: exporter x family x layout\n\n"
+        "Generated by `bench/coverage.py` from the bundled models in `models/` (do not edit by hand): each "
+        "model is partitioned with the CLI's defaults (every rank model passes onnx.checker there) and "
+        "verified with `verify_plan` on the export's own check inputs (`reference.npz`), ranks as real "
+        "processes with the ai.llmir library, default tolerances (logits and every KV cache output). "
+        "A cell is pass, or fail with the one-line reason a user would see.\n\n"
+        f"Run: `.venv/bin/python bench/coverage.py` ({time.perf_counter() - started:.0f} s on this run).\n\n"
+    )
+    args.out.write_text(header + table(results, info))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
