@@ -88,9 +88,14 @@ def partition(
     show_progress: Annotated[
         bool, typer.Option("--progress", help="Progress on stderr even when it is not a terminal.")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the manifest (and the plan folder) as JSON instead of the table.")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Write one ONNX model per rank (tp x pp) and a manifest into OUT."""
+    from dataclasses import asdict
+
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.plan.memory import format_bytes, parse_bytes
     from llmir_onnx.progress import Progress
@@ -109,6 +114,9 @@ def partition(
         stage_cut_after_layer=_parse_cuts(cuts),
         progress=Progress(enabled=False if quiet else (True if show_progress else None)),
     )
+    if as_json:
+        _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
+        return
     typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}) to {out}")
     typer.echo(
         f"  {'rank':<5}{'pp':>3}{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
@@ -377,6 +385,9 @@ def plan(
     include_fewer: Annotated[
         bool, typer.Option("--include-fewer", help="Also list layouts that use fewer devices.")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the ranked layouts and the recommendation as JSON.")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Rank the (tp, pp) layouts by predicted speed and memory per rank, and recommend one."""
@@ -391,17 +402,52 @@ def plan(
         load_model(model, check_data=False), devices, memory, profile, max_batch, max_seq,
         include_fewer=include_fewer,
     )
-    typer.echo(
-        f"{model}: {devices} x {profile.name} with {format_bytes(memory)} each, "
-        f"batch {max_batch}, sequences up to {max_seq} tokens"
-    )
-    typer.echo(format_layout_table(layouts))
     best, reason = recommend(layouts)
+    if as_json:
+        from dataclasses import asdict
+
+        _echo_json({
+            "model": str(model), "devices": devices, "device": profile.name, "device_memory_bytes": memory,
+            "max_batch": max_batch, "max_seq": max_seq, "layouts": [asdict(layout) for layout in layouts],
+            "recommended": best.label if best is not None else None, "reason": reason,
+        })
+    else:
+        typer.echo(
+            f"{model}: {devices} x {profile.name} with {format_bytes(memory)} each, "
+            f"batch {max_batch}, sequences up to {max_seq} tokens"
+        )
+        typer.echo(format_layout_table(layouts))
     if best is None:
         from llmir_onnx.errors import PlanError
 
         raise PlanError(reason)
-    typer.echo(f"recommended: {reason}")
+    if not as_json:
+        typer.echo(f"recommended: {reason}")
+
+
+def _echo_json(document: dict[str, Any]) -> None:
+    """One JSON document on stdout (nothing else goes there), for scripts and CI."""
+    import json
+
+    typer.echo(json.dumps(document, indent=2, allow_nan=False))
+
+
+@app.command()
+@reports_errors
+def report(
+    plan: Annotated[Path, typer.Argument(help="A folder written by `llmir-onnx partition`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The HTML file to write (self-contained).")],
+    timeline: Annotated[
+        Path | None,
+        typer.Option("--timeline", help="A measured run (generate/verify --timeline FILE) to draw as a Gantt chart."),
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """One self-contained HTML page: memory, predicted times, stages and splits, communication, timeline."""
+    from llmir_onnx.plan.report import write_report
+
+    written = write_report(plan, out, timeline)
+    typer.echo(f"wrote {written}")
 
 
 def main() -> None:

@@ -69,14 +69,17 @@ def partition_to_dir(
     max_seq: int | None = None,
     stage_cut_after_layer: tuple[int, ...] | None = None,
     progress: Progress | None = None,
+    ignore_annotations: bool = False,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
     Each rank's memory plan and cost estimate (on `device` at max_batch x max_seq) go into the
     manifest; with `device_memory_bytes`, a rank that does not fit fails the partition before
     anything is written. `max_seq` defaults to 2048, or the model's own limit when its position
-    tables are shorter (GPT-2's 128 positions).
+    tables are shorter (GPT-2's 128 positions). IR v11 annotations in the model pin stages and
+    placements (llmir_onnx/annotations.py) unless `ignore_annotations`.
     """
+    from llmir_onnx.annotations import AnnotationPins, check_value_pins, cuts_from_pins, read_pins, strip_annotations
     from llmir_onnx.partition import PartitionOptions, RankWeightsPlan, partition
     from llmir_onnx.plan.devices import load_profile
 
@@ -84,6 +87,9 @@ def partition_to_dir(
     progress = progress if progress is not None else QUIET
     progress.phase(f"loading {model_path.name} (weights stay on disk)")
     source = load_model(model_path)
+    pins = AnnotationPins({}, ()) if ignore_annotations else read_pins(source)
+    strip_annotations(source)
+    planned_cuts = cuts_from_pins(pins, pp, stage_cut_after_layer)
     if max_seq is None:
         max_seq = default_max_seq(source)
     options = PartitionOptions(
@@ -91,7 +97,7 @@ def partition_to_dir(
         pp=pp,
         vocab_parallel=vocab_parallel,
         replicate_unsupported=replicate_unsupported,
-        stage_cut_after_layer=stage_cut_after_layer,
+        stage_cut_after_layer=planned_cuts,
         device=device,
         device_memory_bytes=device_memory_bytes,
         max_batch=max_batch,
@@ -105,9 +111,11 @@ def partition_to_dir(
             weights = [RankWeights(rank, stage, tensors) for rank, stage, tensors in planned]
             start_weight_writer(writer, weights, progress)
 
-        # The partition consumes the loaded graph: the original's IO is read off it first.
+        # The partition consumes the loaded graph: the original's IO and attention shape are read off it first.
         source_inputs, source_outputs = tensor_infos(source.graph.inputs), tensor_infos(source.graph.outputs)
+        attention = _attention_shape(source)
         result = partition(source, options, on_weights_known=write_weights, consume_model=True)
+        check_value_pins(pins, result.placements)
         mesh = result.mesh
         details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes)
         mesh_info = {
@@ -138,25 +146,40 @@ def partition_to_dir(
                 "max_seq": max_seq,
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
             },
+            sharding={**attention, "weights": result.weight_splits or []},
         )
         return write_plan_into(staging, writer, contents, progress)
+
+
+def _attention_shape(model: ir.Model) -> dict[str, int]:
+    """Heads, KV heads, head size and layers of the source (for the report's head split); {} when the
+    layout analysis finds no attention (the report then says the head split is unknown)."""
+    from llmir_onnx.plan.layouts import model_shape
+
+    try:
+        shape = model_shape(model)
+    except PlanError:
+        return {}
+    return {"heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "layers": shape.layers}
 
 
 def _rank_details(
     result: PartitionResult, profile: DeviceProfile, max_batch: int, max_seq: int, device_memory_bytes: int | None
 ) -> list[dict[str, Any]]:
     """Each rank's layers, memory plan and cost; a rank over `device_memory_bytes` is a PlanError."""
+    from llmir_onnx.plan.communication import rank_traffic
     from llmir_onnx.plan.cost import estimate_phases
     from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
 
     details: list[dict[str, Any]] = []
     # The tp ranks of one stage run the same graph on equal-shaped weights, so their memory plans and
     # costs are equal: evaluate each distinct structure once (the shape evaluation dominates planning).
-    analyses: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+    analyses: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any], list[Any]]] = {}
     signatures: dict[int, tuple[Any, ...]] = {}  # by id of the model
     for program in result.ranks:
         # A tp rank copy has its tp rank 0's structure (only weights and peers differ): no need to make it.
         model = program.model_or_copy
+        peers = model.peers if isinstance(model, TpRankCopy) else None
         model = model.source if isinstance(model, TpRankCopy) else model
         if id(model) not in signatures:
             signatures[id(model)] = _structure_signature(model)
@@ -164,8 +187,8 @@ def _rank_details(
         if signature not in analyses:
             analysis = plan_memory(model, max_batch, max_seq)
             cost = estimate_phases(model, profile, max_batch, max_seq)
-            analyses[signature] = (asdict(analysis), asdict(cost))
-        memory_fields, cost_fields = analyses[signature]
+            analyses[signature] = (asdict(analysis), asdict(cost), rank_traffic(model, profile, max_batch, max_seq))
+        memory_fields, cost_fields, traffic = analyses[signature]
         memory = MemoryPlan(**memory_fields)
         if device_memory_bytes is not None and memory.total_bytes > device_memory_bytes:
             raise PlanError(
@@ -179,7 +202,25 @@ def _rank_details(
             {
                 "layers": [program.layers.start, program.layers.stop] if program.layers is not None else None,
                 "memory": copy.deepcopy(memory_fields),
-                "cost": copy.deepcopy(cost_fields),
+                "cost": {
+                    **copy.deepcopy(cost_fields), "collectives": _collectives(traffic, peers, result, program.rank)
+                },
             }
         )
     return details
+
+
+def _collectives(traffic: list[Any], peers: Any, result: PartitionResult, rank: int) -> list[dict[str, Any]]:
+    """The rank's traffic as manifest entries: a copy's Send/Recv peers renamed, a group-less collective
+    (the whole tp group at pp 1) given its ranks."""
+    entries = []
+    for link in traffic:
+        entry = asdict(link)
+        if link.peer is not None and peers is not None:
+            entry["peer"] = peers[link.peer]
+        if link.peer is None and link.group is None:
+            entry["group"] = list(result.mesh.group(rank, "tp"))
+        elif link.group is not None:
+            entry["group"] = list(link.group)
+        entries.append(entry)
+    return entries

@@ -87,6 +87,7 @@ class PlanContents:
     rank_models: Sequence[RankModel]
     options: dict[str, Any]
     rank_details: Sequence[dict[str, Any]] | None = None
+    sharding: dict[str, Any] | None = None
 
 
 def write_plan(out_dir: Path, contents: PlanContents, progress: Progress | None = None) -> Manifest:
@@ -176,6 +177,7 @@ def write_plan_into(
         outputs=contents.outputs,
         ranks=entries,
         options=contents.options,
+        sharding=contents.sharding or {},
     )
     manifest.write(staging)
     return manifest

@@ -24,7 +24,14 @@ Schema version 1 (all keys always present):
                         "outputs": [{"original", "local", "dim", "start", "stop"}],
                         "memory": {"max_batch", "max_seq", "weight_bytes", "kv_cache_bytes",
                                    "activation_peak_bytes", "communication_bytes", "total_bytes", ...},
-                        "cost": {"device", "prefill": {...}, "decode": {...}, "decode_tokens_per_s"}}]
+                        "cost": {"device", "prefill": {...}, "decode": {...}, "decode_tokens_per_s",
+                                 "collectives": [{"op", "group", "peer", "count", "prefill_bytes",
+                                                  "decode_bytes", "prefill_s", "decode_s"}]
+                                 (each ai.llmir op kind on each link summed over one step,
+                                 plan/communication.py)}}]
+    sharding          (optional) {"heads", "kv_heads", "head_dim", "layers": the source's attention
+                      shape or absent when not found; "weights": [{"name", "shape", "placement",
+                      "dim", "ranges": per tp rank [[start, stop], ...] of dim}]}: read by `report`
 
 Graph outputs of a rank model that no binding names (e.g. `llmir.sent.<tag>`, the element counts
 of Send nodes) are bookkeeping: a runtime may fetch them or not. Byte counts are exact for weights
@@ -93,6 +100,7 @@ class Manifest:
     outputs: list[TensorInfo]
     ranks: list[RankEntry]
     options: dict[str, Any] = field(default_factory=dict)
+    sharding: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -150,4 +158,5 @@ class Manifest:
             outputs=[TensorInfo(**info) for info in raw["outputs"]],
             ranks=ranks,
             options=raw.get("options", {}),
+            sharding=raw.get("sharding", {}),
         )
