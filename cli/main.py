@@ -91,6 +91,9 @@ def partition(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the manifest (and the plan folder) as JSON instead of the table.")
     ] = False,
+    ignore_annotations: Annotated[
+        bool, typer.Option("--ignore-annotations", help="Do not read the model's IR v11 stage and sharding pins.")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Write one ONNX model per rank (tp x pp) and a manifest into OUT."""
@@ -113,6 +116,7 @@ def partition(
         max_seq=max_seq,
         stage_cut_after_layer=_parse_cuts(cuts),
         progress=Progress(enabled=False if quiet else (True if show_progress else None)),
+        ignore_annotations=ignore_annotations,
     )
     if as_json:
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
@@ -448,6 +452,23 @@ def report(
 
     written = write_report(plan, out, timeline)
     typer.echo(f"wrote {written}")
+
+
+@app.command()
+@reports_errors
+def annotate(
+    plan: Annotated[Path, typer.Argument(help="A folder written by `llmir-onnx partition`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The annotated model (weights in OUT.data beside it).")],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="The original model, if it moved since partitioning.")
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Write the ORIGINAL model with the plan as ONNX IR v11 annotations (mesh, sharding specs, stages)."""
+    from llmir_onnx.annotations import write_annotated_source
+
+    written, specs = write_annotated_source(plan, out, model)
+    typer.echo(f"wrote {written} (IR v11: {specs} sharding specs, every node's pipeline stage)")
 
 
 def main() -> None:
