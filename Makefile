@@ -10,6 +10,7 @@ LIBRARY := llmir_onnx/_lib/libllmir_ops.so
 INSTALL_INPUTS := pyproject.toml setup.py $(shell find custom_ops -type f -not -name '*.pyc' 2>/dev/null)
 DEMO_MODEL ?= models/llama-gqa-torch-legacy/model.onnx
 DEMO_PLAN ?= build/demo-plan
+DEMO_REPORT ?= build/demo-report.html
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: setup demo test lint clean
@@ -27,6 +28,7 @@ $(STAMP) $(LIBRARY) &: $(BIN)/python $(INSTALL_INPUTS)
 demo: setup
 	$(BIN)/llmir-onnx partition $(DEMO_MODEL) --tp 2 --pp 2 -o $(DEMO_PLAN)
 	$(BIN)/llmir-onnx verify $(DEMO_PLAN)
+	$(BIN)/llmir-onnx report $(DEMO_PLAN) -o $(DEMO_REPORT)
 
 lint: setup
 	$(BIN)/ruff check .
