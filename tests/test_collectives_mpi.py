@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,6 +25,15 @@ from llmir_onnx.runtime.launch import custom_ops_library_path
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "mpi_workers" / "collectives_worker.py"
 MPIEXEC = Path(sys.prefix) / "bin" / "mpiexec"
+# Where each rank records its verdict before it exits (the workers' _common.VERDICT_DIR_ENV): a
+# failing rank whose peers fail too waits for their verdicts before it exits.
+VERDICT_DIR_ENV = "LLMIR_TEST_VERDICT_DIR"
+EVERY_RANK_REPORTS = ("-disable-auto-cleanup",)
+HYDRA_DEFAULTS: tuple[str, ...] = ()
+# For tests where one rank may finish its part while its peer fails: under EVERY_RANK_REPORTS the
+# finished rank would wait in MPI_Finalize for the failed one; the failing rank's verdict is the one
+# asserted, and it prints it before it exits (so before hydra can kill anyone because of it).
+SENDER_MAY_FINISH = HYDRA_DEFAULTS
 VERDICT = re.compile(r"<<<RANK (\d+) (OK|ERROR) (.*?)>>>")
 
 
@@ -51,14 +62,21 @@ def launch(
     timeout_s: float = 120.0,
     comm_timeout_s: float | str = 60.0,
     extra_env: dict[str, str] | None = None,
-    mpiexec_flags: tuple[str, ...] = (),
+    mpiexec_flags: tuple[str, ...] = EVERY_RANK_REPORTS,
 ) -> RankRun:
-    """`mpiexec -n world` the worker; world 0 runs one worker process without any launcher."""
+    """`mpiexec -n world` the worker; world 0 runs one worker process without any launcher.
+
+    By default hydra's auto-cleanup is off, so that every rank runs to its own verdict: with it on, the
+    first rank to exit non-zero gets the others killed, and which one that is depends on the machine's
+    load (tests asserting several ranks' errors failed that way on a busy machine). Tests of what hydra's
+    own cleanup does pass `mpiexec_flags=HYDRA_DEFAULTS`."""
     run_id = uuid.uuid4().hex
     env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     # A broken op fails within this many seconds instead of hanging the suite.
     env["LLMIR_COMM_TIMEOUT_S"] = str(comm_timeout_s)
+    verdict_dir = tempfile.mkdtemp(prefix="llmir-verdicts-")
+    env[VERDICT_DIR_ENV] = verdict_dir
     command = [sys.executable, str(WORKER), scenario, *args, f"--run-id={run_id}"]
     if world > 0:
         command = [str(MPIEXEC), *mpiexec_flags, "-n", str(world), *command]
@@ -70,6 +88,8 @@ def launch(
     except subprocess.TimeoutExpired as error:
         output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
         pytest.fail(f"{scenario} on {world} ranks hung past {timeout_s} s (run id {run_id}); output:\n{output}")
+    finally:
+        shutil.rmtree(verdict_dir, ignore_errors=True)
     elapsed = time.monotonic() - start
     output = completed.stdout + completed.stderr
     verdicts = {}
@@ -149,13 +169,41 @@ def group_pattern(*ranks: int) -> str:
 
 
 def test_rank_not_in_group() -> None:
-    run = launch(2, "error_not_in_group", comm_timeout_s=10)
+    # Rank 0 (alone in its group [0]) succeeds: with hydra's auto-cleanup off it would then wait in
+    # MPI_Finalize for rank 1, which left without finalizing. So hydra's defaults, under which rank 1's
+    # failure may get rank 0 killed before or after it prints its verdict: only rank 1's is certain.
+    run = launch(2, "error_not_in_group", comm_timeout_s=10, mpiexec_flags=HYDRA_DEFAULTS)
     assert run.returncode != 0, run.describe()
-    assert run.verdicts.get(0, ("", ""))[0] == "OK", run.describe()  # rank 0 is alone in its group [0]
+    assert run.verdicts.get(0, ("OK", ""))[0] == "OK", run.describe()
     message = error_of(run, 1)
     assert "ai.llmir AllReduce" in message and "[node my_AllReduce]" in message, message
     assert re.search(group_pattern(0) + r", rank 1\b", message), message
     assert "not a member of the group" in message, message
+
+
+def test_group_order_mismatch_is_an_immediate_error_on_every_member() -> None:
+    """[1,0] on rank 0, [0,1] on rank 1: the same members in another order is a different group (the
+    order fixes who holds which chunk). With a 120 s communication timeout, an error that names the
+    order (not the timeout) shows that no member waited for the other."""
+    run = launch(2, "error_group_order", timeout_s=100, comm_timeout_s=120)
+    assert run.returncode != 0, run.describe()
+    for rank, own, other in ((0, "[1,0]", 1), (1, "[0,1]", 0)):
+        message = error_of(run, rank)
+        assert "ai.llmir AllReduce" in message and "[node my_AllReduce]" in message, message
+        assert "LLMIR_COMM_TIMEOUT_S" not in message, message
+        assert f"this rank lists it as {own}, rank {other} in another order" in message, message
+
+
+def test_group_order_mismatch_on_existing_communicators_is_an_immediate_error() -> None:
+    """Both orders' communicators exist already (every rank ran [0,1] and then [1,0]); then rank 0 runs
+    [1,0] while rank 1 runs [0,1]: each waits on a different communicator unless the signature check
+    (on the members' ascending-order communicator) includes the order."""
+    run = launch(2, "error_group_order_cached", timeout_s=100, comm_timeout_s=120)
+    assert run.returncode != 0, run.describe()
+    for rank, own, other in ((0, "[1,0]", 1), (1, "[0,1]", 0)):
+        message = error_of(run, rank)
+        assert "LLMIR_COMM_TIMEOUT_S" not in message, message
+        assert f"this rank lists it as {own}, rank {other} in another order" in message, message
 
 
 def test_group_member_beyond_world_size() -> None:
@@ -181,8 +229,7 @@ def test_mismatched_shapes_across_ranks() -> None:
 
 
 def test_bool_sum_is_an_error() -> None:
-    # Both ranks fail on their own; without this flag mpiexec may kill one before it prints its verdict.
-    run = launch(2, "error_bool_sum", comm_timeout_s=10, mpiexec_flags=("-disable-auto-cleanup",))
+    run = launch(2, "error_bool_sum", comm_timeout_s=10)
     assert run.returncode != 0, run.describe()
     for rank in (0, 1):
         message = error_of(run, rank)
@@ -211,7 +258,7 @@ def test_axis_errors(scenario: str, op_type: str, text: str) -> None:
 
 
 def test_recv_dtype_mismatch() -> None:
-    run = launch(2, "error_recv_dtype", comm_timeout_s=10)
+    run = launch(2, "error_recv_dtype", comm_timeout_s=10, mpiexec_flags=SENDER_MAY_FINISH)
     assert run.returncode != 0, run.describe()
     message = error_of(run, 1)
     assert "ai.llmir Recv" in message and "[node my_Recv]" in message, message
@@ -219,7 +266,7 @@ def test_recv_dtype_mismatch() -> None:
 
 
 def test_recv_shape_attribute_mismatch() -> None:
-    run = launch(2, "error_recv_shape", comm_timeout_s=10)
+    run = launch(2, "error_recv_shape", comm_timeout_s=10, mpiexec_flags=SENDER_MAY_FINISH)
     assert run.returncode != 0, run.describe()
     message = error_of(run, 1)
     assert "ai.llmir Recv" in message and "[node my_Recv]" in message, message
@@ -266,7 +313,7 @@ def assert_timed_out(run: RankRun, rank: int, group: tuple[int, ...]) -> None:
 
 
 def test_peer_that_never_arrives_times_out_naming_op_and_group() -> None:
-    run = launch(2, "peer_never_arrives", "sleep", timeout_s=60, comm_timeout_s=3)
+    run = launch(2, "peer_never_arrives", "sleep", timeout_s=60, comm_timeout_s=3, mpiexec_flags=HYDRA_DEFAULTS)
     assert run.returncode != 0, run.describe()
     assert_timed_out(run, 0, (0, 1))
     assert "still alive" not in run.output, run.describe()  # the sleeper was ended, not waited for
@@ -276,8 +323,10 @@ def test_peer_that_never_arrives_times_out_naming_op_and_group() -> None:
 
 def test_peer_that_leaves_cleanly_early_times_out_on_every_survivor() -> None:
     """The last rank finalizes and exits 0 without entering the op: mpiexec sees nothing wrong, so only
-    the communication timeout can end the others."""
-    run = launch(3, "peer_never_arrives", "finalize", timeout_s=60, comm_timeout_s=3)
+    the communication timeout can end the others. Hydra's defaults: its MPI_Finalize waits for the
+    others, which never finalize, so only hydra's cleanup ends it (each survivor waits for the other's
+    verdict before it exits)."""
+    run = launch(3, "peer_never_arrives", "finalize", timeout_s=60, comm_timeout_s=3, mpiexec_flags=HYDRA_DEFAULTS)
     assert run.returncode != 0, run.describe()
     assert "RANK 2 leaving early" in run.output, run.describe()
     for rank in (0, 1):
@@ -289,9 +338,7 @@ def test_peer_that_leaves_cleanly_early_times_out_on_every_survivor() -> None:
 def test_peer_that_exits_early_times_out_on_every_survivor() -> None:
     """The last rank exits 0 at once, without finalizing. With hydra's auto-cleanup off, nothing but the
     library's timeout can end the survivors: each must fail naming op and group, and the job exit non-zero."""
-    run = launch(
-        3, "peer_never_arrives", "exit", timeout_s=60, comm_timeout_s=3, mpiexec_flags=("-disable-auto-cleanup",)
-    )
+    run = launch(3, "peer_never_arrives", "exit", timeout_s=60, comm_timeout_s=3)
     assert "RANK 2 leaving early" in run.output, run.describe()
     assert run.returncode != 0, run.describe()
     for rank in (0, 1):
@@ -308,7 +355,7 @@ def test_peer_that_exits_early_ends_the_job_under_default_mpiexec() -> None:
     llmir (mpi4py only: rank 2 `os._exit(0)` after MPI init, ranks 0-1 in `comm.Allreduce`; `mpiexec -n 3`
     exits 0 or 9 at random). Launchers of ours must not trust exit status 0 alone (see the report).
     """
-    run = launch(3, "peer_never_arrives", "exit", timeout_s=60, comm_timeout_s=3)
+    run = launch(3, "peer_never_arrives", "exit", timeout_s=60, comm_timeout_s=3, mpiexec_flags=HYDRA_DEFAULTS)
     assert "RANK 2 leaving early" in run.output, run.describe()
     assert not any(status == "OK" for status, _ in run.verdicts.values()), run.describe()
     assert run.elapsed_s < 30, run.describe()
@@ -316,7 +363,7 @@ def test_peer_that_exits_early_ends_the_job_under_default_mpiexec() -> None:
 
 
 def test_killed_rank_ends_the_others() -> None:
-    run = launch(4, "killed_rank", "2", timeout_s=90, comm_timeout_s=5)
+    run = launch(4, "killed_rank", "2", timeout_s=90, comm_timeout_s=5, mpiexec_flags=HYDRA_DEFAULTS)
     assert "RANK 2 killing itself" in run.output, run.describe()
     assert run.returncode != 0, run.describe()
     assert "finished all steps" not in run.output, run.describe()

@@ -146,14 +146,14 @@ int64_t hash_key(const std::string& key) {
   return static_cast<int64_t>(hash >> 1);
 }
 
-// The unique id travels from ranks[0] to the other members over MPI when this is an MPI world, else over
+// The unique id travels from the group's lowest rank to the other members over MPI when this is an MPI world, else over
 // the launcher-environment TCP store.
 void share_unique_id(const std::vector<int>& ranks, const std::string& key, ncclUniqueId* id, const OpLabel& label) {
   if (world::kind() == world::Kind::kMpi) {
     mpi::rendezvous(ranks, hash_key(key), id, sizeof(*id), label);
     return;
   }
-  if (world::rank() == ranks.front()) {
+  if (world::rank() == *std::min_element(ranks.begin(), ranks.end())) {
     store::set(key, std::string(reinterpret_cast<const char*>(id), sizeof(*id)), label);
   } else {
     const std::string value = store::get(key, label);
@@ -181,7 +181,7 @@ NcclComm& nccl_comm(CommKind kind, const std::vector<int>& ranks, const OpLabel&
     int index = 0;
     while (ranks[static_cast<size_t>(index)] != me) ++index;
     ncclUniqueId id{};
-    if (index == 0) {
+    if (me == *std::min_element(ranks.begin(), ranks.end())) {  // the root of share_unique_id
       const ncclResult_t code = ncclGetUniqueId(&id);
       if (code != ncclSuccess) fail(*slot, label, nccl_error(*slot, code));
     }
@@ -387,13 +387,54 @@ std::unique_ptr<Backend> make_backend(void* stream, const void* input_data) {
   return std::make_unique<CudaBackend>(static_cast<cudaStream_t>(stream), use_staging());
 }
 
-void finalize() {
+// NCCL's documented teardown of a non-blocking communicator (nccl.h, ncclCommFinalize): ncclCommFinalize
+// flushes the issued work and leaves the communicator ncclInProgress until it is globally quiescent;
+// once ncclCommGetAsyncError says ncclSuccess, ncclCommDestroy frees the rest without blocking. Every
+// communicator is finalized first and only then waited for, so that members that finalize their
+// communicators in another order cannot wait for each other. A communicator that fails or stays busy
+// past the deadline is aborted; each failure is reported.
+std::string finalize() {
   std::lock_guard<std::mutex> lock(g_nccl_mutex);
+  std::vector<std::string> failures;
+  std::vector<NcclComm*> finalizing;
+  auto describe = [](const NcclComm& state, const std::string& what) {
+    return "NCCL communicator " + format_ranks(state.ranks) + ": " + what;
+  };
   for (auto& [key, state] : nccl_comms()) {
-    if (state->comm != nullptr && !state->broken) ncclCommDestroy(state->comm);
+    if (state->comm == nullptr || state->broken) continue;
+    const ncclResult_t code = ncclCommFinalize(state->comm);
+    if (code == ncclSuccess || code == ncclInProgress) {
+      finalizing.push_back(state.get());
+      continue;
+    }
+    failures.push_back(describe(*state, "ncclCommFinalize: " + nccl_error(*state, code)));
+    ncclCommAbort(state->comm);
+    state->comm = nullptr;
+  }
+  const Deadline deadline(comm_timeout_seconds());
+  for (NcclComm* state : finalizing) {
+    ncclResult_t async = ncclInProgress;
+    for (uint64_t iteration = 0;; ++iteration) {
+      const ncclResult_t code = ncclCommGetAsyncError(state->comm, &async);
+      if (code != ncclSuccess) async = code;
+      if (async != ncclInProgress || deadline.expired()) break;
+      poll_pause(iteration);
+    }
+    if (async == ncclSuccess) {
+      const ncclResult_t code = ncclCommDestroy(state->comm);
+      if (code != ncclSuccess) failures.push_back(describe(*state, "ncclCommDestroy: " + nccl_error(*state, code)));
+    } else {
+      failures.push_back(describe(*state, async == ncclInProgress
+                                              ? "ncclCommFinalize did not complete: " + deadline.timeout_message()
+                                              : "ncclCommFinalize: " + nccl_error(*state, async)));
+      ncclCommAbort(state->comm);
+    }
     state->comm = nullptr;
   }
   nccl_comms().clear();
+  std::string joined;
+  for (const auto& failure : failures) joined += (joined.empty() ? "" : "; ") + failure;
+  return joined;
 }
 
 }  // namespace llmir::cuda

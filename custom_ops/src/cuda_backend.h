@@ -3,6 +3,7 @@
 #pragma once
 
 #include <memory>
+#include <string>
 
 #include "backend.h"
 
@@ -11,6 +12,7 @@ namespace llmir::cuda {
 // stream: KernelContext_GetGPUComputeStream; input_data: the op's input, whose device becomes current
 // (NCCL communicators are per device).
 std::unique_ptr<Backend> make_backend(void* stream, const void* input_data);
-void finalize();                                      // destroy the NCCL communicators that are healthy
+// Finalize, then destroy the healthy NCCL communicators (NCCL's documented order); "" or the failures.
+std::string finalize();
 
 }  // namespace llmir::cuda

@@ -64,14 +64,27 @@ int64_t normalized_axis(int64_t axis, size_t ndim, const OpLabel& label) {
   return axis < 0 ? axis + rank : axis;
 }
 
+int64_t hash_order(const std::vector<int>& ranks) {
+  uint64_t hash = 1469598103934665603ull;
+  for (int rank : ranks) hash = (hash ^ static_cast<uint64_t>(rank + 1)) * 1099511628211ull;
+  return static_cast<int64_t>(hash >> 1);
+}
+
 // Pre-flight check, one small allgather: every member runs the same op with the same reduction, axis,
-// dtype and shape. Otherwise MPI/NCCL would read or write past buffers, or silently mix data.
-void agree(GroupComm& comm, const std::vector<int>& ranks, const OpAttributes& attributes, int64_t axis,
+// dtype and shape, and lists the group in the same order. Otherwise MPI/NCCL would read or write past
+// buffers, or silently mix data. The exchange runs on the communicator of the group's members in
+// ascending order, which every member finds whatever order its node lists; each order has its own
+// communicator, so members that disagree on the order would otherwise wait on different ones until the
+// timeout. Call it before backend.group(ranks) (a CUDA backend hands out one group at a time).
+void agree(Backend& backend, const std::vector<int>& ranks, const OpAttributes& attributes, int64_t axis,
            const InputTensor& input, const OpLabel& label) {
-  constexpr size_t kWords = 5 + kMaxRank;
+  constexpr size_t kWords = 6 + kMaxRank;
   if (input.shape.size() > static_cast<size_t>(kMaxRank)) {
     throw Error(label.message("inputs of rank > " + std::to_string(kMaxRank) + " are not supported"));
   }
+  std::vector<int> members = ranks;
+  std::sort(members.begin(), members.end());
+  GroupComm& comm = backend.group(members, label);
   int64_t mine[kWords] = {};
   mine[0] = static_cast<int64_t>(attributes.kind);
   mine[1] = input.elem_type;
@@ -79,11 +92,18 @@ void agree(GroupComm& comm, const std::vector<int>& ranks, const OpAttributes& a
   mine[3] = axis;  // normalized, so -1 and ndim-1 agree
   mine[4] = static_cast<int64_t>(input.shape.size());
   for (size_t i = 0; i < input.shape.size(); ++i) mine[5 + i] = input.shape[i];
-  std::vector<int64_t> all(kWords * ranks.size());
+  mine[kWords - 1] = hash_order(ranks);
+  std::vector<int64_t> all(kWords * members.size());
   comm.allgather_host_words(mine, all.data(), kWords, label);
-  for (size_t member = 0; member < ranks.size(); ++member) {
+  for (size_t member = 0; member < members.size(); ++member) {
     const int64_t* theirs = all.data() + member * kWords;
     if (std::memcmp(theirs, mine, sizeof(mine)) == 0) continue;
+    if (std::memcmp(theirs, mine, sizeof(mine) - sizeof(int64_t)) == 0) {
+      throw Error(label.message("group members disagree on the group's order: this rank lists it as " +
+                                format_ranks(ranks) + ", rank " + std::to_string(members[member]) +
+                                " in another order; every member must list the same ranks in the same order (the "
+                                "order fixes each member's chunk)"));
+    }
     auto describe = [&](const int64_t* words) {
       const auto kind = static_cast<OpKind>(words[0]);
       std::string text = std::string(op_name(kind)) + " of " + dtype_name(static_cast<int>(words[1])) + " " +
@@ -94,7 +114,7 @@ void agree(GroupComm& comm, const std::vector<int>& ranks, const OpAttributes& a
       if (kind == OpKind::kAllGather || kind == OpKind::kReduceScatter) text += " axis=" + std::to_string(words[3]);
       return text;
     };
-    throw Error(label.message("group members disagree: rank " + std::to_string(ranks[member]) + " runs " +
+    throw Error(label.message("group members disagree: rank " + std::to_string(members[member]) + " runs " +
                               describe(theirs) + ", this rank runs " + describe(mine) +
                               "; every member must pass the same dtype and shape"));
   }
@@ -114,8 +134,8 @@ void all_reduce(Backend& backend, const OpAttributes& attributes, OpLabel& label
                 const AllocateOutput& output) {
   const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
   const DType dtype = reduction_dtype(input.elem_type, attributes.reduction, label);
+  agree(backend, ranks, attributes, 0, input, label);
   GroupComm& comm = backend.group(ranks, label);
-  agree(comm, ranks, attributes, 0, input, label);
   void* out = output(input.shape);
   if (input.count == 0) return;
   comm.allreduce(input.data, out, input.count, dtype, attributes.reduction, label);
@@ -126,8 +146,8 @@ void all_gather(Backend& backend, const OpAttributes& attributes, OpLabel& label
   const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
   const DType dtype = checked_dtype(input.elem_type, label);
   const auto axis = static_cast<size_t>(normalized_axis(attributes.axis, input.shape.size(), label));
+  agree(backend, ranks, attributes, static_cast<int64_t>(axis), input, label);
   GroupComm& comm = backend.group(ranks, label);
-  agree(comm, ranks, attributes, static_cast<int64_t>(axis), input, label);
   const size_t members = ranks.size();
   std::vector<int64_t> shape = input.shape;
   shape[axis] *= static_cast<int64_t>(members);
@@ -161,8 +181,8 @@ void reduce_scatter(Backend& backend, const OpAttributes& attributes, OpLabel& l
                               format_shape(input.shape.data(), static_cast<int64_t>(input.shape.size())) +
                               " does not divide by the group size " + std::to_string(members)));
   }
+  agree(backend, ranks, attributes, static_cast<int64_t>(axis), input, label);
   GroupComm& comm = backend.group(ranks, label);
-  agree(comm, ranks, attributes, static_cast<int64_t>(axis), input, label);
   std::vector<int64_t> shape = input.shape;
   shape[axis] /= members;
   auto* out = output(shape);

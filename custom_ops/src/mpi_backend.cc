@@ -1,5 +1,6 @@
 #include "mpi_backend.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
@@ -320,57 +321,109 @@ void wait(MPI_Request* request, MPI_Status* status, const OpLabel& label, bool* 
   }
 }
 
+namespace {
+
+// Rendezvous messages are int64 words: [check, disagreeing rank or -1, n, ranks[n]..., their ranks[n]...,
+// payload...]. A member's message to the root uses the first 3 + n words.
+constexpr size_t kHeaderWordsRendezvous = 3;
+
+std::vector<int> ranks_of(const int64_t* words, size_t n) {
+  std::vector<int> out(n);
+  for (size_t i = 0; i < n; ++i) out[i] = static_cast<int>(words[i]);
+  return out;
+}
+
+std::string disagreement(int other, const std::vector<int>& theirs, const std::vector<int>& ours,
+                         const std::string& reporter) {
+  if (theirs != ours) {
+    return "group members disagree on the group's order: rank " + std::to_string(other) + " lists it as " +
+           format_ranks(theirs) + ", this rank as " + format_ranks(ours) + reporter +
+           "; every member must list the same ranks in the same order (the order fixes each member's chunk)";
+  }
+  return "rank " + std::to_string(other) + " is setting up a different communicator at the same time" + reporter +
+         "; every member of " + format_ranks(ours) + " must run the same ai.llmir ops in the same order";
+}
+
+}  // namespace
+
 void rendezvous(const std::vector<int>& ranks, int64_t check_value, void* payload, int payload_bytes,
                 const OpLabel& label) {
   const int me = world_rank();
-  const int root = ranks.front();
-  const int count = payload_bytes + static_cast<int>(sizeof(int64_t));
-  std::vector<char> message(static_cast<size_t>(count));
+  // The lowest rank is the root: every member finds the same one even when the members list the group
+  // in different orders, so that a disagreement is an error on every member and not a wait.
+  const int root = *std::min_element(ranks.begin(), ranks.end());
+  const size_t n = ranks.size();
+  const size_t payload_words = (static_cast<size_t>(payload_bytes) + sizeof(int64_t) - 1) / sizeof(int64_t);
+  const size_t request_words = kHeaderWordsRendezvous + n;
+  const size_t reply_words = kHeaderWordsRendezvous + 2 * n + payload_words;
+  std::vector<int64_t> mine(request_words);
+  mine[0] = check_value;
+  mine[1] = -1;
+  mine[2] = static_cast<int64_t>(n);
+  for (size_t i = 0; i < n; ++i) mine[kHeaderWordsRendezvous + i] = ranks[i];
+  std::vector<int64_t> reply(reply_words, 0);
   bool broken = false;
   if (me == root) {
-    std::vector<std::vector<char>> arrived(ranks.size(), std::vector<char>(sizeof(int64_t)));
-    std::vector<MPI_Request> requests;
-    for (size_t i = 1; i < ranks.size(); ++i) {
-      requests.emplace_back();
-      check(MPI_Irecv(arrived[i].data(), sizeof(int64_t), MPI_BYTE, ranks[i], kRendezvousTag, MPI_COMM_WORLD,
-                      &requests.back()),
+    std::vector<int> others;
+    for (int rank : ranks) {
+      if (rank != root) others.push_back(rank);
+    }
+    std::vector<std::vector<int64_t>> arrived(others.size(), std::vector<int64_t>(request_words));
+    std::vector<MPI_Request> requests(others.size());
+    for (size_t i = 0; i < others.size(); ++i) {
+      check(MPI_Irecv(arrived[i].data(), static_cast<int>(request_words), MPI_INT64_T, others[i], kRendezvousTag,
+                      MPI_COMM_WORLD, &requests[i]),
             "MPI_Irecv", label, &broken);
     }
-    for (size_t i = 0; i < requests.size(); ++i) {
-      wait(&requests[i], MPI_STATUS_IGNORE, label, &broken, true);
-      int64_t value;
-      std::memcpy(&value, arrived[i + 1].data(), sizeof(value));
-      if (value != check_value) {
-        throw Error(label.message("rank " + std::to_string(ranks[i + 1]) +
-                                  " is setting up a different communicator at the same time; every member of " +
-                                  format_ranks(ranks) + " must run the same ai.llmir ops in the same order"));
-      }
+    for (auto& request : requests) wait(&request, MPI_STATUS_IGNORE, label, &broken, true);
+    // Answer every member before failing, so that a disagreement is an error on all of them at once.
+    reply[0] = check_value;
+    reply[1] = -1;
+    reply[2] = static_cast<int64_t>(n);
+    for (size_t i = 0; i < n; ++i) reply[kHeaderWordsRendezvous + i] = ranks[i];
+    size_t bad = others.size();
+    for (size_t i = 0; i < others.size() && bad == others.size(); ++i) {
+      if (arrived[i][0] != check_value) bad = i;
     }
-    std::memcpy(message.data(), &check_value, sizeof(int64_t));
-    if (payload_bytes) std::memcpy(message.data() + sizeof(int64_t), payload, static_cast<size_t>(payload_bytes));
-    requests.clear();
-    for (size_t i = 1; i < ranks.size(); ++i) {
-      requests.emplace_back();
-      check(MPI_Isend(message.data(), count, MPI_BYTE, ranks[i], kRendezvousTag, MPI_COMM_WORLD, &requests.back()),
+    if (bad != others.size()) {
+      reply[1] = others[bad];
+      std::copy(arrived[bad].begin() + kHeaderWordsRendezvous, arrived[bad].end(),
+                reply.begin() + static_cast<std::ptrdiff_t>(kHeaderWordsRendezvous + n));
+    }
+    if (payload_bytes) {
+      std::memcpy(reply.data() + kHeaderWordsRendezvous + 2 * n, payload, static_cast<size_t>(payload_bytes));
+    }
+    for (size_t i = 0; i < others.size(); ++i) {
+      check(MPI_Isend(reply.data(), static_cast<int>(reply_words), MPI_INT64_T, others[i], kRendezvousTag,
+                      MPI_COMM_WORLD, &requests[i]),
             "MPI_Isend", label, &broken);
     }
     for (auto& request : requests) wait(&request, MPI_STATUS_IGNORE, label, &broken, false);
-  } else {
-    MPI_Request request;
-    check(MPI_Isend(&check_value, sizeof(int64_t), MPI_BYTE, root, kRendezvousTag, MPI_COMM_WORLD, &request),
-          "MPI_Isend", label, &broken);
-    wait(&request, MPI_STATUS_IGNORE, label, &broken, false);
-    check(MPI_Irecv(message.data(), count, MPI_BYTE, root, kRendezvousTag, MPI_COMM_WORLD, &request), "MPI_Irecv",
-          label, &broken);
-    wait(&request, MPI_STATUS_IGNORE, label, &broken, true);
-    int64_t value;
-    std::memcpy(&value, message.data(), sizeof(value));
-    if (value != check_value) {
-      throw Error(label.message("rank " + std::to_string(root) +
-                                " is setting up a different communicator at the same time; every member of " +
-                                format_ranks(ranks) + " must run the same ai.llmir ops in the same order"));
+    if (bad != others.size()) {
+      throw Error(label.message(disagreement(others[bad], ranks_of(arrived[bad].data() + kHeaderWordsRendezvous, n),
+                                             ranks, "")));
     }
-    if (payload_bytes) std::memcpy(payload, message.data() + sizeof(int64_t), static_cast<size_t>(payload_bytes));
+    return;
+  }
+  MPI_Request request;
+  check(MPI_Isend(mine.data(), static_cast<int>(request_words), MPI_INT64_T, root, kRendezvousTag, MPI_COMM_WORLD,
+                  &request),
+        "MPI_Isend", label, &broken);
+  wait(&request, MPI_STATUS_IGNORE, label, &broken, false);
+  check(MPI_Irecv(reply.data(), static_cast<int>(reply_words), MPI_INT64_T, root, kRendezvousTag, MPI_COMM_WORLD,
+                  &request),
+        "MPI_Irecv", label, &broken);
+  wait(&request, MPI_STATUS_IGNORE, label, &broken, true);
+  if (reply[0] != check_value) {
+    throw Error(label.message(disagreement(root, ranks_of(reply.data() + kHeaderWordsRendezvous, n), ranks, "")));
+  }
+  if (reply[1] >= 0) {
+    const int other = static_cast<int>(reply[1]);
+    const auto theirs = ranks_of(reply.data() + kHeaderWordsRendezvous + n, n);
+    throw Error(label.message(disagreement(other, theirs, ranks, " (found by rank " + std::to_string(root) + ")")));
+  }
+  if (payload_bytes) {
+    std::memcpy(payload, reply.data() + kHeaderWordsRendezvous + 2 * n, static_cast<size_t>(payload_bytes));
   }
 }
 

@@ -25,10 +25,12 @@ int finalize();  // llmir_finalize: 0 finalized or nothing to do, 1 skipped (bro
 // On expiry a receive is cancelled, `broken` set, and Error thrown with the label's timeout message.
 void wait(MPI_Request* request, MPI_Status* status, const OpLabel& label, bool* broken, bool cancellable);
 
-// Every group member of `ranks` posts a small message to ranks[0] and gets its answer, all non-blocking
-// and bounded by the deadline, so that a missing member becomes an error and not a hang in a blocking
-// MPI call that follows (MPI_Comm_create_group has no non-blocking form). `payload` travels to every
-// member from ranks[0]; members check that they all agree on `check` (e.g. a hash of the group).
+// Every group member of `ranks` posts a small message to the group's lowest rank (the root) and gets its
+// answer, all non-blocking and bounded by the deadline, so that a missing member becomes an error and not
+// a hang in a blocking MPI call that follows (MPI_Comm_create_group has no non-blocking form). `payload`
+// travels to every member from the root; members check that they all agree on `check` (e.g. a hash of
+// the ordered group): a disagreement, such as the same ranks listed in another order, is an error on
+// every member at once.
 void rendezvous(const std::vector<int>& ranks, int64_t check, void* payload, int payload_bytes, const OpLabel& label);
 
 // Host tensors over MPI (stateless; communicators live in a process-wide cache).

@@ -270,7 +270,12 @@ __attribute__((visibility("default"))) int llmir_world_size(void) {
 __attribute__((visibility("default"))) int llmir_finalize(void) {
   try {
 #ifdef LLMIR_WITH_CUDA
-    llmir::cuda::finalize();
+    const std::string failures = llmir::cuda::finalize();
+    if (!failures.empty()) {
+      std::fprintf(stderr, "ai.llmir: NCCL teardown failed: %s\n", failures.c_str());
+      llmir::mpi::mark_broken();  // a peer may be gone: MPI_Finalize could wait for it
+      return -1;
+    }
 #endif
     return llmir::mpi::finalize();
   } catch (const std::exception& error) {

@@ -1,23 +1,30 @@
 // Checks the TCP bootstrap store that replaces MPI for NCCL on GPU clusters (launcher environment:
-// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT). Rank 0 serves; every rank publishes a value and reads
-// everyone's, plus one key that rank 0 sets late (after 1 s) to exercise waiting.
-// Build and run (3 ranks on this machine):
-//   g++ -std=c++17 -O1 -DLLMIR_WITH_CUDA -Icustom_ops/src -I.venv/include custom_ops/tests/store_test.cc \
-//       custom_ops/src/{tcp_store,world,common,mpi_backend}.cc -L.venv/lib -Wl,-rpath,$PWD/.venv/lib -lmpi \
-//       -lpthread -o build/store_test
+// RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT / LLMIR_STORE_TOKEN). tests/test_custom_ops.py builds
+// and runs it; by hand:
+//   g++ -std=c++17 -O1 -DLLMIR_WITH_CUDA -Icustom_ops/src -I.venv/include -o build/store_test
+//       custom_ops/tests/store_test.cc custom_ops/src/{tcp_store,world,common,mpi_backend}.cc
+//       -L.venv/lib -Wl,-rpath,$PWD/.venv/lib -lmpi -lpthread      (one command)
+//   export LLMIR_STORE_TOKEN=$(python -c 'import secrets; print(secrets.token_hex(16))')
 //   for r in 0 1 2; do RANK=$r WORLD_SIZE=3 MASTER_ADDR=localhost MASTER_PORT=29517 build/store_test & done; wait
+// Modes (argv[1]):
+//   exchange (default): every rank publishes a value and reads everyone's, plus one key that rank 0
+//     sets late (after 1 s) to exercise waiting.
+//   serve KEY VALUE SECONDS: set KEY (rank 0 serves) and keep serving for SECONDS.
+//   get KEY: read KEY once (waits at most LLMIR_COMM_TIMEOUT_S); prints "value: ..." or "FAIL: ...".
 #include <unistd.h>
 
 #include <cstdio>
+#include <cstdlib>
 #include <string>
 
 #include "tcp_store.h"
 #include "world.h"
 
-int main() {
+int main(int argc, char** argv) {
   using namespace llmir;
   OpLabel label;
   label.op = "store_test";
+  const std::string mode = argc > 1 ? argv[1] : "exchange";
   try {
     if (world::kind() != world::Kind::kEnvironment) {
       std::printf("FAIL: expected the launcher-environment world\n");
@@ -25,6 +32,17 @@ int main() {
     }
     const int rank = world::rank(), size = world::size();
     label.world_rank = rank;
+    if (mode == "serve" && argc == 5) {
+      store::set(argv[2], argv[3], label);
+      std::printf("serving\n");
+      std::fflush(stdout);
+      sleep(static_cast<unsigned>(std::atoi(argv[4])));
+      return 0;
+    }
+    if (mode == "get" && argc == 3) {
+      std::printf("value: %s\n", store::get(argv[2], label).c_str());
+      return 0;
+    }
     store::set("value/" + std::to_string(rank), "hello from " + std::to_string(rank), label);
     for (int other = 0; other < size; ++other) {
       const std::string value = store::get("value/" + std::to_string(other), label);

@@ -81,8 +81,12 @@ def original_session(model_path: Path) -> onnxruntime.InferenceSession:
     """An onnxruntime CPU session of the original model; one onnxruntime refuses is bad input, said in a line."""
     import onnxruntime as ort
 
+    from llmir_onnx.runtime.launch import onnxruntime_log_severity
+
+    options = ort.SessionOptions()
+    options.log_severity_level = onnxruntime_log_severity()
     try:
-        return ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
     except Exception as error:  # onnxruntime's pybind errors share no base class but Exception
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputModelError(f"onnxruntime cannot run the original model {str(model_path)!r}: {reason}") from error

@@ -53,6 +53,13 @@ LAUNCHER_TORCHRUN = "torchrun"
 LAUNCHER_NONE = "none"
 
 
+def onnxruntime_log_severity() -> int:
+    """Session log level for llmir-onnx's sessions: errors come back as exceptions that are reported on one
+    line, so onnxruntime's own colour-coded log (warnings, and each error a second time) stays quiet
+    (4 = fatal only) unless LLMIR_DEBUG is set (2 = warnings)."""
+    return 2 if os.environ.get("LLMIR_DEBUG") else 4
+
+
 def custom_ops_library_path(cuda: bool = False) -> Path:
     """Path of the installed ai.llmir custom-op library (the CUDA+NCCL variant when `cuda`)."""
     name = CUDA_LIBRARY_NAME if cuda else CPU_LIBRARY_NAME
@@ -192,6 +199,7 @@ class CommContext:
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
+        options.log_severity_level = onnxruntime_log_severity()
         options.register_custom_ops_library(str(self.library_path))
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads

@@ -1,48 +1,36 @@
-"""Entry point of one rank process: `python -m llmir_onnx.runtime.rank_main ROLE ARGS...`.
+"""Entry point of one spawned rank: `python -m llmir_onnx.runtime.rank_main ROLE WORK_DIR ARGS...`.
 
-A rank that fails prints one line naming its rank and exits non-zero at once (os._exit): after a
-communication error MPI_Finalize could wait forever on peers that are gone.
+`runtime/job.py` starts it under mpiexec. The process hydra starts is a small supervisor; the rank runs
+in its child, and every outcome lands in WORK_DIR (see job.py): a rank that fails, whatever the
+exception, records one line there and exits non-zero at once (os._exit: after a communication error
+MPI_Finalize could wait forever on peers that are gone).
 """
 
 from __future__ import annotations
 
-import os
 import sys
-import traceback
-
-from llmir_onnx.errors import LlmirError
-
-
-def _rank_label() -> str:
-    for variable in ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "SLURM_PROCID", "RANK"):
-        if variable in os.environ:
-            return os.environ[variable]
-    return "?"
+from collections.abc import Callable
+from pathlib import Path
 
 
-def main(argv: list[str]) -> int:
-    role, *args = argv
+def _role(role: str, work_dir: Path, args: list[str]) -> Callable[[], None]:
     if role == "verify-rank":
         from llmir_onnx.runtime.verify import rank_main_verify
 
-        rank_main_verify(*args)
-        return 0
+        return lambda: rank_main_verify(work_dir, *args)
     if role == "generate-rank":
         from llmir_onnx.runtime.generate_job import rank_main_generate
 
-        rank_main_generate(*args)
-        return 0
+        return lambda: rank_main_generate(work_dir, *args)
     raise SystemExit(f"unknown rank role {role!r}")
 
 
+def main(argv: list[str]) -> None:
+    from llmir_onnx.runtime.job import supervise_rank
+
+    role, work_dir, *args = argv
+    supervise_rank(Path(work_dir), _role(role, Path(work_dir), args))
+
+
 if __name__ == "__main__":
-    try:
-        code = main(sys.argv[1:])
-    except (LlmirError, RuntimeError, OSError, ValueError) as error:
-        if os.environ.get("LLMIR_DEBUG"):
-            traceback.print_exc()
-        message = " ".join(str(error).split())
-        print(f"llmir-onnx rank {_rank_label()}: {type(error).__name__}: {message}", file=sys.stderr, flush=True)
-        os._exit(1)
-    sys.stdout.flush()
-    sys.exit(code)
+    main(sys.argv[1:])

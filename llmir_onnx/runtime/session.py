@@ -237,7 +237,10 @@ class OriginalSession(BoundSession):
     ) -> None:
         import onnxruntime as ort
 
+        from llmir_onnx.runtime.launch import onnxruntime_log_severity
+
         options = ort.SessionOptions()
+        options.log_severity_level = onnxruntime_log_severity()
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads
         session = ort.InferenceSession(str(model_path), options, providers=execution_providers(device, 0))

@@ -9,7 +9,6 @@ own rank and rank 0 assembles the results from the files the ranks write.
 from __future__ import annotations
 
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -71,9 +70,11 @@ def run_rank(plan_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray], w
     """Run this process's rank and write its outputs to `work_dir/rank{N}.npz`."""
     import onnxruntime as ort
 
+    from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice
     from llmir_onnx.runtime.launch import setup_communication
 
     comm = setup_communication(expected_world_size=manifest.world_size)
+    ignore_peer_death_notice()
     entry = manifest.rank_entry(comm.rank)
     model_path = plan_dir / entry.file
     if sha256_file(model_path) != entry.sha256:
@@ -83,6 +84,9 @@ def run_rank(plan_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray], w
         raise PlanError(f"rank {comm.rank} needs inputs {missing} that the feeds do not hold")
     session = ort.InferenceSession(str(model_path), comm.session_options(), providers=["CPUExecutionProvider"])
     rank_feeds = {b.local: np.ascontiguousarray(b.take(feeds[b.original])) for b in entry.inputs}
+    before_run = fault_hook(comm.rank)
+    if before_run is not None:
+        before_run(0)
     results = session.run([b.local for b in entry.outputs], rank_feeds)
     out_path = work_dir / f"rank{comm.rank}.npz"
     np.savez(out_path, **{binding.local: array for binding, array in zip(entry.outputs, results, strict=True)})
@@ -151,21 +155,6 @@ def reference_outputs(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[st
     return dict(zip(names, session.run(names, feeds), strict=True))
 
 
-def launch_ranks(plan_dir: Path, feeds_path: Path, work_dir: Path, world_size: int, timeout_s: float) -> None:
-    command = [
-        mpiexec_path(), "-n", str(world_size), sys.executable, "-m", "llmir_onnx.runtime.rank_main",
-        "verify-rank", str(plan_dir), str(feeds_path), str(work_dir),
-    ]
-    try:
-        completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as error:
-        raise CommunicationError(f"the {world_size} ranks did not finish within {timeout_s:.0f} s") from error
-    if completed.returncode != 0:
-        lines = [line for line in (completed.stderr + completed.stdout).splitlines() if line.strip()]
-        detail = " | ".join(line for line in lines if line.startswith("llmir-onnx")) or " | ".join(lines[-3:])
-        raise CommunicationError(f"rank processes failed (exit {completed.returncode}): {detail}")
-
-
 def wait_for_ranks(manifest: Manifest, work_dir: Path, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     pending = {entry.rank for entry in manifest.ranks}
@@ -186,6 +175,7 @@ def verify_plan(
     timeout_s: float = 600.0,
 ) -> tuple[dict[str, np.ndarray], list[OutputComparison]]:
     """Run the plan on `feeds` and compare with the original model; returns (outputs, comparisons)."""
+    from llmir_onnx.runtime.job import run_rank_job
     from llmir_onnx.runtime.launch import detect_rank_env
 
     manifest = Manifest.read(plan_dir)
@@ -209,9 +199,8 @@ def verify_plan(
             work_dir = Path(tmp)
             feeds_path = work_dir / "feeds.npz"
             np.savez(feeds_path, **feeds)
-            launch_ranks(plan_dir.resolve(), feeds_path, work_dir, manifest.world_size, timeout_s)
-            # mpiexec may exit 0 after killing ranks when one dies early: trust only the ranks' own markers.
-            wait_for_ranks(manifest, work_dir, timeout_s=0.0)
+            run_rank_job("verify", "verify-rank", [str(plan_dir.resolve()), str(feeds_path)], manifest.world_size,
+                         work_dir, timeout_s=timeout_s)
             assembled = assemble_outputs(manifest, work_dir)
     reference = reference_outputs(source, feeds)
     rows = compare(reference, assembled, atol, rtol)
@@ -243,7 +232,8 @@ def raise_if_mismatch(rows: list[OutputComparison]) -> None:
         raise VerificationError(f"outputs {bad} differ from the original model beyond tolerance")
 
 
-def rank_main_verify(plan_dir: str, feeds_path: str, work_dir: str) -> None:
+def rank_main_verify(work_dir: Path, plan_dir: str, feeds_path: str) -> None:
+    """A rank spawned by `run_rank_job` (see runtime/job.py)."""
     manifest = Manifest.read(plan_dir)
-    run_rank(Path(plan_dir), manifest, load_feeds(Path(feeds_path)), Path(work_dir))
+    run_rank(Path(plan_dir), manifest, load_feeds(Path(feeds_path)), work_dir)
 

@@ -11,7 +11,8 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -156,13 +157,24 @@ def main(scenarios: dict[str, Callable[[list[str]], int]]) -> None:
     print(f"<<<RANK {rank} OK {checks}>>>", flush=True)
 
 
-def fail(rank: int, error: BaseException, linger_s: float = 0.0) -> None:
-    """Print this rank's ERROR verdict and exit 1 at once, or after `linger_s` seconds (so that mpiexec,
-    which kills every rank when one fails, lets the other failing ranks print theirs too)."""
+VERDICT_DIR_ENV = "LLMIR_TEST_VERDICT_DIR"  # set by tests/test_collectives_mpi.py's launch()
+_WAIT_FOR_PEERS_S = 120.0
+
+
+def fail(rank: int, error: BaseException, wait_for: Collection[int] = ()) -> None:
+    """Print this rank's ERROR verdict and exit 1 at once, or once the ranks in `wait_for` have printed
+    theirs (each rank also records its verdict as a file in the run's verdict folder): under hydra's
+    default cleanup, this rank's exit gets the others killed, so a rank whose peers are known to fail
+    too waits for their verdicts rather than for a guessed number of seconds."""
     if os.environ.get("LLMIR_TEST_TRACEBACK"):
         traceback.print_exception(error)
     message = " ".join(str(error).split())
     print(f"<<<RANK {rank} ERROR {type(error).__name__}: {message}>>>", flush=True)
     sys.stderr.flush()
-    time.sleep(linger_s)
+    folder = os.environ.get(VERDICT_DIR_ENV)
+    if folder:
+        Path(folder, f"rank{rank}").touch()
+        deadline = time.monotonic() + _WAIT_FOR_PEERS_S
+        while time.monotonic() < deadline and not all(Path(folder, f"rank{peer}").exists() for peer in wait_for):
+            time.sleep(0.05)
     os._exit(1)

@@ -339,6 +339,24 @@ def error_not_in_group(args: list[str]) -> int:
     return 1
 
 
+def error_group_order(args: list[str]) -> int:
+    """The same two ranks in another order: rank 0's group is [1,0], rank 1's is [0,1]."""
+    comm = setup_communication()
+    group = [1, 0] if comm.rank == 0 else [0, 1]
+    _run_single_op({"group": group}, np.ones(4, np.float32))
+    return 1
+
+
+def error_group_order_cached(args: list[str]) -> int:
+    """Every rank runs [0,1] and [1,0] in agreement (both communicators exist), then rank 0 runs [1,0]
+    while rank 1 runs [0,1]."""
+    comm = setup_communication()
+    for group in ([0, 1], [1, 0]):
+        _run_single_op({"group": group}, np.ones(4, np.float32))
+    _run_single_op({"group": [1, 0] if comm.rank == 0 else [0, 1]}, np.ones(4, np.float32))
+    return 1
+
+
 def error_group_beyond_world(args: list[str]) -> int:
     _run_single_op({"group": [0, 5]}, np.ones(4, np.float32))
     return 1
@@ -441,7 +459,7 @@ def peer_never_arrives(args: list[str]) -> int:
         _run_single_op({"group": list(range(comm.world_size))}, np.ones(16, np.float32))
     except Exception as error:
         print(f"RANK {comm.rank} AllReduce ended after {time.monotonic() - start:.2f} s", flush=True)
-        fail(comm.rank, error, linger_s=2.0)
+        fail(comm.rank, error, wait_for=range(last))
     return 1
 
 
@@ -474,6 +492,8 @@ SCENARIOS = {
     "pipeline": pipeline,
     "reuse": reuse,
     "error_not_in_group": error_not_in_group,
+    "error_group_order": error_group_order,
+    "error_group_order_cached": error_group_order_cached,
     "error_group_beyond_world": error_group_beyond_world,
     "error_shape_mismatch": error_shape_mismatch,
     "error_bool_sum": error_bool_sum,
