@@ -283,6 +283,10 @@ def generate(
     save_tokens: Annotated[
         Path | None, typer.Option("--save-tokens", help="Write tokens and timings as JSON to this file.")
     ] = None,
+    timeline: Annotated[
+        Path | None,
+        typer.Option("--timeline", help="Record every rank's run calls to this file (for `report --timeline`)."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Generate text with a plan: prefill, then decode with per-rank KV caches (starts its own ranks)."""
@@ -343,8 +347,16 @@ def generate(
     env = detect_rank_env()
     if env.rank == 0 and prompt and len(rows) == 1:
         typer.echo(prompt[0], nl=False)
+    if timeline is not None and env.launcher != "none":
+        raise GenerationError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
+                              "(run it without mpiexec/srun)")
     if env.launcher == "none":
-        report = spawn_generation(request, manifest.world_size)[0]
+        reports = spawn_generation(request, manifest.world_size)
+        report = reports[0]
+        if timeline is not None:
+            from llmir_onnx.plan.report import write_timeline
+
+            write_timeline(timeline, manifest, {r.rank: r.run_calls for r in reports})
     else:
         report = run_generate_rank(request)
         if env.rank != 0:

@@ -131,3 +131,32 @@ def test_without_matplotlib_the_cli_loads_and_report_names_the_extra(plan_json: 
         "llmir-onnx: error: the report draws with matplotlib, which is not installed; "
         "pip install 'llmir-onnx[report]'"
     )
+
+
+def test_generate_timeline_records_every_rank_and_the_report_draws_it(plan_json: tuple[Path, dict],
+                                                                      tmp_path: Path) -> None:
+    plan, _ = plan_json
+    timeline = tmp_path / "timeline.json"
+    result = run_cli("generate", str(plan), "--prompt-ids", "1,2,3;4,5,6", "--micro-batches", "2",
+                     "--max-new-tokens", "3", "--ignore-eos", "--timeline", str(timeline))
+    assert result.returncode == 0, result.stderr
+    document = json.loads(timeline.read_text())
+    assert (document["format"], document["version"]) == (TIMELINE_FORMAT, TIMELINE_VERSION)
+    events = document["events"]
+    # Every rank ran every (step, micro-batch) once: 3 steps x 2 micro-batches.
+    for rank in range(4):
+        calls = sorted((e["step"], e["micro_batch"]) for e in events if e["rank"] == rank)
+        assert calls == [(step, micro) for step in range(3) for micro in range(2)]
+    assert {e["phase"] for e in events if e["step"] == 0} == {"prefill"}
+    assert min(e["start_s"] for e in events) == 0.0
+    # Causality, not timing: stage 1 receives what stage 0 sends inside its run, so stage 1's call of a
+    # micro-batch cannot end before stage 0's call of it has started.
+    by_call = {(e["rank"], e["step"], e["micro_batch"]): e for e in events}
+    for step in range(3):
+        for micro in range(2):
+            assert by_call[(2, step, micro)]["end_s"] >= by_call[(0, step, micro)]["start_s"]
+    out = tmp_path / "report.html"
+    result = run_cli("report", str(plan), "-o", str(out), "--timeline", str(timeline))
+    assert result.returncode == 0, result.stderr
+    page = out.read_text()
+    assert page.count("data:image/png;base64,") == 5 and 'alt="pipeline timeline"' in page

@@ -16,7 +16,7 @@ import html
 import io
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,24 @@ def read_timeline(path: Path) -> list[TimelineEvent]:
         return [TimelineEvent(**event) for event in raw["events"]]
     except (KeyError, TypeError) as error:
         raise PlanError(f"{str(path)!r} has a malformed event ({error}); record the timeline again") from None
+
+
+def write_timeline(path: Path, manifest: Manifest, run_calls: dict[int, Sequence[Sequence[float]]]) -> Path:
+    """A timeline file from each rank's run calls ((step, micro-batch, start, end) on one clock):
+    step 0 is the prefill, the others decode steps; times are made relative to the earliest start."""
+    starts = [call[2] for calls in run_calls.values() for call in calls]
+    if not starts:
+        raise PlanError("no rank recorded a run call; nothing to write to the timeline")
+    origin = min(starts)
+    events = [
+        asdict(TimelineEvent(rank=rank, stage=int(manifest.rank_entry(rank).coords["pp"]),
+                             phase="prefill" if int(step) == 0 else "decode", step=int(step),
+                             micro_batch=int(micro), start_s=start - origin, end_s=end - origin))
+        for rank, calls in sorted(run_calls.items())
+        for step, micro, start, end in calls
+    ]
+    path.write_text(json.dumps({"format": TIMELINE_FORMAT, "version": TIMELINE_VERSION, "events": events}) + "\n")
+    return path
 
 
 def _pyplot() -> Any:
@@ -310,7 +328,8 @@ def _predicted_schedule(manifest: Manifest, events: Sequence[TimelineEvent]) -> 
     predicted = []
     for stage, phase, step, micro in sorted(calls, key=lambda c: (c[2], c[3], c[0])):
         ready = done.get((stage - 1, phase, step, micro), 0.0)
-        previous_step = max((t for (s, _, st, _), t in done.items() if s == 0 and st == step - 1), default=0.0)
+        # A step starts when the previous one has ended on every stage (its tokens are broadcast).
+        previous_step = max((t for (_, _, st, _), t in done.items() if st == step - 1), default=0.0)
         start = max(stage_free.get(stage, 0.0), ready, previous_step if stage == 0 else 0.0)
         end = start + duration.get((stage, "prefill" if phase == "prefill" else "decode"), 0.0)
         stage_free[stage] = end
@@ -344,7 +363,7 @@ def _timeline_section(plt: Any, manifest: Manifest, events: Sequence[TimelineEve
     # One lane per stage: its tp rank 0 stands for the stage (the tp ranks of a stage run in lockstep).
     lanes = [ev for ev in runs if manifest.rank_entry(ev.rank).coords["tp"] == 0]
     predicted = _predicted_schedule(manifest, lanes)
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 1.5 + 1.2 * stages), sharex=False)
+    figure, (top, bottom) = plt.subplots(2, 1, figsize=(10, 2.0 + 1.4 * stages), layout="constrained")
     _gantt(top, lanes, stages, "measured: run calls per stage (colour = micro-batch)")
     _gantt(bottom, predicted, stages, "predicted (plan's cost model at its batch and length)")
     measured_total = max(ev.end_s for ev in lanes) - min(ev.start_s for ev in lanes)
@@ -356,8 +375,9 @@ def _timeline_section(plt: Any, manifest: Manifest, events: Sequence[TimelineEve
             mine = [ev.end_s - ev.start_s for ev in lanes if ev.stage == stage and ev.phase == phase]
             if mine:
                 rows.append([stage, phase, len(mine), _ms(sum(mine) / len(mine)), _ms(max(mine))])
-    summary = (f"<p>Measured span {_ms(measured_total)} over {len(lanes)} stage calls; the same schedule at the "
-               f"predicted times spans {_ms(predicted_total)}.</p>")
+    summary = (f"<p>Measured span {_ms(measured_total)} over {len(lanes)} stage calls (one lane per stage: its tp "
+               "rank 0; a call includes its wait in Recv for the previous stage); the same schedule at the "
+               f"predicted times of the plan's device and sizes spans {_ms(predicted_total)}.</p>")
     return (_figure_html(plt, figure, "pipeline timeline") + summary
             + _table(["stage", "phase", "calls", "mean", "max"], rows))
 
