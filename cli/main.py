@@ -185,6 +185,10 @@ def verify(
             "real decode step sees) or 'noise' (standard normal values).",
         ),
     ] = "model",
+    timeline: Annotated[
+        Path | None,
+        typer.Option("--timeline", help="Record every rank's run call to this file (for `report --timeline`)."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run every rank as a process, reassemble the outputs and compare with the original model."""
@@ -207,7 +211,7 @@ def verify(
             feeds = model_past_feeds(source, sizes)
         else:
             feeds = random_feeds(load_model(source), sizes)
-    outputs, rows = verify_plan(plan, feeds, model_path=model, atol=atol, rtol=rtol)
+    outputs, rows = verify_plan(plan, feeds, model_path=model, atol=atol, rtol=rtol, timeline=timeline)
     if not rows:  # a non-zero rank under an external launcher: rank 0 reports
         return
     if save_outputs is not None:

@@ -160,3 +160,16 @@ def test_generate_timeline_records_every_rank_and_the_report_draws_it(plan_json:
     assert result.returncode == 0, result.stderr
     page = out.read_text()
     assert page.count("data:image/png;base64,") == 5 and 'alt="pipeline timeline"' in page
+
+
+def test_verify_timeline_records_each_rank_s_run(plan_json: tuple[Path, dict], tmp_path: Path) -> None:
+    plan, _ = plan_json
+    timeline = tmp_path / "verify.json"
+    result = run_cli("verify", str(plan), "--timeline", str(timeline))
+    assert result.returncode == 0, result.stdout + result.stderr
+    events = json.loads(timeline.read_text())["events"]
+    assert sorted(e["rank"] for e in events) == [0, 1, 2, 3]
+    assert {(e["rank"], e["stage"]) for e in events} == {(0, 0), (1, 0), (2, 1), (3, 1)}
+    assert all(e["phase"] == "verify" and e["end_s"] >= e["start_s"] >= 0.0 for e in events)
+    by_rank = {e["rank"]: e for e in events}
+    assert by_rank[2]["end_s"] >= by_rank[0]["start_s"]  # stage 1 receives what stage 0 sends during its run

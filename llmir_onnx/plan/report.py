@@ -68,16 +68,18 @@ def read_timeline(path: Path) -> list[TimelineEvent]:
         raise PlanError(f"{str(path)!r} has a malformed event ({error}); record the timeline again") from None
 
 
-def write_timeline(path: Path, manifest: Manifest, run_calls: dict[int, Sequence[Sequence[float]]]) -> Path:
-    """A timeline file from each rank's run calls ((step, micro-batch, start, end) on one clock):
-    step 0 is the prefill, the others decode steps; times are made relative to the earliest start."""
+def write_timeline(
+    path: Path, manifest: Manifest, run_calls: dict[int, Sequence[Sequence[float]]], phase: str | None = None
+) -> Path:
+    """A timeline file from each rank's run calls ((step, micro-batch, start, end) on one clock): with no
+    `phase`, step 0 is the prefill and the others decode steps; times are relative to the earliest start."""
     starts = [call[2] for calls in run_calls.values() for call in calls]
     if not starts:
         raise PlanError("no rank recorded a run call; nothing to write to the timeline")
     origin = min(starts)
     events = [
         asdict(TimelineEvent(rank=rank, stage=int(manifest.rank_entry(rank).coords["pp"]),
-                             phase="prefill" if int(step) == 0 else "decode", step=int(step),
+                             phase=phase or ("prefill" if int(step) == 0 else "decode"), step=int(step),
                              micro_batch=int(micro), start_s=start - origin, end_s=end - origin))
         for rank, calls in sorted(run_calls.items())
         for step, micro, start, end in calls
