@@ -11,24 +11,10 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 import pytest
+from test_cli import ROOT, assert_one_line_error, run_cli
 
 from llmir_onnx.annotations import CONFIGURATION_NAME
 from llmir_onnx.passes.stages import layer_of_node_by_name
-
-ROOT = Path(__file__).resolve().parents[1]
-CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
-
-
-def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> None:
-    assert result.returncode != 0
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("llmir-onnx: error: "), result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")

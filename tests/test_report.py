@@ -10,18 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_cli import LLAMA, ROOT, assert_one_line_error, run_cli
 
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.plan.report import SECTIONS, TIMELINE_FORMAT, TIMELINE_VERSION
 
-ROOT = Path(__file__).resolve().parents[1]
-LLAMA = ROOT / "models" / "llama-gqa-torch-legacy" / "model.onnx"
-CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +103,7 @@ def test_report_refuses_a_file_that_is_no_timeline(plan_json: tuple[Path, dict],
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     result = run_cli("report", str(plan), "-o", str(tmp_path / "r.html"), "--timeline", str(bad))
-    assert result.returncode != 0
-    assert result.stderr.strip().startswith("llmir-onnx: error: ") and len(result.stderr.strip().splitlines()) == 1
-    assert "timeline" in result.stderr
+    assert_one_line_error(result, "timeline")
     assert not (tmp_path / "r.html").exists()
 
 
