@@ -111,9 +111,8 @@ def partition_to_dir(
             weights = [RankWeights(rank, stage, tensors) for rank, stage, tensors in planned]
             start_weight_writer(writer, weights, progress)
 
-        # The partition consumes the loaded graph: the original's IO and attention shape are read off it first.
+        # The partition consumes the loaded graph: the original's IO is read off it first.
         source_inputs, source_outputs = tensor_infos(source.graph.inputs), tensor_infos(source.graph.outputs)
-        attention = _attention_shape(source)
         result = partition(source, options, on_weights_known=write_weights, consume_model=True)
         check_value_pins(pins, result.placements)
         mesh = result.mesh
@@ -146,21 +145,9 @@ def partition_to_dir(
                 "max_seq": max_seq,
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
             },
-            sharding={**attention, "weights": result.weight_splits or []},
+            sharding={"weights": result.weight_splits or []},
         )
         return write_plan_into(staging, writer, contents, progress)
-
-
-def _attention_shape(model: ir.Model) -> dict[str, int]:
-    """Heads, KV heads, head size and layers of the source (for the report's head split); {} when the
-    layout analysis finds no attention (the report then says the head split is unknown)."""
-    from llmir_onnx.plan.layouts import model_shape
-
-    try:
-        shape = model_shape(model)
-    except PlanError:
-        return {}
-    return {"heads": shape.heads, "kv_heads": shape.kv_heads, "head_dim": shape.head_dim, "layers": shape.layers}
 
 
 def _rank_details(

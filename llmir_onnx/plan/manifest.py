@@ -29,9 +29,9 @@ Schema version 1 (all keys always present):
                                                   "decode_bytes", "prefill_s", "decode_s"}]
                                  (each ai.llmir op kind on each link summed over one step,
                                  plan/communication.py)}}]
-    sharding          (optional) {"heads", "kv_heads", "head_dim", "layers": the source's attention
-                      shape or absent when not found; "weights": [{"name", "shape", "placement",
-                      "dim", "ranges": per tp rank [[start, stop], ...] of dim}]}: read by `report`
+    sharding          (optional) {"weights": [{"name", "shape", "placement", "dim",
+                      "ranges": per tp rank [[start, stop], ...] of dim}]}: each sliced weight, read
+                      by `report`
 
 Graph outputs of a rank model that no binding names (e.g. `llmir.sent.<tag>`, the element counts
 of Send nodes) are bookkeeping: a runtime may fetch them or not. Byte counts are exact for weights

@@ -231,12 +231,29 @@ def _stages_section(plt: Any, manifest: Manifest) -> str:
     return "".join(parts)
 
 
+def _attention_shape(manifest: Manifest) -> tuple[int, int, int] | str:
+    """(heads, KV heads, head size) of the plan's source, read from its graph (weights are not read), or
+    why they are unknown. Read here, not at partition time: the layout analysis costs seconds on a 7B model."""
+    from llmir_onnx.errors import LlmirError
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.plan.layouts import model_shape
+
+    try:
+        shape = model_shape(load_model(Path(manifest.source["path"]), check_data=False))
+    except LlmirError as error:
+        return f"the head split is unknown: {error}"
+    return shape.heads, shape.kv_heads, shape.head_dim
+
+
 def _head_split(manifest: Manifest) -> str:
     sharding = manifest.sharding
     tp = int(manifest.mesh["tp"])
     parts = []
-    heads, kv_heads = sharding.get("heads"), sharding.get("kv_heads")
-    if heads and kv_heads:
+    attention = _attention_shape(manifest)
+    if isinstance(attention, str):
+        parts.append(f"<p>{html.escape(attention)}</p>")
+    else:
+        heads, kv_heads, head_dim = attention
         rows = []
         for tp_rank in range(tp):
             q = f"{tp_rank * heads // tp}-{(tp_rank + 1) * heads // tp - 1}"
@@ -247,10 +264,8 @@ def _head_split(manifest: Manifest) -> str:
             rows.append([tp_rank, q, kv])
         parts.append(
             f"<p>Every tp group splits the {heads} attention heads ({kv_heads} KV heads, head size "
-            f"{sharding.get('head_dim')}) the same way:</p>" + _table(["tp rank", "query heads", "KV heads"], rows)
+            f"{head_dim}) the same way:</p>" + _table(["tp rank", "query heads", "KV heads"], rows)
         )
-    else:
-        parts.append("<p>Head split: the plan records no attention head count for this model.</p>")
     weights = sharding.get("weights", [])
     if weights:
         rows = [
