@@ -47,6 +47,7 @@ class ValuePin:
     node: str
     op_type: str
     placement: str  # printed short: S(1), R
+    shards: int  # the shard count of its sharded axis (1 when replicated)
 
 
 @dataclass(frozen=True)
@@ -206,13 +207,15 @@ def read_pins(model: ir.Model) -> AnnotationPins:
                         f"node {_node_label(node)} shards {spec.value.name!r} along {len(spec.sharded_dims)} axes; "
                         "tensor parallelism splits one: fix the annotation or pass --ignore-annotations"
                     )
+                shards = 1
                 if spec.sharded_dims:
                     axis = spec.sharded_dims[0].axis
                     rank = len(spec.value.shape) if spec.value.shape is not None else None
                     placement = f"S({axis + rank if axis < 0 and rank is not None else axis})"
+                    shards = max((s.num_shards for s in spec.sharded_dims[0].simple_shardings), default=1)
                 else:
                     placement = "R"
-                values.append(ValuePin(spec.value.name, node.name or "", node.op_type, placement))
+                values.append(ValuePin(spec.value.name, node.name or "", node.op_type, placement, shards))
     return AnnotationPins(layer_stages, tuple(values))
 
 
@@ -263,6 +266,16 @@ def cuts_from_pins(pins: AnnotationPins, pp: int, given: tuple[int, ...] | None)
             f"layers {','.join(map(str, cuts))}; drop one of them (or pass --ignore-annotations)"
         )
     return tuple(cuts)
+
+
+def check_pin_shards(pins: AnnotationPins, tp: int) -> None:
+    """Every sharded pin is split tp ways (checked before any work), else a one-line error."""
+    for pin in pins.values:
+        if pin.placement != "R" and pin.shards != tp:
+            raise ShardingError(
+                f"node {pin.node} ({pin.op_type}) pins {pin.value!r} to {pin.shards} shards, but --tp is {tp}; "
+                f"partition with --tp {pin.shards}, fix the annotation, or pass --ignore-annotations"
+            )
 
 
 def check_value_pins(pins: AnnotationPins, placements: dict[str, str]) -> None:

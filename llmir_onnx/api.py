@@ -79,7 +79,14 @@ def partition_to_dir(
     tables are shorter (GPT-2's 128 positions). IR v11 annotations in the model pin stages and
     placements (llmir_onnx/annotations.py) unless `ignore_annotations`.
     """
-    from llmir_onnx.annotations import AnnotationPins, check_value_pins, cuts_from_pins, read_pins, strip_annotations
+    from llmir_onnx.annotations import (
+        AnnotationPins,
+        check_pin_shards,
+        check_value_pins,
+        cuts_from_pins,
+        read_pins,
+        strip_annotations,
+    )
     from llmir_onnx.partition import PartitionOptions, RankWeightsPlan, partition
     from llmir_onnx.plan.devices import load_profile
 
@@ -89,6 +96,7 @@ def partition_to_dir(
     source = load_model(model_path)
     pins = AnnotationPins({}, ()) if ignore_annotations else read_pins(source)
     strip_annotations(source)
+    check_pin_shards(pins, tp)
     planned_cuts = cuts_from_pins(pins, pp, stage_cut_after_layer)
     if max_seq is None:
         max_seq = default_max_seq(source)

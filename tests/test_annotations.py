@@ -147,3 +147,10 @@ def test_a_contradictory_sharding_pin_fails_with_one_line(annotated: tuple[Path,
     result = run_cli("partition", str(bad), "--tp", "2", "--pp", "2", "-o", str(tmp_path / "plan"), "--quiet",
                      "--ignore-annotations")
     assert result.returncode == 0, result.stderr
+
+
+def test_pins_made_for_another_tp_fail_with_one_line(annotated: tuple[Path, Path], tmp_path: Path) -> None:
+    _, path = annotated
+    result = run_cli("partition", str(path), "--tp", "4", "--pp", "2", "-o", str(tmp_path / "plan"))
+    assert_one_line_error(result, "to 2 shards, but --tp is 4", "--ignore-annotations")
+    assert not (tmp_path / "plan").exists()
