@@ -16,8 +16,10 @@ Read (`partition`, unless --ignore-annotations): a model that carries `llmir-pla
 node pipeline stages and sharding specs under one configuration) pins
 - the stage of each annotated node's decoder layer: the layers' stages must agree within a layer, rise
   with the layer index and stay below --pp; they fix the stage cuts (and must agree with --stage-cuts);
-- the placement of each annotated value: after propagation every pinned value must have its pinned
-  placement, else the partition fails naming the value, the node and both placements.
+- the placement of each annotated value: a sharded pin must be split --tp ways (checked first), and
+  after propagation every pinned value must have its pinned placement, else the partition fails naming
+  the value, the node and both placements. Pins are checked, not imposed: the sharding rules decide,
+  and a pin that disagrees is an error rather than a different plan.
 The annotations are then removed, so the rank models are those of the model without them.
 """
 
