@@ -10,6 +10,8 @@ LIBRARY := llmir_onnx/_lib/libllmir_ops.so
 INSTALL_INPUTS := pyproject.toml setup.py $(shell find custom_ops -type f -not -name '*.pyc' 2>/dev/null)
 DEMO_MODEL ?= models/llama-gqa-torch-legacy/model.onnx
 DEMO_PLAN ?= build/demo-plan
+DEMO_REPORT ?= build/demo-report.html
+DEMO_TIMELINE ?= build/demo-timeline.json
 PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 .PHONY: setup demo test lint clean
@@ -27,6 +29,9 @@ $(STAMP) $(LIBRARY) &: $(BIN)/python $(INSTALL_INPUTS)
 demo: setup
 	$(BIN)/llmir-onnx partition $(DEMO_MODEL) --tp 2 --pp 2 -o $(DEMO_PLAN)
 	$(BIN)/llmir-onnx verify $(DEMO_PLAN)
+	$(BIN)/llmir-onnx generate $(DEMO_PLAN) --prompt-ids '1,2,3;4,5,6' --micro-batches 2 --max-new-tokens 8 \
+		--ignore-eos --check --timeline $(DEMO_TIMELINE)
+	$(BIN)/llmir-onnx report $(DEMO_PLAN) -o $(DEMO_REPORT) --timeline $(DEMO_TIMELINE)
 
 lint: setup
 	$(BIN)/ruff check .

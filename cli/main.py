@@ -113,9 +113,17 @@ def partition(
     show_progress: Annotated[
         bool, typer.Option("--progress", help="Progress on stderr even when it is not a terminal.")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the manifest (and the plan folder) as JSON instead of the table.")
+    ] = False,
+    ignore_annotations: Annotated[
+        bool, typer.Option("--ignore-annotations", help="Do not read the model's IR v11 stage and sharding pins.")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Write one ONNX model per rank (tp x pp) and a manifest into OUT."""
+    from dataclasses import asdict
+
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.model_facts import parse_dim_hints
     from llmir_onnx.plan.memory import format_bytes, parse_bytes
@@ -137,7 +145,11 @@ def partition(
         stage_cut_after_layer=_parse_cuts(cuts),
         dim_roles=parse_dim_hints(dims or []),
         progress=Progress(enabled=False if quiet else (True if show_progress else None)),
+        ignore_annotations=ignore_annotations,
     )
+    if as_json:
+        _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
+        return
     typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}) to {out}")
     limit = manifest.options.get("max_seq_limit")
     if max_seq is None and limit is not None:
@@ -209,6 +221,10 @@ def verify(
         ),
     ] = "model",
     no_check_hashes: NoCheckHashesOption = False,
+    timeline: Annotated[
+        Path | None,
+        typer.Option("--timeline", help="Record every rank's run call to this file (for `report --timeline`)."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run every rank as a process, reassemble the outputs and compare with the original model."""
@@ -231,7 +247,8 @@ def verify(
             feeds = model_past_feeds(source, sizes)
         else:
             feeds = random_feeds(load_model(source), sizes)
-    outputs, rows = verify_plan(plan, feeds, model_path=model, atol=atol, rtol=rtol, check_hashes=not no_check_hashes)
+    outputs, rows = verify_plan(plan, feeds, model_path=model, atol=atol, rtol=rtol, check_hashes=not no_check_hashes,
+                                timeline=timeline)
     if not rows:  # a non-zero rank under an external launcher: rank 0 reports
         return
     if save_outputs is not None:
@@ -308,6 +325,10 @@ def generate(
         Path | None, typer.Option("--save-tokens", help="Write tokens and timings as JSON to this file.")
     ] = None,
     no_check_hashes: NoCheckHashesOption = False,
+    timeline: Annotated[
+        Path | None,
+        typer.Option("--timeline", help="Record every rank's run calls to this file (for `report --timeline`)."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Generate text with a plan: prefill, then decode with per-rank KV caches (starts its own ranks)."""
@@ -375,8 +396,16 @@ def generate(
         request.check_hashes = not no_check_hashes
     if env.rank == 0 and prompt and len(rows) == 1:
         typer.echo(prompt[0], nl=False)
+    if timeline is not None and env.launcher != "none":
+        raise GenerationError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
+                              "(run it without mpiexec/srun)")
     if env.launcher == "none":
-        report = spawn_generation(request, manifest.world_size)[0]
+        reports = spawn_generation(request, manifest.world_size)
+        report = reports[0]
+        if timeline is not None:
+            from llmir_onnx.plan.report import write_timeline
+
+            write_timeline(timeline, manifest, {r.rank: r.run_calls for r in reports})
     else:
         report = run_generate_rank(request)
         if env.rank != 0:
@@ -446,6 +475,9 @@ def plan(
     include_fewer: Annotated[
         bool, typer.Option("--include-fewer", help="Also list layouts that use fewer devices.")
     ] = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the ranked layouts and the recommendation as JSON.")
+    ] = False,
     debug: DebugOption = False,
 ) -> None:
     """Rank the (tp, pp) layouts by predicted speed and memory per rank, and recommend one."""
@@ -463,19 +495,71 @@ def plan(
     asked = max_seq
     max_seq, limit = choose_max_seq(source, max_batch, asked)
     layouts = enumerate_layouts(source, devices, memory, profile, max_batch, max_seq, include_fewer=include_fewer)
-    typer.echo(
-        f"{model}: {devices} x {profile.name} with {format_bytes(memory)} each, "
-        f"batch {max_batch}, sequences up to {max_seq} tokens"
-    )
-    if asked is None and limit.tokens is not None:
-        typer.echo(f"  max-seq {limit.tokens}: the longest sequence the model takes ({limit.reason})")
-    typer.echo(format_layout_table(layouts))
     best, reason = recommend(layouts)
+    if as_json:
+        from dataclasses import asdict
+
+        _echo_json({
+            "model": str(model), "devices": devices, "device": profile.name, "device_memory_bytes": memory,
+            "max_batch": max_batch, "max_seq": max_seq, "layouts": [asdict(layout) for layout in layouts],
+            "recommended": best.label if best is not None else None, "reason": reason,
+        })
+    else:
+        typer.echo(
+            f"{model}: {devices} x {profile.name} with {format_bytes(memory)} each, "
+            f"batch {max_batch}, sequences up to {max_seq} tokens"
+        )
+        if asked is None and limit.tokens is not None:
+            typer.echo(f"  max-seq {limit.tokens}: the longest sequence the model takes ({limit.reason})")
+        typer.echo(format_layout_table(layouts))
     if best is None:
         from llmir_onnx.errors import PlanError
 
         raise PlanError(reason)
-    typer.echo(f"recommended: {reason}")
+    if not as_json:
+        typer.echo(f"recommended: {reason}")
+
+
+def _echo_json(document: dict[str, Any]) -> None:
+    """One JSON document on stdout (nothing else goes there), for scripts and CI."""
+    import json
+
+    typer.echo(json.dumps(document, indent=2, allow_nan=False))
+
+
+@app.command()
+@reports_errors
+def report(
+    plan: Annotated[Path, typer.Argument(help="A folder written by `llmir-onnx partition`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The HTML file to write (self-contained).")],
+    timeline: Annotated[
+        Path | None,
+        typer.Option("--timeline", help="A measured run (generate/verify --timeline FILE) to draw as a Gantt chart."),
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """One self-contained HTML page: memory, predicted times, stages and splits, communication, timeline."""
+    from llmir_onnx.plan.report import write_report
+
+    written = write_report(plan, out, timeline)
+    typer.echo(f"wrote {written}")
+
+
+@app.command()
+@reports_errors
+def annotate(
+    plan: Annotated[Path, typer.Argument(help="A folder written by `llmir-onnx partition`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The annotated model (weights in OUT.data beside it).")],
+    model: Annotated[
+        Path | None, typer.Option("--model", help="The original model, if it moved since partitioning.")
+    ] = None,
+    debug: DebugOption = False,
+) -> None:
+    """Write the ORIGINAL model with the plan as ONNX IR v11 annotations (mesh, sharding specs, stages)."""
+    from llmir_onnx.annotations import write_annotated_source
+
+    written, specs = write_annotated_source(plan, out, model)
+    typer.echo(f"wrote {written} (IR v11: {specs} sharding specs, every node's pipeline stage)")
 
 
 def main() -> None:

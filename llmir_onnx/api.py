@@ -74,6 +74,7 @@ def partition_to_dir(
     stage_cut_after_layer: tuple[int, ...] | None = None,
     dim_roles: Mapping[str, str] | None = None,
     progress: Progress | None = None,
+    ignore_annotations: bool = False,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
@@ -86,7 +87,17 @@ def partition_to_dir(
 
     `out_dir` may hold a previous plan (replaced) but no other file, unless `force`; tp > 1 that shards no
     weight is refused unless `allow_replicated`.
+    IR v11 annotations in the model pin stages and placements (llmir_onnx/annotations.py) unless
+    `ignore_annotations`.
     """
+    from llmir_onnx.annotations import (
+        AnnotationPins,
+        check_pin_shards,
+        check_value_pins,
+        cuts_from_pins,
+        read_pins,
+        strip_annotations,
+    )
     from llmir_onnx.partition import PartitionOptions, RankWeightsPlan, partition
     from llmir_onnx.plan.devices import load_profile
 
@@ -94,6 +105,10 @@ def partition_to_dir(
     progress = progress if progress is not None else QUIET
     progress.phase(f"loading {model_path.name} (weights stay on disk)")
     source = load_model(model_path)
+    pins = AnnotationPins({}, ()) if ignore_annotations else read_pins(source)
+    strip_annotations(source)
+    check_pin_shards(pins, tp)
+    planned_cuts = cuts_from_pins(pins, pp, stage_cut_after_layer)
     record_dim_hints(source, dim_roles or {})
     max_seq, limit = choose_max_seq(source, max_batch, max_seq)
     options = PartitionOptions(
@@ -102,7 +117,7 @@ def partition_to_dir(
         vocab_parallel=vocab_parallel,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
-        stage_cut_after_layer=stage_cut_after_layer,
+        stage_cut_after_layer=planned_cuts,
         device=device,
         device_memory_bytes=device_memory_bytes,
         max_batch=max_batch,
@@ -119,6 +134,7 @@ def partition_to_dir(
         # The partition consumes the loaded graph: the original's IO is read off it first.
         source_inputs, source_outputs = tensor_infos(source.graph.inputs), tensor_infos(source.graph.outputs)
         result = partition(source, options, on_weights_known=write_weights, consume_model=True)
+        check_value_pins(pins, result.placements)
         mesh = result.mesh
         details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes)
         mesh_info = {
@@ -151,6 +167,7 @@ def partition_to_dir(
                 "max_seq_limit": None if limit.tokens is None else {"tokens": limit.tokens, "reason": limit.reason},
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
             },
+            sharding={"weights": result.weight_splits or []},
         )
         return write_plan_into(staging, writer, contents, progress)
 
@@ -159,17 +176,19 @@ def _rank_details(
     result: PartitionResult, profile: DeviceProfile, max_batch: int, max_seq: int, device_memory_bytes: int | None
 ) -> list[dict[str, Any]]:
     """Each rank's layers, memory plan and cost; a rank over `device_memory_bytes` is a PlanError."""
+    from llmir_onnx.plan.communication import rank_traffic
     from llmir_onnx.plan.cost import estimate_phases
     from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
 
     details: list[dict[str, Any]] = []
     # The tp ranks of one stage run the same graph on equal-shaped weights, so their memory plans and
     # costs are equal: evaluate each distinct structure once (the shape evaluation dominates planning).
-    analyses: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any]]] = {}
+    analyses: dict[tuple[Any, ...], tuple[dict[str, Any], dict[str, Any], list[Any]]] = {}
     signatures: dict[int, tuple[Any, ...]] = {}  # by id of the model
     for program in result.ranks:
         # A tp rank copy has its tp rank 0's structure (only weights and peers differ): no need to make it.
         model = program.model_or_copy
+        peers = model.peers if isinstance(model, TpRankCopy) else None
         model = model.source if isinstance(model, TpRankCopy) else model
         if id(model) not in signatures:
             signatures[id(model)] = _structure_signature(model)
@@ -177,8 +196,8 @@ def _rank_details(
         if signature not in analyses:
             analysis = plan_memory(model, max_batch, max_seq)
             cost = estimate_phases(model, profile, max_batch, max_seq)
-            analyses[signature] = (asdict(analysis), asdict(cost))
-        memory_fields, cost_fields = analyses[signature]
+            analyses[signature] = (asdict(analysis), asdict(cost), rank_traffic(model, profile, max_batch, max_seq))
+        memory_fields, cost_fields, traffic = analyses[signature]
         memory = MemoryPlan(**memory_fields)
         if device_memory_bytes is not None and memory.total_bytes > device_memory_bytes:
             raise PlanError(
@@ -192,7 +211,25 @@ def _rank_details(
             {
                 "layers": [program.layers.start, program.layers.stop] if program.layers is not None else None,
                 "memory": copy.deepcopy(memory_fields),
-                "cost": copy.deepcopy(cost_fields),
+                "cost": {
+                    **copy.deepcopy(cost_fields), "collectives": _collectives(traffic, peers, result, program.rank)
+                },
             }
         )
     return details
+
+
+def _collectives(traffic: list[Any], peers: Any, result: PartitionResult, rank: int) -> list[dict[str, Any]]:
+    """The rank's traffic as manifest entries: a copy's Send/Recv peers renamed, a group-less collective
+    (the whole tp group at pp 1) given its ranks."""
+    entries = []
+    for link in traffic:
+        entry = asdict(link)
+        if link.peer is not None and peers is not None:
+            entry["peer"] = peers[link.peer]
+        if link.peer is None and link.group is None:
+            entry["group"] = list(result.mesh.group(rank, "tp"))
+        elif link.group is not None:
+            entry["group"] = list(link.group)
+        entries.append(entry)
+    return entries

@@ -102,6 +102,8 @@ class PartitionResult:
     ranks: list[RankProgram]
     placements: dict[str, str]
     warnings: list[str]
+    # Each sliced weight: its global shape, placement and the [start, stop) ranges of its sliced dim per tp rank.
+    weight_splits: list[dict[str, object]] | None = None
 
 
 def _binding(value: ir.Value, placement: Placement, size: int | str | None, tp: int, tp_rank: int) -> TensorBinding:
@@ -172,6 +174,29 @@ class _TpRankZero:
     weights: list[dict[str, ir.TensorProtocol]]  # per tp rank: initializer name -> tensor
     placements: dict[str, str]
     warnings: list[str]
+    weight_splits: list[dict[str, object]] | None = None
+
+
+def _weight_splits(state: ShardingState) -> list[dict[str, object]]:
+    """How each sharded weight's sliced dim is split among the tp ranks (for the manifest and the report)."""
+    splits: list[dict[str, object]] = []
+    for name, placement in sorted(state.weight_placements.items()):
+        shape = state.shapes.get(name)
+        if not isinstance(placement, Shard) or shape is None or not isinstance(shape[placement.dim], int):
+            continue
+        size = int(shape[placement.dim])
+        splits.append(
+            {
+                "name": name,
+                "shape": [int(d) if isinstance(d, int) else str(d) for d in shape],
+                "placement": str(placement),
+                "dim": placement.dim,
+                "ranges": [
+                    [list(r) for r in placement.local_ranges(size, state.tp, tp_rank)] for tp_rank in range(state.tp)
+                ],
+            }
+        )
+    return splits
 
 
 def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: bool) -> _TpRankZero:
@@ -201,7 +226,7 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
     ]
     _remove_unused(first)  # before any copy is made from it
     placements = {name: str(p) for name, p in state.placements.items()}
-    return _TpRankZero(first, bindings, weights, placements, list(state.warnings))
+    return _TpRankZero(first, bindings, weights, placements, list(state.warnings), _weight_splits(state))
 
 
 def _refuse_unsharded(template: ir.Model, state: ShardingState) -> None:
@@ -269,7 +294,7 @@ def partition(
             RankProgram(tp_rank, tp_rank_copy(zero.model, tp_rank, weights, zero.weights[0]), *zero.bindings[tp_rank])
             for tp_rank, weights in enumerate(zero.weights[1:], 1)
         ]
-        result = PartitionResult(DeviceMesh(tp=options.tp), ranks, zero.placements, zero.warnings)
+        result = PartitionResult(DeviceMesh(tp=options.tp), ranks, zero.placements, zero.warnings, zero.weight_splits)
         if on_weights_known is not None:
             on_weights_known([(p.rank, 0, _rank_initializers(p)) for p in result.ranks])
         return result
@@ -338,7 +363,7 @@ def _partition_stages(
     for program in ranks:
         if isinstance(program.model_or_copy, ir.Model):
             _remove_unused(program.model_or_copy)
-    return PartitionResult(mesh, ranks, zero.placements, zero.warnings)
+    return PartitionResult(mesh, ranks, zero.placements, zero.warnings, zero.weight_splits)
 
 
 def _dim_of(state: ShardingState, value: ir.Value) -> int | str | None:

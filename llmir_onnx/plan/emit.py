@@ -201,6 +201,7 @@ class PlanContents:
     rank_models: Sequence[RankModel]
     options: dict[str, Any]
     rank_details: Sequence[dict[str, Any]] | None = None
+    sharding: dict[str, Any] | None = None
 
 
 def write_plan(
@@ -295,6 +296,7 @@ def write_plan_into(
         ranks=entries,
         files=dict(sorted(files.items())),
         options=contents.options,
+        sharding=contents.sharding or {},
     )
     manifest.write(staging)
     return manifest

@@ -28,7 +28,14 @@ Schema version 2 (all keys always present):
                         "outputs": [{"original", "local", "dim", "start", "stop"}],
                         "memory": {"max_batch", "max_seq", "weight_bytes", "kv_cache_bytes",
                                    "activation_peak_bytes", "communication_bytes", "total_bytes", ...},
-                        "cost": {"device", "prefill": {...}, "decode": {...}, "decode_tokens_per_s"}}]
+                        "cost": {"device", "prefill": {...}, "decode": {...}, "decode_tokens_per_s",
+                                 "collectives": [{"op", "group", "peer", "count", "prefill_bytes",
+                                                  "decode_bytes", "prefill_s", "decode_s"}]
+                                 (each ai.llmir op kind on each link summed over one step,
+                                 plan/communication.py)}}]
+    sharding          (optional) {"weights": [{"name", "shape", "placement", "dim",
+                      "ranges": per tp rank [[start, stop], ...] of dim}]}: each sliced weight, read
+                      by `report`
 
 Version 1 (until issue 12) hashed the rank models only, not their data files: such a plan is refused
 with a request to partition again (its data files cannot be checked).
@@ -115,6 +122,7 @@ class Manifest:
     ranks: list[RankEntry]
     files: dict[str, FileDigest] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    sharding: dict[str, Any] = field(default_factory=dict)
     format: str = MANIFEST_FORMAT
     version: int = MANIFEST_VERSION
 
@@ -278,4 +286,5 @@ class _ManifestReader:
             ranks=ranks,
             files=files,
             options=self.get(raw, "options", dict, ""),
+            sharding=self.get(raw, "sharding", dict, "") if "sharding" in raw else {},
         )

@@ -123,6 +123,9 @@ class GenerationResult(TokenRates):
     decode_tokens: int
     decode_seconds: float
     step_seconds: list[float] = field(default_factory=list)
+    # Every session run of this rank: (step, micro-batch, start, end) in CLOCK_MONOTONIC seconds, which
+    # is system-wide on Linux, so the ranks of one host line up (the report's pipeline timeline).
+    run_calls: list[tuple[int, int, float, float]] = field(default_factory=list)
 
 
 def _empty_past(session: BoundSession, name: str, batch: int) -> np.ndarray:
@@ -198,6 +201,7 @@ def generate(
     generated: list[np.ndarray] = []
     finished = np.zeros(batch, dtype=bool)
     step_seconds: list[float] = []
+    run_calls: list[tuple[int, int, float, float]] = []
     keep = frozenset(cache_pairs)
     start = time.perf_counter()
     for step in range(max_new_tokens):
@@ -206,7 +210,10 @@ def generate(
         step_start = time.perf_counter()
         last_logits = []
         for index in range(micro_batches):
-            outputs = session.run(_step_feeds(session, step_ids[index], past_length, pasts[index]), keep)
+            feeds = _step_feeds(session, step_ids[index], past_length, pasts[index])
+            run_start = time.monotonic()
+            outputs = session.run(feeds, keep)
+            run_calls.append((step, index, run_start, time.monotonic()))
             pasts[index] = {past: outputs[present] for present, past in cache_pairs.items()}
             if logits is not None:
                 last_logits.append(outputs[logits][:, -1, :])
@@ -231,6 +238,7 @@ def generate(
         decode_tokens=batch * (steps - 1),
         decode_seconds=total - step_seconds[0],
         step_seconds=step_seconds,
+        run_calls=run_calls,
     )
 
 

@@ -13,7 +13,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +84,7 @@ class RankReport(TokenRates):
     decode_tokens: int
     decode_seconds: float
     step_seconds: list[float]
+    run_calls: list[tuple[int, int, float, float]] = field(default_factory=list)  # see GenerationResult
 
 
 def load_tokenizer(directory: str | Path) -> object:
@@ -178,7 +179,7 @@ def run_generate_rank(request: GenerateRequest, work_dir: Path | None = None) ->
     if stream is not None and prompt.shape[0] == 1:
         _stdout_write("\n")
     report = RankReport(session.rank, result.tokens.tolist(), result.prompt_tokens, result.prompt_seconds,
-                        result.decode_tokens, result.decode_seconds, result.step_seconds)
+                        result.decode_tokens, result.decode_seconds, result.step_seconds, result.run_calls)
     if work_dir is not None:
         (work_dir / f"rank{rank}.json").write_text(json.dumps(asdict(report)))
         # Finalize now: a spawned rank leaves with os._exit (see runtime/job.py).

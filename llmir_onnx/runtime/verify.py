@@ -8,6 +8,7 @@ own rank and rank 0 assembles the results from the files the ranks write.
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 import tempfile
@@ -23,6 +24,7 @@ from llmir_onnx.plan.manifest import Manifest, SliceBinding
 from llmir_onnx.runtime.session import load_rank_session
 
 RANK_DONE_SUFFIX = ".done"
+RUN_CALLS_SUFFIX = ".run_calls.json"
 
 
 @dataclass(frozen=True)
@@ -89,7 +91,10 @@ def run_rank(
     before_run = fault_hook(comm.rank)
     if before_run is not None:
         before_run(0)
+    run_start = time.monotonic()
     results = session.run([b.local for b in entry.outputs], rank_feeds)
+    # (step, micro-batch, start, end) on CLOCK_MONOTONIC, for `verify --timeline`
+    (work_dir / f"rank{comm.rank}{RUN_CALLS_SUFFIX}").write_text(json.dumps([[0, 0, run_start, time.monotonic()]]))
     out_path = work_dir / f"rank{comm.rank}.npz"
     np.savez(out_path, **{binding.local: array for binding, array in zip(entry.outputs, results, strict=True)})
     (work_dir / f"rank{comm.rank}{RANK_DONE_SUFFIX}").touch()
@@ -176,11 +181,14 @@ def verify_plan(
     rtol: float | None = None,
     timeout_s: float = 600.0,
     check_hashes: bool = True,
+    timeline: Path | None = None,
 ) -> tuple[dict[str, np.ndarray], list[OutputComparison]]:
     """Run the plan on `feeds` and compare with the original model; returns (outputs, comparisons).
 
+    With `timeline`, every rank's run call is written there (see plan/report.py), phase "verify".
     The plan's files are checked against the manifest before any rank starts: by this process when it
-    launches the ranks, by each rank for its own files under an external launcher."""
+    launches the ranks, by each rank for its own files under an external launcher.
+    """
     from llmir_onnx.runtime.job import run_rank_job
     from llmir_onnx.runtime.launch import detect_rank_env
 
@@ -189,6 +197,9 @@ def verify_plan(
     if not source.is_file():
         raise PlanError(f"the original model {str(source)!r} is gone; pass its path with --model")
     env = detect_rank_env()
+    if timeline is not None and env.launcher != "none":
+        raise PlanError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
+                        "(run it without mpiexec/srun)")
     if env.launcher != "none":
         work_dir = plan_dir / ".verify"
         if env.rank == 0:
@@ -209,6 +220,12 @@ def verify_plan(
             run_rank_job("verify", "verify-rank", [str(plan_dir.resolve()), str(feeds_path)], manifest.world_size,
                          work_dir, timeout_s=timeout_s)
             assembled = assemble_outputs(manifest, work_dir)
+            if timeline is not None:
+                from llmir_onnx.plan.report import write_timeline
+
+                calls = {e.rank: json.loads((work_dir / f"rank{e.rank}{RUN_CALLS_SUFFIX}").read_text())
+                         for e in manifest.ranks}
+                write_timeline(timeline, manifest, calls, phase="verify")
     reference = reference_outputs(source, feeds)
     rows = compare(reference, assembled, atol, rtol)
     return assembled, rows
