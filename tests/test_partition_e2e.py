@@ -2,7 +2,9 @@
 
 Each rank runs as its own process (mpiexec) with its own onnxruntime session and the ai.llmir library;
 inputs are the exporter's own check inputs (reference.npz) where present, else valid random ones.
-Logits and the KV cache must match the unsharded model within atol/rtol 1e-4 in float32.
+Logits and the KV cache must match the unsharded model within `verify`'s default tolerances: atol/rtol
+1e-4 for float32 outputs, 1e-3 / 4e-3 for float16 ones (a tp plan sums in another order: a few units in
+the last place of a 16-bit float).
 SmolLM2 (real weights, 650 MB) runs only with LLMIR_TEST_SMOLLM2=1: it takes about a minute.
 """
 
@@ -22,7 +24,7 @@ from llmir_onnx.errors import LlmirError
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 SMALL_MODELS = sorted(p.parent.name for p in MODELS.glob("*/model.onnx") if p.parent.name != "smollm2")
-ATOL = RTOL = 1e-4
+ATOL = RTOL = 1e-4  # float32 figures, where a test states them
 
 
 def _feeds(model_dir: Path) -> dict[str, np.ndarray]:
@@ -42,7 +44,7 @@ def _partition_and_verify(
     out_dir: Path,
     vocab_parallel: bool = False,
     feeds: dict[str, np.ndarray] | None = None,
-    atol: float = ATOL,
+    atol: float | None = None,
 ) -> dict[str, float]:
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.runtime.verify import verify_plan
@@ -53,7 +55,7 @@ def _partition_and_verify(
         feeds if feeds is not None else _feeds(model_dir),
         model_path=model_dir / "model.onnx",
         atol=atol,
-        rtol=RTOL,
+        rtol=None if atol is None else RTOL,
         timeout_s=180,
     )
     assert rows, "verify compared no outputs"
