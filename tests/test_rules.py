@@ -690,14 +690,14 @@ def fused_heads_case(tp: int) -> Case:
 
 
 CASES = (
-    [fused_heads_case(2), fused_heads_case(4)]
-    + elementwise_cases()
+    elementwise_cases()
     + matmul_cases()
     + shape_cases()
     + reduction_cases()
     + indexing_cases()
     + norm_over_sharded_axis_cases()
     + single_kv_head_cases()
+    + [fused_heads_case(tp) for tp in (2, 4)]
 )
 
 
