@@ -114,6 +114,8 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
                     for index, count in enumerate(heads):
                         replicable = shard.block_parts(index, ctx.tp) < ctx.tp
                         ctx.require_divisible(node, "num_heads", [count], replicable=replicable)
+                    if any(count % shard.block_parts(i, ctx.tp) for i, count in enumerate(heads)):
+                        return None  # heads split finer than heads: the constraints above name the tp values
                     return Shard(prefix + first_out, heads, shard.parts)
                 return None
             if shard.inner:
@@ -366,8 +368,8 @@ def _gathered_block(ctx: RuleContext, node: ir.Node, shard: Shard, idx_rank: int
     A scalar index drops the axis: only a block of one element that every rank holds whole survives that.
     """
     block = gathered_block(ctx, node, shard)
-    if block is None or idx_rank > 1:
-        return None
+    if block is None or idx_rank > 1 or shard.blocks[block] % shard.block_parts(block, ctx.tp):
+        return None  # (a tp that splits a block's heads finer than heads is reported by the Reshape)
     if idx_rank == 1:
         return shard.block(block)
     whole = shard.blocks[block] == 1 and shard.block_parts(block, ctx.tp) == 1
