@@ -60,6 +60,10 @@ class Shard:
         parts = (self.block_parts(index, 0),) if self.parts else ()
         return Shard(self.dim, (), parts)
 
+    def local_offset(self, block_index: int, tp: int) -> int:
+        """Where block `block_index` starts along the local axis: the local widths of the blocks before it."""
+        return sum(block // self.block_parts(i, tp) for i, block in enumerate(self.blocks[:block_index]))
+
     def local_ranges(self, size: int, tp: int, rank: int) -> list[tuple[int, int]]:
         """The [start, stop) ranges of the global axis that tp rank `rank` holds, in order."""
         blocks = self.blocks or (size,)

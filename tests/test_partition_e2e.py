@@ -67,9 +67,24 @@ def _partition_and_verify(
     return errors
 
 
+# Layouts refused on purpose, with the one-line error they must give (it lists only tp values that work).
+# Falcon's grouped fused qkv ([kv groups, q heads of the group | k | v, head_dim]) at tp 4 would need
+# rank r to hold half the q heads of group r // 2 and that group's whole k and v: a split of two axes
+# at once, which a Shard (one split axis) cannot describe yet.
+REFUSED = {
+    ("falcon-gqa-torch-legacy", 4): r"^--tp 4 does not divide num_heads=2 in node \S+ \(Reshape\); use --tp 1 or 2$",
+}
+
+
 @pytest.mark.parametrize("tp", [1, 2, 4])
 @pytest.mark.parametrize("name", SMALL_MODELS)
 def test_small_model_matches_original(name: str, tp: int, tmp_path: Path) -> None:
+    refusal = REFUSED.get((name, tp))
+    if refusal is not None:
+        with pytest.raises(LlmirError, match=refusal):
+            _partition_and_verify(MODELS / name, tp, tmp_path / "plan")
+        assert not (tmp_path / "plan").exists(), "a refused layout must leave nothing behind"
+        return
     errors = _partition_and_verify(MODELS / name, tp, tmp_path / "plan")
     assert any("logits" in output for output in errors)
     assert any("present" in output for output in errors), "the KV cache must be compared too"
@@ -215,6 +230,17 @@ def test_smollm2_tp3_float64_is_exact(tmp_path: Path) -> None:
     to_float64 = _models_script("to_float64").to_float64
     to_float64(MODELS / "smollm2" / "model.onnx", tmp_path / "f64" / "model.onnx")
     _assert_float64_plan_exact(tmp_path / "f64" / "model.onnx", tmp_path / "plan", tp=3, pp=1)
+
+
+@pytest.mark.parametrize("tp", [3, 16])
+def test_fused_multi_query_refusal_lists_the_tp_values_that_work(tp: int) -> None:
+    """Falcon's fused multi-query qkv (8 q heads, 1 kv head): tp 8 replicates the kv head, 3 and 16 fit nothing."""
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.partition import PartitionOptions, partition
+
+    refusal = rf"^--tp {tp} does not divide num_heads=8 in node \S+ \(\w+\); use --tp 1, 2, 4 or 8$"
+    with pytest.raises(LlmirError, match=refusal):
+        partition(load_model(MODELS / "falcon-mqa-torch-legacy/model.onnx"), PartitionOptions(tp=tp))
 
 
 @pytest.mark.skipif(not (MODELS / "smollm2/model.onnx").is_file(), reason="models/smollm2 is not exported")

@@ -660,6 +660,35 @@ def single_kv_head_cases() -> list[Case]:
     ]
 
 
+def fused_heads_case(tp: int) -> Case:
+    """Falcon's fused multi-query qkv [q heads | k | v] * head_dim: reshaped to [heads, head_dim], then q is
+    a Slice and k, v are Gathers on the heads axis. Rank r holds q heads of part r and the whole k and v."""
+    fused = Shard(2, (128, 16, 16), (tp, 1, 1))
+    return Case(
+        f"fused_multi_query_heads_tp{tp}",
+        [
+            const("t", [1, 3, 10, 16]),
+            helper.make_node("Reshape", ["x", "t"], ["heads"]),
+            const("s0", [0]),
+            const("s1", [-2]),
+            const("ax", [2]),
+            helper.make_node("Slice", ["heads", "s0", "s1", "ax"], ["q"]),
+            helper.make_node("Constant", [], ["ik"], value=numpy_helper.from_array(np.array(8, np.int64))),
+            helper.make_node("Gather", ["heads", "ik"], ["k"], axis=2),
+            const("iv", [-1]),
+            helper.make_node("Gather", ["heads", "iv"], ["v"], axis=2),
+            const("one", [2]),
+            helper.make_node("Unsqueeze", ["k", "one"], ["k1"]),
+            helper.make_node("Mul", ["q", "k1"], ["qk"]),
+            helper.make_node("Add", ["qk", "v"], ["z"]),
+        ],
+        {"x": (rand(1, 3, 160), fused)},
+        ["q", "k", "v", "z"],
+        expect={"q": f"S(2/{tp})", "k": "R", "v": "R", "z": f"S(2/{tp})"},
+        tps=(tp,),
+    )
+
+
 CASES = (
     elementwise_cases()
     + matmul_cases()
@@ -668,6 +697,7 @@ CASES = (
     + indexing_cases()
     + norm_over_sharded_axis_cases()
     + single_kv_head_cases()
+    + [fused_heads_case(tp) for tp in (2, 4)]
 )
 
 

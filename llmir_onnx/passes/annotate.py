@@ -180,6 +180,11 @@ def _fused_blocks(ctx: RuleContext, node: ir.Node) -> tuple[int, ...]:
                     blocks = gqa_packed_blocks(ctx, consumer)
                     if blocks and sum(blocks) == width:
                         return blocks
+                if consumer.op_type == "Reshape" and consumer.inputs[0] is value:
+                    split = head_axis_split(ctx, consumer, width)
+                    if split is not None:
+                        heads, head_dim = split
+                        return tuple(count * head_dim for count in heads)
                 if consumer.op_type in PASS_THROUGH and consumer.inputs[0] is value:
                     out_rank = ctx.rank(consumer.outputs[0])
                     if out_rank and ctx.static_dim(consumer.outputs[0], -1) == width:
@@ -190,6 +195,62 @@ def _fused_blocks(ctx: RuleContext, node: ir.Node) -> tuple[int, ...]:
                     return blocks
         frontier = next_frontier
     return ()
+
+
+def head_axis_split(ctx: RuleContext, reshape: ir.Node, width: int) -> tuple[tuple[int, ...], int] | None:
+    """(heads per block, head_dim) of a fused output of `width` columns that `reshape` turns into
+    [.., heads, head_dim] and Slices / constant Gathers cut along the heads axis into blocks of whole heads
+    (Falcon's fused multi-query qkv: q = [:, :, :-2], k = [:, :, -2], v = [:, :, -1])."""
+    out = reshape.outputs[0]
+    shape, in_rank = ctx.shape(out), ctx.rank(reshape.inputs[0])
+    if shape is None or in_rank is None or len(shape) != in_rank + 1 or len(shape) < 2:
+        return None
+    heads, head_dim = shape[-2], shape[-1]
+    if not isinstance(heads, int) or not isinstance(head_dim, int) or heads * head_dim != width:
+        return None
+    axis = len(shape) - 2
+    ranges = set()
+    for consumer in out.consumers():
+        if consumer.op_type in SHAPE_READERS:
+            continue
+        cut = _head_range(ctx, consumer, out, axis, heads)
+        if cut is None:
+            return None
+        ranges.add(cut)
+    offset = 0
+    for start, end in sorted(ranges):
+        if start != offset:
+            return None
+        offset = end
+    if offset != heads or len(ranges) < 2:
+        return None
+    return tuple(end - start for start, end in sorted(ranges)), head_dim
+
+
+def _head_range(ctx: RuleContext, node: ir.Node, value: ir.Value, axis: int, heads: int) -> tuple[int, int] | None:
+    """The [start, end) heads that a Slice or constant Gather of `value` takes along its heads `axis`."""
+    if node.inputs[0] is not value:
+        return None
+    if node.op_type == "Slice":
+        params = slice_params(ctx, node)
+        if params is None:
+            return None
+        starts, ends, axes, steps = params
+        if [normalize_dim(a, len(ctx.shape(value) or ())) for a in axes] != [axis] or steps[0] != 1:
+            return None
+        start = starts[0] + heads if starts[0] < 0 else starts[0]
+        end = min(ends[0] + heads if ends[0] < 0 else ends[0], heads)
+        return (start, end) if 0 <= start < end else None
+    if node.op_type == "Gather":
+        axis_attr = node.attributes.get("axis")
+        indices = ctx.constant_ints(node.inputs[1])
+        if axis_attr is None or normalize_dim(axis_attr.as_int(), len(ctx.shape(value) or ())) != axis or not indices:
+            return None
+        indices = [i + heads if i < 0 else i for i in indices]
+        if indices != list(range(indices[0], indices[0] + len(indices))):
+            return None
+        return indices[0], indices[-1] + 1
+    return None
 
 
 def _split_sizes(ctx: RuleContext, node: ir.Node, width: int) -> list[int] | None:
@@ -281,6 +342,13 @@ def _head_counts(ctx: RuleContext, node: ir.Node, blocks: tuple[int, ...]) -> tu
     offsets = [sum(blocks[:i]) for i in range(len(blocks))]
     if all(offset in by_start for offset in offsets):
         return tuple(by_start[offset] for offset in offsets)
+    # Falcon style: reshaped to [heads, head_dim] first, then cut along the heads axis.
+    for current in _same_layout(ctx, output):
+        for consumer in current.consumers():
+            reshapes = consumer.op_type == "Reshape" and consumer.inputs[0] is current
+            split = head_axis_split(ctx, consumer, width) if reshapes and width else None
+            if split is not None and tuple(count * split[1] for count in split[0]) == blocks:
+                return split[0]
     return None
 
 

@@ -24,8 +24,9 @@ from llmir_onnx.errors import ShardingError
 from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.passes.state import ShardingState
 from llmir_onnx.placement import Partial, Placement, Shard
-from llmir_onnx.propagation.base import normalize_dim
+from llmir_onnx.propagation.base import RuleContext, normalize_dim
 from llmir_onnx.propagation.reductions import PARTIAL_REDUCTIONS, partial_reduction_scale
+from llmir_onnx.propagation.shape_ops import gathered_block
 from llmir_onnx.weight_slices import rank_weight
 
 HEAD_ATTRIBUTES = {
@@ -61,6 +62,8 @@ class LocalizePass(ir.passes.InPlacePass):
                     self._localize_heads(node)
                 elif node.op_type == "Gather" and getattr(self.state.roles.get(node.name), "kind", "") == "vocab":
                     self._localize_vocab_gather(graph, node)
+                elif node.op_type == "Gather" and node.domain == "":
+                    self._localize_block_gather(graph, node)
                 elif node.op_type == "MatMulNBits":
                     self._localize_nbits(node)
                 elif node.op_type in PARTIAL_REDUCTIONS and node.domain == "":
@@ -216,6 +219,26 @@ class LocalizePass(ir.passes.InPlacePass):
         new_ends[k] = local_offset + (end - start) // placement.block_parts(index, tp)
         node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/starts", new_starts))
         node.replace_input_with(2, self._new_initializer(graph, f"{node.name}/ends", new_ends))
+
+    def _localize_block_gather(self, graph: ir.Graph, node: ir.Node) -> None:
+        """A Gather that takes one whole block of a fused axis (a kv head) reads it at its local offset."""
+        placement, indices = self._placement(node.inputs[0]), node.inputs[1]
+        if not isinstance(placement, Shard) or not placement.blocks or indices is None:
+            return
+        rank = len(self.state.shapes.get(node.inputs[0].name) or ())
+        axis_attr = node.attributes.get("axis")
+        if normalize_dim(axis_attr.as_int() if axis_attr else 0, rank) != placement.dim:
+            return
+        ctx = RuleContext(tp=self.state.tp, shapes=self.state.shapes)
+        block = gathered_block(ctx, node, placement)
+        if block is None or indices.const_value is None:
+            raise ShardingError(f"node {node.name} (Gather) takes no whole block of {placement}; cannot localize it")
+        tp = self.state.tp
+        start = placement.local_offset(block, tp)
+        width = placement.blocks[block] // placement.block_parts(block, tp)
+        original = indices.const_value.numpy()
+        local = np.arange(start, start + width, dtype=original.dtype).reshape(original.shape if width == 1 else -1)
+        node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/indices", local))
 
     def _localize_vocab_gather(self, graph: ir.Graph, node: ir.Node) -> None:
         """Embedding lookup in this rank's vocabulary rows; ids outside them give zeros (summed later)."""

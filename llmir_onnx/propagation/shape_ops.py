@@ -107,6 +107,16 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
                     second = outs[1]
                     ctx.require_divisible(node, "num_heads", [middle_out[second]])
                     return Shard(prefix + second)
+                if not shard.inner and all(block % rest == 0 for block in shard.blocks):
+                    # [.., (q|k|v heads) * head_dim] -> [.., heads, head_dim] (Falcon's fused multi-query
+                    # qkv): the blocks become head counts on the heads axis, each split as before.
+                    heads = tuple(block // rest for block in shard.blocks)
+                    for index, count in enumerate(heads):
+                        replicable = shard.block_parts(index, ctx.tp) < ctx.tp
+                        ctx.require_divisible(node, "num_heads", [count], replicable=replicable)
+                    if any(count % shard.block_parts(i, ctx.tp) for i, count in enumerate(heads)):
+                        return None  # heads split finer than heads: the constraints above name the tp values
+                    return Shard(prefix + first_out, heads, shard.parts)
                 return None
             if shard.inner:
                 return None
@@ -331,9 +341,39 @@ def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
     if isinstance(data, Shard) and not isinstance(indices, Shard) and data.dim != axis:
         out_dim = data.dim if data.dim < axis else data.dim + idx_rank - 1
         return Decision([data, REPLICATE], [data.with_dim(out_dim)])
+    if isinstance(data, Shard) and data.blocks and data.dim == axis and not isinstance(indices, Shard):
+        taken = _gathered_block(ctx, node, data, idx_rank)
+        if taken is not None:
+            return Decision([data, REPLICATE], [taken])
     if isinstance(indices, Shard) and not isinstance(data, Shard):
         return Decision([REPLICATE, indices], [indices.with_dim(axis + indices.dim)])
     return replicated(node)
+
+
+def gathered_block(ctx: RuleContext, node: ir.Node, shard: Shard) -> int | None:
+    """Which block of a fused shard a Gather on its axis takes whole (constant, ascending, contiguous indices)."""
+    indices = ctx.constant_ints(node.inputs[1])
+    size = ctx.static_dim(node.inputs[0], shard.dim)
+    if not indices or size is None:
+        return None
+    indices = [i + size if i < 0 else i for i in indices]
+    if indices != list(range(indices[0], indices[0] + len(indices))):
+        return None
+    return block_of_slice(shard, size, indices[0], indices[-1] + 1, 1)
+
+
+def _gathered_block(ctx: RuleContext, node: ir.Node, shard: Shard, idx_rank: int) -> Placement | None:
+    """What a Gather that takes one whole block of a fused shard holds: that block's plain shard.
+
+    A scalar index drops the axis: only a block of one element that every rank holds whole survives that.
+    """
+    block = gathered_block(ctx, node, shard)
+    if block is None or idx_rank > 1 or shard.blocks[block] % shard.block_parts(block, ctx.tp):
+        return None  # (a tp that splits a block's heads finer than heads is reported by the Reshape)
+    if idx_rank == 1:
+        return shard.block(block)
+    whole = shard.blocks[block] == 1 and shard.block_parts(block, ctx.tp) == 1
+    return REPLICATE if whole else None
 
 
 @register(["Shape", "Size"])
