@@ -27,7 +27,23 @@ def test_float16_outputs_allow_a_few_ulps_by_default_float32_holds_1e_4() -> Non
     assert verdict == {"h2": True, "h12": False, "s": True, "s_off": False}
     assert {row.name: (row.atol, row.rtol) for row in rows}["s"] == (1e-4, 1e-4)
     table = format_comparisons(rows)
-    assert "ok (atol, rtol)" in table and "NO (0.001, 0.004)" in table
+    # float16's atol is 2e-3 scaled by the output's largest magnitude (4 here)
+    assert "ok (atol, rtol)" in table and "NO (0.008, 0.004)" in table
+
+
+def test_float16_small_values_may_be_off_by_an_ulp_of_the_largest() -> None:
+    """A hidden state rounded to float16 at a stage boundary carries an error of the largest values' ulp
+    into small outputs: allowed for 16-bit outputs, never for float32 ones."""
+    half = np.array([4.0, 0.02, -3.5], dtype=np.float16)
+    ulp_of_largest = np.float16(np.spacing(np.float16(4.0)))
+    shifted = half.copy()
+    shifted[1] += ulp_of_largest
+    single = half.astype(np.float32)
+    rows = compare({"h": half, "s": single}, {"h": shifted, "s": shifted.astype(np.float32)}, atol=None, rtol=None)
+    assert {row.name: row.ok for row in rows} == {"h": True, "s": False}
+    far = half.copy()
+    far[1] += 4 * ulp_of_largest
+    assert not compare({"h": half}, {"h": far}, atol=None, rtol=None)[0].ok
 
 
 def test_explicit_tolerances_apply_to_every_output() -> None:

@@ -39,18 +39,29 @@ class OutputComparison:
 
 
 # Default (atol, rtol) per output element type. float32 (and float64): the contract every bundled model is
-# held to. 16-bit floats: a tp plan sums partial products in another order, and each sum rounds to the
-# type, so the plan may differ from the original by a few units in the last place; these allow about four
-# (float16's epsilon is 9.8e-4, bfloat16's 7.8e-3).
+# held to. 16-bit floats: a tp plan sums partial products in another order, and a pipeline stage boundary
+# rounds a hidden state to the type where the original's fused kernels (SkipSimplifiedLayerNormalization
+# and kin) kept it in float32, so the plan may differ from the original by a unit or two in the last place
+# of the LARGEST values, which spreads to the small ones: the absolute tolerance of a 16-bit output is
+# scaled by max(1, its largest |value|) (default_tolerance_for). float16's epsilon is 9.8e-4, bfloat16's 7.8e-3.
 DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float16": (1e-3, 4e-3),
-    "bfloat16": (8e-3, 3e-2),
+    "float16": (2e-3, 4e-3),
+    "bfloat16": (1.6e-2, 3e-2),
 }
 FLOAT32_TOLERANCE = (1e-4, 1e-4)
 
 
 def default_tolerance(dtype: np.dtype) -> tuple[float, float]:
     return DEFAULT_TOLERANCES.get(np.dtype(dtype).name, FLOAT32_TOLERANCE)
+
+
+def default_tolerance_for(expected: np.ndarray) -> tuple[float, float]:
+    """The default (atol, rtol) for one reference output: 16-bit atol scaled by its largest magnitude."""
+    atol, rtol = default_tolerance(expected.dtype)
+    if np.dtype(expected.dtype).name in DEFAULT_TOLERANCES and expected.size:
+        largest = float(np.max(np.abs(expected.astype(np.float32))))
+        atol *= max(1.0, largest) if np.isfinite(largest) else 1.0
+    return atol, rtol
 
 
 def mpiexec_path() -> str:
@@ -139,7 +150,7 @@ def compare(
     rows = []
     for name, expected in reference.items():
         got = actual[name]
-        default_atol, default_rtol = default_tolerance(expected.dtype)
+        default_atol, default_rtol = default_tolerance_for(expected)
         row_atol = default_atol if atol is None else atol
         row_rtol = default_rtol if rtol is None else rtol
         if got.shape != expected.shape:
