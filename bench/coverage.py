@@ -19,28 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from llmir_onnx.api import partition_to_dir  # noqa: E402
 from llmir_onnx.errors import LlmirError  # noqa: E402
+from llmir_onnx.runtime.feeds import export_check_feeds  # noqa: E402
 from llmir_onnx.runtime.verify import verify_plan  # noqa: E402
 
 MODELS = ROOT / "models"
 LAYOUTS = [(1, 1), (2, 1), (4, 1), (2, 2)]  # (tp, pp)
-
-
-def _feeds(model_dir: Path) -> dict[str, np.ndarray]:
-    stored = model_dir / "reference.npz"
-    if stored.is_file():
-        with np.load(stored) as data:
-            return {k.removeprefix("input."): data[k] for k in data.files if k.startswith("input.")}
-    from llmir_onnx.ir_io import load_model
-    from llmir_onnx.runtime.feeds import random_feeds
-
-    return random_feeds(load_model(model_dir / "model.onnx"))
 
 
 def one_cell(model_dir: Path, tp: int, pp: int) -> str:
@@ -52,7 +40,8 @@ def one_cell(model_dir: Path, tp: int, pp: int) -> str:
         except LlmirError as error:
             return f"partition: {error}"
         try:
-            _, rows = verify_plan(plan_dir, _feeds(model_dir), model_path=model_dir / "model.onnx", timeout_s=300)
+            feeds = export_check_feeds(model_dir)
+            _, rows = verify_plan(plan_dir, feeds, model_path=model_dir / "model.onnx", timeout_s=300)
         except LlmirError as error:
             return f"verify: {error}"
         bad = [row for row in rows if not row.ok]

@@ -20,22 +20,12 @@ import numpy as np
 import pytest
 
 from llmir_onnx.errors import LlmirError
+from llmir_onnx.runtime.feeds import export_check_feeds
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 SMALL_MODELS = sorted(p.parent.name for p in MODELS.glob("*/model.onnx") if p.parent.name != "smollm2")
 ATOL = RTOL = 1e-4  # float32 figures, where a test states them
-
-
-def _feeds(model_dir: Path) -> dict[str, np.ndarray]:
-    stored = model_dir / "reference.npz"
-    if stored.is_file():
-        with np.load(stored) as data:
-            return {k.removeprefix("input."): data[k] for k in data.files if k.startswith("input.")}
-    from llmir_onnx.ir_io import load_model
-    from llmir_onnx.runtime.feeds import random_feeds
-
-    return random_feeds(load_model(model_dir / "model.onnx"))
 
 
 def _partition_and_verify(
@@ -52,7 +42,7 @@ def _partition_and_verify(
     partition_to_dir(model_dir / "model.onnx", out_dir, tp=tp, vocab_parallel=vocab_parallel)
     _, rows = verify_plan(
         out_dir,
-        feeds if feeds is not None else _feeds(model_dir),
+        feeds if feeds is not None else export_check_feeds(model_dir),
         model_path=model_dir / "model.onnx",
         atol=atol,
         rtol=None if atol is None else RTOL,

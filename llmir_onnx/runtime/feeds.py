@@ -127,3 +127,13 @@ def model_past_feeds(model_path: Path, sizes: FeedSizes = FeedSizes()) -> dict[s
     for present, past in pairs.items():
         feeds[past] = presents[present]
     return feeds
+
+
+def export_check_feeds(model_dir: Path) -> dict[str, np.ndarray]:
+    """The exporter's own check inputs (`reference.npz`'s `input.*` arrays, as models/export.py writes
+    them) where the model folder has them, else valid random feeds."""
+    stored = model_dir / "reference.npz"
+    if stored.is_file():
+        with np.load(stored) as data:
+            return {k.removeprefix("input."): data[k] for k in data.files if k.startswith("input.")}
+    return random_feeds(load_model(model_dir / "model.onnx"))
