@@ -57,7 +57,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import InputModelError, LlmirError, PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
-from llmir_onnx.model_facts import BATCH, PAST, dim_roles, is_kv_input
+from llmir_onnx.model_facts import BATCH, CLI_HINT, PAST, dim_roles, is_kv_input
 from llmir_onnx.ops import (
     ALL_GATHER,
     ALL_REDUCE,
@@ -867,11 +867,16 @@ class _KvShapeSources:
                 return candidate
             reasons.append(reason)
         layer = self.placement.kv_layers[read]
+        reason = reasons[0] if reasons else "it has none"
+        if self._unequal is not None and self._unequal[0] is not None and reason.endswith(self._unequal[0]):
+            fix = "use --pp 1: the stage is not fed that layer's cache, whose length its own caches do not tell"
+        else:
+            settle = CLI_HINT.format(symbol="SYMBOL")
+            fix = f"settle the dims' roles with {settle}, re-export with named dims, or use --pp 1"
         raise PlanError(
             f"stage {stage} (layers {self.ranges[stage].start}-{self.ranges[stage].stop - 1}) reads the shape of "
             f"{read.name!r}, layer {layer}'s KV cache on another stage, in node {node.name!r} ({node.op_type}), and "
-            f"none of its own caches provably has the same axes {axes}: {reasons[0] if reasons else 'it has none'}; "
-            "re-export the model with one named dim for every layer's past length, or use --pp 1"
+            f"none of its own caches provably has the same axes {axes}: {reason}; {fix}"
         )
 
     def _why_not_same(self, read: ir.Value, candidate: ir.Value, axes: Sequence[int]) -> str | None:
