@@ -35,7 +35,7 @@ from llmir_onnx.passes.stages import (
 )
 from llmir_onnx.plan.emit import PlanContents, tensor_infos, write_plan
 from llmir_onnx.plan.manifest import SliceBinding
-from llmir_onnx.runtime.feeds import FeedSizes, random_feeds
+from llmir_onnx.runtime.feeds import random_feeds
 from llmir_onnx.runtime.verify import format_comparisons, verify_plan
 
 REPO = Path(__file__).resolve().parent.parent
@@ -640,6 +640,8 @@ def test_another_stages_cache_shape_is_read_off_an_own_cache(
     result = PipelineStageSplit(DeviceMesh(pp=2))(load_model(path))
     for stage in result.stages:
         assert _kv_layers([b.local for b in stage.inputs]) == set(stage.layers)
+    from llmir_onnx.runtime.feeds import FeedSizes
+
     # the size read is added to every logit: batch 2 and 5 past tokens, neither a static dim's size
     feeds = random_feeds(load_model(path), FeedSizes(batch=2, new_tokens=4, past_tokens=5))
     assert_close(reference(path, feeds), simulate(result.stages, feeds, tmp_path))
