@@ -357,6 +357,7 @@ def _partition_stages(
         memory_limit_bytes=options.device_memory_bytes,
         consume_model=True,  # tp rank 0's model is this partition's own (the template or a copy)
         on_initializer_stages=weights_by_stage,
+        max_seq=max_seq,
     )
     ranks = [RankProgram(s.rank, s.model, list(s.inputs), list(s.outputs), s.layers) for s in staged]
     # The other tp ranks' copies are made from these stage models, so they inherit the clean-up.

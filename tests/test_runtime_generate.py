@@ -213,7 +213,9 @@ def test_pipeline_plan_with_micro_batches_equals_original(tmp_path: Path, tp: in
 # export's flat [B, kv, S, D] cache: the tests above): optimum's and dynamo's flat caches, dynamo's
 # opset-23 Attention op, the genai builder's GroupQueryAttention (no position_ids: positions come from
 # the mask), and llama-kv2 (2 KV heads) at tp 4 x pp 2, where each KV head and its cache is replicated
-# on 2 ranks of a stage, with 2 micro-batches.
+# on 2 ranks of a stage, with 2 micro-batches; and dynamo's export without named dims at pp 2, where
+# every cache has its own length symbol and each stage reads another layer's cache's shape (batch, past
+# length): each stage must be fed its own layers' caches only, as generate feeds them.
 KV_LAYOUT_PLANS = [
     ("llama-gqa-optimum", 2, 1),
     ("llama-gqa-torch-dynamo", 2, 1),
@@ -221,6 +223,7 @@ KV_LAYOUT_PLANS = [
     ("llama-gqa-genai", 2, 1),
     ("llama-kv2-torch-legacy", 4, 2),
     ("llama-kv2-genai", 4, 2),
+    ("llama-gqa-torch-dynamo-autodims", 1, 2),
 ]
 # The recompute's picks for these prompts win by a top-2 logit margin of 5.9e-3 or more (llama-kv2;
 # 6.9e-2 for llama-gqa), while the original's cached and uncached last-position logits differ by at

@@ -578,6 +578,84 @@ def test_compose_bindings_with_tensor_parallel_slices() -> None:
     assert compose_bindings(outer, inner) == [SliceBinding("past_key_values.1.key", "past_key_values.1.key", 1, 2, 4)]
 
 
+# --------------------------------------------------------------------------- another stage's cache shape
+
+
+def cross_shape_model(folder: Path, read: str, axis: int, window: int | None) -> Path:
+    """Two layers whose caches have their own length symbols (p0, p1), as torch dynamo exports them
+    without named dims; layer 0 adds a size of layer 1's cache (`read`: Shape's start/end, or a Gather
+    of the whole shape) to its input. `window`: layer 1 keeps only its last `window` tokens."""
+    f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    rng = np.random.default_rng(0)
+    inits = [onnx.numpy_helper.from_array(rng.standard_normal((8, 2)).astype(np.float32), "model.embed.weight"),
+             onnx.numpy_helper.from_array(np.array([1], np.int64), "axis1"),
+             onnx.numpy_helper.from_array(np.array([axis], np.int64), "picked")]
+    nodes = [oh.make_node("Gather", ["model.embed.weight", "input_ids"], ["h"], name="/model/embed/Gather")]
+    if read == "start":
+        nodes.append(oh.make_node("Shape", ["past_key_values.1.key"], ["size"], start=axis, end=axis + 1,
+                                  name="/model/Shape"))
+    else:
+        nodes += [oh.make_node("Shape", ["past_key_values.1.key"], ["shape"], name="/model/Shape"),
+                  oh.make_node("Gather", ["shape", "picked"], ["size"], axis=0, name="/model/Gather")]
+    nodes += [oh.make_node("Cast", ["size"], ["size_f"], to=f, name="/model/Cast"),
+              oh.make_node("Add", ["h", "size_f"], ["x0"], name="/model/layers.0/Add")]
+    inputs = [oh.make_tensor_value_info("input_ids", i64, ["b", "s"])]
+    outputs = [oh.make_tensor_value_info("logits", f, ["b", "s", 2])]
+    x = "x0"
+    for layer in range(2):
+        scope, past = f"/model/layers.{layer}", f"past_key_values.{layer}.key"
+        inputs.append(oh.make_tensor_value_info(past, f, ["b", 1, f"p{layer}", 2]))
+        inits.append(onnx.numpy_helper.from_array(rng.standard_normal((2, 2)).astype(np.float32),
+                                                  f"model.layers.{layer}.proj.weight"))
+        weight = f"model.layers.{layer}.proj.weight"
+        nodes += [oh.make_node("MatMul", [x, weight], [f"y{layer}"], name=f"{scope}/MatMul"),
+                  oh.make_node("Unsqueeze", [f"y{layer}", "axis1"], [f"k{layer}"], name=f"{scope}/Unsqueeze"),
+                  oh.make_node("Concat", [past, f"k{layer}"], [f"cat{layer}"], axis=2, name=f"{scope}/Concat")]
+        total = f"p{layer} + s"
+        if layer == 1 and window is not None:
+            inits += [onnx.numpy_helper.from_array(np.array([-window], np.int64), "window_start"),
+                      onnx.numpy_helper.from_array(np.array([1 << 30], np.int64), "window_end"),
+                      onnx.numpy_helper.from_array(np.array([2], np.int64), "window_axis")]
+            nodes.append(oh.make_node("Slice", [f"cat{layer}", "window_start", "window_end", "window_axis"],
+                                      [f"present.{layer}.key"], name=f"{scope}/Slice"))
+            total = "kept"
+        else:
+            nodes.append(oh.make_node("Identity", [f"cat{layer}"], [f"present.{layer}.key"], name=f"{scope}/Identity"))
+        outputs.append(oh.make_tensor_value_info(f"present.{layer}.key", f, ["b", 1, total, 2]))
+        x = f"y{layer}"
+    nodes.append(oh.make_node("Identity", [x], ["logits"], name="/lm_head/Identity"))
+    graph = oh.make_graph(nodes, "cross_shape", inputs, outputs, inits)
+    path = folder / "cross" / "model.onnx"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(oh.make_model(graph, ir_version=10, opset_imports=[oh.make_opsetid("", 17)]), path)
+    return path
+
+
+@pytest.mark.parametrize(("read", "axis", "window"), [("start", 2, None), ("gather", 2, None), ("gather", 0, 3)])
+def test_another_stages_cache_shape_is_read_off_an_own_cache(
+    tmp_path: Path, read: str, axis: int, window: int | None
+) -> None:
+    """The past length when no layer keeps a window, the batch always: stage 0 is fed layer 0's cache only."""
+    path = cross_shape_model(tmp_path, read, axis, window)
+    result = PipelineStageSplit(DeviceMesh(pp=2))(load_model(path))
+    for stage in result.stages:
+        assert _kv_layers([b.local for b in stage.inputs]) == set(stage.layers)
+    from llmir_onnx.runtime.feeds import FeedSizes
+
+    # the size read is added to every logit: batch 2 and 5 past tokens, neither a static dim's size
+    feeds = random_feeds(load_model(path), FeedSizes(batch=2, new_tokens=4, past_tokens=5))
+    assert_close(reference(path, feeds), simulate(result.stages, feeds, tmp_path))
+
+
+@pytest.mark.parametrize("read", ["start", "gather"])
+def test_another_stages_past_length_is_refused_when_a_layer_keeps_a_window(tmp_path: Path, read: str) -> None:
+    model = load_model(cross_shape_model(tmp_path, read, 2, window=3))
+    with pytest.raises(PlanError, match=r"^stage 0 \(layers 0-0\) reads the shape of 'past_key_values.1.key', "
+                       r"layer 1's KV cache on another stage, in node '/model/Shape' \(Shape\).*axes \[2\].*"
+                       r"different lengths at 2048 tokens \(present.0.key 2048, present.1.key 3\); use --pp 1: "):
+        PipelineStageSplit(DeviceMesh(pp=2))(model)
+
+
 # --------------------------------------------------------------------------- every bundled model, in process
 
 

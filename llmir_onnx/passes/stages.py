@@ -25,8 +25,11 @@ final norm and lm_head on the last); a node never runs before a value it reads. 
 table (tiny test models) is replicable, hence computed on the stage that reads it: stage 0.
 Reading only a KV cache's *shape* does not tie a node to that layer: exporters take the batch size
 and past length from any layer's cache (torch dynamo: the last one's), so in each stage such a Shape
-is rewired to one of the stage's own caches with the same declared shape, and each stage is fed only
-its own layers' caches. A graph output of replicated nodes comes from the last stage only.
+is rewired to one of the stage's own caches that provably has the same dims where they are read (the
+same declared shape; else batch for batch, static for equal static, past length for past length when
+no layer keeps a shorter cache than another: `_KvShapeSources`), and each stage is fed only its own
+layers' caches; where that cannot be proven the split is refused. A graph output of replicated nodes
+comes from the last stage only.
 
 What crosses. Every value produced on stage p and read on stage m > p is sent p -> p+1 -> ... -> m:
 each intermediate stage receives it and sends it on, even if it does not use it. Each crossing value
@@ -54,7 +57,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import InputModelError, LlmirError, PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
-from llmir_onnx.model_facts import is_kv_input
+from llmir_onnx.model_facts import BATCH, CLI_HINT, PAST, dim_roles, is_kv_input
 from llmir_onnx.ops import (
     ALL_GATHER,
     ALL_REDUCE,
@@ -78,7 +81,8 @@ from llmir_onnx.passes.stage_balance import (
     unit_from_nodes,
 )
 from llmir_onnx.plan.manifest import SliceBinding
-from llmir_onnx.plan.shapes import types_in_input_terms
+from llmir_onnx.plan.memory import unequal_kv_cache_lengths
+from llmir_onnx.plan.shapes import default_max_seq, types_in_input_terms
 
 SENT_OUTPUT_PREFIX = "llmir.sent."
 DEFAULT_REPLICATE_MAX_WEIGHT_BYTES = 1 << 20
@@ -290,7 +294,7 @@ def analyze_layers(model: ir.Model, replicate_max_weight_bytes: int = DEFAULT_RE
         for value in node.outputs:
             reads_model_input[value] = touches_input
         upstream = [position[p] for p in producers if p not in replicable]
-        # reading only a KV cache's shape does not tie a node to that layer: see _use_own_kv_shapes
+        # reading only a KV cache's shape does not tie a node to that layer: see _KvShapeSources
         kv_read = [] if node.op_type in _SHAPE_ONLY_OPS else [kv_layers[v] for v in reads if v in kv_layers]
         heavy = touches_input and (
             _multiplies_weight_matrix(node) or _weight_bytes_read(node) > replicate_max_weight_bytes
@@ -487,7 +491,9 @@ class PipelineStageSplit:
     `memory_limit_bytes`: exact weight bytes per stage plus `extra_memory_bytes_per_layer` (e.g. one
     layer's KV cache at the planned batch and length). The input model is not modified, unless
     `consume_input`: then the last stage is cut from the input's own graph instead of a copy (the
-    caller has no further use for it; a graph copy is ~40% of a stage split's time).
+    caller has no further use for it; a graph copy is ~40% of a stage split's time). `max_seq`: the
+    longest sequence the plan serves (default: what the model takes, up to 2048), over which the
+    layers' KV caches must hold equal lengths when a stage reads another's past length off its own.
     """
 
     def __init__(
@@ -502,6 +508,7 @@ class PipelineStageSplit:
         extra_memory_bytes_per_layer: int = 0,
         replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
         consume_input: bool = False,
+        max_seq: int | None = None,
     ) -> None:
         if not 0 <= tp_rank < mesh.tp or not 0 <= cp_rank < mesh.cp:
             raise PlanError(f"tp_rank {tp_rank} / cp_rank {cp_rank} are outside the mesh {mesh}")
@@ -514,6 +521,7 @@ class PipelineStageSplit:
         self.extra_memory_bytes_per_layer = extra_memory_bytes_per_layer
         self.replicate_max_weight_bytes = replicate_max_weight_bytes
         self.consume_input = consume_input
+        self.max_seq = max_seq
         # Told, before any stage is built, which stages will hold each initializer (so that writing
         # the weights can start while the stage graphs are being built).
         self.on_initializer_stages: Callable[[dict[str, set[int]]], None] | None = None
@@ -589,6 +597,8 @@ class _Splitter:
         self.crossing = [(value, first, last_use) for _, _, value, first, last_use in crossing]
         self.tag = {value: tag for tag, (value, _, _) in enumerate(self.crossing)}
         self.types: dict[str, tuple[ir.DataType, ir.Shape | None]] = {}
+        # Decided on the whole input model, before any weight is written or any stage consumes the graph.
+        self.kv_shape_sources = _KvShapeSources(model, placement, ranges, self.needs, options.max_seq).resolve()
 
     def _output_stage(self, value: ir.Value) -> int:
         """The one stage that returns a graph output: its producer's, or the last for replicated ones."""
@@ -704,7 +714,9 @@ class _Splitter:
             raise PlanError(f"stage {stage}: the split left a dangling use ({error}); this is a bug") from error
         graph.extend(new_nodes)
         graph.sort()
-        self._use_own_kv_shapes(graph, stage, value_map)
+        for (reading_stage, node), source in self.kv_shape_sources.items():
+            if reading_stage == stage:
+                node_map[node].replace_input_with(0, value_map[source])
         stage_inputs = [value_map[v] for v in original.inputs if value_map[v].uses() or value_map[v] in outputs]
         graph.inputs.clear()
         graph.inputs.extend(stage_inputs)
@@ -776,34 +788,6 @@ class _Splitter:
         new_nodes.extend([shape_of, zero, same, reshaped])
         return reshaped.outputs[0]
 
-    def _use_own_kv_shapes(self, graph: ir.Graph, stage: int, value_map: dict[ir.Value, ir.Value]) -> None:
-        """Shape/Size of another stage's KV cache input -> of this stage's own one with the same declared shape.
-
-        Exporters read batch size and past length off any layer's cache (torch dynamo: the last
-        layer's); the declared shapes (same static dims, same named dims) say they are equal, so the
-        stage is fed only its own layers' caches. Without a match the foreign input stays (and is fed).
-        """
-        own = [value_map[v] for v, layer in self.placement.kv_layers.items() if layer in self.ranges[stage]]
-        foreign = {value_map[v] for v, layer in self.placement.kv_layers.items() if layer not in self.ranges[stage]}
-        for node in list(graph):
-            if node.op_type not in _SHAPE_ONLY_OPS or not node.inputs or node.inputs[0] not in foreign:
-                continue
-            source = node.inputs[0]
-            assert source is not None
-            match = next(
-                (
-                    v
-                    for v in own
-                    if v.dtype == source.dtype
-                    and source.shape is not None
-                    and v.shape is not None
-                    and list(v.shape) == list(source.shape)
-                ),
-                None,
-            )
-            if match is not None:
-                node.replace_input_with(0, match)
-
     def _rewrite_collective_groups(self, graph: ir.Graph, stage: int) -> None:
         mesh = self.options.mesh
         for node in ir.traversal.RecursiveGraphIterator(graph):
@@ -820,6 +804,161 @@ class _Splitter:
             node.attributes["group"] = ir.AttrInt64s(
                 "group", [_global_rank(mesh, stage, self.options.cp_rank, r) for r in tp_ranks]
             )
+
+
+class _KvShapeSources:
+    """Which of its own KV cache inputs each stage reads, where the model reads another stage's one's shape.
+
+    Exporters take the batch size and past length off any layer's cache (torch dynamo: the last
+    layer's; without named dims every cache has its own symbols, and a layer's mask slice may read
+    another layer's past length). A stage is fed only its own layers' caches, so each Shape/Size of
+    another stage's cache input is rewired to one of the stage's own that provably has the same dims
+    where the Shape is read: one with the same declared shape; else, over the axes read (the Shape's
+    start/end, narrowed by Gather/Slice consumers with constant indices), a cache of the same kind
+    (key/value) first, equal static sizes, the batch (one batch for every input), or the past length
+    when every layer's cache holds as many tokens as every other's (`unequal_kv_cache_lengths`: not
+    so with per-layer windows). Anything else is refused, naming the stage, the input and the node:
+    feeding a wrong shape would go unnoticed.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        placement: _Placement,
+        ranges: Sequence[range],
+        needs: Mapping[ir.Node, set[int]],
+        max_seq: int | None,
+    ) -> None:
+        self.model = model
+        self.placement = placement
+        self.ranges = ranges
+        self.needs = needs
+        self.max_seq = max_seq
+        self._roles: Mapping[str, str] | None = None
+        self._unequal: tuple[str | None] | None = None
+
+    def resolve(self) -> dict[tuple[int, ir.Node], ir.Value]:
+        """(stage, node of the input model) -> the input model's KV cache input that node reads there."""
+        kv_layers = self.placement.kv_layers
+        sources: dict[tuple[int, ir.Node], ir.Value] = {}
+        for node in self.model.graph:
+            if node.op_type not in _SHAPE_ONLY_OPS or not node.inputs or node.inputs[0] not in kv_layers:
+                continue
+            read = node.inputs[0]
+            assert read is not None
+            stages = self.needs[node] if node in self.placement.replicable else set()
+            for stage in sorted(stages):
+                if kv_layers[read] not in self.ranges[stage]:
+                    sources[(stage, node)] = self._own_source(stage, node, read)
+        return sources
+
+    def _own_source(self, stage: int, node: ir.Node, read: ir.Value) -> ir.Value:
+        own = [v for v, layer in self.placement.kv_layers.items() if layer in self.ranges[stage]]
+        for candidate in own:
+            declared_same = read.shape is not None and candidate.shape is not None
+            if declared_same and candidate.dtype == read.dtype and list(candidate.shape) == list(read.shape):
+                return candidate
+        axes = _shape_axes_read(node, read)
+        kind = _cache_kind(read)
+        reasons = []
+        for candidate in sorted(own, key=lambda v: _cache_kind(v) != kind):
+            reason = self._why_not_same(read, candidate, axes)
+            if reason is None:
+                return candidate
+            reasons.append(reason)
+        layer = self.placement.kv_layers[read]
+        reason = reasons[0] if reasons else "it has none"
+        if self._unequal is not None and self._unequal[0] is not None and reason.endswith(self._unequal[0]):
+            fix = "use --pp 1: the stage is not fed that layer's cache, whose length its own caches do not tell"
+        else:
+            settle = CLI_HINT.format(symbol="SYMBOL")
+            fix = f"settle the dims' roles with {settle}, re-export with named dims, or use --pp 1"
+        raise PlanError(
+            f"stage {stage} (layers {self.ranges[stage].start}-{self.ranges[stage].stop - 1}) reads the shape of "
+            f"{read.name!r}, layer {layer}'s KV cache on another stage, in node {node.name!r} ({node.op_type}), and "
+            f"none of its own caches provably has the same axes {axes}: {reason}; {fix}"
+        )
+
+    def _why_not_same(self, read: ir.Value, candidate: ir.Value, axes: Sequence[int]) -> str | None:
+        """Why `candidate`'s shape may differ from `read`'s on `axes`, or None when it provably does not."""
+        if read.shape is None or candidate.shape is None or len(read.shape) != len(candidate.shape):
+            return f"{candidate.name!r} has no declared shape of {read.name!r}'s rank"
+        for axis in axes:
+            theirs, ours = read.shape[axis], candidate.shape[axis]
+            if theirs == ours and (isinstance(theirs, int) or theirs.value is not None):
+                continue
+            roles = (self._role(theirs), self._role(ours))
+            if roles == (BATCH, BATCH):
+                continue
+            if roles == (PAST, PAST):
+                unequal = self._unequal_lengths()
+                if unequal is None:
+                    continue
+                return f"axis {axis} is the past length of each ({theirs} and {ours}), which may differ: {unequal}"
+            return (
+                f"axis {axis} is {theirs} ({roles[0] or 'no known role'}) in {read.name!r} but {ours} "
+                f"({roles[1] or 'no known role'}) in {candidate.name!r}"
+            )
+        return None
+
+    def _role(self, dim: int | ir.SymbolicDim) -> str | None:
+        if isinstance(dim, int) or dim.value is None:
+            return None
+        if self._roles is None:
+            self._roles = dim_roles(self.model).roles
+        return self._roles.get(str(dim.value))
+
+    def _unequal_lengths(self) -> str | None:
+        if self._unequal is None:
+            max_seq = self.max_seq or default_max_seq(self.model)
+            self._unequal = (unequal_kv_cache_lengths(self.model, max_seq),)
+        return self._unequal[0]
+
+
+def _cache_kind(value: ir.Value) -> str:
+    """`key` or `value` (the last part of `past_key_values.3.key`)."""
+    return (value.name or "").rsplit(".", 1)[-1]
+
+
+def _shape_axes_read(node: ir.Node, read: ir.Value) -> list[int]:
+    """The axes of `read` whose sizes a Shape/Size node's result is used for."""
+    rank = len(read.shape) if read.shape is not None else 0
+    if node.op_type != "Shape":
+        return list(range(rank))
+    start = node.attributes.get_int("start", 0)
+    end = node.attributes.get_int("end", rank)
+    axes = list(range(rank))[start:end]  # onnx's clamping of start/end is Python's slicing
+    result = node.outputs[0]
+    if result.is_graph_output():
+        return axes
+    picked: set[int] = set()
+    for consumer, index in result.uses():
+        elements = _elements_picked(consumer, index, len(axes))
+        if elements is None:
+            return axes
+        picked.update(axes[i] for i in elements)
+    return sorted(picked)
+
+
+def _elements_picked(node: ir.Node, index: int, length: int) -> list[int] | None:
+    """The elements of a 1-D input that a Gather or Slice with constant indices takes; None when not known."""
+    if index != 0 or node.domain not in ("", "ai.onnx"):
+        return None
+    constants = []
+    for value in node.inputs[1:]:
+        tensor = ir.convenience.get_const_tensor(value) if value is not None else None
+        constants.append(None if tensor is None else [int(x) for x in tensor.numpy().reshape(-1)])
+    if node.op_type == "Gather" and node.attributes.get_int("axis", 0) in (0, -1) and constants[0] is not None:
+        picked = [i + length if i < 0 else i for i in constants[0]]
+        return picked if all(0 <= i < length for i in picked) else None
+    if node.op_type == "Slice" and len(constants) >= 2 and all(c is not None and len(c) == 1 for c in constants):
+        (start,), (end,) = constants[0], constants[1]
+        axis = constants[2][0] if len(constants) > 2 else 0  # type: ignore[index]
+        step = constants[3][0] if len(constants) > 3 else 1  # type: ignore[index]
+        if axis not in (0, -1) or step == 0:
+            return None
+        return list(range(length))[start:end:step]  # onnx's clamping of starts/ends is Python's slicing
+    return None
 
 
 class _HelperConstants:
@@ -907,6 +1046,7 @@ def split_tp_stages(
     replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
     consume_model: bool = False,
     on_initializer_stages: Callable[[dict[str, set[int]]], None] | None = None,
+    max_seq: int | None = None,
 ) -> tuple[list[StageRankModel], StageSplitResult]:
     """Cut tp rank 0's `model` into mesh.pp stages, then give every other tp rank a copy of each stage.
 
@@ -932,6 +1072,7 @@ def split_tp_stages(
         extra_memory_bytes_per_layer=extra_memory_bytes_per_layer,
         replicate_max_weight_bytes=replicate_max_weight_bytes,
         consume_input=consume_model,
+        max_seq=max_seq,
     )
     split.on_initializer_stages = on_initializer_stages
     result = split(model)

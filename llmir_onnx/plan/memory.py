@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from llmir_onnx.errors import PlanError
+from llmir_onnx.errors import LlmirError, PlanError
 from llmir_onnx.model_facts import is_kv_output, kv_length_axis
 from llmir_onnx.model_facts import kv_cache_inputs as past_kv_inputs
 from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, bind_dims, evaluate_shapes
@@ -157,16 +157,43 @@ def phase_sizes(max_batch: int, max_seq: int) -> dict[str, Sizes]:
     }
 
 
+def kv_cache_lengths(model: ir.Model, shapes: Mapping[str, TensorShape]) -> dict[str, int]:
+    """Tokens each present KV cache output holds at the evaluated `shapes`, by output name."""
+    return {
+        value.name: shapes[value.name].shape[kv_length_axis(value)]
+        for value in model.graph.outputs
+        if is_kv_output(value) and value.name in shapes and len(shapes[value.name].shape) == 4
+    }
+
+
 def kv_cache_tokens(model: ir.Model, decode_shapes: Mapping[str, TensorShape], max_seq: int) -> int:
     """Past tokens the KV cache holds per sequence at `max_seq`: max_seq, or the length of the present
     outputs where they stay shorter (a sliding-window cache keeps only its window; the next step's
     past is that present)."""
-    lengths = [
-        decode_shapes[value.name].shape[kv_length_axis(value)]
-        for value in model.graph.outputs
-        if is_kv_output(value) and value.name in decode_shapes and len(decode_shapes[value.name].shape) == 4
-    ]
+    lengths = kv_cache_lengths(model, decode_shapes).values()
     return min(max_seq, max(lengths)) if lengths else max_seq
+
+
+def unequal_kv_cache_lengths(model: ir.Model, max_seq: int) -> str | None:
+    """Why the layers' KV caches may differ in length over sequences of up to `max_seq` tokens, or None
+    when they provably do not.
+
+    Each step's past is the previous step's present, so the caches stay equal as long as every layer's
+    present is as long as every other's. A layer's present holds the tokens so far, or its window of
+    them (sliced to a fixed size): min(tokens, window), which is the same for every layer at every
+    length up to `max_seq` exactly when it is at `max_seq`; so one decode evaluation at `max_seq` tells.
+    """
+    try:
+        shapes = evaluate_shapes(model, phase_sizes(1, max_seq)["decode"])
+    except LlmirError as error:
+        return f"its shapes cannot be evaluated at {max_seq} tokens ({error})"
+    lengths = kv_cache_lengths(model, shapes)
+    if not lengths:
+        return "it has no present.* KV cache outputs whose lengths could be compared"
+    if len(set(lengths.values())) > 1:
+        held = ", ".join(f"{name} {length}" for name, length in lengths.items())
+        return f"its layers keep KV caches of different lengths at {max_seq} tokens ({held})"
+    return None
 
 
 def plan_memory(
