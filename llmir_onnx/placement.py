@@ -4,6 +4,9 @@
   ``blocks`` (global sizes along ``dim`` that add up to it) describes a fused projection such as
   GPT-2's ``[q | k | v]`` columns: every block is split evenly and rank ``r`` holds part ``r`` of
   each block, concatenated, so that it owns q, k and v of the SAME heads.
+  ``inner_blocks`` describe a grouped fused projection split finer than its groups (Falcon-style GQA,
+  ``[q heads | k | v]`` per kv group, with more ranks than groups): ``parts`` split the axis into groups,
+  the ``inner`` ranks sharing a group split each inner block ``inner_parts[b]`` ways.
 * ``Replicate()``: every rank holds the full tensor.
 * ``Partial(op)``: every rank holds a tensor of the full shape; the value is their reduction.
 """
@@ -28,6 +31,14 @@ class Shard:
     # repeat_kv's expanded axis (dim + 1) is split `inner` ways on top (rank r holds piece r % inner), so
     # that merging it with `dim` gives the query heads split tp ways. 0: no inner split.
     inner: int = 0
+    # With `inner`: the width of each of the `parts` is made of these blocks (a kv group's [q heads | k | v]),
+    # block b split inner_parts[b] ways among the `inner` ranks of the part: rank r takes piece
+    # (r % inner) // (inner // inner_parts[b]) of it. A block split fewer ways is repeated on those ranks.
+    inner_blocks: tuple[int, ...] = ()
+    inner_parts: tuple[int, ...] = ()
+    # True: the inner blocks lie on `dim` itself, inside each part (the fused columns, before the Reshape
+    # into [groups, heads per group, head_dim]); False: on dim + 1, in its units (after that Reshape).
+    inner_flat: bool = False
 
     def __str__(self) -> str:
         text = str(self.dim)
@@ -37,10 +48,28 @@ class Shard:
             text += "/" + ",".join(str(p) for p in self.parts)
         if self.inner:
             text += f"x{self.inner}"
+        if self.inner_blocks:
+            # ':' blocks inside each part of `dim`, ';' blocks of the next axis.
+            text += (":" if self.inner_flat else ";") + "|".join(str(b) for b in self.inner_blocks)
+            text += "/" + ",".join(str(p) for p in self.inner_parts)
         return f"S({text})"
 
     def with_dim(self, dim: int) -> Shard:
-        return Shard(dim, self.blocks, self.parts, self.inner)
+        return Shard(dim, self.blocks, self.parts, self.inner, self.inner_blocks, self.inner_parts, self.inner_flat)
+
+    def inner_block(self, index: int) -> Shard:
+        """What a Slice/Gather of inner block `index` (on dim + 1) holds: the groups, that block split as before."""
+        if self.inner_parts[index] == self.inner:
+            return Shard(self.dim, (), self.parts, self.inner)
+        assert self.inner_parts[index] == 1, "only blocks split by every rank of a group, or by none, are kept"
+        return Shard(self.dim, (), self.parts)
+
+    def inner_local_offset(self, index: int) -> int:
+        """Where inner block `index` starts on a rank: the local widths of the inner blocks before it."""
+        return sum(b // p for b, p in zip(self.inner_blocks[:index], self.inner_parts[:index], strict=True))
+
+    def inner_local_size(self) -> int:
+        return self.inner_local_offset(len(self.inner_blocks))
 
     def block_parts(self, block_index: int, tp: int) -> int:
         if not self.parts:
@@ -66,6 +95,17 @@ class Shard:
 
     def local_ranges(self, size: int, tp: int, rank: int) -> list[tuple[int, int]]:
         """The [start, stop) ranges of the global axis that tp rank `rank` holds, in order."""
+        if self.inner_flat:
+            parts = self.parts[0]
+            chunk = size // parts
+            start = rank // (tp // parts) * chunk
+            ranges = []
+            for block, block_parts in zip(self.inner_blocks, self.inner_parts, strict=True):
+                width = block // block_parts
+                piece = rank % self.inner // (self.inner // block_parts)
+                ranges.append((start + piece * width, start + (piece + 1) * width))
+                start += block
+            return ranges
         blocks = self.blocks or (size,)
         ranges = []
         offset = 0
@@ -81,6 +121,14 @@ class Shard:
         return sum(stop - start for start, stop in self.local_ranges(size, tp, 0))
 
     def divides(self, size: int, tp: int) -> bool:
+        if self.inner_blocks:
+            parts = self.block_parts(0, tp)
+            inner_ok = tp % parts == 0 and self.inner == tp // parts and len(self.inner_parts) == len(self.inner_blocks)
+            inner_ok = inner_ok and all(
+                self.inner % p == 0 and b % p == 0 for b, p in zip(self.inner_blocks, self.inner_parts, strict=True)
+            )
+            whole = sum(self.inner_blocks) * parts == size if self.inner_flat else size % parts == 0
+            return inner_ok and not self.blocks and whole
         blocks = self.blocks or (size,)
         return sum(blocks) == size and all(
             tp % self.block_parts(i, tp) == 0 and block % self.block_parts(i, tp) == 0 for i, block in enumerate(blocks)
@@ -157,6 +205,8 @@ def unshard_arrays(pieces: list[np.ndarray], placement: Placement) -> np.ndarray
         return reduce(np.stack(pieces), axis=0)
     tp = len(pieces)
     dim = placement.dim % pieces[0].ndim
+    if placement.inner_flat:
+        return _unshard_inner_blocks(pieces, placement, dim)
     if placement.inner:
         raise ValueError(f"{placement} is an intermediate of repeat_kv; it has no full tensor to rebuild")
     out = []
@@ -167,6 +217,21 @@ def unshard_arrays(pieces: list[np.ndarray], placement: Placement) -> np.ndarray
         distinct = [pieces[part * (tp // parts)] for part in range(parts)]
         out.extend(np.take(p, np.arange(offset, offset + width), axis=dim) for p in distinct)
         offset += width
+    return np.concatenate(out, axis=dim)
+
+
+def _unshard_inner_blocks(pieces: list[np.ndarray], placement: Shard, dim: int) -> np.ndarray:
+    """Each part's inner blocks, each from the first rank of every piece of it, in global order."""
+    tp = len(pieces)
+    out = []
+    for part in range(placement.parts[0]):
+        first = part * (tp // placement.parts[0])
+        for index, block_parts in enumerate(placement.inner_parts):
+            width = placement.inner_blocks[index] // block_parts
+            offset = placement.inner_local_offset(index)
+            for piece in range(block_parts):
+                held = pieces[first + piece * (placement.inner // block_parts)]
+                out.append(np.take(held, np.arange(offset, offset + width), axis=dim))
     return np.concatenate(out, axis=dim)
 
 

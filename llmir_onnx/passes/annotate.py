@@ -208,12 +208,33 @@ def head_axis_split(ctx: RuleContext, reshape: ir.Node, width: int) -> tuple[tup
     heads, head_dim = shape[-2], shape[-1]
     if not isinstance(heads, int) or not isinstance(head_dim, int) or heads * head_dim != width:
         return None
-    axis = len(shape) - 2
+    counts = _head_blocks(ctx, out, len(shape) - 2, heads)
+    return None if counts is None else (counts, head_dim)
+
+
+def grouped_head_split(ctx: RuleContext, reshape: ir.Node, width: int) -> tuple[int, tuple[int, ...], int] | None:
+    """(groups, heads per block of a group, head_dim) of a fused output of `width` columns that `reshape`
+    turns into [.., groups, heads per group, head_dim] and Slices / constant Gathers cut along the heads
+    axis (Falcon's grouped qkv: per kv group its query heads, then its k head, then its v head)."""
+    out = reshape.outputs[0]
+    shape, in_rank = ctx.shape(out), ctx.rank(reshape.inputs[0])
+    if shape is None or in_rank is None or len(shape) != in_rank + 2:
+        return None
+    groups, heads, head_dim = shape[-3:]
+    if not all(isinstance(d, int) for d in (groups, heads, head_dim)) or groups * heads * head_dim != width:
+        return None
+    counts = _head_blocks(ctx, out, len(shape) - 2, heads)
+    return None if counts is None else (groups, counts, head_dim)
+
+
+def _head_blocks(ctx: RuleContext, value: ir.Value, axis: int, heads: int) -> tuple[int, ...] | None:
+    """Heads per block when every reader of `value` but shape readers takes whole heads along `axis`,
+    together covering it once, in at least two blocks."""
     ranges = set()
-    for consumer in out.consumers():
+    for consumer in value.consumers():
         if consumer.op_type in SHAPE_READERS:
             continue
-        cut = _head_range(ctx, consumer, out, axis, heads)
+        cut = _head_range(ctx, consumer, value, axis, heads)
         if cut is None:
             return None
         ranges.add(cut)
@@ -224,7 +245,7 @@ def head_axis_split(ctx: RuleContext, reshape: ir.Node, width: int) -> tuple[tup
         offset = end
     if offset != heads or len(ranges) < 2:
         return None
-    return tuple(end - start for start, end in sorted(ranges)), head_dim
+    return tuple(end - start for start, end in sorted(ranges))
 
 
 def _head_range(ctx: RuleContext, node: ir.Node, value: ir.Value, axis: int, heads: int) -> tuple[int, int] | None:
@@ -402,6 +423,27 @@ def _kv_parts_of(ctx: RuleContext, node: ir.Node, blocks: tuple[int, ...]) -> tu
     return parts
 
 
+def _grouped_role(ctx: RuleContext, node: ir.Node) -> WeightRole | None:
+    """The role of a grouped fused projection with fewer groups than tp ranks: each group's ranks split its
+    query heads and each hold its k and v heads whole. None where tp does not exceed the groups (a plain
+    column split then keeps whole groups) or splits them another way."""
+    output = node.outputs[0]
+    width = _last_dim(ctx, output)
+    for consumer in output.consumers():
+        split = grouped_head_split(ctx, consumer, width) if consumer.op_type == "Reshape" and width else None
+        if split is None or consumer.inputs[0] is not output:
+            continue
+        groups, counts, head_dim = split
+        if ctx.tp <= groups or ctx.tp % groups:
+            return None
+        inner = ctx.tp // groups
+        parts = tuple(inner if count % inner == 0 else 1 for count in counts)
+        if any(count % inner and count != 1 for count in counts):
+            return None
+        return WeightRole("column", (), (groups,), inner, tuple(count * head_dim for count in counts), parts)
+    return None
+
+
 def assign_weight_roles(model: ir.Model, ctx: RuleContext, vocab_parallel: bool = False) -> dict[str, WeightRole]:
     """Megatron roles of weight matmuls; with `vocab_parallel`, the lm_head and embedding split by vocabulary."""
     weight_nodes = [node for node in model.graph if _is_weight_matmul(node, ctx.shapes)]
@@ -417,7 +459,8 @@ def assign_weight_roles(model: ir.Model, ctx: RuleContext, vocab_parallel: bool 
             roles[node.name] = WeightRole("column" if lm_head else "replicate")
             continue
         blocks = _fused_blocks(ctx, node)
-        roles[node.name] = WeightRole("column", blocks, _kv_parts_of(ctx, node, blocks))
+        grouped = None if blocks else _grouped_role(ctx, node)
+        roles[node.name] = grouped or WeightRole("column", blocks, _kv_parts_of(ctx, node, blocks))
         for closing in reached:
             roles.setdefault(closing.name, WeightRole("row"))
     if vocab_parallel:

@@ -26,7 +26,13 @@ from llmir_onnx.passes.state import ShardingState
 from llmir_onnx.placement import Partial, Placement, Shard
 from llmir_onnx.propagation.base import RuleContext, normalize_dim
 from llmir_onnx.propagation.reductions import PARTIAL_REDUCTIONS, partial_reduction_scale
-from llmir_onnx.propagation.shape_ops import gathered_block
+from llmir_onnx.propagation.shape_ops import (
+    block_of_range,
+    gathered_block,
+    inner_gathered_block,
+    slice_axes,
+    slice_params,
+)
 from llmir_onnx.weight_slices import rank_weight
 
 HEAD_ATTRIBUTES = {
@@ -110,7 +116,10 @@ class LocalizePass(ir.passes.InPlacePass):
             return []
         axes = [(placement.dim, self._global_dim(value, placement.dim))]
         axes_local = [(placement.dim, axes[0][1], placement.local_size(axes[0][1], self.state.tp))]
-        if placement.inner:
+        if placement.inner_blocks and not placement.inner_flat:
+            size = self._global_dim(value, placement.dim + 1)
+            axes_local.append((placement.dim + 1, size, placement.inner_local_size()))
+        elif placement.inner and not placement.inner_flat:
             size = self._global_dim(value, placement.dim + 1)
             axes_local.append((placement.dim + 1, size, size // placement.inner))
         return axes_local
@@ -149,8 +158,11 @@ class LocalizePass(ir.passes.InPlacePass):
         rank = len(self.state.shapes.get(out.name) or ())
         tp = self.state.tp
         current = target
+        placement = self._placement(out)
         for k, size, local in split_axes:
             candidates = sorted({size // d for d in range(1, tp + 1) if tp % d == 0 and size % d == 0} - {local})
+            if isinstance(placement, Shard) and placement.inner_blocks and k == placement.dim + 1:
+                candidates = [size]  # a literal of the whole group's heads; only it needs the local count
             for candidate in candidates:
                 marker = np.full(rank, -2, dtype=np.int64)
                 marker[k] = candidate
@@ -188,6 +200,9 @@ class LocalizePass(ir.passes.InPlacePass):
 
     def _localize_slice(self, graph: ir.Graph, node: ir.Node) -> None:
         placement = self._placement(node.inputs[0])
+        if isinstance(placement, Shard) and placement.inner_blocks:
+            self._localize_inner_block_slice(graph, node, placement)
+            return
         if not isinstance(placement, Shard) or not placement.blocks:
             return
         rank = len(self.state.shapes.get(node.inputs[0].name) or ())
@@ -220,9 +235,39 @@ class LocalizePass(ir.passes.InPlacePass):
         node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/starts", new_starts))
         node.replace_input_with(2, self._new_initializer(graph, f"{node.name}/ends", new_ends))
 
+    def _inner_block_range(self, node: ir.Node, placement: Shard, block: int | None) -> tuple[int, int]:
+        """[start, stop) of inner block `block` on a rank's axis dim + 1."""
+        if block is None:
+            raise ShardingError(f"node {node.name} ({node.op_type}) takes no whole inner block of {placement}")
+        start = placement.inner_local_offset(block)
+        return start, start + placement.inner_blocks[block] // placement.inner_parts[block]
+
+    def _localize_inner_block_slice(self, graph: ir.Graph, node: ir.Node, placement: Shard) -> None:
+        """A Slice of one inner block (the query heads of a kv group) reads that block's local heads."""
+        rank = len(self.state.shapes.get(node.inputs[0].name) or ())
+        ctx = RuleContext(tp=self.state.tp, shapes=self.state.shapes)
+        axes = slice_axes(ctx, node, rank)
+        params = slice_params(ctx, node)
+        if axes is None or placement.inner_flat or placement.dim + 1 not in axes:
+            return  # propagate kept the shard only where the Slice cuts neither split axis
+        if params is None:
+            raise ShardingError(f"node {node.name} (Slice) has bounds computed at run time; cannot localize it")
+        starts, ends, _, steps = params
+        k = axes.index(placement.dim + 1)
+        size = self._global_dim(node.inputs[0], placement.dim + 1)
+        block = block_of_range(placement.inner_blocks, size, starts[k], ends[k], steps[k])
+        start, stop = self._inner_block_range(node, placement, block)
+        new_starts, new_ends = np.array(starts, dtype=np.int64), np.array(ends, dtype=np.int64)
+        new_starts[k], new_ends[k] = start, stop
+        node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/starts", new_starts))
+        node.replace_input_with(2, self._new_initializer(graph, f"{node.name}/ends", new_ends))
+
     def _localize_block_gather(self, graph: ir.Graph, node: ir.Node) -> None:
         """A Gather that takes one whole block of a fused axis (a kv head) reads it at its local offset."""
         placement, indices = self._placement(node.inputs[0]), node.inputs[1]
+        if isinstance(placement, Shard) and placement.inner_blocks and indices is not None:
+            self._localize_inner_block_gather(graph, node, placement, indices)
+            return
         if not isinstance(placement, Shard) or not placement.blocks or indices is None:
             return
         rank = len(self.state.shapes.get(node.inputs[0].name) or ())
@@ -238,6 +283,18 @@ class LocalizePass(ir.passes.InPlacePass):
         width = placement.blocks[block] // placement.block_parts(block, tp)
         original = indices.const_value.numpy()
         local = np.arange(start, start + width, dtype=original.dtype).reshape(original.shape if width == 1 else -1)
+        node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/indices", local))
+
+    def _localize_inner_block_gather(self, graph: ir.Graph, node: ir.Node, placement: Shard, indices: ir.Value) -> None:
+        rank = len(self.state.shapes.get(node.inputs[0].name) or ())
+        axis_attr = node.attributes.get("axis")
+        axis = normalize_dim(axis_attr.as_int() if axis_attr else 0, rank)
+        if placement.inner_flat or axis != placement.dim + 1:
+            return  # propagate kept the shard only where the Gather reads neither split axis
+        ctx = RuleContext(tp=self.state.tp, shapes=self.state.shapes)
+        start, stop = self._inner_block_range(node, placement, inner_gathered_block(ctx, node, placement))
+        original = indices.const_value.numpy()
+        local = np.arange(start, stop, dtype=original.dtype).reshape(original.shape if stop - start == 1 else -1)
         node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/indices", local))
 
     def _localize_vocab_gather(self, graph: ir.Graph, node: ir.Node) -> None:

@@ -21,6 +21,9 @@ from llmir_onnx.propagation import lookup
 from llmir_onnx.propagation.base import Decision, RuleContext, any_sharded, divisibility_error, replicated
 
 logger = logging.getLogger(__name__)
+# The only ops whose rules know shards with inner blocks (Shard.inner_blocks); any other op that meets
+# one runs replicated, and gathering such a shard is refused.
+INNER_BLOCK_OPS = frozenset({"Reshape", "Flatten", "Slice", "Gather", "Shape", "Size"})
 
 
 def _check_divisible(ctx: RuleContext, node: ir.Node, value: ir.Value, placement: Placement) -> None:
@@ -179,6 +182,9 @@ class PropagatePass(ir.passes.InPlacePass):
             logger.warning(message)
             self.state.warnings.append(message)
             return replicated(node)
+        inner_blocks = any(isinstance(p, Shard) and p.inner_blocks for p in current)
+        if inner_blocks and not (node.domain in ("", "ai.onnx") and node.op_type in INNER_BLOCK_OPS):
+            return replicated(node)  # insert_collectives then refuses to gather it, naming the value
         decision = rule(ctx, node, current)
         if len(decision.inputs) != len(node.inputs) or len(decision.outputs) != len(node.outputs):
             raise ShardingError(f"internal: the rule for {node.op_type} answered for the wrong number of values")

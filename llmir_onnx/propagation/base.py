@@ -39,6 +39,16 @@ class WeightRole:
     kind: str  # "column" | "row" | "replicate"
     blocks: tuple[int, ...] = ()
     parts: tuple[int, ...] = ()  # per block; set when a block has fewer heads than tp (KV heads replicated)
+    # Grouped fused output ([q heads | k | v] per kv group) with fewer groups than ranks: `parts` are the
+    # groups, each split over `inner` ranks with these per-group blocks (see Shard.inner_blocks).
+    inner: int = 0
+    inner_blocks: tuple[int, ...] = ()
+    inner_parts: tuple[int, ...] = ()
+
+    def column_shard(self, dim: int) -> Shard:
+        """The placement of a column-parallel weight's output columns (and its weight's) on `dim`."""
+        flat = bool(self.inner_blocks)
+        return Shard(dim, self.blocks, self.parts, self.inner, self.inner_blocks, self.inner_parts, flat)
 
 
 @dataclass(frozen=True)

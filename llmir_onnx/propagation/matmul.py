@@ -26,9 +26,9 @@ def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     out_dim = a_rank - 1
     bias = [None] * (len(node.inputs) - 2)
     if role.kind == "column":
-        weight = Shard(0 if transposed_b else 1, role.blocks, role.parts)
-        bias = [Shard(0, role.blocks, role.parts) if v is not None else None for v in node.inputs[2:]]
-        return Decision([REPLICATE, weight, *bias], [Shard(out_dim, role.blocks, role.parts)])
+        weight = role.column_shard(0 if transposed_b else 1)
+        bias = [role.column_shard(0) if v is not None else None for v in node.inputs[2:]]
+        return Decision([REPLICATE, weight, *bias], [role.column_shard(out_dim)])
     if role.kind == "row":
         activation = placements[0]
         if isinstance(activation, Shard) and activation.is_replicated_within(ctx.tp):

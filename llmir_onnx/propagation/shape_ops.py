@@ -56,6 +56,11 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
         and in_shape[n - 1 - suffix] == out_shape[m - 1 - suffix]
     ):
         suffix += 1
+    if shard.inner_blocks and not shard.inner_flat:
+        # The inner blocks live on dim + 1: both axes must come through unchanged.
+        if dim + 1 < prefix:
+            return shard
+        return shard.with_dim(dim + m - n) if dim >= n - suffix else None
     if dim >= n - suffix:
         return shard.with_dim(dim + m - n)
     middle_in = list(in_shape[prefix : n - suffix])
@@ -91,6 +96,8 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
         first_out = outs[0]
         if len(ins) == 1 and len(outs) == 1:
             return shard.with_dim(prefix + first_out)
+        if shard.inner_flat:
+            return _split_groups(ctx, node, shard, [middle_out[d] for d in outs], prefix + first_out, outs)
         if len(ins) > 1 and len(outs) == 1:
             if shard.inner:
                 # repeat_kv's [kv_heads, n_rep] merged into the query heads: split tp ways again.
@@ -124,6 +131,24 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
             return Shard(prefix + first_out, (), shard.parts)
         return None
     return None
+
+
+def _split_groups(
+    ctx: RuleContext, node: ir.Node, shard: Shard, sizes: list[int], out_dim: int, outs: list[int]
+) -> Shard | None:
+    """[.., parts * sum(inner_blocks)] -> [.., parts, heads per part, head_dim..]: the inner blocks move to
+    the heads axis, counted in heads."""
+    if len(sizes) < 3 or outs[1] != outs[0] + 1 or sizes[0] != shard.parts[0]:
+        return None
+    rest = 1
+    for size in sizes[2:]:
+        rest *= size
+    if any(block % rest for block in shard.inner_blocks) or sum(shard.inner_blocks) != sizes[1] * rest:
+        return None
+    heads = tuple(block // rest for block in shard.inner_blocks)
+    if any(count % parts for count, parts in zip(heads, shard.inner_parts, strict=True)):
+        return None
+    return Shard(out_dim, (), shard.parts, shard.inner, heads, shard.inner_parts)
 
 
 @register(["Reshape", "Flatten"])
@@ -282,12 +307,17 @@ def slice_axes(ctx: RuleContext, node: ir.Node, rank: int) -> list[int] | None:
 
 def block_of_slice(shard: Shard, size: int, start: int, end: int, step: int) -> int | None:
     """Which block of a fused shard a Slice selects exactly, or None."""
+    return block_of_range(shard.blocks or (size,), size, start, end, step)
+
+
+def block_of_range(blocks: tuple[int, ...], size: int, start: int, end: int, step: int) -> int | None:
+    """Which of `blocks` (adding up to `size`) the range [start, end) selects exactly, or None."""
     if step != 1:
         return None
     start = start + size if start < 0 else start
     end = min(end + size if end < 0 else end, size)
     offset = 0
-    for index, block in enumerate(shard.blocks or (size,)):
+    for index, block in enumerate(blocks):
         if start == offset and end == offset + block:
             return index
         offset += block
@@ -304,6 +334,8 @@ def slice_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | Non
     axes = slice_axes(ctx, node, rank)
     if axes is None:
         return replicated(node)
+    if shard.inner_blocks:
+        return _inner_block_slice(ctx, node, shard, axes, rest)
     if shard.dim not in axes:
         return Decision([shard, *rest], [shard])
     params = slice_params(ctx, node)
@@ -324,6 +356,49 @@ def slice_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | Non
     return Decision([shard, *rest], [shard.block(block)])
 
 
+def _inner_block_slice(
+    ctx: RuleContext, node: ir.Node, shard: Shard, axes: list[int], rest: list[Placement | None]
+) -> Decision:
+    """A Slice of a shard with inner blocks keeps it when it cuts neither split axis, or takes one inner block."""
+    if shard.dim not in axes and (shard.inner_flat or shard.dim + 1 not in axes):
+        return Decision([shard, *rest], [shard])
+    params = slice_params(ctx, node)
+    size = ctx.static_dim(node.inputs[0], shard.dim + 1)
+    if shard.inner_flat or shard.dim in axes or params is None or size is None:
+        return replicated(node)
+    starts, ends, _, steps = params
+    k = axes.index(shard.dim + 1)
+    block = block_of_range(shard.inner_blocks, size, starts[k], ends[k], steps[k])
+    return _inner_block_of(node, shard, block, [shard, *rest])
+
+
+def _inner_block_of(node: ir.Node, shard: Shard, block: int | None, inputs: list[Placement | None]) -> Decision:
+    if block is None or shard.inner_parts[block] not in (1, shard.inner):
+        return replicated(node)
+    return Decision(inputs, [shard.inner_block(block)])
+
+
+def inner_gathered_block(ctx: RuleContext, node: ir.Node, shard: Shard) -> int | None:
+    """Which inner block (on dim + 1) a Gather takes whole (constant, ascending, contiguous indices)."""
+    indices = ctx.constant_ints(node.inputs[1])
+    size = ctx.static_dim(node.inputs[0], shard.dim + 1)
+    if not indices or size is None:
+        return None
+    indices = [i + size if i < 0 else i for i in indices]
+    if indices != list(range(indices[0], indices[0] + len(indices))):
+        return None
+    return block_of_range(shard.inner_blocks, size, indices[0], indices[-1] + 1, 1)
+
+
+def _inner_block_gather(ctx: RuleContext, node: ir.Node, data: Shard, axis: int, idx_rank: int) -> Decision:
+    if axis not in ((data.dim,) if data.inner_flat else (data.dim, data.dim + 1)):
+        out_dim = data.dim if data.dim < axis else data.dim + idx_rank - 1
+        return Decision([data, REPLICATE], [data.with_dim(out_dim)])
+    if data.inner_flat or axis != data.dim + 1 or idx_rank != 1:
+        return replicated(node)
+    return _inner_block_of(node, data, inner_gathered_block(ctx, node, data), [data, REPLICATE])
+
+
 @register(["Gather"])
 def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     data_rank, idx_rank = ctx.rank(node.inputs[0]), ctx.rank(node.inputs[1])
@@ -338,6 +413,8 @@ def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
         if vocab is not None:
             ctx.require_divisible(node, "the vocabulary size", [vocab])
         return Decision([Shard(0), REPLICATE], [PARTIAL_SUM])
+    if isinstance(data, Shard) and data.inner_blocks:
+        return replicated(node) if isinstance(indices, Shard) else _inner_block_gather(ctx, node, data, axis, idx_rank)
     if isinstance(data, Shard) and not isinstance(indices, Shard) and data.dim != axis:
         out_dim = data.dim if data.dim < axis else data.dim + idx_rank - 1
         return Decision([data, REPLICATE], [data.with_dim(out_dim)])
