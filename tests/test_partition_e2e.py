@@ -57,16 +57,9 @@ def _partition_and_verify(
     return errors
 
 
-# Layouts refused on purpose, with the one-line error they must give (it lists only tp values that work).
-# Falcon's grouped fused qkv ([kv groups, q heads of the group | k | v, head_dim]) at tp 4 would need
-# rank r to hold half the q heads of group r // 2 and that group's whole k and v: a split of two axes
-# at once, which a Shard (one split axis) cannot describe yet.
 # Layouts the model does not allow, with the one line a user sees; it lists only tp values that work.
-# Falcon's grouped fused qkv ([kv groups, 4 q + k + v, head_dim]): tp 4 would split a group's q heads
-# between two ranks that both hold its k and v, a two-level split no Shard expresses yet. The int4
-# models: tp must not split a quantization block, nor a byte of packed 4-bit zero points.
+# The int4 models: tp must not split a quantization block, nor a byte of packed 4-bit zero points.
 REFUSED = {
-    ("falcon-gqa-torch-legacy", 4): r"^--tp 4 does not divide num_heads=2 in node \S+ \(Reshape\); use --tp 1 or 2$",
     ("llama-wide-genai-int4-b128-zp", 4): r"^--tp 4 does not divide the packed zero-point bytes per row \(4-bit, "
     r"K=512, block_size 128\)=2 in node \S+ \(MatMulNBits\); use --tp 1 or 2$",
     ("llama-wide-genai-int4-b128", 8): r"^--tp 8 does not divide the number of K blocks \(K=512, block_size 128\)=4 "

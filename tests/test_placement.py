@@ -33,3 +33,34 @@ def test_round_trip_plain_shard_and_partial() -> None:
     np.testing.assert_array_equal(unshard_arrays(pieces, Shard(1)), x)
     parts = [shard_array(x, Partial(), 2, r) for r in range(2)]
     np.testing.assert_array_equal(unshard_arrays(parts, Partial()), x)
+
+
+GROUPED = Shard(0, (), (2,), 2, (4, 1, 1), (2, 1, 1), inner_flat=True)  # 2 groups of [4 q | k | v] columns
+
+
+def test_inner_blocks_give_each_rank_its_query_heads_and_its_groups_kv() -> None:
+    columns = np.arange(12)  # group 0: q 0..3, k 4, v 5; group 1: q 6..9, k 10, v 11
+    assert [GROUPED.local_ranges(12, 4, r) for r in range(4)] == [
+        [(0, 2), (4, 5), (5, 6)],
+        [(2, 4), (4, 5), (5, 6)],
+        [(6, 8), (10, 11), (11, 12)],
+        [(8, 10), (10, 11), (11, 12)],
+    ]
+    pieces = [shard_array(columns, GROUPED, 4, r) for r in range(4)]
+    assert pieces[1].tolist() == [2, 3, 4, 5]
+    assert pieces[2].tolist() == [6, 7, 10, 11]
+    assert GROUPED.local_size(12, 4) == 4
+    assert unshard_arrays(pieces, GROUPED).tolist() == columns.tolist()
+
+
+def test_inner_blocks_round_trip_on_a_middle_axis_and_their_names() -> None:
+    x = np.random.default_rng(1).standard_normal((3, 12, 2))
+    shard = GROUPED.with_dim(1)
+    assert shard.inner_flat and shard.inner_blocks == (4, 1, 1)
+    np.testing.assert_array_equal(unshard_arrays([shard_array(x, shard, 4, r) for r in range(4)], shard), x)
+    assert str(shard) == "S(1/2x2:4|1|1/2,1,1)"
+    heads = Shard(2, (), (2,), 2, (4, 1, 1), (2, 1, 1))  # the same after the Reshape into [groups, heads, dim]
+    assert str(heads) == "S(2/2x2;4|1|1/2,1,1)"
+    assert heads.inner_local_size() == 4 and heads.inner_local_offset(1) == 2
+    assert heads.inner_block(0) == Shard(2, (), (2,), 2) and heads.inner_block(2) == Shard(2, (), (2,))
+    assert GROUPED.divides(12, 4) and not GROUPED.divides(12, 8) and not GROUPED.divides(14, 4)

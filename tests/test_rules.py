@@ -689,6 +689,68 @@ def fused_heads_case(tp: int) -> Case:
     )
 
 
+GROUPED_QKV = Shard(2, (), (2,), 2, (64, 16, 16), (2, 1, 1), inner_flat=True)
+
+
+def grouped_heads_nodes(source: str) -> list[onnx.NodeProto]:
+    """Falcon's grouped qkv: per kv group (2) its 4 q heads, k, v (head_dim 16) -> [1, 3, 2, 6, 16]; q is a
+    Slice and k, v are Gathers on the heads axis (global bounds, positive and negative), k and v repeated
+    to q's heads; all three flattened to [1, 3, 8, 16]. z mixes them so that a misplaced head shows."""
+    return [
+        const("t", [1, 3, 2, 6, 16]),
+        helper.make_node("Reshape", [source, "t"], ["heads"]),
+        const("s0", [0]),
+        const("s1", [4]),
+        const("ax", [3]),
+        helper.make_node("Slice", ["heads", "s0", "s1", "ax"], ["q"]),
+        const("ik", [4]),
+        helper.make_node("Gather", ["heads", "ik"], ["k"], axis=3),
+        const("iv", [-1]),
+        helper.make_node("Gather", ["heads", "iv"], ["v"], axis=3),
+        const("rep", [1, 3, 2, 4, 16]),
+        helper.make_node("Expand", ["k", "rep"], ["kx"]),
+        helper.make_node("Expand", ["v", "rep"], ["vx"]),
+        const("flat", [1, 3, 8, 16]),
+        helper.make_node("Reshape", ["q", "flat"], ["qf"]),
+        helper.make_node("Reshape", ["kx", "flat"], ["kf"]),
+        helper.make_node("Reshape", ["vx", "flat"], ["vf"]),
+        helper.make_node("Mul", ["qf", "kf"], ["qk"]),
+        helper.make_node("Add", ["qk", "vf"], ["z"]),
+    ]
+
+
+def grouped_heads_case() -> Case:
+    """The fused columns arrive split finer than the groups (tp 4 > 2 groups): rank r holds group r // 2's
+    q heads (r % 2) * 2 .. + 2 and the group's k and v; after the flatten every rank holds its 2 of 8 heads."""
+    return Case(
+        "grouped_query_heads_split_inside_groups",
+        grouped_heads_nodes("x"),
+        {"x": (rand(1, 3, 192), GROUPED_QKV)},
+        ["qf", "kf", "vf", "z"],
+        expect={"qf": "S(2)", "kf": "S(2)", "vf": "S(2)", "z": "S(2)"},
+        tps=(4,),
+    )
+
+
+def grouped_projection_case() -> Case:
+    """The same from a fused qkv projection and into an output projection: annotate finds the groups (split
+    inside them at tp 4, whole groups per rank at tp 2) and the weight's columns are sliced to match."""
+    return Case(
+        "grouped_qkv_projection",
+        [
+            helper.make_node("MatMul", ["x", "w_qkv"], ["fused"]),
+            *grouped_heads_nodes("fused"),
+            const("back", [1, 3, 128]),
+            helper.make_node("Reshape", ["z", "back"], ["zf"]),
+            helper.make_node("MatMul", ["zf", "w_o"], ["y"]),
+        ],
+        {"x": (rand(1, 3, 128), R)},
+        ["y"],
+        weights={"w_qkv": rand(128, 192, seed=3) * 0.1, "w_o": rand(128, 128, seed=4) * 0.1},
+        expect={"y": "P"},
+    )
+
+
 CASES = (
     elementwise_cases()
     + matmul_cases()
@@ -698,6 +760,7 @@ CASES = (
     + norm_over_sharded_axis_cases()
     + single_kv_head_cases()
     + [fused_heads_case(tp) for tp in (2, 4)]
+    + [grouped_heads_case(), grouped_projection_case()]
 )
 
 
@@ -730,6 +793,25 @@ def test_a_wrong_rule_is_caught() -> None:
         got, _ = simulate(case, 2)
     finally:
         base._RULES[key] = original
+    assert not np.allclose(got["z"], expected, atol=1e-3)
+
+
+def test_unlocalized_inner_block_bounds_are_caught() -> None:
+    """The harness on inner blocks: a Slice/Gather left at the global bounds of the heads axis must fail."""
+    from llmir_onnx.passes.localize import LocalizePass
+
+    case = grouped_heads_case()
+    expected = run(make_model(case), {"x": case.inputs["x"][0]}, ["z"])[0]
+    patch = pytest.MonkeyPatch()
+    patch.setattr(LocalizePass, "_localize_inner_block_slice", lambda self, graph, node, placement: None)
+    patch.setattr(LocalizePass, "_localize_inner_block_gather", lambda self, graph, node, placement, indices: None)
+    try:
+        got, _ = simulate(case, 4)
+    except Exception as error:  # onnxruntime's index errors have no public type
+        assert "INVALID_ARGUMENT" in str(error), error
+        return
+    finally:
+        patch.undo()
     assert not np.allclose(got["z"], expected, atol=1e-3)
 
 
