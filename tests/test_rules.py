@@ -796,6 +796,39 @@ def test_a_wrong_rule_is_caught() -> None:
     assert not np.allclose(got["z"], expected, atol=1e-3)
 
 
+@pytest.mark.parametrize(
+    ("name", "nodes"),
+    [
+        ("merged", [const("t2", [1, 3, 2, 96]), helper.make_node("Reshape", ["heads", "t2"], ["z"])]),
+        ("transposed", [helper.make_node("Transpose", ["heads"], ["z"], perm=[0, 1, 3, 2, 4])]),
+        (
+            "cut_across_blocks",
+            [
+                const("a", [1]),
+                const("b", [5]),
+                const("x3", [3]),
+                helper.make_node("Slice", ["heads", "a", "b", "x3"], ["z"]),
+            ],
+        ),
+        ("scaled", [helper.make_node("Mul", ["heads", "two"], ["z"])]),
+    ],
+)
+def test_ops_that_do_not_know_inner_blocks_refuse_them(name: str, nodes: list[onnx.NodeProto]) -> None:
+    """Past the Reshape into [groups, heads, head_dim], only Slices/Gathers of whole inner blocks keep the
+    shard; anything else would need the full tensor, and a shard with inner blocks is never gathered."""
+    from llmir_onnx.errors import ShardingError
+
+    case = Case(
+        f"inner_blocks_{name}",
+        [const("t", [1, 3, 2, 6, 16]), helper.make_node("Reshape", ["x", "t"], ["heads"]), *nodes],
+        {"x": (rand(1, 3, 192), GROUPED_QKV)},
+        ["z"],
+        weights={"two": np.array(2.0, np.float32)},
+    )
+    with pytest.raises(ShardingError, match=r"cannot gather the shard S\(2/2x2;4\|1\|1/2,1,1\)"):
+        simulate(case, 4)
+
+
 def test_unlocalized_inner_block_bounds_are_caught() -> None:
     """The harness on inner blocks: a Slice/Gather left at the global bounds of the heads axis must fail."""
     from llmir_onnx.passes.localize import LocalizePass

@@ -47,7 +47,8 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
     prefix = 0
     while prefix < min(n, m) and in_shape[prefix] is not None and in_shape[prefix] == out_shape[prefix]:
         prefix += 1
-    if dim < prefix:
+    nested = bool(shard.inner_blocks) and not shard.inner_flat
+    if dim < prefix and not nested:
         return shard
     suffix = 0
     while (
@@ -56,7 +57,7 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
         and in_shape[n - 1 - suffix] == out_shape[m - 1 - suffix]
     ):
         suffix += 1
-    if shard.inner_blocks and not shard.inner_flat:
+    if nested:
         # The inner blocks live on dim + 1: both axes must come through unchanged.
         if dim + 1 < prefix:
             return shard
@@ -97,7 +98,8 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
         if len(ins) == 1 and len(outs) == 1:
             return shard.with_dim(prefix + first_out)
         if shard.inner_flat:
-            return _split_groups(ctx, node, shard, [middle_out[d] for d in outs], prefix + first_out, outs)
+            sizes = [middle_out[d] for d in outs]
+            return _split_groups(shard, sizes, prefix + first_out, outs) if len(ins) == 1 else None
         if len(ins) > 1 and len(outs) == 1:
             if shard.inner:
                 # repeat_kv's [kv_heads, n_rep] merged into the query heads: split tp ways again.
@@ -133,9 +135,7 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
     return None
 
 
-def _split_groups(
-    ctx: RuleContext, node: ir.Node, shard: Shard, sizes: list[int], out_dim: int, outs: list[int]
-) -> Shard | None:
+def _split_groups(shard: Shard, sizes: list[int], out_dim: int, outs: list[int]) -> Shard | None:
     """[.., parts * sum(inner_blocks)] -> [.., parts, heads per part, head_dim..]: the inner blocks move to
     the heads axis, counted in heads."""
     if len(sizes) < 3 or outs[1] != outs[0] + 1 or sizes[0] != shard.parts[0]:
