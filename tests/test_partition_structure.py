@@ -103,6 +103,12 @@ def test_kv_heads_replicated_when_tp_exceeds_them() -> None:
         ),
         ("gpt2-torch-legacy", 3, r"^--tp 3 does not divide num_heads=4 in node \S+ \(Reshape\); use --tp 1, 2 or 4$"),
         ("llama-gqa-genai", 3, r"^--tp 3 does not divide num_heads=8 in node \S+ \(GroupQueryAttention\); use --tp"),
+        # Two kv groups of four query heads in one fused qkv: tp 4 and 8 split each group further.
+        (
+            "falcon-gqa-torch-legacy",
+            3,
+            r"^--tp 3 does not divide num_heads=2 in node \S+ \(Reshape\); use --tp 1, 2, 4 or 8$",
+        ),
     ],
 )
 def test_tp_that_does_not_divide_the_heads(name: str, tp: int, message: str) -> None:

@@ -148,6 +148,21 @@ def tp_candidates(constraints: Sequence[SplitConstraint], limit: int = 64) -> li
     return [t for t in range(1, min(largest, limit) + 1) if all(c.allows(t) for c in listing)]
 
 
+def _finer_than_group_candidates(tp: int, constraints: Sequence[SplitConstraint], limit: int = 64) -> list[int]:
+    """Multiples of a head count that `tp` broke, which every other split allows.
+
+    A fused grouped qkv (Falcon's) splits each kv group further by inner blocks at a multiple of the group
+    count; the constraints recorded at `tp` describe `tp`'s split, not that one, so only a trial can tell.
+    """
+    groups = {s for c in constraints if c.what.startswith("num_heads") and not c.allows(tp) for s in c.sizes}
+    return [
+        t
+        for group in sorted(groups)
+        for t in range(2 * group, limit + 1, group)
+        if all(c.allows(t) or set(c.sizes) == {group} for c in constraints)
+    ]
+
+
 def divisibility_error(
     tp: int, constraints: Sequence[SplitConstraint], works: Callable[[int], bool] | None = None
 ) -> ShardingError | None:
@@ -162,7 +177,10 @@ def divisibility_error(
     broken.sort(key=lambda c: (not c.what.startswith(("num_heads", "kv_num_heads")),))
     first = broken[0]
     shown = first.sizes[0] if len(first.sizes) == 1 else "|".join(str(s) for s in first.sizes)
-    valid = [t for t in tp_candidates(constraints) if t == 1 or (t != tp and (works is None or works(t)))]
+    candidates = set(tp_candidates(constraints))
+    if works is not None:
+        candidates |= set(_finer_than_group_candidates(tp, constraints))
+    valid = [t for t in sorted(candidates) if t == 1 or (t != tp and (works is None or works(t)))]
     listed = "--tp 1" if len(valid) == 1 else "--tp " + ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
     return ShardingError(
         f"--tp {tp} does not divide {first.what}={shown} in node {first.node} ({first.op_type}); use {listed}"
