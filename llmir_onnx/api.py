@@ -144,6 +144,8 @@ def partition_to_dir(
             "world_size": mesh.world_size,
             "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]},
         }
+        if mesh.tp_shares:
+            mesh_info["tp_shares"] = list(mesh.tp_shares)  # heads per tp rank of an uneven split
         contents = PlanContents(
             source_path=model_path,
             inputs=source_inputs,

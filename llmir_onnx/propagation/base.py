@@ -229,9 +229,9 @@ __all__ = [
     "WeightRole",
     "any_sharded",
     "divisibility_error",
-    "valid_tp_listing",
     "lookup",
     "normalize_dim",
     "register",
     "replicated",
+    "valid_tp_listing",
 ]
