@@ -78,6 +78,19 @@ def test_single_kv_head_replicated_on_uneven_query_heads(tmp_path: Path) -> None
     assert [_input_dims(m, "past_key_values.0.key")[1] for m in models] == [1, 1, 1]
 
 
+@pytest.mark.parametrize(("name", "tp"), [("falcon-mqa-torch-legacy", 3), ("llama-gqa-genai", 5)])
+def test_uneven_query_heads_on_fewer_kv_heads(name: str, tp: int, tmp_path: Path) -> None:
+    """Falcon's fused multi-query qkv at 3,3,2; GroupQueryAttention (4 kv heads) at 2,2,2,1,1 with each
+    rank's own num_heads and kv_num_heads."""
+    out = tmp_path / "plan"
+    _partition_and_verify(name, tp, out)
+    models = _rank_models_check(out, tp)
+    if name == "llama-gqa-genai":
+        gqa = [next(n for n in m.graph.node if n.op_type == "GroupQueryAttention") for m in models]
+        heads = [next(a.i for a in n.attribute if a.name == "num_heads") for n in gqa]
+        assert heads == [2, 2, 2, 1, 1]
+
+
 def test_per_rank_weights_give_the_faster_rank_more_heads(tmp_path: Path) -> None:
     """Weights 3:1 on tp 2 (a device three times as fast): heads 3 and 1, not the even 2 and 2."""
     out = tmp_path / "plan"
