@@ -315,14 +315,14 @@ class LocalizePass(ir.passes.InPlacePass):
         if table is None or ids is None or not isinstance(self._placement(table), Shard):
             return
         vocab, tp = self._global_dim(table, 0), self.state.tp
-        placement = self._placement(table)
-        assert isinstance(placement, Shard)
-        local = placement.local_size(vocab, tp, self.tp_rank)
+        rows = self._placement(table)
+        assert isinstance(rows, Shard)
+        local = rows.local_size(vocab, tp, self.tp_rank)
         dtype = (ids.dtype or ir.DataType.INT64).numpy()
         name = node.name
 
         def first_row(r: int) -> np.ndarray:
-            return np.array(placement.local_ranges(vocab, tp, r)[0][0], dtype=dtype)
+            return np.array(rows.local_ranges(vocab, tp, r)[0][0], dtype=dtype)
 
         start = self._rank_initializer(graph, f"{name}/vocab_start", first_row)
         size = self._new_initializer(graph, f"{name}/vocab_size", np.array(local, dtype=dtype))
