@@ -75,6 +75,7 @@ def partition_to_dir(
     dim_roles: Mapping[str, str] | None = None,
     progress: Progress | None = None,
     ignore_annotations: bool = False,
+    tp_weights: tuple[float, ...] | None = None,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
@@ -87,6 +88,7 @@ def partition_to_dir(
 
     `out_dir` may hold a previous plan (replaced) but no other file, unless `force`; tp > 1 that shards no
     weight is refused unless `allow_replicated`.
+    `tp_weights` (one per tp rank) split the heads in proportion (uneven tp), equal when None.
     IR v11 annotations in the model pin stages and placements (llmir_onnx/annotations.py) unless
     `ignore_annotations`.
     """
@@ -122,6 +124,7 @@ def partition_to_dir(
         device_memory_bytes=device_memory_bytes,
         max_batch=max_batch,
         max_seq=max_seq,
+        tp_weights=tp_weights,
     )
     progress.phase(f"sharding for tp {tp} x pp {pp}")
     with atomic_output_dir(out_dir, force=force) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
@@ -144,6 +147,8 @@ def partition_to_dir(
             "world_size": mesh.world_size,
             "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]},
         }
+        if mesh.tp_shares:
+            mesh_info["tp_shares"] = list(mesh.tp_shares)  # heads per tp rank of an uneven split
         contents = PlanContents(
             source_path=model_path,
             inputs=source_inputs,

@@ -16,10 +16,22 @@ Group tables for ``DeviceMesh(pp=2, tp=4)`` (8 ranks; tests assert them literall
     tp_rank:  0  1  2  3  0  1  2  3
 
 For ``DeviceMesh(pp=2, tp=2)``: tp groups (0, 1) (2, 3); pp groups (0, 2) (1, 3).
+
+Uneven tensor parallelism: a split that tp does not divide (4 heads on 3 ranks) is made of *units*, one per
+head, and tp rank r holds ``tp_shares[r]`` neighbouring units. ``split_shares(4, 3)`` is ``(2, 1, 1)``: the
+larger shares first, as Megatron-style uneven splits do; with per-rank weights (a faster device gets more)
+the shares follow the weights. For ``DeviceMesh(tp=3, tp_shares=(2, 1, 1))``::
+
+    tp_rank:     0     1  2
+    units:       0, 1  2  3
+
+Every axis split over tp is cut into ``tp_units`` equal parts; rank r holds ``unit_range(r)`` of them.
+An even mesh has no shares: ``tp_units == tp`` and rank r holds unit r.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -48,12 +60,25 @@ class DeviceMesh:
     pp: int = 1
     cp: int = 1
     tp: int = 1
+    # Units each tp rank holds of every split axis (uneven tp); () is even: one unit per rank.
+    tp_shares: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         for axis in MESH_AXES:
             size = getattr(self, axis)
             if not isinstance(size, int) or size < 1:
                 raise PlanError(f"mesh axis {axis} must be a positive integer, got {size!r}")
+        if self.tp_shares and (len(self.tp_shares) != self.tp or min(self.tp_shares) < 1):
+            raise PlanError(f"tp shares {self.tp_shares} must give each of the {self.tp} tp ranks at least one unit")
+
+    @property
+    def tp_units(self) -> int:
+        """How many equal parts every split axis is cut into (tp when even)."""
+        return sum(self.tp_shares) if self.tp_shares else self.tp
+
+    def unit_range(self, tp_rank: int) -> range:
+        """The units tp rank `tp_rank` holds."""
+        return unit_range(self.tp_shares or (1,) * self.tp, tp_rank)
 
     @property
     def world_size(self) -> int:
@@ -90,3 +115,30 @@ class DeviceMesh:
         for rank in range(self.world_size):
             seen.setdefault(self.group(rank, axis), None)
         return list(seen)
+
+
+def unit_range(shares: Sequence[int], tp_rank: int) -> range:
+    """The units tp rank `tp_rank` holds when rank r holds `shares[r]` neighbouring units."""
+    if not 0 <= tp_rank < len(shares):
+        raise PlanError(f"tp rank {tp_rank} is outside a tp group of {len(shares)} ranks")
+    start = sum(shares[:tp_rank])
+    return range(start, start + shares[tp_rank])
+
+
+def split_shares(units: int, tp: int, weights: Sequence[float] | None = None) -> tuple[int, ...]:
+    """`units` (heads) split among `tp` ranks, at least one each, in proportion to `weights` (equal by
+    default); the remainder goes to the ranks with the largest fractions, earlier ranks first on ties,
+    so equal weights give the larger shares first: split_shares(4, 3) == (2, 1, 1)."""
+    if not 1 <= tp <= units:
+        raise PlanError(f"cannot split {units} units among {tp} ranks with at least one each")
+    weights = list(weights) if weights is not None else [1.0] * tp
+    if len(weights) != tp or min(weights) <= 0:
+        raise PlanError(f"tp weights {weights} must be {tp} positive numbers")
+    total = sum(weights)
+    # Every rank takes one unit first; the rest go by weight (largest remainder).
+    exact = [(units - tp) * w / total for w in weights]
+    shares = [1 + int(e) for e in exact]
+    order = sorted(range(tp), key=lambda r: (-(exact[r] - int(exact[r])), r))
+    for r in order[: units - sum(shares)]:
+        shares[r] += 1
+    return tuple(shares)

@@ -57,6 +57,8 @@ class PartitionOptions:
     device_memory_bytes: int | None = None
     max_batch: int = 1
     max_seq: int | None = None  # None: plan.shapes.default_max_seq of the model
+    # Per tp rank weights of an uneven head split (a faster device gets more heads); None: equal parts.
+    tp_weights: tuple[float, ...] | None = None
 
 
 # How one ORIGINAL model input/output maps onto one rank (dim None: the rank holds the full tensor).
@@ -129,7 +131,21 @@ def plan(
     keep_output_placements: bool = False,
     consume_model: bool = False,
 ) -> tuple[ir.Model, ShardingState]:
-    """Run the sharding passes on a copy of `model`; returns the localized template and the plan.
+    """Run the sharding passes on a copy of `model`; returns the localized template (tp rank 0's, when the
+    split is uneven) and the plan. See `plan_ranks`."""
+    templates, state = plan_ranks(model, options, input_seeds, keep_output_placements, consume_model)
+    return templates[0], state
+
+
+def plan_ranks(
+    model: ir.Model,
+    options: PartitionOptions,
+    input_seeds: dict[str, Placement] | None = None,
+    keep_output_placements: bool = False,
+    consume_model: bool = False,
+) -> tuple[list[ir.Model], ShardingState]:
+    """Run the sharding passes on a copy of `model`; returns the localized templates and the plan: one
+    template that every tp rank shares, or with an uneven split (tp does not divide the heads) one per tp rank.
 
     With `consume_model` the passes run on `model` itself (the caller loaded it for this and will not
     use it again): a graph copy is a large share of the partition's time on a deep model.
@@ -146,13 +162,23 @@ def plan(
         vocab_parallel=options.vocab_parallel,
         keep_output_placements=keep_output_placements,
         input_seeds=dict(input_seeds or {}),
+        tp_weights=options.tp_weights,
     )
     template = model if consume_model else model.clone()
-    manager = ir.passes.PassManager(
-        [AnnotatePass(state), PropagatePass(state), InsertCollectivesPass(state), LocalizePass(state)]
-    )
+    _run_passes(template, [AnnotatePass(state), PropagatePass(state), InsertCollectivesPass(state)])
+    if not state.uneven:
+        _run_passes(template, [LocalizePass(state)])
+        return [template], state
+    # Uneven: every tp rank has its own sizes, so its own localized graph.
+    templates = [template, *(template.clone() for _ in range(1, options.tp))]
+    for tp_rank, rank_template in enumerate(templates):
+        _run_passes(rank_template, [LocalizePass(state, tp_rank)])
+    return templates, state
+
+
+def _run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
     try:
-        manager(template)
+        ir.passes.PassManager(passes)(model)
     except ir.passes.PassError as error:
         # The pass framework wraps what a pass raises (twice); a user must see our message, not the wrapper.
         cause: BaseException | None = error
@@ -161,7 +187,6 @@ def plan(
         if cause is not None:
             raise cause from None
         raise
-    return template, state
 
 
 @dataclass
@@ -175,6 +200,9 @@ class _TpRankZero:
     placements: dict[str, str]
     warnings: list[str]
     weight_splits: list[dict[str, object]] | None = None
+    # Uneven tp: every tp rank's own model (shapes differ, so none is a copy of tp rank 0's); and the shares.
+    models: list[ir.Model] | None = None
+    tp_shares: tuple[int, ...] = ()
 
 
 def _weight_splits(state: ShardingState) -> list[dict[str, object]]:
@@ -213,10 +241,13 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
         placements = {v.name: "R" for v in [*first.graph.inputs, *first.graph.outputs]}
         _remove_unused(first)
         return _TpRankZero(first, [(whole, whole_out)], [initializer_tensors(first)], placements, [])
-    template, state = plan(model, options, consume_model=consume_model)
+    templates, state = plan_ranks(model, options, consume_model=consume_model)
+    template = templates[0]
     if not options.allow_replicated:
         _refuse_unsharded(template, state)
     bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
+    if state.uneven:
+        return _uneven_ranks(templates, state, bindings)
     unsharded = initializer_tensors(template)
     first = materialize_rank(template, state, 0, consume=True)
     # Tp rank 0's tensors are the very objects its model holds: a copy's weights differ where they are others.
@@ -227,6 +258,26 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
     _remove_unused(first)  # before any copy is made from it
     placements = {name: str(p) for name, p in state.placements.items()}
     return _TpRankZero(first, bindings, weights, placements, list(state.warnings), _weight_splits(state))
+
+
+def _uneven_ranks(
+    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[TensorBinding], ...]]
+) -> _TpRankZero:
+    """Every tp rank's own localized model holding its weights."""
+    models = [materialize_rank(t, state, tp_rank, consume=True) for tp_rank, t in enumerate(templates)]
+    for made in models:
+        _remove_unused(made)
+    placements = {name: str(p) for name, p in state.placements.items()}
+    return _TpRankZero(
+        models[0],
+        bindings,  # type: ignore[arg-type]
+        [initializer_tensors(made) for made in models],
+        placements,
+        list(state.warnings),
+        _weight_splits(state),
+        models,
+        state.mesh.tp_shares,
+    )
 
 
 def _refuse_unsharded(template: ir.Model, state: ShardingState) -> None:
@@ -289,12 +340,23 @@ def partition(
     with cyclic_gc_paused():
         zero = _tp_rank_zero(model, options, consume_model)
         if options.pp > 1:
+            if zero.models is not None:
+                raise ShardingError(
+                    f"--tp {options.tp} splits the heads unevenly ({','.join(map(str, zero.tp_shares))}), which "
+                    f"pipeline stages do not support yet; use --pp 1, or a tp that divides the heads"
+                )
             return _partition_stages(zero, options, on_weights_known)
-        ranks = [RankProgram(0, zero.model, *zero.bindings[0])] + [
-            RankProgram(tp_rank, tp_rank_copy(zero.model, tp_rank, weights, zero.weights[0]), *zero.bindings[tp_rank])
-            for tp_rank, weights in enumerate(zero.weights[1:], 1)
-        ]
-        result = PartitionResult(DeviceMesh(tp=options.tp), ranks, zero.placements, zero.warnings, zero.weight_splits)
+        if zero.models is not None:
+            ranks = [RankProgram(r, made, *zero.bindings[r]) for r, made in enumerate(zero.models)]
+        else:
+            ranks = [RankProgram(0, zero.model, *zero.bindings[0])] + [
+                RankProgram(
+                    tp_rank, tp_rank_copy(zero.model, tp_rank, weights, zero.weights[0]), *zero.bindings[tp_rank]
+                )
+                for tp_rank, weights in enumerate(zero.weights[1:], 1)
+            ]
+        mesh = DeviceMesh(tp=options.tp, tp_shares=zero.tp_shares)
+        result = PartitionResult(mesh, ranks, zero.placements, zero.warnings, zero.weight_splits)
         if on_weights_known is not None:
             on_weights_known([(p.rank, 0, _rank_initializers(p)) for p in result.ranks])
         return result

@@ -7,17 +7,21 @@
   ``inner_blocks`` describe a grouped fused projection split finer than its groups (Falcon-style GQA,
   ``[q heads | k | v]`` per kv group, with more ranks than groups): ``parts`` split the axis into groups,
   the ``inner`` ranks sharing a group split each inner block ``inner_parts[b]`` ways.
+* Uneven (``shares``, from ``DeviceMesh.tp_shares``): the axis is cut into ``sum(shares)`` equal units as
+  if there were that many ranks, and tp rank ``r`` holds its ``shares[r]`` neighbouring units (of every
+  block), printed with the shares: ``S(1)[2,1,1]`` is 4 heads on 3 ranks, 2 on the first.
 * ``Replicate()``: every rank holds the full tensor.
 * ``Partial(op)``: every rank holds a tensor of the full shape; the value is their reduction.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-from llmir_onnx.mesh import MESH_AXES, DeviceMesh, MeshAxis
+from llmir_onnx.mesh import MESH_AXES, DeviceMesh, MeshAxis, unit_range
 
 
 @dataclass(frozen=True)
@@ -39,6 +43,8 @@ class Shard:
     # True: the inner blocks lie on `dim` itself, inside each part (the fused columns, before the Reshape
     # into [groups, heads per group, head_dim]); False: on dim + 1, in its units (after that Reshape).
     inner_flat: bool = False
+    # Uneven tp: units per tp rank (see the module docstring); () is even.
+    shares: tuple[int, ...] = ()
 
     def __str__(self) -> str:
         text = str(self.dim)
@@ -52,10 +58,41 @@ class Shard:
             # ':' blocks inside each part of `dim`, ';' blocks of the next axis.
             text += (":" if self.inner_flat else ";") + "|".join(str(b) for b in self.inner_blocks)
             text += "/" + ",".join(str(p) for p in self.inner_parts)
-        return f"S({text})"
+        uneven = "[" + ",".join(str(s) for s in self.shares) + "]" if self.shares else ""
+        return f"S({text}){uneven}"
 
     def with_dim(self, dim: int) -> Shard:
-        return Shard(dim, self.blocks, self.parts, self.inner, self.inner_blocks, self.inner_parts, self.inner_flat)
+        return dataclasses.replace(self, dim=dim)
+
+    def with_shares(self, shares: tuple[int, ...]) -> Shard:
+        return dataclasses.replace(self, shares=shares)
+
+    def even(self) -> Shard:
+        """The same split in units, as if every unit were a rank."""
+        return dataclasses.replace(self, shares=())
+
+    def uneven_misfit(self) -> str | None:
+        """Why the shares cannot hold this split, or None. A part (a kv head) replicated over several units
+        must be held whole by a rank, or be the only part it holds: a rank's query heads must read whole
+        kv heads, or share one."""
+        if not self.shares:
+            return None
+        if self.inner or self.inner_blocks:
+            return f"{self} splits kv groups further, which uneven shares {list(self.shares)} do not support"
+        units = sum(self.shares)
+        for parts in set(self.parts):
+            if units % parts:
+                return f"{parts} parts cannot be replicated over {units} units"
+            per_part = units // parts
+            for rank in range(len(self.shares)):
+                held = unit_range(self.shares, rank)
+                whole = held.start % per_part == 0 and len(held) % per_part == 0
+                if not whole and held.start // per_part != (held.stop - 1) // per_part:
+                    return (
+                        f"tp rank {rank} would hold units {held.start}-{held.stop - 1}, which cut the {parts} "
+                        f"kv heads ({per_part} units each)"
+                    )
+        return None
 
     def inner_block(self, index: int) -> Shard:
         """What a Slice/Gather of inner block `index` (on dim + 1) holds: the groups, that block split as before."""
@@ -87,7 +124,7 @@ class Shard:
     def block(self, index: int) -> Shard:
         """The plain shard of one block of a fused shard (what a Split/Slice of that block holds)."""
         parts = (self.block_parts(index, 0),) if self.parts else ()
-        return Shard(self.dim, (), parts)
+        return Shard(self.dim, (), parts, shares=self.shares)
 
     def local_offset(self, block_index: int, tp: int) -> int:
         """Where block `block_index` starts along the local axis: the local widths of the blocks before it."""
@@ -95,6 +132,8 @@ class Shard:
 
     def local_ranges(self, size: int, tp: int, rank: int) -> list[tuple[int, int]]:
         """The [start, stop) ranges of the global axis that tp rank `rank` holds, in order."""
+        if self.shares:
+            return self._uneven_ranges(size, tp, rank)
         if self.inner_flat:
             parts = self.parts[0]
             chunk = size // parts
@@ -117,10 +156,34 @@ class Shard:
             offset += block
         return ranges
 
-    def local_size(self, size: int, tp: int) -> int:
-        return sum(stop - start for start, stop in self.local_ranges(size, tp, 0))
+    def _uneven_ranges(self, size: int, tp: int, rank: int) -> list[tuple[int, int]]:
+        """Per block, the units of `rank` merged: neighbouring units touch, a replicated part repeats."""
+        if tp != len(self.shares):
+            raise ValueError(f"{self} has {len(self.shares)} shares, asked for a tp of {tp}")
+        even, units = self.even(), sum(self.shares)
+        merged: list[tuple[int, int]] = []
+        for unit in unit_range(self.shares, rank):
+            for index, (start, stop) in enumerate(even.local_ranges(size, units, unit)):
+                if index == len(merged):
+                    merged.append((start, stop))
+                elif merged[index] == (start, stop):
+                    continue
+                elif merged[index][1] == start:
+                    merged[index] = (merged[index][0], stop)
+                else:
+                    raise ValueError(f"{self}: tp rank {rank} would hold pieces that are not neighbours")
+        return merged
+
+    def local_widths(self, size: int, tp: int, rank: int = 0) -> list[int]:
+        """The local width of each block (one entry without blocks) on tp rank `rank`."""
+        return [stop - start for start, stop in self.local_ranges(size, tp, rank)]
+
+    def local_size(self, size: int, tp: int, rank: int = 0) -> int:
+        return sum(self.local_widths(size, tp, rank))
 
     def divides(self, size: int, tp: int) -> bool:
+        if self.shares:
+            return self.even().divides(size, sum(self.shares)) and self.uneven_misfit() is None
         if self.inner_blocks:
             parts = self.block_parts(0, tp)
             inner_ok = tp % parts == 0 and self.inner == tp // parts and len(self.inner_parts) == len(self.inner_blocks)

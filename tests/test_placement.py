@@ -64,3 +64,30 @@ def test_inner_blocks_round_trip_on_a_middle_axis_and_their_names() -> None:
     assert heads.inner_local_size() == 4 and heads.inner_local_offset(1) == 2
     assert heads.inner_block(0) == Shard(2, (), (2,), 2) and heads.inner_block(2) == Shard(2, (), (2,))
     assert GROUPED.divides(12, 4) and not GROUPED.divides(12, 8) and not GROUPED.divides(14, 4)
+
+
+def test_uneven_shares_print_and_take_neighbouring_units() -> None:
+    heads = Shard(1, shares=(2, 1, 1))
+    assert str(heads) == "S(1)[2,1,1]"
+    assert [heads.local_ranges(4, 3, r) for r in range(3)] == [[(0, 2)], [(2, 3)], [(3, 4)]]
+    assert [heads.local_size(1024, 3, r) for r in range(3)] == [512, 256, 256]
+    # GPT-2's fused [q | k | v]: each rank takes its units of every block, the same heads of each.
+    fused = Shard(1, (64, 64, 64), shares=(2, 1, 1))
+    assert str(fused) == "S(1;64|64|64)[2,1,1]"
+    assert fused.local_ranges(192, 3, 0) == [(0, 32), (64, 96), (128, 160)]
+    assert fused.local_ranges(192, 3, 2) == [(48, 64), (112, 128), (176, 192)]
+    full = np.arange(2 * 12).reshape(2, 12)
+    pieces = [shard_array(full, Shard(1, shares=(2, 1, 1)), 3, r) for r in range(3)]
+    assert [p.shape[1] for p in pieces] == [6, 3, 3]
+    np.testing.assert_array_equal(np.concatenate(pieces, axis=1), full)
+
+
+def test_uneven_shares_keep_whole_kv_heads_or_refuse() -> None:
+    # 4 kv heads over 8 units (2 each): shares 2,2,2,1,1 hold whole kv heads or share one.
+    kv = Shard(1, (), (4,), shares=(2, 2, 2, 1, 1))
+    assert kv.uneven_misfit() is None
+    assert [kv.local_ranges(4, 5, r) for r in range(5)] == [[(0, 1)], [(1, 2)], [(2, 3)], [(3, 4)], [(3, 4)]]
+    # Shares 3,3,2 would give rank 0 one kv head and a half.
+    misfit = Shard(1, (), (4,), shares=(3, 3, 2)).uneven_misfit()
+    assert misfit is not None and "cut the 4 kv heads" in misfit
+    assert Shard(1, shares=(3, 3, 2)).uneven_misfit() is None

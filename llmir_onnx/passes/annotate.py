@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import tempfile
 
@@ -23,6 +24,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, TopologicalSortPass
 
+from llmir_onnx.mesh import DeviceMesh, split_shares
 from llmir_onnx.passes.state import ShardingState
 from llmir_onnx.placement import Shard
 from llmir_onnx.propagation.attention import gqa_packed_blocks
@@ -444,6 +446,62 @@ def _grouped_role(ctx: RuleContext, node: ir.Node) -> WeightRole | None:
     return None
 
 
+# Attributes that carry the query head count of an attention op.
+QUERY_HEAD_ATTRIBUTES = ("num_heads", "q_num_heads")
+
+
+def attention_heads(model: ir.Model, ctx: RuleContext) -> int | None:
+    """The model's query head count: the most heads a column projection is reshaped into, or an attention
+    op's num_heads; None when no projection is split into heads."""
+    weight_nodes = [node for node in model.graph if _is_weight_matmul(node, ctx.shapes)]
+    names = {node.name for node in weight_nodes}
+    counts = [
+        count
+        for node in weight_nodes
+        if _reached_weight_matmuls(node, names)
+        for count in (_head_counts(ctx, node, _fused_blocks(ctx, node)) or _split_head_counts(ctx, node))
+    ]
+    for node in model.graph:
+        for name in QUERY_HEAD_ATTRIBUTES:
+            attr = node.attributes.get(name)
+            if attr is not None and attr.type == ir.AttributeType.INT and attr.as_int() > 0:
+                counts.append(attr.as_int())
+    return max(counts, default=None)
+
+
+def _split_head_counts(ctx: RuleContext, node: ir.Node) -> tuple[int, ...]:
+    """Heads of the pieces a Split cuts a fused projection into (GPT-2's q, k, v), each reshaped to heads."""
+    width = _last_dim(ctx, node.outputs[0])
+    # A 2-D Gemm's output is reshaped back to [batch, tokens, width] before it is split.
+    values = [
+        same
+        for value in _same_layout(ctx, node.outputs[0])
+        for reshaped in [value] + [c.outputs[0] for c in value.consumers() if c.op_type == "Reshape"]
+        if _last_dim(ctx, reshaped) == width
+        for same in _same_layout(ctx, reshaped)
+    ]
+    return tuple(
+        heads
+        for value in values
+        for consumer in value.consumers()
+        if consumer.op_type == "Split" and consumer.inputs[0] is value
+        for piece in consumer.outputs
+        if (heads := _heads_of(ctx, piece)) is not None
+    )
+
+
+def tp_mesh(heads: int | None, mesh: DeviceMesh, weights: tuple[float, ...] | None) -> DeviceMesh:
+    """`mesh` with uneven tp shares of the `heads` where tp does not divide them but each rank can hold one
+    (or where per-rank `weights` ask for unequal parts); `mesh` itself where tp divides them evenly."""
+    if mesh.tp == 1:
+        return mesh
+    even = weights is None or len(set(weights)) == 1
+    if heads is None or heads < mesh.tp or (even and heads % mesh.tp == 0):
+        return mesh  # propagate names what does not divide
+    shares = split_shares(heads, mesh.tp, weights)
+    return mesh if len(set(shares)) == 1 else dataclasses.replace(mesh, tp_shares=shares)
+
+
 def assign_weight_roles(model: ir.Model, ctx: RuleContext, vocab_parallel: bool = False) -> dict[str, WeightRole]:
     """Megatron roles of weight matmuls; with `vocab_parallel`, the lm_head and embedding split by vocabulary."""
     weight_nodes = [node for node in model.graph if _is_weight_matmul(node, ctx.shapes)]
@@ -499,7 +557,9 @@ class AnnotatePass(ir.passes.InPlacePass):
         _fold_weight_aliases(model.graph)
         TopologicalSortPass()(model)
         self.state.shapes = global_shapes(model)
-        ctx = RuleContext(tp=self.state.tp, shapes=self.state.shapes)
+        self.state.attention_heads = attention_heads(model, RuleContext(tp=self.state.tp, shapes=self.state.shapes))
+        self.state.mesh = tp_mesh(self.state.attention_heads, self.state.mesh, self.state.tp_weights)
+        ctx = RuleContext(tp=self.state.tp_units, shapes=self.state.shapes)
         self.state.roles = assign_weight_roles(model, ctx, self.state.vocab_parallel)
         return ir.passes.PassResult(model, modified=True)
 

@@ -95,13 +95,19 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
                 return value
             if held.blocks or held.inner:
                 raise ShardingError(f"cannot gather the shard {held} of {where}; no rule keeps it sharded")
+            if held.shares:
+                raise ShardingError(
+                    f"cannot gather the uneven shard {held} of {where}: gathers of unequal parts are not supported "
+                    "yet; use a tp that divides the heads"
+                )
             node = ops.all_gather_node(value, held.dim, self.group, name=self._name("AllGather"))
             # Shapes are still global here: the gathered value is `value`'s shape, not its shape x tp.
             node.outputs[0].shape = None if value.shape is None else ir.Shape(list(value.shape))
             gathered = self._named(self._insert(graph, node, value), value, "allgather")
             return self._distinct_parts(graph, gathered, held, value) if held.parts else gathered
         if isinstance(held, Partial) and isinstance(required, Shard):
-            if not required.blocks and held.op == "sum":
+            # Uneven parts: reduce everything, then each rank slices its own (no ReduceScatter of unequal parts).
+            if not required.blocks and not required.shares and held.op == "sum":
                 node = ops.reduce_scatter_node(value, required.dim, self.group, name=self._name("ReduceScatter"))
                 return self._named(self._insert(graph, node, value), value, "reducescatter")
             reduced = self._convert(graph, value, held, REPLICATE, None)

@@ -9,6 +9,9 @@ Rank-independent part (LocalizePass, in place): every head count or hidden size 
 * Graph inputs and outputs get local shapes; intermediate shapes are dropped (onnxruntime re-infers).
 
 Rank-dependent part (`materialize_rank`): a copy of the localized model with its weights sliced.
+
+Uneven tp (the mesh has shares): ranks differ in shapes, so LocalizePass runs once per tp rank, on its own
+copy of the graph, with that rank's sizes (`tp_rank`); an even plan localizes once for every rank.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ HEAD_ATTRIBUTES = {
 
 
 class LocalizePass(ir.passes.InPlacePass):
-    def __init__(self, state: ShardingState) -> None:
+    def __init__(self, state: ShardingState, tp_rank: int = 0) -> None:
         super().__init__()
         self.state = state
+        # Whose sizes this localization writes: any rank's when the split is even, this one's when uneven.
+        self.tp_rank = tp_rank
         self._counter = 0
 
     def requires(self, model: ir.Model) -> None:
@@ -115,7 +120,7 @@ class LocalizePass(ir.passes.InPlacePass):
         if not isinstance(placement, Shard):
             return []
         axes = [(placement.dim, self._global_dim(value, placement.dim))]
-        axes_local = [(placement.dim, axes[0][1], placement.local_size(axes[0][1], self.state.tp))]
+        axes_local = [(placement.dim, axes[0][1], placement.local_size(axes[0][1], self.state.tp, self.tp_rank))]
         if placement.inner_blocks and not placement.inner_flat:
             size = self._global_dim(value, placement.dim + 1)
             axes_local.append((placement.dim + 1, size, placement.inner_local_size()))
@@ -159,8 +164,13 @@ class LocalizePass(ir.passes.InPlacePass):
         tp = self.state.tp
         current = target
         placement = self._placement(out)
+        units = self.state.tp_units
         for k, size, local in split_axes:
-            candidates = sorted({size // d for d in range(1, tp + 1) if tp % d == 0 and size % d == 0} - {local})
+            if self.state.uneven:
+                # Any whole number of units is a size some rank (or repeat_kv) may have computed.
+                candidates = sorted({size * n // units for n in range(1, units + 1) if size * n % units == 0} - {local})
+            else:
+                candidates = sorted({size // d for d in range(1, tp + 1) if tp % d == 0 and size % d == 0} - {local})
             if isinstance(placement, Shard) and placement.inner_blocks and k == placement.dim + 1:
                 candidates = [size]  # a literal of the whole group's heads; only it needs the local count
             for candidate in candidates:
@@ -190,9 +200,8 @@ class LocalizePass(ir.passes.InPlacePass):
         axis = normalize_dim(axis_attr.as_int() if axis_attr else 0, rank)
         if axis != placement.dim:
             return
-        local = np.array(
-            [b // placement.block_parts(i, self.state.tp) for i, b in enumerate(placement.blocks)], dtype=np.int64
-        )
+        size = self._global_dim(node.inputs[0], placement.dim)
+        local = np.array(placement.local_widths(size, self.state.tp, self.tp_rank), dtype=np.int64)
         if len(node.inputs) > 1 and node.inputs[1] is not None:
             node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/split", local))
         elif "split" in node.attributes:
@@ -224,14 +233,18 @@ class LocalizePass(ir.passes.InPlacePass):
         start = starts[k] + size if starts[k] < 0 else starts[k]
         end = min(ends[k] + size if ends[k] < 0 else ends[k], size)
         # Local offsets of the selected block: the local widths of the blocks before it.
+        widths = placement.local_widths(size, tp, self.tp_rank)
         offset = local_offset = 0
         for index, block in enumerate(placement.blocks):
             if offset == start:
                 break
             offset += block
-            local_offset += block // placement.block_parts(index, tp)
+            local_offset += widths[index]
         new_starts[k] = local_offset
-        new_ends[k] = local_offset + (end - start) // placement.block_parts(index, tp)
+        if placement.shares:
+            new_ends[k] = local_offset + widths[index]
+        else:
+            new_ends[k] = local_offset + (end - start) // placement.block_parts(index, tp)
         node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/starts", new_starts))
         node.replace_input_with(2, self._new_initializer(graph, f"{node.name}/ends", new_ends))
 
@@ -278,9 +291,8 @@ class LocalizePass(ir.passes.InPlacePass):
         block = gathered_block(ctx, node, placement)
         if block is None or indices.const_value is None:
             raise ShardingError(f"node {node.name} (Gather) takes no whole block of {placement}; cannot localize it")
-        tp = self.state.tp
-        start = placement.local_offset(block, tp)
-        width = placement.blocks[block] // placement.block_parts(block, tp)
+        widths = placement.local_widths(self._global_dim(node.inputs[0], placement.dim), self.state.tp, self.tp_rank)
+        start, width = sum(widths[:block]), widths[block]
         original = indices.const_value.numpy()
         local = np.arange(start, start + width, dtype=original.dtype).reshape(original.shape if width == 1 else -1)
         node.replace_input_with(1, self._new_initializer(graph, f"{node.name}/indices", local))
@@ -302,11 +314,17 @@ class LocalizePass(ir.passes.InPlacePass):
         table, ids = node.inputs[0], node.inputs[1]
         if table is None or ids is None or not isinstance(self._placement(table), Shard):
             return
-        vocab = self._global_dim(table, 0)
-        local = vocab // self.state.tp
+        vocab, tp = self._global_dim(table, 0), self.state.tp
+        rows = self._placement(table)
+        assert isinstance(rows, Shard)
+        local = rows.local_size(vocab, tp, self.tp_rank)
         dtype = (ids.dtype or ir.DataType.INT64).numpy()
         name = node.name
-        start = self._rank_initializer(graph, f"{name}/vocab_start", lambda r: np.array(r * local, dtype=dtype))
+
+        def first_row(r: int) -> np.ndarray:
+            return np.array(rows.local_ranges(vocab, tp, r)[0][0], dtype=dtype)
+
+        start = self._rank_initializer(graph, f"{name}/vocab_start", first_row)
         size = self._new_initializer(graph, f"{name}/vocab_size", np.array(local, dtype=dtype))
         zero = self._new_initializer(graph, f"{name}/zero", np.array(0, dtype=dtype))
         minus_one = self._new_initializer(graph, f"{name}/last_axis", np.array([-1], dtype=np.int64))
@@ -341,6 +359,8 @@ class LocalizePass(ir.passes.InPlacePass):
         if not isinstance(placement, Shard) or not isinstance(self._placement(out), Partial):
             return
         scale = partial_reduction_scale(node.op_type, placement, self.state.tp)
+        if placement.shares:
+            scale = self._uneven_partial_scale(node, placement)
         if scale == 1.0:
             return
         name = node.name
@@ -357,12 +377,31 @@ class LocalizePass(ir.passes.InPlacePass):
         self.state.placements[out.name] = placement
         self.state.shapes[out.name] = self.state.shapes.get(original)
 
+    def _uneven_partial_scale(self, node: ir.Node, placement: Shard) -> float:
+        """A rank's mean over its piece weighs its share of the axis; a sum needs nothing (no part repeats)."""
+        if placement.parts or placement.blocks:
+            raise ShardingError(
+                f"node {node.name} ({node.op_type}) reduces {placement}, whose parts repeat over uneven shares; "
+                "use a tp that divides the heads"
+            )
+        if node.op_type != "ReduceMean":
+            return 1.0
+        size = self._global_dim(node.inputs[0], placement.dim)
+        return placement.local_size(size, self.state.tp, self.tp_rank) / size
+
     def _localize_nbits(self, node: ir.Node) -> None:
         role = self.state.roles.get(node.name)
-        if role is None or not isinstance(self._placement(node.inputs[1]), Shard):
+        placement = self._placement(node.inputs[1])
+        if role is None or not isinstance(placement, Shard):
             return
         name = "N" if role.kind == "column" else "K"
-        node.attributes[name] = ir.AttrInt64(name, node.attributes[name].as_int() // self.state.tp)
+        size = node.attributes[name].as_int()
+        if placement.shares:
+            raise ShardingError(
+                f"node {node.name} (MatMulNBits) would be split unevenly ({placement}); quantized weights take "
+                "an even split only: use a tp that divides the heads"
+            )
+        node.attributes[name] = ir.AttrInt64(name, size // self.state.tp)
 
     def _rank_initializer(self, graph: ir.Graph, base: str, per_rank: Callable[[int], np.ndarray]) -> ir.Value:
         value = self._new_initializer(graph, base, per_rank(0))
@@ -372,13 +411,18 @@ class LocalizePass(ir.passes.InPlacePass):
     def _localize_heads(self, node: ir.Node) -> None:
         if not any(isinstance(self._placement(v), Shard) for v in node.inputs if v is not None):
             return
-        tp = self.state.tp
+        tp, units = self.state.tp, self.state.tp_units
         for name in HEAD_ATTRIBUTES[node.op_type]:
             attr = node.attributes.get(name)
             if attr is not None and attr.as_int() > 0:
                 heads = attr.as_int()
-                # kv heads fewer than ranks are replicated: each rank keeps one.
-                local = heads // tp if heads % tp == 0 else 1
+                if self.state.uneven:
+                    # The heads are units, or kv heads each replicated over units // heads of them.
+                    held = Shard(0, (), (heads,) if heads < units else (), shares=self.state.mesh.tp_shares)
+                    local = held.local_size(heads, tp, self.tp_rank)
+                else:
+                    # kv heads fewer than ranks are replicated: each rank keeps one.
+                    local = heads // tp if heads % tp == 0 else 1
                 node.attributes[name] = ir.AttrInt64(name, local)
 
 

@@ -9,7 +9,9 @@ insert_collectives turns into a collective.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from collections.abc import Callable
 
 import onnx_ir as ir
 
@@ -18,7 +20,15 @@ from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.passes.state import Redistribution, ShardingState
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from llmir_onnx.propagation import lookup
-from llmir_onnx.propagation.base import Decision, RuleContext, any_sharded, divisibility_error, replicated
+from llmir_onnx.propagation.base import (
+    Decision,
+    RuleContext,
+    any_sharded,
+    divisibility_error,
+    replicated,
+    tp_candidates,
+    valid_tp_listing,
+)
 
 logger = logging.getLogger(__name__)
 # The only ops whose rules know shards with inner blocks (Shard.inner_blocks); any other op that meets
@@ -48,19 +58,21 @@ def _check_divisible(ctx: RuleContext, node: ir.Node, value: ir.Value, placement
 
 def _partitions_at(model: ir.Model, state: ShardingState, tp: int) -> bool:
     """Whether the sharding passes succeed on a copy of `model` at another tp (shapes do not depend on tp)."""
-    from llmir_onnx.passes.annotate import assign_weight_roles
+    from llmir_onnx.passes.annotate import assign_weight_roles, tp_mesh
     from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
     from llmir_onnx.passes.localize import LocalizePass
 
     trial = model.clone()
     probe = ShardingState(
-        DeviceMesh(pp=1, tp=tp),
+        tp_mesh(state.attention_heads, DeviceMesh(pp=1, tp=tp), None),
         replicate_unsupported=state.replicate_unsupported,
         vocab_parallel=state.vocab_parallel,
         input_seeds=dict(state.input_seeds),
         shapes=dict(state.shapes),
+        attention_heads=state.attention_heads,
     )
-    probe.roles = assign_weight_roles(trial, RuleContext(tp=tp, shapes=probe.shapes), state.vocab_parallel)
+    ctx = RuleContext(tp=probe.tp_units, shapes=probe.shapes)
+    probe.roles = assign_weight_roles(trial, ctx, state.vocab_parallel)
     try:
         PropagatePass(probe, try_other_tps=False).call(trial)
         InsertCollectivesPass(probe).call(trial)
@@ -85,7 +97,7 @@ class PropagatePass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         state = self.state
-        ctx = RuleContext(tp=state.tp, shapes=state.shapes, roles=state.roles)
+        ctx = RuleContext(tp=state.tp_units, shapes=state.shapes, roles=state.roles)
         graph = model.graph
         free = {v.name for v in graph.inputs} | set(graph.initializers)
         placements = state.placements
@@ -128,7 +140,7 @@ class PropagatePass(ir.passes.InPlacePass):
                 full = isinstance(placement, Shard) and placement.holds_everything()
                 placements[value.name] = REPLICATE if full else placement
         works = (lambda tp: _partitions_at(model, self.state, tp)) if self.try_other_tps else None
-        error = divisibility_error(state.tp, ctx.constraints, works)
+        error = divisibility_error(state.tp, ctx.constraints, works, state.mesh.tp_shares, state.attention_heads)
         if error is not None:
             raise error
         for value in graph.inputs:
@@ -144,8 +156,35 @@ class PropagatePass(ir.passes.InPlacePass):
             if isinstance(held, Partial) or (isinstance(held, Shard) and held.blocks) or vocab_split:
                 state.output_targets[value.name] = REPLICATE
         state.weight_placements = {name: placements[name] for name in graph.initializers}
+        if state.uneven:
+            self._apply_shares(works)
         state.propagated = True
         return ir.passes.PassResult(model, modified=True)
+
+    def _apply_shares(self, works: Callable[[int], bool] | None) -> None:
+        """Rules planned the split in units; every shard now says which units each tp rank holds."""
+        state = self.state
+        shares = state.mesh.tp_shares
+
+        def uneven(name: str, placement: Placement) -> Placement:
+            if not isinstance(placement, Shard):
+                return placement
+            misfit = placement.with_shares(shares).uneven_misfit()
+            if misfit is not None:
+                listed = valid_tp_listing(state.tp, tp_candidates([]), works, state.attention_heads)
+                raise ShardingError(
+                    f"--tp {state.tp} splits the {state.tp_units} heads as {','.join(map(str, shares))}: {misfit} "
+                    f"(value {name!r}); use {listed}"
+                )
+            return placement.with_shares(shares)
+
+        state.placements.update({name: uneven(name, p) for name, p in state.placements.items()})
+        state.weight_placements = {name: uneven(name, p) for name, p in state.weight_placements.items()}
+        state.redistributions = [
+            dataclasses.replace(r, current=uneven(r.value, r.current), required=uneven(r.value, r.required))
+            for r in state.redistributions
+        ]
+        state.output_targets = {name: uneven(name, p) for name, p in state.output_targets.items()}
 
     def _check_captured_values(self, node: ir.Node) -> None:
         """Subgraphs (If/Loop/Scan) read outer values implicitly; no rule sees those, so they must be full."""

@@ -32,6 +32,10 @@ class ShardingState:
     keep_output_placements: bool = False
     # Seeds for graph inputs (tests and callers that know an input's layout); the rest are free.
     input_seeds: dict[str, Placement] = field(default_factory=dict)
+    # Per-rank weights of an uneven tp split (a faster device gets more heads); None: equal.
+    tp_weights: tuple[float, ...] | None = None
+    # The model's query head count (annotate reads it; uneven shares split it).
+    attention_heads: int | None = None
     shapes: dict[str, Shape] = field(default_factory=dict)
     roles: dict[str, WeightRole] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)
@@ -52,3 +56,12 @@ class ShardingState:
     @property
     def tp(self) -> int:
         return self.mesh.tp
+
+    @property
+    def tp_units(self) -> int:
+        """The parts propagation splits every axis into: tp, or with uneven shares their sum."""
+        return self.mesh.tp_units
+
+    @property
+    def uneven(self) -> bool:
+        return bool(self.mesh.tp_shares)

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.mesh import unit_range
 from llmir_onnx.plan.manifest import Manifest, RankEntry
 from llmir_onnx.plan.memory import format_bytes
 
@@ -255,9 +256,14 @@ def _head_split(manifest: Manifest) -> str:
     else:
         heads, kv_heads, head_dim = attention
         rows = []
+        shares = [int(s) for s in manifest.mesh.get("tp_shares", ())]
         for tp_rank in range(tp):
             q = f"{tp_rank * heads // tp}-{(tp_rank + 1) * heads // tp - 1}"
-            if kv_heads >= tp:
+            if shares:  # uneven: the heads are units, kv heads (as many, or fewer) follow them
+                held = unit_range(shares, tp_rank)
+                q = f"{held.start}-{held.stop - 1}"
+                kv = f"{held.start * kv_heads // heads}-{(held.stop * kv_heads - 1) // heads}"
+            elif kv_heads >= tp:
                 kv = f"{tp_rank * kv_heads // tp}-{(tp_rank + 1) * kv_heads // tp - 1}"
             else:  # fewer KV heads than ranks: each KV head is replicated on tp / kv_heads ranks
                 kv = f"{tp_rank * kv_heads // tp} (replicated)"

@@ -163,15 +163,33 @@ def _finer_than_group_candidates(tp: int, constraints: Sequence[SplitConstraint]
     ]
 
 
+def valid_tp_listing(
+    tp: int, candidates: Sequence[int], works: Callable[[int], bool] | None, heads: int | None = None
+) -> str:
+    """'--tp 1, 2 or 4': the candidates other than `tp` that `works` confirms (a trial partition), and with
+    a trial and a known head count every tp up to the heads (uneven splits give each rank one at least)."""
+    options = set(candidates) | ({1} if not candidates else set())
+    if works is not None and heads:
+        options |= set(range(2, heads + 1))
+    valid = [t for t in sorted(options) if t == 1 or (t != tp and (works is None or works(t)))]
+    return "--tp 1" if len(valid) == 1 else "--tp " + ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
+
+
 def divisibility_error(
-    tp: int, constraints: Sequence[SplitConstraint], works: Callable[[int], bool] | None = None
+    tp: int,
+    constraints: Sequence[SplitConstraint],
+    works: Callable[[int], bool] | None = None,
+    shares: Sequence[int] = (),
+    heads: int | None = None,
 ) -> ShardingError | None:
     """One error for a tp that some split cannot take; head counts are named first, they are what users know.
 
     The tp values it offers are the candidates the constraints allow that `works` confirms (a trial
-    partition): a constraint met at one tp says little about the splits another tp would choose.
+    partition): a constraint met at one tp says little about the splits another tp would choose. With
+    uneven `shares` the constraints were recorded in units (their sum): every split must follow the heads'.
     """
-    broken = [c for c in constraints if not c.allows(tp)]
+    units = sum(shares) if shares else tp
+    broken = [c for c in constraints if not c.allows(units)]
     if not broken:
         return None
     broken.sort(key=lambda c: (not c.what.startswith(("num_heads", "kv_num_heads")),))
@@ -180,8 +198,12 @@ def divisibility_error(
     candidates = set(tp_candidates(constraints))
     if works is not None:
         candidates |= set(_finer_than_group_candidates(tp, constraints))
-    valid = [t for t in sorted(candidates) if t == 1 or (t != tp and (works is None or works(t)))]
-    listed = "--tp 1" if len(valid) == 1 else "--tp " + ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
+    listed = valid_tp_listing(tp, sorted(candidates), works, heads)
+    if shares:
+        return ShardingError(
+            f"--tp {tp} splits the heads as {','.join(map(str, shares))} ({units} parts), which {first.what}={shown} "
+            f"in node {first.node} ({first.op_type}) cannot follow; use {listed}"
+        )
     return ShardingError(
         f"--tp {tp} does not divide {first.what}={shown} in node {first.node} ({first.op_type}); use {listed}"
     )
@@ -211,4 +233,5 @@ __all__ = [
     "normalize_dim",
     "register",
     "replicated",
+    "valid_tp_listing",
 ]
