@@ -10,6 +10,7 @@ insert_collectives turns into a collective.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Callable
 
@@ -139,7 +140,7 @@ class PropagatePass(ir.passes.InPlacePass):
                 # head_dim (q/k norms, rotary) then need no gather, and none can split head_dim by mistake.
                 full = isinstance(placement, Shard) and placement.holds_everything()
                 placements[value.name] = REPLICATE if full else placement
-        works = (lambda tp: _partitions_at(model, self.state, tp)) if self.try_other_tps else None
+        works = functools.cache(lambda tp: _partitions_at(model, self.state, tp)) if self.try_other_tps else None
         error = divisibility_error(state.tp, ctx.constraints, works, state.mesh.tp_shares, state.attention_heads)
         if error is not None:
             raise error
@@ -171,7 +172,7 @@ class PropagatePass(ir.passes.InPlacePass):
                 return placement
             misfit = placement.with_shares(shares).uneven_misfit()
             if misfit is not None:
-                listed = valid_tp_listing(state.tp, tp_candidates([]), works, state.attention_heads)
+                listed = valid_tp_listing(state.tp, tp_candidates([]), works, state.attention_heads, units_plan=True)
                 raise ShardingError(
                     f"--tp {state.tp} splits the {state.tp_units} heads as {','.join(map(str, shares))}: {misfit} "
                     f"(value {name!r}); use {listed}"

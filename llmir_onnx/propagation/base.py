@@ -164,13 +164,26 @@ def _finer_than_group_candidates(tp: int, constraints: Sequence[SplitConstraint]
 
 
 def valid_tp_listing(
-    tp: int, candidates: Sequence[int], works: Callable[[int], bool] | None, heads: int | None = None
+    tp: int,
+    candidates: Sequence[int],
+    works: Callable[[int], bool] | None,
+    heads: int | None = None,
+    units_plan: bool | None = None,
 ) -> str:
     """'--tp 1, 2 or 4': the candidates other than `tp` that `works` confirms (a trial partition), and with
-    a trial and a known head count every tp up to the heads (uneven splits give each rank one at least)."""
+    a trial and a known head count every tp up to the heads (uneven splits give each rank one at least).
+
+    Every uneven split is planned in units of one head, as tp = heads is: `units_plan` says whether that
+    plan succeeds (None: unknown, one trial at tp = heads tells). When it fails, no uneven tp is tried, so
+    a refusal on a big model costs the trials of the head count's divisors, not one per head.
+    """
     options = set(candidates) | ({1} if not candidates else set())
     if works is not None and heads:
-        options |= set(range(2, heads + 1))
+        options |= {t for t in range(2, heads + 1) if heads % t == 0}
+        if units_plan is None:
+            units_plan = tp != heads and works(heads)
+        if units_plan:
+            options |= set(range(2, heads))
     valid = [t for t in sorted(options) if t == 1 or (t != tp and (works is None or works(t)))]
     return "--tp 1" if len(valid) == 1 else "--tp " + ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
 
@@ -198,7 +211,8 @@ def divisibility_error(
     candidates = set(tp_candidates(constraints))
     if works is not None:
         candidates |= set(_finer_than_group_candidates(tp, constraints))
-    listed = valid_tp_listing(tp, sorted(candidates), works, heads)
+    # An uneven run planned in units and failed here: every other uneven split would fail the same way.
+    listed = valid_tp_listing(tp, sorted(candidates), works, heads, units_plan=False if shares else None)
     if shares:
         return ShardingError(
             f"--tp {tp} splits the heads as {','.join(map(str, shares))} ({units} parts), which {first.what}={shown} "
