@@ -743,6 +743,7 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
         "kv cache",
         "activations",
         "fits",
+        "tp link",
         "note",
     )
     rows = [header]
@@ -760,6 +761,7 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
                     "-",
                     "-",
                     "invalid",
+                    "-",
                     layout.reason,
                 )
             )
@@ -777,6 +779,7 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
                 format_bytes(worst.kv_cache_bytes),
                 format_bytes(worst.activation_peak_bytes),
                 "yes" if layout.fits else "NO",
+                _tp_link_label(layout),
                 "" if layout.fits else f"over by {format_bytes(layout.max_rank_bytes - layout.device_memory_bytes)}",
             )
         )
@@ -784,6 +787,28 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
     lines = ["  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _tp_hosts(layout: LayoutEstimate) -> int:
+    return max((rank.tp_hosts for rank in layout.ranks), default=0)
+
+
+def _tp_link_label(layout: LayoutEstimate) -> str:
+    """'-' at tp 1, 'in host' when every tp group is inside one host, else 'N hosts (link)'."""
+    hosts = _tp_hosts(layout)
+    if hosts == 0:
+        return "-"
+    if hosts == 1:
+        return "in host"
+    slowest = next(rank.tp_link for rank in layout.ranks if rank.tp_hosts == hosts)
+    return f"{hosts} hosts ({slowest})"
+
+
+def _versus(best: LayoutEstimate, other: LayoutEstimate) -> str:
+    return (
+        f"{other.label} ({_tp_link_label(other)}): {other.decode_tokens_per_s:.1f} tokens/s, prefill "
+        f"{_seconds(other.prefill_s)}, {format_bytes(other.max_rank_bytes)} per device"
+    )
 
 
 def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None, str]:
@@ -805,4 +830,17 @@ def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None,
         f"({best.decode_tokens_per_s:.1f} tokens/s at batch {best.max_batch}, prefill "
         f"{_seconds(best.prefill_s)}); {best.reason}"
     )
+    # hosts: say whether tp stays inside them, and against what the choice won
+    if any(_tp_hosts(layout) > 1 for layout in fitting):
+        inside = [layout for layout in fitting if _tp_hosts(layout) <= 1]
+        across = [layout for layout in fitting if _tp_hosts(layout) > 1]
+        if _tp_hosts(best) <= 1:
+            why += f"; its tp groups stay inside a host; the best with tp across hosts is {_versus(best, across[0])}"
+        else:
+            why += f"; its tp spans {_tp_link_label(best)} because the model predicts a win over "
+            why += _versus(best, inside[0]) if inside else "every layout (none keeps tp inside a host)"
+    if len({rank.device for layout in fitting for rank in layout.ranks}) > 1:
+        why += "; stages: " + ", ".join(
+            f"{rank.stage}: layers {rank.layers[0]}-{rank.layers[1] - 1} on {rank.device}" for rank in best.ranks
+        )
     return best, why
