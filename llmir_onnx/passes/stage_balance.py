@@ -12,6 +12,9 @@ union of the initializers a stage reads (a weight shared by two layers of one st
 tied embedding/lm_head table counts on both the first and the last stage, since both hold a copy),
 plus optional extra bytes per unit (e.g. the KV cache at the planned batch and length).
 
+With mixed devices each stage has its own costs (the units timed on that stage's devices) and its own
+memory limit, so a slower or smaller stage gets fewer layers; the search is the same.
+
 The search is an exact dynamic program over (stage, last layer): O(P x L^2), trivial for L <= a few
 hundred layers.
 """

@@ -31,6 +31,13 @@ decode step are the sums over stages plus the Send/Recv between them (one batch 
 pipeline at a time: pipelining several micro-batches is not modelled, so pp never speeds up one
 request, only fits bigger models). Decode tokens/s = max_batch / decode step.
 
+Devices and hosts (`plan.devices.Cluster`): rank r of a layout runs on the cluster's r-th device
+(host-major, so a tp group of consecutive ranks stays in one host when tp divides the host size). A
+stage is timed on the slowest profile among its devices, its tp collectives over the slowest link the
+tp group spans and its Recv over the link to the previous stage's ranks; it must fit the smallest
+memory among its devices; the cuts balance each stage on its own devices. Without a cluster, `devices`
+of `device` in hosts of the profile's usual size (8 for the GPU profiles).
+
 With `allow_kv_replication=False` (a partitioner that cannot replicate KV heads) tp must also
 divide the KV heads.
 
