@@ -41,6 +41,14 @@ DimOption = Annotated[
         "(repeat for several).",
     ),
 ]
+DevicesPerHostOption = Annotated[
+    int | None,
+    typer.Option(
+        "--devices-per-host",
+        min=1,
+        help="Devices in one host for --devices counts and lists [default: the profile's usual size, 8 for GPUs].",
+    ),
+]
 
 
 def reports_errors(command: F) -> F:
@@ -99,6 +107,16 @@ def partition(
     device_memory: Annotated[
         str | None, typer.Option("--device-memory", help="Fail unless every rank fits this, e.g. 80GiB.")
     ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            "--devices",
+            help="One device per rank (rank order = host-major): a count (4), a list such as 2xh100-sxm,2xa100-80g, "
+            "or a JSON cluster file. Each rank's memory and cost use its own device; pipeline cuts balance each "
+            "stage on its devices. Default: every rank a --device, no memory check unless --device-memory.",
+        ),
+    ] = None,
+    devices_per_host: DevicesPerHostOption = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Batch the memory plan is sized for.")] = 1,
     max_seq: Annotated[
         int | None,
@@ -126,9 +144,14 @@ def partition(
 
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.model_facts import parse_dim_hints
+    from llmir_onnx.plan.devices import parse_devices
     from llmir_onnx.plan.memory import format_bytes, parse_bytes
     from llmir_onnx.progress import Progress
 
+    memory_bytes = parse_bytes(device_memory) if device_memory is not None else None
+    cluster = None
+    if devices is not None:
+        cluster = parse_devices(devices, device, devices_per_host=devices_per_host, memory_bytes=memory_bytes)
     manifest = partition_to_dir(
         model,
         out,
@@ -139,13 +162,14 @@ def partition(
         allow_replicated=allow_replicated,
         force=force,
         device=device,
-        device_memory_bytes=parse_bytes(device_memory) if device_memory is not None else None,
+        device_memory_bytes=memory_bytes,
         max_batch=max_batch,
         max_seq=max_seq,
         stage_cut_after_layer=_parse_cuts(cuts),
         dim_roles=parse_dim_hints(dims or []),
         progress=Progress(enabled=False if quiet else (True if show_progress else None)),
         ignore_annotations=ignore_annotations,
+        devices=cluster,
     )
     if as_json:
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
@@ -159,7 +183,7 @@ def partition(
         typer.echo(f"  KV cache: the model keeps at most {cache_tokens} past tokens (a sliding window); sized for that")
     typer.echo(
         f"  {'rank':<5}{'pp':>3}{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
-        f"{'total':>12}{'prefill':>11}{'decode tok/s':>14}"
+        f"{'total':>12}{'prefill':>11}{'decode tok/s':>14}" + ("  device" if cluster is not None else "")
     )
     for entry in manifest.ranks:
         memory, cost = entry.memory, entry.cost
@@ -169,10 +193,11 @@ def partition(
             f"{format_bytes(memory['weight_bytes']):>12}{format_bytes(memory['kv_cache_bytes']):>12}"
             f"{format_bytes(memory['activation_peak_bytes']):>13}{format_bytes(memory['total_bytes']):>12}"
             f"{cost['prefill']['total_s'] * 1e3:>9.2f}ms{cost['decode_tokens_per_s']:>14.1f}"
+            + (f"  {cluster.devices[entry.rank].profile.name} on {cluster.devices[entry.rank].host}" if cluster else "")
         )
     typer.echo(
         f"  (memory at batch {manifest.options['max_batch']} x {manifest.options['max_seq']} tokens; "
-        f"times predicted for {device})"
+        f"times predicted for {cluster.describe() if cluster is not None else device})"
     )
 
 
@@ -459,7 +484,14 @@ def check(
 @reports_errors
 def plan(
     model: Annotated[Path, typer.Argument(help="The ONNX model (only shapes are read; weights need not exist).")],
-    devices: Annotated[int, typer.Option("--devices", min=1, help="Number of devices to lay the model out on.")],
+    devices: Annotated[
+        str,
+        typer.Option(
+            "--devices",
+            help="The devices: a count (64: --device profiles in hosts of its usual size, 8 for GPUs), a list "
+            "such as 8xh100-sxm,8xa100-80g (each item starts a new host), or a JSON cluster file.",
+        ),
+    ],
     device_memory: Annotated[
         str | None, typer.Option("--device-memory", help="Memory per device, e.g. 80GiB (default: the profile's).")
     ] = None,
@@ -475,6 +507,7 @@ def plan(
     include_fewer: Annotated[
         bool, typer.Option("--include-fewer", help="Also list layouts that use fewer devices.")
     ] = False,
+    devices_per_host: DevicesPerHostOption = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the ranked layouts and the recommendation as JSON.")
     ] = False,
@@ -483,32 +516,34 @@ def plan(
     """Rank the (tp, pp) layouts by predicted speed and memory per rank, and recommend one."""
     from llmir_onnx.ir_io import load_model
     from llmir_onnx.model_facts import parse_dim_hints, record_dim_hints
-    from llmir_onnx.plan.devices import load_profile
+    from llmir_onnx.plan.devices import load_profile, parse_devices
     from llmir_onnx.plan.layouts import enumerate_layouts, format_layout_table, recommend
-    from llmir_onnx.plan.memory import format_bytes, parse_bytes
+    from llmir_onnx.plan.memory import parse_bytes
     from llmir_onnx.plan.shapes import choose_max_seq
 
     profile = load_profile(device)
-    memory = parse_bytes(device_memory) if device_memory is not None else profile.memory_bytes
+    asked_memory = parse_bytes(device_memory) if device_memory is not None else None
+    cluster = parse_devices(devices, device, devices_per_host=devices_per_host, memory_bytes=asked_memory)
+    memory = asked_memory if asked_memory is not None else min(slot.memory_bytes for slot in cluster.devices)
     source = load_model(model, check_data=False)
     record_dim_hints(source, parse_dim_hints(dims or []))
     asked = max_seq
     max_seq, limit = choose_max_seq(source, max_batch, asked)
-    layouts = enumerate_layouts(source, devices, memory, profile, max_batch, max_seq, include_fewer=include_fewer)
+    layouts = enumerate_layouts(
+        source, len(cluster), memory, profile, max_batch, max_seq, include_fewer=include_fewer, cluster=cluster
+    )
     best, reason = recommend(layouts)
     if as_json:
         from dataclasses import asdict
 
         _echo_json({
-            "model": str(model), "devices": devices, "device": profile.name, "device_memory_bytes": memory,
+            "model": str(model), "devices": len(cluster), "device": profile.name, "device_memory_bytes": memory,
+            "cluster": cluster.manifest_entry(),
             "max_batch": max_batch, "max_seq": max_seq, "layouts": [asdict(layout) for layout in layouts],
             "recommended": best.label if best is not None else None, "reason": reason,
         })
     else:
-        typer.echo(
-            f"{model}: {devices} x {profile.name} with {format_bytes(memory)} each, "
-            f"batch {max_batch}, sequences up to {max_seq} tokens"
-        )
+        typer.echo(f"{model}: {cluster.describe()}, batch {max_batch}, sequences up to {max_seq} tokens")
         if asked is None and limit.tokens is not None:
             typer.echo(f"  max-seq {limit.tokens}: the longest sequence the model takes ({limit.reason})")
         typer.echo(format_layout_table(layouts))

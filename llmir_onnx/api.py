@@ -23,7 +23,8 @@ from llmir_onnx.progress import QUIET, Progress
 
 if TYPE_CHECKING:
     from llmir_onnx.partition import PartitionResult
-    from llmir_onnx.plan.devices import DeviceProfile
+    from llmir_onnx.plan.cost import LinkOf
+    from llmir_onnx.plan.devices import Cluster, DeviceProfile
 
 
 def _structure_signature(model: ir.Model) -> tuple[Any, ...]:
@@ -76,6 +77,7 @@ def partition_to_dir(
     progress: Progress | None = None,
     ignore_annotations: bool = False,
     tp_weights: tuple[float, ...] | None = None,
+    devices: Cluster | None = None,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
@@ -91,6 +93,11 @@ def partition_to_dir(
     `tp_weights` (one per tp rank) split the heads in proportion (uneven tp), equal when None.
     IR v11 annotations in the model pin stages and placements (llmir_onnx/annotations.py) unless
     `ignore_annotations`.
+
+    `devices` (the CLI's --devices): one device per rank, rank r on `devices.devices[r]`; each rank's
+    memory is checked against its own device's and its cost predicted on its profile over the links
+    its groups span; the pipeline cuts balance each stage on its own devices. The manifest records
+    where each rank runs (`options["devices"]`). None: every rank is a `device` (the manifest as before).
     """
     from llmir_onnx.annotations import (
         AnnotationPins,
@@ -125,6 +132,7 @@ def partition_to_dir(
         max_batch=max_batch,
         max_seq=max_seq,
         tp_weights=tp_weights,
+        cluster=devices,
     )
     progress.phase(f"sharding for tp {tp} x pp {pp}")
     with atomic_output_dir(out_dir, force=force) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
@@ -139,7 +147,7 @@ def partition_to_dir(
         result = partition(source, options, on_weights_known=write_weights, consume_model=True)
         check_value_pins(pins, result.placements)
         mesh = result.mesh
-        details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes)
+        details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes, devices)
         mesh_info = {
             "tp": mesh.tp,
             "pp": mesh.pp,
@@ -171,6 +179,7 @@ def partition_to_dir(
                 "max_seq": max_seq,
                 "max_seq_limit": None if limit.tokens is None else {"tokens": limit.tokens, "reason": limit.reason},
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
+                **({"devices": devices.manifest_entry()} if devices is not None else {}),
             },
             sharding={"weights": result.weight_splits or []},
         )
@@ -178,9 +187,16 @@ def partition_to_dir(
 
 
 def _rank_details(
-    result: PartitionResult, profile: DeviceProfile, max_batch: int, max_seq: int, device_memory_bytes: int | None
+    result: PartitionResult,
+    profile: DeviceProfile,
+    max_batch: int,
+    max_seq: int,
+    device_memory_bytes: int | None,
+    cluster: Cluster | None = None,
 ) -> list[dict[str, Any]]:
-    """Each rank's layers, memory plan and cost; a rank over `device_memory_bytes` is a PlanError."""
+    """Each rank's layers, memory plan and cost; a rank over `device_memory_bytes` is a PlanError.
+
+    With a `cluster`, each rank on its own device: its profile, its memory, the links of its groups."""
     from llmir_onnx.plan.communication import rank_traffic
     from llmir_onnx.plan.cost import estimate_phases
     from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
@@ -197,20 +213,28 @@ def _rank_details(
         model = model.source if isinstance(model, TpRankCopy) else model
         if id(model) not in signatures:
             signatures[id(model)] = _structure_signature(model)
-        signature = signatures[id(model)]
-        if signature not in analyses:
+        rank_profile, limit, link_of, key = profile, device_memory_bytes, None, signatures[id(model)]
+        if cluster is not None:
+            slot = cluster.devices[program.rank]
+            rank_profile, limit = slot.profile, slot.memory_bytes
+            link_of, links = _cluster_links(model, cluster, result, program.rank, peers)
+            key = (key, slot.profile.name, links)
+        if key not in analyses:
             analysis = plan_memory(model, max_batch, max_seq)
-            cost = estimate_phases(model, profile, max_batch, max_seq)
-            analyses[signature] = (asdict(analysis), asdict(cost), rank_traffic(model, profile, max_batch, max_seq))
-        memory_fields, cost_fields, traffic = analyses[signature]
+            cost = estimate_phases(model, rank_profile, max_batch, max_seq, link_of=link_of)
+            traffic = rank_traffic(model, rank_profile, max_batch, max_seq, link_of=link_of)
+            analyses[key] = (asdict(analysis), asdict(cost), traffic)
+        memory_fields, cost_fields, traffic = analyses[key]
         memory = MemoryPlan(**memory_fields)
-        if device_memory_bytes is not None and memory.total_bytes > device_memory_bytes:
+        if limit is not None and memory.total_bytes > limit:
+            where = f" on its {rank_profile.name} ({cluster.devices[program.rank].host})" if cluster else ""
             raise PlanError(
-                f"rank {program.rank} needs {format_bytes(memory.total_bytes)} (weights "
+                f"rank {program.rank}{where} needs {format_bytes(memory.total_bytes)} (weights "
                 f"{format_bytes(memory.weight_bytes)}, KV cache {format_bytes(memory.kv_cache_bytes)}, activations "
                 f"{format_bytes(memory.activation_peak_bytes)}) at batch {max_batch} x {max_seq} tokens, "
-                f"{format_bytes(memory.total_bytes - device_memory_bytes)} over --device-memory "
-                f"{format_bytes(device_memory_bytes)}; use more --tp/--pp, or lower --max-batch/--max-seq"
+                f"{format_bytes(memory.total_bytes - limit)} over "
+                f"{'its device memory' if cluster else '--device-memory'} "
+                f"{format_bytes(limit)}; use more --tp/--pp, or lower --max-batch/--max-seq"
             )
         details.append(
             {
@@ -222,6 +246,29 @@ def _rank_details(
             }
         )
     return details
+
+
+def _cluster_links(
+    model: ir.Model, cluster: Cluster, result: PartitionResult, rank: int, peers: Any
+) -> tuple[LinkOf, tuple[str, ...]]:
+    """The link each ai.llmir node of `rank` runs over (the slowest its ranks span), and their names."""
+    from llmir_onnx.plan.shapes import LLMIR_DOMAIN
+
+    chosen: dict[int, tuple[Any, int]] = {}
+    for node in model.graph:
+        if node.domain != LLMIR_DOMAIN:
+            continue
+        peer, group = node.attributes.get("peer"), node.attributes.get("group")
+        if peer is not None:
+            other = peer.as_int()
+            ranks: tuple[int, ...] = (rank, peers[other] if peers is not None else other)
+        elif group is not None and group.value:
+            ranks = tuple(int(r) for r in group.value)
+        else:
+            ranks = result.mesh.group(rank, "tp")
+        chosen[id(node)] = cluster.group_link(ranks)
+    names = tuple(sorted({f"{link.name}/{hosts}" for link, hosts in chosen.values()}))
+    return (lambda node: chosen.get(id(node))), names
 
 
 def _collectives(traffic: list[Any], peers: Any, result: PartitionResult, rank: int) -> list[dict[str, Any]]:

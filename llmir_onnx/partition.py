@@ -23,6 +23,7 @@ import gc
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -42,6 +43,9 @@ from llmir_onnx.passes.localize import TpRankCopy, rank_tensor, tp_rank_copy
 from llmir_onnx.placement import Placement, Replicate, Shard
 from llmir_onnx.plan.manifest import SliceBinding
 
+if TYPE_CHECKING:
+    from llmir_onnx.plan.devices import Cluster
+
 
 @dataclass(frozen=True)
 class PartitionOptions:
@@ -59,6 +63,9 @@ class PartitionOptions:
     max_seq: int | None = None  # None: plan.shapes.default_max_seq of the model
     # Per tp rank weights of an uneven head split (a faster device gets more heads); None: equal parts.
     tp_weights: tuple[float, ...] | None = None
+    # Mixed devices: rank r runs on cluster.devices[r]; the cuts balance each stage on its own devices
+    # and memory (a slower or smaller stage gets fewer layers). None: every rank is a `device`.
+    cluster: Cluster | None = None
 
 
 # How one ORIGINAL model input/output maps onto one rank (dim None: the rank holds the full tensor).
@@ -122,6 +129,11 @@ def _check_options(options: PartitionOptions) -> None:
         raise ShardingError(f"--tp must be at least 1, got {options.tp}")
     if options.pp < 1:
         raise ShardingError(f"--pp must be at least 1, got {options.pp}")
+    if options.cluster is not None and len(options.cluster) != options.tp * options.pp:
+        raise ShardingError(
+            f"--devices {options.cluster.spec!r} describes {len(options.cluster)} devices but --tp {options.tp} x "
+            f"--pp {options.pp} needs {options.tp * options.pp}; describe one device per rank"
+        )
 
 
 def plan(
@@ -394,6 +406,9 @@ def _partition_stages(
     first, weights = zero.model, zero.weights
     max_seq = options.max_seq or default_max_seq(first)
     node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
+    stage_costs = memory_limits = None
+    if options.cluster is not None:
+        stage_costs, memory_limits = _stage_device_costs(first, mesh, options.cluster, options.max_batch, max_seq)
 
     def weights_by_stage(stages_of: dict[str, set[int]]) -> None:
         if on_weights_known is None:
@@ -416,7 +431,8 @@ def _partition_stages(
         mesh,
         stage_cut_after_layer=options.stage_cut_after_layer,
         node_cost=node_cost,
-        memory_limit_bytes=options.device_memory_bytes,
+        memory_limit_bytes=memory_limits if memory_limits is not None else options.device_memory_bytes,
+        stage_node_costs=stage_costs,
         consume_model=True,  # tp rank 0's model is this partition's own (the template or a copy)
         on_initializer_stages=weights_by_stage,
         max_seq=max_seq,
@@ -427,6 +443,32 @@ def _partition_stages(
         if isinstance(program.model_or_copy, ir.Model):
             _remove_unused(program.model_or_copy)
     return PartitionResult(mesh, ranks, zero.placements, zero.warnings, zero.weight_splits)
+
+
+def _stage_device_costs(
+    model: ir.Model, mesh: DeviceMesh, cluster: Cluster, max_batch: int, max_seq: int
+) -> tuple[list[Callable[[ir.Node], float]], list[int]]:
+    """Per stage: a node's predicted time on the stage's slowest device (its tp collectives over the
+    link its tp group spans), and the stage's smallest device memory."""
+    from llmir_onnx.plan.cost import node_time_function
+
+    costs: list[Callable[[ir.Node], float]] = []
+    limits: list[int] = []
+    for stage in range(mesh.pp):
+        group = mesh.group(mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=0)), "tp")
+        link = cluster.group_link(group)
+        profiles = {cluster.devices[r].profile.name: cluster.devices[r].profile for r in group}.values()
+        times = [
+            node_time_function(model, profile, max_batch, max_seq, link_of=lambda _node, link=link: link)
+            for profile in profiles
+        ]
+        costs.append(times[0] if len(times) == 1 else _slowest_of(times))
+        limits.append(min(cluster.devices[r].memory_bytes for r in group))
+    return costs, limits
+
+
+def _slowest_of(times: list[Callable[[ir.Node], float]]) -> Callable[[ir.Node], float]:
+    return lambda node: max(time_of(node) for time_of in times)
 
 
 def _dim_of(state: ShardingState, value: ir.Value) -> int | str | None:

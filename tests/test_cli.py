@@ -52,8 +52,20 @@ def test_plan_ranks_layouts_for_a_7b_model(llama_7b_shapes: Path) -> None:
     rows = [line.split() for line in result.stdout.splitlines() if line[:1].isdigit()]
     assert [row[1:4] for row in rows] == [["tp8", "x", "pp1"], ["tp4", "x", "pp2"], ["tp2", "x", "pp4"],
                                           ["tp1", "x", "pp8"]]
-    assert all(row[-1] == "yes" for row in rows)
+    # fits, then the tp link column (new with hosts): 8 devices are one host
+    assert [" ".join(row[-3:]) for row in rows] == ["yes in host"] * 3 + ["GiB yes -"]
     assert "recommended: tp8 x pp1" in result.stdout
+
+
+def test_plan_devices_list_and_its_errors(llama_7b_shapes: Path) -> None:
+    result = run_cli("plan", str(llama_7b_shapes), "--devices", "8xh100-sxm,8xa100-80g", "--max-seq", "4096")
+    assert result.returncode == 0, result.stderr
+    assert "16 devices on 2 hosts: 8 x h100-sxm (80.00 GiB), 8 x a100-80g (80.00 GiB)" in result.stdout
+    assert "recommended: tp8 x pp2" in result.stdout and "on a100-80g" in result.stdout
+    bad = run_cli("plan", str(llama_7b_shapes), "--devices", "8xh100,8xa100-80g")
+    assert_one_line_error(bad, "'h100' is neither a built-in profile")
+    hosts = run_cli("plan", str(llama_7b_shapes), "--devices", "16", "--devices-per-host", "0")
+    assert hosts.returncode != 0 and "Traceback" not in hosts.stderr
 
 
 def test_plan_with_too_little_memory_fails_saying_by_how_much(llama_7b_shapes: Path) -> None:

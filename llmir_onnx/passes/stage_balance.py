@@ -12,6 +12,9 @@ union of the initializers a stage reads (a weight shared by two layers of one st
 tied embedding/lm_head table counts on both the first and the last stage, since both hold a copy),
 plus optional extra bytes per unit (e.g. the KV cache at the planned batch and length).
 
+With mixed devices each stage has its own costs (the units timed on that stage's devices) and its own
+memory limit, so a slower or smaller stage gets fewer layers; the search is the same.
+
 The search is an exact dynamic program over (stage, last layer): O(P x L^2), trivial for L <= a few
 hundred layers.
 """
@@ -165,17 +168,21 @@ class _Segments:
                 self.memory[start, stop] = seg_memory
 
 
-def _min_max_partition(count: int, stages: int, weight: np.ndarray, allowed: np.ndarray) -> list[int] | None:
-    """Stage boundaries [0, b1, ..., count] minimising the max of weight[start, stop] over allowed segments."""
+def _min_max_partition(
+    count: int, stages: int, weight: Sequence[np.ndarray], allowed: Sequence[np.ndarray]
+) -> list[int] | None:
+    """Stage boundaries [0, b1, ..., count] minimising the max of weight[stage][start, stop] over allowed
+    segments (one matrix per stage: a stage's devices set what a range of layers costs there)."""
     best = np.full((stages + 1, count + 1), np.inf)
     choice = np.zeros((stages + 1, count + 1), dtype=np.int64)
     best[0, 0] = -np.inf
     for stage in range(1, stages + 1):
+        stage_weight, stage_allowed = weight[stage - 1], allowed[stage - 1]
         for stop in range(stage, count - (stages - stage) + 1):
             for start in range(stage - 1, stop):
-                if not allowed[start, stop] or best[stage - 1, start] == np.inf:
+                if not stage_allowed[start, stop] or best[stage - 1, start] == np.inf:
                     continue
-                value = max(best[stage - 1, start], weight[start, stop])
+                value = max(best[stage - 1, start], stage_weight[start, stop])
                 # strict '<' keeps the earliest start among ties: deterministic cuts
                 if value < best[stage, stop]:
                     best[stage, stop] = value
@@ -206,13 +213,18 @@ def balance_stages(
     *,
     prefix: StageUnit | None = None,
     suffix: StageUnit | None = None,
-    memory_limit_bytes: int | None = None,
+    memory_limit_bytes: int | Sequence[int] | None = None,
+    stage_units: Sequence[tuple[StageUnit | None, Sequence[StageUnit], StageUnit | None]] | None = None,
 ) -> StageBalance:
     """Cut `layers` into `num_stages` contiguous non-empty ranges minimising the slowest stage's cost.
 
     `prefix` (embedding) joins the first stage, `suffix` (final norm + lm_head) the last. With
     `memory_limit_bytes`, every stage's exact weight bytes (+ extra bytes) must fit; if no cut fits,
     the error names the stage of the tightest cut that overflows and by how much.
+
+    Mixed devices: `memory_limit_bytes` may be one limit per stage, and `stage_units` one (prefix,
+    layers, suffix) per stage with the costs on that stage's devices (a slower stage's units cost
+    more, so it gets fewer layers); memory is always `layers`' (the weights do not depend on the device).
     """
     count = len(layers)
     if num_stages < 1:
@@ -222,33 +234,51 @@ def balance_stages(
             f"--pp {num_stages} needs at least one decoder layer per stage but the model has {count} layers; "
             f"use --pp {count} or less"
         )
+    if stage_units is not None and len(stage_units) != num_stages:
+        raise PlanError(f"stage_units has {len(stage_units)} entries for {num_stages} pipeline stages")
+    limits = (
+        [memory_limit_bytes] * num_stages
+        if memory_limit_bytes is None or isinstance(memory_limit_bytes, int)
+        else list(memory_limit_bytes)
+    )
+    if len(limits) != num_stages:
+        raise PlanError(f"{len(limits)} memory limits for {num_stages} pipeline stages")
     segments = _Segments(layers, prefix, suffix)
-    allowed = np.zeros((count + 1, count + 1), dtype=bool)
-    for start in range(count):
-        for stop in range(start + 1, count + 1):
-            allowed[start, stop] = memory_limit_bytes is None or segments.memory[start, stop] <= memory_limit_bytes
-    bounds = _min_max_partition(count, num_stages, segments.cost, allowed)
+    if stage_units is None:
+        costs = [segments.cost] * num_stages
+    else:
+        costs = [_Segments(units, first, last).cost for first, units, last in stage_units]
+    allowed = []
+    for limit in limits:
+        fits = np.zeros((count + 1, count + 1), dtype=bool)
+        for start in range(count):
+            for stop in range(start + 1, count + 1):
+                fits[start, stop] = limit is None or segments.memory[start, stop] <= limit
+        allowed.append(fits)
+    bounds = _min_max_partition(count, num_stages, costs, allowed)
     if bounds is None:
-        assert memory_limit_bytes is not None
-        everything = np.ones_like(allowed)
-        tightest = _min_max_partition(count, num_stages, segments.memory.astype(np.float64), everything)
+        everything = [np.ones_like(allowed[0])] * num_stages
+        # the cut closest to fitting: the smallest largest excess over a stage's limit
+        excess = [segments.memory.astype(np.float64) - float(limit or 0) for limit in limits]
+        tightest = _min_max_partition(count, num_stages, excess, everything)
         assert tightest is not None
-        worst_stage = max(range(num_stages), key=lambda s: segments.memory[tightest[s], tightest[s + 1]])
+        worst_stage = max(range(num_stages), key=lambda s: excess[s][tightest[s], tightest[s + 1]])
         start, stop = tightest[worst_stage], tightest[worst_stage + 1]
         need = int(segments.memory[start, stop])
+        limit = int(limits[worst_stage] or 0)
         cuts = " | ".join(f"{tightest[s]}-{tightest[s + 1] - 1}" for s in range(num_stages))
         raise PlanError(
-            f"no cut of {count} layers into {num_stages} pipeline stages fits {format_bytes(memory_limit_bytes)} per "
+            f"no cut of {count} layers into {num_stages} pipeline stages fits {format_bytes(limit)} per "
             f"device: even the tightest cut (layers {cuts}) needs {format_bytes(need)} on "
             f"{_describe_stage(worst_stage, start, stop, count, prefix, suffix)}, "
-            f"{format_bytes(need - memory_limit_bytes)} over the limit; use more pipeline stages or tensor "
+            f"{format_bytes(need - limit)} over the limit; use more pipeline stages or tensor "
             "parallelism, or devices with more memory"
         )
     ranges = tuple(range(bounds[s], bounds[s + 1]) for s in range(num_stages))
     return StageBalance(
         cut_after_layer=tuple(r.stop - 1 for r in ranges[:-1]),
         stage_layers=ranges,
-        stage_costs=tuple(float(segments.cost[r.start, r.stop]) for r in ranges),
+        stage_costs=tuple(float(costs[s][r.start, r.stop]) for s, r in enumerate(ranges)),
         stage_memory_bytes=tuple(int(segments.memory[r.start, r.stop]) for r in ranges),
     )
 

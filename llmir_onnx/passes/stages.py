@@ -504,11 +504,12 @@ class PipelineStageSplit:
         cp_rank: int = 0,
         stage_cut_after_layer: Sequence[int] | None = None,
         node_cost: NodeCost = default_node_cost,
-        memory_limit_bytes: int | None = None,
+        memory_limit_bytes: int | Sequence[int] | None = None,
         extra_memory_bytes_per_layer: int = 0,
         replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
         consume_input: bool = False,
         max_seq: int | None = None,
+        stage_node_costs: Sequence[NodeCost] | None = None,
     ) -> None:
         if not 0 <= tp_rank < mesh.tp or not 0 <= cp_rank < mesh.cp:
             raise PlanError(f"tp_rank {tp_rank} / cp_rank {cp_rank} are outside the mesh {mesh}")
@@ -517,6 +518,8 @@ class PipelineStageSplit:
         self.cp_rank = cp_rank
         self.stage_cut_after_layer = None if stage_cut_after_layer is None else tuple(stage_cut_after_layer)
         self.node_cost = node_cost
+        # mixed devices: each stage's node cost on its own devices, and memory limits per stage
+        self.stage_node_costs = None if stage_node_costs is None else tuple(stage_node_costs)
         self.memory_limit_bytes = memory_limit_bytes
         self.extra_memory_bytes_per_layer = extra_memory_bytes_per_layer
         self.replicate_max_weight_bytes = replicate_max_weight_bytes
@@ -546,8 +549,19 @@ class PipelineStageSplit:
                 layers = [
                     dataclasses.replace(unit, extra_memory_bytes=self.extra_memory_bytes_per_layer) for unit in layers
                 ]
+            stage_units = None
+            if self.stage_node_costs is not None:
+                stage_units = [
+                    layer_units(model, cost, self.replicate_max_weight_bytes, placement)
+                    for cost in self.stage_node_costs
+                ]
             balance = balance_stages(
-                layers, num_stages, prefix=prefix, suffix=suffix, memory_limit_bytes=self.memory_limit_bytes
+                layers,
+                num_stages,
+                prefix=prefix,
+                suffix=suffix,
+                memory_limit_bytes=self.memory_limit_bytes,
+                stage_units=stage_units,
             )
             ranges = balance.stage_layers
         layer_stage = {layer: s for s, layer_range in enumerate(ranges) for layer in layer_range}
@@ -1041,12 +1055,13 @@ def split_tp_stages(
     *,
     stage_cut_after_layer: Sequence[int] | None = None,
     node_cost: NodeCost = default_node_cost,
-    memory_limit_bytes: int | None = None,
+    memory_limit_bytes: int | Sequence[int] | None = None,
     extra_memory_bytes_per_layer: int = 0,
     replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
     consume_model: bool = False,
     on_initializer_stages: Callable[[dict[str, set[int]]], None] | None = None,
     max_seq: int | None = None,
+    stage_node_costs: Sequence[NodeCost] | None = None,
 ) -> tuple[list[StageRankModel], StageSplitResult]:
     """Cut tp rank 0's `model` into mesh.pp stages, then give every other tp rank a copy of each stage.
 
@@ -1073,6 +1088,7 @@ def split_tp_stages(
         replicate_max_weight_bytes=replicate_max_weight_bytes,
         consume_input=consume_model,
         max_seq=max_seq,
+        stage_node_costs=stage_node_costs,
     )
     split.on_initializer_stages = on_initializer_stages
     result = split(model)

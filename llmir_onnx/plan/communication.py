@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from llmir_onnx.plan.cost import comm_seconds, node_cost
+from llmir_onnx.plan.cost import LinkOf, comm_seconds, node_cost
 from llmir_onnx.plan.devices import DeviceProfile
 from llmir_onnx.plan.memory import phase_sizes
 from llmir_onnx.plan.shapes import LLMIR_DOMAIN, evaluate_shapes
@@ -41,8 +41,12 @@ def _link_of(node: ir.Node) -> tuple[tuple[int, ...] | None, int | None]:
     return (tuple(int(r) for r in group.value) if group is not None and group.value else None), None
 
 
-def rank_traffic(model: ir.Model, device: DeviceProfile, max_batch: int, max_seq: int) -> list[LinkTraffic]:
-    """The ai.llmir ops of `model` grouped by (op, link); a group-less collective has group None."""
+def rank_traffic(
+    model: ir.Model, device: DeviceProfile, max_batch: int, max_seq: int, link_of: LinkOf | None = None
+) -> list[LinkTraffic]:
+    """The ai.llmir ops of `model` grouped by (op, link); a group-less collective has group None.
+
+    Times over `link_of(node)` (a cluster's link for the node's group), else the device's own link."""
     totals: dict[tuple[str, tuple[int, ...] | None, int | None], dict[str, float]] = {}
     for phase, sizes in phase_sizes(max_batch, max_seq).items():
         shapes = evaluate_shapes(model, sizes)
@@ -55,8 +59,9 @@ def rank_traffic(model: ir.Model, device: DeviceProfile, max_batch: int, max_seq
             if phase == "prefill":
                 entry["count"] += 1
             entry[f"{phase}_bytes"] = entry.get(f"{phase}_bytes", 0) + cost.comm_bytes
+            link, hosts = (link_of(node) if link_of is not None else None) or (device.intra_host_link, 1)
             entry[f"{phase}_s"] = entry.get(f"{phase}_s", 0.0) + comm_seconds(
-                cost.op_type, cost.comm_bytes, cost.group_size, device
+                cost.op_type, cost.comm_bytes, cost.group_size, link, hosts
             )
     return [
         LinkTraffic(

@@ -16,8 +16,14 @@ Time of a node on a `DeviceProfile` (roofline + alpha-beta):
     compute  = flops / (peak_flops[dtype] * compute_efficiency)
     memory   = bytes / (memory_bandwidth * memory_efficiency)
     node     = max(compute, memory) + node_overhead
-    comm     = link_latency + factor * comm_bytes / link_bandwidth,  factor = 2(n-1)/n for AllReduce,
+    comm     = steps * latency + factor * comm_bytes / bandwidth,  factor = 2(n-1)/n for AllReduce,
                (n-1)/n for AllGather / ReduceScatter (n = group size), 1 for Send / Recv
+
+The link of a collective is the device's own (`link_bandwidth`, `link_latency`: NVLink inside a host)
+unless a `link_of` says otherwise (a cluster's `group_link`: the slowest link the group spans, and how
+many hosts it spans). Inside one host steps = 1; across h hosts a collective pays the inter-host
+alpha once per step of a tree over the hosts (NCCL's choice for small messages): 2 ceil(log2 h) for
+AllReduce (reduce up, broadcast down), ceil(log2 h) for AllGather / ReduceScatter, 1 for Send / Recv.
 
 Prefill (max_batch x max_seq new tokens) and decode (max_batch x 1 token after max_seq - 1) are
 estimated separately; decode throughput is max_batch / decode step time.
@@ -28,13 +34,14 @@ estimated separately; decode throughput is max_batch / decode step time.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
-from llmir_onnx.plan.devices import DeviceProfile
+from llmir_onnx.plan.devices import DeviceProfile, LinkProfile
 from llmir_onnx.plan.memory import phase_sizes
 from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, evaluate_shapes
 
@@ -58,6 +65,10 @@ FLOPS_PER_ELEMENT = {
 # `namespace` metadata torch.onnx's dynamo exporter writes (`.../model.model.layers.3: ...`).
 LAYER_PATTERN = re.compile(r"(?:^|[/.:\s'])(?:layers|layer|h|blocks|block)[._](\d+)(?=$|[/.:\s'])")
 LAYER_METADATA_KEYS = ("namespace", "pkg.torch.onnx.name_scopes")
+
+
+# The link an ai.llmir node runs over and how many hosts its group spans (None: the device's own link).
+LinkOf = Callable[[ir.Node], "tuple[LinkProfile, int] | None"]
 
 
 @dataclass(frozen=True)
@@ -210,8 +221,13 @@ def annotate_costs(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] |
     return costs
 
 
-def comm_seconds(op_type: str, payload: float, group: int, device: DeviceProfile) -> float:
-    """Alpha-beta time of one ai.llmir op moving `payload` bytes among `group` ranks."""
+def comm_seconds(
+    op_type: str, payload: float, group: int, link: DeviceProfile | LinkProfile, hosts: int = 1
+) -> float:
+    """Alpha-beta time of one ai.llmir op moving `payload` bytes among `group` ranks spanning `hosts`
+    hosts over `link` (a device profile: its own intra-host link)."""
+    if isinstance(link, DeviceProfile):
+        link = link.intra_host_link
     if payload <= 0:
         return 0.0
     if op_type == "AllReduce":
@@ -222,23 +238,41 @@ def comm_seconds(op_type: str, payload: float, group: int, device: DeviceProfile
         factor = 1.0
     if factor == 0.0:
         return 0.0
-    return device.link_latency + factor * payload / device.link_bandwidth
+    if op_type in ("Send", "Recv") or hosts <= 1:
+        steps = 1
+    else:
+        steps = math.ceil(math.log2(hosts)) * (2 if op_type == "AllReduce" else 1)
+    return steps * link.latency + factor * payload / link.bandwidth
 
 
-def node_seconds(cost: NodeCost, device: DeviceProfile) -> tuple[float, float, float]:
+def node_seconds(
+    cost: NodeCost, device: DeviceProfile, link: tuple[LinkProfile, int] | None = None
+) -> tuple[float, float, float]:
     """(compute, memory, communication) seconds of one node; the node's time is max of the first two + overhead."""
     compute = cost.flops / device.flops_per_second(cost.dtype) if cost.flops else 0.0
     memory = cost.bytes / device.bytes_per_second if cost.bytes else 0.0
-    comm = comm_seconds(cost.op_type, cost.comm_bytes, cost.group_size, device) if cost.domain == LLMIR_DOMAIN else 0.0
+    comm = 0.0
+    if cost.domain == LLMIR_DOMAIN:
+        over, hosts = link if link is not None else (device.intra_host_link, 1)
+        comm = comm_seconds(cost.op_type, cost.comm_bytes, cost.group_size, over, hosts)
     return compute, memory, comm
 
 
-def estimate_time(costs: Iterable[NodeCost], device: DeviceProfile, phase: str, sizes: Sizes) -> TimeEstimate:
+def estimate_time(
+    costs: Iterable[NodeCost],
+    device: DeviceProfile,
+    phase: str,
+    sizes: Sizes,
+    links: Iterable[tuple[LinkProfile, int] | None] | None = None,
+) -> TimeEstimate:
+    """Sum of the nodes' times; `links`, parallel to `costs`, the link of each (None: the device's)."""
     flops = moved = comm_bytes = nodes = 0
     compute_s = memory_s = roofline_s = comm_s = 0.0
     overhead_s = 0.0
-    for cost in costs:
-        compute, memory, comm = node_seconds(cost, device)
+    costs = list(costs)
+    node_links = list(links) if links is not None else [None] * len(costs)
+    for cost, link in zip(costs, node_links, strict=True):
+        compute, memory, comm = node_seconds(cost, device, link)
         flops += cost.flops
         moved += cost.bytes
         comm_bytes += cost.comm_bytes
@@ -273,10 +307,12 @@ def estimate_phases(
     max_batch: int,
     max_seq: int,
     overrides: Mapping[str, int] | None = None,
+    link_of: LinkOf | None = None,
 ) -> PhaseEstimates:
-    """Predicted prefill and decode time of one model (one rank) on `device`."""
+    """Predicted prefill and decode time of one model (one rank) on `device` (its links: `link_of`)."""
+    links = [link_of(node) for node in model.graph] if link_of is not None else None
     estimates = {
-        phase: estimate_time(node_costs(model, sizes, overrides), device, phase, sizes)
+        phase: estimate_time(node_costs(model, sizes, overrides), device, phase, sizes, links)
         for phase, sizes in phase_sizes(max_batch, max_seq).items()
     }
     decode = estimates["decode"]
@@ -294,6 +330,7 @@ def node_time_function(
     max_batch: int,
     max_seq: int,
     overrides: Mapping[str, int] | None = None,
+    link_of: LinkOf | None = None,
 ) -> Callable[[ir.Node], float]:
     """Predicted prefill + decode seconds of each node of `model`, as a callable on its nodes.
 
@@ -306,7 +343,8 @@ def node_time_function(
         shapes = evaluate_shapes(model, sizes, overrides)
         for node in model.graph:
             cost = node_cost(node, shapes)
-            compute, memory, comm = node_seconds(cost, device)
+            link = link_of(node) if link_of is not None and cost.domain == LLMIR_DOMAIN else None
+            compute, memory, comm = node_seconds(cost, device, link)
             overhead = 0.0 if cost.op_type in FREE_OPS else device.node_overhead
             seconds[id(node)] = seconds.get(id(node), 0.0) + max(compute, memory) + comm + overhead
 

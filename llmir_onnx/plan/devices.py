@@ -15,8 +15,21 @@ default is given; numbers are SI units: bytes, bytes per second, FLOP per second
       "node_overhead": 5e-06,                    // s per graph node (kernel launch / dispatch)
       "compute_efficiency": 0.7,                 // fraction of peak_flops matmuls reach (default 1)
       "memory_efficiency": 0.8,                  // fraction of memory_bandwidth reached (default 1)
-      "description": "where the numbers come from"   // str (default "")
+      "description": "where the numbers come from",  // str (default "")
+      "devices_per_host": 8,                     // devices in one host (default 8; null: one host
+                                                 //   holds any number, as processes on one machine)
+      "host_link": "infiniband-ndr"              // the link to other hosts, a LINKS name (default)
     }
+
+`link_bandwidth` / `link_latency` are the link between two devices of one host (NVLink for the GPU
+profiles); `host_link` names the link between hosts (`LINKS`: NVLink, PCIe, InfiniBand, RoCE,
+Ethernet; sources in docs/PLANNING.md).
+
+A cluster (`Cluster`, `parse_devices`) is a list of devices in rank order, each with its profile, its
+memory and its host; ranks are placed host-major (rank r runs on the r-th device, and a host's devices
+are consecutive), so the tp groups of the mesh (consecutive ranks, mesh.py) stay inside a host whenever
+tp divides the host's size. `Cluster.group_link` is the link a collective or Send/Recv among some ranks
+runs at: the slowest link the group spans.
 
 Built-in: `h100-sxm`, `a100-80g` (vendor datasheet peaks, dense, no sparsity, with typical achieved
 fractions) and `cpu-here` (this project's 2-core development VM, calibrated single-threaded with
@@ -27,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -48,6 +62,8 @@ class DeviceProfile:
     compute_efficiency: float = 1.0
     memory_efficiency: float = 1.0
     description: str = field(default="", compare=False)
+    devices_per_host: int | None = 8
+    host_link: str = "infiniband-ndr"
 
     def flops_per_second(self, dtype: str) -> float:
         """Achievable FLOP/s for arithmetic in `dtype` (falls back to float32's peak)."""
@@ -60,8 +76,46 @@ class DeviceProfile:
     def bytes_per_second(self) -> float:
         return self.memory_bandwidth * self.memory_efficiency
 
+    @property
+    def intra_host_link(self) -> LinkProfile:
+        """The link between two devices of this profile in one host (`link_bandwidth`, `link_latency`)."""
+        return LinkProfile(f"{self.name} peer link", self.link_bandwidth, self.link_latency)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    """A link as the alpha-beta model sees it: bytes/s per direction per device, and the alpha (s)."""
+
+    name: str
+    bandwidth: float
+    latency: float
+    description: str = field(default="", compare=False)
+
+
+# Vendor datasheet peaks (no network here: written from knowledge of the datasheets, see
+# docs/PLANNING.md for each source). Bandwidth is per device per direction: a DGX-class host gives
+# each GPU its own NIC, so a collective across hosts moves each rank's share over its own NIC. The
+# alpha is what one NCCL/MPI operation costs end to end (software, not the wire's sub-microsecond
+# latency): ~10 us inside a host, ~20 us across an RDMA fabric, ~50 us over TCP Ethernet.
+LINKS: dict[str, LinkProfile] = {
+    link.name: link
+    for link in (
+        LinkProfile("nvlink4", 450e9, 10e-6, "NVLink 4 (H100 SXM5): 900 GB/s bidirectional per GPU via NVSwitch"),
+        LinkProfile("nvlink3", 300e9, 10e-6, "NVLink 3 (A100 SXM4): 600 GB/s bidirectional per GPU via NVSwitch"),
+        LinkProfile("pcie4-x16", 32e9, 15e-6, "PCIe 4.0 x16: 16 GT/s x 16 lanes, ~32 GB/s per direction"),
+        LinkProfile("pcie5-x16", 64e9, 15e-6, "PCIe 5.0 x16: 32 GT/s x 16 lanes, ~64 GB/s per direction"),
+        LinkProfile("infiniband-ndr", 50e9, 20e-6, "InfiniBand NDR 400 Gb/s per GPU (ConnectX-7, DGX H100)"),
+        LinkProfile("infiniband-hdr", 25e9, 20e-6, "InfiniBand HDR 200 Gb/s per GPU (ConnectX-6, DGX A100)"),
+        LinkProfile("roce-400g", 50e9, 25e-6, "RoCE v2 over 400 GbE per GPU (ConnectX-7 / BlueField-3)"),
+        LinkProfile("ethernet-100g", 12.5e9, 50e-6, "100 GbE with TCP (NCCL socket transport), per host"),
+        LinkProfile("ethernet-25g", 3.125e9, 50e-6, "25 GbE with TCP, per host"),
+    )
+}
+# Two devices of different profiles in one host have no NVLink between them: PCIe.
+MIXED_HOST_LINK = "pcie4-x16"
 
 
 # Calibrated on the development VM (AMD EPYC with AVX-512, 2 cores, shared) with bench/calibrate_cpu.py
@@ -80,6 +134,8 @@ CPU_HERE = DeviceProfile(
     link_latency=3.0e-5,
     node_overhead=1.8e-7,
     description="2-core x86_64 Debian 12 VM, one onnxruntime thread per rank; see docs/BENCHMARKS.md",
+    devices_per_host=None,  # ranks are processes on one machine
+    host_link="ethernet-25g",
 )
 
 H100_SXM = DeviceProfile(
@@ -106,6 +162,7 @@ A100_80G = DeviceProfile(
     compute_efficiency=0.7,
     memory_efficiency=0.8,
     description="NVIDIA A100 SXM4 80GB datasheet (dense), NVLink 3 / NVSwitch; typical achieved fractions",
+    host_link="infiniband-hdr",
 )
 
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (H100_SXM, A100_80G, CPU_HERE)}
@@ -142,6 +199,12 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
     for key in ("link_latency", "node_overhead"):
         if not isinstance(raw[key], (int, float)) or raw[key] < 0:
             raise PlanError(f"device profile {source}: {key} must be a number >= 0, got {raw[key]!r}")
+    per_host = raw.get("devices_per_host", 8)
+    if per_host is not None and not (isinstance(per_host, int) and per_host >= 1):
+        raise PlanError(f"device profile {source}: devices_per_host must be an integer >= 1 or null, got {per_host!r}")
+    host_link = raw.get("host_link", "infiniband-ndr")
+    if host_link not in LINKS:
+        raise PlanError(f"device profile {source}: host_link {host_link!r} is not one of {', '.join(LINKS)}")
     for key in ("compute_efficiency", "memory_efficiency"):
         if key in raw and not (isinstance(raw[key], (int, float)) and 0 < raw[key] <= 1):
             raise PlanError(f"device profile {source}: {key} must be in (0, 1], got {raw[key]!r}")
@@ -161,6 +224,8 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
         compute_efficiency=float(raw.get("compute_efficiency", 1.0)),
         memory_efficiency=float(raw.get("memory_efficiency", 1.0)),
         description=str(raw.get("description", "")),
+        devices_per_host=per_host,
+        host_link=str(host_link),
     )
 
 
@@ -182,3 +247,215 @@ def load_profile(spec: str | os.PathLike) -> DeviceProfile:
     if not isinstance(raw, dict):
         raise PlanError(f"device profile {str(path)!r} must hold a JSON object")
     return profile_from_dict(raw, repr(str(path)))
+
+
+@dataclass(frozen=True)
+class DeviceSlot:
+    """One device of a cluster: what it is, how much memory it offers the plan, which host holds it."""
+
+    profile: DeviceProfile
+    memory_bytes: int
+    host: str
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Devices in rank order (rank r runs on `devices[r]`), a host's devices consecutive."""
+
+    devices: tuple[DeviceSlot, ...]
+    spec: str = ""  # what the user wrote, for messages and the manifest
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    @property
+    def hosts(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(slot.host for slot in self.devices))
+
+    @property
+    def uniform(self) -> bool:
+        """One profile and one memory size for every device."""
+        return len({(slot.profile.name, slot.memory_bytes) for slot in self.devices}) == 1
+
+    def first(self, count: int) -> Cluster:
+        """The first `count` devices (a layout that uses fewer devices than the cluster has)."""
+        return Cluster(self.devices[:count], self.spec)
+
+    def group_link(self, ranks: tuple[int, ...] | list[int]) -> tuple[LinkProfile, int]:
+        """(the slowest link the ranks span, how many hosts they span).
+
+        Inside one host: the profile's own link (NVLink), or PCIe when the host mixes profiles.
+        Across hosts: the slowest `host_link` of the ranks' profiles.
+        """
+        slots = [self.devices[r] for r in ranks]
+        by_host: dict[str, dict[str, DeviceProfile]] = {}  # host -> profile name -> profile
+        for slot in slots:
+            by_host.setdefault(slot.host, {})[slot.profile.name] = slot.profile
+        spanned: list[LinkProfile] = []
+        for profiles in by_host.values():
+            if len(profiles) > 1:
+                spanned.append(LINKS[MIXED_HOST_LINK])
+            elif len(slots) > 1:
+                spanned.append(next(iter(profiles.values())).intra_host_link)
+        if len(by_host) > 1:
+            spanned.extend(LINKS[slot.profile.host_link] for slot in slots)
+        if not spanned:
+            return slots[0].profile.intra_host_link, 1
+        slowest = min(spanned, key=lambda link: (link.bandwidth, -link.latency))
+        return slowest, len(by_host)
+
+    def describe(self) -> str:
+        """'16 devices on 2 hosts: 8 x h100-sxm (80.00 GiB), 8 x a100-80g (80.00 GiB)'."""
+        from llmir_onnx.plan.memory import format_bytes
+
+        runs: list[list[Any]] = []
+        for slot in self.devices:
+            if runs and runs[-1][1] == slot.profile.name and runs[-1][2] == slot.memory_bytes:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, slot.profile.name, slot.memory_bytes])
+        parts = ", ".join(f"{count} x {name} ({format_bytes(memory)})" for count, name, memory in runs)
+        hosts = len(self.hosts)
+        return f"{len(self)} devices on {hosts} host{'s' if hosts > 1 else ''}: {parts}"
+
+    def manifest_entry(self) -> dict[str, Any]:
+        """Where each rank runs, for a plan's manifest (`options["devices"]`)."""
+        return {
+            "spec": self.spec,
+            "ranks": [
+                {"rank": rank, "profile": slot.profile.name, "memory_bytes": slot.memory_bytes, "host": slot.host}
+                for rank, slot in enumerate(self.devices)
+            ],
+        }
+
+
+def _fill_hosts(
+    profile: DeviceProfile, count: int, per_host: int | None, memory: int, first_host: int
+) -> list[DeviceSlot]:
+    size = per_host if per_host is not None else profile.devices_per_host
+    return [DeviceSlot(profile, memory, f"host{first_host + (i // size if size else 0)}") for i in range(count)]
+
+
+def uniform_cluster(
+    profile: DeviceProfile, count: int, memory_bytes: int | None = None, devices_per_host: int | None = None
+) -> Cluster:
+    """`count` devices of `profile` in hosts of `devices_per_host` (default: the profile's usual size)."""
+    if count < 1:
+        raise PlanError(f"--devices {count}: need at least one device")
+    memory = profile.memory_bytes if memory_bytes is None else memory_bytes
+    return Cluster(tuple(_fill_hosts(profile, count, devices_per_host, memory, 0)), str(count))
+
+
+_ITEM = re.compile(r"^(?:(\d+)\s*x\s*)?(\S+)$")
+
+
+def parse_devices(
+    spec: str,
+    default_profile: str = "h100-sxm",
+    *,
+    devices_per_host: int | None = None,
+    memory_bytes: int | None = None,
+) -> Cluster:
+    """A cluster from `--devices`: a count (`64`: devices of `default_profile`), a list
+    (`8xh100-sxm,8xa100-80g`: each item starts a new host, hosts of `devices_per_host` or the profile's
+    usual size) or a JSON file (`cluster_from_json`). `memory_bytes` (--device-memory) replaces each
+    device's default memory."""
+    text = spec.strip()
+    if devices_per_host is not None and devices_per_host < 1:
+        raise PlanError(f"--devices-per-host {devices_per_host}: must be at least 1")
+    if text.isdigit():
+        cluster = uniform_cluster(load_profile(default_profile), int(text), memory_bytes, devices_per_host)
+        return Cluster(cluster.devices, text)
+    if text.endswith(".json") or Path(text).is_file():
+        return cluster_from_json(Path(text), devices_per_host=devices_per_host, memory_bytes=memory_bytes)
+    slots: list[DeviceSlot] = []
+    for item in text.split(","):
+        match = _ITEM.match(item.strip())
+        if match is None or not item.strip():
+            raise PlanError(
+                f"--devices {spec!r}: cannot read {item.strip()!r}; write a count (64), a list such as "
+                "8xh100-sxm,8xa100-80g, or the path of a JSON cluster file"
+            )
+        count = int(match.group(1) or 1)
+        if count < 1:
+            raise PlanError(f"--devices {spec!r}: {item.strip()!r} has no devices; counts start at 1")
+        profile = _profile_for_devices(match.group(2), spec)
+        memory = profile.memory_bytes if memory_bytes is None else memory_bytes
+        slots.extend(_fill_hosts(profile, count, devices_per_host, memory, len({s.host for s in slots})))
+    return Cluster(tuple(slots), text)
+
+
+def _profile_for_devices(name: str, spec: str) -> DeviceProfile:
+    if name in BUILTIN_PROFILES or Path(name).is_file():
+        return load_profile(name)
+    raise PlanError(
+        f"--devices {spec!r}: {name!r} is neither a built-in profile ({', '.join(sorted(BUILTIN_PROFILES))}) "
+        "nor a profile JSON file"
+    )
+
+
+def cluster_from_json(path: Path, *, devices_per_host: int | None = None, memory_bytes: int | None = None) -> Cluster:
+    """A cluster file::
+
+        {"profiles": {"slow-gpu": {...a profile, schema above...}},     // optional, by name
+         "devices": [{"profile": "h100-sxm", "count": 8, "host": "node0", "memory": "80GiB"},
+                     {"profile": "slow-gpu", "host": "node1"}]}
+
+    Each entry: `profile` (a built-in, a name from `profiles`, or a profile file), `count` (default
+    1), `host` (default: hosts of the profile's usual size, numbered on), `memory` (bytes or "40GiB";
+    default the profile's). The entries' order is the rank order; a host's devices must be consecutive.
+    """
+    from llmir_onnx.plan.memory import parse_bytes
+
+    where = f"cluster file {str(path)!r}"
+    if not path.is_file():
+        raise PlanError(
+            f"--devices {str(path)!r}: no such file; pass a count, a list such as 2xh100-sxm or a JSON file"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise PlanError(f"{where} is not valid JSON ({error})") from error
+    if not isinstance(raw, dict) or not isinstance(raw.get("devices"), list) or not raw["devices"]:
+        raise PlanError(f'{where} must hold an object with a non-empty "devices" list; see plan/devices.py')
+    unknown = sorted(set(raw) - {"devices", "profiles"})
+    if unknown:
+        raise PlanError(f"{where}: unknown key {', '.join(unknown)}; the keys are devices and profiles")
+    custom = {
+        name: profile_from_dict({"name": name, **body}, f"{where} profiles[{name!r}]")
+        for name, body in (raw.get("profiles") or {}).items()
+    }
+    slots: list[DeviceSlot] = []
+    auto_host = 0
+    for index, entry in enumerate(raw["devices"]):
+        at = f"{where} devices[{index}]"
+        if not isinstance(entry, dict) or "profile" not in entry:
+            raise PlanError(f'{at}: each device is an object with at least "profile"')
+        extra = sorted(set(entry) - {"profile", "count", "host", "memory"})
+        if extra:
+            raise PlanError(f"{at}: unknown key {', '.join(extra)}; the keys are profile, count, host, memory")
+        name = str(entry["profile"])
+        profile = custom[name] if name in custom else _profile_for_devices(name, str(path))
+        count = entry.get("count", 1)
+        if not isinstance(count, int) or count < 1:
+            raise PlanError(f"{at}: count must be an integer >= 1, got {count!r}")
+        memory = entry.get("memory", profile.memory_bytes if memory_bytes is None else memory_bytes)
+        memory = parse_bytes(memory) if isinstance(memory, str) else memory
+        if not isinstance(memory, int) or memory <= 0:
+            raise PlanError(f'{at}: memory must be a positive byte count or a size like "40GiB", got {memory!r}')
+        if "host" in entry:
+            slots.extend(DeviceSlot(profile, memory, str(entry["host"])) for _ in range(count))
+        else:
+            filled = _fill_hosts(profile, count, devices_per_host, memory, auto_host)
+            auto_host += len({s.host for s in filled})
+            slots.extend(filled)
+    seen: list[str] = []
+    for slot in slots:
+        if seen and slot.host != seen[-1] and slot.host in seen:
+            raise PlanError(
+                f"{where}: host {slot.host!r} appears in two places; list each host's devices together "
+                "(ranks are placed host by host)"
+            )
+        if not seen or slot.host != seen[-1]:
+            seen.append(slot.host)
+    return Cluster(tuple(slots), str(path))

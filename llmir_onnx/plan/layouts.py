@@ -31,6 +31,13 @@ decode step are the sums over stages plus the Send/Recv between them (one batch 
 pipeline at a time: pipelining several micro-batches is not modelled, so pp never speeds up one
 request, only fits bigger models). Decode tokens/s = max_batch / decode step.
 
+Devices and hosts (`plan.devices.Cluster`): rank r of a layout runs on the cluster's r-th device
+(host-major, so a tp group of consecutive ranks stays in one host when tp divides the host size). A
+stage is timed on the slowest profile among its devices, its tp collectives over the slowest link the
+tp group spans and its Recv over the link to the previous stage's ranks; it must fit the smallest
+memory among its devices; the cuts balance each stage on its own devices. Without a cluster, `devices`
+of `device` in hosts of the profile's usual size (8 for the GPU profiles).
+
 With `allow_kv_replication=False` (a partitioner that cannot replicate KV heads) tp must also
 divide the KV heads.
 
@@ -46,13 +53,15 @@ import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.model_facts import kv_cache_inputs
 from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost, node_layer
-from llmir_onnx.plan.devices import DeviceProfile
+from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, uniform_cluster
 from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
 from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
 
@@ -73,6 +82,12 @@ class RankEstimate:
     total_bytes: int
     prefill_s: float
     decode_s: float
+    # where the stage runs: its devices' profile(s), the smallest memory among them, and the link its
+    # tp collectives run over with the hosts the tp group spans ('' and 0 when tp = 1)
+    device: str = ""
+    device_memory_bytes: int = 0
+    tp_link: str = ""
+    tp_hosts: int = 0
 
 
 @dataclass(frozen=True)
@@ -334,8 +349,8 @@ class _Analysis:
         payload = shapes[node.outputs[0].name or ""].nbytes if (tp > 1 and i in self.collectives) else 0
         return cost.flops * flop_scale, moved, float(payload), int(node.op_type not in FREE_OPS)
 
-    def collective_seconds(self, i: int, payload: float, tp: int, device: DeviceProfile) -> float:
-        return comm_seconds(self.collectives[i], payload, tp, device) if payload else 0.0
+    def collective_seconds(self, i: int, payload: float, tp: int, link: LinkProfile, hosts: int = 1) -> float:
+        return comm_seconds(self.collectives[i], payload, tp, link, hosts) if payload else 0.0
 
     def _weight_of(self, node: ir.Node) -> str:
         for value in node.inputs:
@@ -368,6 +383,41 @@ def _check_layout(shape: ModelShape, tp: int, pp: int, allow_kv_replication: boo
     return ""
 
 
+@dataclass(frozen=True)
+class _StageDevices:
+    """The devices of one pipeline stage: their profiles, smallest memory, and the links it uses."""
+
+    profiles: tuple[DeviceProfile, ...]
+    memory_bytes: int
+    tp_link: tuple[LinkProfile, int]  # (link, hosts spanned) of its tp group
+    recv_link: tuple[LinkProfile, int] | None  # from the previous stage (None on stage 0)
+
+
+def _stage_devices(cluster: Cluster, tp: int, pp: int) -> list[_StageDevices]:
+    """Ranks on devices host-major (rank r on cluster.devices[r]): each stage's devices and links."""
+    mesh = DeviceMesh(pp=pp, tp=tp)
+    stages = []
+    for stage in range(pp):
+        group = mesh.group(mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=0)), "tp")
+        profiles = {cluster.devices[r].profile.name: cluster.devices[r].profile for r in group}
+        recv = None
+        if stage > 0:
+            pairs = [
+                (mesh.rank_of(MeshCoords(pp=stage - 1, cp=0, tp=t)), mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=t)))
+                for t in range(tp)
+            ]
+            recv = min((cluster.group_link(pair) for pair in pairs), key=lambda link: link[0].bandwidth)
+        stages.append(
+            _StageDevices(
+                tuple(profiles.values()),
+                min(cluster.devices[r].memory_bytes for r in group),
+                cluster.group_link(group),
+                recv,
+            )
+        )
+    return stages
+
+
 def _stage_estimate(
     analysis: _Analysis,
     tp: int,
@@ -375,32 +425,35 @@ def _stage_estimate(
     start: int,
     stop: int,
     last: bool,
-    device: DeviceProfile,
+    devices: _StageDevices,
     max_batch: int,
     max_seq: int,
 ) -> RankEstimate:
+    """The stage's rank on its slowest device (all its tp ranks wait for the slowest at each collective)."""
     nodes = analysis.stage_nodes(start, stop, last)
-    times = {}
+    tp_link, tp_hosts = devices.tp_link
+    times = {"prefill": 0.0, "decode": 0.0}
     largest_comm = 0.0
-    hidden_bytes = {}
-    for phase in ("prefill", "decode"):
-        total = 0.0
-        for i in nodes:
-            flops, moved, payload, counted = analysis.scaled_node(i, phase, tp)
-            cost = analysis.costs[phase][i]
-            compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
-            memory = moved / device.bytes_per_second if moved else 0.0
-            total += max(compute, memory) + counted * device.node_overhead
-            if payload:
-                total += analysis.collective_seconds(i, payload, tp, device)
-                # an AllReduce holds its input and output; an AllGather its shard and the full output
-                shard = payload if analysis.collectives[i] == "AllReduce" else payload / tp
-                largest_comm = max(largest_comm, payload + shard)
-        hidden_bytes[phase] = _boundary_bytes(analysis, start, phase)
-        if stage > 0:
-            total += comm_seconds("Recv", hidden_bytes[phase], 2, device)
-            largest_comm = max(largest_comm, hidden_bytes[phase])
-        times[phase] = total
+    for device in devices.profiles:
+        for phase in ("prefill", "decode"):
+            total = 0.0
+            for i in nodes:
+                flops, moved, payload, counted = analysis.scaled_node(i, phase, tp)
+                cost = analysis.costs[phase][i]
+                compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
+                memory = moved / device.bytes_per_second if moved else 0.0
+                total += max(compute, memory) + counted * device.node_overhead
+                if payload:
+                    total += analysis.collective_seconds(i, payload, tp, tp_link, tp_hosts)
+                    # an AllReduce holds its input and output; an AllGather its shard and the full output
+                    shard = payload if analysis.collectives[i] == "AllReduce" else payload / tp
+                    largest_comm = max(largest_comm, payload + shard)
+            if stage > 0:
+                hidden = _boundary_bytes(analysis, start, phase)
+                link, hosts = devices.recv_link or (device.intra_host_link, 1)
+                total += comm_seconds("Recv", hidden, 2, link, hosts)
+                largest_comm = max(largest_comm, hidden)
+            times[phase] = max(times[phase], total)
     weights: dict[str, float] = {}
     for i in nodes:
         for value in analysis.nodes[i].inputs:
@@ -423,6 +476,10 @@ def _stage_estimate(
         total_bytes=total,
         prefill_s=times["prefill"],
         decode_s=times["decode"],
+        device="+".join(p.name for p in devices.profiles),
+        device_memory_bytes=devices.memory_bytes,
+        tp_link=tp_link.name if tp > 1 else "",
+        tp_hosts=tp_hosts if tp > 1 else 0,
     )
 
 
@@ -499,10 +556,19 @@ def enumerate_layouts(
     allow_kv_replication: bool = True,
     vocab_parallel: bool = False,
     overrides: Mapping[str, int] | None = None,
+    cluster: Cluster | None = None,
 ) -> list[LayoutEstimate]:
-    """Every (tp, pp) layout, ranked: valid and fitting first, then by decode tokens/s, then prefill latency."""
+    """Every (tp, pp) layout, ranked: valid and fitting first, then by decode tokens/s, then prefill latency.
+
+    `cluster`: the devices, in rank order with their hosts (`devices` must be its size); None:
+    `devices` of `device` with `device_memory_bytes` each, in hosts of the profile's usual size.
+    """
     if devices < 1:
         raise PlanError(f"--devices {devices}: need at least one device")
+    if cluster is None:
+        cluster = uniform_cluster(device, devices, device_memory_bytes)
+    elif len(cluster) != devices:
+        raise PlanError(f"--devices: the cluster has {len(cluster)} devices, not {devices}")
     analysis = _Analysis(model, max_batch, max_seq, overrides, vocab_parallel)
     counts = range(1, devices + 1) if include_fewer else [devices]
     layouts = []
@@ -512,7 +578,7 @@ def enumerate_layouts(
                 continue
             pp = used // tp
             layouts.append(
-                _layout(analysis, tp, pp, device_memory_bytes, device, max_batch, max_seq, allow_kv_replication)
+                _layout(analysis, tp, pp, cluster.first(used), max_batch, max_seq, allow_kv_replication)
             )
     return rank_layouts(layouts)
 
@@ -535,13 +601,13 @@ def _layout(
     analysis: _Analysis,
     tp: int,
     pp: int,
-    device_memory_bytes: int,
-    device: DeviceProfile,
+    cluster: Cluster,
     max_batch: int,
     max_seq: int,
     allow_kv_replication: bool = True,
 ) -> LayoutEstimate:
     reason = _check_layout(analysis.shape, tp, pp, allow_kv_replication)
+    smallest_memory = min(slot.memory_bytes for slot in cluster.devices)
     if reason:
         return LayoutEstimate(
             tp=tp,
@@ -551,15 +617,18 @@ def _layout(
             reason=reason,
             max_batch=max_batch,
             max_seq=max_seq,
-            device_memory_bytes=device_memory_bytes,
+            device_memory_bytes=smallest_memory,
         )
-    bounds = _balanced_bounds(analysis, tp, pp, device_memory_bytes, device, max_batch, max_seq)
+    stages = _stage_devices(cluster, tp, pp)
+    bounds = _balanced_bounds(analysis, tp, pp, stages, max_batch, max_seq)
     ranks = [
-        _stage_estimate(analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, device, max_batch, max_seq)
+        _stage_estimate(analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, stages[s], max_batch, max_seq)
         for s in range(pp)
     ]
-    worst = max(ranks, key=lambda r: r.total_bytes)
-    fits = worst.total_bytes <= device_memory_bytes
+    # the stage furthest over (or least under) its devices' memory
+    worst = max(ranks, key=lambda r: (r.total_bytes - r.device_memory_bytes, r.total_bytes))
+    memory = worst.device_memory_bytes
+    fits = worst.total_bytes <= memory
     prefill = sum(r.prefill_s for r in ranks)
     decode = sum(r.decode_s for r in ranks)
     if fits:
@@ -567,7 +636,7 @@ def _layout(
     else:
         reason = (
             f"does not fit: stage {worst.stage}'s ranks need {format_bytes(worst.total_bytes)}, "
-            f"{format_bytes(worst.total_bytes - device_memory_bytes)} over {format_bytes(device_memory_bytes)}"
+            f"{format_bytes(worst.total_bytes - memory)} over {format_bytes(memory)}"
         )
     return LayoutEstimate(
         tp=tp,
@@ -579,7 +648,7 @@ def _layout(
         max_seq=max_seq,
         fits=fits,
         max_rank_bytes=worst.total_bytes,
-        device_memory_bytes=device_memory_bytes,
+        device_memory_bytes=memory,
         prefill_s=prefill,
         decode_step_s=decode,
         decode_tokens_per_s=max_batch / decode,
@@ -591,41 +660,67 @@ def _balanced_bounds(
     analysis: _Analysis,
     tp: int,
     pp: int,
-    device_memory_bytes: int,
-    device: DeviceProfile,
+    stages: Sequence[_StageDevices],
     max_batch: int,
     max_seq: int,
 ) -> list[int]:
-    """Layer bounds [0, ..., layers] of the pp stages, balanced on predicted time."""
+    """Layer bounds [0, ..., layers] of the pp stages, balanced on predicted time on each stage's devices."""
     if pp == 1:
         return [0, analysis.num_layers]
     from llmir_onnx.passes.stage_balance import StageUnit, balance_stages
 
-    def unit(name: str, nodes: list[int]) -> StageUnit:
-        seconds = 0.0
+    def unit(name: str, nodes: list[int], devices: _StageDevices) -> StageUnit:
+        link, hosts = devices.tp_link
+        slowest = 0.0
+        for device in devices.profiles:
+            seconds = 0.0
+            for phase in ("prefill", "decode"):
+                for i in nodes:
+                    flops, moved, payload, counted = analysis.scaled_node(i, phase, tp)
+                    dtype = analysis.costs[phase][i].dtype
+                    compute = flops / device.flops_per_second(dtype) if flops else 0.0
+                    seconds += max(compute, moved / device.bytes_per_second) + counted * device.node_overhead
+                    seconds += analysis.collective_seconds(i, payload, tp, link, hosts)
+            slowest = max(slowest, seconds)
         weights: dict[str, int] = {}
-        for phase in ("prefill", "decode"):
-            for i in nodes:
-                flops, moved, payload, counted = analysis.scaled_node(i, phase, tp)
-                dtype = analysis.costs[phase][i].dtype
-                compute = flops / device.flops_per_second(dtype) if flops else 0.0
-                seconds += max(compute, moved / device.bytes_per_second) + counted * device.node_overhead
-                seconds += analysis.collective_seconds(i, payload, tp, device)
         for i in nodes:
             for value in analysis.nodes[i].inputs:
                 if value is not None and value.name in analysis.weights and value.const_value is not None:
                     scale = analysis.scale(analysis.weight_kind[value.name], tp)
                     weights[value.name] = int(value.const_value.nbytes * scale)
-        return StageUnit(name, seconds, weights)
+        return StageUnit(name, slowest, weights)
 
     places = analysis.placement
-    layers = [unit(f"layer {k}", [i for i, p in enumerate(places) if p == k]) for k in range(analysis.num_layers)]
-    prefix = unit("embedding", [i for i, p in enumerate(places) if p == "pre"])
-    suffix = unit("final norm + lm_head", [i for i, p in enumerate(places) if p == "post"])
+    layer_nodes = [[i for i, p in enumerate(places) if p == k] for k in range(analysis.num_layers)]
+    pre = [i for i, p in enumerate(places) if p == "pre"]
+    post = [i for i, p in enumerate(places) if p == "post"]
+
+    def units(devices: _StageDevices) -> tuple[StageUnit, list[StageUnit], StageUnit]:
+        return (
+            unit("embedding", pre, devices),
+            [unit(f"layer {k}", nodes, devices) for k, nodes in enumerate(layer_nodes)],
+            unit("final norm + lm_head", post, devices),
+        )
+
+    # stages on alike devices and links cost alike: evaluate each kind once
+    by_kind: dict[tuple[Any, ...], tuple[StageUnit, list[StageUnit], StageUnit]] = {}
+    stage_units = []
+    for devices in stages:
+        kind = (tuple(p.name for p in devices.profiles), devices.tp_link[0].name, devices.tp_link[1])
+        if kind not in by_kind:
+            by_kind[kind] = units(devices)
+        stage_units.append(by_kind[kind])
+    prefix, layers, suffix = stage_units[0]
+    mixed = len(by_kind) > 1
+    limits = [devices.memory_bytes for devices in stages]
+    memory_limit: int | list[int] = limits if len(set(limits)) > 1 else limits[0]
+    per_stage = stage_units if mixed else None
     try:
-        balance = balance_stages(layers, pp, prefix=prefix, suffix=suffix, memory_limit_bytes=device_memory_bytes)
+        balance = balance_stages(
+            layers, pp, prefix=prefix, suffix=suffix, memory_limit_bytes=memory_limit, stage_units=per_stage
+        )
     except PlanError:
-        balance = balance_stages(layers, pp, prefix=prefix, suffix=suffix)
+        balance = balance_stages(layers, pp, prefix=prefix, suffix=suffix, stage_units=per_stage)
     return [r.start for r in balance.stage_layers] + [analysis.num_layers]
 
 
@@ -655,6 +750,7 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
         "kv cache",
         "activations",
         "fits",
+        "tp link",
         "note",
     )
     rows = [header]
@@ -672,6 +768,7 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
                     "-",
                     "-",
                     "invalid",
+                    "-",
                     layout.reason,
                 )
             )
@@ -689,6 +786,7 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
                 format_bytes(worst.kv_cache_bytes),
                 format_bytes(worst.activation_peak_bytes),
                 "yes" if layout.fits else "NO",
+                _tp_link_label(layout),
                 "" if layout.fits else f"over by {format_bytes(layout.max_rank_bytes - layout.device_memory_bytes)}",
             )
         )
@@ -696,6 +794,28 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
     lines = ["  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _tp_hosts(layout: LayoutEstimate) -> int:
+    return max((rank.tp_hosts for rank in layout.ranks), default=0)
+
+
+def _tp_link_label(layout: LayoutEstimate) -> str:
+    """'-' at tp 1, 'in host' when every tp group is inside one host, else 'N hosts (link)'."""
+    hosts = _tp_hosts(layout)
+    if hosts == 0:
+        return "-"
+    if hosts == 1:
+        return "in host"
+    slowest = next(rank.tp_link for rank in layout.ranks if rank.tp_hosts == hosts)
+    return f"{hosts} hosts ({slowest})"
+
+
+def _versus(best: LayoutEstimate, other: LayoutEstimate) -> str:
+    return (
+        f"{other.label} ({_tp_link_label(other)}): {other.decode_tokens_per_s:.1f} tokens/s, prefill "
+        f"{_seconds(other.prefill_s)}, {format_bytes(other.max_rank_bytes)} per device"
+    )
 
 
 def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None, str]:
@@ -717,4 +837,17 @@ def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None,
         f"({best.decode_tokens_per_s:.1f} tokens/s at batch {best.max_batch}, prefill "
         f"{_seconds(best.prefill_s)}); {best.reason}"
     )
+    # hosts: say whether tp stays inside them, and against what the choice won
+    if any(_tp_hosts(layout) > 1 for layout in fitting):
+        inside = [layout for layout in fitting if _tp_hosts(layout) <= 1]
+        across = [layout for layout in fitting if _tp_hosts(layout) > 1]
+        if _tp_hosts(best) <= 1:
+            why += f"; its tp groups stay inside a host; the best with tp across hosts is {_versus(best, across[0])}"
+        else:
+            why += f"; its tp spans {_tp_link_label(best)} because the model predicts a win over "
+            why += _versus(best, inside[0]) if inside else "every layout (none keeps tp inside a host)"
+    if len({rank.device for layout in fitting for rank in layout.ranks}) > 1:
+        why += "; stages: " + ", ".join(
+            f"{rank.stage}: layers {rank.layers[0]}-{rank.layers[1] - 1} on {rank.device}" for rank in best.ranks
+        )
     return best, why
