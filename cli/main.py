@@ -227,7 +227,10 @@ def verify(
     ] = None,
     atol: Annotated[
         float | None,
-        typer.Option("--atol", help="Absolute tolerance [default: 1e-4; float16 outputs 1e-3, bfloat16 8e-3]."),
+        typer.Option(
+            "--atol",
+            help="Absolute tolerance [default: 1e-4; float16 (bfloat16) outputs 2e-3 (1.6e-2) x max(1, largest |value|)].",
+        ),
     ] = None,
     rtol: Annotated[
         float | None,
