@@ -229,7 +229,8 @@ def verify(
         float | None,
         typer.Option(
             "--atol",
-            help="Absolute tolerance [default: 1e-4; float16 (bfloat16) outputs 2e-3 (1.6e-2) x max(1, largest |value|)].",
+            help="Absolute tolerance [default: 1e-4; float16 (bfloat16) outputs 2e-3 (1.6e-2) "
+            "x max(1, largest |value|)].",
         ),
     ] = None,
     rtol: Annotated[
