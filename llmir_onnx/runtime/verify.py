@@ -236,6 +236,7 @@ def verify_plan(
     from llmir_onnx.runtime.launch import detect_rank_env
 
     manifest = Manifest.read(plan_dir)
+    execution_providers(device, 0)  # an onnxruntime without the CUDA EP is refused here, before any rank starts
     source = model_path or Path(manifest.source["path"])
     if not source.is_file():
         raise PlanError(f"the original model {str(source)!r} is gone; pass its path with --model")

@@ -1,0 +1,103 @@
+"""scripts/gpu_check on this machine: its dry run (everything up to the first CUDA call) and the parts of
+the GPU checks' own code that run without a GPU, so that the check cannot rot between GPU runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmir_onnx.runtime.gpu_check import CUDA_PROVIDER, gpu_count, plan_placement
+
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "gpu_check"
+CPU_PROVIDER = "CPUExecutionProvider"
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess[str], Path]:
+    work = tmp_path_factory.mktemp("gpu-check")
+    result = subprocess.run([sys.executable, str(SCRIPT), "--dry-run", "--work", str(work)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600, check=False)
+    return result, work
+
+
+def test_dry_run_makes_the_plans_and_lists_every_gpu_check(
+    dry_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    result, work = dry_run
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert not [line for line in lines if line.startswith("FAIL")], result.stdout
+    assert any(line.startswith("PASS cuda library target: libllmir_ops_cuda.so") for line in lines), result.stdout
+    assert any(line.startswith("PASS collectives models: 9 dtypes") for line in lines), result.stdout
+    for plan, world in (("bundled-tp1", 1), ("bundled-tp2", 2), ("bundled-pp2", 2), ("bundled-tp2xpp2", 4)):
+        assert (work / "plans" / plan / "manifest.json").is_file(), plan
+        assert f"{plan} ({world} ranks)" in result.stdout
+    commands = (work / "commands.sh").read_text()
+    for plan in ("bundled-tp2", "bundled-pp2", "bundled-tp2xpp2"):
+        assert f"LLMIR_CUDA_COMM=staging {work}/venv/bin/python -m llmir_onnx.cli.main verify {work}/plans/{plan} " \
+               "--device cuda --profile-dir" in commands, commands
+        assert f"--inner placement {work}/plans/{plan} {work}/profiles/{plan}" in commands, commands
+    generate = [line for line in commands.splitlines() if "llmir_onnx.cli.main generate " in line]
+    assert len(generate) == 2 and all("--device cuda" in line and "--check" in line for line in generate), commands
+    for inner in ("collectives", "killed-rank", "time-session", "time-torch"):
+        assert f"--inner {inner} " in commands, commands
+    assert "-e '" + str(REPO) + "[gpu]'" in result.stdout  # onnxruntime-gpu through the gpu extra, own venv
+
+
+@pytest.mark.skipif(bool(gpu_count()), reason="a GPU is visible: the real run would start")
+def test_without_a_gpu_the_run_fails_in_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, check=False)
+    assert result.returncode == 1
+    assert result.stdout.startswith("FAIL gpu: no CUDA GPU visible") and result.stdout.count("\n") == 1, result.stdout
+    assert result.stderr == ""
+    assert not (tmp_path / "venv").exists()
+
+
+def test_collectives_check_runs_on_the_cpu_kernels(tmp_path: Path) -> None:
+    """The GPU collectives check's own code (models, data, exact comparison, placement proof) on the CPU EP."""
+    result = subprocess.run([sys.executable, "-m", "llmir_onnx.runtime.gpu_check", "--inner", "collectives",
+                             str(tmp_path), "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                            check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "372 exact results" in result.stdout and f"62 ai.llmir nodes ran on {CPU_PROVIDER}" in result.stdout
+
+
+def test_placement_proof_reads_where_each_llmir_node_ran(
+    dry_run: tuple[subprocess.CompletedProcess[str], Path], tmp_path: Path
+) -> None:
+    """verify --profile-dir on the CPU: the proof finds every rank's AllReduce nodes, accepts them on the CPU
+    provider, refuses them for CUDA, and refuses a rank without its profile."""
+    _, work = dry_run
+    plan = work / "plans" / "bundled-tp2"
+    profiles = tmp_path / "profiles"
+    result = subprocess.run([sys.executable, "-m", "llmir_onnx.cli.main", "verify", str(plan), "--profile-dir",
+                             str(profiles)], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    checked, problems = plan_placement(plan, profiles, CPU_PROVIDER)
+    assert checked == 8 and problems == [], problems  # 2 layers x (attention + MLP) AllReduce x 2 ranks
+    checked, problems = plan_placement(plan, profiles, CUDA_PROVIDER)
+    assert checked == 8 and len(problems) == 8, problems
+    assert all(f"ran on {CPU_PROVIDER}" in problem for problem in problems), problems
+    next(profiles.glob("rank1_*.json")).unlink()
+    _, problems = plan_placement(plan, profiles, CPU_PROVIDER)
+    assert problems == [f"rank 1: 0 profiles in {profiles} (expected 1)"], problems
+
+
+def test_verify_on_cuda_without_the_cuda_provider_is_one_line(
+    dry_run: tuple[subprocess.CompletedProcess[str], Path],
+) -> None:
+    pytest.importorskip("onnxruntime")
+    import onnxruntime
+
+    if CUDA_PROVIDER in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has the CUDA provider")
+    _, work = dry_run
+    result = subprocess.run([sys.executable, "-m", "llmir_onnx.cli.main", "verify", str(work / "plans" / "bundled-tp2"),
+                             "--device", "cuda"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode != 0
+    assert "install the gpu extra" in result.stderr and result.stderr.count("\n") == 1, result.stderr
