@@ -3,13 +3,21 @@ the GPU checks' own code that run without a GPU, so that the check cannot rot be
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from llmir_onnx.runtime.gpu_check import CUDA_PROVIDER, gpu_count, plan_placement
+from llmir_onnx.runtime.gpu_check import (
+    CUDA_PROVIDER,
+    TIMING_SIZES_MIB,
+    Context,
+    gpu_count,
+    plan_placement,
+    run_checks,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check"
@@ -101,3 +109,35 @@ def test_verify_on_cuda_without_the_cuda_provider_is_one_line(
                              "--device", "cuda"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode != 0
     assert "install the gpu extra" in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_session_timing_runs_on_the_cpu_kernel(tmp_path: Path) -> None:
+    out = tmp_path / "session.json"
+    result = subprocess.run([sys.executable, "-m", "llmir_onnx.runtime.gpu_check", "--inner", "time-session",
+                             str(out), "cpu"], cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    timings = json.loads(out.read_text())
+    assert sorted(timings) == ["host", "stream"]
+    assert all(sorted(timings[mode], key=int) == [str(mib) for mib in TIMING_SIZES_MIB] for mode in timings)
+
+
+def test_each_check_is_one_summary_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The orchestrator's reporting: exit status 0 is PASS with the command's last stdout line, anything else
+    FAIL with its last stderr line; the two timing files make one comparison line."""
+    ctx = Context(work=tmp_path, venv=tmp_path / "venv", base_python=sys.executable, torch_python=sys.executable,
+                  model=REPO / "models" / "llama-gqa-torch-legacy" / "model.onnx", dry_run=False)
+    timing = tmp_path / "timing"
+    timing.mkdir()
+    sizes = {str(mib): 100.0 * mib for mib in TIMING_SIZES_MIB}
+    (timing / "session.json").write_text(json.dumps({"stream": sizes, "host": sizes}))
+    (timing / "torch.json").write_text(json.dumps({key: value / 2 for key, value in sizes.items()}))
+    run_checks(ctx, [
+        ("good", [sys.executable, "-c", "print('first'); print('all fine')"], {}),
+        ("bad", [sys.executable, "-c", "import sys; sys.exit('it broke')"], {}),
+    ])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("PASS good: all fine (")
+    assert lines[1].startswith("FAIL bad: it broke (exit 1, ")
+    assert lines[2].startswith("PASS allreduce in session vs bare nccl: 1 MiB session 100 us (host wait 100) vs "
+                               "bare 50 us = 2.00x;")
+    assert [outcome.status for outcome in ctx.outcomes] == ["PASS", "FAIL", "PASS"]

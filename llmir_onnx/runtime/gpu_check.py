@@ -484,7 +484,14 @@ def inner_collectives(profile_dir: str, device: str = "cuda") -> int:
                 x = random_data(dtype, dtype_name, shape, seed=index * 100 + shape[0])
                 feed = ort.OrtValue.ortvalue_from_numpy_with_onnx_type(
                     x.view(np.uint16), elem_type) if dtype_name == "bfloat16" else ort.OrtValue.ortvalue_from_numpy(x)
-                got = session.run_with_ort_values(names, {"x": feed})
+                # Outputs bound to the host: onnxruntime copies them off the GPU after the collectives, in
+                # stream order (what a stale read under LLMIR_CUDA_WAIT=stream would get wrong).
+                binding = session.io_binding()
+                binding.bind_ortvalue_input("x", feed)
+                for name in names:
+                    binding.bind_output(name, "cpu")
+                session.run_with_iobinding(binding)
+                got = binding.get_outputs()
                 # At one rank every collective returns its input: AllGather's one block, ReduceScatter's one
                 # chunk, AllReduce's one term.
                 want = x.astype(np.float32) if dtype_name == "bfloat16" else x
@@ -529,9 +536,10 @@ def _median_us(samples: list[float]) -> float:
     return ordered[len(ordered) // 2] * 1e6
 
 
-def inner_time_session(out_path: str) -> int:
+def inner_time_session(out_path: str, device: str = "cuda") -> int:
     """In-session AllReduce (float32, world 1, NCCL; input and output bound on the GPU) per size and wait
-    mode, median of 20 runs after 3 warm-ups; each run ends with the output ready (synchronize_outputs)."""
+    mode, median of 20 runs after 3 warm-ups; each run ends with the output ready (synchronize_outputs).
+    `device` cpu: the same on the CPU kernel (tests/test_gpu_check.py)."""
     import numpy as np
     import onnxruntime as ort
     from onnx import TensorProto, helper
@@ -539,21 +547,22 @@ def inner_time_session(out_path: str) -> int:
     from llmir_onnx.ops import LLMIR_OPSET_IMPORT
     from llmir_onnx.runtime.launch import setup_communication
 
-    comm = setup_communication(cuda=True, expected_world_size=1)
+    cuda = device == "cuda"
+    comm = setup_communication(cuda=cuda, expected_world_size=1)
     node = helper.make_node("AllReduce", ["x"], ["y"], domain="ai.llmir", name="ar", group=[0])
     graph = helper.make_graph([node], "ar", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N"])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), LLMIR_OPSET_IMPORT], ir_version=10)
     session = ort.InferenceSession(model.SerializeToString(), comm.session_options(),
-                                   providers=[(CUDA_PROVIDER, {"device_id": 0})])
+                                   providers=[(CUDA_PROVIDER, {"device_id": 0})] if cuda else ["CPUExecutionProvider"])
     results: dict[str, dict[str, float]] = {}
     for wait in ("stream", "host"):
         os.environ["LLMIR_CUDA_WAIT"] = wait
         results[wait] = {}
         for mib in TIMING_SIZES_MIB:
             n = mib * 2**20 // 4
-            x = ort.OrtValue.ortvalue_from_numpy(np.ones(n, np.float32), "cuda", 0)
-            y = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, "cuda", 0)
+            x = ort.OrtValue.ortvalue_from_numpy(np.arange(n, dtype=np.float32), device, 0)
+            y = ort.OrtValue.ortvalue_from_shape_and_type([n], np.float32, device, 0)
             binding = session.io_binding()
             binding.bind_ortvalue_input("x", x)
             binding.bind_ortvalue_output("y", y)
@@ -565,6 +574,10 @@ def inner_time_session(out_path: str) -> int:
                 if iteration >= 3:
                     samples.append(time.perf_counter() - start)
             results[wait][str(mib)] = _median_us(samples)
+            if not np.array_equal(y.numpy(), np.arange(n, dtype=np.float32)):
+                print(f"{mib} MiB LLMIR_CUDA_WAIT={wait}: the AllReduce result differs from its input", file=sys.stderr)
+                return 1
+    os.environ.pop("LLMIR_CUDA_WAIT", None)
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(results))
     print(" ".join(f"{mib} MiB {results['stream'][str(mib)]:.0f} us" for mib in TIMING_SIZES_MIB))
@@ -597,7 +610,7 @@ def inner_time_torch(out_path: str) -> int:
         dist.destroy_process_group()
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     Path(out_path).write_text(json.dumps(results))
-    print(f"torch {torch.__version__} nccl {'.'.join(map(str, torch.cuda.nccl.version()))}: " +
+    print(f"torch {torch.__version__} nccl {torch.cuda.nccl.version()}: " +
           " ".join(f"{mib} MiB {results[str(mib)]:.0f} us" for mib in TIMING_SIZES_MIB))
     return 0
 
