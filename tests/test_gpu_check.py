@@ -14,10 +14,10 @@ from llmir_onnx.runtime.gpu_check import (
     CUDA_PROVIDER,
     TIMING_SIZES_MIB,
     Context,
-    gpu_count,
     plan_placement,
     run_checks,
 )
+from llmir_onnx.runtime.launch import cuda_device_count
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "gpu_check"
@@ -56,7 +56,7 @@ def test_dry_run_makes_the_plans_and_lists_every_gpu_check(
     assert "-e '" + str(REPO) + "[gpu]'" in result.stdout  # onnxruntime-gpu through the gpu extra, own venv
 
 
-@pytest.mark.skipif(bool(gpu_count()), reason="a GPU is visible: the real run would start")
+@pytest.mark.skipif(bool(cuda_device_count()), reason="a GPU is visible: the real run would start")
 def test_without_a_gpu_the_run_fails_in_one_line(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(SCRIPT), "--work", str(tmp_path)], cwd=REPO, capture_output=True,
                             text=True, timeout=120, check=False)

@@ -237,21 +237,6 @@ def install_commands(ctx: Context) -> list[list[str]]:
 # --------------------------------------------------------------------------- the real run
 
 
-def gpu_count() -> int | None:
-    """GPUs the CUDA driver sees (None: no driver), without importing anything CUDA into this process
-    beyond libcuda itself."""
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return count.value
-
-
 def install(ctx: Context) -> bool:
     env = {"LLMIR_BUILD_CUDA": "on"}  # fail the build rather than install a CPU-only package
     start = time.monotonic()
@@ -656,11 +641,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx = Context(work=work, venv=(args.venv or work / "venv").resolve(), base_python=args.python,
                   torch_python=args.torch_python or args.python, model=args.model.resolve(), dry_run=args.dry_run)
     if not args.dry_run:
-        count = gpu_count()
+        from llmir_onnx.runtime.launch import cuda_device_count  # numpy-free: fine under a bare python3
+
+        count = cuda_device_count()
         if not count:
-            print("FAIL gpu: no CUDA GPU visible (" + ("no CUDA driver, libcuda.so.1" if count is None else
-                  "the CUDA driver reports 0 devices") + "); run this on a GPU machine, or `scripts/gpu_check "
-                  "--dry-run` for the CPU-side part", flush=True)
+            print("FAIL gpu: no CUDA GPU visible (" + ("the CUDA driver (libcuda.so.1) is missing or cannot tell"
+                  if count is None else "the CUDA driver reports 0 devices") + "); run this on a GPU machine, "
+                  "or `scripts/gpu_check --dry-run` for the CPU-side part", flush=True)
             return 1
         ctx.record("gpu", "PASS", f"{count} CUDA device(s) visible")
     work.mkdir(parents=True, exist_ok=True)

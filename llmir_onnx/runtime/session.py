@@ -32,6 +32,7 @@ import numpy as np
 from llmir_onnx.errors import GenerationError, PlanError
 from llmir_onnx.plan.integrity import check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding
+from llmir_onnx.runtime.launch import cuda_device_count
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -78,20 +79,6 @@ def execution_providers(device: str, device_id: int) -> list[Any]:
         )
     # The CPU provider stays as a fallback for shape ops that onnxruntime keeps on the host.
     return [(CUDA_PROVIDER, {"device_id": device_id}), CPU_PROVIDER]
-
-
-def cuda_device_count() -> int | None:
-    """GPUs visible to this process (CUDA driver API), None when the driver cannot tell."""
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return None
-    return count.value
 
 
 def rank_device_id(local_rank: int) -> int:
