@@ -46,8 +46,8 @@ def test_dry_run_makes_the_plans_and_lists_every_gpu_check(
         assert f"{plan} ({world} ranks)" in result.stdout
     commands = (work / "commands.sh").read_text()
     for plan in ("bundled-tp2", "bundled-pp2", "bundled-tp2xpp2"):
-        assert f"LLMIR_CUDA_COMM=staging {work}/venv/bin/python -m llmir_onnx.cli.main verify {work}/plans/{plan} " \
-               "--device cuda --profile-dir" in commands, commands
+        assert f"LLMIR_CUDA_COMM=staging LLMIR_CUDA_TF32=0 {work}/venv/bin/python -m llmir_onnx.cli.main verify " \
+               f"{work}/plans/{plan} --device cuda --profile-dir {work}/profiles/{plan}\n" in commands, commands
         assert f"--inner placement {work}/plans/{plan} {work}/profiles/{plan}" in commands, commands
     generate = [line for line in commands.splitlines() if "llmir_onnx.cli.main generate " in line]
     assert len(generate) == 2 and all("--device cuda" in line and "--check" in line for line in generate), commands
@@ -141,3 +141,21 @@ def test_each_check_is_one_summary_line(tmp_path: Path, capsys: pytest.CaptureFi
     assert lines[2].startswith("PASS allreduce in session vs bare nccl: 1 MiB session 100 us (host wait 100) vs "
                                "bare 50 us = 2.00x;")
     assert [outcome.status for outcome in ctx.outcomes] == ["PASS", "FAIL", "PASS"]
+
+
+def test_float32_matmuls_on_cuda_are_a_provider_option(monkeypatch: pytest.MonkeyPatch) -> None:
+    """LLMIR_CUDA_TF32=0 (what the check's plan runs set) reaches the CUDA EP as use_tf32=0; a bad value is
+    refused. The CUDA provider's presence is faked: only the options list is under test."""
+    import onnxruntime
+
+    from llmir_onnx.errors import GenerationError
+    from llmir_onnx.runtime.session import execution_providers
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: [CUDA_PROVIDER, CPU_PROVIDER])
+    monkeypatch.delenv("LLMIR_CUDA_TF32", raising=False)
+    assert execution_providers("cuda", 1) == [(CUDA_PROVIDER, {"device_id": 1}), CPU_PROVIDER]
+    monkeypatch.setenv("LLMIR_CUDA_TF32", "0")
+    assert execution_providers("cuda", 0) == [(CUDA_PROVIDER, {"device_id": 0, "use_tf32": "0"}), CPU_PROVIDER]
+    monkeypatch.setenv("LLMIR_CUDA_TF32", "off")
+    with pytest.raises(GenerationError, match="LLMIR_CUDA_TF32='off'"):
+        execution_providers("cuda", 0)
