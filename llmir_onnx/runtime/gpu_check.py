@@ -83,6 +83,7 @@ class Context:
     model: Path
     dry_run: bool
     smollm2: Path = SMOLLM2_MODEL
+    system_site_packages: bool = False
     outcomes: list[Outcome] = field(default_factory=list)
     planned: list[tuple[str, list[str], dict[str, str]]] = field(default_factory=list)
 
@@ -230,8 +231,9 @@ def planned_checks(ctx: Context, plans: dict[str, Path]) -> list[tuple[str, list
 
 def install_commands(ctx: Context) -> list[list[str]]:
     pip = [ctx.python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet"]
+    venv = [ctx.base_python, "-m", "venv", *(["--system-site-packages"] if ctx.system_site_packages else [])]
     return [
-        [ctx.base_python, "-m", "venv", str(ctx.venv)],
+        [*venv, str(ctx.venv)],
         [*pip, "setuptools>=64", "wheel", "mpich>=4.2", "nvidia-nccl-cu13>=2.20", "ml_dtypes"],
         [*pip, "--no-build-isolation", "-e", f"{ROOT}[gpu]"],
     ]
@@ -255,11 +257,18 @@ def install(ctx: Context) -> bool:
         if result.returncode != 0:
             ctx.record("install", "FAIL", f"pip install -e .[gpu]: {last_line(result.stderr + result.stdout)}")
             return False
+    # Offered is not enabled: a session falls back to the CPU (one warning line) when onnxruntime-gpu
+    # cannot load its CUDA/cuDNN libraries, so a one-node session must really get the CUDA EP.
     probe = run_command([ctx.python, "-c", (
         "import importlib.metadata as m, onnxruntime as o\n"
+        "from onnx import TensorProto as T, helper as h\n"
         "names = {d.metadata['Name'].lower() for d in m.distributions()}\n"
         "both = {'onnxruntime', 'onnxruntime-gpu'} <= names\n"
-        "print(o.__version__, 'CUDAExecutionProvider' in o.get_available_providers(), both)")], timeout_s=120)
+        "g = h.make_graph([h.make_node('Identity', ['x'], ['y'])], 'g', [h.make_tensor_value_info('x', T.FLOAT, [1])],"
+        " [h.make_tensor_value_info('y', T.FLOAT, [1])])\n"
+        "model = h.make_model(g, opset_imports=[h.make_opsetid('', 21)], ir_version=10).SerializeToString()\n"
+        "s = o.InferenceSession(model, providers=['CUDAExecutionProvider', 'CPUExecutionProvider'])\n"
+        "print(o.__version__, 'CUDAExecutionProvider' in s.get_providers(), both)")], timeout_s=120)
     words = probe.stdout.split()
     if probe.returncode != 0 or len(words) != 3:
         ctx.record("install", "FAIL", f"onnxruntime does not import in {ctx.venv}: {last_line(probe.stderr)}")
@@ -268,7 +277,10 @@ def install(ctx: Context) -> bool:
         ctx.record("install", "FAIL", f"{ctx.venv} holds both onnxruntime and onnxruntime-gpu; delete it and rerun")
         return False
     if words[1] != "True":
-        ctx.record("install", "FAIL", f"onnxruntime {words[0]} in {ctx.venv} offers no {CUDA_PROVIDER}")
+        warnings = [line for line in probe.stderr.splitlines() if "CUDA" in line or "cuDNN" in line]
+        ctx.record("install", "FAIL", f"onnxruntime {words[0]} in {ctx.venv} could not enable {CUDA_PROVIDER}: "
+                   f"{warnings[-1] if warnings else last_line(probe.stderr)} (its CUDA/cuDNN libraries must match; "
+                   "--system-site-packages lets the venv see the machine's nvidia-* wheels)")
         return False
     ctx.record("install", "PASS", f"onnxruntime-gpu {words[0]} with {CUDA_PROVIDER} in {ctx.venv} "
                f"({time.monotonic() - start:.0f} s)")
@@ -465,6 +477,9 @@ def inner_collectives(profile_dir: str, device: str = "cuda") -> int:
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(profile_dir) / dtype_name)
         session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        if provider not in session.get_providers():
+            print(f"onnxruntime did not enable {provider} (it fell back to {session.get_providers()})", file=sys.stderr)
+            return 1
         names = [output.name for output in session.get_outputs()]
         for wait in ("stream", "host"):
             os.environ["LLMIR_CUDA_WAIT"] = wait  # read per op call
@@ -630,6 +645,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", type=Path, default=DEFAULT_MODEL, help="the bundled model to partition")
     parser.add_argument("--smollm2", type=Path, default=SMOLLM2_MODEL,
                         help="SmolLM2-135M's model.onnx; its plans are skipped when it is missing [models/smollm2]")
+    parser.add_argument("--system-site-packages", action="store_true",
+                        help="let the check's venv see the interpreter's packages (e.g. the CUDA/cuDNN nvidia-* "
+                        "wheels PyTorch brought); the install still fails if that adds the CPU onnxruntime")
     parser.add_argument("--python", default=sys.executable, help="interpreter that creates the venv [this one]")
     parser.add_argument("--torch-python", default=None,
                         help="interpreter with PyTorch for the bare-NCCL timing [--python]")
@@ -645,7 +663,7 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work.resolve()
     ctx = Context(work=work, venv=(args.venv or work / "venv").resolve(), base_python=args.python,
                   torch_python=args.torch_python or args.python, model=args.model.resolve(), dry_run=args.dry_run,
-                  smollm2=args.smollm2.resolve())
+                  smollm2=args.smollm2.resolve(), system_site_packages=args.system_site_packages)
     if not args.dry_run:
         from llmir_onnx.runtime.launch import cuda_device_count  # numpy-free: fine under a bare python3
 
