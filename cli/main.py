@@ -254,6 +254,13 @@ def verify(
         Path | None,
         typer.Option("--timeline", help="Record every rank's run call to this file (for `report --timeline`)."),
     ] = None,
+    device: Annotated[
+        str, typer.Option("--device", help="cpu, or cuda: the ranks (device = local rank) and the original.")
+    ] = "cpu",
+    profile_dir: Annotated[
+        Path | None,
+        typer.Option("--profile-dir", help="Write each rank's onnxruntime profile (rankN_*.json) to this folder."),
+    ] = None,
     debug: DebugOption = False,
 ) -> None:
     """Run every rank as a process, reassemble the outputs and compare with the original model."""
@@ -276,8 +283,14 @@ def verify(
             feeds = model_past_feeds(source, sizes)
         else:
             feeds = random_feeds(load_model(source), sizes)
+    from llmir_onnx.runtime.session import DEVICE_CPU, DEVICE_CUDA
+
+    if device not in (DEVICE_CPU, DEVICE_CUDA):
+        raise InputModelError(f"--device {device!r}: use {DEVICE_CPU} or {DEVICE_CUDA}")
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
     outputs, rows = verify_plan(plan, feeds, model_path=model, atol=atol, rtol=rtol, check_hashes=not no_check_hashes,
-                                timeline=timeline)
+                                timeline=timeline, device=device, profile_dir=profile_dir)
     if not rows:  # a non-zero rank under an external launcher: rank 0 reports
         return
     if save_outputs is not None:

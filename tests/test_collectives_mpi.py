@@ -228,6 +228,20 @@ def test_mismatched_shapes_across_ranks() -> None:
         assert "same dtype and shape" in message, message
 
 
+def test_a_new_shape_is_checked_again_after_the_node_cached_one() -> None:
+    run = launch(2, "error_shape_mismatch_after_agreement", comm_timeout_s=10)
+    assert run.returncode != 0, run.describe()
+    for rank in (0, 1):
+        message = error_of(run, rank)
+        assert "[node my_AllReduce]" in message and "float32 [5]" in message and "float32 [6]" in message, message
+
+
+@pytest.mark.parametrize("every_call", ["0", "1"])
+def test_signature_check_runs_once_per_node_and_shape(every_call: str) -> None:
+    run = launch(2, "signature_checks", extra_env={"LLMIR_CHECK_EVERY_CALL": every_call})
+    assert_all_ok(run, 2, min_checks=12)
+
+
 def test_bool_sum_is_an_error() -> None:
     run = launch(2, "error_bool_sum", comm_timeout_s=10)
     assert run.returncode != 0, run.describe()

@@ -117,9 +117,11 @@ void check_nccl(NcclComm& state, ncclResult_t code, const OpLabel& label) {
   if (code != ncclSuccess && code != ncclInProgress) fail(state, label, nccl_error(state, code));
 }
 
-// The communicators are non-blocking: poll the async state (enqueue/init progress) and then the stream
-// until the operation finished, so that a peer that never arrives becomes a timeout error and an abort
-// instead of a GPU kernel waiting forever. This synchronises the host with the stream after each op.
+// The communicators are non-blocking: poll the async state until NCCL has enqueued the operation (or
+// set up the communicator), and with `on_stream` also the stream until the operation finished, so that
+// a peer that never arrives becomes a timeout error and an abort instead of a GPU kernel waiting
+// forever. `on_stream` synchronises the host with the stream: collectives pass it only under
+// LLMIR_CUDA_WAIT=host (see host_waits()).
 void wait(NcclComm& state, bool on_stream, cudaStream_t stream, const OpLabel& label) {
   const Deadline deadline(comm_timeout_seconds());
   for (uint64_t iteration = 0;; ++iteration) {
@@ -201,9 +203,23 @@ NcclComm& nccl_comm(CommKind kind, const std::vector<int>& ranks, const OpLabel&
   return *slot;
 }
 
+// LLMIR_CUDA_WAIT=stream (default): a collective returns once NCCL has enqueued it on the EP's stream;
+// onnxruntime's stream order puts it before the nodes that read its output, and the host meets the GPU
+// only where onnxruntime copies an output to the host. A peer that never arrives then leaves the GPU
+// waiting (no LLMIR_COMM_TIMEOUT_S): `generate`/`verify` jobs end such ranks from their supervisor, a
+// launcher's cleanup does under mpiexec/torchrun. LLMIR_CUDA_WAIT=host: every collective also polls
+// its stream until done, so a lost peer becomes this op's timeout error (one host sync per op).
+bool host_waits() {
+  const char* mode = std::getenv("LLMIR_CUDA_WAIT");
+  if (mode == nullptr || *mode == '\0' || std::strcmp(mode, "stream") == 0) return false;
+  if (std::strcmp(mode, "host") == 0) return true;
+  throw Error(std::string("ai.llmir: LLMIR_CUDA_WAIT='") + mode + "': use \"stream\" (default) or \"host\"");
+}
+
 class NcclGroupComm final : public GroupComm {
  public:
-  NcclGroupComm(NcclComm& state, CudaDevice& device) : state_(state), device_(device) {}
+  NcclGroupComm(NcclComm& state, CudaDevice& device, bool host_waits)
+      : state_(state), device_(device), host_waits_(host_waits) {}
   int size() const override { return static_cast<int>(state_.ranks.size()); }
   int rank() const override {
     int index = 0;
@@ -223,12 +239,12 @@ class NcclGroupComm final : public GroupComm {
     check_nccl(state_,
                ncclAllReduce(in, out, count, nccl_type(dtype), nccl_op(reduction), state_.comm, device_.stream()),
                label);
-    wait(state_, true, device_.stream(), label);
+    wait(state_, host_waits_, device_.stream(), label);
   }
   void allgather(const void* in, void* out, size_t count_per_rank, DType dtype, const OpLabel& label) override {
     check_nccl(state_, ncclAllGather(in, out, count_per_rank, nccl_type(dtype), state_.comm, device_.stream()),
                label);
-    wait(state_, true, device_.stream(), label);
+    wait(state_, host_waits_, device_.stream(), label);
   }
   void reduce_scatter(const void* in, void* out, size_t count_per_rank, DType dtype, Reduction reduction,
                       const OpLabel& label) override {
@@ -236,12 +252,13 @@ class NcclGroupComm final : public GroupComm {
                ncclReduceScatter(in, out, count_per_rank, nccl_type(dtype), nccl_op(reduction), state_.comm,
                                  device_.stream()),
                label);
-    wait(state_, true, device_.stream(), label);
+    wait(state_, host_waits_, device_.stream(), label);
   }
 
  private:
   NcclComm& state_;
   CudaDevice& device_;
+  bool host_waits_;
 };
 
 // NCCL has no tags: messages between a pair are ordered, and Recv checks the tag carried in the header.
@@ -342,7 +359,7 @@ class CudaBackend final : public Backend {
       staged_group_ = std::make_unique<StagingGroupComm>(mpi::group_comm(ranks, label), device_);
       return *staged_group_;
     }
-    nccl_group_ = std::make_unique<NcclGroupComm>(nccl_comm(CommKind::kGroup, ranks, label), device_);
+    nccl_group_ = std::make_unique<NcclGroupComm>(nccl_comm(CommKind::kGroup, ranks, label), device_, host_waits());
     return *nccl_group_;
   }
   PeerLink& peer(int peer_rank, const OpLabel& label) override {

@@ -1,11 +1,22 @@
 #include "kernels.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
 #include <set>
 
 namespace llmir {
 namespace {
+
+std::atomic<uint64_t> g_signature_checks{0};
+
+std::vector<int64_t> signature_key(int elem_type, const std::vector<int64_t>& shape) {
+  std::vector<int64_t> key;
+  key.reserve(shape.size() + 1);
+  key.push_back(elem_type);
+  key.insert(key.end(), shape.begin(), shape.end());
+  return key;
+}
 
 size_t product(const std::vector<int64_t>& shape, size_t begin, size_t end) {
   size_t out = 1;
@@ -76,12 +87,15 @@ int64_t hash_order(const std::vector<int>& ranks) {
 // ascending order, which every member finds whatever order its node lists; each order has its own
 // communicator, so members that disagree on the order would otherwise wait on different ones until the
 // timeout. Call it before backend.group(ranks) (a CUDA backend hands out one group at a time).
+// With `agreed`, a signature that passed once for this node is not exchanged again (see AgreedSignatures).
 void agree(Backend& backend, const std::vector<int>& ranks, const OpAttributes& attributes, int64_t axis,
-           const InputTensor& input, const OpLabel& label) {
+           const InputTensor& input, const OpLabel& label, AgreedSignatures* agreed) {
   constexpr size_t kWords = 6 + kMaxRank;
   if (input.shape.size() > static_cast<size_t>(kMaxRank)) {
     throw Error(label.message("inputs of rank > " + std::to_string(kMaxRank) + " are not supported"));
   }
+  if (agreed != nullptr && agreed->contains(input.elem_type, input.shape)) return;
+  g_signature_checks.fetch_add(1, std::memory_order_relaxed);
   std::vector<int> members = ranks;
   std::sort(members.begin(), members.end());
   GroupComm& comm = backend.group(members, label);
@@ -118,6 +132,7 @@ void agree(Backend& backend, const std::vector<int>& ranks, const OpAttributes& 
                               describe(theirs) + ", this rank runs " + describe(mine) +
                               "; every member must pass the same dtype and shape"));
   }
+  if (agreed != nullptr) agreed->add(input.elem_type, input.shape);
 }
 
 // The element type of a reducing op's input; bool has logical max/min but no sum.
@@ -131,10 +146,10 @@ DType reduction_dtype(int elem_type, Reduction reduction, const OpLabel& label) 
 }
 
 void all_reduce(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
-                const AllocateOutput& output) {
+                const AllocateOutput& output, AgreedSignatures* agreed) {
   const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
   const DType dtype = reduction_dtype(input.elem_type, attributes.reduction, label);
-  agree(backend, ranks, attributes, 0, input, label);
+  agree(backend, ranks, attributes, 0, input, label, agreed);
   GroupComm& comm = backend.group(ranks, label);
   void* out = output(input.shape);
   if (input.count == 0) return;
@@ -142,11 +157,11 @@ void all_reduce(Backend& backend, const OpAttributes& attributes, OpLabel& label
 }
 
 void all_gather(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
-                const AllocateOutput& output) {
+                const AllocateOutput& output, AgreedSignatures* agreed) {
   const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
   const DType dtype = checked_dtype(input.elem_type, label);
   const auto axis = static_cast<size_t>(normalized_axis(attributes.axis, input.shape.size(), label));
-  agree(backend, ranks, attributes, static_cast<int64_t>(axis), input, label);
+  agree(backend, ranks, attributes, static_cast<int64_t>(axis), input, label, agreed);
   GroupComm& comm = backend.group(ranks, label);
   const size_t members = ranks.size();
   std::vector<int64_t> shape = input.shape;
@@ -171,7 +186,7 @@ void all_gather(Backend& backend, const OpAttributes& attributes, OpLabel& label
 }
 
 void reduce_scatter(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
-                    const AllocateOutput& output) {
+                    const AllocateOutput& output, AgreedSignatures* agreed) {
   const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
   const DType dtype = reduction_dtype(input.elem_type, attributes.reduction, label);
   const auto axis = static_cast<size_t>(normalized_axis(attributes.axis, input.shape.size(), label));
@@ -181,7 +196,7 @@ void reduce_scatter(Backend& backend, const OpAttributes& attributes, OpLabel& l
                               format_shape(input.shape.data(), static_cast<int64_t>(input.shape.size())) +
                               " does not divide by the group size " + std::to_string(members)));
   }
-  agree(backend, ranks, attributes, static_cast<int64_t>(axis), input, label);
+  agree(backend, ranks, attributes, static_cast<int64_t>(axis), input, label, agreed);
   GroupComm& comm = backend.group(ranks, label);
   std::vector<int64_t> shape = input.shape;
   shape[axis] /= members;
@@ -290,15 +305,30 @@ const char* op_name(OpKind kind) {
   return "?";
 }
 
-void run_op(Backend& backend, const OpAttributes& attributes, const InputTensor& input, const AllocateOutput& output) {
+bool AgreedSignatures::contains(int elem_type, const std::vector<int64_t>& shape) const {
+  const auto key = signature_key(elem_type, shape);
+  std::lock_guard<std::mutex> lock(mutex_);
+  return agreed_.count(key) != 0;
+}
+
+void AgreedSignatures::add(int elem_type, const std::vector<int64_t>& shape) {
+  auto key = signature_key(elem_type, shape);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (agreed_.size() < kMaxEntries) agreed_.insert(std::move(key));
+}
+
+uint64_t signature_checks() { return g_signature_checks.load(std::memory_order_relaxed); }
+
+void run_op(Backend& backend, const OpAttributes& attributes, const InputTensor& input, const AllocateOutput& output,
+            AgreedSignatures* agreed) {
   OpLabel label;
   label.op = op_name(attributes.kind);
   label.node = attributes.node;
   label.world_rank = backend.world_rank();
   switch (attributes.kind) {
-    case OpKind::kAllReduce: return all_reduce(backend, attributes, label, input, output);
-    case OpKind::kAllGather: return all_gather(backend, attributes, label, input, output);
-    case OpKind::kReduceScatter: return reduce_scatter(backend, attributes, label, input, output);
+    case OpKind::kAllReduce: return all_reduce(backend, attributes, label, input, output, agreed);
+    case OpKind::kAllGather: return all_gather(backend, attributes, label, input, output, agreed);
+    case OpKind::kReduceScatter: return reduce_scatter(backend, attributes, label, input, output, agreed);
     case OpKind::kSend: return send(backend, attributes, label, input, output);
     case OpKind::kRecv: return recv(backend, attributes, label, input, output);
   }

@@ -3,6 +3,8 @@
 
 #include <cstdint>
 #include <functional>
+#include <mutex>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -39,6 +41,30 @@ struct InputTensor {
 // Allocates the op's output (in the backend's memory) and returns its data pointer.
 using AllocateOutput = std::function<void*(const std::vector<int64_t>& shape)>;
 
-void run_op(Backend& backend, const OpAttributes& attributes, const InputTensor& input, const AllocateOutput& output);
+// The (dtype, shape) signatures one node's group has already agreed on, so that the pre-flight check
+// (agree() in kernels.cc: a host round-trip per call, and on NCCL two blocking copies) runs once per node
+// and shape instead of on every call. Every member caches exactly the signatures that passed a check, so
+// all members hold the same set and skip or check together. What a cache gives up: two members that
+// both pass shapes agreed before, but different ones in the same call, are no longer caught (a plan or
+// feed bug; LLMIR_CHECK_EVERY_CALL=1 checks every call). One member on a known shape and another on a
+// new one wait on different exchanges: the op fails by LLMIR_COMM_TIMEOUT_S or by the backend's error.
+class AgreedSignatures {
+ public:
+  bool contains(int elem_type, const std::vector<int64_t>& shape) const;
+  void add(int elem_type, const std::vector<int64_t>& shape);
+
+ private:
+  static constexpr size_t kMaxEntries = 4096;  // prompt lengths vary; beyond this, new shapes keep checking
+  mutable std::mutex mutex_;
+  std::set<std::vector<int64_t>> agreed_;  // [elem_type, dims...]
+};
+
+// `agreed`: the node's cache, or nullptr to check every call.
+void run_op(Backend& backend, const OpAttributes& attributes, const InputTensor& input, const AllocateOutput& output,
+            AgreedSignatures* agreed);
+
+// Process-wide number of signature exchanges so far (exported as llmir_signature_checks for tests and
+// benchmarks that prove a repeated call does no extra round).
+uint64_t signature_checks();
 
 }  // namespace llmir

@@ -5,6 +5,7 @@
 
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -99,9 +100,20 @@ std::unique_ptr<Backend> cuda_backend_factory(OrtKernelContext* context, const v
 }
 #endif
 
+// LLMIR_CHECK_EVERY_CALL=1: run the signature check on every call instead of once per node and shape
+// (read when onnxruntime creates the kernel, i.e. per session).
+bool check_every_call() {
+  const char* text = std::getenv("LLMIR_CHECK_EVERY_CALL");
+  if (text == nullptr || *text == '\0' || std::strcmp(text, "0") == 0) return false;
+  if (std::strcmp(text, "1") == 0) return true;
+  throw Error(std::string("LLMIR_CHECK_EVERY_CALL='") + text + "': use 1 (check every call) or 0 (default)");
+}
+
 struct Kernel {
   OpAttributes attributes;
   BackendFactory backend_factory;
+  bool check_every_call = false;
+  AgreedSignatures agreed;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
     try {
@@ -116,7 +128,7 @@ struct Kernel {
       std::unique_ptr<Backend> backend = backend_factory(raw_context, input.data);
       run_op(*backend, attributes, input, [&](const std::vector<int64_t>& shape) -> void* {
         return context.GetOutput(0, shape).GetTensorMutableRawData();
-      });
+      }, check_every_call ? nullptr : &agreed);
       return nullptr;
     } catch (const Ort::Exception& error) {
       return Ort::GetApi().CreateStatus(error.GetOrtErrorCode(), error.what());
@@ -136,6 +148,7 @@ struct CustomOp : Ort::CustomOpBase<CustomOp, Kernel, /*WithStatus=*/true> {
     try {
       auto kernel = std::make_unique<Kernel>();
       kernel->backend_factory = factory_;
+      kernel->check_every_call = check_every_call();
       OpAttributes& attributes = kernel->attributes;
       attributes.kind = kind_;
       attributes.node = node_name(api, info);
@@ -290,6 +303,9 @@ __attribute__((visibility("default"))) void llmir_abort(int code) {
   if (llmir::mpi::is_initialized()) MPI_Abort(MPI_COMM_WORLD, code);
   std::_Exit(code);
 }
+
+// Signature exchanges this process has run (kernels.h, AgreedSignatures); for tests and benchmarks.
+__attribute__((visibility("default"))) uint64_t llmir_signature_checks(void) { return llmir::signature_checks(); }
 
 __attribute__((visibility("default"))) const char* llmir_version(void) {
 #ifdef LLMIR_WITH_CUDA

@@ -82,16 +82,19 @@ def random_feeds(model: ir.Model, sizes: FeedSizes = FeedSizes()) -> dict[str, n
     return feeds
 
 
-def original_session(model_path: Path) -> onnxruntime.InferenceSession:
-    """An onnxruntime CPU session of the original model; one onnxruntime refuses is bad input, said in a line."""
+def original_session(model_path: Path, device: str = "cpu") -> onnxruntime.InferenceSession:
+    """An onnxruntime session of the original model on `device` (cpu, or cuda on GPU 0); one onnxruntime
+    refuses is bad input, said in a line."""
     import onnxruntime as ort
 
     from llmir_onnx.runtime.launch import onnxruntime_log_severity
+    from llmir_onnx.runtime.session import execution_providers
 
     options = ort.SessionOptions()
     options.log_severity_level = onnxruntime_log_severity()
+    providers = execution_providers(device, 0)
     try:
-        return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(model_path), options, providers=providers)
     except Exception as error:  # onnxruntime's pybind errors share no base class but Exception
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         raise InputModelError(f"onnxruntime cannot run the original model {str(model_path)!r}: {reason}") from error

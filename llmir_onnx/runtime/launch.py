@@ -60,6 +60,18 @@ def onnxruntime_log_severity() -> int:
     return 2 if os.environ.get("LLMIR_DEBUG") else 4
 
 
+def cuda_device_count() -> int | None:
+    """GPUs visible to this process (CUDA driver API), None when the driver cannot tell."""
+    try:
+        driver = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    count = ctypes.c_int(0)
+    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return None
+    return count.value
+
+
 def custom_ops_library_path(cuda: bool = False) -> Path:
     """Path of the installed ai.llmir custom-op library (the CUDA+NCCL variant when `cuda`)."""
     name = CUDA_LIBRARY_NAME if cuda else CPU_LIBRARY_NAME

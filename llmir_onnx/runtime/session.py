@@ -22,6 +22,7 @@ identity), so the generation loop runs unchanged on both, which is how `--check`
 
 from __future__ import annotations
 
+import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,7 @@ import numpy as np
 from llmir_onnx.errors import GenerationError, PlanError
 from llmir_onnx.plan.integrity import check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding
+from llmir_onnx.runtime.launch import cuda_device_count
 
 if TYPE_CHECKING:
     import onnxruntime
@@ -70,28 +72,20 @@ def execution_providers(device: str, device_id: int) -> list[Any]:
         return [CPU_PROVIDER]
     if device != DEVICE_CUDA:
         raise GenerationError(f"unknown device {device!r}; use {DEVICE_CPU!r} or {DEVICE_CUDA!r}")
+    # LLMIR_CUDA_TF32=0: float32 matmuls in float32 (onnxruntime's CUDA EP default, use_tf32=1, keeps 10
+    # mantissa bits of their inputs); scripts/gpu_check compares plans with the original this way.
+    tf32 = os.environ.get("LLMIR_CUDA_TF32", "")
+    if tf32 not in ("", "0", "1"):
+        raise GenerationError(f"LLMIR_CUDA_TF32={tf32!r}: use 0 (float32 matmuls) or 1 (onnxruntime's default, TF32)")
     if CUDA_PROVIDER not in ort.get_available_providers():
         raise GenerationError(
             f"--device cuda needs onnxruntime with the {CUDA_PROVIDER}, but this onnxruntime "
             f"({ort.__version__}) offers {ort.get_available_providers()}; install the gpu extra "
             "(pip install 'llmir-onnx[gpu]', i.e. onnxruntime-gpu) in place of onnxruntime"
         )
+    options: dict[str, Any] = {"device_id": device_id, **({"use_tf32": tf32} if tf32 else {})}
     # The CPU provider stays as a fallback for shape ops that onnxruntime keeps on the host.
-    return [(CUDA_PROVIDER, {"device_id": device_id}), CPU_PROVIDER]
-
-
-def cuda_device_count() -> int | None:
-    """GPUs visible to this process (CUDA driver API), None when the driver cannot tell."""
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return None
-    count = ctypes.c_int(0)
-    if driver.cuInit(0) != 0 or driver.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return None
-    return count.value
+    return [(CUDA_PROVIDER, options), CPU_PROVIDER]
 
 
 def rank_device_id(local_rank: int) -> int:

@@ -21,7 +21,14 @@ import numpy as np
 from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
 from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
 from llmir_onnx.plan.manifest import Manifest, SliceBinding
-from llmir_onnx.runtime.session import load_rank_session
+from llmir_onnx.runtime.session import (
+    CUDA_PROVIDER,
+    DEVICE_CPU,
+    DEVICE_CUDA,
+    execution_providers,
+    load_rank_session,
+    rank_device_id,
+)
 
 RANK_DONE_SUFFIX = ".done"
 RUN_CALLS_SUFFIX = ".run_calls.json"
@@ -81,15 +88,25 @@ def load_feeds(path: Path) -> dict[str, np.ndarray]:
 
 
 def run_rank(
-    plan_dir: Path, manifest: Manifest, feeds: dict[str, np.ndarray], work_dir: Path, *, check_hashes: bool = True
+    plan_dir: Path,
+    manifest: Manifest,
+    feeds: dict[str, np.ndarray],
+    work_dir: Path,
+    *,
+    check_hashes: bool = True,
+    device: str = DEVICE_CPU,
+    profile_dir: Path | None = None,
 ) -> None:
     """Run this process's rank and write its outputs to `work_dir/rank{N}.npz`.
 
-    Its files are checked first; `check_hashes=False` where the launching process hashed them already."""
+    Its files are checked first; `check_hashes=False` where the launching process hashed them already.
+    `device` "cuda": the CUDA EP on GPU `rank_device_id(local rank)` with the CUDA ai.llmir library.
+    `profile_dir`: onnxruntime's profile of the run goes to `profile_dir/rank{N}_*.json` (its events name
+    each node's provider: the proof that the ai.llmir nodes ran where they should)."""
     from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice
     from llmir_onnx.runtime.launch import setup_communication
 
-    comm = setup_communication(expected_world_size=manifest.world_size)
+    comm = setup_communication(cuda=device == DEVICE_CUDA, expected_world_size=manifest.world_size)
     ignore_peer_death_notice()
     entry = manifest.rank_entry(comm.rank)
     check_rank_files(plan_dir, manifest, comm.rank, check_hashes=check_hashes)
@@ -97,13 +114,22 @@ def run_rank(
     missing = sorted({binding.original for binding in entry.inputs} - feeds.keys())
     if missing:
         raise PlanError(f"rank {comm.rank} needs inputs {missing} that the feeds do not hold")
-    session = load_rank_session(model_path, comm.rank, comm.session_options(), ["CPUExecutionProvider"])
+    device_id = rank_device_id(comm.local_rank) if device == DEVICE_CUDA else 0
+    options = comm.session_options()
+    if profile_dir is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = str(profile_dir / f"rank{comm.rank}")
+    session = load_rank_session(model_path, comm.rank, options, execution_providers(device, device_id))
+    if device == DEVICE_CUDA and CUDA_PROVIDER not in session.get_providers():
+        raise PlanError(f"rank {comm.rank}: onnxruntime did not enable {CUDA_PROVIDER} on device {device_id}")
     rank_feeds = {b.local: np.ascontiguousarray(b.take(feeds[b.original])) for b in entry.inputs}
     before_run = fault_hook(comm.rank)
     if before_run is not None:
         before_run(0)
     run_start = time.monotonic()
     results = session.run([b.local for b in entry.outputs], rank_feeds)
+    if profile_dir is not None:
+        session.end_profiling()
     # (step, micro-batch, start, end) on CLOCK_MONOTONIC, for `verify --timeline`
     (work_dir / f"rank{comm.rank}{RUN_CALLS_SUFFIX}").write_text(json.dumps([[0, 0, run_start, time.monotonic()]]))
     out_path = work_dir / f"rank{comm.rank}.npz"
@@ -165,10 +191,12 @@ def compare(
     return rows
 
 
-def reference_outputs(model_path: Path, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def reference_outputs(
+    model_path: Path, feeds: dict[str, np.ndarray], device: str = DEVICE_CPU
+) -> dict[str, np.ndarray]:
     from llmir_onnx.runtime.feeds import original_session
 
-    session = original_session(model_path)
+    session = original_session(model_path, device)
     names = [output.name for output in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
 
@@ -193,8 +221,12 @@ def verify_plan(
     timeout_s: float = 600.0,
     check_hashes: bool = True,
     timeline: Path | None = None,
+    device: str = DEVICE_CPU,
+    profile_dir: Path | None = None,
 ) -> tuple[dict[str, np.ndarray], list[OutputComparison]]:
     """Run the plan on `feeds` and compare with the original model; returns (outputs, comparisons).
+
+    `device`: where the ranks AND the original run (cpu or cuda); `profile_dir`: see run_rank.
 
     With `timeline`, every rank's run call is written there (see plan/report.py), phase "verify".
     The plan's files are checked against the manifest before any rank starts: by this process when it
@@ -204,6 +236,7 @@ def verify_plan(
     from llmir_onnx.runtime.launch import detect_rank_env
 
     manifest = Manifest.read(plan_dir)
+    execution_providers(device, 0)  # an onnxruntime without the CUDA EP is refused here, before any rank starts
     source = model_path or Path(manifest.source["path"])
     if not source.is_file():
         raise PlanError(f"the original model {str(source)!r} is gone; pass its path with --model")
@@ -216,7 +249,8 @@ def verify_plan(
         if env.rank == 0:
             shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(exist_ok=True)
-        run_rank(plan_dir, manifest, feeds, work_dir, check_hashes=check_hashes)
+        run_rank(plan_dir, manifest, feeds, work_dir, check_hashes=check_hashes, device=device,
+                 profile_dir=profile_dir)
         if env.rank != 0:
             return {}, []
         wait_for_ranks(manifest, work_dir, timeout_s)
@@ -228,8 +262,10 @@ def verify_plan(
             work_dir = Path(tmp)
             feeds_path = work_dir / "feeds.npz"
             np.savez(feeds_path, **feeds)
-            run_rank_job("verify", "verify-rank", [str(plan_dir.resolve()), str(feeds_path)], manifest.world_size,
-                         work_dir, timeout_s=timeout_s)
+            rank_args = [str(plan_dir.resolve()), str(feeds_path), device]
+            if profile_dir is not None:
+                rank_args.append(str(profile_dir.resolve()))
+            run_rank_job("verify", "verify-rank", rank_args, manifest.world_size, work_dir, timeout_s=timeout_s)
             assembled = assemble_outputs(manifest, work_dir)
             if timeline is not None:
                 from llmir_onnx.plan.report import write_timeline
@@ -237,7 +273,7 @@ def verify_plan(
                 calls = {e.rank: json.loads((work_dir / f"rank{e.rank}{RUN_CALLS_SUFFIX}").read_text())
                          for e in manifest.ranks}
                 write_timeline(timeline, manifest, calls, phase="verify")
-    reference = reference_outputs(source, feeds)
+    reference = reference_outputs(source, feeds, device)
     rows = compare(reference, assembled, atol, rtol)
     return assembled, rows
 
@@ -267,9 +303,12 @@ def raise_if_mismatch(rows: list[OutputComparison]) -> None:
         raise VerificationError(f"outputs {bad} differ from the original model beyond tolerance")
 
 
-def rank_main_verify(work_dir: Path, plan_dir: str, feeds_path: str) -> None:
+def rank_main_verify(
+    work_dir: Path, plan_dir: str, feeds_path: str, device: str = DEVICE_CPU, profile_dir: str | None = None
+) -> None:
     """A rank spawned by `run_rank_job` (see runtime/job.py): the launching process checked the files' hashes
     already (sizes and paths are checked again)."""
     manifest = Manifest.read(plan_dir)
-    run_rank(Path(plan_dir), manifest, load_feeds(Path(feeds_path)), work_dir, check_hashes=False)
+    run_rank(Path(plan_dir), manifest, load_feeds(Path(feeds_path)), work_dir, check_hashes=False, device=device,
+             profile_dir=Path(profile_dir) if profile_dir else None)
 

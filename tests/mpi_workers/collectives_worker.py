@@ -368,6 +368,59 @@ def error_shape_mismatch(args: list[str]) -> int:
     return 1
 
 
+def error_shape_mismatch_after_agreement(args: list[str]) -> int:
+    """Both ranks agree on [4] twice (the node caches it), then pass shapes new to the node that differ:
+    a new shape is checked again."""
+    comm = setup_communication()
+    model = make_model(
+        [llmir_node("AllReduce", ["x"], ["y"], "my_AllReduce")],
+        [("x", TensorProto.FLOAT, ["N"])],
+        [("y", TensorProto.FLOAT, ["N"])],
+    )
+    reducer = session(model, comm.session_options())
+    for _ in range(2):
+        run(reducer, {"x": np.ones(4, np.float32)}, ["y"])
+    run(reducer, {"x": np.ones(5 + comm.rank, np.float32)}, ["y"])
+    return 1
+
+
+def signature_checks(args: list[str]) -> int:
+    """Count the signature exchanges (llmir_signature_checks): one per node and new shape, none for a
+    repeated shape; with LLMIR_CHECK_EVERY_CALL=1 one per call. The results are compared with numpy on
+    every call, so a skipped check cannot hide a wrong answer."""
+    import ctypes
+
+    every_call = os.environ.get("LLMIR_CHECK_EVERY_CALL") == "1"
+    comm = setup_communication()
+    library = ctypes.CDLL(str(comm.library_path))  # the handle onnxruntime loaded: same counters
+    library.llmir_signature_checks.restype = ctypes.c_uint64
+    check = Checker(comm.rank)
+    model = make_model(
+        [
+            llmir_node("AllReduce", ["x"], ["a"], "a"),
+            llmir_node("AllGather", ["a"], ["b"], "b"),
+            llmir_node("ReduceScatter", ["b"], ["c"], "c"),
+        ],
+        [("x", TensorProto.FLOAT, ["N"])],
+        [("c", TensorProto.FLOAT, [None])],
+    )
+    reducer = session(model, comm.session_options(intra_op_num_threads=1))
+    world = comm.world_size
+    for call, n in enumerate([4, 4, 6, 4, 6, 6]):
+        everyone = [rank_data(r, (n,), "float32", call) for r in range(world)]
+        before = library.llmir_signature_checks()
+        got = run(reducer, {"x": everyone[comm.rank]}, ["c"])["c"]
+        rounds = library.llmir_signature_checks() - before
+        total = reduce_reference(everyone, "sum")
+        check.equal(f"call {call} shape [{n}]", got, (total * world).astype(np.float32))
+        new_shape = n not in [4, 4, 6, 4, 6, 6][:call]
+        expected_rounds = 3 if every_call or new_shape else 0
+        if rounds != expected_rounds:
+            raise AssertionError(f"call {call} shape [{n}]: {rounds} signature exchanges, expected {expected_rounds}")
+        check.count += 1
+    return check.count
+
+
 def error_scatter_indivisible(args: list[str]) -> int:
     """ReduceScatter of a dimension of 5 over 2 ranks."""
     _run_single_op({"axis": 1}, np.ones((2, 5), np.float32), op_type="ReduceScatter")
@@ -496,6 +549,8 @@ SCENARIOS = {
     "error_group_order_cached": error_group_order_cached,
     "error_group_beyond_world": error_group_beyond_world,
     "error_shape_mismatch": error_shape_mismatch,
+    "error_shape_mismatch_after_agreement": error_shape_mismatch_after_agreement,
+    "signature_checks": signature_checks,
     "error_bool_sum": error_bool_sum,
     "error_scatter_indivisible": error_scatter_indivisible,
     "error_axis_out_of_range": error_axis_out_of_range,
