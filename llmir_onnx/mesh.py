@@ -142,3 +142,44 @@ def split_shares(units: int, tp: int, weights: Sequence[float] | None = None) ->
     for r in order[: units - sum(shares)]:
         shares[r] += 1
     return tuple(shares)
+
+
+def _keeps_groups(start: int, stop: int, group_sizes: Sequence[int]) -> bool:
+    """Whether units [start, stop) lie inside one group or cover whole groups, for every group size."""
+    return all((start % g == 0 and stop % g == 0) or start // g == (stop - 1) // g for g in group_sizes)
+
+
+def grouped_shares(
+    units: int, tp: int, group_sizes: Sequence[int] = (), weights: Sequence[float] | None = None
+) -> tuple[int, ...]:
+    """Shares of `units` (query heads) for `tp` ranks in which no rank's heads straddle two groups of any
+    size in `group_sizes` (the query heads of one kv head): each rank reads one kv head, or whole ones.
+    `split_shares` when it already does; otherwise the split with the least load per weight on its busiest
+    rank, the larger shares first among equals. grouped_shares(9, 2, (3,)) == (6, 3): 5,4 would cut the
+    second kv head's group; grouped_shares(9, 4, (3,)) == (3, 3, 2, 1)."""
+    first = split_shares(units, tp, weights)
+    groups = [g for g in group_sizes if 1 < g < units and units % g == 0]
+    if all(_keeps_groups(r.start, r.stop, groups) for r in (unit_range(first, t) for t in range(tp))):
+        return first
+    load = [1.0 / w for w in weights] if weights is not None else [1.0] * tp
+    inf = float("inf")
+    # best[t][s]: the least busiest-rank load when ranks t.. hold units s..; a split exists when finite.
+    best = [[inf] * (units + 1) for _ in range(tp + 1)]
+    best[tp][units] = 0.0
+    for t in range(tp - 1, -1, -1):
+        for s in range(units):
+            for e in range(s + 1, units - (tp - t - 1) + 1):
+                if _keeps_groups(s, e, groups) and best[t + 1][e] < inf:
+                    best[t][s] = min(best[t][s], max((e - s) * load[t], best[t + 1][e]))
+    if best[0][0] == inf:
+        return first
+    shares, start = [], 0
+    for t in range(tp):
+        stop = max(
+            e
+            for e in range(start + 1, units - (tp - t - 1) + 1)
+            if _keeps_groups(start, e, groups) and max((e - start) * load[t], best[t + 1][e]) <= best[0][0]
+        )
+        shares.append(stop - start)
+        start = stop
+    return tuple(shares)

@@ -77,7 +77,8 @@ class Shard:
         kv heads, or share one."""
         if not self.shares:
             return None
-        if self.inner or self.inner_blocks:
+        # A plain repeat (repeat_kv's axis, `inner` without blocks) follows the parts; blocks inside groups do not.
+        if self.inner_blocks or self.inner_flat or (self.inner and len(set(self.parts)) != 1):
             return f"{self} splits kv groups further, which uneven shares {list(self.shares)} do not support"
         units = sum(self.shares)
         for parts in set(self.parts):
@@ -93,6 +94,16 @@ class Shard:
                         f"kv heads ({per_part} units each)"
                     )
         return None
+
+    def inner_repeat_size(self, size: int, rank: int) -> int:
+        """The local length of the repeat axis (dim + 1, `inner` without blocks) of `size` on tp rank `rank`:
+        a rank of whole parts (kv heads) repeats each fully, one inside a part its units' share of it."""
+        if not self.shares:
+            return size // self.inner
+        held, per_part = unit_range(self.shares, rank), sum(self.shares) // self.parts[0]
+        if held.start % per_part == 0 and len(held) % per_part == 0:
+            return size
+        return size * len(held) // per_part
 
     def inner_block(self, index: int) -> Shard:
         """What a Slice/Gather of inner block `index` (on dim + 1) holds: the groups, that block split as before."""
@@ -166,8 +177,8 @@ class Shard:
             for index, (start, stop) in enumerate(even.local_ranges(size, units, unit)):
                 if index == len(merged):
                     merged.append((start, stop))
-                elif merged[index] == (start, stop):
-                    continue
+                elif merged[index][0] <= start and stop <= merged[index][1]:
+                    continue  # a replicated part this rank already holds (a kv head of several of its units)
                 elif merged[index][1] == start:
                     merged[index] = (merged[index][0], stop)
                 else:

@@ -24,7 +24,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, TopologicalSortPass
 
-from llmir_onnx.mesh import DeviceMesh, split_shares
+from llmir_onnx.mesh import DeviceMesh, grouped_shares
 from llmir_onnx.passes.state import ShardingState
 from llmir_onnx.placement import Shard
 from llmir_onnx.propagation.attention import gqa_packed_blocks
@@ -453,6 +453,11 @@ QUERY_HEAD_ATTRIBUTES = ("num_heads", "q_num_heads")
 def attention_heads(model: ir.Model, ctx: RuleContext) -> int | None:
     """The model's query head count: the most heads a column projection is reshaped into, or an attention
     op's num_heads; None when no projection is split into heads."""
+    return max(attention_head_counts(model, ctx), default=None)
+
+
+def attention_head_counts(model: ir.Model, ctx: RuleContext) -> tuple[int, ...]:
+    """Every head count the projections are reshaped into or attention ops name (query and kv heads)."""
     weight_nodes = [node for node in model.graph if _is_weight_matmul(node, ctx.shapes)]
     names = {node.name for node in weight_nodes}
     counts = [
@@ -466,7 +471,11 @@ def attention_heads(model: ir.Model, ctx: RuleContext) -> int | None:
             attr = node.attributes.get(name)
             if attr is not None and attr.type == ir.AttributeType.INT and attr.as_int() > 0:
                 counts.append(attr.as_int())
-    return max(counts, default=None)
+    for node in model.graph:
+        attr = node.attributes.get("kv_num_heads")
+        if attr is not None and attr.type == ir.AttributeType.INT and attr.as_int() > 0:
+            counts.append(attr.as_int())
+    return tuple(sorted(set(counts)))
 
 
 def _split_head_counts(ctx: RuleContext, node: ir.Node) -> tuple[int, ...]:
@@ -490,15 +499,19 @@ def _split_head_counts(ctx: RuleContext, node: ir.Node) -> tuple[int, ...]:
     )
 
 
-def tp_mesh(heads: int | None, mesh: DeviceMesh, weights: tuple[float, ...] | None) -> DeviceMesh:
+def tp_mesh(
+    heads: int | None, mesh: DeviceMesh, weights: tuple[float, ...] | None, head_counts: tuple[int, ...] = ()
+) -> DeviceMesh:
     """`mesh` with uneven tp shares of the `heads` where tp does not divide them but each rank can hold one
-    (or where per-rank `weights` ask for unequal parts); `mesh` itself where tp divides them evenly."""
+    (or where per-rank `weights` ask for unequal parts); `mesh` itself where tp divides them evenly.
+    The shares keep each rank's query heads on one kv head or whole ones (`head_counts` name the kv heads)."""
     if mesh.tp == 1:
         return mesh
     even = weights is None or len(set(weights)) == 1
     if heads is None or heads < mesh.tp or (even and heads % mesh.tp == 0):
         return mesh  # propagate names what does not divide
-    shares = split_shares(heads, mesh.tp, weights)
+    groups = tuple(heads // count for count in head_counts if 0 < count < heads and heads % count == 0)
+    shares = grouped_shares(heads, mesh.tp, groups, weights)
     return mesh if len(set(shares)) == 1 else dataclasses.replace(mesh, tp_shares=shares)
 
 
@@ -557,8 +570,9 @@ class AnnotatePass(ir.passes.InPlacePass):
         _fold_weight_aliases(model.graph)
         TopologicalSortPass()(model)
         self.state.shapes = global_shapes(model)
-        self.state.attention_heads = attention_heads(model, RuleContext(tp=self.state.tp, shapes=self.state.shapes))
-        self.state.mesh = tp_mesh(self.state.attention_heads, self.state.mesh, self.state.tp_weights)
+        counts = attention_head_counts(model, RuleContext(tp=self.state.tp, shapes=self.state.shapes))
+        self.state.attention_heads, self.state.head_counts = max(counts, default=None), counts
+        self.state.mesh = tp_mesh(self.state.attention_heads, self.state.mesh, self.state.tp_weights, counts)
         ctx = RuleContext(tp=self.state.tp_units, shapes=self.state.shapes)
         self.state.roles = assign_weight_roles(model, ctx, self.state.vocab_parallel)
         return ir.passes.PassResult(model, modified=True)

@@ -126,7 +126,7 @@ class LocalizePass(ir.passes.InPlacePass):
             axes_local.append((placement.dim + 1, size, placement.inner_local_size()))
         elif placement.inner and not placement.inner_flat:
             size = self._global_dim(value, placement.dim + 1)
-            axes_local.append((placement.dim + 1, size, size // placement.inner))
+            axes_local.append((placement.dim + 1, size, placement.inner_repeat_size(size, self.tp_rank)))
         return axes_local
 
     def _new_initializer(self, graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
@@ -166,7 +166,7 @@ class LocalizePass(ir.passes.InPlacePass):
         placement = self._placement(out)
         units = self.state.tp_units
         for k, size, local in split_axes:
-            if self.state.uneven:
+            if isinstance(placement, Shard) and placement.shares:
                 # Any whole number of units is a size some rank (or repeat_kv) may have computed.
                 candidates = sorted({size * n // units for n in range(1, units + 1) if size * n % units == 0} - {local})
             else:

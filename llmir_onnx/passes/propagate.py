@@ -9,6 +9,7 @@ insert_collectives turns into a collective.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -19,7 +20,7 @@ import onnx_ir as ir
 from llmir_onnx.errors import LlmirError, ShardingError
 from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.passes.state import Redistribution, ShardingState
-from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
+from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard, is_shard
 from llmir_onnx.propagation import lookup
 from llmir_onnx.propagation.base import (
     Decision,
@@ -54,7 +55,7 @@ def _check_divisible(ctx: RuleContext, node: ir.Node, value: ir.Value, placement
         if not placement.divides(size, ctx.tp):
             raise ShardingError(f"internal: {placement} does not split axis {placement.dim} of {value.name!r}")
         return
-    ctx.require_divisible(node, f"axis {placement.dim} of {value.name!r}", sizes)
+    ctx.require_divisible(node, f"axis {placement.dim} of {value.name!r}", sizes, value=value.name)
 
 
 def _partitions_at(model: ir.Model, state: ShardingState, tp: int) -> bool:
@@ -65,12 +66,13 @@ def _partitions_at(model: ir.Model, state: ShardingState, tp: int) -> bool:
 
     trial = model.clone()
     probe = ShardingState(
-        tp_mesh(state.attention_heads, DeviceMesh(pp=1, tp=tp), None),
+        tp_mesh(state.attention_heads, DeviceMesh(pp=1, tp=tp), None, state.head_counts),
         replicate_unsupported=state.replicate_unsupported,
         vocab_parallel=state.vocab_parallel,
         input_seeds=dict(state.input_seeds),
         shapes=dict(state.shapes),
         attention_heads=state.attention_heads,
+        head_counts=state.head_counts,
     )
     ctx = RuleContext(tp=probe.tp_units, shapes=probe.shapes)
     probe.roles = assign_weight_roles(trial, ctx, state.vocab_parallel)
@@ -141,7 +143,9 @@ class PropagatePass(ir.passes.InPlacePass):
                 full = isinstance(placement, Shard) and placement.holds_everything()
                 placements[value.name] = REPLICATE if full else placement
         works = functools.cache(lambda tp: _partitions_at(model, self.state, tp)) if self.try_other_tps else None
-        error = divisibility_error(state.tp, ctx.constraints, works, state.mesh.tp_shares, state.attention_heads)
+        own = self._own_splits(graph) if state.uneven else set()
+        constraints = [c for c in ctx.constraints if c.value not in own]
+        error = divisibility_error(state.tp, constraints, works, state.mesh.tp_shares, state.attention_heads)
         if error is not None:
             raise error
         for value in graph.inputs:
@@ -158,17 +162,57 @@ class PropagatePass(ir.passes.InPlacePass):
                 state.output_targets[value.name] = REPLICATE
         state.weight_placements = {name: placements[name] for name in graph.initializers}
         if state.uneven:
-            self._apply_shares(works)
+            self._apply_shares(works, own)
         state.propagated = True
         return ir.passes.PassResult(model, modified=True)
 
-    def _apply_shares(self, works: Callable[[int], bool] | None) -> None:
-        """Rules planned the split in units; every shard now says which units each tp rank holds."""
+    def _own_splits(self, graph: ir.Graph) -> set[str]:
+        """Values that split into tp equal parts of their own instead of the heads' units: a group of split
+        values joined through nodes (an MLP's intermediate columns, a vocabulary) whose axis the units do not
+        divide but tp does. A column-parallel/row-parallel pair only needs the same split on both sides,
+        and the group holds both; a group that fits neither stays in units (and is refused)."""
+        state, placements = self.state, self.state.placements
+        parent: dict[str, str] = {}
+
+        def root(name: str) -> str:
+            while parent.setdefault(name, name) != name:
+                name = parent[name]
+            return name
+
+        for node in graph:
+            split = [v.name for v in (*node.inputs, *node.outputs) if v is not None and is_shard(placements.get(v.name))]
+            for name in split:
+                parent[root(name)] = root(split[0])
+        groups: dict[str, list[str]] = collections.defaultdict(list)
+        for name in parent:
+            groups[root(name)].append(name)
+
+        def size(name: str) -> int | str | None:
+            placement, shape = placements[name], state.shapes.get(name)
+            return shape[placement.dim] if shape is not None and placement.dim < len(shape) else None
+
+        def in_units(name: str) -> bool:
+            return isinstance(length := size(name), int) and placements[name].divides(length, state.tp_units)
+
+        def in_tp(name: str) -> bool:
+            placement, length = placements[name], size(name)
+            plain = not (placement.blocks or placement.parts or placement.inner)
+            return plain and isinstance(length, int) and length % state.tp == 0
+
+        own: set[str] = set()
+        for members in groups.values():
+            if not all(map(in_units, members)) and all(map(in_tp, members)):
+                own.update(members)
+        return own
+
+    def _apply_shares(self, works: Callable[[int], bool] | None, own: set[str]) -> None:
+        """Rules planned the split in units; every shard now says which units each tp rank holds, but for
+        the values split into tp equal parts of their own (`own`), which stay plain shards."""
         state = self.state
         shares = state.mesh.tp_shares
 
         def uneven(name: str, placement: Placement) -> Placement:
-            if not isinstance(placement, Shard):
+            if not isinstance(placement, Shard) or name in own:
                 return placement
             misfit = placement.with_shares(shares).uneven_misfit()
             if misfit is not None:

@@ -36,6 +36,8 @@ class ShardingState:
     tp_weights: tuple[float, ...] | None = None
     # The model's query head count (annotate reads it; uneven shares split it).
     attention_heads: int | None = None
+    # Every head count of the model (query and kv heads): uneven shares keep each rank on whole kv groups.
+    head_counts: tuple[int, ...] = ()
     shapes: dict[str, Shape] = field(default_factory=dict)
     roles: dict[str, WeightRole] = field(default_factory=dict)
     placements: dict[str, Placement] = field(default_factory=dict)

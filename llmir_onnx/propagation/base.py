@@ -61,6 +61,8 @@ class SplitConstraint:
     sizes: tuple[int, ...]
     # KV heads may also be fewer than tp ranks: each is then replicated over tp // heads ranks.
     replicable: bool = False
+    # The split value whose axis this is ("" for a head count a rule names).
+    value: str = ""
 
     def allows(self, tp: int) -> bool:
         return all(size % tp == 0 or (self.replicable and tp % size == 0) for size in self.sizes)
@@ -73,10 +75,12 @@ class RuleContext:
     roles: dict[str, WeightRole] = field(default_factory=dict)
     constraints: list[SplitConstraint] = field(default_factory=list)
 
-    def require_divisible(self, node: ir.Node, what: str, sizes: Sequence[int], replicable: bool = False) -> None:
+    def require_divisible(
+        self, node: ir.Node, what: str, sizes: Sequence[int], replicable: bool = False, value: str = ""
+    ) -> None:
         """Record that `sizes` are split over tp; propagation goes on, the error comes once, at the end."""
         self.constraints.append(
-            SplitConstraint(node.name, node.op_type, what, tuple(int(s) for s in sizes), replicable)
+            SplitConstraint(node.name, node.op_type, what, tuple(int(s) for s in sizes), replicable, value)
         )
 
     def shape(self, value: ir.Value | None) -> Shape:
