@@ -123,6 +123,6 @@ def test_too_small_device_memory_names_the_rank_and_writes_nothing(tmp_path: Pat
 
 def test_impossible_tp_writes_nothing(tmp_path: Path) -> None:
     plan = tmp_path / "plan"
-    result = run_cli("partition", str(LLAMA), "--tp", "3", "-o", str(plan))
-    assert_one_line_error(result, "--tp 3 splits the 8 heads as 3,3,2", "cut the 4 kv heads", "use --tp 1, 2, 4 or 8")
+    result = run_cli("partition", str(LLAMA), "--tp", "9", "-o", str(plan))
+    assert_one_line_error(result, "--tp 9 does not divide num_heads=8", "use --tp 1, 2, 3, 4, 5, 6, 7 or 8")
     assert list(tmp_path.iterdir()) == []

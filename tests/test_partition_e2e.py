@@ -246,13 +246,19 @@ def test_fused_multi_query_refusal_lists_the_tp_values_that_work(tp: int) -> Non
 
 
 @pytest.mark.skipif(not (MODELS / "smollm2/model.onnx").is_file(), reason="models/smollm2 is not exported")
-def test_smollm2_tp2_fails_naming_the_heads(tmp_path: Path) -> None:
+def test_smollm2_tp2_splits_heads_by_kv_group_and_the_mlp_in_halves() -> None:
+    """9 heads on 3 kv heads at tp 2: 6,3 (whole kv groups); the MLP's 1536 columns, no multiple of 9,
+    768 each. Numbers: tests/test_real_models.py (LLMIR_TEST_REAL=1) generates through the ranks."""
     from llmir_onnx.ir_io import load_model
     from llmir_onnx.partition import PartitionOptions, partition
 
-    refusal = r"--tp 2 splits the heads as 5,4 \(9 parts\), which .*=1536 .* cannot follow; use --tp 1 or 3$"
-    with pytest.raises(LlmirError, match=refusal):
-        partition(load_model(MODELS / "smollm2/model.onnx"), PartitionOptions(tp=2))
+    result = partition(load_model(MODELS / "smollm2/model.onnx"), PartitionOptions(tp=2))
+    assert result.mesh.tp_shares == (6, 3)
+    for rank in result.ranks:
+        by_name = {node.name: node for node in rank.model.graph}
+        gate = by_name["/model/model/layers.0/mlp/gate_proj/MatMul"].inputs[1]
+        q = by_name["/model/model/layers.0/self_attn/q_proj/MatMul"].inputs[1]
+        assert (gate.shape[1], q.shape[1]) == (768, [384, 192][rank.rank]), rank.rank
 
 
 def _with_unsupported_ops(source: Path, target: Path) -> None:

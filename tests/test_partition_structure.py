@@ -96,19 +96,18 @@ def test_kv_heads_replicated_when_tp_exceeds_them() -> None:
 @pytest.mark.parametrize(
     ("name", "tp", "message"),
     [
-        # Uneven: 8 heads as 3,3,2 would cut a kv head's group of 2 query heads; 5 to 7 fit (2,2,2,1,1 ...).
+        # Uneven: every tp up to the 8 heads fits, the shares keeping kv groups whole (3 is 4,2,2).
         (
             "llama-gqa-torch-legacy",
-            3,
-            r"^--tp 3 splits the 8 heads as 3,3,2: tp rank 0 would hold units 0-2, which cut the 4 kv heads "
-            r"\(2 units each\) \(value '[^']+'\); use --tp 1, 2, 4 or 8$",
+            9,
+            r"^--tp 9 does not divide num_heads=8 in node \S+ \(Reshape\); use --tp 1, 2, 3, 4, 5, 6, 7 or 8$",
         ),
         (
             "gpt2-torch-legacy",
             5,
             r"^--tp 5 does not divide num_heads=4 in node \S+ \(Reshape\); use --tp 1, 2, 3 or 4$",
         ),
-        ("llama-gqa-genai", 3, r"^--tp 3 splits the 8 heads as 3,3,2: .*; use --tp 1, 2, 4, 5, 6, 7 or 8$"),
+        ("llama-gqa-genai", 9, r"^--tp 9 does not divide num_heads=8 in node .*; use --tp 1, 2, 3, 4, 5, 6, 7 or 8$"),
         # Two kv groups of four query heads in one fused qkv: tp 4 and 8 split each group further.
         (
             "falcon-gqa-torch-legacy",

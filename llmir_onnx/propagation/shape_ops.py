@@ -411,7 +411,7 @@ def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
         # Vocab-parallel embedding: each rank looks up the ids in its rows (others give zeros): a partial sum.
         vocab = ctx.static_dim(node.inputs[0], 0)
         if vocab is not None:
-            ctx.require_divisible(node, "the vocabulary size", [vocab])
+            ctx.require_divisible(node, "the vocabulary size", [vocab], value=node.inputs[0].name)
         return Decision([Shard(0), REPLICATE], [PARTIAL_SUM])
     if isinstance(data, Shard) and data.inner_blocks:
         return replicated(node) if isinstance(indices, Shard) else _inner_block_gather(ctx, node, data, axis, idx_rank)
