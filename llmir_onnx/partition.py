@@ -44,6 +44,9 @@ from llmir_onnx.placement import Placement, Replicate, Shard
 from llmir_onnx.plan.manifest import SliceBinding
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from llmir_onnx.passes.stages import StageRankModel
     from llmir_onnx.plan.devices import Cluster
 
 
@@ -352,11 +355,6 @@ def partition(
     with cyclic_gc_paused():
         zero = _tp_rank_zero(model, options, consume_model)
         if options.pp > 1:
-            if zero.models is not None:
-                raise ShardingError(
-                    f"--tp {options.tp} splits the heads unevenly ({','.join(map(str, zero.tp_shares))}), which "
-                    f"pipeline stages do not support yet; use --pp 1, or a tp that divides the heads"
-                )
             return _partition_stages(zero, options, on_weights_known)
         if zero.models is not None:
             ranks = [RankProgram(r, made, *zero.bindings[r]) for r, made in enumerate(zero.models)]
@@ -424,25 +422,76 @@ def _partition_stages(
         ]
         on_weights_known(sorted(planned, key=lambda entry: entry[0]))
 
-    staged, _ = split_tp_stages(
-        first,
-        zero.bindings,
-        weights.__getitem__,
-        mesh,
-        stage_cut_after_layer=options.stage_cut_after_layer,
-        node_cost=node_cost,
-        memory_limit_bytes=memory_limits if memory_limits is not None else options.device_memory_bytes,
-        stage_node_costs=stage_costs,
-        consume_model=True,  # tp rank 0's model is this partition's own (the template or a copy)
-        on_initializer_stages=weights_by_stage,
-        max_seq=max_seq,
-    )
+    memory_limit = memory_limits if memory_limits is not None else options.device_memory_bytes
+    if zero.models is not None:
+        staged = _uneven_stages(zero, options, mesh, on_weights_known, node_cost, memory_limit, stage_costs, max_seq)
+    else:
+        staged, _ = split_tp_stages(
+            first,
+            zero.bindings,
+            weights.__getitem__,
+            mesh,
+            stage_cut_after_layer=options.stage_cut_after_layer,
+            node_cost=node_cost,
+            memory_limit_bytes=memory_limit,
+            stage_node_costs=stage_costs,
+            consume_model=True,  # tp rank 0's model is this partition's own (the template or a copy)
+            on_initializer_stages=weights_by_stage,
+            max_seq=max_seq,
+        )
     ranks = [RankProgram(s.rank, s.model, list(s.inputs), list(s.outputs), s.layers) for s in staged]
     # The other tp ranks' copies are made from these stage models, so they inherit the clean-up.
     for program in ranks:
         if isinstance(program.model_or_copy, ir.Model):
             _remove_unused(program.model_or_copy)
+    if zero.models is not None:
+        mesh = DeviceMesh(pp=options.pp, tp=options.tp, tp_shares=zero.tp_shares)
     return PartitionResult(mesh, ranks, zero.placements, zero.warnings, zero.weight_splits)
+
+
+def _uneven_stages(
+    zero: _TpRankZero,
+    options: PartitionOptions,
+    mesh: DeviceMesh,
+    on_weights_known: Callable[[RankWeightsPlan], None] | None,
+    node_cost: Callable[[ir.Node], float],
+    memory_limit: int | Sequence[int] | None,
+    stage_costs: Sequence[Callable[[ir.Node], float]] | None,
+    max_seq: int,
+) -> list[StageRankModel]:
+    """Uneven tp at pp > 1: every tp rank's own model cut at the same layers (stages.split_uneven_tp_stages);
+    the weights are announced once every tp rank's stages are known (their initializers differ)."""
+    from llmir_onnx.passes.stages import split_uneven_tp_stages
+
+    assert zero.models is not None
+    planned: RankWeightsPlan = []
+
+    def weights_by_stage(tp_rank: int, stages_of: dict[str, set[int]]) -> None:
+        rank_weights = zero.weights[tp_rank]
+        planned.extend(
+            (
+                mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=tp_rank)),
+                stage,
+                {name: tensor for name, tensor in rank_weights.items() if stage in stages_of.get(name, ())},
+            )
+            for stage in range(mesh.pp)
+        )
+
+    staged, _ = split_uneven_tp_stages(
+        zero.models,
+        zero.bindings,
+        mesh,
+        stage_cut_after_layer=options.stage_cut_after_layer,
+        on_initializer_stages=weights_by_stage,
+        node_cost=node_cost,
+        memory_limit_bytes=memory_limit,
+        stage_node_costs=stage_costs,
+        consume_input=True,  # every tp rank's model is this partition's own
+        max_seq=max_seq,
+    )
+    if on_weights_known is not None:
+        on_weights_known(sorted(planned, key=lambda entry: entry[0]))
+    return staged
 
 
 def _stage_device_costs(

@@ -114,7 +114,6 @@ def test_per_rank_weights_give_the_faster_rank_more_heads(tmp_path: Path) -> Non
         ),
         # The dynamo export gathers the heads before its output projection: AllGather of unequal parts.
         ("gpt2-torch-dynamo", 3, 1, r"^cannot gather the uneven shard S\(2\)\[2,1,1\] of value '[^']+': gathers of "),
-        ("gpt2-torch-legacy", 3, 2, r"^--tp 3 splits the heads unevenly \(2,1,1\), which pipeline stages do not "),
     ],
 )
 def test_uneven_splits_not_supported_are_refused(name: str, tp: int, pp: int, message: str, tmp_path: Path) -> None:
@@ -195,3 +194,19 @@ def test_mlp_and_vocabulary_split_on_their_own_parts(
     if vocab_parallel:
         assert weights["model.embed_tokens.weight"]["placement"] == "S(0)"
     _rank_models_check(out, tp)
+
+
+@pytest.mark.parametrize(("name", "shares"), [("gpt2-torch-legacy", [2, 1, 1]), ("llama-gqa-torch-legacy", [4, 2, 2])])
+def test_uneven_tp_with_pipeline_stages(name: str, shares: list[int], tmp_path: Path) -> None:
+    """tp 3 x pp 2: each tp rank's own graph is cut at the same layer, stage s of every tp rank holding the
+    same layers; six real rank processes against the original."""
+    out = tmp_path / "plan"
+    manifest = _partition_and_verify(name, 3, out, pp=2)
+    assert manifest["mesh"]["tp_shares"] == shares
+    stages = {(rank["coords"]["pp"], rank["coords"]["tp"]): rank for rank in manifest["ranks"]}
+    assert len(stages) == 6
+    models = _rank_models_check(out, 6)
+    first_stage = {"ranks": [stages[(0, tp)] for tp in range(3)]}
+    held = [stop - start for start, stop in _cache_heads(first_stage)]  # type: ignore[misc]
+    assert [_input_dims(models[stages[(0, tp)]["rank"]], "past_key_values.0.key")[1] for tp in range(3)] == held
+    assert held == [2, 1, 1]  # gpt2: 4 kv heads as 2,1,1; llama: 8 query heads 4,2,2 on 4 kv heads

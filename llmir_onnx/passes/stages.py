@@ -47,9 +47,11 @@ world). On stage s they are rewritten to the global ranks of stage s's tp group 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -1113,6 +1115,47 @@ def split_tp_stages(
                 )
             )
     return sorted(ranks, key=lambda entry: entry.rank), result
+
+
+def split_uneven_tp_stages(
+    models: Sequence[ir.Model],
+    bindings: Sequence[tuple[Sequence[SliceBinding], Sequence[SliceBinding]]],
+    mesh: DeviceMesh,
+    *,
+    stage_cut_after_layer: Sequence[int] | None = None,
+    on_initializer_stages: Callable[[int, dict[str, set[int]]], None] | None = None,
+    **options: Any,
+) -> tuple[list[StageRankModel], StageSplitResult]:
+    """Uneven tp: every tp rank has its own graph (its own head counts and shapes), so none is a copy of
+    tp rank 0's; each is cut on its own, at the layers tp rank 0's split chose, so stage s of every tp
+    rank holds the same layers. `options` as `split_tp_stages`, consume_input included (every model is
+    consumed); `on_initializer_stages(tp_rank, stages_of)` before that tp rank's stages are built."""
+    if len(models) != mesh.tp or len(bindings) != mesh.tp:
+        raise PlanError(f"{len(models)} tp rank models and {len(bindings)} bindings for a mesh with tp={mesh.tp}")
+    ranks: list[StageRankModel] = []
+    cuts, first = stage_cut_after_layer, None
+    for tp_rank, (model, (inputs, outputs)) in enumerate(zip(models, bindings, strict=True)):
+        split = PipelineStageSplit(mesh, tp_rank=tp_rank, stage_cut_after_layer=cuts, **options)
+        if on_initializer_stages is not None:
+            split.on_initializer_stages = functools.partial(on_initializer_stages, tp_rank)
+        result = split(model)
+        if first is None:
+            first, cuts = result, [stage.layers.stop - 1 for stage in result.stages[:-1]]
+        for stage in result.stages:
+            rank = _global_rank(mesh, stage.stage, 0, tp_rank)
+            coords = mesh.coords(rank)
+            ranks.append(
+                StageRankModel(
+                    rank=rank,
+                    coords={"pp": coords.pp, "cp": coords.cp, "tp": coords.tp},
+                    model=stage.model,
+                    inputs=compose_bindings(inputs, stage.inputs),
+                    outputs=compose_bindings(outputs, stage.outputs),
+                    layers=stage.layers,
+                )
+            )
+    assert first is not None
+    return sorted(ranks, key=lambda entry: entry.rank), first
 
 
 def _pipeline_peers(model: ir.Model) -> set[int]:
