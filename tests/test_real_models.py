@@ -30,7 +30,7 @@ PROMPT = "The capital of France is"
 CHECKED = "generated tokens equal the original model's greedy tokens"
 
 REAL_MODELS: dict[str, tuple[Path, list[tuple[int, int]]]] = {
-    "smollm2": (ROOT / "models" / "smollm2", [(2, 1), (3, 1), (4, 1), (3, 2)]),
+    "smollm2": (ROOT / "models" / "smollm2", [(2, 1), (3, 1), (4, 1), (2, 2), (3, 2)]),
     "gemma3": (ROOT / "models" / "real" / "gemma3" / "onnx", [(2, 1), (2, 2), (4, 1)]),
 }
 CASES = [(name, tp, pp) for name, (_, layouts) in REAL_MODELS.items() for tp, pp in layouts]

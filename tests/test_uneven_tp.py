@@ -210,3 +210,14 @@ def test_uneven_tp_with_pipeline_stages(name: str, shares: list[int], tmp_path: 
     held = [stop - start for start, stop in _cache_heads(first_stage)]  # type: ignore[misc]
     assert [_input_dims(models[stages[(0, tp)]["rank"]], "past_key_values.0.key")[1] for tp in range(3)] == held
     assert held == [2, 1, 1]  # gpt2: 4 kv heads as 2,1,1; llama: 8 query heads 4,2,2 on 4 kv heads
+
+
+def test_refusal_lists_uneven_tps_whose_mlp_splits_on_its_own(smollm2_shaped: Path, tmp_path: Path) -> None:
+    """tp 5 splits 9 heads as 3,3,1,1,1 and the 192 MLP columns into neither ninths nor fifths; the refusal
+    lists every tp that partitions: 2, 4, 6 and 8 split the MLP on their own equal parts, 3 divides both."""
+    from llmir_onnx.api import partition_to_dir
+
+    refusal = r"^--tp 5 splits the heads as 3,3,1,1,1 \(9 parts\), which axis 2 of .*; use --tp 1, 2, 3, 4, 6 or 8$"
+    with pytest.raises(LlmirError, match=refusal):
+        partition_to_dir(smollm2_shaped / "model.onnx", tmp_path / "plan", tp=5)
+    assert not (tmp_path / "plan").exists()

@@ -58,8 +58,10 @@ def _check_divisible(ctx: RuleContext, node: ir.Node, value: ir.Value, placement
     ctx.require_divisible(node, f"axis {placement.dim} of {value.name!r}", sizes, value=value.name)
 
 
-def _partitions_at(model: ir.Model, state: ShardingState, tp: int) -> bool:
-    """Whether the sharding passes succeed on a copy of `model` at another tp (shapes do not depend on tp)."""
+def _partitions_at(model: ir.Model, state: ShardingState, tp: int, units_only: bool = False) -> bool:
+    """Whether the sharding passes succeed on a copy of `model` at another tp (shapes do not depend on tp).
+    `units_only`: whether propagation alone succeeds where axes that can split on tp parts of their own
+    are left aside (the plan in units of one head that every uneven tp starts from)."""
     from llmir_onnx.passes.annotate import assign_weight_roles, tp_mesh
     from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
     from llmir_onnx.passes.localize import LocalizePass
@@ -77,7 +79,9 @@ def _partitions_at(model: ir.Model, state: ShardingState, tp: int) -> bool:
     ctx = RuleContext(tp=probe.tp_units, shapes=probe.shapes)
     probe.roles = assign_weight_roles(trial, ctx, state.vocab_parallel)
     try:
-        PropagatePass(probe, try_other_tps=False).call(trial)
+        PropagatePass(probe, try_other_tps=False, units_only=units_only).call(trial)
+        if units_only:
+            return True
         InsertCollectivesPass(probe).call(trial)
         LocalizePass(probe).call(trial)
     except LlmirError:
@@ -88,11 +92,14 @@ def _partitions_at(model: ir.Model, state: ShardingState, tp: int) -> bool:
 class PropagatePass(ir.passes.InPlacePass):
     """Placements for every value; redistributions where a rule needs something else."""
 
-    def __init__(self, state: ShardingState, try_other_tps: bool = True) -> None:
+    def __init__(self, state: ShardingState, try_other_tps: bool = True, units_only: bool = False) -> None:
         super().__init__()
         self.state = state
         # A tp that some split cannot take is refused with the tp values that work, each one tried.
         self.try_other_tps = try_other_tps
+        # A trial of the units plan: split axes that name their value (they may split on their own parts
+        # of another tp) are not checked.
+        self.units_only = units_only
 
     def requires(self, model: ir.Model) -> None:
         if not self.state.shapes:
@@ -144,8 +151,14 @@ class PropagatePass(ir.passes.InPlacePass):
                 placements[value.name] = REPLICATE if full else placement
         works = functools.cache(lambda tp: _partitions_at(model, self.state, tp)) if self.try_other_tps else None
         own = self._own_splits(graph) if state.uneven else set()
-        constraints = [c for c in ctx.constraints if c.value not in own]
-        error = divisibility_error(state.tp, constraints, works, state.mesh.tp_shares, state.attention_heads)
+        constraints = [c for c in ctx.constraints if c.value not in own and not (self.units_only and c.value)]
+        units_works = None
+        if self.try_other_tps and state.attention_heads:
+            heads = state.attention_heads
+            units_works = functools.cache(lambda: _partitions_at(model, self.state, heads, units_only=True))
+        error = divisibility_error(
+            state.tp, constraints, works, state.mesh.tp_shares, state.attention_heads, units_works
+        )
         if error is not None:
             raise error
         for value in graph.inputs:

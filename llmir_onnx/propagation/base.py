@@ -198,8 +198,12 @@ def divisibility_error(
     works: Callable[[int], bool] | None = None,
     shares: Sequence[int] = (),
     heads: int | None = None,
+    units_works: Callable[[], bool] | None = None,
 ) -> ShardingError | None:
     """One error for a tp that some split cannot take; head counts are named first, they are what users know.
+
+    `units_works` (a trial of the plan in units of one head, axes that can split on their own parts of tp
+    aside) says whether uneven tps are worth trying at all.
 
     The tp values it offers are the candidates the constraints allow that `works` confirms (a trial
     partition): a constraint met at one tp says little about the splits another tp would choose. With
@@ -215,8 +219,12 @@ def divisibility_error(
     candidates = set(tp_candidates(constraints))
     if works is not None:
         candidates |= set(_finer_than_group_candidates(tp, constraints))
-    # An uneven run planned in units and failed here: every other uneven split would fail the same way.
-    listed = valid_tp_listing(tp, sorted(candidates), works, heads, units_plan=False if shares else None)
+    if shares and not any(c.value for c in broken):
+        # An uneven run failed on a head count: every other uneven split would fail the same way.
+        units_plan: bool | None = False
+    else:  # an axis another tp may split on its own parts (an MLP's columns): the units trial tells
+        units_plan = units_works() if units_works is not None else (False if shares else None)
+    listed = valid_tp_listing(tp, sorted(candidates), works, heads, units_plan=units_plan)
     if shares:
         return ShardingError(
             f"--tp {tp} splits the heads as {','.join(map(str, shares))} ({units} parts), which {first.what}={shown} "
