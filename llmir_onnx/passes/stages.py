@@ -1102,19 +1102,29 @@ def split_tp_stages(
             if tp_rank > 0:
                 peers = {peer: _same_peer_on(mesh, peer, tp_rank) for peer in _pipeline_peers(stage.model)}
                 stage_model = tp_rank_copy(stage.model, tp_rank, weights_of(tp_rank), first_weights, peers)
-            rank = _global_rank(mesh, stage.stage, 0, tp_rank)
-            coords = mesh.coords(rank)
-            ranks.append(
-                StageRankModel(
-                    rank=rank,
-                    coords={"pp": coords.pp, "cp": coords.cp, "tp": coords.tp},
-                    model=stage_model,
-                    inputs=compose_bindings(inputs, stage.inputs),
-                    outputs=compose_bindings(outputs, stage.outputs),
-                    layers=stage.layers,
-                )
-            )
+            ranks.append(_stage_rank(mesh, stage, tp_rank, stage_model, inputs, outputs))
     return sorted(ranks, key=lambda entry: entry.rank), result
+
+
+def _stage_rank(
+    mesh: DeviceMesh,
+    stage: PipelineStage,
+    tp_rank: int,
+    model: ir.Model | TpRankCopy,
+    inputs: Sequence[SliceBinding],
+    outputs: Sequence[SliceBinding],
+) -> StageRankModel:
+    """Stage `stage` of tp rank `tp_rank` with its bindings composed: original -> tp-local -> stage."""
+    rank = _global_rank(mesh, stage.stage, 0, tp_rank)
+    coords = mesh.coords(rank)
+    return StageRankModel(
+        rank=rank,
+        coords={"pp": coords.pp, "cp": coords.cp, "tp": coords.tp},
+        model=model,
+        inputs=compose_bindings(inputs, stage.inputs),
+        outputs=compose_bindings(outputs, stage.outputs),
+        layers=stage.layers,
+    )
 
 
 def split_uneven_tp_stages(
@@ -1141,19 +1151,7 @@ def split_uneven_tp_stages(
         result = split(model)
         if first is None:
             first, cuts = result, [stage.layers.stop - 1 for stage in result.stages[:-1]]
-        for stage in result.stages:
-            rank = _global_rank(mesh, stage.stage, 0, tp_rank)
-            coords = mesh.coords(rank)
-            ranks.append(
-                StageRankModel(
-                    rank=rank,
-                    coords={"pp": coords.pp, "cp": coords.cp, "tp": coords.tp},
-                    model=stage.model,
-                    inputs=compose_bindings(inputs, stage.inputs),
-                    outputs=compose_bindings(outputs, stage.outputs),
-                    layers=stage.layers,
-                )
-            )
+        ranks.extend(_stage_rank(mesh, stage, tp_rank, stage.model, inputs, outputs) for stage in result.stages)
     assert first is not None
     return sorted(ranks, key=lambda entry: entry.rank), first
 
