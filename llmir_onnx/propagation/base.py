@@ -173,6 +173,7 @@ def valid_tp_listing(
     works: Callable[[int], bool] | None,
     heads: int | None = None,
     units_plan: bool | None = None,
+    own_part_sizes: Sequence[int] = (),
 ) -> str:
     """'--tp 1, 2 or 4': the candidates other than `tp` that `works` confirms (a trial partition), and with
     a trial and a known head count every tp up to the heads (uneven splits give each rank one at least).
@@ -180,6 +181,8 @@ def valid_tp_listing(
     Every uneven split is planned in units of one head, as tp = heads is: `units_plan` says whether that
     plan succeeds (None: unknown, one trial at tp = heads tells). When it fails, no uneven tp is tried, so
     a refusal on a big model costs the trials of the head count's divisors, not one per head.
+    `own_part_sizes` are axes the head units do not divide: an uneven tp splits them into tp equal parts,
+    so an uneven tp that does not divide one of them is not tried.
     """
     options = set(candidates) | ({1} if not candidates else set())
     if works is not None and heads:
@@ -187,7 +190,7 @@ def valid_tp_listing(
         if units_plan is None:
             units_plan = tp != heads and works(heads)
         if units_plan:
-            options |= set(range(2, heads))
+            options |= {t for t in range(2, heads) if heads % t == 0 or all(s % t == 0 for s in own_part_sizes)}
     valid = [t for t in sorted(options) if t == 1 or (t != tp and (works is None or works(t)))]
     return "--tp 1" if len(valid) == 1 else "--tp " + ", ".join(map(str, valid[:-1])) + f" or {valid[-1]}"
 
@@ -224,7 +227,9 @@ def divisibility_error(
         units_plan: bool | None = False
     else:  # an axis another tp may split on its own parts (an MLP's columns): the units trial tells
         units_plan = units_works() if units_works is not None else (False if shares else None)
-    listed = valid_tp_listing(tp, sorted(candidates), works, heads, units_plan=units_plan)
+    # Recorded in units of one head, an axis that breaks them splits on its own parts at any uneven tp.
+    own_part_sizes = [size for c in broken if c.value for size in c.sizes] if units == heads else []
+    listed = valid_tp_listing(tp, sorted(candidates), works, heads, units_plan, own_part_sizes)
     if shares:
         return ShardingError(
             f"--tp {tp} splits the heads as {','.join(map(str, shares))} ({units} parts), which {first.what}={shown} "
