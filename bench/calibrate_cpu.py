@@ -38,7 +38,6 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-
 # --average (implied by --cpu-share): the mean over runs that together last AVERAGE_S at least, not the best
 AVERAGE = False
 AVERAGE_S = 1.0

@@ -189,7 +189,8 @@ def partition(
     if shares or used_weights:
         source = "--tp-weights" if weights is not None else "the devices' memory bandwidth"
         split = ",".join(map(str, shares)) if shares else "even"
-        typer.echo(f"  heads per tp rank: {split} (weights {':'.join(f'{w:.3g}' for w in used_weights or ())} from {source})")
+        ratio = ":".join(f"{w:.3g}" for w in used_weights or ())
+        typer.echo(f"  heads per tp rank: {split} (weights {ratio} from {source})")
     limit = manifest.options.get("max_seq_limit")
     if max_seq is None and limit is not None:
         typer.echo(f"  max-seq {limit['tokens']}: the longest sequence the model takes ({limit['reason']})")

@@ -114,7 +114,9 @@ def partition_to_dir(
 
     profile = load_profile(device)
     if tp_weights is not None and len(tp_weights) != tp:
-        raise PlanError(f"tp_weights {list(tp_weights)} gives {len(tp_weights)} weights for --tp {tp}; give one per tp rank")
+        raise PlanError(
+            f"tp_weights {list(tp_weights)} gives {len(tp_weights)} weights for --tp {tp}; give one per tp rank"
+        )
     if tp_weights is None and devices is not None:
         tp_weights = derived_tp_weights(devices, tp, pp)
     progress = progress if progress is not None else QUIET
