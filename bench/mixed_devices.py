@@ -4,11 +4,11 @@
 
 1. Model: a synthetic float32 LLaMA (models/make_synthetic.py): hidden 448, 6 layers, 7 heads (7 KV
    heads), MLP 1344, vocabulary 1000. Seven heads, so that a 3:1 split is not a tie (5,2).
-2. Devices: two profiles calibrated now, the same way (`bench/calibrate_cpu.py --quick --average`: the
-   mean over >= 1 s of runs per figure, onnxruntime's kernels, one thread): `cpu-fast`, the machine as
-   it is, and `cpu-slow`, the machine under the duty cycle that emulates the slow device
-   (`--cpu-share SHARE`: `llmir_onnx/runtime/throttle.py`, SIGSTOP/SIGCONT in a 10 ms period). Links
-   are cpu-here's.
+2. Devices: two profiles calibrated now, the same way and at the same time (two processes, as the two
+   ranks will be; `bench/calibrate_cpu.py --quick --average`: the mean over >= 1 s of runs per figure,
+   onnxruntime's kernels, one thread): `cpu-fast`, the machine as it is, and `cpu-slow`, the machine
+   under the duty cycle that emulates the slow device (`--cpu-share SHARE`:
+   `llmir_onnx/runtime/throttle.py`, SIGSTOP/SIGCONT). Links are cpu-here's.
 3. Plans, on a cluster file with rank 0 on cpu-fast and rank 1 on cpu-slow:
    - `tp2`: `partition --tp 2 --devices cluster.json`: the tp weights come from the two profiles'
      memory bandwidths (about 1 / SHARE : 1), so the fast rank gets more heads;
@@ -57,13 +57,21 @@ PHASES = ("prefill", "decode")
 DECODE_RUNS_FACTOR = 20
 
 
-def calibrate(share: float, out: Path) -> dict:
-    """The onnxruntime-calibrated fields of bench/calibrate_cpu.py, averaged, under `share` of the CPU."""
-    command = [sys.executable, str(REPO / "bench/calibrate_cpu.py"), "--quick", "--average", "--json", str(out)]
-    if share < 1:
-        command += ["--cpu-share", str(share)]
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
-    return json.loads(out.read_text())
+def calibrate(shares: dict[str, float], work: Path) -> dict[str, dict]:
+    """The onnxruntime-calibrated fields of bench/calibrate_cpu.py (averaged) per profile name, each under
+    its share of the CPU. The calibrations run at the same time, as the two ranks will: each sees the
+    other's load, as its rank will."""
+    running = {}
+    for name, share in shares.items():
+        command = [sys.executable, str(REPO / "bench/calibrate_cpu.py"), "--quick", "--average",
+                   "--json", str(work / f"{name}.json")]  # fmt: skip
+        if share < 1:
+            command += ["--cpu-share", str(share)]
+        running[name] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    for name, process in running.items():
+        if process.wait() != 0:
+            raise SystemExit(f"calibrating {name} failed")
+    return {name: json.loads((work / f"{name}.json").read_text()) for name in shares}
 
 
 def profile_json(name: str, fields: dict, description: str) -> dict:
@@ -201,8 +209,8 @@ def main() -> None:
         feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
         np.savez(feeds_dir / f"{phase}.npz", **feeds)
 
-    fast = calibrate(1.0, work / "fast.json")
-    slow = calibrate(args.share, work / "slow.json")
+    calibrated = calibrate({"cpu-fast": 1.0, "cpu-slow": args.share}, work)
+    fast, slow = calibrated["cpu-fast"], calibrated["cpu-slow"]
     cluster = {
         "profiles": {
             "cpu-fast": profile_json("cpu-fast", fast, "this machine now, calibrate_cpu.py --quick --average"),
