@@ -121,12 +121,11 @@ def test_the_throttle_stops_its_target_and_always_leaves_it_running() -> None:
         target.wait()
 
 
-def test_mixed_device_tp_plan_gives_the_faster_device_more_heads_and_matches(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_mixed_device_tp_plan_gives_the_faster_device_more_heads_and_matches(tmp_path: Path) -> None:
     """gpt2 (4 heads) at tp 2 on cpu-here and a device with a quarter of its bandwidth: weights 4:1 from the
     profiles, heads 3,1; each rank's memory and cost from its own share on its own device; the ranks run
-    as processes (rank 1 under a CPU share, the emulated slow device) and reproduce the original."""
+    as processes and reproduce the original. (The CPU-share emulation of the slow device is left to
+    bench/mixed_devices.py: it makes a rank slow, which a test must not depend on.)"""
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.runtime.feeds import export_check_feeds
@@ -142,7 +141,6 @@ def test_mixed_device_tp_plan_gives_the_faster_device_more_heads_and_matches(
     assert fast.memory["weight_bytes"] > slow.memory["weight_bytes"]
     assert fast.cost["device"] == "cpu-here" and slow.cost["device"] == "cpu-quarter"
     assert fast.cost["prefill"]["flops"] > 1.5 * slow.cost["prefill"]["flops"]  # lm_head is on both
-    monkeypatch.setenv("LLMIR_CPU_SHARE", "1=0.5")
     _, rows = verify_plan(out, export_check_feeds(GPT2), model_path=GPT2 / "model.onnx", timeout_s=180)
     bad = [f"{row.name}: {row.max_abs_error:.3g}" for row in rows if not row.ok]
     assert rows and not bad, bad
@@ -150,3 +148,48 @@ def test_mixed_device_tp_plan_gives_the_faster_device_more_heads_and_matches(
                       "--devices", str(tmp_path / "cluster.json"))  # fmt: skip
     assert printed.returncode == 0, printed.stderr
     assert "heads per tp rank: 3,1 (weights 4:1 from the devices' memory bandwidth)" in printed.stdout
+
+
+@pytest.fixture(scope="module")
+def mha4(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from dataclasses import replace
+
+    from tests.test_synthetic import synthetic
+
+    config = replace(synthetic.PRESETS["tiny"], heads=4, kv_heads=4, layers=2)
+    return synthetic.generate(config, tmp_path_factory.mktemp("mha4"))
+
+
+def test_plan_ranks_the_proportional_split_above_the_even_one_on_mixed_devices(mha4: Path, tmp_path: Path) -> None:
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.plan.layouts import enumerate_layouts, format_layout_table, recommend
+
+    cluster = parse_devices(str(_quarter_speed_cluster(tmp_path)))
+    layouts = enumerate_layouts(load_model(mha4), 2, CPU_HERE.memory_bytes, CPU_HERE, 1, 64, cluster=cluster)
+    by = {layout.label: layout for layout in layouts}
+    proportional, even = by["tp2[3,1] x pp1"], by["tp2 x pp1"]
+    assert proportional.valid and even.valid and proportional.tp_weights == (4.0, 1.0)
+    # the quarter-speed rank holds 1 head of 4 instead of 2: the step waits less for it
+    assert proportional.decode_step_s < even.decode_step_s and proportional.prefill_s < even.prefill_s
+    # memory: the tightest rank is the fast one, holding 3 of the 4 heads' weights
+    assert proportional.ranks[0].weight_bytes > even.ranks[0].weight_bytes
+    assert layouts.index(proportional) < layouts.index(even)
+    best, why = recommend(layouts)
+    if best is proportional:
+        assert "its heads split 3,1, in proportion to its devices' memory bandwidth (4:1)" in why
+        assert "against the even split tp2 x pp1" in why
+    assert "tp2[3,1] x pp1" in format_layout_table(layouts)
+
+
+def test_plan_takes_uneven_tp_where_tp_does_not_divide_the_heads(mha4: Path) -> None:
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.plan.layouts import enumerate_layouts
+
+    layouts = enumerate_layouts(load_model(mha4), 3, CPU_HERE.memory_bytes, CPU_HERE, 1, 64)
+    by = {(layout.tp, layout.pp): layout for layout in layouts}
+    assert by[(3, 1)].valid and by[(3, 1)].tp_shares == (2, 1, 1) and by[(3, 1)].label == "tp3[2,1,1] x pp1"
+    assert by[(3, 1)].tp_weights == ()
+    # the partitioner does not take uneven tp with pipeline stages yet: neither does the plan
+    six = enumerate_layouts(load_model(mha4), 6, CPU_HERE.memory_bytes, CPU_HERE, 1, 64)
+    three_by_two = next(layout for layout in six if (layout.tp, layout.pp) == (3, 2))
+    assert not three_by_two.valid and "pipeline stages do not take yet" in three_by_two.reason
