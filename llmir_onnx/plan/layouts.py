@@ -114,8 +114,15 @@ class LayoutEstimate:
 
     @property
     def label(self) -> str:
-        shares = f"[{','.join(map(str, self.tp_shares))}]" if self.tp_shares else ""
-        return f"tp{self.tp}{shares} x pp{self.pp}"
+        """'tp2 x pp1'; an uneven split says its heads per tp rank, runs shortened: 'tp16[8x5,8x3] x pp1'."""
+        runs: list[list[int]] = []
+        for share in self.tp_shares:
+            if runs and runs[-1][1] == share:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, share])
+        shares = ",".join(f"{count}x{share}" if count > 2 else ",".join([str(share)] * count) for count, share in runs)
+        return f"tp{self.tp}[{shares}] x pp{self.pp}" if shares else f"tp{self.tp} x pp{self.pp}"
 
 
 @dataclass(frozen=True)
