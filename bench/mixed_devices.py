@@ -8,7 +8,7 @@
    ranks will be; `bench/calibrate_cpu.py --quick --average`: the mean over >= 1 s of runs per figure,
    onnxruntime's kernels, one thread): `cpu-fast`, the machine as it is, and `cpu-slow`, the machine
    under the duty cycle that emulates the slow device (`--cpu-share SHARE`:
-   `llmir_onnx/runtime/throttle.py`, SIGSTOP/SIGCONT). Links are cpu-here's.
+   `llmir_onnx/runtime/throttle.py`, SIGSTOP/SIGCONT in a 10 ms period). Links are cpu-here's.
 3. Plans, on a cluster file with rank 0 on cpu-fast and rank 1 on cpu-slow:
    - `tp2`: `partition --tp 2 --devices cluster.json`: the tp weights come from the two profiles'
      memory bandwidths (about 1 / SHARE : 1), so the fast rank gets more heads;

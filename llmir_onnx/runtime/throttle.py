@@ -4,10 +4,11 @@
 a small sidecar process stops it (SIGSTOP) and continues it (SIGCONT) in a fixed period, on for
 `share` of each period and off for the rest, which is what `cpulimit` does. Everything the rank does,
 its kernels, its dispatch and its side of a collective, then takes about 1 / share as long on average,
-like a device that is uniformly that much slower. The period, 50 ms, is long against the sidecar's
-wake-up latency on a loaded machine (about a millisecond, which would otherwise skew the share) and
-against the credit Linux's scheduler gives a process that was stopped (it runs ahead of the others
-once continued, which on a busy machine makes up for part of the stop); a single run shorter than a
+like a device that is uniformly that much slower. The period, 10 ms, is long against the sidecar's
+wake-up latency on a loaded machine (about a millisecond, which would otherwise skew the share); the
+credit Linux's scheduler gives a process that was stopped (it runs ahead of the others once
+continued) makes up for part of each stop on a busy machine. A 50 ms period was tried and dropped:
+three of six throttled `verify` runs hung with it, undiagnosed (docs/BENCHMARKS.md). A single run shorter than a
 period either fits in an "on" window (full speed) or not, so only averages over many periods show the
 emulated speed (the calibration under a share, `bench/calibrate_cpu.py --cpu-share`, averages for that
 reason). On an idle machine the stretch is 1 / share; on a busy one it is less, by how much depends on
@@ -27,7 +28,7 @@ import sys
 from llmir_onnx.errors import PlanError
 
 CPU_SHARE_ENV = "LLMIR_CPU_SHARE"
-PERIOD_S = 0.050
+PERIOD_S = 0.010
 
 # The sidecar: alternately continues and stops its target; continues it and exits when told to stop
 # (SIGTERM/SIGINT) or when the target is gone (the sidecar is its child: a new parent means it died).
