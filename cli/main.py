@@ -117,6 +117,14 @@ def partition(
         ),
     ] = None,
     devices_per_host: DevicesPerHostOption = None,
+    tp_weights: Annotated[
+        str | None,
+        typer.Option(
+            "--tp-weights",
+            help="Split the heads unevenly in proportion to one weight per tp rank, e.g. 3,1 (rank 0 three times "
+            "as fast). Default: from --devices when a tp group mixes profiles (memory bandwidth), else equal.",
+        ),
+    ] = None,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Batch the memory plan is sized for.")] = 1,
     max_seq: Annotated[
         int | None,
@@ -144,11 +152,12 @@ def partition(
 
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.model_facts import parse_dim_hints
-    from llmir_onnx.plan.devices import parse_devices
+    from llmir_onnx.plan.devices import parse_devices, parse_tp_weights
     from llmir_onnx.plan.memory import format_bytes, parse_bytes
     from llmir_onnx.progress import Progress
 
     memory_bytes = parse_bytes(device_memory) if device_memory is not None else None
+    weights = parse_tp_weights(tp_weights, tp) if tp_weights is not None else None
     cluster = None
     if devices is not None:
         cluster = parse_devices(devices, device, devices_per_host=devices_per_host, memory_bytes=memory_bytes)
@@ -169,12 +178,19 @@ def partition(
         dim_roles=parse_dim_hints(dims or []),
         progress=Progress(enabled=False if quiet else (True if show_progress else None)),
         ignore_annotations=ignore_annotations,
+        tp_weights=weights,
         devices=cluster,
     )
     if as_json:
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
         return
     typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}) to {out}")
+    shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
+    if shares or used_weights:
+        source = "--tp-weights" if weights is not None else "the devices' memory bandwidth"
+        split = ",".join(map(str, shares)) if shares else "even"
+        ratio = ":".join(f"{w:.3g}" for w in used_weights or ())
+        typer.echo(f"  heads per tp rank: {split} (weights {ratio} from {source})")
     limit = manifest.options.get("max_seq_limit")
     if max_seq is None and limit is not None:
         typer.echo(f"  max-seq {limit['tokens']}: the longest sequence the model takes ({limit['reason']})")

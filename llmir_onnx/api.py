@@ -90,7 +90,9 @@ def partition_to_dir(
 
     `out_dir` may hold a previous plan (replaced) but no other file, unless `force`; tp > 1 that shards no
     weight is refused unless `allow_replicated`.
-    `tp_weights` (one per tp rank) split the heads in proportion (uneven tp), equal when None.
+    `tp_weights` (one per tp rank) split the heads in proportion (uneven tp); when None, `devices`
+    whose tp groups mix profiles derive them (`plan.devices.derived_tp_weights`: each rank's memory
+    bandwidth), else the split is equal. The manifest records the weights used (`options["tp_weights"]`).
     IR v11 annotations in the model pin stages and placements (llmir_onnx/annotations.py) unless
     `ignore_annotations`.
 
@@ -108,9 +110,15 @@ def partition_to_dir(
         strip_annotations,
     )
     from llmir_onnx.partition import PartitionOptions, RankWeightsPlan, partition
-    from llmir_onnx.plan.devices import load_profile
+    from llmir_onnx.plan.devices import derived_tp_weights, load_profile
 
     profile = load_profile(device)
+    if tp_weights is not None and len(tp_weights) != tp:
+        raise PlanError(
+            f"tp_weights {list(tp_weights)} gives {len(tp_weights)} weights for --tp {tp}; give one per tp rank"
+        )
+    if tp_weights is None and devices is not None:
+        tp_weights = derived_tp_weights(devices, tp, pp)
     progress = progress if progress is not None else QUIET
     progress.phase(f"loading {model_path.name} (weights stay on disk)")
     source = load_model(model_path)
@@ -180,6 +188,7 @@ def partition_to_dir(
                 "max_seq_limit": None if limit.tokens is None else {"tokens": limit.tokens, "reason": limit.reason},
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
                 **({"devices": devices.manifest_entry()} if devices is not None else {}),
+                **({"tp_weights": list(tp_weights)} if tp_weights is not None else {}),
             },
             sharding={"weights": result.weight_splits or []},
         )

@@ -459,3 +459,70 @@ def cluster_from_json(path: Path, *, devices_per_host: int | None = None, memory
         if not seen or slot.host != seen[-1]:
             seen.append(slot.host)
     return Cluster(tuple(slots), str(path))
+
+
+def device_speed(profile: DeviceProfile) -> float:
+    """The speed a tp split is proportioned by: achievable memory bandwidth (bytes/s).
+
+    Decode, the phase a served model spends its time in, streams every weight once per token and is
+    memory-bound on every profile here (a GPU's FLOP/s outrun its bandwidth by two orders), and a tp
+    rank's weights are in proportion to its heads; so a rank's decode time is about its share of the
+    weights over its bandwidth, and shares in proportion to bandwidth make the ranks finish together.
+    """
+    return profile.bytes_per_second
+
+
+def derived_tp_weights(cluster: Cluster, tp: int, pp: int = 1) -> tuple[float, ...] | None:
+    """Per tp rank weights of the head split on `cluster` (rank r on `cluster.devices[r]`), the slowest
+    rank's 1; None when every tp rank runs on the same profile in every stage (the even split, plans as
+    without devices). The heads follow them by `mesh.split_shares` (at least one each, the remainder to
+    the largest fractions): in proportion within head granularity.
+
+    One split serves every stage (a tp rank's stage models share its head range), so with stages of
+    different compositions tp rank t's speed is the harmonic sum over the stages of its devices'
+    speeds, 1 / sum_s 1 / speed(s, t): the time it needs for one unit of work on each stage, which is
+    what the step (the sum over stages) pays.
+    """
+    from llmir_onnx.mesh import DeviceMesh, MeshCoords
+
+    if tp < 2 or len(cluster) != tp * pp:
+        return None
+    mesh = DeviceMesh(pp=pp, tp=tp)
+    per_rank = [
+        [cluster.devices[mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=t))].profile for stage in range(pp)]
+        for t in range(tp)
+    ]
+    if all(column == per_rank[0] for column in per_rank):
+        return None
+    speeds = [1.0 / sum(1.0 / device_speed(profile) for profile in column) for column in per_rank]
+    # relative to the slowest rank, to 4 significant digits: what the manifest and the CLI show
+    return tuple(float(f"{speed / min(speeds):.4g}") for speed in speeds)
+
+
+def parse_tp_weights(text: str, tp: int) -> tuple[float, ...]:
+    """`--tp-weights 3,1`: one positive number per tp rank."""
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        weights = tuple(float(part) for part in parts)
+    except ValueError:
+        raise PlanError(
+            f"--tp-weights {text!r}: cannot read {next(p for p in parts if not _is_number(p))!r} as a number; "
+            f"write one weight per tp rank, e.g. --tp-weights {','.join(['1'] * max(tp, 2))}"
+        ) from None
+    if len(weights) != tp:
+        raise PlanError(
+            f"--tp-weights {text!r} gives {len(weights)} weight{'s' if len(weights) != 1 else ''} for --tp {tp}; "
+            f"give one per tp rank, e.g. --tp-weights {','.join(['1'] * tp)}"
+        )
+    bad = [part for part, weight in zip(parts, weights, strict=True) if not (weight > 0 and weight < float("inf"))]
+    if bad:
+        raise PlanError(f"--tp-weights {text!r}: {bad[0]!r} is not a positive number; every weight must be > 0")
+    return weights
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True

@@ -49,6 +49,7 @@ another, pp <= layers) is listed as invalid with its reason; one that does not f
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -58,10 +59,10 @@ from typing import Any
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.mesh import DeviceMesh, MeshCoords
+from llmir_onnx.mesh import DeviceMesh, MeshCoords, split_shares
 from llmir_onnx.model_facts import kv_cache_inputs
 from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost, node_layer
-from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, uniform_cluster
+from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
 from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
 from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
 
@@ -107,10 +108,21 @@ class LayoutEstimate:
     decode_step_s: float | None = None
     decode_tokens_per_s: float | None = None
     ranks: list[RankEstimate] = field(default_factory=list)
+    # heads per tp rank of an uneven split (empty: even), and the weights it follows (empty: none)
+    tp_shares: tuple[int, ...] = ()
+    tp_weights: tuple[float, ...] = ()
 
     @property
     def label(self) -> str:
-        return f"tp{self.tp} x pp{self.pp}"
+        """'tp2 x pp1'; an uneven split says its heads per tp rank, runs shortened: 'tp16[8x5,8x3] x pp1'."""
+        runs: list[list[int]] = []
+        for share in self.tp_shares:
+            if runs and runs[-1][1] == share:
+                runs[-1][0] += 1
+            else:
+                runs.append([1, share])
+        shares = ",".join(f"{count}x{share}" if count > 2 else ",".join([str(share)] * count) for count, share in runs)
+        return f"tp{self.tp}[{shares}] x pp{self.pp}" if shares else f"tp{self.tp} x pp{self.pp}"
 
 
 @dataclass(frozen=True)
@@ -309,7 +321,9 @@ class _Analysis:
 
     # -- scaling
 
-    def scale(self, kind: str, tp: int) -> float:
+    def scale(self, kind: str, tp: int, part: RankPart | None = None) -> float:
+        if part is not None and kind in (HEADS, KV_HEADS):
+            return part.heads if kind == HEADS else part.kv_heads
         if kind == HEADS:
             return 1.0 / tp
         if kind == KV_HEADS:
@@ -327,24 +341,25 @@ class _Analysis:
                 chosen.append(i)
         return chosen
 
-    def scaled_node(self, i: int, phase: str, tp: int) -> tuple[float, float, float, int]:
-        """(flops, bytes, payload of the collective after it, 1 if not free) of node i on one tp rank."""
+    def scaled_node(self, i: int, phase: str, tp: int, part: RankPart | None = None) -> tuple[float, float, float, int]:
+        """(flops, bytes, payload of the collective after it, 1 if not free) of node i on one tp rank (its
+        `part` of an uneven split; None: 1/tp)."""
         node = self.nodes[i]
         shapes = self.shapes[phase]
         cost = self.costs[phase][i]
         moved = 0.0
         if node.op_type not in FREE_OPS:
             if node.op_type == "Gather" and cost.bytes:
-                moved = cost.bytes * self._value_scale(node.outputs[0], tp)
+                moved = cost.bytes * self._value_scale(node.outputs[0], tp, part=part)
             else:
                 for value in (*node.inputs, *node.outputs):
                     if value is None or not value.name or value.name not in shapes:
                         continue
-                    moved += shapes[value.name].nbytes * self._value_scale(value, tp, i)
+                    moved += shapes[value.name].nbytes * self._value_scale(value, tp, i, part)
         if node.op_type in ("MatMul", "Gemm", "Gather") and self._weight_of(node):
-            flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp)
+            flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp, part)
         else:
-            flop_scale = self.scale(self.kind.get(node.outputs[0].name or "", REPLICATED), tp)
+            flop_scale = self.scale(self.kind.get(node.outputs[0].name or "", REPLICATED), tp, part)
         # the collective moves the full-size tensor: the partial sums, or the gathered output
         payload = shapes[node.outputs[0].name or ""].nbytes if (tp > 1 and i in self.collectives) else 0
         return cost.flops * flop_scale, moved, float(payload), int(node.op_type not in FREE_OPS)
@@ -358,13 +373,15 @@ class _Analysis:
                 return value.name
         return ""
 
-    def _value_scale(self, value: ir.Value, tp: int, node_index: int | None = None) -> float:
+    def _value_scale(
+        self, value: ir.Value, tp: int, node_index: int | None = None, part: RankPart | None = None
+    ) -> float:
         name = value.name or ""
         if name in self.weights:
-            return self.scale(self.weight_kind.get(name, REPLICATED), tp)
+            return self.scale(self.weight_kind.get(name, REPLICATED), tp, part)
         if node_index is not None and node_index in self.row_parallel and value in self.nodes[node_index].outputs:
             return 1.0  # a row-parallel product is a full-size partial sum
-        return self.scale(self.kind.get(name, REPLICATED), tp)
+        return self.scale(self.kind.get(name, REPLICATED), tp, part)
 
 
 def _check_layout(shape: ModelShape, tp: int, pp: int, allow_kv_replication: bool = True) -> str:
@@ -384,6 +401,46 @@ def _check_layout(shape: ModelShape, tp: int, pp: int, allow_kv_replication: boo
 
 
 @dataclass(frozen=True)
+class RankPart:
+    """One tp rank's part of an uneven split: its heads, and the fractions of the heads (and of the MLP
+    columns, which follow them) and of the KV heads it holds."""
+
+    share: int
+    heads: float
+    kv_heads: float
+
+
+def _uneven_parts(
+    shape: ModelShape, tp: int, pp: int, shares: tuple[int, ...], allow_kv_replication: bool = True
+) -> tuple[list[RankPart], str]:
+    """Each tp rank's part of the heads split as `shares`, or '' parts and the reason it cannot be applied
+    (the partitioner's rules: a rank's heads may not cut a KV head's group when the KV heads are split)."""
+    split = ",".join(map(str, shares))
+    why = f"tp {tp} splits the {shape.heads} attention heads as {split}"
+    if pp > shape.layers:
+        return [], f"pp {pp} exceeds the {shape.layers} decoder layers"
+    if pp > 1:
+        return [], f"{why}, which pipeline stages do not take yet (the partitioner refuses uneven tp with pp > 1)"
+    if shape.heads % shape.kv_heads:
+        return [], f"{why} but the {shape.kv_heads} KV heads do not group the heads"
+    if shape.kv_heads < tp and not allow_kv_replication:
+        return [], f"{why}: fewer KV heads ({shape.kv_heads}) than ranks and KV head replication is off"
+    group = shape.heads // shape.kv_heads
+    parts = []
+    start = 0
+    for rank, share in enumerate(shares):
+        if shape.kv_heads >= tp and (start % group or share % group):
+            return [], f"{why}: tp rank {rank} would cut the {shape.kv_heads} KV heads ({group} heads each)"
+        kv_local = len({head // group for head in range(start, start + share)})
+        parts.append(RankPart(share, share / shape.heads, kv_local / shape.kv_heads))
+        start += share
+    for width in shape.column_widths:
+        if width % shape.heads:
+            return [], f"{why}: a column-parallel width of {width} does not split in units of one head"
+    return parts, ""
+
+
+@dataclass(frozen=True)
 class _StageDevices:
     """The devices of one pipeline stage: their profiles, smallest memory, and the links it uses."""
 
@@ -391,6 +448,8 @@ class _StageDevices:
     memory_bytes: int
     tp_link: tuple[LinkProfile, int]  # (link, hosts spanned) of its tp group
     recv_link: tuple[LinkProfile, int] | None  # from the previous stage (None on stage 0)
+    rank_profiles: tuple[DeviceProfile, ...] = ()  # per tp rank
+    rank_memory: tuple[int, ...] = ()  # per tp rank
 
 
 def _stage_devices(cluster: Cluster, tp: int, pp: int) -> list[_StageDevices]:
@@ -413,6 +472,8 @@ def _stage_devices(cluster: Cluster, tp: int, pp: int) -> list[_StageDevices]:
                 min(cluster.devices[r].memory_bytes for r in group),
                 cluster.group_link(group),
                 recv,
+                tuple(cluster.devices[r].profile for r in group),
+                tuple(cluster.devices[r].memory_bytes for r in group),
             )
         )
     return stages
@@ -428,45 +489,88 @@ def _stage_estimate(
     devices: _StageDevices,
     max_batch: int,
     max_seq: int,
+    parts: Sequence[RankPart] | None = None,
 ) -> RankEstimate:
-    """The stage's rank on its slowest device (all its tp ranks wait for the slowest at each collective)."""
+    """The stage's ranks, each on its own device with its own part of an uneven split (`parts`, None: even):
+    the slowest rank's times (all tp ranks wait for it at each collective) and the tightest rank's memory."""
     nodes = analysis.stage_nodes(start, stop, last)
     tp_link, tp_hosts = devices.tp_link
+    ranks: dict[tuple[str, int], tuple[dict[str, float], RankEstimate]] = {}
+    times = {"prefill": 0.0, "decode": 0.0}
+    for t, device in enumerate(devices.rank_profiles):
+        part = parts[t] if parts is not None else None
+        key = (device.name, t if part is not None else -1)
+        if key not in ranks:
+            ranks[key] = _rank_estimate(
+                analysis, tp, stage, start, stop, nodes, devices, device, part, tp_link, tp_hosts
+            )
+        rank_times, _ = ranks[key]
+        times = {phase: max(times[phase], rank_times[phase]) for phase in times}
+    # the rank furthest over (or least under) its own device's memory
+    _, tightest = max(
+        (ranks[(device.name, t if parts is not None else -1)][1].total_bytes - memory, t)
+        for t, (device, memory) in enumerate(zip(devices.rank_profiles, devices.rank_memory, strict=True))
+    )
+    device = devices.rank_profiles[tightest]
+    worst = ranks[(device.name, tightest if parts is not None else -1)][1]
+    return dataclasses.replace(
+        worst,
+        prefill_s=times["prefill"],
+        decode_s=times["decode"],
+        device="+".join(p.name for p in devices.profiles),
+        device_memory_bytes=devices.rank_memory[tightest],
+    )
+
+
+def _rank_estimate(
+    analysis: _Analysis,
+    tp: int,
+    stage: int,
+    start: int,
+    stop: int,
+    nodes: Sequence[int],
+    devices: _StageDevices,
+    device: DeviceProfile,
+    part: RankPart | None,
+    tp_link: LinkProfile,
+    tp_hosts: int,
+) -> tuple[dict[str, float], RankEstimate]:
+    """One tp rank of a stage on `device` holding `part` (None: 1/tp): its times and memory."""
     times = {"prefill": 0.0, "decode": 0.0}
     largest_comm = 0.0
-    for device in devices.profiles:
-        for phase in ("prefill", "decode"):
-            total = 0.0
-            for i in nodes:
-                flops, moved, payload, counted = analysis.scaled_node(i, phase, tp)
-                cost = analysis.costs[phase][i]
-                compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
-                memory = moved / device.bytes_per_second if moved else 0.0
-                total += max(compute, memory) + counted * device.node_overhead
-                if payload:
-                    total += analysis.collective_seconds(i, payload, tp, tp_link, tp_hosts)
-                    # an AllReduce holds its input and output; an AllGather its shard and the full output
-                    shard = payload if analysis.collectives[i] == "AllReduce" else payload / tp
-                    largest_comm = max(largest_comm, payload + shard)
-            if stage > 0:
-                hidden = _boundary_bytes(analysis, start, phase)
-                link, hosts = devices.recv_link or (device.intra_host_link, 1)
-                total += comm_seconds("Recv", hidden, 2, link, hosts)
-                largest_comm = max(largest_comm, hidden)
-            times[phase] = max(times[phase], total)
+    for phase in ("prefill", "decode"):
+        total = 0.0
+        for i in nodes:
+            flops, moved, payload, counted = analysis.scaled_node(i, phase, tp, part)
+            cost = analysis.costs[phase][i]
+            compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
+            memory = moved / device.bytes_per_second if moved else 0.0
+            total += max(compute, memory) + counted * device.node_overhead
+            if payload:
+                total += analysis.collective_seconds(i, payload, tp, tp_link, tp_hosts)
+                # an AllReduce holds its input and output; an AllGather its shard and the full output
+                shard = payload if analysis.collectives[i] == "AllReduce" else payload / tp
+                largest_comm = max(largest_comm, payload + shard)
+        if stage > 0:
+            hidden = _boundary_bytes(analysis, start, phase)
+            link, hosts = devices.recv_link or (device.intra_host_link, 1)
+            total += comm_seconds("Recv", hidden, 2, link, hosts)
+            largest_comm = max(largest_comm, hidden)
+        times[phase] = total
     weights: dict[str, float] = {}
     for i in nodes:
         for value in analysis.nodes[i].inputs:
             if value is not None and value.name in analysis.weights and value.const_value is not None:
-                weights[value.name] = value.const_value.nbytes * analysis.scale(analysis.weight_kind[value.name], tp)
+                scale = analysis.scale(analysis.weight_kind[value.name], tp, part)
+                weights[value.name] = value.const_value.nbytes * scale
     kv = 0.0
     for name, layer in analysis.past_layer.items():
         if start <= layer < stop:
-            kv += analysis.kv_bytes[name] * analysis.scale(KV_HEADS, tp)
-    peak = max(_stage_peak(analysis, nodes, phase, tp) for phase in ("prefill", "decode"))
+            kv += analysis.kv_bytes[name] * analysis.scale(KV_HEADS, tp, part)
+    peak = max(_stage_peak(analysis, nodes, phase, tp, part) for phase in ("prefill", "decode"))
     weight_total = round(sum(weights.values()))
     total = weight_total + int(kv) + int(peak) + int(largest_comm)
-    return RankEstimate(
+    estimate = RankEstimate(
         stage=stage,
         layers=(start, stop),
         weight_bytes=weight_total,
@@ -476,11 +580,12 @@ def _stage_estimate(
         total_bytes=total,
         prefill_s=times["prefill"],
         decode_s=times["decode"],
-        device="+".join(p.name for p in devices.profiles),
+        device=device.name,
         device_memory_bytes=devices.memory_bytes,
         tp_link=tp_link.name if tp > 1 else "",
         tp_hosts=tp_hosts if tp > 1 else 0,
     )
+    return times, estimate
 
 
 def _boundary_bytes(analysis: _Analysis, start: int, phase: str) -> float:
@@ -507,7 +612,7 @@ def _boundary_bytes(analysis: _Analysis, start: int, phase: str) -> float:
     return total
 
 
-def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int) -> float:
+def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int, part: RankPart | None = None) -> float:
     shapes = analysis.shapes[phase]
     graph_outputs = {v.name for v in analysis.model.graph.outputs}
     excluded = set(analysis.weights) | {v.name for v in analysis.model.graph.inputs}
@@ -523,13 +628,14 @@ def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int) 
     live = 0.0
     for name in last_use:
         if name not in produced_here and name not in excluded and name in shapes:
-            live += shapes[name].nbytes * analysis.scale(analysis.kind.get(name, REPLICATED), tp)
+            live += shapes[name].nbytes * analysis.scale(analysis.kind.get(name, REPLICATED), tp, part)
     peak = live
     for i in nodes:
         node = analysis.nodes[i]
         outs = [o.name for o in node.outputs if o.name and o.name not in excluded]
         sizes = {
-            name: shapes[name].nbytes * analysis._value_scale(node.outputs[k], tp, i) for k, name in enumerate(outs)
+            name: shapes[name].nbytes * analysis._value_scale(node.outputs[k], tp, i, part)
+            for k, name in enumerate(outs)
         }
         live += sum(sizes.values())
         peak = max(peak, live)
@@ -537,7 +643,7 @@ def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int) 
             if value is None or not value.name or value.name in excluded or value.name in graph_outputs:
                 continue
             if last_use.get(value.name) == i:
-                live -= shapes[value.name].nbytes * analysis._value_scale(value, tp)
+                live -= shapes[value.name].nbytes * analysis._value_scale(value, tp, part=part)
         for name, size in sizes.items():
             if name not in last_use and name not in graph_outputs:
                 live -= size
@@ -577,9 +683,12 @@ def enumerate_layouts(
             if used % tp:
                 continue
             pp = used // tp
-            layouts.append(
-                _layout(analysis, tp, pp, cluster.first(used), max_batch, max_seq, allow_kv_replication)
-            )
+            devices_used = cluster.first(used)
+            weights = derived_tp_weights(devices_used, tp, pp)
+            layouts.append(_layout(analysis, tp, pp, devices_used, max_batch, max_seq, allow_kv_replication, weights))
+            if weights is not None and analysis.shape.heads % tp == 0 and layouts[-1].tp_shares:
+                # the even split on the same devices, to show what the proportional one wins
+                layouts.append(_layout(analysis, tp, pp, devices_used, max_batch, max_seq, allow_kv_replication))
     return rank_layouts(layouts)
 
 
@@ -605,8 +714,22 @@ def _layout(
     max_batch: int,
     max_seq: int,
     allow_kv_replication: bool = True,
+    weights: tuple[float, ...] | None = None,
 ) -> LayoutEstimate:
-    reason = _check_layout(analysis.shape, tp, pp, allow_kv_replication)
+    """(tp, pp) on `cluster`; the heads split by `weights` (one per tp rank) or, where tp does not divide
+    them, unevenly by `mesh.split_shares`, as the partitioner splits them."""
+    shape = analysis.shape
+    shares: tuple[int, ...] = ()
+    parts: list[RankPart] | None = None
+    if 1 < tp <= shape.heads and (shape.heads % tp or weights is not None):
+        shares = split_shares(shape.heads, tp, weights)
+        shares = shares if len(set(shares)) > 1 else ()
+    if shares:
+        parts, reason = _uneven_parts(shape, tp, pp, shares, allow_kv_replication)
+        if reason and shape.heads % tp:
+            reason = f"tp {tp} does not divide the {shape.heads} attention heads, and {reason}"
+    else:
+        reason = _check_layout(shape, tp, pp, allow_kv_replication)
     smallest_memory = min(slot.memory_bytes for slot in cluster.devices)
     if reason:
         return LayoutEstimate(
@@ -618,11 +741,13 @@ def _layout(
             max_batch=max_batch,
             max_seq=max_seq,
             device_memory_bytes=smallest_memory,
+            tp_shares=shares,
+            tp_weights=weights or (),
         )
     stages = _stage_devices(cluster, tp, pp)
-    bounds = _balanced_bounds(analysis, tp, pp, stages, max_batch, max_seq)
+    bounds = _balanced_bounds(analysis, tp, pp, stages, max_batch, max_seq, parts)
     ranks = [
-        _stage_estimate(analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, stages[s], max_batch, max_seq)
+        _stage_estimate(analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, stages[s], max_batch, max_seq, parts)
         for s in range(pp)
     ]
     # the stage furthest over (or least under) its devices' memory
@@ -653,6 +778,8 @@ def _layout(
         decode_step_s=decode,
         decode_tokens_per_s=max_batch / decode,
         ranks=ranks,
+        tp_shares=shares,
+        tp_weights=weights or (),
     )
 
 
@@ -663,6 +790,7 @@ def _balanced_bounds(
     stages: Sequence[_StageDevices],
     max_batch: int,
     max_seq: int,
+    parts: Sequence[RankPart] | None = None,
 ) -> list[int]:
     """Layer bounds [0, ..., layers] of the pp stages, balanced on predicted time on each stage's devices."""
     if pp == 1:
@@ -672,11 +800,13 @@ def _balanced_bounds(
     def unit(name: str, nodes: list[int], devices: _StageDevices) -> StageUnit:
         link, hosts = devices.tp_link
         slowest = 0.0
-        for device in devices.profiles:
+        ranks = {(device.name, parts[t] if parts is not None else None): device
+                 for t, device in enumerate(devices.rank_profiles)}  # fmt: skip
+        for (_, part), device in ranks.items():
             seconds = 0.0
             for phase in ("prefill", "decode"):
                 for i in nodes:
-                    flops, moved, payload, counted = analysis.scaled_node(i, phase, tp)
+                    flops, moved, payload, counted = analysis.scaled_node(i, phase, tp, part)
                     dtype = analysis.costs[phase][i].dtype
                     compute = flops / device.flops_per_second(dtype) if flops else 0.0
                     seconds += max(compute, moved / device.bytes_per_second) + counted * device.node_overhead
@@ -686,7 +816,7 @@ def _balanced_bounds(
         for i in nodes:
             for value in analysis.nodes[i].inputs:
                 if value is not None and value.name in analysis.weights and value.const_value is not None:
-                    scale = analysis.scale(analysis.weight_kind[value.name], tp)
+                    scale = max(analysis.scale(analysis.weight_kind[value.name], tp, part) for _, part in ranks)
                     weights[value.name] = int(value.const_value.nbytes * scale)
         return StageUnit(name, slowest, weights)
 
@@ -706,7 +836,7 @@ def _balanced_bounds(
     by_kind: dict[tuple[Any, ...], tuple[StageUnit, list[StageUnit], StageUnit]] = {}
     stage_units = []
     for devices in stages:
-        kind = (tuple(p.name for p in devices.profiles), devices.tp_link[0].name, devices.tp_link[1])
+        kind = (tuple(p.name for p in devices.rank_profiles), devices.tp_link[0].name, devices.tp_link[1])
         if kind not in by_kind:
             by_kind[kind] = units(devices)
         stage_units.append(by_kind[kind])
@@ -846,6 +976,16 @@ def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None,
         else:
             why += f"; its tp spans {_tp_link_label(best)} because the model predicts a win over "
             why += _versus(best, inside[0]) if inside else "every layout (none keeps tp inside a host)"
+    if best.tp_shares:
+        split = ",".join(map(str, best.tp_shares))
+        if best.tp_weights:
+            ratio = ":".join(f"{w:.3g}" for w in best.tp_weights)
+            why += f"; its heads split {split}, in proportion to its devices' memory bandwidth ({ratio})"
+            even = next((lay for lay in fitting if (lay.tp, lay.pp, lay.tp_shares) == (best.tp, best.pp, ())), None)
+            if even is not None:
+                why += f", against the even split {_versus(best, even)}"
+        else:
+            why += f"; its heads split {split} (tp {best.tp} does not divide {sum(best.tp_shares)} heads)"
     if len({rank.device for layout in fitting for rank in layout.ranks}) > 1:
         why += "; stages: " + ", ".join(
             f"{rank.stage}: layers {rank.layers[0]}-{rank.layers[1] - 1} on {rank.device}" for rank in best.ranks

@@ -1,0 +1,93 @@
+"""Emulating a slower device on this machine: a rank's process runs under a CPU duty cycle.
+
+`LLMIR_CPU_SHARE="1=0.333"` (comma-separated RANK=SHARE) makes rank 1 run a third of the wall time:
+a small sidecar process stops it (SIGSTOP) and continues it (SIGCONT) in a fixed period, on for
+`share` of each period and off for the rest, which is what `cpulimit` does. Everything the rank does,
+its kernels, its dispatch and its side of a collective, then takes about 1 / share as long on average,
+like a device that is uniformly that much slower. The period, 10 ms, is long against the sidecar's
+wake-up latency on a loaded machine (about a millisecond, which would otherwise skew the share); the
+credit Linux's scheduler gives a process that was stopped (it runs ahead of the others once
+continued) makes up for part of each stop on a busy machine. A 50 ms period was tried and dropped:
+three of six throttled `verify` runs hung with it, undiagnosed (docs/BENCHMARKS.md). A single run shorter than a
+period either fits in an "on" window (full speed) or not, so only averages over many periods show the
+emulated speed (the calibration under a share, `bench/calibrate_cpu.py --cpu-share`, averages for that
+reason). On an idle machine the stretch is 1 / share; on a busy one it is less, by how much depends on
+the other load (see docs/BENCHMARKS.md).
+
+Honoured by every rank runner (`runtime.launch.setup_communication`), so `verify` and `generate` of a
+plan run its slow ranks slow. Meant for benchmarks and tests of mixed-device plans on one machine; a
+share of 1 (or no entry) leaves the rank alone.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from llmir_onnx.errors import PlanError
+
+CPU_SHARE_ENV = "LLMIR_CPU_SHARE"
+PERIOD_S = 0.010
+
+# The sidecar: alternately continues and stops its target; continues it and exits when told to stop
+# (SIGTERM/SIGINT) or when the target is gone (the sidecar is its child: a new parent means it died).
+_SIDECAR = """
+import os, signal, sys, time
+pid, on, off = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3])
+parent = os.getppid()
+def release(*_):
+    try:
+        os.kill(pid, signal.SIGCONT)
+    except ProcessLookupError:
+        pass
+    os._exit(0)
+signal.signal(signal.SIGTERM, release)
+signal.signal(signal.SIGINT, release)
+signal.signal(signal.SIGHUP, release)
+try:
+    while os.getppid() == parent:
+        time.sleep(on)
+        os.kill(pid, signal.SIGSTOP)
+        time.sleep(off)
+        os.kill(pid, signal.SIGCONT)
+except ProcessLookupError:
+    pass
+release()
+"""
+
+
+def parse_cpu_shares(text: str) -> dict[int, float]:
+    """`"1=0.333,3=0.5"` -> {1: 0.333, 3: 0.5}; a one-line error for anything else."""
+    shares: dict[int, float] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        rank_text, sep, share_text = item.partition("=")
+        try:
+            rank, share = int(rank_text), float(share_text)
+        except ValueError:
+            rank, share = -1, 0.0
+        if not sep or rank < 0 or not 0 < share <= 1:
+            raise PlanError(
+                f"{CPU_SHARE_ENV}={text!r}: cannot read {item!r}; write RANK=SHARE with 0 < SHARE <= 1, e.g. 1=0.333"
+            )
+        shares[rank] = share
+    return shares
+
+
+def throttle_process(pid: int, share: float, period_s: float = PERIOD_S) -> subprocess.Popen[bytes] | None:
+    """Run process `pid` at `share` of the wall time from now on (None: share 1, nothing to do).
+
+    The sidecar is started from the calling process, so `pid` should be the caller (or a process that
+    outlives the caller): the sidecar ends when its parent does.
+    """
+    if share >= 1:
+        return None
+    on, off = share * period_s, (1 - share) * period_s
+    return subprocess.Popen([sys.executable, "-c", _SIDECAR, str(pid), repr(on), repr(off)], stdin=subprocess.DEVNULL)
+
+
+def throttle_rank_from_env(rank: int) -> subprocess.Popen[bytes] | None:
+    """This process, rank `rank`, under the duty cycle `LLMIR_CPU_SHARE` gives it (if any)."""
+    text = os.environ.get(CPU_SHARE_ENV, "")
+    share = parse_cpu_shares(text).get(rank) if text else None
+    return throttle_process(os.getpid(), share) if share is not None else None
