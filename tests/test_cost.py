@@ -196,7 +196,8 @@ def test_layout_rules_on_gqa(tiny: tuple[object, Path]) -> None:
     model = load_model(path)
     layouts = enumerate_layouts(model, 8, GiB, load_profile("cpu-here"), 2, 32, include_fewer=True)
     by = {(lay.tp, lay.pp): lay for lay in layouts}
-    assert "does not divide the 8 attention heads" in by[(3, 1)].reason and not by[(3, 1)].valid
+    # tp 3 splits the heads 4,2,2 in whole KV groups, as the partitioner does (tests/test_uneven_tp.py)
+    assert by[(3, 1)].valid and by[(3, 1)].tp_shares == (4, 2, 2), by[(3, 1)].reason
     assert "exceeds the 2 decoder layers" in by[(1, 4)].reason
     # tp 8 > 4 KV heads: each rank keeps one KV head (replicated twice): KV = 2 x 2 x 2 x 1 x 32 x 16 x 4
     assert by[(8, 1)].valid and by[(8, 1)].ranks[0].kv_cache_bytes == 2 * 2 * 2 * 1 * 32 * 16 * 4

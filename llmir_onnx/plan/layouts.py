@@ -59,7 +59,7 @@ from typing import Any
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.mesh import DeviceMesh, MeshCoords, split_shares
+from llmir_onnx.mesh import DeviceMesh, MeshCoords, grouped_shares
 from llmir_onnx.model_facts import kv_cache_inputs
 from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost, node_layer
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
@@ -419,8 +419,6 @@ def _uneven_parts(
     why = f"tp {tp} splits the {shape.heads} attention heads as {split}"
     if pp > shape.layers:
         return [], f"pp {pp} exceeds the {shape.layers} decoder layers"
-    if pp > 1:
-        return [], f"{why}, which pipeline stages do not take yet (the partitioner refuses uneven tp with pp > 1)"
     if shape.heads % shape.kv_heads:
         return [], f"{why} but the {shape.kv_heads} KV heads do not group the heads"
     if shape.kv_heads < tp and not allow_kv_replication:
@@ -428,15 +426,17 @@ def _uneven_parts(
     group = shape.heads // shape.kv_heads
     parts = []
     start = 0
-    for rank, share in enumerate(shares):
-        if shape.kv_heads >= tp and (start % group or share % group):
-            return [], f"{why}: tp rank {rank} would cut the {shape.kv_heads} KV heads ({group} heads each)"
+    for share in shares:
+        # mesh.grouped_shares keeps each rank on one KV head or whole ones: a KV head whose group two
+        # ranks share is computed and cached by both.
         kv_local = len({head // group for head in range(start, start + share)})
         parts.append(RankPart(share, share / shape.heads, kv_local / shape.kv_heads))
         start += share
     for width in shape.column_widths:
-        if width % shape.heads:
-            return [], f"{why}: a column-parallel width of {width} does not split in units of one head"
+        # The partitioner splits a width the head units do not divide into tp equal parts; the estimate
+        # still scales it by each rank's head fraction (off by the difference on such MLPs).
+        if width % shape.heads and width % tp:
+            return [], f"{why}: a column-parallel width of {width} splits neither in units of one head nor in {tp}"
     return parts, ""
 
 
@@ -717,12 +717,13 @@ def _layout(
     weights: tuple[float, ...] | None = None,
 ) -> LayoutEstimate:
     """(tp, pp) on `cluster`; the heads split by `weights` (one per tp rank) or, where tp does not divide
-    them, unevenly by `mesh.split_shares`, as the partitioner splits them."""
+    them, unevenly by `mesh.grouped_shares`, as the partitioner splits them."""
     shape = analysis.shape
     shares: tuple[int, ...] = ()
     parts: list[RankPart] | None = None
     if 1 < tp <= shape.heads and (shape.heads % tp or weights is not None):
-        shares = split_shares(shape.heads, tp, weights)
+        groups = (shape.heads // shape.kv_heads,) if shape.kv_heads and shape.heads % shape.kv_heads == 0 else ()
+        shares = grouped_shares(shape.heads, tp, groups, weights)
         shares = shares if len(set(shares)) > 1 else ()
     if shares:
         parts, reason = _uneven_parts(shape, tp, pp, shares, allow_kv_replication)
