@@ -9,8 +9,8 @@ The orchestrator runs with any Python 3.11 (no numpy needed, so a fresh machine'
 2. makes its own venv (WORK/venv) and installs the package there the way the README says, with the
    gpu extra (`pip install -e '.[gpu]'`: onnxruntime-gpu + nvidia-nccl-cu13, never beside the CPU
    onnxruntime), which builds libllmir_ops_cuda.so (LLMIR_BUILD_CUDA=on: no silent CPU-only build);
-3. makes the plans with `llmir-onnx partition` (tp 2, pp 2, tp 2 x pp 2 of a bundled model, and tp 3,
-   pp 2, tp 3 x pp 2 of models/smollm2 when it exists);
+3. makes the plans with `llmir-onnx partition` (tp 2, pp 2, tp 2 x pp 2 of a bundled model and of
+   models/smollm2 when it exists: its 9 heads split unevenly, 6,3);
 4. runs each check as a child process with the venv's interpreter (`python -m llmir_onnx.runtime.gpu_check
    --inner CHECK ...`) and prints one line per check: `PASS name: detail`, `FAIL name: reason` or
    `SKIP name: why`. The exit status is 1 if any check failed.
@@ -49,7 +49,7 @@ SMOLLM2_MODEL = ROOT / "models" / "smollm2" / "model.onnx"
 LLMIR_OPS = frozenset({"AllReduce", "AllGather", "ReduceScatter", "Send", "Recv"})
 CUDA_PROVIDER = "CUDAExecutionProvider"
 # The tensor-parallel degree per model: SmolLM2-135M's 9 query / 3 KV heads do not split in 2, so it runs at 3.
-TP_DEGREE = {"bundled": 2, "smollm2": 3}
+TP_DEGREE = {"bundled": 2, "smollm2": 2}  # SmolLM2 at tp 2 is uneven: heads 6,3 in whole KV groups
 
 
 def plan_layouts(tp: int) -> dict[str, list[str]]:
