@@ -1061,3 +1061,177 @@ def test_offered_tp_values_are_the_ones_that_work() -> None:
     assert (
         "4" not in str(divisibility_error(4, [*kv, SplitConstraint("o", "MatMul", "num_heads", (2,))])).split("use")[1]
     )
+
+
+# --------------------------------------------------------------------------- attention ops the exporters emit
+# GroupQueryAttention, RotaryEmbedding and SkipSimplifiedLayerNormalization (com.microsoft, the genai builder)
+# and opset-23 Attention / RotaryEmbedding: heads split over the ranks, KV heads replicated in groups when
+# there are fewer of them than ranks, the head-count attributes localized.
+
+CONTRIB = {"": 18, "com.microsoft": 1}
+HEADS, KV_HEADS, HEAD_DIM = 4, 2, 16  # GroupQueryAttention with rotary wants head_dim % 16 == 0
+
+
+def _kv_shard(dim: int, tp: int) -> Shard:
+    """The kv-head axis at `tp`: tp-way, or KV_HEADS parts each repeated on tp // KV_HEADS ranks."""
+    return Shard(dim, (), (KV_HEADS,) if tp > KV_HEADS else ())
+
+
+def _rotary_caches(max_positions: int, rotary_dim: int) -> dict[str, tuple[np.ndarray, Placement]]:
+    angles = np.outer(np.arange(max_positions), 1.0 / 10000 ** (np.arange(0, rotary_dim, 2) / rotary_dim))
+    return {"cos_cache": (np.cos(angles).astype(np.float32), R), "sin_cache": (np.sin(angles).astype(np.float32), R)}
+
+
+def gqa_case(tp: int, packed: bool, rotary: bool, batch: int, new: int, past: int) -> Case:
+    """GroupQueryAttention as the genai builder writes it: [batch, seq, heads * head_dim] in and out."""
+    q_width, kv_width = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM
+    kv_parts = (KV_HEADS,) if tp > KV_HEADS else ()
+    inputs: dict[str, tuple[np.ndarray, Placement]] = {}
+    if packed:
+        query = Shard(2, (q_width, kv_width, kv_width), (tp, *kv_parts, *kv_parts) if kv_parts else ())
+        inputs["qkv"] = (rand(batch, new, q_width + 2 * kv_width, seed=1), query)
+        qkv_names = ["qkv", "", ""]
+    else:
+        inputs["q"] = (rand(batch, new, q_width, seed=1), S2)
+        inputs["k"] = (rand(batch, new, kv_width, seed=2), _kv_shard(2, tp))
+        inputs["v"] = (rand(batch, new, kv_width, seed=3), _kv_shard(2, tp))
+        qkv_names = ["q", "k", "v"]
+    inputs["past_key"] = (rand(batch, KV_HEADS, past, HEAD_DIM, seed=4), _kv_shard(1, tp))
+    inputs["past_value"] = (rand(batch, KV_HEADS, past, HEAD_DIM, seed=5), _kv_shard(1, tp))
+    inputs["seqlens_k"] = (np.full(batch, past + new - 1, dtype=np.int32), R)
+    inputs["total_sequence_length"] = (np.array([past + new], dtype=np.int32), R)
+    names = [*qkv_names, "past_key", "past_value", "seqlens_k", "total_sequence_length"]
+    if rotary:
+        inputs |= _rotary_caches(past + new, HEAD_DIM)
+        names += ["cos_cache", "sin_cache"]
+    node = helper.make_node(
+        "GroupQueryAttention",
+        names,
+        ["out", "present_key", "present_value"],
+        domain="com.microsoft",
+        num_heads=HEADS,
+        kv_num_heads=KV_HEADS,
+        do_rotary=int(rotary),
+    )
+    kind = f"{'packed' if packed else 'qkv'}{'_rotary' if rotary else ''}_b{batch}_s{new}_past{past}"
+    return Case(
+        f"gqa_{kind}",
+        [node],
+        inputs,
+        ["out", "present_key", "present_value"],
+        expect={"out": "S(2)", "present_key": str(_kv_shard(1, tp)), "present_value": str(_kv_shard(1, tp))},
+        tps=(tp,),
+        opsets=CONTRIB,
+    )
+
+
+def contrib_rotary_case(tp: int) -> Case:
+    """com.microsoft RotaryEmbedding on [batch, seq, heads * head_dim] with its num_heads attribute."""
+    batch, seq = 2, 5
+    return Case(
+        "rotary_contrib_3d",
+        [
+            helper.make_node(
+                "RotaryEmbedding",
+                ["x", "position_ids", "cos_cache", "sin_cache"],
+                ["z"],
+                domain="com.microsoft",
+                num_heads=HEADS,
+            )
+        ],
+        {
+            "x": (rand(batch, seq, HEADS * HEAD_DIM, seed=6), S2),
+            "position_ids": (np.tile(np.arange(3, 3 + seq, dtype=np.int64), (batch, 1)), R),
+        }
+        | _rotary_caches(16, HEAD_DIM),
+        ["z"],
+        expect={"z": "S(2)"},
+        tps=(tp,),
+        opsets=CONTRIB,
+    )
+
+
+def onnx_rotary_case(tp: int) -> Case:
+    """opset-23 RotaryEmbedding on [batch, heads, seq, head_dim]."""
+    batch, seq = 2, 5
+    return Case(
+        "rotary_opset23_4d",
+        [helper.make_node("RotaryEmbedding", ["x", "cos_cache", "sin_cache", "position_ids"], ["z"])],
+        {
+            "x": (rand(batch, HEADS, seq, HEAD_DIM, seed=7), S1),
+            "position_ids": (np.tile(np.arange(2, 2 + seq, dtype=np.int64), (batch, 1)), R),
+        }
+        | _rotary_caches(16, HEAD_DIM),
+        ["z"],
+        expect={"z": "S(1)"},
+        tps=(tp,),
+        opsets={"": 23},
+    )
+
+
+def onnx_attention_case(tp: int, with_mask: bool) -> Case:
+    """opset-23 Attention with a KV cache: q [b, heads, s, d], k/v and past [b, kv_heads, ., d]."""
+    batch, new, past = 2, 3, 4
+    inputs: dict[str, tuple[np.ndarray, Placement]] = {
+        "q": (rand(batch, HEADS, new, HEAD_DIM, seed=8), S1),
+        "k": (rand(batch, KV_HEADS, new, HEAD_DIM, seed=9), _kv_shard(1, tp)),
+        "v": (rand(batch, KV_HEADS, new, HEAD_DIM, seed=10), _kv_shard(1, tp)),
+    }
+    mask = ""
+    if with_mask:
+        # A causal mask over past + new keys, shared by the heads: broadcast along the head axis.
+        causal = np.tril(np.ones((new, past + new), dtype=bool), k=past)
+        inputs["mask"] = (np.where(causal, 0.0, -np.inf).astype(np.float32)[None, None].repeat(batch, 0), R)
+        mask = "mask"
+    inputs["past_key"] = (rand(batch, KV_HEADS, past, HEAD_DIM, seed=11), _kv_shard(1, tp))
+    inputs["past_value"] = (rand(batch, KV_HEADS, past, HEAD_DIM, seed=12), _kv_shard(1, tp))
+    return Case(
+        f"attention_opset23{'_mask' if with_mask else ''}",
+        [
+            helper.make_node(
+                "Attention", ["q", "k", "v", mask, "past_key", "past_value"], ["y", "present_key", "present_value"]
+            )
+        ],
+        inputs,
+        ["y", "present_key", "present_value"],
+        expect={"y": "S(1)", "present_key": str(_kv_shard(1, tp)), "present_value": str(_kv_shard(1, tp))},
+        tps=(tp,),
+        opsets={"": 23},
+    )
+
+
+def skip_simplified_norm_case() -> Case:
+    """SkipSimplifiedLayerNormalization fuses the residual add: it runs replicated, after the AllReduce."""
+    return Case(
+        "skip_simplified_layer_norm",
+        [
+            helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                ["x", "skip", "gamma"],
+                ["z", "", "", "sum"],
+                domain="com.microsoft",
+                epsilon=1e-5,
+            )
+        ],
+        {"x": (rand(2, 3, 16, seed=13), R), "skip": (rand(2, 3, 16, seed=14), R)},
+        ["z", "sum"],
+        weights={"gamma": _positive(16)},
+        expect={"z": "R", "sum": "R"},
+        opsets=CONTRIB,
+    )
+
+
+ATTENTION_CASES = [
+    *(gqa_case(tp, packed, rotary, 1, 3, 2) for tp in (2, 4) for packed in (False, True) for rotary in (False, True)),
+    *(gqa_case(tp, False, True, 2, 1, 5) for tp in (2, 4)),  # a decode step of a batch
+    *(contrib_rotary_case(tp) for tp in (2, 4)),
+    *(onnx_rotary_case(tp) for tp in (2, 4)),
+    *(onnx_attention_case(tp, mask) for tp in (2, 4) for mask in (False, True)),
+    skip_simplified_norm_case(),
+]
+ATTENTION_TPS = [(case, tp) for case in ATTENTION_CASES for tp in case.tps]
+
+
+@pytest.mark.parametrize(("case", "tp"), ATTENTION_TPS, ids=[f"{case.name}-{tp}" for case, tp in ATTENTION_TPS])
+def test_attention_op_splits_match_full_tensors(case: Case, tp: int) -> None:
+    _check_case(case, tp)
