@@ -13,6 +13,12 @@ steps), and the prefill speedup of M over M = 1 (median of the per-round ratios)
 The ideal assumes a stage's time is linear in its micro-batch size. Prefill steps nearly are; decode
 steps of small micro-batches are not (every micro-batch reads all the stage's weights, so at batch 8
 a decode step costs about as much as at batch 1): micro-batching is for prefill-heavy batched work.
+The machine's own ceiling for each M: the ideal times the micro-batch efficiency
+t(B) / (M · t(B/M)) of stage 0 (rank 0's prefill run of the whole batch at M = 1 against its median
+prefill run of one micro-batch at M, in the same round). On one thread a micro-batch of B/M rows costs
+more than 1/M of the whole batch (smaller matrix products use the cores less well), which no schedule
+can win back; with balanced stages, M·P/(M+P−1) × efficiency is the best any pipeline schedule can do
+on this machine, so "of ceiling" says how much the schedule itself loses.
 With --timeline, rank 0 and the last rank also print when each of their runs started and ended in
 the last round (ms from the round's start), which shows the stages overlapping.
 """
@@ -48,7 +54,7 @@ def run_rank(args: argparse.Namespace) -> None:
     owner = logits_owner(manifest)
     broadcast = TokenBroadcast(session.comm, owner, ["CPUExecutionProvider"]) if session.comm.world_size > 1 else None
     prompt = np.random.default_rng(0).integers(0, vocab_size(manifest), size=(args.batch, args.prompt_length))
-    runs: list[tuple[float, float]] = []
+    runs: list[tuple[float, float]] = []  # this rank's session runs of the current generation, in order
     original_run = BoundSession.run
 
     def timed_run(self: BoundSession, feeds: dict, keep_on_device: frozenset = frozenset()) -> dict:
@@ -72,6 +78,8 @@ def run_rank(args: argparse.Namespace) -> None:
     prefill: dict[int, list[float]] = {m: [] for m in args.micro_batches}
     decode: dict[int, list[float]] = {m: [] for m in args.micro_batches}
     speedup: dict[int, list[float]] = {m: [] for m in args.micro_batches}
+    # Stage 0's median prefill run of one micro-batch, per M, per round: the first M runs are the prefill.
+    micro_batch_run: dict[int, list[float]] = {m: [] for m in args.micro_batches}
     timeline: dict[int, list[tuple[float, float]]] = {}
     for index in range(args.rounds):
         shift = index % len(args.micro_batches)
@@ -84,6 +92,7 @@ def run_rank(args: argparse.Namespace) -> None:
             prefill[m].append(measured[m])
             decode[m].append(decode_rate)
             timeline[m] = [(a - start, b - start) for a, b in runs]
+            micro_batch_run[m].append(statistics.median(b - a for a, b in runs[:m]))
         for m in args.micro_batches:
             speedup[m].append(measured[m] / measured[args.micro_batches[0]])
     if args.timeline and session.rank in (0, manifest.world_size - 1):
@@ -96,13 +105,20 @@ def run_rank(args: argparse.Namespace) -> None:
     print(f"plan {args.plan}: tp {manifest.mesh['tp']} x pp {stages}, batch {args.batch}, prompt "
           f"{args.prompt_length}, {args.new_tokens} new tokens, 1 intra-op thread per rank, {args.rounds} rounds")
     print(f"{'M':>3} {'prefill tok/s':>14} {'decode tok/s':>13} {'prefill vs M=1':>15} {'ideal':>7} "
-          f"{'of ideal':>9} {'min..max':>13} {'best/best':>10}")
+          f"{'of ideal':>9} {'min..max':>13} {'best/best':>10} {'mb effic.':>10} {'ceiling':>8} {'of ceiling':>11}")
+    first = args.micro_batches[0]
     for m in args.micro_batches:
         ideal = m * stages / (m + stages - 1)
         median = statistics.median(speedup[m])
+        # Per round, so that both run times share that round's load.
+        efficiency = statistics.median(
+            (first * whole) / (m * part) for whole, part in zip(micro_batch_run[first], micro_batch_run[m], strict=True)
+        )
+        ceiling = ideal * efficiency
         print(f"{m:>3} {statistics.median(prefill[m]):>14.1f} {statistics.median(decode[m]):>13.1f} {median:>15.3f} "
               f"{ideal:>7.3f} {median / ideal:>9.2f} {min(speedup[m]):>6.2f}..{max(speedup[m]):.2f} "
-              f"{max(prefill[m]) / max(prefill[args.micro_batches[0]]):>10.3f}")
+              f"{max(prefill[m]) / max(prefill[first]):>10.3f} {efficiency:>10.3f} {ceiling:>8.3f} "
+              f"{median / ceiling:>11.2f}")
 
 
 def main() -> None:
