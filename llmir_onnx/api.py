@@ -18,7 +18,7 @@ from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter
 from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, tensor_infos, write_plan_into
 from llmir_onnx.plan.manifest import Manifest
-from llmir_onnx.plan.shapes import choose_max_seq
+from llmir_onnx.plan.shapes import choose_max_seq, shared_shape_evaluations
 from llmir_onnx.progress import QUIET, Progress
 
 if TYPE_CHECKING:
@@ -155,7 +155,8 @@ def partition_to_dir(
         result = partition(source, options, on_weights_known=write_weights, consume_model=True)
         check_value_pins(pins, result.placements)
         mesh = result.mesh
-        details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes, devices)
+        with shared_shape_evaluations():
+            details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes, devices)
         mesh_info = {
             "tp": mesh.tp,
             "pp": mesh.pp,

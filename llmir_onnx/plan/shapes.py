@@ -30,7 +30,8 @@ import ast
 import math
 import operator
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -733,11 +734,39 @@ def _numpy_op(node: ir.Node, op: str, arrays: list[np.ndarray | None]) -> np.nda
     return None
 
 
+# Evaluations kept while `shared_shape_evaluations` is open: key -> (model, shapes). The model is held so
+# that its id cannot be reused by another model while the entry lives.
+_SharedKey = tuple[int, Sizes, tuple[tuple[str, int], ...]]
+_shared_evaluations: dict[_SharedKey, tuple[ir.Model, dict[str, TensorShape]]] | None = None
+
+
+@contextmanager
+def shared_shape_evaluations() -> Iterator[None]:
+    """Within it, `evaluate_shapes` evaluates each (model, sizes, overrides) once.
+
+    The memory plan, the cost model and the traffic estimate each evaluate a rank's model at the same
+    prefill and decode sizes: for a plan's ranks that was about 7 evaluations per stage, the largest
+    part of planning. Only for graphs that do not change inside the block (the finished rank models);
+    the results are shared, so callers must not change them."""
+    global _shared_evaluations
+    outer = _shared_evaluations
+    _shared_evaluations = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _shared_evaluations = outer
+
+
 def evaluate_shapes(
     model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None
 ) -> dict[str, TensorShape]:
     """Shapes (and small values) of every value of `model` at `sizes`, keyed by value name."""
-    return ShapeEvaluator(model, sizes, overrides).run()
+    if _shared_evaluations is None:
+        return ShapeEvaluator(model, sizes, overrides).run()
+    key = (id(model), sizes, tuple(sorted((overrides or {}).items())))
+    if key not in _shared_evaluations:
+        _shared_evaluations[key] = (model, ShapeEvaluator(model, sizes, overrides).run())
+    return _shared_evaluations[key][1]
 
 
 def types_in_input_terms(
