@@ -146,6 +146,23 @@ def test_dynamo_gpt2_gathers_unequal_heads(pp: int, tmp_path: Path) -> None:
         assert gathers and all(g["sizes"] == [2, 1, 1] and g["group"] == group for g in gathers), gathers
 
 
+def test_dynamo_stablelm_gathers_unequal_heads_and_shared_kv_heads(tmp_path: Path) -> None:
+    """StableLM (8 heads on 2 kv heads) at tp 3: heads 4,3,1, so ranks 1 and 2 both hold kv head 1. The
+    dynamo export gathers the query heads (sizes 4,3,1) and the kv heads (one each: equal parts, no sizes),
+    then keeps one copy of each kv head (a Gather of indices 0, 1)."""
+    out = tmp_path / "plan"
+    manifest = _partition_and_verify("stablelm-qkln-torch-dynamo", 3, out)
+    assert manifest["mesh"]["tp_shares"] == [4, 3, 1]
+    for model in _rank_models_check(out, 3):
+        gathers = _gathers(model)
+        assert [g.get("sizes") for g in gathers] == [[4, 3, 1], None] * 2, gathers
+        distinct = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0].endswith("__allgather")]
+        assert len(distinct) == 2, [n.name for n in distinct]
+        wanted = {n.input[1] for n in distinct}
+        indices = {i.name: onnx.numpy_helper.to_array(i).tolist() for i in model.graph.initializer if i.name in wanted}
+        assert [indices[n.input[1]] for n in distinct] == [[0, 1], [0, 1]]
+
+
 @pytest.mark.parametrize(
     ("name", "pp", "local_vocab"),
     [("gpt2-torch-legacy", 1, [256, 128, 128]), ("gpt2-torch-legacy", 2, [256, 128, 128])],
