@@ -1,8 +1,9 @@
 """Insert collectives: turn every redistribution into ai.llmir ops (or a local slice).
 
-Partial->Replicate is AllReduce, Shard->Replicate is AllGather, Partial->Shard is ReduceScatter,
-Replicate->Shard is a local Slice (every rank already holds the full tensor), Shard->Shard is a
-gather then a slice. Outputs of the graph that end Partial are reduced before they leave.
+Partial->Replicate is AllReduce, Shard->Replicate is AllGather (with `sizes`, each tp rank's length,
+for an uneven shard), Partial->Shard is ReduceScatter, Replicate->Shard is a local Slice (every rank
+already holds the full tensor), Shard->Shard is a gather then a slice. Outputs of the graph that end
+Partial are reduced before they leave.
 """
 
 from __future__ import annotations
