@@ -8,7 +8,7 @@ using them pass `onnx.checker.check_model(model, full_check=True)` and keep thei
 | op            | inputs   | outputs          | attributes                                     |
 |---------------|----------|------------------|------------------------------------------------|
 | AllReduce     | X: T     | Y: T (X's shape) | reduction ("sum"), group                       |
-| AllGather     | X: T     | Y: T             | axis (0), group                                |
+| AllGather     | X: T     | Y: T             | axis (0), group, sizes (optional)              |
 | ReduceScatter | X: T     | Y: T             | axis (0), reduction ("sum"), group             |
 | Send          | X: T     | sent: int64 []   | peer, tag (0)                                  |
 | Recv          | like: T  | Y: T             | peer, tag (0), shape (optional, -1 = unknown)  |
@@ -17,8 +17,11 @@ using them pass `onnx.checker.check_model(model, full_check=True)` and keep thei
 rules: AllGather multiplies dimension `axis` by the group size, ReduceScatter divides it; a symbolic
 (named) dimension on `axis` becomes unknown because its product/quotient has no name, every other
 dimension is kept as it is. With no `group` the world size is not known to a model, so the `axis`
-dimension becomes unknown. Recv's input only carries the dtype (its data is ignored, e.g. an empty
-initializer); its output shape comes from the `shape` attribute when present, else it is unknown.
+dimension becomes unknown. AllGather of unequal parts (uneven tp) lists `sizes`, one length along `axis`
+per member in group order (0 allowed: a member that contributes nothing); dimension `axis` is then
+sum(sizes), whatever the input's own. Equal parts leave `sizes` out. Recv's input only carries the
+dtype (its data is ignored, e.g. an empty initializer); its output shape comes from the `shape` attribute
+when present, else it is unknown.
 """
 
 from __future__ import annotations
@@ -186,7 +189,30 @@ def _scale_axis(ctx: InferenceContext, op_type: str, gather: bool) -> None:
 
 
 def _infer_all_gather(ctx: InferenceContext) -> None:
-    _scale_axis(ctx, ALL_GATHER, gather=True)
+    sizes = _ints_attr(ctx, "sizes")
+    if sizes is None:
+        _scale_axis(ctx, ALL_GATHER, gather=True)
+        return
+    input_type = _input_tensor_type(ctx, ALL_GATHER)
+    group_size = _group_size(ctx, ALL_GATHER)
+    if not sizes or min(sizes) < 0:
+        _fail(ctx, ALL_GATHER, f"sizes {sizes} must list one length (0 or more) along `axis` per group member")
+    if group_size is not None and len(sizes) != group_size:
+        _fail(ctx, ALL_GATHER, f"sizes {sizes} lists {len(sizes)} lengths for a group of {group_size} ranks")
+    if input_type is None:
+        return
+    output_type = onnx.TypeProto()
+    output_type.CopyFrom(input_type)
+    if output_type.tensor_type.HasField("shape"):
+        dims = output_type.tensor_type.shape.dim
+        if len(dims) == 0:
+            _fail(ctx, ALL_GATHER, "the input is a scalar; it needs at least one dimension to concatenate")
+        dim = dims[_normalized_axis(ctx, ALL_GATHER, len(dims))]
+        if dim.HasField("dim_value") and dim.dim_value not in sizes:
+            _fail(ctx, ALL_GATHER, f"the input's length {dim.dim_value} along `axis` is none of sizes {sizes}")
+        dim.Clear()
+        dim.dim_value = sum(sizes)
+    ctx.set_output_type(0, output_type)
 
 
 def _infer_reduce_scatter(ctx: InferenceContext) -> None:
@@ -249,6 +275,15 @@ def _reduction_attribute() -> OpSchema.Attribute:
     )
 
 
+def _sizes_attribute() -> OpSchema.Attribute:
+    return OpSchema.Attribute(
+        "sizes",
+        OpSchema.AttrType.INTS,
+        "Unequal parts: each member's length along `axis`, in group order (0 allowed); absent: equal parts.",
+        required=False,
+    )
+
+
 def _axis_attribute() -> OpSchema.Attribute:
     return OpSchema.Attribute(
         "axis", helper.make_attribute("axis", 0), "Axis to concatenate/split; negative counts from the end."
@@ -279,8 +314,8 @@ def _definitions() -> tuple[_OpDefinition, ...]:
             ALL_GATHER,
             "Concatenation of the group members' X along `axis`, in group order.",
             (("X", "T", "This rank's shard."),),
-            (("Y", "T", "X's shape with dimension `axis` multiplied by the group size."),),
-            (_axis_attribute(), _group_attribute()),
+            (("Y", "T", "X's shape with dimension `axis` multiplied by the group size (sum(sizes) with `sizes`)."),),
+            (_axis_attribute(), _group_attribute(), _sizes_attribute()),
             _infer_all_gather,
         ),
         _OpDefinition(
@@ -434,7 +469,9 @@ def _node(
     return node
 
 
-def _scaled_shape(value: ir.Value, axis: int, group: Sequence[int] | None, gather: bool) -> ir.Shape | None:
+def _scaled_shape(
+    value: ir.Value, axis: int, group: Sequence[int] | None, gather: bool, sizes: Sequence[int] | None = None
+) -> ir.Shape | None:
     """The output shape by the schema's rule, or None where the rule fails (an axis out of range, a
     dimension the group does not divide): the builders never refuse, the checker reports the node."""
     if value.shape is None:
@@ -445,7 +482,9 @@ def _scaled_shape(value: ir.Value, axis: int, group: Sequence[int] | None, gathe
         return None
     axis %= rank
     dim, size = dims[axis], len(group) if group else None
-    if isinstance(dim, int) and size is not None:
+    if gather and sizes is not None:
+        dims[axis] = sum(sizes)
+    elif isinstance(dim, int) and size is not None:
         if not gather and dim % size != 0:
             return None
         dims[axis] = dim * size if gather else dim // size
@@ -464,10 +503,25 @@ def all_reduce_node(
     return _node(ALL_REDUCE, value, attributes, name, value.type, shape)
 
 
-def all_gather_node(value: ir.Value, axis: int, group: Sequence[int] | None = None, name: str | None = None) -> ir.Node:
-    """An unattached ai.llmir AllGather node concatenating `value` along `axis` over `group`."""
+def all_gather_node(
+    value: ir.Value,
+    axis: int,
+    group: Sequence[int] | None = None,
+    name: str | None = None,
+    sizes: Sequence[int] | None = None,
+) -> ir.Node:
+    """An unattached ai.llmir AllGather node concatenating `value` along `axis` over `group`; `sizes`, each
+    member's length along `axis` in group order, for unequal parts. Equal sizes write no attribute (the
+    even form, the same node as without them)."""
     attributes = {"axis": ir.AttrInt64("axis", axis), **_group_attrs(group)}
-    shape = _scaled_shape(value, axis, group, gather=True)
+    if sizes is not None:
+        if not sizes or min(sizes) < 0 or (group and len(sizes) != len(group)):
+            raise ValueError(f"sizes {list(sizes)} must list one length (0 or more) per member of group {group}")
+        if len(set(sizes)) == 1:
+            sizes = None
+        else:
+            attributes["sizes"] = ir.AttrInt64s("sizes", [int(s) for s in sizes])
+    shape = _scaled_shape(value, axis, group, gather=True, sizes=sizes)
     return _node(ALL_GATHER, value, attributes, name, value.type, shape)
 
 

@@ -135,6 +135,35 @@ def test_every_op_dtype_reduction_axis(world: int) -> None:
     assert_all_ok(run, world, min_checks=2 * (8 * 16 + 10 + 36))
 
 
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_allgather_of_unequal_parts_every_dtype_and_axis(world: int) -> None:
+    """AllGather with `sizes` (uneven tp): unequal parts, one member with a part of length 0, equal parts
+    given as sizes; 9 dtypes x 3 patterns x axes 0, 1, -1, two calls each, exact against numpy."""
+    run = launch(world, "uneven_gather", str(world))
+    # each comparison counts twice (the values, then the inferred shape)
+    assert_all_ok(run, world, min_checks=2 * 9 * 3 * 3 * 2)
+
+
+@pytest.mark.parametrize(
+    ("case", "ranks", "text"),
+    [
+        ("count", (0, 1), "attribute sizes [2,1,1] lists 3 length(s) for a group of 2 ranks"),
+        ("length", (1,), "this rank's input [2,3] has 3 along axis 1, but attribute sizes [2,1] gives member 1"),
+        ("disagree", (0, 1), "group members disagree on the attribute `sizes`"),
+        ("negative", (0, 1), "attribute `sizes` has the negative length -1"),
+    ],
+)
+def test_allgather_sizes_errors_name_the_node(case: str, ranks: tuple[int, ...], text: str) -> None:
+    # Every rank runs to its own verdict (a rank whose own input is right waits for the wrong one until the
+    # short timeout), so that both ranks' errors can be asserted whatever the machine's load.
+    run = launch(2, "error_uneven_gather", case, comm_timeout_s=5)
+    assert run.returncode != 0, run.describe()
+    for rank in ranks:
+        message = error_of(run, rank)
+        assert "ai.llmir AllGather" in message and "my_AllGather" in message, message
+        assert text in message, message
+
+
 def test_single_process_without_launcher_is_world_one() -> None:
     assert_all_ok(launch(0, "all_ops", "1"), 1, min_checks=2 * (8 * 16 + 10 + 36))
 

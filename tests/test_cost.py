@@ -110,6 +110,26 @@ def test_collective_comm_bytes_and_alpha_beta_time() -> None:
     assert memory.communication_bytes == 2 * payload  # input + output of the one collective
 
 
+def test_gather_of_unequal_parts_counts_the_full_output_and_the_smallest_part() -> None:
+    """AllGather with sizes 1024,512,512 (this rank holds 1024 of 2048): the payload and the output are
+    sum(sizes); the time is that of the member with the smallest part, which receives 3/4 of the output
+    (an even gather over 3 would be 2/3)."""
+    device = profile_from_dict(
+        {"name": "t", "memory_bytes": GiB, "peak_flops": {"float32": 1e12}, "memory_bandwidth": 1e11,
+         "link_bandwidth": 1e9, "link_latency": 1e-5, "node_overhead": 0.0}
+    )  # fmt: skip
+    model = _collective_model(lambda x, g: ops.all_gather_node(x, axis=1, group=g, sizes=[1024, 512, 512]), [0, 1, 2])
+    (cost,) = node_costs(model, Sizes(batch=8, seq=1))
+    full = 8 * 2048 * 4
+    assert cost.comm_bytes == full and cost.gather_sizes == (1024, 512, 512)
+    assert comm_seconds("AllGather", full, 3, device, gather_sizes=cost.gather_sizes) == pytest.approx(
+        1e-5 + 0.75 * full / 1e9
+    )
+    estimate = estimate_phases(model, device, max_batch=8, max_seq=16)
+    assert estimate.decode.comm_s == pytest.approx(1e-5 + 0.75 * full / 1e9)
+    assert plan_memory(model, 8, 16).communication_bytes == full + 8 * 1024 * 4  # this rank's part + the output
+
+
 def test_device_profiles_builtin_and_json(tmp_path: Path) -> None:
     assert set(BUILTIN_PROFILES) == {"h100-sxm", "a100-80g", "cpu-here"}
     h100 = load_profile("h100-sxm")

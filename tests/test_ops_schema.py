@@ -251,3 +251,45 @@ def test_builders_reject_unknown_reduction() -> None:
     with pytest.raises(ValueError, match="'avg' is not one of sum, max, min"):
         ops.all_reduce_node(x, reduction="avg")
     assert np.dtype(ir.DataType.BFLOAT16.numpy()).itemsize == 2
+
+
+@pytest.mark.parametrize(
+    ("axis", "input_shape", "sizes", "expected"),
+    [
+        (1, [2, 1, 5], [2, 1, 1], [2, 4, 5]),  # S(1)[2,1,1]: this rank holds 1 of 4
+        (-1, [2, "S", 256], [256, 128, 128], [2, "S", 512]),  # vocab-parallel logits
+        (0, ["N", 3], [3, 0, 2], [5, 3]),  # a symbolic length still gathers to sum(sizes); 0 is allowed
+    ],
+)
+def test_all_gather_with_sizes_gives_their_sum(
+    axis: int, input_shape: list[Dim], sizes: list[int], expected: list[Dim]
+) -> None:
+    node = _node("AllGather", axis=axis, group=[0, 1, 2], sizes=sizes)
+    assert _dims(_inferred_output(_model(node, input_shape))) == expected
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ([2, 1], "sizes [2, 1] lists 2 lengths for a group of 3 ranks"),
+        ([2, -1, 1], "sizes [2, -1, 1] must list one length (0 or more)"),
+        ([1, 1, 2], "the input's length 3 along `axis` is none of sizes [1, 1, 2]"),
+    ],
+)
+def test_all_gather_sizes_errors_name_the_node(sizes: list[int], message: str) -> None:
+    model = _model(_node("AllGather", axis=1, group=[0, 1, 2], sizes=sizes), [2, 3, 4])
+    with pytest.raises(InferenceError) as caught:
+        onnx.checker.check_model(model, full_check=True)
+    assert message in str(caught.value) and "(my_AllGather)" in str(caught.value)
+
+
+def test_all_gather_builder_writes_sizes_only_for_unequal_parts() -> None:
+    """Equal parts are the even AllGather, with no `sizes`: plans whose heads divide stay as they were."""
+    x = ir.Value(name="x", shape=ir.Shape(["B", 2]), type=ir.TensorType(ir.DataType.FLOAT))
+    uneven = ops.all_gather_node(x, axis=1, group=[0, 1, 2], sizes=[2, 1, 1])
+    assert list(uneven.attributes["sizes"].value) == [2, 1, 1]
+    assert uneven.outputs[0].shape == ir.Shape(["B", 4])
+    even = ops.all_gather_node(x, axis=1, group=[0, 1, 2], sizes=[2, 2, 2])
+    assert "sizes" not in even.attributes and even.outputs[0].shape == ir.Shape(["B", 6])
+    with pytest.raises(ValueError, match="one length"):
+        ops.all_gather_node(x, axis=1, group=[0, 1], sizes=[2, 1, 1])

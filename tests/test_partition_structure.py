@@ -191,6 +191,7 @@ def test_vocab_parallel_layout() -> None:
     assert sorted(collectives) == ["AllGather"] + ["AllReduce"] * 5
     gather = next(n for n in result.ranks[0].model.graph if n.op_type == "AllGather")
     assert gather.attributes["axis"].as_int() == 2
+    assert "sizes" not in gather.attributes  # equal parts: the even AllGather, as before `sizes` existed
     logits = next(b for b in result.ranks[1].outputs if b.original == "logits")
     assert logits.dim is None
 

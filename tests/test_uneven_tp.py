@@ -112,8 +112,6 @@ def test_per_rank_weights_give_the_faster_rank_more_heads(tmp_path: Path) -> Non
             1,
             r"^--tp 8 does not divide num_heads=4 in node \S+ \(Reshape\); use --tp 1, 2, 3 or 4$",
         ),
-        # The dynamo export gathers the heads before its output projection: AllGather of unequal parts.
-        ("gpt2-torch-dynamo", 3, 1, r"^cannot gather the uneven shard S\(2\)\[2,1,1\] of value '[^']+': gathers of "),
     ],
 )
 def test_uneven_splits_not_supported_are_refused(name: str, tp: int, pp: int, message: str, tmp_path: Path) -> None:
@@ -122,6 +120,76 @@ def test_uneven_splits_not_supported_are_refused(name: str, tp: int, pp: int, me
     with pytest.raises(LlmirError, match=message):
         partition_to_dir(MODELS / name / "model.onnx", tmp_path / "plan", tp=tp, pp=pp)
     assert not (tmp_path / "plan").exists(), "a refused layout must leave nothing behind"
+
+
+def _gathers(model: onnx.ModelProto) -> list[dict[str, object]]:
+    """The ai.llmir AllGather nodes of a rank model, as {attribute: value}."""
+    return [
+        {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        for node in model.graph.node
+        if node.domain == "ai.llmir" and node.op_type == "AllGather"
+    ]
+
+
+@pytest.mark.parametrize("pp", [1, 2])
+def test_dynamo_gpt2_gathers_unequal_heads(pp: int, tmp_path: Path) -> None:
+    """The dynamo export gathers the heads (axis 2 of [batch, seq, heads, head_dim]) before its output
+    projection: 4 heads on 3 ranks are an AllGather of unequal parts, sizes 2,1,1, on every rank (with
+    pp 2 over each stage's own tp group)."""
+    out = tmp_path / "plan"
+    manifest = _partition_and_verify("gpt2-torch-dynamo", 3, out, pp=pp)
+    assert manifest["mesh"]["tp_shares"] == [2, 1, 1]
+    models = _rank_models_check(out, 3 * pp)
+    for rank in manifest["ranks"]:
+        group = [r["rank"] for r in manifest["ranks"] if r["coords"]["pp"] == rank["coords"]["pp"]]
+        gathers = _gathers(models[rank["rank"]])
+        assert gathers and all(g["sizes"] == [2, 1, 1] and g["group"] == group for g in gathers), gathers
+
+
+def test_dynamo_stablelm_gathers_unequal_heads_and_shared_kv_heads(tmp_path: Path) -> None:
+    """StableLM (8 heads on 2 kv heads) at tp 3: heads 4,3,1, so ranks 1 and 2 both hold kv head 1. The
+    dynamo export gathers the query heads (sizes 4,3,1) and the kv heads (one each: equal parts, no sizes),
+    then keeps one copy of each kv head (a Gather of indices 0, 1)."""
+    out = tmp_path / "plan"
+    manifest = _partition_and_verify("stablelm-qkln-torch-dynamo", 3, out)
+    assert manifest["mesh"]["tp_shares"] == [4, 3, 1]
+    for model in _rank_models_check(out, 3):
+        gathers = _gathers(model)
+        assert [g.get("sizes") for g in gathers] == [[4, 3, 1], None] * 2, gathers
+        distinct = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0].endswith("__allgather")]
+        assert len(distinct) == 2, [n.name for n in distinct]
+        wanted = {n.input[1] for n in distinct}
+        indices = {i.name: onnx.numpy_helper.to_array(i).tolist() for i in model.graph.initializer if i.name in wanted}
+        assert [indices[n.input[1]] for n in distinct] == [[0, 1], [0, 1]]
+
+
+@pytest.mark.parametrize(
+    ("name", "pp", "local_vocab"),
+    [("gpt2-torch-legacy", 1, [256, 128, 128]), ("gpt2-torch-legacy", 2, [256, 128, 128])],
+)
+def test_vocab_parallel_logits_gathered_in_unequal_parts(
+    name: str, pp: int, local_vocab: list[int], tmp_path: Path
+) -> None:
+    """--vocab-parallel at tp 3, which does not divide the 512-token vocabulary: the lm_head's columns follow
+    the heads' shares (2,1,1 of 4 units: 256,128,128 tokens) and the logits are gathered with those sizes,
+    through real rank processes against the original (with pp 2: six processes, the last stage gathers).
+    The memory plan holds each rank's slice and the full logits; the cost counts the full logits."""
+    out = tmp_path / "plan"
+    manifest = _partition_and_verify(name, 3, out, vocab_parallel=True, pp=pp)
+    models = _rank_models_check(out, 3 * pp)
+    last_stage = [rank for rank in manifest["ranks"] if rank["coords"]["pp"] == pp - 1]
+    assert [r["coords"]["tp"] for r in last_stage] == [0, 1, 2]
+    memory = manifest["ranks"][0]["memory"]
+    tokens, vocab, float32 = memory["max_batch"] * memory["max_seq"], 512, 4
+    for rank in last_stage:
+        (gather,) = _gathers(models[rank["rank"]])
+        assert gather["sizes"] == local_vocab and gather["axis"] == 2, gather
+        assert gather["group"] == [r["rank"] for r in last_stage], gather
+        traffic = next(c for c in rank["cost"]["collectives"] if c["op"] == "AllGather")
+        assert traffic["prefill_bytes"] == tokens * vocab * float32, traffic
+        # the largest ai.llmir op: this rank's slice of the logits in, the full logits out
+        mine = local_vocab[rank["coords"]["tp"]]
+        assert rank["memory"]["communication_bytes"] == tokens * (vocab + mine) * float32, rank["memory"]
 
 
 def test_uneven_shares_keep_each_rank_on_whole_kv_groups() -> None:

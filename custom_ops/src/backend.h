@@ -41,6 +41,10 @@ class GroupComm {
   virtual void allreduce(const void* in, void* out, size_t count, DType dtype, Reduction reduction,
                          const OpLabel& label) = 0;
   virtual void allgather(const void* in, void* out, size_t count_per_rank, DType dtype, const OpLabel& label) = 0;
+  // Unequal parts: member m contributes counts[m] elements (0 allowed; `in` holds counts[rank()]), and `out`
+  // receives them packed in group order (sum(counts) elements). Every member passes the same counts.
+  virtual void allgatherv(const void* in, void* out, const std::vector<size_t>& counts, DType dtype,
+                          const OpLabel& label) = 0;
   virtual void reduce_scatter(const void* in, void* out, size_t count_per_rank, DType dtype, Reduction reduction,
                               const OpLabel& label) = 0;
 };

@@ -246,6 +246,31 @@ class NcclGroupComm final : public GroupComm {
                label);
     wait(state_, host_waits_, device_.stream(), label);
   }
+  // NCCL has no allgatherv. One ncclBroadcast per member with a non-empty part, rooted at that member and
+  // writing straight to its offset in `out`, all inside one ncclGroupStart/End (NCCL launches the group as
+  // one operation). Chosen over padding every part to the largest and compacting afterwards: that sends
+  // (members * max - sum) padding elements, needs a members * max staging buffer and a compaction copy, while
+  // the broadcasts move exactly each part. Members skip the same empty parts: the counts were agreed.
+  void allgatherv(const void* in, void* out, const std::vector<size_t>& counts, DType dtype,
+                  const OpLabel& label) override {
+    const size_t element = dtype_size(dtype);
+    const int me = rank();
+    ncclResult_t first_error = ncclGroupStart();
+    check_nccl(state_, first_error, label);
+    size_t offset = 0;
+    for (size_t root = 0; root < counts.size(); ++root) {
+      if (counts[root] != 0 && (first_error == ncclSuccess || first_error == ncclInProgress)) {
+        const void* send = static_cast<int>(root) == me ? in : nullptr;  // only the root's buffer is read
+        first_error = ncclBroadcast(send, static_cast<char*>(out) + offset * element, counts[root], nccl_type(dtype),
+                                    static_cast<int>(root), state_.comm, device_.stream());
+      }
+      offset += counts[root];
+    }
+    const ncclResult_t end = ncclGroupEnd();  // always closed, even after a failed call inside the group
+    check_nccl(state_, first_error, label);
+    check_nccl(state_, end, label);
+    wait(state_, host_waits_, device_.stream(), label);
+  }
   void reduce_scatter(const void* in, void* out, size_t count_per_rank, DType dtype, Reduction reduction,
                       const OpLabel& label) override {
     check_nccl(state_,
@@ -304,6 +329,17 @@ class StagingGroupComm final : public GroupComm {
     std::vector<char> host_in(bytes), host_out(bytes * static_cast<size_t>(size()));
     device_.to_host(host_in.data(), in, bytes);
     host_.allgather(host_in.data(), host_out.data(), count_per_rank, dtype, label);
+    device_.from_host(out, host_out.data(), host_out.size());
+  }
+  void allgatherv(const void* in, void* out, const std::vector<size_t>& counts, DType dtype,
+                  const OpLabel& label) override {
+    const size_t element = dtype_size(dtype);
+    size_t total = 0;
+    for (size_t count : counts) total += count;
+    const size_t mine = counts[static_cast<size_t>(rank())];
+    std::vector<char> host_in(mine * element), host_out(total * element);
+    if (mine) device_.to_host(host_in.data(), in, host_in.size());
+    host_.allgatherv(host_in.data(), host_out.data(), counts, dtype, label);
     device_.from_host(out, host_out.data(), host_out.size());
   }
   void reduce_scatter(const void* in, void* out, size_t count_per_rank, DType dtype, Reduction reduction,

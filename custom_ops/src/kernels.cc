@@ -81,6 +81,14 @@ int64_t hash_order(const std::vector<int>& ranks) {
   return static_cast<int64_t>(hash >> 1);
 }
 
+// 0 without sizes, so that every op but a sized AllGather exchanges the same word.
+int64_t hash_sizes(const OpAttributes& attributes) {
+  if (!attributes.has_sizes) return 0;
+  uint64_t hash = 1469598103934665603ull;
+  for (int64_t size : attributes.sizes) hash = (hash ^ static_cast<uint64_t>(size + 1)) * 1099511628211ull;
+  return static_cast<int64_t>((hash >> 1) | 1);
+}
+
 // Pre-flight check, one small allgather: every member runs the same op with the same reduction, axis,
 // dtype and shape, and lists the group in the same order. Otherwise MPI/NCCL would read or write past
 // buffers, or silently mix data. The exchange runs on the communicator of the group's members in
@@ -88,9 +96,13 @@ int64_t hash_order(const std::vector<int>& ranks) {
 // communicator, so members that disagree on the order would otherwise wait on different ones until the
 // timeout. Call it before backend.group(ranks) (a CUDA backend hands out one group at a time).
 // With `agreed`, a signature that passed once for this node is not exchanged again (see AgreedSignatures).
+// A sized AllGather passes its output shape as `input.shape` (members' own lengths along the axis differ;
+// each checked its own against `sizes` already) and exchanges a hash of `sizes` besides.
 void agree(Backend& backend, const std::vector<int>& ranks, const OpAttributes& attributes, int64_t axis,
            const InputTensor& input, const OpLabel& label, AgreedSignatures* agreed) {
-  constexpr size_t kWords = 6 + kMaxRank;
+  // [kind, dtype, reduction, axis, ndim, shape[kMaxRank], sizes hash, order hash]
+  constexpr size_t kWords = 7 + kMaxRank;
+  constexpr size_t kSizesWord = kWords - 2;
   if (input.shape.size() > static_cast<size_t>(kMaxRank)) {
     throw Error(label.message("inputs of rank > " + std::to_string(kMaxRank) + " are not supported"));
   }
@@ -106,6 +118,7 @@ void agree(Backend& backend, const std::vector<int>& ranks, const OpAttributes& 
   mine[3] = axis;  // normalized, so -1 and ndim-1 agree
   mine[4] = static_cast<int64_t>(input.shape.size());
   for (size_t i = 0; i < input.shape.size(); ++i) mine[5 + i] = input.shape[i];
+  mine[kSizesWord] = hash_sizes(attributes);
   mine[kWords - 1] = hash_order(ranks);
   std::vector<int64_t> all(kWords * members.size());
   comm.allgather_host_words(mine, all.data(), kWords, label);
@@ -117,6 +130,14 @@ void agree(Backend& backend, const std::vector<int>& ranks, const OpAttributes& 
                                 format_ranks(ranks) + ", rank " + std::to_string(members[member]) +
                                 " in another order; every member must list the same ranks in the same order (the "
                                 "order fixes each member's chunk)"));
+    }
+    if (std::memcmp(theirs, mine, kSizesWord * sizeof(int64_t)) == 0) {
+      throw Error(label.message("group members disagree on the attribute `sizes`: this rank's is " +
+                                (attributes.has_sizes ? format_shape(attributes.sizes.data(),
+                                                                     static_cast<int64_t>(attributes.sizes.size()))
+                                                      : std::string("absent")) +
+                                ", rank " + std::to_string(members[member]) +
+                                "'s differs; every member's node must list the same sizes (or none)"));
     }
     auto describe = [&](const int64_t* words) {
       const auto kind = static_cast<OpKind>(words[0]);
@@ -156,11 +177,76 @@ void all_reduce(Backend& backend, const OpAttributes& attributes, OpLabel& label
   comm.allreduce(input.data, out, input.count, dtype, attributes.reduction, label);
 }
 
+// The sized form's part lengths, checked against the group and this member's input: one per member, none
+// negative, this member's equal to its input's length along `axis`.
+std::vector<size_t> checked_sizes(const OpAttributes& attributes, const std::vector<int>& ranks, size_t axis,
+                                  const InputTensor& input, const OpLabel& label) {
+  const auto& sizes = attributes.sizes;
+  const auto listed = format_shape(sizes.data(), static_cast<int64_t>(sizes.size()));
+  if (sizes.size() != ranks.size()) {
+    throw Error(label.message("attribute sizes " + listed + " lists " + std::to_string(sizes.size()) +
+                              " length(s) for a group of " + std::to_string(ranks.size()) +
+                              " ranks; list one length along the axis per member, in group order"));
+  }
+  const auto position = static_cast<size_t>(std::find(ranks.begin(), ranks.end(), label.world_rank) - ranks.begin());
+  if (input.shape[axis] != sizes[position]) {
+    throw Error(label.message("this rank's input " +
+                              format_shape(input.shape.data(), static_cast<int64_t>(input.shape.size())) + " has " +
+                              std::to_string(input.shape[axis]) + " along axis " + std::to_string(axis) +
+                              ", but attribute sizes " + listed + " gives member " + std::to_string(position) +
+                              " (this rank) " + std::to_string(sizes[position])));
+  }
+  std::vector<size_t> out;
+  for (int64_t size : sizes) out.push_back(static_cast<size_t>(size));  // non-negative: checked at creation
+  return out;
+}
+
+// AllGather with `sizes`: member m contributes sizes[m] along `axis` (the even form's layout otherwise).
+void all_gather_sized(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
+                      const AllocateOutput& output, AgreedSignatures* agreed, const std::vector<int>& ranks,
+                      size_t axis) {
+  const DType dtype = checked_dtype(input.elem_type, label);
+  const std::vector<size_t> sizes = checked_sizes(attributes, ranks, axis, input, label);
+  size_t total = 0;
+  for (size_t size : sizes) total += size;
+  std::vector<int64_t> shape = input.shape;
+  shape[axis] = static_cast<int64_t>(total);
+  InputTensor signature = input;  // members agree on the output's shape and on `sizes`
+  signature.shape = shape;
+  agree(backend, ranks, attributes, static_cast<int64_t>(axis), signature, label, agreed);
+  GroupComm& comm = backend.group(ranks, label);
+  auto* out = static_cast<char*>(output(shape));
+  const size_t outer = product(input.shape, 0, axis);
+  const size_t inner = product(input.shape, axis + 1, input.shape.size());
+  if (outer * inner * total == 0) return;  // nothing to move on any member (this one may hold 0 of a non-empty axis)
+  std::vector<size_t> counts;
+  for (size_t size : sizes) counts.push_back(outer * size * inner);
+  if (outer == 1) {  // members' blocks are already contiguous in the output
+    comm.allgatherv(input.data, out, counts, dtype, label);
+    return;
+  }
+  // Gather into member blocks [outer, sizes[m] * inner], then interleave each block's rows into
+  // [outer, total * inner] at the member's offset along the axis.
+  const size_t element = dtype_size(dtype);
+  const size_t out_row_bytes = total * inner * element;
+  Device::Buffer gathered = backend.device().allocate(outer * total * inner * element);
+  comm.allgatherv(input.data, gathered.get(), counts, dtype, label);
+  size_t block_offset = 0, column_offset = 0;
+  for (size_t size : sizes) {
+    const size_t row_bytes = size * inner * element;
+    backend.device().copy_2d(out + column_offset, out_row_bytes, static_cast<char*>(gathered.get()) + block_offset,
+                             row_bytes, row_bytes, outer);
+    block_offset += outer * row_bytes;
+    column_offset += row_bytes;
+  }
+}
+
 void all_gather(Backend& backend, const OpAttributes& attributes, OpLabel& label, const InputTensor& input,
                 const AllocateOutput& output, AgreedSignatures* agreed) {
   const auto ranks = resolve_group(attributes.group, backend.world_size(), label.world_rank, label);
   const DType dtype = checked_dtype(input.elem_type, label);
   const auto axis = static_cast<size_t>(normalized_axis(attributes.axis, input.shape.size(), label));
+  if (attributes.has_sizes) return all_gather_sized(backend, attributes, label, input, output, agreed, ranks, axis);
   agree(backend, ranks, attributes, static_cast<int64_t>(axis), input, label, agreed);
   GroupComm& comm = backend.group(ranks, label);
   const size_t members = ranks.size();

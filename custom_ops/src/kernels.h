@@ -22,6 +22,9 @@ struct OpAttributes {
   Reduction reduction = Reduction::kSum;
   int64_t axis = 0;
   std::vector<int64_t> group;  // empty: the whole world
+  // AllGather of unequal parts: one length along `axis` per group member, in group order (0 allowed).
+  bool has_sizes = false;
+  std::vector<int64_t> sizes;
   int64_t peer = -1;
   int64_t tag = 0;
   bool has_shape = false;

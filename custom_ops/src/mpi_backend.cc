@@ -160,6 +160,24 @@ class MpiGroupComm final : public GroupComm {
     wait(&request, MPI_STATUS_IGNORE, label, &broken_, false);
   }
 
+  void allgatherv(const void* in, void* out, const std::vector<size_t>& counts, DType dtype,
+                  const OpLabel& label) override {
+    throw_if_broken(broken_, ranks_, label);
+    std::vector<MPI_Count> recv_counts(counts.size());
+    std::vector<MPI_Aint> displacements(counts.size());
+    MPI_Aint offset = 0;
+    for (size_t member = 0; member < counts.size(); ++member) {
+      recv_counts[member] = static_cast<MPI_Count>(counts[member]);
+      displacements[member] = offset;  // in elements of the receive type
+      offset += static_cast<MPI_Aint>(counts[member]);
+    }
+    MPI_Request request;
+    check(MPI_Iallgatherv_c(in, recv_counts[static_cast<size_t>(rank_)], datatype(dtype), out, recv_counts.data(),
+                            displacements.data(), datatype(dtype), comm_, &request),
+          "MPI_Iallgatherv", label, &broken_);
+    wait(&request, MPI_STATUS_IGNORE, label, &broken_, false);
+  }
+
   void reduce_scatter(const void* in, void* out, size_t count_per_rank, DType dtype, Reduction reduction,
                       const OpLabel& label) override {
     throw_if_broken(broken_, ranks_, label);

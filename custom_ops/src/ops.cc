@@ -159,6 +159,19 @@ struct CustomOp : Ort::CustomOpBase<CustomOp, Kernel, /*WithStatus=*/true> {
       attributes.reduction = parse_reduction(reduction);
       attribute_int(api, info, "axis", &attributes.axis);
       attribute_ints(api, info, "group", &attributes.group);
+      if (kind_ == OpKind::kAllGather) {
+        attributes.has_sizes = attribute_ints(api, info, "sizes", &attributes.sizes);
+        if (attributes.has_sizes && attributes.sizes.empty()) {
+          throw Error(where + ": attribute `sizes` is empty; list one length along `axis` per group member, or "
+                              "leave it out for equal parts");
+        }
+        for (int64_t size : attributes.sizes) {
+          if (size < 0) {
+            throw Error(where + ": attribute `sizes` has the negative length " + std::to_string(size) +
+                        "; lengths are 0 or more");
+          }
+        }
+      }
       if (kind_ == OpKind::kSend || kind_ == OpKind::kRecv) {
         if (!attribute_int(api, info, "peer", &attributes.peer)) {
           throw Error(where + ": the attribute `peer` (the other rank's global rank) is required");

@@ -1,8 +1,9 @@
 """Insert collectives: turn every redistribution into ai.llmir ops (or a local slice).
 
-Partial->Replicate is AllReduce, Shard->Replicate is AllGather, Partial->Shard is ReduceScatter,
-Replicate->Shard is a local Slice (every rank already holds the full tensor), Shard->Shard is a
-gather then a slice. Outputs of the graph that end Partial are reduced before they leave.
+Partial->Replicate is AllReduce, Shard->Replicate is AllGather (with `sizes`, each tp rank's length,
+for an uneven shard), Partial->Shard is ReduceScatter, Replicate->Shard is a local Slice (every rank
+already holds the full tensor), Shard->Shard is a gather then a slice. Outputs of the graph that end
+Partial are reduced before they leave.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
             name = output.name
             output.name = f"{name}__{held}"
             self.state.placements[output.name] = held
+            self.state.shapes[output.name] = self.state.shapes.get(name)
             converted = self._convert(graph, output, held, target, None)
             converted.name = name
             self.state.placements[name] = target
@@ -96,10 +98,7 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
             if held.blocks or held.inner:
                 raise ShardingError(f"cannot gather the shard {held} of {where}; no rule keeps it sharded")
             if held.shares:
-                raise ShardingError(
-                    f"cannot gather the uneven shard {held} of {where}: gathers of unequal parts are not supported "
-                    "yet; use a tp that divides the heads"
-                )
+                return self._gather_uneven(graph, value, held)
             node = ops.all_gather_node(value, held.dim, self.group, name=self._name("AllGather"))
             # Shapes are still global here: the gathered value is `value`'s shape, not its shape x tp.
             node.outputs[0].shape = None if value.shape is None else ir.Shape(list(value.shape))
@@ -121,6 +120,37 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
             full = value if isinstance(held, Replicate) else self._convert(graph, value, held, REPLICATE, None)
             return self._rank_zero_only(graph, full)
         raise ShardingError(f"internal: no redistribution from {held} to {required} for {where}")
+
+    def _gather_uneven(self, graph: ir.Graph, value: ir.Value, held: Shard) -> ir.Value:
+        """An AllGather of unequal parts (`sizes`: each tp rank's local length), then, where ranks hold a part
+        alike (a kv head on several ranks), a Gather keeping the first copy of each global index."""
+        shape = self.state.shapes.get(value.name)
+        size = shape[held.dim] if shape else None
+        if not isinstance(size, int):
+            raise ShardingError(
+                f"cannot gather the uneven shard {held} of value {value.name!r}: axis {held.dim} has no static size"
+            )
+        tp = self.state.tp
+        ranges = [held.local_ranges(size, tp, rank) for rank in range(tp)]
+        node = ops.all_gather_node(
+            value, held.dim, self.group, name=self._name("AllGather"), sizes=[sum(b - a for a, b in r) for r in ranges]
+        )
+        # Shapes are still global here: the gathered value is `value`'s shape (or longer, with repeated parts).
+        node.outputs[0].shape = None
+        gathered = self._named(self._insert(graph, node, value), value, "allgather")
+        held_indices = np.concatenate([np.arange(a, b) for rank_ranges in ranges for a, b in rank_ranges])
+        if np.array_equal(held_indices, np.arange(size)):
+            return gathered
+        first = {int(index): position for position, index in reversed(list(enumerate(held_indices)))}
+        if sorted(first) != list(range(size)):
+            raise ShardingError(
+                f"internal: the tp ranks' parts of {held} do not cover axis {held.dim} of {value.name!r}"
+            )
+        indices = np.array([first[index] for index in range(size)], dtype=np.int64)
+        index_value = self._constant(graph, self._name("distinct_parts"), lambda r: indices)
+        axis = [ir.AttrInt64("axis", held.dim)]
+        gather = ir.Node("", "Gather", [gathered, index_value], attributes=axis, name=self._name("Gather"))
+        return self._named(self._insert(graph, gather, gathered), gathered, "distinct")
 
     def _distinct_parts(self, graph: ir.Graph, gathered: ir.Value, held: Shard, source: ir.Value) -> ir.Value:
         """Keep one copy of each part from an AllGather of a shard that neighbouring ranks hold alike."""

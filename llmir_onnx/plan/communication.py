@@ -61,7 +61,7 @@ def rank_traffic(
             entry[f"{phase}_bytes"] = entry.get(f"{phase}_bytes", 0) + cost.comm_bytes
             link, hosts = (link_of(node) if link_of is not None else None) or (device.intra_host_link, 1)
             entry[f"{phase}_s"] = entry.get(f"{phase}_s", 0.0) + comm_seconds(
-                cost.op_type, cost.comm_bytes, cost.group_size, link, hosts
+                cost.op_type, cost.comm_bytes, cost.group_size, link, hosts, cost.gather_sizes
             )
     return [
         LinkTraffic(

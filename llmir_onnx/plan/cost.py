@@ -17,7 +17,9 @@ Time of a node on a `DeviceProfile` (roofline + alpha-beta):
     memory   = bytes / (memory_bandwidth * memory_efficiency)
     node     = max(compute, memory) + node_overhead
     comm     = steps * latency + factor * comm_bytes / bandwidth,  factor = 2(n-1)/n for AllReduce,
-               (n-1)/n for AllGather / ReduceScatter (n = group size), 1 for Send / Recv
+               (n-1)/n for AllGather / ReduceScatter (n = group size), 1 for Send / Recv; an AllGather
+               of unequal parts (`sizes`) 1 - min(sizes)/sum(sizes): the member with the smallest part
+               receives the most, and the gather ends when it has
 
 The link of a collective is the device's own (`link_bandwidth`, `link_latency`: NVLink inside a host)
 unless a `link_of` says otherwise (a cluster's `group_link`: the slowest link the group spans, and how
@@ -82,6 +84,8 @@ class NodeCost:
     dtype: str
     group_size: int
     layer: int | None
+    # An AllGather of unequal parts: each member's length along the axis (its `sizes`); () otherwise.
+    gather_sizes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,11 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
     moved = _bytes_of(node.inputs, shapes) + _bytes_of(node.outputs, shapes)
     comm = 0
     group = 1
+    gather_sizes: tuple[int, ...] = ()
     if domain == LLMIR_DOMAIN:
+        sizes_attr = node.attributes.get("sizes") if op == "AllGather" else None
+        if sizes_attr is not None:
+            gather_sizes = tuple(int(s) for s in sizes_attr.value)
         group_attr = node.attributes.get("group")
         group = len(group_attr.value) if group_attr is not None and group_attr.value else 1
         if op in ("AllReduce", "ReduceScatter", "Send"):
@@ -203,6 +211,7 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
         dtype=_compute_dtype(node, shapes),
         group_size=group,
         layer=node_layer(node),
+        gather_sizes=gather_sizes,
     )
 
 
@@ -222,16 +231,24 @@ def annotate_costs(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] |
 
 
 def comm_seconds(
-    op_type: str, payload: float, group: int, link: DeviceProfile | LinkProfile, hosts: int = 1
+    op_type: str,
+    payload: float,
+    group: int,
+    link: DeviceProfile | LinkProfile,
+    hosts: int = 1,
+    gather_sizes: tuple[int, ...] = (),
 ) -> float:
     """Alpha-beta time of one ai.llmir op moving `payload` bytes among `group` ranks spanning `hosts`
-    hosts over `link` (a device profile: its own intra-host link)."""
+    hosts over `link` (a device profile: its own intra-host link); `gather_sizes`: an AllGather's
+    unequal parts (its `sizes`)."""
     if isinstance(link, DeviceProfile):
         link = link.intra_host_link
     if payload <= 0:
         return 0.0
     if op_type == "AllReduce":
         factor = 2 * (group - 1) / group if group > 1 else 0.0
+    elif op_type == "AllGather" and gather_sizes and sum(gather_sizes) > 0:
+        factor = 1 - min(gather_sizes) / sum(gather_sizes) if group > 1 else 0.0
     elif op_type in ("AllGather", "ReduceScatter"):
         factor = (group - 1) / group if group > 1 else 0.0
     else:  # Send / Recv
@@ -254,7 +271,7 @@ def node_seconds(
     comm = 0.0
     if cost.domain == LLMIR_DOMAIN:
         over, hosts = link if link is not None else (device.intra_host_link, 1)
-        comm = comm_seconds(cost.op_type, cost.comm_bytes, cost.group_size, over, hosts)
+        comm = comm_seconds(cost.op_type, cost.comm_bytes, cost.group_size, over, hosts, cost.gather_sizes)
     return compute, memory, comm
 
 

@@ -548,8 +548,9 @@ def _rank_estimate(
             total += max(compute, memory) + counted * device.node_overhead
             if payload:
                 total += analysis.collective_seconds(i, payload, tp, tp_link, tp_hosts)
-                # an AllReduce holds its input and output; an AllGather its shard and the full output
-                shard = payload if analysis.collectives[i] == "AllReduce" else payload / tp
+                # an AllReduce holds its input and output; an AllGather its shard (this rank's part of an
+                # uneven split: the vocabulary follows the heads' shares) and the full output
+                shard = payload if analysis.collectives[i] == "AllReduce" else payload * analysis.scale(HEADS, tp, part)
                 largest_comm = max(largest_comm, payload + shard)
         if stage > 0:
             hidden = _boundary_bytes(analysis, start, phase)

@@ -517,7 +517,16 @@ class ShapeEvaluator:
                 raise PlanError(f"node {node.name!r} ({op}) has no group; the planner needs the group size")
             axis = _norm_axis(int(_attr(node, "axis", 0)), len(first.shape))
             shape = list(first.shape)
-            shape[axis] = shape[axis] * len(group) if op == "AllGather" else shape[axis] // len(group)
+            sizes = list(_attr(node, "sizes", []) or []) if op == "AllGather" else []
+            if sizes:  # unequal parts: this rank's input is one of them, the output all of them
+                if len(sizes) != len(group) or shape[axis] not in sizes:
+                    raise PlanError(
+                        f"node {node.name!r} (AllGather) has sizes {sizes} for a group of {len(group)} ranks and an "
+                        f"input of {shape[axis]} along axis {axis}; list each member's length, in group order"
+                    )
+                shape[axis] = sum(int(s) for s in sizes)
+            else:
+                shape[axis] = shape[axis] * len(group) if op == "AllGather" else shape[axis] // len(group)
             return [TensorShape(tuple(shape), first.dtype)]
         if op == "Send":
             # Its output is the element count it sent, known from the input's shape; the stage split

@@ -107,6 +107,76 @@ def _inferred_dims(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     return dims
 
 
+def _uneven_patterns(world: int) -> list[list[int]]:
+    """Part lengths per group position: unequal, with a member that contributes nothing (0 is allowed),
+    and all equal but given anyway (the sized form must agree with the even one)."""
+    unequal = [3, 1, 2, 5][:world]
+    with_zero = [2, 0, 3, 1][:world]
+    return [unequal, with_zero, [2] * world]
+
+
+def _uneven_part(member: int, position: int, sizes: list[int], axis: int, dtype_name: str, seed: int) -> np.ndarray:
+    """Member `member`'s input: [2, 3, 4] with the gathered axis replaced by its part's length."""
+    shape = [2, 3, 4]
+    shape[axis] = sizes[position]
+    return rank_data(member, shape, dtype_name, seed)
+
+
+def uneven_gather(args: list[str]) -> int:
+    """AllGather with `sizes` for every dtype, on axes 0, 1 and -1 of a rank-3 tensor, over a group in
+    another order than the ranks: compared exactly with numpy's concatenation, and the schema's inferred
+    output length (sum(sizes)) with what the kernel produced. Run twice per session: the second call
+    takes the cached signature."""
+    comm = setup_communication(expected_world_size=int(args[0]))
+    world = comm.world_size
+    check = Checker(comm.rank)
+    options = comm.session_options(intra_op_num_threads=1)
+    permuted = _permuted_group(world)
+    for index, (dtype_name, (_, elem_type)) in enumerate(DTYPES.items()):
+        cases = []  # (input name, node, this rank's input, expected)
+        for pattern_index, sizes in enumerate(_uneven_patterns(world)):
+            seed = 300 + 10 * index + pattern_index
+            for axis in AXES:
+                name = f"agv_{pattern_index}_{axis}".replace("-", "m")
+                node = llmir_node("AllGather", [f"x_{name}"], [name], name, axis=axis, group=permuted, sizes=sizes)
+                parts = {m: _uneven_part(m, permuted.index(m), sizes, axis, dtype_name, seed) for m in permuted}
+                want = np.concatenate([parts[member] for member in permuted], axis=axis)
+                cases.append((f"x_{name}", node, parts[comm.rank], want))
+        names = [node.output[0] for _, node, _, _ in cases]
+        model = make_model(
+            [node for _, node, _, _ in cases],
+            [(x, elem_type, list(mine.shape)) for x, _, mine, _ in cases],
+            [(n, elem_type, None) for n in names],
+        )
+        inferred = _inferred_dims(model)
+        gatherer = session(model, options)
+        feeds = {x: mine for x, _, mine, _ in cases}
+        for call in range(2):
+            results = run(gatherer, feeds, [output_name(n, dtype_name) for n in names])
+            for name, (_, _, _, want) in zip(names, cases, strict=True):
+                got = results[output_name(name, dtype_name)]
+                check.equal(f"{dtype_name} {name} call {call}", got, want, dtype_name)
+                if inferred[name] != list(got.shape):
+                    raise AssertionError(f"{dtype_name} {name}: inferred shape {inferred[name]}, ran {list(got.shape)}")
+                check.count += 1
+    return check.count
+
+
+def error_uneven_gather(args: list[str]) -> int:
+    """A sized AllGather used wrongly, by case: `count` (3 sizes for 2 ranks), `length` (rank 1's input is
+    not its listed length), `disagree` (the ranks list different sizes), `negative` (a negative size)."""
+    case = args[0]
+    comm = setup_communication()
+    sizes, length = {
+        "count": ([2, 1, 1], [2, 1][comm.rank]),
+        "length": ([2, 1], [2, 3][comm.rank]),
+        "disagree": ([[2, 1], [1, 2]][comm.rank], 2),  # each rank's own length is right by its own list
+        "negative": ([2, -1], 2),
+    }[case]
+    _run_single_op({"axis": 1, "group": [0, 1], "sizes": sizes}, np.ones((2, length), np.float32), op_type="AllGather")
+    return 1
+
+
 def _pair_of(r: int) -> list[int]:
     return [0, 1] if r < 2 else [2, 3]
 
@@ -554,6 +624,8 @@ SCENARIOS = {
     "error_bool_sum": error_bool_sum,
     "error_scatter_indivisible": error_scatter_indivisible,
     "error_axis_out_of_range": error_axis_out_of_range,
+    "uneven_gather": uneven_gather,
+    "error_uneven_gather": error_uneven_gather,
     "error_recv_dtype": error_recv_dtype,
     "error_recv_shape": error_recv_shape,
     "error_expected_world": error_expected_world,
