@@ -41,11 +41,12 @@ def test_dry_run_makes_the_plans_and_lists_every_gpu_check(
     assert not [line for line in lines if line.startswith("FAIL")], result.stdout
     assert any(line.startswith("PASS cuda library target: libllmir_ops_cuda.so") for line in lines), result.stdout
     assert any(line.startswith("PASS collectives models: 9 dtypes") for line in lines), result.stdout
-    for plan, world in (("bundled-tp1", 1), ("bundled-tp2", 2), ("bundled-pp2", 2), ("bundled-tp2xpp2", 4)):
+    plans = (("bundled-tp1", 1), ("bundled-tp2", 2), ("bundled-pp2", 2), ("bundled-tp2xpp2", 4), ("gpt2-tp3-vocab", 3))
+    for plan, world in plans:
         assert (work / "plans" / plan / "manifest.json").is_file(), plan
         assert f"{plan} ({world} ranks)" in result.stdout
     commands = (work / "commands.sh").read_text()
-    for plan in ("bundled-tp2", "bundled-pp2", "bundled-tp2xpp2"):
+    for plan in ("bundled-tp2", "bundled-pp2", "bundled-tp2xpp2", "gpt2-tp3-vocab"):
         assert f"LLMIR_CUDA_COMM=staging LLMIR_CUDA_TF32=0 {work}/venv/bin/python -m llmir_onnx.cli.main verify " \
                f"{work}/plans/{plan} --device cuda --profile-dir {work}/profiles/{plan}\n" in commands, commands
         assert f"--inner placement {work}/plans/{plan} {work}/profiles/{plan}" in commands, commands

@@ -10,7 +10,8 @@ The orchestrator runs with any Python 3.11 (no numpy needed, so a fresh machine'
    gpu extra (`pip install -e '.[gpu]'`: onnxruntime-gpu + nvidia-nccl-cu13, never beside the CPU
    onnxruntime), which builds libllmir_ops_cuda.so (LLMIR_BUILD_CUDA=on: no silent CPU-only build);
 3. makes the plans with `llmir-onnx partition` (tp 2, pp 2, tp 2 x pp 2 of a bundled model and of
-   models/smollm2 when it exists: its 9 heads split unevenly, 6,3);
+   models/smollm2 when it exists: its 9 heads split unevenly, 6,3; and GPT-2 at tp 3 with a vocab-parallel
+   lm_head, whose AllGathers have unequal parts);
 4. runs each check as a child process with the venv's interpreter (`python -m llmir_onnx.runtime.gpu_check
    --inner CHECK ...`) and prints one line per check: `PASS name: detail`, `FAIL name: reason` or
    `SKIP name: why`. The exit status is 1 if any check failed.
@@ -46,6 +47,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "models" / "llama-gqa-torch-legacy" / "model.onnx"
 SMOLLM2_MODEL = ROOT / "models" / "smollm2" / "model.onnx"
+# GPT-2's 4 heads at tp 3 split 2,1,1 and its vocabulary 256,128,128: the AllGathers of unequal parts
+# (the `sizes` attribute) through the CUDA kernels, which no even plan has.
+UNEVEN_GATHER_MODEL = ROOT / "models" / "gpt2-torch-dynamo" / "model.onnx"
+UNEVEN_GATHER_FLAGS = ["--tp", "3", "--vocab-parallel"]
 LLMIR_OPS = frozenset({"AllReduce", "AllGather", "ReduceScatter", "Send", "Recv"})
 CUDA_PROVIDER = "CUDAExecutionProvider"
 # The tensor-parallel degree per model: SmolLM2-135M's 9 query / 3 KV heads do not split in 2, so it runs at 3.
@@ -179,21 +184,24 @@ def make_plans(ctx: Context, python: str) -> dict[str, Path] | None:
         ctx.record("smollm2 plans", "SKIP", f"{ctx.smollm2} does not exist (models/export_smollm2.py makes it)")
     plans: dict[str, Path] = {}
     made = []
-    for model_key, model in models.items():
-        for layout, flags in [("tp1", ["--tp", "1"]), *plan_layouts(TP_DEGREE[model_key]).items()]:
-            if model_key != "bundled" and layout == "tp1":
-                continue
-            name = f"{model_key}-{layout}"
-            out = ctx.work / "plans" / name
-            shutil.rmtree(out, ignore_errors=True)
-            result = run_command([python, "-m", "llmir_onnx.cli.main", "partition", str(model), *flags,
-                                  "-o", str(out)], timeout_s=300)
-            if result.returncode != 0:
-                ctx.record("plans", "FAIL", f"partition {name}: {last_line(result.stderr + result.stdout)}")
-                return None
-            plans[name] = out
-            world = len(json.loads((out / "manifest.json").read_text())["ranks"])
-            made.append(f"{name} ({world} ranks)")
+    wanted = [
+        (f"{model_key}-{layout}", model, flags)
+        for model_key, model in models.items()
+        for layout, flags in [("tp1", ["--tp", "1"]), *plan_layouts(TP_DEGREE[model_key]).items()]
+        if model_key == "bundled" or layout != "tp1"
+    ]
+    wanted.append(("gpt2-tp3-vocab", UNEVEN_GATHER_MODEL, UNEVEN_GATHER_FLAGS))
+    for name, model, flags in wanted:
+        out = ctx.work / "plans" / name
+        shutil.rmtree(out, ignore_errors=True)
+        result = run_command([python, "-m", "llmir_onnx.cli.main", "partition", str(model), *flags,
+                              "-o", str(out)], timeout_s=300)
+        if result.returncode != 0:
+            ctx.record("plans", "FAIL", f"partition {name}: {last_line(result.stderr + result.stdout)}")
+            return None
+        plans[name] = out
+        world = len(json.loads((out / "manifest.json").read_text())["ranks"])
+        made.append(f"{name} ({world} ranks)")
     ctx.record("plans", "PASS", f"llmir-onnx partition: {', '.join(made)} under {ctx.work / 'plans'}")
     return plans
 
