@@ -14,6 +14,15 @@ emulated speed (the calibration under a share, `bench/calibrate_cpu.py --cpu-sha
 reason). On an idle machine the stretch is 1 / share; on a busy one it is less, by how much depends on
 the other load (see docs/BENCHMARKS.md).
 
+Shorter periods were measured and not taken (2026-12-03, load 1.6-3.2 on 2 cores, a process doing
+steps of 2-6 ms of matrix-vector work at share 1/3, 300 steps; docs/BENCHMARKS.md, "Mixed devices"):
+at 10 ms the mean step was 2.7-3.5 x the unthrottled one, each step 0.6-0.9 x (p10) to 4.7-5.2 x
+(p90); at 2 ms 1.19 x and at 1 ms 3.9 x on the mean, p10 to p90 0.5 to 7.9 x: no steadier per step,
+and further from 1 / share on the mean (the target's wake-up after SIGCONT and its refilled caches are
+a larger part of a short window). A sidecar that corrects each window for the measured length of the
+previous ones (closed loop) stretched the mean 4.8-9.2 x at 1-10 ms. So the period stays 10 ms and the
+benchmarks compare means over many periods.
+
 Honoured by every rank runner (`runtime.launch.setup_communication`), so `verify` and `generate` of a
 plan run its slow ranks slow. Meant for benchmarks and tests of mixed-device plans on one machine; a
 share of 1 (or no entry) leaves the rank alone.
