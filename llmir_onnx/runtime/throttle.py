@@ -8,7 +8,10 @@ like a device that is uniformly that much slower. The period, 10 ms, is long aga
 wake-up latency on a loaded machine (about a millisecond, which would otherwise skew the share); the
 credit Linux's scheduler gives a process that was stopped (it runs ahead of the others once
 continued) makes up for part of each stop on a busy machine. A 50 ms period was tried and dropped:
-three of six throttled `verify` runs hung with it, undiagnosed (docs/BENCHMARKS.md). A single run shorter than a
+three of six throttled `verify` runs hung with it (docs/BENCHMARKS.md): hydra's SIGUSR1 to the rank's
+process group when the other rank exits killed the sidecar, and when that fell in an "off" window the
+rank stayed stopped (at 10 ms too, less often); the sidecar ignores SIGUSR1 now, and neither period
+hangs (the period stays 10 ms for the reasons below). A single run shorter than a
 period either fits in an "on" window (full speed) or not, so only averages over many periods show the
 emulated speed (the calibration under a share, `bench/calibrate_cpu.py --cpu-share`, averages for that
 reason). On an idle machine the stretch is 1 / share; on a busy one it is less, by how much depends on
@@ -54,6 +57,11 @@ def release(*_):
 signal.signal(signal.SIGTERM, release)
 signal.signal(signal.SIGINT, release)
 signal.signal(signal.SIGHUP, release)
+# Hydra (-disable-auto-cleanup) sends SIGUSR1 to a rank's process group, this sidecar included, when
+# another rank exits. The rank ignores it, but the sidecar is started while MPI's own handler is in
+# place, which exec resets to the default action, termination: killed inside an "off" window it would
+# leave the rank stopped for good (the hang of docs/BENCHMARKS.md). It is not a request to stop.
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 try:
     while os.getppid() == parent:
         time.sleep(on)
