@@ -10,8 +10,14 @@ Measures, with one thread (OMP/OpenBLAS/MKL threads = 1, onnxruntime intra_op_nu
   write), `sum` of it (256 MiB read) and a float32 matrix-vector product over it (8192 x 8192: 256 MiB
   of matrix read), best of several runs; the profile takes the matrix-vector figure (decode is weight
   streaming through matrix-vector products); and an onnxruntime MatMul [1, 8192] x W (W an initializer);
-- onnxruntime's per-node dispatch cost: a chain of 400 `Add` nodes on 1-element tensors, run time
-  divided by the node count.
+- onnxruntime's per-node cost on small tensors, the profile's `node_overhead`: a chain of 400 `Mul`
+  nodes on [1, 1] float32 (graph optimizations off so every node runs), run time divided by the node
+  count, minus the memory time the cost model already charges such a node (its 12 bytes over the
+  MatMul bandwidth above: nothing measurable). For comparison the same chain on a [1, 512] row, a
+  decode step's activation: it stays in cache and costs little more per node than [1, 1], less than
+  the cost model's bytes / bandwidth for it. Measured with the session's own wall clock, not
+  onnxruntime's profiler: the profiler adds several microseconds to every node it times
+  (docs/BENCHMARKS.md, "Mixed devices"), more than such a node costs.
 
 Best-of timings: the machine is shared, and the best run is the one least disturbed by others.
 
@@ -69,7 +75,8 @@ def session(model: onnx.ModelProto) -> ort.InferenceSession:
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
-def ort_matmul_flops(n: int, elem: int, np_dtype: type[np.generic], repeats: int) -> float:
+def ort_matmul_benchmark(n: int, elem: int, np_dtype: type[np.generic]) -> tuple[Callable[[], object], float]:
+    """(one run, its FLOPs) of an onnxruntime MatMul n x n @ n x n."""
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["a", "b"], ["c"])],
         "mm",
@@ -81,30 +88,52 @@ def ort_matmul_flops(n: int, elem: int, np_dtype: type[np.generic], repeats: int
     sess = session(model)
     rng = np.random.default_rng(0)
     feeds = {"a": rng.standard_normal((n, n)).astype(np_dtype), "b": rng.standard_normal((n, n)).astype(np_dtype)}
-    return 2 * n**3 / best_seconds(lambda: sess.run(None, feeds), repeats)
+    return (lambda: sess.run(None, feeds)), 2.0 * n**3
 
 
-def node_overhead(nodes: int, repeats: int) -> float:
+def ort_matmul_flops(n: int, elem: int, np_dtype: type[np.generic], repeats: int) -> float:
+    run, flops = ort_matmul_benchmark(n, elem, np_dtype)
+    return flops / best_seconds(run, repeats)
+
+
+def node_chain_benchmark(nodes: int, width: int) -> tuple[Callable[[], object], int]:
+    """(one run, its node count) of a chain of `nodes` elementwise Mul nodes on float32 [1, width], graph
+    optimizations off so that every node runs."""
     names = ["x"] + [f"t{i}" for i in range(nodes)]
     graph = helper.make_graph(
-        [helper.make_node("Add", [names[i], "one"], [names[i + 1]]) for i in range(nodes)],
+        [helper.make_node("Mul", [names[i], "half"], [names[i + 1]]) for i in range(nodes)],
         "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1])],
-        initializer=[onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
+        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1, width])],
+        initializer=[onnx.numpy_helper.from_array(np.full((1, width), 0.5, np.float32), "half")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {"x": np.zeros(1, np.float32)}
-    return best_seconds(lambda: sess.run(None, feeds), repeats) / nodes
+    feeds = {"x": np.ones((1, width), np.float32)}
+    return (lambda: sess.run(None, feeds)), nodes
 
 
-def ort_gemv_bandwidth(k: int, n: int, repeats: int) -> float:
-    """Bytes/s of weights streamed by an onnxruntime MatMul [1, k] x W[k, n] (W an initializer, as in decode)."""
+def node_overhead_of(per_node: float, width: int, bandwidth: float) -> float:
+    """A chain node's seconds less the memory time the cost model charges it separately (two inputs read,
+    one output written, over `bandwidth`): the per-node overhead."""
+    return max(per_node - 3 * width * 4 / bandwidth, 0.0)
+
+
+def node_overhead(nodes: int, width: int, repeats: int, bandwidth: float) -> tuple[float, float]:
+    """(per-node seconds, the same less the cost model's memory time of the node) of node_chain_benchmark."""
+    run, count = node_chain_benchmark(nodes, width)
+    per_node = best_seconds(run, repeats) / count
+    return per_node, node_overhead_of(per_node, width, bandwidth)
+
+
+def ort_gemv_benchmark(k: int, n: int) -> tuple[Callable[[], object], float]:
+    """(one run, the weight bytes it streams) of an onnxruntime MatMul [1, k] x W[k, n], W an initializer
+    as in decode."""
     weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
     graph = helper.make_graph(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
@@ -117,7 +146,13 @@ def ort_gemv_bandwidth(k: int, n: int, repeats: int) -> float:
     model.ir_version = 10
     sess = session(model)
     feeds = {"x": np.ones((1, k), np.float32)}
-    return weight.nbytes / best_seconds(lambda: sess.run(None, feeds), repeats)
+    return (lambda: sess.run(None, feeds)), float(weight.nbytes)
+
+
+def ort_gemv_bandwidth(k: int, n: int, repeats: int) -> float:
+    """Bytes/s of weights streamed by an onnxruntime MatMul [1, k] x W[k, n] (W an initializer, as in decode)."""
+    run, moved = ort_gemv_benchmark(k, n)
+    return moved / best_seconds(run, repeats)
 
 
 def main() -> None:
@@ -171,8 +206,13 @@ def main() -> None:
     rows.append(("numpy matrix-vector 8192 x 8192 (matrix bytes)", f"{gemv_bandwidth / 1e9:.2f} GB/s"))
     ort_gemv = ort_gemv_bandwidth(8192, 8192, repeats)
     rows.append(("onnxruntime MatMul [1, 8192] x W[8192, 8192] (W bytes)", f"{ort_gemv / 1e9:.2f} GB/s"))
-    overhead = node_overhead(400, repeats * 3)
-    rows.append(("onnxruntime per-node dispatch (400 Add)", f"{overhead * 1e6:.2f} us"))
+    per_node, overhead = node_overhead(400, 1, repeats * 3, ort_gemv)
+    rows.append(("onnxruntime per node, 400 Mul on [1, 1]", f"{per_node * 1e6:.2f} us"))
+    rows.append(("  minus its 12 bytes / MatMul bandwidth (node_overhead)", f"{overhead * 1e6:.2f} us"))
+    # For comparison, a decode-sized row: its activations stay in cache, so what it costs beyond the
+    # [1, 1] chain is far less than the DRAM-bandwidth memory time the cost model charges it.
+    row_node, _ = node_overhead(400, 512, repeats * 3, ort_gemv)
+    rows.append(("onnxruntime per node, 400 Mul on [1, 512] (model: + 6 KB / bandwidth)", f"{row_node * 1e6:.2f} us"))
 
     width = max(len(name) for name, _ in rows)
     for name, value in rows:

@@ -22,10 +22,14 @@
    x max-seq new tokens, no past) and decode (1 token after max-seq - 1), 2 warm-up runs then --runs
    prefill runs and 20 x --runs decode runs. A rank's measured time per run is the sum of its kernels'
    times without the ai.llmir collectives and Send/Recv (their time is mostly waiting for the other
-   rank, which the cost model does not predict per rank); the table shows the mean over the runs (a
-   duty cycle stretches runs only on average, as in the calibration) and the ratio predicted /
-   measured. Predicted: the manifest's per-rank cost on the rank's own profile, total minus
-   communication.
+   rank, which the cost model does not predict per rank), less the profiler's own cost per kernel
+   (`kernel_times`: the median span of the run's metadata kernels, per kernel); the table shows the
+   mean over the runs (a duty cycle stretches runs only on average, as in the calibration), the ratio
+   predicted / measured, and the kernel sum as profiled. Predicted: the manifest's per-rank cost on
+   the rank's own profile, total minus communication.
+6. Instrument check, before the plans: the unpartitioned model in one process, unthrottled, an
+   unprofiled and a profiled session run alternately: the mean unprofiled wall time per run against
+   the profiled kernel sum, raw and corrected as in 5.
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ from llmir_onnx.plan.devices import CPU_HERE  # noqa: E402
 from llmir_onnx.plan.manifest import Manifest  # noqa: E402
 
 COMMUNICATION_OPS = frozenset({"AllReduce", "AllGather", "ReduceScatter", "Send", "Recv"})
+# Kernels that move no data (onnxruntime aliases or only reads shapes): their profiled span is the
+# profiler's own cost per kernel (kernel_times).
+METADATA_OPS = ("Reshape", "Unsqueeze", "Squeeze", "Shape", "Flatten", "Identity")
 PHASES = ("prefill", "decode")
 # A decode step lasts a few ms, less than the duty cycle's 10 ms period: only the mean over about a
 # second of steps shows the emulated device's speed (as in the calibration), so decode runs 20x as often.
@@ -97,27 +104,125 @@ def cli(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def kernel_times(profile_path: Path, runs: int) -> tuple[list[float], list[float]]:
-    """Per run (the last `runs`): seconds in kernels other than communication, and in communication."""
+def kernel_times(profile_path: Path, runs: int) -> tuple[list[float], list[float], list[float]]:
+    """Per run (the last `runs`): seconds in kernels other than communication, the same less the
+    profiler's own cost per kernel, and seconds in communication.
+
+    onnxruntime's profiler costs several microseconds inside every kernel span it records (it formats
+    the kernel's input and output shapes there), more than a small decode node costs; a decode step's
+    hundreds of small kernels then look several milliseconds slower than they run without it. The floor
+    of a span is what the profiler takes: the median span of the run's metadata kernels (Reshape,
+    Unsqueeze, Shape, ...: no data moves, their own work is a fraction of a microsecond), subtracted
+    from each of the run's kernels. main() checks this against unprofiled wall time on the
+    unpartitioned model (the instrument check)."""
     events = json.loads(profile_path.read_text())
     sessions = sorted((e["ts"], e["ts"] + e["dur"]) for e in events if e.get("name") == "model_run")[-runs:]
-    busy = [0.0] * len(sessions)
+    spans: list[list[float]] = [[] for _ in sessions]
+    floors: list[list[float]] = [[] for _ in sessions]
     comm = [0.0] * len(sessions)
     for event in events:
         if event.get("cat") != "Node" or not event.get("name", "").endswith("_kernel_time"):
             continue
         for index, (start, end) in enumerate(sessions):
             if start <= event["ts"] <= end:
-                if event.get("args", {}).get("op_name") in COMMUNICATION_OPS:
+                op = event.get("args", {}).get("op_name")
+                if op in COMMUNICATION_OPS:
                     comm[index] += event["dur"] * 1e-6
                 else:
-                    busy[index] += event["dur"] * 1e-6
+                    spans[index].append(event["dur"] * 1e-6)
+                    if op in METADATA_OPS:
+                        floors[index].append(event["dur"] * 1e-6)
                 break
-    return busy, comm
+    missing = [index for index, floor in enumerate(floors) if not floor]
+    if missing:
+        raise SystemExit(f"{profile_path}: run {missing[0]} has no metadata kernel ({', '.join(METADATA_OPS)}) "
+                         "to take the profiler's cost per kernel from")  # fmt: skip
+    busy = [sum(run) for run in spans]
+    corrected = [sum(run) - len(run) * statistics.median(floor) for run, floor in zip(spans, floors, strict=True)]
+    return busy, corrected, comm
+
+
+def instrument_check(model: Path, feeds_dir: Path, out_dir: Path, runs: int) -> list[str]:
+    """The unpartitioned model in this process, no throttle: mean unprofiled wall time per run against
+    the mean profiled kernel sum, raw and less the profiler's cost per kernel (kernel_times), the two
+    sessions' runs interleaved so that both see the same moments of the machine's load."""
+    import onnxruntime as ort
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for phase in PHASES:
+        sessions = []
+        for profiled in (False, True):
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
+            options.enable_profiling = profiled
+            options.profile_file_prefix = str(out_dir / f"original_{phase}")
+            sessions.append(ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"]))
+        plain, profiled_session = sessions
+        with np.load(feeds_dir / f"{phase}.npz") as data:
+            feeds = {i.name: data[i.name] for i in plain.get_inputs()}
+        count = runs * DECODE_RUNS_FACTOR if phase == "decode" else runs
+        walls = []
+        for index in range(2 + count):
+            start = time.perf_counter()
+            plain.run(None, feeds)
+            if index >= 2:
+                walls.append(time.perf_counter() - start)
+            profiled_session.run(None, feeds)
+        busy, corrected, _ = kernel_times(Path(profiled_session.end_profiling()), count)
+        wall = statistics.fmean(walls)
+        lines.append(
+            f"instrument check, original model, {phase}: unprofiled wall {wall * 1e3:.2f} ms; profiled kernels "
+            f"{statistics.fmean(busy) * 1e3:.2f} ms ({statistics.fmean(busy) / wall:.2f} x), less the profiler's "
+            f"cost per kernel {statistics.fmean(corrected) * 1e3:.2f} ms ({statistics.fmean(corrected) / wall:.2f} x)"
+        )
+    return lines
+
+
+class InterleavedCalibration:
+    """bench/calibrate_cpu.py's onnxruntime micro-benchmarks (MatMul n = 1024 float32, MatMul [1, 8192] x
+    W[8192, 8192], the chain of 400 Mul on [1, 1]), run between a rank's measured runs so that they see
+    the same moments of the machine's load and of the rank's duty cycle; each figure is the total work
+    over the total time of its runs (a mean, as --average)."""
+
+    def __init__(self) -> None:
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("calibrate_cpu", REPO / "bench/calibrate_cpu.py")
+        assert spec is not None and spec.loader is not None
+        calibrate_cpu = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(calibrate_cpu)
+        from onnx import TensorProto
+
+        self.node_overhead_of = calibrate_cpu.node_overhead_of
+        self.benchmarks = {
+            "flops": calibrate_cpu.ort_matmul_benchmark(1024, TensorProto.FLOAT, np.float32),
+            "bandwidth": calibrate_cpu.ort_gemv_benchmark(8192, 8192),
+            "node": calibrate_cpu.node_chain_benchmark(400, 1),
+        }
+        self.work = dict.fromkeys(self.benchmarks, 0.0)
+        self.seconds = dict.fromkeys(self.benchmarks, 0.0)
+        for run, _ in self.benchmarks.values():
+            run()  # warm-up
+
+    def round(self) -> None:
+        for name, (run, work) in self.benchmarks.items():
+            for _ in range(5 if name == "node" else 1):
+                start = time.perf_counter()
+                run()
+                self.seconds[name] += time.perf_counter() - start
+                self.work[name] += work
+
+    def fields(self) -> dict[str, float]:
+        rate = {name: self.work[name] / self.seconds[name] for name in self.benchmarks}
+        return {"float32": rate["flops"], "memory_bandwidth": rate["bandwidth"],
+                "node_overhead": self.node_overhead_of(1 / rate["node"], 1, rate["bandwidth"])}  # fmt: skip
 
 
 def worker(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int) -> None:
-    """One rank (under mpiexec): its session on each phase's inputs, profiled."""
+    """One rank (under mpiexec): its session on each phase's inputs, profiled, with the calibration's
+    micro-benchmarks between chunks of runs."""
     from llmir_onnx.runtime.launch import setup_communication
     from llmir_onnx.runtime.session import load_rank_session
 
@@ -136,14 +241,41 @@ def worker(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int) -> None:
         # every output, so that onnxruntime runs a stage's Send too
         names = [output.name for output in session.get_outputs()]
         walls = []
-        count = runs * DECODE_RUNS_FACTOR if phase == "decode" else runs
-        for _ in range(2 + count):
-            start = time.perf_counter()
+        calibration = InterleavedCalibration()
+        chunk = DECODE_RUNS_FACTOR if phase == "decode" else 1
+        for _ in range(2):
             session.run(names, feeds)
-            walls.append(time.perf_counter() - start)
-        busy, communication = kernel_times(Path(session.end_profiling()), count)
-        result[phase] = {"wall": walls[2:], "busy": busy, "comm": communication}
+        for _ in range(runs):  # `runs` rounds: a chunk of measured runs, then the micro-benchmarks
+            for _ in range(chunk):
+                start = time.perf_counter()
+                session.run(names, feeds)
+                walls.append(time.perf_counter() - start)
+            calibration.round()
+        busy, corrected, communication = kernel_times(Path(session.end_profiling()), runs * chunk)
+        result[phase] = {"wall": walls, "busy": busy, "corrected": corrected, "comm": communication,
+                         "calibrated": calibration.fields()}  # fmt: skip
     (out_dir / f"rank{comm.rank}.json").write_text(json.dumps(result))
+
+
+def interleaved_prediction(plan_dir: Path, rank: int, phase: str, profile: dict, calibrated: dict) -> float:
+    """The cost model's time (no communication) of one rank's model and phase on its profile with the
+    figures calibrated between its measured runs in place of the ones calibrated before partitioning."""
+    import onnx_ir as ir
+
+    from llmir_onnx.plan.cost import estimate_phases
+    from llmir_onnx.plan.devices import profile_from_dict
+
+    manifest = Manifest.read(plan_dir)
+    fields = {
+        **profile,
+        "peak_flops": {**profile["peak_flops"], "float32": calibrated["float32"]},
+        "memory_bandwidth": calibrated["memory_bandwidth"],
+        "node_overhead": calibrated["node_overhead"],
+    }
+    device = profile_from_dict(fields)
+    model = ir.load(str(plan_dir / manifest.rank_entry(rank).file))
+    estimate = getattr(estimate_phases(model, device, 1, manifest.options["max_seq"]), phase)
+    return estimate.total_s - estimate.comm_s
 
 
 def measure(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int, share: float) -> list[dict]:
@@ -157,7 +289,7 @@ def measure(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int, share: fl
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def report(name: str, plan_dir: Path, measured: list[dict], share: float) -> list[str]:
+def report(name: str, plan_dir: Path, measured: list[dict], share: float, profiles: dict[str, dict]) -> list[str]:
     manifest = Manifest.read(plan_dir)
     shares = manifest.mesh.get("tp_shares")
     lines = []
@@ -171,12 +303,20 @@ def report(name: str, plan_dir: Path, measured: list[dict], share: float) -> lis
             cost = entry.cost[phase]
             predicted = cost["total_s"] - cost["comm_s"]
             got = measured[entry.rank][phase]
-            busy = statistics.fmean(got["busy"])
+            busy = statistics.fmean(got["corrected"])
+            profile = {"name": device, **profiles[device]}
+            # the same cost model on the profile the manifest used must give the manifest's figure
+            again = interleaved_prediction(plan_dir, entry.rank, phase, profile,
+                                           {"float32": profile["peak_flops"]["float32"], **profile})  # fmt: skip
+            if abs(again - predicted) > 1e-9 + 1e-6 * predicted:
+                raise SystemExit(f"{name} rank {entry.rank} {phase}: re-estimated {again} s, manifest {predicted} s")
+            interleaved = interleaved_prediction(plan_dir, entry.rank, phase, profile, got["calibrated"])
             lines.append(
                 f"| {name} | {entry.rank} | {device}{f' (share {share:g})' if entry.rank == 1 else ''} | {where} "
-                f"| {phase} | {predicted * 1e3:.2f} ms | {busy * 1e3:.2f} ms (best {min(got['busy']) * 1e3:.2f}) "
-                f"| {predicted / busy:.2f} | {statistics.fmean(got['comm']) * 1e3:.2f} ms "
-                f"| {statistics.fmean(got['wall']) * 1e3:.2f} ms |"
+                f"| {phase} | {predicted * 1e3:.2f} ms | {busy * 1e3:.2f} ms (best {min(got['corrected']) * 1e3:.2f}) "
+                f"| {predicted / busy:.2f} | {interleaved * 1e3:.2f} ms | {interleaved / busy:.2f} "
+                f"| {statistics.fmean(got['busy']) * 1e3:.2f} ms "
+                f"| {statistics.fmean(got['comm']) * 1e3:.2f} ms | {statistics.fmean(got['wall']) * 1e3:.2f} ms |"
             )
     return lines
 
@@ -224,6 +364,7 @@ def main() -> None:
     print(f"calibrated: cpu-fast {json.dumps(fast)}")
     print(f"calibrated: cpu-slow {json.dumps(slow)} (share {args.share:g})")
 
+    checks = instrument_check(model, feeds_dir, work / "instrument", args.runs)
     rows = []
     for name, layout in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])):
         plan_dir = work / name
@@ -234,13 +375,15 @@ def main() -> None:
         verified = cli("verify", str(plan_dir), env={"LLMIR_CPU_SHARE": f"1={args.share}"})
         print(f"$ LLMIR_CPU_SHARE=1={args.share:g} llmir-onnx verify {name}\n  {verified.strip().splitlines()[-1]}")
         measured = measure(plan_dir, feeds_dir, work / f"{name}-measured", args.runs, args.share)
-        rows += report(name, plan_dir, measured, args.share)
+        rows += report(name, plan_dir, measured, args.share, cluster["profiles"])
     print(f"\n{started}, load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
           f"({os.cpu_count()} CPUs), {args.runs} prefill and {args.runs * DECODE_RUNS_FACTOR} decode runs after 2 "
           "warm-ups each\n")  # fmt: skip
-    print("| plan | rank | device | share of the work | phase | predicted (no comm) | measured kernels, mean "
-          "| predicted / measured | measured comm, mean | measured run (wall), mean |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("\n".join(checks) + "\n")
+    print("| plan | rank | device | share of the work | phase | predicted (manifest, no comm) | measured kernels less "
+          "profiler cost, mean | manifest / measured | predicted on the interleaved calibration | interleaved / "
+          "measured | kernels as profiled, mean | measured comm, mean | measured run (wall), mean |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -4,6 +4,7 @@ and a mixed-device plan whose tp split is uneven because of its profiles, throug
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -116,6 +117,28 @@ def test_the_throttle_stops_its_target_and_always_leaves_it_running() -> None:
         sidecar.wait(timeout=30)
         assert _state(target.pid) != "T", "a terminated sidecar must leave its target running"
         assert throttle_process(target.pid, 1.0) is None
+    finally:
+        target.kill()
+        target.wait()
+
+
+def test_the_throttle_outlives_hydras_sigusr1_and_leaves_its_target_running() -> None:
+    """Hydra sends SIGUSR1 to a rank's process group when another rank exits: a sidecar killed by it
+    while its target is stopped left the rank stopped for good (the throttled `verify` hang)."""
+    target = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        sidecar = throttle_process(target.pid, 0.05)
+        assert sidecar is not None
+        for _ in range(2000):  # until its signal handlers are in place: it has stopped the target once
+            if _state(target.pid) == "T":
+                break
+            time.sleep(0.001)
+        sidecar.send_signal(signal.SIGUSR1)
+        time.sleep(0.5)
+        assert sidecar.poll() is None, f"the sidecar died of SIGUSR1 (exit {sidecar.returncode})"
+        sidecar.terminate()
+        sidecar.wait(timeout=30)
+        assert _state(target.pid) != "T", "a terminated sidecar must leave its target running"
     finally:
         target.kill()
         target.wait()

@@ -8,11 +8,23 @@ like a device that is uniformly that much slower. The period, 10 ms, is long aga
 wake-up latency on a loaded machine (about a millisecond, which would otherwise skew the share); the
 credit Linux's scheduler gives a process that was stopped (it runs ahead of the others once
 continued) makes up for part of each stop on a busy machine. A 50 ms period was tried and dropped:
-three of six throttled `verify` runs hung with it, undiagnosed (docs/BENCHMARKS.md). A single run shorter than a
+three of six throttled `verify` runs hung with it (docs/BENCHMARKS.md): hydra's SIGUSR1 to the rank's
+process group when the other rank exits killed the sidecar, and when that fell in an "off" window the
+rank stayed stopped (at 10 ms too, less often); the sidecar ignores SIGUSR1 now, and neither period
+hangs (the period stays 10 ms for the reasons below). A single run shorter than a
 period either fits in an "on" window (full speed) or not, so only averages over many periods show the
 emulated speed (the calibration under a share, `bench/calibrate_cpu.py --cpu-share`, averages for that
 reason). On an idle machine the stretch is 1 / share; on a busy one it is less, by how much depends on
 the other load (see docs/BENCHMARKS.md).
+
+Shorter periods were measured and not taken (2026-12-03, load 1.6-3.2 on 2 cores, a process doing
+steps of 2-6 ms of matrix-vector work at share 1/3, 300 steps; docs/BENCHMARKS.md, "Mixed devices"):
+at 10 ms the mean step was 2.7-3.5 x the unthrottled one, each step 0.6-0.9 x (p10) to 4.7-5.2 x
+(p90); at 2 ms 1.19 x and at 1 ms 3.9 x on the mean, p10 to p90 0.5 to 7.9 x: no steadier per step,
+and further from 1 / share on the mean (the target's wake-up after SIGCONT and its refilled caches are
+a larger part of a short window). A sidecar that corrects each window for the measured length of the
+previous ones (closed loop) stretched the mean 4.8-9.2 x at 1-10 ms. So the period stays 10 ms and the
+benchmarks compare means over many periods.
 
 Honoured by every rank runner (`runtime.launch.setup_communication`), so `verify` and `generate` of a
 plan run its slow ranks slow. Meant for benchmarks and tests of mixed-device plans on one machine; a
@@ -45,6 +57,11 @@ def release(*_):
 signal.signal(signal.SIGTERM, release)
 signal.signal(signal.SIGINT, release)
 signal.signal(signal.SIGHUP, release)
+# Hydra (-disable-auto-cleanup) sends SIGUSR1 to a rank's process group, this sidecar included, when
+# another rank exits. The rank ignores it, but the sidecar is started while MPI's own handler is in
+# place, which exec resets to the default action, termination: killed inside an "off" window it would
+# leave the rank stopped for good (the hang of docs/BENCHMARKS.md). It is not a request to stop.
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 try:
     while os.getppid() == parent:
         time.sleep(on)
