@@ -337,10 +337,7 @@ def _fold_shapes(model: ir.Model, options: PartitionOptions, rank_varying: set[s
         # Pipeline stages are cut from this graph by layer; a shared shape value at the graph's start would
         # cross stages, so stage graphs keep their chains (not measured to matter yet: issue 16 is tp decode).
         return []
-    from llmir_onnx.plan.shapes import default_max_seq
-
-    max_seq = options.max_seq if options.max_seq is not None else default_max_seq(model)
-    _report, why_not = try_fold_shape_chains(model, max_seq, rank_varying or ())
+    _report, why_not = try_fold_shape_chains(model, options.max_seq, rank_varying or ())
     return [why_not] if why_not else []
 
 

@@ -83,7 +83,7 @@ def test_legacy_export_loses_its_per_layer_shape_chains_and_computes_the_same(tm
         plan = tmp_path / f"fold-{fold}"
         partition_to_dir(LEGACY / "model.onnx", plan, tp=1, fold_shapes=fold)
         counts[fold] = Counter(node.op_type for node in onnx.load(plan / "rank0.onnx").graph.node)
-    # Shape stays once per role (batch, new, past, total) at most: every layer's own Shape is gone.
+    # Shape stays once per input that holds a role (batch, new, past, total): every layer's own Shape is gone.
     assert counts[True]["Shape"] <= 4 < counts[False]["Shape"]
     assert sum(counts[True].values()) < 0.7 * sum(counts[False].values())
     sessions = {fold: ort.InferenceSession(str(tmp_path / f"fold-{fold}" / "rank0.onnx"),

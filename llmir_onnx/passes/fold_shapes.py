@@ -32,7 +32,7 @@ import onnx_ir.passes.common
 
 from llmir_onnx.errors import PlanError
 from llmir_onnx.model_facts import BATCH, NEW, PAST, TOTAL
-from llmir_onnx.plan.shapes import ShapeEvaluator, Sizes, TensorShape
+from llmir_onnx.plan.shapes import ShapeEvaluator, Sizes, TensorShape, default_max_seq
 
 MAX_ELEMENTS = 8
 # Sizes that make every role differ from the others at some point, with prefill (past 0) and decode
@@ -108,8 +108,10 @@ class _Builder:
         key = ("role", role)
         if key not in self._made:
             source, axis = self.role_sources[role]
-            shape = self._node("Shape", [source], ir.DataType.INT64, [len(source.shape or ())])
-            self._made[key] = self._node("Gather", [shape, self.constant([axis], ir.DataType.INT64)],
+            shape_key = ("shape", source.name)
+            if shape_key not in self._made:  # one Shape per input, whatever roles it holds
+                self._made[shape_key] = self._node("Shape", [source], ir.DataType.INT64, [len(source.shape or ())])
+            self._made[key] = self._node("Gather", [self._made[shape_key], self.constant([axis], ir.DataType.INT64)],
                                          ir.DataType.INT64, [1])
         return self._made[key]
 
@@ -204,11 +206,14 @@ def fold_shape_chains(model: ir.Model, max_seq: int, rank_varying: Collection[st
     return FoldReport(uses, before - len(graph))
 
 
-def try_fold_shape_chains(model: ir.Model, max_seq: int, rank_varying: Collection[str] = ()
+def try_fold_shape_chains(model: ir.Model, max_seq: int | None, rank_varying: Collection[str] = ()
                           ) -> tuple[FoldReport | None, str]:
-    """`fold_shape_chains`, or (None, why not) when the model cannot be evaluated at the sample sizes:
-    the plan is then written unfolded, which is correct, only slower; the reason goes to the warnings."""
+    """`fold_shape_chains` (max_seq None: `plan.shapes.default_max_seq`), or (None, why not) when the model
+    cannot be evaluated at the sample sizes (an op with no shape rule, kept by --replicate-unsupported): the
+    plan is then written unfolded, which is correct, only slower; the reason goes to the warnings."""
     try:
+        if max_seq is None:
+            max_seq = default_max_seq(model)
         return fold_shape_chains(model, max_seq, rank_varying), ""
     except PlanError as error:
         return None, f"shape chains not folded (the plan runs them as exported): {error}"
