@@ -1,7 +1,7 @@
 """Benchmark: decode tokens/s of tp 1 and tp 2 plans (real `generate` jobs) vs plain onnxruntime.
 
     python bench/generate_tp_vs_ort.py MODEL.onnx TP1_PLAN TP2_PLAN [--rounds 7] [--batch 1 8]
-        [--extra NAME=PLAN ...]
+        [--extra NAME=PLAN[,VAR=VALUE...] ...]
 
 Per round and batch, four configurations run one after the other, in an order that rotates from round
 to round so that the load of other jobs on this machine hits them alike:
@@ -11,7 +11,8 @@ to round so that the load of other jobs on this machine hits them alike:
   tp1    the tp 1 plan: a real `generate` job (spawned mpiexec, 1 rank x 1 thread)
   tp2    the tp 2 plan: a real `generate` job (2 ranks x 1 thread, ai.llmir collectives, token broadcast)
 `--extra NAME=PLAN` adds more plans (e.g. a --vocab-parallel or --no-fold-shapes tp 2 plan) to the same
-rotation, 1 thread per rank, with their ratios to ort1 and ort2. All of them must produce the same greedy
+rotation, 1 thread per rank, with their ratios to ort1 and ort2; `,VAR=VALUE` sets environment variables of
+its ranks (e.g. LLMIR_COMM_WAIT=spin). All of them must produce the same greedy
 tokens in every round (checked; a difference stops the run).
 Decode tokens/s counts every sequence of the batch and leaves out the first (prefill) step.
 Printed: each round's figures and ratios, the medians of the per-round ratios (the figure to quote), and
@@ -64,12 +65,13 @@ def plain_decode(session: ort.InferenceSession, prompt: np.ndarray, new_tokens: 
     return batch * (new_tokens - 1) / seconds, np.stack(generated, axis=1).tolist()
 
 
-def plan_decode(plan: Path, prompt: np.ndarray, new_tokens: int) -> tuple[float, list[list[int]]]:
+def plan_decode(plan: Path, prompt: np.ndarray, new_tokens: int, env: dict[str, str] | None = None
+                ) -> tuple[float, list[list[int]]]:
     """A real `generate` job on the plan, 1 intra-op thread per rank. The plan files' sha256 are checked once
     in main(), not by every job (hashing 800 MB per rank would only lengthen the run)."""
     request = GenerateRequest(str(plan), prompt.tolist(), new_tokens, intra_op_num_threads=1, stream=False,
                               check_hashes=False)
-    report = spawn_generation(request, Manifest.read(plan).world_size)[0]
+    report = spawn_generation(request, Manifest.read(plan).world_size, extra_env=env)[0]
     return report.decode_tokens_per_s, report.tokens
 
 
@@ -85,11 +87,14 @@ def main() -> None:
     parser.add_argument("--extra", action="append", default=[], metavar="NAME=PLAN")
     args = parser.parse_args()
     plans = {"tp1": args.tp1_plan, "tp2": args.tp2_plan}
+    envs: dict[str, dict[str, str]] = {}
     for item in args.extra:
-        name, _, path = item.partition("=")
-        if not name or not path or name in (*CONFIGS, *plans):
-            raise SystemExit(f"--extra {item!r}: give NAME=PLAN with a new name")
+        name, _, rest = item.partition("=")
+        path, *settings = rest.split(",")
+        if not name or not path or name in (*CONFIGS, *plans) or any("=" not in s for s in settings):
+            raise SystemExit(f"--extra {item!r}: give NAME=PLAN[,VAR=VALUE...] with a new name")
         plans[name] = Path(path)
+        envs[name] = dict(setting.split("=", 1) for setting in settings)
     for plan in plans.values():
         check_plan_files(plan, Manifest.read(plan))
     configs = (*CONFIGS, *(name for name in plans if name not in CONFIGS))
@@ -105,7 +110,7 @@ def main() -> None:
     def run(name: str, prompt: np.ndarray) -> tuple[float, list[list[int]]]:
         if name in sessions:
             return plain_decode(sessions[name], prompt, args.new_tokens)
-        return plan_decode(plans[name], prompt, args.new_tokens)
+        return plan_decode(plans[name], prompt, args.new_tokens, envs.get(name))
 
     ratios_of = (*RATIOS, *extra_ratios)
     for batch in args.batch:
