@@ -97,6 +97,11 @@ def partition(
         bool,
         typer.Option("--allow-replicated", help="Write a tp > 1 plan even if it shards no weight (refused otherwise)."),
     ] = False,
+    no_fold_shapes: Annotated[
+        bool,
+        typer.Option("--no-fold-shapes", help="Keep the exported shape-computation chains in the rank graphs "
+                     "(by default they are rebuilt once from the inputs; for comparison)."),
+    ] = False,
     force: Annotated[
         bool,
         typer.Option("--force", help="Replace OUT even if it holds files that are not a plan's (they are deleted)."),
@@ -169,6 +174,7 @@ def partition(
         vocab_parallel=vocab_parallel,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
+        fold_shapes=not no_fold_shapes,
         force=force,
         device=device,
         device_memory_bytes=memory_bytes,

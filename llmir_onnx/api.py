@@ -78,6 +78,7 @@ def partition_to_dir(
     ignore_annotations: bool = False,
     tp_weights: tuple[float, ...] | None = None,
     devices: Cluster | None = None,
+    fold_shapes: bool = True,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
@@ -100,6 +101,8 @@ def partition_to_dir(
     memory is checked against its own device's and its cost predicted on its profile over the links
     its groups span; the pipeline cuts balance each stage on its own devices. The manifest records
     where each rank runs (`options["devices"]`). None: every rank is a `device` (the manifest as before).
+    `fold_shapes` False keeps the exported shape-computation chains (passes/fold_shapes.py) in the rank
+    graphs, for comparison; the manifest then records `options["fold_shapes"] = false`.
     """
     from llmir_onnx.annotations import (
         AnnotationPins,
@@ -134,6 +137,7 @@ def partition_to_dir(
         vocab_parallel=vocab_parallel,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
+        fold_shapes=fold_shapes,
         stage_cut_after_layer=planned_cuts,
         device=device,
         device_memory_bytes=device_memory_bytes,
@@ -189,6 +193,7 @@ def partition_to_dir(
                 "max_seq_limit": None if limit.tokens is None else {"tokens": limit.tokens, "reason": limit.reason},
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
                 **({"devices": devices.manifest_entry()} if devices is not None else {}),
+                **({"fold_shapes": False} if not fold_shapes else {}),
                 **({"tp_weights": list(tp_weights)} if tp_weights is not None else {}),
             },
             sharding={"weights": result.weight_splits or []},

@@ -39,8 +39,9 @@ from llmir_onnx.passes import (
     ShardingState,
     materialize_rank,
 )
+from llmir_onnx.passes.fold_shapes import try_fold_shape_chains
 from llmir_onnx.passes.localize import TpRankCopy, rank_tensor, tp_rank_copy
-from llmir_onnx.placement import Placement, Replicate, Shard
+from llmir_onnx.placement import Partial, Placement, Replicate, Shard
 from llmir_onnx.plan.manifest import SliceBinding
 
 if TYPE_CHECKING:
@@ -69,6 +70,8 @@ class PartitionOptions:
     # Mixed devices: rank r runs on cluster.devices[r]; the cuts balance each stage on its own devices
     # and memory (a slower or smaller stage gets fewer layers). None: every rank is a `device`.
     cluster: Cluster | None = None
+    # Rebuild shape-computation chains once from the inputs (passes/fold_shapes.py); False keeps them as exported.
+    fold_shapes: bool = True
 
 
 # How one ORIGINAL model input/output maps onto one rank (dim None: the rank holds the full tensor).
@@ -255,40 +258,47 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
         whole_out = [TensorBinding(v.name, v.name, None, 0, 0) for v in first.graph.outputs]
         placements = {v.name: "R" for v in [*first.graph.inputs, *first.graph.outputs]}
         _remove_unused(first)
-        return _TpRankZero(first, [(whole, whole_out)], [initializer_tensors(first)], placements, [])
+        notes = _fold_shapes(first, options)
+        return _TpRankZero(first, [(whole, whole_out)], [initializer_tensors(first)], placements, notes)
     templates, state = plan_ranks(model, options, consume_model=consume_model)
     template = templates[0]
     if not options.allow_replicated:
         _refuse_unsharded(template, state)
     bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
     if state.uneven:
-        return _uneven_ranks(templates, state, bindings)
+        return _uneven_ranks(templates, state, bindings, options)
     unsharded = initializer_tensors(template)
     first = materialize_rank(template, state, 0, consume=True)
+    _remove_unused(first)  # before any copy is made from it
+    # Every tp rank runs tp rank 0's graph: fold only what is the same on all of them.
+    notes = _fold_shapes(first, options, _rank_varying(state))
+    kept = initializer_tensors(first)
     # Tp rank 0's tensors are the very objects its model holds: a copy's weights differ where they are others.
-    weights = [initializer_tensors(first)] + [
-        {name: rank_tensor(state, name, tensor, tp_rank) for name, tensor in unsharded.items()}
+    weights = [kept] + [
+        {name: rank_tensor(state, name, tensor, tp_rank) for name, tensor in unsharded.items() if name in kept}
         for tp_rank in range(1, options.tp)
     ]
-    _remove_unused(first)  # before any copy is made from it
     placements = {name: str(p) for name, p in state.placements.items()}
-    return _TpRankZero(first, bindings, weights, placements, list(state.warnings), _weight_splits(state))
+    return _TpRankZero(first, bindings, weights, placements, [*state.warnings, *notes], _weight_splits(state))
 
 
 def _uneven_ranks(
-    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[TensorBinding], ...]]
+    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[TensorBinding], ...]],
+    options: PartitionOptions,
 ) -> _TpRankZero:
     """Every tp rank's own localized model holding its weights."""
     models = [materialize_rank(t, state, tp_rank, consume=True) for tp_rank, t in enumerate(templates)]
+    notes: list[str] = []
     for made in models:
         _remove_unused(made)
+        notes += _fold_shapes(made, options)  # each tp rank has its own graph here
     placements = {name: str(p) for name, p in state.placements.items()}
     return _TpRankZero(
         models[0],
         bindings,  # type: ignore[arg-type]
         [initializer_tensors(made) for made in models],
         placements,
-        list(state.warnings),
+        [*state.warnings, *dict.fromkeys(notes)],
         _weight_splits(state),
         models,
         state.mesh.tp_shares,
@@ -313,6 +323,22 @@ def _refuse_unsharded(template: ir.Model, state: ShardingState) -> None:
 # Each rank's weights, known before the rank models are all built: (global rank, pipeline stage,
 # {initializer name: tensor}), sorted by rank. The tensors are lazy (slices of the source's data).
 RankWeightsPlan = list[tuple[int, int, dict[str, ir.TensorProtocol]]]
+
+
+def _rank_varying(state: ShardingState) -> set[str]:
+    """Initializers whose value differs between tp ranks (rank constants, sliced weights)."""
+    sliced = {name for name, p in state.weight_placements.items() if isinstance(p, Shard | Partial)}
+    return set(state.rank_constants) | sliced
+
+
+def _fold_shapes(model: ir.Model, options: PartitionOptions, rank_varying: set[str] | None = None) -> list[str]:
+    """Fold the shape chains of a whole-model rank (pp 1) in place; the warning when they cannot be."""
+    if options.pp > 1 or not options.fold_shapes:
+        # Pipeline stages are cut from this graph by layer; a shared shape value at the graph's start would
+        # cross stages, so stage graphs keep their chains (not measured to matter yet: issue 16 is tp decode).
+        return []
+    _report, why_not = try_fold_shape_chains(model, options.max_seq, rank_varying or ())
+    return [why_not] if why_not else []
 
 
 def _remove_unused(model: ir.Model) -> None:

@@ -244,6 +244,19 @@ def test_plan_greedy_equals_no_cache_recompute(tmp_path: Path, name: str, tp: in
     assert [report.tokens for report in reports] == [expected.tokens.tolist()] * (tp * pp)
 
 
+def test_vocab_parallel_plan_generates_the_original_tokens(tmp_path: Path) -> None:
+    """--vocab-parallel shards the lm_head; the plan AllGathers the logits inside the rank graphs, so every
+    rank holds them whole and generate samples as with any plan (issue 16: no replicated lm_head)."""
+    plan = tmp_path / "plan"
+    manifest = partition_to_dir(SMALL_MODEL, plan, tp=2, vocab_parallel=True)
+    assert manifest.options["vocab_parallel"] is True
+    prompts = np.random.default_rng(3).integers(0, 512, size=(2, 5))
+    expected = recompute_greedy(SMALL_MODEL, prompts, 10)
+    assert expected.margins.min() > MIN_MARGIN
+    reports = spawn_generation(GenerateRequest(str(plan), prompts.tolist(), 10, stream=False), 2)
+    assert [report.tokens for report in reports] == [expected.tokens.tolist()] * 2
+
+
 def test_recompute_does_not_share_a_cache_loop_bug(monkeypatch: pytest.MonkeyPatch) -> None:
     """A cache bookkeeping bug (decode positions that forget the past length) changes what the KV-cache
     loop generates, on a plan and on the original alike; the recompute, which never has a past, stays
