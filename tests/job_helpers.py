@@ -4,30 +4,71 @@ environment variable, and among them the rank processes proper)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from llmir_onnx.api import partition_to_dir
+from llmir_onnx.runtime.job import HANG_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 
 MARK_ENV = "LLMIR_TEST_JOB_MARK"
+CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
+HELD_AT_STEP = 30
 
 
 def long_generation_plan(folder: Path, tp: int, pp: int = 1, timeout_s: float = 60.0) -> Path:
-    """A (tp, pp) plan of a tiny synthetic LLaMA with 4096 positions: a generation that lasts seconds."""
+    """A (tp, pp) plan of a tiny synthetic LLaMA with 4096 positions: room for a generation that a test
+    holds mid-way (LLMIR_FAULT_HANG_RANK_AT) to signal or kill it."""
     subprocess.run(
         [sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--preset", "tiny", "--max-position", "4096",
          "--out", str(folder / "model")], check=True, capture_output=True, timeout=timeout_s,
     )
     plan = folder / f"tp{tp}pp{pp}"
-    # Unfolded shape chains (fold_shapes=False): the folded graph decodes the tiny model about twice as
-    # fast, and its 4000 tokens could then end before a test's signal arrives on a busy machine.
-    partition_to_dir(folder / "model" / "model.onnx", plan, tp=tp, pp=pp, fold_shapes=False)
+    partition_to_dir(folder / "model" / "model.onnx", plan, tp=tp, pp=pp)
     return plan
+
+
+def _interruptible() -> None:
+    # A shell starts background commands with SIGINT ignored (`bash .ci/run &`), and Python then installs
+    # no KeyboardInterrupt handler: that CLI rightly ignores Ctrl-C. A terminal's foreground CLI has
+    # SIGINT at its default action, which is what the tests are about.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def held_generation(plan: Path, env: Mapping[str, str], held_rank: int) -> Iterator[subprocess.Popen[str]]:
+    """`llmir-onnx generate PLAN` (4000 tokens) in which `held_rank` stops making progress before decode
+    step 30: the others then wait in a collective, so the job cannot end by itself before a test's signal
+    or kill, however fast or slow the machine. Yielded once tokens stream (every rank is mid-generation);
+    a CLI the test leaves running is stopped (SIGTERM, its orderly stop; then SIGKILL)."""
+    process = subprocess.Popen(
+        [*CLI, "generate", str(plan), "--prompt-ids", "1,2,3", "--max-new-tokens", "4000"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        env={**env, HANG_ENV: f"{held_rank}:{HELD_AT_STEP}"}, preexec_fn=_interruptible,
+    )
+    try:
+        assert process.stdout is not None
+        streamed = ""
+        while len(streamed.split()) < 5:
+            chunk = process.stdout.read(20)
+            assert chunk, f"the generation ended before streaming: {process.communicate()[1]}"
+            streamed += chunk
+        yield process
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
 
 
 def marked_processes(mark: str) -> list[int]:

@@ -15,19 +15,32 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-from job_helpers import MARK_ENV, long_generation_plan, marked_processes, rank_process, seconds_until_gone
+from job_helpers import (
+    CLI,
+    MARK_ENV,
+    held_generation,
+    long_generation_plan,
+    marked_processes,
+    rank_process,
+    seconds_until_gone,
+)
 
 from llmir_onnx.api import partition_to_dir
-from llmir_onnx.runtime.job import FAULT_ENV, KIND_COMMUNICATION, KIND_KILLED, KIND_LOCAL, _failure_message, _JobFiles
+from llmir_onnx.runtime.job import (
+    FAULT_ENV,
+    KIND_COMMUNICATION,
+    KIND_KILLED,
+    KIND_LOCAL,
+    _failure_message,
+    _JobFiles,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_MODEL = ROOT / "models" / "llama-gqa-torch-legacy" / "model.onnx"
-CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
 GENEROUS_S = 60.0
 
 
@@ -52,21 +65,6 @@ def long4_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return long_generation_plan(tmp_path_factory.mktemp("faults-long"), tp=2, pp=2, timeout_s=GENEROUS_S)
 
 
-def _start_generation(plan: Path, mark: str) -> subprocess.Popen[str]:
-    process = subprocess.Popen(
-        [*CLI, "generate", str(plan), "--prompt-ids", "1,2,3", "--max-new-tokens", "4000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=_env(mark),
-    )
-    # Wait until rank 0 streams tokens: every rank is then in the middle of generating.
-    assert process.stdout is not None
-    streamed = ""
-    while len(streamed.split()) < 5:
-        chunk = process.stdout.read(20)
-        assert chunk, f"the generation ended before streaming: {process.communicate()[1]}"
-        streamed += chunk
-    return process
-
-
 def _error_line(stderr: str) -> str:
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert "\x1b[" not in stderr, stderr  # no colour-coded onnxruntime log lines
@@ -80,22 +78,22 @@ def test_kill_9_of_one_rank_of_a_4_rank_generation_stops_every_process(long4_pla
     """Either process of rank 2: the rank itself, or its supervisor (same command line; mpiexec's child).
     Killing a supervisor makes hydra kill the other ranks at once; the rank still gets named."""
     mark = _mark("kill-generate")
-    process = _start_generation(long4_plan, mark)
-    victim = rank_process(mark, 2, supervisor=which == "supervisor")
-    assert victim is not None, f"no rank 2 {which} process among {marked_processes(mark)}"
-    os.kill(victim, signal.SIGKILL)
-    killed_at = time.monotonic()
-    _, stderr = process.communicate(timeout=GENEROUS_S)
-    exited_s = time.monotonic() - killed_at
-    gone_s = exited_s + seconds_until_gone(mark, GENEROUS_S)
-    print(f"\nkill -9 of rank 2's {which} process (generate, 4 ranks): the CLI exited {exited_s:.2f} s later, "
-          f"every process was gone {gone_s:.2f} s later")
-    assert process.returncode != 0
-    line = _error_line(stderr)
-    expected = (f"the rank process (pid {victim}) was killed by SIGKILL" if which == "rank"
-                else f"its supervisor process (pid {victim}) was killed")
-    assert line.startswith(f"llmir-onnx: error: generation failed: rank 2 died: {expected}"), line
-    assert gone_s < GENEROUS_S and marked_processes(mark) == []
+    with held_generation(long4_plan, _env(mark), held_rank=0) as process:
+        victim = rank_process(mark, 2, supervisor=which == "supervisor")
+        assert victim is not None, f"no rank 2 {which} process among {marked_processes(mark)}"
+        os.kill(victim, signal.SIGKILL)
+        killed_at = time.monotonic()
+        _, stderr = process.communicate(timeout=GENEROUS_S)
+        exited_s = time.monotonic() - killed_at
+        gone_s = exited_s + seconds_until_gone(mark, GENEROUS_S)
+        print(f"\nkill -9 of rank 2's {which} process (generate, 4 ranks): the CLI exited {exited_s:.2f} s later, "
+              f"every process was gone {gone_s:.2f} s later")
+        assert process.returncode != 0
+        line = _error_line(stderr)
+        expected = (f"the rank process (pid {victim}) was killed by SIGKILL" if which == "rank"
+                    else f"its supervisor process (pid {victim}) was killed")
+        assert line.startswith(f"llmir-onnx: error: generation failed: rank 2 died: {expected}"), line
+        assert gone_s < GENEROUS_S and marked_processes(mark) == []
 
 
 def test_kill_9_of_one_rank_of_a_4_rank_verify_names_it(small4_plan: Path) -> None:
@@ -116,31 +114,31 @@ def test_kill_9_of_one_rank_of_a_4_rank_verify_names_it(small4_plan: Path) -> No
 
 def test_sigterm_to_the_launcher_stops_every_rank(long4_plan: Path) -> None:
     mark = _mark("term-mpiexec")
-    process = _start_generation(long4_plan, mark)
-    launchers = [pid for pid in marked_processes(mark) if b"mpiexec" in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    assert len(launchers) == 1, launchers
-    os.kill(launchers[0], signal.SIGTERM)
-    sent_at = time.monotonic()
-    _, stderr = process.communicate(timeout=GENEROUS_S)
-    gone_s = time.monotonic() - sent_at + seconds_until_gone(mark, GENEROUS_S)
-    print(f"\nSIGTERM to mpiexec (generate, 4 ranks): every process gone {gone_s:.2f} s later")
-    assert process.returncode != 0
-    line = _error_line(stderr)
-    assert "generation failed: rank " in line and "was stopped by SIGTERM" in line, line
-    assert gone_s < GENEROUS_S and marked_processes(mark) == []
+    with held_generation(long4_plan, _env(mark), held_rank=0) as process:
+        launchers = [pid for pid in marked_processes(mark) if b"mpiexec" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        assert len(launchers) == 1, launchers
+        os.kill(launchers[0], signal.SIGTERM)
+        sent_at = time.monotonic()
+        _, stderr = process.communicate(timeout=GENEROUS_S)
+        gone_s = time.monotonic() - sent_at + seconds_until_gone(mark, GENEROUS_S)
+        print(f"\nSIGTERM to mpiexec (generate, 4 ranks): every process gone {gone_s:.2f} s later")
+        assert process.returncode != 0
+        line = _error_line(stderr)
+        assert "generation failed: rank " in line and "was stopped by SIGTERM" in line, line
+        assert gone_s < GENEROUS_S and marked_processes(mark) == []
 
 
 def test_sigterm_to_the_cli_stops_every_rank(long4_plan: Path) -> None:
     mark = _mark("term-cli")
-    process = _start_generation(long4_plan, mark)
-    process.send_signal(signal.SIGTERM)
-    sent_at = time.monotonic()
-    _, stderr = process.communicate(timeout=GENEROUS_S)
-    gone_s = time.monotonic() - sent_at + seconds_until_gone(mark, GENEROUS_S)
-    print(f"\nSIGTERM to the CLI (generate, 4 ranks): every process gone {gone_s:.2f} s later")
-    assert process.returncode != 0
-    assert "interrupted: every rank was stopped" in _error_line(stderr)
-    assert gone_s < GENEROUS_S and marked_processes(mark) == []
+    with held_generation(long4_plan, _env(mark), held_rank=0) as process:
+        process.send_signal(signal.SIGTERM)
+        sent_at = time.monotonic()
+        _, stderr = process.communicate(timeout=GENEROUS_S)
+        gone_s = time.monotonic() - sent_at + seconds_until_gone(mark, GENEROUS_S)
+        print(f"\nSIGTERM to the CLI (generate, 4 ranks): every process gone {gone_s:.2f} s later")
+        assert process.returncode != 0
+        assert "interrupted: every rank was stopped" in _error_line(stderr)
+        assert gone_s < GENEROUS_S and marked_processes(mark) == []
 
 
 def test_a_rank_refusing_its_data_file_is_the_error_shown(small4_plan: Path, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from job_helpers import MARK_ENV, long_generation_plan, marked_processes, seconds_until_gone
+from job_helpers import MARK_ENV, held_generation, long_generation_plan, marked_processes, seconds_until_gone
 
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.errors import GenerationError
@@ -108,22 +108,14 @@ def test_killed_rank_ends_every_rank_at_once(tp2_plan: Path) -> None:
 
 def test_ctrl_c_stops_every_rank(long_plan: Path) -> None:
     mark = f"ctrl-c-{os.getpid()}-{time.time()}"
-    process = subprocess.Popen(
-        [*CLI, "generate", str(long_plan), "--prompt-ids", "1,2,3", "--max-new-tokens", "4000"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, MARK_ENV: mark},
-    )
-    # Wait until the ranks stream tokens, i.e. they are in the middle of generating.
-    assert process.stdout is not None
-    deadline = time.monotonic() + TIMEOUT_S  # a hang guard, not a timing check
-    while len(process.stdout.read(40).split()) < 5 and time.monotonic() < deadline:
-        pass
-    ranks = [pid for pid in marked_processes(mark) if pid != process.pid]
-    assert len(ranks) >= 5, f"mpiexec, 2 supervisors and 2 ranks expected, found {ranks}"
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=TIMEOUT_S)
-    assert process.returncode != 0
-    assert "interrupted: every rank was stopped" in stderr
-    assert seconds_until_gone(mark, TIMEOUT_S) < TIMEOUT_S
+    with held_generation(long_plan, {**os.environ, MARK_ENV: mark}, held_rank=1) as process:
+        ranks = [pid for pid in marked_processes(mark) if pid != process.pid]
+        assert len(ranks) >= 5, f"mpiexec, 2 supervisors and 2 ranks expected, found {ranks}"
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=TIMEOUT_S)
+        assert process.returncode != 0
+        assert "interrupted: every rank was stopped" in stderr
+        assert seconds_until_gone(mark, TIMEOUT_S) < TIMEOUT_S
 
 
 def test_under_mpiexec_every_process_runs_its_rank(tp2_plan: Path) -> None:

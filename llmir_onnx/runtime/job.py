@@ -362,22 +362,33 @@ def ignore_peer_death_notice() -> None:
 
 
 JOB_ENV = "LLMIR_JOB_DIR"
-# Test hook: "RANK:STEP" makes that rank SIGKILL itself before that step (a real kill): a decode step
-# under `generate`, step 0 (before its session runs) under `verify`.
+# Test hooks, each "RANK:STEP", acting before that step: a decode step under `generate`, step 0 (before
+# its session runs) under `verify`. KILL: that rank SIGKILLs itself (a real kill). HANG: that rank stops
+# making progress until a signal ends it, so a test can signal a job that is certainly still running
+# (a generation of a tiny model can otherwise finish before the signal arrives on a busy machine).
 FAULT_ENV = "LLMIR_FAULT_KILL_RANK_AT"
+HANG_ENV = "LLMIR_FAULT_HANG_RANK_AT"
 
 
-def fault_hook(rank: int) -> Callable[[int], None] | None:
-    spec = os.environ.get(FAULT_ENV)
+def _fault_step(variable: str, rank: int) -> int | None:
+    spec = os.environ.get(variable)
     if not spec:
         return None
     target, step = (int(part) for part in spec.split(":"))
-    if target != rank:
+    return step if target == rank else None
+
+
+def fault_hook(rank: int) -> Callable[[int], None] | None:
+    kill_at, hang_at = _fault_step(FAULT_ENV, rank), _fault_step(HANG_ENV, rank)
+    if kill_at is None and hang_at is None:
         return None
 
     def before_step(current: int) -> None:
-        if current == step:
+        if current == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+        if current == hang_at:
+            while True:  # SIGINT/SIGTERM keep their default action in a rank: they end it here
+                time.sleep(3600)
 
     return before_step
 
