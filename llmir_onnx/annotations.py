@@ -33,7 +33,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from llmir_onnx.errors import ShardingError
-from llmir_onnx.passes.stages import layer_of_node_by_name
+from llmir_onnx.model_facts import layer_of_node_by_name
 from llmir_onnx.placement import Placement, Shard
 
 CONFIGURATION_NAME = "llmir-plan"

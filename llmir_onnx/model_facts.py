@@ -84,9 +84,14 @@ def is_kv_input(value: ir.Value) -> bool:
     return bool(_KV_NAME.search(value.name or "")) or _feeds_kv_slot(value)
 
 
+def is_kv_output_name(name: str) -> bool:
+    """A present KV cache output's name (present*, as every exporter names them)."""
+    return bool(_PRESENT_NAME.search(name))
+
+
 def is_kv_output(value: ir.Value) -> bool:
-    """A present KV cache output (named present*, as every exporter names them)."""
-    return bool(_PRESENT_NAME.search(value.name or ""))
+    """A present KV cache output of the graph."""
+    return is_kv_output_name(value.name or "")
 
 
 def kv_cache_inputs(model: ir.Model) -> list[ir.Value]:
@@ -104,7 +109,7 @@ def kv_cache_pairs(input_names: list[str], output_names: list[str]) -> dict[str,
     pasts = {_cache_key(name): name for name in input_names if name.startswith("past")}
     pairs = {}
     for name in output_names:
-        if not name.startswith("present"):
+        if not is_kv_output_name(name):
             continue
         past = pasts.get(_cache_key(name))
         if past is None:
@@ -116,6 +121,52 @@ def kv_cache_pairs(input_names: list[str], output_names: list[str]) -> dict[str,
     if unmatched:
         raise GenerationError(f"KV cache inputs {unmatched} have no present.* output to feed them")
     return pairs
+
+
+# --------------------------------------------------------------------------- decoder layers
+
+# A decoder layer's scope in a node, value or weight name (`/model/layers.3/...`, `/transformer/h.3/...`,
+# `model.layers.3.mlp.weight`) or in the scope metadata torch.onnx's dynamo exporter writes
+# (`namespace`: `.../model.model.layers.3: ...`; `pkg.torch.onnx.name_scopes`: `['', 'model',
+# 'model.layers.3']`). Cost, layouts, stages and annotations all read layers through this one pattern.
+LAYER_PATTERN = re.compile(r"(?:^|[/.:\s'])(?:layers|layer|h|blocks|block)[./_:](\d+)(?=$|[/.:_\s'])")
+SCOPE_METADATA_KEYS = ("namespace", "pkg.torch.onnx.name_scopes")
+# The layer index in a past KV cache input's name: `past_key_values.3.key`, `past.3.value`, `cache_3_k`.
+_KV_LAYER_IN_NAME = re.compile(r"(?:past|cache)\D*?(\d+)", re.IGNORECASE)
+
+
+def layer_in_text(text: str) -> int | None:
+    """The decoder layer index a name or scope shows (`/model/layers.3/...` -> 3), None if none."""
+    match = LAYER_PATTERN.search(text)
+    return int(match.group(1)) if match else None
+
+
+def layer_of_node_by_name(node: ir.Node) -> int | None:
+    """The decoder layer a node's name, scope metadata, outputs or weights name; None if none does."""
+    if node.name and (layer := layer_in_text(node.name)) is not None:
+        return layer
+    for key in SCOPE_METADATA_KEYS:
+        scope = node.metadata_props.get(key)
+        if scope and (layer := layer_in_text(scope)) is not None:
+            return layer
+    for value in node.outputs:
+        if value.name and (layer := layer_in_text(value.name)) is not None:
+            return layer
+    for value in node.inputs:
+        is_weight = value is not None and value.const_value is not None and value.producer() is None
+        if is_weight and value.name and (layer := layer_in_text(value.name)) is not None:
+            return layer
+    return None
+
+
+def kv_cache_layers(graph: ir.Graph) -> dict[ir.Value, int]:
+    """Model inputs that are a layer's past KV cache (`past_key_values.3.key`, ...) -> layer index."""
+    found = {}
+    for value in graph.inputs:
+        match = _KV_LAYER_IN_NAME.search(value.name or "")
+        if match and is_kv_input(value):
+            found[value] = int(match.group(1))
+    return found
 
 
 def _indexes_an_embedding(value: ir.Value) -> bool:

@@ -14,7 +14,7 @@ import pytest
 from test_cli import ROOT, assert_one_line_error, run_cli
 
 from llmir_onnx.annotations import CONFIGURATION_NAME
-from llmir_onnx.passes.stages import layer_of_node_by_name
+from llmir_onnx.model_facts import layer_of_node_by_name
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,7 +58,14 @@ import onnx_ir as ir
 from llmir_onnx.errors import InputModelError, LlmirError, PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
-from llmir_onnx.model_facts import BATCH, CLI_HINT, PAST, dim_roles, is_kv_input
+from llmir_onnx.model_facts import (
+    BATCH,
+    CLI_HINT,
+    PAST,
+    dim_roles,
+    kv_cache_layers,
+    layer_of_node_by_name,
+)
 from llmir_onnx.ops import (
     ALL_GATHER,
     ALL_REDUCE,
@@ -89,10 +95,6 @@ from llmir_onnx.plan.shapes import default_max_seq, types_in_input_terms
 SENT_OUTPUT_PREFIX = "llmir.sent."
 DEFAULT_REPLICATE_MAX_WEIGHT_BYTES = 1 << 20
 
-LAYER_NAME_PATTERN = re.compile(r"(?:^|[/.:\s])(?:layers|layer|h|blocks|block)[./_:](\d+)(?=$|[/.:_\s])")
-KV_INPUT_PATTERN = re.compile(r"(?:past|cache)\D*?(\d+)", re.IGNORECASE)
-# exporter metadata keys that carry the module scope of a node
-SCOPE_METADATA_KEYS = ("namespace", "pkg.torch.onnx.name_scopes")
 # contrib ops whose first output has the dtype of their first input (onnx shape inference does not know them)
 _DTYPE_OF_FIRST_INPUT_OPS = frozenset(
     {
@@ -142,39 +144,6 @@ class StageSplitResult:
 
 
 # --------------------------------------------------------------------------- layer analysis
-
-
-def _layer_from_text(text: str) -> int | None:
-    match = LAYER_NAME_PATTERN.search(text)
-    return int(match.group(1)) if match else None
-
-
-def layer_of_node_by_name(node: ir.Node) -> int | None:
-    """The decoder layer a node's name, scope metadata, outputs or weights name; None if none does."""
-    if node.name and (layer := _layer_from_text(node.name)) is not None:
-        return layer
-    for key in SCOPE_METADATA_KEYS:
-        scope = node.metadata_props.get(key)
-        if scope and (layer := _layer_from_text(scope)) is not None:
-            return layer
-    for value in node.outputs:
-        if value.name and (layer := _layer_from_text(value.name)) is not None:
-            return layer
-    for value in node.inputs:
-        is_weight = value is not None and value.const_value is not None and value.producer() is None
-        if is_weight and value.name and (layer := _layer_from_text(value.name)) is not None:
-            return layer
-    return None
-
-
-def kv_cache_layers(graph: ir.Graph) -> dict[ir.Value, int]:
-    """Model inputs that are a layer's past KV cache (`past_key_values.3.key`, ...) -> layer index."""
-    found = {}
-    for value in graph.inputs:
-        match = KV_INPUT_PATTERN.search(value.name or "")
-        if match and is_kv_input(value):
-            found[value] = int(match.group(1))
-    return found
 
 
 def _owner_map(graph: ir.Graph) -> dict[ir.Node, ir.Node]:

@@ -37,12 +37,12 @@ estimated separately; decode throughput is max_batch / decode step time.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import onnx_ir as ir
 
+from llmir_onnx.model_facts import layer_of_node_by_name
 from llmir_onnx.plan.devices import DeviceProfile, LinkProfile
 from llmir_onnx.plan.memory import phase_sizes
 from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, evaluate_shapes
@@ -63,12 +63,6 @@ FLOPS_PER_ELEMENT = {
     "LayerNormalization": 8, "SimplifiedLayerNormalization": 5, "RMSNormalization": 5,
     "SkipSimplifiedLayerNormalization": 6, "SkipLayerNormalization": 9, "RotaryEmbedding": 3,
 }  # fmt: skip
-# A decoder layer's scope in node names (`/model/layers.3/...`, `/transformer/h.3/...`) or in the
-# `namespace` metadata torch.onnx's dynamo exporter writes (`.../model.model.layers.3: ...`).
-LAYER_PATTERN = re.compile(r"(?:^|[/.:\s'])(?:layers|layer|h|blocks|block)[._](\d+)(?=$|[/.:\s'])")
-LAYER_METADATA_KEYS = ("namespace", "pkg.torch.onnx.name_scopes")
-
-
 # The link an ai.llmir node runs over and how many hosts its group spans (None: the device's own link).
 LinkOf = Callable[[ir.Node], "tuple[LinkProfile, int] | None"]
 
@@ -114,26 +108,6 @@ class PhaseEstimates:
     prefill: TimeEstimate
     decode: TimeEstimate
     decode_tokens_per_s: float
-
-
-def layer_of(node_name: str) -> int | None:
-    """The decoder layer index in a node name (`/model/layers.3/...` -> 3), None outside layers."""
-    match = LAYER_PATTERN.search(node_name)
-    return int(match.group(1)) if match else None
-
-
-def node_layer(node: ir.Node) -> int | None:
-    """The decoder layer of a node: from its name, else from its scope metadata (dynamo exports)."""
-    layer = layer_of(node.name or "")
-    if layer is not None:
-        return layer
-    for key in LAYER_METADATA_KEYS:
-        scope = node.metadata_props.get(key)
-        if scope:
-            layer = layer_of(scope)
-            if layer is not None:
-                return layer
-    return None
 
 
 def _bytes_of(values: Iterable[ir.Value | None], shapes: Mapping[str, TensorShape]) -> int:
@@ -210,7 +184,7 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
         comm_bytes=int(comm),
         dtype=_compute_dtype(node, shapes),
         group_size=group,
-        layer=node_layer(node),
+        layer=layer_of_node_by_name(node),
         gather_sizes=gather_sizes,
     )
 

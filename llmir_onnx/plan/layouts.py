@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,14 +59,13 @@ import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
 from llmir_onnx.mesh import DeviceMesh, MeshCoords, grouped_shares
-from llmir_onnx.model_facts import kv_cache_inputs
-from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost, node_layer
+from llmir_onnx.model_facts import is_kv_output_name, kv_cache_inputs, layer_of_node_by_name
+from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
 from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
 from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
 
 REPLICATED, HEADS, KV_HEADS = "R", "Q", "KV"
-_PRESENT = re.compile(r"present", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -168,7 +166,7 @@ class _Analysis:
             v.name: math.prod(d if isinstance(d, int) else at_max[str(d.value)] for d in v.shape) * v.dtype.itemsize  # type: ignore[union-attr]
             for v in kv_cache_inputs(model)
         }
-        self.node_layer = [node_layer(node) for node in self.nodes]
+        self.node_layer = [layer_of_node_by_name(node) for node in self.nodes]
         layer_ids = sorted({layer for layer in self.node_layer if layer is not None})
         if not layer_ids or layer_ids != list(range(len(layer_ids))):
             raise PlanError(
@@ -617,7 +615,7 @@ def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int, 
     shapes = analysis.shapes[phase]
     graph_outputs = {v.name for v in analysis.model.graph.outputs}
     excluded = set(analysis.weights) | {v.name for v in analysis.model.graph.inputs}
-    excluded |= {name for name in graph_outputs if _PRESENT.search(name or "")}
+    excluded |= {name for name in graph_outputs if is_kv_output_name(name or "")}
     last_use: dict[str, int] = {}
     produced_here: set[str] = set()
     for i in nodes:

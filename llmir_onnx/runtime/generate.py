@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from llmir_onnx.errors import GenerationError
-from llmir_onnx.model_facts import kv_cache_pairs
+from llmir_onnx.model_facts import is_kv_output_name, kv_cache_pairs
 from llmir_onnx.runtime.generate_job import TokenRates
 from llmir_onnx.runtime.sampling import Sampler
 from llmir_onnx.runtime.session import BoundSession, Tensor
@@ -54,7 +54,7 @@ def logits_name(output_names: list[str]) -> str:
     named = [name for name in output_names if "logits" in name]
     if named:
         return named[0]
-    others = [name for name in output_names if not name.startswith("present")]
+    others = [name for name in output_names if not is_kv_output_name(name)]
     if not others:
         raise GenerationError(f"the model has no logits output (outputs: {output_names})")
     return others[0]
@@ -189,7 +189,7 @@ def generate(
         raise GenerationError(f"--micro-batches {micro_batches} must be between 1 and the batch size {batch}")
     cache_pairs = kv_cache_pairs(session.input_names, session.output_names)
     logits = logits_name(session.output_names) if any(
-        not name.startswith("present") for name in session.output_names) else None
+        not is_kv_output_name(name) for name in session.output_names) else None
     if broadcast is None and logits is None:
         raise GenerationError("this session produces no logits and there is no broadcast to receive tokens from")
     row_groups = np.array_split(np.arange(batch), micro_batches)
