@@ -89,6 +89,14 @@ def partition(
     vocab_parallel: Annotated[
         bool, typer.Option("--vocab-parallel", help="Shard the embedding and lm_head by vocabulary.")
     ] = False,
+    sequence_parallel: Annotated[
+        bool,
+        typer.Option(
+            "--sp",
+            help="Sequence parallelism with --tp: norms and residual adds between the tp blocks run on a chunk "
+            "of the tokens (ReduceScatter / AllGather along the tokens instead of AllReduce).",
+        ),
+    ] = False,
     replicate_unsupported: Annotated[
         bool,
         typer.Option("--replicate-unsupported", help="Replicate ops with no sharding rule instead of failing."),
@@ -172,6 +180,7 @@ def partition(
         tp=tp,
         pp=pp,
         vocab_parallel=vocab_parallel,
+        sequence_parallel=sequence_parallel,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
         fold_shapes=not no_fold_shapes,
