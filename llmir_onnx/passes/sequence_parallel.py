@@ -86,13 +86,32 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 region.append(node)
                 sharded.update(joined)
         if not region:
-            raise PlanError(
-                f"--sp --tp {state.tp} found no row-parallel output that feeds per-token work (a residual add, a "
-                "norm) in this model, so there is nothing to run sequence-parallel; partition without --sp"
-            )
+            raise PlanError(self._why_no_region(graph))
         self._rewrite(graph, region, sharded, pending)
         state.sequence_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
         return ir.passes.PassResult(model, modified=True)
+
+    def _why_no_region(self, graph: ir.Graph) -> str:
+        """The one-line refusal when no row-parallel output feeds per-token work: names the first reduction."""
+        state = self.state
+        nodes = {node.name: node for node in graph}
+        for item in state.redistributions:
+            if not (isinstance(item.current, Partial) and isinstance(item.required, Replicate)):
+                continue
+            node = nodes[item.node]
+            shape = state.shapes.get(item.value)
+            if self._token_axis(node.inputs[item.index]) is None:
+                why = f"its shape {list(shape or ())} has no axis of the new tokens alone ({sorted(self._symbols)})"
+            else:
+                why = f"{node.op_type} is not per-token work that a sharding rule keeps split on the tokens"
+            return (
+                f"--sp cannot split the tokens over {state.tp} ranks in this model: the row-parallel output "
+                f"{item.value!r} is reduced for node {node.name} ({node.op_type}), and {why}; partition without --sp"
+            )
+        return (
+            f"--sp --tp {state.tp}: this plan has no row-parallel output to reduce (no AllReduce to split); "
+            "partition without --sp"
+        )
 
     def _token_axis(self, value: ir.Value) -> int | None:
         """The one axis of `value` whose dim is the new-token symbol, or None."""
