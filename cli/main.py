@@ -199,7 +199,8 @@ def partition(
     if as_json:
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
         return
-    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}) to {out}")
+    sp = " with sequence parallelism" if manifest.mesh.get("sp") else ""
+    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}{sp}) to {out}")
     shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
     if shares or used_weights:
         source = "--tp-weights" if weights is not None else "the devices' memory bandwidth"
