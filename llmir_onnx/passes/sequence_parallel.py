@@ -87,9 +87,27 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 sharded.update(joined)
         if not region:
             raise PlanError(self._why_no_region(graph))
+        self._refuse_partial_coverage(graph, region)
         self._rewrite(graph, region, sharded, pending)
         state.sequence_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
         return ir.passes.PassResult(model, modified=True)
+
+    def _refuse_partial_coverage(self, graph: ir.Graph, region: list[ir.Node]) -> None:
+        """No silent half measure: a token-axis Partial value that stays all-reduced (its consumer is no
+        per-token work) would leave that block's output replicated; refused, naming it."""
+        joined = {node.name for node in region}
+        nodes = {node.name: node for node in graph}
+        for item in self.state.redistributions:
+            if item.node in joined or not isinstance(item.current, Partial) or not isinstance(item.required, Replicate):
+                continue
+            node = nodes[item.node]
+            if self._token_axis(node.inputs[item.index]) is None:
+                continue
+            raise PlanError(
+                f"--sp cannot split the tokens of the row-parallel output {item.value!r}: its consumer {node.name} "
+                f"({node.op_type}) is not per-token work that a sharding rule keeps split on the tokens, so it would "
+                "stay all-reduced; partition without --sp"
+            )
 
     def _why_no_region(self, graph: ir.Graph) -> str:
         """The one-line refusal when no row-parallel output feeds per-token work: names the first reduction."""
