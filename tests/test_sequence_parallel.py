@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.helper as oh
 import pytest
 
 from llmir_onnx.errors import LlmirError
@@ -51,8 +52,9 @@ def _collectives(plan: Path, rank: int) -> Counter[str]:
     return Counter(node.op_type for node in model.graph.node if node.domain == "ai.llmir")
 
 
-# (model, tp, pp): three exporters' LLaMA-style models (torch legacy, torch dynamo, optimum Qwen3 with
-# per-head q/k norms, onnxruntime-genai with SkipSimplifiedLayerNormalization and GroupQueryAttention).
+# (model, tp, pp): LLaMA-style models of four exporters (torch legacy, torch dynamo, optimum Qwen3 with
+# per-head q/k norms, onnxruntime-genai with SkipSimplifiedLayerNormalization and GroupQueryAttention), and
+# GPT-2, whose row-parallel Gemm outputs are [batch * tokens, hidden]: reduced after the Reshape back.
 LAYOUTS = [
     ("llama-gqa-torch-legacy", 2, 1),
     ("llama-gqa-torch-legacy", 4, 1),
@@ -63,6 +65,8 @@ LAYOUTS = [
     ("llama-gqa-genai", 4, 1),
     ("llama-gqa-torch-legacy", 2, 2),
     ("llama-gqa-genai", 2, 2),
+    ("gpt2-torch-dynamo", 2, 1),
+    ("gpt2-optimum", 4, 1),
 ]
 
 
@@ -121,16 +125,55 @@ def test_sequence_parallel_padding_is_in_the_graph(tmp_path: Path) -> None:
     assert axis == {"axis": 1}  # the tokens of [batch, tokens, hidden]
 
 
-def test_sequence_parallel_refused_where_tokens_are_flattened(tmp_path: Path) -> None:
-    """torch dynamo's GPT-2 reduces its row-parallel Gemm outputs as [batch * tokens, hidden], before the
-    Reshape back to [batch, tokens, hidden]: no axis of the tokens alone to split; refused in one line."""
+def _mlp_model(folder: Path, residual: bool) -> Path:
+    """x [batch, tokens, 8] -> up (column-parallel) -> Relu -> down (row-parallel) -> [x + ...] -> a second
+    such MLP -> Softmax over the tokens, which mixes them: no per-token work a token chunk can do."""
+    rng = np.random.default_rng(0)
+    f = onnx.TensorProto.FLOAT
+    inits, nodes, hidden = [], [], "x"
+    for layer in range(2 if residual else 1):
+        up, down = f"layers.{layer}.up.weight", f"layers.{layer}.down.weight"
+        inits += [onnx.numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), up),
+                  onnx.numpy_helper.from_array(rng.standard_normal((16, 8)).astype(np.float32), down)]  # fmt: skip
+        scope = f"/layers.{layer}/mlp"
+        nodes += [oh.make_node("MatMul", [hidden, up], [f"h{layer}"], name=f"{scope}/up/MatMul"),
+                  oh.make_node("Relu", [f"h{layer}"], [f"a{layer}"], name=f"{scope}/Relu"),
+                  oh.make_node("MatMul", [f"a{layer}", down], [f"y{layer}"], name=f"{scope}/down/MatMul")]  # fmt: skip
+        if residual and layer == 0:
+            nodes.append(oh.make_node("Add", [hidden, "y0"], ["r0"], name="/layers.0/Add"))
+            hidden = "r0"
+        else:
+            hidden = f"y{layer}"
+    nodes.append(oh.make_node("Softmax", [hidden], ["out"], axis=1, name="/mix/Softmax"))
+    dims = ["batch_size", "sequence_length", 8]
+    graph = oh.make_graph(
+        nodes, "g", [oh.make_tensor_value_info("x", f, dims)], [oh.make_tensor_value_info("out", f, dims)], inits
+    )
+    path = folder / "model.onnx"
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=10), str(path))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("residual", "message"),
+    [
+        (False, r"^--sp cannot split the tokens over 2 ranks in this model: the row-parallel output 'y0' is "
+                r"reduced for node /mix/Softmax \(Softmax\), and Softmax is not per-token work"),
+        (True, r"^--sp cannot split the tokens of the row-parallel output 'y1': its consumer /mix/Softmax "
+               r"\(Softmax\) is not per-token work .* so it would stay all-reduced; partition without --sp$"),
+    ],
+    ids=["no-per-token-work", "one-block-not-covered"],
+)  # fmt: skip
+def test_sequence_parallel_refused_where_a_reduction_feeds_token_mixing(
+    residual: bool, message: str, tmp_path: Path
+) -> None:
+    """No silent fallback: a row-parallel output whose consumer mixes the tokens (a Softmax over them) is
+    refused in one line naming it, whether no block could be split or only this one could not."""
     from llmir_onnx.api import partition_to_dir
 
     out = tmp_path / "plan"
-    with pytest.raises(LlmirError, match=r"^--sp cannot split the tokens over 2 ranks in this model: the row-par"
-                       r"allel output 'addmm_1' is reduced for node node_view_14 \(Reshape\), and its shape "
-                       r"\['batch_size\*sequence_length', 64\] has no axis of the new tokens alone"):  # fmt: skip
-        partition_to_dir(MODELS / "gpt2-torch-dynamo" / "model.onnx", out, tp=2, sequence_parallel=True)
+    with pytest.raises(LlmirError, match=message):
+        partition_to_dir(_mlp_model(tmp_path, residual), out, tp=2, sequence_parallel=True)
     assert not out.exists()
 
 

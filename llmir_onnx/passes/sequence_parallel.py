@@ -38,7 +38,7 @@ import onnx_ir as ir
 from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
 from llmir_onnx.model_facts import NEW, dim_roles
-from llmir_onnx.passes.state import ShardingState
+from llmir_onnx.passes.state import Redistribution, ShardingState
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from llmir_onnx.propagation import elementwise, lookup, reductions
 from llmir_onnx.propagation.base import RuleContext
@@ -77,6 +77,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 f"{[v.name for v in graph.inputs]} has one: name it with --dim SYMBOL=new, or partition without --sp"
             )
         self._length_input = length_input
+        self._reduce_after_unflatten(graph)
         pending = {(r.node, r.index): r for r in state.redistributions}
         sharded: dict[str, int] = {}
         region: list[ir.Node] = []
@@ -91,6 +92,37 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         self._rewrite(graph, region, sharded, pending)
         state.sequence_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
         return ir.passes.PassResult(model, modified=True)
+
+    def _reduce_after_unflatten(self, graph: ir.Graph) -> None:
+        """A row-parallel output reduced as [batch * tokens, hidden] for the Reshape back to [batch, tokens,
+        hidden] (GPT-2's Gemm exports) is reduced after that Reshape instead: a Reshape is linear, so the
+        partial sums reshape alike, and the reduction then has a token axis to scatter along."""
+        state = self.state
+        nodes = {node.name: node for node in graph}
+        moved: list[Redistribution] = []
+        kept: list[Redistribution] = []
+        for item in state.redistributions:
+            node = nodes[item.node]
+            output = node.outputs[0]
+            movable = (
+                node.op_type == "Reshape"
+                and node.domain in ("", "ai.onnx")
+                and item.index == 0
+                and isinstance(item.current, Partial)
+                and item.current.op == "sum"
+                and isinstance(item.required, Replicate)
+                and self._token_axis(node.inputs[0]) is None
+                and self._token_axis(output) is not None
+                and isinstance(state.placements.get(output.name), Replicate)
+                and not output.is_graph_output()
+            )
+            uses = [(use.node.name, use.idx) for use in output.uses()] if movable else []
+            if not movable or any(key in {(r.node, r.index) for r in state.redistributions} for key in uses):
+                kept.append(item)
+                continue
+            state.placements[output.name] = item.current
+            moved.extend(Redistribution(name, index, output.name, item.current, REPLICATE) for name, index in uses)
+        state.redistributions = kept + moved
 
     def _refuse_partial_coverage(self, graph: ir.Graph, region: list[ir.Node]) -> None:
         """No silent half measure: a token-axis Partial value that stays all-reduced (its consumer is no
