@@ -133,5 +133,7 @@ def skip_norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     plain = isinstance(x, Shard) and x == skip and not (x.blocks or x.parts or x.inner or x.shares)
     if plain and rank is not None and 0 <= x.dim < rank - 1 and ctx.rank(node.inputs[1]) == rank:
         rest = [REPLICATE if v is not None else None for v in node.inputs[2:]]
-        return Decision([x, skip, *rest], [x] * len(node.outputs))
+        # An absent optional output (mean, inv_std) has no shape to split: it is nothing, call it replicated.
+        outputs: list[Placement] = [x if ctx.rank(out) is not None else REPLICATE for out in node.outputs]
+        return Decision([x, skip, *rest], outputs)
     return replicated(node)
