@@ -89,6 +89,14 @@ def partition(
     vocab_parallel: Annotated[
         bool, typer.Option("--vocab-parallel", help="Shard the embedding and lm_head by vocabulary.")
     ] = False,
+    sequence_parallel: Annotated[
+        bool,
+        typer.Option(
+            "--sp",
+            help="Sequence parallelism with --tp: norms and residual adds between the tp blocks run on a chunk "
+            "of the tokens (ReduceScatter / AllGather along the tokens instead of AllReduce).",
+        ),
+    ] = False,
     replicate_unsupported: Annotated[
         bool,
         typer.Option("--replicate-unsupported", help="Replicate ops with no sharding rule instead of failing."),
@@ -172,6 +180,7 @@ def partition(
         tp=tp,
         pp=pp,
         vocab_parallel=vocab_parallel,
+        sequence_parallel=sequence_parallel,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
         fold_shapes=not no_fold_shapes,
@@ -190,7 +199,8 @@ def partition(
     if as_json:
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
         return
-    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}) to {out}")
+    sp = " with sequence parallelism" if manifest.mesh.get("sp") else ""
+    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}{sp}) to {out}")
     shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
     if shares or used_weights:
         source = "--tp-weights" if weights is not None else "the devices' memory bandwidth"

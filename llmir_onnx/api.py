@@ -79,6 +79,7 @@ def partition_to_dir(
     tp_weights: tuple[float, ...] | None = None,
     devices: Cluster | None = None,
     fold_shapes: bool = True,
+    sequence_parallel: bool = False,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
@@ -103,6 +104,8 @@ def partition_to_dir(
     where each rank runs (`options["devices"]`). None: every rank is a `device` (the manifest as before).
     `fold_shapes` False keeps the exported shape-computation chains (passes/fold_shapes.py) in the rank
     graphs, for comparison; the manifest then records `options["fold_shapes"] = false`.
+    `sequence_parallel` (the CLI's --sp): per-token work between the tp blocks runs on a chunk of the tokens
+    (passes/sequence_parallel.py); the manifest records `mesh["sp"] = true`.
     """
     from llmir_onnx.annotations import (
         AnnotationPins,
@@ -138,6 +141,7 @@ def partition_to_dir(
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
         fold_shapes=fold_shapes,
+        sequence_parallel=sequence_parallel,
         stage_cut_after_layer=planned_cuts,
         device=device,
         device_memory_bytes=device_memory_bytes,
@@ -170,6 +174,8 @@ def partition_to_dir(
         }
         if mesh.tp_shares:
             mesh_info["tp_shares"] = list(mesh.tp_shares)  # heads per tp rank of an uneven split
+        if sequence_parallel:
+            mesh_info["sp"] = True  # the tp group also splits the tokens between its blocks
         contents = PlanContents(
             source_path=model_path,
             inputs=source_inputs,
@@ -194,6 +200,7 @@ def partition_to_dir(
                 "stage_cut_after_layer": list(stage_cut_after_layer) if stage_cut_after_layer else None,
                 **({"devices": devices.manifest_entry()} if devices is not None else {}),
                 **({"fold_shapes": False} if not fold_shapes else {}),
+                **({"sequence_parallel": True} if sequence_parallel else {}),
                 **({"tp_weights": list(tp_weights)} if tp_weights is not None else {}),
             },
             sharding={"weights": result.weight_splits or []},

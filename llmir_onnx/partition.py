@@ -72,6 +72,9 @@ class PartitionOptions:
     cluster: Cluster | None = None
     # Rebuild shape-computation chains once from the inputs (passes/fold_shapes.py); False keeps them as exported.
     fold_shapes: bool = True
+    # Megatron sequence parallelism over the tp group (passes/sequence_parallel.py): per-token work between
+    # the tensor-parallel blocks runs on a chunk of the tokens (ReduceScatter / AllGather along them).
+    sequence_parallel: bool = False
 
 
 # How one ORIGINAL model input/output maps onto one rank (dim None: the rank holds the full tensor).
@@ -135,6 +138,8 @@ def _check_options(options: PartitionOptions) -> None:
         raise ShardingError(f"--tp must be at least 1, got {options.tp}")
     if options.pp < 1:
         raise ShardingError(f"--pp must be at least 1, got {options.pp}")
+    if options.sequence_parallel and options.tp < 2:
+        raise ShardingError(f"--sp splits the tokens over the tp group; it needs --tp 2 or more, got --tp {options.tp}")
     if options.cluster is not None and len(options.cluster) != options.tp * options.pp:
         raise ShardingError(
             f"--devices {options.cluster.spec!r} describes {len(options.cluster)} devices but --tp {options.tp} x "
@@ -183,14 +188,25 @@ def plan_ranks(
         tp_weights=options.tp_weights,
     )
     template = model if consume_model else model.clone()
-    _run_passes(template, [AnnotatePass(state), PropagatePass(state), InsertCollectivesPass(state)])
+    sharding: list[ir.passes.PassBase] = [AnnotatePass(state), PropagatePass(state)]
+    if options.sequence_parallel:
+        from llmir_onnx.passes.sequence_parallel import SequenceParallelPass
+
+        sharding.append(SequenceParallelPass(state))
+    _run_passes(template, [*sharding, InsertCollectivesPass(state)])
     if not state.uneven:
         _run_passes(template, [LocalizePass(state)])
-        return [template], state
-    # Uneven: every tp rank has its own sizes, so its own localized graph.
-    templates = [template, *(template.clone() for _ in range(1, options.tp))]
-    for tp_rank, rank_template in enumerate(templates):
-        _run_passes(rank_template, [LocalizePass(state, tp_rank)])
+        templates = [template]
+    else:
+        # Uneven: every tp rank has its own sizes, so its own localized graph.
+        templates = [template, *(template.clone() for _ in range(1, options.tp))]
+        for tp_rank, rank_template in enumerate(templates):
+            _run_passes(rank_template, [LocalizePass(state, tp_rank)])
+    if state.sequence_shards:
+        from llmir_onnx.passes.sequence_parallel import declare_token_chunk_shapes
+
+        for localized in templates:
+            declare_token_chunk_shapes(localized, state)
     return templates, state
 
 

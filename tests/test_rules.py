@@ -1221,6 +1221,27 @@ def skip_simplified_norm_case() -> Case:
     )
 
 
+def skip_simplified_norm_token_shard_case() -> Case:
+    """Input and skip split alike on the tokens (sequence parallelism) stay split: a per-row norm and an add."""
+    return Case(
+        "skip_simplified_layer_norm_token_shard",
+        [
+            helper.make_node(
+                "SkipSimplifiedLayerNormalization",
+                ["x", "skip", "gamma"],
+                ["z", "", "", "sum"],
+                domain="com.microsoft",
+                epsilon=1e-5,
+            )
+        ],
+        {"x": (rand(2, 4, 16, seed=15), Shard(1)), "skip": (rand(2, 4, 16, seed=16), Shard(1))},
+        ["z", "sum"],
+        weights={"gamma": _positive(16)},
+        expect={"z": "S(1)", "sum": "S(1)"},
+        opsets=CONTRIB,
+    )
+
+
 ATTENTION_CASES = [
     *(gqa_case(tp, packed, rotary, 1, 3, 2) for tp in (2, 4) for packed in (False, True) for rotary in (False, True)),
     *(gqa_case(tp, False, True, 2, 1, 5) for tp in (2, 4)),  # a decode step of a batch
@@ -1228,6 +1249,7 @@ ATTENTION_CASES = [
     *(onnx_rotary_case(tp) for tp in (2, 4)),
     *(onnx_attention_case(tp, mask) for tp in (2, 4) for mask in (False, True)),
     skip_simplified_norm_case(),
+    skip_simplified_norm_token_shard_case(),
 ]
 ATTENTION_TPS = [(case, tp) for case in ATTENTION_CASES for tp in case.tps]
 

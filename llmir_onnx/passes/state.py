@@ -51,6 +51,9 @@ class ShardingState:
     weight_views: dict[str, tuple[int, ...]] = field(default_factory=dict)
     # Initializer name -> its value on a given tp rank (rank-dependent constants such as slice offsets).
     rank_constants: dict[str, Callable[[int], np.ndarray]] = field(default_factory=dict)
+    # Sequence parallelism (--sp): values computed on a chunk of the tokens, Shard(token axis) over the tp
+    # group (passes/sequence_parallel.py); their tp placement above stays what propagation decided.
+    sequence_shards: dict[str, Placement] = field(default_factory=dict)
     propagated: bool = False
     collectives_inserted: bool = False
     localized: bool = False

@@ -427,7 +427,8 @@ def render_report(plan_dir: Path, timeline: Path | None = None) -> str:
         "communication": ("Communication per step", _communication_section(plt, manifest)),
         "timeline": ("Measured pipeline timeline", _timeline_section(plt, manifest, events)),
     }
-    title = f"llmir-onnx plan: {Path(manifest.source['path']).name}, tp {mesh['tp']} x pp {mesh['pp']}"
+    sp = " (sp)" if mesh.get("sp") else ""  # the tp groups also split the tokens between their blocks
+    title = f"llmir-onnx plan: {Path(manifest.source['path']).name}, tp {mesh['tp']}{sp} x pp {mesh['pp']}"
     sections = "".join(f'<section><h2 id="{key}">{html.escape(name)}</h2>{body}</section>'
                        for key, (name, body) in bodies.items())
     return (f"<!DOCTYPE html><html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"

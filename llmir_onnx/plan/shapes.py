@@ -574,6 +574,11 @@ class ShapeEvaluator:
         name = str(dim.value)
         if name in self.dims:
             return self.dims[name]
+        # A declared dim that is arithmetic of the inputs' dims (a sequence-parallel token chunk received
+        # from another stage: `(sequence_length + 1) // 2`).
+        evaluated = _eval_expr(name, self.dims)
+        if evaluated is not None:
+            return evaluated
         guess = _classify_dim(name, self.sizes)
         if guess is None:
             raise PlanError(f"node {node.name!r}: cannot bind the dimension {name!r}")

@@ -126,4 +126,14 @@ def norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
 )
 def skip_norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     # The residual add is fused in: a Partial input is reduced first (the AllReduce of Megatron).
+    # Input and skip split alike on a leading axis (the tokens, under sequence parallelism) stay split:
+    # the norm is over the last axis and the add is elementwise; gamma, beta and bias are per channel.
+    x, skip = placements[0], placements[1] if len(placements) > 1 else None
+    rank = ctx.rank(node.inputs[0])
+    plain = isinstance(x, Shard) and x == skip and not (x.blocks or x.parts or x.inner or x.shares)
+    if plain and rank is not None and 0 <= x.dim < rank - 1 and ctx.rank(node.inputs[1]) == rank:
+        rest = [REPLICATE if v is not None else None for v in node.inputs[2:]]
+        # An absent optional output (mean, inv_std) has no shape to split: it is nothing, call it replicated.
+        outputs: list[Placement] = [x if ctx.rank(out) is not None else REPLICATE for out in node.outputs]
+        return Decision([x, skip, *rest], outputs)
     return replicated(node)
