@@ -21,15 +21,15 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from llmir_onnx import ops
 from llmir_onnx.errors import LlmirError, ShardingError
-from llmir_onnx.ir_io import initializer_tensors
+from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.passes import (
     AnnotatePass,
@@ -40,15 +40,14 @@ from llmir_onnx.passes import (
     materialize_rank,
 )
 from llmir_onnx.passes.fold_shapes import try_fold_shape_chains
-from llmir_onnx.passes.localize import TpRankCopy, rank_tensor, tp_rank_copy
+from llmir_onnx.passes.localize import rank_tensor
+from llmir_onnx.passes.stages import StageRankModel, split_tp_stages, split_uneven_tp_stages
 from llmir_onnx.placement import Partial, Placement, Replicate, Shard
+from llmir_onnx.plan.cost import node_time_function
+from llmir_onnx.plan.devices import Cluster, load_profile
 from llmir_onnx.plan.manifest import SliceBinding
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from llmir_onnx.passes.stages import StageRankModel
-    from llmir_onnx.plan.devices import Cluster
+from llmir_onnx.plan.shapes import default_max_seq
+from llmir_onnx.plan.tp_rank_copy import TpRankCopy, tp_rank_copy
 
 
 @dataclass(frozen=True)
@@ -248,9 +247,6 @@ def _weight_splits(state: ShardingState) -> list[dict[str, object]]:
 def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: bool) -> _TpRankZero:
     if options.tp == 1:
         # The original graph runs as it is; nothing to split, so nothing can fail to split.
-        from llmir_onnx import ops
-        from llmir_onnx.ir_io import MAX_IR_VERSION
-
         first = model if consume_model else model.clone()
         first.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
         first.ir_version = min(first.ir_version, MAX_IR_VERSION)
@@ -421,11 +417,6 @@ def _partition_stages(
     Only tp rank 0 is ever a whole graph (the template itself, holding rank 0's weights); the other
     tp ranks exist as their weights (lazy slices) until their stage copies are made.
     """
-    from llmir_onnx.passes.stages import split_tp_stages
-    from llmir_onnx.plan.cost import node_time_function
-    from llmir_onnx.plan.devices import load_profile
-    from llmir_onnx.plan.shapes import default_max_seq
-
     mesh = DeviceMesh(pp=options.pp, tp=options.tp)
     first, weights = zero.model, zero.weights
     max_seq = options.max_seq or default_max_seq(first)
@@ -487,8 +478,6 @@ def _uneven_stages(
 ) -> list[StageRankModel]:
     """Uneven tp at pp > 1: every tp rank's own model cut at the same layers (stages.split_uneven_tp_stages);
     the weights are announced once every tp rank's stages are known (their initializers differ)."""
-    from llmir_onnx.passes.stages import split_uneven_tp_stages
-
     assert zero.models is not None
     planned: RankWeightsPlan = []
 
@@ -525,8 +514,6 @@ def _stage_device_costs(
 ) -> tuple[list[Callable[[ir.Node], float]], list[int]]:
     """Per stage: a node's predicted time on the stage's slowest device (its tp collectives over the
     link its tp group spans), and the stage's smallest device memory."""
-    from llmir_onnx.plan.cost import node_time_function
-
     costs: list[Callable[[ir.Node], float]] = []
     limits: list[int] = []
     for stage in range(mesh.pp):

@@ -127,7 +127,7 @@ def test_ctrl_c_stops_every_rank(long_plan: Path) -> None:
 
 
 def test_under_mpiexec_every_process_runs_its_rank(tp2_plan: Path) -> None:
-    from llmir_onnx.runtime.verify import mpiexec_path
+    from llmir_onnx.runtime.job import mpiexec_path
 
     result = subprocess.run(
         [mpiexec_path(), "-n", "2", *CLI, "generate", str(tp2_plan), "--prompt-ids", _prompt_arg(PROMPT),

@@ -23,7 +23,6 @@ from llmir_onnx.errors import InputModelError, PlanError
 from llmir_onnx.ir_io import load_model, save_model
 from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.ops import LLMIR_DOMAIN
-from llmir_onnx.passes.stage_balance import StageUnit, balance_stages, stage_layer_ranges
 from llmir_onnx.passes.stages import (
     SENT_OUTPUT_PREFIX,
     PipelineStage,
@@ -35,6 +34,7 @@ from llmir_onnx.passes.stages import (
 )
 from llmir_onnx.plan.emit import PlanContents, tensor_infos, write_plan
 from llmir_onnx.plan.manifest import SliceBinding
+from llmir_onnx.plan.stage_balance import StageUnit, balance_stages, stage_layer_ranges
 from llmir_onnx.runtime.feeds import random_feeds
 from llmir_onnx.runtime.verify import default_tolerance_for, format_comparisons, verify_plan
 

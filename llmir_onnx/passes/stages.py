@@ -71,8 +71,10 @@ from llmir_onnx.ops import (
     recv_node,
     send_node,
 )
-from llmir_onnx.passes.localize import TpRankCopy, tp_rank_copy
-from llmir_onnx.passes.stage_balance import (
+from llmir_onnx.plan.manifest import SliceBinding
+from llmir_onnx.plan.memory import unequal_kv_cache_lengths
+from llmir_onnx.plan.shapes import default_max_seq, types_in_input_terms
+from llmir_onnx.plan.stage_balance import (
     NodeCost,
     StageBalance,
     StageUnit,
@@ -82,9 +84,7 @@ from llmir_onnx.passes.stage_balance import (
     subgraph_nodes,
     unit_from_nodes,
 )
-from llmir_onnx.plan.manifest import SliceBinding
-from llmir_onnx.plan.memory import unequal_kv_cache_lengths
-from llmir_onnx.plan.shapes import default_max_seq, types_in_input_terms
+from llmir_onnx.plan.tp_rank_copy import TpRankCopy, tp_rank_copy
 
 SENT_OUTPUT_PREFIX = "llmir.sent."
 DEFAULT_REPLICATE_MAX_WEIGHT_BYTES = 1 << 20

@@ -19,6 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from llmir_onnx.errors import GenerationError
+from llmir_onnx.runtime.generate import TokenBroadcast, TokenRates, generate, logits_owner
+from llmir_onnx.runtime.job import JobInterrupted, fault_hook, ignore_peer_death_notice, run_rank_job
+from llmir_onnx.runtime.launch import detect_rank_env
+from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
+from llmir_onnx.runtime.session import RankSession, execution_providers
 
 REQUEST_FILE = "request.json"
 
@@ -49,30 +54,6 @@ class GenerateRequest:
     @classmethod
     def read(cls, path: Path) -> GenerateRequest:
         return cls(**json.loads(path.read_text()))
-
-
-class TokenRates:
-    """Prompt and decode throughput of a generation, from the counts and seconds a subclass holds."""
-
-    prompt_tokens: int
-    prompt_seconds: float
-    decode_tokens: int
-    decode_seconds: float
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else float("nan")
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
-
-    def summary(self) -> str:
-        return (
-            f"prompt: {self.prompt_tokens} tokens in {self.prompt_seconds:.3f} s "
-            f"({self.prompt_tokens_per_s:.1f} tokens/s); decode: {self.decode_tokens} tokens in "
-            f"{self.decode_seconds:.3f} s ({self.decode_tokens_per_s:.1f} tokens/s)"
-        )
 
 
 @dataclass
@@ -149,12 +130,6 @@ def default_intra_op_threads() -> int | None:
 
 def run_generate_rank(request: GenerateRequest, work_dir: Path | None = None) -> RankReport:
     """This process's rank of a generation job; writes rankN.json / rankN.error into `work_dir`."""
-    from llmir_onnx.runtime.generate import TokenBroadcast, generate, logits_owner
-    from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice
-    from llmir_onnx.runtime.launch import detect_rank_env
-    from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
-    from llmir_onnx.runtime.session import RankSession, execution_providers
-
     rank = detect_rank_env().rank
     sampler = Sampler(SamplingConfig(request.temperature, request.top_k, request.top_p, request.seed))
     session = RankSession(request.plan_dir, device=request.device,
@@ -198,8 +173,6 @@ def rank_main_generate(work_dir: Path, request_path: str) -> None:
 def spawn_generation(request: GenerateRequest, world_size: int, extra_env: dict[str, str] | None = None
                      ) -> list[RankReport]:
     """Run the job as `world_size` local rank processes; returns every rank's report (rank order)."""
-    from llmir_onnx.runtime.job import JobInterrupted, run_rank_job
-
     with tempfile.TemporaryDirectory(prefix="llmir-generate-") as tmp:
         work_dir = Path(tmp)
         request.write(work_dir / REQUEST_FILE)

@@ -35,7 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmir_onnx.errors import CommunicationError
+from llmir_onnx.runtime.throttle import throttle_rank_from_env
 
+# onnxruntime comes from an optional extra (cpu or gpu): it is imported inside the functions that make
+# sessions, so importing this module does not need it.
 if TYPE_CHECKING:
     import onnxruntime
 
@@ -278,8 +281,6 @@ def setup_communication(cuda: bool = False, expected_world_size: int | None = No
     version = (library.llmir_version() or b"").decode(errors="replace")
     _context = CommContext(rank, world_size, env.local_rank, env.launcher, cuda, library_path, version, library)
     atexit.register(_context.finalize)
-    from llmir_onnx.runtime.throttle import throttle_rank_from_env
-
     throttle_rank_from_env(rank)  # LLMIR_CPU_SHARE: emulate a slower device for this rank
     return _context
 
