@@ -73,10 +73,6 @@ class PartitionOptions:
     fold_shapes: bool = True
 
 
-# How one ORIGINAL model input/output maps onto one rank (dim None: the rank holds the full tensor).
-TensorBinding = SliceBinding
-
-
 class RankProgram:
     """One rank's model and how the original model's inputs and outputs map onto it.
 
@@ -88,8 +84,8 @@ class RankProgram:
         self,
         rank: int,
         model: ir.Model | TpRankCopy,
-        inputs: list[TensorBinding],
-        outputs: list[TensorBinding],
+        inputs: list[SliceBinding],
+        outputs: list[SliceBinding],
         layers: range | None = None,  # the decoder layers this rank's pipeline stage holds (None: all)
     ) -> None:
         self.rank = rank
@@ -120,12 +116,12 @@ class PartitionResult:
     weight_splits: list[dict[str, object]] | None = None
 
 
-def _binding(value: ir.Value, placement: Placement, size: int | str | None, tp: int, tp_rank: int) -> TensorBinding:
+def _binding(value: ir.Value, placement: Placement, size: int | str | None, tp: int, tp_rank: int) -> SliceBinding:
     if isinstance(placement, Replicate) or tp == 1:
-        return TensorBinding(value.name, value.name, None, 0, 0)
+        return SliceBinding(value.name, value.name, None, 0, 0)
     if isinstance(placement, Shard) and not placement.blocks and not placement.inner and isinstance(size, int):
         ((start, stop),) = placement.local_ranges(size, tp, tp_rank)
-        return TensorBinding(value.name, value.name, placement.dim, start, stop)
+        return SliceBinding(value.name, value.name, placement.dim, start, stop)
     raise ShardingError(f"graph input/output {value.name!r} would be {placement}, which a binding cannot express")
 
 
@@ -212,7 +208,7 @@ class _TpRankZero:
     nodes) and what the other tp ranks need to be its copies: their bindings and weights."""
 
     model: ir.Model
-    bindings: list[tuple[list[TensorBinding], list[TensorBinding]]]  # per tp rank: inputs, outputs
+    bindings: list[tuple[list[SliceBinding], list[SliceBinding]]]  # per tp rank: inputs, outputs
     weights: list[dict[str, ir.TensorProtocol]]  # per tp rank: initializer name -> tensor
     placements: dict[str, str]
     warnings: list[str]
@@ -250,8 +246,8 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
         first = model if consume_model else model.clone()
         first.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
         first.ir_version = min(first.ir_version, MAX_IR_VERSION)
-        whole = [TensorBinding(v.name, v.name, None, 0, 0) for v in first.graph.inputs]
-        whole_out = [TensorBinding(v.name, v.name, None, 0, 0) for v in first.graph.outputs]
+        whole = [SliceBinding(v.name, v.name, None, 0, 0) for v in first.graph.inputs]
+        whole_out = [SliceBinding(v.name, v.name, None, 0, 0) for v in first.graph.outputs]
         placements = {v.name: "R" for v in [*first.graph.inputs, *first.graph.outputs]}
         _remove_unused(first)
         notes = _fold_shapes(first, options)
@@ -279,7 +275,7 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
 
 
 def _uneven_ranks(
-    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[TensorBinding], ...]],
+    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[SliceBinding], ...]],
     options: PartitionOptions,
 ) -> _TpRankZero:
     """Every tp rank's own localized model holding its weights."""
@@ -399,7 +395,7 @@ def _rank_initializers(program: RankProgram) -> dict[str, ir.TensorProtocol]:
     return model.initializer_tensors() if isinstance(model, TpRankCopy) else initializer_tensors(model)
 
 
-def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[list[TensorBinding], ...]:
+def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[list[SliceBinding], ...]:
     """tp rank `tp_rank`'s (inputs, outputs): original -> tp-local."""
     tp = state.tp
     inputs = [_binding(v, state.placements[v.name], _dim_of(state, v), tp, tp_rank) for v in graph.inputs]

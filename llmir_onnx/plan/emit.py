@@ -204,20 +204,6 @@ class PlanContents:
     sharding: dict[str, Any] | None = None
 
 
-def write_plan(
-    out_dir: Path, contents: PlanContents, progress: Progress | None = None, *, force: bool = False
-) -> Manifest:
-    """Save every rank model, its weights and the manifest into `out_dir`, atomically (see atomic_output_dir)."""
-    progress = progress if progress is not None else QUIET
-    with atomic_output_dir(out_dir, force=force) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
-        weights = [
-            RankWeights.of_model(rank, coords.get("pp", 0), _made(model))
-            for rank, coords, model, _, _ in contents.rank_models
-        ]
-        start_weight_writer(writer, weights, progress)
-        return write_plan_into(staging, writer, contents, progress)
-
-
 def start_weight_writer(writer: WeightWriter, ranks: Sequence[RankWeights], progress: Progress) -> None:
     writer.start(ranks)
     assert writer.layout is not None

@@ -189,8 +189,6 @@ def _bind(library: ctypes.CDLL) -> None:
     library.llmir_world_size.restype = ctypes.c_int
     library.llmir_finalize.argtypes = []
     library.llmir_finalize.restype = ctypes.c_int
-    library.llmir_abort.argtypes = [ctypes.c_int]
-    library.llmir_abort.restype = None
     library.llmir_version.argtypes = []
     library.llmir_version.restype = ctypes.c_char_p
 
@@ -228,10 +226,6 @@ class CommContext:
         code = self._library.llmir_finalize()
         if code != 0:
             print(f"llmir-onnx rank {self.rank}: llmir_finalize returned {code}", file=sys.stderr, flush=True)
-
-    def abort(self, exit_code: int = 1) -> None:
-        """End every rank of the job now (MPI_Abort): for a rank that cannot go on."""
-        self._library.llmir_abort(exit_code)
 
 
 _context: CommContext | None = None
