@@ -134,7 +134,7 @@ def main() -> None:
     if "PMI_RANK" in os.environ:
         run_rank(args)
         return
-    from llmir_onnx.runtime.verify import mpiexec_path
+    from llmir_onnx.runtime.job import mpiexec_path
 
     world = Manifest.read(args.plan).world_size
     raise SystemExit(subprocess.call([mpiexec_path(), "-n", str(world), sys.executable, *sys.argv]))

@@ -279,7 +279,7 @@ def interleaved_prediction(plan_dir: Path, rank: int, phase: str, profile: dict,
 
 
 def measure(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int, share: float) -> list[dict]:
-    from llmir_onnx.runtime.verify import mpiexec_path
+    from llmir_onnx.runtime.job import mpiexec_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     world = Manifest.read(plan_dir).world_size

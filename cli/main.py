@@ -344,20 +344,6 @@ def _parse_prompt_ids(values: list[str]) -> list[list[int]]:
         ) from None
 
 
-def _default_stop_ids(tokenizer: Any, tokenizer_dir: Path) -> list[int]:
-    """The tokenizer's end-of-sequence id (tokenizer_config.json's eos_token), if it names one."""
-    import json
-
-    config_path = tokenizer_dir / "tokenizer_config.json"
-    if not config_path.is_file():
-        return []
-    eos = json.loads(config_path.read_text()).get("eos_token")
-    if isinstance(eos, dict):
-        eos = eos.get("content")
-    token_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None
-    return [] if token_id is None else [int(token_id)]
-
-
 @app.command()
 @reports_errors
 def generate(
@@ -408,104 +394,44 @@ def generate(
     """Generate text with a plan: prefill, then decode with per-rank KV caches (starts its own ranks)."""
     import json
 
-    import numpy as np
+    from llmir_onnx.errors import GenerationError
+    from llmir_onnx.runtime.generate_job import encode_prompts, eos_token_ids, generate_plan, load_tokenizer
 
-    from llmir_onnx.errors import GenerationError, VerificationError
-    from llmir_onnx.plan.integrity import check_plan_files
-    from llmir_onnx.plan.manifest import Manifest
-    from llmir_onnx.runtime.generate import recompute_greedy
-    from llmir_onnx.runtime.generate_job import (
-        GenerateRequest,
-        load_tokenizer,
-        run_generate_rank,
-        spawn_generation,
-    )
-    from llmir_onnx.runtime.launch import detect_rank_env
-    from llmir_onnx.runtime.sampling import SamplingConfig
-    from llmir_onnx.runtime.session import DEVICE_CPU, DEVICE_CUDA
-
-    manifest = Manifest.read(plan)
     tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
     if bool(prompt) == bool(prompt_ids):
         raise GenerationError("give exactly one of --prompt (with --tokenizer) and --prompt-ids")
     if prompt:
         if tokenizer is None:
             raise GenerationError("--prompt needs --tokenizer DIR (a folder with tokenizer.json), or use --prompt-ids")
-        rows = [list(tokenizer.encode(text).ids) for text in prompt]  # type: ignore[attr-defined]
+        rows = encode_prompts(tokenizer, prompt)
     else:
         rows = _parse_prompt_ids(prompt_ids or [])
-    if not rows or any(not row for row in rows):
-        raise GenerationError("a prompt is empty; every prompt needs at least one token")
-    if len({len(row) for row in rows}) != 1:
-        raise GenerationError(
-            f"batched prompts must have the same number of tokens (got {[len(row) for row in rows]}); "
-            "padding is not supported"
-        )
-    if check and temperature != 0.0:
-        raise GenerationError("--check compares greedy tokens: drop --temperature/--top-k/--top-p")
-    source = model or Path(manifest.source["path"])
-    if check and not source.is_file():
-        raise GenerationError(f"--check needs the original model, and {str(source)!r} is gone; pass its path "
-                              "with --model")
-    SamplingConfig(temperature, top_k, top_p, seed)  # option errors here, before any rank starts
-    if micro_batches > len(rows):
-        raise GenerationError(f"--micro-batches {micro_batches} exceeds the batch of {len(rows)} prompt(s)")
-    if device not in (DEVICE_CPU, DEVICE_CUDA):
-        raise GenerationError(f"--device {device!r}: use {DEVICE_CPU} or {DEVICE_CUDA}")
     stop_ids = list(stop_token_id or [])
     if not stop_ids and not ignore_eos and tokenizer is not None and tokenizer_dir is not None:
-        stop_ids = _default_stop_ids(tokenizer, tokenizer_dir)
-    request = GenerateRequest(
-        plan_dir=str(plan.resolve()), prompt_ids=rows, max_new_tokens=max_new_tokens, temperature=temperature,
-        top_k=top_k, top_p=top_p, seed=seed, micro_batches=micro_batches, stop_token_ids=stop_ids,
-        device=device, intra_op_num_threads=threads,
-        tokenizer_dir=str(tokenizer_dir.resolve()) if tokenizer_dir is not None else None,
+        stop_ids = eos_token_ids(tokenizer, tokenizer_dir)
+    single_prompt = prompt[0] if prompt and len(rows) == 1 else None
+    outcome = generate_plan(
+        plan, rows, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+        micro_batches=micro_batches, stop_token_ids=stop_ids, device=device, intra_op_num_threads=threads,
+        tokenizer_dir=tokenizer_dir, stream=True, check=check, model_path=model, check_hashes=not no_check_hashes,
+        timeline=timeline,
+        # The prompt text, before rank 0 streams the text that follows it.
+        on_start=(lambda: typer.echo(single_prompt, nl=False)) if single_prompt is not None else None,
     )
-    env = detect_rank_env()
-    if env.launcher == "none":
-        # Once here for every rank, before any starts; the ranks then check only paths and sizes.
-        check_plan_files(plan, manifest, check_hashes=not no_check_hashes)
-        request.check_hashes = False
-    else:
-        request.check_hashes = not no_check_hashes
-    if env.rank == 0 and prompt and len(rows) == 1:
-        typer.echo(prompt[0], nl=False)
-    if timeline is not None and env.launcher != "none":
-        raise GenerationError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
-                              "(run it without mpiexec/srun)")
-    if env.launcher == "none":
-        reports = spawn_generation(request, manifest.world_size)
-        report = reports[0]
-        if timeline is not None:
-            from llmir_onnx.plan.report import write_timeline
-
-            write_timeline(timeline, manifest, {r.rank: r.run_calls for r in reports})
-    else:
-        report = run_generate_rank(request)
-        if env.rank != 0:
-            return
+    if outcome is None:  # a non-zero rank under an external launcher: rank 0 reports
+        return
     if len(rows) > 1:
-        for index, tokens in enumerate(report.tokens):
+        for index, tokens in enumerate(outcome.report.tokens):
             text = tokenizer.decode(tokens) if tokenizer is not None else " ".join(map(str, tokens))  # type: ignore[attr-defined]
             typer.echo(f"[{index}] {text}")
-    typer.echo(f"llmir-onnx: {report.summary()}", err=True)
-    result: dict[str, Any] = {"tokens": report.tokens, "prompt_ids": rows, "prompt_tokens_per_s":
-                              report.prompt_tokens_per_s, "decode_tokens_per_s": report.decode_tokens_per_s,
-                              "world_size": manifest.world_size}
+    typer.echo(f"llmir-onnx: {outcome.report.summary()}", err=True)
+    if save_tokens is not None:
+        save_tokens.write_text(json.dumps(outcome.record()))
     if check:
-        reference = recompute_greedy(source, np.array(rows, dtype=np.int64), max_new_tokens, frozenset(stop_ids))
-        expected = reference.tokens.tolist()
-        result["reference_tokens"] = expected
-        if save_tokens is not None:
-            save_tokens.write_text(json.dumps(result))
-        difference = reference.first_difference(report.tokens)
-        if difference is not None:
-            raise VerificationError(f"the plan's tokens differ from the original model's greedy tokens (recomputed "
-                                    f"without a KV cache): {difference}")
-        typer.echo(f"llmir-onnx: check: the {sum(map(len, expected))} generated tokens equal the original "
-                   "model's greedy tokens (onnxruntime, recomputed without a KV cache)", err=True)
-    elif save_tokens is not None:
-        save_tokens.write_text(json.dumps(result))
+        outcome.raise_if_differs()
+        assert outcome.reference_tokens is not None
+        typer.echo(f"llmir-onnx: check: the {sum(map(len, outcome.reference_tokens))} generated tokens equal the "
+                   "original model's greedy tokens (onnxruntime, recomputed without a KV cache)", err=True)
 
 
 @app.command()

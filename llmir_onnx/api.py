@@ -6,25 +6,32 @@ import copy
 from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import onnx_ir as ir
 
+from llmir_onnx.annotations import (
+    AnnotationPins,
+    check_pin_shards,
+    check_value_pins,
+    cuts_from_pins,
+    read_pins,
+    strip_annotations,
+)
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.model_facts import record_dim_hints
-from llmir_onnx.partition import cyclic_gc_paused
-from llmir_onnx.passes.localize import TpRankCopy
+from llmir_onnx.partition import PartitionOptions, PartitionResult, RankWeightsPlan, cyclic_gc_paused, partition
+from llmir_onnx.plan.communication import rank_traffic
+from llmir_onnx.plan.cost import LinkOf, estimate_phases
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter
+from llmir_onnx.plan.devices import Cluster, DeviceProfile, derived_tp_weights, load_profile
 from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, tensor_infos, write_plan_into
 from llmir_onnx.plan.manifest import Manifest
-from llmir_onnx.plan.shapes import choose_max_seq, shared_shape_evaluations
+from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
+from llmir_onnx.plan.shapes import LLMIR_DOMAIN, choose_max_seq, shared_shape_evaluations
+from llmir_onnx.plan.tp_rank_copy import TpRankCopy
 from llmir_onnx.progress import QUIET, Progress
-
-if TYPE_CHECKING:
-    from llmir_onnx.partition import PartitionResult
-    from llmir_onnx.plan.cost import LinkOf
-    from llmir_onnx.plan.devices import Cluster, DeviceProfile
 
 
 def _structure_signature(model: ir.Model) -> tuple[Any, ...]:
@@ -107,17 +114,6 @@ def partition_to_dir(
     `sequence_parallel` (the CLI's --sp): per-token work between the tp blocks runs on a chunk of the tokens
     (passes/sequence_parallel.py); the manifest records `mesh["sp"] = true`.
     """
-    from llmir_onnx.annotations import (
-        AnnotationPins,
-        check_pin_shards,
-        check_value_pins,
-        cuts_from_pins,
-        read_pins,
-        strip_annotations,
-    )
-    from llmir_onnx.partition import PartitionOptions, RankWeightsPlan, partition
-    from llmir_onnx.plan.devices import derived_tp_weights, load_profile
-
     profile = load_profile(device)
     if tp_weights is not None and len(tp_weights) != tp:
         raise PlanError(
@@ -219,10 +215,6 @@ def _rank_details(
     """Each rank's layers, memory plan and cost; a rank over `device_memory_bytes` is a PlanError.
 
     With a `cluster`, each rank on its own device: its profile, its memory, the links of its groups."""
-    from llmir_onnx.plan.communication import rank_traffic
-    from llmir_onnx.plan.cost import estimate_phases
-    from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
-
     details: list[dict[str, Any]] = []
     # The tp ranks of one stage run the same graph on equal-shaped weights, so their memory plans and
     # costs are equal: evaluate each distinct structure once (the shape evaluation dominates planning).
@@ -274,8 +266,6 @@ def _cluster_links(
     model: ir.Model, cluster: Cluster, result: PartitionResult, rank: int, peers: Any
 ) -> tuple[LinkOf, tuple[str, ...]]:
     """The link each ai.llmir node of `rank` runs over (the slowest its ranks span), and their names."""
-    from llmir_onnx.plan.shapes import LLMIR_DOMAIN
-
     chosen: dict[int, tuple[Any, int]] = {}
     for node in model.graph:
         if node.domain != LLMIR_DOMAIN:

@@ -10,17 +10,25 @@ import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
 from llmir_onnx.errors import InputModelError
-from llmir_onnx.plan.manifest import FileDigest
 
 # onnxruntime-gpu 1.31 refuses IR 11+ models written by newer onnx helpers; 10 is read everywhere.
 MAX_IR_VERSION = 10
 EXTERNAL_DATA_SUFFIX = ".data"
+
+
+@dataclass(frozen=True)
+class FileDigest:
+    """A file's size in bytes and the sha256 of its bytes (what a plan manifest records of each of its files)."""
+
+    size: int
+    sha256: str
 
 
 def _graphs(model: ir.Model) -> Iterator[ir.Graph]:

@@ -21,15 +21,15 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import onnx_ir as ir
 import onnx_ir.passes.common
 
+from llmir_onnx import ops
 from llmir_onnx.errors import LlmirError, ShardingError
-from llmir_onnx.ir_io import initializer_tensors
+from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.passes import (
     AnnotatePass,
@@ -40,15 +40,14 @@ from llmir_onnx.passes import (
     materialize_rank,
 )
 from llmir_onnx.passes.fold_shapes import try_fold_shape_chains
-from llmir_onnx.passes.localize import TpRankCopy, rank_tensor, tp_rank_copy
+from llmir_onnx.passes.localize import rank_tensor
+from llmir_onnx.passes.stages import StageRankModel, split_tp_stages, split_uneven_tp_stages
 from llmir_onnx.placement import Partial, Placement, Replicate, Shard
+from llmir_onnx.plan.cost import node_time_function
+from llmir_onnx.plan.devices import Cluster, load_profile
 from llmir_onnx.plan.manifest import SliceBinding
-
-if TYPE_CHECKING:
-    from collections.abc import Sequence
-
-    from llmir_onnx.passes.stages import StageRankModel
-    from llmir_onnx.plan.devices import Cluster
+from llmir_onnx.plan.shapes import default_max_seq
+from llmir_onnx.plan.tp_rank_copy import TpRankCopy, tp_rank_copy
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,6 @@ class PartitionOptions:
     sequence_parallel: bool = False
 
 
-# How one ORIGINAL model input/output maps onto one rank (dim None: the rank holds the full tensor).
-TensorBinding = SliceBinding
-
-
 class RankProgram:
     """One rank's model and how the original model's inputs and outputs map onto it.
 
@@ -92,8 +87,8 @@ class RankProgram:
         self,
         rank: int,
         model: ir.Model | TpRankCopy,
-        inputs: list[TensorBinding],
-        outputs: list[TensorBinding],
+        inputs: list[SliceBinding],
+        outputs: list[SliceBinding],
         layers: range | None = None,  # the decoder layers this rank's pipeline stage holds (None: all)
     ) -> None:
         self.rank = rank
@@ -124,12 +119,12 @@ class PartitionResult:
     weight_splits: list[dict[str, object]] | None = None
 
 
-def _binding(value: ir.Value, placement: Placement, size: int | str | None, tp: int, tp_rank: int) -> TensorBinding:
+def _binding(value: ir.Value, placement: Placement, size: int | str | None, tp: int, tp_rank: int) -> SliceBinding:
     if isinstance(placement, Replicate) or tp == 1:
-        return TensorBinding(value.name, value.name, None, 0, 0)
+        return SliceBinding(value.name, value.name, None, 0, 0)
     if isinstance(placement, Shard) and not placement.blocks and not placement.inner and isinstance(size, int):
         ((start, stop),) = placement.local_ranges(size, tp, tp_rank)
-        return TensorBinding(value.name, value.name, placement.dim, start, stop)
+        return SliceBinding(value.name, value.name, placement.dim, start, stop)
     raise ShardingError(f"graph input/output {value.name!r} would be {placement}, which a binding cannot express")
 
 
@@ -229,7 +224,7 @@ class _TpRankZero:
     nodes) and what the other tp ranks need to be its copies: their bindings and weights."""
 
     model: ir.Model
-    bindings: list[tuple[list[TensorBinding], list[TensorBinding]]]  # per tp rank: inputs, outputs
+    bindings: list[tuple[list[SliceBinding], list[SliceBinding]]]  # per tp rank: inputs, outputs
     weights: list[dict[str, ir.TensorProtocol]]  # per tp rank: initializer name -> tensor
     placements: dict[str, str]
     warnings: list[str]
@@ -264,14 +259,11 @@ def _weight_splits(state: ShardingState) -> list[dict[str, object]]:
 def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: bool) -> _TpRankZero:
     if options.tp == 1:
         # The original graph runs as it is; nothing to split, so nothing can fail to split.
-        from llmir_onnx import ops
-        from llmir_onnx.ir_io import MAX_IR_VERSION
-
         first = model if consume_model else model.clone()
         first.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
         first.ir_version = min(first.ir_version, MAX_IR_VERSION)
-        whole = [TensorBinding(v.name, v.name, None, 0, 0) for v in first.graph.inputs]
-        whole_out = [TensorBinding(v.name, v.name, None, 0, 0) for v in first.graph.outputs]
+        whole = [SliceBinding(v.name, v.name, None, 0, 0) for v in first.graph.inputs]
+        whole_out = [SliceBinding(v.name, v.name, None, 0, 0) for v in first.graph.outputs]
         placements = {v.name: "R" for v in [*first.graph.inputs, *first.graph.outputs]}
         _remove_unused(first)
         notes = _fold_shapes(first, options)
@@ -299,7 +291,7 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
 
 
 def _uneven_ranks(
-    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[TensorBinding], ...]],
+    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[SliceBinding], ...]],
     options: PartitionOptions,
 ) -> _TpRankZero:
     """Every tp rank's own localized model holding its weights."""
@@ -419,7 +411,7 @@ def _rank_initializers(program: RankProgram) -> dict[str, ir.TensorProtocol]:
     return model.initializer_tensors() if isinstance(model, TpRankCopy) else initializer_tensors(model)
 
 
-def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[list[TensorBinding], ...]:
+def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[list[SliceBinding], ...]:
     """tp rank `tp_rank`'s (inputs, outputs): original -> tp-local."""
     tp = state.tp
     inputs = [_binding(v, state.placements[v.name], _dim_of(state, v), tp, tp_rank) for v in graph.inputs]
@@ -437,11 +429,6 @@ def _partition_stages(
     Only tp rank 0 is ever a whole graph (the template itself, holding rank 0's weights); the other
     tp ranks exist as their weights (lazy slices) until their stage copies are made.
     """
-    from llmir_onnx.passes.stages import split_tp_stages
-    from llmir_onnx.plan.cost import node_time_function
-    from llmir_onnx.plan.devices import load_profile
-    from llmir_onnx.plan.shapes import default_max_seq
-
     mesh = DeviceMesh(pp=options.pp, tp=options.tp)
     first, weights = zero.model, zero.weights
     max_seq = options.max_seq or default_max_seq(first)
@@ -503,8 +490,6 @@ def _uneven_stages(
 ) -> list[StageRankModel]:
     """Uneven tp at pp > 1: every tp rank's own model cut at the same layers (stages.split_uneven_tp_stages);
     the weights are announced once every tp rank's stages are known (their initializers differ)."""
-    from llmir_onnx.passes.stages import split_uneven_tp_stages
-
     assert zero.models is not None
     planned: RankWeightsPlan = []
 
@@ -541,8 +526,6 @@ def _stage_device_costs(
 ) -> tuple[list[Callable[[ir.Node], float]], list[int]]:
     """Per stage: a node's predicted time on the stage's slowest device (its tp collectives over the
     link its tp group spans), and the stage's smallest device memory."""
-    from llmir_onnx.plan.cost import node_time_function
-
     costs: list[Callable[[ir.Node], float]] = []
     limits: list[int] = []
     for stage in range(mesh.pp):

@@ -20,10 +20,10 @@ from llmir_onnx import weight_slices
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.partition import PartitionOptions, partition
-from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.placement import PARTIAL_SUM, Partial, Placement, Replicate, Shard, shard_array
 from llmir_onnx.plan import emit
 from llmir_onnx.plan.memory import plan_memory
+from llmir_onnx.plan.tp_rank_copy import TpRankCopy
 from llmir_onnx.weight_slices import ExternalSlice, Zeros, rank_weight
 
 REPO = Path(__file__).resolve().parent.parent

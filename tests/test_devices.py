@@ -13,7 +13,6 @@ import pytest
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.mesh import DeviceMesh
-from llmir_onnx.passes.stage_balance import StageUnit, balance_stages
 from llmir_onnx.plan.cost import comm_seconds
 from llmir_onnx.plan.devices import (
     BUILTIN_PROFILES,
@@ -24,6 +23,7 @@ from llmir_onnx.plan.devices import (
     uniform_cluster,
 )
 from llmir_onnx.plan.layouts import enumerate_layouts, recommend
+from llmir_onnx.plan.stage_balance import StageUnit, balance_stages
 from tests.test_synthetic import synthetic
 
 GiB = 1 << 30

@@ -20,9 +20,10 @@ from job_helpers import MARK_ENV, held_generation, long_generation_plan, marked_
 
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.errors import GenerationError
+from llmir_onnx.plan.report import read_timeline
 from llmir_onnx.runtime import generate as generate_module
 from llmir_onnx.runtime.generate import generate, recompute_greedy
-from llmir_onnx.runtime.generate_job import GenerateRequest, spawn_generation
+from llmir_onnx.runtime.generate_job import GenerateRequest, generate_plan, spawn_generation
 from llmir_onnx.runtime.job import FAULT_ENV
 from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
 from llmir_onnx.runtime.session import OriginalSession, RankSession
@@ -69,6 +70,21 @@ def test_tp2_generate_equals_original_greedy(tp2_plan: Path, tmp_path: Path) -> 
     assert len(expected[0]) == 12
     # Streamed on rank 0 as produced: the ids appear on stdout.
     assert result.stdout.split() == [str(token) for token in expected[0]]
+
+
+def test_generate_plan_from_python_equals_original_greedy(tp2_plan: Path, tmp_path: Path) -> None:
+    """The entry point behind `generate`, called from Python: its ranks are processes, rank 0's outcome
+    comes back with the original's greedy tokens beside it, and the timeline holds every rank's run calls."""
+    timeline = tmp_path / "timeline.json"
+    outcome = generate_plan(tp2_plan, np.array(PROMPT), 6, check=True, timeline=timeline)  # numpy rows too
+    assert outcome is not None
+    expected = recompute_greedy(SMALL_MODEL, np.array(PROMPT), 6).tokens.tolist()
+    assert outcome.report.tokens == outcome.reference_tokens == expected
+    assert outcome.difference is None and outcome.world_size == 2
+    assert outcome.record()["tokens"] == expected
+    assert {event.rank for event in read_timeline(timeline)} == {0, 1}
+    with pytest.raises(GenerationError, match="exceeds the batch of 1 prompt"):
+        generate_plan(tp2_plan, PROMPT, 6, micro_batches=2)
 
 
 def test_tp2_batched_micro_batches_equal_original(tp2_plan: Path) -> None:
@@ -119,7 +135,7 @@ def test_ctrl_c_stops_every_rank(long_plan: Path) -> None:
 
 
 def test_under_mpiexec_every_process_runs_its_rank(tp2_plan: Path) -> None:
-    from llmir_onnx.runtime.verify import mpiexec_path
+    from llmir_onnx.runtime.job import mpiexec_path
 
     result = subprocess.run(
         [mpiexec_path(), "-n", "2", *CLI, "generate", str(tp2_plan), "--prompt-ids", _prompt_arg(PROMPT),

@@ -18,12 +18,12 @@ import onnx.helper as oh
 import onnx_ir as ir
 import onnxruntime as ort
 import pytest
+from plan_helpers import rank_model, tp_models_for_split, write_plan
 
 from llmir_onnx.errors import InputModelError, PlanError
 from llmir_onnx.ir_io import load_model, save_model
 from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.ops import LLMIR_DOMAIN
-from llmir_onnx.passes.stage_balance import StageUnit, balance_stages, stage_layer_ranges
 from llmir_onnx.passes.stages import (
     SENT_OUTPUT_PREFIX,
     PipelineStage,
@@ -31,10 +31,10 @@ from llmir_onnx.passes.stages import (
     compose_bindings,
     layer_units,
     split_tp_stages,
-    tp_models_for_split,
 )
-from llmir_onnx.plan.emit import PlanContents, tensor_infos, write_plan
+from llmir_onnx.plan.emit import PlanContents, tensor_infos
 from llmir_onnx.plan.manifest import SliceBinding
+from llmir_onnx.plan.stage_balance import StageUnit, balance_stages, stage_layer_ranges
 from llmir_onnx.runtime.feeds import random_feeds
 from llmir_onnx.runtime.verify import default_tolerance_for, format_comparisons, verify_plan
 
@@ -718,7 +718,7 @@ def split_and_write_plan(path: Path, plan_dir: Path, pp: int, tp: int = 1, **spl
     assert [r.rank for r in ranks] == list(range(mesh.world_size))
     mesh_info = {"tp": tp, "pp": pp, "cp": 1, "world_size": mesh.world_size,
                  "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}}
-    rank_models = [r.as_plan_entry() for r in ranks]
+    rank_models = [rank_model(r) for r in ranks]
     io = tensor_infos(source.graph.inputs), tensor_infos(source.graph.outputs)
     write_plan(plan_dir, PlanContents(path, *io, mesh_info, rank_models, options={"tp": tp, "pp": pp}))
 

@@ -87,6 +87,7 @@ def global_shapes(model: ir.Model) -> dict[str, Shape]:
     proto.graph.initializer.extend(kept)
     symbolic: dict[str, Shape] = {}
     try:
+        # onnxruntime is an optional extra: without it, the except below leaves onnx's inference to answer.
         from onnxruntime.tools import symbolic_shape_infer
 
         # Its warnings ("Unable to determine if ... treat as equal") are about symbols we do not use.

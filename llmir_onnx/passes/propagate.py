@@ -19,6 +19,9 @@ import onnx_ir as ir
 
 from llmir_onnx.errors import LlmirError, ShardingError
 from llmir_onnx.mesh import DeviceMesh
+from llmir_onnx.passes.annotate import assign_weight_roles, tp_mesh
+from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
+from llmir_onnx.passes.localize import LocalizePass
 from llmir_onnx.passes.state import Redistribution, ShardingState
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard, is_shard
 from llmir_onnx.propagation import lookup
@@ -62,10 +65,6 @@ def _partitions_at(model: ir.Model, state: ShardingState, tp: int, units_only: b
     """Whether the sharding passes succeed on a copy of `model` at another tp (shapes do not depend on tp).
     `units_only`: whether propagation alone succeeds where axes that can split on tp parts of their own
     are left aside (the plan in units of one head that every uneven tp starts from)."""
-    from llmir_onnx.passes.annotate import assign_weight_roles, tp_mesh
-    from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
-    from llmir_onnx.passes.localize import LocalizePass
-
     trial = model.clone()
     probe = ShardingState(
         tp_mesh(state.attention_heads, DeviceMesh(pp=1, tp=tp), None, state.head_counts),

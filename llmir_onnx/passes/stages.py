@@ -56,7 +56,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.errors import InputModelError, LlmirError, PlanError
-from llmir_onnx.ir_io import MAX_IR_VERSION, initializer_tensors
+from llmir_onnx.ir_io import MAX_IR_VERSION
 from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.model_facts import (
     BATCH,
@@ -77,8 +77,10 @@ from llmir_onnx.ops import (
     recv_node,
     send_node,
 )
-from llmir_onnx.passes.localize import TpRankCopy, tp_rank_copy
-from llmir_onnx.passes.stage_balance import (
+from llmir_onnx.plan.manifest import SliceBinding
+from llmir_onnx.plan.memory import unequal_kv_cache_lengths
+from llmir_onnx.plan.shapes import default_max_seq, types_in_input_terms
+from llmir_onnx.plan.stage_balance import (
     NodeCost,
     StageBalance,
     StageUnit,
@@ -88,9 +90,7 @@ from llmir_onnx.passes.stage_balance import (
     subgraph_nodes,
     unit_from_nodes,
 )
-from llmir_onnx.plan.manifest import SliceBinding
-from llmir_onnx.plan.memory import unequal_kv_cache_lengths
-from llmir_onnx.plan.shapes import default_max_seq, types_in_input_terms
+from llmir_onnx.plan.tp_rank_copy import TpRankCopy, tp_rank_copy
 
 SENT_OUTPUT_PREFIX = "llmir.sent."
 DEFAULT_REPLICATE_MAX_WEIGHT_BYTES = 1 << 20
@@ -976,7 +976,7 @@ class _HelperConstants:
 
 @dataclass(frozen=True)
 class StageRankModel:
-    """One rank of a tp x pp plan: what `plan.emit.write_plan` takes, plus the layer range."""
+    """One rank of a tp x pp plan: a `plan.emit.RankModel`'s fields, plus the layer range."""
 
     rank: int
     coords: dict[str, int]
@@ -984,38 +984,6 @@ class StageRankModel:
     inputs: list[SliceBinding]  # ORIGINAL model names -> this rank's
     outputs: list[SliceBinding]
     layers: range
-
-    def as_plan_entry(
-        self,
-    ) -> tuple[int, dict[str, int], ir.Model | TpRankCopy, list[SliceBinding], list[SliceBinding]]:
-        return self.rank, self.coords, self.model, self.inputs, self.outputs
-
-
-TensorsByName = dict[str, ir.TensorProtocol]
-
-
-def tp_models_for_split(
-    tp_models: Sequence[tuple[ir.Model, Sequence[SliceBinding], Sequence[SliceBinding]]],
-) -> tuple[ir.Model, list[tuple[Sequence[SliceBinding], Sequence[SliceBinding]]], Callable[[int], TensorsByName]]:
-    """`split_tp_stages`' first three arguments from every tp rank's whole model (index = tp rank;
-    bindings original -> tp-local): tp rank 0's model, the bindings, each rank's weights by name.
-
-    The models must be one graph with equal-shaped weights (what the partitioner makes), since every
-    tp rank's stages are copies of tp rank 0's.
-    """
-    weights = [initializer_tensors(model) for model, _, _ in tp_models]
-    shapes = {name: tuple(tensor.shape) for name, tensor in weights[0].items()}
-    for tp_rank, rank_weights in enumerate(weights[1:], 1):
-        differing = sorted(
-            set(shapes).symmetric_difference(rank_weights)
-            | {name for name, tensor in rank_weights.items() if shapes.get(name) != tuple(tensor.shape)}
-        )
-        if differing:
-            raise PlanError(
-                f"tp rank {tp_rank}'s model differs from tp rank 0's in the initializers {differing[:5]}: the "
-                "stage split cuts tp ranks that run one graph with equal-shaped weights (the partitioner's output)"
-            )
-    return tp_models[0][0], [(inputs, outputs) for _, inputs, outputs in tp_models], weights.__getitem__
 
 
 def split_tp_stages(

@@ -325,7 +325,7 @@ def node_time_function(
 ) -> Callable[[ir.Node], float]:
     """Predicted prefill + decode seconds of each node of `model`, as a callable on its nodes.
 
-    Meant as the per-node cost of pipeline stage balancing (`passes.stage_balance`): the shapes are
+    Meant as the per-node cost of pipeline stage balancing (`plan.stage_balance`): the shapes are
     evaluated once per phase here, so calling it per node is a dictionary lookup. Nodes of another
     model raise KeyError.
     """

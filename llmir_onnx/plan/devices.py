@@ -46,6 +46,8 @@ from pathlib import Path
 from typing import Any
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.mesh import DeviceMesh, MeshCoords
+from llmir_onnx.plan.memory import format_bytes, parse_bytes
 
 GiB = 1 << 30
 
@@ -306,8 +308,6 @@ class Cluster:
 
     def describe(self) -> str:
         """'16 devices on 2 hosts: 8 x h100-sxm (80.00 GiB), 8 x a100-80g (80.00 GiB)'."""
-        from llmir_onnx.plan.memory import format_bytes
-
         runs: list[list[Any]] = []
         for slot in self.devices:
             if runs and runs[-1][1] == slot.profile.name and runs[-1][2] == slot.memory_bytes:
@@ -405,8 +405,6 @@ def cluster_from_json(path: Path, *, devices_per_host: int | None = None, memory
     1), `host` (default: hosts of the profile's usual size, numbered on), `memory` (bytes or "40GiB";
     default the profile's). The entries' order is the rank order; a host's devices must be consecutive.
     """
-    from llmir_onnx.plan.memory import parse_bytes
-
     where = f"cluster file {str(path)!r}"
     if not path.is_file():
         raise PlanError(
@@ -483,8 +481,6 @@ def derived_tp_weights(cluster: Cluster, tp: int, pp: int = 1) -> tuple[float, .
     speeds, 1 / sum_s 1 / speed(s, t): the time it needs for one unit of work on each stage, which is
     what the step (the sum over stages) pays.
     """
-    from llmir_onnx.mesh import DeviceMesh, MeshCoords
-
     if tp < 2 or len(cluster) != tp * pp:
         return None
     mesh = DeviceMesh(pp=pp, tp=tp)

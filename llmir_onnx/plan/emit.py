@@ -23,12 +23,12 @@ import onnx
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import graph_protos, model_proto, sha256_file, write_model_proto
+from llmir_onnx.ir_io import FileDigest, graph_protos, model_proto, sha256_file, write_model_proto
 from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
-from llmir_onnx.passes.localize import TpRankCopy
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
-from llmir_onnx.plan.manifest import MANIFEST_NAME, FileDigest, Manifest, RankEntry, SliceBinding, TensorInfo
+from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.plan.rank_check import check_rank_model
+from llmir_onnx.plan.tp_rank_copy import TpRankCopy
 from llmir_onnx.progress import QUIET, Progress
 
 
@@ -202,20 +202,6 @@ class PlanContents:
     options: dict[str, Any]
     rank_details: Sequence[dict[str, Any]] | None = None
     sharding: dict[str, Any] | None = None
-
-
-def write_plan(
-    out_dir: Path, contents: PlanContents, progress: Progress | None = None, *, force: bool = False
-) -> Manifest:
-    """Save every rank model, its weights and the manifest into `out_dir`, atomically (see atomic_output_dir)."""
-    progress = progress if progress is not None else QUIET
-    with atomic_output_dir(out_dir, force=force) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
-        weights = [
-            RankWeights.of_model(rank, coords.get("pp", 0), _made(model))
-            for rank, coords, model, _, _ in contents.rank_models
-        ]
-        start_weight_writer(writer, weights, progress)
-        return write_plan_into(staging, writer, contents, progress)
 
 
 def start_weight_writer(writer: WeightWriter, ranks: Sequence[RankWeights], progress: Progress) -> None:

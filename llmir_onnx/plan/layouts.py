@@ -16,7 +16,7 @@ max_batch x max_seq tokens, decode of max_batch x 1 token after max_seq - 1), th
   partitioner's default; with `vocab_parallel=True` (the partitioner's option of that name) the
   embedding table and lm_head are split by vocabulary rows/columns (1/tp each), the embedding lookup is
   followed by an AllReduce of [batch, seq, hidden] and the logits by an AllGather.
-- Pipeline parallelism: contiguous layer ranges, chosen by `passes.stage_balance.balance_stages`
+- Pipeline parallelism: contiguous layer ranges, chosen by `plan.stage_balance.balance_stages`
   (minimise the slowest stage) with prefill + decode time as the cost and the per-rank memory as the
   limit. Everything before layer 0 that only the first layer uses (the embedding) is on stage 0; what
   several layers use (mask, rotary tables) is recomputed by every stage that needs it; everything after
@@ -64,6 +64,7 @@ from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
 from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
 from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
+from llmir_onnx.plan.stage_balance import StageUnit, balance_stages
 
 REPLICATED, HEADS, KV_HEADS = "R", "Q", "KV"
 
@@ -795,8 +796,6 @@ def _balanced_bounds(
     """Layer bounds [0, ..., layers] of the pp stages, balanced on predicted time on each stage's devices."""
     if pp == 1:
         return [0, analysis.num_layers]
-    from llmir_onnx.passes.stage_balance import StageUnit, balance_stages
-
     def unit(name: str, nodes: list[int], devices: _StageDevices) -> StageUnit:
         link, hosts = devices.tp_link
         slowest = 0.0

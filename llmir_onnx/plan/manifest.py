@@ -53,6 +53,7 @@ from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.ir_io import FileDigest
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "llmir-onnx-plan"
@@ -85,14 +86,6 @@ class TensorInfo:
     name: str
     dtype: str
     shape: list[int | str]
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    """What one plan file must be: its size in bytes and the sha256 of its bytes."""
-
-    size: int
-    sha256: str
 
 
 @dataclass(frozen=True)

@@ -121,6 +121,7 @@ def _parameters(formals: list[Any]) -> list[OpSchema.FormalParameter]:
 def register_contrib_schemas() -> None:
     """onnx schemas for the com.microsoft ops whose output shapes the check infers, mirrored from
     onnxruntime's own schemas (inputs, attributes, type constraints)."""
+    # onnxruntime is an optional extra: imported here, where its schemas are read.
     from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
     for source in ort_state.get_all_operator_schema():

@@ -20,8 +20,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from llmir_onnx.errors import PlanError
+from llmir_onnx.errors import LlmirError, PlanError
+from llmir_onnx.ir_io import load_model
 from llmir_onnx.mesh import unit_range
+from llmir_onnx.plan.devices import load_profile
+from llmir_onnx.plan.layouts import model_shape
 from llmir_onnx.plan.manifest import Manifest, RankEntry
 from llmir_onnx.plan.memory import format_bytes
 
@@ -129,8 +132,6 @@ def _device_memory(manifest: Manifest) -> int | None:
     limit = manifest.options.get("device_memory_bytes")
     if limit:
         return int(limit)
-    from llmir_onnx.plan.devices import load_profile
-
     try:
         return load_profile(str(manifest.options.get("device", "h100-sxm"))).memory_bytes
     except PlanError:
@@ -235,10 +236,6 @@ def _stages_section(plt: Any, manifest: Manifest) -> str:
 def _attention_shape(manifest: Manifest) -> tuple[int, int, int] | str:
     """(heads, KV heads, head size) of the plan's source, read from its graph (weights are not read), or
     why they are unknown. Read here, not at partition time: the layout analysis costs seconds on a 7B model."""
-    from llmir_onnx.errors import LlmirError
-    from llmir_onnx.ir_io import load_model
-    from llmir_onnx.plan.layouts import model_shape
-
     try:
         shape = model_shape(load_model(Path(manifest.source["path"]), check_data=False))
     except LlmirError as error:
@@ -362,7 +359,7 @@ def _predicted_schedule(manifest: Manifest, events: Sequence[TimelineEvent]) -> 
 
 
 def _gantt(axes: Any, events: Sequence[TimelineEvent], stages: int, title: str) -> None:
-    import matplotlib
+    import matplotlib  # the optional report extra, found by _pyplot already
 
     palette = matplotlib.colormaps["tab10"]
     for ev in events:

@@ -18,7 +18,11 @@ import onnx_ir as ir
 from llmir_onnx.errors import InputModelError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.model_facts import KV_CACHE, MASK, POSITIONS, TOKEN_IDS, input_kind, kv_cache_pairs, kv_length_axis
+from llmir_onnx.runtime.launch import onnxruntime_log_severity
+from llmir_onnx.runtime.session import execution_providers
 
+# onnxruntime comes from an optional extra (cpu or gpu): it is imported inside the functions that make
+# sessions, so importing this module does not need it.
 if TYPE_CHECKING:
     import onnxruntime
 
@@ -86,9 +90,6 @@ def original_session(model_path: Path, device: str = "cpu") -> onnxruntime.Infer
     """An onnxruntime session of the original model on `device` (cpu, or cuda on GPU 0); one onnxruntime
     refuses is bad input, said in a line."""
     import onnxruntime as ort
-
-    from llmir_onnx.runtime.launch import onnxruntime_log_severity
-    from llmir_onnx.runtime.session import execution_providers
 
     options = ort.SessionOptions()
     options.log_severity_level = onnxruntime_log_severity()

@@ -36,10 +36,11 @@ import numpy as np
 
 from llmir_onnx.errors import GenerationError
 from llmir_onnx.model_facts import is_kv_output_name, kv_cache_pairs
-from llmir_onnx.runtime.generate_job import TokenRates
 from llmir_onnx.runtime.sampling import Sampler
-from llmir_onnx.runtime.session import BoundSession, Tensor
+from llmir_onnx.runtime.session import BoundSession, OriginalSession, Tensor
 
+# onnxruntime comes from an optional extra (cpu or gpu): it is imported inside the functions that make
+# sessions, so importing this module does not need it.
 if TYPE_CHECKING:
     import onnxruntime
 
@@ -113,6 +114,30 @@ class TokenBroadcast:
             contribution = np.zeros(batch, dtype=np.int64)
         (result,) = self._session.run(None, {"token_ids": contribution})
         return result
+
+
+class TokenRates:
+    """Prompt and decode throughput of a generation, from the counts and seconds a subclass holds."""
+
+    prompt_tokens: int
+    prompt_seconds: float
+    decode_tokens: int
+    decode_seconds: float
+
+    @property
+    def prompt_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else float("nan")
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+    def summary(self) -> str:
+        return (
+            f"prompt: {self.prompt_tokens} tokens in {self.prompt_seconds:.3f} s "
+            f"({self.prompt_tokens_per_s:.1f} tokens/s); decode: {self.decode_tokens} tokens in "
+            f"{self.decode_seconds:.3f} s ({self.decode_tokens_per_s:.1f} tokens/s)"
+        )
 
 
 @dataclass
@@ -276,8 +301,6 @@ def recompute_greedy(model_path: str | Path, prompt_ids: np.ndarray, max_new_tok
     generated length.
     Same stop rule as `generate`: stop after `max_new_tokens` or once every row produced a stop id.
     """
-    from llmir_onnx.runtime.session import OriginalSession
-
     if prompt_ids.ndim != 2 or prompt_ids.shape[1] == 0:
         raise GenerationError(f"prompt ids must be [batch, length>0], got shape {list(prompt_ids.shape)}")
     session = OriginalSession(model_path)

@@ -1,5 +1,9 @@
 """A generation job: one process per rank, started by us or by the user's launcher, and its outcome.
 
+`generate_plan` is the entry point (`llmir-onnx generate` parses its options and prints its outcome): it
+checks the options and the plan's files before any rank starts, runs the ranks, and with `check` compares
+the tokens with the original model's greedy ones.
+
 Outside a launcher, `spawn_generation` runs the ranks as a job of `runtime/job.py` (mpiexec of the
 mpich wheel, one supervised process per rank, the first failure stops every rank within a second and is
 the one the message names). Each spawned rank writes `rankN.json` (its tokens and timings) into the
@@ -12,13 +16,22 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from llmir_onnx.errors import GenerationError
+from llmir_onnx.errors import GenerationError, VerificationError
+from llmir_onnx.plan.integrity import check_plan_files
+from llmir_onnx.plan.manifest import Manifest
+from llmir_onnx.plan.report import write_timeline
+from llmir_onnx.runtime.generate import TokenBroadcast, TokenRates, generate, logits_owner, recompute_greedy
+from llmir_onnx.runtime.job import JobInterrupted, fault_hook, ignore_peer_death_notice, run_rank_job
+from llmir_onnx.runtime.launch import LAUNCHER_NONE, detect_rank_env
+from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
+from llmir_onnx.runtime.session import DEVICE_CPU, DEVICE_CUDA, RankSession, execution_providers
 
 REQUEST_FILE = "request.json"
 
@@ -51,30 +64,6 @@ class GenerateRequest:
         return cls(**json.loads(path.read_text()))
 
 
-class TokenRates:
-    """Prompt and decode throughput of a generation, from the counts and seconds a subclass holds."""
-
-    prompt_tokens: int
-    prompt_seconds: float
-    decode_tokens: int
-    decode_seconds: float
-
-    @property
-    def prompt_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds > 0 else float("nan")
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.decode_tokens / self.decode_seconds if self.decode_seconds > 0 else float("nan")
-
-    def summary(self) -> str:
-        return (
-            f"prompt: {self.prompt_tokens} tokens in {self.prompt_seconds:.3f} s "
-            f"({self.prompt_tokens_per_s:.1f} tokens/s); decode: {self.decode_tokens} tokens in "
-            f"{self.decode_seconds:.3f} s ({self.decode_tokens_per_s:.1f} tokens/s)"
-        )
-
-
 @dataclass
 class RankReport(TokenRates):
     rank: int
@@ -97,6 +86,23 @@ def load_tokenizer(directory: str | Path) -> object:
     except ImportError as error:
         raise GenerationError("--tokenizer needs the `tokenizers` package: pip install tokenizers") from error
     return Tokenizer.from_file(str(path))
+
+
+def encode_prompts(tokenizer: object, texts: Sequence[str]) -> list[list[int]]:
+    """The token ids of each prompt text."""
+    return [list(tokenizer.encode(text).ids) for text in texts]  # type: ignore[attr-defined]
+
+
+def eos_token_ids(tokenizer: object, tokenizer_dir: Path) -> list[int]:
+    """The tokenizer's end-of-sequence id (tokenizer_config.json's eos_token), if it names one."""
+    config_path = tokenizer_dir / "tokenizer_config.json"
+    if not config_path.is_file():
+        return []
+    eos = json.loads(config_path.read_text()).get("eos_token")
+    if isinstance(eos, dict):
+        eos = eos.get("content")
+    token_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None  # type: ignore[attr-defined]
+    return [] if token_id is None else [int(token_id)]
 
 
 class TextStream:
@@ -149,12 +155,6 @@ def default_intra_op_threads() -> int | None:
 
 def run_generate_rank(request: GenerateRequest, work_dir: Path | None = None) -> RankReport:
     """This process's rank of a generation job; writes rankN.json / rankN.error into `work_dir`."""
-    from llmir_onnx.runtime.generate import TokenBroadcast, generate, logits_owner
-    from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice
-    from llmir_onnx.runtime.launch import detect_rank_env
-    from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
-    from llmir_onnx.runtime.session import RankSession, execution_providers
-
     rank = detect_rank_env().rank
     sampler = Sampler(SamplingConfig(request.temperature, request.top_k, request.top_p, request.seed))
     session = RankSession(request.plan_dir, device=request.device,
@@ -198,8 +198,6 @@ def rank_main_generate(work_dir: Path, request_path: str) -> None:
 def spawn_generation(request: GenerateRequest, world_size: int, extra_env: dict[str, str] | None = None
                      ) -> list[RankReport]:
     """Run the job as `world_size` local rank processes; returns every rank's report (rank order)."""
-    from llmir_onnx.runtime.job import JobInterrupted, run_rank_job
-
     with tempfile.TemporaryDirectory(prefix="llmir-generate-") as tmp:
         work_dir = Path(tmp)
         request.write(work_dir / REQUEST_FILE)
@@ -220,3 +218,124 @@ def spawn_generation(request: GenerateRequest, world_size: int, extra_env: dict[
 def _read_report(work_dir: Path, rank: int) -> RankReport | None:
     path = work_dir / f"rank{rank}.json"
     return RankReport(**json.loads(path.read_text())) if path.is_file() else None
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+@dataclass(frozen=True)
+class GenerationOutcome:
+    """A generation job's result as rank 0 saw it (`generate_plan`)."""
+
+    report: RankReport  # rank 0's tokens and timings
+    prompt_ids: list[list[int]]
+    world_size: int
+    # With `check`: the original model's greedy tokens (recomputed without a KV cache), and where the plan's
+    # tokens first differ from them (None: they are equal).
+    reference_tokens: list[list[int]] | None = None
+    difference: str | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The tokens and rates as `generate --save-tokens` writes them (JSON)."""
+        result: dict[str, Any] = {
+            "tokens": self.report.tokens, "prompt_ids": self.prompt_ids,
+            "prompt_tokens_per_s": self.report.prompt_tokens_per_s,
+            "decode_tokens_per_s": self.report.decode_tokens_per_s, "world_size": self.world_size,
+        }
+        if self.reference_tokens is not None:
+            result["reference_tokens"] = self.reference_tokens
+        return result
+
+    def raise_if_differs(self) -> None:
+        if self.difference is not None:
+            raise VerificationError(f"the plan's tokens differ from the original model's greedy tokens (recomputed "
+                                    f"without a KV cache): {self.difference}")
+
+
+def generate_plan(
+    plan_dir: str | Path,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int = 32,
+    *,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int | None = None,
+    micro_batches: int = 1,
+    stop_token_ids: Sequence[int] = (),
+    device: str = DEVICE_CPU,
+    intra_op_num_threads: int | None = None,
+    tokenizer_dir: str | Path | None = None,
+    stream: bool = False,
+    check: bool = False,
+    model_path: str | Path | None = None,
+    check_hashes: bool = True,
+    timeline: Path | None = None,
+    on_start: Callable[[], None] | None = None,
+) -> GenerationOutcome | None:
+    """Generate with the plan in `plan_dir` from `prompt_ids` (rows of equal length): prefill, then decode
+    with per-rank KV caches, every rank a process. Returns rank 0's outcome; None in the other ranks of a
+    job the user's launcher started (each process of such a job calls this and runs its own rank).
+
+    Every option and the plan's files (paths, sizes and, with `check_hashes`, sha256) are checked before any
+    rank starts. Sampling: greedy unless `temperature` > 0 (`SamplingConfig`). Generation stops after
+    `max_new_tokens`, or once every row produced one of `stop_token_ids`. `stream`: rank 0 prints the first
+    row's new tokens as they come (text with `tokenizer_dir`, a folder with tokenizer.json). `check` (greedy
+    only): the original model (`model_path`, else the manifest's source) recomputes its greedy tokens without
+    a KV cache, and the outcome says where the plan's first differ. `timeline`: every rank's run calls are
+    written there (for `report --timeline`); it needs ranks started here. `on_start` is called on rank 0
+    once everything is checked, just before the ranks start (the CLI prints the prompt text there).
+    """
+    plan_dir = Path(plan_dir)
+    manifest = Manifest.read(plan_dir)
+    rows = [[int(token) for token in row] for row in prompt_ids]  # plain ints: the request is JSON
+    if not rows or any(not row for row in rows):
+        raise GenerationError("a prompt is empty; every prompt needs at least one token")
+    if len({len(row) for row in rows}) != 1:
+        raise GenerationError(
+            f"batched prompts must have the same number of tokens (got {[len(row) for row in rows]}); "
+            "padding is not supported"
+        )
+    if check and temperature != 0.0:
+        raise GenerationError("--check compares greedy tokens: drop --temperature/--top-k/--top-p")
+    source = Path(model_path) if model_path is not None else Path(manifest.source["path"])
+    if check and not source.is_file():
+        raise GenerationError(f"--check needs the original model, and {str(source)!r} is gone; pass its path "
+                              "with --model")
+    SamplingConfig(temperature, top_k, top_p, seed)  # option errors here, before any rank starts
+    if micro_batches > len(rows):
+        raise GenerationError(f"--micro-batches {micro_batches} exceeds the batch of {len(rows)} prompt(s)")
+    if device not in (DEVICE_CPU, DEVICE_CUDA):
+        raise GenerationError(f"--device {device!r}: use {DEVICE_CPU} or {DEVICE_CUDA}")
+    request = GenerateRequest(
+        plan_dir=str(plan_dir.resolve()), prompt_ids=rows, max_new_tokens=max_new_tokens, temperature=temperature,
+        top_k=top_k, top_p=top_p, seed=seed, micro_batches=micro_batches, stop_token_ids=list(stop_token_ids),
+        device=device, intra_op_num_threads=intra_op_num_threads,
+        tokenizer_dir=str(Path(tokenizer_dir).resolve()) if tokenizer_dir is not None else None, stream=stream,
+    )
+    env = detect_rank_env()
+    if timeline is not None and env.launcher != LAUNCHER_NONE:
+        raise GenerationError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
+                              "(run it without mpiexec/srun)")
+    if env.launcher == LAUNCHER_NONE:
+        # Once here for every rank, before any starts; the ranks then check only paths and sizes.
+        check_plan_files(plan_dir, manifest, check_hashes=check_hashes)
+        request.check_hashes = False
+    else:
+        request.check_hashes = check_hashes
+    if env.rank == 0 and on_start is not None:
+        on_start()
+    if env.launcher == LAUNCHER_NONE:
+        reports = spawn_generation(request, manifest.world_size)
+        report = reports[0]
+        if timeline is not None:
+            write_timeline(timeline, manifest, {r.rank: r.run_calls for r in reports})
+    else:
+        report = run_generate_rank(request)
+        if env.rank != 0:
+            return None
+    if not check:
+        return GenerationOutcome(report, rows, manifest.world_size)
+    reference = recompute_greedy(source, np.array(rows, dtype=np.int64), max_new_tokens, frozenset(stop_token_ids))
+    return GenerationOutcome(report, rows, manifest.world_size, reference.tokens.tolist(),
+                             reference.first_difference(report.tokens))

@@ -44,6 +44,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Only the standard library up here: the orchestrator runs under a bare python3 (see above), so numpy, onnx,
+# onnxruntime, torch and llmir_onnx's own modules are imported in the functions that run in the venv.
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "models" / "llama-gqa-torch-legacy" / "model.onnx"
 SMOLLM2_MODEL = ROOT / "models" / "smollm2" / "model.onnx"

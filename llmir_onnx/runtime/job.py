@@ -37,6 +37,7 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -265,6 +266,17 @@ def _failure_message(job: str, files: _JobFiles, cause: RankFailure | None, exit
     return f"{job} failed: {cause.describe()}{suffix}"
 
 
+def mpiexec_path() -> str:
+    """The mpiexec of the mpich wheel installed beside this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).parent / "mpiexec"
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("mpiexec")
+    if found is None:
+        raise CommunicationError("no mpiexec found; install the package's dependencies (pip install mpich)")
+    return found
+
+
 def run_rank_job(
     job: str,
     role: str,
@@ -277,8 +289,6 @@ def run_rank_job(
 ) -> None:
     """Run `world_size` ranks of `role` (see rank_main) to the end; raise CommunicationError naming the
     first rank that failed or died. `job` names the job in messages ("verify", "generation")."""
-    from llmir_onnx.runtime.verify import mpiexec_path
-
     command = [mpiexec_path(), "-disable-auto-cleanup", "-n", str(world_size), sys.executable, "-m",
                "llmir_onnx.runtime.rank_main", role, str(work_dir), *args]
     env = {**os.environ, **(extra_env or {})}

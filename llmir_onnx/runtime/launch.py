@@ -35,7 +35,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmir_onnx.errors import CommunicationError
+from llmir_onnx.runtime.throttle import throttle_rank_from_env
 
+# onnxruntime comes from an optional extra (cpu or gpu): it is imported inside the functions that make
+# sessions, so importing this module does not need it.
 if TYPE_CHECKING:
     import onnxruntime
 
@@ -186,8 +189,6 @@ def _bind(library: ctypes.CDLL) -> None:
     library.llmir_world_size.restype = ctypes.c_int
     library.llmir_finalize.argtypes = []
     library.llmir_finalize.restype = ctypes.c_int
-    library.llmir_abort.argtypes = [ctypes.c_int]
-    library.llmir_abort.restype = None
     library.llmir_version.argtypes = []
     library.llmir_version.restype = ctypes.c_char_p
 
@@ -225,10 +226,6 @@ class CommContext:
         code = self._library.llmir_finalize()
         if code != 0:
             print(f"llmir-onnx rank {self.rank}: llmir_finalize returned {code}", file=sys.stderr, flush=True)
-
-    def abort(self, exit_code: int = 1) -> None:
-        """End every rank of the job now (MPI_Abort): for a rank that cannot go on."""
-        self._library.llmir_abort(exit_code)
 
 
 _context: CommContext | None = None
@@ -278,8 +275,6 @@ def setup_communication(cuda: bool = False, expected_world_size: int | None = No
     version = (library.llmir_version() or b"").decode(errors="replace")
     _context = CommContext(rank, world_size, env.local_rank, env.launcher, cuda, library_path, version, library)
     atexit.register(_context.finalize)
-    from llmir_onnx.runtime.throttle import throttle_rank_from_env
-
     throttle_rank_from_env(rank)  # LLMIR_CPU_SHARE: emulate a slower device for this rank
     return _context
 

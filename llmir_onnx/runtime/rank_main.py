@@ -12,22 +12,20 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from llmir_onnx.runtime.generate_job import rank_main_generate
+from llmir_onnx.runtime.job import supervise_rank
+from llmir_onnx.runtime.verify import rank_main_verify
+
 
 def _role(role: str, work_dir: Path, args: list[str]) -> Callable[[], None]:
     if role == "verify-rank":
-        from llmir_onnx.runtime.verify import rank_main_verify
-
         return lambda: rank_main_verify(work_dir, *args)
     if role == "generate-rank":
-        from llmir_onnx.runtime.generate_job import rank_main_generate
-
         return lambda: rank_main_generate(work_dir, *args)
     raise SystemExit(f"unknown rank role {role!r}")
 
 
 def main(argv: list[str]) -> None:
-    from llmir_onnx.runtime.job import supervise_rank
-
     role, work_dir, *args = argv
     supervise_rank(Path(work_dir), _role(role, Path(work_dir), args))
 

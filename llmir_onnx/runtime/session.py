@@ -33,12 +33,12 @@ import numpy as np
 from llmir_onnx.errors import GenerationError, PlanError
 from llmir_onnx.plan.integrity import check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding
-from llmir_onnx.runtime.launch import cuda_device_count
+from llmir_onnx.runtime.launch import CommContext, cuda_device_count, onnxruntime_log_severity, setup_communication
 
+# onnxruntime comes from an optional extra (cpu or gpu): it is imported inside the functions that make
+# sessions, so importing this module does not need it.
 if TYPE_CHECKING:
     import onnxruntime
-
-    from llmir_onnx.runtime.launch import CommContext
 
 DEVICE_CPU = "cpu"
 DEVICE_CUDA = "cuda"
@@ -206,8 +206,6 @@ class RankSession(BoundSession):
         comm: CommContext | None = None,
         check_hashes: bool = True,
     ) -> None:
-        from llmir_onnx.runtime.launch import setup_communication
-
         self.plan_dir = Path(plan_dir)
         self.manifest = Manifest.read(self.plan_dir)
         self.comm = comm or setup_communication(
@@ -240,8 +238,6 @@ class OriginalSession(BoundSession):
         self, model_path: str | Path, *, device: str = DEVICE_CPU, intra_op_num_threads: int | None = None
     ) -> None:
         import onnxruntime as ort
-
-        from llmir_onnx.runtime.launch import onnxruntime_log_severity
 
         options = ort.SessionOptions()
         options.log_severity_level = onnxruntime_log_severity()

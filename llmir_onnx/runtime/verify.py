@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,6 +20,10 @@ import numpy as np
 from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
 from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
 from llmir_onnx.plan.manifest import Manifest, SliceBinding
+from llmir_onnx.plan.report import write_timeline
+from llmir_onnx.runtime.feeds import original_session
+from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice, run_rank_job
+from llmir_onnx.runtime.launch import detect_rank_env, setup_communication
 from llmir_onnx.runtime.session import (
     CUDA_PROVIDER,
     DEVICE_CPU,
@@ -71,17 +74,6 @@ def default_tolerance_for(expected: np.ndarray) -> tuple[float, float]:
     return atol, rtol
 
 
-def mpiexec_path() -> str:
-    """The mpiexec of the mpich wheel installed beside this interpreter, else the one on PATH."""
-    beside = Path(sys.executable).parent / "mpiexec"
-    if beside.is_file():
-        return str(beside)
-    found = shutil.which("mpiexec")
-    if found is None:
-        raise CommunicationError("no mpiexec found; install the package's dependencies (pip install mpich)")
-    return found
-
-
 def load_feeds(path: Path) -> dict[str, np.ndarray]:
     with np.load(path) as archive:
         return {name: archive[name] for name in archive.files}
@@ -103,9 +95,6 @@ def run_rank(
     `device` "cuda": the CUDA EP on GPU `rank_device_id(local rank)` with the CUDA ai.llmir library.
     `profile_dir`: onnxruntime's profile of the run goes to `profile_dir/rank{N}_*.json` (its events name
     each node's provider: the proof that the ai.llmir nodes ran where they should)."""
-    from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice
-    from llmir_onnx.runtime.launch import setup_communication
-
     comm = setup_communication(cuda=device == DEVICE_CUDA, expected_world_size=manifest.world_size)
     ignore_peer_death_notice()
     entry = manifest.rank_entry(comm.rank)
@@ -194,8 +183,6 @@ def compare(
 def reference_outputs(
     model_path: Path, feeds: dict[str, np.ndarray], device: str = DEVICE_CPU
 ) -> dict[str, np.ndarray]:
-    from llmir_onnx.runtime.feeds import original_session
-
     session = original_session(model_path, device)
     names = [output.name for output in session.get_outputs()]
     return dict(zip(names, session.run(names, feeds), strict=True))
@@ -232,9 +219,6 @@ def verify_plan(
     The plan's files are checked against the manifest before any rank starts: by this process when it
     launches the ranks, by each rank for its own files under an external launcher.
     """
-    from llmir_onnx.runtime.job import run_rank_job
-    from llmir_onnx.runtime.launch import detect_rank_env
-
     manifest = Manifest.read(plan_dir)
     execution_providers(device, 0)  # an onnxruntime without the CUDA EP is refused here, before any rank starts
     source = model_path or Path(manifest.source["path"])
@@ -268,8 +252,6 @@ def verify_plan(
             run_rank_job("verify", "verify-rank", rank_args, manifest.world_size, work_dir, timeout_s=timeout_s)
             assembled = assemble_outputs(manifest, work_dir)
             if timeline is not None:
-                from llmir_onnx.plan.report import write_timeline
-
                 calls = {e.rank: json.loads((work_dir / f"rank{e.rank}{RUN_CALLS_SUFFIX}").read_text())
                          for e in manifest.ranks}
                 write_timeline(timeline, manifest, calls, phase="verify")
