@@ -11,17 +11,13 @@ import onnx_ir as ir
 from llmir_onnx.errors import ShardingError
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
+from llmir_onnx.propagation.registry import attr_int
 
 
 def gqa_packed_blocks(ctx: RuleContext, node: ir.Node) -> tuple[int, ...] | None:
     """Global [q | k | v] column widths of a packed GroupQueryAttention query input."""
     width = ctx.static_dim(node.inputs[0], -1) if ctx.rank(node.inputs[0]) else None
-    heads, kv_heads = _attr_int(node, "num_heads", 0), _attr_int(node, "kv_num_heads", 0)
+    heads, kv_heads = attr_int(node, "num_heads", 0), attr_int(node, "kv_num_heads", 0)
     if width is None or not heads or not kv_heads:
         return None
     head_dim = width // (heads + 2 * kv_heads)
@@ -30,7 +26,7 @@ def gqa_packed_blocks(ctx: RuleContext, node: ir.Node) -> tuple[int, ...] | None
 
 def _check_heads(ctx: RuleContext, node: ir.Node, names: tuple[str, ...]) -> None:
     for name in names:
-        count = _attr_int(node, name, 0)
+        count = attr_int(node, name, 0)
         if count:
             ctx.require_divisible(node, name, [count], replicable=name == "kv_num_heads")
 
@@ -51,7 +47,7 @@ def gqa_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]
         blocks = gqa_packed_blocks(ctx, node)
         if blocks is None or query.blocks != blocks:
             return replicated(node)
-    kv = kv_parts(ctx.tp, _attr_int(node, "kv_num_heads", 0))
+    kv = kv_parts(ctx.tp, attr_int(node, "kv_num_heads", 0))
     if packed and query.parts != ((ctx.tp, *kv, *kv) if kv else ()):
         # A rank would read kv heads that are not those of its query heads: a model that cannot run.
         raise ShardingError(
@@ -81,12 +77,12 @@ def rotary_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
     rank = ctx.rank(node.inputs[0])
     if not isinstance(shard, Shard) or rank is None:
         return replicated(node)
-    heads = _attr_int(node, "num_heads", 0)
+    heads = attr_int(node, "num_heads", 0)
     if rank == 3 and (not heads or shard.dim != 2 or shard.blocks):
         return replicated(node)  # [batch, seq, heads * head_dim] without a head count: cannot localize
     if rank == 4 and shard.dim not in (0, 1):
         return replicated(node)  # [batch, heads, seq, head_dim]: only batch and heads may be split
-    heads = _attr_int(node, "num_heads", 0)
+    heads = attr_int(node, "num_heads", 0)
     if heads:
         ctx.require_divisible(node, "num_heads", [heads], replicable=bool(shard.parts))
     return Decision([shard, *[REPLICATE if v is not None else None for v in node.inputs[1:]]], [shard])

@@ -11,11 +11,7 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
+from llmir_onnx.propagation.registry import attr_int
 
 
 def _the_shard(placements: list[Placement | None]) -> Shard | None:
@@ -34,7 +30,7 @@ def elements_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | 
     rank = ctx.rank(node.inputs[0])
     if shard is None or rank is None:
         return replicated(node)
-    axis = normalize_dim(_attr_int(node, "axis", 0), rank)
+    axis = normalize_dim(attr_int(node, "axis", 0), rank)
     # The axes other than `axis` must match between data and indices to be split alike.
     sizes = {ctx.static_dim(v, shard.dim) for v in node.inputs if v is not None}
     if shard.dim == axis or len(sizes) != 1 or None in sizes:
@@ -53,7 +49,7 @@ def nd_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None])
     shard = _the_shard(placements)
     if shard is None or data_rank is None or not index_rank or k is None:
         return replicated(node)
-    batch = _attr_int(node, "batch_dims", 0)
+    batch = attr_int(node, "batch_dims", 0)
     data_held, index_held = placements[0], placements[1]
     update_held = placements[2] if len(placements) > 2 else None
     # The data axis the shard stands for, wherever it arrives.

@@ -13,6 +13,7 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
+from llmir_onnx.propagation.registry import attr_int
 
 
 def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision | None:
@@ -22,7 +23,7 @@ def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     a_rank = ctx.rank(node.inputs[0])
     if a_rank is None:
         return None
-    transposed_b = node.op_type == "Gemm" and _int_attr(node, "transB", 0) == 1
+    transposed_b = node.op_type == "Gemm" and attr_int(node, "transB", 0) == 1
     out_dim = a_rank - 1
     bias = [None] * (len(node.inputs) - 2)
     if role.kind == "column":
@@ -41,11 +42,6 @@ def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement |
         bias = [PARTIAL_SUM if v is not None else None for v in node.inputs[2:]]
         return Decision([activation, weight, *bias], [PARTIAL_SUM])
     return None
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
 
 
 def _batch_shard(ctx: RuleContext, value: ir.Value, out_dim: int, out_rank: int, blocks: tuple[int, ...]) -> Placement:
@@ -99,7 +95,7 @@ def gemm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
     decided = _role_decision(ctx, node, placements)
     if decided is not None:
         return decided
-    trans_a, trans_b = _int_attr(node, "transA", 0), _int_attr(node, "transB", 0)
+    trans_a, trans_b = attr_int(node, "transA", 0), attr_int(node, "transB", 0)
     pa, pb = placements[0], placements[1]
     if isinstance(pa, Shard) and pa.dim == (0 if trans_a else 1):
         bias = [PARTIAL_SUM if v is not None else None for v in node.inputs[2:]]
@@ -125,7 +121,7 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
     role = ctx.roles.get(node.name)
     if role is None or role.kind not in ("column", "row") or (len(node.inputs) > 4 and node.inputs[4] is not None):
         return replicated(node)  # act-order (g_idx) weights are not split
-    n, k, block_size = _int_attr(node, "N", 0), _int_attr(node, "K", 0), _int_attr(node, "block_size", 0)
+    n, k, block_size = attr_int(node, "N", 0), attr_int(node, "K", 0), attr_int(node, "block_size", 0)
     k_blocks = -(-k // block_size)
     a_rank = ctx.rank(node.inputs[0]) or 2
     views: dict[int, tuple[int, ...]] = {}
@@ -152,7 +148,7 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
         zero_points = node.inputs[3] if len(node.inputs) > 3 else None
         if zero_points is not None and zero_points.dtype == ir.DataType.UINT8:
             # Packed zero points: a rank's blocks must fill whole bytes of every row.
-            bits = _int_attr(node, "bits", 4)
+            bits = attr_int(node, "bits", 4)
             row_bytes = -(-k_blocks * bits // 8)
             what = f"the packed zero-point bytes per row ({bits}-bit, K={k}, block_size {block_size})"
             ctx.require_divisible(node, what, [row_bytes])

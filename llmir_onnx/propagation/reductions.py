@@ -10,11 +10,7 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
+from llmir_onnx.propagation.registry import attr_int
 
 
 @register(["Softmax", "LogSoftmax", "Hardmax", "CumSum"])
@@ -29,7 +25,7 @@ def softmax_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | N
             return replicated(node)
         axis = normalize_dim(axis_values[0], rank)
     else:
-        axis = normalize_dim(_attr_int(node, "axis", -1), rank)
+        axis = normalize_dim(attr_int(node, "axis", -1), rank)
     if axis == shard.dim:
         return replicated(node)
     return Decision([shard, *([REPLICATE] * (len(node.inputs) - 1))], [shard])
@@ -53,14 +49,14 @@ REDUCE_OPS = (
 
 def _reduce_axes(ctx: RuleContext, node: ir.Node, rank: int) -> list[int] | None:
     if node.op_type in ("ArgMax", "ArgMin"):
-        return [normalize_dim(_attr_int(node, "axis", 0), rank)]
+        return [normalize_dim(attr_int(node, "axis", 0), rank)]
     attr = node.attributes.get("axes")
     if attr is not None:
         return [normalize_dim(a, rank) for a in attr.as_ints()]
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         axes = ctx.constant_ints(node.inputs[1])
         return None if axes is None else [normalize_dim(a, rank) for a in axes]
-    if _attr_int(node, "noop_with_empty_axes", 0):
+    if attr_int(node, "noop_with_empty_axes", 0):
         return []
     return list(range(rank))
 
@@ -99,7 +95,7 @@ def reduce_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
             # reduced tensor (RMSNorm's mean of squares over all heads) instead of a gather of the input.
             return Decision([placement, *rest], [PARTIAL_SUM])
         return replicated(node)
-    keepdims = _attr_int(node, "keepdims", 1)
+    keepdims = attr_int(node, "keepdims", 1)
     new_dim = placement.dim if keepdims else placement.dim - sum(1 for a in axes if a < placement.dim)
     return Decision([placement, *rest], [placement.with_dim(new_dim)])
 
@@ -111,7 +107,7 @@ def norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
     rank = ctx.rank(node.inputs[0])
     if not isinstance(placement, Shard) or rank is None:
         return replicated(node)
-    axis = normalize_dim(_attr_int(node, "axis", -1), rank)
+    axis = normalize_dim(attr_int(node, "axis", -1), rank)
     if placement.dim >= axis:
         return replicated(node)
     outputs: list[Placement] = [placement] + [

@@ -20,18 +20,9 @@ from llmir_onnx.propagation.base import (
     register,
     replicated,
 )
+from llmir_onnx.propagation.registry import attr_int, attr_ints
 
 INT64_MAX = 2**63 - 1
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
-def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else list(attr.as_ints())
 
 
 def _only_shard(placements: list[Placement | None]) -> Shard | None:
@@ -168,7 +159,7 @@ def transpose_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     if shard is None:
         return replicated(node)
     rank = ctx.rank(node.inputs[0])
-    perm = _attr_ints(node, "perm") or (list(reversed(range(rank))) if rank is not None else None)
+    perm = attr_ints(node, "perm") or (list(reversed(range(rank))) if rank is not None else None)
     if perm is None or shard.inner:
         return replicated(node)
     return Decision([shard], [shard.with_dim(perm.index(shard.dim))])
@@ -177,7 +168,7 @@ def transpose_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
 def _axes(ctx: RuleContext, node: ir.Node) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         return ctx.constant_ints(node.inputs[1])
-    return _attr_ints(node, "axes")
+    return attr_ints(node, "axes")
 
 
 @register(["Unsqueeze"])
@@ -242,7 +233,7 @@ def concat_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
     if len(shards) != 1 or out_rank is None:
         return replicated(node)
     (shard,) = shards
-    axis = normalize_dim(_attr_int(node, "axis", 0), out_rank)
+    axis = normalize_dim(attr_int(node, "axis", 0), out_rank)
     if shard.dim == axis:
         return replicated(node)
     return Decision([shard if v is not None else None for v in node.inputs], [shard])
@@ -251,10 +242,10 @@ def concat_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
 def _split_sizes(ctx: RuleContext, node: ir.Node, size: int | None) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         return ctx.constant_ints(node.inputs[1])
-    sizes = _attr_ints(node, "split")
+    sizes = attr_ints(node, "split")
     if sizes is not None:
         return sizes
-    parts = _attr_int(node, "num_outputs", len(node.outputs))
+    parts = attr_int(node, "num_outputs", len(node.outputs))
     if size is None:
         return None
     step = -(-size // parts)
@@ -267,7 +258,7 @@ def split_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | Non
     rank = ctx.rank(node.inputs[0])
     if shard is None or rank is None:
         return replicated(node)
-    axis = normalize_dim(_attr_int(node, "axis", 0), rank)
+    axis = normalize_dim(attr_int(node, "axis", 0), rank)
     rest = [REPLICATE] * (len(node.inputs) - 1)
     if axis != shard.dim:
         return Decision([shard, *rest], [shard] * len(node.outputs))
@@ -404,7 +395,7 @@ def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
     data_rank, idx_rank = ctx.rank(node.inputs[0]), ctx.rank(node.inputs[1])
     if data_rank is None or idx_rank is None:
         return replicated(node)
-    axis = normalize_dim(_attr_int(node, "axis", 0), data_rank)
+    axis = normalize_dim(attr_int(node, "axis", 0), data_rank)
     data, indices = placements
     role = ctx.roles.get(node.name)
     if role is not None and role.kind == "vocab" and not isinstance(indices, Shard | Partial):
