@@ -14,6 +14,8 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
+from llmir_onnx.propagation.registry import MS_DOMAIN, ShapeEnvironment, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, broadcast, first_input, same_as_first
 
 
 @dataclass(frozen=True)
@@ -182,3 +184,46 @@ def elementwise_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement
 
 for _family in ELEMENTWISE_FAMILIES:
     register(_family.ops, domain=_family.domain)(elementwise_rule)
+
+
+# --------------------------------------------------------------------------- shape functions
+
+# Ops whose one output has the first input's shape and dtype (the planner's unary ops).
+SAME_SHAPE_OPS = (
+    "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Log", "Sin", "Cos", "Tanh", "Sigmoid", "Relu", "Erf", "CastLike",
+    "Identity", "Gelu", "FastGelu", "QuickGelu", "Floor", "Ceil", "Round", "Sign", "HardSigmoid", "LeakyRelu", "Elu",
+    "Selu", "Softplus", "Clip", "Dropout", "BiasGelu",
+)  # fmt: skip
+BOOL_RESULT_OPS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor")
+BROADCAST_OPS = (
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Sum", "Mean", "BitwiseAnd", "BitwiseOr", "PRelu",
+)  # fmt: skip
+
+
+def cast_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    return [TensorShape(first_input(inputs).shape, ir.DataType(int(attr(node, "to"))))]  # type: ignore[call-overload]
+
+
+def bool_unary_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    return [TensorShape(first_input(inputs).shape, ir.DataType.BOOL)]
+
+
+def broadcast_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """numpy broadcasting of every present input; the first input's dtype (a comparison's: bool)."""
+    first = first_input(inputs)
+    shape = broadcast(*(i.shape for i in inputs if i is not None))
+    return [TensorShape(shape, ir.DataType.BOOL if node.op_type in BOOL_RESULT_OPS else first.dtype)]
+
+
+def where_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first_input(inputs)
+    shape = broadcast(*(i.shape for i in inputs if i is not None))
+    return [TensorShape(shape, inputs[1].dtype)]  # type: ignore[union-attr]
+
+
+define(SAME_SHAPE_OPS, shape=same_as_first)
+define(["FastGelu", "QuickGelu", "BiasGelu", "Gelu"], domain=MS_DOMAIN, shape=same_as_first)
+define(["Cast"], shape=cast_shape)
+define(["Not", "IsNaN", "IsInf"], shape=bool_unary_shape)
+define((*BROADCAST_OPS, *BOOL_RESULT_OPS), shape=broadcast_shape)
+define(["Where"], shape=where_shape)

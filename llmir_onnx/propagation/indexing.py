@@ -11,7 +11,8 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
-from llmir_onnx.propagation.registry import attr_int
+from llmir_onnx.propagation.registry import ShapeEnvironment, attr_int, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, first_input, same_as_first
 
 
 def _the_shard(placements: list[Placement | None]) -> Shard | None:
@@ -74,3 +75,23 @@ def nd_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None])
     if node.op_type == "GatherND":
         return Decision([shard.with_dim(dim), index_required], [shard.with_dim(slice_dim)])
     return Decision([shard.with_dim(dim), index_required, shard.with_dim(slice_dim)], [shard.with_dim(dim)])
+
+
+# --------------------------------------------------------------------------- shape functions
+
+
+def gather_nd_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first, indices = first_input(inputs), inputs[1]
+    assert indices is not None
+    batch_dims = attr_int(node, "batch_dims", 0)
+    depth = indices.shape[-1]
+    return [TensorShape(indices.shape[:-1] + first.shape[batch_dims + depth :], first.dtype)]
+
+
+def gather_elements_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    return [TensorShape(inputs[1].shape, first_input(inputs).dtype)]  # type: ignore[union-attr]
+
+
+define(["GatherND"], shape=gather_nd_shape)
+define(["ScatterND", "ScatterElements"], shape=same_as_first)
+define(["GatherElements"], shape=gather_elements_shape)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from llmir_onnx.errors import ShardingError
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
-from llmir_onnx.propagation.registry import attr_int
+from llmir_onnx.propagation.registry import MS_DOMAIN, Localizer, ShapeEnvironment, attr_int, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, matmul_dims, out_dtype
 
 
 def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision | None:
@@ -111,7 +113,27 @@ def gemm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
     return replicated(node)
 
 
-@register(["MatMulNBits"], domain="com.microsoft")
+def matmul_nbits_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    return [TensorShape((*first.shape[:-1], int(attr(node, "N"))), first.dtype)]  # type: ignore[call-overload]
+
+
+def localize_matmul_nbits(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    """N (column-parallel) or K (row-parallel) becomes this rank's part: the attributes size the kernel."""
+    role = localizer.role(node)
+    placement = localizer.placement(node.inputs[1])
+    if role is None or not isinstance(placement, Shard):
+        return
+    name = "N" if role.kind == "column" else "K"
+    if placement.shares:
+        raise ShardingError(
+            f"node {node.name} (MatMulNBits) would be split unevenly ({placement}); quantized weights take "
+            "an even split only: use a tp that divides the heads"
+        )
+    node.attributes[name] = ir.AttrInt64(name, node.attributes[name].as_int() // localizer.tp)
+
+
+@register(["MatMulNBits"], domain=MS_DOMAIN, shape=matmul_nbits_shape, localize=localize_matmul_nbits)
 def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     """Block-quantized weights: B [N, k_blocks, blob], scales and zero points per (N, k_block).
 
@@ -154,3 +176,33 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
             ctx.require_divisible(node, what, [row_bytes])
     outputs: list[Placement] = [Shard(a_rank - 1)] if role.kind == "column" else [PARTIAL_SUM]
     return Decision(required, outputs, weight_views=views)
+
+
+# --------------------------------------------------------------------------- shape functions
+
+
+def matmul_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """MatMul, MatMulInteger (its int32 output type is declared) and FusedMatMul (transA / transB)."""
+    first, b = first_input(inputs), inputs[1]
+    assert b is not None
+    a_shape, b_shape = first.shape, b.shape
+    if node.op_type == "FusedMatMul":
+        if attr(node, "transA", 0):
+            a_shape = (*a_shape[:-2], a_shape[-1], a_shape[-2])
+        if attr(node, "transB", 0):
+            b_shape = (*b_shape[:-2], b_shape[-1], b_shape[-2])
+    return [TensorShape(matmul_dims(a_shape, b_shape), out_dtype(node, 0, first.dtype))]
+
+
+def gemm_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first, b = first_input(inputs), inputs[1]
+    assert b is not None
+    m = first.shape[1] if attr(node, "transA", 0) else first.shape[0]
+    n = b.shape[0] if attr(node, "transB", 0) else b.shape[1]
+    return [TensorShape((m, n), first.dtype)]
+
+
+# FusedMatMul is com.microsoft's; the planner has only ever sized it in the default domain, where no
+# exporter writes it (kept as it was: a planner change of its own, with a model to test it on).
+define(["MatMul", "MatMulInteger", "FusedMatMul"], shape=matmul_shape)
+define(["Gemm"], shape=gemm_shape)

@@ -10,7 +10,8 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
-from llmir_onnx.propagation.registry import attr_int
+from llmir_onnx.propagation.registry import MS_DOMAIN, Localizer, ShapeEnvironment, attr_int, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, int_list, norm_axis, same_as_first
 
 
 @register(["Softmax", "LogSoftmax", "Hardmax", "CumSum"])
@@ -123,3 +124,66 @@ def norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
 def skip_norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     # The residual add is fused in: a Partial input is reduced first (the AllReduce of Megatron).
     return replicated(node)
+
+
+# --------------------------------------------------------------------------- shape functions
+
+
+def norm_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """Y like X; the optional statistics (mean, inv_std) keep the axes before `axis`, in float."""
+    first = first_input(inputs)
+    axis = norm_axis(int(attr(node, "axis", -1)), len(first.shape))  # type: ignore[call-overload]
+    stat = first.shape[:axis] + (1,) * (len(first.shape) - axis)
+    return [TensorShape(first.shape, first.dtype)] + [TensorShape(stat, ir.DataType.FLOAT)] * (len(node.outputs) - 1)
+
+
+def skip_norm_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """Outputs 1, 2 are mean / inv_std (float), 3 is the input + skip sum."""
+    first = first_input(inputs)
+    stat = (*first.shape[:-1], 1)
+    outs = [TensorShape(first.shape, first.dtype)]
+    for index in range(1, len(node.outputs)):
+        outs.append(TensorShape(first.shape, first.dtype) if index == 3 else TensorShape(stat, ir.DataType.FLOAT))
+    return outs
+
+
+def reduce_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    op = node.op_type
+    keepdims = bool(attr(node, "keepdims", 1))
+    rank = len(first.shape)
+    if op in ("ArgMax", "ArgMin"):
+        axes = [int(attr(node, "axis", 0))]  # type: ignore[call-overload]
+    else:
+        axes = attr(node, "axes", None)  # type: ignore[assignment]
+        if axes is None and len(inputs) > 1 and inputs[1] is not None:
+            axes = int_list(inputs[1].value, node, "axes")
+        if axes is None or len(axes) == 0:
+            if attr(node, "noop_with_empty_axes", 0):
+                return [TensorShape(first.shape, first.dtype)]
+            axes = list(range(rank))
+    kept = {norm_axis(int(a), rank) for a in axes}
+    shape = tuple(1 if i in kept else d for i, d in enumerate(first.shape) if keepdims or i not in kept)
+    dtype = ir.DataType.INT64 if op in ("ArgMax", "ArgMin") else first.dtype
+    return [TensorShape(shape, dtype)]
+
+
+def top_k_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    k = int_list(inputs[1].value, node, "k")[0]  # type: ignore[union-attr]
+    axis = norm_axis(int(attr(node, "axis", -1)), len(first.shape))  # type: ignore[call-overload]
+    shape = (*first.shape[:axis], k, *first.shape[axis + 1 :])
+    return [TensorShape(shape, first.dtype), TensorShape(shape, ir.DataType.INT64)]
+
+
+def _scale_partial_reduction(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.scale_partial_reduction(graph, node)
+
+
+define(["Softmax", "LogSoftmax", "CumSum"], shape=same_as_first)
+define(["LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"], shape=norm_shape)
+define(["LayerNormalization", "SimplifiedLayerNormalization"], domain=MS_DOMAIN, shape=norm_shape)
+define(["SkipSimplifiedLayerNormalization", "SkipLayerNormalization"], domain=MS_DOMAIN, shape=skip_norm_shape)
+define(REDUCE_OPS, shape=reduce_shape)
+define(PARTIAL_REDUCTIONS, localize=_scale_partial_reduction)
+define(["TopK"], shape=top_k_shape)

@@ -9,8 +9,12 @@ that tp does not divide is caught).
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import onnx_ir as ir
 
+from llmir_onnx.errors import PlanError
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import (
     Decision,
@@ -20,7 +24,19 @@ from llmir_onnx.propagation.base import (
     register,
     replicated,
 )
-from llmir_onnx.propagation.registry import attr_int, attr_ints
+from llmir_onnx.propagation.registry import Localizer, ShapeEnvironment, attr_int, attr_ints, define
+from llmir_onnx.propagation.tensor_shapes import (
+    TensorShape,
+    attr,
+    broadcast,
+    first_input,
+    int_list,
+    norm_axis,
+    reshaped,
+    same_as_first,
+    sliced,
+    squeezed,
+)
 
 INT64_MAX = 2**63 - 1
 
@@ -462,3 +478,164 @@ def trilu_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | Non
     if shard is None or rank is None or shard.dim >= rank - 2:
         return replicated(node)
     return Decision([shard, *([REPLICATE] * (len(node.inputs) - 1))], [shard])
+
+
+# --------------------------------------------------------------------------- shape functions
+
+
+def constant_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    tensor = attr(node, "value")
+    if tensor is None:
+        raise PlanError(f"Constant node {node.name!r} uses an attribute other than `value`; re-export it")
+    array = tensor.numpy()  # type: ignore[attr-defined]
+    return [TensorShape(tuple(array.shape), tensor.dtype, array)]  # type: ignore[attr-defined]
+
+
+def shape_of_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    start = int(attr(node, "start", 0))  # type: ignore[call-overload]
+    end = attr(node, "end", None)
+    shape = np.array(first.shape[start : None if end is None else int(end)], dtype=np.int64)  # type: ignore[call-overload]
+    return [TensorShape((len(shape),), ir.DataType.INT64, shape)]
+
+
+def size_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    return [TensorShape((), ir.DataType.INT64, np.array(first_input(inputs).numel, dtype=np.int64))]
+
+
+def gather_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first, indices = first_input(inputs), inputs[1]
+    assert indices is not None
+    axis = norm_axis(int(attr(node, "axis", 0)), len(first.shape))  # type: ignore[call-overload]
+    return [TensorShape(first.shape[:axis] + indices.shape + first.shape[axis + 1 :], first.dtype)]
+
+
+def reshape_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    target = int_list(inputs[1].value, node, "target shape")  # type: ignore[union-attr]
+    return [TensorShape(reshaped(first.shape, target, bool(attr(node, "allowzero", 0)), node), first.dtype)]
+
+
+def flatten_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    axis = norm_axis(int(attr(node, "axis", 1)), len(first.shape))  # type: ignore[call-overload]
+    return [TensorShape((math.prod(first.shape[:axis]), math.prod(first.shape[axis:])), first.dtype)]
+
+
+def transpose_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    perm = attr(node, "perm", None)
+    order = list(perm) if perm is not None else list(reversed(range(len(first.shape))))  # type: ignore[call-overload]
+    return [TensorShape(tuple(first.shape[p] for p in order), first.dtype)]
+
+
+def concat_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    present = [i for i in inputs if i is not None]
+    axis = norm_axis(int(attr(node, "axis")), len(first.shape))  # type: ignore[call-overload]
+    shape = list(present[0].shape)
+    shape[axis] = sum(i.shape[axis] for i in present)
+    return [TensorShape(tuple(shape), first.dtype)]
+
+
+def slice_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    return [TensorShape(sliced(first.shape, inputs, node), first.dtype)]
+
+
+def split_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    axis = norm_axis(int(attr(node, "axis", 0)), len(first.shape))  # type: ignore[call-overload]
+    split = attr(node, "split", None)
+    if split is None and len(inputs) > 1 and inputs[1] is not None:
+        split = int_list(inputs[1].value, node, "split sizes")
+    count = len(node.outputs)
+    if split is None:
+        size = first.shape[axis]
+        chunk = -(-size // count)
+        split = [min(chunk, size - chunk * i) for i in range(count)]
+    outs = []
+    for part in split:  # type: ignore[attr-defined]
+        shape = list(first.shape)
+        shape[axis] = int(part)
+        outs.append(TensorShape(tuple(shape), first.dtype))
+    return outs
+
+
+def squeeze_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """Squeeze and Unsqueeze: axes from the attribute (older opsets) or the second input."""
+    first = first_input(inputs)
+    axes = attr(node, "axes", None)
+    if axes is None and len(inputs) > 1 and inputs[1] is not None:
+        axes = int_list(inputs[1].value, node, "axes")
+    return [TensorShape(squeezed(node.op_type, first.shape, axes), first.dtype)]
+
+
+def expand_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    target = tuple(int_list(inputs[1].value, node, "target shape"))  # type: ignore[union-attr]
+    return [TensorShape(broadcast(first.shape, target), first.dtype)]
+
+
+def tile_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    repeats = int_list(inputs[1].value, node, "repeats")  # type: ignore[union-attr]
+    return [TensorShape(tuple(d * r for d, r in zip(first.shape, repeats, strict=True)), first.dtype)]
+
+
+def constant_of_shape_shape(
+    env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]
+) -> list[TensorShape]:
+    target = tuple(int_list(first_input(inputs).value, node, "shape"))
+    tensor = attr(node, "value")
+    dtype = tensor.dtype if tensor is not None else ir.DataType.FLOAT  # type: ignore[attr-defined]
+    return [TensorShape(target, dtype)]
+
+
+def range_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    values = [int_list(i.value, node, "bounds")[0] if i is not None else 0 for i in inputs]
+    start, limit, delta = values
+    return [TensorShape((max(math.ceil((limit - start) / delta), 0),), first.dtype)]
+
+
+def pad_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    pads = int_list(inputs[1].value, node, "pads")  # type: ignore[union-attr]
+    rank = len(first.shape)
+    return [TensorShape(tuple(d + pads[i] + pads[i + rank] for i, d in enumerate(first.shape)), first.dtype)]
+
+
+def _localize_target(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.localize_target(graph, node)
+
+
+def _localize_split(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.localize_split(graph, node)
+
+
+def _localize_slice(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.localize_slice(graph, node)
+
+
+def _localize_gather(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.localize_gather(graph, node)
+
+
+define(["Constant"], shape=constant_shape)
+define(["Shape"], shape=shape_of_shape)
+define(["Size"], shape=size_shape)
+define(["Gather"], shape=gather_shape, localize=_localize_gather)
+define(["Reshape"], shape=reshape_shape, localize=_localize_target)
+define(["Expand"], shape=expand_shape, localize=_localize_target)
+define(["Flatten"], shape=flatten_shape)
+define(["Transpose"], shape=transpose_shape)
+define(["Concat"], shape=concat_shape)
+define(["Slice"], shape=slice_shape, localize=_localize_slice)
+define(["Split"], shape=split_shape, localize=_localize_split)
+define(["Squeeze", "Unsqueeze"], shape=squeeze_shape)
+define(["Tile"], shape=tile_shape)
+define(["ConstantOfShape"], shape=constant_of_shape_shape)
+define(["Range"], shape=range_shape)
+define(["Pad"], shape=pad_shape)
+define(["Trilu"], shape=same_as_first)

@@ -75,7 +75,7 @@ def out_dtype(node: ir.Node, index: int, fallback: ir.DataType) -> ir.DataType:
     return output.dtype if output.dtype is not None else fallback
 
 
-def matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
+def matmul_dims(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     if len(a) == 1 and len(b) == 1:
         return ()
     if len(a) == 1:
@@ -85,7 +85,7 @@ def matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
     return (*broadcast(a[:-2], b[:-2]), a[-2], b[-1])
 
 
-def reshape_shape(shape: tuple[int, ...], target: list[int], allowzero: bool, node: ir.Node) -> tuple[int, ...]:
+def reshaped(shape: tuple[int, ...], target: list[int], allowzero: bool, node: ir.Node) -> tuple[int, ...]:
     out = [shape[i] if (d == 0 and not allowzero) else d for i, d in enumerate(target)]
     if -1 in out:
         known = math.prod(d for d in out if d != -1)
@@ -98,7 +98,7 @@ def reshape_shape(shape: tuple[int, ...], target: list[int], allowzero: bool, no
     return tuple(out)
 
 
-def slice_shape(shape: tuple[int, ...], inputs: list[TensorShape | None], node: ir.Node) -> tuple[int, ...]:
+def sliced(shape: tuple[int, ...], inputs: list[TensorShape | None], node: ir.Node) -> tuple[int, ...]:
     starts = int_list(inputs[1].value, node, "starts")  # type: ignore[union-attr]
     ends = int_list(inputs[2].value, node, "ends")  # type: ignore[union-attr]
     rank = len(shape)
@@ -115,7 +115,7 @@ def slice_shape(shape: tuple[int, ...], inputs: list[TensorShape | None], node: 
     return tuple(out)
 
 
-def squeeze_shape(op: str, shape: tuple[int, ...], axes: object) -> tuple[int, ...]:
+def squeezed(op: str, shape: tuple[int, ...], axes: object) -> tuple[int, ...]:
     if op == "Unsqueeze":
         rank = len(shape) + len(axes)  # type: ignore[arg-type]
         positions = sorted(norm_axis(int(a), rank) for a in axes)  # type: ignore[union-attr]
