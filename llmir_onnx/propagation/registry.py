@@ -96,6 +96,9 @@ class OpRecord:
     shape: ShapeFunction | None = None
     # Rewrites sizes the op carries (attributes, size inputs) to one rank's; None when it carries none.
     localize: LocalizeFunction | None = None
+    # Whether `rule` knows shards with inner blocks (Shard.inner_blocks); where it does not, the op runs
+    # replicated when it meets one, and gathering such a shard is refused.
+    inner_blocks: bool = False
 
 
 _RECORDS: dict[tuple[str, str], list[OpRecord]] = {}
@@ -113,6 +116,7 @@ def define(
     rule: Rule | None = None,
     shape: ShapeFunction | None = None,
     localize: LocalizeFunction | None = None,
+    inner_blocks: bool = False,
 ) -> None:
     """Register the record of each op in `op_types`.
 
@@ -125,12 +129,13 @@ def define(
         if not same:
             if any(r.opsets.start < opsets.stop and opsets.start < r.opsets.stop for r in records):
                 raise ValueError(f"{domain or 'ai.onnx'}::{op_type}: opsets {opsets} overlap another record's")
-            records.append(OpRecord(domain, op_type, opsets, rule, shape, localize))
+            records.append(OpRecord(domain, op_type, opsets, rule, shape, localize, inner_blocks))
             records.sort(key=lambda r: r.opsets.start)
             continue
         record = same[0]
-        given = {"rule": rule, "shape": shape, "localize": localize}
-        twice = [part for part, value in given.items() if value is not None and getattr(record, part) is not None]
+        given = {"rule": rule, "shape": shape, "localize": localize, "inner_blocks": inner_blocks or None}
+        set_before = {part for part in given if getattr(record, part) not in (None, False)}
+        twice = [part for part, value in given.items() if value is not None and part in set_before]
         if twice:
             raise ValueError(f"{domain or 'ai.onnx'}::{op_type} opsets {opsets}: {', '.join(twice)} defined twice")
         records[records.index(record)] = replace(
@@ -145,11 +150,12 @@ def register(
     opsets: range = ALL_OPSETS,
     shape: ShapeFunction | None = None,
     localize: LocalizeFunction | None = None,
+    inner_blocks: bool = False,
 ) -> Callable[[Rule], Rule]:
     """Decorator: the function is the sharding rule of the records of `op_types` (see `define`)."""
 
     def wrap(rule: Rule) -> Rule:
-        define(op_types, domain, opsets=opsets, rule=rule, shape=shape, localize=localize)
+        define(op_types, domain, opsets=opsets, rule=rule, shape=shape, localize=localize, inner_blocks=inner_blocks)
         return rule
 
     return wrap

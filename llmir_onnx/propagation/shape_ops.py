@@ -158,7 +158,7 @@ def _split_groups(shard: Shard, sizes: list[int], out_dim: int, outs: list[int])
     return Shard(out_dim, (), shard.parts, shard.inner, heads, shard.inner_parts)
 
 
-@register(["Reshape", "Flatten"])
+@register(["Reshape", "Flatten"], inner_blocks=True)
 def reshape_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     shard = _only_shard(placements)
     if shard is None:
@@ -331,7 +331,7 @@ def block_of_range(blocks: tuple[int, ...], size: int, start: int, end: int, ste
     return None
 
 
-@register(["Slice"])
+@register(["Slice"], inner_blocks=True)
 def slice_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     shard = _only_shard(placements)
     rank = ctx.rank(node.inputs[0])
@@ -406,7 +406,7 @@ def _inner_block_gather(ctx: RuleContext, node: ir.Node, data: Shard, axis: int,
     return _inner_block_of(node, data, inner_gathered_block(ctx, node, data), [data, REPLICATE])
 
 
-@register(["Gather"])
+@register(["Gather"], inner_blocks=True)
 def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     data_rank, idx_rank = ctx.rank(node.inputs[0]), ctx.rank(node.inputs[1])
     if data_rank is None or idx_rank is None:
@@ -460,7 +460,7 @@ def _gathered_block(ctx: RuleContext, node: ir.Node, shard: Shard, idx_rank: int
     return REPLICATE if whole else None
 
 
-@register(["Shape", "Size"])
+@register(["Shape", "Size"], inner_blocks=True)
 def shape_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     # The shape is read at run time from the LOCAL tensor; localize corrects the consumers that need it.
     return Decision([None], [REPLICATE])
