@@ -176,9 +176,12 @@ def node_opset(node: ir.Node) -> int | None:
 
 def record_for(node: ir.Node) -> OpRecord | None:
     """The record of `node`'s (domain, op_type) that covers its opset; the newest when the opset is unknown."""
-    records = _RECORDS.get((normalize_domain(node.domain), node.op_type))
+    domain = node.domain
+    records = _RECORDS.get(("" if domain == "ai.onnx" else domain, node.op_type))
     if not records:
         return None
+    if len(records) == 1 and records[0].opsets is ALL_OPSETS:
+        return records[0]  # the common case, asked once per node by every pass (and shape evaluation)
     opset = node_opset(node)
     if opset is None:
         return records[-1]
