@@ -42,21 +42,14 @@ import onnx_ir as ir
 from llmir_onnx.errors import PlanError
 from llmir_onnx.model_facts import BATCH, CLI_HINT, NEW, PAST, TOTAL, dim_roles, role_from_name
 from llmir_onnx.ops import LLMIR_DOMAIN as LLMIR_DOMAIN  # plan modules read the domain here
-from llmir_onnx.propagation.registry import record_for
+from llmir_onnx.propagation.registry import ValueFunction, record_for
 from llmir_onnx.propagation.tensor_shapes import (
+    MAX_COMPUTED_ELEMENTS,
     ShapeMismatchError,
     TensorShape,
-    attr,
-    broadcast,
-    norm_axis,
-    reshaped,
-    sliced,
-    squeezed,
 )
 
 SMALL_INT_ELEMENTS = 64
-# Values with at most this many elements are computed (not only shaped) when their inputs are known.
-MAX_COMPUTED_ELEMENTS = 4096
 
 
 @dataclass(frozen=True)
@@ -150,22 +143,6 @@ def bind_dims(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None
 # --------------------------------------------------------------------------- rules
 
 
-_NUMPY_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "Add": np.add,
-    "Sub": np.subtract,
-    "Mul": np.multiply,
-    "Max": np.maximum,
-    "Min": np.minimum,
-    "Equal": np.equal,
-    "Less": np.less,
-    "LessOrEqual": np.less_equal,
-    "Greater": np.greater,
-    "GreaterOrEqual": np.greater_equal,
-    "And": np.logical_and,
-    "Or": np.logical_or,
-}
-
-
 class ShapeEvaluator:
     """Evaluates shapes (and small integer values) of every value of one graph at concrete sizes."""
 
@@ -254,21 +231,23 @@ class ShapeEvaluator:
                 f"node {node.name!r} ({where}) has no shape rule in the planner; give its op record a shape "
                 "function (llmir_onnx/propagation, see docs/DESIGN.md 'Adding an op') to plan models that use it"
             )
-        computed = self._compute(node, inputs)
+        computed = self._compute(node, record.value, inputs) if record.value is not None else None
         if computed is not None:
             return computed
         return record.shape(self, node, inputs)
 
     # -- value computation for small tensors
 
-    def _compute(self, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape] | None:
+    def _compute(
+        self, node: ir.Node, value: ValueFunction, inputs: list[TensorShape | None]
+    ) -> list[TensorShape] | None:
+        """The op's output value when all its inputs are known (shape computations), via its record."""
         present = [i for i in inputs if i is not None]
         if not present or any(i.value is None for i in present):
             return None
-        op = node.op_type
         arrays = [i.value if i is not None else None for i in inputs]
         try:
-            result = _numpy_op(node, op, arrays)
+            result = value(node, arrays)
         except PlanError:
             raise
         except Exception:  # an op the small evaluator does not handle: fall back to the shape rule
@@ -297,85 +276,6 @@ class ShapeEvaluator:
         if guess is None:
             raise PlanError(f"node {node.name!r}: cannot bind the dimension {name!r}")
         return guess
-
-
-def _numpy_op(node: ir.Node, op: str, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    """The value of a small op whose inputs are all known; None where no numpy rule exists."""
-    a = arrays[0]
-    if op in _NUMPY_BINARY:
-        return _NUMPY_BINARY[op](a, arrays[1])
-    if op == "Div":
-        b = arrays[1]
-        if np.issubdtype(np.asarray(a).dtype, np.integer):
-            return np.trunc(np.asarray(a) / b).astype(np.asarray(a).dtype)
-        return np.divide(a, b)
-    if op == "Neg":
-        return np.negative(a)
-    if op == "Cast":
-        return np.asarray(a).astype(ir.DataType(int(attr(node, "to"))).numpy())
-    if op in ("Identity",):
-        return a
-    if op == "Not":
-        return np.logical_not(a)
-    if op == "Where":
-        return np.where(a, arrays[1], arrays[2])
-    if op == "Gather":
-        return np.take(a, arrays[1], axis=int(attr(node, "axis", 0)))
-    if op == "Concat":
-        return np.concatenate([x for x in arrays if x is not None], axis=int(attr(node, "axis")))
-    if op == "Unsqueeze" or op == "Squeeze":
-        axes = attr(node, "axes", None)
-        if axes is None and len(arrays) > 1 and arrays[1] is not None:
-            axes = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
-        return np.asarray(a).reshape(squeezed(op, tuple(np.asarray(a).shape), axes))
-    if op == "Reshape":
-        target = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
-        return np.asarray(a).reshape(
-            reshaped(tuple(np.asarray(a).shape), target, bool(attr(node, "allowzero", 0)), node)
-        )
-    if op == "Range":
-        return np.arange(a, arrays[1], arrays[2], dtype=np.asarray(a).dtype)
-    if op == "ConstantOfShape":
-        shape = tuple(int(v) for v in np.asarray(a).reshape(-1))
-        if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
-            return None
-        tensor = attr(node, "value")
-        fill = tensor.numpy().reshape(-1)[0] if tensor is not None else np.float32(0)
-        return np.full(shape, fill, dtype=np.asarray(fill).dtype)
-    if op == "Expand":
-        target = tuple(int(v) for v in np.asarray(arrays[1]).reshape(-1))
-        shape = broadcast(np.asarray(a).shape, target)
-        if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
-            return None
-        return np.broadcast_to(a, shape).copy()
-    if op == "Slice":
-        shape = sliced(
-            tuple(np.asarray(a).shape),
-            [TensorShape((), ir.DataType.INT64, x) if x is not None else None for x in arrays],
-            node,
-        )
-        starts = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
-        ends = [int(v) for v in np.asarray(arrays[2]).reshape(-1)]
-        rank = np.asarray(a).ndim
-        axes = (
-            [int(v) for v in np.asarray(arrays[3]).reshape(-1)]
-            if len(arrays) > 3 and arrays[3] is not None
-            else list(range(len(starts)))
-        )
-        steps = (
-            [int(v) for v in np.asarray(arrays[4]).reshape(-1)]
-            if len(arrays) > 4 and arrays[4] is not None
-            else [1] * len(axes)
-        )
-        index = [slice(None)] * rank
-        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-            index[norm_axis(axis, rank)] = slice(start, end, step)
-        result = np.asarray(a)[tuple(index)]
-        assert result.shape == shape
-        return result
-    if op in ("ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin"):
-        return None
-    return None
 
 
 # Evaluations kept while `shared_shape_evaluations` is open: key -> (model, shapes). The model is held so

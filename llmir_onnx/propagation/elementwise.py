@@ -8,8 +8,10 @@ weight that is then held by rank 0 only), a partial times a replicated factor (M
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
@@ -221,9 +223,49 @@ def where_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape |
     return [TensorShape(shape, inputs[1].dtype)]  # type: ignore[union-attr]
 
 
+_NUMPY_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Max": np.maximum,
+    "Min": np.minimum,
+    "Equal": np.equal,
+    "Less": np.less,
+    "LessOrEqual": np.less_equal,
+    "Greater": np.greater,
+    "GreaterOrEqual": np.greater_equal,
+    "And": np.logical_and,
+    "Or": np.logical_or,
+}
+
+
+def binary_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return _NUMPY_BINARY[node.op_type](arrays[0], arrays[1])  # type: ignore[arg-type]
+
+
+def div_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a, b = arrays[0], arrays[1]
+    if np.issubdtype(np.asarray(a).dtype, np.integer):
+        return np.trunc(np.asarray(a) / b).astype(np.asarray(a).dtype)  # ONNX integer Div truncates
+    return np.divide(a, b)
+
+
+def cast_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.asarray(arrays[0]).astype(ir.DataType(int(attr(node, "to"))).numpy())  # type: ignore[call-overload]
+
+
+def where_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.where(arrays[0], arrays[1], arrays[2])  # type: ignore[arg-type]
+
+
 define(SAME_SHAPE_OPS, shape=same_as_first)
+define(tuple(_NUMPY_BINARY), value=binary_value)
+define(["Div"], value=div_value)
+define(["Neg"], value=lambda node, arrays: np.negative(arrays[0]))
+define(["Identity"], value=lambda node, arrays: arrays[0])
+define(["Not"], value=lambda node, arrays: np.logical_not(arrays[0]))
 define(["FastGelu", "QuickGelu", "BiasGelu", "Gelu"], domain=MS_DOMAIN, shape=same_as_first)
-define(["Cast"], shape=cast_shape)
+define(["Cast"], shape=cast_shape, value=cast_value)
 define(["Not", "IsNaN", "IsInf"], shape=bool_unary_shape)
 define((*BROADCAST_OPS, *BOOL_RESULT_OPS), shape=broadcast_shape)
-define(["Where"], shape=where_shape)
+define(["Where"], shape=where_shape, value=where_value)

@@ -9,7 +9,8 @@ A record is registered by (domain, op_type, opset range) where the op's family m
 or, for an op that has a shape but no sharding rule (the propagate pass replicates it), by `define`.
 Three passes dispatch through the records and know no op by name:
 - propagate (`passes/propagate.py`) calls `record.rule` (no rule: the op runs replicated or is refused);
-- the shape planner (`plan/shapes.py`) calls `record.shape` at concrete sizes (no shape: it refuses);
+- the shape planner (`plan/shapes.py`) calls `record.value` where all inputs are known (shape
+  computations) and `record.shape` at concrete sizes (no shape: it refuses);
 - localize (`passes/localize.py`) calls `record.localize` on every node once tp > 1 (None: nothing local).
 
 The record's three parts meet in one op and must agree (a rule that splits heads needs a localize that
@@ -29,6 +30,8 @@ import onnx_ir as ir
 from llmir_onnx.placement import Placement
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from llmir_onnx.propagation.base import Decision, RuleContext, WeightRole
     from llmir_onnx.propagation.tensor_shapes import TensorShape
 
@@ -81,6 +84,7 @@ class Localizer(Protocol):
 Rule = Callable[["RuleContext", ir.Node, list[Placement | None]], "Decision"]
 ShapeFunction = Callable[[ShapeEnvironment, ir.Node, list["TensorShape | None"]], list["TensorShape"]]
 LocalizeFunction = Callable[[Localizer, ir.Graph, ir.Node], None]
+ValueFunction = Callable[[ir.Node, list["np.ndarray | None"]], "np.ndarray | None"]
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,8 @@ class OpRecord:
     rule: Rule | None = None
     # Output shapes (and dtypes) at concrete sizes, for the memory plan and the cost model.
     shape: ShapeFunction | None = None
+    # The value of a small output (a shape computation) from its inputs' known values; None: not computed.
+    value: ValueFunction | None = None
     # Rewrites sizes the op carries (attributes, size inputs) to one rank's; None when it carries none.
     localize: LocalizeFunction | None = None
     # Whether `rule` knows shards with inner blocks (Shard.inner_blocks); where it does not, the op runs
@@ -115,6 +121,7 @@ def define(
     opsets: range = ALL_OPSETS,
     rule: Rule | None = None,
     shape: ShapeFunction | None = None,
+    value: ValueFunction | None = None,
     localize: LocalizeFunction | None = None,
     inner_blocks: bool = False,
 ) -> None:
@@ -129,11 +136,17 @@ def define(
         if not same:
             if any(r.opsets.start < opsets.stop and opsets.start < r.opsets.stop for r in records):
                 raise ValueError(f"{domain or 'ai.onnx'}::{op_type}: opsets {opsets} overlap another record's")
-            records.append(OpRecord(domain, op_type, opsets, rule, shape, localize, inner_blocks))
+            records.append(OpRecord(domain, op_type, opsets, rule, shape, value, localize, inner_blocks))
             records.sort(key=lambda r: r.opsets.start)
             continue
         record = same[0]
-        given = {"rule": rule, "shape": shape, "localize": localize, "inner_blocks": inner_blocks or None}
+        given = {
+            "rule": rule,
+            "shape": shape,
+            "value": value,
+            "localize": localize,
+            "inner_blocks": inner_blocks or None,
+        }
         set_before = {part for part in given if getattr(record, part) not in (None, False)}
         twice = [part for part, value in given.items() if value is not None and part in set_before]
         if twice:
@@ -149,13 +162,23 @@ def register(
     *,
     opsets: range = ALL_OPSETS,
     shape: ShapeFunction | None = None,
+    value: ValueFunction | None = None,
     localize: LocalizeFunction | None = None,
     inner_blocks: bool = False,
 ) -> Callable[[Rule], Rule]:
     """Decorator: the function is the sharding rule of the records of `op_types` (see `define`)."""
 
     def wrap(rule: Rule) -> Rule:
-        define(op_types, domain, opsets=opsets, rule=rule, shape=shape, localize=localize, inner_blocks=inner_blocks)
+        define(
+            op_types,
+            domain,
+            opsets=opsets,
+            rule=rule,
+            shape=shape,
+            value=value,
+            localize=localize,
+            inner_blocks=inner_blocks,
+        )
         return rule
 
     return wrap

@@ -26,6 +26,7 @@ from llmir_onnx.propagation.base import (
 )
 from llmir_onnx.propagation.registry import Localizer, ShapeEnvironment, attr_int, attr_ints, define
 from llmir_onnx.propagation.tensor_shapes import (
+    MAX_COMPUTED_ELEMENTS,
     TensorShape,
     attr,
     broadcast,
@@ -606,6 +607,70 @@ def pad_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | N
     return [TensorShape(tuple(d + pads[i] + pads[i + rank] for i, d in enumerate(first.shape)), first.dtype)]
 
 
+def gather_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.take(arrays[0], arrays[1], axis=int(attr(node, "axis", 0)))  # type: ignore[arg-type, call-overload]
+
+
+def concat_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.concatenate([x for x in arrays if x is not None], axis=int(attr(node, "axis")))  # type: ignore[call-overload]
+
+
+def squeeze_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a = np.asarray(arrays[0])
+    axes = attr(node, "axes", None)
+    if axes is None and len(arrays) > 1 and arrays[1] is not None:
+        axes = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
+    return a.reshape(squeezed(node.op_type, tuple(a.shape), axes))
+
+
+def reshape_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a = np.asarray(arrays[0])
+    target = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
+    return a.reshape(reshaped(tuple(a.shape), target, bool(attr(node, "allowzero", 0)), node))
+
+
+def range_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.arange(arrays[0], arrays[1], arrays[2], dtype=np.asarray(arrays[0]).dtype)  # type: ignore[call-overload]
+
+
+def constant_of_shape_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    shape = tuple(int(v) for v in np.asarray(arrays[0]).reshape(-1))
+    if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
+        return None
+    tensor = attr(node, "value")
+    fill = tensor.numpy().reshape(-1)[0] if tensor is not None else np.float32(0)  # type: ignore[attr-defined]
+    return np.full(shape, fill, dtype=np.asarray(fill).dtype)
+
+
+def expand_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a = arrays[0]
+    target = tuple(int(v) for v in np.asarray(arrays[1]).reshape(-1))
+    shape = broadcast(np.asarray(a).shape, target)
+    if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
+        return None
+    return np.broadcast_to(a, shape).copy()  # type: ignore[arg-type]
+
+
+def slice_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a = np.asarray(arrays[0])
+    shape = sliced(
+        tuple(a.shape), [TensorShape((), ir.DataType.INT64, x) if x is not None else None for x in arrays], node
+    )
+    starts = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
+    ends = [int(v) for v in np.asarray(arrays[2]).reshape(-1)]
+    rank = a.ndim
+    has_axes = len(arrays) > 3 and arrays[3] is not None
+    axes = [int(v) for v in np.asarray(arrays[3]).reshape(-1)] if has_axes else list(range(len(starts)))
+    has_steps = len(arrays) > 4 and arrays[4] is not None
+    steps = [int(v) for v in np.asarray(arrays[4]).reshape(-1)] if has_steps else [1] * len(axes)
+    index = [slice(None)] * rank
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        index[norm_axis(axis, rank)] = slice(start, end, step)
+    result = a[tuple(index)]
+    assert result.shape == shape
+    return result
+
+
 def _localize_target(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
     localizer.localize_target(graph, node)
 
@@ -625,17 +690,17 @@ def _localize_gather(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> No
 define(["Constant"], shape=constant_shape)
 define(["Shape"], shape=shape_of_shape)
 define(["Size"], shape=size_shape)
-define(["Gather"], shape=gather_shape, localize=_localize_gather)
-define(["Reshape"], shape=reshape_shape, localize=_localize_target)
-define(["Expand"], shape=expand_shape, localize=_localize_target)
+define(["Gather"], shape=gather_shape, localize=_localize_gather, value=gather_value)
+define(["Reshape"], shape=reshape_shape, localize=_localize_target, value=reshape_value)
+define(["Expand"], shape=expand_shape, localize=_localize_target, value=expand_value)
 define(["Flatten"], shape=flatten_shape)
 define(["Transpose"], shape=transpose_shape)
-define(["Concat"], shape=concat_shape)
-define(["Slice"], shape=slice_shape, localize=_localize_slice)
+define(["Concat"], shape=concat_shape, value=concat_value)
+define(["Slice"], shape=slice_shape, localize=_localize_slice, value=slice_value)
 define(["Split"], shape=split_shape, localize=_localize_split)
-define(["Squeeze", "Unsqueeze"], shape=squeeze_shape)
+define(["Squeeze", "Unsqueeze"], shape=squeeze_shape, value=squeeze_value)
 define(["Tile"], shape=tile_shape)
-define(["ConstantOfShape"], shape=constant_of_shape_shape)
-define(["Range"], shape=range_shape)
+define(["ConstantOfShape"], shape=constant_of_shape_shape, value=constant_of_shape_value)
+define(["Range"], shape=range_shape, value=range_value)
 define(["Pad"], shape=pad_shape)
 define(["Trilu"], shape=same_as_first)

@@ -15,6 +15,9 @@ import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
 
+# Values with at most this many elements are computed (not only shaped) when their inputs are known.
+MAX_COMPUTED_ELEMENTS = 4096
+
 
 class ShapeMismatchError(PlanError):
     """The model cannot take the sizes it is evaluated at (`where`: the node that says so)."""
