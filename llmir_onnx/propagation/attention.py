@@ -11,8 +11,14 @@ import onnx_ir as ir
 from llmir_onnx.errors import ShardingError
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
-from llmir_onnx.propagation.registry import MS_DOMAIN, LocalizeFunction, Localizer, ShapeEnvironment, attr_int
-from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, same_as_first
+from llmir_onnx.propagation.registry import (
+    MS_DOMAIN,
+    LocalizeFunction,
+    Localizer,
+    ShapeEnvironment,
+    attr_int,
+)
+from llmir_onnx.propagation.tensor_shapes import TensorShape, first_input, required_int, same_as_first
 
 # opset 23 brought Attention to the default domain.
 ONNX_ATTENTION_OPSETS = range(23, 1 << 16)
@@ -57,8 +63,8 @@ def local_heads(*names: str) -> LocalizeFunction:
 def gqa_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     """output [batch, seq, heads * head_dim]; present key / value [batch, kv_heads, total, head_dim]."""
     first = first_input(inputs)
-    num_heads = int(attr(node, "num_heads"))  # type: ignore[call-overload]
-    kv_heads = int(attr(node, "kv_num_heads"))  # type: ignore[call-overload]
+    num_heads = required_int(node, "num_heads")
+    kv_heads = required_int(node, "kv_num_heads")
     batch, seq = first.shape[0], first.shape[1]
     key = inputs[1]
     # separate key input, or q|k|v packed in the first input
@@ -138,8 +144,8 @@ def onnx_attention_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[Tens
         key_dim = k.shape[3]
         y = TensorShape((batch, heads, seq, v_dim), q.dtype)
     else:
-        heads = int(attr(node, "q_num_heads"))  # type: ignore[call-overload]
-        kv_heads = int(attr(node, "kv_num_heads"))  # type: ignore[call-overload]
+        heads = required_int(node, "q_num_heads")
+        kv_heads = required_int(node, "kv_num_heads")
         batch, seq, kv_seq = q.shape[0], q.shape[1], k.shape[1]
         key_dim, v_dim = k.shape[2] // kv_heads, v.shape[2] // kv_heads
         y = TensorShape((batch, seq, heads * v_dim), q.dtype)

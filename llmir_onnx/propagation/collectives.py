@@ -12,19 +12,19 @@ import onnx_ir as ir
 
 from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
-from llmir_onnx.propagation.registry import ShapeEnvironment, define
-from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, norm_axis, same_as_first
+from llmir_onnx.propagation.registry import ShapeEnvironment, attr_int, attr_ints, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, first_input, norm_axis, same_as_first
 
 
 def gather_scatter_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
     op = node.op_type
-    group = list(attr(node, "group", []) or [])  # type: ignore[call-overload]
+    group = attr_ints(node, "group") or []
     if not group:
         raise PlanError(f"node {node.name!r} ({op}) has no group; the planner needs the group size")
-    axis = norm_axis(int(attr(node, "axis", 0)), len(first.shape))  # type: ignore[call-overload]
+    axis = norm_axis(attr_int(node, "axis", 0), len(first.shape))
     shape = list(first.shape)
-    sizes = list(attr(node, "sizes", []) or []) if op == ops.ALL_GATHER else []  # type: ignore[call-overload]
+    sizes = (attr_ints(node, "sizes") or []) if op == ops.ALL_GATHER else []
     if sizes and (len(sizes) != len(group) or shape[axis] not in sizes):
         # unequal parts: this rank's input is one of them, the output all of them
         raise PlanError(
@@ -50,7 +50,7 @@ def send_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | 
 
 def recv_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    shape = list(attr(node, "shape", []) or [])  # type: ignore[call-overload]
+    shape = attr_ints(node, "shape") or []
     output = node.outputs[0]
     if not shape or any(d < 0 for d in shape):
         # the attribute is static; a dynamic dim is bound like the graph's inputs by its symbolic name

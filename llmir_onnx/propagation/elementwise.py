@@ -17,7 +17,7 @@ import onnx_ir as ir
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
 from llmir_onnx.propagation.registry import MS_DOMAIN, ShapeEnvironment, define
-from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, broadcast, first_input, same_as_first
+from llmir_onnx.propagation.tensor_shapes import TensorShape, broadcast, first_input, required_int, same_as_first
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,7 @@ BROADCAST_OPS = (
 
 
 def cast_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
-    return [TensorShape(first_input(inputs).shape, ir.DataType(int(attr(node, "to"))))]  # type: ignore[call-overload]
+    return [TensorShape(first_input(inputs).shape, ir.DataType(required_int(node, "to")))]
 
 
 def bool_unary_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
@@ -251,7 +251,7 @@ def div_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | No
 
 
 def cast_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    return np.asarray(arrays[0]).astype(ir.DataType(int(attr(node, "to"))).numpy())  # type: ignore[call-overload]
+    return np.asarray(arrays[0]).astype(ir.DataType(required_int(node, "to")).numpy())
 
 
 def where_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:

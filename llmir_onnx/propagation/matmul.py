@@ -15,7 +15,7 @@ from llmir_onnx.errors import ShardingError
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
 from llmir_onnx.propagation.registry import MS_DOMAIN, Localizer, ShapeEnvironment, attr_int, define
-from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, matmul_dims, out_dtype
+from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, matmul_dims, out_dtype, required_int
 
 
 def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision | None:
@@ -115,7 +115,7 @@ def gemm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
 
 def matmul_nbits_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    return [TensorShape((*first.shape[:-1], int(attr(node, "N"))), first.dtype)]  # type: ignore[call-overload]
+    return [TensorShape((*first.shape[:-1], required_int(node, "N")), first.dtype)]
 
 
 def localize_matmul_nbits(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:

@@ -132,7 +132,7 @@ def skip_norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
 def norm_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     """Y like X; the optional statistics (mean, inv_std) keep the axes before `axis`, in float."""
     first = first_input(inputs)
-    axis = norm_axis(int(attr(node, "axis", -1)), len(first.shape))  # type: ignore[call-overload]
+    axis = norm_axis(attr_int(node, "axis", -1), len(first.shape))
     stat = first.shape[:axis] + (1,) * (len(first.shape) - axis)
     return [TensorShape(first.shape, first.dtype)] + [TensorShape(stat, ir.DataType.FLOAT)] * (len(node.outputs) - 1)
 
@@ -153,7 +153,7 @@ def reduce_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape 
     keepdims = bool(attr(node, "keepdims", 1))
     rank = len(first.shape)
     if op in ("ArgMax", "ArgMin"):
-        axes = [int(attr(node, "axis", 0))]  # type: ignore[call-overload]
+        axes = [attr_int(node, "axis", 0)]
     else:
         axes = attr(node, "axes", None)  # type: ignore[assignment]
         if axes is None and len(inputs) > 1 and inputs[1] is not None:
@@ -171,7 +171,7 @@ def reduce_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape 
 def top_k_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
     k = int_list(inputs[1].value, node, "k")[0]  # type: ignore[union-attr]
-    axis = norm_axis(int(attr(node, "axis", -1)), len(first.shape))  # type: ignore[call-overload]
+    axis = norm_axis(attr_int(node, "axis", -1), len(first.shape))
     shape = (*first.shape[:axis], k, *first.shape[axis + 1 :])
     return [TensorShape(shape, first.dtype), TensorShape(shape, ir.DataType.INT64)]
 

@@ -33,6 +33,7 @@ from llmir_onnx.propagation.tensor_shapes import (
     first_input,
     int_list,
     norm_axis,
+    required_int,
     reshaped,
     same_as_first,
     sliced,
@@ -494,9 +495,9 @@ def constant_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShap
 
 def shape_of_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    start = int(attr(node, "start", 0))  # type: ignore[call-overload]
+    start = attr_int(node, "start", 0)
     end = attr(node, "end", None)
-    shape = np.array(first.shape[start : None if end is None else int(end)], dtype=np.int64)  # type: ignore[call-overload]
+    shape = np.array(first.shape[start : None if end is None else int(end)], dtype=np.int64)
     return [TensorShape((len(shape),), ir.DataType.INT64, shape)]
 
 
@@ -507,7 +508,7 @@ def size_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | 
 def gather_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first, indices = first_input(inputs), inputs[1]
     assert indices is not None
-    axis = norm_axis(int(attr(node, "axis", 0)), len(first.shape))  # type: ignore[call-overload]
+    axis = norm_axis(attr_int(node, "axis", 0), len(first.shape))
     return [TensorShape(first.shape[:axis] + indices.shape + first.shape[axis + 1 :], first.dtype)]
 
 
@@ -519,21 +520,21 @@ def reshape_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape
 
 def flatten_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    axis = norm_axis(int(attr(node, "axis", 1)), len(first.shape))  # type: ignore[call-overload]
+    axis = norm_axis(attr_int(node, "axis", 1), len(first.shape))
     return [TensorShape((math.prod(first.shape[:axis]), math.prod(first.shape[axis:])), first.dtype)]
 
 
 def transpose_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
     perm = attr(node, "perm", None)
-    order = list(perm) if perm is not None else list(reversed(range(len(first.shape))))  # type: ignore[call-overload]
+    order = list(perm) if perm is not None else list(reversed(range(len(first.shape))))
     return [TensorShape(tuple(first.shape[p] for p in order), first.dtype)]
 
 
 def concat_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
     present = [i for i in inputs if i is not None]
-    axis = norm_axis(int(attr(node, "axis")), len(first.shape))  # type: ignore[call-overload]
+    axis = norm_axis(required_int(node, "axis"), len(first.shape))
     shape = list(present[0].shape)
     shape[axis] = sum(i.shape[axis] for i in present)
     return [TensorShape(tuple(shape), first.dtype)]
@@ -546,7 +547,7 @@ def slice_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape |
 
 def split_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    axis = norm_axis(int(attr(node, "axis", 0)), len(first.shape))  # type: ignore[call-overload]
+    axis = norm_axis(attr_int(node, "axis", 0), len(first.shape))
     split = attr(node, "split", None)
     if split is None and len(inputs) > 1 and inputs[1] is not None:
         split = int_list(inputs[1].value, node, "split sizes")
@@ -608,11 +609,11 @@ def pad_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | N
 
 
 def gather_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    return np.take(arrays[0], arrays[1], axis=int(attr(node, "axis", 0)))  # type: ignore[arg-type, call-overload]
+    return np.take(arrays[0], arrays[1], axis=attr_int(node, "axis", 0))  # type: ignore[arg-type, call-overload]
 
 
 def concat_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    return np.concatenate([x for x in arrays if x is not None], axis=int(attr(node, "axis")))  # type: ignore[call-overload]
+    return np.concatenate([x for x in arrays if x is not None], axis=required_int(node, "axis"))
 
 
 def squeeze_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:

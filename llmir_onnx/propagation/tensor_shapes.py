@@ -48,6 +48,14 @@ def attr(node: ir.Node, name: str, default: object = None) -> object:
     return default if attribute is None else attribute.value
 
 
+def required_int(node: ir.Node, name: str) -> int:
+    """An int attribute the op cannot be sized without; refused, naming the node, when it is absent."""
+    attribute = node.attributes.get(name)
+    if attribute is None:
+        raise PlanError(f"node {node.name!r} ({node.op_type}) has no {name!r} attribute, which the op requires")
+    return attribute.as_int()
+
+
 def int_list(value: np.ndarray | None, node: ir.Node, what: str) -> list[int]:
     """A size input's known value; refuses one computed at run time from what the planner cannot evaluate."""
     if value is None:
