@@ -146,6 +146,21 @@ def _normalized_axis(ctx: InferenceContext, op_type: str, rank: int) -> int:
 # --------------------------------------------------------------------------- shape inference
 
 
+def collective_axis_length(
+    op_type: str, length: int, group_size: int, sizes: Sequence[int] | None = None
+) -> int | None:
+    """The output's length along `axis` of AllGather or ReduceScatter for an input `length` long over
+    `group_size` ranks; None where ReduceScatter's group does not divide it.
+
+    The one statement of the rule: the schemas' inference, the node builders (`_scaled_shape`) and the
+    shape planner (`propagation/collectives.py`) all ask it; each reports a None its own way."""
+    if op_type == ALL_GATHER:
+        return sum(int(s) for s in sizes) if sizes is not None else length * group_size
+    if length % group_size != 0:
+        return None
+    return length // group_size
+
+
 def _infer_all_reduce(ctx: InferenceContext) -> None:
     input_type = _input_tensor_type(ctx, ALL_REDUCE)
     if input_type is None:
@@ -173,16 +188,15 @@ def _scale_axis(ctx: InferenceContext, op_type: str, gather: bool) -> None:
     axis = _normalized_axis(ctx, op_type, len(dims))
     dim = dims[axis]
     if dim.HasField("dim_value") and group_size is not None:
-        if gather:
-            dim.dim_value = dim.dim_value * group_size
-        elif dim.dim_value % group_size != 0:
+        length = collective_axis_length(op_type, dim.dim_value, group_size)
+        if length is None:
             _fail(
                 ctx,
                 op_type,
                 f"dimension {axis} has size {dim.dim_value}, not divisible by the group size {group_size}",
             )
         else:
-            dim.dim_value = dim.dim_value // group_size
+            dim.dim_value = length
     elif group_size != 1:
         dim.Clear()  # a named or unknown dimension scaled by the group size has no name: unknown
     ctx.set_output_type(0, output_type)
@@ -211,7 +225,7 @@ def _infer_all_gather(ctx: InferenceContext) -> None:
         if dim.HasField("dim_value") and dim.dim_value not in sizes:
             _fail(ctx, ALL_GATHER, f"the input's length {dim.dim_value} along `axis` is none of sizes {sizes}")
         dim.Clear()
-        dim.dim_value = sum(sizes)
+        dim.dim_value = collective_axis_length(ALL_GATHER, 0, len(sizes), sizes)  # type: ignore[assignment]
     ctx.set_output_type(0, output_type)
 
 
@@ -482,12 +496,14 @@ def _scaled_shape(
         return None
     axis %= rank
     dim, size = dims[axis], len(group) if group else None
+    op_type = ALL_GATHER if gather else REDUCE_SCATTER
     if gather and sizes is not None:
-        dims[axis] = sum(sizes)
+        dims[axis] = collective_axis_length(op_type, 0, len(sizes), sizes)
     elif isinstance(dim, int) and size is not None:
-        if not gather and dim % size != 0:
+        length = collective_axis_length(op_type, dim, size)
+        if length is None:
             return None
-        dims[axis] = dim * size if gather else dim // size
+        dims[axis] = length
     elif size != 1:
         dims[axis] = None
     return ir.Shape(dims)

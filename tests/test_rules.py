@@ -20,10 +20,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from llmir_onnx.errors import PlanError
 from llmir_onnx.ops import LLMIR_DOMAIN
 from llmir_onnx.partition import PartitionOptions, plan
 from llmir_onnx.passes import materialize_rank
 from llmir_onnx.placement import Partial, Placement, Replicate, Shard, shard_array, unshard_arrays
+from llmir_onnx.plan.shapes import Sizes, evaluate_shapes
 
 F = TensorProto.FLOAT
 RNG_SEED = 1234
@@ -1257,3 +1259,57 @@ ATTENTION_TPS = [(case, tp) for case in ATTENTION_CASES for tp in case.tps]
 @pytest.mark.parametrize(("case", "tp"), ATTENTION_TPS, ids=[f"{case.name}-{tp}" for case, tp in ATTENTION_TPS])
 def test_attention_op_splits_match_full_tensors(case: Case, tp: int) -> None:
     _check_case(case, tp)
+
+
+# --------------------------------------------------------------------------- the shape half of each op record
+
+# Ops with a sharding rule whose record has no shape function yet: the memory plan, which every partition
+# runs, refuses them. A new op's record has both, and its numeric case checks both (the test below).
+RULES_WITHOUT_SHAPES = frozenset(
+    {
+        ("", op)
+        for op in (
+            "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "BitShift", "BitwiseNot", "BitwiseXor", "Celu", "Cosh",
+            "EyeLike", "Hardmax", "HardSwish", "Mish", "NonZero", "RandomNormalLike", "RandomUniformLike", "Shrink",
+            "Sinh", "Softsign", "Swish", "Tan", "ThresholdedRelu",
+        )
+    }
+    | {("com.microsoft", "SkipGroupNorm")}
+)  # fmt: skip
+
+
+def _case_sizes(case: Case) -> Sizes:
+    """The sizes the planner evaluates a case at: a KV cache's length is the plan's (past + new tokens),
+    read off the case's past_key [batch, kv_heads, past, head_dim] and first input [batch, new, ...]."""
+    past = case.inputs.get("past_key")
+    if past is None:
+        return Sizes(batch=1, seq=1)
+    first = next(iter(case.inputs.values()))[0]
+    return Sizes(batch=first.shape[0], seq=first.shape[1], past=past[0].shape[2])
+
+
+SHAPE_CASES = [*CASES, *FAMILY_CASES, *NBITS_CASES, *ATTENTION_CASES]
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES, ids=[case.name for case in SHAPE_CASES])
+def test_every_case_shape_function_matches_onnxruntime(case: Case) -> None:
+    """Each op record's shape function (what the memory plan and the cost model see) gives onnxruntime's
+    output shapes on the op's numeric case."""
+    model = make_model(case)
+    missing = {(n.domain, n.op_type) for n in model.graph.node} & RULES_WITHOUT_SHAPES
+    if missing:
+        with pytest.raises(PlanError, match="has no shape rule"):
+            evaluate_shapes(ir.serde.deserialize_model(model), _case_sizes(case))
+        return
+    shapes = evaluate_shapes(ir.serde.deserialize_model(model), _case_sizes(case))
+    feeds = {name: array for name, (array, _) in case.inputs.items()}
+    for name, array in zip(case.outputs, run(model, feeds, case.outputs), strict=True):
+        assert shapes[name].shape == array.shape, f"{case.name}: {name} planned {shapes[name].shape}, is {array.shape}"
+
+
+def test_rules_without_shapes_are_the_listed_ones() -> None:
+    """An op given a rule gets a shape function in the same record; the list only shrinks."""
+    from llmir_onnx.propagation.registry import records
+
+    without = {(r.domain, r.op_type) for r in records() if r.rule is not None and r.shape is None}
+    assert without == RULES_WITHOUT_SHAPES

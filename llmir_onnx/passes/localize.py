@@ -26,8 +26,9 @@ from llmir_onnx.errors import ShardingError
 from llmir_onnx.ir_io import MAX_IR_VERSION
 from llmir_onnx.passes.state import ShardingState
 from llmir_onnx.placement import Partial, Placement, Shard
-from llmir_onnx.propagation.base import RuleContext, normalize_dim
-from llmir_onnx.propagation.reductions import PARTIAL_REDUCTIONS, partial_reduction_scale
+from llmir_onnx.propagation.base import RuleContext, WeightRole, normalize_dim
+from llmir_onnx.propagation.reductions import partial_reduction_scale
+from llmir_onnx.propagation.registry import record_for
 from llmir_onnx.propagation.shape_ops import (
     block_of_range,
     gathered_block,
@@ -36,13 +37,6 @@ from llmir_onnx.propagation.shape_ops import (
     slice_params,
 )
 from llmir_onnx.weight_slices import rank_weight
-
-HEAD_ATTRIBUTES = {
-    "GroupQueryAttention": ("num_heads", "kv_num_heads"),
-    "RotaryEmbedding": ("num_heads",),
-    "Attention": ("num_heads", "q_num_heads", "kv_num_heads"),
-    "MultiHeadAttention": ("num_heads",),
-}
 
 
 class LocalizePass(ir.passes.InPlacePass):
@@ -62,22 +56,10 @@ class LocalizePass(ir.passes.InPlacePass):
         tp = self.state.tp
         if tp > 1:
             for node in list(graph):
-                if node.op_type in ("Reshape", "Expand") and node.domain == "":
-                    self._localize_target(graph, node)
-                elif node.op_type == "Split" and node.domain == "":
-                    self._localize_split(graph, node)
-                elif node.op_type == "Slice" and node.domain == "":
-                    self._localize_slice(graph, node)
-                elif node.op_type in HEAD_ATTRIBUTES:
-                    self._localize_heads(node)
-                elif node.op_type == "Gather" and getattr(self.state.roles.get(node.name), "kind", "") == "vocab":
-                    self._localize_vocab_gather(graph, node)
-                elif node.op_type == "Gather" and node.domain == "":
-                    self._localize_block_gather(graph, node)
-                elif node.op_type == "MatMulNBits":
-                    self._localize_nbits(node)
-                elif node.op_type in PARTIAL_REDUCTIONS and node.domain == "":
-                    self._scale_partial_reduction(graph, node)
+                # Each op's record says which sizes it carries (attributes, size inputs) and how they become local.
+                record = record_for(node)
+                if record is not None and record.localize is not None:
+                    record.localize(self, graph, node)
         io_values = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
         for value in [*graph.inputs, *graph.outputs]:
             value.shape = self._local_shape(value)
@@ -90,7 +72,32 @@ class LocalizePass(ir.passes.InPlacePass):
         self.state.localized = True
         return ir.passes.PassResult(model, modified=True)
 
-    def _placement(self, value: ir.Value | None) -> Placement | None:
+    # -- what the ops' local-size rewrites may ask (registry.Localizer)
+
+    @property
+    def tp(self) -> int:
+        return self.state.tp
+
+    def role(self, node: ir.Node) -> WeightRole | None:
+        return self.state.roles.get(node.name)
+
+    def local_head_count(self, heads: int) -> int:
+        tp, units = self.state.tp, self.state.tp_units
+        if self.state.uneven:
+            # The heads are units, or kv heads each replicated over units // heads of them.
+            held = Shard(0, (), (heads,) if heads < units else (), shares=self.state.mesh.tp_shares)
+            return held.local_size(heads, tp, self.tp_rank)
+        # kv heads fewer than ranks are replicated: each rank keeps one.
+        return heads // tp if heads % tp == 0 else 1
+
+    def localize_gather(self, graph: ir.Graph, node: ir.Node) -> None:
+        """The embedding lookup (split by vocabulary) or a Gather of one block of a fused axis."""
+        if getattr(self.role(node), "kind", "") == "vocab":
+            self._localize_vocab_gather(graph, node)
+        else:
+            self._localize_block_gather(graph, node)
+
+    def placement(self, value: ir.Value | None) -> Placement | None:
         return None if value is None else self.state.placements.get(value.name)
 
     def _global_dim(self, value: ir.Value, dim: int) -> int:
@@ -102,7 +109,7 @@ class LocalizePass(ir.passes.InPlacePass):
 
     def _local_shape(self, value: ir.Value) -> ir.Shape | None:
         shape = self.state.shapes.get(value.name)
-        placement = self._placement(value)
+        placement = self.placement(value)
         if shape is None:
             return value.shape
         dims: list[int | str | None] = list(shape)
@@ -138,9 +145,9 @@ class LocalizePass(ir.passes.InPlacePass):
         graph.register_initializer(value)
         return value
 
-    def _localize_target(self, graph: ir.Graph, node: ir.Node) -> None:
+    def localize_target(self, graph: ir.Graph, node: ir.Node) -> None:
         out = node.outputs[0]
-        split_axes = self._local_axes(out, self._placement(out))
+        split_axes = self._local_axes(out, self.placement(out))
         target = node.inputs[1]
         if not split_axes or target is None:
             return
@@ -162,7 +169,7 @@ class LocalizePass(ir.passes.InPlacePass):
         rank = len(self.state.shapes.get(out.name) or ())
         tp = self.state.tp
         current = target
-        placement = self._placement(out)
+        placement = self.placement(out)
         units = self.state.tp_units
         for k, size, local in split_axes:
             if isinstance(placement, Shard) and placement.shares:
@@ -190,8 +197,8 @@ class LocalizePass(ir.passes.InPlacePass):
                 current = where.outputs[0]
         node.replace_input_with(1, current)
 
-    def _localize_split(self, graph: ir.Graph, node: ir.Node) -> None:
-        placement = self._placement(node.inputs[0])
+    def localize_split(self, graph: ir.Graph, node: ir.Node) -> None:
+        placement = self.placement(node.inputs[0])
         if not isinstance(placement, Shard) or not placement.blocks:
             return
         rank = len(self.state.shapes.get(node.inputs[0].name) or ())
@@ -206,8 +213,8 @@ class LocalizePass(ir.passes.InPlacePass):
         elif "split" in node.attributes:
             node.attributes["split"] = ir.AttrInt64s("split", [int(x) for x in local])
 
-    def _localize_slice(self, graph: ir.Graph, node: ir.Node) -> None:
-        placement = self._placement(node.inputs[0])
+    def localize_slice(self, graph: ir.Graph, node: ir.Node) -> None:
+        placement = self.placement(node.inputs[0])
         if isinstance(placement, Shard) and placement.inner_blocks:
             self._localize_inner_block_slice(graph, node, placement)
             return
@@ -276,7 +283,7 @@ class LocalizePass(ir.passes.InPlacePass):
 
     def _localize_block_gather(self, graph: ir.Graph, node: ir.Node) -> None:
         """A Gather that takes one whole block of a fused axis (a kv head) reads it at its local offset."""
-        placement, indices = self._placement(node.inputs[0]), node.inputs[1]
+        placement, indices = self.placement(node.inputs[0]), node.inputs[1]
         if isinstance(placement, Shard) and placement.inner_blocks and indices is not None:
             self._localize_inner_block_gather(graph, node, placement, indices)
             return
@@ -311,10 +318,10 @@ class LocalizePass(ir.passes.InPlacePass):
     def _localize_vocab_gather(self, graph: ir.Graph, node: ir.Node) -> None:
         """Embedding lookup in this rank's vocabulary rows; ids outside them give zeros (summed later)."""
         table, ids = node.inputs[0], node.inputs[1]
-        if table is None or ids is None or not isinstance(self._placement(table), Shard):
+        if table is None or ids is None or not isinstance(self.placement(table), Shard):
             return
         vocab, tp = self._global_dim(table, 0), self.state.tp
-        rows = self._placement(table)
+        rows = self.placement(table)
         assert isinstance(rows, Shard)
         local = rows.local_size(vocab, tp, self.tp_rank)
         dtype = (ids.dtype or ir.DataType.INT64).numpy()
@@ -349,13 +356,13 @@ class LocalizePass(ir.passes.InPlacePass):
         out.replace_all_uses_with(masked.outputs[0])
         masked.replace_input_with(0, out)
         graph.insert_after(node, [mask, mask_float, masked])
-        placement = self._placement(out)
+        placement = self.placement(out)
         if placement is not None and masked.outputs[0].name:
             self.state.placements[masked.outputs[0].name] = placement
 
-    def _scale_partial_reduction(self, graph: ir.Graph, node: ir.Node) -> None:
-        placement, out = self._placement(node.inputs[0]), node.outputs[0]
-        if not isinstance(placement, Shard) or not isinstance(self._placement(out), Partial):
+    def scale_partial_reduction(self, graph: ir.Graph, node: ir.Node) -> None:
+        placement, out = self.placement(node.inputs[0]), node.outputs[0]
+        if not isinstance(placement, Shard) or not isinstance(self.placement(out), Partial):
             return
         scale = partial_reduction_scale(node.op_type, placement, self.state.tp)
         if placement.shares:
@@ -370,7 +377,7 @@ class LocalizePass(ir.passes.InPlacePass):
         scaled.replace_input_with(0, out)
         graph.insert_after(node, [typed, scaled])
         # The scaled value takes the name its readers (and a graph output) know.
-        placement, original = self._placement(out), out.name
+        placement, original = self.placement(out), out.name
         out.name = f"{original}__unscaled"
         scaled.outputs[0].name = original
         self.state.placements[out.name] = placement
@@ -388,41 +395,10 @@ class LocalizePass(ir.passes.InPlacePass):
         size = self._global_dim(node.inputs[0], placement.dim)
         return placement.local_size(size, self.state.tp, self.tp_rank) / size
 
-    def _localize_nbits(self, node: ir.Node) -> None:
-        role = self.state.roles.get(node.name)
-        placement = self._placement(node.inputs[1])
-        if role is None or not isinstance(placement, Shard):
-            return
-        name = "N" if role.kind == "column" else "K"
-        size = node.attributes[name].as_int()
-        if placement.shares:
-            raise ShardingError(
-                f"node {node.name} (MatMulNBits) would be split unevenly ({placement}); quantized weights take "
-                "an even split only: use a tp that divides the heads"
-            )
-        node.attributes[name] = ir.AttrInt64(name, size // self.state.tp)
-
     def _rank_initializer(self, graph: ir.Graph, base: str, per_rank: Callable[[int], np.ndarray]) -> ir.Value:
         value = self._new_initializer(graph, base, per_rank(0))
         self.state.rank_constants[value.name] = per_rank
         return value
-
-    def _localize_heads(self, node: ir.Node) -> None:
-        if not any(isinstance(self._placement(v), Shard) for v in node.inputs if v is not None):
-            return
-        tp, units = self.state.tp, self.state.tp_units
-        for name in HEAD_ATTRIBUTES[node.op_type]:
-            attr = node.attributes.get(name)
-            if attr is not None and attr.as_int() > 0:
-                heads = attr.as_int()
-                if self.state.uneven:
-                    # The heads are units, or kv heads each replicated over units // heads of them.
-                    held = Shard(0, (), (heads,) if heads < units else (), shares=self.state.mesh.tp_shares)
-                    local = held.local_size(heads, tp, self.tp_rank)
-                else:
-                    # kv heads fewer than ranks are replicated: each rank keeps one.
-                    local = heads // tp if heads % tp == 0 else 1
-                node.attributes[name] = ir.AttrInt64(name, local)
 
 
 def rank_tensor(state: ShardingState, name: str, tensor: ir.TensorProtocol, tp_rank: int) -> ir.TensorProtocol:

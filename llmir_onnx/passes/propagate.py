@@ -24,7 +24,6 @@ from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
 from llmir_onnx.passes.localize import LocalizePass
 from llmir_onnx.passes.state import Redistribution, ShardingState
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard, is_shard
-from llmir_onnx.propagation import lookup
 from llmir_onnx.propagation.base import (
     Decision,
     RuleContext,
@@ -34,11 +33,9 @@ from llmir_onnx.propagation.base import (
     tp_candidates,
     valid_tp_listing,
 )
+from llmir_onnx.propagation.registry import record_for
 
 logger = logging.getLogger(__name__)
-# The only ops whose rules know shards with inner blocks (Shard.inner_blocks); any other op that meets
-# one runs replicated, and gathering such a shard is refused.
-INNER_BLOCK_OPS = frozenset({"Reshape", "Flatten", "Slice", "Gather", "Shape", "Size"})
 
 
 def _check_divisible(ctx: RuleContext, node: ir.Node, value: ir.Value, placement: Placement) -> None:
@@ -260,7 +257,8 @@ class PropagatePass(ir.passes.InPlacePass):
                             )
 
     def _decide(self, ctx: RuleContext, node: ir.Node, current: list[Placement | None]) -> Decision:
-        rule = lookup(node)
+        record = record_for(node)
+        rule = None if record is None else record.rule
         if rule is None:
             if not any_sharded(current):
                 return replicated(node)
@@ -280,7 +278,7 @@ class PropagatePass(ir.passes.InPlacePass):
             self.state.warnings.append(message)
             return replicated(node)
         inner_blocks = any(isinstance(p, Shard) and p.inner_blocks for p in current)
-        if inner_blocks and not (node.domain in ("", "ai.onnx") and node.op_type in INNER_BLOCK_OPS):
+        if inner_blocks and not (record is not None and record.inner_blocks):
             return replicated(node)  # insert_collectives then refuses to gather it, naming the value
         decision = rule(ctx, node, current)
         if len(decision.inputs) != len(node.inputs) or len(decision.outputs) != len(node.outputs):

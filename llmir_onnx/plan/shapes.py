@@ -21,7 +21,9 @@ the input, the dimension and the CLI option that settles it (`--dim s1=batch`).
 `sequence_limit` / `choose_max_seq`: the longest sequence the model takes (a position table read
 off the graph; else bisection for the largest length at which the shapes still work out).
 
-An op with no rule fails naming the node and op: nothing is guessed.
+Each op's shape function is part of its op record (`propagation/registry.py`), beside its sharding
+rule in the op family's module; this module only walks the graph and computes small values. An op
+whose record has no shape function fails naming the node and op: nothing is guessed.
 """
 
 from __future__ import annotations
@@ -39,20 +41,15 @@ import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
 from llmir_onnx.model_facts import BATCH, CLI_HINT, NEW, PAST, TOTAL, dim_roles, role_from_name
+from llmir_onnx.ops import LLMIR_DOMAIN as LLMIR_DOMAIN  # plan modules read the domain here
+from llmir_onnx.propagation.registry import ValueFunction, record_for
+from llmir_onnx.propagation.tensor_shapes import (
+    MAX_COMPUTED_ELEMENTS,
+    ShapeMismatchError,
+    TensorShape,
+)
 
 SMALL_INT_ELEMENTS = 64
-# Values with at most this many elements are computed (not only shaped) when their inputs are known.
-MAX_COMPUTED_ELEMENTS = 4096
-LLMIR_DOMAIN = "ai.llmir"
-MS_DOMAIN = "com.microsoft"
-
-
-class ShapeMismatchError(PlanError):
-    """The model cannot take the sizes it is evaluated at (`where`: the node that says so)."""
-
-    def __init__(self, message: str, where: str = "") -> None:
-        super().__init__(message)
-        self.where = where
 
 
 @dataclass(frozen=True)
@@ -66,21 +63,6 @@ class Sizes:
     @property
     def total(self) -> int:
         return self.past + self.seq
-
-
-@dataclass(frozen=True)
-class TensorShape:
-    shape: tuple[int, ...]
-    dtype: ir.DataType
-    value: np.ndarray | None = None
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return math.ceil(self.numel * self.dtype.itemsize)
 
 
 _BIN_OPS: dict[type[ast.operator], Callable[[int, int], int]] = {
@@ -159,56 +141,6 @@ def bind_dims(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None
 
 
 # --------------------------------------------------------------------------- rules
-
-
-def _attr(node: ir.Node, name: str, default: object = None) -> object:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.value
-
-
-def _int_list(value: np.ndarray | None, node: ir.Node, what: str) -> list[int]:
-    if value is None:
-        raise PlanError(
-            f"node {node.name!r} ({node.op_type}): its {what} is computed at run time from values this "
-            "planner cannot evaluate; export the model with static shape computations"
-        )
-    return [int(v) for v in np.asarray(value).reshape(-1)]
-
-
-def _broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(np.broadcast_shapes(*shapes))
-
-
-def _norm_axis(axis: int, rank: int) -> int:
-    return axis + rank if axis < 0 else axis
-
-
-ELEMENTWISE = {
-    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Equal", "Less", "LessOrEqual", "Greater",
-    "GreaterOrEqual", "And", "Or", "Xor", "Where", "Sum", "Mean", "BitwiseAnd", "BitwiseOr", "PRelu",
-}  # fmt: skip
-UNARY = {
-    "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Log", "Sin", "Cos", "Tanh", "Sigmoid", "Relu", "Erf", "Not",
-    "Cast", "CastLike", "Identity", "Softmax", "LogSoftmax", "Gelu", "FastGelu", "QuickGelu", "Floor", "Ceil",
-    "Round", "Sign", "HardSigmoid", "LeakyRelu", "Elu", "Selu", "Softplus", "IsNaN", "IsInf", "Clip", "Trilu",
-    "Dropout", "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization", "RotaryEmbedding",
-    "BiasGelu", "AllReduce", "Send",
-}  # fmt: skip
-
-_NUMPY_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
-    "Add": np.add,
-    "Sub": np.subtract,
-    "Mul": np.multiply,
-    "Max": np.maximum,
-    "Min": np.minimum,
-    "Equal": np.equal,
-    "Less": np.less,
-    "LessOrEqual": np.less_equal,
-    "Greater": np.greater,
-    "GreaterOrEqual": np.greater_equal,
-    "And": np.logical_and,
-    "Or": np.logical_or,
-}
 
 
 class ShapeEvaluator:
@@ -290,167 +222,32 @@ class ShapeEvaluator:
             if output.name:
                 self.values[output.name] = result
 
-    def _out_dtype(self, node: ir.Node, index: int, fallback: ir.DataType) -> ir.DataType:
-        output = node.outputs[index]
-        return output.dtype if output.dtype is not None else fallback
-
     def _evaluate(self, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
-        op = node.op_type
-        domain = node.domain or ""
-        first = inputs[0] if inputs else None
-        if domain == LLMIR_DOMAIN:
-            return self._llmir(node, inputs)
-        if domain == MS_DOMAIN and op not in UNARY:
-            return self._microsoft(node, inputs)
-        if domain not in ("", "ai.onnx", MS_DOMAIN):
-            raise PlanError(f"node {node.name!r} ({domain}.{op}) has no shape rule in the planner")
-
-        if op == "Constant":
-            tensor = _attr(node, "value")
-            if tensor is None:
-                raise PlanError(f"Constant node {node.name!r} uses an attribute other than `value`; re-export it")
-            array = tensor.numpy()
-            return [TensorShape(tuple(array.shape), tensor.dtype, array)]
-        if op == "Shape":
-            assert first is not None
-            start = int(_attr(node, "start", 0))
-            end = _attr(node, "end", None)
-            shape = np.array(first.shape[start : None if end is None else int(end)], dtype=np.int64)
-            return [TensorShape((len(shape),), ir.DataType.INT64, shape)]
-        if op == "Size":
-            assert first is not None
-            return [TensorShape((), ir.DataType.INT64, np.array(first.numel, dtype=np.int64))]
-
-        computed = self._compute(node, inputs)
+        record = record_for(node)
+        if record is None or record.shape is None:
+            domain = node.domain or ""
+            where = node.op_type if domain in ("", "ai.onnx") else f"{domain}.{node.op_type}"
+            raise PlanError(
+                f"node {node.name!r} ({where}) has no shape rule in the planner; give its op record a shape "
+                "function (llmir_onnx/propagation, see docs/DESIGN.md 'Adding an op') to plan models that use it"
+            )
+        computed = self._compute(node, record.value, inputs) if record.value is not None else None
         if computed is not None:
             return computed
-
-        assert first is not None
-        if op in UNARY:
-            dtype = first.dtype
-            if op == "Cast":
-                dtype = ir.DataType(int(_attr(node, "to")))
-            elif op in ("Not", "IsNaN", "IsInf"):
-                dtype = ir.DataType.BOOL
-            outs = [TensorShape(first.shape, dtype)]
-            if op in ("LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"):
-                axis = _norm_axis(int(_attr(node, "axis", -1)), len(first.shape))
-                stat = first.shape[:axis] + (1,) * (len(first.shape) - axis)
-                outs += [TensorShape(stat, ir.DataType.FLOAT)] * (len(node.outputs) - 1)
-            if op == "Send":
-                return [TensorShape((), ir.DataType.INT64)]
-            return outs
-        if op in ELEMENTWISE:
-            shape = _broadcast(*(i.shape for i in inputs if i is not None))
-            if op in ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor"):
-                dtype = ir.DataType.BOOL
-            elif op == "Where":
-                dtype = inputs[1].dtype  # type: ignore[union-attr]
-            else:
-                dtype = first.dtype
-            return [TensorShape(shape, dtype)]
-        if op in ("MatMul", "MatMulInteger", "FusedMatMul"):
-            b = inputs[1]
-            assert b is not None
-            a_shape, b_shape = first.shape, b.shape
-            if op == "FusedMatMul":
-                if _attr(node, "transA", 0):
-                    a_shape = (*a_shape[:-2], a_shape[-1], a_shape[-2])
-                if _attr(node, "transB", 0):
-                    b_shape = (*b_shape[:-2], b_shape[-1], b_shape[-2])
-            out = _matmul_shape(a_shape, b_shape)
-            return [TensorShape(out, self._out_dtype(node, 0, first.dtype))]
-        if op == "Gemm":
-            b = inputs[1]
-            assert b is not None
-            m = first.shape[1] if _attr(node, "transA", 0) else first.shape[0]
-            n = b.shape[0] if _attr(node, "transB", 0) else b.shape[1]
-            return [TensorShape((m, n), first.dtype)]
-        if op == "Gather":
-            indices = inputs[1]
-            assert indices is not None
-            axis = _norm_axis(int(_attr(node, "axis", 0)), len(first.shape))
-            return [TensorShape(first.shape[:axis] + indices.shape + first.shape[axis + 1 :], first.dtype)]
-        if op == "Attention" and domain in ("", "ai.onnx"):
-            return self._onnx_attention(node, inputs)
-        if op == "GatherND":
-            indices = inputs[1]
-            assert indices is not None
-            batch_dims = int(_attr(node, "batch_dims", 0))
-            depth = indices.shape[-1]
-            return [TensorShape(indices.shape[:-1] + first.shape[batch_dims + depth :], first.dtype)]
-        if op in ("ScatterND", "ScatterElements"):
-            return [TensorShape(first.shape, first.dtype)]
-        if op == "GatherElements":
-            return [TensorShape(inputs[1].shape, first.dtype)]  # type: ignore[union-attr]
-        if op == "Reshape":
-            target = _int_list(inputs[1].value, node, "target shape")  # type: ignore[union-attr]
-            return [TensorShape(_reshape(first.shape, target, bool(_attr(node, "allowzero", 0)), node), first.dtype)]
-        if op in ("Flatten",):
-            axis = _norm_axis(int(_attr(node, "axis", 1)), len(first.shape))
-            return [TensorShape((math.prod(first.shape[:axis]), math.prod(first.shape[axis:])), first.dtype)]
-        if op == "Transpose":
-            perm = _attr(node, "perm", None)
-            perm = list(perm) if perm is not None else list(reversed(range(len(first.shape))))
-            return [TensorShape(tuple(first.shape[p] for p in perm), first.dtype)]
-        if op == "Concat":
-            present = [i for i in inputs if i is not None]
-            axis = _norm_axis(int(_attr(node, "axis")), len(first.shape))
-            shape = list(present[0].shape)
-            shape[axis] = sum(i.shape[axis] for i in present)
-            return [TensorShape(tuple(shape), first.dtype)]
-        if op == "Slice":
-            return [TensorShape(_slice_shape(first.shape, inputs, node), first.dtype)]
-        if op == "Split":
-            return self._split(node, inputs)
-        if op in ("Unsqueeze", "Squeeze"):
-            axes = _attr(node, "axes", None)
-            if axes is None and len(inputs) > 1 and inputs[1] is not None:
-                axes = _int_list(inputs[1].value, node, "axes")
-            return [TensorShape(_squeeze(op, first.shape, axes), first.dtype)]
-        if op == "Expand":
-            target = tuple(_int_list(inputs[1].value, node, "target shape"))  # type: ignore[union-attr]
-            return [TensorShape(_broadcast(first.shape, target), first.dtype)]
-        if op == "Tile":
-            repeats = _int_list(inputs[1].value, node, "repeats")  # type: ignore[union-attr]
-            return [TensorShape(tuple(d * r for d, r in zip(first.shape, repeats, strict=True)), first.dtype)]
-        if op == "ConstantOfShape":
-            target = tuple(_int_list(first.value, node, "shape"))
-            tensor = _attr(node, "value")
-            dtype = tensor.dtype if tensor is not None else ir.DataType.FLOAT
-            return [TensorShape(target, dtype)]
-        if op == "Range":
-            values = [_int_list(i.value, node, "bounds")[0] if i is not None else 0 for i in inputs]
-            start, limit, delta = values
-            return [TensorShape((max(math.ceil((limit - start) / delta), 0),), first.dtype)]
-        if op.startswith("Reduce") or op in ("ArgMax", "ArgMin"):
-            return [self._reduce(node, inputs)]
-        if op in ("Pad",):
-            pads = _int_list(inputs[1].value, node, "pads")  # type: ignore[union-attr]
-            rank = len(first.shape)
-            return [TensorShape(tuple(d + pads[i] + pads[i + rank] for i, d in enumerate(first.shape)), first.dtype)]
-        if op in ("CumSum",):
-            return [TensorShape(first.shape, first.dtype)]
-        if op == "TopK":
-            k = _int_list(inputs[1].value, node, "k")[0]  # type: ignore[union-attr]
-            axis = _norm_axis(int(_attr(node, "axis", -1)), len(first.shape))
-            shape = (*first.shape[:axis], k, *first.shape[axis + 1 :])
-            return [TensorShape(shape, first.dtype), TensorShape(shape, ir.DataType.INT64)]
-        raise PlanError(
-            f"node {node.name!r} ({op}) has no shape rule in llmir_onnx.plan.shapes; add one (and a test) to plan "
-            "models that use it"
-        )
+        return record.shape(self, node, inputs)
 
     # -- value computation for small tensors
 
-    def _compute(self, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape] | None:
+    def _compute(
+        self, node: ir.Node, value: ValueFunction, inputs: list[TensorShape | None]
+    ) -> list[TensorShape] | None:
+        """The op's output value when all its inputs are known (shape computations), via its record."""
         present = [i for i in inputs if i is not None]
         if not present or any(i.value is None for i in present):
             return None
-        op = node.op_type
         arrays = [i.value if i is not None else None for i in inputs]
         try:
-            result = _numpy_op(node, op, arrays)
+            result = value(node, arrays)
         except PlanError:
             raise
         except Exception:  # an op the small evaluator does not handle: fall back to the shape rule
@@ -463,112 +260,13 @@ class ShapeEvaluator:
         dtype = ir.DataType.from_numpy(result.dtype)
         return [TensorShape(tuple(result.shape), dtype, result)]
 
-    def _split(self, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
-        first = inputs[0]
-        assert first is not None
-        axis = _norm_axis(int(_attr(node, "axis", 0)), len(first.shape))
-        split = _attr(node, "split", None)
-        if split is None and len(inputs) > 1 and inputs[1] is not None:
-            split = _int_list(inputs[1].value, node, "split sizes")
-        count = len(node.outputs)
-        if split is None:
-            size = first.shape[axis]
-            chunk = -(-size // count)
-            split = [min(chunk, size - chunk * i) for i in range(count)]
-        outs = []
-        for part in split:
-            shape = list(first.shape)
-            shape[axis] = int(part)
-            outs.append(TensorShape(tuple(shape), first.dtype))
-        return outs
+    # -- what the ops' shape functions may ask (registry.ShapeEnvironment)
 
-    def _reduce(self, node: ir.Node, inputs: list[TensorShape | None]) -> TensorShape:
-        first = inputs[0]
-        assert first is not None
-        op = node.op_type
-        keepdims = bool(_attr(node, "keepdims", 1))
-        rank = len(first.shape)
-        if op in ("ArgMax", "ArgMin"):
-            axes = [int(_attr(node, "axis", 0))]
-        else:
-            axes = _attr(node, "axes", None)
-            if axes is None and len(inputs) > 1 and inputs[1] is not None:
-                axes = _int_list(inputs[1].value, node, "axes")
-            if axes is None or len(axes) == 0:
-                if _attr(node, "noop_with_empty_axes", 0):
-                    return TensorShape(first.shape, first.dtype)
-                axes = list(range(rank))
-        axes = {_norm_axis(int(a), rank) for a in axes}
-        shape = tuple(1 if i in axes else d for i, d in enumerate(first.shape) if keepdims or i not in axes)
-        dtype = ir.DataType.INT64 if op in ("ArgMax", "ArgMin") else first.dtype
-        return TensorShape(shape, dtype)
+    @property
+    def total_tokens(self) -> int:
+        return self.sizes.total
 
-    # -- custom domains
-
-    def _llmir(self, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
-        first = inputs[0]
-        assert first is not None
-        op = node.op_type
-        group = list(_attr(node, "group", []) or [])
-        if op == "AllReduce":
-            return [TensorShape(first.shape, first.dtype)]
-        if op in ("AllGather", "ReduceScatter"):
-            if not group:
-                raise PlanError(f"node {node.name!r} ({op}) has no group; the planner needs the group size")
-            axis = _norm_axis(int(_attr(node, "axis", 0)), len(first.shape))
-            shape = list(first.shape)
-            sizes = list(_attr(node, "sizes", []) or []) if op == "AllGather" else []
-            if sizes:  # unequal parts: this rank's input is one of them, the output all of them
-                if len(sizes) != len(group) or shape[axis] not in sizes:
-                    raise PlanError(
-                        f"node {node.name!r} (AllGather) has sizes {sizes} for a group of {len(group)} ranks and an "
-                        f"input of {shape[axis]} along axis {axis}; list each member's length, in group order"
-                    )
-                shape[axis] = sum(int(s) for s in sizes)
-            else:
-                shape[axis] = shape[axis] * len(group) if op == "AllGather" else shape[axis] // len(group)
-            return [TensorShape(tuple(shape), first.dtype)]
-        if op == "Send":
-            # Its output is the element count it sent, known from the input's shape; the stage split
-            # orders Sends through it (`shape + 0 * count`), so later Reshape targets depend on it.
-            return [TensorShape((), ir.DataType.INT64, np.array(first.numel, dtype=np.int64))]
-        if op == "Recv":
-            shape = list(_attr(node, "shape", []) or [])
-            output = node.outputs[0]
-            if not shape or any(d < 0 for d in shape):
-                # the attribute is static; a dynamic dim is bound like the graph's inputs by its symbolic name
-                if output.shape is None:
-                    raise PlanError(f"Recv node {node.name!r} has no static shape and no declared output shape")
-                shape = [self._dim(d, node) for d in output.shape]
-            return [TensorShape(tuple(int(d) for d in shape), first.dtype)]
-        raise PlanError(f"node {node.name!r} ({LLMIR_DOMAIN}.{op}) has no shape rule in the planner")
-
-    def _onnx_attention(self, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
-        """ONNX Attention (opset 23): Q/K/V as [B, H, S, hd] or [B, S, H*hd]; past/present K, V [B, kv, T, hd]."""
-        q, k, v = inputs[0], inputs[1], inputs[2]
-        assert q is not None and k is not None and v is not None
-        past_key = inputs[4] if len(inputs) > 4 else None
-        if len(q.shape) == 4:
-            batch, heads, seq = q.shape[0], q.shape[1], q.shape[2]
-            kv_heads, kv_seq, v_dim = v.shape[1], k.shape[2], v.shape[3]
-            key_dim = k.shape[3]
-            y = TensorShape((batch, heads, seq, v_dim), q.dtype)
-        else:
-            heads = int(_attr(node, "q_num_heads"))
-            kv_heads = int(_attr(node, "kv_num_heads"))
-            batch, seq, kv_seq = q.shape[0], q.shape[1], k.shape[1]
-            key_dim, v_dim = k.shape[2] // kv_heads, v.shape[2] // kv_heads
-            y = TensorShape((batch, seq, heads * v_dim), q.dtype)
-        total = kv_seq + (past_key.shape[2] if past_key is not None else 0)
-        outs = [
-            y,
-            TensorShape((batch, kv_heads, total, key_dim), k.dtype),
-            TensorShape((batch, kv_heads, total, v_dim), v.dtype),
-            TensorShape((batch, heads, seq, total), q.dtype),
-        ]
-        return outs[: len(node.outputs)]
-
-    def _dim(self, dim: int | ir.SymbolicDim, node: ir.Node) -> int:
+    def bind_dim(self, dim: int | ir.SymbolicDim, node: ir.Node) -> int:
         if isinstance(dim, int):
             return dim
         name = str(dim.value)
@@ -583,169 +281,6 @@ class ShapeEvaluator:
         if guess is None:
             raise PlanError(f"node {node.name!r}: cannot bind the dimension {name!r}")
         return guess
-
-    def _microsoft(self, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
-        first = inputs[0]
-        assert first is not None
-        op = node.op_type
-        if op == "SkipSimplifiedLayerNormalization" or op == "SkipLayerNormalization":
-            stat = (*first.shape[:-1], 1)
-            outs = [TensorShape(first.shape, first.dtype)]
-            for index in range(1, len(node.outputs)):
-                # outputs 1, 2 are mean / inv_std (float), 3 is the input + skip sum
-                outs.append(
-                    TensorShape(first.shape, first.dtype) if index == 3 else TensorShape(stat, ir.DataType.FLOAT)
-                )
-            return outs
-        if op == "MatMulNBits":
-            n = int(_attr(node, "N"))
-            return [TensorShape((*first.shape[:-1], n), first.dtype)]
-        if op == "GroupQueryAttention":
-            num_heads = int(_attr(node, "num_heads"))
-            kv_heads = int(_attr(node, "kv_num_heads"))
-            batch, seq = first.shape[0], first.shape[1]
-            key = inputs[1]
-            # separate key input, or q|k|v packed in the first input
-            packed_width = num_heads + 2 * kv_heads
-            head_dim = key.shape[-1] // kv_heads if key is not None else first.shape[-1] // packed_width
-            past = inputs[3]
-            total = self.sizes.total if past is None else max(past.shape[2], self.sizes.total)
-            present = TensorShape((batch, kv_heads, total, head_dim), first.dtype)
-            return [TensorShape((batch, seq, num_heads * head_dim), first.dtype), present, present]
-        raise PlanError(f"node {node.name!r} ({MS_DOMAIN}.{op}) has no shape rule in the planner")
-
-
-def _matmul_shape(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[int, ...]:
-    if len(a) == 1 and len(b) == 1:
-        return ()
-    if len(a) == 1:
-        return b[:-2] + b[-1:]
-    if len(b) == 1:
-        return a[:-1]
-    return (*_broadcast(a[:-2], b[:-2]), a[-2], b[-1])
-
-
-def _reshape(shape: tuple[int, ...], target: list[int], allowzero: bool, node: ir.Node) -> tuple[int, ...]:
-    out = [shape[i] if (d == 0 and not allowzero) else d for i, d in enumerate(target)]
-    if -1 in out:
-        known = math.prod(d for d in out if d != -1)
-        total = math.prod(shape)
-        if known == 0 or total % known:
-            raise ShapeMismatchError(f"Reshape node {node.name!r}: cannot reshape {shape} to {target}")
-        out[out.index(-1)] = total // known
-    if math.prod(out) != math.prod(shape):
-        raise ShapeMismatchError(f"Reshape node {node.name!r}: {shape} has a different size than {out}")
-    return tuple(out)
-
-
-def _slice_shape(shape: tuple[int, ...], inputs: list[TensorShape | None], node: ir.Node) -> tuple[int, ...]:
-    starts = _int_list(inputs[1].value, node, "starts")  # type: ignore[union-attr]
-    ends = _int_list(inputs[2].value, node, "ends")  # type: ignore[union-attr]
-    rank = len(shape)
-    axes = (
-        _int_list(inputs[3].value, node, "axes")
-        if len(inputs) > 3 and inputs[3] is not None
-        else list(range(len(starts)))
-    )
-    steps = _int_list(inputs[4].value, node, "steps") if len(inputs) > 4 and inputs[4] is not None else [1] * len(axes)
-    out = list(shape)
-    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-        axis = _norm_axis(axis, rank)
-        out[axis] = len(range(*slice(start, end, step).indices(shape[axis])))
-    return tuple(out)
-
-
-def _squeeze(op: str, shape: tuple[int, ...], axes: object) -> tuple[int, ...]:
-    if op == "Unsqueeze":
-        rank = len(shape) + len(axes)  # type: ignore[arg-type]
-        positions = sorted(_norm_axis(int(a), rank) for a in axes)  # type: ignore[union-attr]
-        out = list(shape)
-        for position in positions:
-            out.insert(position, 1)
-        return tuple(out)
-    if axes is None:
-        return tuple(d for d in shape if d != 1)
-    drop = {_norm_axis(int(a), len(shape)) for a in axes}  # type: ignore[union-attr]
-    return tuple(d for i, d in enumerate(shape) if i not in drop)
-
-
-def _numpy_op(node: ir.Node, op: str, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    """The value of a small op whose inputs are all known; None where no numpy rule exists."""
-    a = arrays[0]
-    if op in _NUMPY_BINARY:
-        return _NUMPY_BINARY[op](a, arrays[1])
-    if op == "Div":
-        b = arrays[1]
-        if np.issubdtype(np.asarray(a).dtype, np.integer):
-            return np.trunc(np.asarray(a) / b).astype(np.asarray(a).dtype)
-        return np.divide(a, b)
-    if op == "Neg":
-        return np.negative(a)
-    if op == "Cast":
-        return np.asarray(a).astype(ir.DataType(int(_attr(node, "to"))).numpy())
-    if op in ("Identity",):
-        return a
-    if op == "Not":
-        return np.logical_not(a)
-    if op == "Where":
-        return np.where(a, arrays[1], arrays[2])
-    if op == "Gather":
-        return np.take(a, arrays[1], axis=int(_attr(node, "axis", 0)))
-    if op == "Concat":
-        return np.concatenate([x for x in arrays if x is not None], axis=int(_attr(node, "axis")))
-    if op == "Unsqueeze" or op == "Squeeze":
-        axes = _attr(node, "axes", None)
-        if axes is None and len(arrays) > 1 and arrays[1] is not None:
-            axes = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
-        return np.asarray(a).reshape(_squeeze(op, tuple(np.asarray(a).shape), axes))
-    if op == "Reshape":
-        target = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
-        return np.asarray(a).reshape(
-            _reshape(tuple(np.asarray(a).shape), target, bool(_attr(node, "allowzero", 0)), node)
-        )
-    if op == "Range":
-        return np.arange(a, arrays[1], arrays[2], dtype=np.asarray(a).dtype)
-    if op == "ConstantOfShape":
-        shape = tuple(int(v) for v in np.asarray(a).reshape(-1))
-        if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
-            return None
-        tensor = _attr(node, "value")
-        fill = tensor.numpy().reshape(-1)[0] if tensor is not None else np.float32(0)
-        return np.full(shape, fill, dtype=np.asarray(fill).dtype)
-    if op == "Expand":
-        target = tuple(int(v) for v in np.asarray(arrays[1]).reshape(-1))
-        shape = _broadcast(np.asarray(a).shape, target)
-        if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
-            return None
-        return np.broadcast_to(a, shape).copy()
-    if op == "Slice":
-        shape = _slice_shape(
-            tuple(np.asarray(a).shape),
-            [TensorShape((), ir.DataType.INT64, x) if x is not None else None for x in arrays],
-            node,
-        )
-        starts = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
-        ends = [int(v) for v in np.asarray(arrays[2]).reshape(-1)]
-        rank = np.asarray(a).ndim
-        axes = (
-            [int(v) for v in np.asarray(arrays[3]).reshape(-1)]
-            if len(arrays) > 3 and arrays[3] is not None
-            else list(range(len(starts)))
-        )
-        steps = (
-            [int(v) for v in np.asarray(arrays[4]).reshape(-1)]
-            if len(arrays) > 4 and arrays[4] is not None
-            else [1] * len(axes)
-        )
-        index = [slice(None)] * rank
-        for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
-            index[_norm_axis(axis, rank)] = slice(start, end, step)
-        result = np.asarray(a)[tuple(index)]
-        assert result.shape == shape
-        return result
-    if op in ("ReduceProd", "ReduceSum", "ReduceMax", "ReduceMin"):
-        return None
-    return None
 
 
 # Evaluations kept while `shared_shape_evaluations` is open: key -> (model, shapes). The model is held so

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmir_onnx.propagation import attention, elementwise, indexing, matmul, reductions, shape_ops
+from llmir_onnx.propagation import attention, collectives, elementwise, indexing, matmul, reductions, shape_ops
 from llmir_onnx.propagation.base import Decision, RuleContext, WeightRole, lookup, register, registered_ops
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "RuleContext",
     "WeightRole",
     "attention",
+    "collectives",
     "elementwise",
     "indexing",
     "lookup",

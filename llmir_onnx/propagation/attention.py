@@ -11,17 +11,23 @@ import onnx_ir as ir
 from llmir_onnx.errors import ShardingError
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
+from llmir_onnx.propagation.registry import (
+    MS_DOMAIN,
+    LocalizeFunction,
+    Localizer,
+    ShapeEnvironment,
+    attr_int,
+)
+from llmir_onnx.propagation.tensor_shapes import TensorShape, first_input, required_int, same_as_first
 
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
+# opset 23 brought Attention to the default domain.
+ONNX_ATTENTION_OPSETS = range(23, 1 << 16)
 
 
 def gqa_packed_blocks(ctx: RuleContext, node: ir.Node) -> tuple[int, ...] | None:
     """Global [q | k | v] column widths of a packed GroupQueryAttention query input."""
     width = ctx.static_dim(node.inputs[0], -1) if ctx.rank(node.inputs[0]) else None
-    heads, kv_heads = _attr_int(node, "num_heads", 0), _attr_int(node, "kv_num_heads", 0)
+    heads, kv_heads = attr_int(node, "num_heads", 0), attr_int(node, "kv_num_heads", 0)
     if width is None or not heads or not kv_heads:
         return None
     head_dim = width // (heads + 2 * kv_heads)
@@ -30,7 +36,7 @@ def gqa_packed_blocks(ctx: RuleContext, node: ir.Node) -> tuple[int, ...] | None
 
 def _check_heads(ctx: RuleContext, node: ir.Node, names: tuple[str, ...]) -> None:
     for name in names:
-        count = _attr_int(node, name, 0)
+        count = attr_int(node, name, 0)
         if count:
             ctx.require_divisible(node, name, [count], replicable=name == "kv_num_heads")
 
@@ -40,7 +46,37 @@ def kv_parts(tp: int, kv_heads: int) -> tuple[int, ...]:
     return (kv_heads,) if kv_heads and kv_heads % tp and tp % kv_heads == 0 else ()
 
 
-@register(["GroupQueryAttention"], domain="com.microsoft")
+def local_heads(*names: str) -> LocalizeFunction:
+    """The rewrite of head-count attributes `names` to this rank's count, once the heads are split."""
+
+    def rewrite(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+        if not any(isinstance(localizer.placement(v), Shard) for v in node.inputs if v is not None):
+            return
+        for name in names:
+            count = attr_int(node, name, 0)
+            if count > 0:
+                node.attributes[name] = ir.AttrInt64(name, localizer.local_head_count(count))
+
+    return rewrite
+
+
+def gqa_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """output [batch, seq, heads * head_dim]; present key / value [batch, kv_heads, total, head_dim]."""
+    first = first_input(inputs)
+    num_heads = required_int(node, "num_heads")
+    kv_heads = required_int(node, "kv_num_heads")
+    batch, seq = first.shape[0], first.shape[1]
+    key = inputs[1]
+    # separate key input, or q|k|v packed in the first input
+    packed_width = num_heads + 2 * kv_heads
+    head_dim = key.shape[-1] // kv_heads if key is not None else first.shape[-1] // packed_width
+    past = inputs[3]
+    total = env.total_tokens if past is None else max(past.shape[2], env.total_tokens)
+    present = TensorShape((batch, kv_heads, total, head_dim), first.dtype)
+    return [TensorShape((batch, seq, num_heads * head_dim), first.dtype), present, present]
+
+
+@register(["GroupQueryAttention"], domain=MS_DOMAIN, shape=gqa_shape, localize=local_heads("num_heads", "kv_num_heads"))
 def gqa_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     _check_heads(ctx, node, ("num_heads", "kv_num_heads"))
     packed = len(node.inputs) < 2 or node.inputs[1] is None
@@ -51,7 +87,7 @@ def gqa_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]
         blocks = gqa_packed_blocks(ctx, node)
         if blocks is None or query.blocks != blocks:
             return replicated(node)
-    kv = kv_parts(ctx.tp, _attr_int(node, "kv_num_heads", 0))
+    kv = kv_parts(ctx.tp, attr_int(node, "kv_num_heads", 0))
     if packed and query.parts != ((ctx.tp, *kv, *kv) if kv else ()):
         # A rank would read kv heads that are not those of its query heads: a model that cannot run.
         raise ShardingError(
@@ -74,19 +110,19 @@ def gqa_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]
     return Decision(required, outputs)
 
 
-@register(["RotaryEmbedding"], domain="com.microsoft")
-@register(["RotaryEmbedding"])
+@register(["RotaryEmbedding"], domain=MS_DOMAIN, shape=same_as_first, localize=local_heads("num_heads"))
+@register(["RotaryEmbedding"], shape=same_as_first, localize=local_heads("num_heads"))
 def rotary_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     shard = placements[0]
     rank = ctx.rank(node.inputs[0])
     if not isinstance(shard, Shard) or rank is None:
         return replicated(node)
-    heads = _attr_int(node, "num_heads", 0)
+    heads = attr_int(node, "num_heads", 0)
     if rank == 3 and (not heads or shard.dim != 2 or shard.blocks):
         return replicated(node)  # [batch, seq, heads * head_dim] without a head count: cannot localize
     if rank == 4 and shard.dim not in (0, 1):
         return replicated(node)  # [batch, heads, seq, head_dim]: only batch and heads may be split
-    heads = _attr_int(node, "num_heads", 0)
+    heads = attr_int(node, "num_heads", 0)
     if heads:
         ctx.require_divisible(node, "num_heads", [heads], replicable=bool(shard.parts))
     return Decision([shard, *[REPLICATE if v is not None else None for v in node.inputs[1:]]], [shard])
@@ -97,7 +133,38 @@ def _heads_axis(rank: int | None) -> int | None:
     return {4: 1, 3: 2}.get(rank or 0)
 
 
-@register(["Attention"])
+def onnx_attention_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """Q/K/V as [B, H, S, hd] or [B, S, H*hd]; past/present K, V [B, kv, T, hd]; qk [B, H, S, T]."""
+    q, k, v = inputs[0], inputs[1], inputs[2]
+    assert q is not None and k is not None and v is not None
+    past_key = inputs[4] if len(inputs) > 4 else None
+    if len(q.shape) == 4:
+        batch, heads, seq = q.shape[0], q.shape[1], q.shape[2]
+        kv_heads, kv_seq, v_dim = v.shape[1], k.shape[2], v.shape[3]
+        key_dim = k.shape[3]
+        y = TensorShape((batch, heads, seq, v_dim), q.dtype)
+    else:
+        heads = required_int(node, "q_num_heads")
+        kv_heads = required_int(node, "kv_num_heads")
+        batch, seq, kv_seq = q.shape[0], q.shape[1], k.shape[1]
+        key_dim, v_dim = k.shape[2] // kv_heads, v.shape[2] // kv_heads
+        y = TensorShape((batch, seq, heads * v_dim), q.dtype)
+    total = kv_seq + (past_key.shape[2] if past_key is not None else 0)
+    outs = [
+        y,
+        TensorShape((batch, kv_heads, total, key_dim), k.dtype),
+        TensorShape((batch, kv_heads, total, v_dim), v.dtype),
+        TensorShape((batch, heads, seq, total), q.dtype),
+    ]
+    return outs[: len(node.outputs)]
+
+
+@register(
+    ["Attention"],
+    opsets=ONNX_ATTENTION_OPSETS,
+    shape=onnx_attention_shape,
+    localize=local_heads("num_heads", "q_num_heads", "kv_num_heads"),
+)
 def onnx_attention_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     """opset-23 Attention(Q, K, V, attn_mask, past_key, past_value) -> (Y, present_key, present_value, qk)."""
     query = placements[0]

@@ -19,6 +19,12 @@ import onnx_ir as ir
 from llmir_onnx.errors import ShardingError
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
 
+# Rules register into the op records; re-exported here, where rules have always found them.
+from llmir_onnx.propagation.registry import RULES, lookup, register, registered_ops
+
+# The rules by (domain, op_type), as a dict (the harness's test of itself swaps one).
+_RULES = RULES
+
 Dim = int | str | None
 Shape = tuple[Dim, ...] | None
 
@@ -109,32 +115,6 @@ class RuleContext:
         if tensor is None:
             return None
         return [int(x) for x in tensor.numpy().reshape(-1)]
-
-
-Rule = Callable[[RuleContext, ir.Node, list[Placement | None]], Decision]
-
-_RULES: dict[tuple[str, str], Rule] = {}
-
-
-def _normalize_domain(domain: str) -> str:
-    return "" if domain in ("", "ai.onnx") else domain
-
-
-def register(op_types: Sequence[str], domain: str = "") -> Callable[[Rule], Rule]:
-    def wrap(rule: Rule) -> Rule:
-        for op_type in op_types:
-            _RULES[(_normalize_domain(domain), op_type)] = rule
-        return rule
-
-    return wrap
-
-
-def lookup(node: ir.Node) -> Rule | None:
-    return _RULES.get((_normalize_domain(node.domain), node.op_type))
-
-
-def registered_ops() -> list[tuple[str, str]]:
-    return sorted(_RULES)
 
 
 def normalize_dim(dim: int, rank: int) -> int:
@@ -263,6 +243,7 @@ __all__ = [
     "lookup",
     "normalize_dim",
     "register",
+    "registered_ops",
     "replicated",
     "valid_tp_listing",
 ]

@@ -8,12 +8,16 @@ weight that is then held by rank 0 only), a partial times a replicated factor (M
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
+from llmir_onnx.propagation.registry import MS_DOMAIN, ShapeEnvironment, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, broadcast, first_input, required_int, same_as_first
 
 
 @dataclass(frozen=True)
@@ -182,3 +186,86 @@ def elementwise_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement
 
 for _family in ELEMENTWISE_FAMILIES:
     register(_family.ops, domain=_family.domain)(elementwise_rule)
+
+
+# --------------------------------------------------------------------------- shape functions
+
+# Ops whose one output has the first input's shape and dtype (the planner's unary ops).
+SAME_SHAPE_OPS = (
+    "Neg", "Abs", "Sqrt", "Reciprocal", "Exp", "Log", "Sin", "Cos", "Tanh", "Sigmoid", "Relu", "Erf", "CastLike",
+    "Identity", "Gelu", "FastGelu", "QuickGelu", "Floor", "Ceil", "Round", "Sign", "HardSigmoid", "LeakyRelu", "Elu",
+    "Selu", "Softplus", "Clip", "Dropout", "BiasGelu",
+)  # fmt: skip
+BOOL_RESULT_OPS = ("Equal", "Less", "LessOrEqual", "Greater", "GreaterOrEqual", "And", "Or", "Xor")
+BROADCAST_OPS = (
+    "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Mod", "Sum", "Mean", "BitwiseAnd", "BitwiseOr", "PRelu",
+)  # fmt: skip
+
+
+def cast_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    return [TensorShape(first_input(inputs).shape, ir.DataType(required_int(node, "to")))]
+
+
+def bool_unary_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    return [TensorShape(first_input(inputs).shape, ir.DataType.BOOL)]
+
+
+def broadcast_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """numpy broadcasting of every present input; the first input's dtype (a comparison's: bool)."""
+    first = first_input(inputs)
+    shape = broadcast(*(i.shape for i in inputs if i is not None))
+    return [TensorShape(shape, ir.DataType.BOOL if node.op_type in BOOL_RESULT_OPS else first.dtype)]
+
+
+def where_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first_input(inputs)
+    shape = broadcast(*(i.shape for i in inputs if i is not None))
+    return [TensorShape(shape, inputs[1].dtype)]  # type: ignore[union-attr]
+
+
+_NUMPY_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
+    "Add": np.add,
+    "Sub": np.subtract,
+    "Mul": np.multiply,
+    "Max": np.maximum,
+    "Min": np.minimum,
+    "Equal": np.equal,
+    "Less": np.less,
+    "LessOrEqual": np.less_equal,
+    "Greater": np.greater,
+    "GreaterOrEqual": np.greater_equal,
+    "And": np.logical_and,
+    "Or": np.logical_or,
+}
+
+
+def binary_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return _NUMPY_BINARY[node.op_type](arrays[0], arrays[1])  # type: ignore[arg-type]
+
+
+def div_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a, b = arrays[0], arrays[1]
+    if np.issubdtype(np.asarray(a).dtype, np.integer):
+        return np.trunc(np.asarray(a) / b).astype(np.asarray(a).dtype)  # ONNX integer Div truncates
+    return np.divide(a, b)
+
+
+def cast_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.asarray(arrays[0]).astype(ir.DataType(required_int(node, "to")).numpy())
+
+
+def where_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.where(arrays[0], arrays[1], arrays[2])  # type: ignore[arg-type]
+
+
+define(SAME_SHAPE_OPS, shape=same_as_first)
+define(tuple(_NUMPY_BINARY), value=binary_value)
+define(["Div"], value=div_value)
+define(["Neg"], value=lambda node, arrays: np.negative(arrays[0]))
+define(["Identity"], value=lambda node, arrays: arrays[0])
+define(["Not"], value=lambda node, arrays: np.logical_not(arrays[0]))
+define(["FastGelu", "QuickGelu", "BiasGelu", "Gelu"], domain=MS_DOMAIN, shape=same_as_first)
+define(["Cast"], shape=cast_shape, value=cast_value)
+define(["Not", "IsNaN", "IsInf"], shape=bool_unary_shape)
+define((*BROADCAST_OPS, *BOOL_RESULT_OPS), shape=broadcast_shape)
+define(["Where"], shape=where_shape, value=where_value)

@@ -11,11 +11,8 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
+from llmir_onnx.propagation.registry import ShapeEnvironment, attr_int, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, first_input, same_as_first
 
 
 def _the_shard(placements: list[Placement | None]) -> Shard | None:
@@ -34,7 +31,7 @@ def elements_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | 
     rank = ctx.rank(node.inputs[0])
     if shard is None or rank is None:
         return replicated(node)
-    axis = normalize_dim(_attr_int(node, "axis", 0), rank)
+    axis = normalize_dim(attr_int(node, "axis", 0), rank)
     # The axes other than `axis` must match between data and indices to be split alike.
     sizes = {ctx.static_dim(v, shard.dim) for v in node.inputs if v is not None}
     if shard.dim == axis or len(sizes) != 1 or None in sizes:
@@ -53,7 +50,7 @@ def nd_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None])
     shard = _the_shard(placements)
     if shard is None or data_rank is None or not index_rank or k is None:
         return replicated(node)
-    batch = _attr_int(node, "batch_dims", 0)
+    batch = attr_int(node, "batch_dims", 0)
     data_held, index_held = placements[0], placements[1]
     update_held = placements[2] if len(placements) > 2 else None
     # The data axis the shard stands for, wherever it arrives.
@@ -78,3 +75,23 @@ def nd_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None])
     if node.op_type == "GatherND":
         return Decision([shard.with_dim(dim), index_required], [shard.with_dim(slice_dim)])
     return Decision([shard.with_dim(dim), index_required, shard.with_dim(slice_dim)], [shard.with_dim(dim)])
+
+
+# --------------------------------------------------------------------------- shape functions
+
+
+def gather_nd_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first, indices = first_input(inputs), inputs[1]
+    assert indices is not None
+    batch_dims = attr_int(node, "batch_dims", 0)
+    depth = indices.shape[-1]
+    return [TensorShape(indices.shape[:-1] + first.shape[batch_dims + depth :], first.dtype)]
+
+
+def gather_elements_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    return [TensorShape(inputs[1].shape, first_input(inputs).dtype)]  # type: ignore[union-attr]
+
+
+define(["GatherND"], shape=gather_nd_shape)
+define(["ScatterND", "ScatterElements"], shape=same_as_first)
+define(["GatherElements"], shape=gather_elements_shape)

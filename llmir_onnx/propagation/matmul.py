@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from llmir_onnx.errors import ShardingError
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
+from llmir_onnx.propagation.registry import MS_DOMAIN, Localizer, ShapeEnvironment, attr_int, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, matmul_dims, out_dtype, required_int
 
 
 def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision | None:
@@ -22,7 +25,7 @@ def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     a_rank = ctx.rank(node.inputs[0])
     if a_rank is None:
         return None
-    transposed_b = node.op_type == "Gemm" and _int_attr(node, "transB", 0) == 1
+    transposed_b = node.op_type == "Gemm" and attr_int(node, "transB", 0) == 1
     out_dim = a_rank - 1
     bias = [None] * (len(node.inputs) - 2)
     if role.kind == "column":
@@ -41,11 +44,6 @@ def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement |
         bias = [PARTIAL_SUM if v is not None else None for v in node.inputs[2:]]
         return Decision([activation, weight, *bias], [PARTIAL_SUM])
     return None
-
-
-def _int_attr(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
 
 
 def _batch_shard(ctx: RuleContext, value: ir.Value, out_dim: int, out_rank: int, blocks: tuple[int, ...]) -> Placement:
@@ -99,7 +97,7 @@ def gemm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
     decided = _role_decision(ctx, node, placements)
     if decided is not None:
         return decided
-    trans_a, trans_b = _int_attr(node, "transA", 0), _int_attr(node, "transB", 0)
+    trans_a, trans_b = attr_int(node, "transA", 0), attr_int(node, "transB", 0)
     pa, pb = placements[0], placements[1]
     if isinstance(pa, Shard) and pa.dim == (0 if trans_a else 1):
         bias = [PARTIAL_SUM if v is not None else None for v in node.inputs[2:]]
@@ -115,7 +113,27 @@ def gemm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
     return replicated(node)
 
 
-@register(["MatMulNBits"], domain="com.microsoft")
+def matmul_nbits_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    return [TensorShape((*first.shape[:-1], required_int(node, "N")), first.dtype)]
+
+
+def localize_matmul_nbits(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    """N (column-parallel) or K (row-parallel) becomes this rank's part: the attributes size the kernel."""
+    role = localizer.role(node)
+    placement = localizer.placement(node.inputs[1])
+    if role is None or not isinstance(placement, Shard):
+        return
+    name = "N" if role.kind == "column" else "K"
+    if placement.shares:
+        raise ShardingError(
+            f"node {node.name} (MatMulNBits) would be split unevenly ({placement}); quantized weights take "
+            "an even split only: use a tp that divides the heads"
+        )
+    node.attributes[name] = ir.AttrInt64(name, node.attributes[name].as_int() // localizer.tp)
+
+
+@register(["MatMulNBits"], domain=MS_DOMAIN, shape=matmul_nbits_shape, localize=localize_matmul_nbits)
 def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     """Block-quantized weights: B [N, k_blocks, blob], scales and zero points per (N, k_block).
 
@@ -125,7 +143,7 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
     role = ctx.roles.get(node.name)
     if role is None or role.kind not in ("column", "row") or (len(node.inputs) > 4 and node.inputs[4] is not None):
         return replicated(node)  # act-order (g_idx) weights are not split
-    n, k, block_size = _int_attr(node, "N", 0), _int_attr(node, "K", 0), _int_attr(node, "block_size", 0)
+    n, k, block_size = attr_int(node, "N", 0), attr_int(node, "K", 0), attr_int(node, "block_size", 0)
     k_blocks = -(-k // block_size)
     a_rank = ctx.rank(node.inputs[0]) or 2
     views: dict[int, tuple[int, ...]] = {}
@@ -152,9 +170,39 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
         zero_points = node.inputs[3] if len(node.inputs) > 3 else None
         if zero_points is not None and zero_points.dtype == ir.DataType.UINT8:
             # Packed zero points: a rank's blocks must fill whole bytes of every row.
-            bits = _int_attr(node, "bits", 4)
+            bits = attr_int(node, "bits", 4)
             row_bytes = -(-k_blocks * bits // 8)
             what = f"the packed zero-point bytes per row ({bits}-bit, K={k}, block_size {block_size})"
             ctx.require_divisible(node, what, [row_bytes])
     outputs: list[Placement] = [Shard(a_rank - 1)] if role.kind == "column" else [PARTIAL_SUM]
     return Decision(required, outputs, weight_views=views)
+
+
+# --------------------------------------------------------------------------- shape functions
+
+
+def matmul_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """MatMul, MatMulInteger (its int32 output type is declared) and FusedMatMul (transA / transB)."""
+    first, b = first_input(inputs), inputs[1]
+    assert b is not None
+    a_shape, b_shape = first.shape, b.shape
+    if node.op_type == "FusedMatMul":
+        if attr(node, "transA", 0):
+            a_shape = (*a_shape[:-2], a_shape[-1], a_shape[-2])
+        if attr(node, "transB", 0):
+            b_shape = (*b_shape[:-2], b_shape[-1], b_shape[-2])
+    return [TensorShape(matmul_dims(a_shape, b_shape), out_dtype(node, 0, first.dtype))]
+
+
+def gemm_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first, b = first_input(inputs), inputs[1]
+    assert b is not None
+    m = first.shape[1] if attr(node, "transA", 0) else first.shape[0]
+    n = b.shape[0] if attr(node, "transB", 0) else b.shape[1]
+    return [TensorShape((m, n), first.dtype)]
+
+
+# FusedMatMul is com.microsoft's; the planner has only ever sized it in the default domain, where no
+# exporter writes it (kept as it was: a planner change of its own, with a model to test it on).
+define(["MatMul", "MatMulInteger", "FusedMatMul"], shape=matmul_shape)
+define(["Gemm"], shape=gemm_shape)

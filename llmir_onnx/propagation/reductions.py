@@ -10,11 +10,8 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
+from llmir_onnx.propagation.registry import MS_DOMAIN, Localizer, ShapeEnvironment, attr_int, define
+from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, int_list, norm_axis, same_as_first
 
 
 @register(["Softmax", "LogSoftmax", "Hardmax", "CumSum"])
@@ -29,7 +26,7 @@ def softmax_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | N
             return replicated(node)
         axis = normalize_dim(axis_values[0], rank)
     else:
-        axis = normalize_dim(_attr_int(node, "axis", -1), rank)
+        axis = normalize_dim(attr_int(node, "axis", -1), rank)
     if axis == shard.dim:
         return replicated(node)
     return Decision([shard, *([REPLICATE] * (len(node.inputs) - 1))], [shard])
@@ -53,14 +50,14 @@ REDUCE_OPS = (
 
 def _reduce_axes(ctx: RuleContext, node: ir.Node, rank: int) -> list[int] | None:
     if node.op_type in ("ArgMax", "ArgMin"):
-        return [normalize_dim(_attr_int(node, "axis", 0), rank)]
+        return [normalize_dim(attr_int(node, "axis", 0), rank)]
     attr = node.attributes.get("axes")
     if attr is not None:
         return [normalize_dim(a, rank) for a in attr.as_ints()]
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         axes = ctx.constant_ints(node.inputs[1])
         return None if axes is None else [normalize_dim(a, rank) for a in axes]
-    if _attr_int(node, "noop_with_empty_axes", 0):
+    if attr_int(node, "noop_with_empty_axes", 0):
         return []
     return list(range(rank))
 
@@ -99,7 +96,7 @@ def reduce_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
             # reduced tensor (RMSNorm's mean of squares over all heads) instead of a gather of the input.
             return Decision([placement, *rest], [PARTIAL_SUM])
         return replicated(node)
-    keepdims = _attr_int(node, "keepdims", 1)
+    keepdims = attr_int(node, "keepdims", 1)
     new_dim = placement.dim if keepdims else placement.dim - sum(1 for a in axes if a < placement.dim)
     return Decision([placement, *rest], [placement.with_dim(new_dim)])
 
@@ -111,7 +108,7 @@ def norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
     rank = ctx.rank(node.inputs[0])
     if not isinstance(placement, Shard) or rank is None:
         return replicated(node)
-    axis = normalize_dim(_attr_int(node, "axis", -1), rank)
+    axis = normalize_dim(attr_int(node, "axis", -1), rank)
     if placement.dim >= axis:
         return replicated(node)
     outputs: list[Placement] = [placement] + [
@@ -137,3 +134,66 @@ def skip_norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
         outputs: list[Placement] = [x if ctx.rank(out) is not None else REPLICATE for out in node.outputs]
         return Decision([x, skip, *rest], outputs)
     return replicated(node)
+
+
+# --------------------------------------------------------------------------- shape functions
+
+
+def norm_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """Y like X; the optional statistics (mean, inv_std) keep the axes before `axis`, in float."""
+    first = first_input(inputs)
+    axis = norm_axis(attr_int(node, "axis", -1), len(first.shape))
+    stat = first.shape[:axis] + (1,) * (len(first.shape) - axis)
+    return [TensorShape(first.shape, first.dtype)] + [TensorShape(stat, ir.DataType.FLOAT)] * (len(node.outputs) - 1)
+
+
+def skip_norm_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """Outputs 1, 2 are mean / inv_std (float), 3 is the input + skip sum."""
+    first = first_input(inputs)
+    stat = (*first.shape[:-1], 1)
+    outs = [TensorShape(first.shape, first.dtype)]
+    for index in range(1, len(node.outputs)):
+        outs.append(TensorShape(first.shape, first.dtype) if index == 3 else TensorShape(stat, ir.DataType.FLOAT))
+    return outs
+
+
+def reduce_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    op = node.op_type
+    keepdims = bool(attr(node, "keepdims", 1))
+    rank = len(first.shape)
+    if op in ("ArgMax", "ArgMin"):
+        axes = [attr_int(node, "axis", 0)]
+    else:
+        axes = attr(node, "axes", None)  # type: ignore[assignment]
+        if axes is None and len(inputs) > 1 and inputs[1] is not None:
+            axes = int_list(inputs[1].value, node, "axes")
+        if axes is None or len(axes) == 0:
+            if attr(node, "noop_with_empty_axes", 0):
+                return [TensorShape(first.shape, first.dtype)]
+            axes = list(range(rank))
+    kept = {norm_axis(int(a), rank) for a in axes}
+    shape = tuple(1 if i in kept else d for i, d in enumerate(first.shape) if keepdims or i not in kept)
+    dtype = ir.DataType.INT64 if op in ("ArgMax", "ArgMin") else first.dtype
+    return [TensorShape(shape, dtype)]
+
+
+def top_k_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    k = int_list(inputs[1].value, node, "k")[0]  # type: ignore[union-attr]
+    axis = norm_axis(attr_int(node, "axis", -1), len(first.shape))
+    shape = (*first.shape[:axis], k, *first.shape[axis + 1 :])
+    return [TensorShape(shape, first.dtype), TensorShape(shape, ir.DataType.INT64)]
+
+
+def _scale_partial_reduction(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.scale_partial_reduction(graph, node)
+
+
+define(["Softmax", "LogSoftmax", "CumSum"], shape=same_as_first)
+define(["LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"], shape=norm_shape)
+define(["LayerNormalization", "SimplifiedLayerNormalization"], domain=MS_DOMAIN, shape=norm_shape)
+define(["SkipSimplifiedLayerNormalization", "SkipLayerNormalization"], domain=MS_DOMAIN, shape=skip_norm_shape)
+define(REDUCE_OPS, shape=reduce_shape)
+define(PARTIAL_REDUCTIONS, localize=_scale_partial_reduction)
+define(["TopK"], shape=top_k_shape)

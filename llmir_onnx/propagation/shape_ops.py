@@ -9,8 +9,12 @@ that tp does not divide is caught).
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import onnx_ir as ir
 
+from llmir_onnx.errors import PlanError
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import (
     Decision,
@@ -20,18 +24,23 @@ from llmir_onnx.propagation.base import (
     register,
     replicated,
 )
+from llmir_onnx.propagation.registry import Localizer, ShapeEnvironment, attr_int, attr_ints, define
+from llmir_onnx.propagation.tensor_shapes import (
+    MAX_COMPUTED_ELEMENTS,
+    TensorShape,
+    attr,
+    broadcast,
+    first_input,
+    int_list,
+    norm_axis,
+    required_int,
+    reshaped,
+    same_as_first,
+    sliced,
+    squeezed,
+)
 
 INT64_MAX = 2**63 - 1
-
-
-def _attr_int(node: ir.Node, name: str, default: int) -> int:
-    attr = node.attributes.get(name)
-    return default if attr is None else attr.as_int()
-
-
-def _attr_ints(node: ir.Node, name: str) -> list[int] | None:
-    attr = node.attributes.get(name)
-    return None if attr is None else list(attr.as_ints())
 
 
 def _only_shard(placements: list[Placement | None]) -> Shard | None:
@@ -151,7 +160,7 @@ def _split_groups(shard: Shard, sizes: list[int], out_dim: int, outs: list[int])
     return Shard(out_dim, (), shard.parts, shard.inner, heads, shard.inner_parts)
 
 
-@register(["Reshape", "Flatten"])
+@register(["Reshape", "Flatten"], inner_blocks=True)
 def reshape_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     shard = _only_shard(placements)
     if shard is None:
@@ -168,7 +177,7 @@ def transpose_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     if shard is None:
         return replicated(node)
     rank = ctx.rank(node.inputs[0])
-    perm = _attr_ints(node, "perm") or (list(reversed(range(rank))) if rank is not None else None)
+    perm = attr_ints(node, "perm") or (list(reversed(range(rank))) if rank is not None else None)
     if perm is None or shard.inner:
         return replicated(node)
     return Decision([shard], [shard.with_dim(perm.index(shard.dim))])
@@ -177,7 +186,7 @@ def transpose_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
 def _axes(ctx: RuleContext, node: ir.Node) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         return ctx.constant_ints(node.inputs[1])
-    return _attr_ints(node, "axes")
+    return attr_ints(node, "axes")
 
 
 @register(["Unsqueeze"])
@@ -242,7 +251,7 @@ def concat_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
     if len(shards) != 1 or out_rank is None:
         return replicated(node)
     (shard,) = shards
-    axis = normalize_dim(_attr_int(node, "axis", 0), out_rank)
+    axis = normalize_dim(attr_int(node, "axis", 0), out_rank)
     if shard.dim == axis:
         return replicated(node)
     return Decision([shard if v is not None else None for v in node.inputs], [shard])
@@ -251,10 +260,10 @@ def concat_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
 def _split_sizes(ctx: RuleContext, node: ir.Node, size: int | None) -> list[int] | None:
     if len(node.inputs) > 1 and node.inputs[1] is not None:
         return ctx.constant_ints(node.inputs[1])
-    sizes = _attr_ints(node, "split")
+    sizes = attr_ints(node, "split")
     if sizes is not None:
         return sizes
-    parts = _attr_int(node, "num_outputs", len(node.outputs))
+    parts = attr_int(node, "num_outputs", len(node.outputs))
     if size is None:
         return None
     step = -(-size // parts)
@@ -267,7 +276,7 @@ def split_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | Non
     rank = ctx.rank(node.inputs[0])
     if shard is None or rank is None:
         return replicated(node)
-    axis = normalize_dim(_attr_int(node, "axis", 0), rank)
+    axis = normalize_dim(attr_int(node, "axis", 0), rank)
     rest = [REPLICATE] * (len(node.inputs) - 1)
     if axis != shard.dim:
         return Decision([shard, *rest], [shard] * len(node.outputs))
@@ -324,7 +333,7 @@ def block_of_range(blocks: tuple[int, ...], size: int, start: int, end: int, ste
     return None
 
 
-@register(["Slice"])
+@register(["Slice"], inner_blocks=True)
 def slice_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     shard = _only_shard(placements)
     rank = ctx.rank(node.inputs[0])
@@ -399,12 +408,12 @@ def _inner_block_gather(ctx: RuleContext, node: ir.Node, data: Shard, axis: int,
     return _inner_block_of(node, data, inner_gathered_block(ctx, node, data), [data, REPLICATE])
 
 
-@register(["Gather"])
+@register(["Gather"], inner_blocks=True)
 def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     data_rank, idx_rank = ctx.rank(node.inputs[0]), ctx.rank(node.inputs[1])
     if data_rank is None or idx_rank is None:
         return replicated(node)
-    axis = normalize_dim(_attr_int(node, "axis", 0), data_rank)
+    axis = normalize_dim(attr_int(node, "axis", 0), data_rank)
     data, indices = placements
     role = ctx.roles.get(node.name)
     if role is not None and role.kind == "vocab" and not isinstance(indices, Shard | Partial):
@@ -453,7 +462,7 @@ def _gathered_block(ctx: RuleContext, node: ir.Node, shard: Shard, idx_rank: int
     return REPLICATE if whole else None
 
 
-@register(["Shape", "Size"])
+@register(["Shape", "Size"], inner_blocks=True)
 def shape_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision:
     # The shape is read at run time from the LOCAL tensor; localize corrects the consumers that need it.
     return Decision([None], [REPLICATE])
@@ -471,3 +480,228 @@ def trilu_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | Non
     if shard is None or rank is None or shard.dim >= rank - 2:
         return replicated(node)
     return Decision([shard, *([REPLICATE] * (len(node.inputs) - 1))], [shard])
+
+
+# --------------------------------------------------------------------------- shape functions
+
+
+def constant_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    tensor = attr(node, "value")
+    if tensor is None:
+        raise PlanError(f"Constant node {node.name!r} uses an attribute other than `value`; re-export it")
+    array = tensor.numpy()  # type: ignore[attr-defined]
+    return [TensorShape(tuple(array.shape), tensor.dtype, array)]  # type: ignore[attr-defined]
+
+
+def shape_of_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    start = attr_int(node, "start", 0)
+    end = attr(node, "end", None)
+    shape = np.array(first.shape[start : None if end is None else int(end)], dtype=np.int64)
+    return [TensorShape((len(shape),), ir.DataType.INT64, shape)]
+
+
+def size_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    return [TensorShape((), ir.DataType.INT64, np.array(first_input(inputs).numel, dtype=np.int64))]
+
+
+def gather_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first, indices = first_input(inputs), inputs[1]
+    assert indices is not None
+    axis = norm_axis(attr_int(node, "axis", 0), len(first.shape))
+    return [TensorShape(first.shape[:axis] + indices.shape + first.shape[axis + 1 :], first.dtype)]
+
+
+def reshape_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    target = int_list(inputs[1].value, node, "target shape")  # type: ignore[union-attr]
+    return [TensorShape(reshaped(first.shape, target, bool(attr(node, "allowzero", 0)), node), first.dtype)]
+
+
+def flatten_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    axis = norm_axis(attr_int(node, "axis", 1), len(first.shape))
+    return [TensorShape((math.prod(first.shape[:axis]), math.prod(first.shape[axis:])), first.dtype)]
+
+
+def transpose_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    perm = attr(node, "perm", None)
+    order = list(perm) if perm is not None else list(reversed(range(len(first.shape))))
+    return [TensorShape(tuple(first.shape[p] for p in order), first.dtype)]
+
+
+def concat_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    present = [i for i in inputs if i is not None]
+    axis = norm_axis(required_int(node, "axis"), len(first.shape))
+    shape = list(present[0].shape)
+    shape[axis] = sum(i.shape[axis] for i in present)
+    return [TensorShape(tuple(shape), first.dtype)]
+
+
+def slice_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    return [TensorShape(sliced(first.shape, inputs, node), first.dtype)]
+
+
+def split_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    axis = norm_axis(attr_int(node, "axis", 0), len(first.shape))
+    split = attr(node, "split", None)
+    if split is None and len(inputs) > 1 and inputs[1] is not None:
+        split = int_list(inputs[1].value, node, "split sizes")
+    count = len(node.outputs)
+    if split is None:
+        size = first.shape[axis]
+        chunk = -(-size // count)
+        split = [min(chunk, size - chunk * i) for i in range(count)]
+    outs = []
+    for part in split:  # type: ignore[attr-defined]
+        shape = list(first.shape)
+        shape[axis] = int(part)
+        outs.append(TensorShape(tuple(shape), first.dtype))
+    return outs
+
+
+def squeeze_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """Squeeze and Unsqueeze: axes from the attribute (older opsets) or the second input."""
+    first = first_input(inputs)
+    axes = attr(node, "axes", None)
+    if axes is None and len(inputs) > 1 and inputs[1] is not None:
+        axes = int_list(inputs[1].value, node, "axes")
+    return [TensorShape(squeezed(node.op_type, first.shape, axes), first.dtype)]
+
+
+def expand_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    target = tuple(int_list(inputs[1].value, node, "target shape"))  # type: ignore[union-attr]
+    return [TensorShape(broadcast(first.shape, target), first.dtype)]
+
+
+def tile_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    repeats = int_list(inputs[1].value, node, "repeats")  # type: ignore[union-attr]
+    return [TensorShape(tuple(d * r for d, r in zip(first.shape, repeats, strict=True)), first.dtype)]
+
+
+def constant_of_shape_shape(
+    env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]
+) -> list[TensorShape]:
+    target = tuple(int_list(first_input(inputs).value, node, "shape"))
+    tensor = attr(node, "value")
+    dtype = tensor.dtype if tensor is not None else ir.DataType.FLOAT  # type: ignore[attr-defined]
+    return [TensorShape(target, dtype)]
+
+
+def range_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    values = [int_list(i.value, node, "bounds")[0] if i is not None else 0 for i in inputs]
+    start, limit, delta = values
+    return [TensorShape((max(math.ceil((limit - start) / delta), 0),), first.dtype)]
+
+
+def pad_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    first = first_input(inputs)
+    pads = int_list(inputs[1].value, node, "pads")  # type: ignore[union-attr]
+    rank = len(first.shape)
+    return [TensorShape(tuple(d + pads[i] + pads[i + rank] for i, d in enumerate(first.shape)), first.dtype)]
+
+
+def gather_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.take(arrays[0], arrays[1], axis=attr_int(node, "axis", 0))  # type: ignore[arg-type, call-overload]
+
+
+def concat_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.concatenate([x for x in arrays if x is not None], axis=required_int(node, "axis"))
+
+
+def squeeze_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a = np.asarray(arrays[0])
+    axes = attr(node, "axes", None)
+    if axes is None and len(arrays) > 1 and arrays[1] is not None:
+        axes = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
+    return a.reshape(squeezed(node.op_type, tuple(a.shape), axes))
+
+
+def reshape_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a = np.asarray(arrays[0])
+    target = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
+    return a.reshape(reshaped(tuple(a.shape), target, bool(attr(node, "allowzero", 0)), node))
+
+
+def range_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    return np.arange(arrays[0], arrays[1], arrays[2], dtype=np.asarray(arrays[0]).dtype)  # type: ignore[call-overload]
+
+
+def constant_of_shape_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    shape = tuple(int(v) for v in np.asarray(arrays[0]).reshape(-1))
+    if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
+        return None
+    tensor = attr(node, "value")
+    fill = tensor.numpy().reshape(-1)[0] if tensor is not None else np.float32(0)  # type: ignore[attr-defined]
+    return np.full(shape, fill, dtype=np.asarray(fill).dtype)
+
+
+def expand_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a = arrays[0]
+    target = tuple(int(v) for v in np.asarray(arrays[1]).reshape(-1))
+    shape = broadcast(np.asarray(a).shape, target)
+    if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
+        return None
+    return np.broadcast_to(a, shape).copy()  # type: ignore[arg-type]
+
+
+def slice_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    a = np.asarray(arrays[0])
+    shape = sliced(
+        tuple(a.shape), [TensorShape((), ir.DataType.INT64, x) if x is not None else None for x in arrays], node
+    )
+    starts = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
+    ends = [int(v) for v in np.asarray(arrays[2]).reshape(-1)]
+    rank = a.ndim
+    has_axes = len(arrays) > 3 and arrays[3] is not None
+    axes = [int(v) for v in np.asarray(arrays[3]).reshape(-1)] if has_axes else list(range(len(starts)))
+    has_steps = len(arrays) > 4 and arrays[4] is not None
+    steps = [int(v) for v in np.asarray(arrays[4]).reshape(-1)] if has_steps else [1] * len(axes)
+    index = [slice(None)] * rank
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        index[norm_axis(axis, rank)] = slice(start, end, step)
+    result = a[tuple(index)]
+    assert result.shape == shape
+    return result
+
+
+def _localize_target(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.localize_target(graph, node)
+
+
+def _localize_split(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.localize_split(graph, node)
+
+
+def _localize_slice(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.localize_slice(graph, node)
+
+
+def _localize_gather(localizer: Localizer, graph: ir.Graph, node: ir.Node) -> None:
+    localizer.localize_gather(graph, node)
+
+
+define(["Constant"], shape=constant_shape)
+define(["Shape"], shape=shape_of_shape)
+define(["Size"], shape=size_shape)
+define(["Gather"], shape=gather_shape, localize=_localize_gather, value=gather_value)
+define(["Reshape"], shape=reshape_shape, localize=_localize_target, value=reshape_value)
+define(["Expand"], shape=expand_shape, localize=_localize_target, value=expand_value)
+define(["Flatten"], shape=flatten_shape)
+define(["Transpose"], shape=transpose_shape)
+define(["Concat"], shape=concat_shape, value=concat_value)
+define(["Slice"], shape=slice_shape, localize=_localize_slice, value=slice_value)
+define(["Split"], shape=split_shape, localize=_localize_split)
+define(["Squeeze", "Unsqueeze"], shape=squeeze_shape, value=squeeze_value)
+define(["Tile"], shape=tile_shape)
+define(["ConstantOfShape"], shape=constant_of_shape_shape, value=constant_of_shape_value)
+define(["Range"], shape=range_shape, value=range_value)
+define(["Pad"], shape=pad_shape)
+define(["Trilu"], shape=same_as_first)
