@@ -1202,19 +1202,18 @@ def onnx_attention_case(tp: int, with_mask: bool) -> Case:
     )
 
 
+def _skip_simplified_norm_node() -> onnx.NodeProto:
+    return helper.make_node(
+        "SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"], ["z", "", "", "sum"], domain="com.microsoft",
+        epsilon=1e-5,
+    )
+
+
 def skip_simplified_norm_case() -> Case:
     """SkipSimplifiedLayerNormalization fuses the residual add: it runs replicated, after the AllReduce."""
     return Case(
         "skip_simplified_layer_norm",
-        [
-            helper.make_node(
-                "SkipSimplifiedLayerNormalization",
-                ["x", "skip", "gamma"],
-                ["z", "", "", "sum"],
-                domain="com.microsoft",
-                epsilon=1e-5,
-            )
-        ],
+        [_skip_simplified_norm_node()],
         {"x": (rand(2, 3, 16, seed=13), R), "skip": (rand(2, 3, 16, seed=14), R)},
         ["z", "sum"],
         weights={"gamma": _positive(16)},
@@ -1227,15 +1226,7 @@ def skip_simplified_norm_token_shard_case() -> Case:
     """Input and skip split alike on the tokens (sequence parallelism) stay split: a per-row norm and an add."""
     return Case(
         "skip_simplified_layer_norm_token_shard",
-        [
-            helper.make_node(
-                "SkipSimplifiedLayerNormalization",
-                ["x", "skip", "gamma"],
-                ["z", "", "", "sum"],
-                domain="com.microsoft",
-                epsilon=1e-5,
-            )
-        ],
+        [_skip_simplified_norm_node()],
         {"x": (rand(2, 4, 16, seed=15), Shard(1)), "skip": (rand(2, 4, 16, seed=16), Shard(1))},
         ["z", "sum"],
         weights={"gamma": _positive(16)},
