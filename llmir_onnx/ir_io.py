@@ -6,29 +6,20 @@ their bytes (via mmap) only when asked, so loading a 100 GB model costs its grap
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 
+from llmir_onnx.digest import FileDigest, bytes_digest
 from llmir_onnx.errors import InputModelError
 
 # onnxruntime-gpu 1.31 refuses IR 11+ models written by newer onnx helpers; 10 is read everywhere.
 MAX_IR_VERSION = 10
 EXTERNAL_DATA_SUFFIX = ".data"
-
-
-@dataclass(frozen=True)
-class FileDigest:
-    """A file's size in bytes and the sha256 of its bytes (what a plan manifest records of each of its files)."""
-
-    size: int
-    sha256: str
 
 
 def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
@@ -187,21 +178,5 @@ def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> FileDi
     """Write the model file; returns its size and sha256, taken from the bytes written (no read back)."""
     data = proto.SerializeToString()
     Path(path).write_bytes(data)
-    return FileDigest(len(data), hashlib.sha256(data).hexdigest())
+    return bytes_digest(data)
 
-
-def hash_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> FileDigest:
-    """The size and sha256 of a file, read once front to back through one reused buffer."""
-    digest = hashlib.sha256()
-    size = 0
-    buffer = bytearray(chunk_bytes)
-    view = memoryview(buffer)
-    with open(path, "rb", buffering=0) as stream:
-        while count := stream.readinto(buffer):
-            digest.update(view[:count])
-            size += count
-    return FileDigest(size, digest.hexdigest())
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    return hash_file(path).sha256

@@ -24,10 +24,14 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-
-import onnx_ir as ir
+from typing import TYPE_CHECKING
 
 from llmir_onnx.errors import GenerationError, PlanError
+
+# Only in annotations: the runtime reads the name-level facts (KV pairs, layers) in every rank process,
+# which then need not import onnx_ir (seconds of CPU per process; docs/RUNTIME.md).
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 BATCH = "batch"
 NEW = "new"

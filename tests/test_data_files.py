@@ -13,7 +13,7 @@ import pytest
 
 from llmir_onnx import weight_slices
 from llmir_onnx.api import partition_to_dir
-from llmir_onnx.ir_io import hash_file
+from llmir_onnx.digest import hash_file
 from llmir_onnx.placement import PARTIAL_SUM, Placement, Shard, shard_array
 from llmir_onnx.plan import data_files
 from llmir_onnx.plan.data_files import (

@@ -166,7 +166,8 @@ def test_float64_plan_is_exact(name: str, tmp_path: Path) -> None:
 
 def test_model_made_past_is_the_originals_own_cache() -> None:
     """verify's default past: what the original returns as `present` for random tokens, fed back."""
-    from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds, original_session
+    from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
+    from llmir_onnx.runtime.session import original_session
 
     path = MODELS / "llama-gqa-torch-legacy" / "model.onnx"
     sizes = FeedSizes(batch=2, new_tokens=3, past_tokens=5, seed=1)

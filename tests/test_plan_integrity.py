@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from llmir_onnx.api import partition_to_dir
+from llmir_onnx.digest import hash_file
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import hash_file
 from llmir_onnx.plan.emit import STAGING_LOCK_NAME
 from llmir_onnx.plan.integrity import check_rank_files
 from llmir_onnx.plan.manifest import Manifest

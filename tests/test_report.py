@@ -13,7 +13,8 @@ import pytest
 from test_cli import LLAMA, ROOT, assert_one_line_error, run_cli
 
 from llmir_onnx.plan.manifest import Manifest
-from llmir_onnx.plan.report import SECTIONS, TIMELINE_FORMAT, TIMELINE_VERSION
+from llmir_onnx.plan.report import SECTIONS
+from llmir_onnx.plan.timeline import TIMELINE_FORMAT, TIMELINE_VERSION
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -20,7 +20,7 @@ from job_helpers import MARK_ENV, held_generation, long_generation_plan, marked_
 
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.errors import GenerationError
-from llmir_onnx.plan.report import read_timeline
+from llmir_onnx.plan.timeline import read_timeline
 from llmir_onnx.runtime import generate as generate_module
 from llmir_onnx.runtime.generate import generate, recompute_greedy
 from llmir_onnx.runtime.generate_job import GenerateRequest, generate_plan, spawn_generation

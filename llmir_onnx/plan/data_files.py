@@ -45,7 +45,8 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from llmir_onnx.ir_io import FileDigest, graph_protos
+from llmir_onnx.digest import FileDigest
+from llmir_onnx.ir_io import graph_protos
 from llmir_onnx.weight_slices import ExternalSlice, Zeros, copy_range_at, gather_slices, pwrite_all
 
 EXTERNAL_THRESHOLD_BYTES = 1024

@@ -22,8 +22,9 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 
+from llmir_onnx.digest import FileDigest, sha256_file
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import FileDigest, graph_protos, model_proto, sha256_file, write_model_proto
+from llmir_onnx.ir_io import graph_protos, model_proto, write_model_proto
 from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo

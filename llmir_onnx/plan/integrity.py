@@ -19,8 +19,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from llmir_onnx.digest import hash_file
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import hash_file
 from llmir_onnx.plan.manifest import Manifest, plan_file_name_error
 
 # Files hashed at once: each is read front to back by one thread.

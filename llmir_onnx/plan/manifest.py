@@ -52,8 +52,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, TypeVar
 
+from llmir_onnx.digest import FileDigest
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import FileDigest
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "llmir-onnx-plan"

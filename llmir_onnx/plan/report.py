@@ -14,9 +14,7 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,69 +25,15 @@ from llmir_onnx.plan.devices import load_profile
 from llmir_onnx.plan.layouts import model_shape
 from llmir_onnx.plan.manifest import Manifest, RankEntry
 from llmir_onnx.plan.memory import format_bytes
+from llmir_onnx.plan.timeline import TimelineEvent, read_timeline
 
 SECTIONS = ("memory", "times", "stages", "communication", "timeline")
-TIMELINE_FORMAT = "llmir-onnx-timeline"
-TIMELINE_VERSION = 1
 MEMORY_PARTS = (
     ("weight_bytes", "weights"),
     ("kv_cache_bytes", "KV cache"),
     ("activation_peak_bytes", "activation peak"),
     ("communication_bytes", "communication buffers"),
 )
-
-
-@dataclass(frozen=True)
-class TimelineEvent:
-    """One run call (or collective) of one rank, seconds since the run started."""
-
-    rank: int
-    stage: int
-    phase: str  # "prefill" | "decode" | "verify"
-    step: int
-    micro_batch: int
-    start_s: float
-    end_s: float
-    kind: str = "run"
-
-
-def read_timeline(path: Path) -> list[TimelineEvent]:
-    """The events of a timeline file (JSON: {"format", "version", "events": [...]})."""
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise PlanError(
-            f"cannot read the timeline {str(path)!r} ({error}); record one with generate --timeline"
-        ) from None
-    if not isinstance(raw, dict) or raw.get("format") != TIMELINE_FORMAT or raw.get("version") != TIMELINE_VERSION:
-        raise PlanError(
-            f"{str(path)!r} is not a version-{TIMELINE_VERSION} {TIMELINE_FORMAT} file; record one with "
-            "generate --timeline FILE or verify --timeline FILE"
-        )
-    try:
-        return [TimelineEvent(**event) for event in raw["events"]]
-    except (KeyError, TypeError) as error:
-        raise PlanError(f"{str(path)!r} has a malformed event ({error}); record the timeline again") from None
-
-
-def write_timeline(
-    path: Path, manifest: Manifest, run_calls: dict[int, Sequence[Sequence[float]]], phase: str | None = None
-) -> Path:
-    """A timeline file from each rank's run calls ((step, micro-batch, start, end) on one clock): with no
-    `phase`, step 0 is the prefill and the others decode steps; times are relative to the earliest start."""
-    starts = [call[2] for calls in run_calls.values() for call in calls]
-    if not starts:
-        raise PlanError("no rank recorded a run call; nothing to write to the timeline")
-    origin = min(starts)
-    events = [
-        asdict(TimelineEvent(rank=rank, stage=int(manifest.rank_entry(rank).coords["pp"]),
-                             phase=phase or ("prefill" if int(step) == 0 else "decode"), step=int(step),
-                             micro_batch=int(micro), start_s=start - origin, end_s=end - origin))
-        for rank, calls in sorted(run_calls.items())
-        for step, micro, start, end in calls
-    ]
-    path.write_text(json.dumps({"format": TIMELINE_FORMAT, "version": TIMELINE_VERSION, "events": events}) + "\n")
-    return path
 
 
 def _pyplot() -> Any:

@@ -18,13 +18,12 @@ import onnx_ir as ir
 from llmir_onnx.errors import InputModelError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.model_facts import KV_CACHE, MASK, POSITIONS, TOKEN_IDS, input_kind, kv_cache_pairs, kv_length_axis
-from llmir_onnx.runtime.launch import onnxruntime_log_severity
-from llmir_onnx.runtime.session import execution_providers
+from llmir_onnx.runtime.session import original_session
 
 # onnxruntime comes from an optional extra (cpu or gpu): it is imported inside the functions that make
 # sessions, so importing this module does not need it.
 if TYPE_CHECKING:
-    import onnxruntime
+    pass
 
 
 @dataclass(frozen=True)
@@ -84,21 +83,6 @@ def random_feeds(model: ir.Model, sizes: FeedSizes = FeedSizes()) -> dict[str, n
         else:
             raise InputModelError(f"cannot make a random value for input {name!r} (shape {shape}); pass --inputs")
     return feeds
-
-
-def original_session(model_path: Path, device: str = "cpu") -> onnxruntime.InferenceSession:
-    """An onnxruntime session of the original model on `device` (cpu, or cuda on GPU 0); one onnxruntime
-    refuses is bad input, said in a line."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = onnxruntime_log_severity()
-    providers = execution_providers(device, 0)
-    try:
-        return ort.InferenceSession(str(model_path), options, providers=providers)
-    except Exception as error:  # onnxruntime's pybind errors share no base class but Exception
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputModelError(f"onnxruntime cannot run the original model {str(model_path)!r}: {reason}") from error
 
 
 PAST_FROM_MODEL = "model"

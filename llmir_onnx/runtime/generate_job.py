@@ -26,7 +26,7 @@ import numpy as np
 from llmir_onnx.errors import GenerationError, VerificationError
 from llmir_onnx.plan.integrity import check_plan_files
 from llmir_onnx.plan.manifest import Manifest
-from llmir_onnx.plan.report import write_timeline
+from llmir_onnx.plan.timeline import write_timeline
 from llmir_onnx.runtime.generate import TokenBroadcast, TokenRates, generate, logits_owner, recompute_greedy
 from llmir_onnx.runtime.job import JobInterrupted, fault_hook, ignore_peer_death_notice, run_rank_job
 from llmir_onnx.runtime.launch import LAUNCHER_NONE, detect_rank_env

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmir_onnx.errors import GenerationError, PlanError
+from llmir_onnx.errors import GenerationError, InputModelError, PlanError
 from llmir_onnx.plan.integrity import check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding
 from llmir_onnx.runtime.launch import CommContext, cuda_device_count, onnxruntime_log_severity, setup_communication
@@ -62,6 +62,21 @@ def load_rank_session(
             f"rank {rank}'s model {model_path.name!r} does not load in onnxruntime: {reason}; this is a partition "
             "bug: please report it with the model"
         ) from error
+
+
+def original_session(model_path: Path, device: str = "cpu") -> onnxruntime.InferenceSession:
+    """An onnxruntime session of the original model on `device` (cpu, or cuda on GPU 0); one onnxruntime
+    refuses is bad input, said in a line."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = onnxruntime_log_severity()
+    providers = execution_providers(device, 0)
+    try:
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    except Exception as error:  # onnxruntime's pybind errors share no base class but Exception
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputModelError(f"onnxruntime cannot run the original model {str(model_path)!r}: {reason}") from error
 
 
 def execution_providers(device: str, device_id: int) -> list[Any]:

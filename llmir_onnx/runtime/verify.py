@@ -20,8 +20,7 @@ import numpy as np
 from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
 from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
 from llmir_onnx.plan.manifest import Manifest, SliceBinding
-from llmir_onnx.plan.report import write_timeline
-from llmir_onnx.runtime.feeds import original_session
+from llmir_onnx.plan.timeline import write_timeline
 from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice, run_rank_job
 from llmir_onnx.runtime.launch import detect_rank_env, setup_communication
 from llmir_onnx.runtime.session import (
@@ -30,6 +29,7 @@ from llmir_onnx.runtime.session import (
     DEVICE_CUDA,
     execution_providers,
     load_rank_session,
+    original_session,
     rank_device_id,
 )
 
