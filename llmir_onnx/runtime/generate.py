@@ -74,34 +74,42 @@ def logits_owner(manifest: Manifest) -> int:
     return min(holders)
 
 
+def token_broadcast_model(world_size: int) -> bytes:
+    """TokenBroadcast's one-node model, serialized: an ai.llmir AllReduce(sum) of int64 ids over every rank.
+
+    onnx is imported here only: a job's launcher builds these bytes once and its spawned ranks read them,
+    so that rank processes never import onnx (seconds of CPU each; docs/RUNTIME.md)."""
+    from onnx import TensorProto, helper
+
+    node = helper.make_node(
+        "AllReduce", ["token_ids"], ["all_token_ids"], domain="ai.llmir", name="token_broadcast",
+        reduction="sum", group=list(range(world_size)),
+    )
+    graph = helper.make_graph(
+        [node], "llmir_token_broadcast",
+        [helper.make_tensor_value_info("token_ids", TensorProto.INT64, ["batch"])],
+        [helper.make_tensor_value_info("all_token_ids", TensorProto.INT64, ["batch"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.llmir", 1)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
 class TokenBroadcast:
     """Gives the owner's token ids to every rank: an ai.llmir AllReduce(sum) where others send zeros.
 
     A one-node onnxruntime session, created once and reused every step, with the same providers as
     the rank's model (on CUDA the CUDA kernel runs it, so torchrun-style worlds without MPI work too).
+    `model`: token_broadcast_model(world size), when the launcher built it already.
     """
 
-    def __init__(self, comm: CommContext, owner: int, providers: list[object]) -> None:
+    def __init__(self, comm: CommContext, owner: int, providers: list[object], model: bytes | None = None) -> None:
         import onnxruntime as ort
-        from onnx import TensorProto, helper
 
         self.comm = comm
         self.owner = owner
-        node = helper.make_node(
-            "AllReduce", ["token_ids"], ["all_token_ids"], domain="ai.llmir", name="token_broadcast",
-            reduction="sum", group=list(range(comm.world_size)),
-        )
-        graph = helper.make_graph(
-            [node], "llmir_token_broadcast",
-            [helper.make_tensor_value_info("token_ids", TensorProto.INT64, ["batch"])],
-            [helper.make_tensor_value_info("all_token_ids", TensorProto.INT64, ["batch"])],
-        )
-        model = helper.make_model(
-            graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("ai.llmir", 1)]
-        )
-        model.ir_version = 8
         self._session: onnxruntime.InferenceSession = ort.InferenceSession(
-            model.SerializeToString(),
+            model or token_broadcast_model(comm.world_size),
             comm.session_options(intra_op_num_threads=1), providers=providers,
         )
 

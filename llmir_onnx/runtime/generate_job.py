@@ -17,7 +17,7 @@ import os
 import sys
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,14 @@ from llmir_onnx.errors import GenerationError, VerificationError
 from llmir_onnx.plan.integrity import check_plan_files
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.plan.timeline import write_timeline
-from llmir_onnx.runtime.generate import TokenBroadcast, TokenRates, generate, logits_owner, recompute_greedy
+from llmir_onnx.runtime.generate import (
+    TokenBroadcast,
+    TokenRates,
+    generate,
+    logits_owner,
+    recompute_greedy,
+    token_broadcast_model,
+)
 from llmir_onnx.runtime.job import JobInterrupted, fault_hook, ignore_peer_death_notice, run_rank_job
 from llmir_onnx.runtime.launch import LAUNCHER_NONE, detect_rank_env
 from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
@@ -55,6 +62,8 @@ class GenerateRequest:
     stream: bool = True
     # Each rank hashes its plan files before its session; False where the launching process hashed them all.
     check_hashes: bool = True
+    # token_broadcast_model's bytes, written by the launcher of spawned ranks (None: each rank builds them).
+    token_broadcast_model: str | None = None
 
     def write(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)))
@@ -164,7 +173,9 @@ def run_generate_rank(request: GenerateRequest, work_dir: Path | None = None) ->
     owner = logits_owner(session.manifest)
     broadcast = None
     if session.comm.world_size > 1:
-        broadcast = TokenBroadcast(session.comm, owner, execution_providers(request.device, session.device_id))
+        model = Path(request.token_broadcast_model).read_bytes() if request.token_broadcast_model else None
+        broadcast = TokenBroadcast(session.comm, owner, execution_providers(request.device, session.device_id),
+                                   model)
     prompt = np.array(request.prompt_ids, dtype=np.int64)
     stream = None
     if session.rank == 0 and request.stream:
@@ -200,7 +211,9 @@ def spawn_generation(request: GenerateRequest, world_size: int, extra_env: dict[
     """Run the job as `world_size` local rank processes; returns every rank's report (rank order)."""
     with tempfile.TemporaryDirectory(prefix="llmir-generate-") as tmp:
         work_dir = Path(tmp)
-        request.write(work_dir / REQUEST_FILE)
+        broadcast_model = work_dir / "token_broadcast.onnx"
+        broadcast_model.write_bytes(token_broadcast_model(world_size))
+        replace(request, token_broadcast_model=str(broadcast_model)).write(work_dir / REQUEST_FILE)
         try:
             run_rank_job("generation", "generate-rank", [str(work_dir / REQUEST_FILE)], world_size, work_dir,
                          extra_env=extra_env)
