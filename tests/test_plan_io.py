@@ -13,7 +13,7 @@ from llmir_onnx.errors import InputModelError, PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.emit import atomic_output_dir
 from llmir_onnx.plan.manifest import FileDigest, Manifest, RankEntry, SliceBinding, TensorInfo
-from llmir_onnx.runtime.verify import assemble_outputs
+from llmir_onnx.runtime.verify import assemble_outputs, rank_outputs_path
 
 
 def _manifest(bindings_per_rank: list[list[SliceBinding]]) -> Manifest:
@@ -45,15 +45,15 @@ def test_manifest_of_another_version_is_refused(tmp_path: Path) -> None:
 def test_assemble_uneven_slices_and_replicas(tmp_path: Path) -> None:
     full = np.arange(12, dtype=np.float32).reshape(2, 6)
     manifest = _manifest([[SliceBinding("y", "y", 1, 0, 4)], [SliceBinding("y", "y", 1, 4, 6)]])
-    np.savez(tmp_path / "rank0.npz", y=full[:, :4])
-    np.savez(tmp_path / "rank1.npz", y=full[:, 4:])
+    np.savez(rank_outputs_path(tmp_path, 0, 0), y=full[:, :4])
+    np.savez(rank_outputs_path(tmp_path, 1, 0), y=full[:, 4:])
     np.testing.assert_array_equal(assemble_outputs(manifest, tmp_path)["y"], full)
 
 
 def test_assemble_refuses_a_gap(tmp_path: Path) -> None:
     manifest = _manifest([[SliceBinding("y", "y", 1, 0, 2)], [SliceBinding("y", "y", 1, 4, 6)]])
-    np.savez(tmp_path / "rank0.npz", y=np.zeros((2, 2), np.float32))
-    np.savez(tmp_path / "rank1.npz", y=np.zeros((2, 2), np.float32))
+    np.savez(rank_outputs_path(tmp_path, 0, 0), y=np.zeros((2, 2), np.float32))
+    np.savez(rank_outputs_path(tmp_path, 1, 0), y=np.zeros((2, 2), np.float32))
     with pytest.raises(PlanError, match="partly uncovered"):
         assemble_outputs(manifest, tmp_path)
 

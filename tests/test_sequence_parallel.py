@@ -35,16 +35,18 @@ def _partition(name: str, out: Path, tp: int, pp: int = 1) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
-def _verify(name: str, plan: Path, new_tokens: int, past_tokens: int) -> None:
-    from llmir_onnx.runtime.verify import verify_plan
+def _verify(name: str, plan: Path, sizes: list[tuple[int, int]]) -> None:
+    """Each (new tokens, past tokens) in one job: the plan's logits and present cache against the original's."""
+    from llmir_onnx.runtime.verify import verify_plan_cases
 
     model = MODELS / name / "model.onnx"
-    feeds = model_past_feeds(model, FeedSizes(new_tokens=new_tokens, past_tokens=past_tokens))
-    _, rows = verify_plan(plan, feeds, model_path=model, timeout_s=180)
-    names = {row.name for row in rows}
-    assert "logits" in names and any(n.startswith("present") for n in names), names
-    bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
-    assert not bad, f"{name} --sp, {new_tokens} new tokens after {past_tokens}: " + "; ".join(bad)
+    cases = [model_past_feeds(model, FeedSizes(new_tokens=new, past_tokens=past)) for new, past in sizes]
+    for (new_tokens, past_tokens), (_, rows) in zip(sizes, verify_plan_cases(plan, cases, model_path=model,
+                                                                              timeout_s=180), strict=True):
+        names = {row.name for row in rows}
+        assert "logits" in names and any(n.startswith("present") for n in names), names
+        bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+        assert not bad, f"{name} --sp, {new_tokens} new tokens after {past_tokens}: " + "; ".join(bad)
 
 
 def _collectives(plan: Path, rank: int) -> Counter[str]:
@@ -81,8 +83,7 @@ def test_sequence_parallel_plan_matches_the_original(name: str, tp: int, pp: int
         found = _collectives(plan, rank)
         assert found["ReduceScatter"] >= 1 and found["AllGather"] >= 1 and found["AllReduce"] == 0, (rank, found)
     # Lengths tp divides, lengths it does not (padded), a one-token decode step, a prompt without a cache.
-    for new_tokens, past_tokens in sorted({(tp, 3), (tp + 1, 3), (1, 3), (2 * tp - 1, 0)}):
-        _verify(name, plan, new_tokens, past_tokens)
+    _verify(name, plan, sorted({(tp, 3), (tp + 1, 3), (1, 3), (2 * tp - 1, 0)}))
 
 
 def test_sequence_parallel_generate_equals_original_greedy(tmp_path: Path) -> None:

@@ -12,8 +12,10 @@ import json
 import shutil
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -79,17 +81,27 @@ def load_feeds(path: Path) -> dict[str, np.ndarray]:
         return {name: archive[name] for name in archive.files}
 
 
+def rank_outputs_path(work_dir: Path, rank: int, case: int) -> Path:
+    """Where a rank writes its outputs of feed case `case` (local names) for the launcher to assemble."""
+    return work_dir / f"rank{rank}.case{case}.npz"
+
+
+def case_feeds_path(work_dir: Path, case: int) -> Path:
+    return work_dir / f"feeds{case}.npz"
+
+
 def run_rank(
     plan_dir: Path,
     manifest: Manifest,
-    feeds: dict[str, np.ndarray],
+    feed_cases: Sequence[dict[str, np.ndarray]],
     work_dir: Path,
     *,
     check_hashes: bool = True,
     device: str = DEVICE_CPU,
     profile_dir: Path | None = None,
 ) -> None:
-    """Run this process's rank and write its outputs to `work_dir/rank{N}.npz`.
+    """Run this process's rank on each of `feed_cases` in turn, one session for all, and write its outputs of
+    case i to `rank_outputs_path(work_dir, N, i)`.
 
     Its files are checked first; `check_hashes=False` where the launching process hashed them already.
     `device` "cuda": the CUDA EP on GPU `rank_device_id(local rank)` with the CUDA ai.llmir library.
@@ -100,9 +112,10 @@ def run_rank(
     entry = manifest.rank_entry(comm.rank)
     check_rank_files(plan_dir, manifest, comm.rank, check_hashes=check_hashes)
     model_path = plan_dir / entry.file
-    missing = sorted({binding.original for binding in entry.inputs} - feeds.keys())
-    if missing:
-        raise PlanError(f"rank {comm.rank} needs inputs {missing} that the feeds do not hold")
+    for feeds in feed_cases:
+        missing = sorted({binding.original for binding in entry.inputs} - feeds.keys())
+        if missing:
+            raise PlanError(f"rank {comm.rank} needs inputs {missing} that the feeds do not hold")
     device_id = rank_device_id(comm.local_rank) if device == DEVICE_CUDA else 0
     options = comm.session_options()
     if profile_dir is not None:
@@ -111,26 +124,28 @@ def run_rank(
     session = load_rank_session(model_path, comm.rank, options, execution_providers(device, device_id))
     if device == DEVICE_CUDA and CUDA_PROVIDER not in session.get_providers():
         raise PlanError(f"rank {comm.rank}: onnxruntime did not enable {CUDA_PROVIDER} on device {device_id}")
-    rank_feeds = {b.local: np.ascontiguousarray(b.take(feeds[b.original])) for b in entry.inputs}
     before_run = fault_hook(comm.rank)
-    if before_run is not None:
-        before_run(0)
-    run_start = time.monotonic()
-    results = session.run([b.local for b in entry.outputs], rank_feeds)
+    run_calls = []  # (case, micro-batch, start, end) on CLOCK_MONOTONIC, for `verify --timeline`
+    for case, feeds in enumerate(feed_cases):
+        rank_feeds = {b.local: np.ascontiguousarray(b.take(feeds[b.original])) for b in entry.inputs}
+        if before_run is not None:
+            before_run(case)
+        run_start = time.monotonic()
+        results = session.run([b.local for b in entry.outputs], rank_feeds)
+        run_calls.append([case, 0, run_start, time.monotonic()])
+        np.savez(rank_outputs_path(work_dir, comm.rank, case),
+                 **{binding.local: array for binding, array in zip(entry.outputs, results, strict=True)})
     if profile_dir is not None:
         session.end_profiling()
-    # (step, micro-batch, start, end) on CLOCK_MONOTONIC, for `verify --timeline`
-    (work_dir / f"rank{comm.rank}{RUN_CALLS_SUFFIX}").write_text(json.dumps([[0, 0, run_start, time.monotonic()]]))
-    out_path = work_dir / f"rank{comm.rank}.npz"
-    np.savez(out_path, **{binding.local: array for binding, array in zip(entry.outputs, results, strict=True)})
+    (work_dir / f"rank{comm.rank}{RUN_CALLS_SUFFIX}").write_text(json.dumps(run_calls))
     (work_dir / f"rank{comm.rank}{RANK_DONE_SUFFIX}").touch()
 
 
-def assemble_outputs(manifest: Manifest, work_dir: Path) -> dict[str, np.ndarray]:
-    """Put the original model's outputs back together from every rank's slices."""
+def assemble_outputs(manifest: Manifest, work_dir: Path, case: int = 0) -> dict[str, np.ndarray]:
+    """Put the original model's outputs of feed case `case` back together from every rank's slices."""
     parts: dict[str, list[tuple[SliceBinding, np.ndarray]]] = {}
     for entry in manifest.ranks:
-        with np.load(work_dir / f"rank{entry.rank}.npz") as archive:
+        with np.load(rank_outputs_path(work_dir, entry.rank, case)) as archive:
             for binding in entry.outputs:
                 parts.setdefault(binding.original, []).append((binding, archive[binding.local]))
     assembled = {}
@@ -181,11 +196,12 @@ def compare(
 
 
 def reference_outputs(
-    model_path: Path, feeds: dict[str, np.ndarray], device: str = DEVICE_CPU
-) -> dict[str, np.ndarray]:
+    model_path: Path, feed_cases: Sequence[dict[str, np.ndarray]], device: str = DEVICE_CPU
+) -> list[dict[str, np.ndarray]]:
+    """The original model's outputs for each feed case, from one session."""
     session = original_session(model_path, device)
     names = [output.name for output in session.get_outputs()]
-    return dict(zip(names, session.run(names, feeds), strict=True))
+    return [dict(zip(names, session.run(names, feeds), strict=True)) for feeds in feed_cases]
 
 
 def wait_for_ranks(manifest: Manifest, work_dir: Path, timeout_s: float) -> None:
@@ -199,8 +215,17 @@ def wait_for_ranks(manifest: Manifest, work_dir: Path, timeout_s: float) -> None
 
 
 def verify_plan(
+    plan_dir: Path, feeds: dict[str, np.ndarray], **options: Any
+) -> tuple[dict[str, np.ndarray], list[OutputComparison]]:
+    """Run the plan on `feeds` and compare with the original model; returns (outputs, comparisons), empty in
+    the non-zero ranks under an external launcher (rank 0 reports). `options`: those of verify_plan_cases."""
+    results = verify_plan_cases(plan_dir, [feeds], **options)
+    return results[0] if results else ({}, [])
+
+
+def verify_plan_cases(
     plan_dir: Path,
-    feeds: dict[str, np.ndarray],
+    feed_cases: Sequence[dict[str, np.ndarray]],
     *,
     model_path: Path | None = None,
     atol: float | None = None,
@@ -210,15 +235,19 @@ def verify_plan(
     timeline: Path | None = None,
     device: str = DEVICE_CPU,
     profile_dir: Path | None = None,
-) -> tuple[dict[str, np.ndarray], list[OutputComparison]]:
-    """Run the plan on `feeds` and compare with the original model; returns (outputs, comparisons).
+) -> list[tuple[dict[str, np.ndarray], list[OutputComparison]]]:
+    """Run the plan on each of `feed_cases` (say a prompt, then a decode step after a cache) and compare each
+    with the original model: one job, each rank loads its session once and runs the cases in turn. Returns
+    (outputs, comparisons) per case, in order.
 
     `device`: where the ranks AND the original run (cpu or cuda); `profile_dir`: see run_rank.
 
-    With `timeline`, every rank's run call is written there (see plan/report.py), phase "verify".
-    The plan's files are checked against the manifest before any rank starts: by this process when it
-    launches the ranks, by each rank for its own files under an external launcher.
+    With `timeline`, every rank's run call is written there (see plan/timeline.py), phase "verify", the
+    case as its step. The plan's files are checked against the manifest before any rank starts: by this
+    process when it launches the ranks, by each rank for its own files under an external launcher.
     """
+    if not feed_cases:
+        raise PlanError("verify needs at least one set of inputs")
     manifest = Manifest.read(plan_dir)
     execution_providers(device, 0)  # an onnxruntime without the CUDA EP is refused here, before any rank starts
     source = model_path or Path(manifest.source["path"])
@@ -233,31 +262,31 @@ def verify_plan(
         if env.rank == 0:
             shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(exist_ok=True)
-        run_rank(plan_dir, manifest, feeds, work_dir, check_hashes=check_hashes, device=device,
+        run_rank(plan_dir, manifest, feed_cases, work_dir, check_hashes=check_hashes, device=device,
                  profile_dir=profile_dir)
         if env.rank != 0:
-            return {}, []
+            return []
         wait_for_ranks(manifest, work_dir, timeout_s)
-        assembled = assemble_outputs(manifest, work_dir)
+        assembled = [assemble_outputs(manifest, work_dir, case) for case in range(len(feed_cases))]
         shutil.rmtree(work_dir, ignore_errors=True)
     else:
         check_plan_files(plan_dir, manifest, check_hashes=check_hashes)
         with tempfile.TemporaryDirectory(prefix="llmir-verify-") as tmp:
             work_dir = Path(tmp)
-            feeds_path = work_dir / "feeds.npz"
-            np.savez(feeds_path, **feeds)
-            rank_args = [str(plan_dir.resolve()), str(feeds_path), device]
+            for case, feeds in enumerate(feed_cases):
+                np.savez(case_feeds_path(work_dir, case), **feeds)
+            rank_args = [str(plan_dir.resolve()), str(len(feed_cases)), device]
             if profile_dir is not None:
                 rank_args.append(str(profile_dir.resolve()))
             run_rank_job("verify", "verify-rank", rank_args, manifest.world_size, work_dir, timeout_s=timeout_s)
-            assembled = assemble_outputs(manifest, work_dir)
+            assembled = [assemble_outputs(manifest, work_dir, case) for case in range(len(feed_cases))]
             if timeline is not None:
                 calls = {e.rank: json.loads((work_dir / f"rank{e.rank}{RUN_CALLS_SUFFIX}").read_text())
                          for e in manifest.ranks}
                 write_timeline(timeline, manifest, calls, phase="verify")
-    reference = reference_outputs(source, feeds, device)
-    rows = compare(reference, assembled, atol, rtol)
-    return assembled, rows
+    references = reference_outputs(source, feed_cases, device)
+    return [(outputs, compare(reference, outputs, atol, rtol))
+            for outputs, reference in zip(assembled, references, strict=True)]
 
 
 def format_comparisons(rows: list[OutputComparison]) -> str:
@@ -286,11 +315,12 @@ def raise_if_mismatch(rows: list[OutputComparison]) -> None:
 
 
 def rank_main_verify(
-    work_dir: Path, plan_dir: str, feeds_path: str, device: str = DEVICE_CPU, profile_dir: str | None = None
+    work_dir: Path, plan_dir: str, cases: str, device: str = DEVICE_CPU, profile_dir: str | None = None
 ) -> None:
-    """A rank spawned by `run_rank_job` (see runtime/job.py): the launching process checked the files' hashes
-    already (sizes and paths are checked again)."""
+    """A rank spawned by `run_rank_job` (see runtime/job.py): the launching process wrote the `cases` feed
+    files and checked the plan files' hashes already (sizes and paths are checked again)."""
     manifest = Manifest.read(plan_dir)
-    run_rank(Path(plan_dir), manifest, load_feeds(Path(feeds_path)), work_dir, check_hashes=False, device=device,
+    feed_cases = [load_feeds(case_feeds_path(work_dir, case)) for case in range(int(cases))]
+    run_rank(Path(plan_dir), manifest, feed_cases, work_dir, check_hashes=False, device=device,
              profile_dir=Path(profile_dir) if profile_dir else None)
 
