@@ -4,7 +4,7 @@ from llmir_onnx.passes.annotate import AnnotatePass
 from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
 from llmir_onnx.passes.localize import LocalizePass, materialize_rank
 from llmir_onnx.passes.propagate import PropagatePass
-from llmir_onnx.passes.state import Redistribution, ShardingState
+from llmir_onnx.passes.state import Redistribution, ShardingPassResult, ShardingState
 
 __all__ = [
     "AnnotatePass",
@@ -12,6 +12,7 @@ __all__ = [
     "LocalizePass",
     "PropagatePass",
     "Redistribution",
+    "ShardingPassResult",
     "ShardingState",
     "materialize_rank",
 ]
