@@ -122,11 +122,11 @@ def state_summary(state: ShardingState) -> dict[str, object]:
     return fields
 
 
-def save_and_reload(model: ir.Model, folder: Path, name: str) -> ir.Model:
-    """The model written as an ONNX file (weights in a data file beside it) and loaded back."""
+def save(model: ir.Model, folder: Path, name: str) -> Path:
+    """The model written as an ONNX file (weights in a data file beside it), for a pass to run on alone."""
     path = folder / f"{name}.onnx"
     ir.save(model.clone(), path, external_data=f"{name}.onnx.data")
-    return ir.load(path)
+    return path
 
 
 @dataclass
@@ -134,21 +134,25 @@ class Recorded:
     before: bytes
     after: bytes
     modified: bool
+    model_after: ir.Model
     state_after: ShardingState
 
 
 def _run_pipeline(model: ir.Model, steps: list[Step], state: ShardingState, folder: Path) -> list[Recorded]:
-    """Every step in order, as partition chains them; after each, its output saved as ONNX and its state."""
-    outputs: list[tuple[ir.Model, ShardingState]] = []
+    """Every step in memory, chained as partition chains them; each output also saved as `step<index>.onnx`."""
     recorded: list[Recorded] = []
     for index, step in enumerate(steps):
-        source_model, source_state = (model, state) if step.after < 0 else outputs[step.after]
+        if step.after < 0:
+            source_model, source_state = model, state
+        else:
+            source_model, source_state = recorded[step.after].model_after, recorded[step.after].state_after
         current = source_model.clone()
         before = fingerprint(current)
         result = step.make(copy.deepcopy(source_state))(current)
         assert isinstance(result, ShardingPassResult)
-        outputs.append((save_and_reload(result.model, folder, f"step{index}"), copy.deepcopy(result.state)))
-        recorded.append(Recorded(before, fingerprint(result.model), result.modified, copy.deepcopy(result.state)))
+        save(result.model, folder, f"step{index}")
+        after = fingerprint(result.model)
+        recorded.append(Recorded(before, after, result.modified, result.model, copy.deepcopy(result.state)))
     return recorded
 
 
@@ -165,10 +169,6 @@ def _uneven_ranks(name: str, options: PartitionOptions) -> int:
     return options.tp if state.uneven else 1
 
 
-def made_step(steps: list[Step], pipeline: list[Recorded], recorded: Recorded) -> Step:
-    return next(step for step, r in zip(steps, pipeline, strict=True) if r is recorded)
-
-
 @pytest.mark.parametrize(("name", "options"), LAYOUTS)
 def test_each_pass_runs_alone_on_the_saved_output_of_the_one_before(
     name: str, options: PartitionOptions, tmp_path: Path
@@ -182,7 +182,7 @@ def test_each_pass_runs_alone_on_the_saved_output_of_the_one_before(
     localized = [r for step, r in zip(steps, pipeline, strict=True) if step.name.startswith("localize")]
     assert len(localized) == len(templates)
     for made, template in zip(localized, templates, strict=True):
-        finished = ir.load(tmp_path / f"step{steps.index(made_step(steps, pipeline, made))}.onnx")
+        finished = made.model_after.clone()
         if made.state_after.sequence_shards:
             declare_token_chunk_shapes(finished, made.state_after)  # as plan_ranks does after localize
         assert fingerprint(finished) == fingerprint(template)
@@ -190,7 +190,7 @@ def test_each_pass_runs_alone_on_the_saved_output_of_the_one_before(
     for index, step in enumerate(steps):
         if step.after < 0:
             continue
-        prepared = ir.load(tmp_path / f"step{step.after}.onnx")
+        prepared = ir.load(tmp_path / f"step{step.after}.onnx")  # the pass before's output, as a file
         alone = step.make(copy.deepcopy(pipeline[step.after].state_after))(prepared)
         assert isinstance(alone, ShardingPassResult)
         assert fingerprint(alone.model) == pipeline[index].after, f"{step.name} alone made another model"

@@ -61,8 +61,10 @@ class SequenceParallelPass(ir.passes.InPlacePass):
     Needs: `state` from PropagatePass, with every redistribution still unconverted (InsertCollectivesPass
     has not run: it would all-reduce what this pass scatters).
     Provides in `result.state`: sequence_shards; the redistributions it converted are gone from the list.
-    A second run finds the regions decided (sequence_shards) and changes nothing. Nodes inside subgraphs
-    never join a region (they run whole on every rank); a region's value they read is gathered first.
+    A second run finds the regions decided (sequence_shards) and changes nothing. Only top-level nodes
+    join a region: a node holding a subgraph never joins (`_joins`), nor anything inside it, which runs
+    whole on every rank; a subgraph's read of a region's value is a use outside the region, rewired to
+    the value's AllGather like any other (`_rewrite`).
     """
 
     def __init__(self, state: ShardingState) -> None:
