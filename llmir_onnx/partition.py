@@ -1,6 +1,6 @@
 """Entry point: partition one ONNX model into per-rank models for a tensor-parallel mesh.
 
-The pipeline (onnx_ir passes sharing one ShardingState):
+The pipeline (onnx_ir passes; each takes the ShardingState the one before returned in its result):
 
     AnnotatePass          names, constants as initializers, global shapes, Megatron weight roles
     PropagatePass         a placement for every value from per-op rules (propagation/), redistributions
@@ -36,6 +36,7 @@ from llmir_onnx.passes import (
     InsertCollectivesPass,
     LocalizePass,
     PropagatePass,
+    ShardingPassResult,
     ShardingState,
     materialize_rank,
 )
@@ -183,20 +184,21 @@ def plan_ranks(
         tp_weights=options.tp_weights,
     )
     template = model if consume_model else model.clone()
-    sharding: list[ir.passes.PassBase] = [AnnotatePass(state), PropagatePass(state)]
+    state = _run_pass(AnnotatePass(state), template).state
+    state = _run_pass(PropagatePass(state), template).state
     if options.sequence_parallel:
         from llmir_onnx.passes.sequence_parallel import SequenceParallelPass
 
-        sharding.append(SequenceParallelPass(state))
-    _run_passes(template, [*sharding, InsertCollectivesPass(state)])
+        state = _run_pass(SequenceParallelPass(state), template).state
+    state = _run_pass(InsertCollectivesPass(state), template).state
     if not state.uneven:
-        _run_passes(template, [LocalizePass(state)])
+        _run_pass(LocalizePass(state), template)
         templates = [template]
     else:
         # Uneven: every tp rank has its own sizes, so its own localized graph.
         templates = [template, *(template.clone() for _ in range(1, options.tp))]
         for tp_rank, rank_template in enumerate(templates):
-            _run_passes(rank_template, [LocalizePass(state, tp_rank)])
+            _run_pass(LocalizePass(state, tp_rank), rank_template)
     if state.sequence_shards:
         from llmir_onnx.passes.sequence_parallel import declare_token_chunk_shapes
 
@@ -205,17 +207,20 @@ def plan_ranks(
     return templates, state
 
 
-def _run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
+def _run_pass(sharding_pass: ir.passes.PassBase, model: ir.Model) -> ShardingPassResult:
+    """Run one sharding pass (its pre- and postconditions included); its result carries the state."""
     try:
-        ir.passes.PassManager(passes)(model)
+        result = sharding_pass(model)
     except ir.passes.PassError as error:
-        # The pass framework wraps what a pass raises (twice); a user must see our message, not the wrapper.
+        # The pass framework wraps what a pass's checks raise; a user must see our message, not the wrapper.
         cause: BaseException | None = error
         while cause is not None and not isinstance(cause, LlmirError):
             cause = cause.__cause__
         if cause is not None:
             raise cause from None
         raise
+    assert isinstance(result, ShardingPassResult)
+    return result
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The sharding passes, in pipeline order: annotate, propagate, insert_collectives, localize."""
+"""The sharding passes, in pipeline order: annotate, propagate, (sequence_parallel,) insert_collectives,
+localize. Each takes the ShardingState that the one before returned in its ShardingPassResult (passes/state.py)."""
 
 from llmir_onnx.passes.annotate import AnnotatePass
 from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
 from llmir_onnx.passes.localize import LocalizePass, materialize_rank
 from llmir_onnx.passes.propagate import PropagatePass
-from llmir_onnx.passes.state import Redistribution, ShardingState
+from llmir_onnx.passes.state import Redistribution, ShardingPassResult, ShardingState
 
 __all__ = [
     "AnnotatePass",
@@ -12,6 +13,7 @@ __all__ = [
     "LocalizePass",
     "PropagatePass",
     "Redistribution",
+    "ShardingPassResult",
     "ShardingState",
     "materialize_rank",
 ]

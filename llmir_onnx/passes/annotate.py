@@ -24,8 +24,9 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, TopologicalSortPass
 
+from llmir_onnx.errors import ShardingError
 from llmir_onnx.mesh import DeviceMesh, grouped_shares
-from llmir_onnx.passes.state import ShardingState
+from llmir_onnx.passes.state import ShardingPassResult, ShardingState, control_flow_owners
 from llmir_onnx.placement import Shard
 from llmir_onnx.propagation.attention import gqa_packed_blocks
 from llmir_onnx.propagation.base import RuleContext, Shape, WeightRole, normalize_dim
@@ -45,15 +46,33 @@ HEAD_SEARCH_DEPTH = 10
 
 
 def _fold_weight_aliases(graph: ir.Graph) -> int:
+    """Readers of `Identity(initializer)` read the initializer (in subgraphs too, which see outer values)."""
     folded = 0
-    for node in list(graph):
+    for node in list(ir.traversal.RecursiveGraphIterator(graph)):
         if node.op_type == "Identity" and node.domain == "" and node.inputs[0] is not None:
             source = node.inputs[0]
             if source.is_initializer() and not node.outputs[0].is_graph_output():
                 node.outputs[0].replace_all_uses_with(source)
-                graph.remove(node, safe=True)
+                assert node.graph is not None
+                node.graph.remove(node, safe=True)
                 folded += 1
     return folded
+
+
+def _unique_node_names(graph: ir.Graph) -> int:
+    """Node names unique across subgraphs too (NameFixPass makes them unique per graph; errors and
+    redistributions name nodes of any graph). Returns how many were renamed."""
+    used: set[str] = set()
+    renamed = 0
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        name = node.name or node.op_type
+        if name in used:
+            suffix = 1
+            while f"{name}_{suffix}" in used:
+                suffix += 1
+            node.name, renamed = f"{name}_{suffix}", renamed + 1
+        used.add(node.name or name)
+    return renamed
 
 
 def _dim_value(dim: onnx.TensorShapeProto.Dimension) -> int | str | None:
@@ -517,8 +536,11 @@ def tp_mesh(
 
 
 def assign_weight_roles(model: ir.Model, ctx: RuleContext, vocab_parallel: bool = False) -> dict[str, WeightRole]:
-    """Megatron roles of weight matmuls; with `vocab_parallel`, the lm_head and embedding split by vocabulary."""
-    weight_nodes = [node for node in model.graph if _is_weight_matmul(node, ctx.shapes)]
+    """Megatron roles of weight matmuls; with `vocab_parallel`, the lm_head and embedding split by vocabulary.
+    Subgraphs (If/Loop/Scan) are searched too: a weight matmul there gets the role it would have, which
+    AnnotatePass refuses (`_refuse_sharding_in_subgraphs`)."""
+    every_node = ir.traversal.RecursiveGraphIterator(model.graph)
+    weight_nodes = [node for node in every_node if _is_weight_matmul(node, ctx.shapes)]
     names = {node.name for node in weight_nodes}
     roles: dict[str, WeightRole] = {}
     for node in weight_nodes:
@@ -536,7 +558,7 @@ def assign_weight_roles(model: ir.Model, ctx: RuleContext, vocab_parallel: bool 
         for closing in reached:
             roles.setdefault(closing.name, WeightRole("row"))
     if vocab_parallel:
-        for node in model.graph:
+        for node in ir.traversal.RecursiveGraphIterator(model.graph):
             table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" else None
             axis = node.attributes.get("axis")
             if _is_weight(table, ctx.shapes) and (axis is None or axis.as_int() == 0):
@@ -558,27 +580,51 @@ def _reaches_graph_output(node: ir.Node) -> bool:
     return False
 
 
+def _refuse_sharding_in_subgraphs(model: ir.Model, roles: dict[str, WeightRole]) -> None:
+    """A weight matmul inside a subgraph (If/Loop/Scan) that tensor parallelism would split is refused:
+    propagation runs subgraphs whole on every rank, so splitting it is not supported; keeping it whole
+    while the user asked for tp would hide that the model is not sharded where its work is."""
+    owners = control_flow_owners(model.graph)
+    for inner, owner in owners.items():
+        role = roles.get(inner.name)
+        if role is not None and role.kind != "replicate":
+            raise ShardingError(
+                f"node {inner.name} ({inner.op_type}) inside the subgraph of node {owner.name} ({owner.op_type}) "
+                f"would be {role.kind}-parallel; sharding inside control flow (If/Loop/Scan) is not supported: "
+                "export the model without control flow, or use --tp 1"
+            )
+
+
 class AnnotatePass(ir.passes.InPlacePass):
-    """Names, constants, global shapes and weight roles; the graph's meaning is unchanged."""
+    """Names, constants, global shapes and weight roles; the graph's meaning is unchanged.
+
+    Needs: `state` with the caller's configuration (mesh, vocab_parallel, tp_weights).
+    Provides in `result.state`: shapes, roles, attention_heads, head_counts, the mesh's uneven tp_shares.
+    Modifies the model only where a node had no unique name, a constant was a node or a weight had an
+    Identity alias, or the nodes were out of topological order (`modified` says which was the case).
+    """
 
     def __init__(self, state: ShardingState) -> None:
         super().__init__()
         self.state = state
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        NameFixPass()(model)
-        LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
-        _fold_weight_aliases(model.graph)
-        TopologicalSortPass()(model)
+    def call(self, model: ir.Model) -> ShardingPassResult:
+        modified = NameFixPass()(model).modified
+        modified |= _unique_node_names(model.graph) > 0
+        modified |= LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model).modified
+        modified |= _fold_weight_aliases(model.graph) > 0
+        modified |= TopologicalSortPass()(model).modified
         self.state.shapes = global_shapes(model)
         counts = attention_head_counts(model, RuleContext(tp=self.state.tp, shapes=self.state.shapes))
         self.state.attention_heads, self.state.head_counts = max(counts, default=None), counts
         self.state.mesh = tp_mesh(self.state.attention_heads, self.state.mesh, self.state.tp_weights, counts)
         ctx = RuleContext(tp=self.state.tp_units, shapes=self.state.shapes)
         self.state.roles = assign_weight_roles(model, ctx, self.state.vocab_parallel)
-        return ir.passes.PassResult(model, modified=True)
+        if self.state.tp > 1:
+            _refuse_sharding_in_subgraphs(model, self.state.roles)
+        return ShardingPassResult(model, modified, self.state)
 
     def ensures(self, model: ir.Model) -> None:
-        names = [node.name for node in model.graph]
+        names = [node.name for node in ir.traversal.RecursiveGraphIterator(model.graph)]
         if len(set(names)) != len(names) or not all(names):
             raise ir.passes.PostconditionError("every node must have a unique name after annotate")

@@ -15,11 +15,26 @@ import onnx_ir as ir
 
 from llmir_onnx import ops
 from llmir_onnx.errors import ShardingError
-from llmir_onnx.passes.state import ShardingState
+from llmir_onnx.passes.state import (
+    ShardingPassResult,
+    ShardingState,
+    pending_output_targets,
+    pending_redistributions,
+    require_propagated,
+)
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
 
 
 class InsertCollectivesPass(ir.passes.InPlacePass):
+    """A collective (or local slice) for every redistribution its consumer still reads unconverted.
+
+    Needs: `state` from PropagatePass (a placement per value, the redistributions and output targets).
+    Provides in `result.state`: placements, shapes and rank_constants of the values it makes.
+    Modifies the model where a redistribution or an output target is pending; none at tp 1, none when
+    every one is converted already (a second run). Consumers are looked up in subgraphs too, though
+    propagation leaves none there: subgraphs run whole on every rank and read only replicated outer values.
+    """
+
     def __init__(self, state: ShardingState) -> None:
         super().__init__()
         self.state = state
@@ -27,29 +42,31 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
         self._counter = 0
 
     def requires(self, model: ir.Model) -> None:
-        if not self.state.propagated:
-            raise ir.passes.PreconditionError("insert_collectives runs after propagate")
+        require_propagated(model, self.state, "insert_collectives")
 
     @property
     def group(self) -> tuple[int, ...]:
         return self.state.mesh.group(0, "tp")
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ShardingPassResult:
         graph = model.graph
-        if self.state.tp == 1:
-            self.state.collectives_inserted = True
-            return ir.passes.PassResult(model, modified=False)
-        nodes = {node.name: node for node in graph}
+        pending = pending_redistributions(model, self.state, with_whole=True)
+        targets = set(pending_output_targets(model, self.state))
+        if not pending and not targets:
+            return ShardingPassResult(model, False, self.state)
+        modified = bool(targets)
+        nodes = {node.name: node for node in ir.traversal.RecursiveGraphIterator(graph)}
         values = {v.name: v for node in graph for v in node.outputs} | {v.name: v for v in graph.inputs}
-        for item in self.state.redistributions:
+        for item in pending:
             consumer = nodes[item.node]
             source = values[item.value]
             converted = self._convert(graph, source, item.current, item.required, consumer)
+            modified |= converted is not source
             consumer.replace_input_with(item.index, converted)
         for index, output in enumerate(list(graph.outputs)):
-            target = self.state.output_targets.get(output.name)
-            if target is None:
+            if output.name not in targets:
                 continue
+            target = self.state.output_targets[output.name]
             held = self.state.placements[output.name]
             name = output.name
             output.name = f"{name}__{held}"
@@ -59,8 +76,12 @@ class InsertCollectivesPass(ir.passes.InPlacePass):
             converted.name = name
             self.state.placements[name] = target
             graph.outputs[index] = converted
-        self.state.collectives_inserted = True
-        return ir.passes.PassResult(model, modified=bool(self.state.redistributions or self.state.output_targets))
+        return ShardingPassResult(model, modified, self.state)
+
+    def ensures(self, model: ir.Model) -> None:
+        left = pending_redistributions(model, self.state)
+        if left:
+            raise ir.passes.PostconditionError(f"redistribution of {left[0].value!r} before {left[0].node} left")
 
     def _name(self, base: str) -> str:
         self._counter += 1

@@ -24,7 +24,15 @@ import onnx_ir as ir
 from llmir_onnx import ops
 from llmir_onnx.errors import ShardingError
 from llmir_onnx.ir_io import MAX_IR_VERSION
-from llmir_onnx.passes.state import ShardingState
+from llmir_onnx.passes.state import (
+    LOCALIZED_KEY,
+    ShardingPassResult,
+    ShardingState,
+    pending_output_targets,
+    pending_redistributions,
+    precondition,
+    require_propagated,
+)
 from llmir_onnx.placement import Partial, Placement, Shard
 from llmir_onnx.propagation.base import RuleContext, WeightRole, normalize_dim
 from llmir_onnx.propagation.reductions import partial_reduction_scale
@@ -40,6 +48,16 @@ from llmir_onnx.weight_slices import rank_weight
 
 
 class LocalizePass(ir.passes.InPlacePass):
+    """Local head counts and sizes; graph inputs and outputs get tp rank `tp_rank`'s local shapes.
+
+    Needs: `state` from InsertCollectivesPass: a placement per value, and no redistribution or output
+    target left unconverted in the graph.
+    Provides: the localized graph, marked so in its metadata (`LOCALIZED_KEY`: a second run changes
+    nothing and says so); in `result.state` the placements, shapes and rank_constants of values it makes.
+    At tp 1 every rank holds the whole graph: nothing is local, the model is left as it is.
+    Visits every node, in subgraphs too (their values are replicated, so their sizes stay whole).
+    """
+
     def __init__(self, state: ShardingState, tp_rank: int = 0) -> None:
         super().__init__()
         self.state = state
@@ -48,18 +66,38 @@ class LocalizePass(ir.passes.InPlacePass):
         self._counter = 0
 
     def requires(self, model: ir.Model) -> None:
-        if not self.state.collectives_inserted:
-            raise ir.passes.PreconditionError("localize runs after insert_collectives")
+        require_propagated(model, self.state, "localize")
+        pending = pending_redistributions(model, self.state)
+        if pending:
+            raise ir.passes.PreconditionError(
+                f"localize needs every redistribution converted, but node {pending[0].node} still reads "
+                f"{pending[0].value!r} as {pending[0].current}: run InsertCollectivesPass first"
+            )
+        targets = pending_output_targets(model, self.state)
+        if targets:
+            raise ir.passes.PreconditionError(
+                f"localize needs graph output {targets[0]!r} converted for the caller: run InsertCollectivesPass first"
+            )
+        mark = model.metadata_props.get(LOCALIZED_KEY)
+        precondition(
+            mark is None or mark == self._mark,
+            f"the graph is already localized for tp rank/tp {mark}; localize the unlocalized graph for {self._mark}",
+        )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    @property
+    def _mark(self) -> str:
+        return f"{self.tp_rank}/{self.state.tp}"
+
+    def call(self, model: ir.Model) -> ShardingPassResult:
+        if self.state.tp == 1 or model.metadata_props.get(LOCALIZED_KEY) == self._mark:
+            return ShardingPassResult(model, False, self.state)
         graph = model.graph
-        tp = self.state.tp
-        if tp > 1:
-            for node in list(graph):
-                # Each op's record says which sizes it carries (attributes, size inputs) and how they become local.
-                record = record_for(node)
-                if record is not None and record.localize is not None:
-                    record.localize(self, graph, node)
+        for node in list(ir.traversal.RecursiveGraphIterator(graph)):
+            # Each op's record says which sizes it carries (attributes, size inputs) and how they become local.
+            record = record_for(node)
+            if record is not None and record.localize is not None:
+                assert node.graph is not None
+                record.localize(self, node.graph, node)
         io_values = {v.name for v in graph.inputs} | {v.name for v in graph.outputs}
         for value in [*graph.inputs, *graph.outputs]:
             value.shape = self._local_shape(value)
@@ -69,8 +107,8 @@ class LocalizePass(ir.passes.InPlacePass):
                     value.shape = None
         model.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
-        self.state.localized = True
-        return ir.passes.PassResult(model, modified=True)
+        model.metadata_props[LOCALIZED_KEY] = self._mark
+        return ShardingPassResult(model, True, self.state)
 
     # -- what the ops' local-size rewrites may ask (registry.Localizer)
 
@@ -418,6 +456,7 @@ def materialize_rank(template: ir.Model, state: ShardingState, tp_rank: int, con
     """A copy of the localized model holding the weights of one tp rank (`consume`: the template itself,
     for the last rank, when the template is not used after)."""
     model = template if consume else template.clone()
+    model.metadata_props.pop(LOCALIZED_KEY, None)  # a rank model is what it is: no trace of the passes
     for name, value in model.graph.initializers.items():
         if value.const_value is None:
             continue

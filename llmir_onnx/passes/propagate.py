@@ -22,7 +22,14 @@ from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.passes.annotate import assign_weight_roles, tp_mesh
 from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
 from llmir_onnx.passes.localize import LocalizePass
-from llmir_onnx.passes.state import Redistribution, ShardingState
+from llmir_onnx.passes.state import (
+    Redistribution,
+    ShardingPassResult,
+    ShardingState,
+    precondition,
+    require_annotated,
+    subgraphs_of,
+)
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard, is_shard
 from llmir_onnx.propagation.base import (
     Decision,
@@ -86,7 +93,13 @@ def _partitions_at(model: ir.Model, state: ShardingState, tp: int, units_only: b
 
 
 class PropagatePass(ir.passes.InPlacePass):
-    """Placements for every value; redistributions where a rule needs something else."""
+    """Placements for every value; redistributions where a rule needs something else.
+
+    Needs: `state` from AnnotatePass (global shapes, weight roles), with no placements yet.
+    Provides in `result.state`: placements (every value, in subgraphs too: they run whole on every rank),
+    redistributions, output_targets, weight_placements, weight_views, warnings.
+    Modifies the model only where a weight is duplicated for a consumer that needs another placement.
+    """
 
     def __init__(self, state: ShardingState, try_other_tps: bool = True, units_only: bool = False) -> None:
         super().__init__()
@@ -96,12 +109,18 @@ class PropagatePass(ir.passes.InPlacePass):
         # A trial of the units plan: split axes that name their value (they may split on their own parts
         # of another tp) are not checked.
         self.units_only = units_only
+        self._duplicated = 0
 
     def requires(self, model: ir.Model) -> None:
-        if not self.state.shapes:
-            raise ir.passes.PreconditionError("propagate needs global shapes: run AnnotatePass first")
+        require_annotated(self.state, "propagate")
+        placed = next((v.name for node in model.graph for v in node.outputs if v.name in self.state.placements), None)
+        precondition(
+            placed is None,
+            f"propagate places every value once, but {placed!r} already has a placement: run it on a state fresh "
+            "from AnnotatePass",
+        )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ShardingPassResult:
         state = self.state
         ctx = RuleContext(tp=state.tp_units, shapes=state.shapes, roles=state.roles)
         graph = model.graph
@@ -120,7 +139,7 @@ class PropagatePass(ir.passes.InPlacePass):
                 for v, p in zip(node.inputs, current, strict=True)
             ]
             decision = self._decide(ctx, node, current)
-            self._check_captured_values(node)
+            self._replicate_subgraphs(graph, node, free)
             for index, (value, required) in enumerate(zip(node.inputs, decision.inputs, strict=True)):
                 if value is None or required is None:
                     continue
@@ -172,8 +191,7 @@ class PropagatePass(ir.passes.InPlacePass):
         state.weight_placements = {name: placements[name] for name in graph.initializers}
         if state.uneven:
             self._apply_shares(works, own)
-        state.propagated = True
-        return ir.passes.PassResult(model, modified=True)
+        return ShardingPassResult(model, self._duplicated > 0, state)
 
     def _own_splits(self, graph: ir.Graph) -> set[str]:
         """Values that split into tp equal parts of their own instead of the heads' units: a group of split
@@ -241,20 +259,38 @@ class PropagatePass(ir.passes.InPlacePass):
         ]
         state.output_targets = {name: uneven(name, p) for name, p in state.output_targets.items()}
 
-    def _check_captured_values(self, node: ir.Node) -> None:
-        """Subgraphs (If/Loop/Scan) read outer values implicitly; no rule sees those, so they must be full."""
-        for attr in node.attributes.values():
-            graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else []
-            graphs += list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
-            for subgraph in graphs:
-                for inner in ir.traversal.RecursiveGraphIterator(subgraph):
-                    for value in inner.inputs:
-                        held = self.state.placements.get(value.name) if value is not None else None
-                        if value is not None and value.graph is not subgraph and held not in (None, REPLICATE):
-                            raise ShardingError(
-                                f"node {node.name} ({node.op_type}) reads {value.name!r}, which is {held}, inside "
-                                "its subgraph; sharding through control flow is not supported: export without it"
-                            )
+    def _replicate_subgraphs(self, graph: ir.Graph, node: ir.Node, free: set[str]) -> None:
+        """Subgraphs (If/Loop/Scan) run whole on every rank: every value in them is replicated, and so is every
+        outer value they read (implicitly: no rule sees those). A free one (a weight, a graph input) is fixed
+        replicated here, as a rule fixes what it asks for; a sharded weight is read through a replicated copy
+        (as when two rules disagree, whichever comes first); a sharded or partial activation is refused."""
+        placements = self.state.placements
+        inside = set(subgraphs_of(node))
+        for subgraph in list(inside):
+            nested = ir.traversal.RecursiveGraphIterator(subgraph)
+            inside.update(deeper for inner in nested for deeper in subgraphs_of(inner))
+        for subgraph in inside:
+            for value in [*subgraph.inputs, *subgraph.initializers.values()]:
+                placements[value.name] = REPLICATE
+            for inner in subgraph:
+                for index, value in enumerate(inner.inputs):
+                    if value is None or value.graph in inside:
+                        continue
+                    held = placements.get(value.name)
+                    if held is None and value.name in free:
+                        placements[value.name] = REPLICATE
+                    elif held is None or held == REPLICATE:
+                        continue
+                    elif value.is_initializer():
+                        self._duplicate_weight(graph, inner, index, value, REPLICATE)
+                    else:
+                        raise ShardingError(
+                            f"node {node.name} ({node.op_type}) reads {value.name!r}, which is {held}, inside its "
+                            f"subgraph (node {inner.name}, {inner.op_type}); sharding through control flow is not "
+                            "supported: export without it"
+                        )
+                for value in inner.outputs:
+                    placements[value.name] = REPLICATE
 
     def _decide(self, ctx: RuleContext, node: ir.Node, current: list[Placement | None]) -> Decision:
         record = record_for(node)
@@ -295,10 +331,16 @@ class PropagatePass(ir.passes.InPlacePass):
         else:
             copy = graph.initializers[copy.name]
         node.replace_input_with(index, copy)
+        self._duplicated += 1
         self.state.placements[copy.name] = required
         self.state.shapes[copy.name] = self.state.shapes.get(value.name)
 
     def ensures(self, model: ir.Model) -> None:
-        missing = [v.name for node in model.graph for v in node.outputs if v.name not in self.state.placements]
+        missing = [
+            v.name
+            for node in ir.traversal.RecursiveGraphIterator(model.graph)
+            for v in node.outputs
+            if v.name not in self.state.placements
+        ]
         if missing:
             raise ir.passes.PostconditionError(f"values without placement: {missing[:5]}")

@@ -38,7 +38,14 @@ import onnx_ir as ir
 from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
 from llmir_onnx.model_facts import NEW, dim_roles
-from llmir_onnx.passes.state import Redistribution, ShardingState
+from llmir_onnx.passes.state import (
+    Redistribution,
+    ShardingPassResult,
+    ShardingState,
+    pending_redistributions,
+    precondition,
+    require_propagated,
+)
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from llmir_onnx.propagation import elementwise, lookup, reductions
 from llmir_onnx.propagation.base import RuleContext
@@ -49,7 +56,16 @@ PER_TOKEN_RULE_MODULES = frozenset({elementwise.__name__, reductions.__name__})
 
 
 class SequenceParallelPass(ir.passes.InPlacePass):
-    """Between propagate and insert_collectives: token-sharded regions, their ReduceScatter/AllGather."""
+    """Between propagate and insert_collectives: token-sharded regions, their ReduceScatter/AllGather.
+
+    Needs: `state` from PropagatePass, with every redistribution still unconverted (InsertCollectivesPass
+    has not run: it would all-reduce what this pass scatters).
+    Provides in `result.state`: sequence_shards; the redistributions it converted are gone from the list.
+    A second run finds the regions decided (sequence_shards) and changes nothing. Only top-level nodes
+    join a region: a node holding a subgraph never joins (`_joins`), nor anything inside it, which runs
+    whole on every rank; a subgraph's read of a region's value is a use outside the region, rewired to
+    the value's AllGather like any other (`_rewrite`).
+    """
 
     def __init__(self, state: ShardingState) -> None:
         super().__init__()
@@ -62,13 +78,18 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         self._chunks: dict[str, int] = {}  # values made here that hold a chunk of the tokens -> token axis
 
     def requires(self, model: ir.Model) -> None:
-        if not self.state.propagated or self.state.collectives_inserted:
-            raise ir.passes.PreconditionError("sequence parallelism runs after propagate, before insert_collectives")
+        require_propagated(model, self.state, "sequence parallelism")
+        converted = len(self.state.redistributions) - len(pending_redistributions(model, self.state, with_whole=True))
+        precondition(
+            self.state.tp == 1 or converted == 0,
+            f"sequence parallelism runs before insert_collectives, but {converted} redistributions are converted "
+            "already: run it on the state and model from PropagatePass",
+        )
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def call(self, model: ir.Model) -> ShardingPassResult:
         state, graph = self.state, model.graph
-        if state.tp == 1:
-            return ir.passes.PassResult(model, modified=False)
+        if state.tp == 1 or state.sequence_shards:
+            return ShardingPassResult(model, False, state)
         self._symbols = {symbol for symbol, role in dim_roles(model).roles.items() if role == NEW}
         length_input = next((v for v in graph.inputs if self._token_axis(v) is not None), None)
         if length_input is None:
@@ -91,7 +112,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         self._refuse_partial_coverage(graph, region)
         self._rewrite(graph, region, sharded, pending)
         state.sequence_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
-        return ir.passes.PassResult(model, modified=True)
+        return ShardingPassResult(model, True, state)
 
     def _reduce_after_unflatten(self, graph: ir.Graph) -> None:
         """A row-parallel output reduced as [batch * tokens, hidden] for the Reshape back to [batch, tokens,

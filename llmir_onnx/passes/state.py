@@ -1,4 +1,20 @@
-"""What the sharding passes share: the plan they build up one pass at a time."""
+"""What the sharding passes share: the plan they build up one pass at a time, passed explicitly.
+
+Each pass takes a `ShardingState` as a constructor input and returns it in its `ShardingPassResult`
+(`result.state`); the next pass is constructed with that state. A pass checks in `requires` that the
+state and the graph hold what it needs (naming the pass that provides it), so any pass runs alone on a
+model and a state prepared by the passes before it (tests/test_pass_contracts.py). Nothing records
+which passes ran: a pass reads the facts themselves (global shapes and roles, a placement per value,
+redistributions still read by their consumer, the `LOCALIZED_KEY` entry of the model's metadata).
+
+Why a typed object rather than only the IR: the plan holds what ONNX cannot spell or would spell at a
+cost. Placements with blocks, repeated parts, inner blocks or uneven shares have no IR v11 sharding
+spec (`annotations._spec`); rank constants are functions of the tp rank; weight views and the
+redistributions are per-input facts. Writing and reparsing a string per value on every pass would
+cost partition time on deep models (one per value, 10^5 in a 32-layer model), and anything written on
+the graph would be written into the rank files, which must stay byte-identical. The one fact kept in
+the IR is whether the graph is localized, because only the graph can tell (its sizes are local then).
+"""
 
 from __future__ import annotations
 
@@ -6,10 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import onnx_ir as ir
 
 from llmir_onnx.mesh import DeviceMesh
-from llmir_onnx.placement import Placement
+from llmir_onnx.placement import Placement, Replicate, Shard
 from llmir_onnx.propagation.base import Shape, WeightRole
+
+# Model metadata that LocalizePass writes on the graph it localized ("<tp rank>/<tp>"); materialize_rank
+# removes it from the rank model it makes, so rank files carry no trace of it.
+LOCALIZED_KEY = "llmir.localized_for_tp_rank"
 
 
 @dataclass(frozen=True)
@@ -25,6 +46,17 @@ class Redistribution:
 
 @dataclass
 class ShardingState:
+    """The plan, filled in by the passes in order. What each pass provides:
+
+    * given by the caller: mesh, replicate_unsupported, vocab_parallel, keep_output_placements,
+      input_seeds, tp_weights;
+    * AnnotatePass: shapes (global), roles, attention_heads, head_counts, the mesh's uneven tp_shares;
+    * PropagatePass: placements, redistributions, output_targets, weight_placements, weight_views,
+      warnings (and shapes of the weight copies it makes);
+    * SequenceParallelPass (--sp): sequence_shards (and rewrites redistributions);
+    * InsertCollectivesPass and LocalizePass: placements, shapes and rank_constants of the values they make.
+    """
+
     mesh: DeviceMesh
     replicate_unsupported: bool = False
     vocab_parallel: bool = False
@@ -54,9 +86,6 @@ class ShardingState:
     # Sequence parallelism (--sp): values computed on a chunk of the tokens, Shard(token axis) over the tp
     # group (passes/sequence_parallel.py); their tp placement above stays what propagation decided.
     sequence_shards: dict[str, Placement] = field(default_factory=dict)
-    propagated: bool = False
-    collectives_inserted: bool = False
-    localized: bool = False
 
     @property
     def tp(self) -> int:
@@ -70,3 +99,80 @@ class ShardingState:
     @property
     def uneven(self) -> bool:
         return bool(self.mesh.tp_shares)
+
+
+@dataclass
+class ShardingPassResult(ir.passes.PassResult):
+    """A sharding pass's result: the model and the state the next pass takes (`PassNext(result.state)`)."""
+
+    state: ShardingState
+
+
+def precondition(condition: bool, message: str) -> None:
+    """A pass's `requires` check: one line naming what is missing and which pass provides it."""
+    if not condition:
+        raise ir.passes.PreconditionError(message)
+
+
+def require_annotated(state: ShardingState, what: str) -> None:
+    precondition(bool(state.shapes), f"{what} needs the global shapes in its ShardingState: run AnnotatePass first")
+
+
+def require_propagated(model: ir.Model, state: ShardingState, what: str) -> None:
+    """Every graph input and output has a placement (PropagatePass gives one to every value)."""
+    require_annotated(state, what)
+    graph = model.graph
+    missing = next((v.name for v in [*graph.inputs, *graph.outputs] if v.name not in state.placements), None)
+    precondition(
+        missing is None, f"{what} needs a placement for every value, {missing!r} has none: run PropagatePass first"
+    )
+
+
+def pending_redistributions(model: ir.Model, state: ShardingState, with_whole: bool = False) -> list[Redistribution]:
+    """The redistributions whose consumer still reads the value as it is held (not yet converted). A shard
+    that holds everything is converted to itself (nothing is inserted): listed only `with_whole`."""
+    if state.tp == 1 or not state.redistributions:
+        return []  # at tp 1 every placement is the whole tensor: nothing to convert
+    nodes = {node.name: node for node in ir.traversal.RecursiveGraphIterator(model.graph)}
+    pending = []
+    for item in state.redistributions:
+        node = nodes.get(item.node)
+        read = node.inputs[item.index] if node is not None and item.index < len(node.inputs) else None
+        whole = isinstance(item.current, Shard) and item.current.holds_everything()
+        if whole and isinstance(item.required, Replicate) and not with_whole:
+            continue
+        if read is not None and read.name == item.value:
+            pending.append(item)
+    return pending
+
+
+def pending_output_targets(model: ir.Model, state: ShardingState) -> list[str]:
+    """Graph outputs that do not yet hold the placement they must leave the graph with."""
+    if state.tp == 1:
+        return []
+    return [
+        v.name
+        for v in model.graph.outputs
+        if v.name in state.output_targets and state.placements.get(v.name) != state.output_targets[v.name]
+    ]
+
+
+def subgraphs_of(node: ir.Node) -> list[ir.Graph]:
+    """The graphs a node holds in its attributes (If branches, Loop and Scan bodies), not nested ones."""
+    graphs: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            graphs.append(attr.as_graph())
+        elif attr.type == ir.AttributeType.GRAPHS:
+            graphs.extend(attr.as_graphs())
+    return graphs
+
+
+def control_flow_owners(graph: ir.Graph) -> dict[ir.Node, ir.Node]:
+    """Every node inside a subgraph (at any depth) -> the node of `graph` that holds it."""
+    owners: dict[ir.Node, ir.Node] = {}
+    for node in graph:
+        for subgraph in subgraphs_of(node):
+            for inner in ir.traversal.RecursiveGraphIterator(subgraph):
+                owners[inner] = node
+    return owners
