@@ -143,10 +143,11 @@ def assemble_outputs(manifest: Manifest, work_dir: Path) -> dict[str, np.ndarray
             assembled[info.name] = whole[0]
             continue
         dim = pieces[0][0].dim
+        assert dim is not None  # no piece is whole (above), so each is a slice along an axis
         shape = list(pieces[0][1].shape)
         shape[dim] = max(binding.stop for binding, _ in pieces)
         full = np.empty(shape, dtype=pieces[0][1].dtype)
-        covered = np.zeros(shape[dim], dtype=bool)
+        covered = np.zeros(shape[dim], dtype=np.bool_)
         for binding, array in pieces:
             index = [slice(None)] * len(shape)
             index[dim] = slice(binding.start, binding.stop)
@@ -245,7 +246,8 @@ def verify_plan(
         with tempfile.TemporaryDirectory(prefix="llmir-verify-") as tmp:
             work_dir = Path(tmp)
             feeds_path = work_dir / "feeds.npz"
-            np.savez(feeds_path, **feeds)
+            # mypy: a feed named `allow_pickle` would bind savez's flag of that name; model inputs are never so named.
+            np.savez(feeds_path, **feeds)  # type: ignore[arg-type]
             rank_args = [str(plan_dir.resolve()), str(feeds_path), device]
             if profile_dir is not None:
                 rank_args.append(str(profile_dir.resolve()))
