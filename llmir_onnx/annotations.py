@@ -38,7 +38,7 @@ from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.model_facts import layer_of_node_by_name
 from llmir_onnx.partition import PartitionOptions, plan
 from llmir_onnx.placement import Placement, Shard
-from llmir_onnx.plan.manifest import Manifest
+from llmir_onnx.plan.manifest import Manifest, RankEntry
 
 CONFIGURATION_NAME = "llmir-plan"
 ANNOTATED_IR_VERSION = 11
@@ -81,8 +81,8 @@ def node_stages(graph: ir.Graph, layer_ranges: Sequence[range]) -> dict[ir.Node,
         if layer is not None and layer in stage_of_layer:
             stages[node] = stage_of_layer[layer]
             continue
-        producers = [v.producer() for v in node.inputs if v is not None and v.producer() is not None]
-        stages[node] = max((stages.get(p, 0) for p in producers), default=0)  # type: ignore[arg-type]
+        producers = [p for v in node.inputs if v is not None and (p := v.producer()) is not None]
+        stages[node] = max((stages.get(p, 0) for p in producers), default=0)
     return stages
 
 
@@ -162,7 +162,7 @@ def write_annotated_source(plan_dir: Path, out: Path, model_path: Path | None = 
         _, state = plan(model, options)  # on a copy: `model` keeps its own nodes and names
         placements = dict(state.placements)
         redistributed = {(r.node, r.index) for r in state.redistributions}
-    first_of_stage = {}
+    first_of_stage: dict[int, RankEntry] = {}
     for entry in manifest.ranks:
         first_of_stage.setdefault(int(entry.coords["pp"]), entry)
     layer_ranges = [range(*e.layers) if e.layers else range(0) for _, e in sorted(first_of_stage.items())]

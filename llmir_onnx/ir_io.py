@@ -22,6 +22,31 @@ MAX_IR_VERSION = 10
 EXTERNAL_DATA_SUFFIX = ".data"
 
 
+def io_name(value: ir.Value) -> str:
+    """A graph input's or output's name: ONNX requires one (onnx_ir's type leaves any value's optional)."""
+    if value.name is None:
+        raise InputModelError("a graph input or output has no name, which ONNX requires; re-export the model")
+    return value.name
+
+
+def io_dtype(value: ir.Value) -> ir.DataType:
+    """A graph input's or output's element type; refused, naming it, when the model declares none."""
+    if value.dtype is None:
+        raise InputModelError(
+            f"graph input or output {value.name!r} declares no element type; re-export the model with typed inputs"
+        )
+    return value.dtype
+
+
+def io_shape(value: ir.Value) -> ir.Shape:
+    """A graph input's or output's shape; refused, naming it, when the model declares none."""
+    if value.shape is None:
+        raise InputModelError(
+            f"graph input or output {value.name!r} declares no shape; re-export the model with shaped inputs"
+        )
+    return value.shape
+
+
 def _graphs(model: ir.Model) -> Iterator[ir.Graph]:
     yield model.graph
     for node in ir.traversal.RecursiveGraphIterator(model.graph):

@@ -153,12 +153,13 @@ def layer_of_node_by_name(node: ir.Node) -> int | None:
         scope = node.metadata_props.get(key)
         if scope and (layer := layer_in_text(scope)) is not None:
             return layer
-    for value in node.outputs:
-        if value.name and (layer := layer_in_text(value.name)) is not None:
+    for output in node.outputs:
+        if output.name and (layer := layer_in_text(output.name)) is not None:
             return layer
     for value in node.inputs:
-        is_weight = value is not None and value.const_value is not None and value.producer() is None
-        if is_weight and value.name and (layer := layer_in_text(value.name)) is not None:
+        if value is None or value.const_value is None or value.producer() is not None:
+            continue  # not a weight
+        if value.name and (layer := layer_in_text(value.name)) is not None:
             return layer
     return None
 
@@ -215,7 +216,9 @@ def _input_roles(value: ir.Value) -> dict[int, str]:
     if kind in (TOKEN_IDS, EMBEDDINGS):
         return {0: BATCH, 1: NEW}
     if kind == POSITIONS:
-        return {0: NEW} if rank == 1 else {rank - 2: BATCH, rank - 1: NEW}  # type: ignore[operator]
+        if rank is None:
+            return {}  # no shape: no axis to name
+        return {0: NEW} if rank == 1 else {rank - 2: BATCH, rank - 1: NEW}
     if kind == MASK:
         return {0: BATCH, 1: TOTAL} if rank == 2 else {0: BATCH, 2: NEW, 3: TOTAL}
     if kind == KV_CACHE:
@@ -312,10 +315,10 @@ def dim_roles(model: ir.Model) -> DimRoles:
     found: dict[str, dict[str, str]] = {}  # symbol -> {role: where}
     sums: list[tuple[list[str], str, str]] = []  # (terms, role of the sum, where)
 
-    def note(dim: object, role: str, where: str) -> None:
-        if isinstance(dim, int) or getattr(dim, "value", None) is None:
+    def note(dim: int | ir.SymbolicDimProtocol, role: str, where: str) -> None:
+        if isinstance(dim, int) or dim.value is None:
             return
-        text = str(dim.value)  # type: ignore[attr-defined]
+        text = str(dim.value)
         if _is_symbol(text):
             found.setdefault(text, {}).setdefault(role, where)
         elif (terms := _sum_terms(text)) is not None:
@@ -355,7 +358,7 @@ def dim_roles(model: ir.Model) -> DimRoles:
         for dim in value.shape or ():
             text = None if isinstance(dim, int) or dim.value is None else str(dim.value)
             if text is not None and _is_symbol(text) and text not in roles:
-                role = role_from_name(text)
-                if role is not None:
-                    roles[text], sources[text] = role, "its name"
+                named_role = role_from_name(text)
+                if named_role is not None:
+                    roles[text], sources[text] = named_role, "its name"
     return DimRoles(roles, sources)

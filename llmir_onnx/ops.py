@@ -225,7 +225,7 @@ def _infer_all_gather(ctx: InferenceContext) -> None:
         if dim.HasField("dim_value") and dim.dim_value not in sizes:
             _fail(ctx, ALL_GATHER, f"the input's length {dim.dim_value} along `axis` is none of sizes {sizes}")
         dim.Clear()
-        dim.dim_value = collective_axis_length(ALL_GATHER, 0, len(sizes), sizes)  # type: ignore[assignment]
+        dim.dim_value = collective_axis_length(ALL_GATHER, 0, len(sizes), sizes)
     ctx.set_output_type(0, output_type)
 
 

@@ -296,7 +296,7 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
 
 
 def _uneven_ranks(
-    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[SliceBinding], ...]],
+    templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[SliceBinding], list[SliceBinding]]],
     options: PartitionOptions,
 ) -> _TpRankZero:
     """Every tp rank's own localized model holding its weights."""
@@ -308,7 +308,7 @@ def _uneven_ranks(
     placements = {name: str(p) for name, p in state.placements.items()}
     return _TpRankZero(
         models[0],
-        bindings,  # type: ignore[arg-type]
+        bindings,
         [initializer_tensors(made) for made in models],
         placements,
         [*state.warnings, *dict.fromkeys(notes)],
@@ -416,7 +416,9 @@ def _rank_initializers(program: RankProgram) -> dict[str, ir.TensorProtocol]:
     return model.initializer_tensors() if isinstance(model, TpRankCopy) else initializer_tensors(model)
 
 
-def _tp_bindings(graph: ir.Graph, state: ShardingState, tp_rank: int) -> tuple[list[SliceBinding], ...]:
+def _tp_bindings(
+    graph: ir.Graph, state: ShardingState, tp_rank: int
+) -> tuple[list[SliceBinding], list[SliceBinding]]:
     """tp rank `tp_rank`'s (inputs, outputs): original -> tp-local."""
     tp = state.tp
     inputs = [_binding(v, state.placements[v.name], _dim_of(state, v), tp, tp_rank) for v in graph.inputs]
@@ -538,7 +540,8 @@ def _stage_device_costs(
         link = cluster.group_link(group)
         profiles = {cluster.devices[r].profile.name: cluster.devices[r].profile for r in group}.values()
         times = [
-            node_time_function(model, profile, max_batch, max_seq, link_of=lambda _node, link=link: link)
+            # mypy cannot infer a lambda with a default argument; the default binds this stage's link.
+            node_time_function(model, profile, max_batch, max_seq, link_of=lambda _node, link=link: link)  # type: ignore[misc]
             for profile in profiles
         ]
         costs.append(times[0] if len(times) == 1 else _slowest_of(times))

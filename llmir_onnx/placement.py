@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -275,15 +276,15 @@ def unshard_arrays(pieces: list[np.ndarray], placement: Placement) -> np.ndarray
     if isinstance(placement, Replicate):
         return pieces[0]
     if isinstance(placement, Partial):
-        reduce = {"sum": np.sum, "max": np.max, "min": np.min}[placement.op]
-        return reduce(np.stack(pieces), axis=0)
+        reductions: dict[str, Callable[..., np.ndarray]] = {"sum": np.sum, "max": np.max, "min": np.min}
+        return reductions[placement.op](np.stack(pieces), axis=0)
     tp = len(pieces)
     dim = placement.dim % pieces[0].ndim
     if placement.inner_flat:
         return _unshard_inner_blocks(pieces, placement, dim)
     if placement.inner:
         raise ValueError(f"{placement} is an intermediate of repeat_kv; it has no full tensor to rebuild")
-    out = []
+    out: list[np.ndarray] = []
     offset = 0
     for index, block in enumerate(placement.blocks or (None,)):
         parts = placement.block_parts(index, tp)

@@ -76,7 +76,7 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         offset += written
 
 
-def gather_slices(slices: Sequence[ExternalSlice], write: Callable[[int, memoryview], None]) -> None:
+def gather_slices(slices: Sequence[ExternalSlice], write: Callable[[int, memoryview], object]) -> None:
     """Stream short-run slices of one source weight (same view and axis): `write(index, chunk)` gets the
     bytes of `slices[index]` in order, a window of whole rows at a time.
 
@@ -196,7 +196,7 @@ class ExternalSlice(ir.LazyTensor):
         inner_bytes = math.prod(self._view[self._dim + 1 :]) * self.dtype.itemsize
         return outer, self._view[self._dim], int(inner_bytes)
 
-    def _gather(self) -> ir.Tensor:
+    def _gather(self) -> ir.TensorProtocol:
         full = np.memmap(
             self._source.path,
             dtype=np.dtype(self.dtype.numpy()).newbyteorder("<"),
@@ -231,7 +231,7 @@ class Zeros(ir.LazyTensor):
     def __repr__(self) -> str:
         return f"{self._repr_base()}(zeros)"
 
-    def _zeros(self) -> ir.Tensor:
+    def _zeros(self) -> ir.TensorProtocol:
         return ir.tensor(np.zeros(self.shape.numpy(), dtype=self.dtype.numpy()), name=self.name)
 
     def tofile(self, file: BinaryIO) -> None:
@@ -267,7 +267,7 @@ def rank_weight(
     Same bytes as `shard_array(tensor.numpy().reshape(view), placement, tp, tp_rank)` (flattened
     when `view` is given).
     """
-    source_shape = tuple(int(d) for d in tensor.shape)
+    source_shape = tuple(tensor.shape.numpy())  # a weight's shape is static
     viewed = _resolve_view(tuple(view), math.prod(source_shape)) if view else source_shape
     if _streamable(tensor):
         assert isinstance(tensor, ir.ExternalTensor)

@@ -140,7 +140,7 @@ def global_shapes(model: ir.Model) -> dict[str, Shape]:
         shapes[name] = tuple(a if isinstance(a, int) else b for a, b in zip(shape, other, strict=True))
     for value in model.graph.initializers.values():
         if value.const_value is not None:
-            shapes[value.name] = tuple(int(d) for d in value.const_value.shape)
+            shapes[value.name] = tuple(value.const_value.shape.numpy())  # an initializer's shape is static
     return shapes
 
 
@@ -243,7 +243,9 @@ def grouped_head_split(ctx: RuleContext, reshape: ir.Node, width: int) -> tuple[
     if shape is None or in_rank is None or len(shape) != in_rank + 2:
         return None
     groups, heads, head_dim = shape[-3:]
-    if not all(isinstance(d, int) for d in (groups, heads, head_dim)) or groups * heads * head_dim != width:
+    if not (isinstance(groups, int) and isinstance(heads, int) and isinstance(head_dim, int)):
+        return None
+    if groups * heads * head_dim != width:
         return None
     counts = _head_blocks(ctx, out, len(shape) - 2, heads)
     return None if counts is None else (groups, counts, head_dim)
@@ -402,9 +404,11 @@ def _heads_of(ctx: RuleContext, value: ir.Value) -> int | None:
         for consumer in current.consumers():
             if consumer.op_type == "Reshape" and consumer.inputs[0] is current:
                 out = ctx.shape(consumer.outputs[0])
-                static = out is not None and len(out) >= 2 and isinstance(out[-1], int) and isinstance(out[-2], int)
-                if static and width is not None and out[-1] * out[-2] == width:
-                    return out[-2]
+                heads, head_dim = (out[-2], out[-1]) if out is not None and len(out) >= 2 else (None, None)
+                if not (isinstance(heads, int) and isinstance(head_dim, int)):
+                    continue
+                if width is not None and head_dim * heads == width:
+                    return heads
     return None
 
 

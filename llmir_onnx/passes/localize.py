@@ -463,5 +463,5 @@ def materialize_rank(template: ir.Model, state: ShardingState, tp_rank: int, con
         tensor = rank_tensor(state, name, value.const_value, tp_rank)
         if tensor is not value.const_value:
             value.const_value = tensor
-            value.shape = ir.Shape(list(tensor.shape))
+            value.shape = ir.Shape(list(tensor.shape.numpy()))  # a weight's shape is static
     return model

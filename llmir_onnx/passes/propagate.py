@@ -215,15 +215,20 @@ class PropagatePass(ir.passes.InPlacePass):
         for name in parent:
             groups[root(name)].append(name)
 
+        def shard(name: str) -> Shard:
+            placement = placements[name]
+            assert isinstance(placement, Shard)  # the names in `parent` are the split ones (above)
+            return placement
+
         def size(name: str) -> int | str | None:
-            placement, shape = placements[name], state.shapes.get(name)
+            placement, shape = shard(name), state.shapes.get(name)
             return shape[placement.dim] if shape is not None and placement.dim < len(shape) else None
 
         def in_units(name: str) -> bool:
-            return isinstance(length := size(name), int) and placements[name].divides(length, state.tp_units)
+            return isinstance(length := size(name), int) and shard(name).divides(length, state.tp_units)
 
         def in_tp(name: str) -> bool:
-            placement, length = placements[name], size(name)
+            placement, length = shard(name), size(name)
             plain = not (placement.blocks or placement.parts or placement.inner)
             return plain and isinstance(length, int) and length % state.tp == 0
 

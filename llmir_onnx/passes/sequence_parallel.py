@@ -193,7 +193,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         return axes[0] if len(axes) == 1 else None
 
     def _joins(
-        self, node: ir.Node, sharded: dict[str, int], pending: dict[tuple[str, int], object]
+        self, node: ir.Node, sharded: dict[str, int], pending: dict[tuple[str, int], Redistribution]
     ) -> dict[str, int] | None:
         """The token axes of `node`'s outputs when it joins a region (see the module docstring), else None."""
         rule = lookup(node)
@@ -219,7 +219,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 isinstance(held, Partial)
                 and held.op == "sum"
                 and redistribution is not None
-                and isinstance(redistribution.required, Replicate)  # type: ignore[attr-defined]
+                and isinstance(redistribution.required, Replicate)
             )
             if axis is not None and partial_to_reduce:
                 current.append(Shard(axis))
@@ -253,7 +253,11 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         return outputs
 
     def _rewrite(
-        self, graph: ir.Graph, region: list[ir.Node], sharded: dict[str, int], pending: dict[tuple[str, int], object]
+        self,
+        graph: ir.Graph,
+        region: list[ir.Node],
+        sharded: dict[str, int],
+        pending: dict[tuple[str, int], Redistribution],
     ) -> None:
         state = self.state
         in_region = {id(node) for node in region}
@@ -292,8 +296,8 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 name = value.name
                 value.name = f"{name}__tokens"
                 sharded[value.name] = axis
-                for what in (state.placements, state.shapes):
-                    what[value.name] = what.get(name)  # type: ignore[index]
+                state.placements[value.name] = state.placements.get(name)
+                state.shapes[value.name] = state.shapes.get(name)
                 gathered.name = name
                 graph.outputs[position] = gathered
         state.redistributions = [

@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common  # ir.passes.common's ShapeInferencePass (the package does not import it itself)
 
 from llmir_onnx.errors import InputModelError, LlmirError, PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION
@@ -208,7 +209,7 @@ def _multiplies_weight_matrix(node: ir.Node) -> bool:
         for value in each.inputs:
             if value is None or value.const_value is None or value.producer() is not None:
                 continue
-            if sum(1 for d in value.const_value.shape if int(d) > 1) >= 2:
+            if sum(1 for d in value.const_value.shape.numpy() if d > 1) >= 2:  # a weight's shape is static
                 return True
     return False
 
@@ -938,8 +939,8 @@ def _elements_picked(node: ir.Node, index: int, length: int) -> list[int] | None
         return picked if all(0 <= i < length for i in picked) else None
     if node.op_type == "Slice" and len(constants) >= 2 and all(c is not None and len(c) == 1 for c in constants):
         (start,), (end,) = constants[0], constants[1]
-        axis = constants[2][0] if len(constants) > 2 else 0  # type: ignore[index]
-        step = constants[3][0] if len(constants) > 3 else 1  # type: ignore[index]
+        axis = constants[2][0] if len(constants) > 2 else 0
+        step = constants[3][0] if len(constants) > 3 else 1
         if axis not in (0, -1) or step == 0:
             return None
         return list(range(length))[start:end:step]  # onnx's clamping of starts/ends is Python's slicing

@@ -116,8 +116,9 @@ def _bytes_of(values: Iterable[ir.Value | None], shapes: Mapping[str, TensorShap
 
 def _compute_dtype(node: ir.Node, shapes: Mapping[str, TensorShape]) -> str:
     for value in (*node.inputs, *node.outputs):
-        if value is not None and value.name in shapes and shapes[value.name].dtype.is_floating_point():
-            return shapes[value.name].dtype.name.lower()
+        shape = shapes.get(value.name) if value is not None and value.name is not None else None
+        if shape is not None and shape.dtype.is_floating_point():
+            return shape.dtype.name.lower()
     return "float32"
 
 
@@ -126,7 +127,7 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
     op = node.op_type
     domain = node.domain or ""
     outputs = [shapes[o.name] for o in node.outputs if o.name and o.name in shapes]
-    inputs = [shapes[v.name] if v is not None and v.name in shapes else None for v in node.inputs]
+    inputs = [shapes.get(v.name) if v is not None and v.name is not None else None for v in node.inputs]
     out_numel = sum(o.numel for o in outputs[:1])
     flops = 0
     moved = _bytes_of(node.inputs, shapes) + _bytes_of(node.outputs, shapes)

@@ -31,6 +31,7 @@ as small protobufs (no weight passes through protobuf).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import queue
@@ -180,7 +181,7 @@ def reference_placed_weights(rank: int, model: ir.Model, layout: DataLayout, pla
             place = layout.append(rank_data_name(rank), tensor)
             layout.places[(rank, name)] = place
         files.add(place.file)
-        value.const_value = _placed(place, tensor.dtype, list(tensor.shape), tensor.name or name, plan_dir)
+        value.const_value = _placed(place, tensor.dtype, list(tensor.shape.numpy()), tensor.name or name, plan_dir)
     return sorted(files)
 
 
@@ -336,7 +337,7 @@ class _Files:
             by_file[place.file].append((place.offset, place.length))
         for name, spans in by_file.items():
             if name not in self._hashes:
-                self._hashes[name] = _OrderedHash(lambda name=name: self.fd(name))
+                self._hashes[name] = _OrderedHash(functools.partial(self.fd, name))
             self._hashes[name].extend(spans)
 
     def written(self, place: WeightPlace) -> None:

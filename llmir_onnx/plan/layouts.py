@@ -58,6 +58,7 @@ from typing import Any
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.ir_io import io_dtype, io_name, io_shape
 from llmir_onnx.mesh import DeviceMesh, MeshCoords, grouped_shares
 from llmir_onnx.model_facts import is_kv_output_name, kv_cache_inputs, layer_of_node_by_name
 from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost
@@ -157,14 +158,15 @@ class _Analysis:
         self.costs: dict[str, list[NodeCost]] = {
             phase: [node_cost(node, shapes) for node in self.nodes] for phase, shapes in self.shapes.items()
         }
-        self.past_inputs = {v.name for v in kv_cache_inputs(model)}
+        self.past_inputs = {io_name(v) for v in kv_cache_inputs(model)}
         if not self.past_inputs:
             raise PlanError("the model has no past key/value inputs; the layout search needs a decoder with a KV cache")
         # each KV input's exact size at batch = max_batch and the past the cache holds (as the memory plan counts it)
         cache_tokens = kv_cache_tokens(model, self.shapes["decode"], max_seq)
         at_max = bind_dims(model, Sizes(batch=max_batch, seq=1, past=cache_tokens), overrides)
         self.kv_bytes = {
-            v.name: math.prod(d if isinstance(d, int) else at_max[str(d.value)] for d in v.shape) * v.dtype.itemsize  # type: ignore[union-attr]
+            io_name(v): math.prod(d if isinstance(d, int) else at_max[str(d.value)] for d in io_shape(v))
+            * io_dtype(v).itemsize
             for v in kv_cache_inputs(model)
         }
         self.node_layer = [layer_of_node_by_name(node) for node in self.nodes]
@@ -304,7 +306,9 @@ class _Analysis:
             if node.op_type == "Attention" and (node.domain or "") in ("", "ai.onnx"):
                 if "q_num_heads" in node.attributes:
                     return int(node.attributes["q_num_heads"].value)
-                return prefill[node.inputs[0].name or ""].shape[1]
+                query = node.inputs[0] if node.inputs else None
+                if query is not None:
+                    return prefill[query.name or ""].shape[1]
         raise PlanError(
             "cannot find the attention head count (no 4-D Softmax, Attention or GroupQueryAttention in a layer)"
         )

@@ -50,7 +50,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 from llmir_onnx.digest import FileDigest
 from llmir_onnx.errors import PlanError
@@ -175,7 +175,11 @@ class _ManifestReader:
     def fail(self, key: str, problem: str) -> PlanError:
         return PlanError(f"{self.path!r}: key {key!r} {problem}; partition the model again")
 
-    def get(self, obj: dict[str, Any], key: str, kind: type[T] | tuple[type, ...], where: str) -> T:
+    @overload
+    def get(self, obj: dict[str, Any], key: str, kind: type[T], where: str) -> T: ...
+    @overload
+    def get(self, obj: dict[str, Any], key: str, kind: tuple[type, ...], where: str) -> Any: ...
+    def get(self, obj: dict[str, Any], key: str, kind: type[T] | tuple[type, ...], where: str) -> Any:
         name = f"{where}.{key}" if where else key
         if key not in obj:
             raise self.fail(name, "is missing")
@@ -185,7 +189,7 @@ class _ManifestReader:
         if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
             names = " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
             raise self.fail(name, f"should be {names}, not {type(value).__name__} {json.dumps(value)[:40]}")
-        return value  # type: ignore[return-value]
+        return value
 
     def file_name(self, name: str, where: str) -> str:
         problem = plan_file_name_error(name)
@@ -234,7 +238,7 @@ class _ManifestReader:
         ]:
             if name not in files:
                 raise self.fail(key, f"names {name!r}, which `files` does not list")
-        layers = self.get(raw, "layers", (list, type(None)), where)
+        layers: list[int] | None = self.get(raw, "layers", (list, type(None)), where)
         return RankEntry(
             rank=self.get(raw, "rank", int, where),
             coords=coords,

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import onnx_ir as ir
 
 from llmir_onnx.errors import LlmirError, PlanError
+from llmir_onnx.ir_io import io_dtype, io_name
 from llmir_onnx.model_facts import is_kv_output, kv_length_axis
 from llmir_onnx.model_facts import kv_cache_inputs as past_kv_inputs
 from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, bind_dims, evaluate_shapes
@@ -81,7 +82,7 @@ def kv_cache_bytes(model: ir.Model, max_batch: int, max_seq: int, overrides: Map
         count = 1
         for dim in value.shape or ():
             count *= dim if isinstance(dim, int) else dims[str(dim.value)]
-        total += count * int(value.dtype.itemsize)  # type: ignore[union-attr]
+        total += count * int(io_dtype(value).itemsize)
     return total
 
 
@@ -159,10 +160,11 @@ def phase_sizes(max_batch: int, max_seq: int) -> dict[str, Sizes]:
 
 def kv_cache_lengths(model: ir.Model, shapes: Mapping[str, TensorShape]) -> dict[str, int]:
     """Tokens each present KV cache output holds at the evaluated `shapes`, by output name."""
+    names = {io_name(value): value for value in model.graph.outputs if is_kv_output(value)}
     return {
-        value.name: shapes[value.name].shape[kv_length_axis(value)]
-        for value in model.graph.outputs
-        if is_kv_output(value) and value.name in shapes and len(shapes[value.name].shape) == 4
+        name: shapes[name].shape[kv_length_axis(value)]
+        for name, value in names.items()
+        if name in shapes and len(shapes[name].shape) == 4
     }
 
 

@@ -142,7 +142,8 @@ def register_contrib_schemas() -> None:
             outputs=_parameters(source.outputs),
             type_constraints=[(c.type_param_str, list(c.allowed_type_strs), "") for c in source.type_constraints],
             attributes=[
-                OpSchema.Attribute(name, OpSchema.AttrType(int(attribute.type)), "", required=attribute.required)
+                # onnx's stub omits the pybind11 enum's constructor from its int value
+                OpSchema.Attribute(name, OpSchema.AttrType(int(attribute.type)), "", required=attribute.required)  # type: ignore[call-arg]
                 for name, attribute in source.attributes.items()
             ],
         )

@@ -153,7 +153,7 @@ def _times_section(plt: Any, manifest: Manifest) -> str:
 
 def _stages_section(plt: Any, manifest: Manifest) -> str:
     ranks = manifest.ranks
-    first_of_stage = {}
+    first_of_stage: dict[int, RankEntry] = {}
     for entry in ranks:
         first_of_stage.setdefault(_stage_of(entry), entry)
     parts = []

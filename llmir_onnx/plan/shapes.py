@@ -196,7 +196,7 @@ class ShapeEvaluator:
         tensor = value.const_value
         if tensor is None:
             raise PlanError(f"initializer {value.name!r} has no tensor")
-        shape = tuple(int(d) for d in tensor.shape)
+        shape = tuple(tensor.shape.numpy())  # an initializer's shape is static
         known = None
         numel = math.prod(shape)
         if tensor.dtype in (ir.DataType.INT64, ir.DataType.INT32) and numel <= SMALL_INT_ELEMENTS:
@@ -206,9 +206,10 @@ class ShapeEvaluator:
     # -- nodes
 
     def _get(self, node: ir.Node, index: int) -> TensorShape | None:
-        if index >= len(node.inputs) or node.inputs[index] is None:
+        value = node.inputs[index] if index < len(node.inputs) else None
+        if value is None:
             return None
-        name = node.inputs[index].name or ""
+        name = value.name or ""
         if name == "":
             return None
         if name not in self.values:
@@ -367,11 +368,12 @@ def position_limit(model: ir.Model) -> int | None:
             from_positions.update(id(output) for output in node.outputs)
             table = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
             if table is not None and table.const_value is not None and len(table.const_value.shape) == 2:
-                limits.append(int(table.const_value.shape[0]))
-        for value in node.inputs:
-            tensor = value.const_value if value is not None else None
-            if tensor is not None and "cos_cache" in (value.name or "") and len(tensor.shape) == 2:
-                limits.append(int(tensor.shape[0]))
+                limits.append(table.const_value.shape.numpy()[0])
+        for input_value in node.inputs:
+            if input_value is None or (tensor := input_value.const_value) is None:
+                continue
+            if "cos_cache" in (input_value.name or "") and len(tensor.shape) == 2:
+                limits.append(tensor.shape.numpy()[0])
     return min(limits) if limits else None
 
 

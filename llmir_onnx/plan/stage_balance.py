@@ -113,8 +113,9 @@ def default_node_cost(node: ir.Node) -> float:
             continue
         assert value is not None
         nbytes = _tensor_bytes(value)
-        shape = value.const_value.shape if value.const_value is not None else ()
-        numel = math.prod(int(d) for d in shape) if shape is not None else 0
+        # a weight's shape is static
+        shape = tuple(value.const_value.shape.numpy()) if value.const_value is not None else ()
+        numel = math.prod(shape)
         if node.op_type in _MATMUL_OPS and index > 0:
             if node.op_type == "MatMulNBits":
                 k = node.attributes.get_int("K", 0)
@@ -123,8 +124,8 @@ def default_node_cost(node: ir.Node) -> float:
             cost += nbytes + 2.0 * numel
         elif node.op_type == "Gather" and index == 0 and len(shape) == 2:
             # an embedding lookup streams one row per token, not the table
-            row = int(shape[1])
-            cost += nbytes / max(int(shape[0]), 1) + row
+            row = shape[1]
+            cost += nbytes / max(shape[0], 1) + row
         else:
             cost += nbytes
     return cost

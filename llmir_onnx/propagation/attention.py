@@ -106,8 +106,8 @@ def gqa_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]
             required.append(Shard(1, (), kv))  # past key / value: [batch, kv_heads, past, head_dim]
         else:
             required.append(REPLICATE)  # seqlens_k, total_sequence_length, cos/sin caches, ...
-    outputs: list[Placement] = [Shard(2), Shard(1, (), kv), Shard(1, (), kv)][: len(node.outputs)]
-    return Decision(required, outputs)
+    outputs: list[Placement] = [Shard(2), Shard(1, (), kv), Shard(1, (), kv)]
+    return Decision(required, outputs[: len(node.outputs)])
 
 
 @register(["RotaryEmbedding"], domain=MS_DOMAIN, shape=same_as_first, localize=local_heads("num_heads"))
@@ -193,5 +193,5 @@ def onnx_attention_rule(ctx: RuleContext, node: ir.Node, placements: list[Placem
         else:
             required.append(REPLICATE)
     y_axis = _heads_axis(ctx.rank(node.outputs[0])) or q_axis
-    outputs: list[Placement] = [Shard(y_axis), Shard(1, (), kv), Shard(1, (), kv), Shard(1)][: len(node.outputs)]
-    return Decision(required, outputs)
+    outputs: list[Placement] = [Shard(y_axis), Shard(1, (), kv), Shard(1, (), kv), Shard(1)]
+    return Decision(required, outputs[: len(node.outputs)])

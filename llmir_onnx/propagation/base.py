@@ -61,14 +61,14 @@ class WeightRole:
 class SplitConstraint:
     """A size that the tp degree must divide for this layout (a head count, a block of columns)."""
 
-    node: str
+    node: str | None  # an unnamed node has None (onnx_ir)
     op_type: str
     what: str
     sizes: tuple[int, ...]
     # KV heads may also be fewer than tp ranks: each is then replicated over tp // heads ranks.
     replicable: bool = False
     # The split value whose axis this is ("" for a head count a rule names).
-    value: str = ""
+    value: str | None = ""  # None: the value is unnamed (onnx_ir names are optional)
 
     def allows(self, tp: int) -> bool:
         return all(size % tp == 0 or (self.replicable and tp % size == 0) for size in self.sizes)
@@ -82,15 +82,19 @@ class RuleContext:
     constraints: list[SplitConstraint] = field(default_factory=list)
 
     def require_divisible(
-        self, node: ir.Node, what: str, sizes: Sequence[int], replicable: bool = False, value: str = ""
+        self, node: ir.Node, what: str, sizes: Sequence[int], replicable: bool = False, value: str | None = ""
     ) -> None:
         """Record that `sizes` are split over tp; propagation goes on, the error comes once, at the end."""
         self.constraints.append(
             SplitConstraint(node.name, node.op_type, what, tuple(int(s) for s in sizes), replicable, value)
         )
 
+    def role(self, node: ir.Node) -> WeightRole | None:
+        """The split annotate chose for this weight matmul; None for any other node (an unnamed one too)."""
+        return None if node.name is None else self.roles.get(node.name)
+
     def shape(self, value: ir.Value | None) -> Shape:
-        if value is None:
+        if value is None or value.name is None:
             return None
         return self.shapes.get(value.name)
 
@@ -98,7 +102,7 @@ class RuleContext:
         shape = self.shape(value)
         return None if shape is None else len(shape)
 
-    def static_dim(self, value: ir.Value, dim: int) -> int | None:
+    def static_dim(self, value: ir.Value | None, dim: int) -> int | None:
         shape = self.shape(value)
         if shape is None:
             return None

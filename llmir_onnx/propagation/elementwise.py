@@ -17,7 +17,15 @@ import onnx_ir as ir
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, register, replicated
 from llmir_onnx.propagation.registry import MS_DOMAIN, ShapeEnvironment, define
-from llmir_onnx.propagation.tensor_shapes import TensorShape, broadcast, first_input, required_int, same_as_first
+from llmir_onnx.propagation.tensor_shapes import (
+    TensorShape,
+    broadcast,
+    first_input,
+    known_arrays,
+    required_input,
+    required_int,
+    same_as_first,
+)
 
 
 @dataclass(frozen=True)
@@ -220,7 +228,7 @@ def broadcast_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorSha
 def where_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first_input(inputs)
     shape = broadcast(*(i.shape for i in inputs if i is not None))
-    return [TensorShape(shape, inputs[1].dtype)]  # type: ignore[union-attr]
+    return [TensorShape(shape, required_input(inputs, 1, node, "X").dtype)]
 
 
 _NUMPY_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
@@ -240,11 +248,12 @@ _NUMPY_BINARY: dict[str, Callable[[np.ndarray, np.ndarray], np.ndarray]] = {
 
 
 def binary_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    return _NUMPY_BINARY[node.op_type](arrays[0], arrays[1])  # type: ignore[arg-type]
+    a, b = known_arrays(arrays, 2)
+    return _NUMPY_BINARY[node.op_type](a, b)
 
 
 def div_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    a, b = arrays[0], arrays[1]
+    a, b = known_arrays(arrays, 2)
     if np.issubdtype(np.asarray(a).dtype, np.integer):
         return np.trunc(np.asarray(a) / b).astype(np.asarray(a).dtype)  # ONNX integer Div truncates
     return np.divide(a, b)
@@ -255,15 +264,16 @@ def cast_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | N
 
 
 def where_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    return np.where(arrays[0], arrays[1], arrays[2])  # type: ignore[arg-type]
+    condition, x, y = known_arrays(arrays, 3)
+    return np.where(condition, x, y)
 
 
 define(SAME_SHAPE_OPS, shape=same_as_first)
 define(tuple(_NUMPY_BINARY), value=binary_value)
 define(["Div"], value=div_value)
-define(["Neg"], value=lambda node, arrays: np.negative(arrays[0]))
+define(["Neg"], value=lambda node, arrays: np.negative(known_arrays(arrays, 1)[0]))
 define(["Identity"], value=lambda node, arrays: arrays[0])
-define(["Not"], value=lambda node, arrays: np.logical_not(arrays[0]))
+define(["Not"], value=lambda node, arrays: np.logical_not(known_arrays(arrays, 1)[0]))
 define(["FastGelu", "QuickGelu", "BiasGelu", "Gelu"], domain=MS_DOMAIN, shape=same_as_first)
 define(["Cast"], shape=cast_shape, value=cast_value)
 define(["Not", "IsNaN", "IsInf"], shape=bool_unary_shape)

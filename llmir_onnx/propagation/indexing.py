@@ -12,7 +12,7 @@ import onnx_ir as ir
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
 from llmir_onnx.propagation.registry import ShapeEnvironment, attr_int, define
-from llmir_onnx.propagation.tensor_shapes import TensorShape, first_input, same_as_first
+from llmir_onnx.propagation.tensor_shapes import TensorShape, first_input, required_input, same_as_first
 
 
 def _the_shard(placements: list[Placement | None]) -> Shard | None:
@@ -89,7 +89,7 @@ def gather_nd_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorSha
 
 
 def gather_elements_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
-    return [TensorShape(inputs[1].shape, first_input(inputs).dtype)]  # type: ignore[union-attr]
+    return [TensorShape(required_input(inputs, 1, node, "indices").shape, first_input(inputs).dtype)]
 
 
 define(["GatherND"], shape=gather_nd_shape)

@@ -19,7 +19,7 @@ from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input,
 
 
 def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement | None]) -> Decision | None:
-    role = ctx.roles.get(node.name)
+    role = ctx.role(node)
     if role is None or role.kind == "replicate":
         return None  # a weight that opens no block (lm_head): the generic rule, which keeps R on R
     a_rank = ctx.rank(node.inputs[0])
@@ -27,7 +27,7 @@ def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement |
         return None
     transposed_b = node.op_type == "Gemm" and attr_int(node, "transB", 0) == 1
     out_dim = a_rank - 1
-    bias = [None] * (len(node.inputs) - 2)
+    bias: list[Placement | None] = [None] * (len(node.inputs) - 2)
     if role.kind == "column":
         weight = role.column_shard(0 if transposed_b else 1)
         bias = [role.column_shard(0) if v is not None else None for v in node.inputs[2:]]
@@ -46,7 +46,9 @@ def _role_decision(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     return None
 
 
-def _batch_shard(ctx: RuleContext, value: ir.Value, out_dim: int, out_rank: int, blocks: tuple[int, ...]) -> Placement:
+def _batch_shard(
+    ctx: RuleContext, value: ir.Value | None, out_dim: int, out_rank: int, blocks: tuple[int, ...]
+) -> Placement:
     rank = ctx.rank(value)
     assert rank is not None
     dim = out_dim - (out_rank - rank)
@@ -140,7 +142,7 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
     Column-parallel splits N (rows of every quantized input); row-parallel splits the k blocks, so
     K / tp must be a whole number of quantization blocks (and of packed zero-point bytes).
     """
-    role = ctx.roles.get(node.name)
+    role = ctx.role(node)
     if role is None or role.kind not in ("column", "row") or (len(node.inputs) > 4 and node.inputs[4] is not None):
         return replicated(node)  # act-order (g_idx) weights are not split
     n, k, block_size = attr_int(node, "N", 0), attr_int(node, "K", 0), attr_int(node, "block_size", 0)

@@ -10,8 +10,16 @@ import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
-from llmir_onnx.propagation.registry import MS_DOMAIN, Localizer, ShapeEnvironment, attr_int, define
-from llmir_onnx.propagation.tensor_shapes import TensorShape, attr, first_input, int_list, norm_axis, same_as_first
+from llmir_onnx.propagation.registry import MS_DOMAIN, Localizer, ShapeEnvironment, attr_int, attr_ints, define
+from llmir_onnx.propagation.tensor_shapes import (
+    TensorShape,
+    attr,
+    first_input,
+    input_ints,
+    int_list,
+    norm_axis,
+    same_as_first,
+)
 
 
 @register(["Softmax", "LogSoftmax", "Hardmax", "CumSum"])
@@ -111,9 +119,8 @@ def norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | None
     axis = normalize_dim(attr_int(node, "axis", -1), rank)
     if placement.dim >= axis:
         return replicated(node)
-    outputs: list[Placement] = [placement] + [
-        placement for _ in node.outputs[1:]
-    ]  # mean / inv_std keep the leading axes, so the same shard
+    # mean / inv_std keep the leading axes, so the same shard
+    outputs: list[Placement] = [placement, *(placement for _ in node.outputs[1:])]
     return Decision([placement, *([REPLICATE] * (len(node.inputs) - 1))], outputs)
 
 
@@ -127,9 +134,11 @@ def skip_norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     # the norm is over the last axis and the add is elementwise; gamma, beta and bias are per channel.
     x, skip = placements[0], placements[1] if len(placements) > 1 else None
     rank = ctx.rank(node.inputs[0])
-    plain = isinstance(x, Shard) and x == skip and not (x.blocks or x.parts or x.inner or x.shares)
+    if not isinstance(x, Shard):
+        return replicated(node)
+    plain = x == skip and not (x.blocks or x.parts or x.inner or x.shares)
     if plain and rank is not None and 0 <= x.dim < rank - 1 and ctx.rank(node.inputs[1]) == rank:
-        rest = [REPLICATE if v is not None else None for v in node.inputs[2:]]
+        rest: list[Placement | None] = [REPLICATE if v is not None else None for v in node.inputs[2:]]
         # An absent optional output (mean, inv_std) has no shape to split: it is nothing, call it replicated.
         outputs: list[Placement] = [x if ctx.rank(out) is not None else REPLICATE for out in node.outputs]
         return Decision([x, skip, *rest], outputs)
@@ -162,10 +171,11 @@ def reduce_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape 
     op = node.op_type
     keepdims = bool(attr(node, "keepdims", 1))
     rank = len(first.shape)
+    axes: list[int] | None
     if op in ("ArgMax", "ArgMin"):
         axes = [attr_int(node, "axis", 0)]
     else:
-        axes = attr(node, "axes", None)  # type: ignore[assignment]
+        axes = attr_ints(node, "axes")
         if axes is None and len(inputs) > 1 and inputs[1] is not None:
             axes = int_list(inputs[1].value, node, "axes")
         if axes is None or len(axes) == 0:
@@ -180,7 +190,7 @@ def reduce_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape 
 
 def top_k_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    k = int_list(inputs[1].value, node, "k")[0]  # type: ignore[union-attr]
+    k = input_ints(inputs, 1, node, "k")[0]
     axis = norm_axis(attr_int(node, "axis", -1), len(first.shape))
     shape = (*first.shape[:axis], k, *first.shape[axis + 1 :])
     return [TensorShape(shape, first.dtype), TensorShape(shape, ir.DataType.INT64)]

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import onnx_ir as ir
 
@@ -56,8 +56,10 @@ class ShapeEnvironment(Protocol):
 class Localizer(Protocol):
     """What a local-size rewrite may ask of the localize pass (one tp rank's sizes; `tp_rank`)."""
 
-    tp: int
     tp_rank: int
+
+    @property
+    def tp(self) -> int: ...
 
     def placement(self, value: ir.Value | None) -> Placement | None: ...
 
@@ -67,10 +69,6 @@ class Localizer(Protocol):
 
     def local_head_count(self, heads: int) -> int:
         """How many of `heads` heads (or kv heads, replicated when fewer than the ranks) this rank holds."""
-        ...
-
-    def local_even_size(self, node: ir.Node, size: int, what: str) -> int:
-        """`size` / tp for an op that takes an even split only; refuses an uneven one naming `what`."""
         ...
 
     # Graph rewrites the localize pass provides for the core ONNX ops that carry sizes in inputs.
@@ -151,9 +149,9 @@ def define(
         twice = [part for part, value in given.items() if value is not None and part in set_before]
         if twice:
             raise ValueError(f"{domain or 'ai.onnx'}::{op_type} opsets {opsets}: {', '.join(twice)} defined twice")
-        records[records.index(record)] = replace(
-            record, **{part: value for part, value in given.items() if value is not None}
-        )
+        # The parts differ in type: Any, as dataclasses.replace's keyword arguments are checked per name.
+        changes: dict[str, Any] = {part: value for part, value in given.items() if value is not None}
+        records[records.index(record)] = replace(record, **changes)
 
 
 def register(

@@ -18,6 +18,7 @@ from llmir_onnx.errors import PlanError
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
 from llmir_onnx.propagation.base import (
     Decision,
+    Dim,
     RuleContext,
     Shape,
     normalize_dim,
@@ -28,10 +29,12 @@ from llmir_onnx.propagation.registry import Localizer, ShapeEnvironment, attr_in
 from llmir_onnx.propagation.tensor_shapes import (
     MAX_COMPUTED_ELEMENTS,
     TensorShape,
-    attr,
+    attr_tensor,
     broadcast,
     first_input,
+    input_ints,
     int_list,
+    known_arrays,
     norm_axis,
     required_int,
     reshaped,
@@ -46,6 +49,12 @@ INT64_MAX = 2**63 - 1
 def _only_shard(placements: list[Placement | None]) -> Shard | None:
     first = placements[0] if placements else None
     return first if isinstance(first, Shard) else None
+
+
+def _static_dims(dims: tuple[Dim, ...]) -> list[int] | None:
+    """The dims as ints, or None when one is symbolic or unknown."""
+    static = [d for d in dims if isinstance(d, int)]
+    return static if len(static) == len(dims) else None
 
 
 def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape: Shape, shard: Shard) -> Shard | None:
@@ -73,9 +82,9 @@ def map_reshape_dim(ctx: RuleContext, node: ir.Node, in_shape: Shape, out_shape:
         return shard.with_dim(dim + m - n) if dim >= n - suffix else None
     if dim >= n - suffix:
         return shard.with_dim(dim + m - n)
-    middle_in = list(in_shape[prefix : n - suffix])
-    middle_out = list(out_shape[prefix : m - suffix])
-    if not all(isinstance(d, int) for d in middle_in + middle_out):
+    middle_in = _static_dims(in_shape[prefix : n - suffix])
+    middle_out = _static_dims(out_shape[prefix : m - suffix])
+    if middle_in is None or middle_out is None:
         return None
     groups: list[tuple[list[int], list[int]]] = []
     i = j = 0
@@ -234,12 +243,12 @@ def expand_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
         and out_shape is not None
         and shard.dim + 1 < in_rank
         and in_shape[shard.dim + 1] == 1
-        and isinstance(out_shape[out_dim + 1], int)
-        and out_shape[out_dim + 1] > 1
+        and isinstance(repeated := out_shape[out_dim + 1], int)
+        and repeated > 1
     ):
         # repeat_kv with fewer kv heads than ranks: a rank repeats its kv head only for its own query heads.
         repeat = ctx.tp // shard.parts[0]
-        ctx.require_divisible(node, "num_heads/kv_heads", [out_shape[out_dim + 1] * shard.parts[0]])
+        ctx.require_divisible(node, "num_heads/kv_heads", [repeated * shard.parts[0]])
         return Decision([shard, REPLICATE], [Shard(out_dim, (), shard.parts, inner=repeat)])
     return Decision([shard, REPLICATE], [shard.with_dim(out_dim)])
 
@@ -339,7 +348,7 @@ def slice_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | Non
     rank = ctx.rank(node.inputs[0])
     if shard is None or rank is None:
         return replicated(node)
-    rest = [REPLICATE if v is not None else None for v in node.inputs[1:]]
+    rest: list[Placement | None] = [REPLICATE if v is not None else None for v in node.inputs[1:]]
     axes = slice_axes(ctx, node, rank)
     if axes is None:
         return replicated(node)
@@ -415,12 +424,14 @@ def gather_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | No
         return replicated(node)
     axis = normalize_dim(attr_int(node, "axis", 0), data_rank)
     data, indices = placements
-    role = ctx.roles.get(node.name)
+    role = ctx.role(node)
     if role is not None and role.kind == "vocab" and not isinstance(indices, Shard | Partial):
         # Vocab-parallel embedding: each rank looks up the ids in its rows (others give zeros): a partial sum.
-        vocab = ctx.static_dim(node.inputs[0], 0)
+        table = node.inputs[0]
+        assert table is not None  # its rank is known, so the input is present
+        vocab = ctx.static_dim(table, 0)
         if vocab is not None:
-            ctx.require_divisible(node, "the vocabulary size", [vocab], value=node.inputs[0].name)
+            ctx.require_divisible(node, "the vocabulary size", [vocab], value=table.name)
         return Decision([Shard(0), REPLICATE], [PARTIAL_SUM])
     if isinstance(data, Shard) and data.inner_blocks:
         return replicated(node) if isinstance(indices, Shard) else _inner_block_gather(ctx, node, data, axis, idx_rank)
@@ -486,18 +497,18 @@ def trilu_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement | Non
 
 
 def constant_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
-    tensor = attr(node, "value")
+    tensor = attr_tensor(node, "value")
     if tensor is None:
         raise PlanError(f"Constant node {node.name!r} uses an attribute other than `value`; re-export it")
-    array = tensor.numpy()  # type: ignore[attr-defined]
-    return [TensorShape(tuple(array.shape), tensor.dtype, array)]  # type: ignore[attr-defined]
+    array = tensor.numpy()
+    return [TensorShape(tuple(array.shape), tensor.dtype, array)]
 
 
 def shape_of_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
     start = attr_int(node, "start", 0)
-    end = attr(node, "end", None)
-    shape = np.array(first.shape[start : None if end is None else int(end)], dtype=np.int64)
+    end = node.attributes.get("end")
+    shape = np.array(first.shape[start : None if end is None else end.as_int()], dtype=np.int64)
     return [TensorShape((len(shape),), ir.DataType.INT64, shape)]
 
 
@@ -514,8 +525,8 @@ def gather_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape 
 
 def reshape_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    target = int_list(inputs[1].value, node, "target shape")  # type: ignore[union-attr]
-    return [TensorShape(reshaped(first.shape, target, bool(attr(node, "allowzero", 0)), node), first.dtype)]
+    target = input_ints(inputs, 1, node, "target shape")
+    return [TensorShape(reshaped(first.shape, target, bool(attr_int(node, "allowzero", 0)), node), first.dtype)]
 
 
 def flatten_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
@@ -526,7 +537,7 @@ def flatten_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape
 
 def transpose_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    perm = attr(node, "perm", None)
+    perm = attr_ints(node, "perm")
     order = list(perm) if perm is not None else list(reversed(range(len(first.shape))))
     return [TensorShape(tuple(first.shape[p] for p in order), first.dtype)]
 
@@ -548,7 +559,7 @@ def slice_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape |
 def split_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
     axis = norm_axis(attr_int(node, "axis", 0), len(first.shape))
-    split = attr(node, "split", None)
+    split = attr_ints(node, "split")
     if split is None and len(inputs) > 1 and inputs[1] is not None:
         split = int_list(inputs[1].value, node, "split sizes")
     count = len(node.outputs)
@@ -557,7 +568,7 @@ def split_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape |
         chunk = -(-size // count)
         split = [min(chunk, size - chunk * i) for i in range(count)]
     outs = []
-    for part in split:  # type: ignore[attr-defined]
+    for part in split:
         shape = list(first.shape)
         shape[axis] = int(part)
         outs.append(TensorShape(tuple(shape), first.dtype))
@@ -567,7 +578,7 @@ def split_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape |
 def squeeze_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     """Squeeze and Unsqueeze: axes from the attribute (older opsets) or the second input."""
     first = first_input(inputs)
-    axes = attr(node, "axes", None)
+    axes = attr_ints(node, "axes")
     if axes is None and len(inputs) > 1 and inputs[1] is not None:
         axes = int_list(inputs[1].value, node, "axes")
     return [TensorShape(squeezed(node.op_type, first.shape, axes), first.dtype)]
@@ -575,13 +586,13 @@ def squeeze_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape
 
 def expand_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    target = tuple(int_list(inputs[1].value, node, "target shape"))  # type: ignore[union-attr]
+    target = tuple(input_ints(inputs, 1, node, "target shape"))
     return [TensorShape(broadcast(first.shape, target), first.dtype)]
 
 
 def tile_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    repeats = int_list(inputs[1].value, node, "repeats")  # type: ignore[union-attr]
+    repeats = input_ints(inputs, 1, node, "repeats")
     return [TensorShape(tuple(d * r for d, r in zip(first.shape, repeats, strict=True)), first.dtype)]
 
 
@@ -589,8 +600,8 @@ def constant_of_shape_shape(
     env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]
 ) -> list[TensorShape]:
     target = tuple(int_list(first_input(inputs).value, node, "shape"))
-    tensor = attr(node, "value")
-    dtype = tensor.dtype if tensor is not None else ir.DataType.FLOAT  # type: ignore[attr-defined]
+    tensor = attr_tensor(node, "value")
+    dtype = tensor.dtype if tensor is not None else ir.DataType.FLOAT
     return [TensorShape(target, dtype)]
 
 
@@ -603,13 +614,14 @@ def range_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape |
 
 def pad_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
-    pads = int_list(inputs[1].value, node, "pads")  # type: ignore[union-attr]
+    pads = input_ints(inputs, 1, node, "pads")
     rank = len(first.shape)
     return [TensorShape(tuple(d + pads[i] + pads[i + rank] for i, d in enumerate(first.shape)), first.dtype)]
 
 
 def gather_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    return np.take(arrays[0], arrays[1], axis=attr_int(node, "axis", 0))  # type: ignore[arg-type, call-overload]
+    data, indices = known_arrays(arrays, 2)
+    return np.take(data, indices, axis=attr_int(node, "axis", 0))
 
 
 def concat_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
@@ -618,7 +630,7 @@ def concat_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray |
 
 def squeeze_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
     a = np.asarray(arrays[0])
-    axes = attr(node, "axes", None)
+    axes = attr_ints(node, "axes")
     if axes is None and len(arrays) > 1 and arrays[1] is not None:
         axes = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
     return a.reshape(squeezed(node.op_type, tuple(a.shape), axes))
@@ -627,29 +639,31 @@ def squeeze_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray 
 def reshape_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
     a = np.asarray(arrays[0])
     target = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
-    return a.reshape(reshaped(tuple(a.shape), target, bool(attr(node, "allowzero", 0)), node))
+    return a.reshape(reshaped(tuple(a.shape), target, bool(attr_int(node, "allowzero", 0)), node))
 
 
 def range_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    return np.arange(arrays[0], arrays[1], arrays[2], dtype=np.asarray(arrays[0]).dtype)  # type: ignore[call-overload]
+    start, limit, delta = known_arrays(arrays, 3)
+    # numpy's stubs take scalars only; 0-d arrays, which these are, work the same at run time.
+    return np.arange(start, limit, delta, dtype=np.asarray(start).dtype)  # type: ignore[call-overload]
 
 
 def constant_of_shape_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
     shape = tuple(int(v) for v in np.asarray(arrays[0]).reshape(-1))
     if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
         return None
-    tensor = attr(node, "value")
-    fill = tensor.numpy().reshape(-1)[0] if tensor is not None else np.float32(0)  # type: ignore[attr-defined]
+    tensor = attr_tensor(node, "value")
+    fill = tensor.numpy().reshape(-1)[0] if tensor is not None else np.float32(0)
     return np.full(shape, fill, dtype=np.asarray(fill).dtype)
 
 
 def expand_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    a = arrays[0]
+    a = known_arrays(arrays, 1)[0]
     target = tuple(int(v) for v in np.asarray(arrays[1]).reshape(-1))
     shape = broadcast(np.asarray(a).shape, target)
     if math.prod(shape) > MAX_COMPUTED_ELEMENTS:
         return None
-    return np.broadcast_to(a, shape).copy()  # type: ignore[arg-type]
+    return np.broadcast_to(a, shape).copy()
 
 
 def slice_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:

@@ -8,6 +8,7 @@ below plan/, because the shape functions live beside the sharding rules, one mod
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +49,12 @@ def attr(node: ir.Node, name: str, default: object = None) -> object:
     return default if attribute is None else attribute.value
 
 
+def attr_tensor(node: ir.Node, name: str) -> ir.TensorProtocol | None:
+    """A tensor attribute of `node` (Constant's `value`), or None when it is absent."""
+    attribute = node.attributes.get(name)
+    return None if attribute is None else attribute.as_tensor()
+
+
 def required_int(node: ir.Node, name: str) -> int:
     """An int attribute the op cannot be sized without; refused, naming the node, when it is absent."""
     attribute = node.attributes.get(name)
@@ -64,6 +71,31 @@ def int_list(value: np.ndarray | None, node: ir.Node, what: str) -> list[int]:
             "planner cannot evaluate; export the model with static shape computations"
         )
     return [int(v) for v in np.asarray(value).reshape(-1)]
+
+
+def required_input(inputs: list[TensorShape | None], index: int, node: ir.Node, what: str) -> TensorShape:
+    """Input `index`, which the op cannot be sized without; refused, naming the node, when it is absent."""
+    given = inputs[index] if index < len(inputs) else None
+    if given is None:
+        raise PlanError(f"node {node.name!r} ({node.op_type}) has no {what} input (input {index}); the op requires it")
+    return given
+
+
+def input_ints(inputs: list[TensorShape | None], index: int, node: ir.Node, what: str) -> list[int]:
+    """The known value of size input `index` (a target shape, starts, pads...) as ints."""
+    return int_list(required_input(inputs, index, node, what).value, node, what)
+
+
+def known_arrays(arrays: list[np.ndarray | None], count: int) -> list[np.ndarray]:
+    """The first `count` input values of a value function, inputs its op requires.
+
+    A missing one is a malformed node: the ValueError makes the planner size it with the shape rule instead,
+    which names the node.
+    """
+    known = [array for array in arrays[:count] if array is not None]
+    if len(known) < count:
+        raise ValueError(f"{count} input values needed, {len(known)} known")
+    return known
 
 
 def broadcast(*shapes: tuple[int, ...]) -> tuple[int, ...]:
@@ -110,8 +142,8 @@ def reshaped(shape: tuple[int, ...], target: list[int], allowzero: bool, node: i
 
 
 def sliced(shape: tuple[int, ...], inputs: list[TensorShape | None], node: ir.Node) -> tuple[int, ...]:
-    starts = int_list(inputs[1].value, node, "starts")  # type: ignore[union-attr]
-    ends = int_list(inputs[2].value, node, "ends")  # type: ignore[union-attr]
+    starts = input_ints(inputs, 1, node, "starts")
+    ends = input_ints(inputs, 2, node, "ends")
     rank = len(shape)
     axes = (
         int_list(inputs[3].value, node, "axes")
@@ -126,17 +158,19 @@ def sliced(shape: tuple[int, ...], inputs: list[TensorShape | None], node: ir.No
     return tuple(out)
 
 
-def squeezed(op: str, shape: tuple[int, ...], axes: object) -> tuple[int, ...]:
+def squeezed(op: str, shape: tuple[int, ...], axes: Sequence[int] | None) -> tuple[int, ...]:
     if op == "Unsqueeze":
-        rank = len(shape) + len(axes)  # type: ignore[arg-type]
-        positions = sorted(norm_axis(int(a), rank) for a in axes)  # type: ignore[union-attr]
+        if axes is None:
+            raise ValueError("Unsqueeze needs axes")  # callers give them; an absent one is a malformed node
+        rank = len(shape) + len(axes)
+        positions = sorted(norm_axis(int(a), rank) for a in axes)
         out = list(shape)
         for position in positions:
             out.insert(position, 1)
         return tuple(out)
     if axes is None:
         return tuple(d for d in shape if d != 1)
-    drop = {norm_axis(int(a), len(shape)) for a in axes}  # type: ignore[union-attr]
+    drop = {norm_axis(int(a), len(shape)) for a in axes}
     return tuple(d for i, d in enumerate(shape) if i not in drop)
 
 

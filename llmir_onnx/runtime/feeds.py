@@ -41,16 +41,16 @@ def _static(dim: object) -> int | None:
 def vocab_size(model: ir.Model) -> int:
     """The vocabulary size: the last dim of the logits, else the largest 2-D Gather table."""
     for value in model.graph.outputs:
-        if value.name and "logits" in value.name and value.shape is not None and _static(value.shape[-1]):
-            return int(value.shape[-1])
+        if value.name and "logits" in value.name and value.shape is not None and (last := _static(value.shape[-1])):
+            return last
     tables = [
-        node.inputs[0].const_value.shape[0]
+        node.inputs[0].const_value.shape.numpy()[0]  # an initializer's shape is static
         for node in model.graph
         if node.op_type == "Gather" and node.inputs[0] is not None and node.inputs[0].const_value is not None
         and len(node.inputs[0].const_value.shape) == 2
     ]
     if tables:
-        return int(max(tables))
+        return max(tables)
     raise InputModelError("cannot tell the vocabulary size (no static logits dim, no embedding table); pass --inputs")
 
 
@@ -71,8 +71,9 @@ def random_feeds(model: ir.Model, sizes: FeedSizes = FeedSizes()) -> dict[str, n
             feeds[name] = np.broadcast_to(np.arange(past, past + new), (batch, new)).astype(dtype)
         elif kind == KV_CACHE:
             tokens_axis = kv_length_axis(value)
-            static = [_static(dim) for axis, dim in enumerate(shape) if axis not in (0, tokens_axis)]
-            if None in static:
+            kept = [_static(dim) for axis, dim in enumerate(shape) if axis not in (0, tokens_axis)]
+            static = [size for size in kept if size is not None]
+            if len(static) < len(kept):
                 raise InputModelError(
                     f"input {name!r} has shape {shape}: heads and head_dim must be static to make a random "
                     "KV cache; pass --inputs"

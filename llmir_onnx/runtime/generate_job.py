@@ -19,7 +19,7 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -39,6 +39,9 @@ from llmir_onnx.runtime.job import JobInterrupted, fault_hook, ignore_peer_death
 from llmir_onnx.runtime.launch import LAUNCHER_NONE, detect_rank_env
 from llmir_onnx.runtime.sampling import Sampler, SamplingConfig
 from llmir_onnx.runtime.session import DEVICE_CPU, DEVICE_CUDA, RankSession, execution_providers
+
+if TYPE_CHECKING:  # imported where it is used: only --tokenizer needs the package
+    from tokenizers import Tokenizer
 
 REQUEST_FILE = "request.json"
 
@@ -85,7 +88,7 @@ class RankReport(TokenRates):
     run_calls: list[tuple[int, int, float, float]] = field(default_factory=list)  # see GenerationResult
 
 
-def load_tokenizer(directory: str | Path) -> object:
+def load_tokenizer(directory: str | Path) -> Tokenizer:
     """`tokenizers.Tokenizer` from DIR/tokenizer.json."""
     path = Path(directory) / "tokenizer.json"
     if not path.is_file():
@@ -97,12 +100,12 @@ def load_tokenizer(directory: str | Path) -> object:
     return Tokenizer.from_file(str(path))
 
 
-def encode_prompts(tokenizer: object, texts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(tokenizer: Tokenizer, texts: Sequence[str]) -> list[list[int]]:
     """The token ids of each prompt text."""
-    return [list(tokenizer.encode(text).ids) for text in texts]  # type: ignore[attr-defined]
+    return [list(tokenizer.encode(text).ids) for text in texts]
 
 
-def eos_token_ids(tokenizer: object, tokenizer_dir: Path) -> list[int]:
+def eos_token_ids(tokenizer: Tokenizer, tokenizer_dir: Path) -> list[int]:
     """The tokenizer's end-of-sequence id (tokenizer_config.json's eos_token), if it names one."""
     config_path = tokenizer_dir / "tokenizer_config.json"
     if not config_path.is_file():
@@ -110,14 +113,14 @@ def eos_token_ids(tokenizer: object, tokenizer_dir: Path) -> list[int]:
     eos = json.loads(config_path.read_text()).get("eos_token")
     if isinstance(eos, dict):
         eos = eos.get("content")
-    token_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None  # type: ignore[attr-defined]
+    token_id = tokenizer.token_to_id(eos) if isinstance(eos, str) else None
     return [] if token_id is None else [int(token_id)]
 
 
 class TextStream:
     """Prints the first sequence's new text as tokens arrive (ids when there is no tokenizer)."""
 
-    def __init__(self, tokenizer: object | None, batch: int, write: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer: Tokenizer | None, batch: int, write: Callable[[str], None]) -> None:
         self._tokenizer = tokenizer
         self._batch = batch
         self._write = write
@@ -131,7 +134,7 @@ class TextStream:
         if self._tokenizer is None:
             self._write(f"{tokens[0]} ")
             return
-        text = self._tokenizer.decode(self._ids)  # type: ignore[attr-defined]
+        text = self._tokenizer.decode(self._ids)
         # A token can end inside a multi-byte character: wait until it decodes to whole characters.
         if text.endswith("\ufffd"):
             return

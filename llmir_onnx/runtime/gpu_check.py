@@ -40,9 +40,15 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Sequence
+import types
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # for annotations only: the functions import these in the venv they run in
+    import numpy as np
+    import onnx
 
 # Only the standard library up here: the orchestrator runs under a bare python3 (see above), so numpy, onnx,
 # onnxruntime, torch and llmir_onnx's own modules are imported in the functions that run in the venv.
@@ -133,7 +139,7 @@ def run_command(command: Sequence[str], *, env: dict[str, str] | None = None, ti
 # --------------------------------------------------------------------------- CPU-side preparation
 
 
-def load_build_module() -> object:
+def load_build_module() -> types.ModuleType:
     spec = importlib.util.spec_from_file_location("llmir_custom_ops_build", ROOT / "custom_ops" / "build.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -163,7 +169,7 @@ def cuda_library_target() -> str:
 def find_tools(ctx: Context) -> bool:
     """nvcc (as custom_ops/build.py finds it), cmake, mpich's mpiexec (installed into the venv later)."""
     build = load_build_module()
-    cuda_root = build._find_cuda_root()  # type: ignore[attr-defined]
+    cuda_root = build._find_cuda_root()
     cmake = shutil.which("cmake")
     missing = [what for what, found in (("nvcc (set CUDA_HOME)", cuda_root), ("cmake", cmake)) if not found]
     if missing:
@@ -392,7 +398,7 @@ def inner_placement(plan: str, profile_dir: str) -> int:
     return 0
 
 
-def _dtypes() -> dict[str, tuple[object, int]]:
+def _dtypes() -> dict[str, tuple[type[np.generic], int]]:
     import ml_dtypes
     import numpy as np
     from onnx import TensorProto
@@ -406,7 +412,7 @@ def _dtypes() -> dict[str, tuple[object, int]]:
     }
 
 
-def collectives_model(elem_type: int, dtype_name: str) -> object:
+def collectives_model(elem_type: int, dtype_name: str) -> onnx.ModelProto:
     """Every ai.llmir collective on one input, at group [0]: AllReduce with each reduction the dtype has,
     AllGather and ReduceScatter on the outer axis (one NCCL call) and on the inner axis (strided device
     copies around it)."""
@@ -452,14 +458,14 @@ def check_collectives_models(ctx: Context) -> bool:
     return True
 
 
-def random_data(dtype: object, dtype_name: str, shape: tuple[int, int], seed: int) -> object:
+def random_data(dtype: type[np.generic], dtype_name: str, shape: tuple[int, int], seed: int) -> np.ndarray:
     import numpy as np
 
     rng = np.random.default_rng(seed)
     if dtype_name == "bool":
         return rng.random(shape) < 0.5
     if dtype_name.startswith(("int", "uint")):
-        info = np.iinfo(dtype)
+        info = np.iinfo(np.dtype(dtype))
         return rng.integers(info.min, info.max, size=shape, dtype=dtype, endpoint=True)
     return (rng.standard_normal(shape) * 100).astype(dtype)
 
@@ -628,7 +634,7 @@ def inner_time_torch(out_path: str) -> int:
     return 0
 
 
-INNER = {
+INNER: dict[str, Callable[..., int]] = {
     "collectives": inner_collectives,
     "placement": inner_placement,
     "killed-rank": inner_killed_rank,

@@ -172,7 +172,7 @@ def _mpi_library_path() -> Path | str:
 
 def _nccl_library_path() -> Path | str:
     try:
-        import nvidia.nccl  # type: ignore[import-not-found]
+        import nvidia.nccl
     except ImportError:
         return NCCL_LIBRARY_NAME
     for base in list(getattr(nvidia.nccl, "__path__", [])):

@@ -158,10 +158,11 @@ def assemble_outputs(manifest: Manifest, work_dir: Path, case: int = 0) -> dict[
             assembled[info.name] = whole[0]
             continue
         dim = pieces[0][0].dim
+        assert dim is not None  # no piece is whole (above), so each is a slice along an axis
         shape = list(pieces[0][1].shape)
         shape[dim] = max(binding.stop for binding, _ in pieces)
         full = np.empty(shape, dtype=pieces[0][1].dtype)
-        covered = np.zeros(shape[dim], dtype=bool)
+        covered = np.zeros(shape[dim], dtype=np.bool_)
         for binding, array in pieces:
             index = [slice(None)] * len(shape)
             index[dim] = slice(binding.start, binding.stop)
@@ -274,7 +275,8 @@ def verify_plan_cases(
         with tempfile.TemporaryDirectory(prefix="llmir-verify-") as tmp:
             work_dir = Path(tmp)
             for case, feeds in enumerate(feed_cases):
-                np.savez(case_feeds_path(work_dir, case), **feeds)
+                # mypy: a feed named `allow_pickle` would bind savez's flag; model inputs are never so named.
+                np.savez(case_feeds_path(work_dir, case), **feeds)  # type: ignore[arg-type]
             rank_args = [str(plan_dir.resolve()), str(len(feed_cases)), device]
             if profile_dir is not None:
                 rank_args.append(str(profile_dir.resolve()))
