@@ -7,7 +7,7 @@ Each checkout runs its own code (`<checkout>/.venv/bin/python -m llmir_onnx.cli.
 --quiet`, from the checkout's folder) on the same model and layout. A round runs every (model, layout)
 case once per checkout, in the order A B in odd rounds and B A in even ones, so neither side always
 runs first (after the other's output was freed, or with a warmer page cache). Before each timed
-partition its output folder is deleted and `sync` runs untimed, as in bench/partition_big.py. The
+partition `sync` runs untimed, as in bench/partition_big.py, and after it its plan is deleted. The
 figure per case is the median over the rounds of each side's wall time, and the median of the rounds'
 B/A ratios (each ratio compares two runs a few seconds apart on this noisy shared machine).
 """
@@ -38,6 +38,7 @@ def _partition(checkout: Path, model: Path, layout: list[str], out: Path) -> tup
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"{shlex.join(command)} (in {checkout}) failed")
+    shutil.rmtree(out)  # one plan on disk at a time (a multi-GB model's plans would fill a small disk)
     return seconds, usage.ru_maxrss * 1024
 
 
@@ -66,9 +67,6 @@ def main(argv: list[str] | None = None) -> int:
                 peaks[(case, side)] = max(peaks[(case, side)], peak)
                 print(f"round {round_index + 1} {model.parent.name} {' '.join(layout)} {side}: {seconds:.2f} s",
                       flush=True)  # fmt: skip
-    for case in range(len(cases)):
-        shutil.rmtree(args.work / f"plan-{case}-a", ignore_errors=True)
-        shutil.rmtree(args.work / f"plan-{case}-b", ignore_errors=True)
     print(f"load average after: {os.getloadavg()}")
     rows = []
     print(f"{'model':<12}{'layout':<16}{'A median':>10}{'B median':>10}{'B/A of medians':>16}{'median B/A':>12}"
