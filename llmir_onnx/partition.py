@@ -236,9 +236,9 @@ def _run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> None:
 
 @dataclass
 class TpRanks:
-    """The tensor-parallel ranks of one pipeline stage (`shard_tp_ranks`): tp rank 0's model (the
-    partition's own graph, holding tp rank 0's weights, cleaned of unused nodes) and what the other tp
-    ranks need to be its copies: their bindings and weights (lazy slices of the source's)."""
+    """The tensor-parallel ranks of the whole model, before any pipeline cut (`shard_tp_ranks`): tp rank
+    0's model (the partition's own graph, holding tp rank 0's weights, cleaned of unused nodes) and what
+    the other tp ranks need to be its copies: their bindings and weights (lazy slices of the source's)."""
 
     model: ir.Model
     bindings: list[tuple[list[SliceBinding], list[SliceBinding]]]  # per tp rank: inputs, outputs

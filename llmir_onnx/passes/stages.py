@@ -616,6 +616,7 @@ class _Splitter:
         self.crossing = [(value, first, last_use) for _, _, value, first, last_use in crossing]
         self.tag = {value: tag for tag, (value, _, _) in enumerate(self.crossing)}
         self.types: dict[str, tuple[ir.DataType, ir.Shape | None]] = {}
+        self._built = False
         # Decided on the whole input model, before any weight is written or any stage consumes the graph.
         self.kv_shape_sources = _KvShapeSources(model, placement, ranges, self.needs, options.max_seq).resolve()
 
@@ -631,6 +632,9 @@ class _Splitter:
         return [value for value, first, last_use in self.crossing if first <= stage < last_use]
 
     def build(self) -> tuple[PipelineStage, ...]:
+        if self._built:
+            raise PlanError("a stage split plan was built twice; plan the split again (building may consume its model)")
+        self._built = True
         # The crossing values' types need the shape planner's evaluation of the whole model: done here,
         # not at construction, so the plan (`initializer_stages`) is ready, and the weights stream, before it.
         names = {v.name for v, _, _ in self.crossing if v.name}
