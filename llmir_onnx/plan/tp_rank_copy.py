@@ -80,7 +80,12 @@ def _proto_without_weight_bytes(model: ir.Model) -> onnx.ModelProto:
     try:
         for name, tensor in held.items():
             values[name].const_value = ir.ExternalTensor(
-                _UNREAD_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=tensor.name or name
+                _UNREAD_LOCATION,
+                0,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=ir.Shape(tensor.shape.numpy()),  # a weight's dims are static
+                name=tensor.name or name,
             )
         return ir.serde.serialize_model(model)
     finally:
