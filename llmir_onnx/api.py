@@ -21,10 +21,17 @@ from llmir_onnx.annotations import (
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.model_facts import record_dim_hints
-from llmir_onnx.partition import PartitionOptions, PartitionResult, RankWeightsPlan, cyclic_gc_paused, partition
+from llmir_onnx.partition import (
+    PartitionOptions,
+    PartitionResult,
+    build_rank_models,
+    cyclic_gc_paused,
+    plan_rank_weights,
+    shard_tp_ranks,
+)
 from llmir_onnx.plan.communication import rank_traffic
 from llmir_onnx.plan.cost import LinkOf, estimate_phases
-from llmir_onnx.plan.data_files import RankWeights, WeightWriter
+from llmir_onnx.plan.data_files import WeightWriter
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, derived_tp_weights, load_profile
 from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, tensor_infos, write_plan_into
 from llmir_onnx.plan.manifest import Manifest
@@ -148,15 +155,13 @@ def partition_to_dir(
     )
     progress.phase(f"sharding for tp {tp} x pp {pp}")
     with atomic_output_dir(out_dir, force=force) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
-
-        def write_weights(planned: RankWeightsPlan) -> None:
-            # From here the weights stream to disk while the stage graphs, plans and costs are made.
-            weights = [RankWeights(rank, stage, tensors) for rank, stage, tensors in planned]
-            start_weight_writer(writer, weights, progress)
-
         # The partition consumes the loaded graph: the original's IO is read off it first.
         source_inputs, source_outputs = tensor_infos(source.graph.inputs), tensor_infos(source.graph.outputs)
-        result = partition(source, options, on_weights_known=write_weights, consume_model=True)
+        tp_ranks = shard_tp_ranks(source, options, consume_model=True)
+        weights = plan_rank_weights(tp_ranks, options)
+        # From here the weights stream to disk while the stage graphs, plans and costs are made.
+        start_weight_writer(writer, weights.ranks, progress)
+        result = build_rank_models(tp_ranks, weights, options)
         check_value_pins(pins, result.placements)
         mesh = result.mesh
         with shared_shape_evaluations():

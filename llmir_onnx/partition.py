@@ -13,7 +13,16 @@ Every rank of a tensor-parallel group runs the same graph; only weights and a fe
 made as a graph; every other tp rank is a `TpRankCopy` of it (its weights, its Send/Recv peers),
 made as a graph only when asked (`RankProgram.model`), and written to a plan by patching tp rank
 0's serialized model. With pipeline stages (pp > 1) tp rank 0's model is cut into stages once
-(passes.stages.split_tp_stages) and the copies are of its stages.
+(passes.stages.PipelineStageSplit) and the copies are of its stages.
+
+A partition reads top to bottom, in three steps (`partition` runs them; `api.partition_to_dir` starts
+the weight writer between the second and the third, so the weights stream to disk while the stage
+graphs are built):
+
+    shard_tp_ranks        the passes above: tp rank 0's model, every tp rank's weights and bindings
+    plan_rank_weights     which weights (lazy slices) each rank holds; pp > 1: the stage split decided
+                          (cuts, which stage holds each initializer), nothing built: a frozen plan
+    build_rank_models     the stage graphs built from that plan; the other tp ranks as copies
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from __future__ import annotations
 import contextlib
 import gc
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import onnx_ir as ir
@@ -42,9 +51,16 @@ from llmir_onnx.passes import (
 )
 from llmir_onnx.passes.fold_shapes import try_fold_shape_chains
 from llmir_onnx.passes.localize import rank_tensor
-from llmir_onnx.passes.stages import StageRankModel, split_tp_stages, split_uneven_tp_stages
+from llmir_onnx.passes.stages import (
+    PipelineStageSplit,
+    StageSplitPlan,
+    build_uneven_tp_stages,
+    plan_uneven_tp_stages,
+    tp_rank_stages,
+)
 from llmir_onnx.placement import Partial, Placement, Replicate, Shard
 from llmir_onnx.plan.cost import node_time_function
+from llmir_onnx.plan.data_files import RankWeights
 from llmir_onnx.plan.devices import Cluster, load_profile
 from llmir_onnx.plan.manifest import SliceBinding
 from llmir_onnx.plan.shapes import default_max_seq
@@ -224,9 +240,10 @@ def _run_pass(sharding_pass: ir.passes.PassBase, model: ir.Model) -> ShardingPas
 
 
 @dataclass
-class _TpRankZero:
-    """Tp rank 0's model (the partition's own graph, holding tp rank 0's weights, cleaned of unused
-    nodes) and what the other tp ranks need to be its copies: their bindings and weights."""
+class TpRanks:
+    """The tensor-parallel ranks of the whole model, before any pipeline cut (`shard_tp_ranks`): tp rank
+    0's model (the partition's own graph, holding tp rank 0's weights, cleaned of unused nodes) and what
+    the other tp ranks need to be its copies: their bindings and weights (lazy slices of the source's)."""
 
     model: ir.Model
     bindings: list[tuple[list[SliceBinding], list[SliceBinding]]]  # per tp rank: inputs, outputs
@@ -261,7 +278,10 @@ def _weight_splits(state: ShardingState) -> list[dict[str, object]]:
     return splits
 
 
-def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: bool) -> _TpRankZero:
+def shard_tp_ranks(model: ir.Model, options: PartitionOptions, consume_model: bool = False) -> TpRanks:
+    """Tensor-parallel sharding of `model`: tp rank 0's model and every tp rank's weights and bindings
+    (the first step of `partition`). With `consume_model` the passes run on `model` itself."""
+    _check_options(options)
     if options.tp == 1:
         # The original graph runs as it is; nothing to split, so nothing can fail to split.
         first = model if consume_model else model.clone()
@@ -272,7 +292,7 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
         placements = {v.name: "R" for v in [*first.graph.inputs, *first.graph.outputs]}
         _remove_unused(first)
         notes = _fold_shapes(first, options)
-        return _TpRankZero(first, [(whole, whole_out)], [initializer_tensors(first)], placements, notes)
+        return TpRanks(first, [(whole, whole_out)], [initializer_tensors(first)], placements, notes)
     templates, state = plan_ranks(model, options, consume_model=consume_model)
     template = templates[0]
     if not options.allow_replicated:
@@ -292,13 +312,13 @@ def _tp_rank_zero(model: ir.Model, options: PartitionOptions, consume_model: boo
         for tp_rank in range(1, options.tp)
     ]
     placements = {name: str(p) for name, p in state.placements.items()}
-    return _TpRankZero(first, bindings, weights, placements, [*state.warnings, *notes], _weight_splits(state))
+    return TpRanks(first, bindings, weights, placements, [*state.warnings, *notes], _weight_splits(state))
 
 
 def _uneven_ranks(
     templates: list[ir.Model], state: ShardingState, bindings: list[tuple[list[SliceBinding], list[SliceBinding]]],
     options: PartitionOptions,
-) -> _TpRankZero:
+) -> TpRanks:
     """Every tp rank's own localized model holding its weights."""
     models = [materialize_rank(t, state, tp_rank, consume=True) for tp_rank, t in enumerate(templates)]
     notes: list[str] = []
@@ -306,7 +326,7 @@ def _uneven_ranks(
         _remove_unused(made)
         notes += _fold_shapes(made, options)  # each tp rank has its own graph here
     placements = {name: str(p) for name, p in state.placements.items()}
-    return _TpRankZero(
+    return TpRanks(
         models[0],
         bindings,
         [initializer_tensors(made) for made in models],
@@ -331,11 +351,6 @@ def _refuse_unsharded(template: ir.Model, state: ShardingState) -> None:
         f"ops: {found or 'none'}): every rank would hold and run the whole model; use --tp 1, or pass "
         "--allow-replicated to write such a replicated plan anyway"
     )
-
-
-# Each rank's weights, known before the rank models are all built: (global rank, pipeline stage,
-# {initializer name: tensor}), sorted by rank. The tensors are lazy (slices of the source's data).
-RankWeightsPlan = list[tuple[int, int, dict[str, ir.TensorProtocol]]]
 
 
 def _rank_varying(state: ShardingState) -> set[str]:
@@ -378,42 +393,121 @@ def cyclic_gc_paused() -> Iterator[None]:
             gc.enable()
 
 
-def partition(
-    model: ir.Model,
-    options: PartitionOptions,
-    on_weights_known: Callable[[RankWeightsPlan], None] | None = None,
-    consume_model: bool = False,
-) -> PartitionResult:
+def partition(model: ir.Model, options: PartitionOptions, consume_model: bool = False) -> PartitionResult:
     """Tensor-parallel sharding of `model`, then (pp > 1) pipeline stages cut from the tp ranks.
 
-    `on_weights_known` is called once with every rank's weights as soon as they are decided: for
-    pp > 1 before the stage graphs are built, so their bytes can be written meanwhile. With
-    `consume_model` the rank models are cut from `model` itself, which is then not usable.
+    The three steps, which `api.partition_to_dir` runs with the weight writer started between the
+    second and the third: `shard_tp_ranks`, `plan_rank_weights` (which weights each rank holds; at
+    pp > 1 the stage split decided), `build_rank_models`. With `consume_model` the rank models are cut
+    from `model` itself, which is then not usable.
     """
-    _check_options(options)
     with cyclic_gc_paused():
-        zero = _tp_rank_zero(model, options, consume_model)
-        if options.pp > 1:
-            return _partition_stages(zero, options, on_weights_known)
-        if zero.models is not None:
-            ranks = [RankProgram(r, made, *zero.bindings[r]) for r, made in enumerate(zero.models)]
+        tp_ranks = shard_tp_ranks(model, options, consume_model)
+        weights = plan_rank_weights(tp_ranks, options)
+        return build_rank_models(tp_ranks, weights, options)
+
+
+@dataclass(frozen=True)
+class RankWeightsPlan:
+    """Which weights every rank holds, decided before any stage graph is built (`plan_rank_weights`).
+
+    `ranks`: each rank's weights ({initializer name: tensor}, lazy slices of the source's data) and its
+    pipeline stage, sorted by rank: what the weight writer places and writes. `stage_splits` (pp > 1):
+    the stage split decided and not built yet: one of tp rank 0's model, whose stages every other tp
+    rank copies, or with an uneven split one per tp rank; empty at pp 1.
+    """
+
+    ranks: tuple[RankWeights, ...]
+    stage_splits: tuple[StageSplitPlan, ...] = ()
+
+
+def plan_rank_weights(tp_ranks: TpRanks, options: PartitionOptions) -> RankWeightsPlan:
+    """Which weights each rank gets, and at pp > 1 which stage holds each initializer (the stage split
+    planned on tp rank 0's model, or on every tp rank's when the split is uneven): nothing is built."""
+    if options.pp == 1:
+        if tp_ranks.models is not None:
+            tensors = [initializer_tensors(made) for made in tp_ranks.models]
         else:
-            ranks = [RankProgram(0, zero.model, *zero.bindings[0])] + [
-                RankProgram(
-                    tp_rank, tp_rank_copy(zero.model, tp_rank, weights, zero.weights[0]), *zero.bindings[tp_rank]
-                )
-                for tp_rank, weights in enumerate(zero.weights[1:], 1)
+            tensors = [initializer_tensors(tp_ranks.model)] + [
+                tp_rank_copy(tp_ranks.model, tp_rank, weights, tp_ranks.weights[0]).initializer_tensors()
+                for tp_rank, weights in enumerate(tp_ranks.weights[1:], 1)
             ]
-        mesh = DeviceMesh(tp=options.tp, tp_shares=zero.tp_shares)
-        result = PartitionResult(mesh, ranks, zero.placements, zero.warnings, zero.weight_splits)
-        if on_weights_known is not None:
-            on_weights_known([(p.rank, 0, _rank_initializers(p)) for p in result.ranks])
-        return result
+        return RankWeightsPlan(tuple(RankWeights(rank, 0, rank_tensors) for rank, rank_tensors in enumerate(tensors)))
+    mesh = DeviceMesh(pp=options.pp, tp=options.tp)
+    first = tp_ranks.model
+    max_seq = options.max_seq or default_max_seq(first)
+    node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
+    stage_costs = memory_limits = None
+    if options.cluster is not None:
+        stage_costs, memory_limits = _stage_device_costs(first, mesh, options.cluster, options.max_batch, max_seq)
+    memory_limit = memory_limits if memory_limits is not None else options.device_memory_bytes
+    if tp_ranks.models is not None:
+        # Uneven: every tp rank's own model, split at the layers tp rank 0's split chose.
+        splits = plan_uneven_tp_stages(
+            tp_ranks.models,
+            mesh,
+            stage_cut_after_layer=options.stage_cut_after_layer,
+            node_cost=node_cost,
+            memory_limit_bytes=memory_limit,
+            stage_node_costs=stage_costs,
+            consume_input=True,  # every tp rank's model is this partition's own
+            max_seq=max_seq,
+        )
+    else:
+        split = PipelineStageSplit(
+            mesh,
+            stage_cut_after_layer=options.stage_cut_after_layer,
+            node_cost=node_cost,
+            memory_limit_bytes=memory_limit,
+            stage_node_costs=stage_costs,
+            consume_input=True,  # tp rank 0's model is this partition's own (the template or a copy)
+            max_seq=max_seq,
+        )
+        splits = [split.plan(first)]  # the same stages hold the same initializers on every tp rank
+    ranks: list[RankWeights] = []
+    for tp_rank, rank_weights in enumerate(tp_ranks.weights):
+        stages_of = splits[tp_rank if len(splits) > 1 else 0].initializer_stages
+        ranks.extend(
+            RankWeights(
+                mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=tp_rank)),
+                stage,
+                {name: tensor for name, tensor in rank_weights.items() if stage in stages_of.get(name, ())},
+            )
+            for stage in range(mesh.pp)
+        )
+    return RankWeightsPlan(tuple(sorted(ranks, key=lambda entry: entry.rank)), tuple(splits))
 
 
-def _rank_initializers(program: RankProgram) -> dict[str, ir.TensorProtocol]:
-    model = program.model_or_copy
-    return model.initializer_tensors() if isinstance(model, TpRankCopy) else initializer_tensors(model)
+def build_rank_models(tp_ranks: TpRanks, weights: RankWeightsPlan, options: PartitionOptions) -> PartitionResult:
+    """Every rank's model: at pp 1 tp rank 0's and its lazy copies; at pp > 1 the stage graphs of
+    `weights.stage_splits` built, and the other tp ranks' stages as copies of tp rank 0's."""
+    if options.pp == 1:
+        if tp_ranks.models is not None:
+            ranks = [RankProgram(r, made, *tp_ranks.bindings[r]) for r, made in enumerate(tp_ranks.models)]
+        else:
+            ranks = [RankProgram(0, tp_ranks.model, *tp_ranks.bindings[0])] + [
+                RankProgram(
+                    tp_rank,
+                    tp_rank_copy(tp_ranks.model, tp_rank, rank_weights, tp_ranks.weights[0]),
+                    *tp_ranks.bindings[tp_rank],
+                )
+                for tp_rank, rank_weights in enumerate(tp_ranks.weights[1:], 1)
+            ]
+        mesh = DeviceMesh(tp=options.tp, tp_shares=tp_ranks.tp_shares)
+        return PartitionResult(mesh, ranks, tp_ranks.placements, tp_ranks.warnings, tp_ranks.weight_splits)
+    mesh = DeviceMesh(pp=options.pp, tp=options.tp)
+    if tp_ranks.models is not None:
+        staged = build_uneven_tp_stages(weights.stage_splits, tp_ranks.bindings, mesh)
+        mesh = DeviceMesh(pp=options.pp, tp=options.tp, tp_shares=tp_ranks.tp_shares)
+    else:
+        (split,) = weights.stage_splits
+        staged = tp_rank_stages(split.build(), tp_ranks.bindings, tp_ranks.weights.__getitem__, mesh)
+    ranks = [RankProgram(s.rank, s.model, list(s.inputs), list(s.outputs), s.layers) for s in staged]
+    # The other tp ranks' copies are made from these stage models, so they inherit the clean-up.
+    for program in ranks:
+        if isinstance(program.model_or_copy, ir.Model):
+            _remove_unused(program.model_or_copy)
+    return PartitionResult(mesh, ranks, tp_ranks.placements, tp_ranks.warnings, tp_ranks.weight_splits)
 
 
 def _tp_bindings(
@@ -424,108 +518,6 @@ def _tp_bindings(
     inputs = [_binding(v, state.placements[v.name], _dim_of(state, v), tp, tp_rank) for v in graph.inputs]
     outputs = [_binding(v, state.placements[v.name], _dim_of(state, v), tp, tp_rank) for v in graph.outputs]
     return inputs, outputs
-
-
-def _partition_stages(
-    zero: _TpRankZero,
-    options: PartitionOptions,
-    on_weights_known: Callable[[RankWeightsPlan], None] | None,
-) -> PartitionResult:
-    """pp > 1: tp rank 0's model is cut into stages once; the other tp ranks get copies of its stages.
-
-    Only tp rank 0 is ever a whole graph (the template itself, holding rank 0's weights); the other
-    tp ranks exist as their weights (lazy slices) until their stage copies are made.
-    """
-    mesh = DeviceMesh(pp=options.pp, tp=options.tp)
-    first, weights = zero.model, zero.weights
-    max_seq = options.max_seq or default_max_seq(first)
-    node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
-    stage_costs = memory_limits = None
-    if options.cluster is not None:
-        stage_costs, memory_limits = _stage_device_costs(first, mesh, options.cluster, options.max_batch, max_seq)
-
-    def weights_by_stage(stages_of: dict[str, set[int]]) -> None:
-        if on_weights_known is None:
-            return
-        planned = [
-            (
-                mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=tp_rank)),
-                stage,
-                {name: tensor for name, tensor in rank_weights.items() if stage in stages_of.get(name, ())},
-            )
-            for tp_rank, rank_weights in enumerate(weights)
-            for stage in range(mesh.pp)
-        ]
-        on_weights_known(sorted(planned, key=lambda entry: entry[0]))
-
-    memory_limit = memory_limits if memory_limits is not None else options.device_memory_bytes
-    if zero.models is not None:
-        staged = _uneven_stages(zero, options, mesh, on_weights_known, node_cost, memory_limit, stage_costs, max_seq)
-    else:
-        staged, _ = split_tp_stages(
-            first,
-            zero.bindings,
-            weights.__getitem__,
-            mesh,
-            stage_cut_after_layer=options.stage_cut_after_layer,
-            node_cost=node_cost,
-            memory_limit_bytes=memory_limit,
-            stage_node_costs=stage_costs,
-            consume_model=True,  # tp rank 0's model is this partition's own (the template or a copy)
-            on_initializer_stages=weights_by_stage,
-            max_seq=max_seq,
-        )
-    ranks = [RankProgram(s.rank, s.model, list(s.inputs), list(s.outputs), s.layers) for s in staged]
-    # The other tp ranks' copies are made from these stage models, so they inherit the clean-up.
-    for program in ranks:
-        if isinstance(program.model_or_copy, ir.Model):
-            _remove_unused(program.model_or_copy)
-    if zero.models is not None:
-        mesh = DeviceMesh(pp=options.pp, tp=options.tp, tp_shares=zero.tp_shares)
-    return PartitionResult(mesh, ranks, zero.placements, zero.warnings, zero.weight_splits)
-
-
-def _uneven_stages(
-    zero: _TpRankZero,
-    options: PartitionOptions,
-    mesh: DeviceMesh,
-    on_weights_known: Callable[[RankWeightsPlan], None] | None,
-    node_cost: Callable[[ir.Node], float],
-    memory_limit: int | Sequence[int] | None,
-    stage_costs: Sequence[Callable[[ir.Node], float]] | None,
-    max_seq: int,
-) -> list[StageRankModel]:
-    """Uneven tp at pp > 1: every tp rank's own model cut at the same layers (stages.split_uneven_tp_stages);
-    the weights are announced once every tp rank's stages are known (their initializers differ)."""
-    assert zero.models is not None
-    planned: RankWeightsPlan = []
-
-    def weights_by_stage(tp_rank: int, stages_of: dict[str, set[int]]) -> None:
-        rank_weights = zero.weights[tp_rank]
-        planned.extend(
-            (
-                mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=tp_rank)),
-                stage,
-                {name: tensor for name, tensor in rank_weights.items() if stage in stages_of.get(name, ())},
-            )
-            for stage in range(mesh.pp)
-        )
-
-    staged, _ = split_uneven_tp_stages(
-        zero.models,
-        zero.bindings,
-        mesh,
-        stage_cut_after_layer=options.stage_cut_after_layer,
-        on_initializer_stages=weights_by_stage,
-        node_cost=node_cost,
-        memory_limit_bytes=memory_limit,
-        stage_node_costs=stage_costs,
-        consume_input=True,  # every tp rank's model is this partition's own
-        max_seq=max_seq,
-    )
-    if on_weights_known is not None:
-        on_weights_known(sorted(planned, key=lambda entry: entry[0]))
-    return staged
 
 
 def _stage_device_costs(

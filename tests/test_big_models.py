@@ -6,7 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -20,8 +20,10 @@ from llmir_onnx import weight_slices
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.partition import PartitionOptions, partition
+from llmir_onnx.passes.stages import StageSplitPlan, StageSplitResult
 from llmir_onnx.placement import PARTIAL_SUM, Partial, Placement, Replicate, Shard, shard_array
 from llmir_onnx.plan import emit
+from llmir_onnx.plan.data_files import RankWeights, WeightWriter
 from llmir_onnx.plan.memory import plan_memory
 from llmir_onnx.plan.tp_rank_copy import TpRankCopy
 from llmir_onnx.weight_slices import ExternalSlice, Zeros, rank_weight
@@ -163,6 +165,35 @@ def test_partition_reads_weights_only_while_writing(
                 np.testing.assert_array_equal(value.const_value.numpy(), expected)
                 checked += 1
     assert checked == 2 * TINY.layers * 2  # two weights per layer, each layer on two tp ranks
+
+
+@pytest.mark.parametrize(
+    ("model", "tp", "builds"),
+    [("tiny", 2, 1), ("tiny", 4, 1), (REPO / "models/llama-gqa-torch-legacy/model.onnx", 3, 3)],
+    ids=["tp2", "tp4", "uneven-tp3"],
+)
+def test_weights_stream_before_the_stage_graphs_are_built(
+    model: str | Path, tp: int, builds: int, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The weight path reads top to bottom: every rank's weights are decided, the writer starts, then the
+    stage graphs are built (one split of tp rank 0's model, or one per tp rank when the split is uneven)."""
+    events: list[str] = []
+    original_start, original_build = WeightWriter.start, StageSplitPlan.build
+
+    def start(self: WeightWriter, ranks: Sequence[RankWeights]) -> None:
+        events.append(f"writer started with {len(ranks)} ranks")
+        original_start(self, ranks)
+
+    def build(self: StageSplitPlan) -> StageSplitResult:
+        events.append("stages built")
+        return original_build(self)
+
+    monkeypatch.setattr(WeightWriter, "start", start)
+    monkeypatch.setattr(StageSplitPlan, "build", build)
+    source = tiny_model if model == "tiny" else Path(model)
+    manifest = partition_to_dir(source, tmp_path / "plan", tp=tp, pp=2)
+    assert events == [f"writer started with {2 * tp} ranks"] + ["stages built"] * builds
+    assert len(manifest.ranks) == 2 * tp
 
 
 def _partition_cli(model: Path, out: Path, *extra: str, hash_seed: str = "0") -> subprocess.CompletedProcess:

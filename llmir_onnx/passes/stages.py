@@ -47,10 +47,8 @@ world). On stage s they are rewritten to the global ranks of stage s's tp group 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -456,10 +454,18 @@ def compose_bindings(outer: Sequence[SliceBinding], inner: Sequence[SliceBinding
 
 
 class PipelineStageSplit:
-    """The pipeline stage split pass: one model in, one model per pipeline stage out.
+    """The pipeline stage split: one model in, one model per pipeline stage out, in two steps.
 
-    Not an `onnx_ir` PassBase (which returns one model): call it, get a `StageSplitResult`. Cuts are
-    `stage_cut_after_layer` when given, else chosen by `balance_stages` from `node_cost` under
+    `plan(model)` decides the split without building anything: the cuts, where each node goes, what
+    crosses each cut, and which stages will hold each initializer (so a caller can start writing the
+    weights before the stage graphs exist); `StageSplitPlan.build()` then builds the stage models.
+    Calling the split does both.
+
+    A plain class, not an `onnx_ir` pass: a pass maps one model to one model (`PassResult.model`,
+    with `modified`), while this maps one model to P models and a balance report, and the plan step
+    between the two halves is what the weight writer needs. Imitating the pass API would hide that.
+
+    Cuts are `stage_cut_after_layer` when given, else chosen by `balance_stages` from `node_cost` under
     `memory_limit_bytes`: exact weight bytes per stage plus `extra_memory_bytes_per_layer` (e.g. one
     layer's KV cache at the planned batch and length). The input model is not modified, unless
     `consume_input`: then the last stage is cut from the input's own graph instead of a copy (the
@@ -497,14 +503,12 @@ class PipelineStageSplit:
         self.replicate_max_weight_bytes = replicate_max_weight_bytes
         self.consume_input = consume_input
         self.max_seq = max_seq
-        # Told, before any stage is built, which stages will hold each initializer (so that writing
-        # the weights can start while the stage graphs are being built).
-        self.on_initializer_stages: Callable[[dict[str, set[int]]], None] | None = None
 
     def __call__(self, model: ir.Model) -> StageSplitResult:
-        return self.call(model)
+        return self.plan(model).build()
 
-    def call(self, model: ir.Model) -> StageSplitResult:
+    def plan(self, model: ir.Model) -> StageSplitPlan:
+        """The split decided on `model`, nothing built yet (see the class docstring)."""
         num_stages = self.mesh.pp
         placement = analyze_layers(model, self.replicate_max_weight_bytes)
         balance = None
@@ -538,10 +542,40 @@ class PipelineStageSplit:
             ranges = balance.stage_layers
         layer_stage = {layer: s for s, layer_range in enumerate(ranges) for layer in layer_range}
         splitter = _Splitter(model, placement, layer_stage, ranges, self)
-        if self.on_initializer_stages is not None:
-            self.on_initializer_stages(splitter.initializer_stages())
-        stages = splitter.build()
-        return StageSplitResult(stages, placement.num_layers, placement.layer_source, balance)
+        return StageSplitPlan(
+            tuple(ranges),
+            placement.num_layers,
+            placement.layer_source,
+            balance,
+            splitter.initializer_stages(),
+            splitter,
+        )
+
+
+@dataclass(frozen=True)
+class StageSplitPlan:
+    """A pipeline stage split decided on one model and not built yet (`PipelineStageSplit.plan`).
+
+    `initializer_stages`: the stages whose models will hold each initializer of the model (those
+    keeping a node that reads it), known before any stage graph exists. `build` makes the stage
+    models once: with `consume_input` the last stage is the input model's own graph.
+    """
+
+    stage_layers: tuple[range, ...]
+    num_layers: int
+    layer_source: str  # "names" or "kv-cache structure"
+    balance: StageBalance | None  # None when the cuts were given
+    initializer_stages: Mapping[str, frozenset[int]]
+    _splitter: _Splitter = dataclasses.field(repr=False, compare=False)
+
+    @property
+    def cut_after_layer(self) -> tuple[int, ...]:
+        """The cuts as `stage_cut_after_layer` takes them: the last layer of every stage but the last."""
+        return tuple(layers.stop - 1 for layers in self.stage_layers[:-1])
+
+    def build(self) -> StageSplitResult:
+        stages = self._splitter.build()
+        return StageSplitResult(stages, self.num_layers, self.layer_source, self.balance)
 
 
 class _Splitter:
@@ -583,6 +617,7 @@ class _Splitter:
         self.crossing = [(value, first, last_use) for _, _, value, first, last_use in crossing]
         self.tag = {value: tag for tag, (value, _, _) in enumerate(self.crossing)}
         self.types: dict[str, tuple[ir.DataType, ir.Shape | None]] = {}
+        self._built = False
         # Decided on the whole input model, before any weight is written or any stage consumes the graph.
         self.kv_shape_sources = _KvShapeSources(model, placement, ranges, self.needs, options.max_seq).resolve()
 
@@ -598,8 +633,11 @@ class _Splitter:
         return [value for value, first, last_use in self.crossing if first <= stage < last_use]
 
     def build(self) -> tuple[PipelineStage, ...]:
+        if self._built:
+            raise PlanError("a stage split plan was built twice; plan the split again (building may consume its model)")
+        self._built = True
         # The crossing values' types need the shape planner's evaluation of the whole model: done here,
-        # not at construction, so `initializer_stages` is ready (and the weights stream) before it.
+        # not at construction, so the plan (`initializer_stages`) is ready, and the weights stream, before it.
         names = {v.name for v, _, _ in self.crossing if v.name}
         known = _crossing_types(self.model, names)
         self.types = {name: (known[name][0], _copy_shape(known[name][1])) for name in names}
@@ -616,9 +654,11 @@ class _Splitter:
                 stages.add(self.stage_of[consumer])
         return stages
 
-    def initializer_stages(self) -> dict[str, set[int]]:
+    def initializer_stages(self) -> dict[str, frozenset[int]]:
         """The stages whose models will hold each initializer: those keeping a node that reads it."""
-        return {name: self._stages_reading(value) for name, value in self.model.graph.initializers.items()}
+        return {
+            name: frozenset(self._stages_reading(value)) for name, value in self.model.graph.initializers.items()
+        }
 
     def _peer(self, stage: int) -> int:
         return _global_rank(self.options.mesh, stage, self.options.cp_rank, self.options.tp_rank)
@@ -999,22 +1039,15 @@ def split_tp_stages(
     extra_memory_bytes_per_layer: int = 0,
     replicate_max_weight_bytes: int = DEFAULT_REPLICATE_MAX_WEIGHT_BYTES,
     consume_model: bool = False,
-    on_initializer_stages: Callable[[dict[str, set[int]]], None] | None = None,
     max_seq: int | None = None,
     stage_node_costs: Sequence[NodeCost] | None = None,
 ) -> tuple[list[StageRankModel], StageSplitResult]:
-    """Cut tp rank 0's `model` into mesh.pp stages, then give every other tp rank a copy of each stage.
+    """Cut tp rank 0's `model` into mesh.pp stages, then give every other tp rank a copy of each stage:
+    `PipelineStageSplit` with these options (`consume_model` is its `consume_input`) planned and built on
+    `model`, then `tp_rank_stages` of it (see there).
 
-    Every tp rank runs the same graph on equal-shaped weights, so one split serves them all: tp rank
-    t's stage s is tp rank 0's stage s with t's weights (`weights_of(t)`: initializer name -> tensor)
-    and Send/Recv peers on tp rank t of the neighbouring stages. Cutting once and copying half-graphs
-    costs a fraction of cutting every rank's whole graph (the analysis, the shape inference of the
-    crossing values and a graph copy per rank), and stage s of every tp rank holds the same layers by
-    construction. `bindings[t]`: tp rank t's (inputs, outputs), original -> tp-local.
-
-    `on_initializer_stages` is called once, before any stage is built, with the stages that will hold
-    each initializer (the same for every tp rank). With `consume_model` the model's graph becomes
-    tp rank 0's last stage. Returns the ranks sorted by global rank and the split result (its
+    `bindings[t]`: tp rank t's (inputs, outputs), original -> tp-local; `weights_of(t)`: tp rank t's
+    initializer name -> tensor. Returns the ranks sorted by global rank and the split result (its
     `balance` says why the cuts are where they are).
     """
     if len(bindings) != mesh.tp:
@@ -1030,8 +1063,27 @@ def split_tp_stages(
         max_seq=max_seq,
         stage_node_costs=stage_node_costs,
     )
-    split.on_initializer_stages = on_initializer_stages
-    result = split(model)
+    result = split.plan(model).build()
+    return tp_rank_stages(result, bindings, weights_of, mesh), result
+
+
+def tp_rank_stages(
+    result: StageSplitResult,
+    bindings: Sequence[tuple[Sequence[SliceBinding], Sequence[SliceBinding]]],
+    weights_of: Callable[[int], Mapping[str, ir.TensorProtocol]],
+    mesh: DeviceMesh,
+) -> list[StageRankModel]:
+    """Every tp rank's stages from tp rank 0's split `result`, sorted by global rank.
+
+    Every tp rank runs the same graph on equal-shaped weights, so one split serves them all: tp rank
+    t's stage s is tp rank 0's stage s with t's weights (`weights_of(t)`: initializer name -> tensor)
+    and Send/Recv peers on tp rank t of the neighbouring stages (a `TpRankCopy`). Cutting once and
+    copying half-graphs costs a fraction of cutting every rank's whole graph (the analysis, the shape
+    inference of the crossing values and a graph copy per rank), and stage s of every tp rank holds the
+    same layers by construction. `bindings[t]`: tp rank t's (inputs, outputs), original -> tp-local.
+    """
+    if len(bindings) != mesh.tp:
+        raise PlanError(f"{len(bindings)} tensor-parallel bindings for a mesh with tp={mesh.tp}")
     ranks: list[StageRankModel] = []
     first_weights = weights_of(0)
     for stage in result.stages:
@@ -1041,7 +1093,7 @@ def split_tp_stages(
                 peers = {peer: _same_peer_on(mesh, peer, tp_rank) for peer in _pipeline_peers(stage.model)}
                 stage_model = tp_rank_copy(stage.model, tp_rank, weights_of(tp_rank), first_weights, peers)
             ranks.append(_stage_rank(mesh, stage, tp_rank, stage_model, inputs, outputs))
-    return sorted(ranks, key=lambda entry: entry.rank), result
+    return sorted(ranks, key=lambda entry: entry.rank)
 
 
 def _stage_rank(
@@ -1065,33 +1117,53 @@ def _stage_rank(
     )
 
 
-def split_uneven_tp_stages(
+def plan_uneven_tp_stages(
     models: Sequence[ir.Model],
-    bindings: Sequence[tuple[Sequence[SliceBinding], Sequence[SliceBinding]]],
     mesh: DeviceMesh,
     *,
     stage_cut_after_layer: Sequence[int] | None = None,
-    on_initializer_stages: Callable[[int, dict[str, set[int]]], None] | None = None,
-    **options: Any,
-) -> tuple[list[StageRankModel], StageSplitResult]:
+    node_cost: NodeCost = default_node_cost,
+    memory_limit_bytes: int | Sequence[int] | None = None,
+    stage_node_costs: Sequence[NodeCost] | None = None,
+    consume_input: bool = False,
+    max_seq: int | None = None,
+) -> list[StageSplitPlan]:
     """Uneven tp: every tp rank has its own graph (its own head counts and shapes), so none is a copy of
-    tp rank 0's; each is cut on its own, at the layers tp rank 0's split chose, so stage s of every tp
-    rank holds the same layers. `options` as `split_tp_stages`, consume_input included (every model is
-    consumed); `on_initializer_stages(tp_rank, stages_of)` before that tp rank's stages are built."""
-    if len(models) != mesh.tp or len(bindings) != mesh.tp:
-        raise PlanError(f"{len(models)} tp rank models and {len(bindings)} bindings for a mesh with tp={mesh.tp}")
+    tp rank 0's; each is split on its own, at the layers tp rank 0's split chose, so stage s of every tp
+    rank holds the same layers. One plan per tp rank, nothing built yet; the options as `PipelineStageSplit`'s
+    (with `consume_input`, building consumes every model)."""
+    if len(models) != mesh.tp:
+        raise PlanError(f"{len(models)} tp rank models for a mesh with tp={mesh.tp}")
+    plans: list[StageSplitPlan] = []
+    cuts = stage_cut_after_layer
+    for tp_rank, model in enumerate(models):
+        split = PipelineStageSplit(
+            mesh,
+            tp_rank=tp_rank,
+            stage_cut_after_layer=cuts,
+            node_cost=node_cost,
+            memory_limit_bytes=memory_limit_bytes,
+            stage_node_costs=stage_node_costs,
+            consume_input=consume_input,
+            max_seq=max_seq,
+        )
+        plans.append(split.plan(model))
+        cuts = plans[0].cut_after_layer
+    return plans
+
+
+def build_uneven_tp_stages(
+    plans: Sequence[StageSplitPlan],
+    bindings: Sequence[tuple[Sequence[SliceBinding], Sequence[SliceBinding]]],
+    mesh: DeviceMesh,
+) -> list[StageRankModel]:
+    """Every tp rank's stages built from its own plan (`plan_uneven_tp_stages`), sorted by global rank."""
+    if len(plans) != mesh.tp or len(bindings) != mesh.tp:
+        raise PlanError(f"{len(plans)} tp rank splits and {len(bindings)} bindings for a mesh with tp={mesh.tp}")
     ranks: list[StageRankModel] = []
-    cuts, first = stage_cut_after_layer, None
-    for tp_rank, (model, (inputs, outputs)) in enumerate(zip(models, bindings, strict=True)):
-        split = PipelineStageSplit(mesh, tp_rank=tp_rank, stage_cut_after_layer=cuts, **options)
-        if on_initializer_stages is not None:
-            split.on_initializer_stages = functools.partial(on_initializer_stages, tp_rank)
-        result = split(model)
-        if first is None:
-            first, cuts = result, [stage.layers.stop - 1 for stage in result.stages[:-1]]
-        ranks.extend(_stage_rank(mesh, stage, tp_rank, stage.model, inputs, outputs) for stage in result.stages)
-    assert first is not None
-    return sorted(ranks, key=lambda entry: entry.rank), first
+    for tp_rank, (plan, (inputs, outputs)) in enumerate(zip(plans, bindings, strict=True)):
+        ranks.extend(_stage_rank(mesh, stage, tp_rank, stage.model, inputs, outputs) for stage in plan.build().stages)
+    return sorted(ranks, key=lambda entry: entry.rank)
 
 
 def _pipeline_peers(model: ir.Model) -> set[int]:

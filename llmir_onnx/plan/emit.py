@@ -24,8 +24,7 @@ import onnx_ir as ir
 
 from llmir_onnx.digest import FileDigest, sha256_file
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import graph_protos, model_proto, write_model_proto
-from llmir_onnx.ops import LLMIR_DOMAIN, PIPELINE_OPS
+from llmir_onnx.ir_io import model_proto, write_model_proto
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.plan.rank_check import check_rank_model
@@ -219,8 +218,9 @@ def _tp_rank_copy_proto(
     source: onnx.ModelProto, rank: int, copy: TpRankCopy, writer: WeightWriter, staging: Path
 ) -> tuple[onnx.ModelProto, list[str]] | None:
     """Rank `rank`'s model file made from its tp rank 0's serialized model, without a graph copy: its
-    weights' places and values, its pipeline peers. The same bytes as the copy's model made and
-    saved; None when the copy's weights were not all planned (then the model is made instead)."""
+    weights' places and values, then the copy's patch (`TpRankCopy.patch`, which `materialize` applies
+    too). The same bytes as the copy's model made and saved; None when the copy's weights were not all
+    planned (then the model is made instead)."""
     assert writer.layout is not None
     proto = onnx.ModelProto()
     proto.CopyFrom(source)
@@ -228,11 +228,7 @@ def _tp_rank_copy_proto(
     files = reference_placed_weights_in_proto(rank, proto.graph, writer.layout, staging, changed)
     if files is None:
         return None
-    for node in (node for graph in graph_protos(proto.graph) for node in graph.node):
-        if node.domain == LLMIR_DOMAIN and node.op_type in PIPELINE_OPS:
-            for attribute in node.attribute:
-                if attribute.name == "peer":
-                    attribute.i = copy.peers[attribute.i]
+    copy.patch(proto)
     return proto, files
 
 

@@ -1,9 +1,12 @@
 """A tp rank's model not yet made: tp rank 0's model with this rank's weights and pipeline peers.
 
 Every tp rank of a stage runs the same graph; only the weights it holds and the peers of its Send/Recv
-differ. The partition makes tp rank 0's model as a graph and every other tp rank as a `TpRankCopy` of it;
-the plan writer (plan/emit.py) patches tp rank 0's serialized model with a copy's differences instead of
-copying the graph, and `materialize` makes the graph where one is needed.
+differ. The partition makes tp rank 0's model as a graph and every other tp rank as a `TpRankCopy` of it.
+The patch that turns tp rank 0's model into another tp rank's is written once, on the serialized model
+(`TpRankCopy.patch`): the plan writer (plan/emit.py) applies it to tp rank 0's saved model file instead of
+copying the graph, and `materialize`, which makes the graph where one is needed, reads a patched
+serialization back. The weights are not part of the patch: they are the rank's own tensors
+(`initializer_tensors`), which the plan writer places and `materialize` attaches.
 """
 
 from __future__ import annotations
@@ -11,10 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import onnx
 import onnx_ir as ir
 
 from llmir_onnx import ops
-from llmir_onnx.ir_io import initializer_tensors
+from llmir_onnx.ir_io import graph_protos, initializer_tensors
+
+# The external-data location of the stand-ins that keep a weight's bytes out of a serialization.
+_UNREAD_LOCATION = "llmir.unread"
 
 
 @dataclass(frozen=True)
@@ -24,8 +31,9 @@ class TpRankCopy:
 
     `weights` are the rank's initializers by name; `changed` names those that differ from tp rank 0's
     (sliced weights, rank constants), `peers` maps each Send/Recv peer of the source to this rank's.
-    `materialize` makes the model (a graph copy); a plan writer can instead patch the source's
-    serialized model with the same differences, which is what the copies are for.
+    `patch` is the one definition of how the copy's graph differs from the source's; `materialize`
+    makes the model from it (a plan writer patches the source's serialized model instead, which is what
+    the copies are for).
     """
 
     source: ir.Model
@@ -34,14 +42,25 @@ class TpRankCopy:
     changed: frozenset[str]
     peers: Mapping[int, int]
 
-    def materialize(self) -> ir.Model:
-        model = self.source.clone()
-        for name, value in model.graph.initializers.items():
-            if name in self.changed:
-                value.const_value = self.weights[name]
-        for node in ir.traversal.RecursiveGraphIterator(model.graph):
+    def patch(self, proto: onnx.ModelProto) -> None:
+        """Turn `proto`, the source's serialized model (subgraphs included), into this rank's: its Send/Recv
+        peers. The weights are placed by the caller (`initializer_tensors` says which they are)."""
+        for node in (node for graph in graph_protos(proto.graph) for node in graph.node):
             if node.domain == ops.LLMIR_DOMAIN and node.op_type in ops.PIPELINE_OPS:
-                node.attributes["peer"] = ir.AttrInt64("peer", self.peers[node.attributes["peer"].as_int()])
+                for attribute in node.attribute:
+                    if attribute.name == "peer":
+                        attribute.i = self.peers[attribute.i]
+
+    def materialize(self) -> ir.Model:
+        """The copy made as a graph: the source serialized without its weights' bytes, `patch`ed and read
+        back, holding this rank's tensors (the same objects, lazy where the source's are)."""
+        proto = _proto_without_weight_bytes(self.source)
+        self.patch(proto)
+        model = ir.serde.deserialize_model(proto)
+        tensors = self.initializer_tensors()
+        for name, value in model.graph.initializers.items():
+            if name in tensors:
+                value.const_value = tensors[name]
         return model
 
     def initializer_tensors(self) -> dict[str, ir.TensorProtocol]:
@@ -50,6 +69,28 @@ class TpRankCopy:
             name: self.weights[name] if name in self.changed else tensor
             for name, tensor in initializer_tensors(self.source).items()
         }
+
+
+def _proto_without_weight_bytes(model: ir.Model) -> onnx.ModelProto:
+    """`model` serialized with each main-graph initializer as an external reference to nowhere (dtype and
+    shape kept, no byte read: its tensor may be a lazy slice of a multi-GB file). The model is unchanged
+    afterwards."""
+    held = initializer_tensors(model)
+    values = model.graph.initializers
+    try:
+        for name, tensor in held.items():
+            values[name].const_value = ir.ExternalTensor(
+                _UNREAD_LOCATION,
+                0,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=ir.Shape(tensor.shape.numpy()),  # a weight's dims are static
+                name=tensor.name or name,
+            )
+        return ir.serde.serialize_model(model)
+    finally:
+        for name, tensor in held.items():
+            values[name].const_value = tensor
 
 
 def tp_rank_copy(
