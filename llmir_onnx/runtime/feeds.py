@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -19,11 +18,6 @@ from llmir_onnx.errors import InputModelError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.model_facts import KV_CACHE, MASK, POSITIONS, TOKEN_IDS, input_kind, kv_cache_pairs, kv_length_axis
 from llmir_onnx.runtime.session import original_session
-
-# onnxruntime comes from an optional extra (cpu or gpu): it is imported inside the functions that make
-# sessions, so importing this module does not need it.
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)
