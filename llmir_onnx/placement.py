@@ -173,8 +173,14 @@ class Shard:
         if tp != len(self.shares):
             raise ValueError(f"{self} has {len(self.shares)} shares, asked for a tp of {tp}")
         even, units = self.even(), sum(self.shares)
+        held = unit_range(self.shares, rank)
+        if not (self.blocks or self.parts or self.inner):
+            # A plain axis: the rank's units are one run (an element-granular split has one unit per
+            # element, so this avoids a loop over the whole vocabulary).
+            step = size // units
+            return [(held.start * step, held.stop * step)]
         merged: list[tuple[int, int]] = []
-        for unit in unit_range(self.shares, rank):
+        for unit in held:
             for index, (start, stop) in enumerate(even.local_ranges(size, units, unit)):
                 if index == len(merged):
                     merged.append((start, stop))

@@ -280,12 +280,15 @@ def test_uneven_tp_with_pipeline_stages(name: str, shares: list[int], tmp_path: 
     assert held == [2, 1, 1]  # gpt2: 4 kv heads as 2,1,1; llama: 8 query heads 4,2,2 on 4 kv heads
 
 
-def test_refusal_lists_uneven_tps_whose_mlp_splits_on_its_own(smollm2_shaped: Path, tmp_path: Path) -> None:
-    """tp 5 splits 9 heads as 3,3,1,1,1 and the 192 MLP columns into neither ninths nor fifths; the refusal
-    lists every tp that partitions: 2, 4, 6 and 8 split the MLP on their own equal parts, 3 divides both."""
-    from llmir_onnx.api import partition_to_dir
-
-    refusal = r"^--tp 5 splits the heads as 3,3,1,1,1 \(9 parts\), which axis 2 of .*; use --tp 1, 2, 3, 4, 6 or 8$"
-    with pytest.raises(LlmirError, match=refusal):
-        partition_to_dir(smollm2_shaped / "model.onnx", tmp_path / "plan", tp=5)
-    assert not (tmp_path / "plan").exists()
+def test_mlp_split_into_element_parts_where_neither_units_nor_tp_divide(smollm2_shaped: Path, tmp_path: Path) -> None:
+    """tp 5 splits 9 heads as 3,3,1,1,1 and the 192 MLP columns, which neither ninths nor fifths divide,
+    into parts of one element, near-equal: 39,39,38,38,38 (refused before; tests/test_element_splits.py)."""
+    out = tmp_path / "plan"
+    manifest = _partition_and_verify(smollm2_shaped, 5, out)
+    assert manifest["mesh"]["tp_shares"] == [3, 3, 1, 1, 1]
+    weights = {w["name"]: w for w in manifest["sharding"]["weights"]}
+    for name in ("gate_proj", "down_proj"):
+        weight = weights[f"model.layers.0.mlp.{name}.weight"]
+        assert [sum(b - a for a, b in ranges) for ranges in weight["ranges"]] == [39, 39, 38, 38, 38], weight
+    assert weights["model.layers.0.mlp.down_proj.weight"]["placement"] == "S(0)[39,39,38,38,38]"
+    _rank_models_check(out, 5)

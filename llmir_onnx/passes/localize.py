@@ -121,7 +121,7 @@ class LocalizePass(ir.passes.InPlacePass):
 
     def local_head_count(self, heads: int) -> int:
         tp, units = self.state.tp, self.state.tp_units
-        if self.state.uneven:
+        if self.state.mesh.tp_shares:
             # The heads are units, or kv heads each replicated over units // heads of them.
             held = Shard(0, (), (heads,) if heads < units else (), shares=self.state.mesh.tp_shares)
             return held.local_size(heads, tp, self.tp_rank)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import onnx_ir as ir
 
 from llmir_onnx.errors import LlmirError, ShardingError
-from llmir_onnx.mesh import DeviceMesh
+from llmir_onnx.mesh import DeviceMesh, split_shares
 from llmir_onnx.passes.annotate import assign_weight_roles, tp_mesh
 from llmir_onnx.passes.insert_collectives import InsertCollectivesPass
 from llmir_onnx.passes.localize import LocalizePass
@@ -165,8 +165,12 @@ class PropagatePass(ir.passes.InPlacePass):
                 full = isinstance(placement, Shard) and placement.holds_everything()
                 placements[value.name] = REPLICATE if full else placement
         works = functools.cache(lambda tp: _partitions_at(model, self.state, tp)) if self.try_other_tps else None
-        own = self._own_splits(graph) if state.uneven else set()
-        constraints = [c for c in ctx.constraints if c.value not in own and not (self.units_only and c.value)]
+        own, element = self._own_splits(graph) if state.tp > 1 else (set(), {})
+        constraints = [
+            c
+            for c in ctx.constraints
+            if c.value not in own and c.value not in element and not (self.units_only and c.value)
+        ]
         units_works = None
         if self.try_other_tps and state.attention_heads:
             heads = state.attention_heads
@@ -189,15 +193,24 @@ class PropagatePass(ir.passes.InPlacePass):
             if isinstance(held, Partial) or (isinstance(held, Shard) and held.blocks) or vocab_split:
                 state.output_targets[value.name] = REPLICATE
         state.weight_placements = {name: placements[name] for name in graph.initializers}
+        state.element_split = bool(element)
         if state.uneven:
-            self._apply_shares(works, own)
+            self._apply_shares(works, own, element)
         return ShardingPassResult(model, self._duplicated > 0, state)
 
-    def _own_splits(self, graph: ir.Graph) -> set[str]:
-        """Values that split into tp equal parts of their own instead of the heads' units: a group of split
-        values joined through nodes (an MLP's intermediate columns, a vocabulary) whose axis the units do not
-        divide but tp does. A column-parallel/row-parallel pair only needs the same split on both sides,
-        and the group holds both; a group that fits neither stays in units (and is refused)."""
+    def _own_splits(self, graph: ir.Graph) -> tuple[set[str], dict[str, tuple[int, ...]]]:
+        """Values whose split does not follow the heads' units: groups of split values joined through nodes
+        (an MLP's intermediate columns, a vocabulary table, its lm_head and logits) whose axis the units do
+        not divide. A column-parallel/row-parallel pair only needs the same split on both sides, and the
+        group holds both. Returns:
+
+        * `own`: groups that tp divides, split into tp equal parts of their own (plain shards);
+        * `element`: plain groups of one size that neither divides, value -> shares: the axis is cut into
+          parts of one element, near-equal (`mesh.split_shares`, the larger parts first) or, with per-rank
+          `tp_weights` (mixed devices), in proportion to the weights, as the heads are.
+
+        Blocks (fused [q|k|v] columns), repeated parts and groups of mixed sizes stay in units (and are
+        refused when those do not divide them)."""
         state, placements = self.state, self.state.placements
         parent: dict[str, str] = {}
 
@@ -232,20 +245,51 @@ class PropagatePass(ir.passes.InPlacePass):
             plain = not (placement.blocks or placement.parts or placement.inner)
             return plain and isinstance(length, int) and length % state.tp == 0
 
-        own: set[str] = set()
-        for members in groups.values():
-            if not all(map(in_units, members)) and all(map(in_tp, members)):
-                own.update(members)
-        return own
+        def plain(name: str) -> bool:
+            placement = shard(name)
+            return not (placement.blocks or placement.parts or placement.inner)
 
-    def _apply_shares(self, works: Callable[[int], bool] | None, own: set[str]) -> None:
+        own: set[str] = set()
+        element: dict[str, tuple[int, ...]] = {}
+        for members in groups.values():
+            if all(map(in_units, members)):
+                continue
+            if all(map(in_tp, members)):
+                own.update(members)
+                continue
+            lengths = {size(name) for name in members}
+            length = lengths.pop() if len(lengths) == 1 else None
+            if all(map(plain, members)) and isinstance(length, int) and length >= state.tp:
+                shares = split_shares(length, state.tp, state.tp_weights)
+                element.update(dict.fromkeys(members, shares))
+        return own, element
+
+    def _apply_shares(
+        self, works: Callable[[int], bool] | None, own: set[str], element: dict[str, tuple[int, ...]]
+    ) -> None:
         """Rules planned the split in units; every shard now says which units each tp rank holds, but for
-        the values split into tp equal parts of their own (`own`), which stay plain shards."""
+        the values split into tp equal parts of their own (`own`), which stay plain shards, and those cut
+        into parts of one element (`element`), which hold their own shares."""
         state = self.state
         shares = state.mesh.tp_shares
+        element_dims = {
+            name: placement.dim
+            for name, placement in state.placements.items()
+            if name in element and isinstance(placement, Shard)
+        }
 
         def uneven(name: str, placement: Placement) -> Placement:
             if not isinstance(placement, Shard) or name in own:
+                return placement
+            if name in element:
+                if placement.dim != element_dims[name]:
+                    raise ShardingError(
+                        f"value {name!r} is split unevenly on axis {element_dims[name]} (parts "
+                        f"{','.join(map(str, element[name]))}) and asked for on axis {placement.dim}; "
+                        f"use a tp that divides its axis {element_dims[name]}"
+                    )
+                return placement.with_shares(element[name])
+            if not shares:
                 return placement
             misfit = placement.with_shares(shares).uneven_misfit()
             if misfit is not None:

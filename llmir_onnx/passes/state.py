@@ -86,6 +86,9 @@ class ShardingState:
     # Sequence parallelism (--sp): values computed on a chunk of the tokens, Shard(token axis) over the tp
     # group (passes/sequence_parallel.py); their tp placement above stays what propagation decided.
     sequence_shards: dict[str, Placement] = field(default_factory=dict)
+    # PropagatePass: some split axis (a vocabulary, an MLP's columns) that neither tp nor the heads' units
+    # divide is cut into parts of one element (`Shard.shares` over its size): tp ranks' sizes differ.
+    element_split: bool = False
 
     @property
     def tp(self) -> int:
@@ -98,7 +101,8 @@ class ShardingState:
 
     @property
     def uneven(self) -> bool:
-        return bool(self.mesh.tp_shares)
+        """Whether tp ranks hold parts of different sizes (each then has its own localized graph)."""
+        return bool(self.mesh.tp_shares) or self.element_split
 
 
 @dataclass

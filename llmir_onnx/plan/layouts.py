@@ -43,8 +43,9 @@ divide the KV heads.
 
 Layouts: by default every (tp, pp) with tp x pp == devices; `include_fewer=True` adds every
 tp x pp < devices (for models that fit on fewer devices, leaving the rest for replicas). A layout
-that breaks a rule (tp must divide the heads and the MLP width, tp and kv heads must divide one
-another, pp <= layers) is listed as invalid with its reason; one that does not fit says by how much.
+that breaks a rule (tp must divide the heads, tp and kv heads must divide one another, pp <= layers;
+an MLP width or a vocabulary tp does not divide splits into parts of one element) is listed as invalid
+with its reason; one that does not fit says by how much.
 """
 
 from __future__ import annotations
@@ -396,8 +397,11 @@ def _check_layout(shape: ModelShape, tp: int, pp: int, allow_kv_replication: boo
     if shape.kv_heads % tp and tp % shape.kv_heads:
         return f"tp {tp} and the {shape.kv_heads} KV heads do not divide one another"
     for width in shape.column_widths:
-        if width % tp:
-            return f"tp {tp} does not divide a column-parallel width of {width}"
+        # A width tp does not divide (an MLP's columns, a vocabulary) splits into parts of one element;
+        # each rank needs one column at least. (A fused [gate|up] projection is the exception: its blocks
+        # split evenly only, which the partitioner checks and this estimate does not see.)
+        if width < tp:
+            return f"tp {tp} exceeds a column-parallel width of {width}"
     if pp > shape.layers:
         return f"pp {pp} exceeds the {shape.layers} decoder layers"
     return ""
@@ -436,10 +440,11 @@ def _uneven_parts(
         parts.append(RankPart(share, share / shape.heads, kv_local / shape.kv_heads))
         start += share
     for width in shape.column_widths:
-        # The partitioner splits a width the head units do not divide into tp equal parts; the estimate
-        # still scales it by each rank's head fraction (off by the difference on such MLPs).
-        if width % shape.heads and width % tp:
-            return [], f"{why}: a column-parallel width of {width} splits neither in units of one head nor in {tp}"
+        # The partitioner splits a width the head units do not divide into tp equal parts, or parts of one
+        # element where tp does not divide it either; the estimate still scales it by each rank's head
+        # fraction (off by the difference on such MLPs).
+        if width < tp:
+            return [], f"{why}: tp {tp} exceeds a column-parallel width of {width}"
     return parts, ""
 
 

@@ -130,7 +130,7 @@ def localize_matmul_nbits(localizer: Localizer, graph: ir.Graph, node: ir.Node) 
     if placement.shares:
         raise ShardingError(
             f"node {node.name} (MatMulNBits) would be split unevenly ({placement}); quantized weights take "
-            "an even split only: use a tp that divides the heads"
+            f"an even split only: use a tp that divides the heads and its {name}={node.attributes[name].as_int()}"
         )
     node.attributes[name] = ir.AttrInt64(name, node.attributes[name].as_int() // localizer.tp)
 
