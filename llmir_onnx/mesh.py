@@ -26,6 +26,8 @@ the shares follow the weights. For ``DeviceMesh(tp=3, tp_shares=(2, 1, 1))``::
     units:       0, 1  2  3
 
 Every axis split over tp is cut into ``tp_units`` equal parts; rank r holds ``unit_range(r)`` of them.
+An axis those units do not divide (a vocabulary, an MLP's columns) splits into tp equal parts where tp
+divides it, else into parts of one element: ``split_shares(size, tp)`` units of one element each.
 An even mesh has no shares: ``tp_units == tp`` and rank r holds unit r.
 """
 

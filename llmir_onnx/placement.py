@@ -9,7 +9,9 @@
   the ``inner`` ranks sharing a group split each inner block ``inner_parts[b]`` ways.
 * Uneven (``shares``, from ``DeviceMesh.tp_shares``): the axis is cut into ``sum(shares)`` equal units as
   if there were that many ranks, and tp rank ``r`` holds its ``shares[r]`` neighbouring units (of every
-  block), printed with the shares: ``S(1)[2,1,1]`` is 4 heads on 3 ranks, 2 on the first.
+  block), printed with the shares: ``S(1)[2,1,1]`` is 4 heads on 3 ranks, 2 on the first. A plain axis
+  that neither tp nor the heads' units divide (a vocabulary, an MLP's columns) has one unit per element:
+  ``S(0)[334,334,333]`` is 1001 vocabulary rows on 3 ranks (``passes/propagate.py`` ``_own_splits``).
 * ``Replicate()``: every rank holds the full tensor.
 * ``Partial(op)``: every rank holds a tensor of the full shape; the value is their reduction.
 """

@@ -3,7 +3,8 @@
 Such an axis is cut into parts of one element, near-equal and the larger first (`mesh.split_shares`), held as
 `Shard.shares` over the axis size: 1001 vocabulary rows on 3 ranks are 334,334,333; 202 MLP columns on 4
 ranks 51,51,50,50. Through real rank processes with the ai.llmir library: logits and KV cache against the
-original (a prompt, then a decode step after a cache, in one job), and greedy generation at tp 3.
+original (a prompt, then a decode step after a cache, in one job), and greedy generation at tp 3; the
+bundled GPT-2 exports with a prime vocabulary (tied embedding and lm_head) likewise.
 """
 
 from __future__ import annotations
@@ -152,3 +153,62 @@ def test_mlp_columns_tp_does_not_divide_with_uneven_heads_and_stages(odd_sizes_m
     assert manifest["mesh"]["tp_shares"] == [2, 2, 1, 1]
     assert _local_widths(manifest, "model.layers.1.mlp.up_proj.weight") == [51, 51, 50, 50]
     _rank_models(out, 8)
+
+
+def _cut_vocabulary(source: Path, out: Path, vocab: int) -> Path:
+    """The bundled model with its vocabulary cut to the first `vocab` tokens: embedding rows, lm_head
+    columns (one tied table in the optimum and dynamo exports) and the logits' last dim."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(source / "model.onnx"))
+    logits = model.graph.output[0].type.tensor_type.shape.dim[-1]
+    full, logits.dim_value = logits.dim_value, vocab
+    for index, tensor in enumerate(model.graph.initializer):
+        if len(tensor.dims) == 2 and full in tensor.dims:
+            array = numpy_helper.to_array(tensor)
+            array = array[:vocab] if array.shape[0] == full else array[:, :vocab]
+            model.graph.initializer[index].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(array), tensor.name))
+    for info in list(model.graph.value_info):  # shapes recorded with the full vocabulary
+        if any(dim.dim_value == full for dim in info.type.tensor_type.shape.dim):
+            model.graph.value_info.remove(info)
+    out.mkdir(parents=True)
+    onnx.save(model, str(out / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    return out / "model.onnx"
+
+
+@pytest.mark.parametrize(
+    ("name", "tp", "vocab_parts"),
+    [
+        ("gpt2-optimum", 2, [255, 254]),  # the heads 2,2: only the vocabulary is uneven
+        ("gpt2-optimum", 3, [170, 170, 169]),  # the heads 2,1,1 too
+        ("gpt2-torch-dynamo", 3, [170, 170, 169]),
+    ],
+)
+def test_gpt2_with_a_prime_vocabulary_vocab_parallel(
+    name: str, tp: int, vocab_parts: list[int], tmp_path: Path
+) -> None:
+    """GPT-2's own vocabulary (50257 = 29 x 1733) divides by no small tp; the bundled exports cut to 509
+    tokens (a prime) stand for it: one table tied to the embedding and the lm_head (through a Transpose),
+    fused [q|k|v] columns, the heads split evenly at tp 2 and 2,1,1 at tp 3."""
+    model = _cut_vocabulary(MODELS / name, tmp_path / "model", 509)
+    manifest = _partition_and_verify(model, tmp_path / "plan", tp=tp, vocab_parallel=True)
+    table = next(w["name"] for w in manifest["sharding"]["weights"] if w["shape"] == [509, 64])
+    assert _local_widths(manifest, table) == vocab_parts
+    for rank_model in _rank_models(tmp_path / "plan", tp):
+        assert vocab_parts in _logits_gather_sizes(rank_model)  # the logits (at tp 3 the heads' too)
+
+
+def test_plan_lists_tps_that_split_an_axis_into_element_parts(odd_sizes_model: Path) -> None:
+    """`plan` offers tp 3 and tp 4 for a model whose 202 MLP columns and 1001-token vocabulary they do not
+    divide (the partitioner splits those into parts of one element); tp 7 exceeds the 6 heads."""
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.plan.devices import CPU_HERE
+    from llmir_onnx.plan.layouts import enumerate_layouts
+
+    layouts = enumerate_layouts(
+        load_model(odd_sizes_model), 7, CPU_HERE.memory_bytes, CPU_HERE, 1, 64, include_fewer=True, vocab_parallel=True
+    )
+    by = {(layout.tp, layout.pp): layout for layout in layouts}
+    assert by[(3, 1)].valid and by[(3, 1)].tp_shares == (), by[(3, 1)].reason
+    assert by[(4, 1)].valid and by[(4, 1)].tp_shares == (2, 2, 1, 1), by[(4, 1)].reason
+    assert not by[(7, 1)].valid
