@@ -51,6 +51,7 @@ with its reason; one that does not fit says by how much.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -137,6 +138,10 @@ class ModelShape:
     column_widths: tuple[int, ...]  # output widths of the column-parallel weights (heads x hd, mlp, ...)
 
 
+# A node's activations as a stage's peak counts them: (value name, bytes on one tp rank).
+PeakTerms = list[tuple[str, float]]
+
+
 class _Analysis:
     """Structure and per-phase costs of the original model, computed once and scaled per layout."""
 
@@ -159,6 +164,14 @@ class _Analysis:
         self.costs: dict[str, list[NodeCost]] = {
             phase: [node_cost(node, shapes) for node in self.nodes] for phase, shapes in self.shapes.items()
         }
+        # Every layout reads these sizes many times over (a 70B shape: a million reads); computed once.
+        self.value_bytes: dict[str, dict[str, int]] = {
+            phase: {name: shape.nbytes for name, shape in shapes.items()} for phase, shapes in self.shapes.items()
+        }
+        # memos per (phase, tp, part), one slot per node: hashing a key per node would cost more than it saves
+        self._scaled_nodes: dict[tuple[str, int, RankPart | None], list[tuple[float, float, float, int] | None]] = {}
+        self._peak_terms: dict[tuple[str, int, RankPart | None], list[tuple[PeakTerms, PeakTerms] | None]] = {}
+        self._boundaries: dict[str, list[float]] = {}
         self.past_inputs = {io_name(v) for v in kv_cache_inputs(model)}
         if not self.past_inputs:
             raise PlanError("the model has no past key/value inputs; the layout search needs a decoder with a KV cache")
@@ -170,6 +183,11 @@ class _Analysis:
             * io_dtype(v).itemsize
             for v in kv_cache_inputs(model)
         }
+        # (input names, output names) per node: onnx_ir's name properties cost more than the peak's arithmetic
+        self.value_names: list[tuple[list[str], list[str]]] = [
+            ([v.name for v in node.inputs if v is not None and v.name], [v.name for v in node.outputs if v.name])
+            for node in self.nodes
+        ]
         self.node_layer = [layer_of_node_by_name(node) for node in self.nodes]
         layer_ids = sorted({layer for layer in self.node_layer if layer is not None})
         if not layer_ids or layer_ids != list(range(len(layer_ids))):
@@ -181,6 +199,10 @@ class _Analysis:
         self._place_outside_nodes()
         self._propagate_kinds()
         self.shape = self._model_shape()
+        # What a stage's activation peak leaves out: weights, the model's inputs and its KV outputs.
+        self.graph_output_names = {v.name for v in model.graph.outputs}
+        self.peak_excluded = {*self.weights, *(v.name for v in model.graph.inputs)}
+        self.peak_excluded |= {name for name in self.graph_output_names if is_kv_output_name(name or "")}
 
     # -- structure
 
@@ -347,9 +369,18 @@ class _Analysis:
 
     def scaled_node(self, i: int, phase: str, tp: int, part: RankPart | None = None) -> tuple[float, float, float, int]:
         """(flops, bytes, payload of the collective after it, 1 if not free) of node i on one tp rank (its
-        `part` of an uneven split; None: 1/tp)."""
+        `part` of an uneven split; None: 1/tp). Memoised: every stage split the search tries reads it again."""
+        memo = self._scaled_nodes.get((phase, tp, part))
+        if memo is None:
+            memo = self._scaled_nodes[(phase, tp, part)] = [None] * len(self.nodes)
+        scaled = memo[i]
+        if scaled is None:
+            scaled = memo[i] = self._scale_node(i, phase, tp, part)
+        return scaled
+
+    def _scale_node(self, i: int, phase: str, tp: int, part: RankPart | None) -> tuple[float, float, float, int]:
         node = self.nodes[i]
-        shapes = self.shapes[phase]
+        value_bytes = self.value_bytes[phase]
         cost = self.costs[phase][i]
         moved = 0.0
         if node.op_type not in FREE_OPS:
@@ -357,16 +388,40 @@ class _Analysis:
                 moved = cost.bytes * self._value_scale(node.outputs[0], tp, part=part)
             else:
                 for value in (*node.inputs, *node.outputs):
-                    if value is None or not value.name or value.name not in shapes:
+                    if value is None or not value.name or value.name not in value_bytes:
                         continue
-                    moved += shapes[value.name].nbytes * self._value_scale(value, tp, i, part)
+                    moved += value_bytes[value.name] * self._value_scale(value, tp, i, part)
         if node.op_type in ("MatMul", "Gemm", "Gather") and self._weight_of(node):
             flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp, part)
         else:
             flop_scale = self.scale(self.kind.get(node.outputs[0].name or "", REPLICATED), tp, part)
         # the collective moves the full-size tensor: the partial sums, or the gathered output
-        payload = shapes[node.outputs[0].name or ""].nbytes if (tp > 1 and i in self.collectives) else 0
+        payload = value_bytes[node.outputs[0].name or ""] if (tp > 1 and i in self.collectives) else 0
         return cost.flops * flop_scale, moved, float(payload), int(node.op_type not in FREE_OPS)
+
+    def peak_terms(self, i: int, phase: str, tp: int, part: RankPart | None) -> tuple[PeakTerms, PeakTerms]:
+        """Node i's activations on one tp rank, as a stage's peak counts them: (its outputs, its inputs that
+        a last use frees), each (name, bytes). Memoised like `scaled_node`."""
+        memo = self._peak_terms.get((phase, tp, part))
+        if memo is None:
+            memo = self._peak_terms[(phase, tp, part)] = [None] * len(self.nodes)
+        terms = memo[i]
+        if terms is None:
+            value_bytes, excluded = self.value_bytes[phase], self.peak_excluded
+            node = self.nodes[i]
+            outputs = [
+                (out.name, value_bytes[out.name] * self._value_scale(out, tp, i, part))
+                for out in node.outputs
+                if out.name and out.name not in excluded
+            ]
+            inputs = [
+                (value.name, value_bytes[value.name] * self._value_scale(value, tp, part=part))
+                for value in node.inputs
+                if value is not None and value.name in value_bytes and value.name not in excluded
+                and value.name not in self.graph_output_names
+            ]
+            terms = memo[i] = (outputs, inputs)
+        return terms
 
     def collective_seconds(self, i: int, payload: float, tp: int, link: LinkProfile, hosts: int = 1) -> float:
         return comm_seconds(self.collectives[i], payload, tp, link, hosts) if payload else 0.0
@@ -601,60 +656,63 @@ def _boundary_bytes(analysis: _Analysis, start: int, phase: str) -> float:
     """Bytes of the replicated activations produced before layer `start` and read from it on (the hidden state)."""
     if start == 0:
         return 0.0
-    shapes = analysis.shapes[phase]
-    total = 0.0
-    seen = set()
+    if phase not in analysis._boundaries:
+        analysis._boundaries[phase] = _every_boundary_bytes(analysis, phase)
+    return analysis._boundaries[phase][start]
+
+
+def _every_boundary_bytes(analysis: _Analysis, phase: str) -> list[float]:
+    """`_boundary_bytes` at every layer in one walk: a value made in layer `origin` and last read in layer
+    `reach` (the post-layer nodes: past the last) crosses every cut after layers origin .. reach - 1."""
+    past_last = analysis.num_layers
+    reach: dict[str, tuple[int, int]] = {}  # value -> (the layer that made it, the last layer reading it)
     for i, node in enumerate(analysis.nodes):
         place = analysis.placement[i]
-        if not (isinstance(place, int) and place >= start) and place != "post":
+        if not isinstance(place, int) and place != "post":
             continue
+        reader = place if isinstance(place, int) else past_last
         for value in node.inputs:
-            if value is None or not value.name or value.name in seen or value.name in analysis.weights:
+            if value is None or not value.name or value.name in analysis.weights:
                 continue
             producer = value.producer()
             if producer is None:
                 continue
             origin = analysis.placement[analysis.index[id(producer)]]
-            if isinstance(origin, int) and origin < start:
-                seen.add(value.name)
-                total += shapes[value.name].nbytes
-    return total
+            if isinstance(origin, int) and origin < reader:
+                made, last = reach.get(value.name, (origin, reader))
+                reach[value.name] = (made, max(last, reader))
+    crossing = [0.0] * (past_last + 2)  # differences: value bytes enter at origin + 1, leave after `last`
+    value_bytes = analysis.value_bytes[phase]
+    for name, (origin, last) in reach.items():
+        crossing[origin + 1] += value_bytes[name]
+        crossing[min(last, past_last) + 1] -= value_bytes[name]
+    return list(itertools.accumulate(crossing))
 
 
 def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int, part: RankPart | None = None) -> float:
-    shapes = analysis.shapes[phase]
-    graph_outputs = {v.name for v in analysis.model.graph.outputs}
-    excluded = set(analysis.weights) | {v.name for v in analysis.model.graph.inputs}
-    excluded |= {name for name in graph_outputs if is_kv_output_name(name or "")}
+    value_bytes = analysis.value_bytes[phase]
+    excluded = analysis.peak_excluded
     last_use: dict[str, int] = {}
     produced_here: set[str] = set()
     for i in nodes:
-        for value in analysis.nodes[i].inputs:
-            if value is not None and value.name:
-                last_use[value.name] = i
-        produced_here |= {o.name for o in analysis.nodes[i].outputs if o.name}
+        input_names, output_names = analysis.value_names[i]
+        last_use.update(dict.fromkeys(input_names, i))
+        produced_here.update(output_names)
     # values received from an earlier stage are alive from the start until their last use here
     live = 0.0
     for name in last_use:
-        if name not in produced_here and name not in excluded and name in shapes:
-            live += shapes[name].nbytes * analysis.scale(analysis.kind.get(name, REPLICATED), tp, part)
+        if name not in produced_here and name not in excluded and name in value_bytes:
+            live += value_bytes[name] * analysis.scale(analysis.kind.get(name, REPLICATED), tp, part)
     peak = live
     for i in nodes:
-        node = analysis.nodes[i]
-        outs = [o.name for o in node.outputs if o.name and o.name not in excluded]
-        sizes = {
-            name: shapes[name].nbytes * analysis._value_scale(node.outputs[k], tp, i, part)
-            for k, name in enumerate(outs)
-        }
-        live += sum(sizes.values())
+        outputs, inputs = analysis.peak_terms(i, phase, tp, part)
+        live += sum(size for _, size in outputs)
         peak = max(peak, live)
-        for value in node.inputs:
-            if value is None or not value.name or value.name in excluded or value.name in graph_outputs:
-                continue
-            if last_use.get(value.name) == i:
-                live -= shapes[value.name].nbytes * analysis._value_scale(value, tp, part=part)
-        for name, size in sizes.items():
-            if name not in last_use and name not in graph_outputs:
+        for name, size in inputs:
+            if last_use.get(name) == i:
+                live -= size
+        for name, size in outputs:
+            if name not in last_use and name not in analysis.graph_output_names:
                 live -= size
     return peak
 
@@ -829,7 +887,10 @@ def _balanced_bounds(
         return StageUnit(name, slowest, weights)
 
     places = analysis.placement
-    layer_nodes = [[i for i, p in enumerate(places) if p == k] for k in range(analysis.num_layers)]
+    layer_nodes: list[list[int]] = [[] for _ in range(analysis.num_layers)]
+    for i, place in enumerate(places):
+        if isinstance(place, int):
+            layer_nodes[place].append(i)
     pre = [i for i, p in enumerate(places) if p == "pre"]
     post = [i for i, p in enumerate(places) if p == "post"]
 

@@ -52,7 +52,13 @@ def attr(node: ir.Node, name: str, default: object = None) -> object:
 def attr_tensor(node: ir.Node, name: str) -> ir.TensorProtocol | None:
     """A tensor attribute of `node` (Constant's `value`), or None when it is absent."""
     attribute = node.attributes.get(name)
-    return None if attribute is None else attribute.as_tensor()
+    if attribute is None:
+        return None
+    if attribute.type == ir.AttributeType.TENSOR:
+        # as_tensor() would check the value against a runtime-checkable Protocol, which costs 0.2 ms a
+        # call: a 70B-shaped graph's 11,708 Constants took 2.2 s of `plan` that way.
+        return attribute.value
+    return attribute.as_tensor()  # its TypeError names the attribute's actual type
 
 
 def required_int(node: ir.Node, name: str) -> int:
