@@ -26,6 +26,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, 
 
 from llmir_onnx.errors import ShardingError
 from llmir_onnx.mesh import DeviceMesh, grouped_shares
+from llmir_onnx.model_facts import TOKEN_IDS, input_kind
 from llmir_onnx.passes.state import ShardingPassResult, ShardingState, control_flow_owners
 from llmir_onnx.placement import Shard
 from llmir_onnx.propagation.attention import gqa_packed_blocks
@@ -562,12 +563,33 @@ def assign_weight_roles(model: ir.Model, ctx: RuleContext, vocab_parallel: bool 
         for closing in reached:
             roles.setdefault(closing.name, WeightRole("row"))
     if vocab_parallel:
+        lookups = []
         for node in ir.traversal.RecursiveGraphIterator(model.graph):
             table = node.inputs[0] if node.op_type == "Gather" and node.domain == "" else None
             axis = node.attributes.get("axis")
             if _is_weight(table, ctx.shapes) and (axis is None or axis.as_int() == 0):
-                roles[node.name] = WeightRole("vocab")
+                lookups.append(node)
+        # The token embedding is the lookup of the token ids. Other row lookups in a weight (the rotary
+        # cos/sin caches, indexed by positions) would split correctly too, but each would cost an AllReduce
+        # of its partial sums every step for nothing: they stay replicated. Where no lookup reads the token
+        # ids (an export that computes its indices), every row lookup splits, as a vocabulary would.
+        embeddings = [node for node in lookups if _reads_token_ids(node.inputs[1])]
+        for node in embeddings or lookups:
+            roles[node.name] = WeightRole("vocab")
     return roles
+
+
+# Ops that pass token ids through unchanged in value (dtype or shape aside).
+_ID_PASSTHROUGH = frozenset({"Cast", "Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+
+
+def _reads_token_ids(indices: ir.Value | None) -> bool:
+    while indices is not None and not indices.is_graph_input():
+        producer = indices.producer()
+        if producer is None or producer.op_type not in _ID_PASSTHROUGH or not producer.inputs:
+            return False
+        indices = producer.inputs[0]
+    return indices is not None and input_kind(indices) == TOKEN_IDS
 
 
 def _reaches_graph_output(node: ir.Node) -> bool:
