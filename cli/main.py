@@ -86,6 +86,15 @@ def partition(
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the rank models and manifest.json.")],
     tp: Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel degree.")] = 1,
     pp: Annotated[int, typer.Option("--pp", min=1, help="Pipeline-parallel stages.")] = 1,
+    cp: Annotated[
+        int,
+        typer.Option(
+            "--cp",
+            min=1,
+            help="Context parallelism: split the prompt's tokens over this many ranks, attention included "
+            "(world = tp x cp x pp; the KV cache stays whole on every cp rank).",
+        ),
+    ] = 1,
     vocab_parallel: Annotated[
         bool, typer.Option("--vocab-parallel", help="Shard the embedding and lm_head by vocabulary.")
     ] = False,
@@ -181,6 +190,7 @@ def partition(
         pp=pp,
         vocab_parallel=vocab_parallel,
         sequence_parallel=sequence_parallel,
+        cp=cp,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
         fold_shapes=not no_fold_shapes,

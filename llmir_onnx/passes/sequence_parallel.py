@@ -37,6 +37,7 @@ import onnx_ir as ir
 
 from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
+from llmir_onnx.mesh import MeshAxis
 from llmir_onnx.model_facts import NEW, dim_roles
 from llmir_onnx.passes.state import (
     Redistribution,
@@ -53,6 +54,8 @@ from llmir_onnx.propagation.base import RuleContext
 # Rule families whose ops act on each token on its own when the token axis is split: a node joins a
 # sequence-parallel region only when one of these rules keeps that split.
 PER_TOKEN_RULE_MODULES = frozenset({elementwise.__name__, reductions.__name__})
+# The folder of the names of the values a token-splitting pass makes, by the mesh axis it splits over.
+_NAME_PREFIX: dict[str, str] = {"tp": "sp", "cp": "cp"}
 
 
 class SequenceParallelPass(ir.passes.InPlacePass):
@@ -67,9 +70,16 @@ class SequenceParallelPass(ir.passes.InPlacePass):
     the value's AllGather like any other (`_rewrite`).
     """
 
+    # The mesh axis whose group splits the tokens; names of the values this pass makes say it.
+    mesh_axis: MeshAxis = "tp"
+    # A Partial token-axis input of a region is a row-parallel output over this same group: its reduction
+    # becomes a ReduceScatter (sp). Over another axis (cp) it is cut like any other value.
+    _scatters_partial_sums = True
+
     def __init__(self, state: ShardingState) -> None:
         super().__init__()
         self.state = state
+        self._parts = state.mesh.size(self.mesh_axis)
         self._counter = 0
         self._converted: dict[tuple[str, str], ir.Value] = {}
         self._pad_vectors: dict[tuple[int, int], ir.Value] = {}
@@ -278,7 +288,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 if axis is None:
                     continue
                 held = state.placements.get(value.name, REPLICATE)
-                if isinstance(held, Partial):
+                if isinstance(held, Partial) and self._scatters_partial_sums:
                     converted = self._reduce_scatter(graph, value, axis)
                     replaced.add((node.name, index))
                 else:
@@ -309,23 +319,31 @@ class SequenceParallelPass(ir.passes.InPlacePass):
 
     def _name(self, base: str) -> str:
         self._counter += 1
-        return f"llmir/sp/{base}_{self._counter}"
+        return f"llmir/{_NAME_PREFIX[self.mesh_axis]}/{base}_{self._counter}"
 
     def _record(self, value: ir.Value, like: ir.Value | None, shape: tuple | None = None) -> ir.Value:
         """Placement and (global) shape of a value this pass made."""
-        self.state.placements[value.name] = REPLICATE
+        self.state.placements[value.name] = self._placement_of(like)
         self.state.shapes[value.name] = shape if like is None else self.state.shapes.get(like.name)
         if like is not None:
             value.type = like.type
         return value
+
+    def _placement_of(self, like: ir.Value | None) -> Placement:
+        """The tp placement of a value made from `like`: sp's conversions hold the residual stream, which
+        propagation left Replicate (the ReduceScatter's Partial input is reduced by it)."""
+        return REPLICATE
+
+    def _register_rank_constant(self, name: str, array: np.ndarray) -> None:
+        """`name` holds this rank's index along the pass's mesh axis: a tp rank constant."""
+        self.state.rank_constants[name] = lambda r: (array * 0 + r).astype(np.int64)
 
     def _initializer(self, name: str, array: np.ndarray, per_rank: bool = False) -> ir.Value:
         value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(array.shape))
         value.const_value = ir.tensor(array, name=name)
         self._graph.register_initializer(value)
         if per_rank:
-            tp_rank_value = array
-            self.state.rank_constants[name] = lambda r: (tp_rank_value * 0 + r).astype(np.int64)
+            self._register_rank_constant(name, array)
         return self._record(value, None, tuple(array.shape))
 
     def _int_node(self, op_type: str, inputs: list[ir.Value], **ints: int) -> ir.Value:
@@ -350,25 +368,26 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         self._early_anchor = node
 
     def _lengths_of(self) -> dict[str, ir.Value]:
-        """n (the new tokens), c = ceil(n / tp) (this rank's chunk), the padding, this rank's first token."""
+        """n (the new tokens), c = ceil(n / parts) (this rank's chunk), the padding, this rank's first token;
+        parts is the size of the pass's mesh axis (tp for sp)."""
         if self._lengths:
             return self._lengths
-        tp = self.state.tp
+        parts, axis_name = self._parts, self.mesh_axis
         axis = self._token_axis(self._length_input)
         assert axis is not None
         n = self._int_node("Shape", [self._length_input], start=axis, end=axis + 1)
-        tp_minus_one = self._initializer(self._name("tp_minus_one"), np.array([tp - 1], dtype=np.int64))
-        tp_value = self._initializer(self._name("tp"), np.array([tp], dtype=np.int64))
-        rank = self._initializer(self._name("tp_rank"), np.array([0], dtype=np.int64), per_rank=True)
-        chunk = self._int_node("Div", [self._int_node("Add", [n, tp_minus_one]), tp_value])
-        padding = self._int_node("Sub", [self._int_node("Mul", [chunk, tp_value]), n])
+        minus_one = self._initializer(self._name(f"{axis_name}_minus_one"), np.array([parts - 1], dtype=np.int64))
+        parts_value = self._initializer(self._name(axis_name), np.array([parts], dtype=np.int64))
+        rank = self._initializer(self._name(f"{axis_name}_rank"), np.array([0], dtype=np.int64), per_rank=True)
+        chunk = self._int_node("Div", [self._int_node("Add", [n, minus_one]), parts_value])
+        padding = self._int_node("Sub", [self._int_node("Mul", [chunk, parts_value]), n])
         start = self._int_node("Mul", [chunk, rank])
         stop = self._int_node("Add", [start, chunk])
         self._lengths = {"n": n, "chunk": chunk, "padding": padding, "start": start, "stop": stop}
         return self._lengths
 
     def _pads_input(self, rank: int, axis: int) -> ir.Value:
-        """Pad's `pads` input: zeros, but the end of `axis` gets the padding to a multiple of tp."""
+        """Pad's `pads` input: zeros, but the end of `axis` gets the padding to a multiple of the parts."""
         key = (rank, axis)
         if key not in self._pad_vectors:
             before = self._initializer(self._name("pads_before"), np.zeros(rank + axis, dtype=np.int64))
@@ -436,7 +455,8 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         key = (value.name, "gather")
         if key not in self._converted:
             lengths = self._lengths_of()
-            gather = ops.all_gather_node(value, axis, self.state.mesh.group(0, "tp"), name=self._name("AllGather"))
+            group = self.state.mesh.group(0, self.mesh_axis)
+            gather = ops.all_gather_node(value, axis, group, name=self._name("AllGather"))
             gather.outputs[0].name = f"{value.name}__allgather_padded"
             self._record(gather.outputs[0], value)
             zero = self._initializer(self._name("zero"), np.array([0], dtype=np.int64))
@@ -454,15 +474,24 @@ class SequenceParallelPass(ir.passes.InPlacePass):
 
 def declare_token_chunk_shapes(model: ir.Model, state: ShardingState) -> None:
     """Declare the shape of every token-chunk value (after localize, which drops intermediate shapes): the
-    token dim as `(new + tp - 1) // tp`, arithmetic of the input dims that the shape planner evaluates.
-    A pipeline stage's Recv of such a value declares it, so the memory plan and cost model can bind it."""
-    tp = state.tp
+    token dim as `(new + parts - 1) // parts`, arithmetic of the input dims that the shape planner evaluates
+    (parts: tp for sp's chunks, cp for context parallelism's). A pipeline stage's Recv of such a value
+    declares it, so the memory plan and cost model can bind it."""
+    for shards, parts in ((state.sequence_shards, state.tp), (state.context_shards, state.mesh.cp)):
+        if shards:
+            _declare_chunk_shapes(model, state, shards, parts)
+
+
+def _declare_chunk_shapes(model: ir.Model, state: ShardingState, shards: dict[str, Placement], parts: int) -> None:
     for node in model.graph:
         for value in node.outputs:
-            placement = state.sequence_shards.get(value.name)
+            placement = shards.get(value.name)
             shape = state.shapes.get(value.name)
             if not isinstance(placement, Shard) or shape is None or any(d is None for d in shape):
                 continue
+            held = state.placements.get(value.name)
+            if isinstance(held, Shard) and not held.holds_everything():
+                continue  # split over tp too (a cp chunk of some heads): its local dims are localize's to say
             if value.type is None:
                 # A shape is written with its element type; exports without value_info leave it unset.
                 dtype = _float_dtype_of(value, 64)
@@ -471,7 +500,7 @@ def declare_token_chunk_shapes(model: ir.Model, state: ShardingState) -> None:
                 value.type = ir.TensorType(dtype)
             token = shape[placement.dim]
             dims: list[int | ir.SymbolicDim] = [d if isinstance(d, int) else ir.SymbolicDim(str(d)) for d in shape]
-            dims[placement.dim] = ir.SymbolicDim(f"({token} + {tp - 1}) // {tp}")
+            dims[placement.dim] = ir.SymbolicDim(f"({token} + {parts - 1}) // {parts}")
             value.shape = ir.Shape(dims)
 
 

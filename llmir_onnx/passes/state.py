@@ -54,6 +54,7 @@ class ShardingState:
     * PropagatePass: placements, redistributions, output_targets, weight_placements, weight_views,
       warnings (and shapes of the weight copies it makes);
     * SequenceParallelPass (--sp): sequence_shards (and rewrites redistributions);
+    * ContextParallelPass (--cp): context_shards, cp_rank_constants (and renames redistributions);
     * InsertCollectivesPass and LocalizePass: placements, shapes and rank_constants of the values they make.
     """
 
@@ -86,6 +87,11 @@ class ShardingState:
     # Sequence parallelism (--sp): values computed on a chunk of the tokens, Shard(token axis) over the tp
     # group (passes/sequence_parallel.py); their tp placement above stays what propagation decided.
     sequence_shards: dict[str, Placement] = field(default_factory=dict)
+    # Context parallelism (--cp): values computed on a chunk of the tokens, Shard(token axis) over the cp
+    # group (passes/context_parallel.py), their tp placement above as propagation decided; and the
+    # initializers that hold the cp rank (value 0 in the plan's graph), by name -> value on a cp rank.
+    context_shards: dict[str, Placement] = field(default_factory=dict)
+    cp_rank_constants: dict[str, Callable[[int], np.ndarray]] = field(default_factory=dict)
 
     @property
     def tp(self) -> int:
