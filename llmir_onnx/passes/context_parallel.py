@@ -52,7 +52,6 @@ from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION
 from llmir_onnx.mesh import MeshAxis
-from llmir_onnx.model_facts import NEW, dim_roles
 from llmir_onnx.passes.sequence_parallel import PER_TOKEN_RULE_MODULES, SequenceParallelPass
 from llmir_onnx.passes.state import (
     Redistribution,
@@ -100,23 +99,10 @@ class ContextParallelPass(SequenceParallelPass):
         if state.mesh.cp == 1 or state.context_shards:
             return ShardingPassResult(model, False, state)
         _refuse_last_token_attention(graph)
-        self._symbols = {symbol for symbol, role in dim_roles(model).roles.items() if role == NEW}
-        length_input = next((v for v in graph.inputs if self._token_axis(v) is not None), None)
-        if length_input is None:
-            raise PlanError(
-                "--cp needs a graph input with the new-token dim (input_ids [batch, new]); none of "
-                f"{[v.name for v in graph.inputs]} has one: name it with --dim SYMBOL=new, or partition without --cp"
-            )
-        self._length_input = length_input
+        self._read_token_count(model, "--cp")
         # The tp conversions InsertCollectivesPass will insert (none at tp 1; a whole shard converts to itself).
         pending = {(r.node, r.index): r for r in pending_redistributions(model, state)}
-        sharded: dict[str, int] = {}
-        region: list[ir.Node] = []
-        for node in graph:
-            joined = self._joins(node, sharded, pending)
-            if joined is not None:
-                region.append(node)
-                sharded.update(joined)
+        sharded, region = self._find_region(graph, pending)
         if not region:
             raise PlanError(
                 f"--cp {state.mesh.cp} finds no per-token work on the new tokens in this model (no projection or "
@@ -189,25 +175,9 @@ class ContextParallelPass(SequenceParallelPass):
                 weighted = weighted or _is_weight(value)
         if not (reads_stream or (cuts and weighted)):
             return None
-        outputs: dict[str, int] = {}
-        expected: list[Placement] = []
-        for value in node.outputs:
-            axis = self._token_axis(value)
-            if axis is None:
-                if value.uses() or value.is_graph_output():
-                    return None
-                expected.append(current[0] or REPLICATE)  # an unused optional output (a norm's mean)
-                continue
-            outputs[value.name] = axis
-            expected.append(Shard(axis))
-        if per_token and not self._whole_inputs_broadcast(node, whole, outputs):
-            return None
         ctx = RuleContext(tp=self._parts, shapes=shapes)  # no roles: a weight is the same on every cp rank
-        decision = rule(ctx, node, current)
-        if decision.inputs != current:
-            return None
-        unused = [not (v.uses() or v.is_graph_output()) for v in node.outputs]
-        if any(got != want and not skip for got, want, skip in zip(decision.outputs, expected, unused, strict=True)):
+        outputs = self._rule_keeps_split(rule, ctx, node, current)
+        if outputs is None or (per_token and not self._whole_inputs_broadcast(node, whole, outputs)):
             return None
         return outputs
 

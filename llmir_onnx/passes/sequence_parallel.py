@@ -50,6 +50,7 @@ from llmir_onnx.passes.state import (
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from llmir_onnx.propagation import elementwise, lookup, reductions
 from llmir_onnx.propagation.base import RuleContext
+from llmir_onnx.propagation.registry import Rule
 
 # Rule families whose ops act on each token on its own when the token axis is split: a node joins a
 # sequence-parallel region only when one of these rules keeps that split.
@@ -100,16 +101,33 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         state, graph = self.state, model.graph
         if state.tp == 1 or state.sequence_shards:
             return ShardingPassResult(model, False, state)
-        self._symbols = {symbol for symbol, role in dim_roles(model).roles.items() if role == NEW}
-        length_input = next((v for v in graph.inputs if self._token_axis(v) is not None), None)
-        if length_input is None:
-            raise PlanError(
-                "--sp needs a graph input with the new-token dim (input_ids [batch, new]); none of "
-                f"{[v.name for v in graph.inputs]} has one: name it with --dim SYMBOL=new, or partition without --sp"
-            )
-        self._length_input = length_input
+        self._read_token_count(model, "--sp")
         self._reduce_after_unflatten(graph)
         pending = {(r.node, r.index): r for r in state.redistributions}
+        sharded, region = self._find_region(graph, pending)
+        if not region:
+            raise PlanError(self._why_no_region(graph))
+        self._refuse_partial_coverage(graph, region)
+        self._rewrite(graph, region, sharded, pending)
+        state.sequence_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
+        return ShardingPassResult(model, True, state)
+
+    def _read_token_count(self, model: ir.Model, flag: str) -> None:
+        """The new-token symbols, and the graph input the token count n is read from (input_ids)."""
+        self._symbols = {symbol for symbol, role in dim_roles(model).roles.items() if role == NEW}
+        inputs = model.graph.inputs
+        length_input = next((v for v in inputs if self._token_axis(v) is not None), None)
+        if length_input is None:
+            raise PlanError(
+                f"{flag} needs a graph input with the new-token dim (input_ids [batch, new]); none of "
+                f"{[v.name for v in inputs]} has one: name it with --dim SYMBOL=new, or partition without {flag}"
+            )
+        self._length_input = length_input
+
+    def _find_region(
+        self, graph: ir.Graph, pending: dict[tuple[str, int], Redistribution]
+    ) -> tuple[dict[str, int], list[ir.Node]]:
+        """The nodes that join, in graph order (`_joins`), and the token axis of each value they split."""
         sharded: dict[str, int] = {}
         region: list[ir.Node] = []
         for node in graph:
@@ -117,12 +135,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
             if joined is not None:
                 region.append(node)
                 sharded.update(joined)
-        if not region:
-            raise PlanError(self._why_no_region(graph))
-        self._refuse_partial_coverage(graph, region)
-        self._rewrite(graph, region, sharded, pending)
-        state.sequence_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
-        return ShardingPassResult(model, True, state)
+        return sharded, region
 
     def _reduce_after_unflatten(self, graph: ir.Graph) -> None:
         """A row-parallel output reduced as [batch * tokens, hidden] for the Reshape back to [batch, tokens,
@@ -242,6 +255,14 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 return None
         if not reads_stream:
             return None
+        ctx = RuleContext(tp=self.state.tp_units, shapes=self.state.shapes, roles=self.state.roles)
+        return self._rule_keeps_split(rule, ctx, node, current)
+
+    def _rule_keeps_split(
+        self, rule: Rule, ctx: RuleContext, node: ir.Node, current: list[Placement | None]
+    ) -> dict[str, int] | None:
+        """The token axes of `node`'s outputs when its `rule`, given the inputs `current` (token-axis inputs
+        Shard on that axis), keeps them and splits every used output on its token axis; else None."""
         outputs: dict[str, int] = {}
         expected: list[Placement] = []
         for value in node.outputs:
@@ -253,7 +274,6 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 continue
             outputs[value.name] = axis
             expected.append(Shard(axis))
-        ctx = RuleContext(tp=self.state.tp_units, shapes=self.state.shapes, roles=self.state.roles)
         decision = rule(ctx, node, current)
         if decision.inputs != current:
             return None
