@@ -210,7 +210,11 @@ def partition(
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
         return
     sp = " with sequence parallelism" if manifest.mesh.get("sp") else ""
-    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}{sp}) to {out}")
+    cp_size = int(manifest.mesh.get("cp", 1))
+    cp_part = f" x cp {cp_size}" if cp_size > 1 else ""
+    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp}{cp_part} x pp {pp}{sp}) to {out}")
+    if cp_size > 1:
+        typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; the KV cache is whole on every one")
     shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
     if shares or used_weights:
         source = "--tp-weights" if weights is not None else "the devices' memory bandwidth"
@@ -224,14 +228,16 @@ def partition(
     if cache_tokens < manifest.options["max_seq"]:
         typer.echo(f"  KV cache: the model keeps at most {cache_tokens} past tokens (a sliding window); sized for that")
     typer.echo(
-        f"  {'rank':<5}{'pp':>3}{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
+        f"  {'rank':<5}{'pp':>3}" + (f"{'cp':>4}" if cp_size > 1 else "")
+        + f"{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
         f"{'total':>12}{'prefill':>11}{'decode tok/s':>14}" + ("  device" if cluster is not None else "")
     )
     for entry in manifest.ranks:
         memory, cost = entry.memory, entry.cost
         layers = f"{entry.layers[0]}-{entry.layers[1] - 1}" if entry.layers else "all"
         typer.echo(
-            f"  {entry.rank:<5}{entry.coords['pp']:>3}{entry.coords['tp']:>4}  {layers:<9}{entry.file:<13}"
+            f"  {entry.rank:<5}{entry.coords['pp']:>3}" + (f"{entry.coords['cp']:>4}" if cp_size > 1 else "")
+            + f"{entry.coords['tp']:>4}  {layers:<9}{entry.file:<13}"
             f"{format_bytes(memory['weight_bytes']):>12}{format_bytes(memory['kv_cache_bytes']):>12}"
             f"{format_bytes(memory['activation_peak_bytes']):>13}{format_bytes(memory['total_bytes']):>12}"
             f"{cost['prefill']['total_s'] * 1e3:>9.2f}ms{cost['decode_tokens_per_s']:>14.1f}"

@@ -243,7 +243,7 @@ def _rank_details(
         if cluster is not None:
             slot = cluster.devices[program.rank]
             rank_profile, limit = slot.profile, slot.memory_bytes
-            link_of, links = _cluster_links(model, cluster, result, program.rank, peers)
+            link_of, links = _cluster_links(model, cluster, result, program.rank, peers, groups)
             key = (key, slot.profile.name, links)
         if key not in analyses:
             analysis = plan_memory(model, max_batch, max_seq)
@@ -276,9 +276,15 @@ def _rank_details(
 
 
 def _cluster_links(
-    model: ir.Model, cluster: Cluster, result: PartitionResult, rank: int, peers: Any
+    model: ir.Model,
+    cluster: Cluster,
+    result: PartitionResult,
+    rank: int,
+    peers: Any,
+    groups: Mapping[tuple[int, ...], tuple[int, ...]],
 ) -> tuple[LinkOf, tuple[str, ...]]:
-    """The link each ai.llmir node of `rank` runs over (the slowest its ranks span), and their names."""
+    """The link each ai.llmir node of `rank` runs over (the slowest its ranks span), and their names.
+    `peers` and `groups`: a copy's moves of its source's (`TpRankCopy`)."""
     chosen: dict[int, tuple[Any, int]] = {}
     for node in model.graph:
         if node.domain != LLMIR_DOMAIN:
@@ -288,7 +294,8 @@ def _cluster_links(
             other = peer.as_int()
             ranks: tuple[int, ...] = (rank, peers[other] if peers is not None else other)
         elif group is not None and group.value:
-            ranks = tuple(int(r) for r in group.value)
+            members = tuple(int(r) for r in group.value)
+            ranks = tuple(groups.get(members, members))
         else:
             ranks = result.mesh.group(rank, "tp")
         chosen[id(node)] = cluster.group_link(ranks)

@@ -56,7 +56,6 @@ from llmir_onnx.passes.sequence_parallel import PER_TOKEN_RULE_MODULES, Sequence
 from llmir_onnx.passes.state import (
     Redistribution,
     ShardingPassResult,
-    ShardingState,
     pending_redistributions,
     require_propagated,
 )
@@ -291,7 +290,3 @@ def _refuse_last_token_attention(graph: ir.Graph) -> None:
                 "them would attend as the wrong tokens; partition without --cp"
             )
 
-
-def cp_rank_weights(state: ShardingState, cp_rank: int) -> dict[str, ir.TensorProtocol]:
-    """The initializers that differ on cp rank `cp_rank` (the cp rank constants), by name."""
-    return {name: ir.tensor(value(cp_rank), name=name) for name, value in state.cp_rank_constants.items()}
