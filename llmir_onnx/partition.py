@@ -23,6 +23,10 @@ graphs are built):
     plan_rank_weights     which weights (lazy slices) each rank holds; pp > 1: the stage split decided
                           (cuts, which stage holds each initializer), nothing built: a frozen plan
     build_rank_models     the stage graphs built from that plan; the other tp ranks as copies
+
+With context parallelism (cp > 1, passes/context_parallel.py) the passes make cp rank 0's graph, and every
+other cp rank is a copy of its (pp, tp) rank's model too (`moved_rank_copy`): the same weights, another
+value of the one initializer holding the cp rank, its collective groups and peers moved along the cp axis.
 """
 
 from __future__ import annotations
