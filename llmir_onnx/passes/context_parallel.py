@@ -10,15 +10,16 @@ by subclassing: `SequenceParallelPass` with `mesh_axis = "cp"`).
 Which nodes join. Walking the graph in order, a node joins when its rule keeps every token-axis input and
 output split on the token axis, with its other inputs whole: the per-token families sp uses (elementwise
 ops, reductions and norms over other axes), plus MatMul with its row axis split (the query axis of the
-attention scores, and the weight projections), Transpose and Reshape that keep the token axis. The rules
-are asked with no Megatron roles: the cp split is independent of the tp one (a weight is the same on every
-cp rank, whatever its tp slice), so a projection keeps the rows of its activation. A node joins when it
-reads the split stream, or starts it: a token-axis activation times a weight (a projection, a norm's
-scale). So shape computations, the attention mask and the position ids and rotary tables stay whole on
-every rank (cheap, and built differently by every exporter); where such a whole value meets the split
-stream in a per-token op (cos/sin times q, the mask added to the scores) it is cut locally to the rank's
-rows, with no communication. A whole input that broadcasts against the token axis must have size 1 there
-(a mask whose shape is not known is not cut blindly: that node stays outside).
+attention scores, and the weight projections), and Transpose, Reshape, Slice, Split and Concat that keep the
+token axis (the head layout, rotate_half, a partial rotary). The rules are asked with no Megatron roles: the
+cp split is independent of the tp one (a weight is the same on every cp rank, whatever its tp slice), so a
+projection keeps the rows of its activation. A node joins when it reads the split stream, or starts it: a
+token-axis activation times a weight (a projection, a norm's scale). So shape computations, the attention
+mask and the position ids and rotary tables stay whole on every rank (cheap, and built differently by every
+exporter); where such a whole value meets the split stream in a per-token op (cos/sin times q, the mask
+added to the scores) it is cut locally to the rank's rows, with no communication. A whole input that
+broadcasts against the token axis must have size 1 there (a mask whose shape is not known is not cut
+blindly: that node stays outside).
 
 Attention. The query chunk stays local. Keys and values are the one place that needs every token: the
 Concat that joins the new keys/values with the past cache (its output has the total length, not the new
@@ -65,7 +66,7 @@ from llmir_onnx.propagation.base import RuleContext
 
 # Ops whose rules keep a split of the token axis besides the per-token families: the batched MatMul's
 # row axis (the queries), and the layout ops of the head split.
-_ROW_KEEPING_OPS = frozenset({"MatMul", "Transpose", "Reshape", "Slice", "Concat"})
+_ROW_KEEPING_OPS = frozenset({"MatMul", "Transpose", "Reshape", "Slice", "Split", "Concat"})
 # Fused attention that places its queries at the end of the sequence (the causal mask, rotary positions).
 _LAST_TOKEN_ATTENTION = frozenset(
     {
