@@ -44,8 +44,8 @@ LAYOUTS = [
     ("qwen3-optimum", 1, 2, 1),
     ("gpt2-torch-dynamo", 1, 2, 1),
 ]
-# GPT-2's projections are Gemms on [batch*tokens, hidden] (no token axis): gathered before each, so more than
-# the keys/values and logits are gathered there; only its attention core runs split.
+# GPT-2's projections are Gemms on [batch*tokens, hidden] (no token axis): its norms run split and are
+# gathered before each Gemm, its attention runs whole (correct, no gain: README says so).
 FLATTENED_PROJECTIONS = {"gpt2-torch-dynamo"}
 
 

@@ -32,9 +32,11 @@ rank. Padding rows (zeros) never mix with a real token (no rule in a region mixe
 are sliced to n before they are used), and are dropped at every gather: outputs equal the original's for
 every n, decode (n = 1) included, where rank 0 holds the token and the others padding.
 
-What it does not do yet. The cache is replicated over cp: a sequence-sharded cache with log-sum-exp decode
-is the next step, so a decode step gains nothing from cp. Fused attention ops that take their queries as
-the last tokens of the sequence (GroupQueryAttention, ONNX Attention) cannot take a chunk: refused.
+What it does not do yet. Projections on [batch*tokens, hidden] (GPT-2's Gemm exports) have no token axis:
+their q, k, v and attention run whole on every cp rank (correct, no gain). The cache is replicated over cp:
+a sequence-sharded cache with log-sum-exp decode is the next step, so a decode step gains nothing from cp.
+Fused attention ops that take their queries as the last tokens of the sequence (GroupQueryAttention, ONNX
+Attention) cannot take a chunk: refused.
 
 Ranks. The cp rank is baked into each rank model: the local cuts' offsets read one initializer holding
 the cp rank (0 here, `ShardingState.cp_rank_constants` gives its value on each cp rank), and the AllGather
