@@ -466,8 +466,10 @@ def check(
     manifest = Manifest.read(plan)
     result = check_plan_files(plan, manifest, check_hashes=not no_check_hashes)
     what = "sizes and sha256 match" if result.hashed else "sizes match (sha256 not checked)"
+    cp = int(manifest.mesh.get("cp", 1))
+    cp_part = f" x cp {cp}" if cp > 1 else ""
     typer.echo(
-        f"{plan}: plan ok: tp {manifest.mesh.get('tp')} x pp {manifest.mesh.get('pp')}, {result.files} files "
+        f"{plan}: plan ok: tp {manifest.mesh.get('tp')}{cp_part} x pp {manifest.mesh.get('pp')}, {result.files} files "
         f"({format_bytes(result.bytes)}), {what}"
     )
 
