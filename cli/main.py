@@ -86,6 +86,15 @@ def partition(
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the rank models and manifest.json.")],
     tp: Annotated[int, typer.Option("--tp", min=1, help="Tensor-parallel degree.")] = 1,
     pp: Annotated[int, typer.Option("--pp", min=1, help="Pipeline-parallel stages.")] = 1,
+    cp: Annotated[
+        int,
+        typer.Option(
+            "--cp",
+            min=1,
+            help="Context parallelism: split the prompt's tokens over this many ranks, attention included "
+            "(world = tp x cp x pp; the KV cache stays whole on every cp rank).",
+        ),
+    ] = 1,
     vocab_parallel: Annotated[
         bool, typer.Option("--vocab-parallel", help="Shard the embedding and lm_head by vocabulary.")
     ] = False,
@@ -181,6 +190,7 @@ def partition(
         pp=pp,
         vocab_parallel=vocab_parallel,
         sequence_parallel=sequence_parallel,
+        cp=cp,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
         fold_shapes=not no_fold_shapes,
@@ -200,7 +210,11 @@ def partition(
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
         return
     sp = " with sequence parallelism" if manifest.mesh.get("sp") else ""
-    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp} x pp {pp}{sp}) to {out}")
+    cp_size = int(manifest.mesh.get("cp", 1))
+    cp_part = f" x cp {cp_size}" if cp_size > 1 else ""
+    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp}{cp_part} x pp {pp}{sp}) to {out}")
+    if cp_size > 1:
+        typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; the KV cache is whole on every one")
     shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
     if shares or used_weights:
         source = "--tp-weights" if weights is not None else "the devices' memory bandwidth"
@@ -214,14 +228,16 @@ def partition(
     if cache_tokens < manifest.options["max_seq"]:
         typer.echo(f"  KV cache: the model keeps at most {cache_tokens} past tokens (a sliding window); sized for that")
     typer.echo(
-        f"  {'rank':<5}{'pp':>3}{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
+        f"  {'rank':<5}{'pp':>3}" + (f"{'cp':>4}" if cp_size > 1 else "")
+        + f"{'tp':>4}  {'layers':<9}{'file':<13}{'weights':>12}{'kv cache':>12}{'activations':>13}"
         f"{'total':>12}{'prefill':>11}{'decode tok/s':>14}" + ("  device" if cluster is not None else "")
     )
     for entry in manifest.ranks:
         memory, cost = entry.memory, entry.cost
         layers = f"{entry.layers[0]}-{entry.layers[1] - 1}" if entry.layers else "all"
         typer.echo(
-            f"  {entry.rank:<5}{entry.coords['pp']:>3}{entry.coords['tp']:>4}  {layers:<9}{entry.file:<13}"
+            f"  {entry.rank:<5}{entry.coords['pp']:>3}" + (f"{entry.coords['cp']:>4}" if cp_size > 1 else "")
+            + f"{entry.coords['tp']:>4}  {layers:<9}{entry.file:<13}"
             f"{format_bytes(memory['weight_bytes']):>12}{format_bytes(memory['kv_cache_bytes']):>12}"
             f"{format_bytes(memory['activation_peak_bytes']):>13}{format_bytes(memory['total_bytes']):>12}"
             f"{cost['prefill']['total_s'] * 1e3:>9.2f}ms{cost['decode_tokens_per_s']:>14.1f}"
@@ -450,8 +466,10 @@ def check(
     manifest = Manifest.read(plan)
     result = check_plan_files(plan, manifest, check_hashes=not no_check_hashes)
     what = "sizes and sha256 match" if result.hashed else "sizes match (sha256 not checked)"
+    cp = int(manifest.mesh.get("cp", 1))
+    cp_part = f" x cp {cp}" if cp > 1 else ""
     typer.echo(
-        f"{plan}: plan ok: tp {manifest.mesh.get('tp')} x pp {manifest.mesh.get('pp')}, {result.files} files "
+        f"{plan}: plan ok: tp {manifest.mesh.get('tp')}{cp_part} x pp {manifest.mesh.get('pp')}, {result.files} files "
         f"({format_bytes(result.bytes)}), {what}"
     )
 

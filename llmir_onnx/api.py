@@ -94,6 +94,7 @@ def partition_to_dir(
     devices: Cluster | None = None,
     fold_shapes: bool = True,
     sequence_parallel: bool = False,
+    cp: int = 1,
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
@@ -120,6 +121,9 @@ def partition_to_dir(
     graphs, for comparison; the manifest then records `options["fold_shapes"] = false`.
     `sequence_parallel` (the CLI's --sp): per-token work between the tp blocks runs on a chunk of the tokens
     (passes/sequence_parallel.py); the manifest records `mesh["sp"] = true`.
+    `cp` (the CLI's --cp): the prompt's tokens split over a cp mesh axis of this size, attention included
+    (passes/context_parallel.py), world = tp x cp x pp; the manifest records `mesh["cp"]`, the cp groups and
+    `mesh["kv_cache"] = "replicated over cp"` (every cp rank holds the whole cache in this step).
     """
     profile = load_profile(device)
     if tp_weights is not None and len(tp_weights) != tp:
@@ -145,6 +149,7 @@ def partition_to_dir(
         allow_replicated=allow_replicated,
         fold_shapes=fold_shapes,
         sequence_parallel=sequence_parallel,
+        cp=cp,
         stage_cut_after_layer=planned_cuts,
         device=device,
         device_memory_bytes=device_memory_bytes,
@@ -153,7 +158,7 @@ def partition_to_dir(
         tp_weights=tp_weights,
         cluster=devices,
     )
-    progress.phase(f"sharding for tp {tp} x pp {pp}")
+    progress.phase(f"sharding for tp {tp} x pp {pp}" + (f" x cp {cp}" if cp > 1 else ""))
     with atomic_output_dir(out_dir, force=force) as staging, WeightWriter(staging, on_bytes=progress.advance) as writer:
         # The partition consumes the loaded graph: the original's IO is read off it first.
         source_inputs, source_outputs = tensor_infos(source.graph.inputs), tensor_infos(source.graph.outputs)
@@ -166,17 +171,17 @@ def partition_to_dir(
         mesh = result.mesh
         with shared_shape_evaluations():
             details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes, devices)
-        mesh_info = {
-            "tp": mesh.tp,
-            "pp": mesh.pp,
-            "cp": mesh.cp,
-            "world_size": mesh.world_size,
-            "groups": {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]},
-        }
+        groups = {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}
+        if cp > 1:
+            groups["cp"] = [list(g) for g in mesh.groups("cp")]
+        mesh_info = {"tp": mesh.tp, "pp": mesh.pp, "cp": mesh.cp, "world_size": mesh.world_size, "groups": groups}
         if mesh.tp_shares:
             mesh_info["tp_shares"] = list(mesh.tp_shares)  # heads per tp rank of an uneven split
         if sequence_parallel:
             mesh_info["sp"] = True  # the tp group also splits the tokens between its blocks
+        if cp > 1:
+            # The prompt's tokens are split over cp; the KV cache a step returns is whole on every cp rank.
+            mesh_info["kv_cache"] = "replicated over cp"
         contents = PlanContents(
             source_path=model_path,
             inputs=source_inputs,
@@ -202,6 +207,7 @@ def partition_to_dir(
                 **({"devices": devices.manifest_entry()} if devices is not None else {}),
                 **({"fold_shapes": False} if not fold_shapes else {}),
                 **({"sequence_parallel": True} if sequence_parallel else {}),
+                **({"cp": cp} if cp > 1 else {}),
                 **({"tp_weights": list(tp_weights)} if tp_weights is not None else {}),
             },
             sharding={"weights": result.weight_splits or []},
@@ -229,6 +235,7 @@ def _rank_details(
         # A tp rank copy has its tp rank 0's structure (only weights and peers differ): no need to make it.
         model = program.model_or_copy
         peers = model.peers if isinstance(model, TpRankCopy) else None
+        groups = model.groups if isinstance(model, TpRankCopy) else {}
         model = model.source if isinstance(model, TpRankCopy) else model
         if id(model) not in signatures:
             signatures[id(model)] = _structure_signature(model)
@@ -236,7 +243,7 @@ def _rank_details(
         if cluster is not None:
             slot = cluster.devices[program.rank]
             rank_profile, limit = slot.profile, slot.memory_bytes
-            link_of, links = _cluster_links(model, cluster, result, program.rank, peers)
+            link_of, links = _cluster_links(model, cluster, result, program.rank, peers, groups)
             key = (key, slot.profile.name, links)
         if key not in analyses:
             analysis = plan_memory(model, max_batch, max_seq)
@@ -260,7 +267,8 @@ def _rank_details(
                 "layers": [program.layers.start, program.layers.stop] if program.layers is not None else None,
                 "memory": copy.deepcopy(memory_fields),
                 "cost": {
-                    **copy.deepcopy(cost_fields), "collectives": _collectives(traffic, peers, result, program.rank)
+                    **copy.deepcopy(cost_fields),
+                    "collectives": _collectives(traffic, peers, result, program.rank, groups),
                 },
             }
         )
@@ -268,9 +276,15 @@ def _rank_details(
 
 
 def _cluster_links(
-    model: ir.Model, cluster: Cluster, result: PartitionResult, rank: int, peers: Any
+    model: ir.Model,
+    cluster: Cluster,
+    result: PartitionResult,
+    rank: int,
+    peers: Any,
+    groups: Mapping[tuple[int, ...], tuple[int, ...]],
 ) -> tuple[LinkOf, tuple[str, ...]]:
-    """The link each ai.llmir node of `rank` runs over (the slowest its ranks span), and their names."""
+    """The link each ai.llmir node of `rank` runs over (the slowest its ranks span), and their names.
+    `peers` and `groups`: a copy's moves of its source's (`TpRankCopy`)."""
     chosen: dict[int, tuple[Any, int]] = {}
     for node in model.graph:
         if node.domain != LLMIR_DOMAIN:
@@ -280,7 +294,8 @@ def _cluster_links(
             other = peer.as_int()
             ranks: tuple[int, ...] = (rank, peers[other] if peers is not None else other)
         elif group is not None and group.value:
-            ranks = tuple(int(r) for r in group.value)
+            members = tuple(int(r) for r in group.value)
+            ranks = tuple(groups.get(members, members))
         else:
             ranks = result.mesh.group(rank, "tp")
         chosen[id(node)] = cluster.group_link(ranks)
@@ -288,9 +303,11 @@ def _cluster_links(
     return (lambda node: chosen.get(id(node))), names
 
 
-def _collectives(traffic: list[Any], peers: Any, result: PartitionResult, rank: int) -> list[dict[str, Any]]:
-    """The rank's traffic as manifest entries: a copy's Send/Recv peers renamed, a group-less collective
-    (the whole tp group at pp 1) given its ranks."""
+def _collectives(
+    traffic: list[Any], peers: Any, result: PartitionResult, rank: int, groups: Mapping[tuple[int, ...], Any]
+) -> list[dict[str, Any]]:
+    """The rank's traffic as manifest entries: a copy's Send/Recv peers and groups renamed, a group-less
+    collective (the whole tp group at pp 1) given its ranks."""
     entries = []
     for link in traffic:
         entry = asdict(link)
@@ -299,6 +316,6 @@ def _collectives(traffic: list[Any], peers: Any, result: PartitionResult, rank: 
         if link.peer is None and link.group is None:
             entry["group"] = list(result.mesh.group(rank, "tp"))
         elif link.group is not None:
-            entry["group"] = list(link.group)
+            entry["group"] = list(groups.get(tuple(link.group), link.group))
         entries.append(entry)
     return entries

@@ -23,16 +23,22 @@ graphs are built):
     plan_rank_weights     which weights (lazy slices) each rank holds; pp > 1: the stage split decided
                           (cuts, which stage holds each initializer), nothing built: a frozen plan
     build_rank_models     the stage graphs built from that plan; the other tp ranks as copies
+
+With context parallelism (cp > 1, passes/context_parallel.py) the passes make cp rank 0's graph, and every
+other cp rank is a copy of its (pp, tp) rank's model too (`moved_rank_copy`): the same weights, another
+value of the one initializer holding the cp rank, its collective groups and peers moved along the cp axis.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 from collections import Counter
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common
 
@@ -64,7 +70,7 @@ from llmir_onnx.plan.data_files import RankWeights
 from llmir_onnx.plan.devices import Cluster, load_profile
 from llmir_onnx.plan.manifest import SliceBinding
 from llmir_onnx.plan.shapes import default_max_seq
-from llmir_onnx.plan.tp_rank_copy import TpRankCopy, tp_rank_copy
+from llmir_onnx.plan.tp_rank_copy import TpRankCopy, moved_rank_copy, tp_rank_copy
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,9 @@ class PartitionOptions:
     # Megatron sequence parallelism over the tp group (passes/sequence_parallel.py): per-token work between
     # the tensor-parallel blocks runs on a chunk of the tokens (ReduceScatter / AllGather along them).
     sequence_parallel: bool = False
+    # Context parallelism (passes/context_parallel.py): the prompt's tokens split over a cp mesh axis of this
+    # size, attention included; world = tp x cp x pp.
+    cp: int = 1
 
 
 class RankProgram:
@@ -150,12 +159,20 @@ def _check_options(options: PartitionOptions) -> None:
         raise ShardingError(f"--tp must be at least 1, got {options.tp}")
     if options.pp < 1:
         raise ShardingError(f"--pp must be at least 1, got {options.pp}")
+    if options.cp < 1:
+        raise ShardingError(f"--cp must be at least 1, got {options.cp}")
+    if options.cp > 1 and options.sequence_parallel:
+        raise ShardingError(
+            f"--cp {options.cp} with --sp is not supported yet (both split the tokens); partition with one of them"
+        )
     if options.sequence_parallel and options.tp < 2:
         raise ShardingError(f"--sp splits the tokens over the tp group; it needs --tp 2 or more, got --tp {options.tp}")
-    if options.cluster is not None and len(options.cluster) != options.tp * options.pp:
+    world = options.tp * options.cp * options.pp
+    if options.cluster is not None and len(options.cluster) != world:
+        cp = f" x --cp {options.cp}" if options.cp > 1 else ""
         raise ShardingError(
-            f"--devices {options.cluster.spec!r} describes {len(options.cluster)} devices but --tp {options.tp} x "
-            f"--pp {options.pp} needs {options.tp * options.pp}; describe one device per rank"
+            f"--devices {options.cluster.spec!r} describes {len(options.cluster)} devices but --tp {options.tp}{cp} x "
+            f"--pp {options.pp} needs {world}; describe one device per rank"
         )
 
 
@@ -190,7 +207,7 @@ def plan_ranks(
     """
     _check_options(options)
     # Tensor parallelism is planned on one pipeline stage; stages are cut afterwards (split_tp_stages).
-    mesh = DeviceMesh(pp=1, tp=options.tp)
+    mesh = DeviceMesh(pp=1, cp=options.cp, tp=options.tp)
     state = ShardingState(
         mesh,
         replicate_unsupported=options.replicate_unsupported,
@@ -206,6 +223,10 @@ def plan_ranks(
         from llmir_onnx.passes.sequence_parallel import SequenceParallelPass
 
         state = _run_pass(SequenceParallelPass(state), template).state
+    if options.cp > 1:
+        from llmir_onnx.passes.context_parallel import ContextParallelPass
+
+        state = _run_pass(ContextParallelPass(state), template).state
     state = _run_pass(InsertCollectivesPass(state), template).state
     if not state.uneven:
         _run_pass(LocalizePass(state), template)
@@ -215,7 +236,7 @@ def plan_ranks(
         templates = [template, *(template.clone() for _ in range(1, options.tp))]
         for tp_rank, rank_template in enumerate(templates):
             _run_pass(LocalizePass(state, tp_rank), rank_template)
-    if state.sequence_shards:
+    if state.sequence_shards or state.context_shards:
         from llmir_onnx.passes.sequence_parallel import declare_token_chunk_shapes
 
         for localized in templates:
@@ -254,6 +275,9 @@ class TpRanks:
     # Uneven tp: every tp rank's own model (shapes differ, so none is a copy of tp rank 0's); and the shares.
     models: list[ir.Model] | None = None
     tp_shares: tuple[int, ...] = ()
+    # Context parallelism: the initializers holding the cp rank -> their value on a cp rank (cp rank 0's are in
+    # the models); every other weight of a cp rank is its (pp, tp) rank's.
+    cp_rank_constants: dict[str, Callable[[int], np.ndarray]] = field(default_factory=dict)
 
 
 def _weight_splits(state: ShardingState) -> list[dict[str, object]]:
@@ -282,7 +306,7 @@ def shard_tp_ranks(model: ir.Model, options: PartitionOptions, consume_model: bo
     """Tensor-parallel sharding of `model`: tp rank 0's model and every tp rank's weights and bindings
     (the first step of `partition`). With `consume_model` the passes run on `model` itself."""
     _check_options(options)
-    if options.tp == 1:
+    if options.tp == 1 and options.cp == 1:
         # The original graph runs as it is; nothing to split, so nothing can fail to split.
         first = model if consume_model else model.clone()
         first.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
@@ -295,11 +319,13 @@ def shard_tp_ranks(model: ir.Model, options: PartitionOptions, consume_model: bo
         return TpRanks(first, [(whole, whole_out)], [initializer_tensors(first)], placements, notes)
     templates, state = plan_ranks(model, options, consume_model=consume_model)
     template = templates[0]
-    if not options.allow_replicated:
+    if not options.allow_replicated and options.tp > 1:
         _refuse_unsharded(template, state)
     bindings = [_tp_bindings(template.graph, state, tp_rank) for tp_rank in range(options.tp)]
     if state.uneven:
-        return _uneven_ranks(templates, state, bindings, options)
+        uneven = _uneven_ranks(templates, state, bindings, options)
+        uneven.cp_rank_constants = dict(state.cp_rank_constants)
+        return uneven
     unsharded = initializer_tensors(template)
     first = materialize_rank(template, state, 0, consume=True)
     _remove_unused(first)  # before any copy is made from it
@@ -312,7 +338,15 @@ def shard_tp_ranks(model: ir.Model, options: PartitionOptions, consume_model: bo
         for tp_rank in range(1, options.tp)
     ]
     placements = {name: str(p) for name, p in state.placements.items()}
-    return TpRanks(first, bindings, weights, placements, [*state.warnings, *notes], _weight_splits(state))
+    return TpRanks(
+        first,
+        bindings,
+        weights,
+        placements,
+        [*state.warnings, *notes],
+        _weight_splits(state),
+        cp_rank_constants=dict(state.cp_rank_constants),
+    )
 
 
 def _uneven_ranks(
@@ -361,9 +395,11 @@ def _rank_varying(state: ShardingState) -> set[str]:
 
 def _fold_shapes(model: ir.Model, options: PartitionOptions, rank_varying: set[str] | None = None) -> list[str]:
     """Fold the shape chains of a whole-model rank (pp 1) in place; the warning when they cannot be."""
-    if options.pp > 1 or not options.fold_shapes:
+    if options.pp > 1 or not options.fold_shapes or options.cp > 1:
         # Pipeline stages are cut from this graph by layer; a shared shape value at the graph's start would
         # cross stages, so stage graphs keep their chains (not measured to matter yet: issue 16 is tp decode).
+        # With cp the chunk's length is arithmetic on the cp rank constant, which differs between the cp
+        # copies of this graph: the exported chains are kept rather than folded from cp rank 0's value.
         return []
     _report, why_not = try_fold_shape_chains(model, options.max_seq, rank_varying or ())
     return [why_not] if why_not else []
@@ -432,8 +468,20 @@ def plan_rank_weights(tp_ranks: TpRanks, options: PartitionOptions) -> RankWeigh
                 tp_rank_copy(tp_ranks.model, tp_rank, weights, tp_ranks.weights[0]).initializer_tensors()
                 for tp_rank, weights in enumerate(tp_ranks.weights[1:], 1)
             ]
-        return RankWeightsPlan(tuple(RankWeights(rank, 0, rank_tensors) for rank, rank_tensors in enumerate(tensors)))
-    mesh = DeviceMesh(pp=options.pp, tp=options.tp)
+        cp_mesh = DeviceMesh(cp=options.cp, tp=options.tp)
+        return RankWeightsPlan(
+            tuple(
+                sorted(
+                    (
+                        RankWeights(cp_mesh.rank_of(MeshCoords(pp=0, cp=cp_rank, tp=tp_rank)), 0, rank_tensors)
+                        for tp_rank, tp_tensors in enumerate(tensors)
+                        for cp_rank, rank_tensors in _cp_rank_tensors(tp_ranks, tp_tensors, options.cp)
+                    ),
+                    key=lambda entry: entry.rank,
+                )
+            )
+        )
+    mesh = DeviceMesh(pp=options.pp, cp=options.cp, tp=options.tp)
     first = tp_ranks.model
     max_seq = options.max_seq or default_max_seq(first)
     node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
@@ -469,13 +517,27 @@ def plan_rank_weights(tp_ranks: TpRanks, options: PartitionOptions) -> RankWeigh
         stages_of = splits[tp_rank if len(splits) > 1 else 0].initializer_stages
         ranks.extend(
             RankWeights(
-                mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=tp_rank)),
+                mesh.rank_of(MeshCoords(pp=stage, cp=cp_rank, tp=tp_rank)),
                 stage,
-                {name: tensor for name, tensor in rank_weights.items() if stage in stages_of.get(name, ())},
+                {name: tensor for name, tensor in cp_tensors.items() if stage in stages_of.get(name, ())},
             )
             for stage in range(mesh.pp)
+            for cp_rank, cp_tensors in _cp_rank_tensors(tp_ranks, rank_weights, options.cp)
         )
     return RankWeightsPlan(tuple(sorted(ranks, key=lambda entry: entry.rank)), tuple(splits))
+
+
+def _cp_rank_tensors(
+    tp_ranks: TpRanks, tensors: dict[str, ir.TensorProtocol], cp: int
+) -> Iterator[tuple[int, dict[str, ir.TensorProtocol]]]:
+    """A (pp, tp) rank's weights on each cp rank: the same tensors (the plan writes them once per stage,
+    shared), but the initializers holding the cp rank."""
+    yield 0, tensors
+    for cp_rank in range(1, cp):
+        constants = {
+            name: ir.tensor(value(cp_rank), name=name) for name, value in tp_ranks.cp_rank_constants.items()
+        }
+        yield cp_rank, {name: constants.get(name, tensor) for name, tensor in tensors.items()}
 
 
 def build_rank_models(tp_ranks: TpRanks, weights: RankWeightsPlan, options: PartitionOptions) -> PartitionResult:
@@ -493,12 +555,14 @@ def build_rank_models(tp_ranks: TpRanks, weights: RankWeightsPlan, options: Part
                 )
                 for tp_rank, rank_weights in enumerate(tp_ranks.weights[1:], 1)
             ]
-        mesh = DeviceMesh(tp=options.tp, tp_shares=tp_ranks.tp_shares)
+        mesh = DeviceMesh(cp=options.cp, tp=options.tp, tp_shares=tp_ranks.tp_shares)
+        if options.cp > 1:
+            ranks = _cp_rank_copies(ranks, weights, mesh)
         return PartitionResult(mesh, ranks, tp_ranks.placements, tp_ranks.warnings, tp_ranks.weight_splits)
-    mesh = DeviceMesh(pp=options.pp, tp=options.tp)
+    mesh = DeviceMesh(pp=options.pp, cp=options.cp, tp=options.tp)
     if tp_ranks.models is not None:
         staged = build_uneven_tp_stages(weights.stage_splits, tp_ranks.bindings, mesh)
-        mesh = DeviceMesh(pp=options.pp, tp=options.tp, tp_shares=tp_ranks.tp_shares)
+        mesh = DeviceMesh(pp=options.pp, cp=options.cp, tp=options.tp, tp_shares=tp_ranks.tp_shares)
     else:
         (split,) = weights.stage_splits
         staged = tp_rank_stages(split.build(), tp_ranks.bindings, tp_ranks.weights.__getitem__, mesh)
@@ -507,7 +571,30 @@ def build_rank_models(tp_ranks: TpRanks, weights: RankWeightsPlan, options: Part
     for program in ranks:
         if isinstance(program.model_or_copy, ir.Model):
             _remove_unused(program.model_or_copy)
+    if options.cp > 1:
+        ranks = _cp_rank_copies(ranks, weights, mesh)
     return PartitionResult(mesh, ranks, tp_ranks.placements, tp_ranks.warnings, tp_ranks.weight_splits)
+
+
+def _cp_rank_copies(programs: list[RankProgram], weights: RankWeightsPlan, mesh: DeviceMesh) -> list[RankProgram]:
+    """Every rank of a cp mesh from the cp rank 0 programs (one per (pp, tp) rank): the model of each (pp, tp)
+    rank's source (tp rank 0's stage, or its own with an uneven split) copied with the rank's weights (its cp
+    rank constants) and its collective groups and peers moved to its coordinates (`moved_rank_copy`); the
+    source itself is kept where the rank is its own."""
+    held = {entry.rank: entry.tensors for entry in weights.ranks}
+    ranks: list[RankProgram] = []
+    for program in programs:
+        made = program.model_or_copy
+        source = made.source if isinstance(made, TpRankCopy) else made
+        first = initializer_tensors(source)
+        coords = mesh.coords(program.rank)
+        for cp_rank in range(mesh.cp):
+            rank = mesh.rank_of(dataclasses.replace(coords, cp=cp_rank))
+            moved = moved_rank_copy(source, mesh, rank, held[rank], first)
+            # The source's own rank keeps the source: nothing moves, nothing changes.
+            own = rank == mesh.rank_of(MeshCoords(pp=coords.pp, cp=0, tp=0)) and not moved.changed
+            ranks.append(RankProgram(rank, source if own else moved, program.inputs, program.outputs, program.layers))
+    return sorted(ranks, key=lambda program: program.rank)
 
 
 def _tp_bindings(

@@ -29,6 +29,7 @@ from llmir_onnx.passes import (
     ShardingState,
     materialize_rank,
 )
+from llmir_onnx.passes.context_parallel import ContextParallelPass
 from llmir_onnx.passes.sequence_parallel import SequenceParallelPass, declare_token_chunk_shapes
 from llmir_onnx.passes.state import LOCALIZED_KEY
 from llmir_onnx.placement import REPLICATE, Shard
@@ -46,10 +47,12 @@ class Step:
     after: int  # the step whose output this pass takes (-1: the model as loaded)
 
 
-def _steps(tp: int, sp: bool, uneven_ranks: int) -> list[Step]:
+def _steps(tp: int, sp: bool, uneven_ranks: int, cp: int = 1) -> list[Step]:
     steps = [Step("annotate", AnnotatePass, -1), Step("propagate", PropagatePass, 0)]
     if sp:
         steps.append(Step("sequence_parallel", SequenceParallelPass, len(steps) - 1))
+    if cp > 1:
+        steps.append(Step("context_parallel", ContextParallelPass, len(steps) - 1))
     steps.append(Step("insert_collectives", InsertCollectivesPass, len(steps) - 1))
     collectives = len(steps) - 1
     for tp_rank in range(max(uneven_ranks, 1)):
@@ -66,7 +69,7 @@ def state_of(result: ir.passes.PassResult) -> ShardingState:
 def _initial_state(options: PartitionOptions) -> ShardingState:
     """The state `partition.plan_ranks` starts from (the caller's configuration only)."""
     return ShardingState(
-        DeviceMesh(pp=1, tp=options.tp),
+        DeviceMesh(pp=1, cp=options.cp, tp=options.tp),
         replicate_unsupported=options.replicate_unsupported,
         vocab_parallel=options.vocab_parallel,
         tp_weights=options.tp_weights,
@@ -114,11 +117,13 @@ def _base_dir(model: ir.Model, tensor: onnx.TensorProto) -> str:
 
 def state_summary(state: ShardingState) -> dict[str, object]:
     """Every field of the state, rank constants by their value on each tp rank."""
-    fields = {name: copy.copy(value) for name, value in vars(state).items() if name != "rank_constants"}
-    fields["rank_constants"] = {
-        name: [np.asarray(per_rank(r)).tolist() for r in range(state.tp)]
-        for name, per_rank in sorted(state.rank_constants.items())
-    }
+    by_rank = {"rank_constants": state.tp, "cp_rank_constants": state.mesh.cp}
+    fields = {name: copy.copy(value) for name, value in vars(state).items() if name not in by_rank}
+    for field_name, ranks in by_rank.items():
+        fields[field_name] = {
+            name: [np.asarray(per_rank(r)).tolist() for r in range(ranks)]
+            for name, per_rank in sorted(getattr(state, field_name).items())
+        }
     return fields
 
 
@@ -161,6 +166,7 @@ LAYOUTS = [
     pytest.param("llama-gqa-torch-legacy", PartitionOptions(tp=2, sequence_parallel=True), id="legacy-tp2-sp"),
     pytest.param("llama-gqa-torch-legacy", PartitionOptions(tp=3), id="legacy-tp3-uneven"),
     pytest.param("llama-gqa-torch-legacy", PartitionOptions(tp=1), id="legacy-tp1"),
+    pytest.param("llama-gqa-torch-legacy", PartitionOptions(tp=2, cp=2), id="legacy-tp2-cp2"),
 ]
 
 
@@ -174,7 +180,7 @@ def test_each_pass_runs_alone_on_the_saved_output_of_the_one_before(
     name: str, options: PartitionOptions, tmp_path: Path
 ) -> None:
     model = ir.load(MODELS / name / "model.onnx")
-    steps = _steps(options.tp, options.sequence_parallel, _uneven_ranks(name, options))
+    steps = _steps(options.tp, options.sequence_parallel, _uneven_ranks(name, options), options.cp)
     pipeline = _run_pipeline(model, steps, _initial_state(options), tmp_path)
 
     # The chained steps are the partition's own pipeline: the same localized templates.
@@ -183,7 +189,7 @@ def test_each_pass_runs_alone_on_the_saved_output_of_the_one_before(
     assert len(localized) == len(templates)
     for made, template in zip(localized, templates, strict=True):
         finished = made.model_after.clone()
-        if made.state_after.sequence_shards:
+        if made.state_after.sequence_shards or made.state_after.context_shards:
             declare_token_chunk_shapes(finished, made.state_after)  # as plan_ranks does after localize
         assert fingerprint(finished) == fingerprint(template)
 
@@ -201,17 +207,17 @@ def test_each_pass_runs_alone_on_the_saved_output_of_the_one_before(
 @pytest.mark.parametrize(("name", "options"), LAYOUTS)
 def test_modified_is_true_exactly_when_the_model_changed(name: str, options: PartitionOptions, tmp_path: Path) -> None:
     model = ir.load(MODELS / name / "model.onnx")
-    steps = _steps(options.tp, options.sequence_parallel, _uneven_ranks(name, options))
+    steps = _steps(options.tp, options.sequence_parallel, _uneven_ranks(name, options), options.cp)
     for step, recorded in zip(steps, _run_pipeline(model, steps, _initial_state(options), tmp_path), strict=True):
         assert recorded.modified == (recorded.before != recorded.after), step.name
         if options.tp == 1 and step.name != "annotate":
             assert not recorded.modified, f"{step.name} changed a tp 1 model"
 
 
-@pytest.mark.parametrize(("name", "options"), LAYOUTS[:3])
+@pytest.mark.parametrize(("name", "options"), [*LAYOUTS[:3], LAYOUTS[-1]])
 def test_a_second_run_changes_nothing_and_says_so(name: str, options: PartitionOptions, tmp_path: Path) -> None:
     model = ir.load(MODELS / name / "model.onnx")
-    steps = _steps(options.tp, options.sequence_parallel, 1)
+    steps = _steps(options.tp, options.sequence_parallel, 1, options.cp)
     _run_pipeline(model, steps, _initial_state(options), tmp_path)
     for index, step in enumerate(steps):
         if step.name == "propagate":
@@ -239,7 +245,7 @@ def test_preconditions_name_what_is_missing_and_the_pass_that_provides_it() -> N
         PropagatePass(_initial_state(options))(model)
     annotated = state_of(AnnotatePass(_initial_state(options))(model))
     for make, name in ((InsertCollectivesPass, "insert_collectives"), (LocalizePass, "localize"),
-                       (SequenceParallelPass, "sequence parallelism")):
+                       (SequenceParallelPass, "sequence parallelism"), (ContextParallelPass, "context parallelism")):
         with pytest.raises(ir.passes.PreconditionError, match=rf"^{name} needs a placement .*run PropagatePass first"):
             make(copy.deepcopy(annotated))(model)
     propagated = state_of(PropagatePass(annotated)(model))

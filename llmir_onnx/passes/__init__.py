@@ -1,5 +1,6 @@
-"""The sharding passes, in pipeline order: annotate, propagate, (sequence_parallel,) insert_collectives,
-localize. Each takes the ShardingState that the one before returned in its ShardingPassResult (passes/state.py)."""
+"""The sharding passes, in pipeline order: annotate, propagate, (sequence_parallel,) (context_parallel,)
+insert_collectives, localize. Each takes the ShardingState that the one before returned in its
+ShardingPassResult (passes/state.py)."""
 
 from llmir_onnx.passes.annotate import AnnotatePass
 from llmir_onnx.passes.insert_collectives import InsertCollectivesPass

@@ -37,6 +37,7 @@ import onnx_ir as ir
 
 from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
+from llmir_onnx.mesh import MeshAxis
 from llmir_onnx.model_facts import NEW, dim_roles
 from llmir_onnx.passes.state import (
     Redistribution,
@@ -49,10 +50,13 @@ from llmir_onnx.passes.state import (
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Replicate, Shard
 from llmir_onnx.propagation import elementwise, lookup, reductions
 from llmir_onnx.propagation.base import RuleContext
+from llmir_onnx.propagation.registry import Rule
 
 # Rule families whose ops act on each token on its own when the token axis is split: a node joins a
 # sequence-parallel region only when one of these rules keeps that split.
 PER_TOKEN_RULE_MODULES = frozenset({elementwise.__name__, reductions.__name__})
+# The folder of the names of the values a token-splitting pass makes, by the mesh axis it splits over.
+_NAME_PREFIX: dict[str, str] = {"tp": "sp", "cp": "cp"}
 
 
 class SequenceParallelPass(ir.passes.InPlacePass):
@@ -67,9 +71,16 @@ class SequenceParallelPass(ir.passes.InPlacePass):
     the value's AllGather like any other (`_rewrite`).
     """
 
+    # The mesh axis whose group splits the tokens; names of the values this pass makes say it.
+    mesh_axis: MeshAxis = "tp"
+    # A Partial token-axis input of a region is a row-parallel output over this same group: its reduction
+    # becomes a ReduceScatter (sp). Over another axis (cp) it is cut like any other value.
+    _scatters_partial_sums = True
+
     def __init__(self, state: ShardingState) -> None:
         super().__init__()
         self.state = state
+        self._parts = state.mesh.size(self.mesh_axis)
         self._counter = 0
         self._converted: dict[tuple[str, str], ir.Value] = {}
         self._pad_vectors: dict[tuple[int, int], ir.Value] = {}
@@ -90,16 +101,33 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         state, graph = self.state, model.graph
         if state.tp == 1 or state.sequence_shards:
             return ShardingPassResult(model, False, state)
-        self._symbols = {symbol for symbol, role in dim_roles(model).roles.items() if role == NEW}
-        length_input = next((v for v in graph.inputs if self._token_axis(v) is not None), None)
-        if length_input is None:
-            raise PlanError(
-                "--sp needs a graph input with the new-token dim (input_ids [batch, new]); none of "
-                f"{[v.name for v in graph.inputs]} has one: name it with --dim SYMBOL=new, or partition without --sp"
-            )
-        self._length_input = length_input
+        self._read_token_count(model, "--sp")
         self._reduce_after_unflatten(graph)
         pending = {(r.node, r.index): r for r in state.redistributions}
+        sharded, region = self._find_region(graph, pending)
+        if not region:
+            raise PlanError(self._why_no_region(graph))
+        self._refuse_partial_coverage(graph, region)
+        self._rewrite(graph, region, sharded, pending)
+        state.sequence_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
+        return ShardingPassResult(model, True, state)
+
+    def _read_token_count(self, model: ir.Model, flag: str) -> None:
+        """The new-token symbols, and the graph input the token count n is read from (input_ids)."""
+        self._symbols = {symbol for symbol, role in dim_roles(model).roles.items() if role == NEW}
+        inputs = model.graph.inputs
+        length_input = next((v for v in inputs if self._token_axis(v) is not None), None)
+        if length_input is None:
+            raise PlanError(
+                f"{flag} needs a graph input with the new-token dim (input_ids [batch, new]); none of "
+                f"{[v.name for v in inputs]} has one: name it with --dim SYMBOL=new, or partition without {flag}"
+            )
+        self._length_input = length_input
+
+    def _find_region(
+        self, graph: ir.Graph, pending: dict[tuple[str, int], Redistribution]
+    ) -> tuple[dict[str, int], list[ir.Node]]:
+        """The nodes that join, in graph order (`_joins`), and the token axis of each value they split."""
         sharded: dict[str, int] = {}
         region: list[ir.Node] = []
         for node in graph:
@@ -107,12 +135,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
             if joined is not None:
                 region.append(node)
                 sharded.update(joined)
-        if not region:
-            raise PlanError(self._why_no_region(graph))
-        self._refuse_partial_coverage(graph, region)
-        self._rewrite(graph, region, sharded, pending)
-        state.sequence_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
-        return ShardingPassResult(model, True, state)
+        return sharded, region
 
     def _reduce_after_unflatten(self, graph: ir.Graph) -> None:
         """A row-parallel output reduced as [batch * tokens, hidden] for the Reshape back to [batch, tokens,
@@ -232,6 +255,14 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 return None
         if not reads_stream:
             return None
+        ctx = RuleContext(tp=self.state.tp_units, shapes=self.state.shapes, roles=self.state.roles)
+        return self._rule_keeps_split(rule, ctx, node, current)
+
+    def _rule_keeps_split(
+        self, rule: Rule, ctx: RuleContext, node: ir.Node, current: list[Placement | None]
+    ) -> dict[str, int] | None:
+        """The token axes of `node`'s outputs when its `rule`, given the inputs `current` (token-axis inputs
+        Shard on that axis), keeps them and splits every used output on its token axis; else None."""
         outputs: dict[str, int] = {}
         expected: list[Placement] = []
         for value in node.outputs:
@@ -243,7 +274,6 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 continue
             outputs[value.name] = axis
             expected.append(Shard(axis))
-        ctx = RuleContext(tp=self.state.tp_units, shapes=self.state.shapes, roles=self.state.roles)
         decision = rule(ctx, node, current)
         if decision.inputs != current:
             return None
@@ -278,7 +308,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
                 if axis is None:
                     continue
                 held = state.placements.get(value.name, REPLICATE)
-                if isinstance(held, Partial):
+                if isinstance(held, Partial) and self._scatters_partial_sums:
                     converted = self._reduce_scatter(graph, value, axis)
                     replaced.add((node.name, index))
                 else:
@@ -309,23 +339,31 @@ class SequenceParallelPass(ir.passes.InPlacePass):
 
     def _name(self, base: str) -> str:
         self._counter += 1
-        return f"llmir/sp/{base}_{self._counter}"
+        return f"llmir/{_NAME_PREFIX[self.mesh_axis]}/{base}_{self._counter}"
 
     def _record(self, value: ir.Value, like: ir.Value | None, shape: tuple | None = None) -> ir.Value:
         """Placement and (global) shape of a value this pass made."""
-        self.state.placements[value.name] = REPLICATE
+        self.state.placements[value.name] = self._placement_of(like)
         self.state.shapes[value.name] = shape if like is None else self.state.shapes.get(like.name)
         if like is not None:
             value.type = like.type
         return value
+
+    def _placement_of(self, like: ir.Value | None) -> Placement:
+        """The tp placement of a value made from `like`: sp's conversions hold the residual stream, which
+        propagation left Replicate (the ReduceScatter's Partial input is reduced by it)."""
+        return REPLICATE
+
+    def _register_rank_constant(self, name: str, array: np.ndarray) -> None:
+        """`name` holds this rank's index along the pass's mesh axis: a tp rank constant."""
+        self.state.rank_constants[name] = lambda r: (array * 0 + r).astype(np.int64)
 
     def _initializer(self, name: str, array: np.ndarray, per_rank: bool = False) -> ir.Value:
         value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(array.shape))
         value.const_value = ir.tensor(array, name=name)
         self._graph.register_initializer(value)
         if per_rank:
-            tp_rank_value = array
-            self.state.rank_constants[name] = lambda r: (tp_rank_value * 0 + r).astype(np.int64)
+            self._register_rank_constant(name, array)
         return self._record(value, None, tuple(array.shape))
 
     def _int_node(self, op_type: str, inputs: list[ir.Value], **ints: int) -> ir.Value:
@@ -350,25 +388,26 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         self._early_anchor = node
 
     def _lengths_of(self) -> dict[str, ir.Value]:
-        """n (the new tokens), c = ceil(n / tp) (this rank's chunk), the padding, this rank's first token."""
+        """n (the new tokens), c = ceil(n / parts) (this rank's chunk), the padding, this rank's first token;
+        parts is the size of the pass's mesh axis (tp for sp)."""
         if self._lengths:
             return self._lengths
-        tp = self.state.tp
+        parts, axis_name = self._parts, self.mesh_axis
         axis = self._token_axis(self._length_input)
         assert axis is not None
         n = self._int_node("Shape", [self._length_input], start=axis, end=axis + 1)
-        tp_minus_one = self._initializer(self._name("tp_minus_one"), np.array([tp - 1], dtype=np.int64))
-        tp_value = self._initializer(self._name("tp"), np.array([tp], dtype=np.int64))
-        rank = self._initializer(self._name("tp_rank"), np.array([0], dtype=np.int64), per_rank=True)
-        chunk = self._int_node("Div", [self._int_node("Add", [n, tp_minus_one]), tp_value])
-        padding = self._int_node("Sub", [self._int_node("Mul", [chunk, tp_value]), n])
+        minus_one = self._initializer(self._name(f"{axis_name}_minus_one"), np.array([parts - 1], dtype=np.int64))
+        parts_value = self._initializer(self._name(axis_name), np.array([parts], dtype=np.int64))
+        rank = self._initializer(self._name(f"{axis_name}_rank"), np.array([0], dtype=np.int64), per_rank=True)
+        chunk = self._int_node("Div", [self._int_node("Add", [n, minus_one]), parts_value])
+        padding = self._int_node("Sub", [self._int_node("Mul", [chunk, parts_value]), n])
         start = self._int_node("Mul", [chunk, rank])
         stop = self._int_node("Add", [start, chunk])
         self._lengths = {"n": n, "chunk": chunk, "padding": padding, "start": start, "stop": stop}
         return self._lengths
 
     def _pads_input(self, rank: int, axis: int) -> ir.Value:
-        """Pad's `pads` input: zeros, but the end of `axis` gets the padding to a multiple of tp."""
+        """Pad's `pads` input: zeros, but the end of `axis` gets the padding to a multiple of the parts."""
         key = (rank, axis)
         if key not in self._pad_vectors:
             before = self._initializer(self._name("pads_before"), np.zeros(rank + axis, dtype=np.int64))
@@ -436,7 +475,8 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         key = (value.name, "gather")
         if key not in self._converted:
             lengths = self._lengths_of()
-            gather = ops.all_gather_node(value, axis, self.state.mesh.group(0, "tp"), name=self._name("AllGather"))
+            group = self.state.mesh.group(0, self.mesh_axis)
+            gather = ops.all_gather_node(value, axis, group, name=self._name("AllGather"))
             gather.outputs[0].name = f"{value.name}__allgather_padded"
             self._record(gather.outputs[0], value)
             zero = self._initializer(self._name("zero"), np.array([0], dtype=np.int64))
@@ -454,15 +494,24 @@ class SequenceParallelPass(ir.passes.InPlacePass):
 
 def declare_token_chunk_shapes(model: ir.Model, state: ShardingState) -> None:
     """Declare the shape of every token-chunk value (after localize, which drops intermediate shapes): the
-    token dim as `(new + tp - 1) // tp`, arithmetic of the input dims that the shape planner evaluates.
-    A pipeline stage's Recv of such a value declares it, so the memory plan and cost model can bind it."""
-    tp = state.tp
+    token dim as `(new + parts - 1) // parts`, arithmetic of the input dims that the shape planner evaluates
+    (parts: tp for sp's chunks, cp for context parallelism's). A pipeline stage's Recv of such a value
+    declares it, so the memory plan and cost model can bind it."""
+    for shards, parts in ((state.sequence_shards, state.tp), (state.context_shards, state.mesh.cp)):
+        if shards:
+            _declare_chunk_shapes(model, state, shards, parts)
+
+
+def _declare_chunk_shapes(model: ir.Model, state: ShardingState, shards: dict[str, Placement], parts: int) -> None:
     for node in model.graph:
         for value in node.outputs:
-            placement = state.sequence_shards.get(value.name)
+            placement = shards.get(value.name)
             shape = state.shapes.get(value.name)
             if not isinstance(placement, Shard) or shape is None or any(d is None for d in shape):
                 continue
+            held = state.placements.get(value.name)
+            if isinstance(held, Shard) and not held.holds_everything():
+                continue  # split over tp too (a cp chunk of some heads): its local dims are localize's to say
             if value.type is None:
                 # A shape is written with its element type; exports without value_info leave it unset.
                 dtype = _float_dtype_of(value, 64)
@@ -471,7 +520,7 @@ def declare_token_chunk_shapes(model: ir.Model, state: ShardingState) -> None:
                 value.type = ir.TensorType(dtype)
             token = shape[placement.dim]
             dims: list[int | ir.SymbolicDim] = [d if isinstance(d, int) else ir.SymbolicDim(str(d)) for d in shape]
-            dims[placement.dim] = ir.SymbolicDim(f"({token} + {tp - 1}) // {tp}")
+            dims[placement.dim] = ir.SymbolicDim(f"({token} + {parts - 1}) // {parts}")
             value.shape = ir.Shape(dims)
 
 

@@ -821,14 +821,19 @@ class _Splitter:
                 continue
             attr = node.attributes.get("group")
             tp_ranks = list(attr.as_ints()) if attr is not None and attr.as_ints() else list(range(mesh.tp))
-            bad = [r for r in tp_ranks if not 0 <= r < mesh.tp]
+            # The model's ranks are those of the pp=1 mesh: tp ranks, and with cp the (cp, tp) ranks of cp rank 0's
+            # model, whose cp groups (context parallelism's AllGathers) span the cp axis.
+            flat = DeviceMesh(cp=mesh.cp, tp=mesh.tp)
+            bad = [r for r in tp_ranks if not 0 <= r < flat.world_size]
             if bad:
                 raise PlanError(
                     f"{node.op_type} node {node.name!r} has group {tp_ranks}: ranks {bad} are not tp ranks of a "
                     f"tp={mesh.tp} model; the stage split expects the tensor-parallel model of a pp=1 mesh"
                 )
+            coords = [flat.coords(r) for r in tp_ranks]
+            spans_cp = len({c.cp for c in coords}) > 1
             node.attributes["group"] = ir.AttrInt64s(
-                "group", [_global_rank(mesh, stage, self.options.cp_rank, r) for r in tp_ranks]
+                "group", [_global_rank(mesh, stage, c.cp if spans_cp else self.options.cp_rank, c.tp) for c in coords]
             )
 
 

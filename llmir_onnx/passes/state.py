@@ -54,6 +54,7 @@ class ShardingState:
     * PropagatePass: placements, redistributions, output_targets, weight_placements, weight_views,
       warnings (and shapes of the weight copies it makes);
     * SequenceParallelPass (--sp): sequence_shards (and rewrites redistributions);
+    * ContextParallelPass (--cp): context_shards, cp_rank_constants (and renames redistributions);
     * InsertCollectivesPass and LocalizePass: placements, shapes and rank_constants of the values they make.
     """
 
@@ -89,6 +90,11 @@ class ShardingState:
     # PropagatePass: some split axis (a vocabulary, an MLP's columns) that neither tp nor the heads' units
     # divide is cut into parts of one element (`Shard.shares` over its size): tp ranks' sizes differ.
     element_split: bool = False
+    # Context parallelism (--cp): values computed on a chunk of the tokens, Shard(token axis) over the cp
+    # group (passes/context_parallel.py), their tp placement above as propagation decided; and the
+    # initializers that hold the cp rank (value 0 in the plan's graph), by name -> value on a cp rank.
+    context_shards: dict[str, Placement] = field(default_factory=dict)
+    cp_rank_constants: dict[str, Callable[[int], np.ndarray]] = field(default_factory=dict)
 
     @property
     def tp(self) -> int:

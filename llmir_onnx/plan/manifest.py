@@ -11,6 +11,9 @@ Schema version 2 (all keys always present):
     source            {"path": str (absolute at partition time), "sha256": str}
     mesh              {"tp": int, "pp": int, "cp": int, "world_size": int,
                        "groups": {"tp": [[rank, ...], ...], "pp": [[rank, ...], ...]}}
+                      with --cp (cp > 1) also "groups"."cp" and "kv_cache": "replicated over cp" (every
+                      cp rank holds and returns the whole cache; the prompt's tokens are split); an
+                      external runtime feeds every cp rank the same whole inputs, as every tp rank
     options           the partition options used (free-form, informative)
     inputs, outputs   the original model's [{"name", "dtype", "shape"}]; shape entries are ints or
                       strings (symbolic dims)

@@ -11,14 +11,16 @@ serialization back. The weights are not part of the patch: they are the rank's o
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import onnx
 import onnx_ir as ir
 
 from llmir_onnx import ops
 from llmir_onnx.ir_io import graph_protos, initializer_tensors
+from llmir_onnx.mesh import MESH_AXES, DeviceMesh, MeshCoords
 
 # The external-data location of the stand-ins that keep a weight's bytes out of a serialization.
 _UNREAD_LOCATION = "llmir.unread"
@@ -31,6 +33,8 @@ class TpRankCopy:
 
     `weights` are the rank's initializers by name; `changed` names those that differ from tp rank 0's
     (sliced weights, rank constants), `peers` maps each Send/Recv peer of the source to this rank's.
+    `groups` maps a collective's group in the source to this rank's (context parallelism: the source's
+    groups are its cp rank's and tp rank's; empty without cp, where every tp rank shares the tp group).
     `patch` is the one definition of how the copy's graph differs from the source's; `materialize`
     makes the model from it (a plan writer patches the source's serialized model instead, which is what
     the copies are for).
@@ -41,6 +45,7 @@ class TpRankCopy:
     weights: Mapping[str, ir.TensorProtocol]
     changed: frozenset[str]
     peers: Mapping[int, int]
+    groups: Mapping[tuple[int, ...], tuple[int, ...]] = field(default_factory=dict)
 
     def patch(self, proto: onnx.ModelProto) -> None:
         """Turn `proto`, the source's serialized model (subgraphs included), into this rank's: its Send/Recv
@@ -50,6 +55,10 @@ class TpRankCopy:
                 for attribute in node.attribute:
                     if attribute.name == "peer":
                         attribute.i = self.peers[attribute.i]
+            elif self.groups and node.domain == ops.LLMIR_DOMAIN:
+                for attribute in node.attribute:
+                    if attribute.name == "group" and tuple(attribute.ints) in self.groups:
+                        attribute.ints[:] = self.groups[tuple(attribute.ints)]
 
     def materialize(self) -> ir.Model:
         """The copy made as a graph: the source serialized without its weights' bytes, `patch`ed and read
@@ -103,3 +112,36 @@ def tp_rank_copy(
     """Tp rank `tp_rank`'s copy of `source` (tp rank 0's, holding `first_weights`)."""
     changed = frozenset(name for name, tensor in weights.items() if tensor is not first_weights.get(name))
     return TpRankCopy(source, tp_rank, weights, changed, dict(peers or {}))
+
+
+def moved_rank_copy(
+    source: ir.Model,
+    mesh: DeviceMesh,
+    rank: int,
+    weights: Mapping[str, ir.TensorProtocol],
+    first_weights: Mapping[str, ir.TensorProtocol],
+) -> TpRankCopy:
+    """Rank `rank`'s copy of `source`, the model of another rank of its pipeline stage (holding
+    `first_weights`): its Send/Recv peers and collective groups moved to `rank`'s coordinates on every
+    mesh axis they do not span (a peer keeps its stage, a tp group its tp ranks, a cp group its cp ranks)."""
+    target = mesh.coords(rank)
+    peers: dict[int, int] = {}
+    groups: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for node in ir.traversal.RecursiveGraphIterator(source.graph):
+        if node.domain != ops.LLMIR_DOMAIN:
+            continue
+        if node.op_type in ops.PIPELINE_OPS:
+            peer = node.attributes["peer"].as_int()
+            peers[peer] = mesh.rank_of(dataclasses.replace(mesh.coords(peer), cp=target.cp, tp=target.tp))
+        group = node.attributes.get("group")
+        members = tuple(group.as_ints()) if group is not None else ()
+        if members:
+            groups[members] = _moved_group(mesh, members, target)
+    changed = frozenset(name for name, tensor in weights.items() if tensor is not first_weights.get(name))
+    return TpRankCopy(source, target.tp, weights, changed, peers, groups)
+
+
+def _moved_group(mesh: DeviceMesh, members: tuple[int, ...], target: MeshCoords) -> tuple[int, ...]:
+    coords = [mesh.coords(member).as_dict() for member in members]
+    fixed: dict[str, int] = {axis: getattr(target, axis) for axis in MESH_AXES if len({c[axis] for c in coords}) == 1}
+    return tuple(mesh.rank_of(MeshCoords(**{**c, **fixed})) for c in coords)

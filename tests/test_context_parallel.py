@@ -1,0 +1,186 @@
+"""Context parallelism (`partition --cp C`) through real rank processes.
+
+The prompt's tokens are split over a cp mesh axis: each cp rank computes the projections, norms, MLP and
+the attention of its chunk of the queries; keys and values are all-gathered over the cp group where they
+meet the past cache, and the logits at the output. Prompts whose length cp does not divide are padded,
+and a one-token decode step after a cache leaves the other cp ranks only padding: every case must give
+the original's logits and present cache (verify's float32 tolerances), with tp and pp too, on a torch
+legacy (TorchScript) and a torch dynamo export.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import onnx
+import pytest
+
+from llmir_onnx.errors import LlmirError
+from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
+TIMEOUT_S = 240
+
+# (new tokens, past tokens, batch): 4 divides cp 2 and 4, 5 neither, 3 leaves a cp 4 rank only padding,
+# a decode step after a cache (rank 0 holds the token), a batch of 2 after a cache.
+CASES = [(4, 0, 1), (5, 0, 1), (3, 0, 1), (1, 3, 1), (6, 2, 2)]
+
+# (model, tp, cp, pp)
+LAYOUTS = [
+    ("llama-gqa-torch-legacy", 1, 2, 1),
+    ("llama-gqa-torch-legacy", 1, 4, 1),
+    ("llama-gqa-torch-legacy", 2, 2, 1),
+    ("llama-gqa-torch-legacy", 1, 2, 2),
+    ("llama-gqa-torch-legacy", 2, 2, 2),
+    ("llama-gqa-torch-dynamo", 1, 2, 1),
+    ("llama-gqa-torch-dynamo", 1, 4, 1),
+    ("llama-gqa-torch-dynamo", 2, 2, 1),
+    ("llama-gqa-torch-dynamo", 1, 2, 2),
+    ("qwen3-optimum", 1, 2, 1),
+    ("gpt2-torch-dynamo", 1, 2, 1),
+]
+# GPT-2's projections are Gemms on [batch*tokens, hidden] (no token axis): its norms run split and are
+# gathered before each Gemm, its attention runs whole (correct, no gain: README says so).
+FLATTENED_PROJECTIONS = {"gpt2-torch-dynamo"}
+
+
+def _partition(name: str, out: Path, tp: int, cp: int, pp: int) -> dict:
+    from llmir_onnx.api import partition_to_dir
+
+    partition_to_dir(MODELS / name / "model.onnx", out, tp=tp, pp=pp, cp=cp)
+    return json.loads((out / "manifest.json").read_text())
+
+
+def _rank_model(plan: Path, rank: int) -> onnx.ModelProto:
+    return onnx.load(str(plan / f"rank{rank}.onnx"), load_external_data=False)
+
+
+def _cp_gathers(model: onnx.ModelProto) -> list[tuple[str, list[int]]]:
+    """(input, group) of each AllGather made by the cp pass."""
+    gathers = []
+    for node in model.graph.node:
+        if node.domain == "ai.llmir" and node.op_type == "AllGather" and node.name.startswith("llmir/cp/"):
+            group = next(list(a.ints) for a in node.attribute if a.name == "group")
+            gathers.append((node.input[0], group))
+    return gathers
+
+
+def _cp_rank_constant(model: onnx.ModelProto) -> int:
+    (value,) = [
+        int(onnx.numpy_helper.to_array(t).reshape(-1)[0]) for t in model.graph.initializer if "cp_rank" in t.name
+    ]
+    return value
+
+
+@pytest.mark.parametrize(("name", "tp", "cp", "pp"), LAYOUTS, ids=[f"{n}-tp{t}-cp{c}-pp{p}" for n, t, c, p in LAYOUTS])
+def test_context_parallel_plan_matches_the_original(name: str, tp: int, cp: int, pp: int, tmp_path: Path) -> None:
+    from llmir_onnx.mesh import DeviceMesh, MeshCoords
+    from llmir_onnx.runtime.verify import verify_plan_cases
+
+    plan = tmp_path / "plan"
+    manifest = _partition(name, plan, tp, cp, pp)
+    mesh = DeviceMesh(pp=pp, cp=cp, tp=tp)
+    assert manifest["mesh"]["cp"] == cp and manifest["mesh"]["world_size"] == tp * cp * pp
+    assert manifest["mesh"]["groups"]["cp"] == [list(g) for g in mesh.groups("cp")]
+    assert manifest["mesh"]["kv_cache"] == "replicated over cp"
+    config = json.loads((MODELS / name / "config.json").read_text())
+    layers = config.get("num_hidden_layers", config.get("n_layer"))
+    by_rank = {entry["rank"]: entry for entry in manifest["ranks"]}
+    for rank in range(mesh.world_size):
+        coords = mesh.coords(rank)
+        model = _rank_model(plan, rank)
+        gathers = _cp_gathers(model)
+        # Every cp AllGather runs over this rank's cp group, and this rank's chunk offsets read its cp rank.
+        assert gathers and all(group == list(mesh.group(rank, "cp")) for _, group in gathers), gathers
+        assert _cp_rank_constant(model) == coords.cp
+        # Attention stays split on the queries: a gather feeds only the keys/values (2 per layer) and the logits.
+        stage_layers = by_rank[rank]["layers"]
+        held = (stage_layers[1] - stage_layers[0]) if stage_layers else layers
+        if held is not None and name not in FLATTENED_PROJECTIONS:
+            last_stage = coords.pp == pp - 1
+            assert len(gathers) == 2 * held + (1 if last_stage else 0), gathers
+        # A cp rank holds its (pp, tp) rank's weights: the same data files, written once.
+        first = by_rank[mesh.rank_of(MeshCoords(pp=coords.pp, cp=0, tp=coords.tp))]
+        assert by_rank[rank]["data_files"] == first["data_files"]
+    assert not [f for f in manifest["files"] if f.startswith("rank") and f.endswith(".onnx.data")]
+
+    model_path = MODELS / name / "model.onnx"
+    feeds = [
+        model_past_feeds(model_path, FeedSizes(batch=batch, new_tokens=new, past_tokens=past))
+        for new, past, batch in CASES
+    ]
+    results = verify_plan_cases(plan, feeds, model_path=model_path, timeout_s=TIMEOUT_S)
+    for (new, past, batch), (_, rows) in zip(CASES, results, strict=True):
+        names = {row.name for row in rows}
+        assert "logits" in names and any(n.startswith("present") for n in names), names
+        bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+        assert not bad, f"{name} tp {tp} cp {cp} pp {pp}, batch {batch}, {new} new after {past}: " + "; ".join(bad)
+
+
+def test_cli_cp_plan_generates_the_original_greedy_tokens(tmp_path: Path) -> None:
+    """`partition --cp 2 --tp 2` writes tp x cp ranks; a prompt prefilled on them, then decoded, gives the
+    original's greedy tokens (generate --check)."""
+    plan = tmp_path / "plan"
+    result = subprocess.run(
+        [*CLI, "partition", str(MODELS / "llama-gqa-torch-legacy" / "model.onnx"), "-o", str(plan), "--cp", "2",
+         "--tp", "2"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    manifest = json.loads((plan / "manifest.json").read_text())
+    assert manifest["options"]["cp"] == 2
+    assert [tuple(entry["coords"].values()) for entry in manifest["ranks"]] == [
+        (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)
+    ]
+    result = subprocess.run(
+        [*CLI, "generate", str(plan), "--prompt-ids", "1,2,3,4,5,6,7;9,8,7,6,5,4,3", "--max-new-tokens", "6",
+         "--check"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "equal the original model's greedy tokens" in result.stderr
+
+
+def test_fused_last_token_attention_is_refused(tmp_path: Path) -> None:
+    """GroupQueryAttention (onnxruntime-genai) takes its queries as the last tokens: one line naming the node."""
+    result = subprocess.run(
+        [*CLI, "partition", str(MODELS / "llama-gqa-genai" / "model.onnx"), "-o", str(tmp_path / "plan"), "--cp",
+         "2"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "GroupQueryAttention" in lines[0] and "/model/layers.0/attn/GroupQueryAttention" in lines[0]
+    assert "partition without --cp" in lines[0]
+    assert not (tmp_path / "plan").exists()
+
+
+def test_cp_with_sp_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(LlmirError, match="--cp 2 with --sp is not supported"):
+        from llmir_onnx.api import partition_to_dir
+
+        partition_to_dir(
+            MODELS / "llama-gqa-torch-legacy" / "model.onnx", tmp_path / "plan", tp=2, cp=2, sequence_parallel=True
+        )
+
+
+def test_without_cp_copies_move_no_group() -> None:
+    """A plan without --cp is written as before: the tp rank copies carry no group moves (their patch is the
+    peers alone), and a moved copy on a cp 1 mesh moves nothing."""
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.mesh import DeviceMesh
+    from llmir_onnx.partition import PartitionOptions, partition
+    from llmir_onnx.plan.tp_rank_copy import TpRankCopy, moved_rank_copy
+
+    result = partition(load_model(MODELS / "llama-gqa-torch-legacy" / "model.onnx"), PartitionOptions(tp=2))
+    copy = result.ranks[1].model_or_copy
+    assert isinstance(copy, TpRankCopy) and not copy.groups
+    source = result.ranks[0].model
+    moved = moved_rank_copy(source, DeviceMesh(tp=2), 1, copy.weights, dict(copy.initializer_tensors()))
+    assert moved.groups and all(before == after for before, after in moved.groups.items())
