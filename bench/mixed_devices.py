@@ -1,32 +1,38 @@
 """Mixed devices on this machine: a plan for a fast and a slow device, predicted vs measured per rank.
 
-    .venv/bin/python bench/mixed_devices.py [--share 0.333] [--runs 12] [--work DIR]
+    .venv/bin/python bench/mixed_devices.py [--emulation stretch|duty] [--stretch 3] [--share 0.333]
+        [--runs 12] [--work DIR]
 
 1. Model: a synthetic float32 LLaMA (models/make_synthetic.py): hidden 448, 6 layers, 7 heads (7 KV
    heads), MLP 1344, vocabulary 1000. Seven heads, so that a 3:1 split is not a tie (5,2).
 2. Devices: two profiles calibrated now, the same way and at the same time (two processes, as the two
    ranks will be; `bench/calibrate_cpu.py --quick --average`: the mean over >= 1 s of runs per figure,
    onnxruntime's kernels, one thread): `cpu-fast`, the machine as it is, and `cpu-slow`, the machine
-   under the duty cycle that emulates the slow device (`--cpu-share SHARE`:
+   under the emulation of the slow device. `--emulation stretch` (the default): its compute stretched
+   by --stretch K (`--compute-stretch K`: `llmir_onnx/runtime/stretch.py`, LLMIR_COMPUTE_STRETCH, the
+   ai.llmir library sleeps (K - 1) x the thread's CPU time between collectives); `--emulation duty`,
+   the older, wall-clock emulation: the duty cycle of --share (`--cpu-share SHARE`:
    `llmir_onnx/runtime/throttle.py`, SIGSTOP/SIGCONT in a 10 ms period). Links are cpu-here's.
 3. Plans, on a cluster file with rank 0 on cpu-fast and rank 1 on cpu-slow:
    - `tp2`: `partition --tp 2 --devices cluster.json`: the tp weights come from the two profiles'
-     memory bandwidths (about 1 / SHARE : 1), so the fast rank gets more heads;
+     memory bandwidths (about K : 1 or 1 / SHARE : 1), so the fast rank gets more heads;
    - `pp2`: `partition --pp 2 --devices cluster.json`: the cuts balance each stage on its own device,
      so the slow stage gets fewer layers.
    Both sized for batch 1 x --max-seq tokens.
-4. Each plan is verified through real rank processes (`verify`, with LLMIR_CPU_SHARE=1=SHARE so rank
-   1 runs slow there too): every output must match the original.
-5. Measured: the two ranks as processes under mpiexec, rank 1 under the duty cycle, each running its
+4. Each plan is verified through real rank processes (`verify`, with LLMIR_COMPUTE_STRETCH=1=K or
+   LLMIR_CPU_SHARE=1=SHARE so rank 1 runs slow there too): every output must match the original.
+5. Measured: the two ranks as processes under mpiexec, rank 1 under the emulation, each running its
    rank model with onnxruntime's profiler on exactly the inputs the prediction is for: prefill (batch 1
    x max-seq new tokens, no past) and decode (1 token after max-seq - 1), 2 warm-up runs then --runs
    prefill runs and 20 x --runs decode runs. A rank's measured time per run is the sum of its kernels'
    times without the ai.llmir collectives and Send/Recv (their time is mostly waiting for the other
    rank, which the cost model does not predict per rank), less the profiler's own cost per kernel
-   (`kernel_times`: the median span of the run's metadata kernels, per kernel); the table shows the
-   mean over the runs (a duty cycle stretches runs only on average, as in the calibration), the ratio
-   predicted / measured, and the kernel sum as profiled. Predicted: the manifest's per-rank cost on
-   the rank's own profile, total minus communication.
+   (`kernel_times`: the median span of the run's metadata kernels, per kernel), plus, under the
+   stretch, the library's stretch sleeps of the run (its comm: the collectives' spans less the sleeps
+   at their entries, which lie inside them); the table shows the mean over the runs (a duty cycle
+   stretches runs only on average, as in the calibration), the ratio predicted / measured, the kernel
+   sum as profiled and the sleeps (with the part that is the profiler's cost stretched). Predicted: the
+   manifest's per-rank cost on the rank's own profile, total minus communication.
 6. Instrument check, before the plans: the unpartitioned model in one process, unthrottled, an
    unprofiled and a profiled session run alternately: the mean unprofiled wall time per run against
    the profiled kernel sum, raw and corrected as in 5.
