@@ -136,7 +136,7 @@ struct Kernel {
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
     try {
-      StretchedKernel stretched(on_host && stretch::active(world::rank()));
+      StretchedKernel stretched(on_host && stretch::active(&world::rank));
       Ort::KernelContext context(raw_context);
       Ort::ConstValue value = context.GetInput(0);
       const auto info = value.GetTensorTypeAndShapeInfo();
@@ -346,7 +346,7 @@ __attribute__((visibility("default"))) uint64_t llmir_signature_checks(void) { r
 // malformed variable), and the total thread CPU time the stretch measured.
 __attribute__((visibility("default"))) void llmir_stretch_start(void) {
   try {
-    if (llmir::stretch::active(llmir::world::rank())) llmir::stretch::start();
+    if (llmir::stretch::active(&llmir::world::rank)) llmir::stretch::start();
   } catch (const std::exception& error) {
     std::fprintf(stderr, "%s\n", error.what());
   }
@@ -354,7 +354,7 @@ __attribute__((visibility("default"))) void llmir_stretch_start(void) {
 
 __attribute__((visibility("default"))) double llmir_stretch_point(void) {
   try {
-    if (llmir::stretch::active(llmir::world::rank())) llmir::stretch::point();
+    if (llmir::stretch::active(&llmir::world::rank)) llmir::stretch::point();
     return llmir::stretch::slept_seconds();
   } catch (const std::exception& error) {
     std::fprintf(stderr, "%s\n", error.what());

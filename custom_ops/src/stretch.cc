@@ -110,13 +110,13 @@ void stretch_locked() {
 
 }  // namespace
 
-double factor(int rank) {
-  std::call_once(g_factor_once, [rank] {
+double factor(int (*world_rank)()) {
+  std::call_once(g_factor_once, [world_rank] {
     const char* text = std::getenv(kVariable);
     if (text == nullptr || *text == '\0') return;
     try {
-      g_factor = parse_factor(text, rank);
-    } catch (const Error& error) {
+      g_factor = parse_factor(text, world_rank());
+    } catch (const std::exception& error) {
       g_factor_error = error.what();
     }
   });
@@ -124,7 +124,7 @@ double factor(int rank) {
   return g_factor;
 }
 
-bool active(int rank) { return factor(rank) > 1; }
+bool active(int (*world_rank)()) { return factor(world_rank) > 1; }
 
 void enter() {
   std::lock_guard<std::mutex> lock(g_mutex);

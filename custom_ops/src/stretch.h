@@ -11,10 +11,10 @@
 
 namespace llmir::stretch {
 
-// This process's factor for world rank `rank` (read and parsed once; 1 = off). Throws Error on a
-// malformed variable.
-double factor(int rank);
-bool active(int rank);  // factor(rank) > 1
+// This process's factor (read and parsed once; 1 = off); `world_rank` is called once, and only when the
+// variable is set, so that without it a kernel pays one flag test. Throws Error on a malformed variable.
+double factor(int (*world_rank)());
+bool active(int (*world_rank)());  // factor(world_rank) > 1
 
 // A CPU kernel's entry: stretch the calling thread's compute since the last point (throws Error when the
 // point was set on another thread); then RAII resets the point when the kernel returns or throws.
