@@ -14,8 +14,9 @@ lands a slow rank's short compute segments in its "off" windows more often than 
 
 The measure is the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), so it needs every kernel of a run on the
 thread that calls run: onnxruntime does that with intra_op_num_threads = 1 and the sequential executor
-(checked in tests/test_mixed_devices.py: the library's measured CPU time of a run adds up to the
-thread's own, and a kernel on another thread is an error in the library). A rank under the stretch gets
+(checked: the library records the thread of its stretch point and a kernel on another thread is an
+error there; tests/test_mixed_devices.py checks that the compute the library measured is a part of the
+CPU time of the thread that called run, and that it slept (FACTOR - 1) x that compute). A rank under the stretch gets
 1 intra-op thread by default and more is refused when its session options are made. CPU only: on the
 CUDA EP the thread's CPU time is kernel launches, not the device's compute.
 """
