@@ -47,9 +47,28 @@ from onnx import TensorProto, helper  # noqa: E402
 # --average (implied by --cpu-share): the mean over runs that together last AVERAGE_S at least, not the best
 AVERAGE = False
 AVERAGE_S = 1.0
+# --compute-stretch: every timed run is followed by the library's stretch point (start() before it), so
+# the run takes as long as on the emulated device (llmir_onnx/runtime/stretch.py)
+STRETCH: tuple[Callable[[], object], Callable[[], object]] | None = None
+
+
+def stretched(run: Callable[[], object]) -> Callable[[], object]:
+    """`run` followed by the stretch point under --compute-stretch; `run` itself otherwise."""
+    if STRETCH is None:
+        return run
+    start, point = STRETCH
+
+    def run_then_stretch() -> object:
+        start()
+        result = run()
+        point()
+        return result
+
+    return run_then_stretch
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:
+    run = stretched(run)
     run()
     if AVERAGE:
         # Under a duty cycle a short run may fall inside an "on" window: only a mean over many periods
@@ -165,11 +184,33 @@ def main() -> None:
         help="run under the duty cycle of LLMIR_CPU_SHARE (llmir_onnx/runtime/throttle.py) with this share, to "
         "calibrate an emulated slower device; implies --average",
     )
+    parser.add_argument(
+        "--compute-stretch",
+        type=float,
+        default=1.0,
+        help="calibrate the device that LLMIR_COMPUTE_STRETCH emulates with this factor (>= 1; "
+        "llmir_onnx/runtime/stretch.py): each run is stretched by the ai.llmir library's stretch point",
+    )
     parser.add_argument("--average", action="store_true", help="mean over >= 1 s of runs instead of the best run")
     parser.add_argument("--json", type=str, default=None, help="write the onnxruntime-calibrated fields here")
     args = parser.parse_args()
-    global AVERAGE
+    global AVERAGE, STRETCH
     AVERAGE = args.average or args.cpu_share < 1
+    if args.compute_stretch < 1:
+        raise SystemExit(f"--compute-stretch {args.compute_stretch:g}: the factor must be >= 1")
+    if args.compute_stretch > 1:
+        import sys
+        from pathlib import Path
+
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from llmir_onnx.runtime.launch import setup_communication
+        from llmir_onnx.runtime.stretch import COMPUTE_STRETCH_ENV
+
+        # this process alone is world rank 0 (no launcher)
+        os.environ[COMPUTE_STRETCH_ENV] = f"0={args.compute_stretch!r}"
+        compute_stretch = setup_communication().compute_stretch
+        assert compute_stretch is not None
+        STRETCH = (compute_stretch.start, compute_stretch.point)
     if args.cpu_share < 1:
         import sys
         from pathlib import Path

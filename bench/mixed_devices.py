@@ -1,32 +1,38 @@
 """Mixed devices on this machine: a plan for a fast and a slow device, predicted vs measured per rank.
 
-    .venv/bin/python bench/mixed_devices.py [--share 0.333] [--runs 12] [--work DIR]
+    .venv/bin/python bench/mixed_devices.py [--emulation stretch|duty] [--stretch 3] [--share 0.333]
+        [--runs 12] [--work DIR]
 
 1. Model: a synthetic float32 LLaMA (models/make_synthetic.py): hidden 448, 6 layers, 7 heads (7 KV
    heads), MLP 1344, vocabulary 1000. Seven heads, so that a 3:1 split is not a tie (5,2).
 2. Devices: two profiles calibrated now, the same way and at the same time (two processes, as the two
    ranks will be; `bench/calibrate_cpu.py --quick --average`: the mean over >= 1 s of runs per figure,
    onnxruntime's kernels, one thread): `cpu-fast`, the machine as it is, and `cpu-slow`, the machine
-   under the duty cycle that emulates the slow device (`--cpu-share SHARE`:
+   under the emulation of the slow device. `--emulation stretch` (the default): its compute stretched
+   by --stretch K (`--compute-stretch K`: `llmir_onnx/runtime/stretch.py`, LLMIR_COMPUTE_STRETCH, the
+   ai.llmir library sleeps (K - 1) x the thread's CPU time between collectives); `--emulation duty`,
+   the older, wall-clock emulation: the duty cycle of --share (`--cpu-share SHARE`:
    `llmir_onnx/runtime/throttle.py`, SIGSTOP/SIGCONT in a 10 ms period). Links are cpu-here's.
 3. Plans, on a cluster file with rank 0 on cpu-fast and rank 1 on cpu-slow:
    - `tp2`: `partition --tp 2 --devices cluster.json`: the tp weights come from the two profiles'
-     memory bandwidths (about 1 / SHARE : 1), so the fast rank gets more heads;
+     memory bandwidths (about K : 1 or 1 / SHARE : 1), so the fast rank gets more heads;
    - `pp2`: `partition --pp 2 --devices cluster.json`: the cuts balance each stage on its own device,
      so the slow stage gets fewer layers.
    Both sized for batch 1 x --max-seq tokens.
-4. Each plan is verified through real rank processes (`verify`, with LLMIR_CPU_SHARE=1=SHARE so rank
-   1 runs slow there too): every output must match the original.
-5. Measured: the two ranks as processes under mpiexec, rank 1 under the duty cycle, each running its
+4. Each plan is verified through real rank processes (`verify`, with LLMIR_COMPUTE_STRETCH=1=K or
+   LLMIR_CPU_SHARE=1=SHARE so rank 1 runs slow there too): every output must match the original.
+5. Measured: the two ranks as processes under mpiexec, rank 1 under the emulation, each running its
    rank model with onnxruntime's profiler on exactly the inputs the prediction is for: prefill (batch 1
    x max-seq new tokens, no past) and decode (1 token after max-seq - 1), 2 warm-up runs then --runs
    prefill runs and 20 x --runs decode runs. A rank's measured time per run is the sum of its kernels'
    times without the ai.llmir collectives and Send/Recv (their time is mostly waiting for the other
    rank, which the cost model does not predict per rank), less the profiler's own cost per kernel
-   (`kernel_times`: the median span of the run's metadata kernels, per kernel); the table shows the
-   mean over the runs (a duty cycle stretches runs only on average, as in the calibration), the ratio
-   predicted / measured, and the kernel sum as profiled. Predicted: the manifest's per-rank cost on
-   the rank's own profile, total minus communication.
+   (`kernel_times`: the median span of the run's metadata kernels, per kernel), plus, under the
+   stretch, the library's stretch sleeps of the run (its comm: the collectives' spans less the sleeps
+   at their entries, which lie inside them); the table shows the mean over the runs (a duty cycle
+   stretches runs only on average, as in the calibration), the ratio predicted / measured, the kernel
+   sum as profiled and the sleeps (with the part that is the profiler's cost stretched). Predicted: the
+   manifest's per-rank cost on the rank's own profile, total minus communication.
 6. Instrument check, before the plans: the unpartitioned model in one process, unthrottled, an
    unprofiled and a profiled session run alternately: the mean unprofiled wall time per run against
    the profiled kernel sum, raw and corrected as in 5.
@@ -42,6 +48,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -64,21 +72,19 @@ PHASES = ("prefill", "decode")
 DECODE_RUNS_FACTOR = 20
 
 
-def calibrate(shares: dict[str, float], work: Path) -> dict[str, dict]:
+def calibrate(emulations: dict[str, list[str]], work: Path) -> dict[str, dict]:
     """The onnxruntime-calibrated fields of bench/calibrate_cpu.py (averaged) per profile name, each under
-    its share of the CPU. The calibrations run at the same time, as the two ranks will: each sees the
-    other's load, as its rank will."""
+    its emulation (calibrate_cpu.py's arguments: none, `--compute-stretch K` or `--cpu-share S`). The
+    calibrations run at the same time, as the two ranks will: each sees the other's load, as its rank will."""
     running = {}
-    for name, share in shares.items():
+    for name, emulation in emulations.items():
         command = [sys.executable, str(REPO / "bench/calibrate_cpu.py"), "--quick", "--average",
-                   "--json", str(work / f"{name}.json")]  # fmt: skip
-        if share < 1:
-            command += ["--cpu-share", str(share)]
+                   "--json", str(work / f"{name}.json"), *emulation]  # fmt: skip
         running[name] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     for name, process in running.items():
         if process.wait() != 0:
             raise SystemExit(f"calibrating {name} failed")
-    return {name: json.loads((work / f"{name}.json").read_text()) for name in shares}
+    return {name: json.loads((work / f"{name}.json").read_text()) for name in emulations}
 
 
 def profile_json(name: str, fields: dict, description: str) -> dict:
@@ -104,9 +110,9 @@ def cli(*args: str, env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-def kernel_times(profile_path: Path, runs: int) -> tuple[list[float], list[float], list[float]]:
+def kernel_times(profile_path: Path, runs: int) -> tuple[list[float], list[float], list[float], list[float]]:
     """Per run (the last `runs`): seconds in kernels other than communication, the same less the
-    profiler's own cost per kernel, and seconds in communication.
+    profiler's own cost per kernel, seconds in communication, and the profiler's cost taken out.
 
     onnxruntime's profiler costs several microseconds inside every kernel span it records (it formats
     the kernel's input and output shapes there), more than a small decode node costs; a decode step's
@@ -138,8 +144,9 @@ def kernel_times(profile_path: Path, runs: int) -> tuple[list[float], list[float
         raise SystemExit(f"{profile_path}: run {missing[0]} has no metadata kernel ({', '.join(METADATA_OPS)}) "
                          "to take the profiler's cost per kernel from")  # fmt: skip
     busy = [sum(run) for run in spans]
-    corrected = [sum(run) - len(run) * statistics.median(floor) for run, floor in zip(spans, floors, strict=True)]
-    return busy, corrected, comm
+    profiler = [len(run) * statistics.median(floor) for run, floor in zip(spans, floors, strict=True)]
+    corrected = [sum(run) - cost for run, cost in zip(spans, profiler, strict=True)]
+    return busy, corrected, comm, profiler
 
 
 def instrument_check(model: Path, feeds_dir: Path, out_dir: Path, runs: int) -> list[str]:
@@ -170,7 +177,7 @@ def instrument_check(model: Path, feeds_dir: Path, out_dir: Path, runs: int) -> 
             if index >= 2:
                 walls.append(time.perf_counter() - start)
             profiled_session.run(None, feeds)
-        busy, corrected, _ = kernel_times(Path(profiled_session.end_profiling()), count)
+        busy, corrected, _, _ = kernel_times(Path(profiled_session.end_profiling()), count)
         wall = statistics.fmean(walls)
         lines.append(
             f"instrument check, original model, {phase}: unprofiled wall {wall * 1e3:.2f} ms; profiled kernels "
@@ -186,7 +193,7 @@ class InterleavedCalibration:
     the same moments of the machine's load and of the rank's duty cycle; each figure is the total work
     over the total time of its runs (a mean, as --average)."""
 
-    def __init__(self) -> None:
+    def __init__(self, stretched_run: Callable[[], AbstractContextManager[None]] = nullcontext) -> None:
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("calibrate_cpu", REPO / "bench/calibrate_cpu.py")
@@ -201,6 +208,7 @@ class InterleavedCalibration:
             "bandwidth": calibrate_cpu.ort_gemv_benchmark(8192, 8192),
             "node": calibrate_cpu.node_chain_benchmark(400, 1),
         }
+        self.stretched_run = stretched_run  # the rank's compute stretch around each run (none: nullcontext)
         self.work = dict.fromkeys(self.benchmarks, 0.0)
         self.seconds = dict.fromkeys(self.benchmarks, 0.0)
         for run, _ in self.benchmarks.values():
@@ -210,7 +218,8 @@ class InterleavedCalibration:
         for name, (run, work) in self.benchmarks.items():
             for _ in range(5 if name == "node" else 1):
                 start = time.perf_counter()
-                run()
+                with self.stretched_run():
+                    run()
                 self.seconds[name] += time.perf_counter() - start
                 self.work[name] += work
 
@@ -227,7 +236,9 @@ def worker(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int) -> None:
     from llmir_onnx.runtime.session import load_rank_session
 
     manifest = Manifest.read(plan_dir)
-    comm = setup_communication(expected_world_size=manifest.world_size)  # LLMIR_CPU_SHARE applies here
+    # LLMIR_COMPUTE_STRETCH / LLMIR_CPU_SHARE apply here
+    comm = setup_communication(expected_world_size=manifest.world_size)
+    stretch = comm.compute_stretch
     entry = manifest.rank_entry(comm.rank)
     result = {}
     for phase in PHASES:
@@ -241,18 +252,37 @@ def worker(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int) -> None:
         # every output, so that onnxruntime runs a stage's Send too
         names = [output.name for output in session.get_outputs()]
         walls = []
-        calibration = InterleavedCalibration()
+        # Under the compute stretch, per run: the library's sleeps at its kernels' entries (inside their
+        # profiled spans) and in all (those plus the stretch point's after the run's last collective).
+        slept_in_kernels: list[float] = []
+        slept: list[float] = []
+        calibration = InterleavedCalibration(comm.stretched_run)
         chunk = DECODE_RUNS_FACTOR if phase == "decode" else 1
         for _ in range(2):
-            session.run(names, feeds)
+            with comm.stretched_run():
+                session.run(names, feeds)
         for _ in range(runs):  # `runs` rounds: a chunk of measured runs, then the micro-benchmarks
             for _ in range(chunk):
                 start = time.perf_counter()
+                if stretch is None:
+                    session.run(names, feeds)
+                    walls.append(time.perf_counter() - start)
+                    slept_in_kernels.append(0.0)
+                    slept.append(0.0)
+                    continue
+                before = stretch.totals()["slept_s"]
+                stretch.start()
                 session.run(names, feeds)
+                in_kernels = stretch.totals()["slept_s"]
+                after = stretch.point()
                 walls.append(time.perf_counter() - start)
+                slept_in_kernels.append(in_kernels - before)
+                slept.append(after - before)
             calibration.round()
-        busy, corrected, communication = kernel_times(Path(session.end_profiling()), runs * chunk)
+        busy, corrected, communication, profiler = kernel_times(Path(session.end_profiling()), runs * chunk)
         result[phase] = {"wall": walls, "busy": busy, "corrected": corrected, "comm": communication,
+                         "profiler": profiler, "stretch": stretch.factor if stretch else 1.0,
+                         "slept": slept, "slept_in_kernels": slept_in_kernels,
                          "calibrated": calibration.fields()}  # fmt: skip
     (out_dir / f"rank{comm.rank}.json").write_text(json.dumps(result))
 
@@ -278,18 +308,18 @@ def interleaved_prediction(plan_dir: Path, rank: int, phase: str, profile: dict,
     return estimate.total_s - estimate.comm_s
 
 
-def measure(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int, share: float) -> list[dict]:
+def measure(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int, slow_env: dict[str, str]) -> list[dict]:
     from llmir_onnx.runtime.job import mpiexec_path
 
     out_dir.mkdir(parents=True, exist_ok=True)
     world = Manifest.read(plan_dir).world_size
     command = [mpiexec_path(), "-n", str(world), sys.executable, __file__, "--worker", str(plan_dir),
                str(feeds_dir), str(out_dir), str(runs)]  # fmt: skip
-    subprocess.run(command, check=True, env={**os.environ, "LLMIR_CPU_SHARE": f"1={share}"}, timeout=600)
+    subprocess.run(command, check=True, env={**os.environ, **slow_env}, timeout=600)
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def report(name: str, plan_dir: Path, measured: list[dict], share: float, profiles: dict[str, dict]) -> list[str]:
+def report(name: str, plan_dir: Path, measured: list[dict], slow_label: str, profiles: dict[str, dict]) -> list[str]:
     manifest = Manifest.read(plan_dir)
     shares = manifest.mesh.get("tp_shares")
     lines = []
@@ -303,7 +333,18 @@ def report(name: str, plan_dir: Path, measured: list[dict], share: float, profil
             cost = entry.cost[phase]
             predicted = cost["total_s"] - cost["comm_s"]
             got = measured[entry.rank][phase]
-            busy = statistics.fmean(got["corrected"])
+            # a stretched rank's compute: its kernels (less profiler cost) and the stretch's sleeps of the
+            # run; its comm: the collectives' spans less the sleeps at their entries (inside the spans)
+            computed = [kernels + sleeps for kernels, sleeps in zip(got["corrected"], got["slept"], strict=True)]
+            communicated = [spans - sleeps for spans, sleeps in zip(got["comm"], got["slept_in_kernels"], strict=True)]
+            busy = statistics.fmean(computed)
+            # the stretch stretches all of the thread's CPU time, the profiler's cost per kernel too:
+            # that part of the sleeps (shown) stays in the measured compute, by its definition (docs/BENCHMARKS.md)
+            stretched_profiler = (
+                f" (of which the profiler's cost x {got['stretch'] - 1:g}: "
+                f"{(got['stretch'] - 1) * statistics.fmean(got['profiler']) * 1e3:.2f} ms)"
+                if got["stretch"] > 1 else ""
+            )  # fmt: skip
             profile = {"name": device, **profiles[device]}
             # the same cost model on the profile the manifest used must give the manifest's figure
             again = interleaved_prediction(plan_dir, entry.rank, phase, profile,
@@ -312,18 +353,23 @@ def report(name: str, plan_dir: Path, measured: list[dict], share: float, profil
                 raise SystemExit(f"{name} rank {entry.rank} {phase}: re-estimated {again} s, manifest {predicted} s")
             interleaved = interleaved_prediction(plan_dir, entry.rank, phase, profile, got["calibrated"])
             lines.append(
-                f"| {name} | {entry.rank} | {device}{f' (share {share:g})' if entry.rank == 1 else ''} | {where} "
-                f"| {phase} | {predicted * 1e3:.2f} ms | {busy * 1e3:.2f} ms (best {min(got['corrected']) * 1e3:.2f}) "
+                f"| {name} | {entry.rank} | {device}{f' ({slow_label})' if entry.rank == 1 else ''} | {where} "
+                f"| {phase} | {predicted * 1e3:.2f} ms | {busy * 1e3:.2f} ms (best {min(computed) * 1e3:.2f}) "
                 f"| {predicted / busy:.2f} | {interleaved * 1e3:.2f} ms | {interleaved / busy:.2f} "
-                f"| {statistics.fmean(got['busy']) * 1e3:.2f} ms "
-                f"| {statistics.fmean(got['comm']) * 1e3:.2f} ms | {statistics.fmean(got['wall']) * 1e3:.2f} ms |"
+                f"| {statistics.fmean(got['busy']) * 1e3:.2f} ms | {statistics.fmean(got['slept']) * 1e3:.2f} ms"
+                f"{stretched_profiler} "
+                f"| {statistics.fmean(communicated) * 1e3:.2f} ms | {statistics.fmean(got['wall']) * 1e3:.2f} ms |"
             )
     return lines
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--share", type=float, default=1 / 3, help="CPU share of the emulated slow device")
+    parser.add_argument("--emulation", choices=("stretch", "duty"), default="stretch",
+                        help="how rank 1 emulates the slow device: LLMIR_COMPUTE_STRETCH (its compute stretched, "
+                        "the default) or LLMIR_CPU_SHARE (the older duty cycle, wall time)")  # fmt: skip
+    parser.add_argument("--stretch", type=float, default=3.0, help="compute stretch of the slow device (stretch)")
+    parser.add_argument("--share", type=float, default=1 / 3, help="CPU share of the slow device (duty)")
     parser.add_argument("--runs", type=int, default=12)
     parser.add_argument("--max-seq", type=int, default=256)
     parser.add_argument("--work", type=Path, default=None, help="keep the models, plans and profiles here")
@@ -349,20 +395,29 @@ def main() -> None:
         feeds["attention_mask"] = np.ones_like(feeds["attention_mask"])
         np.savez(feeds_dir / f"{phase}.npz", **feeds)
 
-    calibrated = calibrate({"cpu-fast": 1.0, "cpu-slow": args.share}, work)
+    if args.emulation == "stretch":
+        slow_env = {"LLMIR_COMPUTE_STRETCH": f"1={args.stretch!r}"}
+        slow_calibration = ["--compute-stretch", repr(args.stretch)]
+        slow_label = f"stretch {args.stretch:g}"
+    else:
+        slow_env = {"LLMIR_CPU_SHARE": f"1={args.share!r}"}
+        slow_calibration = ["--cpu-share", repr(args.share)]
+        slow_label = f"share {args.share:g}"
+    calibrated = calibrate({"cpu-fast": [], "cpu-slow": slow_calibration}, work)
     fast, slow = calibrated["cpu-fast"], calibrated["cpu-slow"]
     cluster = {
         "profiles": {
             "cpu-fast": profile_json("cpu-fast", fast, "this machine now, calibrate_cpu.py --quick --average"),
             "cpu-slow": profile_json(
-                "cpu-slow", slow, f"this machine under LLMIR_CPU_SHARE {args.share:g}, calibrate_cpu.py --average"
+                "cpu-slow", slow, f"this machine under {' '.join(f'{k}={v}' for k, v in slow_env.items())}, "
+                f"calibrate_cpu.py --quick --average {' '.join(slow_calibration)}"
             ),
         },
         "devices": [{"profile": "cpu-fast", "host": "vm"}, {"profile": "cpu-slow", "host": "vm"}],
     }
     (work / "cluster.json").write_text(json.dumps(cluster, indent=1))
     print(f"calibrated: cpu-fast {json.dumps(fast)}")
-    print(f"calibrated: cpu-slow {json.dumps(slow)} (share {args.share:g})")
+    print(f"calibrated: cpu-slow {json.dumps(slow)} ({slow_label})")
 
     checks = instrument_check(model, feeds_dir, work / "instrument", args.runs)
     rows = []
@@ -372,18 +427,20 @@ def main() -> None:
                       "--max-seq", str(args.max_seq), "--force")  # fmt: skip
         print(f"$ llmir-onnx partition model.onnx -o {name} {' '.join(layout)} --devices cluster.json "
               f"--max-seq {args.max_seq}\n{printed}")  # fmt: skip
-        verified = cli("verify", str(plan_dir), env={"LLMIR_CPU_SHARE": f"1={args.share}"})
-        print(f"$ LLMIR_CPU_SHARE=1={args.share:g} llmir-onnx verify {name}\n  {verified.strip().splitlines()[-1]}")
-        measured = measure(plan_dir, feeds_dir, work / f"{name}-measured", args.runs, args.share)
-        rows += report(name, plan_dir, measured, args.share, cluster["profiles"])
+        verified = cli("verify", str(plan_dir), env=slow_env)
+        shown_env = " ".join(f"{key}={value}" for key, value in slow_env.items())
+        print(f"$ {shown_env} llmir-onnx verify {name}\n  {verified.strip().splitlines()[-1]}")
+        measured = measure(plan_dir, feeds_dir, work / f"{name}-measured", args.runs, slow_env)
+        rows += report(name, plan_dir, measured, slow_label, cluster["profiles"])
     print(f"\n{started}, load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
           f"({os.cpu_count()} CPUs), {args.runs} prefill and {args.runs * DECODE_RUNS_FACTOR} decode runs after 2 "
           "warm-ups each\n")  # fmt: skip
     print("\n".join(checks) + "\n")
     print("| plan | rank | device | share of the work | phase | predicted (manifest, no comm) | measured kernels less "
-          "profiler cost, mean | manifest / measured | predicted on the interleaved calibration | interleaved / "
-          "measured | kernels as profiled, mean | measured comm, mean | measured run (wall), mean |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "profiler cost plus stretch sleeps, mean | manifest / measured | predicted on the interleaved calibration "
+          "| interleaved / measured | kernels as profiled, mean | stretch sleeps, mean | measured comm less stretch "
+          "sleeps, mean | measured run (wall), mean |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 
 

@@ -216,3 +216,57 @@ def test_plan_takes_uneven_tp_where_tp_does_not_divide_the_heads(mha4: Path) -> 
     six = enumerate_layouts(load_model(mha4), 6, CPU_HERE.memory_bytes, CPU_HERE, 1, 64)
     three_by_two = next(layout for layout in six if (layout.tp, layout.pp) == (3, 2))
     assert three_by_two.valid and three_by_two.tp_shares == (2, 1, 1), three_by_two.reason
+
+
+@pytest.mark.parametrize("text", ["1", "1=0.5", "x=3", "-1=3", "1=fast", "1=inf", "1=nan"])
+def test_bad_compute_stretches_are_one_line_errors(text: str) -> None:
+    from llmir_onnx.runtime.stretch import parse_compute_stretches
+
+    with pytest.raises(PlanError, match=r"^LLMIR_COMPUTE_STRETCH=.*write RANK=FACTOR with FACTOR >= 1, e\.g\. 1=3$"):
+        parse_compute_stretches(text)
+    assert parse_compute_stretches("1=3, 0=1") == {1: 3.0, 0: 1.0}
+
+
+def test_compute_stretch_sleeps_twice_the_slow_ranks_compute_and_outputs_still_match(
+    mha4: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLMIR_COMPUTE_STRETCH=1=3 through real rank processes (verify, tp 2, a 96-token prompt): the outputs
+    match; rank 1's library slept (3 - 1) x the compute CPU time it measured (no timing bound: the two
+    counters of the library; a sleep only overshoots, and the last one's overshoot is the only one not paid
+    back); that compute is part of the CPU time of the thread that called run (the kernels ran there:
+    the library refuses a kernel on another thread); rank 0 is not stretched."""
+    from dataclasses import replace
+
+    from llmir_onnx.api import partition_to_dir
+    from llmir_onnx.runtime.verify import verify_plan_cases
+    from tests.test_synthetic import make_feeds, synthetic
+
+    plan = tmp_path / "plan"
+    partition_to_dir(mha4, plan, tp=2)
+    feeds = make_feeds(replace(synthetic.PRESETS["tiny"], heads=4, kv_heads=4, layers=2), 1, 0, 96)  # mha4's
+    monkeypatch.setenv("LLMIR_COMPUTE_STRETCH", "1=3")
+    timeline = tmp_path / "timeline.json"
+    results = verify_plan_cases(plan, [feeds, feeds], model_path=mha4, timeline=timeline, timeout_s=120)
+    bad = [f"{row.name}: {row.max_abs_error:.3g}" for _, rows in results for row in rows if not row.ok]
+    assert results and not bad, bad
+    stretch = json.loads(timeline.read_text())["compute_stretch"]
+    assert set(stretch) == {"1"}, stretch
+    slow = stretch["1"]
+    assert 0 < slow["compute_s"] <= slow["run_thread_cpu_s"], slow
+    assert 2 * slow["compute_s"] * (1 - 1e-6) <= slow["slept_s"] <= 2 * slow["compute_s"] + 0.05, slow
+
+
+def test_compute_stretch_runs_one_intra_op_thread_and_refuses_more() -> None:
+    """The stretch measures the CPU time of the thread that calls run: its rank's sessions get 1 intra-op
+    thread unless told otherwise, and more is a one-line error when the options are made."""
+    from llmir_onnx.runtime.launch import CommContext, custom_ops_library_path
+    from llmir_onnx.runtime.stretch import ComputeStretch
+
+    stretch = ComputeStretch(None, 1, 3.0)  # type: ignore[arg-type]  # session_options never calls the library
+    comm = CommContext(1, 2, 1, "none", False, custom_ops_library_path(), "test", None,  # type: ignore[arg-type]
+                       compute_stretch=stretch)  # fmt: skip
+    options = comm.session_options()
+    assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
+    assert comm.session_options(intra_op_num_threads=1).intra_op_num_threads == 1
+    with pytest.raises(PlanError, match=r"^rank 1: LLMIR_COMPUTE_STRETCH .* needs intra_op_num_threads = 1, not 2; "):
+        comm.session_options(intra_op_num_threads=2)

@@ -13,6 +13,7 @@
 
 #include "kernels.h"
 #include "mpi_backend.h"
+#include "stretch.h"
 #include "world.h"
 #ifdef LLMIR_WITH_CUDA
 #include "cuda_backend.h"
@@ -109,14 +110,33 @@ bool check_every_call() {
   throw Error(std::string("LLMIR_CHECK_EVERY_CALL='") + text + "': use 1 (check every call) or 0 (default)");
 }
 
+// LLMIR_COMPUTE_STRETCH (stretch.h): the kernel's entry stretches the compute since the last point, and
+// the point is reset when the kernel is done communicating (on return or throw).
+struct StretchedKernel {
+  explicit StretchedKernel(bool on) : on_(on) {
+    if (on_) stretch::enter();
+  }
+  ~StretchedKernel() {
+    if (on_) stretch::leave();
+  }
+  StretchedKernel(const StretchedKernel&) = delete;
+  StretchedKernel& operator=(const StretchedKernel&) = delete;
+
+ private:
+  bool on_;
+};
+
 struct Kernel {
   OpAttributes attributes;
   BackendFactory backend_factory;
   bool check_every_call = false;
+  // CPU-EP kernels only: on the CUDA EP the thread's CPU time is launch work, not the device's compute.
+  bool on_host = false;
   AgreedSignatures agreed;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
     try {
+      StretchedKernel stretched(on_host && stretch::active(&world::rank));
       Ort::KernelContext context(raw_context);
       Ort::ConstValue value = context.GetInput(0);
       const auto info = value.GetTensorTypeAndShapeInfo();
@@ -148,6 +168,7 @@ struct CustomOp : Ort::CustomOpBase<CustomOp, Kernel, /*WithStatus=*/true> {
     try {
       auto kernel = std::make_unique<Kernel>();
       kernel->backend_factory = factory_;
+      kernel->on_host = factory_ == &cpu_backend_factory;
       kernel->check_every_call = check_every_call();
       OpAttributes& attributes = kernel->attributes;
       attributes.kind = kind_;
@@ -319,6 +340,35 @@ __attribute__((visibility("default"))) void llmir_abort(int code) {
 
 // Signature exchanges this process has run (kernels.h, AgreedSignatures); for tests and benchmarks.
 __attribute__((visibility("default"))) uint64_t llmir_signature_checks(void) { return llmir::signature_checks(); }
+
+// LLMIR_COMPUTE_STRETCH (stretch.h), for the rank runner: start() before a run, point() right after it
+// (stretches the work after the run's last collective; returns the total seconds slept so far, -1 on a
+// malformed variable), and the total thread CPU time the stretch measured.
+__attribute__((visibility("default"))) void llmir_stretch_start(void) {
+  try {
+    if (llmir::stretch::active(&llmir::world::rank)) llmir::stretch::start();
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s\n", error.what());
+  }
+}
+
+__attribute__((visibility("default"))) double llmir_stretch_point(void) {
+  try {
+    if (llmir::stretch::active(&llmir::world::rank)) llmir::stretch::point();
+    return llmir::stretch::slept_seconds();
+  } catch (const std::exception& error) {
+    std::fprintf(stderr, "%s\n", error.what());
+    return -1;
+  }
+}
+
+__attribute__((visibility("default"))) double llmir_stretch_slept_seconds(void) {
+  return llmir::stretch::slept_seconds();
+}
+
+__attribute__((visibility("default"))) double llmir_stretch_compute_seconds(void) {
+  return llmir::stretch::compute_seconds();
+}
 
 __attribute__((visibility("default"))) const char* llmir_version(void) {
 #ifdef LLMIR_WITH_CUDA

@@ -53,10 +53,16 @@ def read_timeline(path: Path) -> list[TimelineEvent]:
 
 
 def write_timeline(
-    path: Path, manifest: Manifest, run_calls: dict[int, Sequence[Sequence[float]]], phase: str | None = None
+    path: Path,
+    manifest: Manifest,
+    run_calls: dict[int, Sequence[Sequence[float]]],
+    phase: str | None = None,
+    compute_stretch: dict[int, dict[str, float]] | None = None,
 ) -> Path:
     """A timeline file from each rank's run calls ((step, micro-batch, start, end) on one clock): with no
-    `phase`, step 0 is the prefill and the others decode steps; times are relative to the earliest start."""
+    `phase`, step 0 is the prefill and the others decode steps; times are relative to the earliest start.
+    `compute_stretch`: per rank under LLMIR_COMPUTE_STRETCH, the seconds its library slept and the thread CPU
+    seconds it measured (runtime/stretch.py), kept in the file's "compute_stretch" field."""
     starts = [call[2] for calls in run_calls.values() for call in calls]
     if not starts:
         raise PlanError("no rank recorded a run call; nothing to write to the timeline")
@@ -68,5 +74,8 @@ def write_timeline(
         for rank, calls in sorted(run_calls.items())
         for step, micro, start, end in calls
     ]
-    path.write_text(json.dumps({"format": TIMELINE_FORMAT, "version": TIMELINE_VERSION, "events": events}) + "\n")
+    body: dict[str, object] = {"format": TIMELINE_FORMAT, "version": TIMELINE_VERSION, "events": events}
+    if compute_stretch:
+        body["compute_stretch"] = {str(rank): totals for rank, totals in sorted(compute_stretch.items())}
+    path.write_text(json.dumps(body) + "\n")
     return path

@@ -120,7 +120,8 @@ class TokenBroadcast:
             contribution = token_ids.astype(np.int64)
         else:
             contribution = np.zeros(batch, dtype=np.int64)
-        (result,) = self._session.run(None, {"token_ids": contribution})
+        with self.comm.stretched_run():  # LLMIR_COMPUTE_STRETCH: the sampling before it is host work
+            (result,) = self._session.run(None, {"token_ids": contribution})
         return result
 
 

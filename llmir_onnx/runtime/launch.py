@@ -26,15 +26,22 @@ Example, under `mpiexec -n 4 python script.py`::
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from llmir_onnx.errors import CommunicationError
+from llmir_onnx.errors import CommunicationError, PlanError
+from llmir_onnx.runtime.stretch import (
+    COMPUTE_STRETCH_ENV,
+    ComputeStretch,
+    bind_stretch_functions,
+    compute_stretch_from_env,
+)
 from llmir_onnx.runtime.throttle import throttle_rank_from_env
 
 # onnxruntime comes from an optional extra (cpu or gpu): it is imported inside the functions that make
@@ -191,6 +198,7 @@ def _bind(library: ctypes.CDLL) -> None:
     library.llmir_finalize.restype = ctypes.c_int
     library.llmir_version.argtypes = []
     library.llmir_version.restype = ctypes.c_char_p
+    bind_stretch_functions(library)
 
 
 @dataclass
@@ -206,17 +214,42 @@ class CommContext:
     version: str
     _library: ctypes.CDLL = field(repr=False)
     _finalized: bool = field(default=False, repr=False)
+    # LLMIR_COMPUTE_STRETCH's factor for this rank (runtime/stretch.py), None when it has none
+    compute_stretch: ComputeStretch | None = None
 
     def session_options(self, intra_op_num_threads: int | None = None) -> onnxruntime.SessionOptions:
-        """New onnxruntime SessionOptions with the ai.llmir library registered."""
+        """New onnxruntime SessionOptions with the ai.llmir library registered.
+
+        Under LLMIR_COMPUTE_STRETCH the rank's sessions run on 1 intra-op thread (the stretch measures the
+        thread that calls run); asking for more is refused."""
         import onnxruntime
 
         options = onnxruntime.SessionOptions()
         options.log_severity_level = onnxruntime_log_severity()
         options.register_custom_ops_library(str(self.library_path))
+        if self.compute_stretch is not None:
+            if intra_op_num_threads not in (None, 1):
+                raise PlanError(
+                    f"rank {self.rank}: {COMPUTE_STRETCH_ENV} measures the CPU time of the thread that calls run, "
+                    f"so it needs intra_op_num_threads = 1, not {intra_op_num_threads}; drop the thread count or "
+                    f"the variable"
+                )
+            intra_op_num_threads = 1
+            options.inter_op_num_threads = 1
         if intra_op_num_threads is not None:
             options.intra_op_num_threads = intra_op_num_threads
         return options
+
+    @contextlib.contextmanager
+    def stretched_run(self) -> Iterator[None]:
+        """Around one session run: under LLMIR_COMPUTE_STRETCH, reset the stretch point before it and stretch
+        the work after its last collective right after it (runtime/stretch.py); nothing otherwise."""
+        if self.compute_stretch is None:
+            yield
+            return
+        self.compute_stretch.start()
+        yield
+        self.compute_stretch.point()
 
     def finalize(self) -> None:
         """Free the communicators and finalize MPI if the library initialized it; idempotent."""
@@ -273,7 +306,15 @@ def setup_communication(cuda: bool = False, expected_world_size: int | None = No
             "start the job with one launcher (mpiexec -n N ...)"
         )
     version = (library.llmir_version() or b"").decode(errors="replace")
-    _context = CommContext(rank, world_size, env.local_rank, env.launcher, cuda, library_path, version, library)
+    factor = compute_stretch_from_env(rank)
+    if factor is not None and cuda:
+        raise PlanError(
+            f"{COMPUTE_STRETCH_ENV} names rank {rank}, which runs on CUDA: the stretch emulates a slower device "
+            "from the CPU time of the ai.llmir CPU kernels' thread and is CPU-only; drop it for CUDA runs"
+        )
+    stretch = ComputeStretch(library, rank, factor) if factor is not None else None
+    _context = CommContext(rank, world_size, env.local_rank, env.launcher, cuda, library_path, version, library,
+                           compute_stretch=stretch)  # fmt: skip
     atexit.register(_context.finalize)
     throttle_rank_from_env(rank)  # LLMIR_CPU_SHARE: emulate a slower device for this rank
     return _context

@@ -22,6 +22,7 @@ identity), so the generation loop runs unchanged on both, which is how `--check`
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -155,6 +156,10 @@ class BoundSession:
         # results): bound too, so that onnxruntime never skips the nodes that produce them.
         self._extra_outputs = [arg.name for arg in session.get_outputs() if arg.name not in bound]
 
+    def _stretched_run(self) -> contextlib.AbstractContextManager[None]:
+        """Around a run: the rank's LLMIR_COMPUTE_STRETCH (RankSession); nothing for other sessions."""
+        return contextlib.nullcontext()
+
     @property
     def input_names(self) -> list[str]:
         return list(self.input_bindings)
@@ -200,8 +205,9 @@ class BoundSession:
             binding.bind_output(self.output_bindings[original].local, device, self.device_id if on_device else 0)
         for local in self._extra_outputs:
             binding.bind_output(local, DEVICE_CPU)
-        self.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
+        with self._stretched_run():
+            self.session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
         values = binding.get_outputs()[: len(names)]
         return {
             name: value if name in keep_on_device else value.numpy()
@@ -244,6 +250,9 @@ class RankSession(BoundSession):
     @property
     def rank(self) -> int:
         return self.comm.rank
+
+    def _stretched_run(self) -> contextlib.AbstractContextManager[None]:
+        return self.comm.stretched_run()
 
 
 class OriginalSession(BoundSession):

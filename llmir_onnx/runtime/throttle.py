@@ -1,4 +1,11 @@
-"""Emulating a slower device on this machine: a rank's process runs under a CPU duty cycle.
+"""The older, wall-clock emulation of a slower device: a rank's process runs under a CPU duty cycle.
+
+The benchmarks now use LLMIR_COMPUTE_STRETCH (runtime/stretch.py), which stretches only a rank's
+compute; this duty cycle stretches its wall time, waits included, so in decode a slow rank's short
+compute segments between collectives land in "off" windows more often than 1 - share of the time while
+its "on" windows go to waiting (docs/BENCHMARKS.md, "Mixed devices", Run E: its decode kernels measured
+0.53-0.58 of the prediction). It stays for what it does emulate (a process that gets a share of a CPU)
+and for `bench/mixed_devices.py --emulation duty`.
 
 `LLMIR_CPU_SHARE="1=0.333"` (comma-separated RANK=SHARE) makes rank 1 run a third of the wall time:
 a small sidecar process stops it (SIGSTOP) and continues it (SIGCONT) in a fixed period, on for

@@ -37,6 +37,7 @@ from llmir_onnx.runtime.session import (
 
 RANK_DONE_SUFFIX = ".done"
 RUN_CALLS_SUFFIX = ".run_calls.json"
+STRETCH_SUFFIX = ".compute_stretch.json"
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,16 @@ def run_rank(
         if before_run is not None:
             before_run(case)
         run_start = time.monotonic()
-        results = session.run([b.local for b in entry.outputs], rank_feeds)
+        with comm.stretched_run():
+            results = session.run([b.local for b in entry.outputs], rank_feeds)
         run_calls.append([case, 0, run_start, time.monotonic()])
         np.savez(rank_outputs_path(work_dir, comm.rank, case),
                  **{binding.local: array for binding, array in zip(entry.outputs, results, strict=True)})
     if profile_dir is not None:
         session.end_profiling()
     (work_dir / f"rank{comm.rank}{RUN_CALLS_SUFFIX}").write_text(json.dumps(run_calls))
+    if comm.compute_stretch is not None:  # LLMIR_COMPUTE_STRETCH: what the library slept and measured
+        (work_dir / f"rank{comm.rank}{STRETCH_SUFFIX}").write_text(json.dumps(comm.compute_stretch.totals()))
     (work_dir / f"rank{comm.rank}{RANK_DONE_SUFFIX}").touch()
 
 
@@ -285,7 +289,9 @@ def verify_plan_cases(
             if timeline is not None:
                 calls = {e.rank: json.loads((work_dir / f"rank{e.rank}{RUN_CALLS_SUFFIX}").read_text())
                          for e in manifest.ranks}
-                write_timeline(timeline, manifest, calls, phase="verify")
+                stretched = {e.rank: json.loads(path.read_text()) for e in manifest.ranks
+                             if (path := work_dir / f"rank{e.rank}{STRETCH_SUFFIX}").is_file()}  # fmt: skip
+                write_timeline(timeline, manifest, calls, phase="verify", compute_stretch=stretched)
     references = reference_outputs(source, feed_cases, device)
     return [(outputs, compare(reference, outputs, atol, rtol))
             for outputs, reference in zip(assembled, references, strict=True)]
