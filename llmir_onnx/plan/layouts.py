@@ -408,20 +408,27 @@ class _Analysis:
             if node.op_type == "Gather" and cost.bytes:
                 moved = cost.bytes * self._value_scale(node.outputs[0], tp, part=part)
                 moved *= chunk.get(node.outputs[0].name or "", 1.0)
-            else:
+            elif chunk:  # cp > 1; apart so that the cp 1 search pays nothing for it
                 for value in (*node.inputs, *node.outputs):
                     if value is None or not value.name or value.name not in value_bytes:
                         continue
                     scale = self._value_scale(value, tp, i, part) * chunk.get(value.name, 1.0)
                     moved += value_bytes[value.name] * scale
+            else:
+                for value in (*node.inputs, *node.outputs):
+                    if value is None or not value.name or value.name not in value_bytes:
+                        continue
+                    moved += value_bytes[value.name] * self._value_scale(value, tp, i, part)
         if node.op_type in ("MatMul", "Gemm", "Gather") and self._weight_of(node):
             flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp, part)
         else:
             flop_scale = self.scale(self.kind.get(node.outputs[0].name or "", REPLICATED), tp, part)
-        flop_scale *= chunk.get(node.outputs[0].name or "", 1.0)
         # the collective moves the full-size tensor: the partial sums, or the gathered output (of a cp chunk)
         payload = float(value_bytes[node.outputs[0].name or ""]) if (tp > 1 and i in self.collectives) else 0.0
-        payload *= chunk.get(node.outputs[0].name or "", 1.0)
+        if chunk:
+            token_share = chunk.get(node.outputs[0].name or "", 1.0)
+            flop_scale *= token_share
+            payload *= token_share
         return cost.flops * flop_scale, moved, float(payload), int(node.op_type not in FREE_OPS)
 
     # -- context parallelism
@@ -474,22 +481,43 @@ class _Analysis:
                 # at the Slice, c x cp + n tokens (the chunk is freed after the gather)
                 seq = self.sizes[phase].seq
                 chunk = {**chunk, **dict.fromkeys(self.cp_facts().outputs, math.ceil(seq / cp) * cp / seq + 1)}
+            if chunk:  # cp > 1; apart so that the cp 1 search pays nothing for it
+                terms = memo[i] = self._chunk_peak_terms(i, phase, tp, part, chunk)
+                return terms
             node = self.nodes[i]
-            token_share = chunk.get  # 1.0 for a value not split over cp
             outputs = [
-                (out.name, value_bytes[out.name] * self._value_scale(out, tp, i, part) * token_share(out.name, 1.0))
+                (out.name, value_bytes[out.name] * self._value_scale(out, tp, i, part))
                 for out in node.outputs
                 if out.name and out.name not in excluded
             ]
             inputs = [
-                (value.name,
-                 value_bytes[value.name] * self._value_scale(value, tp, part=part) * token_share(value.name, 1.0))
+                (value.name, value_bytes[value.name] * self._value_scale(value, tp, part=part))
                 for value in node.inputs
                 if value is not None and value.name in value_bytes and value.name not in excluded
                 and value.name not in self.graph_output_names
             ]
             terms = memo[i] = (outputs, inputs)
         return terms
+
+    def _chunk_peak_terms(
+        self, i: int, phase: str, tp: int, part: RankPart | None, chunk: Mapping[str, float]
+    ) -> tuple[PeakTerms, PeakTerms]:
+        """`peak_terms` on one cp rank: a stream value's bytes times its token share (`chunk`)."""
+        value_bytes, excluded = self.value_bytes[phase], self.peak_excluded
+        node = self.nodes[i]
+        token_share = chunk.get  # 1.0 for a value not split over cp
+        outputs = [
+            (out.name, value_bytes[out.name] * self._value_scale(out, tp, i, part) * token_share(out.name, 1.0))
+            for out in node.outputs
+            if out.name and out.name not in excluded
+        ]
+        inputs = [
+            (value.name, value_bytes[value.name] * self._value_scale(value, tp, part=part) * token_share(value.name, 1))
+            for value in node.inputs
+            if value is not None and value.name in value_bytes and value.name not in excluded
+            and value.name not in self.graph_output_names
+        ]
+        return outputs, inputs
 
     def collective_seconds(self, i: int, payload: float, tp: int, link: LinkProfile, hosts: int = 1) -> float:
         return comm_seconds(self.collectives[i], payload, tp, link, hosts) if payload else 0.0
@@ -872,8 +900,8 @@ def _stage_peak(
     live = 0.0
     for name in last_use:
         if name not in produced_here and name not in excluded and name in value_bytes:
-            scale = analysis.scale(analysis.kind.get(name, REPLICATED), tp, part) * chunk.get(name, 1.0)
-            live += value_bytes[name] * scale
+            scale = analysis.scale(analysis.kind.get(name, REPLICATED), tp, part)
+            live += value_bytes[name] * (scale * chunk.get(name, 1.0) if chunk else scale)
     peak = live
     for i in nodes:
         outputs, inputs = analysis.peak_terms(i, phase, tp, part, cp)
