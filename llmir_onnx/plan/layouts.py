@@ -41,11 +41,17 @@ of `device` in hosts of the profile's usual size (8 for the GPU profiles).
 With `allow_kv_replication=False` (a partitioner that cannot replicate KV heads) tp must also
 divide the KV heads.
 
-Layouts: by default every (tp, pp) with tp x pp == devices; `include_fewer=True` adds every
-tp x pp < devices (for models that fit on fewer devices, leaving the rest for replicas). A layout
-that breaks a rule (tp must divide the heads, tp and kv heads must divide one another, pp <= layers;
-an MLP width or a vocabulary tp does not divide splits into parts of one element) is listed as invalid
-with its reason; one that does not fit says by how much.
+Context parallelism (`max_cp`, `plan --max-cp`): each (tp, pp) rank copied over cp ranks that split the
+prompt's tokens, as `partition --cp` does: every value of the token stream (`_find_cp_facts`) and the work
+on it scaled to ceil(n/cp) of n tokens, an AllGather over the cp group where the stream meets the past
+cache or a graph output, the KV cache and weights whole; decode unchanged plus the gathers' latency.
+docs/PLANNING.md has the details and how the estimate compares with the cp rank models.
+
+Layouts: by default every (tp, pp) with tp x pp == devices (with `max_cp`, also every tp x cp x pp);
+`include_fewer=True` adds every tp x pp < devices (for models that fit on fewer devices, leaving the
+rest for replicas). A layout that breaks a rule (tp must divide the heads, tp and kv heads must divide
+one another, pp <= layers; an MLP width or a vocabulary tp does not divide splits into parts of one
+element) is listed as invalid with its reason; one that does not fit says by how much.
 """
 
 from __future__ import annotations
