@@ -502,12 +502,20 @@ def plan(
         bool, typer.Option("--include-fewer", help="Also list layouts that use fewer devices.")
     ] = False,
     devices_per_host: DevicesPerHostOption = None,
+    max_cp: Annotated[
+        int,
+        typer.Option(
+            "--max-cp", min=1,
+            help="Also list layouts with context parallelism (partition --cp) up to this cp: tp x cp x pp devices.",
+        ),
+    ] = 1,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the ranked layouts and the recommendation as JSON.")
     ] = False,
     debug: DebugOption = False,
 ) -> None:
-    """Rank the (tp, pp) layouts by predicted speed and memory per rank, and recommend one."""
+    """Rank the (tp, pp) layouts (and tp x cp x pp with --max-cp) by predicted speed and memory per rank, and
+    recommend one."""
     from llmir_onnx.ir_io import load_model
     from llmir_onnx.model_facts import parse_dim_hints, record_dim_hints
     from llmir_onnx.plan.devices import load_profile, parse_devices
@@ -524,7 +532,8 @@ def plan(
     asked = max_seq
     max_seq, limit = choose_max_seq(source, max_batch, asked)
     layouts = enumerate_layouts(
-        source, len(cluster), memory, profile, max_batch, max_seq, include_fewer=include_fewer, cluster=cluster
+        source, len(cluster), memory, profile, max_batch, max_seq, include_fewer=include_fewer, cluster=cluster,
+        max_cp=max_cp,
     )
     best, reason = recommend(layouts)
     if as_json:

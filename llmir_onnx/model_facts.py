@@ -362,3 +362,34 @@ def dim_roles(model: ir.Model) -> DimRoles:
                 if named_role is not None:
                     roles[text], sources[text] = named_role, "its name"
     return DimRoles(roles, sources)
+
+
+# Fused attention that places its queries at the end of the sequence (the causal mask, rotary positions).
+_LAST_TOKEN_ATTENTION = frozenset(
+    {
+        ("com.microsoft", "GroupQueryAttention"),
+        ("com.microsoft", "MultiHeadAttention"),
+        ("com.microsoft", "Attention"),
+        ("", "Attention"),
+        ("ai.onnx", "Attention"),
+    }
+)
+
+
+def last_token_attention(graph: ir.Graph) -> ir.Node | None:
+    """The first fused attention node that takes its queries as the last tokens of the sequence, or None:
+    `partition --cp` refuses such a model (passes/context_parallel.py), and `plan` offers no cp layout for it."""
+    import onnx_ir as ir
+
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if (node.domain, node.op_type) in _LAST_TOKEN_ATTENTION:
+            return node
+    return None
+
+
+def last_token_attention_reason(node: ir.Node) -> str:
+    return (
+        f"--cp cannot split the queries of node {node.name} ({node.op_type}): the fused attention op takes its "
+        "queries as the last tokens of the sequence (causal mask, positions), so a chunk of them would attend as "
+        "the wrong tokens"
+    )

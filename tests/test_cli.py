@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -126,3 +127,15 @@ def test_impossible_tp_writes_nothing(tmp_path: Path) -> None:
     result = run_cli("partition", str(LLAMA), "--tp", "9", "-o", str(plan))
     assert_one_line_error(result, "--tp 9 does not divide num_heads=8", "use --tp 1, 2, 3, 4, 5, 6, 7 or 8")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_max_cp_lists_cp_layouts(llama_7b_shapes: Path) -> None:
+    """`plan --max-cp 2` adds tp x cp x pp rows (labelled with cp, devices = tp x cp x pp) to the same ranking;
+    with room for all, the decode-first ranking keeps a layout without cp (cp gains nothing at decode)."""
+    result = run_cli("plan", str(llama_7b_shapes), "--devices", "8", "--device-memory", "80GiB",
+                     "--max-batch", "8", "--max-seq", "4096", "--max-cp", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    document = json.loads(result.stdout)
+    cps = sorted({(layout["tp"], layout["cp"], layout["pp"]) for layout in document["layouts"] if layout["cp"] == 2})
+    assert cps == [(1, 2, 4), (2, 2, 2), (4, 2, 1)]
+    assert document["recommended"] == "tp8 x pp1"

@@ -184,3 +184,47 @@ def test_without_cp_copies_move_no_group() -> None:
     source = result.ranks[0].model
     moved = moved_rank_copy(source, DeviceMesh(tp=2), 1, copy.weights, dict(copy.initializer_tensors()))
     assert moved.groups and all(before == after for before, after in moved.groups.items())
+
+
+def test_cp_rank_memory_plan_and_cost_match_hand_figures(tmp_path: Path) -> None:
+    """The memory plan, cost model and traffic of a cp rank evaluate its graph at the chunk sizes.
+
+    A synthetic LLaMA (hidden 64, 2 layers, 2 KV heads of 16, vocabulary 128, float32) at cp 2, tp 1 and
+    --max-seq 101 (odd: c = ceil(101/2) = 51 tokens per rank, gathered to 102 before the padding is sliced
+    off), on one device per host so the cp group spans 2 hosts (InfiniBand NDR: 50e9 B/s, 20 us):
+    - prefill: 2 layers x (K, V) AllGathers of [1, 2, 102, 16] float32 = 13056 B, and the logits' of
+      [1, 102, 128] = 52224 B: 104448 B; decode (c = 1, gathered to 2): 4 x 256 + 1024 = 2048 B;
+    - each AllGather on the cp group's inter-host link: 20 us + (1/2) x bytes / 50e9;
+    - the KV cache is replicated over cp: whole on each rank, 2 layers x 2 x [1, 2, 101, 16] float32 = 51712 B;
+    - the largest collective buffer: the logits' gather, input [1, 51, 128] + output = 26112 + 52224 B.
+    """
+    from llmir_onnx.api import partition_to_dir
+    from llmir_onnx.plan.devices import load_profile, uniform_cluster
+
+    subprocess.run(
+        [sys.executable, str(MODELS / "make_synthetic.py"), "--out", str(tmp_path / "model"), "--hidden", "64",
+         "--layers", "2", "--heads", "4", "--kv-heads", "2", "--intermediate", "128", "--vocab", "128",
+         "--max-position", "256", "--dtype", "float32"],
+        check=True, capture_output=True, timeout=TIMEOUT_S,
+    )
+    model = tmp_path / "model" / "model.onnx"
+    cluster = uniform_cluster(load_profile("h100-sxm"), 2, devices_per_host=1)
+    manifest = partition_to_dir(model, tmp_path / "cp2", tp=1, cp=2, max_seq=101, devices=cluster)
+    whole = partition_to_dir(model, tmp_path / "cp1", tp=1, cp=1, max_seq=101)
+    for rank in manifest.ranks:
+        memory, cost = rank.memory, rank.cost
+        assert memory is not None and cost is not None
+        assert memory["kv_cache_bytes"] == 51712 == whole.ranks[0].memory["kv_cache_bytes"]  # type: ignore[index]
+        assert memory["communication_bytes"] == 26112 + 52224
+        (gathers,) = cost["collectives"]
+        assert (gathers["op"], gathers["group"], gathers["count"]) == ("AllGather", [0, 1], 5)
+        assert (gathers["prefill_bytes"], gathers["decode_bytes"]) == (4 * 13056 + 52224, 4 * 256 + 1024)
+        assert gathers["prefill_s"] == pytest.approx(5 * 20e-6 + 0.5 * (4 * 13056 + 52224) / 50e9)
+        assert gathers["decode_s"] == pytest.approx(5 * 20e-6 + 0.5 * 2048 / 50e9)
+        assert cost["prefill"]["comm_bytes"] == 4 * 13056 + 52224
+        assert cost["prefill"]["comm_s"] == pytest.approx(gathers["prefill_s"])
+    # the per-token work runs on 51 of 101 tokens: the prefill's FLOPs about halve; decode is redone whole
+    cp_cost, whole_cost = manifest.ranks[0].cost, whole.ranks[0].cost
+    assert cp_cost is not None and whole_cost is not None
+    assert 0.45 < cp_cost["prefill"]["flops"] / whole_cost["prefill"]["flops"] < 0.55
+    assert cp_cost["decode"]["flops"] >= whole_cost["decode"]["flops"]

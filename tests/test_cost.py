@@ -294,3 +294,82 @@ def test_node_time_function_sums_both_phases(tiny: tuple[object, Path]) -> None:
     lm_head = next(node for node in model.graph if node.name == "/lm_head/MatMul")
     norm = next(node for node in model.graph if node.op_type == "Sqrt")
     assert time_of(lm_head) > 10 * time_of(norm)
+
+
+def test_cp_layout_estimate_matches_partitioned_cp_rank_models(tiny: tuple[object, Path]) -> None:
+    """`plan --max-cp`: the analytic cp layouts against the memory plan and cost of the real cp rank models
+    (partition --cp): the KV cache (replicated over cp) and the collective buffers exactly, activations and
+    times close (the estimate counts the logits' chunk alive beside its gathered and sliced copies)."""
+    from llmir_onnx.partition import PartitionOptions, partition
+
+    _, path = tiny
+    device = load_profile("cpu-here")
+    for tp, cp in ((1, 2), (1, 4), (2, 2)):
+        ranks = partition(load_model(path), PartitionOptions(tp=tp, cp=cp, max_seq=64)).ranks
+        layouts = enumerate_layouts(load_model(path), tp * cp, GiB, device, max_batch=2, max_seq=64, max_cp=cp)
+        layout = next(lay for lay in layouts if (lay.tp, lay.cp, lay.pp) == (tp, cp, 1))
+        assert layout.label == f"tp{tp} x cp{cp} x pp1" and layout.devices == tp * cp
+        predicted = layout.ranks[0]
+        actual = plan_memory(ranks[0].model, 2, 64)
+        assert actual.kv_cache_bytes == predicted.kv_cache_bytes
+        assert actual.communication_bytes == predicted.communication_bytes
+        assert abs(actual.activation_peak_bytes - predicted.activation_peak_bytes) <= 0.1 * actual.activation_peak_bytes
+        timing = estimate_phases(ranks[0].model, device, 2, 64)
+        assert layout.prefill_s == pytest.approx(timing.prefill.total_s, rel=0.15)
+        assert layout.decode_step_s == pytest.approx(timing.decode.total_s, rel=0.15)
+
+
+def test_cp_layouts_by_hand_and_without_max_cp_none(tiny: tuple[object, Path]) -> None:
+    """cp scales the prefill's per-token work, keeps the KV cache whole and gains nothing at decode; without
+    max_cp no cp layout is listed."""
+    config, path = tiny
+    model = load_model(path)
+    device = load_profile("h100-sxm")
+    assert {lay.cp for lay in enumerate_layouts(model, 4, GiB, device, 1, 128)} == {1}
+    layouts = enumerate_layouts(model, 4, GiB, device, 1, 128, include_fewer=True, max_cp=4)
+    by = {(lay.tp, lay.cp, lay.pp): lay for lay in layouts}
+    whole, cp2, cp4 = by[(1, 1, 1)], by[(1, 2, 1)], by[(1, 4, 1)]
+    kv = 2 * config.layers * config.kv_heads * 128 * (config.hidden // config.heads) * 4  # [1, kv, 128, hd] float32
+    assert whole.ranks[0].kv_cache_bytes == cp2.ranks[0].kv_cache_bytes == cp4.ranks[0].kv_cache_bytes == kv
+    assert whole.ranks[0].weight_bytes == cp4.ranks[0].weight_bytes
+    # the largest cp buffer: the logits' gather, [1, 128, vocab] float32 out, a quarter of it in
+    logits = 128 * config.vocab * 4
+    assert cp4.ranks[0].communication_bytes == logits + logits // 4
+    peaks = [layout.ranks[0].activation_peak_bytes for layout in (cp4, cp2, whole)]
+    assert peaks == sorted(set(peaks))
+    assert cp4.decode_step_s is not None and whole.decode_step_s is not None
+    assert cp4.decode_step_s >= whole.decode_step_s  # the cache is replicated: every cp rank redoes the step
+
+
+def test_cp_layouts_only_for_models_partition_cp_takes() -> None:
+    """GroupQueryAttention (onnxruntime-genai) takes its queries as the last tokens: partition --cp refuses
+    it, so plan lists its cp layouts as invalid, with the pass's own reason."""
+    model = load_model(Path(__file__).resolve().parents[1] / "models" / "llama-gqa-genai" / "model.onnx")
+    layouts = enumerate_layouts(model, 2, GiB, load_profile("h100-sxm"), 1, 64, max_cp=2)
+    (cp2,) = [lay for lay in layouts if lay.cp == 2]
+    assert not cp2.valid and "GroupQueryAttention" in cp2.reason and "--cp cannot split the queries" in cp2.reason
+
+
+def test_recommend_prefers_cp_when_only_its_prefill_activations_fit(tmp_path: Path) -> None:
+    """A long prompt on tight memory: the tiny model's 8 heads cap tp at 8, so on 16 devices the other factor
+    is pp (halves the weights, not a layer's attention scores) or cp (halves the scores, [heads, n, n] at
+    4096 tokens). Where only cp's ranks fit, the cp layout is recommended and the reason says why."""
+    import dataclasses
+
+    config = dataclasses.replace(synthetic.PRESETS["tiny"], max_position=4096)
+    model = load_model(synthetic.generate(config, tmp_path / "tiny4k", sparse=True), check_data=False)
+    device = load_profile("h100-sxm")
+    probe = enumerate_layouts(model, 16, 80 * GiB, device, 1, 4096, max_cp=2)
+    with_cp = min((lay for lay in probe if lay.valid and lay.cp == 2), key=lambda lay: lay.max_rank_bytes)
+    without = min((lay for lay in probe if lay.valid and lay.cp == 1), key=lambda lay: lay.max_rank_bytes)
+    assert (with_cp.tp, without.tp) == (8, 8)
+    assert with_cp.max_rank_bytes < without.max_rank_bytes
+    memory = (with_cp.max_rank_bytes + without.max_rank_bytes) // 2
+    layouts = enumerate_layouts(model, 16, memory, device, 1, 4096, max_cp=2)
+    best, why = recommend(layouts)
+    assert best is not None and best.label == "tp8 x cp2 x pp1", why
+    assert "cp 2 splits the prompt's 4096 tokens over 2 ranks" in why and "no layout without cp fits" in why
+    assert format_layout_table(layouts).count(" x cp2 x ") == sum(lay.cp == 2 for lay in layouts)
+    # with room for all, the ranking (decode first) prefers no cp: cp gains nothing at decode
+    roomy, why = recommend(probe)
+    assert roomy is not None and roomy.cp == 1, why

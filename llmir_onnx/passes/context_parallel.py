@@ -55,6 +55,7 @@ from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION
 from llmir_onnx.mesh import MeshAxis
+from llmir_onnx.model_facts import last_token_attention, last_token_attention_reason
 from llmir_onnx.passes.sequence_parallel import PER_TOKEN_RULE_MODULES, SequenceParallelPass
 from llmir_onnx.passes.state import (
     Redistribution,
@@ -69,16 +70,6 @@ from llmir_onnx.propagation.base import RuleContext
 # Ops whose rules keep a split of the token axis besides the per-token families: the batched MatMul's
 # row axis (the queries), and the layout ops of the head split.
 _ROW_KEEPING_OPS = frozenset({"MatMul", "Transpose", "Reshape", "Slice", "Split", "Concat"})
-# Fused attention that places its queries at the end of the sequence (the causal mask, rotary positions).
-_LAST_TOKEN_ATTENTION = frozenset(
-    {
-        ("com.microsoft", "GroupQueryAttention"),
-        ("com.microsoft", "MultiHeadAttention"),
-        ("com.microsoft", "Attention"),
-        ("", "Attention"),
-        ("ai.onnx", "Attention"),
-    }
-)
 
 
 class ContextParallelPass(SequenceParallelPass):
@@ -285,11 +276,7 @@ def _is_weight(value: ir.Value) -> bool:
 
 
 def _refuse_last_token_attention(graph: ir.Graph) -> None:
-    for node in ir.traversal.RecursiveGraphIterator(graph):
-        if (node.domain, node.op_type) in _LAST_TOKEN_ATTENTION:
-            raise PlanError(
-                f"--cp cannot split the queries of node {node.name} ({node.op_type}): the fused attention op "
-                "takes its queries as the last tokens of the sequence (causal mask, positions), so a chunk of "
-                "them would attend as the wrong tokens; partition without --cp"
-            )
+    node = last_token_attention(graph)
+    if node is not None:
+        raise PlanError(f"{last_token_attention_reason(node)}; partition without --cp")
 

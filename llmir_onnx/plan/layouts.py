@@ -41,11 +41,17 @@ of `device` in hosts of the profile's usual size (8 for the GPU profiles).
 With `allow_kv_replication=False` (a partitioner that cannot replicate KV heads) tp must also
 divide the KV heads.
 
-Layouts: by default every (tp, pp) with tp x pp == devices; `include_fewer=True` adds every
-tp x pp < devices (for models that fit on fewer devices, leaving the rest for replicas). A layout
-that breaks a rule (tp must divide the heads, tp and kv heads must divide one another, pp <= layers;
-an MLP width or a vocabulary tp does not divide splits into parts of one element) is listed as invalid
-with its reason; one that does not fit says by how much.
+Context parallelism (`max_cp`, `plan --max-cp`): each (tp, pp) rank copied over cp ranks that split the
+prompt's tokens, as `partition --cp` does: every value of the token stream (`_find_cp_facts`) and the work
+on it scaled to ceil(n/cp) of n tokens, an AllGather over the cp group where the stream meets the past
+cache or a graph output, the KV cache and weights whole; decode unchanged plus the gathers' latency.
+docs/PLANNING.md has the details and how the estimate compares with the cp rank models.
+
+Layouts: by default every (tp, pp) with tp x pp == devices (with `max_cp`, also every tp x cp x pp);
+`include_fewer=True` adds every tp x pp < devices (for models that fit on fewer devices, leaving the
+rest for replicas). A layout that breaks a rule (tp must divide the heads, tp and kv heads must divide
+one another, pp <= layers; an MLP width or a vocabulary tp does not divide splits into parts of one
+element) is listed as invalid with its reason; one that does not fit says by how much.
 """
 
 from __future__ import annotations
@@ -59,10 +65,16 @@ from typing import Any
 
 import onnx_ir as ir
 
-from llmir_onnx.errors import PlanError
+from llmir_onnx.errors import LlmirError, PlanError
 from llmir_onnx.ir_io import io_dtype, io_name, io_shape
 from llmir_onnx.mesh import DeviceMesh, MeshCoords, grouped_shares
-from llmir_onnx.model_facts import is_kv_output_name, kv_cache_inputs, layer_of_node_by_name
+from llmir_onnx.model_facts import (
+    is_kv_output_name,
+    kv_cache_inputs,
+    last_token_attention,
+    last_token_attention_reason,
+    layer_of_node_by_name,
+)
 from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
 from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
@@ -113,10 +125,13 @@ class LayoutEstimate:
     # heads per tp rank of an uneven split (empty: even), and the weights it follows (empty: none)
     tp_shares: tuple[int, ...] = ()
     tp_weights: tuple[float, ...] = ()
+    # context parallelism (`partition --cp`): the prompt's tokens split over cp ranks per (tp, pp) rank
+    cp: int = 1
 
     @property
     def label(self) -> str:
-        """'tp2 x pp1'; an uneven split says its heads per tp rank, runs shortened: 'tp16[8x5,8x3] x pp1'."""
+        """'tp2 x pp1'; an uneven split says its heads per tp rank, runs shortened: 'tp16[8x5,8x3] x pp1';
+        with cp: 'tp2 x cp2 x pp1'."""
         runs: list[list[int]] = []
         for share in self.tp_shares:
             if runs and runs[-1][1] == share:
@@ -124,7 +139,8 @@ class LayoutEstimate:
             else:
                 runs.append([1, share])
         shares = ",".join(f"{count}x{share}" if count > 2 else ",".join([str(share)] * count) for count, share in runs)
-        return f"tp{self.tp}[{shares}] x pp{self.pp}" if shares else f"tp{self.tp} x pp{self.pp}"
+        cp = f" x cp{self.cp}" if self.cp > 1 else ""
+        return f"tp{self.tp}[{shares}]{cp} x pp{self.pp}" if shares else f"tp{self.tp}{cp} x pp{self.pp}"
 
 
 @dataclass(frozen=True)
@@ -155,6 +171,7 @@ class _Analysis:
     ) -> None:
         self.model = model
         self.vocab_parallel = vocab_parallel
+        self.overrides = overrides
         self.nodes = list(model.graph)
         self.index = {id(node): i for i, node in enumerate(self.nodes)}
         self.sizes = phase_sizes(max_batch, max_seq)
@@ -168,9 +185,12 @@ class _Analysis:
         self.value_bytes: dict[str, dict[str, int]] = {
             phase: {name: shape.nbytes for name, shape in shapes.items()} for phase, shapes in self.shapes.items()
         }
-        # memos per (phase, tp, part), one slot per node: hashing a key per node would cost more than it saves
-        self._scaled_nodes: dict[tuple[str, int, RankPart | None], list[tuple[float, float, float, int] | None]] = {}
-        self._peak_terms: dict[tuple[str, int, RankPart | None], list[tuple[PeakTerms, PeakTerms] | None]] = {}
+        # memos per (phase, tp, part) (and cp when > 1), one slot per node: hashing a key per node would cost
+        # more than it saves
+        self._scaled_nodes: dict[tuple[Any, ...], list[tuple[float, float, float, int] | None]] = {}
+        self._peak_terms: dict[tuple[Any, ...], list[tuple[PeakTerms, PeakTerms] | None]] = {}
+        self._cp: _CpFacts | None = None  # found on the first cp layout (`cp_facts`)
+        self._chunk_scales: dict[tuple[str, int], dict[str, float]] = {}
         self._boundaries: dict[str, list[float]] = {}
         self.past_inputs = {io_name(v) for v in kv_cache_inputs(model)}
         if not self.past_inputs:
@@ -367,25 +387,39 @@ class _Analysis:
                 chosen.append(i)
         return chosen
 
-    def scaled_node(self, i: int, phase: str, tp: int, part: RankPart | None = None) -> tuple[float, float, float, int]:
+    def scaled_node(
+        self, i: int, phase: str, tp: int, part: RankPart | None = None, cp: int = 1
+    ) -> tuple[float, float, float, int]:
         """(flops, bytes, payload of the collective after it, 1 if not free) of node i on one tp rank (its
-        `part` of an uneven split; None: 1/tp). Memoised: every stage split the search tries reads it again."""
-        memo = self._scaled_nodes.get((phase, tp, part))
+        `part` of an uneven split; None: 1/tp) and one cp rank (its chunk of the tokens). Memoised: every
+        stage split the search tries reads it again."""
+        key = (phase, tp, part) if cp == 1 else (phase, tp, part, cp)
+        memo = self._scaled_nodes.get(key)
         if memo is None:
-            memo = self._scaled_nodes[(phase, tp, part)] = [None] * len(self.nodes)
+            memo = self._scaled_nodes[key] = [None] * len(self.nodes)
         scaled = memo[i]
         if scaled is None:
-            scaled = memo[i] = self._scale_node(i, phase, tp, part)
+            scaled = memo[i] = self._scale_node(i, phase, tp, part, cp)
         return scaled
 
-    def _scale_node(self, i: int, phase: str, tp: int, part: RankPart | None) -> tuple[float, float, float, int]:
+    def _scale_node(
+        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int = 1
+    ) -> tuple[float, float, float, int]:
         node = self.nodes[i]
         value_bytes = self.value_bytes[phase]
         cost = self.costs[phase][i]
+        chunk = self.chunk_scales(phase, cp)
         moved = 0.0
         if node.op_type not in FREE_OPS:
             if node.op_type == "Gather" and cost.bytes:
                 moved = cost.bytes * self._value_scale(node.outputs[0], tp, part=part)
+                moved *= chunk.get(node.outputs[0].name or "", 1.0)
+            elif chunk:  # cp > 1; apart so that the cp 1 search pays nothing for it
+                for value in (*node.inputs, *node.outputs):
+                    if value is None or not value.name or value.name not in value_bytes:
+                        continue
+                    scale = self._value_scale(value, tp, i, part) * chunk.get(value.name, 1.0)
+                    moved += value_bytes[value.name] * scale
             else:
                 for value in (*node.inputs, *node.outputs):
                     if value is None or not value.name or value.name not in value_bytes:
@@ -395,19 +429,67 @@ class _Analysis:
             flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp, part)
         else:
             flop_scale = self.scale(self.kind.get(node.outputs[0].name or "", REPLICATED), tp, part)
-        # the collective moves the full-size tensor: the partial sums, or the gathered output
-        payload = value_bytes[node.outputs[0].name or ""] if (tp > 1 and i in self.collectives) else 0
+        # the collective moves the full-size tensor: the partial sums, or the gathered output (of a cp chunk)
+        payload = float(value_bytes[node.outputs[0].name or ""]) if (tp > 1 and i in self.collectives) else 0.0
+        if chunk:
+            token_share = chunk.get(node.outputs[0].name or "", 1.0)
+            flop_scale *= token_share
+            payload *= token_share
         return cost.flops * flop_scale, moved, float(payload), int(node.op_type not in FREE_OPS)
 
-    def peak_terms(self, i: int, phase: str, tp: int, part: RankPart | None) -> tuple[PeakTerms, PeakTerms]:
+    # -- context parallelism
+
+    def cp_facts(self) -> _CpFacts:
+        if self._cp is None:
+            self._cp = _find_cp_facts(self)
+        return self._cp
+
+    def chunk_scales(self, phase: str, cp: int) -> Mapping[str, float]:
+        """Each token-stream value's scale on one cp rank, ceil(n / cp) / n of its tokens (n: the phase's new
+        tokens; 1 at decode: the token on cp rank 0, padding on the others); empty at cp 1."""
+        if cp == 1:
+            return {}
+        scales = self._chunk_scales.get((phase, cp))
+        if scales is None:
+            seq = self.sizes[phase].seq
+            scales = self._chunk_scales[(phase, cp)] = dict.fromkeys(self.cp_facts().stream, math.ceil(seq / cp) / seq)
+        return scales
+
+    def cp_gathers(self, i: int, phase: str, tp: int, part: RankPart | None, cp: int) -> list[float]:
+        """Payloads of the cp AllGathers at node i (each the gathered value: c x cp tokens, c = ceil(n / cp))."""
+        names = self.cp_facts().gathers.get(i) if cp > 1 else None
+        if not names:
+            return []
+        seq = self.sizes[phase].seq
+        padded = math.ceil(seq / cp) * cp / seq
+        value_bytes = self.value_bytes[phase]
+        return [
+            value_bytes[name] * self.scale(self.kind.get(name, REPLICATED), tp, part) * padded
+            for name in names
+            if name in value_bytes
+        ]
+
+    def peak_terms(
+        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int = 1
+    ) -> tuple[PeakTerms, PeakTerms]:
         """Node i's activations on one tp rank, as a stage's peak counts them: (its outputs, its inputs that
         a last use frees), each (name, bytes). Memoised like `scaled_node`."""
-        memo = self._peak_terms.get((phase, tp, part))
+        key = (phase, tp, part) if cp == 1 else (phase, tp, part, cp)
+        memo = self._peak_terms.get(key)
         if memo is None:
-            memo = self._peak_terms[(phase, tp, part)] = [None] * len(self.nodes)
+            memo = self._peak_terms[key] = [None] * len(self.nodes)
         terms = memo[i]
         if terms is None:
             value_bytes, excluded = self.value_bytes[phase], self.peak_excluded
+            chunk = self.chunk_scales(phase, cp)
+            if cp > 1 and self.cp_facts().outputs.intersection(self.value_names[i][1]):
+                # a graph output (the logits) is gathered, then sliced to n tokens: both copies are alive
+                # at the Slice, c x cp + n tokens (the chunk is freed after the gather)
+                seq = self.sizes[phase].seq
+                chunk = {**chunk, **dict.fromkeys(self.cp_facts().outputs, math.ceil(seq / cp) * cp / seq + 1)}
+            if chunk:  # cp > 1; apart so that the cp 1 search pays nothing for it
+                terms = memo[i] = self._chunk_peak_terms(i, phase, tp, part, chunk)
+                return terms
             node = self.nodes[i]
             outputs = [
                 (out.name, value_bytes[out.name] * self._value_scale(out, tp, i, part))
@@ -422,6 +504,26 @@ class _Analysis:
             ]
             terms = memo[i] = (outputs, inputs)
         return terms
+
+    def _chunk_peak_terms(
+        self, i: int, phase: str, tp: int, part: RankPart | None, chunk: Mapping[str, float]
+    ) -> tuple[PeakTerms, PeakTerms]:
+        """`peak_terms` on one cp rank: a stream value's bytes times its token share (`chunk`)."""
+        value_bytes, excluded = self.value_bytes[phase], self.peak_excluded
+        node = self.nodes[i]
+        token_share = chunk.get  # 1.0 for a value not split over cp
+        outputs = [
+            (out.name, value_bytes[out.name] * self._value_scale(out, tp, i, part) * token_share(out.name, 1.0))
+            for out in node.outputs
+            if out.name and out.name not in excluded
+        ]
+        inputs = [
+            (value.name, value_bytes[value.name] * self._value_scale(value, tp, part=part) * token_share(value.name, 1))
+            for value in node.inputs
+            if value is not None and value.name in value_bytes and value.name not in excluded
+            and value.name not in self.graph_output_names
+        ]
+        return outputs, inputs
 
     def collective_seconds(self, i: int, payload: float, tp: int, link: LinkProfile, hosts: int = 1) -> float:
         return comm_seconds(self.collectives[i], payload, tp, link, hosts) if payload else 0.0
@@ -441,6 +543,79 @@ class _Analysis:
         if node_index is not None and node_index in self.row_parallel and value in self.nodes[node_index].outputs:
             return 1.0  # a row-parallel product is a full-size partial sum
         return self.scale(self.kind.get(name, REPLICATED), tp, part)
+
+
+# The structure probe of context parallelism: shapes at a batch and token counts no model dim is likely to
+# equal, so that a dim of PROBE_NEW is the new-token axis (a [batch * tokens, ..] flattening is 2 x 11).
+PROBE_BATCH, PROBE_NEW, PROBE_PAST = 2, 11, 6
+
+
+@dataclass(frozen=True)
+class _CpFacts:
+    """What `partition --cp` would split, as the layout search sees it (`_find_cp_facts`)."""
+
+    refusal: str  # '' when partition --cp takes the model
+    stream: frozenset[str]  # values each cp rank holds a chunk of (their token axis split)
+    gathers: dict[int, list[str]]  # node index -> the stream values AllGathered over cp there
+    outputs: frozenset[str] = frozenset()  # graph outputs in the stream (gathered, then sliced to n tokens)
+
+
+def _find_cp_facts(analysis: _Analysis) -> _CpFacts:
+    """The token stream as the cp pass decides it (passes/context_parallel.py), from the original model's
+    shapes: a node in a decoder layer or after them joins when it has an output with the new-token axis and
+    reads the stream, or starts it (a token-axis activation with a float weight: a projection, a norm's
+    scale); its token-axis outputs join the stream. What is made before the layers (the embedding, the mask,
+    position and rotary tables) stays whole on every rank. A stream value read by a node outside the stream
+    (the Concat of new keys/values with the past cache, a flattening Reshape before a [batch*tokens, ..]
+    Gemm) or a graph output (the logits) is AllGathered there, once. Approximate where the pass looks
+    closer (a mask cut to the rank's rows counts whole here; a node whose rule refuses the split joins)."""
+    node = last_token_attention(analysis.model.graph)
+    if node is not None:
+        return _CpFacts(last_token_attention_reason(node), frozenset(), {})
+    try:
+        probe = evaluate_shapes(
+            analysis.model, Sizes(batch=PROBE_BATCH, seq=PROBE_NEW, past=PROBE_PAST), analysis.overrides
+        )
+    except LlmirError as error:
+        return _CpFacts(f"cp: the shapes cannot be evaluated at {PROBE_NEW} new tokens ({error})", frozenset(), {})
+    prefill, seq = analysis.shapes["prefill"], analysis.sizes["prefill"].seq
+    tokens = set()
+    for name, shape in probe.items():
+        whole = prefill.get(name)
+        if (
+            whole is not None
+            and len(whole.shape) == len(shape.shape)
+            and any(p == PROBE_NEW and w == seq for p, w in zip(shape.shape, whole.shape, strict=True))
+        ):
+            tokens.add(name)
+    stream: set[str] = set()
+    gathers: dict[int, list[str]] = {}
+    gathered: set[str] = set()
+    for i, node in enumerate(analysis.nodes):
+        inputs, outputs = analysis.value_names[i]
+        place = analysis.placement[i]
+        reads_stream = any(name in stream for name in inputs)
+        starts = any(name in tokens for name in inputs) and any(
+            value is not None and value.name in analysis.weights and io_dtype(value).is_floating_point()
+            and (value.const_value is None or value.const_value.size > 1)
+            for value in node.inputs
+        )
+        made = [name for name in outputs if name in tokens]
+        if (isinstance(place, int) or place == "post") and made and (reads_stream or starts):
+            stream.update(made)
+        elif node.op_type != "Shape":  # a Shape of a chunk is made whole in place: no gather
+            for name in inputs:
+                if name in stream and name not in gathered:
+                    gathered.add(name)
+                    gathers.setdefault(i, []).append(name)
+    producers = {name: i for i, (_, outputs) in enumerate(analysis.value_names) for name in outputs}
+    for output in sorted(name for name in analysis.graph_output_names if name):
+        if output in stream and output not in gathered and not is_kv_output_name(output):
+            gathers.setdefault(producers[output], []).append(output)
+    if not stream:
+        return _CpFacts("cp finds no per-token work on the new tokens in this model", frozenset(), {})
+    stream_outputs = frozenset(name for name in analysis.graph_output_names if name in stream)
+    return _CpFacts("", frozenset(stream), gathers, stream_outputs)
 
 
 def _check_layout(shape: ModelShape, tp: int, pp: int, allow_kv_replication: bool = True) -> str:
@@ -513,14 +688,26 @@ class _StageDevices:
     recv_link: tuple[LinkProfile, int] | None  # from the previous stage (None on stage 0)
     rank_profiles: tuple[DeviceProfile, ...] = ()  # per tp rank
     rank_memory: tuple[int, ...] = ()  # per tp rank
+    cp_link: tuple[LinkProfile, int] | None = None  # (link, hosts spanned) of its slowest cp group (cp > 1)
+    cp_alike: bool = True  # every cp copy of a tp rank on a device of its profile
 
 
-def _stage_devices(cluster: Cluster, tp: int, pp: int) -> list[_StageDevices]:
-    """Ranks on devices host-major (rank r on cluster.devices[r]): each stage's devices and links."""
-    mesh = DeviceMesh(pp=pp, tp=tp)
+def _stage_devices(cluster: Cluster, tp: int, pp: int, cp: int = 1) -> list[_StageDevices]:
+    """Ranks on devices host-major (rank r on cluster.devices[r]): each stage's devices and links. With cp,
+    a stage's tp ranks are cp rank 0's; its memory the smallest over the cp copies, its cp link the slowest
+    cp group's."""
+    mesh = DeviceMesh(pp=pp, cp=cp, tp=tp)
     stages = []
     for stage in range(pp):
         group = mesh.group(mesh.rank_of(MeshCoords(pp=stage, cp=0, tp=0)), "tp")
+        cp_link = None
+        cp_alike = True
+        rank_memory = tuple(cluster.devices[r].memory_bytes for r in group)
+        if cp > 1:
+            cp_groups = [mesh.group(r, "cp") for r in group]
+            cp_link = min((cluster.group_link(g) for g in cp_groups), key=lambda link: (link[0].bandwidth, -link[1]))
+            cp_alike = all(len({cluster.devices[r].profile.name for r in g}) == 1 for g in cp_groups)
+            rank_memory = tuple(min(cluster.devices[r].memory_bytes for r in g) for g in cp_groups)
         profiles = {cluster.devices[r].profile.name: cluster.devices[r].profile for r in group}
         recv = None
         if stage > 0:
@@ -532,11 +719,13 @@ def _stage_devices(cluster: Cluster, tp: int, pp: int) -> list[_StageDevices]:
         stages.append(
             _StageDevices(
                 tuple(profiles.values()),
-                min(cluster.devices[r].memory_bytes for r in group),
+                min(rank_memory),
                 cluster.group_link(group),
                 recv,
                 tuple(cluster.devices[r].profile for r in group),
-                tuple(cluster.devices[r].memory_bytes for r in group),
+                rank_memory,
+                cp_link,
+                cp_alike,
             )
         )
     return stages
@@ -553,6 +742,7 @@ def _stage_estimate(
     max_batch: int,
     max_seq: int,
     parts: Sequence[RankPart] | None = None,
+    cp: int = 1,
 ) -> RankEstimate:
     """The stage's ranks, each on its own device with its own part of an uneven split (`parts`, None: even):
     the slowest rank's times (all tp ranks wait for it at each collective) and the tightest rank's memory."""
@@ -565,7 +755,7 @@ def _stage_estimate(
         key = (device.name, t if part is not None else -1)
         if key not in ranks:
             ranks[key] = _rank_estimate(
-                analysis, tp, stage, start, stop, nodes, devices, device, part, tp_link, tp_hosts
+                analysis, tp, stage, start, stop, nodes, devices, device, part, tp_link, tp_hosts, cp
             )
         rank_times, _ = ranks[key]
         times = {phase: max(times[phase], rank_times[phase]) for phase in times}
@@ -597,14 +787,17 @@ def _rank_estimate(
     part: RankPart | None,
     tp_link: LinkProfile,
     tp_hosts: int,
+    cp: int = 1,
 ) -> tuple[dict[str, float], RankEstimate]:
-    """One tp rank of a stage on `device` holding `part` (None: 1/tp): its times and memory."""
+    """One tp rank of a stage on `device` holding `part` (None: 1/tp), and its chunk of the tokens at cp:
+    its times and memory."""
     times = {"prefill": 0.0, "decode": 0.0}
     largest_comm = 0.0
+    cp_link, cp_hosts = devices.cp_link or (device.intra_host_link, 1)
     for phase in ("prefill", "decode"):
         total = 0.0
         for i in nodes:
-            flops, moved, payload, counted = analysis.scaled_node(i, phase, tp, part)
+            flops, moved, payload, counted = analysis.scaled_node(i, phase, tp, part, cp)
             cost = analysis.costs[phase][i]
             compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
             memory = moved / device.bytes_per_second if moved else 0.0
@@ -615,8 +808,16 @@ def _rank_estimate(
                 # uneven split: the vocabulary follows the heads' shares) and the full output
                 shard = payload if analysis.collectives[i] == "AllReduce" else payload * analysis.scale(HEADS, tp, part)
                 largest_comm = max(largest_comm, payload + shard)
+        for i in nodes if cp > 1 else ():
+            for gathered in analysis.cp_gathers(i, phase, tp, part, cp):
+                # the keys/values before the past cache, the logits: each rank's chunk in, every chunk out
+                total += comm_seconds("AllGather", gathered, cp, cp_link, cp_hosts)
+                largest_comm = max(largest_comm, gathered + gathered / cp)
         if stage > 0:
             hidden = _boundary_bytes(analysis, start, phase)
+            if cp > 1:  # the hidden state a cp rank sends on is its chunk
+                seq = analysis.sizes[phase].seq
+                hidden *= math.ceil(seq / cp) / seq
             link, hosts = devices.recv_link or (device.intra_host_link, 1)
             total += comm_seconds("Recv", hidden, 2, link, hosts)
             largest_comm = max(largest_comm, hidden)
@@ -631,7 +832,7 @@ def _rank_estimate(
     for name, layer in analysis.past_layer.items():
         if start <= layer < stop:
             kv += analysis.kv_bytes[name] * analysis.scale(KV_HEADS, tp, part)
-    peak = max(_stage_peak(analysis, nodes, phase, tp, part) for phase in ("prefill", "decode"))
+    peak = max(_stage_peak(analysis, nodes, phase, tp, part, cp) for phase in ("prefill", "decode"))
     weight_total = round(sum(weights.values()))
     total = weight_total + int(kv) + int(peak) + int(largest_comm)
     estimate = RankEstimate(
@@ -689,8 +890,11 @@ def _every_boundary_bytes(analysis: _Analysis, phase: str) -> list[float]:
     return list(itertools.accumulate(crossing))
 
 
-def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int, part: RankPart | None = None) -> float:
+def _stage_peak(
+    analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int, part: RankPart | None = None, cp: int = 1
+) -> float:
     value_bytes = analysis.value_bytes[phase]
+    chunk = analysis.chunk_scales(phase, cp)
     excluded = analysis.peak_excluded
     last_use: dict[str, int] = {}
     produced_here: set[str] = set()
@@ -702,10 +906,11 @@ def _stage_peak(analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int, 
     live = 0.0
     for name in last_use:
         if name not in produced_here and name not in excluded and name in value_bytes:
-            live += value_bytes[name] * analysis.scale(analysis.kind.get(name, REPLICATED), tp, part)
+            scale = analysis.scale(analysis.kind.get(name, REPLICATED), tp, part)
+            live += value_bytes[name] * (scale * chunk.get(name, 1.0) if chunk else scale)
     peak = live
     for i in nodes:
-        outputs, inputs = analysis.peak_terms(i, phase, tp, part)
+        outputs, inputs = analysis.peak_terms(i, phase, tp, part, cp)
         live += sum(size for _, size in outputs)
         peak = max(peak, live)
         for name, size in inputs:
@@ -730,11 +935,13 @@ def enumerate_layouts(
     vocab_parallel: bool = False,
     overrides: Mapping[str, int] | None = None,
     cluster: Cluster | None = None,
+    max_cp: int = 1,
 ) -> list[LayoutEstimate]:
     """Every (tp, pp) layout, ranked: valid and fitting first, then by decode tokens/s, then prefill latency.
 
     `cluster`: the devices, in rank order with their hosts (`devices` must be its size); None:
     `devices` of `device` with `device_memory_bytes` each, in hosts of the profile's usual size.
+    `max_cp`: also every (tp, cp, pp) with 1 < cp <= max_cp (context parallelism: tp x cp x pp devices).
     """
     if devices < 1:
         raise PlanError(f"--devices {devices}: need at least one device")
@@ -743,6 +950,8 @@ def enumerate_layouts(
     elif len(cluster) != devices:
         raise PlanError(f"--devices: the cluster has {len(cluster)} devices, not {devices}")
     analysis = _Analysis(model, max_batch, max_seq, overrides, vocab_parallel)
+    if max_cp < 1:
+        raise PlanError(f"--max-cp {max_cp}: must be at least 1")
     counts = range(1, devices + 1) if include_fewer else [devices]
     layouts = []
     for used in counts:
@@ -756,6 +965,13 @@ def enumerate_layouts(
             if weights is not None and analysis.shape.heads % tp == 0 and layouts[-1].tp_shares:
                 # the even split on the same devices, to show what the proportional one wins
                 layouts.append(_layout(analysis, tp, pp, devices_used, max_batch, max_seq, allow_kv_replication))
+        for cp in range(2, min(max_cp, used) + 1):
+            if used % cp:
+                continue
+            for tp in range(1, used // cp + 1):
+                if (used // cp) % tp == 0:
+                    layouts.append(_layout(analysis, tp, used // cp // tp, cluster.first(used), max_batch, max_seq,
+                                           allow_kv_replication, cp=cp))  # fmt: skip
     return rank_layouts(layouts)
 
 
@@ -769,6 +985,7 @@ def rank_layouts(layouts: Sequence[LayoutEstimate]) -> list[LayoutEstimate]:
             e.prefill_s if e.prefill_s is not None else float("inf"),
             e.devices,
             e.pp,
+            e.cp,
         ),
     )
 
@@ -782,9 +999,11 @@ def _layout(
     max_seq: int,
     allow_kv_replication: bool = True,
     weights: tuple[float, ...] | None = None,
+    cp: int = 1,
 ) -> LayoutEstimate:
     """(tp, pp) on `cluster`; the heads split by `weights` (one per tp rank) or, where tp does not divide
-    them, unevenly by `mesh.grouped_shares`, as the partitioner splits them."""
+    them, unevenly by `mesh.grouped_shares`, as the partitioner splits them; with cp > 1, each (tp, pp) rank
+    copied over cp ranks that split the prompt's tokens (tp x cp x pp devices)."""
     shape = analysis.shape
     shares: tuple[int, ...] = ()
     parts: list[RankPart] | None = None
@@ -798,12 +1017,19 @@ def _layout(
             reason = f"tp {tp} does not divide the {shape.heads} attention heads, and {reason}"
     else:
         reason = _check_layout(shape, tp, pp, allow_kv_replication)
+    stages = _stage_devices(cluster, tp, pp, cp) if cp > 1 else []
+    if cp > 1 and not reason:
+        reason = analysis.cp_facts().refusal
+        if not reason and cp > max_seq:
+            reason = f"cp {cp} exceeds the {max_seq} tokens of --max-seq"
+        if not reason and not all(stage.cp_alike for stage in stages):
+            reason = f"cp {cp} puts copies of one rank on devices of different profiles (the estimate needs them alike)"
     smallest_memory = min(slot.memory_bytes for slot in cluster.devices)
     if reason:
         return LayoutEstimate(
             tp=tp,
             pp=pp,
-            devices=tp * pp,
+            devices=tp * cp * pp,
             valid=False,
             reason=reason,
             max_batch=max_batch,
@@ -811,11 +1037,14 @@ def _layout(
             device_memory_bytes=smallest_memory,
             tp_shares=shares,
             tp_weights=weights or (),
+            cp=cp,
         )
-    stages = _stage_devices(cluster, tp, pp)
-    bounds = _balanced_bounds(analysis, tp, pp, stages, max_batch, max_seq, parts)
+    stages = stages or _stage_devices(cluster, tp, pp)
+    bounds = _balanced_bounds(analysis, tp, pp, stages, max_batch, max_seq, parts, cp)
     ranks = [
-        _stage_estimate(analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, stages[s], max_batch, max_seq, parts)
+        _stage_estimate(
+            analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, stages[s], max_batch, max_seq, parts, cp
+        )
         for s in range(pp)
     ]
     # the stage furthest over (or least under) its devices' memory
@@ -834,7 +1063,7 @@ def _layout(
     return LayoutEstimate(
         tp=tp,
         pp=pp,
-        devices=tp * pp,
+        devices=tp * cp * pp,
         valid=True,
         reason=reason,
         max_batch=max_batch,
@@ -848,6 +1077,7 @@ def _layout(
         ranks=ranks,
         tp_shares=shares,
         tp_weights=weights or (),
+        cp=cp,
     )
 
 
@@ -859,6 +1089,7 @@ def _balanced_bounds(
     max_batch: int,
     max_seq: int,
     parts: Sequence[RankPart] | None = None,
+    cp: int = 1,
 ) -> list[int]:
     """Layer bounds [0, ..., layers] of the pp stages, balanced on predicted time on each stage's devices."""
     if pp == 1:
@@ -870,13 +1101,17 @@ def _balanced_bounds(
                  for t, device in enumerate(devices.rank_profiles)}  # fmt: skip
         for (_, part), device in ranks.items():
             seconds = 0.0
+            cp_link, cp_hosts = devices.cp_link or (device.intra_host_link, 1)
             for phase in ("prefill", "decode"):
                 for i in nodes:
-                    flops, moved, payload, counted = analysis.scaled_node(i, phase, tp, part)
+                    flops, moved, payload, counted = analysis.scaled_node(i, phase, tp, part, cp)
                     dtype = analysis.costs[phase][i].dtype
                     compute = flops / device.flops_per_second(dtype) if flops else 0.0
                     seconds += max(compute, moved / device.bytes_per_second) + counted * device.node_overhead
                     seconds += analysis.collective_seconds(i, payload, tp, link, hosts)
+                for i in nodes if cp > 1 else ():
+                    for gathered in analysis.cp_gathers(i, phase, tp, part, cp):
+                        seconds += comm_seconds("AllGather", gathered, cp, cp_link, cp_hosts)
             slowest = max(slowest, seconds)
         weights: dict[str, int] = {}
         for i in nodes:
@@ -905,7 +1140,9 @@ def _balanced_bounds(
     by_kind: dict[tuple[Any, ...], tuple[StageUnit, list[StageUnit], StageUnit]] = {}
     stage_units = []
     for devices in stages:
-        kind = (tuple(p.name for p in devices.rank_profiles), devices.tp_link[0].name, devices.tp_link[1])
+        kind = (
+            tuple(p.name for p in devices.rank_profiles), devices.tp_link[0].name, devices.tp_link[1], devices.cp_link
+        )
         if kind not in by_kind:
             by_kind[kind] = units(devices)
         stage_units.append(by_kind[kind])
@@ -1055,6 +1292,16 @@ def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None,
                 why += f", against the even split {_versus(best, even)}"
         else:
             why += f"; its heads split {split} (tp {best.tp} does not divide {sum(best.tp_shares)} heads)"
+    if best.cp > 1:
+        why += f"; cp {best.cp} splits the prompt's {best.max_seq} tokens over {best.cp} ranks"
+        worst = max(best.ranks, key=lambda rank: rank.total_bytes)
+        activations = format_bytes(worst.activation_peak_bytes)
+        why += f" (activations {activations} per rank; the KV cache is replicated over cp)"
+        without = next((layout for layout in fitting if layout.cp == 1), None)
+        if without is None:
+            why += "; no layout without cp fits: cp's smaller prefill activations are what make it fit"
+        else:
+            why += f", because the model predicts a win over the best without cp, {_versus(best, without)}"
     if len({rank.device for layout in fitting for rank in layout.ranks}) > 1:
         why += "; stages: " + ", ".join(
             f"{rank.stage}: layers {rank.layers[0]}-{rank.layers[1] - 1} on {rank.device}" for rank in best.ranks
