@@ -29,8 +29,7 @@ def annotated(four_layers: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     """The tp 2 x pp 2 plan of the 4-layer model, and the model annotated with it."""
     folder = tmp_path_factory.mktemp("annotated")
     plan = folder / "plan"
-    result = run_cli("partition", str(four_layers), "--tp", "2", "--pp", "2", "-o", str(plan), "--quiet")
-    assert result.returncode == 0, result.stderr
+    partition_to_dir(four_layers, plan, tp=2, pp=2)
     out = folder / "annotated.onnx"
     result = run_cli("annotate", str(plan), "-o", str(out))
     assert result.returncode == 0, result.stderr
