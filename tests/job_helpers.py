@@ -25,7 +25,7 @@ CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
 HELD_AT_STEP = 30
 
 
-def long_generation_plan(folder: Path, tp: int, pp: int = 1, timeout_s: float = 60.0) -> Path:
+def long_generation_plan(folder: Path, tp: int, pp: int = 1) -> Path:
     """A (tp, pp) plan of a tiny synthetic LLaMA with 4096 positions: room for a generation that a test
     holds mid-way (LLMIR_FAULT_HANG_RANK_AT) to signal or kill it."""
     model = make_synthetic(folder / "model", "--preset", "tiny", "--max-position", "4096")
