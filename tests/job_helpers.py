@@ -13,6 +13,8 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from synthetic_helpers import make_synthetic
+
 from llmir_onnx.api import partition_to_dir
 from llmir_onnx.runtime.job import HANG_ENV
 
@@ -23,15 +25,12 @@ CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
 HELD_AT_STEP = 30
 
 
-def long_generation_plan(folder: Path, tp: int, pp: int = 1, timeout_s: float = 60.0) -> Path:
+def long_generation_plan(folder: Path, tp: int, pp: int = 1) -> Path:
     """A (tp, pp) plan of a tiny synthetic LLaMA with 4096 positions: room for a generation that a test
     holds mid-way (LLMIR_FAULT_HANG_RANK_AT) to signal or kill it."""
-    subprocess.run(
-        [sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--preset", "tiny", "--max-position", "4096",
-         "--out", str(folder / "model")], check=True, capture_output=True, timeout=timeout_s,
-    )
+    model = make_synthetic(folder / "model", "--preset", "tiny", "--max-position", "4096")
     plan = folder / f"tp{tp}pp{pp}"
-    partition_to_dir(folder / "model" / "model.onnx", plan, tp=tp, pp=pp)
+    partition_to_dir(model, plan, tp=tp, pp=pp)
     return plan
 
 

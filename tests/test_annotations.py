@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import onnx
 import onnx_ir as ir
 import pytest
-from test_cli import ROOT, assert_one_line_error, run_cli
+from synthetic_helpers import make_synthetic
+from test_cli import assert_one_line_error, run_cli
 
 from llmir_onnx.annotations import CONFIGURATION_NAME
+from llmir_onnx.api import partition_to_dir
 from llmir_onnx.model_facts import layer_of_node_by_name
+from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
+from llmir_onnx.runtime.verify import format_comparisons, verify_plan
 
 
 @pytest.fixture(scope="module")
 def four_layers(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("synthetic4")
-    subprocess.run([sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--out", str(out), "--preset", "tiny",
-                    "--layers", "4"], check=True, capture_output=True, timeout=120)
-    return out / "model.onnx"
+    return make_synthetic(tmp_path_factory.mktemp("synthetic4"), "--preset", "tiny", "--layers", "4")
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +29,7 @@ def annotated(four_layers: Path, tmp_path_factory: pytest.TempPathFactory) -> tu
     """The tp 2 x pp 2 plan of the 4-layer model, and the model annotated with it."""
     folder = tmp_path_factory.mktemp("annotated")
     plan = folder / "plan"
-    result = run_cli("partition", str(four_layers), "--tp", "2", "--pp", "2", "-o", str(plan), "--quiet")
-    assert result.returncode == 0, result.stderr
+    partition_to_dir(four_layers, plan, tp=2, pp=2)
     out = folder / "annotated.onnx"
     result = run_cli("annotate", str(plan), "-o", str(out))
     assert result.returncode == 0, result.stderr
@@ -73,8 +71,7 @@ def test_partitioning_the_annotated_model_gives_the_same_plan_byte_for_byte(anno
                                                                              tmp_path: Path) -> None:
     plan, path = annotated
     again = tmp_path / "plan"
-    result = run_cli("partition", str(path), "--tp", "2", "--pp", "2", "-o", str(again), "--quiet")
-    assert result.returncode == 0, result.stderr
+    partition_to_dir(path, again, tp=2, pp=2)
     files = sorted(p.name for p in plan.iterdir())
     assert files == sorted(p.name for p in again.iterdir())
     for name in files:
@@ -103,18 +100,16 @@ def test_a_hand_pinned_stage_cut_moves_the_cut_and_the_plan_still_matches(annota
     assert _stage_layers(plan) == [[0, 2], [2, 4]]  # the balanced cut
     moved = _restaged(path, tmp_path / "moved.onnx", {0: 0, 1: 1, 2: 1, 3: 1})
     out = tmp_path / "plan"
-    result = run_cli("partition", str(moved), "--tp", "2", "--pp", "2", "-o", str(out), "--quiet")
-    assert result.returncode == 0, result.stderr
+    partition_to_dir(moved, out, tp=2, pp=2)
     assert _stage_layers(out) == [[0, 1], [1, 4]]
-    result = run_cli("verify", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
+    # verify's default feeds (a 4-token step after 3 cached tokens), through the rank processes.
+    _, rows = verify_plan(out, model_past_feeds(moved, FeedSizes()))
+    assert rows and all(row.ok for row in rows), format_comparisons(rows)
     # The pins and --stage-cuts must agree; --ignore-annotations goes back to the balanced cut.
     assert_one_line_error(run_cli("partition", str(moved), "--tp", "2", "--pp", "2", "-o", str(tmp_path / "x"),
                                   "--stage-cuts", "1"), "contradicts the model's stage annotations", "after layers 0")
     assert not (tmp_path / "x").exists()
-    result = run_cli("partition", str(moved), "--tp", "2", "--pp", "2", "-o", str(tmp_path / "free"), "--quiet",
-                     "--ignore-annotations")
-    assert result.returncode == 0, result.stderr
+    partition_to_dir(moved, tmp_path / "free", tp=2, pp=2, ignore_annotations=True)
     assert _stage_layers(tmp_path / "free") == [[0, 2], [2, 4]]
 
 
@@ -144,9 +139,7 @@ def test_a_contradictory_sharding_pin_fails_with_one_line(annotated: tuple[Path,
     result = run_cli("partition", str(bad), "--tp", "2", "--pp", "2", "-o", str(tmp_path / "plan"))
     assert_one_line_error(result, node.inputs[1].name, "to S(0)", "make it S(1)", "--ignore-annotations")
     assert not (tmp_path / "plan").exists()
-    result = run_cli("partition", str(bad), "--tp", "2", "--pp", "2", "-o", str(tmp_path / "plan"), "--quiet",
-                     "--ignore-annotations")
-    assert result.returncode == 0, result.stderr
+    partition_to_dir(bad, tmp_path / "plan", tp=2, pp=2, ignore_annotations=True)
 
 
 def test_pins_made_for_another_tp_fail_with_one_line(annotated: tuple[Path, Path], tmp_path: Path) -> None:

@@ -209,28 +209,43 @@ def _tree_bytes(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
-def test_partition_is_deterministic(tiny_model: Path, tmp_path: Path) -> None:
-    """Same model and options, two processes with different hash seeds: byte-identical plans."""
-    first = _partition_cli(tiny_model, tmp_path / "a", "--quiet", hash_seed="1")
-    second = _partition_cli(tiny_model, tmp_path / "b", "--quiet", hash_seed="2")
-    assert first.returncode == 0, first.stderr
-    assert second.returncode == 0, second.stderr
-    a, b = _tree_bytes(tmp_path / "a"), _tree_bytes(tmp_path / "b")
-    assert sorted(a) == sorted(b)
+CliPartitions = dict[str, tuple[Path, subprocess.CompletedProcess]]
+
+
+@pytest.fixture(scope="module")
+def cli_partitions(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> CliPartitions:
+    """The tiny model partitioned tp 2 x pp 2 by three CLI processes, each with its own hash seed and
+    progress flag: --progress (seed 1), neither flag (seed 2), --quiet (seed 3). Two tests read them."""
+    folder = tmp_path_factory.mktemp("cli-partitions")
+    runs = {"shown": (("--progress",), "1"), "silent": ((), "2"), "quiet": (("--quiet",), "3")}
+    return {name: (folder / name, _partition_cli(tiny_model, folder / name, *extra, hash_seed=seed))
+            for name, (extra, seed) in runs.items()}
+
+
+def test_partition_is_deterministic(cli_partitions: CliPartitions) -> None:
+    """Same model and options, processes with different hash seeds (and progress shown or not):
+    byte-identical plans."""
+    trees = {}
+    for name, (out, result) in cli_partitions.items():
+        assert result.returncode == 0, result.stderr
+        trees[name] = _tree_bytes(out)
+    a = trees["shown"]
     assert "manifest.json" in a and "rank3.onnx.data" in a
-    for name in a:
-        assert a[name] == b[name], f"{name} differs between two partitions of the same model"
+    for other, b in trees.items():
+        assert sorted(a) == sorted(b), other
+        for name in a:
+            assert a[name] == b[name], f"{name} differs between two partitions of the same model ({other})"
 
 
-def test_progress_goes_to_stderr_only_when_asked(tiny_model: Path, tmp_path: Path) -> None:
-    shown = _partition_cli(tiny_model, tmp_path / "shown", "--progress")
+def test_progress_goes_to_stderr_only_when_asked(cli_partitions: CliPartitions) -> None:
+    _, shown = cli_partitions["shown"]
     assert shown.returncode == 0, shown.stderr
     assert "writing 4 ranks" in shown.stderr and "100%" in shown.stderr
     assert "llmir-onnx:" not in shown.stdout
     # stderr is a pipe here, not a terminal: no progress unless asked; --quiet wins over a terminal.
-    silent = _partition_cli(tiny_model, tmp_path / "silent")
+    _, silent = cli_partitions["silent"]
     assert silent.returncode == 0 and silent.stderr == ""
-    quiet = _partition_cli(tiny_model, tmp_path / "quiet", "--quiet")
+    _, quiet = cli_partitions["quiet"]
     assert quiet.returncode == 0 and quiet.stderr == ""
 
 

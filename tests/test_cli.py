@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from synthetic_helpers import make_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = [sys.executable, "-m", "llmir_onnx.cli.main"]
@@ -37,13 +38,8 @@ def test_help_lists_every_command() -> None:
 @pytest.fixture(scope="module")
 def llama_7b_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 7B LLaMA with real shapes (4096 positions, as LLaMA-2 7B) and a sparse (never read) weight file."""
-    out = tmp_path_factory.mktemp("llama7b")
-    subprocess.run(
-        [sys.executable, str(ROOT / "models" / "make_synthetic.py"), "--out", str(out), "--preset", "llama-7b",
-         "--dtype", "float16", "--max-position", "4096", "--no-weights"],
-        check=True, capture_output=True, timeout=120,
-    )
-    return out / "model.onnx"
+    return make_synthetic(tmp_path_factory.mktemp("llama7b"), "--preset", "llama-7b", "--dtype", "float16",
+                          "--max-position", "4096", "--no-weights")
 
 
 def test_plan_ranks_layouts_for_a_7b_model(llama_7b_shapes: Path) -> None:

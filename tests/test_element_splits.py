@@ -10,13 +10,12 @@ bundled GPT-2 exports with a prime vocabulary (tied embedding and lm_head) likew
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
+from synthetic_helpers import make_synthetic
 
 from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
 
@@ -29,14 +28,9 @@ VOCAB, INTERMEDIATE = 1001, 202  # 1001 = 7 x 11 x 13: no tp from 2 to 6 divides
 def odd_sizes_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 heads (tp 2 and 3 divide them), a 1001-row vocabulary and 202 MLP columns;
     float32 so verify's 1e-4 applies and greedy tokens have no ties."""
-    out = tmp_path_factory.mktemp("odd-sizes")
-    subprocess.run(
-        [sys.executable, str(MODELS / "make_synthetic.py"), "--out", str(out), "--hidden", "96", "--layers", "2",
-         "--heads", "6", "--kv-heads", "6", "--intermediate", str(INTERMEDIATE), "--vocab", str(VOCAB),
-         "--max-position", "128", "--dtype", "float32"],
-        check=True, capture_output=True,
-    )
-    return out / "model.onnx"
+    return make_synthetic(tmp_path_factory.mktemp("odd-sizes"), "--hidden", "96", "--layers", "2", "--heads", "6",
+                          "--kv-heads", "6", "--intermediate", str(INTERMEDIATE), "--vocab", str(VOCAB),
+                          "--max-position", "128", "--dtype", "float32")
 
 
 def _partition_and_verify(model: Path, out: Path, **options: object) -> dict:

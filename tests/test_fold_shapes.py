@@ -117,12 +117,14 @@ def test_no_fold_shapes_is_recorded_in_the_manifest(tmp_path: Path) -> None:
 def test_tp_plan_folded_verifies_through_rank_processes_at_decode_and_prefill(tmp_path: Path, tp: int) -> None:
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
-    from llmir_onnx.runtime.verify import verify_plan
+    from llmir_onnx.runtime.verify import verify_plan_cases
 
     plan = tmp_path / "plan"
     partition_to_dir(LEGACY / "model.onnx", plan, tp=tp)
     assert sum(node.op_type == "Shape" for node in onnx.load(plan / "rank0.onnx").graph.node) <= 4
-    for batch, new, past in ((2, 1, 7), (1, 6, 0)):
-        feeds = model_past_feeds(LEGACY / "model.onnx", FeedSizes(batch, new, past, seed=1))
-        _, rows = verify_plan(plan, feeds, model_path=LEGACY / "model.onnx", timeout_s=180)
-        assert rows and all(row.ok for row in rows), [row for row in rows if not row.ok]
+    # A decode step of batch 2 after 7 cached tokens, then a 6-token prompt: one job, the cases in turn.
+    sizes = [FeedSizes(batch, new, past, seed=1) for batch, new, past in ((2, 1, 7), (1, 6, 0))]
+    cases = [model_past_feeds(LEGACY / "model.onnx", size) for size in sizes]
+    results = verify_plan_cases(plan, cases, model_path=LEGACY / "model.onnx", timeout_s=180)
+    for size, (_, rows) in zip(sizes, results, strict=True):
+        assert rows and all(row.ok for row in rows), (size, [row for row in rows if not row.ok])

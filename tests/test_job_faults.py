@@ -62,7 +62,7 @@ def small4_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def long4_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return long_generation_plan(tmp_path_factory.mktemp("faults-long"), tp=2, pp=2, timeout_s=GENEROUS_S)
+    return long_generation_plan(tmp_path_factory.mktemp("faults-long"), tp=2, pp=2)
 
 
 def _error_line(stderr: str) -> str:

@@ -149,6 +149,9 @@ def test_mixed_device_tp_plan_gives_the_faster_device_more_heads_and_matches(tmp
     profiles, heads 3,1; each rank's memory and cost from its own share on its own device; the ranks run
     as processes and reproduce the original. (The CPU-share emulation of the slow device is left to
     bench/mixed_devices.py: it makes a rank slow, which a test must not depend on.)"""
+    from typer.testing import CliRunner
+
+    from cli.main import app
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.runtime.feeds import export_check_feeds
@@ -167,10 +170,11 @@ def test_mixed_device_tp_plan_gives_the_faster_device_more_heads_and_matches(tmp
     _, rows = verify_plan(out, export_check_feeds(GPT2), model_path=GPT2 / "model.onnx", timeout_s=180)
     bad = [f"{row.name}: {row.max_abs_error:.3g}" for row in rows if not row.ok]
     assert rows and not bad, bad
-    printed = run_cli("partition", str(GPT2 / "model.onnx"), "-o", str(tmp_path / "cli"), "--tp", "2",
-                      "--devices", str(tmp_path / "cluster.json"))  # fmt: skip
-    assert printed.returncode == 0, printed.stderr
-    assert "heads per tp rank: 3,1 (weights 4:1 from the devices' memory bandwidth)" in printed.stdout
+    # The command's summary line, in this process (typer's runner; its exit code and output as a user sees them).
+    printed = CliRunner().invoke(app, ["partition", str(GPT2 / "model.onnx"), "-o", str(tmp_path / "cli"), "--tp",
+                                       "2", "--devices", str(tmp_path / "cluster.json")])
+    assert printed.exit_code == 0, printed.output
+    assert "heads per tp rank: 3,1 (weights 4:1 from the devices' memory bandwidth)" in printed.output
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ def tp2_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def long_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """tp 2 plan of a tiny synthetic LLaMA with 4096 positions: a generation that lasts seconds."""
-    return long_generation_plan(tmp_path_factory.mktemp("runtime-long"), tp=2, timeout_s=TIMEOUT_S)
+    return long_generation_plan(tmp_path_factory.mktemp("runtime-long"), tp=2)
 
 
 def _cli(*args: str, env: dict[str, str] | None = None, timeout: float = TIMEOUT_S) -> subprocess.CompletedProcess[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from synthetic_helpers import make_synthetic
 
 from llmir_onnx.errors import LlmirError
 from llmir_onnx.runtime.feeds import export_check_feeds
@@ -220,16 +221,9 @@ def test_kv_groups_of_two_on_three_ranks_match_the_original(tmp_path: Path) -> N
 def smollm2_shaped(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """SmolLM2's structure in miniature: 9 query heads on 3 kv heads, an MLP width (192) and a vocabulary
     (512) that 9 does not divide, tied to nothing; float32 so verify's 1e-4 applies."""
-    import subprocess
-    import sys
-
     out = tmp_path_factory.mktemp("smollm2-shaped")
-    subprocess.run(
-        [sys.executable, str(MODELS / "make_synthetic.py"), "--out", str(out), "--hidden", "144", "--layers", "2",
-         "--heads", "9", "--kv-heads", "3", "--intermediate", "192", "--vocab", "512", "--max-position", "128",
-         "--dtype", "float32"],
-        check=True, capture_output=True,
-    )
+    make_synthetic(out, "--hidden", "144", "--layers", "2", "--heads", "9", "--kv-heads", "3", "--intermediate", "192",
+                   "--vocab", "512", "--max-position", "128", "--dtype", "float32")
     return out
 
 
