@@ -61,7 +61,7 @@ import itertools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import onnx_ir as ir
 
@@ -158,6 +158,20 @@ class ModelShape:
 PeakTerms = list[tuple[str, float]]
 
 
+_Memoised = TypeVar("_Memoised")
+
+
+def _per_node_memo(
+    store: dict[tuple[Any, ...], list[_Memoised | None]], key: tuple[Any, ...], nodes: int
+) -> list[_Memoised | None]:
+    """The memo of one (phase, tp, part, cp) point, one slot per node: hashing a key per node would cost
+    more than the layout search saves by memoising."""
+    memo = store.get(key)
+    if memo is None:
+        memo = store[key] = [None] * nodes
+    return memo
+
+
 class _Analysis:
     """Structure and per-phase costs of the original model, computed once and scaled per layout."""
 
@@ -185,8 +199,7 @@ class _Analysis:
         self.value_bytes: dict[str, dict[str, int]] = {
             phase: {name: shape.nbytes for name, shape in shapes.items()} for phase, shapes in self.shapes.items()
         }
-        # memos per (phase, tp, part) (and cp when > 1), one slot per node: hashing a key per node would cost
-        # more than it saves
+        # per-node memos by (phase, tp, part, cp) (`_per_node_memo`)
         self._scaled_nodes: dict[tuple[Any, ...], list[tuple[float, float, float, int] | None]] = {}
         self._peak_terms: dict[tuple[Any, ...], list[tuple[PeakTerms, PeakTerms] | None]] = {}
         self._cp: _CpFacts | None = None  # found on the first cp layout (`cp_facts`)
@@ -393,10 +406,7 @@ class _Analysis:
         """(flops, bytes, payload of the collective after it, 1 if not free) of node i on one tp rank (its
         `part` of an uneven split; None: 1/tp) and one cp rank (its chunk of the tokens). Memoised: every
         stage split the search tries reads it again."""
-        key = (phase, tp, part) if cp == 1 else (phase, tp, part, cp)
-        memo = self._scaled_nodes.get(key)
-        if memo is None:
-            memo = self._scaled_nodes[key] = [None] * len(self.nodes)
+        memo = _per_node_memo(self._scaled_nodes, (phase, tp, part, cp), len(self.nodes))
         scaled = memo[i]
         if scaled is None:
             scaled = memo[i] = self._scale_node(i, phase, tp, part, cp)
@@ -414,17 +424,12 @@ class _Analysis:
             if node.op_type == "Gather" and cost.bytes:
                 moved = cost.bytes * self._value_scale(node.outputs[0], tp, part=part)
                 moved *= chunk.get(node.outputs[0].name or "", 1.0)
-            elif chunk:  # cp > 1; apart so that the cp 1 search pays nothing for it
+            else:
                 for value in (*node.inputs, *node.outputs):
                     if value is None or not value.name or value.name not in value_bytes:
                         continue
                     scale = self._value_scale(value, tp, i, part) * chunk.get(value.name, 1.0)
                     moved += value_bytes[value.name] * scale
-            else:
-                for value in (*node.inputs, *node.outputs):
-                    if value is None or not value.name or value.name not in value_bytes:
-                        continue
-                    moved += value_bytes[value.name] * self._value_scale(value, tp, i, part)
         if node.op_type in ("MatMul", "Gemm", "Gather") and self._weight_of(node):
             flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp, part)
         else:
@@ -474,44 +479,25 @@ class _Analysis:
     ) -> tuple[PeakTerms, PeakTerms]:
         """Node i's activations on one tp rank, as a stage's peak counts them: (its outputs, its inputs that
         a last use frees), each (name, bytes). Memoised like `scaled_node`."""
-        key = (phase, tp, part) if cp == 1 else (phase, tp, part, cp)
-        memo = self._peak_terms.get(key)
-        if memo is None:
-            memo = self._peak_terms[key] = [None] * len(self.nodes)
+        memo = _per_node_memo(self._peak_terms, (phase, tp, part, cp), len(self.nodes))
         terms = memo[i]
         if terms is None:
-            value_bytes, excluded = self.value_bytes[phase], self.peak_excluded
-            chunk = self.chunk_scales(phase, cp)
-            if cp > 1 and self.cp_facts().outputs.intersection(self.value_names[i][1]):
-                # a graph output (the logits) is gathered, then sliced to n tokens: both copies are alive
-                # at the Slice, c x cp + n tokens (the chunk is freed after the gather)
-                seq = self.sizes[phase].seq
-                chunk = {**chunk, **dict.fromkeys(self.cp_facts().outputs, math.ceil(seq / cp) * cp / seq + 1)}
-            if chunk:  # cp > 1; apart so that the cp 1 search pays nothing for it
-                terms = memo[i] = self._chunk_peak_terms(i, phase, tp, part, chunk)
-                return terms
-            node = self.nodes[i]
-            outputs = [
-                (out.name, value_bytes[out.name] * self._value_scale(out, tp, i, part))
-                for out in node.outputs
-                if out.name and out.name not in excluded
-            ]
-            inputs = [
-                (value.name, value_bytes[value.name] * self._value_scale(value, tp, part=part))
-                for value in node.inputs
-                if value is not None and value.name in value_bytes and value.name not in excluded
-                and value.name not in self.graph_output_names
-            ]
-            terms = memo[i] = (outputs, inputs)
+            terms = memo[i] = self._node_peak_terms(i, phase, tp, part, cp)
         return terms
 
-    def _chunk_peak_terms(
-        self, i: int, phase: str, tp: int, part: RankPart | None, chunk: Mapping[str, float]
+    def _node_peak_terms(
+        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int
     ) -> tuple[PeakTerms, PeakTerms]:
-        """`peak_terms` on one cp rank: a stream value's bytes times its token share (`chunk`)."""
+        """`peak_terms`, computed: a value's bytes on the tp rank, times its token share on a cp rank."""
         value_bytes, excluded = self.value_bytes[phase], self.peak_excluded
+        chunk = self.chunk_scales(phase, cp)
+        if cp > 1 and self.cp_facts().outputs.intersection(self.value_names[i][1]):
+            # a graph output (the logits) is gathered, then sliced to n tokens: both copies are alive
+            # at the Slice, c x cp + n tokens (the chunk is freed after the gather)
+            seq = self.sizes[phase].seq
+            chunk = {**chunk, **dict.fromkeys(self.cp_facts().outputs, math.ceil(seq / cp) * cp / seq + 1)}
+        token_share = chunk.get  # 1.0 for a value not split over cp (every value at cp 1)
         node = self.nodes[i]
-        token_share = chunk.get  # 1.0 for a value not split over cp
         outputs = [
             (out.name, value_bytes[out.name] * self._value_scale(out, tp, i, part) * token_share(out.name, 1.0))
             for out in node.outputs
