@@ -29,25 +29,19 @@ import os
 import time
 
 from llmir_onnx.errors import PlanError
+from llmir_onnx.runtime.rank_values import parse_rank_values
 
 COMPUTE_STRETCH_ENV = "LLMIR_COMPUTE_STRETCH"
 
 
 def parse_compute_stretches(text: str) -> dict[int, float]:
     """`"1=3,2=1.5"` -> {1: 3.0, 2: 1.5}; a one-line error for anything else."""
-    factors: dict[int, float] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        rank_text, sep, factor_text = item.partition("=")
-        try:
-            rank, factor = int(rank_text), float(factor_text)
-        except ValueError:
-            rank, factor = -1, 0.0
-        if not sep or rank < 0 or not math.isfinite(factor) or factor < 1:
-            raise PlanError(
-                f"{COMPUTE_STRETCH_ENV}={text!r}: cannot read {item!r}; write RANK=FACTOR with FACTOR >= 1, e.g. 1=3"
-            )
-        factors[rank] = factor
-    return factors
+    return parse_rank_values(
+        COMPUTE_STRETCH_ENV,
+        text,
+        lambda factor: math.isfinite(factor) and factor >= 1,
+        "RANK=FACTOR with FACTOR >= 1, e.g. 1=3",
+    )
 
 
 def compute_stretch_from_env(rank: int) -> float | None:

@@ -44,7 +44,7 @@ import os
 import subprocess
 import sys
 
-from llmir_onnx.errors import PlanError
+from llmir_onnx.runtime.rank_values import parse_rank_values
 
 CPU_SHARE_ENV = "LLMIR_CPU_SHARE"
 PERIOD_S = 0.010
@@ -83,19 +83,9 @@ release()
 
 def parse_cpu_shares(text: str) -> dict[int, float]:
     """`"1=0.333,3=0.5"` -> {1: 0.333, 3: 0.5}; a one-line error for anything else."""
-    shares: dict[int, float] = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        rank_text, sep, share_text = item.partition("=")
-        try:
-            rank, share = int(rank_text), float(share_text)
-        except ValueError:
-            rank, share = -1, 0.0
-        if not sep or rank < 0 or not 0 < share <= 1:
-            raise PlanError(
-                f"{CPU_SHARE_ENV}={text!r}: cannot read {item!r}; write RANK=SHARE with 0 < SHARE <= 1, e.g. 1=0.333"
-            )
-        shares[rank] = share
-    return shares
+    return parse_rank_values(
+        CPU_SHARE_ENV, text, lambda share: 0 < share <= 1, "RANK=SHARE with 0 < SHARE <= 1, e.g. 1=0.333"
+    )
 
 
 def throttle_process(pid: int, share: float, period_s: float = PERIOD_S) -> subprocess.Popen[bytes] | None:
