@@ -88,7 +88,7 @@ def node_stages(graph: ir.Graph, layer_ranges: Sequence[range]) -> dict[ir.Node,
 
 def _spec(value: ir.Value, placement: Placement, devices: tuple[int, ...]) -> ir.ShardingSpec | None:
     # ShardingSpecProto splits evenly: blocks, repeated parts and uneven shares have no spec.
-    if not isinstance(placement, Shard) or placement.blocks or placement.parts or placement.inner or placement.shares:
+    if not isinstance(placement, Shard) or not placement.plain or placement.shares:
         return None
     if value.shape is None or not value.name or placement.dim >= len(value.shape):
         return None

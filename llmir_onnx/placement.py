@@ -70,6 +70,11 @@ class Shard:
     def with_shares(self, shares: tuple[int, ...]) -> Shard:
         return dataclasses.replace(self, shares=shares)
 
+    @property
+    def plain(self) -> bool:
+        """One run of the axis per rank: no fused blocks, no replicated parts, no inner split (shares aside)."""
+        return not (self.blocks or self.parts or self.inner)
+
     def even(self) -> Shard:
         """The same split in units, as if every unit were a rank."""
         return dataclasses.replace(self, shares=())
@@ -176,7 +181,7 @@ class Shard:
             raise ValueError(f"{self} has {len(self.shares)} shares, asked for a tp of {tp}")
         even, units = self.even(), sum(self.shares)
         held = unit_range(self.shares, rank)
-        if not (self.blocks or self.parts or self.inner):
+        if self.plain:
             # A plain axis: the rank's units are one run (an element-granular split has one unit per
             # element, so this avoids a loop over the whole vocabulary).
             step = size // units

@@ -241,13 +241,8 @@ class PropagatePass(ir.passes.InPlacePass):
             return isinstance(length := size(name), int) and shard(name).divides(length, state.tp_units)
 
         def in_tp(name: str) -> bool:
-            placement, length = shard(name), size(name)
-            plain = not (placement.blocks or placement.parts or placement.inner)
-            return plain and isinstance(length, int) and length % state.tp == 0
-
-        def plain(name: str) -> bool:
-            placement = shard(name)
-            return not (placement.blocks or placement.parts or placement.inner)
+            length = size(name)
+            return shard(name).plain and isinstance(length, int) and length % state.tp == 0
 
         own: set[str] = set()
         element: dict[str, tuple[int, ...]] = {}
@@ -259,7 +254,7 @@ class PropagatePass(ir.passes.InPlacePass):
                 continue
             lengths = {size(name) for name in members}
             length = lengths.pop() if len(lengths) == 1 else None
-            if all(map(plain, members)) and isinstance(length, int) and length >= state.tp:
+            if all(shard(name).plain for name in members) and isinstance(length, int) and length >= state.tp:
                 shares = split_shares(length, state.tp, state.tp_weights)
                 element.update(dict.fromkeys(members, shares))
         return own, element

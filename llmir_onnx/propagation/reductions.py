@@ -136,7 +136,7 @@ def skip_norm_rule(ctx: RuleContext, node: ir.Node, placements: list[Placement |
     rank = ctx.rank(node.inputs[0])
     if not isinstance(x, Shard):
         return replicated(node)
-    plain = x == skip and not (x.blocks or x.parts or x.inner or x.shares)
+    plain = x == skip and x.plain and not x.shares
     if plain and rank is not None and 0 <= x.dim < rank - 1 and ctx.rank(node.inputs[1]) == rank:
         rest: list[Placement | None] = [REPLICATE if v is not None else None for v in node.inputs[2:]]
         # An absent optional output (mean, inv_std) has no shape to split: it is nothing, call it replicated.
