@@ -521,8 +521,8 @@ def plan_rank_weights(tp_ranks: TpRanks, options: PartitionOptions) -> RankWeigh
                 stage,
                 {name: tensor for name, tensor in cp_tensors.items() if stage in stages_of.get(name, ())},
             )
-            for stage in range(mesh.pp)
             for cp_rank, cp_tensors in _cp_rank_tensors(tp_ranks, rank_weights, options.cp)
+            for stage in range(mesh.pp)
         )
     return RankWeightsPlan(tuple(sorted(ranks, key=lambda entry: entry.rank)), tuple(splits))
 

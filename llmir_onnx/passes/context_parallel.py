@@ -47,6 +47,7 @@ ranks as copies of cp rank 0's model with that constant and their groups moved a
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -129,8 +130,9 @@ class ContextParallelPass(SequenceParallelPass):
             return REPLICATE
         return self.state.placements.get(like.name, REPLICATE)
 
-    def _register_rank_constant(self, name: str, array: np.ndarray) -> None:
-        self.state.cp_rank_constants[name] = lambda r: (array * 0 + r).astype(np.int64)
+    def _rank_constants(self) -> dict[str, Callable[[int], np.ndarray]]:
+        """The cp rank constants: partition sets them on each cp rank's copy."""
+        return self.state.cp_rank_constants
 
     def _joins(
         self, node: ir.Node, sharded: dict[str, int], pending: dict[tuple[str, int], Redistribution]

@@ -31,6 +31,7 @@ rank and in every pipeline stage (stages recompute such input-derived shape arit
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -354,9 +355,14 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         propagation left Replicate (the ReduceScatter's Partial input is reduced by it)."""
         return REPLICATE
 
+    def _rank_constants(self) -> dict[str, Callable[[int], np.ndarray]]:
+        """Where the initializers holding this rank's index along the pass's mesh axis are recorded: the tp
+        rank constants (LocalizePass sets them per tp rank)."""
+        return self.state.rank_constants
+
     def _register_rank_constant(self, name: str, array: np.ndarray) -> None:
-        """`name` holds this rank's index along the pass's mesh axis: a tp rank constant."""
-        self.state.rank_constants[name] = lambda r: (array * 0 + r).astype(np.int64)
+        """`name` holds this rank's index along the pass's mesh axis."""
+        self._rank_constants()[name] = lambda r: (array * 0 + r).astype(np.int64)
 
     def _initializer(self, name: str, array: np.ndarray, per_rank: bool = False) -> ir.Value:
         value = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape(array.shape))

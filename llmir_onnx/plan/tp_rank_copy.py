@@ -108,10 +108,11 @@ def tp_rank_copy(
     weights: Mapping[str, ir.TensorProtocol],
     first_weights: Mapping[str, ir.TensorProtocol],
     peers: Mapping[int, int] | None = None,
+    groups: Mapping[tuple[int, ...], tuple[int, ...]] | None = None,
 ) -> TpRankCopy:
     """Tp rank `tp_rank`'s copy of `source` (tp rank 0's, holding `first_weights`)."""
     changed = frozenset(name for name, tensor in weights.items() if tensor is not first_weights.get(name))
-    return TpRankCopy(source, tp_rank, weights, changed, dict(peers or {}))
+    return TpRankCopy(source, tp_rank, weights, changed, dict(peers or {}), dict(groups or {}))
 
 
 def moved_rank_copy(
@@ -137,8 +138,7 @@ def moved_rank_copy(
         members = tuple(group.as_ints()) if group is not None else ()
         if members:
             groups[members] = _moved_group(mesh, members, target)
-    changed = frozenset(name for name, tensor in weights.items() if tensor is not first_weights.get(name))
-    return TpRankCopy(source, target.tp, weights, changed, peers, groups)
+    return tp_rank_copy(source, target.tp, weights, first_weights, peers, groups)
 
 
 def _moved_group(mesh: DeviceMesh, members: tuple[int, ...], target: MeshCoords) -> tuple[int, ...]:
