@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
@@ -211,8 +211,7 @@ def partition(
         return
     sp = " with sequence parallelism" if manifest.mesh.get("sp") else ""
     cp_size = int(manifest.mesh.get("cp", 1))
-    cp_part = f" x cp {cp_size}" if cp_size > 1 else ""
-    typer.echo(f"wrote {len(manifest.ranks)} rank models (tp {tp}{cp_part} x pp {pp}{sp}) to {out}")
+    typer.echo(f"wrote {len(manifest.ranks)} rank models ({_mesh_text(manifest.mesh)}{sp}) to {out}")
     if cp_size > 1:
         typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; the KV cache is whole on every one")
     shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
@@ -466,10 +465,8 @@ def check(
     manifest = Manifest.read(plan)
     result = check_plan_files(plan, manifest, check_hashes=not no_check_hashes)
     what = "sizes and sha256 match" if result.hashed else "sizes match (sha256 not checked)"
-    cp = int(manifest.mesh.get("cp", 1))
-    cp_part = f" x cp {cp}" if cp > 1 else ""
     typer.echo(
-        f"{plan}: plan ok: tp {manifest.mesh.get('tp')}{cp_part} x pp {manifest.mesh.get('pp')}, {result.files} files "
+        f"{plan}: plan ok: {_mesh_text(manifest.mesh)}, {result.files} files "
         f"({format_bytes(result.bytes)}), {what}"
     )
 
@@ -556,6 +553,12 @@ def plan(
         raise PlanError(reason)
     if not as_json:
         typer.echo(f"recommended: {reason}")
+
+
+def _mesh_text(mesh: Mapping[str, Any]) -> str:
+    """A plan's mesh as the summaries print it: `tp 2 x pp 2`, with `x cp C` between when cp > 1."""
+    cp = int(mesh.get("cp", 1))
+    return f"tp {mesh.get('tp')}" + (f" x cp {cp}" if cp > 1 else "") + f" x pp {mesh.get('pp')}"
 
 
 def _echo_json(document: dict[str, Any]) -> None:
