@@ -1,11 +1,13 @@
 """Helpers of the tests that split and write plans by hand, outside `partition`: the stage split's arguments
-from whole tp rank models, and writing a plan from rank models in one call."""
+from whole tp rank models, and writing a plan from rank models in one call; and reading a written plan's rank
+models back under the full check."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import onnx
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError
@@ -59,3 +61,14 @@ def write_plan(out_dir: Path, contents: PlanContents) -> Manifest:
         ]
         start_weight_writer(writer, weights, QUIET)
         return write_plan_into(staging, writer, contents)
+
+
+def checked_rank_models(plan_dir: Path, ranks: int) -> list[onnx.ModelProto]:
+    """Ranks 0..ranks-1 of a plan, each after passing the full check (strict shape inference over its static
+    shapes), without their weights."""
+    models = []
+    for rank in range(ranks):
+        path = plan_dir / f"rank{rank}.onnx"
+        onnx.checker.check_model(str(path), full_check=True)
+        models.append(onnx.load(str(path), load_external_data=False))
+    return models

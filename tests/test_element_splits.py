@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from plan_helpers import checked_rank_models
 from synthetic_helpers import make_synthetic
 
 from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
@@ -58,16 +59,6 @@ def _placement(manifest: dict, weight: str) -> str:
     return str(next(w for w in manifest["sharding"]["weights"] if w["name"] == weight)["placement"])
 
 
-def _rank_models(out: Path, ranks: int) -> list[onnx.ModelProto]:
-    """Every rank model passes the full check (strict shape inference over its static shapes)."""
-    models = []
-    for rank in range(ranks):
-        path = out / f"rank{rank}.onnx"
-        onnx.checker.check_model(str(path), full_check=True)
-        models.append(onnx.load(str(path), load_external_data=False))
-    return models
-
-
 def _logits_gather_sizes(model: onnx.ModelProto) -> list[list[int]]:
     return [
         list(attr.ints)
@@ -98,7 +89,7 @@ def test_vocab_parallel_vocabulary_tp_does_not_divide(
     assert _local_widths(manifest, "lm_head.weight") == vocab_parts
     assert _placement(manifest, "lm_head.weight") == "S(1)[" + ",".join(map(str, vocab_parts)) + "]"
     assert _local_widths(manifest, "model.layers.0.mlp.gate_proj.weight") == mlp_parts
-    for model in _rank_models(out, tp):
+    for model in checked_rank_models(out, tp):
         assert _logits_gather_sizes(model) == [vocab_parts]
 
 
@@ -117,7 +108,7 @@ def test_vocabulary_and_mlp_in_element_parts_at_tp3(tp3_vocab_plan: tuple[Path, 
     assert _local_widths(manifest, "model.layers.0.mlp.gate_proj.weight") == [68, 67, 67]
     assert _local_widths(manifest, "model.layers.0.mlp.down_proj.weight") == [68, 67, 67]
     assert _local_widths(manifest, "model.layers.0.self_attn.q_proj.weight") == [32, 32, 32]
-    for tp_rank, model in enumerate(_rank_models(out, 3)):
+    for tp_rank, model in enumerate(checked_rank_models(out, 3)):
         assert _logits_gather_sizes(model) == [[334, 334, 333]]
         embedding_start = "embed_tokens/Gather/vocab_start"
         starts = [int(onnx.numpy_helper.to_array(i)) for i in model.graph.initializer if embedding_start in i.name]
@@ -146,7 +137,7 @@ def test_mlp_columns_tp_does_not_divide_with_uneven_heads_and_stages(odd_sizes_m
     manifest = _partition_and_verify(odd_sizes_model, out, tp=4, pp=2)
     assert manifest["mesh"]["tp_shares"] == [2, 2, 1, 1]
     assert _local_widths(manifest, "model.layers.1.mlp.up_proj.weight") == [51, 51, 50, 50]
-    _rank_models(out, 8)
+    checked_rank_models(out, 8)
 
 
 def _cut_vocabulary(source: Path, out: Path, vocab: int) -> Path:
@@ -188,7 +179,7 @@ def test_gpt2_with_a_prime_vocabulary_vocab_parallel(
     manifest = _partition_and_verify(model, tmp_path / "plan", tp=tp, vocab_parallel=True)
     table = next(w["name"] for w in manifest["sharding"]["weights"] if w["shape"] == [509, 64])
     assert _local_widths(manifest, table) == vocab_parts
-    for rank_model in _rank_models(tmp_path / "plan", tp):
+    for rank_model in checked_rank_models(tmp_path / "plan", tp):
         assert vocab_parts in _logits_gather_sizes(rank_model)  # the logits (at tp 3 the heads' too)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import onnx
 import pytest
+from plan_helpers import checked_rank_models
 from synthetic_helpers import make_synthetic
 
 from llmir_onnx.errors import LlmirError
@@ -44,15 +45,6 @@ def _cache_heads(manifest: dict, name: str = "past_key_values.0.key") -> list[tu
     return [(b["start"], b["stop"]) if b["dim"] is not None else "R" for b in bindings]
 
 
-def _rank_models_check(out_dir: Path, ranks: int) -> list[onnx.ModelProto]:
-    models = []
-    for rank in range(ranks):
-        path = out_dir / f"rank{rank}.onnx"
-        onnx.checker.check_model(str(path), full_check=True)
-        models.append(onnx.load(str(path), load_external_data=False))
-    return models
-
-
 def _input_dims(model: onnx.ModelProto, name: str) -> list[int | str]:
     value = next(v for v in model.graph.input if v.name == name)
     return [d.dim_value or d.dim_param for d in value.type.tensor_type.shape.dim]
@@ -64,7 +56,7 @@ def test_four_heads_on_three_ranks_match_the_original(name: str, tmp_path: Path)
     manifest = _partition_and_verify(name, 3, out)
     assert manifest["mesh"]["tp_shares"] == [2, 1, 1]
     assert _cache_heads(manifest) == [(0, 2), (2, 3), (3, 4)]
-    models = _rank_models_check(out, 3)
+    models = checked_rank_models(out, 3)
     assert [_input_dims(m, "past_key_values.1.value")[1] for m in models] == [2, 1, 1]
     placements = {w["name"]: w for w in manifest["sharding"]["weights"]}
     fc = next(w for n, w in placements.items() if "mlp" in n and "fc" in n and len(w["shape"]) == 2)
@@ -77,7 +69,7 @@ def test_single_kv_head_replicated_on_uneven_query_heads(tmp_path: Path) -> None
     out = tmp_path / "plan"
     manifest = _partition_and_verify("qwen3-kv1-torch-legacy", 3, out)
     assert _cache_heads(manifest) == ["R", "R", "R"]
-    models = _rank_models_check(out, 3)
+    models = checked_rank_models(out, 3)
     assert [_input_dims(m, "past_key_values.0.key")[1] for m in models] == [1, 1, 1]
 
 
@@ -87,7 +79,7 @@ def test_uneven_query_heads_on_fewer_kv_heads(name: str, tp: int, tmp_path: Path
     rank's own num_heads and kv_num_heads."""
     out = tmp_path / "plan"
     _partition_and_verify(name, tp, out)
-    models = _rank_models_check(out, tp)
+    models = checked_rank_models(out, tp)
     if name == "llama-gqa-genai":
         gqa = [next(n for n in m.graph.node if n.op_type == "GroupQueryAttention") for m in models]
         heads = [next(a.i for a in n.attribute if a.name == "num_heads") for n in gqa]
@@ -100,7 +92,7 @@ def test_per_rank_weights_give_the_faster_rank_more_heads(tmp_path: Path) -> Non
     manifest = _partition_and_verify("gpt2-torch-legacy", 2, out, tp_weights=(3.0, 1.0))
     assert manifest["mesh"]["tp_shares"] == [3, 1]
     assert _cache_heads(manifest) == [(0, 3), (3, 4)]
-    _rank_models_check(out, 2)
+    checked_rank_models(out, 2)
 
 
 @pytest.mark.parametrize(
@@ -140,7 +132,7 @@ def test_dynamo_gpt2_gathers_unequal_heads(pp: int, tmp_path: Path) -> None:
     out = tmp_path / "plan"
     manifest = _partition_and_verify("gpt2-torch-dynamo", 3, out, pp=pp)
     assert manifest["mesh"]["tp_shares"] == [2, 1, 1]
-    models = _rank_models_check(out, 3 * pp)
+    models = checked_rank_models(out, 3 * pp)
     for rank in manifest["ranks"]:
         group = [r["rank"] for r in manifest["ranks"] if r["coords"]["pp"] == rank["coords"]["pp"]]
         gathers = _gathers(models[rank["rank"]])
@@ -154,7 +146,7 @@ def test_dynamo_stablelm_gathers_unequal_heads_and_shared_kv_heads(tmp_path: Pat
     out = tmp_path / "plan"
     manifest = _partition_and_verify("stablelm-qkln-torch-dynamo", 3, out)
     assert manifest["mesh"]["tp_shares"] == [4, 3, 1]
-    for model in _rank_models_check(out, 3):
+    for model in checked_rank_models(out, 3):
         gathers = _gathers(model)
         assert [g.get("sizes") for g in gathers] == [[4, 3, 1], None] * 2, gathers
         distinct = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0].endswith("__allgather")]
@@ -177,7 +169,7 @@ def test_vocab_parallel_logits_gathered_in_unequal_parts(
     The memory plan holds each rank's slice and the full logits; the cost counts the full logits."""
     out = tmp_path / "plan"
     manifest = _partition_and_verify(name, 3, out, vocab_parallel=True, pp=pp)
-    models = _rank_models_check(out, 3 * pp)
+    models = checked_rank_models(out, 3 * pp)
     last_stage = [rank for rank in manifest["ranks"] if rank["coords"]["pp"] == pp - 1]
     assert [r["coords"]["tp"] for r in last_stage] == [0, 1, 2]
     memory = manifest["ranks"][0]["memory"]
@@ -213,7 +205,7 @@ def test_kv_groups_of_two_on_three_ranks_match_the_original(tmp_path: Path) -> N
     manifest = _partition_and_verify("llama-gqa-torch-legacy", 3, out)
     assert manifest["mesh"]["tp_shares"] == [4, 2, 2]
     assert _cache_heads(manifest) == [(0, 2), (2, 3), (3, 4)]
-    models = _rank_models_check(out, 3)
+    models = checked_rank_models(out, 3)
     assert [_input_dims(m, "past_key_values.1.value")[1] for m in models] == [2, 1, 1]
 
 
@@ -255,7 +247,7 @@ def test_mlp_and_vocabulary_split_on_their_own_parts(
     assert [sum(stop - start for start, stop in ranges) for ranges in gate["ranges"]] == mlp
     if vocab_parallel:
         assert weights["model.embed_tokens.weight"]["placement"] == "S(0)"
-    _rank_models_check(out, tp)
+    checked_rank_models(out, tp)
 
 
 @pytest.mark.parametrize(("name", "shares"), [("gpt2-torch-legacy", [2, 1, 1]), ("llama-gqa-torch-legacy", [4, 2, 2])])
@@ -267,7 +259,7 @@ def test_uneven_tp_with_pipeline_stages(name: str, shares: list[int], tmp_path: 
     assert manifest["mesh"]["tp_shares"] == shares
     stages = {(rank["coords"]["pp"], rank["coords"]["tp"]): rank for rank in manifest["ranks"]}
     assert len(stages) == 6
-    models = _rank_models_check(out, 6)
+    models = checked_rank_models(out, 6)
     first_stage = {"ranks": [stages[(0, tp)] for tp in range(3)]}
     held = [stop - start for start, stop in _cache_heads(first_stage)]  # type: ignore[misc]
     assert [_input_dims(models[stages[(0, tp)]["rank"]], "past_key_values.0.key")[1] for tp in range(3)] == held
@@ -285,4 +277,4 @@ def test_mlp_split_into_element_parts_where_neither_units_nor_tp_divide(smollm2_
         weight = weights[f"model.layers.0.mlp.{name}.weight"]
         assert [sum(b - a for a, b in ranges) for ranges in weight["ranges"]] == [39, 39, 38, 38, 38], weight
     assert weights["model.layers.0.mlp.down_proj.weight"]["placement"] == "S(0)[39,39,38,38,38]"
-    _rank_models_check(out, 5)
+    checked_rank_models(out, 5)
