@@ -356,7 +356,7 @@ def main() -> None:
           f"({os.cpu_count()} CPUs), {args.runs} prefill and {args.runs * DECODE_RUNS_FACTOR} decode runs after 2 "
           "warm-ups each\n")  # fmt: skip
     print("| plan | rank | device | share of the work | phase | predicted (manifest, no comm) | measured: thread CPU "
-          "outside comm + stretch sleeps, mean | predicted / measured | within 20% | predicted on the interleaved "
+          "outside comm x stretch, mean | predicted / measured | within 20% | predicted on the interleaved "
           "calibration | interleaved / measured | thread CPU outside comm, mean | stretch sleeps, mean | run (wall), "
           "mean | thread CPU / process CPU in the runs |")  # fmt: skip
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
