@@ -20,6 +20,10 @@ Measures, with one thread (OMP/OpenBLAS/MKL threads = 1, onnxruntime intra_op_nu
   (docs/BENCHMARKS.md, "Mixed devices"), more than such a node costs.
 
 Best-of timings: the machine is shared, and the best run is the one least disturbed by others.
+`--clock cpu` times each run by the ai.llmir library's compute meter instead of the wall clock: the
+calling thread's CPU time (every run is on it: one thread), plus the stretch's sleeps under
+`--compute-stretch K` (k x the CPU time): the clock bench/mixed_devices.py measures the ranks with, which
+a busy neighbour's preemption does not advance (shared memory bandwidth and caches still count).
 
 Prints a table and two sets of profile fields: onnxruntime-calibrated (its own MatMul kernels, the
 runtime the cost model predicts: the built-in `cpu-here` in `llmir_onnx/plan/devices.py`) and
@@ -36,53 +40,70 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import argparse  # noqa: E402
 import json  # noqa: E402
+import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from llmir_onnx.runtime.stretch import ComputeMeter  # noqa: E402
+
 # --average (implied by --cpu-share): the mean over runs that together last AVERAGE_S at least, not the best
 AVERAGE = False
 AVERAGE_S = 1.0
-# --compute-stretch: every timed run is followed by the library's stretch point (start() before it), so
-# the run takes as long as on the emulated device (llmir_onnx/runtime/stretch.py)
-STRETCH: tuple[Callable[[], object], Callable[[], object]] | None = None
+# The ai.llmir library's compute meter (llmir_onnx/runtime/stretch.py), set under --clock cpu or
+# --compute-stretch: every timed run is bracketed by its start and point, so under the stretch the run
+# takes as long as on the emulated device.
+METER: ComputeMeter | None = None
+# --clock: "wall" (perf_counter around each run) or "cpu" (the meter's device time of each run: the thread's
+# CPU time, plus the stretch's sleeps under --compute-stretch; what bench/mixed_devices.py measures of a rank)
+CLOCK = "wall"
 
 
-def stretched(run: Callable[[], object]) -> Callable[[], object]:
-    """`run` followed by the stretch point under --compute-stretch; `run` itself otherwise."""
-    if STRETCH is None:
+def metered(run: Callable[[], object]) -> Callable[[], object]:
+    """`run` bracketed by the compute meter's start and point when there is one; `run` itself otherwise."""
+    if METER is None:
         return run
-    start, point = STRETCH
+    meter = METER
 
-    def run_then_stretch() -> object:
-        start()
+    def metered_run() -> object:
+        meter.start()
         result = run()
-        point()
+        meter.point()
         return result
 
-    return run_then_stretch
+    return metered_run
+
+
+def clock() -> float:
+    """Seconds on the --clock: wall time, or the meter's device time so far."""
+    if CLOCK == "cpu":
+        assert METER is not None
+        return METER.device_seconds()
+    return time.perf_counter()
 
 
 def best_seconds(run: Callable[[], object], repeats: int) -> float:
-    run = stretched(run)
+    run = metered(run)
     run()
     if AVERAGE:
         # Under a duty cycle a short run may fall inside an "on" window: only a mean over many periods
         # shows the emulated device's speed.
-        count, start = 0, time.perf_counter()
+        count, start, measured = 0, time.perf_counter(), clock()
         while count < repeats or time.perf_counter() - start < AVERAGE_S:
             run()
             count += 1
-        return (time.perf_counter() - start) / count
+        return (clock() - measured) / count
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         run()
-        best = min(best, time.perf_counter() - start)
+        best = min(best, clock() - start)
     return best
 
 
@@ -191,31 +212,37 @@ def main() -> None:
         help="calibrate the device that LLMIR_COMPUTE_STRETCH emulates with this factor (>= 1; "
         "llmir_onnx/runtime/stretch.py): each run is stretched by the ai.llmir library's stretch point",
     )
+    parser.add_argument(
+        "--clock",
+        choices=("wall", "cpu"),
+        default="wall",
+        help="time each run by the wall clock (default) or by the ai.llmir library's compute meter: the thread's "
+        "CPU time, plus the stretch's sleeps under --compute-stretch (what bench/mixed_devices.py measures of a rank; "
+        "a process preempted by another job does not advance it)",
+    )
     parser.add_argument("--average", action="store_true", help="mean over >= 1 s of runs instead of the best run")
     parser.add_argument("--json", type=str, default=None, help="write the onnxruntime-calibrated fields here")
     args = parser.parse_args()
-    global AVERAGE, STRETCH
+    global AVERAGE, METER, CLOCK
     AVERAGE = args.average or args.cpu_share < 1
+    CLOCK = args.clock
     if args.compute_stretch < 1:
         raise SystemExit(f"--compute-stretch {args.compute_stretch:g}: the factor must be >= 1")
-    if args.compute_stretch > 1:
-        import sys
-        from pathlib import Path
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if args.cpu_share < 1 and args.clock == "cpu":
+        raise SystemExit("--cpu-share with --clock cpu: a stopped process uses no CPU time, so the duty cycle "
+                         "does not show on that clock; use --clock wall")  # fmt: skip
+    if args.compute_stretch > 1 or args.clock == "cpu":
         from llmir_onnx.runtime.launch import setup_communication
         from llmir_onnx.runtime.stretch import COMPUTE_STRETCH_ENV
 
         # this process alone is world rank 0 (no launcher)
-        os.environ[COMPUTE_STRETCH_ENV] = f"0={args.compute_stretch!r}"
-        compute_stretch = setup_communication().compute_stretch
-        assert compute_stretch is not None
-        STRETCH = (compute_stretch.start, compute_stretch.point)
+        if args.compute_stretch > 1:
+            os.environ[COMPUTE_STRETCH_ENV] = f"0={args.compute_stretch!r}"
+        else:
+            os.environ.pop(COMPUTE_STRETCH_ENV, None)
+        METER = setup_communication().compute_meter
+        assert METER is not None and METER.stretched == (args.compute_stretch > 1)
     if args.cpu_share < 1:
-        import sys
-        from pathlib import Path
-
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         from llmir_onnx.runtime.throttle import throttle_process
 
         throttle_process(os.getpid(), args.cpu_share)

@@ -264,13 +264,25 @@ def test_compute_stretch_runs_one_intra_op_thread_and_refuses_more() -> None:
     """The stretch measures the CPU time of the thread that calls run: its rank's sessions get 1 intra-op
     thread unless told otherwise, and more is a one-line error when the options are made."""
     from llmir_onnx.runtime.launch import CommContext, custom_ops_library_path
-    from llmir_onnx.runtime.stretch import ComputeStretch
+    from llmir_onnx.runtime.stretch import ComputeMeter
 
-    stretch = ComputeStretch(None, 1, 3.0)  # type: ignore[arg-type]  # session_options never calls the library
+    meter = ComputeMeter(None, 1, 3.0)  # type: ignore[arg-type]  # session_options never calls the library
     comm = CommContext(1, 2, 1, "none", False, custom_ops_library_path(), "test", None,  # type: ignore[arg-type]
-                       compute_stretch=stretch)  # fmt: skip
+                       compute_meter=meter)  # fmt: skip
     options = comm.session_options()
     assert options.intra_op_num_threads == 1 and options.inter_op_num_threads == 1
     assert comm.session_options(intra_op_num_threads=1).intra_op_num_threads == 1
     with pytest.raises(PlanError, match=r"^rank 1: LLMIR_COMPUTE_STRETCH .* needs intra_op_num_threads = 1, not 2; "):
         comm.session_options(intra_op_num_threads=2)
+
+
+def test_the_compute_meter_counts_a_ranks_compute_and_not_a_collectives_wait() -> None:
+    """The library's compute meter on two unstretched ranks (tests/mpi_workers/collectives_worker.py
+    `compute_meter`): MatMul -> AllReduce -> MatMul, rank 1 once 1 s late, so that rank 0 polls in the
+    AllReduce (CPU time) meanwhile. On every rank and run the meter's compute is non-zero and part of the
+    thread's CPU time in the run, and no kernel ran on another thread; on rank 0 the late run's compute
+    did not grow by the CPU time of the wait (relations between the figures, no timing bound)."""
+    from tests.test_collectives_mpi import assert_all_ok, launch
+
+    run = launch(2, "compute_meter", "1.0", timeout_s=120)
+    assert_all_ok(run, 2, min_checks=8)

@@ -110,20 +110,22 @@ bool check_every_call() {
   throw Error(std::string("LLMIR_CHECK_EVERY_CALL='") + text + "': use 1 (check every call) or 0 (default)");
 }
 
-// LLMIR_COMPUTE_STRETCH (stretch.h): the kernel's entry stretches the compute since the last point, and
-// the point is reset when the kernel is done communicating (on return or throw).
-struct StretchedKernel {
-  explicit StretchedKernel(bool on) : on_(on) {
-    if (on_) stretch::enter();
+// The compute meter and LLMIR_COMPUTE_STRETCH (stretch.h): the kernel's entry counts (and, stretched,
+// stretches) the compute since the last point, and the point is reset when the kernel is done
+// communicating (on return or throw). Host kernels only.
+struct MeteredKernel {
+  MeteredKernel(bool on_host, bool stretched) : on_(on_host), stretched_(stretched) {
+    if (on_) stretch::enter(stretched_);
   }
-  ~StretchedKernel() {
-    if (on_) stretch::leave();
+  ~MeteredKernel() {
+    if (on_) stretch::leave(stretched_);
   }
-  StretchedKernel(const StretchedKernel&) = delete;
-  StretchedKernel& operator=(const StretchedKernel&) = delete;
+  MeteredKernel(const MeteredKernel&) = delete;
+  MeteredKernel& operator=(const MeteredKernel&) = delete;
 
  private:
   bool on_;
+  bool stretched_;
 };
 
 struct Kernel {
@@ -136,7 +138,7 @@ struct Kernel {
 
   OrtStatusPtr ComputeV2(OrtKernelContext* raw_context) {
     try {
-      StretchedKernel stretched(on_host && stretch::active(&world::rank));
+      MeteredKernel metered(on_host, on_host && stretch::active(&world::rank));
       Ort::KernelContext context(raw_context);
       Ort::ConstValue value = context.GetInput(0);
       const auto info = value.GetTensorTypeAndShapeInfo();
@@ -341,20 +343,22 @@ __attribute__((visibility("default"))) void llmir_abort(int code) {
 // Signature exchanges this process has run (kernels.h, AgreedSignatures); for tests and benchmarks.
 __attribute__((visibility("default"))) uint64_t llmir_signature_checks(void) { return llmir::signature_checks(); }
 
-// LLMIR_COMPUTE_STRETCH (stretch.h), for the rank runner: start() before a run, point() right after it
-// (stretches the work after the run's last collective; returns the total seconds slept so far, -1 on a
-// malformed variable), and the total thread CPU time the stretch measured.
-__attribute__((visibility("default"))) void llmir_stretch_start(void) {
+// The compute meter (every rank) and LLMIR_COMPUTE_STRETCH (stretch.h), for the rank runner: start()
+// before a run, point() right after it (counts, and stretched stretches, the work after the run's last
+// collective; returns the total seconds slept so far, -1 on a malformed variable or a kernel on another
+// thread under the stretch); the totals: seconds slept, thread CPU seconds counted as compute, kernels
+// that ran on another thread than the bracket's (not measured).
+__attribute__((visibility("default"))) void llmir_compute_start(void) {
   try {
-    if (llmir::stretch::active(&llmir::world::rank)) llmir::stretch::start();
+    llmir::stretch::start();
   } catch (const std::exception& error) {
     std::fprintf(stderr, "%s\n", error.what());
   }
 }
 
-__attribute__((visibility("default"))) double llmir_stretch_point(void) {
+__attribute__((visibility("default"))) double llmir_compute_point(void) {
   try {
-    if (llmir::stretch::active(&llmir::world::rank)) llmir::stretch::point();
+    llmir::stretch::point(llmir::stretch::active(&llmir::world::rank));
     return llmir::stretch::slept_seconds();
   } catch (const std::exception& error) {
     std::fprintf(stderr, "%s\n", error.what());
@@ -366,8 +370,10 @@ __attribute__((visibility("default"))) double llmir_stretch_slept_seconds(void) 
   return llmir::stretch::slept_seconds();
 }
 
-__attribute__((visibility("default"))) double llmir_stretch_compute_seconds(void) {
-  return llmir::stretch::compute_seconds();
+__attribute__((visibility("default"))) double llmir_compute_seconds(void) { return llmir::stretch::compute_seconds(); }
+
+__attribute__((visibility("default"))) uint64_t llmir_compute_foreign_kernels(void) {
+  return llmir::stretch::foreign_kernels();
 }
 
 __attribute__((visibility("default"))) const char* llmir_version(void) {

@@ -2,6 +2,7 @@
 
 #include <time.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -66,34 +67,40 @@ std::once_flag g_factor_once;
 double g_factor = 1.0;
 std::string g_factor_error;
 
-// The state of an active stretch; one owner thread (the one that runs the session).
+// The meter's state; one owner thread (the one that called start(), or under the stretch the first
+// kernel's). g_has_point is read without the lock so that an unstretched kernel outside a bracket costs
+// one atomic load.
 std::mutex g_mutex;
-bool g_has_point = false;
+std::atomic<bool> g_has_point{false};
 std::thread::id g_owner;
 double g_point_cpu = 0;  // thread CPU time at the last point
 double g_owed = 0;       // seconds still to sleep: a sleep's overshoot is paid back by the next one
 double g_slept = 0;
 double g_compute = 0;
+uint64_t g_foreign = 0;
 
 void reset_locked() {
   g_owner = std::this_thread::get_id();
   g_point_cpu = thread_cpu_seconds();
-  g_has_point = true;
+  g_has_point.store(true);
 }
 
-void stretch_locked() {
-  if (!g_has_point) {  // the first kernel of a runner that never called start(): stretch from here on
-    reset_locked();
-    return;
-  }
+// Count the compute since the last point (and sleep (factor - 1) x it under the stretch). False when the
+// calling thread is not the point's (counted in g_foreign; an error under the stretch).
+bool count_locked(bool stretched) {
   if (g_owner != std::this_thread::get_id()) {
-    throw Error(std::string(kVariable) +
-                ": an ai.llmir kernel ran on another thread than the one that runs the session; the stretch "
-                "measures one thread's CPU time: run the session with intra_op_num_threads = 1 and "
-                "inter_op_num_threads = 1");
+    if (stretched) {
+      throw Error(std::string(kVariable) +
+                  ": an ai.llmir kernel ran on another thread than the one that runs the session; the stretch "
+                  "measures one thread's CPU time: run the session with intra_op_num_threads = 1 and "
+                  "inter_op_num_threads = 1");
+    }
+    ++g_foreign;
+    return false;
   }
   const double compute = thread_cpu_seconds() - g_point_cpu;
   g_compute += compute;
+  if (!stretched) return true;
   g_owed += (g_factor - 1) * compute;
   if (g_owed > 0) {
     const double start = monotonic_seconds();
@@ -106,6 +113,7 @@ void stretch_locked() {
     g_slept += slept;
     g_owed -= slept;
   }
+  return true;
 }
 
 }  // namespace
@@ -126,14 +134,20 @@ double factor(int (*world_rank)()) {
 
 bool active(int (*world_rank)()) { return factor(world_rank) > 1; }
 
-void enter() {
+void enter(bool stretched) {
+  if (!stretched && !g_has_point.load()) return;  // no bracket: no clock
   std::lock_guard<std::mutex> lock(g_mutex);
-  stretch_locked();
+  if (!g_has_point.load()) {  // under the stretch, the first kernel of a runner that never called start()
+    reset_locked();
+    return;
+  }
+  count_locked(stretched);
 }
 
-void leave() {
+void leave(bool stretched) {
+  if (!stretched && !g_has_point.load()) return;
   std::lock_guard<std::mutex> lock(g_mutex);
-  if (g_owner == std::this_thread::get_id() || !g_has_point) reset_locked();
+  if (g_owner == std::this_thread::get_id() || !g_has_point.load()) reset_locked();
 }
 
 void start() {
@@ -141,10 +155,18 @@ void start() {
   reset_locked();
 }
 
-void point() {
+void point(bool stretched) {
   std::lock_guard<std::mutex> lock(g_mutex);
-  stretch_locked();
-  reset_locked();
+  if (!g_has_point.load()) {
+    if (stretched) reset_locked();
+    return;
+  }
+  count_locked(stretched);
+  if (stretched) {
+    reset_locked();
+  } else {
+    g_has_point.store(false);
+  }
 }
 
 double slept_seconds() {
@@ -155,6 +177,11 @@ double slept_seconds() {
 double compute_seconds() {
   std::lock_guard<std::mutex> lock(g_mutex);
   return g_compute;
+}
+
+uint64_t foreign_kernels() {
+  std::lock_guard<std::mutex> lock(g_mutex);
+  return g_foreign;
 }
 
 }  // namespace llmir::stretch

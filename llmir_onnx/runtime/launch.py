@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING
 from llmir_onnx.errors import CommunicationError, PlanError
 from llmir_onnx.runtime.stretch import (
     COMPUTE_STRETCH_ENV,
-    ComputeStretch,
-    bind_stretch_functions,
+    ComputeMeter,
+    bind_compute_meter_functions,
     compute_stretch_from_env,
 )
 from llmir_onnx.runtime.throttle import throttle_rank_from_env
@@ -198,7 +198,7 @@ def _bind(library: ctypes.CDLL) -> None:
     library.llmir_finalize.restype = ctypes.c_int
     library.llmir_version.argtypes = []
     library.llmir_version.restype = ctypes.c_char_p
-    bind_stretch_functions(library)
+    bind_compute_meter_functions(library)
 
 
 @dataclass
@@ -214,8 +214,13 @@ class CommContext:
     version: str
     _library: ctypes.CDLL = field(repr=False)
     _finalized: bool = field(default=False, repr=False)
-    # LLMIR_COMPUTE_STRETCH's factor for this rank (runtime/stretch.py), None when it has none
-    compute_stretch: ComputeStretch | None = None
+    # The library's compute meter for this rank, with LLMIR_COMPUTE_STRETCH's factor for it (runtime/stretch.py)
+    compute_meter: ComputeMeter | None = None
+
+    @property
+    def compute_stretch(self) -> ComputeMeter | None:
+        """The meter when LLMIR_COMPUTE_STRETCH stretches this rank, None otherwise."""
+        return self.compute_meter if self.compute_meter is not None and self.compute_meter.stretched else None
 
     def session_options(self, intra_op_num_threads: int | None = None) -> onnxruntime.SessionOptions:
         """New onnxruntime SessionOptions with the ai.llmir library registered.
@@ -241,15 +246,19 @@ class CommContext:
         return options
 
     @contextlib.contextmanager
-    def stretched_run(self) -> Iterator[None]:
-        """Around one session run: under LLMIR_COMPUTE_STRETCH, reset the stretch point before it and stretch
-        the work after its last collective right after it (runtime/stretch.py); nothing otherwise."""
-        if self.compute_stretch is None:
-            yield
-            return
-        self.compute_stretch.start()
+    def metered_run(self) -> Iterator[None]:
+        """Around one session run, on any rank: the library's compute meter counts the run's thread CPU time
+        outside communication (and, under LLMIR_COMPUTE_STRETCH, stretches it; runtime/stretch.py)."""
+        if self.compute_meter is None:
+            raise PlanError(f"rank {self.rank}: no compute meter: this context was not made by setup_communication")
+        self.compute_meter.start()
         yield
-        self.compute_stretch.point()
+        self.compute_meter.point()
+
+    def stretched_run(self) -> contextlib.AbstractContextManager[None]:
+        """Around one session run: under LLMIR_COMPUTE_STRETCH, metered_run (the stretch point reset before
+        it and the work after its last collective stretched right after it); nothing otherwise."""
+        return self.metered_run() if self.compute_stretch is not None else contextlib.nullcontext()
 
     def finalize(self) -> None:
         """Free the communicators and finalize MPI if the library initialized it; idempotent."""
@@ -312,9 +321,9 @@ def setup_communication(cuda: bool = False, expected_world_size: int | None = No
             f"{COMPUTE_STRETCH_ENV} names rank {rank}, which runs on CUDA: the stretch emulates a slower device "
             "from the CPU time of the ai.llmir CPU kernels' thread and is CPU-only; drop it for CUDA runs"
         )
-    stretch = ComputeStretch(library, rank, factor) if factor is not None else None
+    meter = ComputeMeter(library, rank, factor if factor is not None else 1.0)
     _context = CommContext(rank, world_size, env.local_rank, env.launcher, cuda, library_path, version, library,
-                           compute_stretch=stretch)  # fmt: skip
+                           compute_meter=meter)  # fmt: skip
     atexit.register(_context.finalize)
     throttle_rank_from_env(rank)  # LLMIR_CPU_SHARE: emulate a slower device for this rank
     return _context

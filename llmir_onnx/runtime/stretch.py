@@ -1,24 +1,30 @@
-"""Emulating a slower device on this machine by stretching only a rank's compute (the emulation the
-mixed-devices benchmark uses).
+"""The compute meter of every rank, and emulating a slower device on this machine by stretching only a
+rank's compute (the emulation the mixed-devices benchmark uses).
+
+The meter (custom_ops/src/stretch.h): between `start()` and `point()` (the rank runner brackets a session
+run with them: `CommContext.metered_run`) the ai.llmir library sums the CPU time (CLOCK_THREAD_CPUTIME_ID)
+of the thread that calls run outside its CPU kernels' communication: each kernel's entry adds the CPU time
+since the last point and its return resets the point, so the polling inside a collective while a peer is
+late is not counted. No profiler is attached, and a process preempted by another job does not advance
+its thread's CPU clock, so the figure is the rank's compute whatever else the machine runs (memory
+bandwidth and caches are still shared).
 
 `LLMIR_COMPUTE_STRETCH="1=3"` (comma-separated RANK=FACTOR, FACTOR >= 1) makes rank 1 compute like a
-device three times slower: the ai.llmir library (custom_ops/src/stretch.h) has each of its CPU kernels
-(AllReduce, AllGather, ReduceScatter, Send, Recv), on entry and before it communicates, sleep
-(FACTOR - 1) x the CPU time the calling thread used since the last "stretch point"; the point is reset
-when the kernel's communication is over, so waiting in a collective is not stretched, and the work after
-the run's last collective (the final norm and lm_head, a last stage after its Recv) is stretched by
-`llmir_stretch_point`, which the rank runner calls right after each run (`CommContext.stretched_run`).
-A real slower device computes k times longer and waits exactly as long as it must; so does a stretched
-rank. The older emulation, LLMIR_CPU_SHARE (throttle.py), stretches wall time instead, which in decode
-lands a slow rank's short compute segments in its "off" windows more often than not.
+device three times slower: at each of those points the library also sleeps (FACTOR - 1) x the CPU time
+it just counted, so waiting in a collective is not stretched, and the work after the run's last
+collective (the final norm and lm_head, a last stage after its Recv) is stretched by the point after the
+run. A real slower device computes k times longer and waits exactly as long as it must; so does a
+stretched rank. Its device time is FACTOR x the meter's compute (`ComputeMeter.device_seconds`).
+The older emulation, LLMIR_CPU_SHARE (throttle.py), stretches wall time instead; the meter does not see
+it (a stopped process uses no CPU time).
 
-The measure is the thread's CPU time (CLOCK_THREAD_CPUTIME_ID), so it needs every kernel of a run on the
-thread that calls run: onnxruntime does that with intra_op_num_threads = 1 and the sequential executor
-(checked: the library records the thread of its stretch point and a kernel on another thread is an
-error there; tests/test_mixed_devices.py checks that the compute the library measured is a part of the
-CPU time of the thread that called run, and that it slept (FACTOR - 1) x that compute). A rank under the stretch gets
-1 intra-op thread by default and more is refused when its session options are made. CPU only: on the
-CUDA EP the thread's CPU time is kernel launches, not the device's compute.
+The measure is one thread's CPU time, so it needs every kernel of a run on the thread that calls run:
+onnxruntime does that with intra_op_num_threads = 1 and the sequential executor (checked: the library
+records the thread of its point; a kernel on another thread is an error under the stretch and is
+counted in `foreign_kernels` otherwise; tests/test_mixed_devices.py checks that the compute the library
+measured is a part of the CPU time of the thread that called run, and excludes a collective's wait). A
+rank under the stretch gets 1 intra-op thread by default and more is refused when its session options
+are made. CPU only: on the CUDA EP the thread's CPU time is kernel launches, not the device's compute.
 """
 
 from __future__ import annotations
@@ -51,48 +57,65 @@ def compute_stretch_from_env(rank: int) -> float | None:
     return factor if factor > 1 else None
 
 
-def bind_stretch_functions(library: ctypes.CDLL) -> None:
-    library.llmir_stretch_start.argtypes = []
-    library.llmir_stretch_start.restype = None
-    library.llmir_stretch_point.argtypes = []
-    library.llmir_stretch_point.restype = ctypes.c_double
+def bind_compute_meter_functions(library: ctypes.CDLL) -> None:
+    library.llmir_compute_start.argtypes = []
+    library.llmir_compute_start.restype = None
+    library.llmir_compute_point.argtypes = []
+    library.llmir_compute_point.restype = ctypes.c_double
     library.llmir_stretch_slept_seconds.argtypes = []
     library.llmir_stretch_slept_seconds.restype = ctypes.c_double
-    library.llmir_stretch_compute_seconds.argtypes = []
-    library.llmir_stretch_compute_seconds.restype = ctypes.c_double
+    library.llmir_compute_seconds.argtypes = []
+    library.llmir_compute_seconds.restype = ctypes.c_double
+    library.llmir_compute_foreign_kernels.argtypes = []
+    library.llmir_compute_foreign_kernels.restype = ctypes.c_uint64
 
 
-class ComputeStretch:
-    """The library's stretch for this rank, through the same handle onnxruntime's sessions use (dlopen of
-    the path onnxruntime registered returns the loaded library, so the state is one)."""
+class ComputeMeter:
+    """The library's compute meter for this rank (and its stretch when `factor` > 1), through the same
+    handle onnxruntime's sessions use (dlopen of the path onnxruntime registered returns the loaded
+    library, so the state is one)."""
 
-    def __init__(self, library: ctypes.CDLL, rank: int, factor: float) -> None:
+    def __init__(self, library: ctypes.CDLL, rank: int, factor: float = 1.0) -> None:
         self._library = library
         self.rank = rank
         self.factor = factor
-        # The calling thread's CPU time inside stretched runs (start to point), the library's measured
+        # The calling thread's CPU time inside metered runs (start to point); the library's measured
         # compute is part of it (the rest: polling in collectives): the check that the kernels ran here.
         self.run_thread_cpu_s = 0.0
         self._run_started_cpu: float | None = None
 
+    @property
+    def stretched(self) -> bool:
+        return self.factor > 1
+
     def start(self) -> None:
         """Before a run: the runner's own work since the last run is host work, not the device's."""
         self._run_started_cpu = time.thread_time()
-        self._library.llmir_stretch_start()
+        self._library.llmir_compute_start()
 
     def point(self) -> float:
-        """Right after a run: stretch the work since the run's last collective; the total slept so far."""
-        slept = float(self._library.llmir_stretch_point())
+        """Right after a run: count (and, stretched, stretch) the work since the run's last collective;
+        the total slept so far."""
+        slept = float(self._library.llmir_compute_point())
         if self._run_started_cpu is not None:
             self.run_thread_cpu_s += time.thread_time() - self._run_started_cpu
             self._run_started_cpu = None
         if slept < 0:
-            raise PlanError(f"rank {self.rank}: the ai.llmir library's compute stretch failed (see the line above)")
+            raise PlanError(f"rank {self.rank}: the ai.llmir library's compute meter failed (see the line above)")
         return slept
 
+    def device_seconds(self) -> float:
+        """The device time so far: FACTOR x the thread CPU time the meter counted as compute (the CPU time
+        itself on an unstretched rank). The stretch's sleeps deliver the (FACTOR - 1) x part in wall time,
+        but a sleep's overshoot (a loaded machine wakes a sleeper late) is paid back by whatever kernel
+        sleeps next, which may be another run's: the sleeps of one run are not its device time, their
+        total is (`totals`)."""
+        return self.factor * float(self._library.llmir_compute_seconds())
+
     def totals(self) -> dict[str, float]:
-        """Seconds slept by the stretch, seconds of thread CPU time it measured (and stretched), and the calling
-        thread's CPU seconds inside stretched runs, so far."""
+        """Seconds slept by the stretch, seconds of thread CPU time the meter counted as compute, the calling
+        thread's CPU seconds inside metered runs, and the kernels that ran on another thread, so far."""
         return {"slept_s": float(self._library.llmir_stretch_slept_seconds()),
-                "compute_s": float(self._library.llmir_stretch_compute_seconds()),
-                "run_thread_cpu_s": self.run_thread_cpu_s}  # fmt: skip
+                "compute_s": float(self._library.llmir_compute_seconds()),
+                "run_thread_cpu_s": self.run_thread_cpu_s,
+                "foreign_kernels": int(self._library.llmir_compute_foreign_kernels())}  # fmt: skip

@@ -5,7 +5,8 @@ compute; this duty cycle stretches its wall time, waits included, so in decode a
 compute segments between collectives land in "off" windows more often than 1 - share of the time while
 its "on" windows go to waiting (docs/BENCHMARKS.md, "Mixed devices", Run E: its decode kernels measured
 0.53-0.58 of the prediction). It stays for what it does emulate (a process that gets a share of a CPU)
-and for `bench/mixed_devices.py --emulation duty`.
+and for `bench/calibrate_cpu.py --cpu-share`; `bench/mixed_devices.py` no longer takes it (it measures
+every rank by the library's compute meter, thread CPU time, which a stopped process does not use).
 
 `LLMIR_CPU_SHARE="1=0.333"` (comma-separated RANK=SHARE) makes rank 1 run a third of the wall time:
 a small sidecar process stops it (SIGSTOP) and continues it (SIGCONT) in a fixed period, on for

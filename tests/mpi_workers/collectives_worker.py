@@ -608,6 +608,70 @@ def killed_rank(args: list[str]) -> int:
     return 1
 
 
+def compute_meter(args: list[str]) -> int:
+    """The library's compute meter (every rank, no stretch) on MatMul -> AllReduce -> MatMul, two ranks:
+    three runs where both ranks arrive together, then one where rank 1 sleeps args[0] seconds before it
+    runs, so that rank 0 polls in the AllReduce meanwhile (MPI_Test + sched_yield: CPU time). Per run,
+    rank 0 compares the meter's compute with its thread's CPU time in the run (time.thread_time, start to
+    point). Prints `RANK r meter ...` lines with the figures; relations only, no timing bound."""
+    comm = setup_communication()
+    meter = comm.compute_meter
+    assert meter is not None and not meter.stretched, "run without LLMIR_COMPUTE_STRETCH"
+    late_s = float(args[0])
+    weight = np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32)
+    model = make_model(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"]),
+            llmir_node("AllReduce", ["h"], ["r"], "meter_AllReduce"),
+            helper.make_node("MatMul", ["r", "w"], ["y"]),
+        ],
+        [("x", TensorProto.FLOAT, [128, 256])],
+        [("y", TensorProto.FLOAT, [128, 256])],
+        [onnx.numpy_helper.from_array(weight, "w")],
+    )
+    reducer = session(model, comm.session_options(intra_op_num_threads=1))
+    inputs = [rank_data(r, (128, 256), "float32", 0) / np.float32(64) for r in range(comm.world_size)]
+    x = inputs[comm.rank]
+    expected = sum(part @ weight for part in inputs) @ weight
+    check = Checker(comm.rank)
+    figures = []  # (late, compute, thread CPU) per run
+    for late in (False, False, False, True):
+        if late and comm.rank == 1:
+            time.sleep(late_s)
+        before = meter.totals()
+        thread_before = time.thread_time()
+        with comm.metered_run():
+            got = run(reducer, {"x": x}, ["y"])["y"]
+        thread_cpu = time.thread_time() - thread_before
+        compute = meter.totals()["compute_s"] - before["compute_s"]
+        figures.append((late, compute, thread_cpu))
+        print(f"RANK {comm.rank} meter late={late} compute {compute * 1e3:.3f} ms thread CPU {thread_cpu * 1e3:.3f} ms",
+              flush=True)  # fmt: skip
+        if not np.allclose(got, expected, rtol=1e-4, atol=1e-3):
+            raise AssertionError(f"run late={late}: the output differs from numpy's")
+        check.count += 1
+    foreign = meter.totals()["foreign_kernels"]
+    if foreign:
+        raise AssertionError(f"{foreign} ai.llmir kernels ran on another thread than the one that called run")
+    for late, compute, thread_cpu in figures:
+        if not 0 < compute <= thread_cpu:
+            raise AssertionError(f"run late={late}: compute {compute} s is not in (0, the thread's CPU {thread_cpu} s]")
+        check.count += 1
+    if comm.rank == 0:
+        on_time = max(compute for late, compute, _ in figures if not late)
+        _, late_compute, late_thread = figures[-1]
+        waited = late_thread - late_compute  # the thread's CPU time inside the AllReduce (and the runner's)
+        if not waited > on_time:
+            raise AssertionError(f"the late peer's wait cost rank 0 only {waited} s of CPU time, not more than a run's "
+                                 f"compute ({on_time} s): no polling, the test checks nothing")  # fmt: skip
+        # counted with the wait, the late run's compute would be about on_time + waited
+        if not late_compute - on_time < waited / 2:
+            raise AssertionError(f"the late run's compute {late_compute} s grew by the wait: on-time runs "
+                                 f"{on_time} s at most, CPU time outside the compute {waited} s")  # fmt: skip
+        check.count += 2
+    return check.count
+
+
 SCENARIOS = {
     "all_ops": all_ops,
     "subgroups": subgroups,
@@ -632,6 +696,7 @@ SCENARIOS = {
     "setup_only": setup_only,
     "peer_never_arrives": peer_never_arrives,
     "killed_rank": killed_rank,
+    "compute_meter": compute_meter,
 }
 
 if __name__ == "__main__":
