@@ -92,9 +92,18 @@ def partition(
             "--cp",
             min=1,
             help="Context parallelism: split the prompt's tokens over this many ranks, attention included "
-            "(world = tp x cp x pp; the KV cache stays whole on every cp rank).",
+            "(world = tp x cp x pp; the KV cache stays whole on every cp rank unless --cp-kv-cache sharded).",
         ),
     ] = 1,
+    cp_kv_cache: Annotated[
+        str,
+        typer.Option(
+            "--cp-kv-cache",
+            help="With --cp: 'replicated' (every cp rank holds the whole KV cache) or 'sharded' (each cp rank "
+            "holds a contiguous run of the cache's tokens; attention combines the shards with the log-sum-exp "
+            "trick, so a decode step reads 1/cp of the cache per rank).",
+        ),
+    ] = "replicated",
     vocab_parallel: Annotated[
         bool, typer.Option("--vocab-parallel", help="Shard the embedding and lm_head by vocabulary.")
     ] = False,
@@ -191,6 +200,7 @@ def partition(
         vocab_parallel=vocab_parallel,
         sequence_parallel=sequence_parallel,
         cp=cp,
+        cp_kv_cache=cp_kv_cache,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
         fold_shapes=not no_fold_shapes,
@@ -212,7 +222,9 @@ def partition(
     sp = " with sequence parallelism" if manifest.mesh.get("sp") else ""
     cp_size = int(manifest.mesh.get("cp", 1))
     typer.echo(f"wrote {len(manifest.ranks)} rank models ({_mesh_text(manifest.mesh)}{sp}) to {out}")
-    if cp_size > 1:
+    if cp_size > 1 and manifest.cp_sharded_cache:
+        typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; each holds its run of the KV cache")
+    elif cp_size > 1:
         typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; the KV cache is whole on every one")
     shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
     if shares or used_weights:
