@@ -223,8 +223,10 @@ class SequenceShardedCache:
         for node, axis, extent in self._shapes:
             p._whole_shape(graph, node, axis, whole=lengths[f"{extent}_whole"])
         for node, axis, extent in self._targets:
-            p._chunk_reshape_target(graph, node, axis, whole=lengths[f"{extent}_whole"],
-                                    local=lengths[f"{extent}_local"])
+            local = lengths[f"{extent}_local"]
+            if node.op_type == "Reshape" and not _attribute(node, "allowzero"):
+                local = self._never_zero(local)
+            p._chunk_reshape_target(graph, node, axis, whole=lengths[f"{extent}_whole"], local=local)
         renamed: dict[tuple[str, int], str] = {}
         for node, index, axis, extent in self._cuts:
             value = node.inputs[index]
@@ -280,6 +282,18 @@ class SequenceShardedCache:
             f"{PRESENT}_local": local_present,
             f"{PRESENT}_start": p._int_node("Add", [start, first_row]),
         }
+
+    def _never_zero(self, length: ir.Value) -> ir.Value:
+        """A run's length for a Reshape target, where 0 would mean "copy the input's dim": -1 (infer) when the
+        run is empty (a rank holding no tokens of the cache; the other dims are the whole's, not 0)."""
+        key = f"never_zero/{length.name}"
+        if key not in self._values:
+            p = self.cp_pass
+            zero = p._initializer(p._name("zero"), np.array([0], dtype=np.int64))
+            infer = p._initializer(p._name("infer"), np.array([-1], dtype=np.int64))
+            empty = self._bool(p._int_node("Equal", [length, zero]), (1,))
+            self._values[key] = p._int_node("Where", [empty, infer, length])
+        return self._values[key]
 
     def _sum(self, vector: ir.Value, parts: int) -> ir.Value:
         """The sum of a [parts] int64 vector, as a [1]."""
@@ -376,6 +390,11 @@ class SequenceShardedCache:
         reduced.name = name
         reduced.type = out.type
         graph.insert_after(node, reduce)
+
+
+def _attribute(node: ir.Node, name: str) -> int:
+    attr = node.attributes.get(name)
+    return 0 if attr is None else attr.as_int()
 
 
 def declare_cache_run_dims(model: ir.Model, parts: int) -> None:
