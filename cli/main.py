@@ -236,7 +236,9 @@ def partition(
     if max_seq is None and limit is not None:
         typer.echo(f"  max-seq {limit['tokens']}: the longest sequence the model takes ({limit['reason']})")
     cache_tokens = min(entry.memory.get("kv_cache_tokens", manifest.options["max_seq"]) for entry in manifest.ranks)
-    if cache_tokens < manifest.options["max_seq"]:
+    # The plan's own length: a sequence-sharded cache is planned where the decode past splits evenly over cp.
+    planned_seq = min(entry.memory.get("max_seq", manifest.options["max_seq"]) for entry in manifest.ranks)
+    if cache_tokens < planned_seq:
         typer.echo(f"  KV cache: the model keeps at most {cache_tokens} past tokens (a sliding window); sized for that")
     typer.echo(
         f"  {'rank':<5}{'pp':>3}" + (f"{'cp':>4}" if cp_size > 1 else "")
@@ -255,7 +257,7 @@ def partition(
             + (f"  {cluster.devices[entry.rank].profile.name} on {cluster.devices[entry.rank].host}" if cluster else "")
         )
     typer.echo(
-        f"  (memory at batch {manifest.options['max_batch']} x {manifest.options['max_seq']} tokens; "
+        f"  (memory at batch {manifest.options['max_batch']} x {planned_seq} tokens; "
         f"times predicted for {cluster.describe() if cluster is not None else device})"
     )
 
