@@ -145,6 +145,9 @@ def partition_to_dir(
     planned_cuts = cuts_from_pins(pins, pp, stage_cut_after_layer)
     record_dim_hints(source, dim_roles or {})
     max_seq, limit = choose_max_seq(source, max_batch, max_seq)
+    # A sequence-sharded cache is planned (stage cuts, memory, cost) at a length whose decode past the cp ranks
+    # split evenly: the planner evaluates one rank as if every cp rank held as many past tokens.
+    plan_seq = cache_plan_seq(max_seq, cp) if cp > 1 and cp_kv_cache == "sharded" else max_seq
     options = PartitionOptions(
         tp=tp,
         pp=pp,
@@ -159,7 +162,7 @@ def partition_to_dir(
         device=device,
         device_memory_bytes=device_memory_bytes,
         max_batch=max_batch,
-        max_seq=max_seq,
+        max_seq=plan_seq,
         tp_weights=tp_weights,
         cluster=devices,
     )
@@ -175,8 +178,6 @@ def partition_to_dir(
         check_value_pins(pins, result.placements)
         mesh = result.mesh
         with shared_shape_evaluations():
-            # A sequence-sharded cache is planned at a length whose decode past the cp ranks split evenly.
-            plan_seq = cache_plan_seq(max_seq, cp) if cp > 1 and cp_kv_cache == "sharded" else max_seq
             details = _rank_details(result, profile, max_batch, plan_seq, device_memory_bytes, devices)
         groups = {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}
         if cp > 1:

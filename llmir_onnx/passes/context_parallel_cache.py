@@ -398,7 +398,7 @@ def _attribute(node: ir.Node, name: str) -> int:
 
 
 def declare_cache_run_dims(model: ir.Model, parts: int) -> None:
-    """Declare each past KV cache input's token dim a rank's run of the whole past: `past // parts`.
+    """Declare each past KV cache input's token dim a rank's run of the whole past: `ceil(past / parts)`.
 
     The rank's past is its own run, not the whole past the symbol stands for in the original. The planner
     (plan/shapes.py), which evaluates one rank alone, binds the whole past by the symbol's role and this

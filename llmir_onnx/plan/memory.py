@@ -169,8 +169,9 @@ def kv_cache_lengths(model: ir.Model, shapes: Mapping[str, TensorShape]) -> dict
 
 
 def cache_run_dim(past: str, parts: int) -> str:
-    """The token dim of a past KV input holding one cp rank's run of a sequence-sharded cache."""
-    return f"{past} // {parts}"
+    """The token dim of a past KV input holding one cp rank's run of a sequence-sharded cache: the longest
+    run of a balanced split, ceil(past / parts)."""
+    return f"({past} + {parts - 1}) // {parts}"
 
 
 def holds_cache_runs(model: ir.Model) -> bool:

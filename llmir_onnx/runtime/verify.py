@@ -108,9 +108,10 @@ def run_rank(
     case i to `rank_outputs_path(work_dir, N, i)`.
 
     The past KV inputs of a plan whose cache is sharded over cp are this cp rank's run of the fed cache
-    (`cp_cache_runs`). `chained`: from the second case on, each past KV input is this rank's own present
-    of the case before (the fed one is ignored), as `generate` hands them over: decode steps after a
-    prefill, on the cache layout the plan itself left.
+    (`cp_cache_runs`). `chained`: a case fed a non-empty past continues the case before it: each past KV
+    input is this rank's own present of that case (the fed one is ignored), as `generate` hands them
+    over: decode steps after a prefill, on the cache layout the plan itself left. A case fed an empty
+    past (a prefill) starts a new chain.
 
     Its files are checked first; `check_hashes=False` where the launching process hashed them already.
     `device` "cuda": the CUDA EP on GPU `rank_device_id(local rank)` with the CUDA ai.llmir library.
@@ -140,7 +141,7 @@ def run_rank(
     for case, feeds in enumerate(feed_cases):
         rank_feeds = {b.local: np.ascontiguousarray(_rank_part(manifest, entry, b, feeds[b.original], pasts))
                       for b in entry.inputs}
-        if chained and case > 0:
+        if chained and case > 0 and not _starts_chain(feeds, pasts):
             rank_feeds.update({b.local: previous[present] for b in entry.inputs
                                if (present := _present_of(entry, b, pasts)) is not None})
         if before_run is not None:
@@ -187,6 +188,11 @@ def _rank_part(
     index = [slice(None)] * part.ndim
     index[axis] = slice(start, stop)
     return part[tuple(index)]
+
+
+def _starts_chain(feeds: dict[str, np.ndarray], pasts: dict[str, tuple[str, int]]) -> bool:
+    """A case whose fed past KV caches are empty (a prefill): it continues no case before it."""
+    return all(feeds[past].shape[axis] == 0 for past, (_, axis) in pasts.items() if past in feeds)
 
 
 def _present_of(entry: RankEntry, binding: SliceBinding, pasts: dict[str, tuple[str, int]]) -> str | None:
@@ -271,14 +277,16 @@ def compare(
 def reference_outputs(
     model_path: Path, feed_cases: Sequence[dict[str, np.ndarray]], device: str = DEVICE_CPU, chained: bool = False
 ) -> list[dict[str, np.ndarray]]:
-    """The original model's outputs for each feed case, from one session; `chained`: from the second case on,
-    each past KV input is the present of the case before."""
+    """The original model's outputs for each feed case, from one session; `chained`: a case fed a non-empty
+    past continues the case before it (its past KV inputs are that case's presents; see run_rank)."""
     session = original_session(model_path, device)
     names = [output.name for output in session.get_outputs()]
-    pairs = kv_cache_pairs([value.name for value in session.get_inputs()], names)
+    inputs = {value.name: TensorInfo(value.name, value.type, list(value.shape)) for value in session.get_inputs()}
+    pairs = kv_cache_pairs(list(inputs), names)
+    axes = {past: (present, _cache_axis(inputs[past])) for present, past in pairs.items()}
     results: list[dict[str, np.ndarray]] = []
     for feeds in feed_cases:
-        if chained and results:
+        if chained and results and not _starts_chain(feeds, axes):
             feeds = {**feeds, **{past: results[-1][present] for present, past in pairs.items()}}
         results.append(dict(zip(names, session.run(names, feeds), strict=True)))
     return results
@@ -322,9 +330,10 @@ def verify_plan_cases(
     (outputs, comparisons) per case, in order.
 
     `device`: where the ranks AND the original run (cpu or cuda); `profile_dir`: see run_rank.
-    `chained`: the cases are consecutive steps (a prefill, then decode steps): from the second case on each
-    rank's past KV inputs are its own presents of the case before, and the original's its presents (the
-    fed caches are ignored; their other inputs must be the next step's: ids, a mask of the grown length).
+    `chained`: the cases are consecutive steps (a prefill, then decode steps): a case fed a non-empty past
+    continues the case before it, each rank's past KV inputs being its own presents of that case and the
+    original's its presents (the fed caches only give the shapes: the other inputs must be the next
+    step's, ids and a mask of the grown length); a case fed an empty past starts a new chain.
 
     With `timeline`, every rank's run call is written there (see plan/timeline.py), phase "verify", the
     case as its step. The plan's files are checked against the manifest before any rank starts: by this
