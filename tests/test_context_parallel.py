@@ -308,7 +308,8 @@ def test_sequence_sharded_cache_prefill_and_decode_match_the_original(
         present = next(array for n, array in outputs.items() if n.startswith("present"))
         assert present.shape[2] == prompt + step
         bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
-        assert not bad, f"{name} tp {tp} cp {cp} pp {pp}, batch {batch}, prompt {prompt}, step {step}: " + "; ".join(bad)
+        where = f"{name} tp {tp} cp {cp} pp {pp}, batch {batch}, prompt {prompt}, step {step}"
+        assert not bad, f"{where}: " + "; ".join(bad)
 
 
 def test_sequence_sharded_cache_takes_a_whole_cache_split_into_runs(tmp_path: Path) -> None:
