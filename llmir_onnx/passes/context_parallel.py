@@ -32,9 +32,13 @@ rank. Padding rows (zeros) never mix with a real token (no rule in a region mixe
 are sliced to n before they are used), and are dropped at every gather: outputs equal the original's for
 every n, decode (n = 1) included, where rank 0 holds the token and the others padding.
 
+The KV cache. By default (`kv_cache="replicated"`) the cache is replicated over cp, so a decode step gains
+nothing from cp. `kv_cache="sharded"` (the CLI's --cp-kv-cache sharded) shards it along the sequence:
+context_parallel_cache.py finds the nodes that read the cache first (they stay out of the token regions:
+the queries are gathered where they meet the local keys) and rewrites them after the token split.
+
 What it does not do yet. Projections on [batch*tokens, hidden] (GPT-2's Gemm exports) have no token axis:
-their q, k, v and attention run whole on every cp rank (correct, no gain). The cache is replicated over cp:
-a sequence-sharded cache with log-sum-exp decode is the next step, so a decode step gains nothing from cp.
+their q, k, v and attention run whole on every cp rank (correct, no gain).
 Fused attention ops that take their queries as the last tokens of the sequence (GroupQueryAttention, ONNX
 Attention) cannot take a chunk: refused.
 
