@@ -389,3 +389,19 @@ def test_sharded_cache_is_refused_without_cp_and_for_an_unknown_layout(tmp_path:
 
         partition_to_dir(MODELS / "llama-gqa-torch-legacy" / "model.onnx", tmp_path / "p", tp=1, cp=2,
                          cp_kv_cache="ring")
+
+
+def test_sharded_cache_refuses_a_cache_read_outside_attention(tmp_path: Path) -> None:
+    """A sliding window trims the cache (a Slice of the present that is itself the present output): no rule
+    keeps that on a rank's run, so the partition stops with one line naming the node and the fix."""
+    result = subprocess.run(
+        [*CLI, "partition", str(MODELS / "mistral-window-torch-legacy" / "model.onnx"), "-o", str(tmp_path / "plan"),
+         "--cp", "2", "--cp-kv-cache", "sharded"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "--cp-kv-cache sharded: node /model/model/layers.0/self_attn/Slice_4 (Slice)" in lines[0]
+    assert lines[0].endswith("partition with --cp-kv-cache replicated")
+    assert not (tmp_path / "plan").exists()

@@ -85,7 +85,8 @@ class SequenceShardedCache:
         self._cuts: list[tuple[ir.Node, int, int, str]] = []
         self._softmaxes: list[tuple[ir.Node, int]] = []
         self._partials: list[ir.Node] = []
-        self._values: dict[str, ir.Value] = {}
+        self._values: dict[str, ir.Value] = {}  # the step's lengths (`_lengths`), built once
+        self._never_zero_values: dict[str, ir.Value] = {}
         self._cut_values: dict[tuple[str, int, str], ir.Value] = {}
 
     # -- finding --------------------------------------------------------------------------------------
@@ -107,6 +108,24 @@ class SequenceShardedCache:
             if reads:
                 self._decide(node, reads)
                 self.nodes.add(id(node))
+            self._refuse_subgraph_reads(node, node)
+
+    def _refuse_subgraph_reads(self, top: ir.Node, node: ir.Node) -> None:
+        """A subgraph that reads a key-sharded value from the enclosing graph would take a rank's run for the
+        whole cache: refused (only top-level nodes are rewritten)."""
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                graphs = [attr.as_graph()]
+            elif attr.type == ir.AttributeType.GRAPHS:
+                graphs = list(attr.as_graphs())
+            else:
+                continue
+            for subgraph in graphs:
+                for inner in subgraph:
+                    read = next((v for v in inner.inputs if v is not None and v.name in self.axis_of), None)
+                    if read is not None:
+                        raise _refusal(top, read, "holds a subgraph that reads it")
+                    self._refuse_subgraph_reads(top, inner)
 
     def _dim(self, value: ir.Value, axis: int) -> object:
         shape = self.state.shapes.get(value.name)
@@ -286,14 +305,13 @@ class SequenceShardedCache:
     def _never_zero(self, length: ir.Value) -> ir.Value:
         """A run's length for a Reshape target, where 0 would mean "copy the input's dim": -1 (infer) when the
         run is empty (a rank holding no tokens of the cache; the other dims are the whole's, not 0)."""
-        key = f"never_zero/{length.name}"
-        if key not in self._values:
+        if length.name not in self._never_zero_values:
             p = self.cp_pass
             zero = p._initializer(p._name("zero"), np.array([0], dtype=np.int64))
             infer = p._initializer(p._name("infer"), np.array([-1], dtype=np.int64))
             empty = self._bool(p._int_node("Equal", [length, zero]), (1,))
-            self._values[key] = p._int_node("Where", [empty, infer, length])
-        return self._values[key]
+            self._never_zero_values[length.name] = p._int_node("Where", [empty, infer, length])
+        return self._never_zero_values[length.name]
 
     def _sum(self, vector: ir.Value, parts: int) -> ir.Value:
         """The sum of a [parts] int64 vector, as a [1]."""
