@@ -36,7 +36,25 @@ locally to the rank's key columns [s_r + a_r, s_r + L_r + b_r) (s_r + a_r: a_r i
 s_r is 0 at it). A Shape of a key-sharded value gives the whole cache's shape (P, or P + n for the
 present), so the mask, positions and anything else the exporter derives from it are the original's; a
 Reshape or Expand of a key-sharded value whose target holds that whole length gets the local one there.
-A node that reads a key-sharded value and fits none of this is refused with one line naming it.
+A node that reads a key-sharded value and fits none of this is refused with one line naming it (a sliding
+window's trim of the cache, a subgraph reading it); fused attention ops stay refused by --cp itself.
+
+Empty runs. n < C at a prefill (or the ranks before the last after a prompt shorter than C) leaves a rank
+holding no token: its scores have an empty key axis (see the Softmax above), its P@V part is zeros, and a
+Reshape target that would get its run's length 0 there (Reshape's "copy the input's dim") gets -1 instead.
+
+What it costs per layer and step: the query chunk's AllGather (as the keys' was), two AllReduces of
+[.., n, 1] (max, sum) and one of the attention output [.., n, head_dim], for a decode step that reads
+ceil(P/C) cached tokens per rank instead of P; plus the lengths' AllGather once per step. The division by
+the denominator could follow the P@V AllReduce instead (one multiply of [n, head_dim] instead of [n, keys]);
+kept before it so that the Softmax's output is the original's probabilities, key-sharded, for whatever
+reads them.
+
+Planning (plan/memory.py, plan/cost.py evaluate each rank model alone): each rank's past inputs are declared
+as its run, ceil(past / C) (`declare_cache_run_dims`), and the lengths' AllGather evaluates as every member
+holding this rank's run; that equals the whole past when C divides it, so such plans are made at the largest
+max-seq whose decode past C divides (`cache_plan_seq`). A rank's cache thus counts ceil(P/C) tokens: the
+balanced split; the last rank's run outgrows it by the tokens generated after a prompt.
 """
 
 from __future__ import annotations
