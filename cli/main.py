@@ -92,9 +92,18 @@ def partition(
             "--cp",
             min=1,
             help="Context parallelism: split the prompt's tokens over this many ranks, attention included "
-            "(world = tp x cp x pp; the KV cache stays whole on every cp rank).",
+            "(world = tp x cp x pp; the KV cache stays whole on every cp rank unless --cp-kv-cache sharded).",
         ),
     ] = 1,
+    cp_kv_cache: Annotated[
+        str,
+        typer.Option(
+            "--cp-kv-cache",
+            help="With --cp: 'replicated' (every cp rank holds the whole KV cache) or 'sharded' (each cp rank "
+            "holds a contiguous run of the cache's tokens; attention combines the shards with the log-sum-exp "
+            "trick, so a decode step reads 1/cp of the cache per rank).",
+        ),
+    ] = "replicated",
     vocab_parallel: Annotated[
         bool, typer.Option("--vocab-parallel", help="Shard the embedding and lm_head by vocabulary.")
     ] = False,
@@ -191,6 +200,7 @@ def partition(
         vocab_parallel=vocab_parallel,
         sequence_parallel=sequence_parallel,
         cp=cp,
+        cp_kv_cache=cp_kv_cache,
         replicate_unsupported=replicate_unsupported,
         allow_replicated=allow_replicated,
         fold_shapes=not no_fold_shapes,
@@ -212,7 +222,9 @@ def partition(
     sp = " with sequence parallelism" if manifest.mesh.get("sp") else ""
     cp_size = int(manifest.mesh.get("cp", 1))
     typer.echo(f"wrote {len(manifest.ranks)} rank models ({_mesh_text(manifest.mesh)}{sp}) to {out}")
-    if cp_size > 1:
+    if cp_size > 1 and manifest.cp_sharded_cache:
+        typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; each holds its run of the KV cache")
+    elif cp_size > 1:
         typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; the KV cache is whole on every one")
     shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
     if shares or used_weights:
@@ -224,7 +236,9 @@ def partition(
     if max_seq is None and limit is not None:
         typer.echo(f"  max-seq {limit['tokens']}: the longest sequence the model takes ({limit['reason']})")
     cache_tokens = min(entry.memory.get("kv_cache_tokens", manifest.options["max_seq"]) for entry in manifest.ranks)
-    if cache_tokens < manifest.options["max_seq"]:
+    # The plan's own length: a sequence-sharded cache is planned where the decode past splits evenly over cp.
+    planned_seq = min(entry.memory.get("max_seq", manifest.options["max_seq"]) for entry in manifest.ranks)
+    if cache_tokens < planned_seq:
         typer.echo(f"  KV cache: the model keeps at most {cache_tokens} past tokens (a sliding window); sized for that")
     typer.echo(
         f"  {'rank':<5}{'pp':>3}" + (f"{'cp':>4}" if cp_size > 1 else "")
@@ -243,7 +257,7 @@ def partition(
             + (f"  {cluster.devices[entry.rank].profile.name} on {cluster.devices[entry.rank].host}" if cluster else "")
         )
     typer.echo(
-        f"  (memory at batch {manifest.options['max_batch']} x {manifest.options['max_seq']} tokens; "
+        f"  (memory at batch {manifest.options['max_batch']} x {planned_seq} tokens; "
         f"times predicted for {cluster.describe() if cluster is not None else device})"
     )
 

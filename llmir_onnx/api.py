@@ -29,12 +29,13 @@ from llmir_onnx.partition import (
     plan_rank_weights,
     shard_tp_ranks,
 )
+from llmir_onnx.passes.context_parallel_cache import cache_plan_seq
 from llmir_onnx.plan.communication import rank_traffic
 from llmir_onnx.plan.cost import LinkOf, estimate_phases
 from llmir_onnx.plan.data_files import WeightWriter
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, derived_tp_weights, load_profile
 from llmir_onnx.plan.emit import PlanContents, atomic_output_dir, start_weight_writer, tensor_infos, write_plan_into
-from llmir_onnx.plan.manifest import Manifest
+from llmir_onnx.plan.manifest import CP_KV_CACHE_DESCRIPTIONS, Manifest
 from llmir_onnx.plan.memory import MemoryPlan, format_bytes, plan_memory
 from llmir_onnx.plan.shapes import LLMIR_DOMAIN, choose_max_seq, shared_shape_evaluations
 from llmir_onnx.plan.tp_rank_copy import TpRankCopy
@@ -95,6 +96,7 @@ def partition_to_dir(
     fold_shapes: bool = True,
     sequence_parallel: bool = False,
     cp: int = 1,
+    cp_kv_cache: str = "replicated",
 ) -> Manifest:
     """Partition `model_path` for a tp x pp mesh and write the plan into `out_dir` atomically.
 
@@ -123,7 +125,9 @@ def partition_to_dir(
     (passes/sequence_parallel.py); the manifest records `mesh["sp"] = true`.
     `cp` (the CLI's --cp): the prompt's tokens split over a cp mesh axis of this size, attention included
     (passes/context_parallel.py), world = tp x cp x pp; the manifest records `mesh["cp"]`, the cp groups and
-    `mesh["kv_cache"] = "replicated over cp"` (every cp rank holds the whole cache in this step).
+    `mesh["kv_cache"]`: "replicated over cp" (every cp rank holds the whole cache), or with `cp_kv_cache`
+    "sharded" (the CLI's --cp-kv-cache) "sharded over cp (sequence)" (each cp rank holds a contiguous run of
+    the cache's tokens and attention combines the shards with the log-sum-exp trick).
     """
     profile = load_profile(device)
     if tp_weights is not None and len(tp_weights) != tp:
@@ -141,6 +145,9 @@ def partition_to_dir(
     planned_cuts = cuts_from_pins(pins, pp, stage_cut_after_layer)
     record_dim_hints(source, dim_roles or {})
     max_seq, limit = choose_max_seq(source, max_batch, max_seq)
+    # A sequence-sharded cache is planned (stage cuts, memory, cost) at a length whose decode past the cp ranks
+    # split evenly: the planner evaluates one rank as if every cp rank held as many past tokens.
+    plan_seq = cache_plan_seq(max_seq, cp) if cp > 1 and cp_kv_cache == "sharded" else max_seq
     options = PartitionOptions(
         tp=tp,
         pp=pp,
@@ -150,11 +157,12 @@ def partition_to_dir(
         fold_shapes=fold_shapes,
         sequence_parallel=sequence_parallel,
         cp=cp,
+        cp_kv_cache=cp_kv_cache,
         stage_cut_after_layer=planned_cuts,
         device=device,
         device_memory_bytes=device_memory_bytes,
         max_batch=max_batch,
-        max_seq=max_seq,
+        max_seq=plan_seq,
         tp_weights=tp_weights,
         cluster=devices,
     )
@@ -170,7 +178,7 @@ def partition_to_dir(
         check_value_pins(pins, result.placements)
         mesh = result.mesh
         with shared_shape_evaluations():
-            details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes, devices)
+            details = _rank_details(result, profile, max_batch, plan_seq, device_memory_bytes, devices)
         groups = {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}
         if cp > 1:
             groups["cp"] = [list(g) for g in mesh.groups("cp")]
@@ -180,8 +188,9 @@ def partition_to_dir(
         if sequence_parallel:
             mesh_info["sp"] = True  # the tp group also splits the tokens between its blocks
         if cp > 1:
-            # The prompt's tokens are split over cp; the KV cache a step returns is whole on every cp rank.
-            mesh_info["kv_cache"] = "replicated over cp"
+            # The prompt's tokens are split over cp; the KV cache a step returns is whole on every cp rank, or
+            # (sharded) each cp rank's run of its tokens.
+            mesh_info["kv_cache"] = CP_KV_CACHE_DESCRIPTIONS[cp_kv_cache]
         contents = PlanContents(
             source_path=model_path,
             inputs=source_inputs,
@@ -208,6 +217,7 @@ def partition_to_dir(
                 **({"fold_shapes": False} if not fold_shapes else {}),
                 **({"sequence_parallel": True} if sequence_parallel else {}),
                 **({"cp": cp} if cp > 1 else {}),
+                **({"cp_kv_cache": cp_kv_cache} if cp_kv_cache != "replicated" else {}),
                 **({"tp_weights": list(tp_weights)} if tp_weights is not None else {}),
             },
             sharding={"weights": result.weight_splits or []},

@@ -72,6 +72,9 @@ from llmir_onnx.plan.manifest import SliceBinding
 from llmir_onnx.plan.shapes import default_max_seq
 from llmir_onnx.plan.tp_rank_copy import TpRankCopy, moved_rank_copy, tp_rank_copy
 
+# The KV cache layouts over the cp axis (PartitionOptions.cp_kv_cache, the CLI's --cp-kv-cache).
+CP_KV_CACHE_LAYOUTS = ("replicated", "sharded")
+
 
 @dataclass(frozen=True)
 class PartitionOptions:
@@ -100,6 +103,9 @@ class PartitionOptions:
     # Context parallelism (passes/context_parallel.py): the prompt's tokens split over a cp mesh axis of this
     # size, attention included; world = tp x cp x pp.
     cp: int = 1
+    # With cp > 1: "replicated" (every cp rank holds the whole KV cache) or "sharded" (the cache split along the
+    # sequence over cp, attention combined across the shards with the log-sum-exp trick).
+    cp_kv_cache: str = "replicated"
 
 
 class RankProgram:
@@ -161,6 +167,12 @@ def _check_options(options: PartitionOptions) -> None:
         raise ShardingError(f"--pp must be at least 1, got {options.pp}")
     if options.cp < 1:
         raise ShardingError(f"--cp must be at least 1, got {options.cp}")
+    if options.cp_kv_cache not in CP_KV_CACHE_LAYOUTS:
+        raise ShardingError(
+            f"--cp-kv-cache {options.cp_kv_cache!r} is not one of {', '.join(CP_KV_CACHE_LAYOUTS)}"
+        )
+    if options.cp_kv_cache != "replicated" and options.cp == 1:
+        raise ShardingError(f"--cp-kv-cache {options.cp_kv_cache} needs --cp 2 or more (no cp axis to shard over)")
     if options.cp > 1 and options.sequence_parallel:
         raise ShardingError(
             f"--cp {options.cp} with --sp is not supported yet (both split the tokens); partition with one of them"
@@ -226,7 +238,7 @@ def plan_ranks(
     if options.cp > 1:
         from llmir_onnx.passes.context_parallel import ContextParallelPass
 
-        state = _run_pass(ContextParallelPass(state), template).state
+        state = _run_pass(ContextParallelPass(state, kv_cache=options.cp_kv_cache), template).state
     state = _run_pass(InsertCollectivesPass(state), template).state
     if not state.uneven:
         _run_pass(LocalizePass(state), template)
@@ -241,6 +253,11 @@ def plan_ranks(
 
         for localized in templates:
             declare_token_chunk_shapes(localized, state)
+    if options.cp > 1 and options.cp_kv_cache == "sharded":
+        from llmir_onnx.passes.context_parallel_cache import declare_cache_run_dims
+
+        for localized in templates:
+            declare_cache_run_dims(localized, options.cp)
     return templates, state
 
 

@@ -228,3 +228,180 @@ def test_cp_rank_memory_plan_and_cost_match_hand_figures(tmp_path: Path) -> None
     assert cp_cost is not None and whole_cost is not None
     assert 0.45 < cp_cost["prefill"]["flops"] / whole_cost["prefill"]["flops"] < 0.55
     assert cp_cost["decode"]["flops"] >= whole_cost["decode"]["flops"]
+
+
+# --- the KV cache sharded along the sequence over cp (--cp-kv-cache sharded) ---------------------------
+
+# Chains of (prompt tokens, batch): a prefill, then DECODE_STEPS one-token steps, each step's past being each
+# rank's own present of the step before (verify's `chained`). 4 divides cp 2 and 4, 5 neither (cp 4: runs of
+# 2, 2, 1, 0), 3 and 1 leave a rank with no token of the prompt (cp 4, cp 2), whose run then takes the
+# decode steps (the last rank) or stays empty.
+SHARDED_CHAINS = [(4, 1), (5, 2), (3, 1), (1, 2)]
+DECODE_STEPS = 3
+
+# (model, tp, cp, pp)
+SHARDED_LAYOUTS = [
+    ("llama-gqa-torch-legacy", 1, 2, 1),
+    ("llama-gqa-torch-legacy", 1, 4, 1),
+    ("llama-gqa-torch-legacy", 2, 2, 1),
+    ("llama-gqa-torch-legacy", 1, 2, 2),
+    ("llama-gqa-torch-dynamo", 1, 2, 1),
+    ("llama-gqa-torch-dynamo", 2, 2, 2),
+    ("qwen3-optimum", 1, 2, 1),
+    ("qwen3-optimum", 1, 4, 1),
+]
+
+
+def _chained_cases(model_path: Path) -> list[tuple[int, int, int, dict]]:
+    """(prompt, batch, step, feeds) of every chain: step 0 the prefill (an empty past), then the decode steps
+    (their fed past only gives the grown length: verify continues each rank's own cache)."""
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.runtime.feeds import random_feeds
+
+    model = load_model(model_path)
+    cases = []
+    for prompt, batch in SHARDED_CHAINS:
+        for step in range(DECODE_STEPS + 1):
+            new, past = (prompt, 0) if step == 0 else (1, prompt + step - 1)
+            feeds = random_feeds(model, FeedSizes(batch=batch, new_tokens=new, past_tokens=past, seed=prompt + step))
+            cases.append((prompt, batch, step, feeds))
+    return cases
+
+
+def _partition_sharded(name: str, out: Path, tp: int, cp: int, pp: int) -> dict:
+    from llmir_onnx.api import partition_to_dir
+
+    partition_to_dir(MODELS / name / "model.onnx", out, tp=tp, pp=pp, cp=cp, cp_kv_cache="sharded")
+    return json.loads((out / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize(
+    ("name", "tp", "cp", "pp"), SHARDED_LAYOUTS, ids=[f"{n}-tp{t}-cp{c}-pp{p}" for n, t, c, p in SHARDED_LAYOUTS]
+)
+def test_sequence_sharded_cache_prefill_and_decode_match_the_original(
+    name: str, tp: int, cp: int, pp: int, tmp_path: Path
+) -> None:
+    """A prefill, then 3 decode steps on the cache each cp rank holds: logits and the cp ranks' presents joined
+    in cp-rank order equal the original's at every step, for prompts that cp divides and not, batch 1 and 2."""
+    from llmir_onnx.runtime.verify import verify_plan_cases
+
+    plan = tmp_path / "plan"
+    manifest = _partition_sharded(name, plan, tp, cp, pp)
+    assert manifest["mesh"]["kv_cache"] == "sharded over cp (sequence)"
+    assert manifest["options"]["cp_kv_cache"] == "sharded"
+    for rank in range(tp * cp * pp):
+        model = _rank_model(plan, rank)
+        # Each rank's past is its run: declared ceil(past / cp), and the softmax's max and sum combined over cp.
+        pasts = [i for i in model.graph.input if i.name.startswith("past")]
+        assert pasts and all(f"// {cp}" in i.type.tensor_type.shape.dim[2].dim_param for i in pasts)
+        reductions = [next(a.s.decode() for a in n.attribute if a.name == "reduction") for n in model.graph.node
+                      if n.op_type == "AllReduce" and n.name.startswith("llmir/cp/")]
+        layers = len(pasts) // 2
+        assert reductions.count("max") == layers and reductions.count("sum") == 2 * layers, reductions
+    model_path = MODELS / name / "model.onnx"
+    cases = _chained_cases(model_path)
+    results = verify_plan_cases(plan, [feeds for *_, feeds in cases], model_path=model_path, timeout_s=TIMEOUT_S,
+                                chained=True)
+    for (prompt, batch, step, _), (outputs, rows) in zip(cases, results, strict=True):
+        names = {row.name for row in rows}
+        assert "logits" in names and any(n.startswith("present") for n in names), names
+        present = next(array for n, array in outputs.items() if n.startswith("present"))
+        assert present.shape[2] == prompt + step
+        bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+        where = f"{name} tp {tp} cp {cp} pp {pp}, batch {batch}, prompt {prompt}, step {step}"
+        assert not bad, f"{where}: " + "; ".join(bad)
+
+
+def test_sequence_sharded_cache_takes_a_whole_cache_split_into_runs(tmp_path: Path) -> None:
+    """verify feeds a whole past cache as the runs a prefill of its length leaves (`cp_cache_runs`)."""
+    from llmir_onnx.runtime.verify import verify_plan_cases
+
+    plan = tmp_path / "plan"
+    _partition_sharded("llama-gqa-torch-legacy", plan, 1, 4, 1)
+    model_path = MODELS / "llama-gqa-torch-legacy" / "model.onnx"
+    cases = [(6, 3, 2), (1, 5, 1), (2, 2, 1)]  # (new, past, batch): runs of 1, 1, 1, 0; 2, 2, 1, 0; 1, 1, 0, 0
+    feeds = [model_past_feeds(model_path, FeedSizes(batch=b, new_tokens=n, past_tokens=p)) for n, p, b in cases]
+    for (new, past, batch), (_, rows) in zip(cases, verify_plan_cases(plan, feeds, model_path=model_path,
+                                                                       timeout_s=TIMEOUT_S), strict=True):
+        bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+        assert not bad, f"batch {batch}, {new} new after {past}: " + "; ".join(bad)
+
+
+def test_cp_runs_of_a_cache() -> None:
+    from llmir_onnx.plan.manifest import cp_cache_runs
+
+    assert cp_cache_runs(5, 4) == [(0, 2), (2, 4), (4, 5), (5, 5)]
+    assert cp_cache_runs(3, 4) == [(0, 1), (1, 2), (2, 3), (3, 3)]
+    assert cp_cache_runs(0, 2) == [(0, 0), (0, 0)]
+    assert cp_cache_runs(8, 2) == [(0, 4), (4, 8)]
+
+
+def test_cli_sharded_cache_plan_generates_the_original_greedy_tokens(tmp_path: Path) -> None:
+    """`partition --cp 2 --tp 2 --cp-kv-cache sharded`, then generate --check: the original's greedy tokens,
+    every rank decoding on its own run of the cache."""
+    plan = tmp_path / "plan"
+    result = subprocess.run(
+        [*CLI, "partition", str(MODELS / "llama-gqa-torch-legacy" / "model.onnx"), "-o", str(plan), "--cp", "2",
+         "--tp", "2", "--cp-kv-cache", "sharded"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "each holds its run of the KV cache" in result.stdout
+    result = subprocess.run(
+        [*CLI, "generate", str(plan), "--prompt-ids", "1,2,3,4,5,6,7;9,8,7,6,5,4,3", "--max-new-tokens", "6",
+         "--check"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "equal the original model's greedy tokens" in result.stderr
+
+
+def test_sharded_cache_memory_is_one_cp_th_of_the_replicated(tmp_path: Path) -> None:
+    """kv_cache_bytes of a sharded cache: the longest run of a balanced split, ceil(past / cp) tokens, planned
+    at a max_seq whose decode past cp divides. LLaMA legacy: 2 layers x (K, V) x [1, 4, tokens, 16] float32 =
+    1024 B per token; --max-seq 101 at cp 2: 51 tokens (the replicated plan: 101); at cp 4, max-seq 101 is
+    planned at 101 too (100 past tokens split evenly): 26 tokens."""
+    from llmir_onnx.api import partition_to_dir
+
+    model = MODELS / "llama-gqa-torch-legacy" / "model.onnx"
+    replicated = partition_to_dir(model, tmp_path / "r", tp=1, cp=2, max_seq=101)
+    for cp, tokens in ((2, 51), (4, 26)):
+        sharded = partition_to_dir(model, tmp_path / f"s{cp}", tp=1, cp=cp, max_seq=101, cp_kv_cache="sharded")
+        for rank in sharded.ranks:
+            assert rank.memory["kv_cache_bytes"] == tokens * 1024, (cp, rank.memory)
+            assert rank.memory["max_seq"] == 101
+    assert all(rank.memory["kv_cache_bytes"] == 101 * 1024 for rank in replicated.ranks)
+    even = partition_to_dir(model, tmp_path / "even", tp=1, cp=2, max_seq=100, cp_kv_cache="sharded")
+    assert all(rank.memory["max_seq"] == 99 for rank in even.ranks)  # 98 past tokens split evenly
+
+
+def test_sharded_cache_is_refused_without_cp_and_for_an_unknown_layout(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [*CLI, "partition", str(MODELS / "llama-gqa-torch-legacy" / "model.onnx"), "-o", str(tmp_path / "plan"),
+         "--cp-kv-cache", "sharded"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "--cp-kv-cache sharded needs --cp 2 or more" in lines[0], result.stderr
+    with pytest.raises(LlmirError, match="--cp-kv-cache 'ring' is not one of replicated, sharded"):
+        from llmir_onnx.api import partition_to_dir
+
+        partition_to_dir(MODELS / "llama-gqa-torch-legacy" / "model.onnx", tmp_path / "p", tp=1, cp=2,
+                         cp_kv_cache="ring")
+
+
+def test_sharded_cache_refuses_a_cache_read_outside_attention(tmp_path: Path) -> None:
+    """A sliding window trims the cache (a Slice of the present that is itself the present output): no rule
+    keeps that on a rank's run, so the partition stops with one line naming the node and the fix."""
+    result = subprocess.run(
+        [*CLI, "partition", str(MODELS / "mistral-window-torch-legacy" / "model.onnx"), "-o", str(tmp_path / "plan"),
+         "--cp", "2", "--cp-kv-cache", "sharded"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "--cp-kv-cache sharded: node /model/model/layers.0/self_attn/Slice_4 (Slice)" in lines[0]
+    assert lines[0].endswith("partition with --cp-kv-cache replicated")
+    assert not (tmp_path / "plan").exists()

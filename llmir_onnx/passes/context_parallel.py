@@ -32,9 +32,13 @@ rank. Padding rows (zeros) never mix with a real token (no rule in a region mixe
 are sliced to n before they are used), and are dropped at every gather: outputs equal the original's for
 every n, decode (n = 1) included, where rank 0 holds the token and the others padding.
 
+The KV cache. By default (`kv_cache="replicated"`) the cache is replicated over cp, so a decode step gains
+nothing from cp. `kv_cache="sharded"` (the CLI's --cp-kv-cache sharded) shards it along the sequence:
+context_parallel_cache.py finds the nodes that read the cache first (they stay out of the token regions:
+the queries are gathered where they meet the local keys) and rewrites them after the token split.
+
 What it does not do yet. Projections on [batch*tokens, hidden] (GPT-2's Gemm exports) have no token axis:
-their q, k, v and attention run whole on every cp rank (correct, no gain). The cache is replicated over cp:
-a sequence-sharded cache with log-sum-exp decode is the next step, so a decode step gains nothing from cp.
+their q, k, v and attention run whole on every cp rank (correct, no gain).
 Fused attention ops that take their queries as the last tokens of the sequence (GroupQueryAttention, ONNX
 Attention) cannot take a chunk: refused.
 
@@ -57,10 +61,12 @@ from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION
 from llmir_onnx.mesh import MeshAxis
 from llmir_onnx.model_facts import last_token_attention, last_token_attention_reason
+from llmir_onnx.passes.context_parallel_cache import SequenceShardedCache
 from llmir_onnx.passes.sequence_parallel import PER_TOKEN_RULE_MODULES, SequenceParallelPass
 from llmir_onnx.passes.state import (
     Redistribution,
     ShardingPassResult,
+    ShardingState,
     pending_redistributions,
     require_propagated,
 )
@@ -85,6 +91,11 @@ class ContextParallelPass(SequenceParallelPass):
     mesh_axis: MeshAxis = "cp"
     _scatters_partial_sums = False
 
+    def __init__(self, state: ShardingState, kv_cache: str = "replicated") -> None:
+        super().__init__(state)
+        # "sharded": the KV cache split along the sequence over cp (passes/context_parallel_cache.py).
+        self._cache = SequenceShardedCache(self) if kv_cache == "sharded" else None
+
     def requires(self, model: ir.Model) -> None:
         require_propagated(model, self.state, "context parallelism")
 
@@ -96,6 +107,8 @@ class ContextParallelPass(SequenceParallelPass):
         self._read_token_count(model, "--cp")
         # The tp conversions InsertCollectivesPass will insert (none at tp 1; a whole shard converts to itself).
         pending = {(r.node, r.index): r for r in pending_redistributions(model, state)}
+        if self._cache is not None:
+            self._cache.find(graph, model)  # before the token split: its nodes stay out of the token regions
         sharded, region = self._find_region(graph, pending)
         if not region:
             raise PlanError(
@@ -111,6 +124,8 @@ class ContextParallelPass(SequenceParallelPass):
             self._chunk_reshape_target(graph, node, axis)
         for node, axis in shapes:
             self._whole_shape(graph, node, axis)
+        if self._cache is not None:
+            self._cache.rewrite(graph, model)
         state.context_shards = {name: Shard(axis) for name, axis in {**self._chunks, **sharded}.items()}
         model.opset_imports[ops.LLMIR_DOMAIN] = ops.LLMIR_OPSET_VERSION
         model.ir_version = min(model.ir_version, MAX_IR_VERSION)
@@ -138,6 +153,8 @@ class ContextParallelPass(SequenceParallelPass):
         self, node: ir.Node, sharded: dict[str, int], pending: dict[tuple[str, int], Redistribution]
     ) -> dict[str, int] | None:
         """The token axes of `node`'s outputs when it joins a region (see the module docstring), else None."""
+        if self._cache is not None and id(node) in self._cache.nodes:
+            return None  # reads the sequence-sharded cache: its split is the cache's (context_parallel_cache.py)
         source = node.inputs[0] if node.inputs else None
         if node.op_type == "Shape" and node.domain in ("", "ai.onnx") and source is not None and source.name in sharded:
             return {}  # reads the chunk's shape; the token element is made n again (`_whole_shape`): no gather
@@ -204,9 +221,13 @@ class ContextParallelPass(SequenceParallelPass):
             moved.append(item)
         self.state.redistributions = moved
 
-    def _chunk_reshape_target(self, graph: ir.Graph, node: ir.Node, axis: int) -> None:
+    def _chunk_reshape_target(
+        self, graph: ir.Graph, node: ir.Node, axis: int, whole: ir.Value | None = None, local: ir.Value | None = None
+    ) -> None:
         """A Reshape on the chunk whose target is computed at run time may hold n (read off input_ids, or a
-        folded literal) on the token axis: that element becomes c; -1, 0 and a c read off a chunk stay."""
+        folded literal) on the token axis: that element becomes c; -1, 0 and a c read off a chunk stay.
+        `whole` and `local` (default n and c): another pair, a Reshape or Expand of a sequence-sharded cache
+        value whose target holds the whole cache's length (context_parallel_cache.py)."""
         target = node.inputs[1]
         if target is None or target.const_value is not None:
             return  # a constant target cannot hold the dynamic n: it has -1 or 0 there
@@ -218,24 +239,26 @@ class ContextParallelPass(SequenceParallelPass):
             after = self._initializer(self._name("after"), np.full(rank - axis - 1, fill, dtype=np.int64))
             return self._int_node("Concat", [before, size, after], axis=0)
 
-        marker = around(lengths["n"], -2)  # -2 is no size: only the token axis is compared
-        local = around(lengths["chunk"], 0)
+        # -2 is no size: only the token axis is compared
+        marker = around(whole if whole is not None else lengths["n"], -2)
+        local_target = around(local if local is not None else lengths["chunk"], 0)
         equal = ir.Node("", "Equal", [target, marker], name=self._name("Equal"))
-        where = ir.Node("", "Where", [equal.outputs[0], local, target], name=self._name("Where"))
+        where = ir.Node("", "Where", [equal.outputs[0], local_target, target], name=self._name("Where"))
         for made in (equal, where):
             made.outputs[0].name = made.name + "/out"
             self.state.placements[made.outputs[0].name] = REPLICATE
             self.state.shapes[made.outputs[0].name] = (rank,)
         where.outputs[0].type = ir.TensorType(ir.DataType.INT64)
-        for value in (marker, local):
+        for value in (marker, local_target):
             self.state.shapes[value.name] = (rank,)
         graph.insert_before(node, [equal, where])
         node.replace_input_with(1, where.outputs[0])
 
 
-    def _whole_shape(self, graph: ir.Graph, node: ir.Node, axis: int) -> None:
+    def _whole_shape(self, graph: ir.Graph, node: ir.Node, axis: int, whole: ir.Value | None = None) -> None:
         """A Shape of a chunk (which joined the region rather than have the chunk gathered for it) gives the
-        whole sequence's shape: its token element is n, not c."""
+        whole sequence's shape: its token element is n, not c (or `whole`: the whole cache's length, for a
+        Shape of a sequence-sharded cache value)."""
         rank = len(self.state.shapes.get(node.inputs[0].name) or ())
         start_attr, end_attr = node.attributes.get("start"), node.attributes.get("end")
         start, end = (attr.as_int() if attr is not None else None for attr in (start_attr, end_attr))
@@ -256,7 +279,8 @@ class ContextParallelPass(SequenceParallelPass):
         is_token = self._int_node("Equal", [one_hot_value, self._initializer(self._name("one"), np.ones(1, np.int64))])
         is_token.type = ir.TensorType(ir.DataType.BOOL)
         self.state.shapes[is_token.name] = (len(read),)
-        where = ir.Node("", "Where", [is_token, self._lengths_of()["n"], shape_of], name=self._name("Where"))
+        length = whole if whole is not None else self._lengths_of()["n"]
+        where = ir.Node("", "Where", [is_token, length, shape_of], name=self._name("Where"))
         whole = where.outputs[0]
         whole.name, whole.type = f"{shape_of.name}__whole", ir.TensorType(ir.DataType.INT64)
         self._record(whole, None, (len(read),))

@@ -409,7 +409,7 @@ class SequenceParallelPass(ir.passes.InPlacePass):
         padding = self._int_node("Sub", [self._int_node("Mul", [chunk, parts_value]), n])
         start = self._int_node("Mul", [chunk, rank])
         stop = self._int_node("Add", [start, chunk])
-        self._lengths = {"n": n, "chunk": chunk, "padding": padding, "start": start, "stop": stop}
+        self._lengths = {"n": n, "chunk": chunk, "padding": padding, "start": start, "stop": stop, "rank": rank}
         return self._lengths
 
     def _pads_input(self, rank: int, axis: int) -> ir.Value:

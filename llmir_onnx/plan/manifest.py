@@ -13,7 +13,12 @@ Schema version 2 (all keys always present):
                        "groups": {"tp": [[rank, ...], ...], "pp": [[rank, ...], ...]}}
                       with --cp (cp > 1) also "groups"."cp" and "kv_cache": "replicated over cp" (every
                       cp rank holds and returns the whole cache; the prompt's tokens are split); an
-                      external runtime feeds every cp rank the same whole inputs, as every tp rank
+                      external runtime feeds every cp rank the same whole inputs, as every tp rank.
+                      With --cp-kv-cache sharded, "kv_cache": "sharded over cp (sequence)": cp rank r
+                      holds a contiguous run of the cache's tokens, the runs in cp-rank order; its
+                      `past.*` inputs and `present.*` outputs are its own run (the bindings' sequence
+                      dim is not sliced statically: a runtime feeds each cp rank the present that rank
+                      returned; `cp_cache_runs` gives the runs of a whole cache fed from outside)
     options           the partition options used (free-form, informative)
     inputs, outputs   the original model's [{"name", "dtype", "shape"}]; shape entries are ints or
                       strings (symbolic dims)
@@ -63,6 +68,20 @@ MANIFEST_FORMAT = "llmir-onnx-plan"
 MANIFEST_VERSION = 2
 
 T = TypeVar("T")
+
+# mesh["kv_cache"] of a cp plan, by the partition's cp_kv_cache layout.
+KV_CACHE_REPLICATED_OVER_CP = "replicated over cp"
+KV_CACHE_SHARDED_OVER_CP = "sharded over cp (sequence)"
+CP_KV_CACHE_DESCRIPTIONS = {"replicated": KV_CACHE_REPLICATED_OVER_CP, "sharded": KV_CACHE_SHARDED_OVER_CP}
+
+
+def cp_cache_runs(tokens: int, cp: int) -> list[tuple[int, int]]:
+    """[start, stop) of a whole cache of `tokens` tokens held by each cp rank of a sequence-sharded cache, in
+    cp-rank order: the runs a prefill of `tokens` tokens leaves (chunks of ceil(tokens / cp), the last ones
+    short or empty). Any contiguous runs in rank order are a valid cache; this is the one runtimes use to
+    split a cache they are given whole (verify's feeds)."""
+    chunk = -(-tokens // cp) if tokens else 0
+    return [(min(r * chunk, tokens), min((r + 1) * chunk, tokens)) for r in range(cp)]
 
 
 @dataclass(frozen=True)
@@ -125,6 +144,11 @@ class Manifest:
     @property
     def world_size(self) -> int:
         return int(self.mesh["world_size"])
+
+    @property
+    def cp_sharded_cache(self) -> bool:
+        """Each cp rank holds its own run of the KV cache's tokens (--cp-kv-cache sharded)."""
+        return self.mesh.get("kv_cache") == KV_CACHE_SHARDED_OVER_CP
 
     def rank_entry(self, rank: int) -> RankEntry:
         for entry in self.ranks:

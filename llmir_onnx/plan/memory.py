@@ -168,10 +168,28 @@ def kv_cache_lengths(model: ir.Model, shapes: Mapping[str, TensorShape]) -> dict
     }
 
 
+def cache_run_dim(past: str, parts: int) -> str:
+    """The token dim of a past KV input holding one cp rank's run of a sequence-sharded cache: the longest
+    run of a balanced split, ceil(past / parts)."""
+    return f"({past} + {parts - 1}) // {parts}"
+
+
+def holds_cache_runs(model: ir.Model) -> bool:
+    """The past KV inputs hold this rank's run of a sequence-sharded cache (`cache_run_dim`)."""
+    for value in past_kv_inputs(model):
+        dim = value.shape[kv_length_axis(value)] if value.shape is not None else None
+        if dim is not None and not isinstance(dim, int) and re.fullmatch(r".+ // \d+", str(dim.value)):
+            return True
+    return False
+
+
 def kv_cache_tokens(model: ir.Model, decode_shapes: Mapping[str, TensorShape], max_seq: int) -> int:
     """Past tokens the KV cache holds per sequence at `max_seq`: max_seq, or the length of the present
     outputs where they stay shorter (a sliding-window cache keeps only its window; the next step's
-    past is that present)."""
+    past is that present). A rank holding runs of a sequence-sharded cache returns its run, not a window:
+    max_seq (its past inputs are declared as the run of it, `cache_run_dim`)."""
+    if holds_cache_runs(model):
+        return max_seq
     lengths = kv_cache_lengths(model, decode_shapes).values()
     return min(max_seq, max(lengths)) if lengths else max_seq
 

@@ -2,7 +2,9 @@
 
 They have no sharding rule (insert_collectives and the stage split place them after propagation) and
 carry no size to localize; their shapes follow `ops.collective_axis_length`, the rule the ops' ONNX
-schemas infer by.
+schemas infer by. The planner evaluates one rank alone: an even AllGather of a small known integer tensor
+(the lengths a sequence-sharded KV cache gathers, passes/context_parallel_cache.py) takes every member
+to contribute what this rank does, the balanced layout the plan is made for (`gather_value`).
 """
 
 from __future__ import annotations
@@ -41,6 +43,16 @@ def gather_scatter_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[Tens
     return [TensorShape(tuple(shape), first.dtype)]
 
 
+def gather_value(node: ir.Node, inputs: list[np.ndarray | None]) -> np.ndarray | None:
+    """An even AllGather of a known (small integer) value, every member taken to hold this rank's value."""
+    group = attr_ints(node, "group") or []
+    first = inputs[0] if inputs else None
+    if not group or first is None or attr_ints(node, "sizes"):
+        return None
+    axis = norm_axis(attr_int(node, "axis", 0), first.ndim)
+    return np.concatenate([first] * len(group), axis=axis)
+
+
 def send_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     # Its output is the element count it sent, known from the input's shape; the stage split orders
     # Sends through it (`shape + 0 * count`), so later Reshape targets depend on it.
@@ -61,6 +73,7 @@ def recv_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | 
 
 
 define([ops.ALL_REDUCE], ops.LLMIR_DOMAIN, shape=same_as_first)
-define([ops.ALL_GATHER, ops.REDUCE_SCATTER], ops.LLMIR_DOMAIN, shape=gather_scatter_shape)
+define([ops.ALL_GATHER], ops.LLMIR_DOMAIN, shape=gather_scatter_shape, value=gather_value)
+define([ops.REDUCE_SCATTER], ops.LLMIR_DOMAIN, shape=gather_scatter_shape)
 define([ops.SEND], ops.LLMIR_DOMAIN, shape=send_shape)
 define([ops.RECV], ops.LLMIR_DOMAIN, shape=recv_shape)

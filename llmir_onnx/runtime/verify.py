@@ -20,8 +20,9 @@ from typing import Any
 import numpy as np
 
 from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
+from llmir_onnx.model_facts import kv_cache_pairs
 from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
-from llmir_onnx.plan.manifest import Manifest, SliceBinding
+from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding, TensorInfo, cp_cache_runs
 from llmir_onnx.plan.timeline import write_timeline
 from llmir_onnx.runtime.job import fault_hook, ignore_peer_death_notice, run_rank_job
 from llmir_onnx.runtime.launch import detect_rank_env, setup_communication
@@ -36,6 +37,7 @@ from llmir_onnx.runtime.session import (
 )
 
 RANK_DONE_SUFFIX = ".done"
+CHAINED_MARKER = "chained_cache"  # in a verify job's folder: each case's past is the previous case's present"
 RUN_CALLS_SUFFIX = ".run_calls.json"
 STRETCH_SUFFIX = ".compute_stretch.json"
 
@@ -100,9 +102,16 @@ def run_rank(
     check_hashes: bool = True,
     device: str = DEVICE_CPU,
     profile_dir: Path | None = None,
+    chained: bool = False,
 ) -> None:
     """Run this process's rank on each of `feed_cases` in turn, one session for all, and write its outputs of
     case i to `rank_outputs_path(work_dir, N, i)`.
+
+    The past KV inputs of a plan whose cache is sharded over cp are this cp rank's run of the fed cache
+    (`cp_cache_runs`). `chained`: a case fed a non-empty past continues the case before it: each past KV
+    input is this rank's own present of that case (the fed one is ignored), as `generate` hands them
+    over: decode steps after a prefill, on the cache layout the plan itself left. A case fed an empty
+    past (a prefill) starts a new chain.
 
     Its files are checked first; `check_hashes=False` where the launching process hashed them already.
     `device` "cuda": the CUDA EP on GPU `rank_device_id(local rank)` with the CUDA ai.llmir library.
@@ -127,16 +136,22 @@ def run_rank(
         raise PlanError(f"rank {comm.rank}: onnxruntime did not enable {CUDA_PROVIDER} on device {device_id}")
     before_run = fault_hook(comm.rank)
     run_calls = []  # (case, micro-batch, start, end) on CLOCK_MONOTONIC, for `verify --timeline`
+    pasts = _past_inputs(manifest)
+    previous: dict[str, np.ndarray] = {}  # this rank's presents of the case before, by local name
     for case, feeds in enumerate(feed_cases):
-        rank_feeds = {b.local: np.ascontiguousarray(b.take(feeds[b.original])) for b in entry.inputs}
+        rank_feeds = {b.local: np.ascontiguousarray(_rank_part(manifest, entry, b, feeds[b.original], pasts))
+                      for b in entry.inputs}
+        if chained and case > 0 and not _starts_chain(feeds, pasts):
+            rank_feeds.update({b.local: previous[present] for b in entry.inputs
+                               if (present := _present_of(entry, b, pasts)) is not None})
         if before_run is not None:
             before_run(case)
         run_start = time.monotonic()
         with comm.stretched_run():
             results = session.run([b.local for b in entry.outputs], rank_feeds)
         run_calls.append([case, 0, run_start, time.monotonic()])
-        np.savez(rank_outputs_path(work_dir, comm.rank, case),
-                 **{binding.local: array for binding, array in zip(entry.outputs, results, strict=True)})
+        previous = {binding.local: array for binding, array in zip(entry.outputs, results, strict=True)}
+        np.savez(rank_outputs_path(work_dir, comm.rank, case), **previous)
     if profile_dir is not None:
         session.end_profiling()
     (work_dir / f"rank{comm.rank}{RUN_CALLS_SUFFIX}").write_text(json.dumps(run_calls))
@@ -145,13 +160,72 @@ def run_rank(
     (work_dir / f"rank{comm.rank}{RANK_DONE_SUFFIX}").touch()
 
 
+def _past_inputs(manifest: Manifest) -> dict[str, tuple[str, int]]:
+    """{past KV input: (its present output, its token axis)} of the original model."""
+    infos = {info.name: info for info in manifest.inputs}
+    pairs = kv_cache_pairs([info.name for info in manifest.inputs], [info.name for info in manifest.outputs])
+    return {past: (present, _cache_axis(infos[past])) for present, past in pairs.items() if past in infos}
+
+
+def _cache_axis(info: TensorInfo) -> int:
+    """The token axis of a KV cache tensor (model_facts.kv_length_axis, on the manifest's shape)."""
+    shape = info.shape
+    if len(shape) != 4 or not isinstance(shape[2], int):
+        return 2
+    dynamic = [axis for axis in (1, 3) if not isinstance(shape[axis], int)]
+    return dynamic[0] if len(dynamic) == 1 else 2
+
+
+def _rank_part(
+    manifest: Manifest, entry: RankEntry, binding: SliceBinding, full: np.ndarray, pasts: dict[str, tuple[str, int]]
+) -> np.ndarray:
+    """This rank's part of one original input: its binding's slice, and of a cache sharded over cp its run."""
+    part = binding.take(full)
+    if not manifest.cp_sharded_cache or binding.original not in pasts:
+        return part
+    axis = pasts[binding.original][1]
+    start, stop = cp_cache_runs(part.shape[axis], int(manifest.mesh["cp"]))[entry.coords["cp"]]
+    index = [slice(None)] * part.ndim
+    index[axis] = slice(start, stop)
+    return part[tuple(index)]
+
+
+def _starts_chain(feeds: dict[str, np.ndarray], pasts: dict[str, tuple[str, int]]) -> bool:
+    """A case whose fed past KV caches are empty (a prefill): it continues no case before it."""
+    return all(feeds[past].shape[axis] == 0 for past, (_, axis) in pasts.items() if past in feeds)
+
+
+def _present_of(entry: RankEntry, binding: SliceBinding, pasts: dict[str, tuple[str, int]]) -> str | None:
+    """The local name of this rank's present output that a past KV input binding continues, if any."""
+    if binding.original not in pasts:
+        return None
+    present = pasts[binding.original][0]
+    return next((out.local for out in entry.outputs if out.original == present), None)
+
+
 def assemble_outputs(manifest: Manifest, work_dir: Path, case: int = 0) -> dict[str, np.ndarray]:
-    """Put the original model's outputs of feed case `case` back together from every rank's slices."""
+    """Put the original model's outputs of feed case `case` back together from every rank's slices; a
+    cache sharded over cp is its cp ranks' runs concatenated in cp-rank order."""
     parts: dict[str, list[tuple[SliceBinding, np.ndarray]]] = {}
+    runs: dict[tuple[str, int, int], list[tuple[int, np.ndarray]]] = {}  # (output, pp, tp) -> [(cp, run)]
+    presents = {present: axis for present, axis in _past_inputs(manifest).values()}
     for entry in manifest.ranks:
         with np.load(rank_outputs_path(work_dir, entry.rank, case)) as archive:
             for binding in entry.outputs:
+                if manifest.cp_sharded_cache and binding.original in presents:
+                    key = (binding.original, entry.coords["pp"], entry.coords["tp"])
+                    run = archive[binding.local]
+                    if not runs.get(key):
+                        parts.setdefault(binding.original, []).append((binding, run))
+                    runs.setdefault(key, []).append((entry.coords["cp"], run))
+                    continue
                 parts.setdefault(binding.original, []).append((binding, archive[binding.local]))
+    for (name, _, _), held in runs.items():
+        whole = np.concatenate([run for _, run in sorted(held, key=lambda item: item[0])], axis=presents[name])
+        pieces = parts[name]
+        # The first cp rank's piece stands for this (pp, tp) slice: replace it with the runs joined.
+        at = next(i for i, (_, array) in enumerate(pieces) if array is held[0][1])
+        pieces[at] = (pieces[at][0], whole)
     assembled = {}
     for info in manifest.outputs:
         pieces = parts.get(info.name)
@@ -201,12 +275,21 @@ def compare(
 
 
 def reference_outputs(
-    model_path: Path, feed_cases: Sequence[dict[str, np.ndarray]], device: str = DEVICE_CPU
+    model_path: Path, feed_cases: Sequence[dict[str, np.ndarray]], device: str = DEVICE_CPU, chained: bool = False
 ) -> list[dict[str, np.ndarray]]:
-    """The original model's outputs for each feed case, from one session."""
+    """The original model's outputs for each feed case, from one session; `chained`: a case fed a non-empty
+    past continues the case before it (its past KV inputs are that case's presents; see run_rank)."""
     session = original_session(model_path, device)
     names = [output.name for output in session.get_outputs()]
-    return [dict(zip(names, session.run(names, feeds), strict=True)) for feeds in feed_cases]
+    inputs = {value.name: TensorInfo(value.name, value.type, list(value.shape)) for value in session.get_inputs()}
+    pairs = kv_cache_pairs(list(inputs), names)
+    axes = {past: (present, _cache_axis(inputs[past])) for present, past in pairs.items()}
+    results: list[dict[str, np.ndarray]] = []
+    for feeds in feed_cases:
+        if chained and results and not _starts_chain(feeds, axes):
+            feeds = {**feeds, **{past: results[-1][present] for present, past in pairs.items()}}
+        results.append(dict(zip(names, session.run(names, feeds), strict=True)))
+    return results
 
 
 def wait_for_ranks(manifest: Manifest, work_dir: Path, timeout_s: float) -> None:
@@ -240,12 +323,17 @@ def verify_plan_cases(
     timeline: Path | None = None,
     device: str = DEVICE_CPU,
     profile_dir: Path | None = None,
+    chained: bool = False,
 ) -> list[tuple[dict[str, np.ndarray], list[OutputComparison]]]:
     """Run the plan on each of `feed_cases` (say a prompt, then a decode step after a cache) and compare each
     with the original model: one job, each rank loads its session once and runs the cases in turn. Returns
     (outputs, comparisons) per case, in order.
 
     `device`: where the ranks AND the original run (cpu or cuda); `profile_dir`: see run_rank.
+    `chained`: the cases are consecutive steps (a prefill, then decode steps): a case fed a non-empty past
+    continues the case before it, each rank's past KV inputs being its own presents of that case and the
+    original's its presents (the fed caches only give the shapes: the other inputs must be the next
+    step's, ids and a mask of the grown length); a case fed an empty past starts a new chain.
 
     With `timeline`, every rank's run call is written there (see plan/timeline.py), phase "verify", the
     case as its step. The plan's files are checked against the manifest before any rank starts: by this
@@ -268,7 +356,7 @@ def verify_plan_cases(
             shutil.rmtree(work_dir, ignore_errors=True)
         work_dir.mkdir(exist_ok=True)
         run_rank(plan_dir, manifest, feed_cases, work_dir, check_hashes=check_hashes, device=device,
-                 profile_dir=profile_dir)
+                 profile_dir=profile_dir, chained=chained)
         if env.rank != 0:
             return []
         wait_for_ranks(manifest, work_dir, timeout_s)
@@ -278,6 +366,8 @@ def verify_plan_cases(
         check_plan_files(plan_dir, manifest, check_hashes=check_hashes)
         with tempfile.TemporaryDirectory(prefix="llmir-verify-") as tmp:
             work_dir = Path(tmp)
+            if chained:
+                (work_dir / CHAINED_MARKER).touch()
             for case, feeds in enumerate(feed_cases):
                 # mypy: a feed named `allow_pickle` would bind savez's flag; model inputs are never so named.
                 np.savez(case_feeds_path(work_dir, case), **feeds)  # type: ignore[arg-type]
@@ -292,7 +382,7 @@ def verify_plan_cases(
                 stretched = {e.rank: json.loads(path.read_text()) for e in manifest.ranks
                              if (path := work_dir / f"rank{e.rank}{STRETCH_SUFFIX}").is_file()}  # fmt: skip
                 write_timeline(timeline, manifest, calls, phase="verify", compute_stretch=stretched)
-    references = reference_outputs(source, feed_cases, device)
+    references = reference_outputs(source, feed_cases, device, chained=chained)
     return [(outputs, compare(reference, outputs, atol, rtol))
             for outputs, reference in zip(assembled, references, strict=True)]
 
@@ -330,5 +420,5 @@ def rank_main_verify(
     manifest = Manifest.read(plan_dir)
     feed_cases = [load_feeds(case_feeds_path(work_dir, case)) for case in range(int(cases))]
     run_rank(Path(plan_dir), manifest, feed_cases, work_dir, check_hashes=False, device=device,
-             profile_dir=Path(profile_dir) if profile_dir else None)
+             profile_dir=Path(profile_dir) if profile_dir else None, chained=(work_dir / CHAINED_MARKER).exists())
 
