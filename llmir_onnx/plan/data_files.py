@@ -23,7 +23,10 @@ source order:
   unit finishes, the file's prefix that is now complete (its weights, the alignment gaps and
   all-zero holes between them) is read back from the page cache, where the bytes just went, and
   hashed (`_OrderedHash`). Source order is the files' order for every exported model we know, so
-  the prefix grows right behind the writes and the reads stay in the cache.
+  the prefix grows right behind the writes and the reads stay in the cache. The hashing runs on its
+  own threads (`HASH_THREADS`), not on the writers: a writer that hashed a prefix itself stopped
+  writing meanwhile (sha256 is about as costly per byte as the copy), so the writes now go on at the
+  copy's pace while the hashing follows them (hashlib releases the GIL, so it takes a free core).
 
 The rank models then reference their weights as external tensors at these places and are saved
 as small protobufs (no weight passes through protobuf).
@@ -56,6 +59,8 @@ ALIGNMENT_BYTES = 4096
 WRITER_THREADS = 2
 # How often a thread holding the GIL hands it over while the weights are being written.
 GIL_SWITCH_INTERVAL_S = 0.0002
+# Threads hashing the files' completed prefixes behind the writers (one file at a time each).
+HASH_THREADS = 2
 # Bytes read back at once to hash a file's completed prefix.
 HASH_CHUNK_BYTES = 8 << 20
 _ZEROS = bytes(HASH_CHUNK_BYTES)
@@ -234,18 +239,38 @@ def _source_order(job: tuple[ir.TensorProtocol, WeightPlace]) -> tuple[str, int]
     return "", 0
 
 
+_thread_state = threading.local()
+
+
+def _hash_buffer() -> bytearray:
+    """This thread's read-back buffer: one per thread for the whole partition (a fresh 8 MiB buffer per
+    hashing round page-faulted and zeroed every byte of it again)."""
+    buffer: bytearray | None = getattr(_thread_state, "hash_buffer", None)
+    if buffer is None:
+        buffer = _thread_state.hash_buffer = bytearray(HASH_CHUNK_BYTES)
+    return buffer
+
+
 class _OrderedHash:
     """The sha256 of one data file, fed in file order as its weights are written, in whatever order.
 
     `places` are the file's weights as (offset, length), in file order; `written(offset)` says the
     weight at `offset` is on disk (or is a hole). The prefix up to the first weight not yet written
     is then read back and hashed: gaps between weights and holes read as zeros, and so do bytes past
-    the file's current end, which later writes or the final truncate only extend with zeros. One
-    thread hashes a file at a time; the others only record what they wrote and go on writing.
+    the file's current end, which later writes or the final truncate only extend with zeros. The
+    reading back and hashing run through `submit` (the writer's hashing threads), one round at a time
+    per file: `written` only records the weight and, when no round of this file is pending, submits
+    one, so the writer that called it goes on writing.
     """
 
-    def __init__(self, fd: Callable[[], int], places: Sequence[tuple[int, int]] = ()) -> None:
+    def __init__(
+        self,
+        fd: Callable[[], int],
+        places: Sequence[tuple[int, int]] = (),
+        submit: Callable[[Callable[[], None]], object] | None = None,
+    ) -> None:
         self._fd = fd
+        self._submit = submit if submit is not None else (lambda work: work())
         self._places: list[tuple[int, int]] = []
         self._written: set[int] = set()
         self._next = 0  # index of the first place not hashed yet
@@ -267,11 +292,15 @@ class _OrderedHash:
         with self._lock:
             self._written.add(offset)
             if self._busy:
-                return  # the thread hashing this file takes it in its next round
+                return  # the round pending for this file takes it
             self._busy = True
+        self._submit(self._hash_written)
+
+    def _hash_written(self) -> None:
+        """Hash the written prefix until none is left past what is hashed (one round; see `written`)."""
         try:
             while (end := self._complete_prefix()) is not None:
-                self._hash_range(self._hashed, end)
+                self._hash_range(self._hashed, end, _hash_buffer())
                 self._hashed = end
         except BaseException:
             with self._lock:
@@ -292,9 +321,8 @@ class _OrderedHash:
                 return None
             return end
 
-    def _hash_range(self, start: int, stop: int) -> None:
+    def _hash_range(self, start: int, stop: int, buffer: bytearray) -> None:
         fd = self._fd()
-        buffer = bytearray(min(HASH_CHUNK_BYTES, stop - start))
         view = memoryview(buffer)
         while start < stop:
             want = min(len(buffer), stop - start)
@@ -305,23 +333,25 @@ class _OrderedHash:
             start += want
 
     def digest(self, size: int) -> FileDigest:
-        """The file's digest once every place is written and the file has its final `size`."""
+        """The file's digest once every place is written and hashed and the file has its final `size`."""
         if self._next != len(self._places) or self._busy:
             raise RuntimeError("a data file's hash was asked for before all its weights were written")
         if size > self._hashed:
-            self._hash_range(self._hashed, size)
+            self._hash_range(self._hashed, size, _hash_buffer())
             self._hashed = size
         return FileDigest(size, self._digest.hexdigest())
 
 
 class _Files:
-    """The plan's data files, opened once each for writing at explicit offsets."""
+    """The plan's data files, opened once each for writing at explicit offsets, and their hashing threads."""
 
     def __init__(self, folder: Path) -> None:
         self._folder = folder
         self._fds: dict[str, int] = {}
         self._hashes: dict[str, _OrderedHash] = {}
         self._lock = threading.Lock()
+        self._hash_pool: ThreadPoolExecutor | None = None
+        self._hash_rounds: list[Future[None]] = []
 
     def fd(self, name: str) -> int:
         with self._lock:
@@ -330,6 +360,12 @@ class _Files:
                 self._fds[name] = os.open(self._folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             return self._fds[name]
 
+    def _submit_hash(self, work: Callable[[], None]) -> None:
+        with self._lock:
+            if self._hash_pool is None:
+                self._hash_pool = ThreadPoolExecutor(max_workers=HASH_THREADS, thread_name_prefix="llmir-hash")
+            self._hash_rounds.append(self._hash_pool.submit(work))
+
     def expect(self, places: Sequence[WeightPlace]) -> None:
         """The places to hash as they are written: the first ones of their files, or after those known."""
         by_file: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -337,23 +373,39 @@ class _Files:
             by_file[place.file].append((place.offset, place.length))
         for name, spans in by_file.items():
             if name not in self._hashes:
-                self._hashes[name] = _OrderedHash(functools.partial(self.fd, name))
+                self._hashes[name] = _OrderedHash(functools.partial(self.fd, name), submit=self._submit_hash)
             self._hashes[name].extend(spans)
 
     def written(self, place: WeightPlace) -> None:
         self._hashes[place.file].written(place.offset)
 
+    def _join_hashing(self, raise_errors: bool) -> None:
+        """Wait for every hashing round submitted (the first error raised with `raise_errors`)."""
+        with self._lock:
+            pool, rounds = self._hash_pool, self._hash_rounds
+            self._hash_pool, self._hash_rounds = None, []
+        if pool is None:
+            return
+        pool.shutdown(wait=True)
+        if raise_errors:
+            for round_ in rounds:
+                round_.result()
+
     def finish(self, sizes: dict[str, int]) -> dict[str, FileDigest]:
         """Extend each file to its size and close them all; returns each file's digest."""
-        digests = {}
-        for name in sorted(sizes):
-            # Holes (alignment, all-zero weights) read as zeros; the size covers the last weight.
-            os.ftruncate(self.fd(name), sizes[name])
-            digests[name] = self._hashes[name].digest(sizes[name])
-        self.close()
+        try:
+            self._join_hashing(raise_errors=True)
+            digests = {}
+            for name in sorted(sizes):
+                # Holes (alignment, all-zero weights) read as zeros; the size covers the last weight.
+                os.ftruncate(self.fd(name), sizes[name])
+                digests[name] = self._hashes[name].digest(sizes[name])
+        finally:
+            self.close()
         return digests
 
     def close(self) -> None:
+        self._join_hashing(raise_errors=False)
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
