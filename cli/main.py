@@ -7,6 +7,9 @@ a traceback only with --debug.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,6 +27,18 @@ app = typer.Typer(
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class _Process:
+    """What the `llmir-onnx` process does once its command has returned (see `main`)."""
+
+    # Set by a command whose work is all on disk when it returns (a written plan). Tearing the interpreter
+    # down then frees every object the command made, one by one: after a partition, hundreds of thousands
+    # of graph nodes, values and attributes, 0.3-2 s on the 2-core VM (docs/BENCHMARKS.md, "Partition of
+    # multi-GB models"), for nothing.
+    exit_without_teardown = False
+
+
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 NoCheckHashesOption = Annotated[
     bool,
@@ -206,6 +221,7 @@ def partition(
         tp_weights=weights,
         devices=cluster,
     )
+    _Process.exit_without_teardown = True  # the plan is written, renamed into place and its files closed
     if as_json:
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
         return
@@ -604,7 +620,18 @@ def annotate(
 
 
 def main() -> None:
-    app(prog_name="llmir-onnx")
+    """The `llmir-onnx` process: the command, then exit (without the interpreter's teardown after a partition)."""
+    try:
+        app(prog_name="llmir-onnx")  # standalone mode: ends by raising SystemExit
+    except SystemExit as stop:
+        if _Process.exit_without_teardown and stop.code in (None, 0):
+            # Only the partition's own objects are left to free: its files are closed and in place, its
+            # threads joined. Flush what Python would flush at exit, then leave.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
 
 
 if __name__ == "__main__":

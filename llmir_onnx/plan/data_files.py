@@ -570,4 +570,3 @@ class WeightWriter:
         for unit in _write_units(late):
             _write_unit(unit, self._files, self._advance)
         self.digests = self._files.finish(self.layout.file_sizes)
-
