@@ -44,8 +44,8 @@ NoCheckHashesOption = Annotated[
     bool,
     typer.Option(
         "--no-check-hashes",
-        help="Skip the sha256 of the plan's files (their paths and sizes are still checked); by default every "
-        "file is hashed once before any rank starts.",
+        help="Skip the hashes (BLAKE3, or sha256 in older plans) of the plan's files (their paths and sizes are "
+        "still checked); by default every file is hashed once before any rank starts.",
     ),
 ]
 DimOption = Annotated[
@@ -473,14 +473,15 @@ def check(
     no_check_hashes: NoCheckHashesOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Check a plan without running it: the manifest's schema, every file's path, size and sha256."""
+    """Check a plan without running it: the manifest's schema, every file's path, size and digest."""
     from llmir_onnx.plan.integrity import check_plan_files
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.plan.memory import format_bytes
 
     manifest = Manifest.read(plan)
     result = check_plan_files(plan, manifest, check_hashes=not no_check_hashes)
-    what = "sizes and sha256 match" if result.hashed else "sizes match (sha256 not checked)"
+    algorithms = "/".join(sorted({digest.algorithm for digest in manifest.files.values()}))
+    what = f"sizes and {algorithms} match" if result.hashed else f"sizes match ({algorithms} not checked)"
     typer.echo(
         f"{plan}: plan ok: {_mesh_text(manifest.mesh)}, {result.files} files "
         f"({format_bytes(result.bytes)}), {what}"

@@ -17,16 +17,17 @@ source order:
   mapped window of rows, so those rows are read once for all ranks, not once per rank; a tensor
   that is all zeros (a Partial share) is a hole in a sparse file and costs nothing.
 
-* Hashing. The manifest holds each file's sha256, taken while the file is written (no second pass
-  over the plan): the kernel copies never bring the bytes into this process and the units finish
-  out of file order, so each file's hash follows its writes from behind, in file order: when a
-  unit finishes, the file's prefix that is now complete (its weights, the alignment gaps and
-  all-zero holes between them) is read back from the page cache, where the bytes just went, and
-  hashed (`_OrderedHash`). Source order is the files' order for every exported model we know, so
-  the prefix grows right behind the writes and the reads stay in the cache. The hashing runs on its
-  own threads (`HASH_THREADS`), not on the writers: a writer that hashed a prefix itself stopped
-  writing meanwhile (sha256 is about as costly per byte as the copy), so the writes now go on at the
-  copy's pace while the hashing follows them (hashlib releases the GIL, so it takes a free core).
+* Hashing. The manifest holds each file's digest (BLAKE3, llmir_onnx/digest.py), taken while the
+  file is written (no second pass over the plan): the kernel copies never bring the bytes into this
+  process and the units finish out of file order, so each file's hash follows its writes from
+  behind, in file order: when a unit finishes, the file's prefix that is now complete (its weights,
+  the alignment gaps and all-zero holes between them) is read back from the page cache, where the
+  bytes just went, and hashed (`_OrderedHash`). Source order is the files' order for every exported
+  model we know, so the prefix grows right behind the writes and the reads stay in the cache. The
+  hashing runs on its own threads (`HASH_THREADS`), not on the writers: a writer that hashed a
+  prefix itself stopped writing meanwhile (hashing costs about as much CPU per byte as the copy),
+  so the writes now go on at the copy's pace while the hashing follows them (the hashers release
+  the GIL, so it takes a free core).
 
 The rank models then reference their weights as external tensors at these places and are saved
 as small protobufs (no weight passes through protobuf).
@@ -35,7 +36,6 @@ as small protobufs (no weight passes through protobuf).
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import queue
 import sys
@@ -49,7 +49,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from llmir_onnx.digest import FileDigest
+from llmir_onnx.digest import FileDigest, new_hasher
 from llmir_onnx.ir_io import graph_protos
 from llmir_onnx.weight_slices import ExternalSlice, Zeros, copy_range_at, gather_slices, pwrite_all
 
@@ -252,7 +252,7 @@ def _hash_buffer() -> bytearray:
 
 
 class _OrderedHash:
-    """The sha256 of one data file, fed in file order as its weights are written, in whatever order.
+    """The digest of one data file, fed in file order as its weights are written, in whatever order.
 
     `places` are the file's weights as (offset, length), in file order; `written(offset)` says the
     weight at `offset` is on disk (or is a hole). The prefix up to the first weight not yet written
@@ -275,7 +275,7 @@ class _OrderedHash:
         self._written: set[int] = set()
         self._next = 0  # index of the first place not hashed yet
         self._hashed = 0  # bytes hashed
-        self._digest = hashlib.sha256()
+        self._digest = new_hasher()
         self._lock = threading.Lock()
         self._busy = False
         self.extend(places)
@@ -492,7 +492,7 @@ class WeightWriter:
         self._futures: list[Future[None]] = []
         self._written_jobs = 0
         self._switch_interval: float | None = None
-        # Each data file's size and sha256, once `finish` has written them all.
+        # Each data file's size and digest, once `finish` has written them all.
         self.digests: dict[str, FileDigest] = {}
 
     def __enter__(self) -> WeightWriter:
