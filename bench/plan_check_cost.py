@@ -46,7 +46,7 @@ def _partition(model: Path, out: Path, *, hashing: bool) -> float:
     shutil.rmtree(out, ignore_errors=True)
     original = data_files._OrderedHash._hash_range
     if not hashing:
-        data_files._OrderedHash._hash_range = lambda self, start, stop, buffer: None  # type: ignore[method-assign]
+        data_files._OrderedHash._hash_range = lambda self, start, stop: None  # type: ignore[method-assign]
     try:
         return _timed(lambda: partition_to_dir(model, out, tp=2))
     finally:

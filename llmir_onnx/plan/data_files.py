@@ -21,7 +21,7 @@ source order:
   file is written (no second pass over the plan): the kernel copies never bring the bytes into this
   process and the units finish out of file order, so each file's hash follows its writes from
   behind, in file order: when a unit finishes, the file's prefix that is now complete (its weights,
-  the alignment gaps and all-zero holes between them) is read back from the page cache, where the
+  the alignment gaps and all-zero holes between them) is mapped from the page cache, where the
   bytes just went, and hashed (`_OrderedHash`). Source order is the files' order for every exported
   model we know, so the prefix grows right behind the writes and the reads stay in the cache. The
   hashing runs on its own threads (`HASH_THREADS`), not on the writers: a writer that hashed a
@@ -36,6 +36,7 @@ as small protobufs (no weight passes through protobuf).
 from __future__ import annotations
 
 import functools
+import mmap
 import os
 import queue
 import sys
@@ -61,9 +62,10 @@ WRITER_THREADS = 2
 GIL_SWITCH_INTERVAL_S = 0.0002
 # Threads hashing the files' completed prefixes behind the writers (one file at a time each).
 HASH_THREADS = 2
-# Bytes read back at once to hash a file's completed prefix.
+# Bytes of a file's completed prefix mapped at once to hash them.
 HASH_CHUNK_BYTES = 8 << 20
 _ZEROS = bytes(HASH_CHUNK_BYTES)
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map a window's pages in one call, not a fault each
 
 
 def rank_data_name(rank: int) -> str:
@@ -239,24 +241,12 @@ def _source_order(job: tuple[ir.TensorProtocol, WeightPlace]) -> tuple[str, int]
     return "", 0
 
 
-_thread_state = threading.local()
-
-
-def _hash_buffer() -> bytearray:
-    """This thread's read-back buffer: one per thread for the whole partition (a fresh 8 MiB buffer per
-    hashing round page-faulted and zeroed every byte of it again)."""
-    buffer: bytearray | None = getattr(_thread_state, "hash_buffer", None)
-    if buffer is None:
-        buffer = _thread_state.hash_buffer = bytearray(HASH_CHUNK_BYTES)
-    return buffer
-
-
 class _OrderedHash:
     """The digest of one data file, fed in file order as its weights are written, in whatever order.
 
     `places` are the file's weights as (offset, length), in file order; `written(offset)` says the
     weight at `offset` is on disk (or is a hole). The prefix up to the first weight not yet written
-    is then read back and hashed: gaps between weights and holes read as zeros, and so do bytes past
+    is then hashed where it lies (mapped): gaps between weights and holes read as zeros, and so do bytes past
     the file's current end, which later writes or the final truncate only extend with zeros. The
     reading back and hashing run through `submit` (the writer's hashing threads), one round at a time
     per file: `written` only records the weight and, when no round of this file is pending, submits
@@ -300,7 +290,7 @@ class _OrderedHash:
         """Hash the written prefix until none is left past what is hashed (one round; see `written`)."""
         try:
             while (end := self._complete_prefix()) is not None:
-                self._hash_range(self._hashed, end, _hash_buffer())
+                self._hash_range(self._hashed, end)
                 self._hashed = end
         except BaseException:
             with self._lock:
@@ -321,23 +311,37 @@ class _OrderedHash:
                 return None
             return end
 
-    def _hash_range(self, start: int, stop: int, buffer: bytearray) -> None:
+    def _hash_range(self, start: int, stop: int) -> None:
+        """Hash bytes [start, stop) of the file where they lie, in the page cache: mapped a window at a
+        time, not read (a read copies every byte into this process first, which cost more CPU than the
+        hash itself: 0.5 s of system time per GiB on the 2-core VM, against 0.1 s to map the pages)."""
         fd = self._fd()
-        view = memoryview(buffer)
+        # The file only grows while it is written; past its current end lie zeros (see the class docstring),
+        # and mapping them would fault (SIGBUS), so they are hashed as zeros instead.
+        mapped_stop = min(stop, os.fstat(fd).st_size)
+        while start < mapped_stop:
+            length = min(HASH_CHUNK_BYTES, mapped_stop - start)
+            skip = start % mmap.ALLOCATIONGRANULARITY
+            window = mmap.mmap(fd, skip + length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
+                               offset=start - skip)  # fmt: skip
+            try:
+                with memoryview(window) as view, view[skip:] as part:
+                    self._digest.update(part)
+            finally:
+                window.close()
+            start += length
+        start = max(start, mapped_stop)
         while start < stop:
-            want = min(len(buffer), stop - start)
-            got = os.preadv(fd, [view[:want]], start)
-            self._digest.update(view[:got])
-            if got < want:  # past the current end of the file: zeros (see the class docstring)
-                self._digest.update(memoryview(_ZEROS)[: want - got])
-            start += want
+            length = min(len(_ZEROS), stop - start)
+            self._digest.update(memoryview(_ZEROS)[:length])
+            start += length
 
     def digest(self, size: int) -> FileDigest:
         """The file's digest once every place is written and hashed and the file has its final `size`."""
         if self._next != len(self._places) or self._busy:
             raise RuntimeError("a data file's hash was asked for before all its weights were written")
         if size > self._hashed:
-            self._hash_range(self._hashed, size, _hash_buffer())
+            self._hash_range(self._hashed, size)
             self._hashed = size
         return FileDigest(size, self._digest.hexdigest())
 
@@ -356,7 +360,7 @@ class _Files:
     def fd(self, name: str) -> int:
         with self._lock:
             if name not in self._fds:
-                # Read and write: each file's hash reads back what was written (see _OrderedHash).
+                # Read and write: each file's hash maps what was written (see _OrderedHash).
                 self._fds[name] = os.open(self._folder / name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             return self._fds[name]
 
