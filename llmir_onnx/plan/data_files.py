@@ -25,7 +25,7 @@ source order:
   bytes just went, and hashed (`_OrderedHash`). Source order is the files' order for every exported
   model we know, so the prefix grows right behind the writes and the reads stay in the cache. The
   hashing runs on its own threads (`HASH_THREADS`), not on the writers: a writer that hashed a
-  prefix itself stopped writing meanwhile (hashing costs about as much CPU per byte as the copy),
+  prefix itself stopped writing meanwhile (hashing costs half as much CPU per byte as the copy),
   so the writes now go on at the copy's pace while the hashing follows them (the hashers release
   the GIL, so it takes a free core).
 
