@@ -246,21 +246,21 @@ class _OrderedHash:
 
     `places` are the file's weights as (offset, length), in file order; `written(offset)` says the
     weight at `offset` is on disk (or is a hole). The prefix up to the first weight not yet written
-    is then hashed where it lies (mapped): gaps between weights and holes read as zeros, and so do bytes past
-    the file's current end, which later writes or the final truncate only extend with zeros. The
-    reading back and hashing run through `submit` (the writer's hashing threads), one round at a time
-    per file: `written` only records the weight and, when no round of this file is pending, submits
-    one, so the writer that called it goes on writing.
+    is then hashed where it lies (mapped): gaps between weights and holes read as zeros, and so do
+    bytes past the file's current end, which later writes or the final truncate only extend with
+    zeros. The hashing runs through `submit` (the writer's hashing threads), one round at a time per
+    file: `written` only records the weight and, when no round of this file is pending, submits one,
+    so the writer that called it goes on writing.
     """
 
     def __init__(
         self,
         fd: Callable[[], int],
+        submit: Callable[[Callable[[], None]], object],
         places: Sequence[tuple[int, int]] = (),
-        submit: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self._fd = fd
-        self._submit = submit if submit is not None else (lambda work: work())
+        self._submit = submit
         self._places: list[tuple[int, int]] = []
         self._written: set[int] = set()
         self._next = 0  # index of the first place not hashed yet
@@ -377,7 +377,7 @@ class _Files:
             by_file[place.file].append((place.offset, place.length))
         for name, spans in by_file.items():
             if name not in self._hashes:
-                self._hashes[name] = _OrderedHash(functools.partial(self.fd, name), submit=self._submit_hash)
+                self._hashes[name] = _OrderedHash(functools.partial(self.fd, name), self._submit_hash)
             self._hashes[name].extend(spans)
 
     def written(self, place: WeightPlace) -> None:
