@@ -7,6 +7,9 @@ a traceback only with --debug.
 from __future__ import annotations
 
 import functools
+import logging
+import os
+import sys
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,13 +27,25 @@ app = typer.Typer(
 
 P = ParamSpec("P")
 R = TypeVar("R")
+
+
+class _Process:
+    """What the `llmir-onnx` process does once its command has returned (see `main`)."""
+
+    # Set by a command whose work is all on disk when it returns (a written plan). Tearing the interpreter
+    # down then frees every object the command made, one by one: after a partition, hundreds of thousands
+    # of graph nodes, values and attributes, 0.3-2 s on the 2-core VM (docs/BENCHMARKS.md, "Partition of
+    # multi-GB models"), for nothing.
+    exit_without_teardown = False
+
+
 DebugOption = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
 NoCheckHashesOption = Annotated[
     bool,
     typer.Option(
         "--no-check-hashes",
-        help="Skip the sha256 of the plan's files (their paths and sizes are still checked); by default every "
-        "file is hashed once before any rank starts.",
+        help="Skip the hashes (BLAKE3, or sha256 in older plans) of the plan's files (their paths and sizes are "
+        "still checked); by default every file is hashed once before any rank starts.",
     ),
 ]
 DimOption = Annotated[
@@ -216,6 +231,7 @@ def partition(
         tp_weights=weights,
         devices=cluster,
     )
+    _Process.exit_without_teardown = True  # the plan is written, renamed into place and its files closed
     if as_json:
         _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
         return
@@ -471,14 +487,15 @@ def check(
     no_check_hashes: NoCheckHashesOption = False,
     debug: DebugOption = False,
 ) -> None:
-    """Check a plan without running it: the manifest's schema, every file's path, size and sha256."""
+    """Check a plan without running it: the manifest's schema, every file's path, size and digest."""
     from llmir_onnx.plan.integrity import check_plan_files
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.plan.memory import format_bytes
 
     manifest = Manifest.read(plan)
     result = check_plan_files(plan, manifest, check_hashes=not no_check_hashes)
-    what = "sizes and sha256 match" if result.hashed else "sizes match (sha256 not checked)"
+    algorithms = "/".join(sorted({digest.algorithm for digest in manifest.files.values()}))
+    what = f"sizes and {algorithms} match" if result.hashed else f"sizes match ({algorithms} not checked)"
     typer.echo(
         f"{plan}: plan ok: {_mesh_text(manifest.mesh)}, {result.files} files "
         f"({format_bytes(result.bytes)}), {what}"
@@ -618,7 +635,18 @@ def annotate(
 
 
 def main() -> None:
-    app(prog_name="llmir-onnx")
+    """The `llmir-onnx` process: the command, then exit (without the interpreter's teardown after a partition)."""
+    try:
+        app(prog_name="llmir-onnx")  # standalone mode: ends by raising SystemExit
+    except SystemExit as stop:
+        if _Process.exit_without_teardown and stop.code in (None, 0):
+            # Only the partition's own objects are left to free: its files are closed and in place, its
+            # threads joined. Flush what Python would flush at exit, then leave.
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+        raise
 
 
 if __name__ == "__main__":

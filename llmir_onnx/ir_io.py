@@ -200,7 +200,7 @@ def model_proto(model: ir.Model) -> onnx.ModelProto:
 
 
 def write_model_proto(proto: onnx.ModelProto, path: str | os.PathLike) -> FileDigest:
-    """Write the model file; returns its size and sha256, taken from the bytes written (no read back)."""
+    """Write the model file; returns its size and digest, taken from the bytes written (no read back)."""
     data = proto.SerializeToString()
     Path(path).write_bytes(data)
     return bytes_digest(data)

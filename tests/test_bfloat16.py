@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 from pathlib import Path
 
+import blake3
 import ml_dtypes
 import numpy as np
 import onnx
@@ -46,7 +47,7 @@ def _retyped_copy(source: Path, destination: Path, from_type: int, to_type: int)
 
 
 def _digest(path: Path) -> FileDigest:
-    return FileDigest(path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
+    return FileDigest(path.stat().st_size, blake3.blake3(path.read_bytes()).hexdigest(), "blake3")
 
 
 def _as_float32(infos: list[TensorInfo]) -> list[TensorInfo]:
@@ -62,7 +63,7 @@ def _float32_plan(plan: Path, manifest: Manifest, original: Path, out: Path) -> 
         data_path = model_path.with_name(model_path.name + ".data")
         files[model_path.name], files[data_path.name] = _digest(model_path), _digest(data_path)
         ranks.append(dataclasses.replace(entry, data_files=[data_path.name]))
-    source = {"path": str(original), "sha256": _digest(original).sha256}
+    source = {"path": str(original), "sha256": hashlib.sha256(original.read_bytes()).hexdigest()}
     dataclasses.replace(
         manifest,
         files=files,

@@ -66,7 +66,7 @@ WEIGHTS: dict[str, tuple[Placement | None, tuple[int, ...] | None]] = {
 def test_every_rank_weight_is_written_once_where_it_is_placed(
     dtype: type, order: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """... and each file's size and sha256, taken as it is written, are those of the bytes on disk, also
+    """... and each file's size and digest, taken as it is written, are those of the bytes on disk, also
     when its weights are written in another order than the file's (`shuffled`)."""
     if order == "shuffled":
         in_source_order = data_files._write_units
@@ -80,6 +80,8 @@ def test_every_rank_weight_is_written_once_where_it_is_placed(
     # Small windows and run thresholds: the gather crosses many windows, and both copy paths run.
     monkeypatch.setattr(weight_slices, "CHUNK_BYTES", 700)
     monkeypatch.setattr(weight_slices, "LONG_RUN_BYTES", 64)
+    # Hashing windows smaller than a weight and not page-aligned: prefixes span several mapped windows.
+    monkeypatch.setattr(data_files, "HASH_CHUNK_BYTES", 5000)
     rng = np.random.default_rng(1)
     # 48 x 64: every rank's share is over the 1 KiB threshold of external data, even in float16.
     arrays = {name: rng.standard_normal((48, 64)).astype(dtype) for name in WEIGHTS}

@@ -59,7 +59,7 @@ def _edit_manifest(plan: Path, edit: object) -> None:
 def test_check_passes_a_fresh_plan_on_one_line(plan: Path) -> None:
     result = run_cli("check", str(plan))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("\n") == 1 and "plan ok" in result.stdout and "sha256 match" in result.stdout
+    assert result.stdout.count("\n") == 1 and "plan ok" in result.stdout and "blake3 match" in result.stdout
 
 
 def test_every_plan_file_is_in_the_manifest_with_its_size_and_hash(plan: Path) -> None:
@@ -78,9 +78,30 @@ def test_one_flipped_bit_is_refused_naming_the_file(plan: Path, name: str) -> No
     if name.endswith(".data"):
         commands += [["verify", str(plan)], ["generate", str(plan), "--prompt-ids", "1,2,3", "--max-new-tokens", "2"]]
     for args in commands:
-        assert_one_line_error(run_cli(*args), name, "sha256")
+        assert_one_line_error(run_cli(*args), name, "blake3")
     # Hashing off: the flip passes the size check (that is what the flag trades away).
     assert run_cli("check", str(plan), "--no-check-hashes").returncode == 0
+
+
+def test_a_version_2_plan_is_still_checked_with_its_sha256(plan: Path) -> None:
+    """Plans written before issue 16 record sha256 (manifest version 2): read, checked and refused by it."""
+
+    def as_version_2(raw: dict) -> None:
+        raw["version"] = 2
+        raw["files"] = {name: {"size": entry["size"], "sha256": hash_file(plan / name, "sha256").hexdigest}
+                        for name, entry in raw["files"].items()}  # fmt: skip
+
+    _edit_manifest(plan, as_version_2)
+    manifest = Manifest.read(plan)
+    assert {digest.algorithm for digest in manifest.files.values()} == {"sha256"}
+    result = run_cli("check", str(plan))
+    assert result.returncode == 0 and "sizes and sha256 match" in result.stdout, result.stderr
+    _flip_bit(plan / "rank1.onnx.data", 7)
+    assert_one_line_error(run_cli("check", str(plan)), "rank1.onnx.data", "differs from the sha256")
+    # A version-2 manifest holds sha256: one with a BLAKE3 key only is refused naming the key.
+    _edit_manifest(plan, lambda raw: raw["files"].update({"rank0.onnx": {"size": 1, "blake3": "0" * 64}}))
+    with pytest.raises(PlanError, match=re.escape("files.rank0.onnx")):
+        Manifest.read(plan)
 
 
 def test_a_rank_checks_its_own_files_before_its_session(plan: Path) -> None:
@@ -115,7 +136,7 @@ def test_a_manifest_path_outside_the_plan_folder_is_refused(plan: Path, where: s
             raw["ranks"][1]["file"] = name
         else:
             raw["ranks"][1]["data_files"][0] = name
-        raw["files"][name] = {"size": 1, "sha256": "0" * 64}
+        raw["files"][name] = {"size": 1, "blake3": "0" * 64}
 
     (plan.parent / "outside.data").write_bytes(b"x")
     _edit_manifest(plan, edit)
@@ -142,7 +163,7 @@ def test_a_link_leading_out_of_the_plan_folder_is_refused(plan: Path, tmp_path: 
         (lambda raw: raw.pop("files"), "'files'"),
         (lambda raw: raw["mesh"].update(world_size="4"), "mesh.world_size"),
         (lambda raw: raw["ranks"][2]["inputs"][0].update(dim=True), "ranks[2].inputs[0].dim"),
-        (lambda raw: raw["files"]["rank0.onnx"].pop("sha256"), "files.rank0.onnx.sha256"),
+        (lambda raw: raw["files"]["rank0.onnx"].pop("blake3"), "files.rank0.onnx.blake3"),
         (lambda raw: raw["ranks"].pop(), "'ranks'"),
     ],
 )
@@ -157,7 +178,7 @@ def test_a_broken_manifest_is_one_line_naming_the_key(plan: Path, edit: object, 
 
 def test_a_version_1_manifest_asks_to_partition_again(plan: Path) -> None:
     _edit_manifest(plan, lambda raw: raw.update(version=1))
-    assert_one_line_error(run_cli("check", str(plan)), "not a version-2", "partition the model again")
+    assert_one_line_error(run_cli("check", str(plan)), "not a version-2 or 3", "partition the model again")
 
 
 def _dead_pid() -> int:

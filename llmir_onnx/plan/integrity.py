@@ -1,4 +1,4 @@
-"""Is a plan folder what its manifest says? Paths, sizes and sha256 of every file, before any rank runs.
+"""Is a plan folder what its manifest says? Paths, sizes and digests of every file, before any rank runs.
 
 A plan is copied between machines and run for days; a flipped bit in a weight file changes tokens
 without an error anywhere. Every runtime entry point (`verify`, `generate`, `RankSession`) and
@@ -7,8 +7,9 @@ without an error anywhere. Every runtime entry point (`verify`, `generate`, `Ran
 * every name resolves inside the plan folder (no absolute path, no `..`, no link leading out);
 * every file exists, is a regular file and has its recorded size (cheap: a truncated or swapped
   file is refused without reading it);
-* every file's sha256 matches (one read of each file, the big data files in parallel threads:
-  hashlib releases the GIL). `check_hashes=False` (`--no-check-hashes`) skips only this step.
+* every file's digest matches, by the algorithm the manifest names (BLAKE3, or sha256 in plans made
+  before issue 16; one read of each file, the big data files in parallel threads: the hashers
+  release the GIL). `check_hashes=False` (`--no-check-hashes`) skips only this step.
 """
 
 from __future__ import annotations
@@ -74,13 +75,15 @@ def check_plan_files(
     if check_hashes and wanted:
         biggest_first = sorted(wanted, key=lambda name: -manifest.files[name].size)
         with ThreadPoolExecutor(max_workers=min(HASH_THREADS, len(wanted), os.cpu_count() or 1)) as pool:
-            actual = dict(zip(biggest_first, pool.map(lambda name: hash_file(paths[name]), biggest_first), strict=True))
+            hashed = pool.map(lambda name: hash_file(paths[name], manifest.files[name].algorithm), biggest_first)
+            actual = dict(zip(biggest_first, hashed, strict=True))
         changed = [name for name in wanted if actual[name] != manifest.files[name]]
         if changed:
             listed = ", ".join(repr(str(paths[name])) for name in changed)
             raise PlanError(
                 f"plan file{'s' if len(changed) > 1 else ''} {listed} differ{'' if len(changed) > 1 else 's'} from "
-                f"the sha256 in the manifest (changed or damaged after partitioning); {_FIX}"
+                f"the {manifest.files[changed[0]].algorithm} in the manifest (changed or damaged after partitioning); "
+                f"{_FIX}"
             )
     return PlanCheck(len(wanted), total, check_hashes)
 

@@ -1,13 +1,13 @@
 """The plan manifest: a versioned JSON file that says what each rank runs and how to feed it.
 
 It is meant to be enough for another runtime to use a plan without this package: the mesh, each
-rank's model file with its sha256, and for every input and output of the ORIGINAL model which
+rank's model file with its digest, and for every input and output of the ORIGINAL model which
 slice each rank holds (`dim`, `start`, `stop`; `dim` null means the rank holds the whole tensor).
 
-Schema version 2 (all keys always present):
+Schema version 3 (all keys always present):
 
     format            "llmir-onnx-plan"
-    version           2
+    version           3
     source            {"path": str (absolute at partition time), "sha256": str}
     mesh              {"tp": int, "pp": int, "cp": int, "world_size": int,
                        "groups": {"tp": [[rank, ...], ...], "pp": [[rank, ...], ...]}}
@@ -22,10 +22,11 @@ Schema version 2 (all keys always present):
     options           the partition options used (free-form, informative)
     inputs, outputs   the original model's [{"name", "dtype", "shape"}]; shape entries are ints or
                       strings (symbolic dims)
-    files             {name: {"size": int, "sha256": str}} for EVERY file of the plan besides the
+    files             {name: {"size": int, "blake3": str}} for EVERY file of the plan besides the
                       manifest (rank models, their data files), sorted by name; names are plain file
                       names inside the plan folder. `llmir-onnx check` and every runtime entry point
-                      compare the files against these before a rank starts.
+                      compare the files against these before a rank starts. The digest is BLAKE3
+                      (256-bit, lowercase hex: `b3sum`'s output) of the whole file.
     ranks             [{"rank", "coords": {"pp", "cp", "tp"}, "file": its model, a key of `files`,
                         "layers": [first, stop) decoder layers of its pipeline stage, or null (all),
                         "data_files": the external data files its model references, keys of `files`:
@@ -45,6 +46,10 @@ Schema version 2 (all keys always present):
                       "ranges": per tp rank [[start, stop], ...] of dim}]}: each sliced weight, read
                       by `report`
 
+Version 2 (issue 12 until issue 16) is version 3 with sha256 instead of BLAKE3 (`files`: {name: {"size",
+"sha256"}}): such a plan is still read and its files checked with sha256. BLAKE3 costs half the CPU per
+byte, and a partition hashes every byte it writes (llmir_onnx/digest.py).
+
 Version 1 (until issue 12) hashed the rank models only, not their data files: such a plan is refused
 with a request to partition again (its data files cannot be checked).
 
@@ -60,12 +65,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, TypeVar, overload
 
-from llmir_onnx.digest import FileDigest
+from llmir_onnx.digest import HEX_DIGITS, FileDigest
 from llmir_onnx.errors import PlanError
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "llmir-onnx-plan"
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3
+# The digest each version's `files` record (the versions still read); new plans are MANIFEST_VERSION's.
+FILE_DIGEST_BY_VERSION = {2: "sha256", 3: "blake3"}
 
 T = TypeVar("T")
 
@@ -158,7 +165,11 @@ class Manifest:
 
     def to_json(self) -> str:
         raw = asdict(self)
-        raw["files"] = {name: raw["files"][name] for name in sorted(raw["files"])}
+        # One key per file naming its digest's algorithm ({"size", "blake3"}; a version-2 plan read: "sha256").
+        raw["files"] = {
+            name: {"size": self.files[name].size, self.files[name].algorithm: self.files[name].hexdigest}
+            for name in sorted(self.files)
+        }
         return json.dumps(raw, indent=2, sort_keys=False) + "\n"
 
     def write(self, plan_dir: Path) -> Path:
@@ -176,10 +187,12 @@ class Manifest:
             raw = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise PlanError(f"{str(path)!r} is not valid JSON ({error}); partition the model again") from error
-        if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or raw.get("version") != MANIFEST_VERSION:
+        readable = raw.get("version") in FILE_DIGEST_BY_VERSION if isinstance(raw, dict) else False
+        if not isinstance(raw, dict) or raw.get("format") != MANIFEST_FORMAT or not readable:
             found = (raw.get("format"), raw.get("version")) if isinstance(raw, dict) else (None, None)
+            versions = " or ".join(str(version) for version in sorted(FILE_DIGEST_BY_VERSION))
             raise PlanError(
-                f"{str(path)!r} is not a version-{MANIFEST_VERSION} {MANIFEST_FORMAT} manifest "
+                f"{str(path)!r} is not a version-{versions} {MANIFEST_FORMAT} manifest "
                 f"(format={found[0]!r}, version={found[1]!r}); partition the model again"
             )
         return _ManifestReader(str(path)).manifest(raw)
@@ -279,6 +292,7 @@ class _ManifestReader:
         )
 
     def files(self, raw: dict[str, Any]) -> dict[str, FileDigest]:
+        algorithm = FILE_DIGEST_BY_VERSION[raw["version"]]
         files = {}
         for name, digest in self.get(raw, "files", dict, "").items():
             where = f"files.{name}"
@@ -286,10 +300,10 @@ class _ManifestReader:
             if not isinstance(digest, dict):
                 raise self.fail(where, "should be an object")
             size = self.get(digest, "size", int, where)
-            sha256 = self.get(digest, "sha256", str, where)
-            if size < 0 or len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
-                raise self.fail(where, "should hold a size >= 0 and a 64-digit lowercase hex sha256")
-            files[name] = FileDigest(size, sha256)
+            hexdigest = self.get(digest, algorithm, str, where)
+            if size < 0 or len(hexdigest) != HEX_DIGITS or any(c not in "0123456789abcdef" for c in hexdigest):
+                raise self.fail(where, f"should hold a size >= 0 and a {HEX_DIGITS}-digit lowercase hex {algorithm}")
+            files[name] = FileDigest(size, hexdigest, algorithm)
         return files
 
     def manifest(self, raw: dict[str, Any]) -> Manifest:
@@ -311,4 +325,5 @@ class _ManifestReader:
             files=files,
             options=self.get(raw, "options", dict, ""),
             sharding=self.get(raw, "sharding", dict, "") if "sharding" in raw else {},
+            version=raw["version"],
         )

@@ -293,7 +293,7 @@ def generate_plan(
     with per-rank KV caches, every rank a process. Returns rank 0's outcome; None in the other ranks of a
     job the user's launcher started (each process of such a job calls this and runs its own rank).
 
-    Every option and the plan's files (paths, sizes and, with `check_hashes`, sha256) are checked before any
+    Every option and the plan's files (paths, sizes and, with `check_hashes`, digests) are checked before any
     rank starts. Sampling: greedy unless `temperature` > 0 (`SamplingConfig`). Generation stops after
     `max_new_tokens`, or once every row produced one of `stop_token_ids`. `stream`: rank 0 prints the first
     row's new tokens as they come (text with `tokenizer_dir`, a folder with tokenizer.json). `check` (greedy

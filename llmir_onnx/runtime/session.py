@@ -4,7 +4,7 @@
   1. reads the manifest and sets up communication for this process's rank (launcher environment,
      ai.llmir library, world size checked against the plan);
   2. checks the files this rank reads (its model, its data files) against the manifest: inside the
-     plan folder, the recorded sizes and, unless `check_hashes=False`, sha256 (plan/integrity.py);
+     plan folder, the recorded sizes and, unless `check_hashes=False`, digests (plan/integrity.py);
   3. creates the onnxruntime session on the CPU, or on CUDA with `device_id` = the launcher's local
      rank (wrapped around the visible GPUs; CUDA EP + `libllmir_ops_cuda.so`, whose collectives use
      NCCL, or MPI through host memory with LLMIR_CUDA_COMM=staging);
