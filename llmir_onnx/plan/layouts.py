@@ -428,12 +428,13 @@ class _Analysis:
                 activations = [size * scale for size in cost.activation_bytes]
             else:
                 for value in (*node.inputs, *node.outputs):
-                    if value is None or not value.name or value.name not in value_bytes:
+                    name = value.name if value is not None else None  # onnx_ir's name property is not free
+                    if not name or name not in value_bytes:
                         continue
-                    scale = self._value_scale(value, tp, i, part) * chunk.get(value.name, 1.0)
-                    moved += value_bytes[value.name] * scale
-                    if value.name in self.activations and value_bytes[value.name]:
-                        activations.append(value_bytes[value.name] * scale)
+                    scaled = value_bytes[name] * (self._value_scale(value, tp, i, part) * chunk.get(name, 1.0))
+                    moved += scaled
+                    if scaled and name in self.activations:
+                        activations.append(scaled)
         if node.op_type in ("MatMul", "Gemm", "Gather") and self._weight_of(node):
             flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp, part)
         else:
