@@ -58,6 +58,7 @@ def test_matmul_flops_and_weight_bytes_by_hand(tiny: tuple[object, Path]) -> Non
     assert q.flops == 2 * tokens * h * h
     # reads x [tokens, h] and W [h, h], writes [tokens, h], float32
     assert q.bytes == 4 * (tokens * h + h * h + tokens * h)
+    assert q.activation_bytes == (4 * tokens * h, 4 * tokens * h)  # x and the output; W is a weight
     projections = sum(c.flops for c in costs if "_proj/MatMul" in c.name)
     assert projections == 2 * tokens * config.layers * linear_params(config)
     lm_head = by_name["/lm_head/MatMul"]
@@ -68,6 +69,8 @@ def test_matmul_flops_and_weight_bytes_by_hand(tiny: tuple[object, Path]) -> Non
     assert reshape.bytes == 0 and reshape.flops == 0
     embedding = by_name["/model/embed_tokens/Gather"]  # reads only the gathered rows
     assert embedding.bytes == 2 * tokens * h * 4 + tokens * 8
+    # only its output is an activation: the rows come from a weight, the ids are a graph input
+    assert embedding.activation_bytes == (tokens * h * 4,)
 
 
 def test_annotate_writes_metadata_props(tiny: tuple[object, Path]) -> None:
@@ -471,3 +474,23 @@ def test_cache_fields_come_in_pairs() -> None:
         profile_from_dict(raw)
     with pytest.raises(PlanError, match="cache_bytes must be an integer >= 0"):
         profile_from_dict({**_CACHED_DEVICE, "cache_bytes": 1.5})
+
+
+def test_a_gather_from_an_activation_reads_its_rows_from_the_cache() -> None:
+    """x -> Relu -> a -> Gather(a, ids) -> y: the rows a Gather reads (as many bytes as it writes) are an
+    activation's when its data is one; the ids (an initializer) and y (a graph output) are not."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([16, 256]))
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([4]))
+    ids.const_value = ir.tensor([0, 3, 5, 7], dtype=ir.DataType.INT64, name="ids")
+    relu = ir.Node("", "Relu", [x], name="/relu", num_outputs=1)
+    relu.outputs[0].name = "a"
+    gather = ir.Node("", "Gather", [relu.outputs[0], ids], name="/gather", num_outputs=1)
+    gather.outputs[0].name = "y"
+    graph = ir.Graph([x], [gather.outputs[0]], nodes=[relu, gather], initializers=[ids], opset_imports={"": 17})
+    _, cost = node_costs(ir.Model(graph, ir_version=10), Sizes(batch=1, seq=1))
+    rows = 4 * 256 * 4
+    assert cost.bytes == 2 * rows + 4 * 8 and cost.activation_bytes == (rows,)
+    device = profile_from_dict(_CACHED_DEVICE)
+    assert estimate_time([cost], device, "decode", Sizes(batch=1, seq=1)).memory_s == pytest.approx(
+        rows / 1e10 + (rows + 32) / 1e9
+    )

@@ -37,7 +37,8 @@ read long after it was written, with weights streaming through in between, e.g. 
 layer's attention, may have been evicted; it is charged as cached if it fits); the other tensors that share
 the cache at that moment beyond the one CACHE_FRACTION allows for; other processes using the cache (a
 shared L3); caches above the last level (L1 / L2 of a CPU); partial fits (a value just over the bound is
-charged wholly at the memory bandwidth); the cache effect on weights small enough to stay cached between
+charged wholly at the memory bandwidth; a Gather's rows read from an activation are tested by their own
+size); the cache effect on weights small enough to stay cached between
 runs (a tiny model's decode). The split does not change `bytes`, only the time of them.
 
 The link of a collective is the device's own (`link_bandwidth`, `link_latency`: NVLink inside a host)
@@ -202,7 +203,7 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
         moved = 2 * outputs[0].nbytes + (inputs[1].nbytes if inputs[1] is not None else 0)
         # the rows it reads (as many bytes as it writes) are cached when its data is an activation
         data = node.inputs[0]
-        rows = _activation_bytes(node.outputs[:1], shapes) if data is not None and is_activation(data) else ()
+        rows = (outputs[0].nbytes,) if data is not None and is_activation(data) and outputs[0].nbytes else ()
         activations = rows + _activation_bytes(node.inputs[1:2], shapes) + _activation_bytes(node.outputs[:1], shapes)
     elif op == "GroupQueryAttention" and inputs[0] is not None:
         heads = int(node.attributes["num_heads"].value)
