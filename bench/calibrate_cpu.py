@@ -10,6 +10,13 @@ Measures, with one thread (OMP/OpenBLAS/MKL threads = 1, onnxruntime intra_op_nu
   write), `sum` of it (256 MiB read) and a float32 matrix-vector product over it (8192 x 8192: 256 MiB
   of matrix read), best of several runs; the profile takes the matrix-vector figure (decode is weight
   streaming through matrix-vector products); and an onnxruntime MatMul [1, 8192] x W (W an initializer);
+- the last-level cache: its size read from /sys/devices/system/cpu/cpu0/cache (the highest level that
+  holds data), and its bandwidth the way the memory bandwidth is measured, but on an activation that fits:
+  a chain of 20 onnxruntime `Mul` nodes (graph optimizations off) on a float32 tensor of 1/8 of the cache
+  (32 MiB here: 4 MiB, more than the 512 KiB L2; each node's input and output together 1/4 of the cache),
+  each node multiplying by a scalar initializer, counted as the cost model counts it (input + output +
+  the scalar per node) over the run time less the node overhead below: the profile's `cache_bytes` and
+  `cache_bandwidth`;
 - onnxruntime's per-node cost on small tensors, the profile's `node_overhead`: a chain of 400 `Mul`
   nodes on [1, 1] float32 (graph optimizations off so every node runs), run time divided by the node
   count, minus the memory time the cost model already charges such a node (its 12 bytes over the
@@ -158,6 +165,57 @@ def node_chain_benchmark(nodes: int, width: int) -> tuple[Callable[[], object], 
     return (lambda: sess.run(None, feeds)), nodes
 
 
+def last_level_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
+    """Size of CPU 0's last-level cache: the highest level whose type is Unified or Data, in bytes."""
+    levels: list[tuple[int, int]] = []
+    for index in sorted(cpu.glob("index*")):
+        if (index / "type").read_text().strip() not in ("Unified", "Data"):
+            continue
+        size = (index / "size").read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        number = int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size)
+        levels.append((int((index / "level").read_text()), number))
+    if not levels:
+        raise SystemExit(f"no data cache listed under {cpu}; cannot calibrate cache_bytes on this machine")
+    return max(levels)[1]
+
+
+def cache_chain_benchmark(nodes: int, numel: int) -> tuple[Callable[[], object], float]:
+    """(one run, the bytes the cost model counts for it) of a chain of `nodes` Mul nodes on float32 [numel],
+    each by a scalar initializer, graph optimizations off so that every node runs: per node its input, the
+    scalar and its output, activations that stay in the cache when `numel` floats fit."""
+    names = ["x"] + [f"t{i}" for i in range(nodes)]
+    graph = helper.make_graph(
+        [helper.make_node("Mul", [names[i], "half"], [names[i + 1]]) for i in range(nodes)],
+        "cache_chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [numel])],
+        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [numel])],
+        initializer=[onnx.numpy_helper.from_array(np.array([0.5], np.float32), "half")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
+    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    feeds = {"x": np.ones(numel, np.float32)}
+    return (lambda: sess.run(None, feeds)), float(nodes * (2 * numel * 4 + 4))
+
+
+def cache_bandwidth_of(seconds: float, moved: float, nodes: int, overhead: float) -> float:
+    """Bytes/s of a cache chain run: its bytes over its time less the per-node overhead of its nodes."""
+    return moved / max(seconds - nodes * overhead, 1e-12)
+
+
+CACHE_CHAIN_NODES = 20
+
+
+def cache_chain_numel(cache_bytes: int) -> int:
+    """float32 elements of the cache chain's tensor: 1/8 of the cache (input + output: 1/4 of it)."""
+    return cache_bytes // 8 // 4
+
+
 def node_overhead_of(per_node: float, width: int, bandwidth: float) -> float:
     """A chain node's seconds less the memory time the cost model charges it separately (two inputs read,
     one output written, over `bandwidth`): the per-node overhead."""
@@ -282,6 +340,18 @@ def main() -> None:
     row_node, _ = node_overhead(400, 512, repeats * 3, ort_gemv)
     rows.append(("onnxruntime per node, 400 Mul on [1, 512] (model: + 6 KB / bandwidth)", f"{row_node * 1e6:.2f} us"))
 
+    cache_bytes = last_level_cache_bytes()
+    chain_numel = cache_chain_numel(cache_bytes)
+    chain_run, chain_bytes = cache_chain_benchmark(CACHE_CHAIN_NODES, chain_numel)
+    cache_bandwidth = cache_bandwidth_of(best_seconds(chain_run, repeats), chain_bytes, CACHE_CHAIN_NODES, overhead)
+    rows.append(("last-level cache (/sys/devices/system/cpu/cpu0/cache)", f"{cache_bytes >> 20} MiB"))
+    rows.append(
+        (
+            f"onnxruntime {CACHE_CHAIN_NODES} Mul on float32 [{chain_numel}] ({chain_numel * 4 >> 20} MiB, in cache)",
+            f"{cache_bandwidth / 1e9:.2f} GB/s",
+        )
+    )
+
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
@@ -296,6 +366,8 @@ def main() -> None:
         "peak_flops": {"float32": float(f"{max(ort_flops.values()):.3g}"), "float16": float(f"{fp16:.3g}")},
         "memory_bandwidth": float(f"{ort_gemv:.3g}"),
         "node_overhead": float(f"{overhead:.3g}"),
+        "cache_bytes": cache_bytes,
+        "cache_bandwidth": float(f"{cache_bandwidth:.3g}"),
     }
     print("onnxruntime-calibrated (the built-in cpu-here):", json.dumps(ort_fields))
     print("numpy-calibrated (bench/profiles/cpu-here-numpy.json):", json.dumps(numpy_fields))

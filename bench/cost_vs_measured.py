@@ -1,6 +1,7 @@
 """Predicted (llmir_onnx.plan.cost) against measured onnxruntime time on this CPU, prefill and decode.
 
     .venv/bin/python bench/cost_vs_measured.py [--quick] [--level all|disabled] [--device PROFILE ...]
+        [--calibrated FIELDS.json]
 
 For a few synthetic LLaMA sizes (float32, models/make_synthetic.py) and both phases:
 
@@ -19,17 +20,24 @@ Predicted: `estimate_time` over the graph's nodes, the sum of max(FLOPs / peak, 
 plus a per-node overhead, with the built-in `cpu-here` profile (calibrated on onnxruntime's kernels)
 and `bench/profiles/cpu-here-numpy.json` (calibrated with numpy), both from bench/calibrate_cpu.py.
 The prediction is made on the graph as written; onnxruntime's fusions (level all) are not modelled.
+`--calibrated FIELDS.json` adds a profile `cpu-here-now`: cpu-here with the fields of a
+`bench/calibrate_cpu.py --json FIELDS.json` run (taken just before, on the machine as it is now).
+
+Every profile with a last-level cache (`cache_bytes`) is also predicted without it (`... no cache`: the
+same profile with every byte at the memory bandwidth, the cost model before the cache existed), on the
+same measured runs: the before / after of the cache-aware charge in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -41,7 +49,7 @@ import onnxruntime as ort  # noqa: E402
 
 from llmir_onnx.ir_io import load_model  # noqa: E402
 from llmir_onnx.plan.cost import estimate_time, node_costs  # noqa: E402
-from llmir_onnx.plan.devices import load_profile  # noqa: E402
+from llmir_onnx.plan.devices import load_profile, profile_from_dict  # noqa: E402
 from llmir_onnx.plan.shapes import Sizes  # noqa: E402
 from tests.test_synthetic import make_feeds, synthetic  # noqa: E402
 
@@ -82,8 +90,25 @@ def main() -> None:
         action="append",
         help="profiles to predict with (default: cpu-here and bench/profiles/cpu-here-numpy.json)",
     )
+    parser.add_argument(
+        "--calibrated",
+        type=Path,
+        default=None,
+        help="a bench/calibrate_cpu.py --json output: also predict with cpu-here on those fields (cpu-here-now)",
+    )
     args = parser.parse_args()
-    devices = [load_profile(d) for d in (args.device or ["cpu-here", str(REPO / "bench/profiles/cpu-here-numpy.json")])]
+    default_profiles = ["cpu-here", str(REPO / "bench/profiles/cpu-here-numpy.json")]
+    profiles = [load_profile(d) for d in (args.device or default_profiles)]
+    if args.calibrated is not None:
+        fields = {**asdict(load_profile("cpu-here")), **json.loads(args.calibrated.read_text())}
+        fields["name"] = "cpu-here-now"
+        fields["description"] = f"cpu-here with the fields of {args.calibrated}"
+        profiles.append(profile_from_dict(fields, str(args.calibrated)))
+    devices = []
+    for profile in profiles:
+        devices.append(profile)
+        if profile.cache_bytes:  # the same profile before the cache existed
+            devices.append(replace(profile, name=f"{profile.name} no cache", cache_bytes=0, cache_bandwidth=0.0))
     base = synthetic.PRESETS["tiny"]
     models = {
         "h512-L4": replace(base, hidden=512, layers=4, heads=8, kv_heads=4, intermediate=1408, vocab=8000,
@@ -134,6 +159,11 @@ def main() -> None:
             f"| {name} | {phase} | {sizes.batch} x {sizes.seq} ({sizes.past}) | {e.flops / 1e9:.2f} | "
             f"{e.bytes / 1e6:.0f} | {best * 1e3:.1f} ms ({median * 1e3:.1f}) | {cpu * 1e3:.1f} ms | {cells} |"
         )
+    print()
+    for index, device in enumerate(devices):
+        within = [f"{name} {phase}" for name, phase, _, estimates, best, _, _ in rows
+                  if abs(estimates[index].total_s / best - 1) <= 0.2]  # fmt: skip
+        print(f"{device.name}: {len(within)} of {len(rows)} within 20% of the best run ({', '.join(within) or 'none'})")
 
 
 if __name__ == "__main__":

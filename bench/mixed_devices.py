@@ -7,10 +7,10 @@
 2. Devices: two profiles calibrated now, the same way and at the same time (two processes, as the two
    ranks will be; `bench/calibrate_cpu.py --quick --average --clock cpu`: the mean over >= 1 s of runs
    per figure, onnxruntime's kernels, one thread, each run timed by the ai.llmir library's compute
-   meter, the clock the ranks are measured with below): `cpu-fast`, the machine as it is, and
-   `cpu-slow`, the machine with its compute stretched by --stretch K (`--compute-stretch K`:
-   `llmir_onnx/runtime/stretch.py`, LLMIR_COMPUTE_STRETCH: the library sleeps (K - 1) x the thread's
-   CPU time between collectives). Links are cpu-here's.
+   meter, the clock the ranks are measured with below; with the last-level cache's size and bandwidth):
+   `cpu-fast`, the machine as it is, and `cpu-slow`, the machine with its compute stretched by --stretch K
+   (`--compute-stretch K`: `llmir_onnx/runtime/stretch.py`, LLMIR_COMPUTE_STRETCH: the library sleeps
+   (K - 1) x the thread's CPU time between collectives). Links are cpu-here's.
 3. Plans, on a cluster file with rank 0 on cpu-fast and rank 1 on cpu-slow:
    - `tp2`: `partition --tp 2 --devices cluster.json`: the tp weights come from the two profiles'
      memory bandwidths (about K : 1), so the fast rank gets more heads;
@@ -110,10 +110,10 @@ def cli(*args: str, env: dict[str, str] | None = None) -> str:
 
 class InterleavedCalibration:
     """bench/calibrate_cpu.py's onnxruntime micro-benchmarks (MatMul n = 1024 float32, MatMul [1, 8192] x
-    W[8192, 8192], the chain of 400 Mul on [1, 1]), run between a rank's measured runs so that they see
-    the same moments of the machine's load, timed like the runs: each run metered (and on a stretched
-    rank stretched) by the library's compute meter, its device time the meter's; each figure is the
-    total work over the total time of its runs (a mean, as --average)."""
+    W[8192, 8192], the chain of 400 Mul on [1, 1], the cache chain of 20 Mul on 1/8 of the L3), run between
+    a rank's measured runs so that they see the same moments of the machine's load, timed like the runs:
+    each run metered (and on a stretched rank stretched) by the library's compute meter, its device time
+    the meter's; each figure is the total work over the total time of its runs (a mean, as --average)."""
 
     def __init__(self, comm: CommContext) -> None:
         import importlib.util
@@ -125,10 +125,14 @@ class InterleavedCalibration:
         from onnx import TensorProto
 
         self.node_overhead_of = calibrate_cpu.node_overhead_of
+        self.cache_bandwidth_of = calibrate_cpu.cache_bandwidth_of
+        self.cache_nodes = calibrate_cpu.CACHE_CHAIN_NODES
+        cache_numel = calibrate_cpu.cache_chain_numel(calibrate_cpu.last_level_cache_bytes())
         self.benchmarks = {
             "flops": calibrate_cpu.ort_matmul_benchmark(1024, TensorProto.FLOAT, np.float32),
             "bandwidth": calibrate_cpu.ort_gemv_benchmark(8192, 8192),
             "node": calibrate_cpu.node_chain_benchmark(400, 1),
+            "cache": calibrate_cpu.cache_chain_benchmark(self.cache_nodes, cache_numel),
         }
         assert comm.compute_meter is not None
         self.comm, self.meter = comm, comm.compute_meter
@@ -149,8 +153,13 @@ class InterleavedCalibration:
 
     def fields(self) -> dict[str, float]:
         rate = {name: self.work[name] / self.seconds[name] for name in self.benchmarks}
-        return {"float32": rate["flops"], "memory_bandwidth": rate["bandwidth"],
-                "node_overhead": self.node_overhead_of(1 / rate["node"], 1, rate["bandwidth"])}  # fmt: skip
+        overhead = self.node_overhead_of(1 / rate["node"], 1, rate["bandwidth"])
+        # the cache chain's runs: its bytes over its time less its nodes' overhead (calibrate_cpu.py's figure)
+        runs = self.work["cache"] / self.benchmarks["cache"][1]
+        cache = self.cache_bandwidth_of(self.seconds["cache"] / runs, self.benchmarks["cache"][1], self.cache_nodes,
+                                        overhead)  # fmt: skip
+        return {"float32": rate["flops"], "memory_bandwidth": rate["bandwidth"], "node_overhead": overhead,
+                "cache_bandwidth": cache}  # fmt: skip
 
 
 def worker(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int) -> None:
@@ -220,6 +229,7 @@ def interleaved_prediction(plan_dir: Path, rank: int, phase: str, profile: dict,
         "peak_flops": {**profile["peak_flops"], "float32": calibrated["float32"]},
         "memory_bandwidth": calibrated["memory_bandwidth"],
         "node_overhead": calibrated["node_overhead"],
+        "cache_bandwidth": calibrated.get("cache_bandwidth", profile.get("cache_bandwidth", 0.0)),
     }
     device = profile_from_dict(fields)
     model = ir.load(str(plan_dir / manifest.rank_entry(rank).file))
@@ -269,12 +279,17 @@ def report(name: str, plan_dir: Path, measured: list[dict], slow_label: str, pro
             if abs(again - predicted) > 1e-9 + 1e-6 * predicted:
                 raise SystemExit(f"{name} rank {entry.rank} {phase}: re-estimated {again} s, manifest {predicted} s")
             interleaved = interleaved_prediction(plan_dir, entry.rank, phase, profile, got["calibrated"])
+            # the cost model before the last-level cache: the same profile with every byte at the memory bandwidth
+            uncached = {**profile, "cache_bytes": 0, "cache_bandwidth": 0.0}
+            no_cache = interleaved_prediction(plan_dir, entry.rank, phase, uncached,
+                                              {"float32": profile["peak_flops"]["float32"], **uncached})  # fmt: skip
             ratio = predicted / busy
             within = "**yes**" if abs(ratio - 1) <= WITHIN + 1e-12 else "no"
             lines.append(
                 f"| {name} | {entry.rank} | {device}{f' ({slow_label})' if entry.rank == 1 else ''} | {where} "
                 f"| {phase} | {predicted * 1e3:.2f} ms | {busy * 1e3:.2f} ms (best {min(device_time) * 1e3:.2f}) "
-                f"| {ratio:.2f} | {within} | {interleaved * 1e3:.2f} ms | {interleaved / busy:.2f} "
+                f"| {ratio:.2f} | {within} | {no_cache * 1e3:.2f} ms | {no_cache / busy:.2f} "
+                f"| {interleaved * 1e3:.2f} ms | {interleaved / busy:.2f} "
                 f"| {statistics.fmean(got['compute']) * 1e3:.2f} ms "
                 f"| {statistics.fmean(got['slept']) * 1e3:.2f} ms{delivered} "
                 f"| {statistics.fmean(got['wall']) * 1e3:.2f} ms | {got['thread_cpu'] / got['process_cpu']:.3f} |"
@@ -356,13 +371,16 @@ def main() -> None:
           f"({os.cpu_count()} CPUs), {args.runs} prefill and {args.runs * DECODE_RUNS_FACTOR} decode runs after 2 "
           "warm-ups each\n")  # fmt: skip
     print("| plan | rank | device | share of the work | phase | predicted (manifest, no comm) | measured: thread CPU "
-          "outside comm x stretch, mean | predicted / measured | within 20% | predicted on the interleaved "
+          "outside comm x stretch, mean | predicted / measured | within 20% | predicted without the cache (the "
+          "model before) | no cache / measured | predicted on the interleaved "
           "calibration | interleaved / measured | thread CPU outside comm, mean | stretch sleeps, mean | run (wall), "
           "mean | thread CPU / process CPU in the runs |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     within = sum("| **yes** |" in row for row in rows)
     print(f"\nwithin 20%: {within} of {len(rows)} rows")
+    before = sum(abs(float(row.split(" | ")[10]) - 1) <= WITHIN + 1e-12 for row in rows)
+    print(f"within 20% without the cache (the model before): {before} of {len(rows)} rows")
 
 
 if __name__ == "__main__":

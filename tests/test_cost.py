@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import onnx_ir as ir
@@ -12,12 +13,15 @@ from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.plan.cost import (
+    CACHE_FRACTION,
+    FREE_OPS,
     META_BYTES,
     META_COMM_BYTES,
     META_FLOPS,
     annotate_costs,
     comm_seconds,
     estimate_phases,
+    estimate_time,
     node_costs,
 )
 from llmir_onnx.plan.devices import BUILTIN_PROFILES, DeviceProfile, load_profile, profile_from_dict
@@ -54,6 +58,7 @@ def test_matmul_flops_and_weight_bytes_by_hand(tiny: tuple[object, Path]) -> Non
     assert q.flops == 2 * tokens * h * h
     # reads x [tokens, h] and W [h, h], writes [tokens, h], float32
     assert q.bytes == 4 * (tokens * h + h * h + tokens * h)
+    assert q.activation_bytes == (4 * tokens * h, 4 * tokens * h)  # x and the output; W is a weight
     projections = sum(c.flops for c in costs if "_proj/MatMul" in c.name)
     assert projections == 2 * tokens * config.layers * linear_params(config)
     lm_head = by_name["/lm_head/MatMul"]
@@ -64,6 +69,8 @@ def test_matmul_flops_and_weight_bytes_by_hand(tiny: tuple[object, Path]) -> Non
     assert reshape.bytes == 0 and reshape.flops == 0
     embedding = by_name["/model/embed_tokens/Gather"]  # reads only the gathered rows
     assert embedding.bytes == 2 * tokens * h * 4 + tokens * 8
+    # only its output is an activation: the rows come from a weight, the ids are a graph input
+    assert embedding.activation_bytes == (tokens * h * 4,)
 
 
 def test_annotate_writes_metadata_props(tiny: tuple[object, Path]) -> None:
@@ -373,3 +380,117 @@ def test_recommend_prefers_cp_when_only_its_prefill_activations_fit(tmp_path: Pa
     # with room for all, the ranking (decode first) prefers no cp: cp gains nothing at decode
     roomy, why = recommend(probe)
     assert roomy is not None and roomy.cp == 1, why
+
+
+def _relu_then_scale_model() -> ir.Model:
+    """x -> Relu -> a -> Mul(a, w) -> y: `a` an activation (written by one node, read by the next), x a
+    graph input, y a graph output and w a small initializer; x, a, y are [batch, 1024] float32."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape(["batch_size", 1024]))
+    w = ir.Value(name="w", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1024]))
+    w.const_value = ir.tensor([0.5] * 1024, dtype=ir.DataType.FLOAT, name="w")
+    relu = ir.Node("", "Relu", [x], name="/relu", num_outputs=1)
+    relu.outputs[0].name = "a"
+    scale = ir.Node("", "Mul", [relu.outputs[0], w], name="/scale", num_outputs=1)
+    scale.outputs[0].name = "y"
+    graph = ir.Graph([x], [scale.outputs[0]], nodes=[relu, scale], initializers=[w], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=10)
+
+
+# memory 1 GB/s, cache 10 GB/s, a 64 KiB cache: an activation of at most CACHE_FRACTION x 64 KiB = 32 KiB is
+# cached, i.e. [8, 1024] float32 and below; compute and overhead negligible (1 PFLOP/s, 0 s per node)
+_CACHED_DEVICE = {
+    "name": "cached", "memory_bytes": GiB, "peak_flops": {"float32": 1e15}, "memory_bandwidth": 1e9,
+    "link_bandwidth": 1e9, "link_latency": 0.0, "node_overhead": 0.0, "cache_bytes": 65536, "cache_bandwidth": 1e10,
+}  # fmt: skip
+
+
+def test_an_activation_that_fits_the_cache_is_charged_at_its_bandwidth_and_one_that_does_not_at_memory() -> None:
+    assert CACHE_FRACTION == 0.5  # the bound below: 32 KiB of a 64 KiB cache
+    device = profile_from_dict(_CACHED_DEVICE)
+    model = _relu_then_scale_model()
+    for batch, cached in ((8, True), (9, False)):
+        sizes = Sizes(batch=batch, seq=1)
+        relu, scale = node_costs(model, sizes)
+        row = batch * 1024 * 4  # bytes of x, a and y
+        assert relu.activation_bytes == (row,) and scale.activation_bytes == (row,)  # a only: not x, w, y
+        assert (relu.bytes, scale.bytes) == (2 * row, 2 * row + 4096)
+        a_seconds = row / 1e10 if cached else row / 1e9
+        # Relu: x (a graph input) from memory, a written; Mul: a read, w (an initializer, small as it is)
+        # and y (a graph output) at the memory bandwidth
+        expected = (row / 1e9 + a_seconds) + (a_seconds + (4096 + row) / 1e9)
+        estimate = estimate_time([relu, scale], device, "decode", sizes)
+        assert estimate.memory_s == pytest.approx(expected, rel=1e-12), (batch, cached)
+        assert estimate.total_s == pytest.approx(expected, rel=1e-9)  # compute 1e-11 s, under the memory time
+    # the memory efficiency applies to the cache too
+    slower = profile_from_dict({**_CACHED_DEVICE, "memory_efficiency": 0.5})
+    relu, scale = node_costs(model, Sizes(batch=8, seq=1))
+    row = 8 * 1024 * 4
+    assert estimate_time([relu], slower, "decode", Sizes(batch=8, seq=1)).memory_s == pytest.approx(
+        row / 0.5e9 + row / 0.5e10
+    )
+
+
+def test_a_profile_without_the_cache_fields_gives_the_figures_of_before(
+    tiny: tuple[object, Path], tmp_path: Path
+) -> None:
+    """An old profile file (no cache_bytes / cache_bandwidth) has no cache: every byte at the memory bandwidth,
+    the node's time max(flops / peak, bytes / bandwidth) + overhead as before the cache existed."""
+    numpy_profile = load_profile(str(Path(__file__).resolve().parents[1] / "bench/profiles/cpu-here-numpy.json"))
+    assert (numpy_profile.cache_bytes, numpy_profile.cache_bandwidth) == (0, 0.0)
+    raw = {key: value for key, value in _CACHED_DEVICE.items() if not key.startswith("cache_")}
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(raw))
+    old = load_profile(path)
+    assert old.cache_bytes == 0
+    relu, scale = node_costs(_relu_then_scale_model(), Sizes(batch=8, seq=1))
+    assert estimate_time([relu, scale], old, "decode", Sizes(batch=8, seq=1)).memory_s == pytest.approx(
+        (relu.bytes + scale.bytes) / 1e9, rel=1e-12
+    )
+    # a whole model: the sum of the nodes' roofline by the formula of before, on cpu-here's figures less the cache
+    _, model_path = tiny
+    model = load_model(model_path)
+    here = load_profile("cpu-here")
+    assert here.cache_bytes == 32 << 20  # cpu-here has one; without it:
+    uncached = profile_from_dict({**asdict(here), "cache_bytes": 0, "cache_bandwidth": 0.0})
+    sizes = Sizes(batch=2, seq=32)
+    costs = node_costs(model, sizes)
+    before = sum(
+        max(c.flops / uncached.flops_per_second(c.dtype) if c.flops else 0.0, c.bytes / uncached.bytes_per_second)
+        + (0.0 if c.op_type in FREE_OPS else uncached.node_overhead)
+        for c in costs
+    )  # fmt: skip
+    assert not any(c.comm_bytes for c in costs)  # no collectives: the total is the roofline + overheads
+    assert estimate_time(costs, uncached, "prefill", sizes).total_s == pytest.approx(before, rel=1e-12)
+    # and the cache makes the same prefill faster, never slower
+    assert estimate_time(costs, here, "prefill", sizes).total_s < before
+
+
+def test_cache_fields_come_in_pairs() -> None:
+    raw = {key: value for key, value in _CACHED_DEVICE.items() if key != "cache_bandwidth"}
+    with pytest.raises(PlanError, match="cache_bytes without cache_bandwidth; give both"):
+        profile_from_dict(raw)
+    raw = {key: value for key, value in _CACHED_DEVICE.items() if key != "cache_bytes"}
+    with pytest.raises(PlanError, match="cache_bandwidth without cache_bytes; give both"):
+        profile_from_dict(raw)
+    with pytest.raises(PlanError, match="cache_bytes must be an integer >= 0"):
+        profile_from_dict({**_CACHED_DEVICE, "cache_bytes": 1.5})
+
+
+def test_a_gather_from_an_activation_reads_its_rows_from_the_cache() -> None:
+    """x -> Relu -> a -> Gather(a, ids) -> y: the rows a Gather reads (as many bytes as it writes) are an
+    activation's when its data is one; the ids (an initializer) and y (a graph output) are not."""
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([16, 256]))
+    ids = ir.Value(name="ids", type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([4]))
+    ids.const_value = ir.tensor([0, 3, 5, 7], dtype=ir.DataType.INT64, name="ids")
+    relu = ir.Node("", "Relu", [x], name="/relu", num_outputs=1)
+    relu.outputs[0].name = "a"
+    gather = ir.Node("", "Gather", [relu.outputs[0], ids], name="/gather", num_outputs=1)
+    gather.outputs[0].name = "y"
+    graph = ir.Graph([x], [gather.outputs[0]], nodes=[relu, gather], initializers=[ids], opset_imports={"": 17})
+    _, cost = node_costs(ir.Model(graph, ir_version=10), Sizes(batch=1, seq=1))
+    rows = 4 * 256 * 4
+    assert cost.bytes == 2 * rows + 4 * 8 and cost.activation_bytes == (rows,)
+    device = profile_from_dict(_CACHED_DEVICE)
+    assert estimate_time([cost], device, "decode", Sizes(batch=1, seq=1)).memory_s == pytest.approx(
+        rows / 1e10 + (rows + 32) / 1e9
+    )

@@ -14,12 +14,32 @@ Per node, at concrete sizes (see `llmir_onnx.plan.shapes`):
 Time of a node on a `DeviceProfile` (roofline + alpha-beta):
 
     compute  = flops / (peak_flops[dtype] * compute_efficiency)
-    memory   = bytes / (memory_bandwidth * memory_efficiency)
+    memory   = dram bytes / (memory_bandwidth * memory_efficiency)
+               + cached bytes / (cache_bandwidth * memory_efficiency)     (`memory_seconds`)
     node     = max(compute, memory) + node_overhead
     comm     = steps * latency + factor * comm_bytes / bandwidth,  factor = 2(n-1)/n for AllReduce,
                (n-1)/n for AllGather / ReduceScatter (n = group size), 1 for Send / Recv; an AllGather
                of unequal parts (`sizes`) 1 - min(sizes)/sum(sizes): the member with the smallest part
                receives the most, and the gather ends when it has
+
+Which bytes are cached (`memory_seconds`; a profile without a cache, `cache_bytes` 0, charges every byte at
+the memory bandwidth, the model before the cache existed). A node's bytes are one entry per value it reads
+or writes. An *activation*, a value that a node of this graph writes and another node of it reads (not a
+graph input, output or initializer), is charged at the cache bandwidth when it is at most CACHE_FRACTION of
+the last-level cache, at the memory bandwidth otherwise. Everything else is charged at the memory bandwidth:
+weights (initializers) are read once per run, and by the next run every other weight has streamed through
+the cache (a 1B model's are GBs); graph inputs (the past KV cache, the token ids) come from the previous
+run or the caller; graph outputs (logits, present KV) leave the run and are written back. Why: a value one
+node writes and the next reads, a few MB at most in a prefill, is still in the cache when it is read; the
+DRAM bandwidth, measured on weights streaming through a matrix-vector product, over-charges it (the bench's
+prefill was over-predicted by 1.2-1.3x, docs/BENCHMARKS.md). What it ignores: the reuse distance (a value
+read long after it was written, with weights streaming through in between, e.g. the residual around a
+layer's attention, may have been evicted; it is charged as cached if it fits); the other tensors that share
+the cache at that moment beyond the one CACHE_FRACTION allows for; other processes using the cache (a
+shared L3); caches above the last level (L1 / L2 of a CPU); partial fits (a value just over the bound is
+charged wholly at the memory bandwidth; a Gather's rows read from an activation are tested by their own
+size); the cache effect on weights small enough to stay cached between
+runs (a tiny model's decode). The split does not change `bytes`, only the time of them.
 
 The link of a collective is the device's own (`link_bandwidth`, `link_latency`: NVLink inside a host)
 unless a `link_of` says otherwise (a cluster's `group_link`: the slowest link the group spans, and how
@@ -63,6 +83,10 @@ FLOPS_PER_ELEMENT = {
     "LayerNormalization": 8, "SimplifiedLayerNormalization": 5, "RMSNormalization": 5,
     "SkipSimplifiedLayerNormalization": 6, "SkipLayerNormalization": 9, "RotaryEmbedding": 3,
 }  # fmt: skip
+# An activation is charged at the cache bandwidth when it is at most this fraction of the last-level cache:
+# an elementwise node holds its input and its output, each about the size of the value, in the cache at
+# once, so a value up to half of it fits beside the other one.
+CACHE_FRACTION = 0.5
 # The link an ai.llmir node runs over and how many hosts its group spans (None: the device's own link).
 LinkOf = Callable[[ir.Node], "tuple[LinkProfile, int] | None"]
 
@@ -80,6 +104,9 @@ class NodeCost:
     layer: int | None
     # An AllGather of unequal parts: each member's length along the axis (its `sizes`); () otherwise.
     gather_sizes: tuple[int, ...] = ()
+    # The part of `bytes` that are activations (values a node of the graph writes and another reads), one
+    # entry per value read or written: what `memory_seconds` may charge at the cache bandwidth.
+    activation_bytes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -114,6 +141,21 @@ def _bytes_of(values: Iterable[ir.Value | None], shapes: Mapping[str, TensorShap
     return sum(shapes[v.name].nbytes for v in values if v is not None and v.name and v.name in shapes)
 
 
+def is_activation(value: ir.Value) -> bool:
+    """A value that a node of its graph writes and that does not leave the graph (not a graph input,
+    output or initializer): what may stay in the cache between the node that writes it and the one that
+    reads it."""
+    return value.producer() is not None and not value.is_graph_output()
+
+
+def _activation_bytes(values: Iterable[ir.Value | None], shapes: Mapping[str, TensorShape]) -> tuple[int, ...]:
+    return tuple(
+        shapes[v.name].nbytes
+        for v in values
+        if v is not None and v.name and v.name in shapes and is_activation(v) and shapes[v.name].nbytes
+    )
+
+
 def _compute_dtype(node: ir.Node, shapes: Mapping[str, TensorShape]) -> str:
     for value in (*node.inputs, *node.outputs):
         shape = shapes.get(value.name) if value is not None and value.name is not None else None
@@ -131,6 +173,7 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
     out_numel = sum(o.numel for o in outputs[:1])
     flops = 0
     moved = _bytes_of(node.inputs, shapes) + _bytes_of(node.outputs, shapes)
+    activations = _activation_bytes(node.inputs, shapes) + _activation_bytes(node.outputs, shapes)
     comm = 0
     group = 1
     gather_sizes: tuple[int, ...] = ()
@@ -148,6 +191,7 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
             flops = out_numel * (group - 1)
     elif op in FREE_OPS:
         moved = 0
+        activations = ()
     elif op in ("MatMul", "FusedMatMul", "MatMulNBits") and inputs[0] is not None:
         k = inputs[0].shape[-1]
         flops = 2 * out_numel * k
@@ -157,6 +201,10 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
         flops = 2 * out_numel * k + (out_numel if len(node.inputs) > 2 else 0)
     elif op == "Gather" and outputs:
         moved = 2 * outputs[0].nbytes + (inputs[1].nbytes if inputs[1] is not None else 0)
+        # the rows it reads (as many bytes as it writes) are cached when its data is an activation
+        data = node.inputs[0]
+        rows = (outputs[0].nbytes,) if data is not None and is_activation(data) and outputs[0].nbytes else ()
+        activations = rows + _activation_bytes(node.inputs[1:2], shapes) + _activation_bytes(node.outputs[:1], shapes)
     elif op == "GroupQueryAttention" and inputs[0] is not None:
         heads = int(node.attributes["num_heads"].value)
         batch, seq = inputs[0].shape[0], inputs[0].shape[1]
@@ -187,6 +235,7 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
         group_size=group,
         layer=layer_of_node_by_name(node),
         gather_sizes=gather_sizes,
+        activation_bytes=activations,
     )
 
 
@@ -237,12 +286,26 @@ def comm_seconds(
     return steps * link.latency + factor * payload / link.bandwidth
 
 
+def memory_seconds(moved: float, activation_bytes: Iterable[float], device: DeviceProfile) -> float:
+    """Seconds to move a node's `moved` bytes, of which `activation_bytes` (one entry per value) are
+    activations: each at most CACHE_FRACTION x the device's last-level cache at the cache bandwidth, the
+    rest of `moved` at the memory bandwidth (module docstring: why, and what it ignores). A device without
+    a cache (`cache_bytes` 0) charges everything at the memory bandwidth."""
+    if not moved:
+        return 0.0
+    if not device.cache_bytes:
+        return moved / device.bytes_per_second
+    fits = CACHE_FRACTION * device.cache_bytes
+    cached = sum(size for size in activation_bytes if size <= fits)
+    return (moved - cached) / device.bytes_per_second + cached / device.cache_bytes_per_second
+
+
 def node_seconds(
     cost: NodeCost, device: DeviceProfile, link: tuple[LinkProfile, int] | None = None
 ) -> tuple[float, float, float]:
     """(compute, memory, communication) seconds of one node; the node's time is max of the first two + overhead."""
     compute = cost.flops / device.flops_per_second(cost.dtype) if cost.flops else 0.0
-    memory = cost.bytes / device.bytes_per_second if cost.bytes else 0.0
+    memory = memory_seconds(cost.bytes, cost.activation_bytes, device)
     comm = 0.0
     if cost.domain == LLMIR_DOMAIN:
         over, hosts = link if link is not None else (device.intra_host_link, 1)

@@ -14,12 +14,20 @@ default is given; numbers are SI units: bytes, bytes per second, FLOP per second
       "link_latency": 1e-05,                     // s, the alpha of one collective or send
       "node_overhead": 5e-06,                    // s per graph node (kernel launch / dispatch)
       "compute_efficiency": 0.7,                 // fraction of peak_flops matmuls reach (default 1)
-      "memory_efficiency": 0.8,                  // fraction of memory_bandwidth reached (default 1)
+      "memory_efficiency": 0.8,                  // fraction of memory_bandwidth reached (default 1;
+                                                 //   applies to cache_bandwidth too)
+      "cache_bytes": 52428800,                   // int: the last-level cache (default 0: no cache)
+      "cache_bandwidth": 9.4e12,                 // bytes/s of that cache (required with cache_bytes > 0)
       "description": "where the numbers come from",  // str (default "")
       "devices_per_host": 8,                     // devices in one host (default 8; null: one host
                                                  //   holds any number, as processes on one machine)
       "host_link": "infiniband-ndr"              // the link to other hosts, a LINKS name (default)
     }
+
+`cache_bytes` / `cache_bandwidth` are the last-level cache (a GPU's L2, a CPU's L3): the cost model
+charges an activation that fits in part of it at `cache_bandwidth` (`llmir_onnx.plan.cost`,
+`memory_seconds`). A profile without them (every profile file written before they existed) has no
+cache: every byte is charged at `memory_bandwidth`, as before. Giving one without the other is an error.
 
 `link_bandwidth` / `link_latency` are the link between two devices of one host (NVLink for the GPU
 profiles); `host_link` names the link between hosts (`LINKS`: NVLink, PCIe, InfiniBand, RoCE,
@@ -50,6 +58,7 @@ from llmir_onnx.mesh import DeviceMesh, MeshCoords
 from llmir_onnx.plan.memory import format_bytes, parse_bytes
 
 GiB = 1 << 30
+MiB = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -66,6 +75,10 @@ class DeviceProfile:
     description: str = field(default="", compare=False)
     devices_per_host: int | None = 8
     host_link: str = "infiniband-ndr"
+    # The last-level cache (a GPU's L2, a CPU's L3): its size and bandwidth. 0: no cache, every byte is
+    # charged at memory_bandwidth (profiles written before these fields existed).
+    cache_bytes: int = 0
+    cache_bandwidth: float = 0.0
 
     def flops_per_second(self, dtype: str) -> float:
         """Achievable FLOP/s for arithmetic in `dtype` (falls back to float32's peak)."""
@@ -77,6 +90,11 @@ class DeviceProfile:
     @property
     def bytes_per_second(self) -> float:
         return self.memory_bandwidth * self.memory_efficiency
+
+    @property
+    def cache_bytes_per_second(self) -> float:
+        """Achievable bytes/s of the last-level cache (the memory efficiency applies to it too); 0 without one."""
+        return self.cache_bandwidth * self.memory_efficiency
 
     @property
     def intra_host_link(self) -> LinkProfile:
@@ -138,6 +156,13 @@ CPU_HERE = DeviceProfile(
     description="2-core x86_64 Debian 12 VM, one onnxruntime thread per rank; see docs/BENCHMARKS.md",
     devices_per_host=None,  # ranks are processes on one machine
     host_link="ethernet-25g",
+    # The L3 as /sys/devices/system/cpu/cpu0/cache lists it (32 MiB, shared by the 2 cores), and its
+    # bandwidth by bench/calibrate_cpu.py on 2026-12-03 22:38 UTC (best of 15: a chain of Mul on a 4 MiB
+    # float32 activation, 46.6 GB/s). The machine ran the same micro-benchmarks 2-3x slower then than on
+    # 2026-11-26 (MatMul 91 against 260 GFLOP/s, matrix-vector 15.2 against 35.9 GB/s), so this figure is
+    # likely low beside the others: it under-states the cache's gain, never over-states it.
+    cache_bytes=32 * MiB,
+    cache_bandwidth=4.66e10,
 )
 
 H100_SXM = DeviceProfile(
@@ -151,6 +176,11 @@ H100_SXM = DeviceProfile(
     compute_efficiency=0.7,
     memory_efficiency=0.8,
     description="NVIDIA H100 SXM5 80GB datasheet (dense), NVLink 4 / NVSwitch; typical achieved fractions",
+    # H100 whitepaper: 50 MB L2 (CUDA reports 52428800 bytes). NVIDIA publishes no L2 bandwidth for H100:
+    # estimated as A100's 5120 bytes/clock at the 1.83 GHz that the FP16 peak implies (989.4e12 / (132 SMs x
+    # 4096 FLOP/clock)); docs/PLANNING.md.
+    cache_bytes=50 * MiB,
+    cache_bandwidth=9.4e12,
 )
 
 A100_80G = DeviceProfile(
@@ -165,6 +195,10 @@ A100_80G = DeviceProfile(
     memory_efficiency=0.8,
     description="NVIDIA A100 SXM4 80GB datasheet (dense), NVLink 3 / NVSwitch; typical achieved fractions",
     host_link="infiniband-hdr",
+    # A100 whitepaper: 40 MB L2 (CUDA reports 41943040 bytes), read bandwidth 5120 bytes/clock at the
+    # 1410 MHz boost clock (2.3x V100's 2048 bytes/clock at 1530 MHz, as the whitepaper says); docs/PLANNING.md.
+    cache_bytes=40 * MiB,
+    cache_bandwidth=7.2e12,
 )
 
 BUILTIN_PROFILES: dict[str, DeviceProfile] = {p.name: p for p in (H100_SXM, A100_80G, CPU_HERE)}
@@ -210,6 +244,18 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
     for key in ("compute_efficiency", "memory_efficiency"):
         if key in raw and not (isinstance(raw[key], (int, float)) and 0 < raw[key] <= 1):
             raise PlanError(f"device profile {source}: {key} must be in (0, 1], got {raw[key]!r}")
+    cache_bytes = raw.get("cache_bytes", 0)
+    cache_bandwidth = raw.get("cache_bandwidth", 0.0)
+    if not (isinstance(cache_bytes, int) and not isinstance(cache_bytes, bool) and cache_bytes >= 0):
+        raise PlanError(f"device profile {source}: cache_bytes must be an integer >= 0, got {cache_bytes!r}")
+    if not (isinstance(cache_bandwidth, (int, float)) and cache_bandwidth >= 0):
+        raise PlanError(f"device profile {source}: cache_bandwidth must be a number >= 0, got {cache_bandwidth!r}")
+    if (cache_bytes > 0) != (cache_bandwidth > 0):
+        given, missing = ("cache_bytes", "cache_bandwidth") if cache_bytes > 0 else ("cache_bandwidth", "cache_bytes")
+        raise PlanError(
+            f"device profile {source}: {given} without {missing}; give both (the last-level cache's size and "
+            "bandwidth) or neither (no cache: every byte at memory_bandwidth)"
+        )
     flops = {}
     for dtype, value in raw["peak_flops"].items():
         if not isinstance(value, (int, float)) or value <= 0:
@@ -228,6 +274,8 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
         description=str(raw.get("description", "")),
         devices_per_host=per_host,
         host_link=str(host_link),
+        cache_bytes=cache_bytes,
+        cache_bandwidth=float(cache_bandwidth),
     )
 
 

@@ -75,7 +75,7 @@ from llmir_onnx.model_facts import (
     last_token_attention_reason,
     layer_of_node_by_name,
 )
-from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, node_cost
+from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, is_activation, memory_seconds, node_cost
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
 from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
 from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
@@ -156,6 +156,8 @@ class ModelShape:
 
 # A node's activations as a stage's peak counts them: (value name, bytes on one tp rank).
 PeakTerms = list[tuple[str, float]]
+# A node on one rank: (flops, bytes, the activations' bytes among them, collective payload, 1 if not free).
+ScaledNode = tuple[float, float, tuple[float, ...], float, int]
 
 
 _Memoised = TypeVar("_Memoised")
@@ -199,8 +201,10 @@ class _Analysis:
         self.value_bytes: dict[str, dict[str, int]] = {
             phase: {name: shape.nbytes for name, shape in shapes.items()} for phase, shapes in self.shapes.items()
         }
+        # the values the cost model may charge at the cache bandwidth (`cost.is_activation`)
+        self.activations = {v.name for node in self.nodes for v in node.outputs if v.name and is_activation(v)}
         # per-node memos by (phase, tp, part, cp) (`_per_node_memo`)
-        self._scaled_nodes: dict[tuple[Any, ...], list[tuple[float, float, float, int] | None]] = {}
+        self._scaled_nodes: dict[tuple[Any, ...], list[ScaledNode | None]] = {}
         self._peak_terms: dict[tuple[Any, ...], list[tuple[PeakTerms, PeakTerms] | None]] = {}
         self._cp: _CpFacts | None = None  # found on the first cp layout (`cp_facts`)
         self._chunk_scales: dict[tuple[str, int], dict[str, float]] = {}
@@ -400,36 +404,37 @@ class _Analysis:
                 chosen.append(i)
         return chosen
 
-    def scaled_node(
-        self, i: int, phase: str, tp: int, part: RankPart | None = None, cp: int = 1
-    ) -> tuple[float, float, float, int]:
-        """(flops, bytes, payload of the collective after it, 1 if not free) of node i on one tp rank (its
-        `part` of an uneven split; None: 1/tp) and one cp rank (its chunk of the tokens). Memoised: every
-        stage split the search tries reads it again."""
+    def scaled_node(self, i: int, phase: str, tp: int, part: RankPart | None = None, cp: int = 1) -> ScaledNode:
+        """(flops, bytes, the activations among the bytes, payload of the collective after it, 1 if not free)
+        of node i on one tp rank (its `part` of an uneven split; None: 1/tp) and one cp rank (its chunk of
+        the tokens). Memoised: every stage split the search tries reads it again."""
         memo = _per_node_memo(self._scaled_nodes, (phase, tp, part, cp), len(self.nodes))
         scaled = memo[i]
         if scaled is None:
             scaled = memo[i] = self._scale_node(i, phase, tp, part, cp)
         return scaled
 
-    def _scale_node(
-        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int = 1
-    ) -> tuple[float, float, float, int]:
+    def _scale_node(self, i: int, phase: str, tp: int, part: RankPart | None, cp: int = 1) -> ScaledNode:
         node = self.nodes[i]
         value_bytes = self.value_bytes[phase]
         cost = self.costs[phase][i]
         chunk = self.chunk_scales(phase, cp)
         moved = 0.0
+        activations: list[float] = []  # as node_cost's activation_bytes, scaled like the bytes
         if node.op_type not in FREE_OPS:
             if node.op_type == "Gather" and cost.bytes:
-                moved = cost.bytes * self._value_scale(node.outputs[0], tp, part=part)
-                moved *= chunk.get(node.outputs[0].name or "", 1.0)
+                scale = self._value_scale(node.outputs[0], tp, part=part) * chunk.get(node.outputs[0].name or "", 1.0)
+                moved = cost.bytes * scale
+                activations = [size * scale for size in cost.activation_bytes]
             else:
                 for value in (*node.inputs, *node.outputs):
-                    if value is None or not value.name or value.name not in value_bytes:
+                    name = value.name if value is not None else None  # onnx_ir's name property is not free
+                    if not name or name not in value_bytes:
                         continue
-                    scale = self._value_scale(value, tp, i, part) * chunk.get(value.name, 1.0)
-                    moved += value_bytes[value.name] * scale
+                    scaled = value_bytes[name] * (self._value_scale(value, tp, i, part) * chunk.get(name, 1.0))
+                    moved += scaled
+                    if scaled and name in self.activations:
+                        activations.append(scaled)
         if node.op_type in ("MatMul", "Gemm", "Gather") and self._weight_of(node):
             flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp, part)
         else:
@@ -440,7 +445,7 @@ class _Analysis:
             token_share = chunk.get(node.outputs[0].name or "", 1.0)
             flop_scale *= token_share
             payload *= token_share
-        return cost.flops * flop_scale, moved, float(payload), int(node.op_type not in FREE_OPS)
+        return cost.flops * flop_scale, moved, tuple(activations), float(payload), int(node.op_type not in FREE_OPS)
 
     # -- context parallelism
 
@@ -783,10 +788,10 @@ def _rank_estimate(
     for phase in ("prefill", "decode"):
         total = 0.0
         for i in nodes:
-            flops, moved, payload, counted = analysis.scaled_node(i, phase, tp, part, cp)
+            flops, moved, activations, payload, counted = analysis.scaled_node(i, phase, tp, part, cp)
             cost = analysis.costs[phase][i]
             compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
-            memory = moved / device.bytes_per_second if moved else 0.0
+            memory = memory_seconds(moved, activations, device)
             total += max(compute, memory) + counted * device.node_overhead
             if payload:
                 total += analysis.collective_seconds(i, payload, tp, tp_link, tp_hosts)
@@ -1090,10 +1095,11 @@ def _balanced_bounds(
             cp_link, cp_hosts = devices.cp_link or (device.intra_host_link, 1)
             for phase in ("prefill", "decode"):
                 for i in nodes:
-                    flops, moved, payload, counted = analysis.scaled_node(i, phase, tp, part, cp)
+                    flops, moved, activations, payload, counted = analysis.scaled_node(i, phase, tp, part, cp)
                     dtype = analysis.costs[phase][i].dtype
                     compute = flops / device.flops_per_second(dtype) if flops else 0.0
-                    seconds += max(compute, moved / device.bytes_per_second) + counted * device.node_overhead
+                    memory = memory_seconds(moved, activations, device)
+                    seconds += max(compute, memory) + counted * device.node_overhead
                     seconds += analysis.collective_seconds(i, payload, tp, link, hosts)
                 for i in nodes if cp > 1 else ():
                     for gathered in analysis.cp_gathers(i, phase, tp, part, cp):
