@@ -251,9 +251,9 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
     if not (isinstance(cache_bandwidth, (int, float)) and cache_bandwidth >= 0):
         raise PlanError(f"device profile {source}: cache_bandwidth must be a number >= 0, got {cache_bandwidth!r}")
     if (cache_bytes > 0) != (cache_bandwidth > 0):
-        given, missing = ("cache_bytes", "cache_bandwidth") if cache_bytes > 0 else ("cache_bandwidth", "cache_bytes")
+        named, absent = ("cache_bytes", "cache_bandwidth") if cache_bytes > 0 else ("cache_bandwidth", "cache_bytes")
         raise PlanError(
-            f"device profile {source}: {given} without {missing}; give both (the last-level cache's size and "
+            f"device profile {source}: {named} without {absent}; give both (the last-level cache's size and "
             "bandwidth) or neither (no cache: every byte at memory_bandwidth)"
         )
     flops = {}

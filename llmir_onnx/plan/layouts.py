@@ -429,7 +429,7 @@ class _Analysis:
             else:
                 for value in (*node.inputs, *node.outputs):
                     name = value.name if value is not None else None  # onnx_ir's name property is not free
-                    if not name or name not in value_bytes:
+                    if value is None or not name or name not in value_bytes:
                         continue
                     scaled = value_bytes[name] * (self._value_scale(value, tp, i, part) * chunk.get(name, 1.0))
                     moved += scaled

@@ -137,7 +137,7 @@ def run_rank(
     before_run = fault_hook(comm.rank)
     run_calls = []  # (case, micro-batch, start, end) on CLOCK_MONOTONIC, for `verify --timeline`
     pasts = _past_inputs(manifest)
-    previous: dict[str, np.ndarray] = {}  # this rank's presents of the case before, by local name
+    previous: dict[str, Any] = {}  # this rank's presents of the case before, by local name
     for case, feeds in enumerate(feed_cases):
         rank_feeds = {b.local: np.ascontiguousarray(_rank_part(manifest, entry, b, feeds[b.original], pasts))
                       for b in entry.inputs}
@@ -221,11 +221,11 @@ def assemble_outputs(manifest: Manifest, work_dir: Path, case: int = 0) -> dict[
                     continue
                 parts.setdefault(binding.original, []).append((binding, archive[binding.local]))
     for (name, _, _), held in runs.items():
-        whole = np.concatenate([run for _, run in sorted(held, key=lambda item: item[0])], axis=presents[name])
-        pieces = parts[name]
+        joined = np.concatenate([run for _, run in sorted(held, key=lambda item: item[0])], axis=presents[name])
+        slices = parts[name]
         # The first cp rank's piece stands for this (pp, tp) slice: replace it with the runs joined.
-        at = next(i for i, (_, array) in enumerate(pieces) if array is held[0][1])
-        pieces[at] = (pieces[at][0], whole)
+        at = next(i for i, (_, array) in enumerate(slices) if array is held[0][1])
+        slices[at] = (slices[at][0], joined)
     assembled = {}
     for info in manifest.outputs:
         pieces = parts.get(info.name)
