@@ -146,13 +146,19 @@ def ort_matmul_flops(n: int, elem: int, np_dtype: type[np.generic], repeats: int
 def node_chain_benchmark(nodes: int, width: int) -> tuple[Callable[[], object], int]:
     """(one run, its node count) of a chain of `nodes` elementwise Mul nodes on float32 [1, width], graph
     optimizations off so that every node runs."""
+    return _mul_chain_run(nodes, [1, width], np.full((1, width), 0.5, np.float32)), nodes
+
+
+def _mul_chain_run(nodes: int, shape: list[int], half: np.ndarray) -> Callable[[], object]:
+    """One run of a chain of `nodes` Mul nodes on float32 `shape`, each by the initializer `half`, in a
+    1-thread session with graph optimizations off so that every node runs."""
     names = ["x"] + [f"t{i}" for i in range(nodes)]
     graph = helper.make_graph(
         [helper.make_node("Mul", [names[i], "half"], [names[i + 1]]) for i in range(nodes)],
         "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, width])],
-        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1, width])],
-        initializer=[onnx.numpy_helper.from_array(np.full((1, width), 0.5, np.float32), "half")],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, shape)],
+        initializer=[onnx.numpy_helper.from_array(half, "half")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 10
@@ -161,8 +167,8 @@ def node_chain_benchmark(nodes: int, width: int) -> tuple[Callable[[], object], 
     options.inter_op_num_threads = 1
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {"x": np.ones((1, width), np.float32)}
-    return (lambda: sess.run(None, feeds)), nodes
+    feeds = {"x": np.ones(shape, np.float32)}
+    return lambda: sess.run(None, feeds)
 
 
 def last_level_cache_bytes(cpu: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int:
@@ -184,23 +190,7 @@ def cache_chain_benchmark(nodes: int, numel: int) -> tuple[Callable[[], object],
     """(one run, the bytes the cost model counts for it) of a chain of `nodes` Mul nodes on float32 [numel],
     each by a scalar initializer, graph optimizations off so that every node runs: per node its input, the
     scalar and its output, activations that stay in the cache when `numel` floats fit."""
-    names = ["x"] + [f"t{i}" for i in range(nodes)]
-    graph = helper.make_graph(
-        [helper.make_node("Mul", [names[i], "half"], [names[i + 1]]) for i in range(nodes)],
-        "cache_chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [numel])],
-        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [numel])],
-        initializer=[onnx.numpy_helper.from_array(np.array([0.5], np.float32), "half")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep every node
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {"x": np.ones(numel, np.float32)}
-    return (lambda: sess.run(None, feeds)), float(nodes * (2 * numel * 4 + 4))
+    return _mul_chain_run(nodes, [numel], np.array([0.5], np.float32)), float(nodes * (2 * numel * 4 + 4))
 
 
 def cache_bandwidth_of(seconds: float, moved: float, nodes: int, overhead: float) -> float:

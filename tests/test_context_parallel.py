@@ -126,17 +126,28 @@ def test_cli_cp_plan_generates_the_original_greedy_tokens(tmp_path: Path) -> Non
     """`partition --cp 2 --tp 2` writes tp x cp ranks; a prompt prefilled on them, then decoded, gives the
     original's greedy tokens (generate --check)."""
     plan = tmp_path / "plan"
-    result = subprocess.run(
-        [*CLI, "partition", str(MODELS / "llama-gqa-torch-legacy" / "model.onnx"), "-o", str(plan), "--cp", "2",
-         "--tp", "2"],
-        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
+    _partition_legacy_llama_cp2_tp2(plan)
     manifest = json.loads((plan / "manifest.json").read_text())
     assert manifest["options"]["cp"] == 2
     assert [tuple(entry["coords"].values()) for entry in manifest["ranks"]] == [
         (0, 0, 0), (0, 0, 1), (0, 1, 0), (0, 1, 1)
     ]
+    _generate_check(plan)
+
+
+def _partition_legacy_llama_cp2_tp2(plan: Path, *options: str) -> str:
+    """`llmir-onnx partition` of the legacy LLaMA export at cp 2 x tp 2 (plus `options`) into `plan`; its stdout."""
+    result = subprocess.run(
+        [*CLI, "partition", str(MODELS / "llama-gqa-torch-legacy" / "model.onnx"), "-o", str(plan), "--cp", "2",
+         "--tp", "2", *options],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _generate_check(plan: Path) -> None:
+    """`llmir-onnx generate --check` on two 7-token prompts: the original model's greedy tokens."""
     result = subprocess.run(
         [*CLI, "generate", str(plan), "--prompt-ids", "1,2,3,4,5,6,7;9,8,7,6,5,4,3", "--max-new-tokens", "6",
          "--check"],
@@ -340,20 +351,8 @@ def test_cli_sharded_cache_plan_generates_the_original_greedy_tokens(tmp_path: P
     """`partition --cp 2 --tp 2 --cp-kv-cache sharded`, then generate --check: the original's greedy tokens,
     every rank decoding on its own run of the cache."""
     plan = tmp_path / "plan"
-    result = subprocess.run(
-        [*CLI, "partition", str(MODELS / "llama-gqa-torch-legacy" / "model.onnx"), "-o", str(plan), "--cp", "2",
-         "--tp", "2", "--cp-kv-cache", "sharded"],
-        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "each holds its run of the KV cache" in result.stdout
-    result = subprocess.run(
-        [*CLI, "generate", str(plan), "--prompt-ids", "1,2,3,4,5,6,7;9,8,7,6,5,4,3", "--max-new-tokens", "6",
-         "--check"],
-        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "equal the original model's greedy tokens" in result.stderr
+    assert "each holds its run of the KV cache" in _partition_legacy_llama_cp2_tp2(plan, "--cp-kv-cache", "sharded")
+    _generate_check(plan)
 
 
 def test_sharded_cache_memory_is_one_cp_th_of_the_replicated(tmp_path: Path) -> None:
