@@ -114,9 +114,9 @@ def partition(
         str,
         typer.Option(
             "--cp-kv-cache",
-            help="With --cp: 'replicated' (every cp rank holds the whole KV cache) or 'sharded' (each cp rank "
-            "holds a contiguous run of the cache's tokens; attention combines the shards with the log-sum-exp "
-            "trick, so a decode step reads 1/cp of the cache per rank).",
+            help="With --cp: 'replicated' (every cp rank holds the whole KV cache) or 'sharded' (cp rank r holds "
+            "the cache's positions [r*B, (r+1)*B), B = ceil(max-seq / cp), at most B tokens; attention combines "
+            "the shards with the log-sum-exp trick, so a decode step reads at most 1/cp of a full cache per rank).",
         ),
     ] = "replicated",
     vocab_parallel: Annotated[

@@ -29,7 +29,7 @@ from llmir_onnx.partition import (
     plan_rank_weights,
     shard_tp_ranks,
 )
-from llmir_onnx.passes.context_parallel_cache import cache_plan_seq
+from llmir_onnx.passes.context_parallel_cache import cache_block
 from llmir_onnx.plan.communication import rank_traffic
 from llmir_onnx.plan.cost import LinkOf, estimate_phases
 from llmir_onnx.plan.data_files import WeightWriter
@@ -145,9 +145,6 @@ def partition_to_dir(
     planned_cuts = cuts_from_pins(pins, pp, stage_cut_after_layer)
     record_dim_hints(source, dim_roles or {})
     max_seq, limit = choose_max_seq(source, max_batch, max_seq)
-    # A sequence-sharded cache is planned (stage cuts, memory, cost) at a length whose decode past the cp ranks
-    # split evenly: the planner evaluates one rank as if every cp rank held as many past tokens.
-    plan_seq = cache_plan_seq(max_seq, cp) if cp > 1 and cp_kv_cache == "sharded" else max_seq
     options = PartitionOptions(
         tp=tp,
         pp=pp,
@@ -162,7 +159,7 @@ def partition_to_dir(
         device=device,
         device_memory_bytes=device_memory_bytes,
         max_batch=max_batch,
-        max_seq=plan_seq,
+        max_seq=max_seq,
         tp_weights=tp_weights,
         cluster=devices,
     )
@@ -178,7 +175,7 @@ def partition_to_dir(
         check_value_pins(pins, result.placements)
         mesh = result.mesh
         with shared_shape_evaluations():
-            details = _rank_details(result, profile, max_batch, plan_seq, device_memory_bytes, devices)
+            details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes, devices)
         groups = {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}
         if cp > 1:
             groups["cp"] = [list(g) for g in mesh.groups("cp")]
@@ -191,6 +188,9 @@ def partition_to_dir(
             # The prompt's tokens are split over cp; the KV cache a step returns is whole on every cp rank, or
             # (sharded) each cp rank's run of its tokens.
             mesh_info["kv_cache"] = CP_KV_CACHE_DESCRIPTIONS[cp_kv_cache]
+            if cp_kv_cache == "sharded":
+                # cp rank r holds the cache's global positions [r*B, (r+1)*B): B = ceil(max_seq / cp).
+                mesh_info["kv_cache_block"] = cache_block(max_seq, cp)
         contents = PlanContents(
             source_path=model_path,
             inputs=source_inputs,

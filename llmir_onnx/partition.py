@@ -238,7 +238,10 @@ def plan_ranks(
     if options.cp > 1:
         from llmir_onnx.passes.context_parallel import ContextParallelPass
 
-        state = _run_pass(ContextParallelPass(state, kv_cache=options.cp_kv_cache), template).state
+        # A sequence-sharded cache is held in blocks of ceil(max_seq / cp) tokens: the plan's max_seq is a constant.
+        cache_max_seq = (options.max_seq or default_max_seq(template)) if options.cp_kv_cache == "sharded" else None
+        cp_pass = ContextParallelPass(state, kv_cache=options.cp_kv_cache, max_seq=cache_max_seq)
+        state = _run_pass(cp_pass, template).state
     state = _run_pass(InsertCollectivesPass(state), template).state
     if not state.uneven:
         _run_pass(LocalizePass(state), template)

@@ -279,10 +279,15 @@ def _chained_cases(model_path: Path) -> list[tuple[int, int, int, dict]]:
     return cases
 
 
-def _partition_sharded(name: str, out: Path, tp: int, cp: int, pp: int) -> dict:
+# The chains' longest sequence (a 5-token prompt and 3 decode steps): planned at this --max-seq, the blocks
+# of ceil(8 / cp) tokens (4 at cp 2, 2 at cp 4) are crossed by prompts and by decode steps.
+SHARDED_MAX_SEQ = max(prompt for prompt, _ in SHARDED_CHAINS) + DECODE_STEPS
+
+
+def _partition_sharded(name: str, out: Path, tp: int, cp: int, pp: int, max_seq: int = SHARDED_MAX_SEQ) -> dict:
     from llmir_onnx.api import partition_to_dir
 
-    partition_to_dir(MODELS / name / "model.onnx", out, tp=tp, pp=pp, cp=cp, cp_kv_cache="sharded")
+    partition_to_dir(MODELS / name / "model.onnx", out, tp=tp, pp=pp, cp=cp, cp_kv_cache="sharded", max_seq=max_seq)
     return json.loads((out / "manifest.json").read_text())
 
 
@@ -324,13 +329,16 @@ def test_sequence_sharded_cache_prefill_and_decode_match_the_original(
 
 
 def test_sequence_sharded_cache_takes_a_whole_cache_split_into_runs(tmp_path: Path) -> None:
-    """verify feeds a whole past cache as the runs a prefill of its length leaves (`cp_cache_runs`)."""
+    """verify feeds a whole past cache split into the cp ranks' blocks (`cp_cache_runs`): --max-seq 9 at cp 4,
+    blocks of 3 tokens."""
     from llmir_onnx.runtime.verify import verify_plan_cases
 
     plan = tmp_path / "plan"
-    _partition_sharded("llama-gqa-torch-legacy", plan, 1, 4, 1)
+    _partition_sharded("llama-gqa-torch-legacy", plan, 1, 4, 1, max_seq=9)
     model_path = MODELS / "llama-gqa-torch-legacy" / "model.onnx"
-    cases = [(6, 3, 2), (1, 5, 1), (2, 2, 1)]  # (new, past, batch): runs of 1, 1, 1, 0; 2, 2, 1, 0; 1, 1, 0, 0
+    # (new, past, batch): past runs 3, 3, 1, 0 (the new tokens to rank 2); 3, 2, 0, 0; 2, 0, 0, 0 (the new
+    # tokens to ranks 0 and 1)
+    cases = [(2, 7, 2), (1, 5, 1), (2, 2, 1)]
     feeds = [model_past_feeds(model_path, FeedSizes(batch=b, new_tokens=n, past_tokens=p)) for n, p, b in cases]
     for (new, past, batch), (_, rows) in zip(cases, verify_plan_cases(plan, feeds, model_path=model_path,
                                                                        timeout_s=TIMEOUT_S), strict=True):
@@ -339,12 +347,91 @@ def test_sequence_sharded_cache_takes_a_whole_cache_split_into_runs(tmp_path: Pa
 
 
 def test_cp_runs_of_a_cache() -> None:
+    """Rank r holds global positions [r*B, (r+1)*B), short or empty past the cache's end; a cache longer than
+    the cp blocks together is refused."""
     from llmir_onnx.plan.manifest import cp_cache_runs
 
-    assert cp_cache_runs(5, 4) == [(0, 2), (2, 4), (4, 5), (5, 5)]
-    assert cp_cache_runs(3, 4) == [(0, 1), (1, 2), (2, 3), (3, 3)]
-    assert cp_cache_runs(0, 2) == [(0, 0), (0, 0)]
-    assert cp_cache_runs(8, 2) == [(0, 4), (4, 8)]
+    assert cp_cache_runs(5, 4, 2) == [(0, 2), (2, 4), (4, 5), (5, 5)]
+    assert cp_cache_runs(3, 4, 3) == [(0, 3), (3, 3), (3, 3), (3, 3)]
+    assert cp_cache_runs(0, 2, 6) == [(0, 0), (0, 0)]
+    assert cp_cache_runs(7, 2, 6) == [(0, 6), (6, 7)]
+    assert cp_cache_runs(12, 2, 6) == [(0, 6), (6, 12)]
+    with pytest.raises(LlmirError, match="a KV cache of 13 tokens does not fit a cache sharded over cp 2 in blocks "
+                       "of 6 tokens"):
+        cp_cache_runs(13, 2, 6)
+
+
+def _decode_chain(model_path: Path, prompt: int, steps: int) -> list[dict]:
+    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.runtime.feeds import random_feeds
+
+    model = load_model(model_path)
+    return [
+        random_feeds(model, FeedSizes(batch=1, new_tokens=prompt if step == 0 else 1,
+                                      past_tokens=0 if step == 0 else prompt + step - 1, seed=step))
+        for step in range(steps + 1)
+    ]
+
+
+def test_sharded_cache_decode_crosses_a_block_boundary(tmp_path: Path) -> None:
+    """--max-seq 12 at cp 2: blocks of 6 tokens. A 4-token prompt fills rank 0's block partly, decode steps at
+    positions 4..7 fill it (4, 5) and then go to rank 1 (6, 7): every step equals the original, chained on the
+    ranks' own presents; whole caches split by the block rule too (a step of 3 new tokens across the boundary),
+    which only agree with the original when the rank models keep new tokens by the same rule."""
+    from llmir_onnx.runtime.verify import verify_plan_cases
+
+    plan = tmp_path / "plan"
+    manifest = _partition_sharded("llama-gqa-torch-legacy", plan, 1, 2, 1, max_seq=12)
+    assert manifest["mesh"]["kv_cache_block"] == 6
+    model_path = MODELS / "llama-gqa-torch-legacy" / "model.onnx"
+    chain = _decode_chain(model_path, 4, 4)
+    results = verify_plan_cases(plan, chain, model_path=model_path, timeout_s=TIMEOUT_S, chained=True)
+    for step, (outputs, rows) in enumerate(results):
+        present = next(array for n, array in outputs.items() if n.startswith("present"))
+        assert present.shape[2] == 4 + step
+        bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+        assert not bad, f"step {step}: " + "; ".join(bad)
+    cases = [(3, 5), (1, 6), (1, 7), (6, 6)]  # (new, past): runs (5, 0), (6, 0), (6, 1), (6, 0)
+    feeds = [model_past_feeds(model_path, FeedSizes(batch=1, new_tokens=n, past_tokens=p)) for n, p in cases]
+    for (new, past), (_, rows) in zip(cases, verify_plan_cases(plan, feeds, model_path=model_path,
+                                                               timeout_s=TIMEOUT_S), strict=True):
+        bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+        assert not bad, f"{new} new after {past}: " + "; ".join(bad)
+
+
+def test_sharded_cache_refuses_a_step_past_max_seq(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--max-seq 12 at cp 2: a decode step to position 12 (13 tokens in all) has no block to go to: the rank
+    models fail on it, naming the check, instead of dropping its keys."""
+    from llmir_onnx.runtime.verify import verify_plan_cases
+
+    plan = tmp_path / "plan"
+    _partition_sharded("llama-gqa-torch-legacy", plan, 1, 2, 1, max_seq=12)
+    model_path = MODELS / "llama-gqa-torch-legacy" / "model.onnx"
+    chain = _decode_chain(model_path, 10, 3)  # totals 10, 11, 12, then 13
+    with pytest.raises(LlmirError, match=r"feed case 3 holds 13 tokens, more than the --max-seq 12 this plan's KV "
+                       r"cache sharded over cp holds \(cp rank r keeps positions \[r\*B, \(r\+1\)\*B\), B = 6\); "
+                       "partition with --max-seq 13 or more"):
+        verify_plan_cases(plan, chain, model_path=model_path, timeout_s=TIMEOUT_S, chained=True)
+    # A runtime that does not check: the rank models refuse the step themselves (a Reshape to -2 named for
+    # the check), rather than drop the keys no block holds.
+    from llmir_onnx.plan.manifest import Manifest
+
+    manifest = Manifest.read(plan)
+    monkeypatch.setattr(Manifest, "check_cache_tokens", lambda self, tokens, what: None)
+    with pytest.raises(LlmirError, match="A dimension cannot be less than -1"):
+        verify_plan_cases(plan, chain, model_path=model_path, timeout_s=TIMEOUT_S, chained=True)
+    monkeypatch.undo()
+    assert any(node.name == "llmir/cp/refuse_total_length_over_max_seq_12" for node in _rank_model(plan, 0).graph.node)
+    assert manifest.mesh["kv_cache_block"] == 6
+    # generate's last step runs on the prompt and every generated token but the last: 10 + 3 - 1 = 12 fits.
+    from llmir_onnx.runtime.generate_job import generate_plan
+
+    with pytest.raises(LlmirError, match="a 10-token prompt and --max-new-tokens 4 holds 13 tokens, more than the "
+                       "--max-seq 12"):
+        generate_plan(plan, [[1] * 10], max_new_tokens=4, model_path=model_path)
+    assert len(generate_plan(plan, [[1] * 10], max_new_tokens=3, model_path=model_path).report.tokens[0]) == 3
+    results = verify_plan_cases(plan, chain[:3], model_path=model_path, timeout_s=TIMEOUT_S, chained=True)
+    assert all(row.ok for _, rows in results for row in rows)
 
 
 def test_cli_sharded_cache_plan_generates_the_original_greedy_tokens(tmp_path: Path) -> None:
@@ -356,22 +443,21 @@ def test_cli_sharded_cache_plan_generates_the_original_greedy_tokens(tmp_path: P
 
 
 def test_sharded_cache_memory_is_one_cp_th_of_the_replicated(tmp_path: Path) -> None:
-    """kv_cache_bytes of a sharded cache: the longest run of a balanced split, ceil(past / cp) tokens, planned
-    at a max_seq whose decode past cp divides. LLaMA legacy: 2 layers x (K, V) x [1, 4, tokens, 16] float32 =
-    1024 B per token; --max-seq 101 at cp 2: 51 tokens (the replicated plan: 101); at cp 4, max-seq 101 is
-    planned at 101 too (100 past tokens split evenly): 26 tokens."""
+    """kv_cache_bytes of a sharded cache: each cp rank's block, B = ceil(max_seq / cp) tokens, the most any
+    rank holds whatever the prompt and generation lengths. LLaMA legacy: 2 layers x (K, V) x [1, 4, tokens, 16]
+    float32 = 2 * 2 * 4 * 16 * 4 = 1024 B per token; --max-seq 101: cp 2, ceil(101 / 2) = 51 tokens; cp 4,
+    ceil(101 / 4) = 26 (the replicated plan: 101); --max-seq 100 at cp 2: 50 tokens, planned at 100 itself."""
     from llmir_onnx.api import partition_to_dir
 
     model = MODELS / "llama-gqa-torch-legacy" / "model.onnx"
     replicated = partition_to_dir(model, tmp_path / "r", tp=1, cp=2, max_seq=101)
-    for cp, tokens in ((2, 51), (4, 26)):
-        sharded = partition_to_dir(model, tmp_path / f"s{cp}", tp=1, cp=cp, max_seq=101, cp_kv_cache="sharded")
+    for cp, max_seq, tokens in ((2, 101, 51), (4, 101, 26), (2, 100, 50)):
+        sharded = partition_to_dir(model, tmp_path / f"s{cp}-{max_seq}", tp=1, cp=cp, max_seq=max_seq,
+                                   cp_kv_cache="sharded")
         for rank in sharded.ranks:
-            assert rank.memory["kv_cache_bytes"] == tokens * 1024, (cp, rank.memory)
-            assert rank.memory["max_seq"] == 101
+            assert rank.memory["kv_cache_bytes"] == tokens * 1024, (cp, max_seq, rank.memory)
+            assert rank.memory["max_seq"] == max_seq
     assert all(rank.memory["kv_cache_bytes"] == 101 * 1024 for rank in replicated.ranks)
-    even = partition_to_dir(model, tmp_path / "even", tp=1, cp=2, max_seq=100, cp_kv_cache="sharded")
-    assert all(rank.memory["max_seq"] == 99 for rank in even.ranks)  # 98 past tokens split evenly
 
 
 def test_sharded_cache_is_refused_without_cp_and_for_an_unknown_layout(tmp_path: Path) -> None:

@@ -91,10 +91,13 @@ class ContextParallelPass(SequenceParallelPass):
     mesh_axis: MeshAxis = "cp"
     _scatters_partial_sums = False
 
-    def __init__(self, state: ShardingState, kv_cache: str = "replicated") -> None:
+    def __init__(self, state: ShardingState, kv_cache: str = "replicated", max_seq: int | None = None) -> None:
         super().__init__(state)
-        # "sharded": the KV cache split along the sequence over cp (passes/context_parallel_cache.py).
-        self._cache = SequenceShardedCache(self) if kv_cache == "sharded" else None
+        # "sharded": the KV cache split along the sequence over cp (passes/context_parallel_cache.py), in blocks
+        # of ceil(max_seq / cp) tokens: max_seq is the plan's, needed then.
+        if kv_cache == "sharded" and max_seq is None:
+            raise PlanError("--cp-kv-cache sharded needs the plan's max_seq (its blocks are ceil(max_seq / cp))")
+        self._cache = SequenceShardedCache(self, max_seq) if kv_cache == "sharded" and max_seq is not None else None
 
     def requires(self, model: ir.Model) -> None:
         require_propagated(model, self.state, "context parallelism")

@@ -2,21 +2,30 @@
 
 What it is. With the default layout (context_parallel.py) every cp rank holds and returns the whole cache.
 Here cp rank r holds a contiguous run of the cache's tokens, global positions [s_r, s_r + L_r), the runs
-following each other in cp-rank order, and attention combines the ranks' partial results with the
-log-sum-exp trick: a decode step reads 1/C of the cache per rank, and the cache's memory falls as cp grows.
+following each other in cp-rank order, each within a fixed block of the sequence, and attention combines
+the ranks' partial results with the log-sum-exp trick: a decode step reads at most 1/C of the cache (a
+block) per rank, and the cache's memory falls as cp grows.
 
-Which tokens a rank keeps. At a prefill (the past empty on every rank) rank r keeps its own chunk's real
-tokens, [min(r*c, n), min((r+1)*c, n)) with c = ceil(n / C): the prompt, the big part, is balanced (n < C
-leaves the last ranks empty). On any later step (the past not empty) ALL new tokens go to the last cp rank's
-run: that keeps the runs ordered and contiguous with no data moved between ranks, at the price of an
-unbalanced tail (a long generation after a short prompt grows the last rank's run alone). So each rank's
-`present.*` is Concat(its past, its rows [a_r, b_r) of the step's new keys/values), the new keys/values
-being gathered over cp as in the default layout (a Slice inserted at the Concat with the past).
+Which tokens a rank keeps: fixed blocks. With B = ceil(max_seq / C) (`cache_block`; max_seq is the plan's
+--max-seq, a constant of the rank models), cp rank r owns the global positions [r*B, (r+1)*B). At any step
+with a whole past of P tokens and n new ones (the new keys/values are gathered over cp, as in the default
+layout, at the Concat with the past), rank r keeps the new rows [a_r, b_r), a_r = clamp(r*B - P, 0, n),
+b_r = clamp((r+1)*B - P, 0, n) (a Slice inserted at that Concat): its `present.*` is Concat(its past, those
+rows). So its run always starts at s_r = r*B, stays contiguous, and never exceeds B tokens: the memory a rank
+needs is bounded by B exactly, whatever the prompt and generation lengths (an earlier rule, the prompt's
+chunks then every later token on the last rank, let a long generation grow one rank to nearly the whole
+cache past what the memory plan said). The price: a sequence shorter than max_seq leaves the high ranks'
+blocks empty or short, so the attention work (scores, softmax, P@V) sits on the low ranks, while the
+projections and MLP stay balanced by the token chunks; the memory bound is what this layout is for (very
+long sequences, where the blocks fill).
+A step whose total length (P + n) passes max_seq has tokens no block holds: the graph refuses it rather
+than drop their keys, by a Reshape of the total to a target of -2 when it is over (ONNX has no assert op; the
+node is named `llmir/cp/refuse_total_length_over_max_seq_<max_seq>`); verify and generate refuse it in
+one line before the ranks start (`Manifest.check_cache_tokens`).
 
-The lengths, in the graph. One AllGather over the cp group per step of each rank's past length L_r (an
-int64 [1]) gives every rank all lengths: the whole past P (their sum) and s_r (their exclusive cumulative
-sum at r). (An AllGather rather than an AllReduce of one-hot vectors: the same bytes, and the planner,
-which evaluates one rank alone, can take every member to hold this rank's length: propagation.collectives.)
+The lengths, in the graph: no communication. The whole past P is the attention mask's total length less n:
+the mask stays whole on every rank (a model without a mask input is refused), while a rank's past input
+holds its run only (its length L_r). s_r = r*B from the cp-rank constant.
 
 Which nodes take part: sharding rules, not an attention matcher. A value is "key-sharded" when it holds a
 rank's run of the cache's tokens on one axis: the past inputs (seeds), the present, and whatever a sharding
@@ -32,29 +41,31 @@ the mask add, Casts. Three cases the rules do not keep split get a composite ins
 - MatMul contracting the split axis in both inputs (probabilities @ V): the rule says Partial(sum); an
   AllReduce(sum) over cp resolves it, whole on every rank; the token split cuts its rows again at o_proj.
 A whole value that meets a key-sharded one with the cache's length on that axis (the attention mask) is cut
-locally to the rank's key columns [s_r + a_r, s_r + L_r + b_r) (s_r + a_r: a_r is 0 after the prefill,
-s_r is 0 at it). A Shape of a key-sharded value gives the whole cache's shape (P, or P + n for the
-present), so the mask, positions and anything else the exporter derives from it are the original's; a
-Reshape or Expand of a key-sharded value whose target holds that whole length gets the local one there.
-A node that reads a key-sharded value and fits none of this is refused with one line naming it (a sliding
-window's trim of the cache, a subgraph reading it); fused attention ops stay refused by --cp itself.
+locally to the rank's key columns [s_r, s_r + L_r + b_r - a_r) (a_r > 0 only when the rank's past is empty,
+its block starting inside the step's new tokens: P + a_r = s_r then). A Shape of a key-sharded value gives the
+whole cache's shape (P, or P + n for the present), so the mask, positions and anything else the exporter
+derives from it are the original's; a Reshape or Expand of a key-sharded value whose target holds that whole
+length gets the local one there. A node that reads a key-sharded value and fits none of this is refused with
+one line naming it (a sliding window's trim of the cache, a subgraph reading it); fused attention ops stay
+refused by --cp itself.
 
-Empty runs. n < C at a prefill (or the ranks before the last after a prompt shorter than C) leaves a rank
-holding no token: its scores have an empty key axis (see the Softmax above), its P@V part is zeros, and a
-Reshape target that would get its run's length 0 there (Reshape's "copy the input's dim") gets -1 instead.
+Empty runs. A rank whose block starts past the sequence so far holds no token: its scores have an empty key
+axis (see the Softmax above), its P@V part is zeros, and a Reshape target that would get its run's length 0
+there (Reshape's "copy the input's dim") gets -1 instead.
 
 What it costs per layer and step: the query chunk's AllGather (as the keys' was), two AllReduces of
 [.., n, 1] (max, sum) and one of the attention output [.., n, head_dim], for a decode step that reads
-ceil(P/C) cached tokens per rank instead of P; plus the lengths' AllGather once per step. The division by
+at most B cached tokens per rank instead of P (with a full cache: B = ceil(max_seq / C)). The division by
 the denominator could follow the P@V AllReduce instead (one multiply of [n, head_dim] instead of [n, keys]);
 kept before it so that the Softmax's output is the original's probabilities, key-sharded, for whatever
 reads them.
 
 Planning (plan/memory.py, plan/cost.py evaluate each rank model alone): each rank's past inputs are declared
-as its run, ceil(past / C) (`declare_cache_run_dims`), and the lengths' AllGather evaluates as every member
-holding this rank's run; that equals the whole past when C divides it, so such plans are made at the largest
-max-seq whose decode past C divides (`cache_plan_seq`). A rank's cache thus counts ceil(P/C) tokens: the
-balanced split; the last rank's run outgrows it by the tokens generated after a prompt.
+as a run of the whole past, ceil(past / C) (`declare_cache_run_dims`), which the memory plan evaluates at
+past = max_seq: B, the block. All cp ranks share cp rank 0's model (copied with a cp-rank constant), so every
+rank is planned at B: an upper bound on each rank's cache (the last rank's block may be shorter), reached
+by every full block. The plan is made at --max-seq itself (the rank models hold no per-step communication
+of lengths that an evaluation of one rank alone would get wrong).
 """
 
 from __future__ import annotations
@@ -67,7 +78,7 @@ import onnx_ir as ir
 
 from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
-from llmir_onnx.model_facts import kv_cache_inputs, kv_length_axis
+from llmir_onnx.model_facts import MASK, input_kind, kv_cache_inputs, kv_length_axis
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Shard
 from llmir_onnx.plan.memory import cache_run_dim
 from llmir_onnx.propagation import lookup
@@ -91,8 +102,9 @@ class SequenceShardedCache:
     """Finds (`find`, before the token split) and rewrites (`rewrite`, after it) the key-sharded part of the
     graph for a ContextParallelPass; it builds with the pass's graph helpers (names, records, lengths)."""
 
-    def __init__(self, cp_pass: ContextParallelPass) -> None:
+    def __init__(self, cp_pass: ContextParallelPass, max_seq: int) -> None:
         self.cp_pass = cp_pass
+        self.max_seq = max_seq  # the plan's --max-seq: the blocks are ceil(max_seq / C) tokens (`cache_block`)
         self.state = cp_pass.state
         self.axis_of: dict[str, int] = {}  # key-sharded value -> its split axis
         self.extent_of: dict[str, str] = {}  # the cache-length symbol of a key-sharded axis -> PAST | PRESENT
@@ -117,6 +129,7 @@ class SequenceShardedCache:
                 "none: partition with --cp-kv-cache replicated"
             )
         self._first_past = inputs[0]
+        self._total_source = _mask_total_axis(model)
         for value in inputs:
             axis = kv_length_axis(value)
             self.axis_of[value.name] = axis
@@ -282,32 +295,26 @@ class SequenceShardedCache:
             self._all_reduce_after(graph, node)
 
     def _lengths(self) -> dict[str, ir.Value]:
-        """The step's cache lengths (module docstring), built at the start of the graph."""
+        """The step's cache lengths (module docstring), built at the start of the graph: the whole past P from
+        the mask's total length, this rank's block [r*B, (r+1)*B) and the new rows [a_r, b_r) it keeps."""
         p, parts = self.cp_pass, self.cp_pass._parts
         tokens = p._lengths_of()
         n, rank = tokens["n"], tokens["rank"]
+        block = cache_block(self.max_seq, parts)
         axis = self.axis_of[self._first_past.name]
         local_past = p._int_node("Shape", [self._first_past], start=axis, end=axis + 1)
-        every_rank = p._initializer(p._name("cp_ranks"), np.arange(parts, dtype=np.int64))
+        mask, mask_axis = self._total_source
+        total = p._int_node("Shape", [mask], start=mask_axis, end=mask_axis + 1)
+        whole_past = p._int_node("Sub", [self._checked_total(total), n])
         zero = p._initializer(p._name("zero"), np.array([0], dtype=np.int64))
-        last = p._initializer(p._name("cp_last"), np.array([parts - 1], dtype=np.int64))
-        gather = ops.all_gather_node(local_past, 0, p.state.mesh.group(0, "cp"), name=p._name("AllGather"))
-        p._append_early(gather)
-        every_past = gather.outputs[0]
-        every_past.name, every_past.type = gather.name + "/out", ir.TensorType(ir.DataType.INT64)
-        p._record(every_past, None, (parts,))
-        # P and s_r as sums of the C elements (C is small; Gather and Add are ops the planner evaluates).
-        before_me = p._int_node("Cast", [self._bool(p._int_node("Less", [every_rank, rank]), (parts,))],
-                                to=int(ir.DataType.INT64))
-        p.state.shapes[before_me.name] = (parts,)
-        earlier = p._int_node("Mul", [every_past, before_me])
-        p.state.shapes[earlier.name] = (parts,)
-        whole_past, start = self._sum(every_past, parts), self._sum(earlier, parts)
-        prefill = self._bool(p._int_node("Equal", [whole_past, zero]), (1,))
-        is_last = self._bool(p._int_node("Equal", [rank, last]), (1,))
-        first_row = p._int_node("Where", [prefill, p._int_node("Min", [tokens["start"], n]), zero])
-        after_prefill = p._int_node("Where", [is_last, n, zero])
-        stop_row = p._int_node("Where", [prefill, p._int_node("Min", [tokens["stop"], n]), after_prefill])
+        block_value = p._initializer(p._name("cp_cache_block"), np.array([block], dtype=np.int64))
+        start = p._int_node("Mul", [rank, block_value])
+        stop = p._int_node("Add", [start, block_value])
+
+        def clamped_row(position: ir.Value) -> ir.Value:  # clamp(position - P, 0, n)
+            return p._int_node("Min", [p._int_node("Max", [p._int_node("Sub", [position, whole_past]), zero]), n])
+
+        first_row, stop_row = clamped_row(start), clamped_row(stop)
         local_present = p._int_node("Add", [local_past, p._int_node("Sub", [stop_row, first_row])])
         return {
             "a": first_row,
@@ -317,8 +324,26 @@ class SequenceShardedCache:
             f"{PAST}_start": start,
             f"{PRESENT}_whole": p._int_node("Add", [whole_past, n]),
             f"{PRESENT}_local": local_present,
-            f"{PRESENT}_start": p._int_node("Add", [start, first_row]),
+            f"{PRESENT}_start": start,  # a run always starts at its block's start: a_r > 0 only when it was empty
         }
+
+    def _checked_total(self, total: ir.Value) -> ir.Value:
+        """The step's total length, through a Reshape that fails when it passes max_seq: the tokens past the
+        last block would have no rank to hold them. ONNX has no assert op; a Reshape target of -2 is refused
+        by any runtime, and the node's name says why (onnxruntime's error names the node)."""
+        p = self.cp_pass
+        limit = p._initializer(p._name("max_seq"), np.array([self.max_seq], dtype=np.int64))
+        refused = p._initializer(p._name("refused"), np.array([-2], dtype=np.int64))
+        kept = p._initializer(p._name("kept"), np.array([1], dtype=np.int64))
+        over = self._bool(p._int_node("Less", [limit, total]), (1,))
+        target = p._int_node("Where", [over, refused, kept])
+        name = f"llmir/cp/refuse_total_length_over_max_seq_{self.max_seq}"
+        check = ir.Node("", "Reshape", [total, target], name=name)
+        p._append_early(check)
+        out = check.outputs[0]
+        out.name = f"{check.name}/out"
+        out.type = ir.TensorType(ir.DataType.INT64)
+        return p._record(out, None, (1,))
 
     def _never_zero(self, length: ir.Value) -> ir.Value:
         """A run's length for a Reshape target, where 0 would mean "copy the input's dim": -1 (infer) when the
@@ -330,17 +355,6 @@ class SequenceShardedCache:
             empty = self._bool(p._int_node("Equal", [length, zero]), (1,))
             self._never_zero_values[length.name] = p._int_node("Where", [empty, infer, length])
         return self._never_zero_values[length.name]
-
-    def _sum(self, vector: ir.Value, parts: int) -> ir.Value:
-        """The sum of a [parts] int64 vector, as a [1]."""
-        p = self.cp_pass
-        total: ir.Value | None = None
-        for index in range(parts):
-            at = p._initializer(p._name("index"), np.array([index], dtype=np.int64))
-            element = p._int_node("Gather", [vector, at], axis=0)
-            total = element if total is None else p._int_node("Add", [total, element])
-        assert total is not None
-        return total
 
     def _bool(self, value: ir.Value, shape: tuple[int, ...]) -> ir.Value:
         value.type = ir.TensorType(ir.DataType.BOOL)
@@ -438,9 +452,8 @@ def declare_cache_run_dims(model: ir.Model, parts: int) -> None:
 
     The rank's past is its own run, not the whole past the symbol stands for in the original. The planner
     (plan/shapes.py), which evaluates one rank alone, binds the whole past by the symbol's role and this
-    rank's run as that arithmetic; the lengths AllGather it then evaluates with every member holding this
-    rank's run (propagation.collectives), which matches the whole past when parts divides it: the plan is
-    made at such a length (`cache_plan_seq`)."""
+    rank's run as that arithmetic; the memory plan evaluates it at past = max_seq: ceil(max_seq / parts) = B,
+    the block each cp rank owns (`cache_block`), the most any rank holds."""
     for value in kv_cache_inputs(model):
         shape = value.shape
         if shape is None:
@@ -454,7 +467,19 @@ def declare_cache_run_dims(model: ir.Model, parts: int) -> None:
         value.shape = ir.Shape(dims)
 
 
-def cache_plan_seq(max_seq: int, parts: int) -> int:
-    """The sequence length the memory plan and cost model evaluate a sequence-sharded cache plan at: the
-    largest <= max_seq whose decode step (max_seq - 1 past tokens) splits evenly over the cp ranks."""
-    return parts * ((max_seq - 1) // parts) + 1
+def cache_block(max_seq: int, parts: int) -> int:
+    """B, the tokens of each cp rank's block of a sequence-sharded cache: ceil(max_seq / parts)."""
+    return -(-max_seq // parts)
+
+
+def _mask_total_axis(model: ir.Model) -> tuple[ir.Value, int]:
+    """The attention mask input and its total-length axis (past + new): the whole past P is that length less
+    the new tokens, on every rank (the mask stays whole), while a rank's past input holds its block only."""
+    for value in model.graph.inputs:
+        if input_kind(value) == MASK and value.shape is not None and len(value.shape) in (2, 4):
+            return value, 1 if len(value.shape) == 2 else 3
+    raise PlanError(
+        "--cp-kv-cache sharded needs the model's attention mask input ([batch, past + new]: the whole past's "
+        "length, a rank's past input holding its block only); this model has none: partition with "
+        "--cp-kv-cache replicated"
+    )

@@ -14,11 +14,13 @@ Schema version 3 (all keys always present):
                       with --cp (cp > 1) also "groups"."cp" and "kv_cache": "replicated over cp" (every
                       cp rank holds and returns the whole cache; the prompt's tokens are split); an
                       external runtime feeds every cp rank the same whole inputs, as every tp rank.
-                      With --cp-kv-cache sharded, "kv_cache": "sharded over cp (sequence)": cp rank r
-                      holds a contiguous run of the cache's tokens, the runs in cp-rank order; its
-                      `past.*` inputs and `present.*` outputs are its own run (the bindings' sequence
-                      dim is not sliced statically: a runtime feeds each cp rank the present that rank
-                      returned; `cp_cache_runs` gives the runs of a whole cache fed from outside)
+                      With --cp-kv-cache sharded, "kv_cache": "sharded over cp (sequence)" and
+                      "kv_cache_block": B = ceil(max_seq / cp): cp rank r holds the cache's global
+                      positions [r*B, (r+1)*B) (short or empty past the cache's end); its `past.*`
+                      inputs and `present.*` outputs are its own run (the bindings' sequence dim is not
+                      sliced statically: a runtime feeds each cp rank the present that rank returned;
+                      `cp_cache_runs` gives the runs of a whole cache fed from outside). A step whose
+                      total length passes max_seq fails in the rank models (no block holds it).
     options           the partition options used (free-form, informative)
     inputs, outputs   the original model's [{"name", "dtype", "shape"}]; shape entries are ints or
                       strings (symbolic dims)
@@ -82,13 +84,17 @@ KV_CACHE_SHARDED_OVER_CP = "sharded over cp (sequence)"
 CP_KV_CACHE_DESCRIPTIONS = {"replicated": KV_CACHE_REPLICATED_OVER_CP, "sharded": KV_CACHE_SHARDED_OVER_CP}
 
 
-def cp_cache_runs(tokens: int, cp: int) -> list[tuple[int, int]]:
+def cp_cache_runs(tokens: int, cp: int, block: int) -> list[tuple[int, int]]:
     """[start, stop) of a whole cache of `tokens` tokens held by each cp rank of a sequence-sharded cache, in
-    cp-rank order: the runs a prefill of `tokens` tokens leaves (chunks of ceil(tokens / cp), the last ones
-    short or empty). Any contiguous runs in rank order are a valid cache; this is the one runtimes use to
-    split a cache they are given whole (verify's feeds)."""
-    chunk = -(-tokens // cp) if tokens else 0
-    return [(min(r * chunk, tokens), min((r + 1) * chunk, tokens)) for r in range(cp)]
+    cp-rank order: rank r holds the global positions [r*block, (r+1)*block) (mesh["kv_cache_block"], ceil(max_seq /
+    cp)), short or empty past the cache's end. The rank models keep new tokens by the same rule, so this is
+    how a runtime splits a cache it is given whole (verify's feeds)."""
+    if tokens > cp * block:
+        raise PlanError(
+            f"a KV cache of {tokens} tokens does not fit a cache sharded over cp {cp} in blocks of {block} tokens "
+            f"({cp * block} in all, from --max-seq); partition with a larger --max-seq"
+        )
+    return [(min(r * block, tokens), min((r + 1) * block, tokens)) for r in range(cp)]
 
 
 @dataclass(frozen=True)
@@ -156,6 +162,30 @@ class Manifest:
     def cp_sharded_cache(self) -> bool:
         """Each cp rank holds its own run of the KV cache's tokens (--cp-kv-cache sharded)."""
         return self.mesh.get("kv_cache") == KV_CACHE_SHARDED_OVER_CP
+
+    @property
+    def cp_cache_block(self) -> int:
+        """B, the tokens of each cp rank's block of a KV cache sharded over cp (mesh["kv_cache_block"])."""
+        block = self.mesh.get("kv_cache_block")
+        if not isinstance(block, int) or block < 1:
+            raise PlanError(
+                "this plan's KV cache is sharded over cp but its manifest has no mesh.kv_cache_block (a plan made "
+                "before the cache's fixed blocks, whose ranks keep tokens by another rule): partition it again"
+            )
+        return block
+
+    def check_cache_tokens(self, tokens: int, what: str) -> None:
+        """Refuse, before any rank starts, a step of `tokens` tokens in all (past and new) that a KV cache
+        sharded over cp cannot hold: past the plan's max_seq (the rank models would fail on it too)."""
+        if not self.cp_sharded_cache:
+            return
+        max_seq = int(self.options["max_seq"])
+        if tokens > max_seq:
+            raise PlanError(
+                f"{what} holds {tokens} tokens, more than the --max-seq {max_seq} this plan's KV cache sharded over "
+                f"cp holds (cp rank r keeps positions [r*B, (r+1)*B), B = {self.cp_cache_block}); partition "
+                f"with --max-seq {tokens} or more"
+            )
 
     def rank_entry(self, rank: int) -> RankEntry:
         for entry in self.ranks:

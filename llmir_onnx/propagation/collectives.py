@@ -3,8 +3,9 @@
 They have no sharding rule (insert_collectives and the stage split place them after propagation) and
 carry no size to localize; their shapes follow `ops.collective_axis_length`, the rule the ops' ONNX
 schemas infer by. The planner evaluates one rank alone: an even AllGather of a small known integer tensor
-(the lengths a sequence-sharded KV cache gathers, passes/context_parallel_cache.py) takes every member
-to contribute what this rank does, the balanced layout the plan is made for (`gather_value`).
+takes every member to contribute what this rank does (`gather_value`). (The sequence-sharded KV cache,
+passes/context_parallel_cache.py, gathered its runs' lengths so until its fixed blocks (issue 14); no pass
+inserts such a gather now.)
 """
 
 from __future__ import annotations

@@ -312,6 +312,9 @@ def generate_plan(
             f"batched prompts must have the same number of tokens (got {[len(row) for row in rows]}); "
             "padding is not supported"
         )
+    # The last step runs on the prompt and every generated token but the last.
+    manifest.check_cache_tokens(len(rows[0]) + max_new_tokens - 1, f"a {len(rows[0])}-token prompt and "
+                                f"--max-new-tokens {max_new_tokens}")
     if check and temperature != 0.0:
         raise GenerationError("--check compares greedy tokens: drop --temperature/--top-k/--top-p")
     source = Path(model_path) if model_path is not None else Path(manifest.source["path"])

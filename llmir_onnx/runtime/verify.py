@@ -184,7 +184,8 @@ def _rank_part(
     if not manifest.cp_sharded_cache or binding.original not in pasts:
         return part
     axis = pasts[binding.original][1]
-    start, stop = cp_cache_runs(part.shape[axis], int(manifest.mesh["cp"]))[entry.coords["cp"]]
+    runs = cp_cache_runs(part.shape[axis], int(manifest.mesh["cp"]), manifest.cp_cache_block)
+    start, stop = runs[entry.coords["cp"]]
     index = [slice(None)] * part.ndim
     index[axis] = slice(start, stop)
     return part[tuple(index)]
@@ -342,6 +343,10 @@ def verify_plan_cases(
     if not feed_cases:
         raise PlanError("verify needs at least one set of inputs")
     manifest = Manifest.read(plan_dir)
+    for case, feeds in enumerate(feed_cases):
+        masks = [array for name, array in feeds.items() if "mask" in name.lower() and array.ndim in (2, 4)]
+        if masks:  # the mask's last axis: the step's total length (past + new)
+            manifest.check_cache_tokens(int(masks[0].shape[-1]), f"feed case {case}")
     execution_providers(device, 0)  # an onnxruntime without the CUDA EP is refused here, before any rank starts
     source = model_path or Path(manifest.source["path"])
     if not source.is_file():
