@@ -194,8 +194,6 @@ def partition(
     debug: DebugOption = False,
 ) -> None:
     """Write one ONNX model per rank (tp x pp) and a manifest into OUT."""
-    from dataclasses import asdict
-
     from llmir_onnx.api import partition_to_dir
     from llmir_onnx.model_facts import parse_dim_hints
     from llmir_onnx.plan.devices import parse_devices, parse_tp_weights
@@ -233,7 +231,7 @@ def partition(
     )
     _Process.exit_without_teardown = True  # the plan is written, renamed into place and its files closed
     if as_json:
-        _echo_json({"plan_dir": str(out.resolve()), **asdict(manifest)})
+        _echo_json({"plan_dir": str(out.resolve()), **manifest.to_document()})
         return
     sp = " with sequence parallelism" if manifest.mesh.get("sp") else ""
     cp_size = int(manifest.mesh.get("cp", 1))

@@ -193,14 +193,18 @@ class Manifest:
                 return entry
         raise PlanError(f"the manifest has no rank {rank}; its world size is {self.world_size}")
 
-    def to_json(self) -> str:
+    def to_document(self) -> dict[str, Any]:
+        """The manifest as manifest.json holds it (also what `partition --json` prints)."""
         raw = asdict(self)
         # One key per file naming its digest's algorithm ({"size", "blake3"}; a version-2 plan read: "sha256").
         raw["files"] = {
             name: {"size": self.files[name].size, self.files[name].algorithm: self.files[name].hexdigest}
             for name in sorted(self.files)
         }
-        return json.dumps(raw, indent=2, sort_keys=False) + "\n"
+        return raw
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_document(), indent=2, sort_keys=False) + "\n"
 
     def write(self, plan_dir: Path) -> Path:
         path = plan_dir / MANIFEST_NAME
