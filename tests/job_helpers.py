@@ -116,6 +116,21 @@ def rank_process(mark: str, rank: int, supervisor: bool = False) -> int | None:
     return None
 
 
+def mapped_mpich_segments(mark: str) -> set[Path]:
+    """The MPICH shared-memory segments (/dev/shm/mpich_shm_*) the job's live rank processes have mapped:
+    this job's own, whatever else runs on the machine."""
+    segments: set[Path] = set()
+    for pid in marked_processes(mark):
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        except OSError:
+            continue
+        for fields in (line.split(maxsplit=5) for line in maps):
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/mpich_shm_"):
+                segments.add(Path(fields[5].strip()))
+    return segments
+
+
 def seconds_until_gone(mark: str, limit_s: float) -> float:
     """Seconds until no marked process is left (polled every 20 ms), or `limit_s` if some remain."""
     start = time.monotonic()

@@ -27,8 +27,9 @@ Why this design (measured with MPICH 5.0.2 hydra; docs/RUNTIME.md has the detail
 
 Files in the work folder, per rank N: `rankN.pid` (the rank process), `rankN.supervisor.pid`,
 `rankN.ok` (success; the role's own results are written before it), or `rankN.error` (JSON: kind,
-message, time). `ranks.log` holds the ranks' stderr (onnxruntime's and hydra's log lines); it is shown
-only when no rank explains a failure, or with LLMIR_DEBUG=1.
+message, time), and `rankN.shm` (MPICH's shared-memory segments the rank mapped, unlinked by this
+parent at the end: a rank that dies cannot). `ranks.log` holds the ranks' stderr (onnxruntime's and
+hydra's log lines); it is shown only when no rank explains a failure, or with LLMIR_DEBUG=1.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llmir_onnx.errors import CommunicationError
+from llmir_onnx.runtime.segments import JOB_ENV, remove_noted_shared_memory
 
 POLL_S = 0.05
 STOP_GRACE_S = 2.0
@@ -323,6 +325,7 @@ def run_rank_job(
         if process.poll() is None:
             _stop(process, files)
         files.kill_all()
+        remove_noted_shared_memory(work_dir, world_size)
     message = _failure_message(job, files, cause, process.returncode)
     if message is not None:
         raise CommunicationError(message)
@@ -371,7 +374,6 @@ def ignore_peer_death_notice() -> None:
         signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
-JOB_ENV = "LLMIR_JOB_DIR"
 # Test hooks, each "RANK:STEP", acting before that step: a decode step under `generate`, step 0 (before
 # its session runs) under `verify`. KILL: that rank SIGKILLs itself (a real kill). HANG: that rank stops
 # making progress until a signal ends it, so a test can signal a job that is certainly still running

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from llmir_onnx.errors import CommunicationError, PlanError
+from llmir_onnx.runtime.segments import note_shared_memory_segments
 from llmir_onnx.runtime.stretch import (
     COMPUTE_STRETCH_ENV,
     ComputeMeter,
@@ -325,6 +326,7 @@ def setup_communication(cuda: bool = False, expected_world_size: int | None = No
     _context = CommContext(rank, world_size, env.local_rank, env.launcher, cuda, library_path, version, library,
                            compute_meter=meter)  # fmt: skip
     atexit.register(_context.finalize)
+    note_shared_memory_segments(rank)  # a job's parent unlinks them however this rank ends
     throttle_rank_from_env(rank)  # LLMIR_CPU_SHARE: emulate a slower device for this rank
     return _context
 

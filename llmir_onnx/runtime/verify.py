@@ -158,6 +158,8 @@ def run_rank(
     if comm.compute_stretch is not None:  # LLMIR_COMPUTE_STRETCH: what the library slept and measured
         (work_dir / f"rank{comm.rank}{STRETCH_SUFFIX}").write_text(json.dumps(comm.compute_stretch.totals()))
     (work_dir / f"rank{comm.rank}{RANK_DONE_SUFFIX}").touch()
+    # Finalize now, as generate's ranks do: a spawned rank leaves with os._exit (see runtime/job.py).
+    comm.finalize()
 
 
 def _past_inputs(manifest: Manifest) -> dict[str, tuple[str, int]]:
