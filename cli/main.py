@@ -532,7 +532,8 @@ def plan(
         int,
         typer.Option(
             "--max-cp", min=1,
-            help="Also list layouts with context parallelism (partition --cp) up to this cp: tp x cp x pp devices.",
+            help="Also list layouts with context parallelism (partition --cp) up to this cp: tp x cp x pp devices, "
+            "each with the KV cache replicated over cp and sharded over it (partition --cp-kv-cache).",
         ),
     ] = 1,
     as_json: Annotated[

@@ -126,12 +126,15 @@ def test_impossible_tp_writes_nothing(tmp_path: Path) -> None:
 
 
 def test_plan_max_cp_lists_cp_layouts(llama_7b_shapes: Path) -> None:
-    """`plan --max-cp 2` adds tp x cp x pp rows (labelled with cp, devices = tp x cp x pp) to the same ranking;
-    with room for all, the decode-first ranking keeps a layout without cp (cp gains nothing at decode)."""
+    """`plan --max-cp 2` adds tp x cp x pp rows (labelled with cp, devices = tp x cp x pp), each with the KV
+    cache replicated and sharded over cp, to the same ranking; with room for all, the decode-first ranking
+    keeps a layout without cp (a 7B's decode step reads its weights far more than its cache)."""
     result = run_cli("plan", str(llama_7b_shapes), "--devices", "8", "--device-memory", "80GiB",
                      "--max-batch", "8", "--max-seq", "4096", "--max-cp", "2", "--json")
     assert result.returncode == 0, result.stderr
     document = json.loads(result.stdout)
     cps = sorted({(layout["tp"], layout["cp"], layout["pp"]) for layout in document["layouts"] if layout["cp"] == 2})
     assert cps == [(1, 2, 4), (2, 2, 2), (4, 2, 1)]
+    modes = sorted((layout["tp"], layout["cp_kv_cache"]) for layout in document["layouts"] if layout["cp"] == 2)
+    assert modes == [(tp, mode) for tp in (1, 2, 4) for mode in ("replicated", "sharded")]
     assert document["recommended"] == "tp8 x pp1"

@@ -314,7 +314,7 @@ def test_cp_layout_estimate_matches_partitioned_cp_rank_models(tiny: tuple[objec
     for tp, cp in ((1, 2), (1, 4), (2, 2)):
         ranks = partition(load_model(path), PartitionOptions(tp=tp, cp=cp, max_seq=64)).ranks
         layouts = enumerate_layouts(load_model(path), tp * cp, GiB, device, max_batch=2, max_seq=64, max_cp=cp)
-        layout = next(lay for lay in layouts if (lay.tp, lay.cp, lay.pp) == (tp, cp, 1))
+        layout = next(lay for lay in layouts if (lay.tp, lay.cp, lay.pp, lay.cp_kv_cache) == (tp, cp, 1, "replicated"))
         assert layout.label == f"tp{tp} x cp{cp} x pp1" and layout.devices == tp * cp
         predicted = layout.ranks[0]
         actual = plan_memory(ranks[0].model, 2, 64)
@@ -334,7 +334,7 @@ def test_cp_layouts_by_hand_and_without_max_cp_none(tiny: tuple[object, Path]) -
     device = load_profile("h100-sxm")
     assert {lay.cp for lay in enumerate_layouts(model, 4, GiB, device, 1, 128)} == {1}
     layouts = enumerate_layouts(model, 4, GiB, device, 1, 128, include_fewer=True, max_cp=4)
-    by = {(lay.tp, lay.cp, lay.pp): lay for lay in layouts}
+    by = {(lay.tp, lay.cp, lay.pp): lay for lay in layouts if lay.cp_kv_cache == "replicated"}
     whole, cp2, cp4 = by[(1, 1, 1)], by[(1, 2, 1)], by[(1, 4, 1)]
     kv = 2 * config.layers * config.kv_heads * 128 * (config.hidden // config.heads) * 4  # [1, kv, 128, hd] float32
     assert whole.ranks[0].kv_cache_bytes == cp2.ranks[0].kv_cache_bytes == cp4.ranks[0].kv_cache_bytes == kv
@@ -348,13 +348,76 @@ def test_cp_layouts_by_hand_and_without_max_cp_none(tiny: tuple[object, Path]) -
     assert cp4.decode_step_s >= whole.decode_step_s  # the cache is replicated: every cp rank redoes the step
 
 
+def test_sharded_cache_layout_estimate_matches_the_partition_manifest(
+    tiny: tuple[object, Path], tmp_path: Path
+) -> None:
+    """`plan --max-cp` lists each cp layout with the KV cache sharded over cp too (partition --cp-kv-cache
+    sharded): against the manifest that partition writes with the same options, the KV cache (a block of
+    B = ceil(64 / cp) tokens per rank) and the largest collective buffer exactly, the activation peak within
+    10% and the weights within 1% (the rank models add the cp constants), the predicted prefill and decode
+    within 15% (the rank models' cost counts the length arithmetic the estimate leaves out)."""
+    from llmir_onnx.api import partition_to_dir
+
+    config, path = tiny
+    device = load_profile("cpu-here")
+    per_token = 2 * config.layers * config.kv_heads * (config.hidden // config.heads) * 4 * 2  # (K, V), batch 2
+    for tp, cp in ((1, 4), (2, 2)):
+        manifest = partition_to_dir(path, tmp_path / f"tp{tp}cp{cp}", tp=tp, cp=cp, cp_kv_cache="sharded",
+                                    max_seq=64, max_batch=2, device="cpu-here")  # fmt: skip
+        layouts = enumerate_layouts(load_model(path), tp * cp, GiB, device, max_batch=2, max_seq=64, max_cp=cp)
+        layout = next(lay for lay in layouts if (lay.tp, lay.cp, lay.pp, lay.cp_kv_cache) == (tp, cp, 1, "sharded"))
+        assert layout.label == f"tp{tp} x cp{cp}[kv sharded] x pp1" and layout.valid and layout.devices == tp * cp
+        predicted, kv_heads_share = layout.ranks[0], min(1.0, max(1, config.kv_heads // tp) / config.kv_heads)
+        assert predicted.kv_cache_bytes == per_token * (64 // cp) * kv_heads_share
+        for rank in manifest.ranks:
+            memory, cost = rank.memory, rank.cost
+            assert memory is not None and cost is not None
+            assert memory["kv_cache_bytes"] == predicted.kv_cache_bytes
+            assert memory["communication_bytes"] == predicted.communication_bytes
+            assert predicted.activation_peak_bytes == pytest.approx(memory["activation_peak_bytes"], rel=0.1)
+            assert predicted.weight_bytes == pytest.approx(memory["weight_bytes"], rel=0.01)
+            assert predicted.total_bytes == pytest.approx(memory["total_bytes"], rel=0.1)
+            assert layout.prefill_s == pytest.approx(cost["prefill"]["total_s"], rel=0.15)
+            assert layout.decode_step_s == pytest.approx(cost["decode"]["total_s"], rel=0.15)
+
+
+def test_sharded_cache_layouts_by_hand(tiny: tuple[object, Path]) -> None:
+    """A sharded cache's decode step pays, per layer, the query's AllGather and three AllReduces (the
+    softmax's max and denominator, P @ V's partial sum) besides the keys' and values' gathers: on links of
+    1 s latency (and no bandwidth cost) the step is the count of collectives, 2 x layers + 1 (the logits)
+    with the cache replicated, 6 x layers + 1 sharded. On long sequences the sharded cache, read a block per
+    rank, is what the search recommends, and the reason says so and what the replicated one would give."""
+    import dataclasses
+
+    config, path = tiny
+    model = load_model(path)
+    slow_links = dataclasses.replace(load_profile("h100-sxm"), link_latency=1.0, link_bandwidth=1e30)
+    layouts = enumerate_layouts(model, 2, GiB, slow_links, 1, 128, max_cp=2)
+    by = {lay.cp_kv_cache: lay for lay in layouts if lay.cp == 2}
+    assert by["replicated"].decode_step_s == pytest.approx(2 * config.layers + 1, abs=0.01)
+    assert by["sharded"].decode_step_s == pytest.approx(6 * config.layers + 1, abs=0.01)
+    assert by["sharded"].ranks[0].kv_cache_bytes * 2 == by["replicated"].ranks[0].kv_cache_bytes
+    # 256 sequences of 128 tokens on 16 CPU ranks: decode reads the cache; tp stops at the 8 heads
+    layouts = enumerate_layouts(model, 16, GiB, load_profile("cpu-here"), 256, 128, max_cp=2)
+    best, why = recommend(layouts)
+    assert best is not None and best.label == "tp8 x cp2[kv sharded] x pp1", why
+    assert "the KV cache sharded over cp, partition --cp-kv-cache sharded: a block of 64 tokens" in why, why
+    assert "with the KV cache replicated instead: tp8 x cp2 x pp1" in why, why
+    table = format_layout_table(layouts).splitlines()
+    assert "kv over cp" in table[0] and "sharded" in table[2] and "replicated" in table[2 + layouts.index(
+        next(lay for lay in layouts if lay.label == "tp8 x cp2 x pp1"))]  # fmt: skip
+    assert "kv over cp" not in format_layout_table([lay for lay in layouts if lay.cp == 1])
+
+
 def test_cp_layouts_only_for_models_partition_cp_takes() -> None:
     """GroupQueryAttention (onnxruntime-genai) takes its queries as the last tokens: partition --cp refuses
     it, so plan lists its cp layouts as invalid, with the pass's own reason."""
     model = load_model(Path(__file__).resolve().parents[1] / "models" / "llama-gqa-genai" / "model.onnx")
     layouts = enumerate_layouts(model, 2, GiB, load_profile("h100-sxm"), 1, 64, max_cp=2)
-    (cp2,) = [lay for lay in layouts if lay.cp == 2]
-    assert not cp2.valid and "GroupQueryAttention" in cp2.reason and "--cp cannot split the queries" in cp2.reason
+    cp2s = [lay for lay in layouts if lay.cp == 2]
+    assert {lay.cp_kv_cache for lay in cp2s} == {"replicated", "sharded"}
+    for cp2 in cp2s:
+        assert not cp2.valid and "GroupQueryAttention" in cp2.reason and "--cp cannot split the queries" in cp2.reason
 
 
 def test_recommend_prefers_cp_when_only_its_prefill_activations_fit(tmp_path: Path) -> None:
@@ -376,8 +439,10 @@ def test_recommend_prefers_cp_when_only_its_prefill_activations_fit(tmp_path: Pa
     best, why = recommend(layouts)
     assert best is not None and best.label == "tp8 x cp2 x pp1", why
     assert "cp 2 splits the prompt's 4096 tokens over 2 ranks" in why and "no layout without cp fits" in why
-    assert format_layout_table(layouts).count(" x cp2 x ") == sum(lay.cp == 2 for lay in layouts)
-    # with room for all, the ranking (decode first) prefers no cp: cp gains nothing at decode
+    table = format_layout_table(layouts)
+    assert table.count(" x cp2 x ") + table.count(" x cp2[kv sharded] x ") == sum(lay.cp == 2 for lay in layouts)
+    # with room for all, the ranking (decode first) prefers no cp: one short sequence, a cache too small for
+    # sharding it over cp to pay for its collectives
     roomy, why = recommend(probe)
     assert roomy is not None and roomy.cp == 1, why
 

@@ -129,7 +129,7 @@ class SequenceShardedCache:
                 "none: partition with --cp-kv-cache replicated"
             )
         self._first_past = inputs[0]
-        self._total_source = _mask_total_axis(model)
+        self._total_source = mask_total_axis(model)
         for value in inputs:
             axis = kv_length_axis(value)
             self.axis_of[value.name] = axis
@@ -472,7 +472,7 @@ def cache_block(max_seq: int, parts: int) -> int:
     return -(-max_seq // parts)
 
 
-def _mask_total_axis(model: ir.Model) -> tuple[ir.Value, int]:
+def mask_total_axis(model: ir.Model) -> tuple[ir.Value, int]:
     """The attention mask input and its total-length axis (past + new): the whole past P is that length less
     the new tokens, on every rank (the mask stays whole), while a rank's past input holds its block only."""
     for value in model.graph.inputs:

@@ -44,8 +44,11 @@ divide the KV heads.
 Context parallelism (`max_cp`, `plan --max-cp`): each (tp, pp) rank copied over cp ranks that split the
 prompt's tokens, as `partition --cp` does: every value of the token stream (`_find_cp_facts`) and the work
 on it scaled to ceil(n/cp) of n tokens, an AllGather over the cp group where the stream meets the past
-cache or a graph output, the KV cache and weights whole; decode unchanged plus the gathers' latency.
-docs/PLANNING.md has the details and how the estimate compares with the cp rank models.
+cache or a graph output, the weights whole. Every cp layout is listed with each KV cache layout of
+`partition --cp-kv-cache`: replicated (whole on every cp rank; decode unchanged plus the gathers' latency)
+and sharded (`_find_key_sharded`: a block of B = ceil(max_seq / cp) tokens per rank, held and attended over
+at decode, plus the query's AllGather and three log-sum-exp AllReduces per layer). docs/PLANNING.md has the
+details, why both are listed, and how the estimate compares with the cp rank models.
 
 Layouts: by default every (tp, pp) with tp x pp == devices (with `max_cp`, also every tp x cp x pp);
 `include_fewer=True` adds every tp x pp < devices (for models that fit on fewer devices, leaving the
@@ -82,6 +85,11 @@ from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shape
 from llmir_onnx.plan.stage_balance import StageUnit, balance_stages
 
 REPLICATED, HEADS, KV_HEADS = "R", "Q", "KV"
+# `partition --cp-kv-cache`: the KV cache whole on every cp rank, or sharded along its tokens over cp. The
+# search lists every cp layout with each: which wins is a trade the search is for (a sharded cache holds 1/cp
+# of the cache per rank and reads a block at decode, for three AllReduces and a query gather per layer).
+REPLICATED_CACHE, SHARDED_CACHE = "replicated", "sharded"
+CP_KV_CACHES = (REPLICATED_CACHE, SHARDED_CACHE)
 
 
 @dataclass(frozen=True)
@@ -125,13 +133,15 @@ class LayoutEstimate:
     # heads per tp rank of an uneven split (empty: even), and the weights it follows (empty: none)
     tp_shares: tuple[int, ...] = ()
     tp_weights: tuple[float, ...] = ()
-    # context parallelism (`partition --cp`): the prompt's tokens split over cp ranks per (tp, pp) rank
+    # context parallelism (`partition --cp`): the prompt's tokens split over cp ranks per (tp, pp) rank, and
+    # the KV cache over them (`partition --cp-kv-cache`): replicated (whole on each) or sharded (a block each)
     cp: int = 1
+    cp_kv_cache: str = REPLICATED_CACHE
 
     @property
     def label(self) -> str:
         """'tp2 x pp1'; an uneven split says its heads per tp rank, runs shortened: 'tp16[8x5,8x3] x pp1';
-        with cp: 'tp2 x cp2 x pp1'."""
+        with cp: 'tp2 x cp2 x pp1', 'tp2 x cp2[kv sharded] x pp1' with the KV cache sharded over cp."""
         runs: list[list[int]] = []
         for share in self.tp_shares:
             if runs and runs[-1][1] == share:
@@ -140,6 +150,7 @@ class LayoutEstimate:
                 runs.append([1, share])
         shares = ",".join(f"{count}x{share}" if count > 2 else ",".join([str(share)] * count) for count, share in runs)
         cp = f" x cp{self.cp}" if self.cp > 1 else ""
+        cp += "[kv sharded]" if self.cp > 1 and self.cp_kv_cache == SHARDED_CACHE else ""
         return f"tp{self.tp}[{shares}]{cp} x pp{self.pp}" if shares else f"tp{self.tp}{cp} x pp{self.pp}"
 
 
@@ -206,14 +217,15 @@ class _Analysis:
         # per-node memos by (phase, tp, part, cp) (`_per_node_memo`)
         self._scaled_nodes: dict[tuple[Any, ...], list[ScaledNode | None]] = {}
         self._peak_terms: dict[tuple[Any, ...], list[tuple[PeakTerms, PeakTerms] | None]] = {}
-        self._cp: _CpFacts | None = None  # found on the first cp layout (`cp_facts`)
-        self._chunk_scales: dict[tuple[str, int], dict[str, float]] = {}
+        self._cp: dict[bool, _CpFacts] = {}  # by sharded cache: found on the first cp layout (`cp_facts`)
+        self._chunk_scales: dict[tuple[str, int, bool], dict[str, float]] = {}
+        self._kv_bytes_at: dict[tuple[str, int], int] = {}
         self._boundaries: dict[str, list[float]] = {}
         self.past_inputs = {io_name(v) for v in kv_cache_inputs(model)}
         if not self.past_inputs:
             raise PlanError("the model has no past key/value inputs; the layout search needs a decoder with a KV cache")
         # each KV input's exact size at batch = max_batch and the past the cache holds (as the memory plan counts it)
-        cache_tokens = kv_cache_tokens(model, self.shapes["decode"], max_seq)
+        cache_tokens = self.cache_tokens = kv_cache_tokens(model, self.shapes["decode"], max_seq)
         at_max = bind_dims(model, Sizes(batch=max_batch, seq=1, past=cache_tokens), overrides)
         self.kv_bytes = {
             io_name(v): math.prod(d if isinstance(d, int) else at_max[str(d.value)] for d in io_shape(v))
@@ -404,21 +416,26 @@ class _Analysis:
                 chosen.append(i)
         return chosen
 
-    def scaled_node(self, i: int, phase: str, tp: int, part: RankPart | None = None, cp: int = 1) -> ScaledNode:
-        """(flops, bytes, the activations among the bytes, payload of the collective after it, 1 if not free)
-        of node i on one tp rank (its `part` of an uneven split; None: 1/tp) and one cp rank (its chunk of
-        the tokens). Memoised: every stage split the search tries reads it again."""
-        memo = _per_node_memo(self._scaled_nodes, (phase, tp, part, cp), len(self.nodes))
+    def scaled_node(
+        self, i: int, phase: str, tp: int, part: RankPart | None = None, cp: int = 1, sharded: bool = False
+    ) -> ScaledNode:
+        """(flops, bytes, the activations among the bytes, payload of the collective after it, the nodes it
+        runs as, each paying the node overhead: 0 if free) of node i on one tp rank (its `part` of an uneven
+        split; None: 1/tp) and one cp rank (its chunk of the tokens; with `sharded`, its block of the KV
+        cache's). Memoised: every stage split the search tries reads it again."""
+        memo = _per_node_memo(self._scaled_nodes, (phase, tp, part, cp, sharded), len(self.nodes))
         scaled = memo[i]
         if scaled is None:
-            scaled = memo[i] = self._scale_node(i, phase, tp, part, cp)
+            scaled = memo[i] = self._scale_node(i, phase, tp, part, cp, sharded)
         return scaled
 
-    def _scale_node(self, i: int, phase: str, tp: int, part: RankPart | None, cp: int = 1) -> ScaledNode:
+    def _scale_node(
+        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int = 1, sharded: bool = False
+    ) -> ScaledNode:
         node = self.nodes[i]
         value_bytes = self.value_bytes[phase]
         cost = self.costs[phase][i]
-        chunk = self.chunk_scales(phase, cp)
+        chunk = self.chunk_scales(phase, cp, sharded)
         moved = 0.0
         activations: list[float] = []  # as node_cost's activation_bytes, scaled like the bytes
         if node.op_type not in FREE_OPS:
@@ -441,33 +458,86 @@ class _Analysis:
             flop_scale = self.scale(self.kind.get(node.outputs[0].name or "", REPLICATED), tp, part)
         # the collective moves the full-size tensor: the partial sums, or the gathered output (of a cp chunk)
         payload = float(value_bytes[node.outputs[0].name or ""]) if (tp > 1 and i in self.collectives) else 0.0
+        nodes = int(node.op_type not in FREE_OPS)
         if chunk:
             token_share = chunk.get(node.outputs[0].name or "", 1.0)
-            flop_scale *= token_share
             payload *= token_share
-        return cost.flops * flop_scale, moved, tuple(activations), float(payload), int(node.op_type not in FREE_OPS)
+            facts = self.cp_facts(sharded)
+            if i in facts.partials:  # P @ V: its output is whole, its work the rank's keys
+                token_share = chunk.get(self.value_names[i][0][0], 1.0)
+            flop_scale *= token_share
+            if i in facts.softmaxes:
+                # the log-sum-exp composite in place of the Softmax (context_parallel_cache): ReduceMax,
+                # Sub, Exp, ReduceSum and Div read or write the rank's scores 8 times where the Softmax
+                # did twice (in and out), as 5 nodes; its two AllReduces are `cp_reduces`
+                scores = moved / 2
+                moved += 6 * scores
+                activations = [*activations, *[scores] * 6] if scores and activations else activations
+                nodes = 5
+        return cost.flops * flop_scale, moved, tuple(activations), float(payload), nodes
 
     # -- context parallelism
 
-    def cp_facts(self) -> _CpFacts:
-        if self._cp is None:
-            self._cp = _find_cp_facts(self)
-        return self._cp
+    def cp_facts(self, sharded: bool = False) -> _CpFacts:
+        """The cp pass's split, with the KV cache replicated over cp or (`sharded`) sharded along the tokens."""
+        if sharded not in self._cp:
+            self._cp[sharded] = _find_cp_facts(self, sharded)
+        return self._cp[sharded]
 
-    def chunk_scales(self, phase: str, cp: int) -> Mapping[str, float]:
+    def kv_bytes_at(self, name: str, tokens: int) -> int:
+        """Bytes of past KV input `name` at batch = max_batch holding `tokens` tokens."""
+        key = (name, tokens)
+        if key not in self._kv_bytes_at:
+            dims = bind_dims(self.model, Sizes(batch=self.sizes["prefill"].batch, seq=1, past=tokens), self.overrides)
+            value = next(v for v in kv_cache_inputs(self.model) if io_name(v) == name)
+            count = math.prod(d if isinstance(d, int) else dims[str(d.value)] for d in io_shape(value))
+            self._kv_bytes_at[key] = int(count * io_dtype(value).itemsize)
+        return self._kv_bytes_at[key]
+
+    def chunk_scales(self, phase: str, cp: int, sharded: bool = False) -> Mapping[str, float]:
         """Each token-stream value's scale on one cp rank, ceil(n / cp) / n of its tokens (n: the phase's new
-        tokens; 1 at decode: the token on cp rank 0, padding on the others); empty at cp 1."""
+        tokens; 1 at decode: the token on cp rank 0, padding on the others); empty at cp 1. With `sharded`,
+        each key-sharded value's too: B / L of its keys' axis of L tokens (the past, or past + new), B =
+        ceil(max_seq / cp) the block a cp rank owns (cp rank 0's, full from B tokens on: the bound every rank
+        is planned at, as the pass's memory plan plans it)."""
         if cp == 1:
             return {}
-        scales = self._chunk_scales.get((phase, cp))
+        scales = self._chunk_scales.get((phase, cp, sharded))
         if scales is None:
-            seq = self.sizes[phase].seq
-            scales = self._chunk_scales[(phase, cp)] = dict.fromkeys(self.cp_facts().stream, math.ceil(seq / cp) / seq)
+            sizes = self.sizes[phase]
+            facts = self.cp_facts(sharded)
+            scales = dict.fromkeys(facts.stream, math.ceil(sizes.seq / cp) / sizes.seq)
+            block = _cache_block(self.sizes["prefill"].seq, cp)
+            for name, axis in facts.keys.items():
+                length = sizes.past if axis == "past" else sizes.past + sizes.seq
+                if length:
+                    scales[name] = min(block, length) / length
+            self._chunk_scales[(phase, cp, sharded)] = scales
         return scales
 
-    def cp_gathers(self, i: int, phase: str, tp: int, part: RankPart | None, cp: int) -> list[float]:
+    def cp_reduces(self, i: int, phase: str, tp: int, part: RankPart | None, cp: int, sharded: bool) -> list[float]:
+        """Payloads of the AllReduces over cp at node i with a sharded KV cache: a Softmax over the keys, its
+        max and its denominator (each [.., n, 1]: the scores without their keys' axis); P @ V, its partial
+        output (whole: [.., n, head_dim])."""
+        if not sharded or cp == 1:
+            return []
+        facts = self.cp_facts(sharded)
+        value_bytes = self.value_bytes[phase]
+        inputs, outputs = self.value_names[i]
+        if i in facts.softmaxes:
+            scores = inputs[0]
+            sizes = self.sizes[phase]
+            reduced = value_bytes[scores] / (sizes.past + sizes.seq)
+            return [reduced * self.scale(self.kind.get(scores, REPLICATED), tp, part)] * 2
+        if i in facts.partials:
+            return [value_bytes[outputs[0]] * self.scale(self.kind.get(outputs[0], REPLICATED), tp, part)]
+        return []
+
+    def cp_gathers(
+        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int, sharded: bool = False
+    ) -> list[float]:
         """Payloads of the cp AllGathers at node i (each the gathered value: c x cp tokens, c = ceil(n / cp))."""
-        names = self.cp_facts().gathers.get(i) if cp > 1 else None
+        names = self.cp_facts(sharded).gathers.get(i) if cp > 1 else None
         if not names:
             return []
         seq = self.sizes[phase].seq
@@ -480,27 +550,28 @@ class _Analysis:
         ]
 
     def peak_terms(
-        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int = 1
+        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int = 1, sharded: bool = False
     ) -> tuple[PeakTerms, PeakTerms]:
         """Node i's activations on one tp rank, as a stage's peak counts them: (its outputs, its inputs that
         a last use frees), each (name, bytes). Memoised like `scaled_node`."""
-        memo = _per_node_memo(self._peak_terms, (phase, tp, part, cp), len(self.nodes))
+        memo = _per_node_memo(self._peak_terms, (phase, tp, part, cp, sharded), len(self.nodes))
         terms = memo[i]
         if terms is None:
-            terms = memo[i] = self._node_peak_terms(i, phase, tp, part, cp)
+            terms = memo[i] = self._node_peak_terms(i, phase, tp, part, cp, sharded)
         return terms
 
     def _node_peak_terms(
-        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int
+        self, i: int, phase: str, tp: int, part: RankPart | None, cp: int, sharded: bool = False
     ) -> tuple[PeakTerms, PeakTerms]:
         """`peak_terms`, computed: a value's bytes on the tp rank, times its token share on a cp rank."""
         value_bytes, excluded = self.value_bytes[phase], self.peak_excluded
-        chunk = self.chunk_scales(phase, cp)
-        if cp > 1 and self.cp_facts().outputs.intersection(self.value_names[i][1]):
+        chunk = self.chunk_scales(phase, cp, sharded)
+        facts = self.cp_facts(sharded) if cp > 1 else None
+        if facts is not None and facts.outputs.intersection(self.value_names[i][1]):
             # a graph output (the logits) is gathered, then sliced to n tokens: both copies are alive
             # at the Slice, c x cp + n tokens (the chunk is freed after the gather)
             seq = self.sizes[phase].seq
-            chunk = {**chunk, **dict.fromkeys(self.cp_facts().outputs, math.ceil(seq / cp) * cp / seq + 1)}
+            chunk = {**chunk, **dict.fromkeys(facts.outputs, math.ceil(seq / cp) * cp / seq + 1)}
         token_share = chunk.get  # 1.0 for a value not split over cp (every value at cp 1)
         node = self.nodes[i]
         outputs = [
@@ -549,9 +620,14 @@ class _CpFacts:
     stream: frozenset[str]  # values each cp rank holds a chunk of (their token axis split)
     gathers: dict[int, list[str]]  # node index -> the stream values AllGathered over cp there
     outputs: frozenset[str] = frozenset()  # graph outputs in the stream (gathered, then sliced to n tokens)
+    # With the KV cache sharded over cp (`partition --cp-kv-cache sharded`; `_find_cp_facts(sharded=True)`):
+    # key-sharded value -> the axis (past or total length) of which a cp rank holds its block's tokens
+    keys: Mapping[str, str] = field(default_factory=dict)
+    softmaxes: frozenset[int] = frozenset()  # Softmax over the keys: the log-sum-exp composite, 2 AllReduces
+    partials: frozenset[int] = frozenset()  # P @ V contracting the keys: a partial sum, AllReduced over cp
 
 
-def _find_cp_facts(analysis: _Analysis) -> _CpFacts:
+def _find_cp_facts(analysis: _Analysis, sharded: bool = False) -> _CpFacts:
     """The token stream as the cp pass decides it (passes/context_parallel.py), from the original model's
     shapes: a node in a decoder layer or after them joins when it has an output with the new-token axis and
     reads the stream, or starts it (a token-axis activation with a float weight: a projection, a norm's
@@ -559,7 +635,15 @@ def _find_cp_facts(analysis: _Analysis) -> _CpFacts:
     position and rotary tables) stays whole on every rank. A stream value read by a node outside the stream
     (the Concat of new keys/values with the past cache, a flattening Reshape before a [batch*tokens, ..]
     Gemm) or a graph output (the logits) is AllGathered there, once. Approximate where the pass looks
-    closer (a mask cut to the rank's rows counts whole here; a node whose rule refuses the split joins)."""
+    closer (a mask cut to the rank's rows counts whole here; a node whose rule refuses the split joins).
+
+    `sharded` (`--cp-kv-cache sharded`, passes/context_parallel_cache.py): the past inputs are key-sharded
+    (each cp rank holds its block of the cache's tokens), and so is every output, with the past or total
+    length, of a layer node that reads a key-sharded value (the present, the GQA repeat, the scores, the mask
+    add, the softmax). Such a node is outside the token stream: its stream inputs (the query) are gathered
+    there, and what it makes without the keys' axis (P @ V, a partial sum AllReduced over cp) is whole on
+    every rank until a projection starts the stream again (o_proj). Refused as the pass refuses: a model
+    without an attention mask input, or one whose cache is cut to a window (a read outside attention)."""
     node = last_token_attention(analysis.model.graph)
     if node is not None:
         return _CpFacts(last_token_attention_reason(node), frozenset(), {})
@@ -570,6 +654,9 @@ def _find_cp_facts(analysis: _Analysis) -> _CpFacts:
     except LlmirError as error:
         return _CpFacts(f"cp: the shapes cannot be evaluated at {PROBE_NEW} new tokens ({error})", frozenset(), {})
     prefill, seq = analysis.shapes["prefill"], analysis.sizes["prefill"].seq
+    refusal, keys, softmaxes, partials = _find_key_sharded(analysis, probe) if sharded else ("", {}, set(), set())
+    if refusal:
+        return _CpFacts(refusal, frozenset(), {})
     tokens = set()
     for name, shape in probe.items():
         whole = prefill.get(name)
@@ -592,7 +679,8 @@ def _find_cp_facts(analysis: _Analysis) -> _CpFacts:
             for value in node.inputs
         )
         made = [name for name in outputs if name in tokens]
-        if (isinstance(place, int) or place == "post") and made and (reads_stream or starts):
+        reads_keys = any(name in keys for name in inputs)
+        if (isinstance(place, int) or place == "post") and made and (reads_stream or starts) and not reads_keys:
             stream.update(made)
         elif node.op_type != "Shape":  # a Shape of a chunk is made whole in place: no gather
             for name in inputs:
@@ -606,7 +694,60 @@ def _find_cp_facts(analysis: _Analysis) -> _CpFacts:
     if not stream:
         return _CpFacts("cp finds no per-token work on the new tokens in this model", frozenset(), {})
     stream_outputs = frozenset(name for name in analysis.graph_output_names if name in stream)
-    return _CpFacts("", frozenset(stream), gathers, stream_outputs)
+    return _CpFacts(
+        "", frozenset(stream), gathers, stream_outputs, keys, frozenset(softmaxes), frozenset(partials)
+    )
+
+
+def _cache_block(max_seq: int, cp: int) -> int:
+    """B, the tokens of a cp rank's block of a sharded cache (the pass's rule; imported here, not at the top:
+    the pass pulls the propagation rules in, which a `plan` without cp does not need)."""
+    from llmir_onnx.passes.context_parallel_cache import cache_block
+
+    return cache_block(max_seq, cp)
+
+
+def _find_key_sharded(
+    analysis: _Analysis, probe: Mapping[str, TensorShape]
+) -> tuple[str, dict[str, str], set[int], set[int]]:
+    """(refusal, key-sharded value -> 'past' | 'total', Softmax nodes over the keys, P @ V nodes) of a KV
+    cache sharded over cp (`_find_cp_facts`). The probe's past (PROBE_PAST) and total (PROBE_PAST + PROBE_NEW)
+    lengths tell the keys' axis, as the pass tells it by the cache-length symbols."""
+    from llmir_onnx.passes.context_parallel_cache import mask_total_axis
+
+    try:
+        mask_total_axis(analysis.model)
+    except PlanError as error:
+        return str(error), {}, set(), set()
+    if analysis.cache_tokens < analysis.sizes["prefill"].seq:
+        return (
+            f"--cp-kv-cache sharded: the model keeps a window of {analysis.cache_tokens} cache tokens (a read of the "
+            "cache outside attention, which the sharded cache refuses); use --cp-kv-cache replicated",
+            {}, set(), set(),
+        )  # fmt: skip
+    decode = analysis.sizes["decode"]
+    # (probe length, decode length): an axis is the cache's past or total length when it is at both sizes
+    lengths = {(PROBE_PAST, decode.past): "past", (PROBE_PAST + PROBE_NEW, decode.past + decode.seq): "total"}
+    keys = dict.fromkeys(analysis.past_inputs, "past")
+    softmaxes: set[int] = set()
+    partials: set[int] = set()
+    for i, node in enumerate(analysis.nodes):
+        inputs, outputs = analysis.value_names[i]
+        if not isinstance(analysis.placement[i], int) or not any(name in keys for name in inputs):
+            continue
+        for name in outputs:
+            shape = probe[name].shape if name in probe else ()
+            at_decode = analysis.shapes["decode"][name].shape if name in analysis.shapes["decode"] else ()
+            if len(shape) < 2 or len(at_decode) != len(shape):
+                continue
+            axes = [lengths[pair] for pair in zip(shape, at_decode, strict=True) if pair in lengths]
+            if len(axes) == 1:
+                keys[name] = axes[0]
+        if node.op_type == "Softmax" and outputs and outputs[0] in keys:
+            softmaxes.add(i)
+        elif node.op_type == "MatMul" and all(name in keys for name in inputs) and outputs[0] not in keys:
+            partials.add(i)
+    return "", keys, softmaxes, partials
 
 
 def _check_layout(shape: ModelShape, tp: int, pp: int, allow_kv_replication: bool = True) -> str:
@@ -734,6 +875,7 @@ def _stage_estimate(
     max_seq: int,
     parts: Sequence[RankPart] | None = None,
     cp: int = 1,
+    sharded: bool = False,
 ) -> RankEstimate:
     """The stage's ranks, each on its own device with its own part of an uneven split (`parts`, None: even):
     the slowest rank's times (all tp ranks wait for it at each collective) and the tightest rank's memory."""
@@ -746,7 +888,7 @@ def _stage_estimate(
         key = (device.name, t if part is not None else -1)
         if key not in ranks:
             ranks[key] = _rank_estimate(
-                analysis, tp, stage, start, stop, nodes, devices, device, part, tp_link, tp_hosts, cp
+                analysis, tp, stage, start, stop, nodes, devices, device, part, tp_link, tp_hosts, cp, sharded
             )
         rank_times, _ = ranks[key]
         times = {phase: max(times[phase], rank_times[phase]) for phase in times}
@@ -779,16 +921,17 @@ def _rank_estimate(
     tp_link: LinkProfile,
     tp_hosts: int,
     cp: int = 1,
+    sharded: bool = False,
 ) -> tuple[dict[str, float], RankEstimate]:
-    """One tp rank of a stage on `device` holding `part` (None: 1/tp), and its chunk of the tokens at cp:
-    its times and memory."""
+    """One tp rank of a stage on `device` holding `part` (None: 1/tp), and its chunk of the tokens at cp
+    (with `sharded`, its block of the KV cache): its times and memory."""
     times = {"prefill": 0.0, "decode": 0.0}
     largest_comm = 0.0
     cp_link, cp_hosts = devices.cp_link or (device.intra_host_link, 1)
     for phase in ("prefill", "decode"):
         total = 0.0
         for i in nodes:
-            flops, moved, activations, payload, counted = analysis.scaled_node(i, phase, tp, part, cp)
+            flops, moved, activations, payload, counted = analysis.scaled_node(i, phase, tp, part, cp, sharded)
             cost = analysis.costs[phase][i]
             compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
             memory = memory_seconds(moved, activations, device)
@@ -800,10 +943,15 @@ def _rank_estimate(
                 shard = payload if analysis.collectives[i] == "AllReduce" else payload * analysis.scale(HEADS, tp, part)
                 largest_comm = max(largest_comm, payload + shard)
         for i in nodes if cp > 1 else ():
-            for gathered in analysis.cp_gathers(i, phase, tp, part, cp):
-                # the keys/values before the past cache, the logits: each rank's chunk in, every chunk out
+            for gathered in analysis.cp_gathers(i, phase, tp, part, cp, sharded):
+                # the keys/values before the past cache, the logits (with a sharded cache, the queries
+                # too): each rank's chunk in, every chunk out
                 total += comm_seconds("AllGather", gathered, cp, cp_link, cp_hosts)
                 largest_comm = max(largest_comm, gathered + gathered / cp)
+            for reduced in analysis.cp_reduces(i, phase, tp, part, cp, sharded):
+                # a sharded cache's softmax max and denominator, and P @ V's partial sum: input and output
+                total += comm_seconds("AllReduce", reduced, cp, cp_link, cp_hosts)
+                largest_comm = max(largest_comm, 2 * reduced)
         if stage > 0:
             hidden = _boundary_bytes(analysis, start, phase)
             if cp > 1:  # the hidden state a cp rank sends on is its chunk
@@ -820,10 +968,13 @@ def _rank_estimate(
                 scale = analysis.scale(analysis.weight_kind[value.name], tp, part)
                 weights[value.name] = value.const_value.nbytes * scale
     kv = 0.0
+    block = _cache_block(analysis.sizes["prefill"].seq, cp) if sharded else 0
     for name, layer in analysis.past_layer.items():
         if start <= layer < stop:
-            kv += analysis.kv_bytes[name] * analysis.scale(KV_HEADS, tp, part)
-    peak = max(_stage_peak(analysis, nodes, phase, tp, part, cp) for phase in ("prefill", "decode"))
+            # a sharded cache: the block of B = ceil(max_seq / cp) tokens a cp rank owns, the most it holds
+            whole = analysis.kv_bytes_at(name, block) if sharded else analysis.kv_bytes[name]
+            kv += whole * analysis.scale(KV_HEADS, tp, part)
+    peak = max(_stage_peak(analysis, nodes, phase, tp, part, cp, sharded) for phase in ("prefill", "decode"))
     weight_total = round(sum(weights.values()))
     total = weight_total + int(kv) + int(peak) + int(largest_comm)
     estimate = RankEstimate(
@@ -882,10 +1033,16 @@ def _every_boundary_bytes(analysis: _Analysis, phase: str) -> list[float]:
 
 
 def _stage_peak(
-    analysis: _Analysis, nodes: Sequence[int], phase: str, tp: int, part: RankPart | None = None, cp: int = 1
+    analysis: _Analysis,
+    nodes: Sequence[int],
+    phase: str,
+    tp: int,
+    part: RankPart | None = None,
+    cp: int = 1,
+    sharded: bool = False,
 ) -> float:
     value_bytes = analysis.value_bytes[phase]
-    chunk = analysis.chunk_scales(phase, cp)
+    chunk = analysis.chunk_scales(phase, cp, sharded)
     excluded = analysis.peak_excluded
     last_use: dict[str, int] = {}
     produced_here: set[str] = set()
@@ -901,7 +1058,7 @@ def _stage_peak(
             live += value_bytes[name] * (scale * chunk.get(name, 1.0) if chunk else scale)
     peak = live
     for i in nodes:
-        outputs, inputs = analysis.peak_terms(i, phase, tp, part, cp)
+        outputs, inputs = analysis.peak_terms(i, phase, tp, part, cp, sharded)
         live += sum(size for _, size in outputs)
         peak = max(peak, live)
         for name, size in inputs:
@@ -932,7 +1089,8 @@ def enumerate_layouts(
 
     `cluster`: the devices, in rank order with their hosts (`devices` must be its size); None:
     `devices` of `device` with `device_memory_bytes` each, in hosts of the profile's usual size.
-    `max_cp`: also every (tp, cp, pp) with 1 < cp <= max_cp (context parallelism: tp x cp x pp devices).
+    `max_cp`: also every (tp, cp, pp) with 1 < cp <= max_cp (context parallelism: tp x cp x pp devices), each
+    with the KV cache replicated and sharded over cp (CP_KV_CACHES).
     """
     if devices < 1:
         raise PlanError(f"--devices {devices}: need at least one device")
@@ -961,8 +1119,9 @@ def enumerate_layouts(
                 continue
             for tp in range(1, used // cp + 1):
                 if (used // cp) % tp == 0:
-                    layouts.append(_layout(analysis, tp, used // cp // tp, cluster.first(used), max_batch, max_seq,
-                                           allow_kv_replication, cp=cp))  # fmt: skip
+                    for cache in CP_KV_CACHES:
+                        layouts.append(_layout(analysis, tp, used // cp // tp, cluster.first(used), max_batch,
+                                               max_seq, allow_kv_replication, cp=cp, cp_kv_cache=cache))  # fmt: skip
     return rank_layouts(layouts)
 
 
@@ -977,6 +1136,7 @@ def rank_layouts(layouts: Sequence[LayoutEstimate]) -> list[LayoutEstimate]:
             e.devices,
             e.pp,
             e.cp,
+            e.cp_kv_cache != REPLICATED_CACHE,
         ),
     )
 
@@ -991,10 +1151,13 @@ def _layout(
     allow_kv_replication: bool = True,
     weights: tuple[float, ...] | None = None,
     cp: int = 1,
+    cp_kv_cache: str = REPLICATED_CACHE,
 ) -> LayoutEstimate:
     """(tp, pp) on `cluster`; the heads split by `weights` (one per tp rank) or, where tp does not divide
     them, unevenly by `mesh.grouped_shares`, as the partitioner splits them; with cp > 1, each (tp, pp) rank
-    copied over cp ranks that split the prompt's tokens (tp x cp x pp devices)."""
+    copied over cp ranks that split the prompt's tokens (tp x cp x pp devices), the KV cache `cp_kv_cache`
+    over them (`partition --cp-kv-cache`: replicated, or sharded along the tokens)."""
+    sharded = cp > 1 and cp_kv_cache == SHARDED_CACHE
     shape = analysis.shape
     shares: tuple[int, ...] = ()
     parts: list[RankPart] | None = None
@@ -1010,7 +1173,7 @@ def _layout(
         reason = _check_layout(shape, tp, pp, allow_kv_replication)
     stages = _stage_devices(cluster, tp, pp, cp) if cp > 1 else []
     if cp > 1 and not reason:
-        reason = analysis.cp_facts().refusal
+        reason = analysis.cp_facts(sharded).refusal
         if not reason and cp > max_seq:
             reason = f"cp {cp} exceeds the {max_seq} tokens of --max-seq"
         if not reason and not all(stage.cp_alike for stage in stages):
@@ -1029,12 +1192,14 @@ def _layout(
             tp_shares=shares,
             tp_weights=weights or (),
             cp=cp,
+            cp_kv_cache=cp_kv_cache,
         )
     stages = stages or _stage_devices(cluster, tp, pp)
-    bounds = _balanced_bounds(analysis, tp, pp, stages, max_batch, max_seq, parts, cp)
+    bounds = _balanced_bounds(analysis, tp, pp, stages, max_batch, max_seq, parts, cp, sharded)
     ranks = [
         _stage_estimate(
-            analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, stages[s], max_batch, max_seq, parts, cp
+            analysis, tp, s, bounds[s], bounds[s + 1], s == pp - 1, stages[s], max_batch, max_seq, parts, cp,
+            sharded,
         )
         for s in range(pp)
     ]
@@ -1069,6 +1234,7 @@ def _layout(
         tp_shares=shares,
         tp_weights=weights or (),
         cp=cp,
+        cp_kv_cache=cp_kv_cache,
     )
 
 
@@ -1081,6 +1247,7 @@ def _balanced_bounds(
     max_seq: int,
     parts: Sequence[RankPart] | None = None,
     cp: int = 1,
+    sharded: bool = False,
 ) -> list[int]:
     """Layer bounds [0, ..., layers] of the pp stages, balanced on predicted time on each stage's devices."""
     if pp == 1:
@@ -1095,15 +1262,19 @@ def _balanced_bounds(
             cp_link, cp_hosts = devices.cp_link or (device.intra_host_link, 1)
             for phase in ("prefill", "decode"):
                 for i in nodes:
-                    flops, moved, activations, payload, counted = analysis.scaled_node(i, phase, tp, part, cp)
+                    flops, moved, activations, payload, counted = analysis.scaled_node(
+                        i, phase, tp, part, cp, sharded
+                    )
                     dtype = analysis.costs[phase][i].dtype
                     compute = flops / device.flops_per_second(dtype) if flops else 0.0
                     memory = memory_seconds(moved, activations, device)
                     seconds += max(compute, memory) + counted * device.node_overhead
                     seconds += analysis.collective_seconds(i, payload, tp, link, hosts)
                 for i in nodes if cp > 1 else ():
-                    for gathered in analysis.cp_gathers(i, phase, tp, part, cp):
+                    for gathered in analysis.cp_gathers(i, phase, tp, part, cp, sharded):
                         seconds += comm_seconds("AllGather", gathered, cp, cp_link, cp_hosts)
+                    for reduced in analysis.cp_reduces(i, phase, tp, part, cp, sharded):
+                        seconds += comm_seconds("AllReduce", reduced, cp, cp_link, cp_hosts)
             slowest = max(slowest, seconds)
         weights: dict[str, int] = {}
         for i in nodes:
@@ -1166,7 +1337,8 @@ def _seconds(value: float | None) -> str:
 
 
 def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
-    """A fixed-width table, one layout per line, in the given (ranked) order."""
+    """A fixed-width table, one layout per line, in the given (ranked) order; with cp layouts among them, a
+    column says where each keeps its KV cache over cp (replicated, sharded; '-' without cp)."""
     header = (
         "#",
         "layout",
@@ -1181,7 +1353,7 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
         "tp link",
         "note",
     )
-    rows = [header]
+    rows: list[tuple[str, ...]] = [header]
     for position, layout in enumerate(layouts, 1):
         if not layout.valid:
             rows.append(
@@ -1218,7 +1390,11 @@ def format_layout_table(layouts: Sequence[LayoutEstimate]) -> str:
                 "" if layout.fits else f"over by {format_bytes(layout.max_rank_bytes - layout.device_memory_bytes)}",
             )
         )
-    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    if any(layout.cp > 1 for layout in layouts):  # after "kv cache": where it is kept over cp
+        column = header.index("kv cache") + 1
+        modes = ["kv over cp"] + [layout.cp_kv_cache if layout.cp > 1 else "-" for layout in layouts]
+        rows = [(*row[:column], mode, *row[column:]) for row, mode in zip(rows, modes, strict=True)]
+    widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(widths[c]) for c, cell in enumerate(row)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -1288,12 +1464,31 @@ def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None,
         why += f"; cp {best.cp} splits the prompt's {best.max_seq} tokens over {best.cp} ranks"
         worst = max(best.ranks, key=lambda rank: rank.total_bytes)
         activations = format_bytes(worst.activation_peak_bytes)
-        why += f" (activations {activations} per rank; the KV cache is replicated over cp)"
+        if best.cp_kv_cache == SHARDED_CACHE:
+            block = _cache_block(best.max_seq, best.cp)
+            why += (
+                f" (activations {activations} per rank; the KV cache sharded over cp, partition --cp-kv-cache "
+                f"sharded: a block of {block} tokens, {format_bytes(worst.kv_cache_bytes)}, per rank, which a "
+                "decode step attends over, for 3 AllReduces and a query gather over cp per layer)"
+            )
+        else:
+            why += f" (activations {activations} per rank; the KV cache is replicated over cp)"
         without = next((layout for layout in fitting if layout.cp == 1), None)
         if without is None:
-            why += "; no layout without cp fits: cp's smaller prefill activations are what make it fit"
+            what = "sharded KV cache and smaller" if best.cp_kv_cache == SHARDED_CACHE else "smaller"
+            why += f"; no layout without cp fits: cp's {what} prefill activations are what make it fit"
         else:
             why += f", because the model predicts a win over the best without cp, {_versus(best, without)}"
+        other = next(
+            (lay for lay in ranked if (lay.tp, lay.cp, lay.pp, lay.tp_shares) == (best.tp, best.cp, best.pp,
+             best.tp_shares) and lay.cp_kv_cache != best.cp_kv_cache),
+            None,
+        )  # fmt: skip
+        if other is not None and other.valid:
+            why += (
+                f"; with the KV cache {other.cp_kv_cache} instead: {_versus(best, other)}"
+                + ("" if other.fits else " (does not fit)")
+            )
     if len({rank.device for layout in fitting for rank in layout.ranks}) > 1:
         why += "; stages: " + ", ".join(
             f"{rank.stage}: layers {rank.layers[0]}-{rank.layers[1] - 1} on {rank.device}" for rank in best.ranks
