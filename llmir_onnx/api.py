@@ -20,6 +20,7 @@ from llmir_onnx.annotations import (
 )
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import load_model
+from llmir_onnx.mesh import cache_block
 from llmir_onnx.model_facts import record_dim_hints
 from llmir_onnx.partition import (
     PartitionOptions,
@@ -29,7 +30,6 @@ from llmir_onnx.partition import (
     plan_rank_weights,
     shard_tp_ranks,
 )
-from llmir_onnx.passes.context_parallel_cache import cache_block
 from llmir_onnx.plan.communication import rank_traffic
 from llmir_onnx.plan.cost import LinkOf, estimate_phases
 from llmir_onnx.plan.data_files import WeightWriter

@@ -185,3 +185,8 @@ def grouped_shares(
         shares.append(stop - start)
         start = stop
     return tuple(shares)
+
+
+def cache_block(max_seq: int, parts: int) -> int:
+    """B, the tokens of each cp rank's block of a sequence-sharded cache: ceil(max_seq / parts)."""
+    return -(-max_seq // parts)

@@ -209,6 +209,19 @@ def kv_length_axis(value: ir.Value) -> int:
     return dynamic[0] if len(dynamic) == 1 else 2
 
 
+def mask_total_axis(model: ir.Model) -> tuple[ir.Value, int]:
+    """The attention mask input and its total-length axis (past + new): the whole past P is that length less
+    the new tokens, on every rank (the mask stays whole), while a rank's past input holds its block only."""
+    for value in model.graph.inputs:
+        if input_kind(value) == MASK and value.shape is not None and len(value.shape) in (2, 4):
+            return value, 1 if len(value.shape) == 2 else 3
+    raise PlanError(
+        "--cp-kv-cache sharded needs the model's attention mask input ([batch, past + new]: the whole past's "
+        "length, a rank's past input holding its block only); this model has none: partition with "
+        "--cp-kv-cache replicated"
+    )
+
+
 def _input_roles(value: ir.Value) -> dict[int, str]:
     """{axis: role} of one graph input in the standard signature."""
     kind = input_kind(value)

@@ -78,7 +78,8 @@ import onnx_ir as ir
 
 from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
-from llmir_onnx.model_facts import MASK, input_kind, kv_cache_inputs, kv_length_axis
+from llmir_onnx.mesh import cache_block
+from llmir_onnx.model_facts import kv_cache_inputs, kv_length_axis, mask_total_axis
 from llmir_onnx.placement import REPLICATE, Partial, Placement, Shard
 from llmir_onnx.plan.memory import cache_run_dim
 from llmir_onnx.propagation import lookup
@@ -465,21 +466,3 @@ def declare_cache_run_dims(model: ir.Model, parts: int) -> None:
         dims: list[int | ir.SymbolicDim] = [d if isinstance(d, int) else ir.SymbolicDim(d.value) for d in shape]
         dims[axis] = ir.SymbolicDim(cache_run_dim(str(dim.value), parts))
         value.shape = ir.Shape(dims)
-
-
-def cache_block(max_seq: int, parts: int) -> int:
-    """B, the tokens of each cp rank's block of a sequence-sharded cache: ceil(max_seq / parts)."""
-    return -(-max_seq // parts)
-
-
-def mask_total_axis(model: ir.Model) -> tuple[ir.Value, int]:
-    """The attention mask input and its total-length axis (past + new): the whole past P is that length less
-    the new tokens, on every rank (the mask stays whole), while a rank's past input holds its block only."""
-    for value in model.graph.inputs:
-        if input_kind(value) == MASK and value.shape is not None and len(value.shape) in (2, 4):
-            return value, 1 if len(value.shape) == 2 else 3
-    raise PlanError(
-        "--cp-kv-cache sharded needs the model's attention mask input ([batch, past + new]: the whole past's "
-        "length, a rank's past input holding its block only); this model has none: partition with "
-        "--cp-kv-cache replicated"
-    )

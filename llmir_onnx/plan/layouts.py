@@ -70,13 +70,14 @@ import onnx_ir as ir
 
 from llmir_onnx.errors import LlmirError, PlanError
 from llmir_onnx.ir_io import io_dtype, io_name, io_shape
-from llmir_onnx.mesh import DeviceMesh, MeshCoords, grouped_shares
+from llmir_onnx.mesh import DeviceMesh, MeshCoords, cache_block, grouped_shares
 from llmir_onnx.model_facts import (
     is_kv_output_name,
     kv_cache_inputs,
     last_token_attention,
     last_token_attention_reason,
     layer_of_node_by_name,
+    mask_total_axis,
 )
 from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, is_activation, memory_seconds, node_cost
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
@@ -507,7 +508,7 @@ class _Analysis:
             sizes = self.sizes[phase]
             facts = self.cp_facts(sharded)
             scales = dict.fromkeys(facts.stream, math.ceil(sizes.seq / cp) / sizes.seq)
-            block = _cache_block(self.sizes["prefill"].seq, cp)
+            block = cache_block(self.sizes["prefill"].seq, cp)
             for name, axis in facts.keys.items():
                 length = sizes.past if axis == "past" else sizes.past + sizes.seq
                 if length:
@@ -699,22 +700,12 @@ def _find_cp_facts(analysis: _Analysis, sharded: bool = False) -> _CpFacts:
     )
 
 
-def _cache_block(max_seq: int, cp: int) -> int:
-    """B, the tokens of a cp rank's block of a sharded cache (the pass's rule; imported here, not at the top:
-    the pass pulls the propagation rules in, which a `plan` without cp does not need)."""
-    from llmir_onnx.passes.context_parallel_cache import cache_block
-
-    return cache_block(max_seq, cp)
-
-
 def _find_key_sharded(
     analysis: _Analysis, probe: Mapping[str, TensorShape]
 ) -> tuple[str, dict[str, str], set[int], set[int]]:
     """(refusal, key-sharded value -> 'past' | 'total', Softmax nodes over the keys, P @ V nodes) of a KV
     cache sharded over cp (`_find_cp_facts`). The probe's past (PROBE_PAST) and total (PROBE_PAST + PROBE_NEW)
     lengths tell the keys' axis, as the pass tells it by the cache-length symbols."""
-    from llmir_onnx.passes.context_parallel_cache import mask_total_axis
-
     try:
         mask_total_axis(analysis.model)
     except PlanError as error:
@@ -968,7 +959,7 @@ def _rank_estimate(
                 scale = analysis.scale(analysis.weight_kind[value.name], tp, part)
                 weights[value.name] = value.const_value.nbytes * scale
     kv = 0.0
-    block = _cache_block(analysis.sizes["prefill"].seq, cp) if sharded else 0
+    block = cache_block(analysis.sizes["prefill"].seq, cp) if sharded else 0
     for name, layer in analysis.past_layer.items():
         if start <= layer < stop:
             # a sharded cache: the block of B = ceil(max_seq / cp) tokens a cp rank owns, the most it holds
@@ -1465,7 +1456,7 @@ def recommend(layouts: Sequence[LayoutEstimate]) -> tuple[LayoutEstimate | None,
         worst = max(best.ranks, key=lambda rank: rank.total_bytes)
         activations = format_bytes(worst.activation_peak_bytes)
         if best.cp_kv_cache == SHARDED_CACHE:
-            block = _cache_block(best.max_seq, best.cp)
+            block = cache_block(best.max_seq, best.cp)
             why += (
                 f" (activations {activations} per rank; the KV cache sharded over cp, partition --cp-kv-cache "
                 f"sharded: a block of {block} tokens, {format_bytes(worst.kv_cache_bytes)}, per rank, which a "
