@@ -237,7 +237,8 @@ def partition(
     cp_size = int(manifest.mesh.get("cp", 1))
     typer.echo(f"wrote {len(manifest.ranks)} rank models ({_mesh_text(manifest.mesh)}{sp}) to {out}")
     if cp_size > 1 and manifest.cp_sharded_cache:
-        typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; each holds its run of the KV cache")
+        typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; cp rank r holds KV cache positions "
+                   f"[r*{manifest.cp_cache_block}, (r+1)*{manifest.cp_cache_block})")
     elif cp_size > 1:
         typer.echo(f"  cp {cp_size}: the prompt's tokens split over the cp ranks; the KV cache is whole on every one")
     shares, used_weights = manifest.mesh.get("tp_shares"), manifest.options.get("tp_weights")
@@ -245,7 +246,8 @@ def partition(
         source = "--tp-weights" if weights is not None else "the devices' memory bandwidth"
         split = ",".join(map(str, shares)) if shares else "even"
         ratio = ":".join(f"{w:.3g}" for w in used_weights or ())
-        typer.echo(f"  heads per tp rank: {split} (weights {ratio} from {source})")
+        why = f"weights {ratio} from {source}" if used_weights else "as even as whole heads and KV groups allow"
+        typer.echo(f"  heads per tp rank: {split} ({why})")
     limit = manifest.options.get("max_seq_limit")
     if max_seq is None and limit is not None:
         typer.echo(f"  max-seq {limit['tokens']}: the longest sequence the model takes ({limit['reason']})")

@@ -19,6 +19,7 @@ import onnx
 import pytest
 
 from llmir_onnx.errors import LlmirError
+from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,8 +415,6 @@ def test_sharded_cache_refuses_a_step_past_max_seq(tmp_path: Path, monkeypatch: 
         verify_plan_cases(plan, chain, model_path=model_path, timeout_s=TIMEOUT_S, chained=True)
     # A runtime that does not check: the rank models refuse the step themselves (a Reshape to -2 named for
     # the check), rather than drop the keys no block holds.
-    from llmir_onnx.plan.manifest import Manifest
-
     manifest = Manifest.read(plan)
     monkeypatch.setattr(Manifest, "check_cache_tokens", lambda self, tokens, what: None)
     with pytest.raises(LlmirError, match="A dimension cannot be less than -1"):
@@ -438,7 +437,9 @@ def test_cli_sharded_cache_plan_generates_the_original_greedy_tokens(tmp_path: P
     """`partition --cp 2 --tp 2 --cp-kv-cache sharded`, then generate --check: the original's greedy tokens,
     every rank decoding on its own run of the cache."""
     plan = tmp_path / "plan"
-    assert "each holds its run of the KV cache" in _partition_legacy_llama_cp2_tp2(plan, "--cp-kv-cache", "sharded")
+    printed = _partition_legacy_llama_cp2_tp2(plan, "--cp-kv-cache", "sharded")
+    block = Manifest.read(plan).cp_cache_block
+    assert f"cp rank r holds KV cache positions [r*{block}, (r+1)*{block})" in printed, printed
     _generate_check(plan)
 
 

@@ -278,3 +278,14 @@ def test_mlp_split_into_element_parts_where_neither_units_nor_tp_divide(smollm2_
         assert [sum(b - a for a, b in ranges) for ranges in weight["ranges"]] == [39, 39, 38, 38, 38], weight
     assert weights["model.layers.0.mlp.down_proj.weight"]["placement"] == "S(0)[39,39,38,38,38]"
     checked_rank_models(out, 5)
+
+
+def test_cli_says_how_uneven_heads_were_split_without_devices(tmp_path: Path) -> None:
+    """No device weights in play: the summary says the split is the evenest whole heads allow (it once
+    printed an empty weight ratio "from the devices' memory bandwidth" with no devices given)."""
+    from tests.test_cli import run_cli
+
+    result = run_cli("partition", str(MODELS / "gpt2-torch-legacy" / "model.onnx"), "--tp", "3",
+                     "-o", str(tmp_path / "plan"))
+    assert result.returncode == 0, result.stderr
+    assert "heads per tp rank: 2,1,1 (as even as whole heads and KV groups allow)" in result.stdout, result.stdout
