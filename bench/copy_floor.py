@@ -63,20 +63,21 @@ def copy_and_hash(source: str, target: str, hash_bytes: bool) -> str:
         hashing = threading.Thread(target=_hash_behind, args=(target_fd, pieces, result)) if hash_bytes else None
         if hashing is not None:
             hashing.start()
-        offset = 0
-        while offset < size:
-            copied = os.copy_file_range(
-                source_fd, target_fd, min(COPY_CHUNK_BYTES, size - offset), offset_src=offset, offset_dst=offset
-            )
-            if copied == 0:
-                raise OSError(f"{source} ended at byte {offset} of {size}")
-            pieces.put((offset, offset + copied))
-            offset += copied
-        if hashing is None:
-            return str(size)
-        pieces.put(None)
-        hashing.join()
-        return result[0]
+        try:
+            offset = 0
+            while offset < size:
+                copied = os.copy_file_range(
+                    source_fd, target_fd, min(COPY_CHUNK_BYTES, size - offset), offset_src=offset, offset_dst=offset
+                )
+                if copied == 0:
+                    raise OSError(f"{source} ended at byte {offset} of {size}")
+                pieces.put((offset, offset + copied))
+                offset += copied
+        finally:
+            if hashing is not None:  # stopped on an error too, before the files close under it
+                pieces.put(None)
+                hashing.join()
+        return result[0] if hashing is not None else str(size)
     finally:
         os.close(source_fd)
         os.close(target_fd)
