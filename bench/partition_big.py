@@ -1,7 +1,7 @@
 """Partition a multi-GB model at tp 4 x pp 2: wall time against `cp` of its weights, peak memory.
 
     .venv/bin/python bench/partition_big.py --work /big/scratch [--shape 7b] [--layers 12] [--rounds 5]
-                                            [--keep] [--verify]
+                                            [--keep] [--verify] [--floor]
 
 Generates a LLaMA-shaped float16 model with models/make_synthetic.py (`--shape 7b`: hidden 4096, 32
 heads, 8 kv heads, intermediate 11008, vocab 32000, 12 layers are 4.45 GiB of weights; `--shape 70b`:
@@ -11,17 +11,24 @@ hidden 8192, 64 heads, intermediate 28672, 8 layers are 13.7 GiB), then runs `--
 2. `llmir-onnx partition --tp 4 --pp 2 --quiet` as a subprocess: wall time and peak RSS
    (the child's own rusage from wait4, which includes any pages of the weights it maps).
 
-Both steps start from the same state: neither output exists (each round deletes both first), and a
+With `--floor`, each round runs a third step between the two: `bench/copy_floor.py`, which copies the
+weight file in the kernel as `cp` does and BLAKE3-hashes the copy behind it on a second thread (the
+least work of a partition that records its files' digests), so the floor is measured in the same
+state of the machine as the two it lies between.
+
+The steps start from the same state: no output exists (each round deletes them first), and a
 `sync` (not timed; then `--settle` seconds of waiting) so one step's dirty pages are not flushed on
 the next step's clock. Each is timed to its return ("cached": the data may still be in the page
 cache) and to the end of a following `sync` ("durable"). The disk and memory of a shared VM change
 speed 2-4x within a minute (this one's guest also hands freed pages back to its host, which makes
 the next writes into them slower), so each round's ratio compares the partition with the cp just
 before it, and the median round is the result. Whether the source stays in the page cache depends
-on the RAM (the script says which held). Ratios: partition time / cp time (target <= 1.2), peak RSS
-/ weight bytes (target <= 0.05), and partition CPU / cp CPU (user + system of each child, from wait4):
-where other jobs keep the cores busy, a step's wall time is mostly its wait for a core, and the
-partition (graph work, copies, hashing) needs more CPU than cp (a kernel copy).
+on the memory the kernel could give the page cache (`MemAvailable` at the start: on a VM whose
+`/dev/shm` holds most of the RAM, far below the RAM; the script says which held). Ratios: partition
+time / cp time (target <= 1.2), peak RSS / weight bytes (target <= 0.05), and partition CPU / cp CPU
+(user + system of each child, from wait4): where other jobs keep the cores busy, a step's wall time
+is mostly its wait for a core, and the partition (graph work, copies, hashing) needs more CPU than cp
+(a kernel copy).
 """
 
 from __future__ import annotations
@@ -67,6 +74,18 @@ def _timed(command: list[str], settle_s: float) -> tuple[float, float, int, floa
     return returned, durable, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
 
 
+def _available_bytes() -> int:
+    """Memory the kernel could give the page cache now (MemAvailable; the RAM where /proc/meminfo has none)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--work", type=Path, required=True, help="scratch folder on the disk to measure")
@@ -80,6 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--keep", action="store_true", help="keep the model and the plan")
     parser.add_argument("--verify", action="store_true", help="run `llmir-onnx verify` on the plan afterwards")
+    parser.add_argument(
+        "--floor", action="store_true", help="also time bench/copy_floor.py (copy + BLAKE3 of the copy) in each round"
+    )
     args = parser.parse_args(argv)
     work = args.work.resolve()
     model_dir = work / "model"
@@ -98,14 +120,20 @@ def main(argv: list[str] | None = None) -> int:
     copy = work / "copy.data"
     cli = [PYTHON, "-m", "llmir_onnx.cli.main"]
     partition_cmd = [*cli, "partition", str(model), "--tp", "4", "--pp", "2", "-o", str(plan_dir), "--quiet"]
+    available = _available_bytes()  # before the rounds: what the source and one output had to fit in
+    floor_cmd = [PYTHON, str(ROOT / "bench" / "copy_floor.py"), str(data), str(copy)]
     rounds = []
+    floors = []
     for _ in range(args.rounds):
-        # Both steps start from the same state: neither output exists (deleting one frees its pages in
-        # the page cache, which the next writer then gets without reclaiming others).
+        # The steps start from the same state: no output exists (deleting one frees its pages in the
+        # page cache, which the next writer then gets without reclaiming others).
         copy.unlink(missing_ok=True)
         shutil.rmtree(plan_dir, ignore_errors=True)
         cp = _timed(["cp", str(data), str(copy)], args.settle)
         copy.unlink()
+        if args.floor:
+            floors.append(_timed(floor_cmd, args.settle))
+            copy.unlink()
         part = _timed(partition_cmd, args.settle)
         rounds.append((cp, part))
     plan_bytes = sum(p.stat().st_size for p in plan_dir.iterdir())
@@ -128,6 +156,12 @@ def main(argv: list[str] | None = None) -> int:
         "median_ratio_cpu_vs_cp": statistics.median(part[3] / cp[3] for cp, part in rounds),
         "load_average": os.getloadavg(),
     }  # fmt: skip
+    if floors:
+        rows["floor_rounds"] = [{"floor_s": f[0], "floor_durable_s": f[1], "floor_cpu_s": f[3]} for f in floors]
+        paired = list(zip(floors, rounds, strict=True))
+        rows["median_ratio_floor_vs_cp"] = statistics.median(f[0] / cp[0] for f, (cp, _) in paired)
+        rows["median_ratio_time_vs_floor"] = statistics.median(part[0] / f[0] for f, (_, part) in paired)
+        rows["median_ratio_floor_cpu_vs_cp"] = statistics.median(f[3] / cp[3] for f, (cp, _) in paired)
     gib = 2**30
     print(f"weights {weight_bytes / gib:.2f} GiB; plan written {plan_bytes / gib:.2f} GiB (tp 4 x pp 2)")
     print(f"{'round':<7}{'cp':>9}{'partition':>11}{'ratio':>8}{'cp+sync':>10}{'part+sync':>11}{'ratio':>8}"
@@ -139,14 +173,24 @@ def main(argv: list[str] | None = None) -> int:
           f"(durable: {rows['median_ratio_time_vs_cp_durable']:.2f}x), target <= 1.2")  # fmt: skip
     print(f"partition CPU / cp CPU (user + system), median of rounds: {rows['median_ratio_cpu_vs_cp']:.2f}x "
           "(on a machine whose cores other jobs keep busy, wall time mostly measures the wait for a core)")  # fmt: skip
+    if floors:
+        print(f"{'round':<7}{'cp':>9}{'floor':>9}{'ratio':>8}{'partition':>11}{'/floor':>8}"
+              f"{'cp CPU':>9}{'fl. CPU':>9}{'ratio':>8}")  # fmt: skip
+        for index, (floor, (cp, part)) in enumerate(paired, 1):
+            print(f"{index:<7}{cp[0]:>8.2f}s{floor[0]:>8.2f}s{floor[0] / cp[0]:>7.2f}x{part[0]:>10.2f}s"
+                  f"{part[0] / floor[0]:>7.2f}x{cp[3]:>8.2f}s{floor[3]:>8.2f}s{floor[3] / cp[3]:>7.2f}x")  # fmt: skip
+        print(f"floor (copy + BLAKE3 of the copy) / cp, median of rounds: {rows['median_ratio_floor_vs_cp']:.2f}x "
+              f"(CPU {rows['median_ratio_floor_cpu_vs_cp']:.2f}x); partition / floor: "
+              f"{rows['median_ratio_time_vs_floor']:.2f}x")  # fmt: skip
     print(f"peak RSS / weight bytes      : {rows['ratio_peak_rss_vs_weights']:.4f} "
           f"({peak / 2**20:.0f} MiB), target <= 0.05")  # fmt: skip
-    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if 2 * weight_bytes < ram:
-        print("cache state: the source weights stay in the page cache for every step (the generator wrote them)")
+    if 2 * weight_bytes < available:
+        print(f"cache state: source plus one output ({2 * weight_bytes / gib:.1f} GiB) fit in the memory "
+              f"available at the start ({available / gib:.1f} GiB): the source can stay in the page cache")  # fmt: skip
     else:
-        print(f"cache state: source plus one output ({2 * weight_bytes / gib:.1f} GiB) exceed the RAM "
-              f"({ram / gib:.1f} GiB): steps re-read part of the source and wait on writeback")  # fmt: skip
+        print(f"cache state: source plus one output ({2 * weight_bytes / gib:.1f} GiB) exceed the memory "
+              f"available at the start ({available / gib:.1f} GiB): steps re-read part of the source "
+              "and wait on writeback")  # fmt: skip
     print(f"load average after the run (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(json.dumps(rows))
     if args.verify:
