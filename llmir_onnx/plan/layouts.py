@@ -86,7 +86,7 @@ from llmir_onnx.plan.cost import (
 )
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
 from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
-from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
+from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, bind_dims, evaluate_shapes
 from llmir_onnx.plan.stage_balance import StageUnit, balance_stages
 
 REPLICATED, HEADS, KV_HEADS = "R", "Q", "KV"
@@ -432,7 +432,7 @@ class _Analysis:
         moved = 0.0
         activations: list[float] = []  # as node_cost's activation_bytes, scaled like the bytes
         weights: list[float] = []  # as node_cost's weight_bytes, scaled like the bytes
-        is_product = node.op_type in MATRIX_PRODUCT_OPS and (node.domain or "") != "ai.llmir"
+        is_product = node.op_type in MATRIX_PRODUCT_OPS and (node.domain or "") != LLMIR_DOMAIN
         if node.op_type not in FREE_OPS:
             if node.op_type == "Gather" and cost.bytes:
                 scale = self._value_scale(node.outputs[0], tp, part=part) * chunk.get(node.outputs[0].name or "", 1.0)
