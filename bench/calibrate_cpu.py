@@ -35,8 +35,10 @@ Measures, with one thread (OMP/OpenBLAS/MKL threads = 1, onnxruntime intra_op_nu
   (64 KiB, 256 KiB, 1, 4, 16, 64 MiB) a chain of [1, k] x W[k, k] MatMuls (k = sqrt(size / 4)) with
   distinct weights, as many as make 2 x the last-level cache (so each weight is read from memory, as a
   decode step's are after every other weight streamed through), default graph optimizations; per size the
-  weight's bytes over (the run time per MatMul less node_overhead); and 256 MiB from the [1, 8192] x W
-  MatMul above. A small matrix-vector product streams its weight slower than the large one.
+  weight's bytes over (the run time per MatMul less node_overhead), relative to the [1, 8192] x W MatMul
+  timed alternately with it (the same moments of a shared machine), times that MatMul's figure above; and
+  256 MiB from it. Where a small matrix-vector product streams its weight slower than the large one, the
+  curve shows it.
 
 Best-of timings: the machine is shared, and the best run is the one least disturbed by others.
 `--clock cpu` times each run by the ai.llmir library's compute meter instead of the wall clock: the
@@ -126,6 +128,25 @@ def best_seconds(run: Callable[[], object], repeats: int) -> float:
         run()
         best = min(best, clock() - start)
     return best
+
+
+def paired_seconds(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """`best_seconds` of two runs timed alternately (a run of one, then a run of the other), so that both
+    see the same moments of a shared machine: the best of each, or under --average the mean of each over
+    at least AVERAGE_S of both."""
+    first, second = metered(first), metered(second)
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
+    started = time.perf_counter()
+    while len(times[0]) < repeats or (AVERAGE and time.perf_counter() - started < AVERAGE_S):
+        for run, spent in ((first, times[0]), (second, times[1])):
+            start = clock()
+            run()
+            spent.append(clock() - start)
+    if AVERAGE:
+        return sum(times[0]) / len(times[0]), sum(times[1]) / len(times[1])
+    return min(times[0]), min(times[1])
 
 
 def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
@@ -467,15 +488,22 @@ def main() -> None:
     rows.append((f"onnxruntime decode step of a tiny decoder (past {DISPATCH_PAST})",
                  f"{decoder_seconds * 1e6:.1f} us, {counted} counted nodes"))  # fmt: skip
     rows.append(("  less its bytes / MatMul bandwidth, per counted node (node_overhead)", f"{overhead * 1e6:.2f} us"))
+    # Each size's chain alternates run by run with the 256 MiB GEMV, and its rate is taken relative to the
+    # GEMV's at the same moments, times the GEMV's figure above (memory_bandwidth): on a shared machine two
+    # figures measured a second apart differ by more than the sizes do (0.56-1.13 x the GEMV's rate, with no
+    # consistent direction, when each was timed on its own: docs/BENCHMARKS.md).
     weight_total = 2 * last_level_cache_bytes()
     weight_bandwidth = []
+    gemv_run, gemv_bytes = ort_gemv_benchmark(8192, 8192)
     for weight_size in WEIGHT_SIZES:
         weight_run, matmuls = weight_chain_benchmark(weight_size, weight_total)
-        rate = weight_rate_of(best_seconds(weight_run, repeats) / matmuls, weight_size, overhead)
+        chain_seconds, gemv_seconds = paired_seconds(weight_run, gemv_run, repeats)
         del weight_run  # its session's weights, before the next size's
-        weight_bandwidth.append([weight_size, float(f"{rate:.3g}")])
+        ratio = weight_rate_of(chain_seconds / matmuls, weight_size, overhead) / (gemv_bytes / gemv_seconds)
+        weight_bandwidth.append([weight_size, float(f"{ratio * ort_gemv:.3g}")])
         rows.append((f"onnxruntime {matmuls} MatMul [1, k] x W of {weight_size >> 10} KiB each, less node_overhead",
-                     f"{rate / 1e9:.2f} GB/s"))  # fmt: skip
+                     f"{ratio:.3f} x the GEMV's rate beside it: {ratio * ort_gemv / 1e9:.2f} GB/s"))  # fmt: skip
+    del gemv_run
     weight_bandwidth.append([size, float(f"{weight_rate_of(size / ort_gemv, size, overhead):.3g}")])
     # For comparison, a decode-sized row: its activations stay in cache, so what it costs beyond the
     # [1, 1] chain is far less than the DRAM-bandwidth memory time the cost model charges it.
