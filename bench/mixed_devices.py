@@ -7,7 +7,8 @@
 2. Devices: two profiles calibrated now, the same way and at the same time (two processes, as the two
    ranks will be; `bench/calibrate_cpu.py --quick --average --clock cpu`: the mean over >= 1 s of runs
    per figure, onnxruntime's kernels, one thread, each run timed by the ai.llmir library's compute
-   meter, the clock the ranks are measured with below; with the last-level cache's size and bandwidth):
+   meter, the clock the ranks are measured with below; with the last-level cache's size and bandwidth,
+   node_overhead on a tiny decoder's decode step and the weight sizes' curve, weight_bandwidth):
    `cpu-fast`, the machine as it is, and `cpu-slow`, the machine with its compute stretched by --stretch K
    (`--compute-stretch K`: `llmir_onnx/runtime/stretch.py`, LLMIR_COMPUTE_STRETCH: the library sleeps
    (K - 1) x the thread's CPU time between collectives). Links are cpu-here's.

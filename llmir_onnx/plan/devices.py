@@ -34,11 +34,13 @@ cache: every byte is charged at `memory_bandwidth`, as before. Giving one withou
 
 `weight_bandwidth` is the rate at which a MatMul / Gemm streams a weight (an initializer) of a given size,
 measured at a few sizes (`bench/calibrate_cpu.py`: chains of [1, k] x W[k, k] with distinct weights, more
-of them than the last-level cache holds, so each is read from memory; the node overhead taken off): a
-small matrix-vector product does not reach the large one's rate (its fixed costs and the prefetcher's ramp
-are spread over fewer bytes). Between two sizes the rate is interpolated linearly in log(size); below the
-smallest and above the largest the end points' rates hold (`weight_bytes_per_second`). The memory
-efficiency applies to it as to `memory_bandwidth`. A profile without it (every profile written before it
+of them than the last-level cache holds, so each is read from memory; the node overhead taken off; each
+size relative to the 256 MiB matrix-vector product timed beside it), for a machine where a small
+matrix-vector product does not reach the large one's rate (its fixed costs and the prefetcher's ramp are
+spread over fewer bytes; the development VM showed none for square weights, docs/BENCHMARKS.md).
+Between two sizes the rate is interpolated linearly in log(size); below the smallest and above the
+largest the end points' rates hold (`weight_bytes_per_second`). The memory efficiency applies to it as to
+`memory_bandwidth`. A profile without it (every profile written before it
 existed, and the GPU profiles, for which no such measure was made) reads weights at `memory_bandwidth`.
 
 `link_bandwidth` / `link_latency` are the link between two devices of one host (NVLink for the GPU
