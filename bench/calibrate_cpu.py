@@ -17,14 +17,28 @@ Measures, with one thread (OMP/OpenBLAS/MKL threads = 1, onnxruntime intra_op_nu
   each node multiplying by a scalar initializer, counted as the cost model counts it (input + output +
   the scalar per node) over the run time less the node overhead below: the profile's `cache_bytes` and
   `cache_bandwidth`;
-- onnxruntime's per-node cost on small tensors, the profile's `node_overhead`: a chain of 400 `Mul`
-  nodes on [1, 1] float32 (graph optimizations off so every node runs), run time divided by the node
-  count, minus the memory time the cost model already charges such a node (its 12 bytes over the
-  MatMul bandwidth above: nothing measurable). For comparison the same chain on a [1, 512] row, a
-  decode step's activation: it stays in cache and costs little more per node than [1, 1], less than
-  the cost model's bytes / bandwidth for it. Measured with the session's own wall clock, not
-  onnxruntime's profiler: the profiler adds several microseconds to every node it times
-  (docs/BENCHMARKS.md, "Mixed devices"), more than such a node costs.
+- onnxruntime's per-node cost on small tensors, the profile's `node_overhead`, on the op mix of a decode
+  step: a decode step (past 15) of a synthetic LLaMA decoder (models/make_synthetic.py, hidden 32, 2
+  layers, 4 heads, 2 KV heads, every tensor a few KB) with onnxruntime's default graph optimizations, as a
+  rank's session runs it: its MatMul / Add / Mul / Gather / Transpose / Concat / Softmax / normalization
+  nodes and the Shape / Gather / Unsqueeze / Concat / Reshape chains that compute its dynamic shapes, at
+  sizes where their time is dispatch. Its run time less the cost model's roofline of its nodes (a few
+  us), over the nodes the cost model charges an overhead (`estimate_time`: all but FREE_OPS; onnxruntime
+  runs the "free" ones too, and fuses some others, so the figure is per counted node of such a graph).
+  Until 2026-12-04 it was a chain of 400 `Mul` nodes on [1, 1] float32 (graph optimizations off), one
+  kernel hot in every cache: about half what a real decode graph's node costs (docs/BENCHMARKS.md, "Why
+  decode is predicted too fast"); that figure is still printed (and written by --json-mul-chain). For
+  comparison the same chain on a [1, 512] row. Measured with the session's own clock, not onnxruntime's
+  profiler: the profiler adds several microseconds to every node it times (docs/BENCHMARKS.md, "Mixed
+  devices"), more than such a node costs;
+- the rate at which a MatMul reads a weight of a given size, the profile's `weight_bandwidth`: per size
+  (64 KiB, 256 KiB, 1, 4, 16, 64 MiB) a chain of [1, k] x W[k, k] MatMuls (k = sqrt(size / 4)) with
+  distinct weights, as many as make 2 x the last-level cache (so each weight is read from memory, as a
+  decode step's are after every other weight streamed through), default graph optimizations; per size the
+  weight's bytes over (the run time per MatMul less node_overhead), relative to the [1, 8192] x W MatMul
+  timed alternately with it (the same moments of a shared machine), times that MatMul's figure above; and
+  256 MiB from it. Where a small matrix-vector product streams its weight slower than the large one, the
+  curve shows it.
 
 Best-of timings: the machine is shared, and the best run is the one least disturbed by others.
 `--clock cpu` times each run by the ai.llmir library's compute meter instead of the wall clock: the
@@ -48,6 +62,7 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import argparse  # noqa: E402
 import json  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -57,7 +72,8 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 from onnx import TensorProto, helper  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 from llmir_onnx.runtime.stretch import ComputeMeter  # noqa: E402
 
 # --average (implied by --cpu-share): the mean over runs that together last AVERAGE_S at least, not the best
@@ -114,12 +130,64 @@ def best_seconds(run: Callable[[], object], repeats: int) -> float:
     return best
 
 
-def session(model: onnx.ModelProto) -> ort.InferenceSession:
+def paired_seconds(first: Callable[[], object], second: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """`best_seconds` of two runs timed alternately (a run of one, then a run of the other), so that both
+    see the same moments of a shared machine: the best of each, or under --average the mean of each over
+    at least AVERAGE_S of both."""
+    first, second = metered(first), metered(second)
+    first()
+    second()
+    times: tuple[list[float], list[float]] = ([], [])
+    started = time.perf_counter()
+    while len(times[0]) < repeats or (AVERAGE and time.perf_counter() - started < AVERAGE_S):
+        for run, spent in ((first, times[0]), (second, times[1])):
+            start = clock()
+            run()
+            spent.append(clock() - start)
+    if AVERAGE:
+        return sum(times[0]) / len(times[0]), sum(times[1]) / len(times[1])
+    return min(times[0]), min(times[1])
+
+
+def session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def weights_session(
+    nodes: list[onnx.NodeProto],
+    inputs: list[onnx.ValueInfoProto],
+    outputs: list[onnx.ValueInfoProto],
+    weights: list[tuple[str, Callable[[], np.ndarray]]],
+) -> ort.InferenceSession:
+    """A session (as `session`) of a graph whose float32 initializers (name, a function making it) are written
+    one at a time into an external data file that onnxruntime reads: the process never holds a weight twice
+    (a 256 MiB weight in a ModelProto took 1.1 GB at peak: the array, the proto, its serialized bytes and
+    onnxruntime's copy; the machine is shared and short of memory)."""
+    initializers = []
+    with tempfile.TemporaryDirectory(prefix="llmir-calibrate-") as tmp:
+        with open(f"{tmp}/weights.bin", "wb") as data:
+            for name, make in weights:
+                array = np.ascontiguousarray(make(), np.float32)
+                offset = data.tell()
+                array.tofile(data)
+                data.write(b"\0" * (-data.tell() % 4096))  # page-aligned offsets
+                initializer = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=array.shape,
+                                          data_location=TensorProto.EXTERNAL)  # fmt: skip
+                for key, value in (("location", "weights.bin"), ("offset", offset), ("length", array.nbytes)):
+                    entry = initializer.external_data.add()
+                    entry.key, entry.value = key, str(value)
+                initializers.append(initializer)
+                del array
+        graph = helper.make_graph(nodes, "weights", inputs, outputs, initializer=initializers)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 10
+        onnx.save(model, f"{tmp}/model.onnx")
+        return session(Path(f"{tmp}/model.onnx"))
 
 
 def ort_matmul_benchmark(n: int, elem: int, np_dtype: type[np.generic]) -> tuple[Callable[[], object], float]:
@@ -219,28 +287,116 @@ def node_overhead(nodes: int, width: int, repeats: int, bandwidth: float) -> tup
     return per_node, node_overhead_of(per_node, width, bandwidth)
 
 
+# The decoder whose decode step calibrates node_overhead: every tensor a few KB, so its time is dispatch
+# (models/make_synthetic.py's SyntheticConfig fields); a decode step after DISPATCH_PAST tokens.
+DISPATCH_DECODER = {"hidden": 32, "layers": 2, "heads": 4, "kv_heads": 2, "intermediate": 64, "vocab": 64,
+                    "dtype": "float32", "max_position": 32}  # fmt: skip
+DISPATCH_PAST = 15
+
+
+def decoder_dispatch_benchmark(work: Path) -> tuple[Callable[[], object], int, float]:
+    """(one decode step of the DISPATCH_DECODER written into `work`, the nodes the cost model charges an
+    overhead, the step's bytes the cost model charges) in a 1-thread session with default optimizations."""
+    import importlib.util
+
+    import onnx_ir as ir
+
+    from llmir_onnx.plan.cost import FREE_OPS, node_costs
+    from llmir_onnx.plan.shapes import Sizes
+
+    module = sys.modules.get("make_synthetic")
+    if module is None:
+        spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "models/make_synthetic.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["make_synthetic"] = module  # dataclasses look their module up while the class is built
+        spec.loader.exec_module(module)
+    config = module.SyntheticConfig(**DISPATCH_DECODER)
+    path = module.generate(config, work)
+    costs = node_costs(ir.load(str(path)), Sizes(batch=1, seq=1, past=DISPATCH_PAST))
+    counted = sum(1 for cost in costs if cost.op_type not in FREE_OPS)
+    moved = float(sum(cost.bytes for cost in costs))
+    sess = session(onnx.load(str(path)))
+    head_dim = config.hidden // config.heads
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": np.array([[1]], np.int64),
+        "attention_mask": np.ones((1, DISPATCH_PAST + 1), np.int64),
+        "position_ids": np.array([[DISPATCH_PAST]], np.int64),
+    }
+    rng = np.random.default_rng(0)
+    for layer in range(config.layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{layer}.{kind}"] = rng.standard_normal(
+                (1, config.kv_heads, DISPATCH_PAST, head_dim)
+            ).astype(np.float32)
+    return (lambda: sess.run(None, feeds)), counted, moved
+
+
+def decoder_node_overhead(seconds: float, counted: int, moved: float, bandwidth: float) -> float:
+    """A dispatch decoder step's seconds less its bytes at `bandwidth` (the roofline, a few us), per counted node."""
+    return max(seconds - moved / bandwidth, 0.0) / counted
+
+
+# The weight sizes the weight_bandwidth curve is measured at below 256 MiB (which is the [1, 8192] MatMul's).
+WEIGHT_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20)
+
+
+def weight_chain_benchmark(size: int, total: int) -> tuple[Callable[[], object], int]:
+    """(one run, its MatMul count) of a chain x @ W1 @ W2 ... of [1, k] x W[k, k] float32 MatMuls, k = sqrt(size
+    / 4), with distinct weights of `size` bytes each, at least `total` bytes of them (and at least one)."""
+    k = round((size // 4) ** 0.5)
+    count = max(1, -(-total // size))
+    rng = np.random.default_rng(0)
+    names = ["x"] + [f"y{i}" for i in range(count)]
+    sess = weights_session(
+        [helper.make_node("MatMul", [names[i], f"w{i}"], [names[i + 1]]) for i in range(count)],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1, k])],
+        # scaled so that a product keeps the vector's norm about the same along the chain
+        [(f"w{i}", lambda: rng.standard_normal((k, k), np.float32) / np.float32(k**0.5)) for i in range(count)],
+    )
+    feeds = {"x": np.ones((1, k), np.float32)}
+    return (lambda: sess.run(None, feeds)), count
+
+
+def weight_rate_of(per_matmul: float, size: int, overhead: float) -> float:
+    """Bytes/s of a weight of `size` bytes read by one MatMul taking `per_matmul` s, its node overhead off."""
+    return size / max(per_matmul - overhead, 1e-12)
+
+
 def ort_gemv_benchmark(k: int, n: int) -> tuple[Callable[[], object], float]:
     """(one run, the weight bytes it streams) of an onnxruntime MatMul [1, k] x W[k, n], W an initializer
     as in decode."""
-    weight = np.random.default_rng(0).standard_normal((k, n)).astype(np.float32)
-    graph = helper.make_graph(
+    sess = weights_session(
         [helper.make_node("MatMul", ["x", "w"], ["y"])],
-        "gemv",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-        initializer=[onnx.numpy_helper.from_array(weight, "w")],
+        [("w", lambda: np.random.default_rng(0).standard_normal((k, n), np.float32))],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 10
-    sess = session(model)
     feeds = {"x": np.ones((1, k), np.float32)}
-    return (lambda: sess.run(None, feeds)), float(weight.nbytes)
+    return (lambda: sess.run(None, feeds)), float(k * n * 4)
 
 
 def ort_gemv_bandwidth(k: int, n: int, repeats: int) -> float:
     """Bytes/s of weights streamed by an onnxruntime MatMul [1, k] x W[k, n] (W an initializer, as in decode)."""
     run, moved = ort_gemv_benchmark(k, n)
     return moved / best_seconds(run, repeats)
+
+
+def numpy_bandwidths(size: int, repeats: int, rows: list[tuple[str, str]]) -> float:
+    """numpy's copy, sum and matrix-vector product over `size` bytes of float32 (rows appended); returns the
+    matrix-vector product's bytes/s."""
+    src = np.ones(size // 4, np.float32)
+    dst = np.empty_like(src)
+    copy_bandwidth = 2 * size / best_seconds(lambda: np.copyto(dst, src), repeats)
+    rows.append(("numpy copyto 256 MiB (read + write)", f"{copy_bandwidth / 1e9:.2f} GB/s"))
+    read_bandwidth = size / best_seconds(lambda: src.sum(), repeats)
+    rows.append(("numpy sum 256 MiB (read)", f"{read_bandwidth / 1e9:.2f} GB/s"))
+    matrix = src.reshape(8192, -1)
+    vector = np.ones(matrix.shape[1], np.float32)
+    gemv_bandwidth = size / best_seconds(lambda: matrix @ vector, repeats)
+    rows.append(("numpy matrix-vector 8192 x 8192 (matrix bytes)", f"{gemv_bandwidth / 1e9:.2f} GB/s"))
+    return gemv_bandwidth
 
 
 def main() -> None:
@@ -270,6 +426,13 @@ def main() -> None:
     )
     parser.add_argument("--average", action="store_true", help="mean over >= 1 s of runs instead of the best run")
     parser.add_argument("--json", type=str, default=None, help="write the onnxruntime-calibrated fields here")
+    parser.add_argument(
+        "--json-mul-chain",
+        type=str,
+        default=None,
+        help="write {\"node_overhead\": the 400-Mul chain's figure} here (the node_overhead before 2026-12-04, "
+        "for before/after comparisons)",
+    )
     args = parser.parse_args()
     global AVERAGE, METER, CLOCK
     AVERAGE = args.average or args.cpu_share < 1
@@ -310,21 +473,38 @@ def main() -> None:
     rows.append(("onnxruntime float16 MatMul n=1024", f"{fp16 / 1e9:.1f} GFLOP/s"))
 
     size = 256 << 20
-    src = np.ones(size // 4, np.float32)
-    dst = np.empty_like(src)
-    copy_bandwidth = 2 * size / best_seconds(lambda: np.copyto(dst, src), repeats)
-    rows.append(("numpy copyto 256 MiB (read + write)", f"{copy_bandwidth / 1e9:.2f} GB/s"))
-    read_bandwidth = size / best_seconds(lambda: src.sum(), repeats)
-    rows.append(("numpy sum 256 MiB (read)", f"{read_bandwidth / 1e9:.2f} GB/s"))
-    matrix = src.reshape(8192, -1)
-    vector = np.ones(matrix.shape[1], np.float32)
-    gemv_bandwidth = size / best_seconds(lambda: matrix @ vector, repeats)
-    rows.append(("numpy matrix-vector 8192 x 8192 (matrix bytes)", f"{gemv_bandwidth / 1e9:.2f} GB/s"))
+    # numpy's arrays (512 MiB) are freed on return, before the onnxruntime sessions below (a shared machine)
+    gemv_bandwidth = numpy_bandwidths(size, repeats, rows)
     ort_gemv = ort_gemv_bandwidth(8192, 8192, repeats)
     rows.append(("onnxruntime MatMul [1, 8192] x W[8192, 8192] (W bytes)", f"{ort_gemv / 1e9:.2f} GB/s"))
-    per_node, overhead = node_overhead(400, 1, repeats * 3, ort_gemv)
+    per_node, mul_chain_overhead = node_overhead(400, 1, repeats * 3, ort_gemv)
     rows.append(("onnxruntime per node, 400 Mul on [1, 1]", f"{per_node * 1e6:.2f} us"))
-    rows.append(("  minus its 12 bytes / MatMul bandwidth (node_overhead)", f"{overhead * 1e6:.2f} us"))
+    rows.append(("  minus its 12 bytes / MatMul bandwidth (node_overhead until 2026-12-04)",
+                 f"{mul_chain_overhead * 1e6:.2f} us"))  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        decoder_run, counted, decoder_bytes = decoder_dispatch_benchmark(Path(tmp))
+        decoder_seconds = best_seconds(decoder_run, repeats * 3)
+    overhead = decoder_node_overhead(decoder_seconds, counted, decoder_bytes, ort_gemv)
+    rows.append((f"onnxruntime decode step of a tiny decoder (past {DISPATCH_PAST})",
+                 f"{decoder_seconds * 1e6:.1f} us, {counted} counted nodes"))  # fmt: skip
+    rows.append(("  less its bytes / MatMul bandwidth, per counted node (node_overhead)", f"{overhead * 1e6:.2f} us"))
+    # Each size's chain alternates run by run with the 256 MiB GEMV, and its rate is taken relative to the
+    # GEMV's at the same moments, times the GEMV's figure above (memory_bandwidth): on a shared machine two
+    # figures measured a second apart differ by more than the sizes do (0.56-1.13 x the GEMV's rate, with no
+    # consistent direction, when each was timed on its own: docs/BENCHMARKS.md).
+    weight_total = 2 * last_level_cache_bytes()
+    weight_bandwidth = []
+    gemv_run, gemv_bytes = ort_gemv_benchmark(8192, 8192)
+    for weight_size in WEIGHT_SIZES:
+        weight_run, matmuls = weight_chain_benchmark(weight_size, weight_total)
+        chain_seconds, gemv_seconds = paired_seconds(weight_run, gemv_run, repeats)
+        del weight_run  # its session's weights, before the next size's
+        ratio = weight_rate_of(chain_seconds / matmuls, weight_size, overhead) / (gemv_bytes / gemv_seconds)
+        weight_bandwidth.append([weight_size, float(f"{ratio * ort_gemv:.3g}")])
+        rows.append((f"onnxruntime {matmuls} MatMul [1, k] x W of {weight_size >> 10} KiB each, less node_overhead",
+                     f"{ratio:.3f} x the GEMV's rate beside it: {ratio * ort_gemv / 1e9:.2f} GB/s"))  # fmt: skip
+    del gemv_run
+    weight_bandwidth.append([size, float(f"{weight_rate_of(size / ort_gemv, size, overhead):.3g}")])
     # For comparison, a decode-sized row: its activations stay in cache, so what it costs beyond the
     # [1, 1] chain is far less than the DRAM-bandwidth memory time the cost model charges it.
     row_node, _ = node_overhead(400, 512, repeats * 3, ort_gemv)
@@ -333,7 +513,10 @@ def main() -> None:
     cache_bytes = last_level_cache_bytes()
     chain_numel = cache_chain_numel(cache_bytes)
     chain_run, chain_bytes = cache_chain_benchmark(CACHE_CHAIN_NODES, chain_numel)
-    cache_bandwidth = cache_bandwidth_of(best_seconds(chain_run, repeats), chain_bytes, CACHE_CHAIN_NODES, overhead)
+    # the cache chain is a Mul chain like the one above, graph optimizations off: its nodes cost what that one's do
+    cache_bandwidth = cache_bandwidth_of(
+        best_seconds(chain_run, repeats), chain_bytes, CACHE_CHAIN_NODES, mul_chain_overhead
+    )
     rows.append(("last-level cache (/sys/devices/system/cpu/cpu0/cache)", f"{cache_bytes >> 20} MiB"))
     rows.append(
         (
@@ -358,12 +541,16 @@ def main() -> None:
         "node_overhead": float(f"{overhead:.3g}"),
         "cache_bytes": cache_bytes,
         "cache_bandwidth": float(f"{cache_bandwidth:.3g}"),
+        "weight_bandwidth": weight_bandwidth,
     }
     print("onnxruntime-calibrated (the built-in cpu-here):", json.dumps(ort_fields))
     print("numpy-calibrated (bench/profiles/cpu-here-numpy.json):", json.dumps(numpy_fields))
     if args.json:
         with open(args.json, "w") as out:
             json.dump(ort_fields, out)
+    if args.json_mul_chain:
+        with open(args.json_mul_chain, "w") as out:
+            json.dump({"node_overhead": float(f"{mul_chain_overhead:.3g}")}, out)
 
 
 if __name__ == "__main__":

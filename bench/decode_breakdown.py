@@ -15,13 +15,18 @@ same moments of a shared machine:
 - the rest: the decode model with each weight MatMul x @ W[K, N] replaced by Slice(x, K 0:1) @ W[0:1, :]
   (the same output shape, about no work; 2 nodes for 1), at past max_seq - 1 and at past 15 (the KV cache's
   share of the rest shrinks 16x, the node count does not);
-- calibrate_cpu.py's node-overhead chain (400 Mul on [1, 1]) and a chain of 396 nodes of 12 kinds
-  (Mul, Add, Transpose, Slice, Neg, Softmax, Sigmoid, Concat, Div, Abs) on a [1, 448] row.
+- calibrate_cpu.py's old node-overhead chain (400 Mul on [1, 1]), its tiny decoder's decode step (the
+  node_overhead since 2026-12-04; 5 steps per round, right after the Mul chain) and a chain of 396 nodes of
+  12 kinds (Mul, Add, Transpose, Slice, Neg, Softmax, Sigmoid, Concat, Div, Abs) on a [1, 448] row.
 
 Predicted: the cost model (`plan/cost.py`) on the named profile, for the step, its weight MatMuls, and the
-rest (the step less them; the replacement nodes not counted). `--op-profile` adds onnxruntime's profiler
-per op type next to the prediction per op type; the profiler adds microseconds to every node it times (it
-prints what it adds to the Mul chain), so its small-node figures are upper bounds.
+rest (the step less them; the replacement nodes not counted); and on the same profile with the figures of
+these moments, by the model before 2026-12-04 (node_overhead from the Mul chain, every weight at the GEMV's
+bandwidth) and by the model now (node_overhead from the tiny decoder, weights by the profile's
+weight_bandwidth scaled as the GEMV's rate): a table of both against the measured parts. `--op-profile`
+adds onnxruntime's profiler per op type next to the prediction per op type; the profiler adds
+microseconds to every node it times (it prints what it adds to the Mul chain), so its small-node figures
+are upper bounds.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from llmir_onnx.plan.devices import DeviceProfile, profile_from_dict  # noqa: E4
 from llmir_onnx.plan.shapes import Sizes  # noqa: E402
 
 SHORT_PAST = 15
+DECODER_REPEATS = 5  # calibrate_cpu.py's tiny decoder: steps per round
 ROW = 448
 
 
@@ -271,6 +277,19 @@ def main() -> None:
     mul_run, mul_nodes = calibrate_cpu.node_chain_benchmark(400, 1)  # type: ignore[attr-defined]
     gemv_run, gemv_bytes = calibrate_cpu.ort_gemv_benchmark(8192, 8192)  # type: ignore[attr-defined]
     mixed, mixed_nodes = mixed_chain(33)
+    decoder_dir = tempfile.TemporaryDirectory(prefix="llmir-dispatch-decoder-")
+    decoder_run, decoder_counted, decoder_bytes = calibrate_cpu.decoder_dispatch_benchmark(  # type: ignore[attr-defined]
+        Path(decoder_dir.name)
+    )
+    # 5 steps in a row, as bench/mixed_devices.py's interleaved calibration runs it: one step right after the
+    # 256 MiB GEMV (which empties the caches) took 2.9 us per counted node against 1.3-1.4 back to back, while
+    # the decode step's small nodes do not slow down beside its weight MatMuls (the step ~ its weight
+    # MatMuls + the rest, each measured alone): the back-to-back figure is the step's
+    decoder_name = f"calibrate_cpu's tiny decoder step x {DECODER_REPEATS}: {decoder_counted} counted nodes each"
+
+    def decoder_steps() -> None:
+        for _ in range(DECODER_REPEATS):
+            decoder_run()
     with tempfile.TemporaryDirectory() as tmp:
         onnx.save(weights_model, f"{tmp}/w.onnx", save_as_external_data=True, location="w.data")
         onnx.save(rest, f"{tmp}/r.onnx", save_as_external_data=True, location="r.data")
@@ -288,6 +307,7 @@ def main() -> None:
         f"the rest (past {past})": (lambda: rest_s.run(None, feeds), 1),
         f"the rest (past {SHORT_PAST})": (lambda: rest_s.run(None, short), 1),
         f"calibrate_cpu's chain: {mul_nodes} Mul on [1, 1]": (mul_run, mul_nodes),
+        decoder_name: (decoder_steps, DECODER_REPEATS * decoder_counted),
         f"mixed chain: {mixed_nodes} nodes of 12 kinds on [1, {ROW}]": (lambda: mixed_s.run(None, row), mixed_nodes),
         "calibrate_cpu's GEMV [1, 8192] x W[8192, 8192]": (gemv_run, 1),
     }
@@ -309,16 +329,39 @@ def main() -> None:
     for name, (_, nodes) in runs.items():
         per_node = f"; per node mean {np.mean(times[name]) / nodes * 1e6:.2f} us" if nodes > 1 else ""
         print(f"  {name:48s} {stats(times[name])}{per_node}")
-    # the same profile with the figures of these moments: the GEMV's bandwidth, the Mul chain's node overhead
-    # (calibrate_cpu.py's formulas on the interleaved means; the flops and the cache bandwidth as profiled)
+    # the same profile with the figures of these moments: the GEMV's bandwidth; the node overhead of the model
+    # before 2026-12-04 (the Mul chain's) and after (the tiny decoder's), calibrate_cpu.py's formulas on the
+    # interleaved means; the weight sizes' curve (after) the profile's, scaled as the GEMV's rate; the flops and
+    # the cache bandwidth as profiled
     bandwidth = gemv_bytes / float(np.mean(times["calibrate_cpu's GEMV [1, 8192] x W[8192, 8192]"]))
     chain_node = float(np.mean(times[f"calibrate_cpu's chain: {mul_nodes} Mul on [1, 1]"])) / mul_nodes
     overhead = calibrate_cpu.node_overhead_of(chain_node, 1, bandwidth)  # type: ignore[attr-defined]
-    interleaved = profile_from_dict(
-        {"name": f"{args.profile} now", **profile, "memory_bandwidth": bandwidth, "node_overhead": overhead}
+    decoder_overhead = calibrate_cpu.decoder_node_overhead(  # type: ignore[attr-defined]
+        float(np.mean(times[decoder_name])) / DECODER_REPEATS, decoder_counted, decoder_bytes, bandwidth
     )
+    old = {key: value for key, value in profile.items() if key != "weight_bandwidth"}
+    interleaved = profile_from_dict(
+        {"name": f"{args.profile} now, the model before", **old, "memory_bandwidth": bandwidth,
+         "node_overhead": overhead}
+    )  # fmt: skip
+    scale = bandwidth / profile["memory_bandwidth"]
+    interleaved_after = profile_from_dict(
+        {"name": f"{args.profile} now", **profile, "memory_bandwidth": bandwidth, "node_overhead": decoder_overhead,
+         "weight_bandwidth": [[size, rate * scale] for size, rate in profile.get("weight_bandwidth", [])]}
+    )  # fmt: skip
     overhead_nodes = sum(1 for node in model.graph if node.op_type not in FREE_OPS)
-    for label, on in ((f"{args.profile} (its cluster.json)", device), ("the same, interleaved figures", interleaved)):
+    measured = {
+        "decode step": float(np.mean(times[f"decode step (past {past})"])),
+        "its weight MatMuls": float(np.mean(times[f"its {replaced} weight MatMuls alone"])),
+        f"the rest, past {past}": float(np.mean(times[f"the rest (past {past})"])),
+        f"the rest, past {SHORT_PAST}": float(np.mean(times[f"the rest (past {SHORT_PAST})"])),
+    }
+    table: dict[str, dict[str, float]] = {}
+    for label, on in (
+        (f"{args.profile} (its cluster.json)", device),
+        ("the model before (400-Mul node_overhead, no weight_bandwidth), interleaved figures", interleaved),
+        ("the model now (decoder node_overhead, weight_bandwidth), interleaved figures", interleaved_after),
+    ):
         full, short_parts = predicted(model, on, past), predicted(model, on, SHORT_PAST)
         rest_pred = sum(v for k, v in full.items() if k != "weight MatMul")
         short_rest_pred = sum(v for k, v in short_parts.items() if k != "weight MatMul")
@@ -331,6 +374,22 @@ def main() -> None:
             ((k, v) for k, v in full.items() if k not in ("weight MatMul", "node_overhead")), key=lambda kv: -kv[1]
         )[:5]
         print("  the rest's largest rooflines: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in top))
+        table[label] = {
+            "decode step": sum(full.values()),
+            "its weight MatMuls": full["weight MatMul"],
+            f"the rest, past {past}": rest_pred,
+            f"the rest, past {SHORT_PAST}": short_rest_pred,
+        }
+    before_label, after_label = list(table)[1:]
+    print("\n| part | measured, mean | predicted, the model before (interleaved) | / measured "
+          "| predicted, the model now (interleaved) | / measured |")  # fmt: skip
+    print("|---|---|---|---|---|---|")
+    for part, seconds in measured.items():
+        before, after = table[before_label][part], table[after_label][part]
+        print(f"| {part} | {seconds * 1e3:.3f} ms | {before * 1e3:.3f} ms | {before / seconds:.2f} "
+              f"| {after * 1e3:.3f} ms | {after / seconds:.2f} |")  # fmt: skip
+    print(f"(interleaved figures: GEMV {bandwidth / 1e9:.2f} GB/s; node_overhead {overhead * 1e6:.2f} us before, "
+          f"{decoder_overhead * 1e6:.2f} us now)")  # fmt: skip
     if args.op_profile:
         op_profile(model_path, feeds, {**full, "MatMul": full["weight MatMul"] + full.get("MatMul", 0.0)}, 50)
         mul_mean = np.mean(times[next(name for name in runs if "Mul on" in name)]) / mul_nodes

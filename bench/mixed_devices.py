@@ -7,7 +7,8 @@
 2. Devices: two profiles calibrated now, the same way and at the same time (two processes, as the two
    ranks will be; `bench/calibrate_cpu.py --quick --average --clock cpu`: the mean over >= 1 s of runs
    per figure, onnxruntime's kernels, one thread, each run timed by the ai.llmir library's compute
-   meter, the clock the ranks are measured with below; with the last-level cache's size and bandwidth):
+   meter, the clock the ranks are measured with below; with the last-level cache's size and bandwidth,
+   node_overhead on a tiny decoder's decode step and the weight sizes' curve, weight_bandwidth):
    `cpu-fast`, the machine as it is, and `cpu-slow`, the machine with its compute stretched by --stretch K
    (`--compute-stretch K`: `llmir_onnx/runtime/stretch.py`, LLMIR_COMPUTE_STRETCH: the library sleeps
    (K - 1) x the thread's CPU time between collectives). Links are cpu-here's.
@@ -35,6 +36,9 @@
 6. Interleaved calibration: calibrate_cpu.py's micro-benchmarks also run between each rank's chunks of
    runs, on the same clock and (rank 1) stretched, and the cost model's prediction on those figures is
    shown next to the manifest's.
+7. The model before 2026-12-04 on the same calibration and runs: node_overhead from the 400-Mul chain
+   (calibrate_cpu.py --json-mul-chain; interleaved: the same chain's runs) and every weight at the memory
+   bandwidth (no weight_bandwidth), for a before / after in one run.
 """
 
 from __future__ import annotations
@@ -70,19 +74,32 @@ DECODE_RUNS_FACTOR = 20
 WITHIN = 0.2  # issue 15's "within 20%": predicted / measured in [0.8, 1.2]
 
 
-def calibrate(emulations: dict[str, list[str]], work: Path) -> dict[str, dict]:
-    """The onnxruntime-calibrated fields of bench/calibrate_cpu.py (averaged) per profile name, each under
-    its emulation (calibrate_cpu.py's arguments: none or `--compute-stretch K`), on the compute meter's clock. The
+def calibrate(emulations: dict[str, list[str]], work: Path) -> tuple[dict[str, dict], dict[str, float]]:
+    """(the onnxruntime-calibrated fields of bench/calibrate_cpu.py (averaged) per profile name, and the
+    node_overhead of its 400-Mul chain per profile name: the figure before 2026-12-04), each under its
+    emulation (calibrate_cpu.py's arguments: none or `--compute-stretch K`), on the compute meter's clock. The
     calibrations run at the same time, as the two ranks will: each sees the other's load, as its rank will."""
     running = {}
     for name, emulation in emulations.items():
         command = [sys.executable, str(REPO / "bench/calibrate_cpu.py"), "--quick", "--average",
-                   "--clock", "cpu", "--json", str(work / f"{name}.json"), *emulation]  # fmt: skip
+                   "--clock", "cpu", "--json", str(work / f"{name}.json"),
+                   "--json-mul-chain", str(work / f"{name}-mul-chain.json"), *emulation]  # fmt: skip
         running[name] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     for name, process in running.items():
         if process.wait() != 0:
             raise SystemExit(f"calibrating {name} failed")
-    return {name: json.loads((work / f"{name}.json").read_text()) for name in emulations}
+    fields = {name: json.loads((work / f"{name}.json").read_text()) for name in emulations}
+    mul_chain = {
+        name: float(json.loads((work / f"{name}-mul-chain.json").read_text())["node_overhead"]) for name in emulations
+    }
+    return fields, mul_chain
+
+
+def model_before(profile: dict, mul_chain_overhead: float) -> dict:
+    """The profile as the cost model had it before 2026-12-04: node_overhead from the 400-Mul chain, every
+    weight at the memory bandwidth (no weight_bandwidth)."""
+    before = {key: value for key, value in profile.items() if key != "weight_bandwidth"}
+    return {**before, "node_overhead": mul_chain_overhead}
 
 
 def profile_json(name: str, fields: dict, description: str) -> dict:
@@ -110,10 +127,13 @@ def cli(*args: str, env: dict[str, str] | None = None) -> str:
 
 class InterleavedCalibration:
     """bench/calibrate_cpu.py's onnxruntime micro-benchmarks (MatMul n = 1024 float32, MatMul [1, 8192] x
-    W[8192, 8192], the chain of 400 Mul on [1, 1], the cache chain of 20 Mul on 1/8 of the L3), run between
-    a rank's measured runs so that they see the same moments of the machine's load, timed like the runs:
-    each run metered (and on a stretched rank stretched) by the library's compute meter, its device time
-    the meter's; each figure is the total work over the total time of its runs (a mean, as --average)."""
+    W[8192, 8192], the tiny decoder's decode step for node_overhead, the chain of 400 Mul on [1, 1] for the
+    cache chain's nodes, the cache chain of 20 Mul on 1/8 of the L3), run between a rank's measured runs so
+    that they see the same moments of the machine's load, timed like the runs: each run metered (and on a
+    stretched rank stretched) by the library's compute meter, its device time the meter's; each figure is
+    the total work over the total time of its runs (a mean, as --average). The weight sizes' curve is not
+    re-measured (its chains hold 2 x the L3 of weights per size): the profile's, scaled by the GEMV's rate
+    now over the profile's memory_bandwidth."""
 
     def __init__(self, comm: CommContext) -> None:
         import importlib.util
@@ -125,6 +145,11 @@ class InterleavedCalibration:
         from onnx import TensorProto
 
         self.node_overhead_of = calibrate_cpu.node_overhead_of
+        self.decoder_node_overhead = calibrate_cpu.decoder_node_overhead
+        self.decoder_dir = tempfile.TemporaryDirectory(prefix="llmir-dispatch-decoder-")
+        decoder_run, self.decoder_counted, self.decoder_bytes = calibrate_cpu.decoder_dispatch_benchmark(
+            Path(self.decoder_dir.name)
+        )
         self.cache_bandwidth_of = calibrate_cpu.cache_bandwidth_of
         self.cache_nodes = calibrate_cpu.CACHE_CHAIN_NODES
         cache_numel = calibrate_cpu.cache_chain_numel(calibrate_cpu.last_level_cache_bytes())
@@ -132,6 +157,7 @@ class InterleavedCalibration:
             "flops": calibrate_cpu.ort_matmul_benchmark(1024, TensorProto.FLOAT, np.float32),
             "bandwidth": calibrate_cpu.ort_gemv_benchmark(8192, 8192),
             "node": calibrate_cpu.node_chain_benchmark(400, 1),
+            "decoder": (decoder_run, 1),
             "cache": calibrate_cpu.cache_chain_benchmark(self.cache_nodes, cache_numel),
         }
         assert comm.compute_meter is not None
@@ -144,7 +170,7 @@ class InterleavedCalibration:
 
     def round(self) -> None:
         for name, (run, work) in self.benchmarks.items():
-            for _ in range(5 if name == "node" else 1):
+            for _ in range(5 if name in ("node", "decoder") else 1):
                 before = self.meter.device_seconds()
                 with self.comm.metered_run():
                     run()
@@ -153,13 +179,15 @@ class InterleavedCalibration:
 
     def fields(self) -> dict[str, float]:
         rate = {name: self.work[name] / self.seconds[name] for name in self.benchmarks}
-        overhead = self.node_overhead_of(1 / rate["node"], 1, rate["bandwidth"])
+        mul_chain_overhead = self.node_overhead_of(1 / rate["node"], 1, rate["bandwidth"])
+        overhead = self.decoder_node_overhead(1 / rate["decoder"], self.decoder_counted, self.decoder_bytes,
+                                              rate["bandwidth"])  # fmt: skip
         # the cache chain's runs: its bytes over its time less its nodes' overhead (calibrate_cpu.py's figure)
         runs = self.work["cache"] / self.benchmarks["cache"][1]
         cache = self.cache_bandwidth_of(self.seconds["cache"] / runs, self.benchmarks["cache"][1], self.cache_nodes,
-                                        overhead)  # fmt: skip
+                                        mul_chain_overhead)  # fmt: skip
         return {"float32": rate["flops"], "memory_bandwidth": rate["bandwidth"], "node_overhead": overhead,
-                "cache_bandwidth": cache}  # fmt: skip
+                "cache_bandwidth": cache, "mul_chain_node_overhead": mul_chain_overhead}  # fmt: skip
 
 
 def worker(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int) -> None:
@@ -224,12 +252,15 @@ def interleaved_prediction(plan_dir: Path, rank: int, phase: str, profile: dict,
     from llmir_onnx.plan.devices import profile_from_dict
 
     manifest = Manifest.read(plan_dir)
+    # the weight sizes' curve is not re-measured between the runs: the profile's, scaled as the GEMV's rate
+    scale = calibrated["memory_bandwidth"] / profile["memory_bandwidth"]
     fields = {
         **profile,
         "peak_flops": {**profile["peak_flops"], "float32": calibrated["float32"]},
         "memory_bandwidth": calibrated["memory_bandwidth"],
         "node_overhead": calibrated["node_overhead"],
         "cache_bandwidth": calibrated.get("cache_bandwidth", profile.get("cache_bandwidth", 0.0)),
+        "weight_bandwidth": [[size, rate * scale] for size, rate in profile.get("weight_bandwidth", [])],
     }
     device = profile_from_dict(fields)
     model = ir.load(str(plan_dir / manifest.rank_entry(rank).file))
@@ -248,7 +279,14 @@ def measure(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int, slow_env:
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(world)]
 
 
-def report(name: str, plan_dir: Path, measured: list[dict], slow_label: str, profiles: dict[str, dict]) -> list[str]:
+def report(
+    name: str,
+    plan_dir: Path,
+    measured: list[dict],
+    slow_label: str,
+    profiles: dict[str, dict],
+    mul_chain: dict[str, float],
+) -> list[str]:
     manifest = Manifest.read(plan_dir)
     shares = manifest.mesh.get("tp_shares")
     lines = []
@@ -279,17 +317,24 @@ def report(name: str, plan_dir: Path, measured: list[dict], slow_label: str, pro
             if abs(again - predicted) > 1e-9 + 1e-6 * predicted:
                 raise SystemExit(f"{name} rank {entry.rank} {phase}: re-estimated {again} s, manifest {predicted} s")
             interleaved = interleaved_prediction(plan_dir, entry.rank, phase, profile, got["calibrated"])
-            # the cost model before the last-level cache: the same profile with every byte at the memory bandwidth
-            uncached = {**profile, "cache_bytes": 0, "cache_bandwidth": 0.0}
-            no_cache = interleaved_prediction(plan_dir, entry.rank, phase, uncached,
-                                              {"float32": profile["peak_flops"]["float32"], **uncached})  # fmt: skip
+            # the model before 2026-12-04 on the same calibration run: the 400-Mul chain's node_overhead, every
+            # weight at the memory bandwidth
+            old = model_before(profile, mul_chain[device])
+            before = interleaved_prediction(plan_dir, entry.rank, phase, old,
+                                            {"float32": profile["peak_flops"]["float32"], **old})  # fmt: skip
+            calibrated_now = got["calibrated"]
+            interleaved_before = interleaved_prediction(
+                plan_dir, entry.rank, phase, old,
+                {**calibrated_now, "node_overhead": calibrated_now["mul_chain_node_overhead"]},
+            )  # fmt: skip
             ratio = predicted / busy
             within = "**yes**" if abs(ratio - 1) <= WITHIN + 1e-12 else "no"
             lines.append(
                 f"| {name} | {entry.rank} | {device}{f' ({slow_label})' if entry.rank == 1 else ''} | {where} "
                 f"| {phase} | {predicted * 1e3:.2f} ms | {busy * 1e3:.2f} ms (best {min(device_time) * 1e3:.2f}) "
-                f"| {ratio:.2f} | {within} | {no_cache * 1e3:.2f} ms | {no_cache / busy:.2f} "
+                f"| {ratio:.2f} | {within} | {before * 1e3:.2f} ms | {before / busy:.2f} "
                 f"| {interleaved * 1e3:.2f} ms | {interleaved / busy:.2f} "
+                f"| {interleaved_before * 1e3:.2f} ms | {interleaved_before / busy:.2f} "
                 f"| {statistics.fmean(got['compute']) * 1e3:.2f} ms "
                 f"| {statistics.fmean(got['slept']) * 1e3:.2f} ms{delivered} "
                 f"| {statistics.fmean(got['wall']) * 1e3:.2f} ms | {got['thread_cpu'] / got['process_cpu']:.3f} |"
@@ -335,7 +380,7 @@ def main() -> None:
     slow_env = {"LLMIR_COMPUTE_STRETCH": f"1={args.stretch!r}"}
     slow_calibration = ["--compute-stretch", repr(args.stretch)]
     slow_label = f"stretch {args.stretch:g}"
-    calibrated = calibrate({"cpu-fast": [], "cpu-slow": slow_calibration}, work)
+    calibrated, mul_chain = calibrate({"cpu-fast": [], "cpu-slow": slow_calibration}, work)
     fast, slow = calibrated["cpu-fast"], calibrated["cpu-slow"]
     cluster = {
         "profiles": {
@@ -354,6 +399,7 @@ def main() -> None:
     (work / "cluster.json").write_text(json.dumps(cluster, indent=1))
     print(f"calibrated: cpu-fast {json.dumps(fast)}")
     print(f"calibrated: cpu-slow {json.dumps(slow)} ({slow_label})")
+    print(f"the 400-Mul chain's node_overhead (the model before): {json.dumps(mul_chain)}")
 
     rows = []
     for name, layout in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])):
@@ -366,21 +412,22 @@ def main() -> None:
         shown_env = " ".join(f"{key}={value}" for key, value in slow_env.items())
         print(f"$ {shown_env} llmir-onnx verify {name}\n  {verified.strip().splitlines()[-1]}")
         measured = measure(plan_dir, feeds_dir, work / f"{name}-measured", args.runs, slow_env)
-        rows += report(name, plan_dir, measured, slow_label, cluster["profiles"])
+        rows += report(name, plan_dir, measured, slow_label, cluster["profiles"], mul_chain)
     print(f"\n{started}, load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
           f"({os.cpu_count()} CPUs), {args.runs} prefill and {args.runs * DECODE_RUNS_FACTOR} decode runs after 2 "
           "warm-ups each\n")  # fmt: skip
     print("| plan | rank | device | share of the work | phase | predicted (manifest, no comm) | measured: thread CPU "
-          "outside comm x stretch, mean | predicted / measured | within 20% | predicted without the cache (the "
-          "model before) | no cache / measured | predicted on the interleaved "
-          "calibration | interleaved / measured | thread CPU outside comm, mean | stretch sleeps, mean | run (wall), "
+          "outside comm x stretch, mean | predicted / measured | within 20% | predicted by the model before "
+          "(400-Mul node_overhead, no weight_bandwidth) | before / measured | predicted on the interleaved "
+          "calibration | interleaved / measured | the model before, interleaved | before interleaved / measured "
+          "| thread CPU outside comm, mean | stretch sleeps, mean | run (wall), "
           "mean | thread CPU / process CPU in the runs |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     within = sum("| **yes** |" in row for row in rows)
     print(f"\nwithin 20%: {within} of {len(rows)} rows")
     before = sum(abs(float(row.split(" | ")[10]) - 1) <= WITHIN + 1e-12 for row in rows)
-    print(f"within 20% without the cache (the model before): {before} of {len(rows)} rows")
+    print(f"within 20% on the model before (400-Mul node_overhead, no weight_bandwidth): {before} of {len(rows)} rows")
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
@@ -559,3 +560,95 @@ def test_a_gather_from_an_activation_reads_its_rows_from_the_cache() -> None:
     assert estimate_time([cost], device, "decode", Sizes(batch=1, seq=1)).memory_s == pytest.approx(
         rows / 1e10 + (rows + 32) / 1e9
     )
+
+
+# memory 1 GB/s; a matrix product's weight read at 0.25 GB/s at 4 KiB, 1 GB/s at 1 MiB and up (interpolated in
+# log(size) between); no cache; compute and overhead negligible
+_WEIGHT_CURVE_DEVICE = {
+    "name": "curve", "memory_bytes": GiB, "peak_flops": {"float32": 1e15}, "memory_bandwidth": 1e9,
+    "link_bandwidth": 1e9, "link_latency": 0.0, "node_overhead": 0.0,
+    "weight_bandwidth": [[4096, 0.25e9], [1 << 20, 1e9]],
+}  # fmt: skip
+
+
+def _matmul_model(k: int, n: int) -> ir.Model:
+    """x [batch, k] @ W[k, n] (an initializer) -> y, and y * x2 [batch, n] (two inputs, no weight)."""
+    x = ir.Value(name="x", shape=ir.Shape(["batch", k]), type=ir.TensorType(ir.DataType.FLOAT))
+    x2 = ir.Value(name="x2", shape=ir.Shape(["batch", n]), type=ir.TensorType(ir.DataType.FLOAT))
+    w = ir.Value(name="w", const_value=ir.tensor(np.ones((k, n), np.float32), name="w"))
+    matmul = ir.node("MatMul", [x, w], name="matmul")
+    scale = ir.node("Mul", [matmul.outputs[0], x2], name="scale")
+    scale.outputs[0].name = "y"
+    graph = ir.Graph([x, x2], [scale.outputs[0]], nodes=[matmul, scale], initializers=[w], opset_imports={"": 17})
+    return ir.Model(graph, ir_version=10)
+
+
+def test_a_matmul_weight_is_charged_at_the_rate_for_its_size_and_nothing_else_is() -> None:
+    """weight_bandwidth (calibrate_cpu.py's weight sizes): a MatMul's weight at the profile's rate for its
+    size, interpolated in log(size); its activations and other nodes' bytes at the memory bandwidth. A
+    cost model that ignored the field would charge the weight at 1 GB/s: every assertion below fails."""
+    device = profile_from_dict(_WEIGHT_CURVE_DEVICE)
+    assert device.weight_bytes_per_second(1024) == 0.25e9  # below the first size: the first rate
+    assert device.weight_bytes_per_second(64 << 20) == 1e9  # above the last: the last rate
+    assert device.weight_bytes_per_second(64 << 10) == pytest.approx(0.625e9)  # halfway in log between 4K and 1M
+    sizes = Sizes(batch=1, seq=1)
+    for k, n, rate in ((32, 32, 0.25e9), (128, 128, 0.625e9), (512, 512, 1e9)):
+        matmul, scale = node_costs(_matmul_model(k, n), sizes)
+        weight = 4 * k * n
+        assert matmul.weight_bytes == (weight,) and scale.weight_bytes == ()
+        assert matmul.bytes == weight + 4 * k + 4 * n
+        expected = weight / rate + (4 * k + 4 * n) / 1e9
+        assert estimate_time([matmul], device, "decode", sizes).memory_s == pytest.approx(expected, rel=1e-12)
+        assert estimate_time([scale], device, "decode", sizes).memory_s == pytest.approx(scale.bytes / 1e9)
+        # the same profile without the field: every byte at the memory bandwidth, as before it existed
+        plain = profile_from_dict({k_: v for k_, v in _WEIGHT_CURVE_DEVICE.items() if k_ != "weight_bandwidth"})
+        assert plain.weight_bandwidth == () and plain.weight_bytes_per_second(weight) == plain.bytes_per_second
+        assert estimate_time([matmul], plain, "decode", sizes).memory_s == pytest.approx(matmul.bytes / 1e9)
+    # the memory efficiency applies to the curve as to the memory bandwidth
+    half = profile_from_dict({**_WEIGHT_CURVE_DEVICE, "memory_efficiency": 0.5})
+    assert half.weight_bytes_per_second(4096) == pytest.approx(0.125e9)
+
+
+def test_the_layout_search_charges_weights_by_the_profiles_curve_like_the_rank_models(
+    tiny: tuple[object, Path],
+) -> None:
+    """The layout search (scaled nodes) and estimate_phases on the partitioned rank models agree on a profile
+    with weight_bandwidth, and both differ from the same profile without it (the tiny model's weights are 64-512
+    KiB: charged at about 1/30 of cpu-here's memory bandwidth here, its decode becomes weight-bound)."""
+    from llmir_onnx.partition import PartitionOptions, partition
+
+    _, path = tiny
+    here = load_profile("cpu-here")
+    slow_weights = profile_from_dict(
+        {**asdict(here), "name": "cpu-here-curve",
+         "weight_bandwidth": [[1 << 16, here.memory_bandwidth / 30], [1 << 30, here.memory_bandwidth]]}
+    )  # fmt: skip
+    decode = {}
+    for device in (here, slow_weights):
+        layouts = enumerate_layouts(load_model(path), 2, GiB, device, max_batch=1, max_seq=64)
+        layout = next(lay for lay in layouts if (lay.tp, lay.pp) == (2, 1))
+        rank = partition(load_model(path), PartitionOptions(tp=2)).ranks[0]
+        timing = estimate_phases(rank.model, device, 1, 64)
+        assert layout.decode_step_s == pytest.approx(timing.decode.total_s, rel=0.15)
+        decode[device.name] = (layout.decode_step_s, timing.decode.total_s)
+    assert decode[here.name][0] * 2 < decode[slow_weights.name][0]
+    assert decode[here.name][1] * 2 < decode[slow_weights.name][1]
+
+
+def test_weight_bandwidth_is_checked_and_round_trips(tmp_path: Path) -> None:
+    # a profile file written before the field: loads, every weight at the memory bandwidth
+    numpy_profile = load_profile(str(Path(__file__).resolve().parents[1] / "bench/profiles/cpu-here-numpy.json"))
+    assert numpy_profile.weight_bandwidth == ()
+    assert numpy_profile.weight_bytes_per_second(1 << 20) == numpy_profile.bytes_per_second
+    device = profile_from_dict(_WEIGHT_CURVE_DEVICE)
+    path = tmp_path / "curve.json"
+    path.write_text(device.to_json())
+    assert load_profile(path) == device  # written as [[bytes, bytes/s], ...] and read back
+    for bad, message in (
+        ({"weight_bandwidth": [[4096, 1e9], [4096, 2e9]]}, "weight_bandwidth sizes must increase, got 4096 after 4096"),
+        ({"weight_bandwidth": [[4096.5, 1e9]]}, r"weight_bandwidth entry \[4096.5, 1000000000.0\] is not a"),
+        ({"weight_bandwidth": [[4096, 0]]}, "is not a .bytes, bytes/s. pair of positive numbers"),
+        ({"weight_bandwidth": 1e9}, "weight_bandwidth must be a list of .bytes, bytes/s. pairs"),
+    ):
+        with pytest.raises(PlanError, match=message):
+            profile_from_dict({**_WEIGHT_CURVE_DEVICE, **bad})

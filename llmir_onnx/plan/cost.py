@@ -15,7 +15,8 @@ Time of a node on a `DeviceProfile` (roofline + alpha-beta):
 
     compute  = flops / (peak_flops[dtype] * compute_efficiency)
     memory   = dram bytes / (memory_bandwidth * memory_efficiency)
-               + cached bytes / (cache_bandwidth * memory_efficiency)     (`memory_seconds`)
+               + cached bytes / (cache_bandwidth * memory_efficiency)
+               + sum over weights w of a MatMul / Gemm: w / weight_bytes_per_second(w)   (`memory_seconds`)
     node     = max(compute, memory) + node_overhead
     comm     = steps * latency + factor * comm_bytes / bandwidth,  factor = 2(n-1)/n for AllReduce,
                (n-1)/n for AllGather / ReduceScatter (n = group size), 1 for Send / Recv; an AllGather
@@ -40,6 +41,12 @@ shared L3); caches above the last level (L1 / L2 of a CPU); partial fits (a valu
 charged wholly at the memory bandwidth; a Gather's rows read from an activation are tested by their own
 size); the cache effect on weights small enough to stay cached between
 runs (a tiny model's decode). The split does not change `bytes`, only the time of them.
+
+Weights of a matrix product (an initializer input of MatMul / FusedMatMul / Gemm / MatMulNBits:
+`NodeCost.weight_bytes`) are charged at the profile's `weight_bytes_per_second` of their own size: a
+matrix-vector product of a small weight streams it slower than the large one the memory bandwidth is
+measured on (docs/BENCHMARKS.md, "Why decode is predicted too fast"). A profile without `weight_bandwidth`
+charges them at the memory bandwidth, as before.
 
 The link of a collective is the device's own (`link_bandwidth`, `link_latency`: NVLink inside a host)
 unless a `link_of` says otherwise (a cluster's `group_link`: the slowest link the group spans, and how
@@ -107,6 +114,9 @@ class NodeCost:
     # The part of `bytes` that are activations (values a node of the graph writes and another reads), one
     # entry per value read or written: what `memory_seconds` may charge at the cache bandwidth.
     activation_bytes: tuple[int, ...] = ()
+    # The part of `bytes` that are a matrix product's weights (its initializer inputs), one entry per
+    # weight: what `memory_seconds` charges at the profile's rate for that size.
+    weight_bytes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,6 +163,21 @@ def _activation_bytes(values: Iterable[ir.Value | None], shapes: Mapping[str, Te
         shapes[v.name].nbytes
         for v in values
         if v is not None and v.name and v.name in shapes and is_activation(v) and shapes[v.name].nbytes
+    )
+
+
+# Matrix products: an initializer input of one is a weight streamed through it (`weight_bytes`).
+MATRIX_PRODUCT_OPS = frozenset({"MatMul", "FusedMatMul", "Gemm", "MatMulNBits"})
+
+
+def _weight_bytes(node: ir.Node, shapes: Mapping[str, TensorShape]) -> tuple[int, ...]:
+    """The bytes of each initializer input of a matrix product (none for other ops)."""
+    if node.op_type not in MATRIX_PRODUCT_OPS or (node.domain or "") == LLMIR_DOMAIN:
+        return ()
+    return tuple(
+        shapes[v.name].nbytes
+        for v in node.inputs
+        if v is not None and v.name and v.name in shapes and v.is_initializer() and shapes[v.name].nbytes
     )
 
 
@@ -236,6 +261,7 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
         layer=layer_of_node_by_name(node),
         gather_sizes=gather_sizes,
         activation_bytes=activations,
+        weight_bytes=_weight_bytes(node, shapes),
     )
 
 
@@ -286,18 +312,27 @@ def comm_seconds(
     return steps * link.latency + factor * payload / link.bandwidth
 
 
-def memory_seconds(moved: float, activation_bytes: Iterable[float], device: DeviceProfile) -> float:
+def memory_seconds(
+    moved: float, activation_bytes: Iterable[float], device: DeviceProfile, weight_bytes: Iterable[float] = ()
+) -> float:
     """Seconds to move a node's `moved` bytes, of which `activation_bytes` (one entry per value) are
-    activations: each at most CACHE_FRACTION x the device's last-level cache at the cache bandwidth, the
-    rest of `moved` at the memory bandwidth (module docstring: why, and what it ignores). A device without
-    a cache (`cache_bytes` 0) charges everything at the memory bandwidth."""
+    activations: each at most CACHE_FRACTION x the device's last-level cache at the cache bandwidth; and
+    `weight_bytes` (one entry per weight of a matrix product) each at the device's rate for a weight of its
+    size (`weight_bytes_per_second`); the rest of `moved` at the memory bandwidth (module docstring: why,
+    and what it ignores). A device without a cache (`cache_bytes` 0) and without `weight_bandwidth`
+    charges everything at the memory bandwidth."""
     if not moved:
         return 0.0
+    seconds = 0.0
+    if device.weight_bandwidth:
+        for size in weight_bytes:
+            seconds += size / device.weight_bytes_per_second(size)
+            moved -= size
     if not device.cache_bytes:
-        return moved / device.bytes_per_second
+        return seconds + moved / device.bytes_per_second
     fits = CACHE_FRACTION * device.cache_bytes
     cached = sum(size for size in activation_bytes if size <= fits)
-    return (moved - cached) / device.bytes_per_second + cached / device.cache_bytes_per_second
+    return seconds + (moved - cached) / device.bytes_per_second + cached / device.cache_bytes_per_second
 
 
 def node_seconds(
@@ -305,7 +340,7 @@ def node_seconds(
 ) -> tuple[float, float, float]:
     """(compute, memory, communication) seconds of one node; the node's time is max of the first two + overhead."""
     compute = cost.flops / device.flops_per_second(cost.dtype) if cost.flops else 0.0
-    memory = memory_seconds(cost.bytes, cost.activation_bytes, device)
+    memory = memory_seconds(cost.bytes, cost.activation_bytes, device, cost.weight_bytes)
     comm = 0.0
     if cost.domain == LLMIR_DOMAIN:
         over, hosts = link if link is not None else (device.intra_host_link, 1)

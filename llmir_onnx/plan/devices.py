@@ -18,6 +18,9 @@ default is given; numbers are SI units: bytes, bytes per second, FLOP per second
                                                  //   applies to cache_bandwidth too)
       "cache_bytes": 52428800,                   // int: the last-level cache (default 0: no cache)
       "cache_bandwidth": 9.4e12,                 // bytes/s of that cache (required with cache_bytes > 0)
+      "weight_bandwidth": [[65536, 1.1e10],      // [weight bytes, bytes/s]: how fast a MatMul / Gemm
+                           [268435456, 1.5e10]], //   reads a weight of that size (default []: at
+                                                 //   memory_bandwidth whatever its size)
       "description": "where the numbers come from",  // str (default "")
       "devices_per_host": 8,                     // devices in one host (default 8; null: one host
                                                  //   holds any number, as processes on one machine)
@@ -28,6 +31,17 @@ default is given; numbers are SI units: bytes, bytes per second, FLOP per second
 charges an activation that fits in part of it at `cache_bandwidth` (`llmir_onnx.plan.cost`,
 `memory_seconds`). A profile without them (every profile file written before they existed) has no
 cache: every byte is charged at `memory_bandwidth`, as before. Giving one without the other is an error.
+
+`weight_bandwidth` is the rate at which a MatMul / Gemm streams a weight (an initializer) of a given size,
+measured at a few sizes (`bench/calibrate_cpu.py`: chains of [1, k] x W[k, k] with distinct weights, more
+of them than the last-level cache holds, so each is read from memory; the node overhead taken off; each
+size relative to the 256 MiB matrix-vector product timed beside it), for a machine where a small
+matrix-vector product does not reach the large one's rate (its fixed costs and the prefetcher's ramp are
+spread over fewer bytes; the development VM showed none for square weights, docs/BENCHMARKS.md).
+Between two sizes the rate is interpolated linearly in log(size); below the smallest and above the
+largest the end points' rates hold (`weight_bytes_per_second`). The memory efficiency applies to it as to
+`memory_bandwidth`. A profile without it (every profile written before it
+existed, and the GPU profiles, for which no such measure was made) reads weights at `memory_bandwidth`.
 
 `link_bandwidth` / `link_latency` are the link between two devices of one host (NVLink for the GPU
 profiles); `host_link` names the link between hosts (`LINKS`: NVLink, PCIe, InfiniBand, RoCE,
@@ -47,6 +61,7 @@ fractions) and `cpu-here` (this project's 2-core development VM, calibrated sing
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import asdict, dataclass, field, fields
@@ -79,6 +94,9 @@ class DeviceProfile:
     # charged at memory_bandwidth (profiles written before these fields existed).
     cache_bytes: int = 0
     cache_bandwidth: float = 0.0
+    # (weight bytes, bytes/s) by increasing size: how fast a MatMul / Gemm reads a weight of that size
+    # (module docstring). (): every weight at memory_bandwidth (profiles written before this field existed).
+    weight_bandwidth: tuple[tuple[int, float], ...] = ()
 
     def flops_per_second(self, dtype: str) -> float:
         """Achievable FLOP/s for arithmetic in `dtype` (falls back to float32's peak)."""
@@ -95,6 +113,23 @@ class DeviceProfile:
     def cache_bytes_per_second(self) -> float:
         """Achievable bytes/s of the last-level cache (the memory efficiency applies to it too); 0 without one."""
         return self.cache_bandwidth * self.memory_efficiency
+
+    def weight_bytes_per_second(self, size: float) -> float:
+        """Achievable bytes/s of a MatMul / Gemm reading a weight of `size` bytes: `weight_bandwidth`
+        interpolated linearly in log(size), the end points' rates beyond them; `bytes_per_second` without it."""
+        curve = self.weight_bandwidth
+        if not curve:
+            return self.bytes_per_second
+        if size <= curve[0][0]:
+            rate = curve[0][1]
+        elif size >= curve[-1][0]:
+            rate = curve[-1][1]
+        else:
+            upper = next(i for i, (bytes_, _) in enumerate(curve) if bytes_ >= size)
+            (low_size, low_rate), (high_size, high_rate) = curve[upper - 1], curve[upper]
+            position = math.log(size / low_size) / math.log(high_size / low_size)
+            rate = low_rate + position * (high_rate - low_rate)
+        return rate * self.memory_efficiency
 
     @property
     def intra_host_link(self) -> LinkProfile:
@@ -256,6 +291,7 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
             f"device profile {source}: {named} without {absent}; give both (the last-level cache's size and "
             "bandwidth) or neither (no cache: every byte at memory_bandwidth)"
         )
+    weight_bandwidth = _weight_bandwidth_from(raw.get("weight_bandwidth", []), source)
     flops = {}
     for dtype, value in raw["peak_flops"].items():
         if not isinstance(value, (int, float)) or value <= 0:
@@ -276,7 +312,31 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
         host_link=str(host_link),
         cache_bytes=cache_bytes,
         cache_bandwidth=float(cache_bandwidth),
+        weight_bandwidth=weight_bandwidth,
     )
+
+
+def _weight_bandwidth_from(raw: Any, source: str) -> tuple[tuple[int, float], ...]:
+    """The `weight_bandwidth` of a profile file: [[bytes, bytes/s], ...], sizes increasing."""
+    example = "like [[65536, 1.1e10], [268435456, 1.5e10]]"
+    if not isinstance(raw, (list, tuple)):
+        raise PlanError(f"device profile {source}: weight_bandwidth must be a list of [bytes, bytes/s] pairs {example}")
+    points: list[tuple[int, float]] = []
+    for point in raw:
+        ok = isinstance(point, (list, tuple)) and len(point) == 2
+        size, rate = point if ok else (None, None)
+        if not (ok and isinstance(size, int) and not isinstance(size, bool) and size > 0
+                and isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0):  # fmt: skip
+            raise PlanError(
+                f"device profile {source}: weight_bandwidth entry {point!r} is not a [bytes, bytes/s] pair of positive "
+                f"numbers (bytes an integer); write it {example}"
+            )
+        if points and size <= points[-1][0]:
+            raise PlanError(
+                f"device profile {source}: weight_bandwidth sizes must increase, got {size} after {points[-1][0]}"
+            )
+        points.append((size, float(rate)))
+    return tuple(points)
 
 
 def load_profile(spec: str | os.PathLike) -> DeviceProfile:

@@ -79,10 +79,18 @@ from llmir_onnx.model_facts import (
     layer_of_node_by_name,
     mask_total_axis,
 )
-from llmir_onnx.plan.cost import FREE_OPS, NodeCost, comm_seconds, is_activation, memory_seconds, node_cost
+from llmir_onnx.plan.cost import (
+    FREE_OPS,
+    MATRIX_PRODUCT_OPS,
+    NodeCost,
+    comm_seconds,
+    is_activation,
+    memory_seconds,
+    node_cost,
+)
 from llmir_onnx.plan.devices import Cluster, DeviceProfile, LinkProfile, derived_tp_weights, uniform_cluster
 from llmir_onnx.plan.memory import format_bytes, kv_cache_tokens, phase_sizes
-from llmir_onnx.plan.shapes import Sizes, TensorShape, bind_dims, evaluate_shapes
+from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, bind_dims, evaluate_shapes
 from llmir_onnx.plan.stage_balance import StageUnit, balance_stages
 
 REPLICATED, HEADS, KV_HEADS = "R", "Q", "KV"
@@ -168,8 +176,9 @@ class ModelShape:
 
 # A node's activations as a stage's peak counts them: (value name, bytes on one tp rank).
 PeakTerms = list[tuple[str, float]]
-# A node on one rank: (flops, bytes, the activations' bytes among them, collective payload, 1 if not free).
-ScaledNode = tuple[float, float, tuple[float, ...], float, int]
+# A node on one rank: (flops, bytes, the activations' bytes among them, collective payload, 1 if not free,
+# the matrix product's weights' bytes among them).
+ScaledNode = tuple[float, float, tuple[float, ...], float, int, tuple[float, ...]]
 
 
 _Memoised = TypeVar("_Memoised")
@@ -421,9 +430,10 @@ class _Analysis:
         self, i: int, phase: str, tp: int, part: RankPart | None = None, cp: int = 1, sharded: bool = False
     ) -> ScaledNode:
         """(flops, bytes, the activations among the bytes, payload of the collective after it, the nodes it
-        runs as, each paying the node overhead: 0 if free) of node i on one tp rank (its `part` of an uneven
-        split; None: 1/tp) and one cp rank (its chunk of the tokens; with `sharded`, its block of the KV
-        cache's). Memoised: every stage split the search tries reads it again."""
+        runs as, each paying the node overhead: 0 if free, the matrix product's weights among the bytes) of
+        node i on one tp rank (its `part` of an uneven split; None: 1/tp) and one cp rank (its chunk of the
+        tokens; with `sharded`, its block of the KV cache's). Memoised: every stage split the search tries
+        reads it again."""
         memo = _per_node_memo(self._scaled_nodes, (phase, tp, part, cp, sharded), len(self.nodes))
         scaled = memo[i]
         if scaled is None:
@@ -439,6 +449,8 @@ class _Analysis:
         chunk = self.chunk_scales(phase, cp, sharded)
         moved = 0.0
         activations: list[float] = []  # as node_cost's activation_bytes, scaled like the bytes
+        weights: list[float] = []  # as node_cost's weight_bytes, scaled like the bytes
+        is_product = node.op_type in MATRIX_PRODUCT_OPS and (node.domain or "") != LLMIR_DOMAIN
         if node.op_type not in FREE_OPS:
             if node.op_type == "Gather" and cost.bytes:
                 scale = self._value_scale(node.outputs[0], tp, part=part) * chunk.get(node.outputs[0].name or "", 1.0)
@@ -453,6 +465,8 @@ class _Analysis:
                     moved += scaled
                     if scaled and name in self.activations:
                         activations.append(scaled)
+                    elif scaled and is_product and name in self.weights:
+                        weights.append(scaled)
         if node.op_type in ("MatMul", "Gemm", "Gather") and self._weight_of(node):
             flop_scale = self.scale(self.weight_kind[self._weight_of(node)], tp, part)
         else:
@@ -475,7 +489,7 @@ class _Analysis:
                 moved += 6 * scores
                 activations = [*activations, *[scores] * 6] if scores and activations else activations
                 nodes = 5
-        return cost.flops * flop_scale, moved, tuple(activations), float(payload), nodes
+        return cost.flops * flop_scale, moved, tuple(activations), float(payload), nodes, tuple(weights)
 
     # -- context parallelism
 
@@ -922,10 +936,10 @@ def _rank_estimate(
     for phase in ("prefill", "decode"):
         total = 0.0
         for i in nodes:
-            flops, moved, activations, payload, counted = analysis.scaled_node(i, phase, tp, part, cp, sharded)
+            flops, moved, activations, payload, counted, read = analysis.scaled_node(i, phase, tp, part, cp, sharded)
             cost = analysis.costs[phase][i]
             compute = flops / device.flops_per_second(cost.dtype) if flops else 0.0
-            memory = memory_seconds(moved, activations, device)
+            memory = memory_seconds(moved, activations, device, read)
             total += max(compute, memory) + counted * device.node_overhead
             if payload:
                 total += analysis.collective_seconds(i, payload, tp, tp_link, tp_hosts)
@@ -1253,12 +1267,12 @@ def _balanced_bounds(
             cp_link, cp_hosts = devices.cp_link or (device.intra_host_link, 1)
             for phase in ("prefill", "decode"):
                 for i in nodes:
-                    flops, moved, activations, payload, counted = analysis.scaled_node(
+                    flops, moved, activations, payload, counted, read = analysis.scaled_node(
                         i, phase, tp, part, cp, sharded
                     )
                     dtype = analysis.costs[phase][i].dtype
                     compute = flops / device.flops_per_second(dtype) if flops else 0.0
-                    memory = memory_seconds(moved, activations, device)
+                    memory = memory_seconds(moved, activations, device, read)
                     seconds += max(compute, memory) + counted * device.node_overhead
                     seconds += analysis.collective_seconds(i, payload, tp, link, hosts)
                 for i in nodes if cp > 1 else ():
