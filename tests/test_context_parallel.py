@@ -513,14 +513,13 @@ def genai_cp2_tp2_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return plan
 
 
-def _assert_genai_cases_match(plan: Path, **verify: object) -> None:
+def _assert_genai_cases_match(plan: Path, name: str = GENAI) -> None:
     from llmir_onnx.runtime.verify import verify_plan_cases
 
-    model_path = MODELS / GENAI / "model.onnx"
+    model_path = MODELS / name / "model.onnx"
     feeds = [model_past_feeds(model_path, FeedSizes(batch=b, new_tokens=n, past_tokens=p)) for n, p, b in GENAI_CASES]
     for (new, past, batch), (_, rows) in zip(GENAI_CASES, verify_plan_cases(plan, feeds, model_path=model_path,
-                                                                             timeout_s=TIMEOUT_S, **verify),
-                                             strict=True):
+                                                                             timeout_s=TIMEOUT_S), strict=True):
         names = {row.name for row in rows}
         assert "logits" in names and any(n.startswith("present") for n in names), names
         bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
@@ -540,6 +539,21 @@ def test_genai_gqa_cp_plan_matches_the_original(genai_cp2_tp2_plan: Path) -> Non
         assert len(gathered) == 2 * 2 + 1, gathered
         assert all(("k_rotated" in name or "v_bnsh" in name) for name in gathered[:-1]), gathered
     _assert_genai_cases_match(genai_cp2_tp2_plan)
+
+
+def test_genai_qwen3_head_norms_keep_the_token_split(tmp_path: Path) -> None:
+    """Qwen3 by the genai builder normalizes q and k per head on [batch, tokens * heads, head_dim] (tokens and
+    heads in one axis); the lowering moves that norm to [batch, tokens, heads, head_dim], so at cp 2 the q/k
+    path stays split (the only cp gathers: each layer's new keys and values, the logits) and equals the
+    original."""
+    from llmir_onnx.api import partition_to_dir
+
+    plan = tmp_path / "plan"
+    partition_to_dir(MODELS / "qwen3-genai" / "model.onnx", plan, tp=1, cp=2)
+    for rank in range(2):
+        gathered = [name for name, _ in _cp_gathers(_rank_model(plan, rank))]
+        assert len(gathered) == 2 * 2 + 1 and all(("k_rotated" in n or "v_bnsh" in n) for n in gathered[:-1]), gathered
+    _assert_genai_cases_match(plan, "qwen3-genai")
 
 
 def test_genai_gqa_cp_plan_generates_the_original_greedy_tokens(genai_cp2_tp2_plan: Path) -> None:

@@ -33,6 +33,10 @@ total_sequence_length input, and "first prompt" meaning S == total:
   Rows past seqlens_k on the first prompt (right padding) attend to the row's valid keys, as the kernel's
   do (checked against onnxruntime 1.32, tests/test_lower_attention.py).
 
+Also, before a node is lowered: the genai builder's per-head q/k norm (Qwen3: Reshape to [B, S*N, H], norm over
+H, Reshape back) is moved to [B, S, N, H], the same arithmetic with the token axis kept, so that cp splits
+the q/k path instead of gathering it (`_keep_tokens_through_head_norm`).
+
 Refused (one line naming the node, the attribute and the fix): softcap, local_window_size, smooth_softmax,
 qk_output, or any other attribute not at its default; the optional inputs past cos/sin (position_ids,
 attention_bias, head_sink); a GroupQueryAttention inside a subgraph is left for the cp pass to refuse.
@@ -76,8 +80,53 @@ def lower_group_query_attention(model: ir.Model) -> int:
         raise _refusal(nodes[0], f"the model's ONNX opset is {opset}, the lowering needs {_MIN_OPSET} or more")
     lowerings = [_Lowering(graph, node) for node in nodes]  # every node's attributes checked before any change
     for lowering in lowerings:
+        for index in (0, 1):  # query, key
+            value = lowering.node.inputs[index] if len(lowering.node.inputs) > index else None
+            if value is not None:
+                _keep_tokens_through_head_norm(graph, value)
         lowering.run()
     return len(nodes)
+
+
+_NORMS = frozenset({"SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization"})
+
+
+def _keep_tokens_through_head_norm(graph: ir.Graph, value: ir.Value) -> None:
+    """The genai builder's per-head q/k norm (Qwen3) reshapes [B, S, N*H] to [B, S*N, H] for the norm and
+    back: tokens and heads in one axis, which no token split survives, so cp would gather q and k before it.
+    The same norm on [B, S, N, H] (target [0, 0, -1, H]) is the same arithmetic (it normalizes the last axis)
+    and keeps the token axis; the Reshape back ([0, -1, N*H]) gives [B, S, N*H] from either. Rewritten only
+    for that exact chain, the first Reshape read by the norm alone."""
+    back = value.producer()
+    if back is None or back.op_type != "Reshape" or back.domain not in ("", "ai.onnx"):
+        return
+    norm = back.inputs[0].producer() if back.inputs[0] is not None else None
+    if norm is None or norm.op_type not in _NORMS or len(back.inputs[0].uses()) != 1:
+        return
+    axis = norm.attributes.get("axis")
+    if axis is not None and axis.as_int() != -1:
+        return
+    split = norm.inputs[0].producer() if norm.inputs[0] is not None else None
+    if split is None or split.op_type != "Reshape" or split.domain not in ("", "ai.onnx") or len(split.inputs) < 2:
+        return
+    source, target = split.inputs[0], split.inputs[1]
+    split_target = ir.convenience.get_const_tensor(target) if target is not None else None
+    back_target = ir.convenience.get_const_tensor(back.inputs[1]) if back.inputs[1] is not None else None
+    if split_target is None or back_target is None or source is None or len(norm.inputs[0].uses()) != 1:
+        return
+    first, second = split_target.numpy().tolist(), back_target.numpy().tolist()
+    if len(first) != 3 or first[:2] != [0, -1] or len(second) != 3 or second[:2] != [0, -1]:
+        return
+    if source.shape is not None and len(source.shape) != 3:
+        return
+    head_size = int(first[2])
+    name = f"{split.name}/target_keeping_tokens"
+    kept = ir.Value(name=name, type=ir.TensorType(ir.DataType.INT64), shape=ir.Shape([4]))
+    kept.const_value = ir.tensor(np.array([0, 0, -1, head_size], dtype=np.int64), name=name)
+    graph.register_initializer(kept)
+    split.replace_input_with(1, kept)
+    for out in (split.outputs[0], norm.outputs[0]):
+        out.shape = None  # now [B, S, N, H]; annotate infers it again
 
 
 @dataclass(frozen=True)
