@@ -231,11 +231,13 @@ def plan_ranks(
     template = model if consume_model else model.clone()
     if options.cp > 1:
         # A fused attention op that takes its queries as the last tokens (onnxruntime-genai's
-        # GroupQueryAttention) cannot take a cp chunk of them: written out in standard ops first, its attention
-        # is what the cp pass splits (passes/lower_attention.py). Only with cp: a plan without it keeps the op.
-        from llmir_onnx.passes.lower_attention import lower_group_query_attention
+        # GroupQueryAttention, ONNX Attention) cannot take a cp chunk of them: written out in standard ops first,
+        # its attention is what the cp pass splits (passes/lower_attention.py). Only with cp: a plan without it
+        # keeps the op.
+        from llmir_onnx.passes.lower_attention import lower_group_query_attention, lower_onnx_attention
 
         lower_group_query_attention(template)
+        lower_onnx_attention(template)
     state = _run_pass(AnnotatePass(state), template).state
     state = _run_pass(PropagatePass(state), template).state
     if options.sequence_parallel:

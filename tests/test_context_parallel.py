@@ -42,6 +42,7 @@ LAYOUTS = [
     ("llama-gqa-torch-dynamo", 1, 4, 1),
     ("llama-gqa-torch-dynamo", 2, 2, 1),
     ("llama-gqa-torch-dynamo", 1, 2, 2),
+    ("llama-gqa-torch-dynamo-opset23", 2, 2, 1),  # ONNX Attention and RotaryEmbedding, lowered (lower_attention.py)
     ("qwen3-optimum", 1, 2, 1),
     ("gpt2-torch-dynamo", 1, 2, 1),
 ]
@@ -158,21 +159,6 @@ def _generate_check(plan: Path) -> None:
     assert "equal the original model's greedy tokens" in result.stderr
 
 
-def test_onnx_attention_is_refused(tmp_path: Path) -> None:
-    """ONNX Attention (opset 23) takes its queries as the last tokens and is not lowered: one line naming the
-    node. (GroupQueryAttention is lowered into standard ops: below.)"""
-    result = subprocess.run(
-        [*CLI, "partition", str(MODELS / "llama-gqa-torch-dynamo-opset23" / "model.onnx"), "-o",
-         str(tmp_path / "plan"), "--cp", "2"],
-        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
-    )
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "(Attention)" in lines[0] and "partition without --cp" in lines[0], lines[0]
-    assert not (tmp_path / "plan").exists()
-
-
 def test_cp_with_sp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LlmirError, match="--cp 2 with --sp is not supported"):
         from llmir_onnx.api import partition_to_dir
@@ -259,6 +245,7 @@ SHARDED_LAYOUTS = [
     ("llama-gqa-torch-legacy", 1, 2, 2),
     ("llama-gqa-torch-dynamo", 1, 2, 1),
     ("llama-gqa-torch-dynamo", 2, 2, 2),
+    ("llama-gqa-torch-dynamo-opset23", 1, 2, 1),
     ("qwen3-optimum", 1, 2, 1),
     ("qwen3-optimum", 1, 4, 1),
 ]

@@ -132,3 +132,57 @@ def test_unsupported_attribute_is_refused_naming_node_and_value() -> None:
         "--cp cannot lower node layers.0/GroupQueryAttention (GroupQueryAttention) into standard ops: attribute "
         "softcap=30.0 is not supported (only its default 0.0); use --cp 1"
     )
+
+
+def _onnx_attention_model(mask_type: int, interleaved: int, **attributes: float | int) -> onnx.ModelProto:
+    """RotaryEmbedding (position_ids given) on q and k, then ONNX Attention with a mask: opset 23."""
+    rng = np.random.default_rng(2)
+    angles = rng.uniform(0, 3, size=(MAX_POSITIONS, 8)).astype(np.float32)
+    inputs = [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 4, "new", 16]) for name in "qkv"]
+    inputs += [helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "new"]),
+               helper.make_tensor_value_info("mask", mask_type, ["batch", 1, "new", "new"])]
+    nodes = [
+        helper.make_node("RotaryEmbedding", [x, "cos", "sin", "position_ids"], [f"{x}_rotated"], name=f"rotary_{x}",
+                         interleaved=interleaved)
+        for x in "qk"
+    ]
+    nodes.append(helper.make_node("Attention", ["q_rotated", "k_rotated", "v", "mask"], ["y"], name="attention",
+                                  **attributes))
+    graph = helper.make_graph(
+        nodes, "attention", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4, "new", 16])],
+        initializer=[helper.make_tensor("cos", TensorProto.FLOAT, angles.shape, np.cos(angles).ravel()),
+                     helper.make_tensor("sin", TensorProto.FLOAT, angles.shape, np.sin(angles).ravel())],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)])
+    model.ir_version = 10
+    return model
+
+
+@pytest.mark.parametrize(("mask_type", "interleaved"), [(TensorProto.BOOL, 0), (TensorProto.FLOAT, 1)])
+def test_lowered_onnx_attention_and_rotary_equal_onnxruntime(mask_type: int, interleaved: int) -> None:
+    from llmir_onnx.passes.lower_attention import lower_onnx_attention
+
+    model = _onnx_attention_model(mask_type, interleaved, scale=0.3)
+    ir_model = ir.serde.deserialize_model(model)
+    assert lower_onnx_attention(ir_model) == 3
+    assert not [n for n in ir_model.graph if n.op_type in ("Attention", "RotaryEmbedding")]
+    fused, lowered = _session(model), _session(ir.serde.serialize_model(ir_model))
+    rng = np.random.default_rng(3)
+    batch, new = 2, 5
+    feeds = {x: rng.standard_normal((batch, 4, new, 16)).astype(np.float32) for x in "qkv"}
+    feeds["position_ids"] = np.array([[3, 4, 5, 6, 7], [0, 1, 2, 3, 4]], dtype=np.int64)
+    causal = np.tril(np.ones((new, new), dtype=bool))[None, None].repeat(batch, axis=0)
+    feeds["mask"] = causal if mask_type == TensorProto.BOOL else np.where(causal, 0.0, -1e9).astype(np.float32)
+    np.testing.assert_allclose(lowered.run(["y"], feeds)[0], fused.run(["y"], feeds)[0], atol=2e-5, rtol=1e-4)
+
+
+def test_unsupported_onnx_attention_is_refused() -> None:
+    from llmir_onnx.passes.lower_attention import lower_onnx_attention
+
+    model = ir.serde.deserialize_model(_onnx_attention_model(TensorProto.BOOL, 0, is_causal=1))
+    with pytest.raises(PlanError) as error:
+        lower_onnx_attention(model)
+    assert str(error.value) == (
+        "--cp cannot lower node attention (Attention) into standard ops: attribute is_causal=1 is not supported; "
+        "use --cp 1"
+    )

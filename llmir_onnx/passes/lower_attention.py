@@ -1,4 +1,6 @@
-"""Lower com.microsoft GroupQueryAttention into standard ONNX ops, for context parallelism (`--cp C > 1`).
+"""Lower fused attention into standard ONNX ops, for context parallelism (`--cp C > 1`): com.microsoft
+GroupQueryAttention (onnxruntime-genai exports), and ONNX Attention with RotaryEmbedding (torch dynamo at
+opset 23; `lower_onnx_attention`, at the end of this module). What follows is GroupQueryAttention's.
 
 Why. The fused op takes its queries as the last tokens of the sequence (its causal mask and rotary positions
 come from `seqlens_k`, not from the queries), so a cp rank's chunk of the queries cannot be fed to it
@@ -168,17 +170,15 @@ def _attributes(node: ir.Node) -> _Attributes:
                        integer("do_rotary", 0) == 1, integer("rotary_interleaved", 0) == 1)
 
 
-class _Lowering:
-    """The standard ops replacing one GroupQueryAttention node, built before it; then the node is removed."""
+class _Builder:
+    """Standard ops replacing one fused node, built before it (`_replace` swaps them in and removes it)."""
 
     def __init__(self, graph: ir.Graph, node: ir.Node) -> None:
         self.graph, self.node = graph, node
-        self.attrs = _attributes(node)
         self.prefix = f"{node.name}/lowered"
         self.made: list[ir.Node] = []
         self.ints: dict[tuple[str, tuple[int, ...], tuple[int, ...]], ir.Value] = {}
-
-    # -- building -------------------------------------------------------------------------------------
+        self.dtype = ir.DataType.FLOAT
 
     def _op(self, op_type: str, inputs: list[ir.Value], what: str, **attributes: int | float | list[int]) -> ir.Value:
         return self._ops(op_type, inputs, what, 1, **attributes)[0]
@@ -216,7 +216,75 @@ class _Lowering:
             self.ints[key] = self._const(what, array)
         return self.ints[key]
 
-    # -- the lowering ---------------------------------------------------------------------------------
+    def _np_dtype(self) -> np.dtype:
+        return self.dtype.numpy()
+
+    def _rotary(self, x: ir.Value, cos: ir.Value, sin: ir.Value, rotary_dim: int, head_size: int | None,
+                name: str, interleaved: bool) -> ir.Value:
+        """x [B, heads, S, H] rotated by cos/sin [B, 1, S, rotary_dim / 2] on its first rotary_dim dims (H None:
+        not known, the dims past rotary_dim are kept whatever their number)."""
+        axis3 = self._ints(f"{name}_axis_3", [3])
+        rotated, rest = x, None
+        if head_size is None or rotary_dim < head_size:
+            rotated = self._op("Slice", [x, self._ints(f"{name}_start", [0]), self._ints(f"{name}_rot", [rotary_dim]),
+                                         axis3], f"{name}_rot")
+            end = head_size if head_size is not None else np.iinfo(np.int64).max
+            rest = self._op("Slice", [x, self._ints(f"{name}_rot_end", [rotary_dim]),
+                                      self._ints(f"{name}_end", [end]), axis3], f"{name}_pass")
+        half = rotary_dim // 2
+        if interleaved:
+            pairs = self._op("Reshape", [rotated, self._ints(f"{name}_pairs_shape", [0, 0, 0, -1, 2])],
+                             f"{name}_pairs")
+            even, odd = self._ops("Split", [pairs, self._ints(f"{name}_pair_split", [1, 1])], f"{name}_even_odd", 2,
+                                  axis=-1)
+            last = self._ints(f"{name}_axis_last", [-1])
+            cos5 = self._op("Unsqueeze", [cos, last], f"{name}_cos_pairs")
+            sin5 = self._op("Unsqueeze", [sin, last], f"{name}_sin_pairs")
+            new_even = self._op("Sub", [self._op("Mul", [even, cos5], f"{name}_even_cos"),
+                                        self._op("Mul", [odd, sin5], f"{name}_odd_sin")], f"{name}_new_even")
+            new_odd = self._op("Add", [self._op("Mul", [odd, cos5], f"{name}_odd_cos"),
+                                       self._op("Mul", [even, sin5], f"{name}_even_sin")], f"{name}_new_odd")
+            joined = self._op("Concat", [new_even, new_odd], f"{name}_pairs_rotated", axis=-1)
+            out = self._op("Reshape", [joined, self._ints(f"{name}_unpair_shape", [0, 0, 0, -1])], f"{name}_rotated")
+        else:
+            first = self._op("Slice", [rotated, self._ints(f"{name}_h0", [0]), self._ints(f"{name}_h1", [half]),
+                                       axis3], f"{name}_first_half")
+            second = self._op("Slice", [rotated, self._ints(f"{name}_h2", [half]),
+                                        self._ints(f"{name}_h3", [rotary_dim]), axis3], f"{name}_second_half")
+            rotate_half = self._op("Concat", [self._op("Neg", [second], f"{name}_neg"), first], f"{name}_rotate_half",
+                                   axis=-1)
+            cos_full = self._op("Concat", [cos, cos], f"{name}_cos_full", axis=-1)
+            sin_full = self._op("Concat", [sin, sin], f"{name}_sin_full", axis=-1)
+            out = self._op("Add", [self._op("Mul", [rotated, cos_full], f"{name}_cos_part"),
+                                   self._op("Mul", [rotate_half, sin_full], f"{name}_sin_part")], f"{name}_rotated")
+        if rest is not None:
+            out = self._op("Concat", [out, rest], f"{name}_with_pass", axis=-1)
+        return out
+
+    def _replace(self, new_outputs: list[ir.Value]) -> None:
+        """Insert the made nodes before the fused node and give its outputs' readers (and graph outputs, by
+        name) the new values."""
+        node, graph = self.node, self.graph
+        graph.insert_before(node, self.made)
+        for old, new in zip(node.outputs, new_outputs[: len(node.outputs)], strict=True):  # presents are optional
+            if old.is_graph_output():
+                index = next(i for i, out in enumerate(graph.outputs) if out is old)
+                name, shape, type_ = old.name, old.shape, old.type
+                old.name = f"{name}__fused"
+                new.name, new.shape, new.type = name, shape, type_
+                graph.outputs[index] = new
+            elif new.shape is None and new.type is None:
+                new.shape, new.type = old.shape, old.type  # the same tensor: what a later lowering reads
+            old.replace_all_uses_with(new)
+        graph.remove(node, safe=True)
+
+
+class _Lowering(_Builder):
+    """GroupQueryAttention in standard ops (module docstring)."""
+
+    def __init__(self, graph: ir.Graph, node: ir.Node) -> None:
+        super().__init__(graph, node)
+        self.attrs = _attributes(node)
 
     def run(self) -> None:
         node, attrs = self.node, self.attrs
@@ -254,8 +322,8 @@ class _Lowering:
                            "cos_bnsh")
             sin = self._op("Unsqueeze", [self._op("Gather", [sin_cache, positions], "sin"), self._ints("axis_1", [1])],
                            "sin_bnsh")
-            q = self._rotary(q, cos, sin, rotary_dim, head_size, "q")
-            k = self._rotary(k, cos, sin, rotary_dim, head_size, "k")
+            q = self._rotary(q, cos, sin, rotary_dim, head_size, "q", attrs.interleaved)
+            k = self._rotary(k, cos, sin, rotary_dim, head_size, "k", attrs.interleaved)
 
         present_key = self._op("Concat", [past_key, k], "present_key", axis=2) if past_key is not None else k
         present_value = self._op("Concat", [past_value, v], "present_value", axis=2) if past_value is not None else v
@@ -272,9 +340,6 @@ class _Lowering:
         output = self._op("Reshape", [merged, self._ints("merged_shape", [0, 0, -1])], "output")
 
         self._replace([output, present_key, present_value])
-
-    def _np_dtype(self) -> np.dtype:
-        return self.dtype.numpy()
 
     def _head_size(self, query: ir.Value, key: ir.Value | None, past_key: ir.Value | None) -> int:
         """H: the past cache's last dim, or the query's width over its heads."""
@@ -329,46 +394,6 @@ class _Lowering:
         row_end = self._op("Where", [first, self._op("Min", [steps, last], "first_row_end"), later], "row_end")
         return positions, row_end
 
-    def _rotary(self, x: ir.Value, cos: ir.Value, sin: ir.Value, rotary_dim: int, head_size: int,
-                name: str) -> ir.Value:
-        """x [B, heads, S, H] rotated by cos/sin [B, 1, S, rotary_dim / 2] on its first rotary_dim dims."""
-        axis3 = self._ints(f"{name}_axis_3", [3])
-        rotated, rest = x, None
-        if rotary_dim < head_size:
-            rotated = self._op("Slice", [x, self._ints(f"{name}_start", [0]), self._ints(f"{name}_rot", [rotary_dim]),
-                                         axis3], f"{name}_rot")
-            rest = self._op("Slice", [x, self._ints(f"{name}_rot_end", [rotary_dim]),
-                                      self._ints(f"{name}_end", [head_size]), axis3], f"{name}_pass")
-        half = rotary_dim // 2
-        if self.attrs.interleaved:
-            pairs = self._op("Reshape", [rotated, self._ints(f"{name}_pairs_shape", [0, 0, 0, -1, 2])],
-                             f"{name}_pairs")
-            even, odd = self._ops("Split", [pairs, self._ints(f"{name}_pair_split", [1, 1])], f"{name}_even_odd", 2,
-                                  axis=-1)
-            last = self._ints(f"{name}_axis_last", [-1])
-            cos5 = self._op("Unsqueeze", [cos, last], f"{name}_cos_pairs")
-            sin5 = self._op("Unsqueeze", [sin, last], f"{name}_sin_pairs")
-            new_even = self._op("Sub", [self._op("Mul", [even, cos5], f"{name}_even_cos"),
-                                        self._op("Mul", [odd, sin5], f"{name}_odd_sin")], f"{name}_new_even")
-            new_odd = self._op("Add", [self._op("Mul", [odd, cos5], f"{name}_odd_cos"),
-                                       self._op("Mul", [even, sin5], f"{name}_even_sin")], f"{name}_new_odd")
-            joined = self._op("Concat", [new_even, new_odd], f"{name}_pairs_rotated", axis=-1)
-            out = self._op("Reshape", [joined, self._ints(f"{name}_unpair_shape", [0, 0, 0, -1])], f"{name}_rotated")
-        else:
-            first = self._op("Slice", [rotated, self._ints(f"{name}_h0", [0]), self._ints(f"{name}_h1", [half]),
-                                       axis3], f"{name}_first_half")
-            second = self._op("Slice", [rotated, self._ints(f"{name}_h2", [half]),
-                                        self._ints(f"{name}_h3", [rotary_dim]), axis3], f"{name}_second_half")
-            rotate_half = self._op("Concat", [self._op("Neg", [second], f"{name}_neg"), first], f"{name}_rotate_half",
-                                   axis=-1)
-            cos_full = self._op("Concat", [cos, cos], f"{name}_cos_full", axis=-1)
-            sin_full = self._op("Concat", [sin, sin], f"{name}_sin_full", axis=-1)
-            out = self._op("Add", [self._op("Mul", [rotated, cos_full], f"{name}_cos_part"),
-                                   self._op("Mul", [rotate_half, sin_full], f"{name}_sin_part")], f"{name}_rotated")
-        if rest is not None:
-            out = self._op("Concat", [out, rest], f"{name}_with_pass", axis=-1)
-        return out
-
     def _repeat_kv(self, present: ir.Value, name: str) -> ir.Value:
         """[B, Nkv, T, H] -> [B, Nkv * rep, T, H], each KV head rep times in a row (torch's repeat_kv: Unsqueeze,
         Expand, Reshape, the dims read off the value so that a tp slice of the heads repeats alike)."""
@@ -400,17 +425,123 @@ class _Lowering:
                                   self._const("mask_lowest", lowest)], "mask_bias")
         return self._op("Unsqueeze", [bias, self._ints("axis_1", [1])], "mask")
 
-    def _replace(self, new_outputs: list[ir.Value]) -> None:
-        """Insert the made nodes before the GroupQueryAttention node and give its outputs' readers (and graph
-        outputs, by name) the new values."""
-        node, graph = self.node, self.graph
-        graph.insert_before(node, self.made)
-        for old, new in zip(node.outputs, new_outputs[: len(node.outputs)], strict=True):  # presents are optional
-            if old.is_graph_output():
-                index = next(i for i, out in enumerate(graph.outputs) if out is old)
-                name, shape, type_ = old.name, old.shape, old.type
-                old.name = f"{name}__fused"
-                new.name, new.shape, new.type = name, shape, type_
-                graph.outputs[index] = new
-            old.replace_all_uses_with(new)
-        graph.remove(node, safe=True)
+
+# -- ONNX Attention and RotaryEmbedding (opset 23), as torch's dynamo exporter writes them ------------------
+
+_STANDARD = ("", "ai.onnx")
+
+
+def _standard_refusal(node: ir.Node, what: str) -> PlanError:
+    return PlanError(f"--cp cannot lower node {node.name} ({node.op_type}) into standard ops: {what}; use --cp 1")
+
+
+def lower_onnx_attention(model: ir.Model) -> int:
+    """Replace every top-level ONNX Attention and RotaryEmbedding (opset 23) by standard ops; returns how many.
+
+    Attention takes its queries as the last tokens too (its causal mask is built for them), and torch's
+    dynamo exporter at opset 23 writes the rotary as RotaryEmbedding, which no token-split rule keeps split.
+    Lowered: RotaryEmbedding on 4-D [B, N, S, H] input (cos/sin already gathered to [B, S, R/2], or gathered
+    here at position_ids), rotate-half or interleaved, a partial rotary_embedding_dim; Attention on 4-D q, k,
+    v with the same head count (the export repeats the KV heads itself), no past inputs (the export joins the
+    cache itself), is_causal 0, an optional bool or float mask, scale: Softmax(q @ k^T * scale + mask) @ v.
+    Anything else (3-D inputs, past inputs, is_causal, softcap, qk_matmul_output, softmax_precision) is
+    refused in one line naming node, value and fix."""
+    graph = model.graph
+    made = 0
+    for node in list(graph):
+        if node.domain not in _STANDARD:
+            continue
+        if node.op_type == "RotaryEmbedding":
+            _RotaryLowering(graph, node).run()
+            made += 1
+        elif node.op_type == "Attention":
+            _AttentionLowering(graph, node).run()
+            made += 1
+    return made
+
+
+def _rank_and_dtype(node: ir.Node, value: ir.Value) -> tuple[int, ir.DataType]:
+    if value.shape is None or value.dtype is None:
+        raise _standard_refusal(node, f"the shape or element type of its input {value.name!r} is not known")
+    return len(value.shape), value.dtype
+
+
+class _RotaryLowering(_Builder):
+    def run(self) -> None:
+        node = self.node
+        x, cos_cache, sin_cache = node.inputs[0], node.inputs[1], node.inputs[2]
+        positions = node.inputs[3] if len(node.inputs) > 3 else None
+        if x is None or cos_cache is None or sin_cache is None:
+            raise _standard_refusal(node, "its input, cos_cache or sin_cache is missing")
+        rank, self.dtype = _rank_and_dtype(node, x)
+        if rank != 4:
+            raise _standard_refusal(node, f"its input {x.name!r} has rank {rank}; only [batch, heads, tokens, "
+                                    "head_size] is lowered")
+        attribute = node.attributes.get("rotary_embedding_dim")
+        rotary_dim = attribute.as_int() if attribute is not None else 0
+        head = x.shape[3] if x.shape is not None else None
+        head_size = head if isinstance(head, int) else None
+        if rotary_dim == 0:
+            if head_size is None:
+                raise _standard_refusal(node, f"the head size of {x.name!r} is not known")
+            rotary_dim = head_size
+        interleaved = node.attributes.get("interleaved")
+        if positions is not None:
+            cos_cache = self._op("Gather", [cos_cache, positions], "cos")
+            sin_cache = self._op("Gather", [sin_cache, positions], "sin")
+        axis = self._ints("axis_1", [1])
+        cos = self._op("Unsqueeze", [cos_cache, axis], "cos_bnsh")
+        sin = self._op("Unsqueeze", [sin_cache, axis], "sin_bnsh")
+        out = self._rotary(x, cos, sin, rotary_dim, head_size, "x",
+                           interleaved is not None and interleaved.as_int() == 1)
+        # RotaryEmbedding keeps its input's shape (an Attention lowered after it reads it)
+        out.shape, out.type = (ir.Shape(x.shape) if x.shape is not None else None), x.type
+        self._replace([out])
+
+
+class _AttentionLowering(_Builder):
+    def run(self) -> None:
+        node = self.node
+        inputs = list(node.inputs) + [None] * (7 - len(node.inputs))
+        query, key, value, mask = inputs[:4]
+        if query is None or key is None or value is None:
+            raise _standard_refusal(node, "its q, k or v input is missing")
+        for index, name in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
+            if inputs[index] is not None:
+                raise _standard_refusal(node, f"its {name} input {inputs[index].name!r} is not supported")
+        for index, out in enumerate(node.outputs[1:], start=1):
+            if out.uses() or out.is_graph_output():
+                raise _standard_refusal(node, f"its output {index} {out.name!r} is used; only the attention output "
+                                        "is lowered")
+        for name, attr in node.attributes.items():
+            if name in ("scale", "q_num_heads", "kv_num_heads") or (name, attr.value) in (
+                ("is_causal", 0), ("softcap", 0.0), ("qk_matmul_output_mode", 0)
+            ):
+                continue
+            raise _standard_refusal(node, f"attribute {name}={attr.value!r} is not supported")
+        ranks = [_rank_and_dtype(node, v) for v in (query, key, value)]
+        self.dtype = ranks[0][1]
+        if any(rank != 4 for rank, _ in ranks):
+            raise _standard_refusal(node, "its q, k, v are not all 4-D [batch, heads, tokens, head_size]")
+        heads = [v.shape[1] if v.shape is not None else None for v in (query, key, value)]
+        if not all(isinstance(h, int) for h in heads) or len(set(heads)) != 1:
+            raise _standard_refusal(node, f"q, k, v head counts {heads} are not known and equal")
+        head = query.shape[3] if query.shape is not None else None
+        scale_attr = node.attributes.get("scale")
+        if scale_attr is not None:
+            scale = scale_attr.as_float()
+        elif isinstance(head, int):
+            scale = 1.0 / float(np.sqrt(head))
+        else:
+            raise _standard_refusal(node, "it has no scale and its head size is not known")
+        scores = self._op("MatMul", [query, self._op("Transpose", [key], "key_t", perm=[0, 1, 3, 2])], "scores")
+        scores = self._op("Mul", [scores, self._const("scale", np.array(scale, dtype=self._np_dtype()))], "scaled")
+        if mask is not None:
+            if mask.dtype == ir.DataType.BOOL:
+                np_dtype = self._np_dtype()
+                mask = self._op("Where", [mask, self._const("mask_zero", np.array(0, dtype=np_dtype)),
+                                          self._const("mask_lowest", np.array(np.finfo(np_dtype).min, np_dtype))],
+                                "mask_bias")
+            scores = self._op("Add", [scores, mask], "masked")
+        probs = self._op("Softmax", [scores], "softmax", axis=-1)
+        self._replace([self._op("MatMul", [probs, value], "output")])
