@@ -379,8 +379,8 @@ _LAST_TOKEN_ATTENTION = frozenset(
 def last_token_attention(graph: ir.Graph) -> ir.Node | None:
     """The first fused attention node that takes its queries as the last tokens of the sequence, or None:
     `partition --cp` refuses such a model (passes/context_parallel.py) once it has lowered the top-level
-    GroupQueryAttention and ONNX Attention nodes into standard ops (passes/lower_attention.py), and `plan`
-    offers no cp layout for it."""
+    GroupQueryAttention and ONNX Attention nodes into standard ops (lower_attention.py), and `plan`, which
+    estimates cp layouts on the lowered graph too (plan/layouts.py `_cp_analysis`), offers no cp layout."""
     import onnx_ir as ir
 
     for node in ir.traversal.RecursiveGraphIterator(graph):
@@ -390,20 +390,13 @@ def last_token_attention(graph: ir.Graph) -> ir.Node | None:
 
 
 def is_lowered_for_cp(node: ir.Node) -> bool:
-    """Whether `partition --cp` writes this fused attention node out in standard ops (passes/lower_attention.py):
+    """Whether `partition --cp` writes this fused attention node out in standard ops (lower_attention.py):
     com.microsoft GroupQueryAttention and ONNX Attention, at the top level of the graph."""
     return (node.domain, node.op_type) in (("com.microsoft", "GroupQueryAttention"), ("", "Attention"),
                                            ("ai.onnx", "Attention"))
 
 
 def last_token_attention_reason(node: ir.Node) -> str:
-    if is_lowered_for_cp(node):
-        # partition --cp lowers it into standard ops (passes/lower_attention.py); the estimate, which reads the
-        # original graph, does not model that yet. Only `plan` reaches this for a top-level one.
-        return (
-            f"cp layouts are not estimated for node {node.name} ({node.op_type}): partition --cp lowers it into "
-            "standard ops, which the plan estimate does not model yet"
-        )
     return (
         f"--cp cannot split the queries of node {node.name} ({node.op_type}): the fused attention op takes its "
         "queries as the last tokens of the sequence (causal mask, positions), so a chunk of them would attend as "

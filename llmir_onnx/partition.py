@@ -232,9 +232,9 @@ def plan_ranks(
     if options.cp > 1:
         # A fused attention op that takes its queries as the last tokens (onnxruntime-genai's
         # GroupQueryAttention, ONNX Attention) cannot take a cp chunk of them: written out in standard ops first,
-        # its attention is what the cp pass splits (passes/lower_attention.py). Only with cp: a plan without it
+        # its attention is what the cp pass splits (lower_attention.py). Only with cp: a plan without it
         # keeps the op.
-        from llmir_onnx.passes.lower_attention import lower_group_query_attention, lower_onnx_attention
+        from llmir_onnx.lower_attention import lower_group_query_attention, lower_onnx_attention
 
         lower_group_query_attention(template)
         lower_onnx_attention(template)

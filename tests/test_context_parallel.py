@@ -480,7 +480,7 @@ def test_sharded_cache_refuses_a_cache_read_outside_attention(tmp_path: Path) ->
     assert not (tmp_path / "plan").exists()
 
 
-# --- onnxruntime-genai exports: GroupQueryAttention lowered into standard ops (passes/lower_attention.py) ---
+# --- onnxruntime-genai exports: GroupQueryAttention lowered into standard ops (lower_attention.py) ---
 
 GENAI = "llama-gqa-genai"  # 8 heads, 4 KV heads of 16: tp 2 splits whole KV heads
 # (new tokens, past tokens, batch) as CASES; no several new tokens after a past at batch 2: onnxruntime's

@@ -348,16 +348,42 @@ def test_cp_layouts_by_hand_and_without_max_cp_none(tiny: tuple[object, Path]) -
     assert cp4.decode_step_s >= whole.decode_step_s  # the cache is replicated: every cp rank redoes the step
 
 
-def test_cp_layouts_only_for_models_whose_attention_the_estimate_models() -> None:
-    """GroupQueryAttention (onnxruntime-genai) takes its queries as the last tokens: partition --cp lowers it
-    into standard ops first, which the estimate (reading the original graph) does not model, so plan lists
-    its cp layouts as invalid, saying so."""
+@pytest.mark.parametrize(("tp", "cp"), [(1, 2), (2, 2)])
+def test_cp_layout_estimate_of_a_genai_export_matches_its_cp_rank_models(tp: int, cp: int) -> None:
+    """GroupQueryAttention (onnxruntime-genai): partition --cp lowers it into standard ops, and plan estimates
+    its cp layouts on the lowered graph alike (`_cp_analysis`): the KV cache and the collective buffers as
+    the real cp rank models' exactly, activations and times close, as for a torch export."""
+    from llmir_onnx.partition import PartitionOptions, partition
+
+    path = Path(__file__).resolve().parents[1] / "models" / "llama-gqa-genai" / "model.onnx"
+    device = load_profile("cpu-here")
+    ranks = partition(load_model(path), PartitionOptions(tp=tp, cp=cp, max_seq=64)).ranks
+    layouts = enumerate_layouts(load_model(path), tp * cp, GiB, device, max_batch=2, max_seq=64, max_cp=cp)
+    layout = next(lay for lay in layouts if (lay.tp, lay.cp, lay.pp) == (tp, cp, 1))
+    assert layout.valid, layout.reason
+    predicted = layout.ranks[0]
+    actual = plan_memory(ranks[0].model, 2, 64)
+    assert actual.kv_cache_bytes == predicted.kv_cache_bytes
+    assert actual.communication_bytes == predicted.communication_bytes
+    assert abs(actual.activation_peak_bytes - predicted.activation_peak_bytes) <= 0.1 * actual.activation_peak_bytes
+    timing = estimate_phases(ranks[0].model, device, 2, 64)
+    assert layout.prefill_s == pytest.approx(timing.prefill.total_s, rel=0.15)
+    assert layout.decode_step_s == pytest.approx(timing.decode.total_s, rel=0.15)
+
+
+def test_cp_layouts_of_a_model_the_lowering_refuses_are_invalid_with_its_reason() -> None:
+    """A GroupQueryAttention attribute the lowering does not take (softcap): plan's cp layouts are invalid with
+    the line partition --cp prints."""
+    import onnx_ir as ir
+
     model = load_model(Path(__file__).resolve().parents[1] / "models" / "llama-gqa-genai" / "model.onnx")
+    node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    node.attributes["softcap"] = ir.AttrFloat32("softcap", 50.0)
     layouts = enumerate_layouts(model, 2, GiB, load_profile("h100-sxm"), 1, 64, max_cp=2)
     (cp2,) = [lay for lay in layouts if lay.cp == 2]
     assert not cp2.valid and cp2.reason == (
-        "cp layouts are not estimated for node /model/layers.0/attn/GroupQueryAttention (GroupQueryAttention): "
-        "partition --cp lowers it into standard ops, which the plan estimate does not model yet"
+        "--cp cannot lower node /model/layers.0/attn/GroupQueryAttention (GroupQueryAttention) into standard ops: "
+        "attribute softcap=50.0 is not supported (only its default 0.0); use --cp 1"
     )
 
 

@@ -1,4 +1,4 @@
-"""GroupQueryAttention lowered into standard ops (passes/lower_attention.py, what --cp runs on genai exports)
+"""GroupQueryAttention lowered into standard ops (lower_attention.py, what --cp runs on genai exports)
 against onnxruntime's own kernel: one-node models covering packed and separate q/k/v, rotate-half and
 interleaved rotary, a partial rotary, a scale, a right-padded first prompt, and the run-time refusal of a
 padded batch after it; plus the refusal of an attribute the lowering does not take."""
@@ -13,7 +13,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from llmir_onnx.errors import PlanError
-from llmir_onnx.passes.lower_attention import lower_group_query_attention
+from llmir_onnx.lower_attention import lower_group_query_attention
 
 MAX_POSITIONS = 32
 
@@ -160,7 +160,7 @@ def _onnx_attention_model(mask_type: int, interleaved: int, **attributes: float 
 
 @pytest.mark.parametrize(("mask_type", "interleaved"), [(TensorProto.BOOL, 0), (TensorProto.FLOAT, 1)])
 def test_lowered_onnx_attention_and_rotary_equal_onnxruntime(mask_type: int, interleaved: int) -> None:
-    from llmir_onnx.passes.lower_attention import lower_onnx_attention
+    from llmir_onnx.lower_attention import lower_onnx_attention
 
     model = _onnx_attention_model(mask_type, interleaved, scale=0.3)
     ir_model = ir.serde.deserialize_model(model)
@@ -177,7 +177,7 @@ def test_lowered_onnx_attention_and_rotary_equal_onnxruntime(mask_type: int, int
 
 
 def test_unsupported_onnx_attention_is_refused() -> None:
-    from llmir_onnx.passes.lower_attention import lower_onnx_attention
+    from llmir_onnx.lower_attention import lower_onnx_attention
 
     model = ir.serde.deserialize_model(_onnx_attention_model(TensorProto.BOOL, 0, is_causal=1))
     with pytest.raises(PlanError) as error:

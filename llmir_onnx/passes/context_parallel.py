@@ -40,7 +40,7 @@ the queries are gathered where they meet the local keys) and rewrites them after
 Which attention it takes. Attention written in standard ops (torch and optimum exports: MatMul, Softmax,
 MatMul, whatever the mask and rotary), com.microsoft GroupQueryAttention (onnxruntime-genai exports) and
 ONNX Attention with RotaryEmbedding (torch dynamo at opset 23), which partition.py lowers into such standard
-ops before the passes run, only when cp > 1 (passes/lower_attention.py; GroupQueryAttention: rotary at the
+ops before the passes run, only when cp > 1 (lower_attention.py; GroupQueryAttention: rotary at the
 positions the op derives from seqlens_k, the KV heads repeated, causal mask, Concat with the past): a fused
 op takes its queries as the last tokens of the sequence (its mask and positions are not read off the
 queries), so a chunk of them cannot be fed to it, while its lowered form is the same attention this pass

@@ -102,19 +102,23 @@ def _keep_tokens_through_head_norm(graph: ir.Graph, value: ir.Value) -> None:
     back = value.producer()
     if back is None or back.op_type != "Reshape" or back.domain not in ("", "ai.onnx"):
         return
-    norm = back.inputs[0].producer() if back.inputs[0] is not None else None
-    if norm is None or norm.op_type not in _NORMS or len(back.inputs[0].uses()) != 1:
+    normed = back.inputs[0]
+    norm = normed.producer() if normed is not None else None
+    if normed is None or norm is None or norm.op_type not in _NORMS or len(normed.uses()) != 1:
         return
     axis = norm.attributes.get("axis")
     if axis is not None and axis.as_int() != -1:
         return
-    split = norm.inputs[0].producer() if norm.inputs[0] is not None else None
-    if split is None or split.op_type != "Reshape" or split.domain not in ("", "ai.onnx") or len(split.inputs) < 2:
+    heads_flat = norm.inputs[0]
+    split = heads_flat.producer() if heads_flat is not None else None
+    if heads_flat is None or split is None or split.op_type != "Reshape" or split.domain not in ("", "ai.onnx"):
+        return
+    if len(split.inputs) < 2 or len(heads_flat.uses()) != 1:
         return
     source, target = split.inputs[0], split.inputs[1]
     split_target = ir.convenience.get_const_tensor(target) if target is not None else None
     back_target = ir.convenience.get_const_tensor(back.inputs[1]) if back.inputs[1] is not None else None
-    if split_target is None or back_target is None or source is None or len(norm.inputs[0].uses()) != 1:
+    if split_target is None or back_target is None or source is None:
         return
     first, second = split_target.numpy().tolist(), back_target.numpy().tolist()
     if len(first) != 3 or first[:2] != [0, -1] or len(second) != 3 or second[:2] != [0, -1]:
@@ -265,6 +269,8 @@ class _Builder:
         """Insert the made nodes before the fused node and give its outputs' readers (and graph outputs, by
         name) the new values."""
         node, graph = self.node, self.graph
+        for made in self.made:
+            made.metadata_props.update(node.metadata_props)  # its scope: the layer, where the name does not say
         graph.insert_before(node, self.made)
         for old, new in zip(node.outputs, new_outputs[: len(node.outputs)], strict=True):  # presents are optional
             if old.is_graph_output():
@@ -507,8 +513,9 @@ class _AttentionLowering(_Builder):
         if query is None or key is None or value is None:
             raise _standard_refusal(node, "its q, k or v input is missing")
         for index, name in ((4, "past_key"), (5, "past_value"), (6, "nonpad_kv_seqlen")):
-            if inputs[index] is not None:
-                raise _standard_refusal(node, f"its {name} input {inputs[index].name!r} is not supported")
+            given = inputs[index]
+            if given is not None:
+                raise _standard_refusal(node, f"its {name} input {given.name!r} is not supported")
         for index, out in enumerate(node.outputs[1:], start=1):
             if out.uses() or out.is_graph_output():
                 raise _standard_refusal(node, f"its output {index} {out.name!r} is used; only the attention output "
