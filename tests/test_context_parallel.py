@@ -528,6 +528,16 @@ def test_genai_gqa_cp_plan_matches_the_original(genai_cp2_tp2_plan: Path) -> Non
     _assert_genai_cases_match(genai_cp2_tp2_plan)
 
 
+def test_genai_gqa_cp_tp_pp_plan_matches_the_original(tmp_path: Path) -> None:
+    """cp 2 x tp 2 x pp 2: the genai skip norm opens each layer with the previous one's down_proj output, so
+    a stage receives a tp AllReduce of a token chunk, whose chunk shape must be declared for its Recv."""
+    from llmir_onnx.api import partition_to_dir
+
+    plan = tmp_path / "plan"
+    partition_to_dir(MODELS / GENAI / "model.onnx", plan, tp=2, cp=2, pp=2)
+    _assert_genai_cases_match(plan)
+
+
 def test_genai_qwen3_head_norms_keep_the_token_split(tmp_path: Path) -> None:
     """Qwen3 by the genai builder normalizes q and k per head on [batch, tokens * heads, head_dim] (tokens and
     heads in one axis); the lowering moves that norm to [batch, tokens, heads, head_dim], so at cp 2 the q/k
