@@ -447,10 +447,11 @@ def lower_onnx_attention(model: ir.Model) -> int:
     Attention takes its queries as the last tokens too (its causal mask is built for them), and torch's
     dynamo exporter at opset 23 writes the rotary as RotaryEmbedding, which no token-split rule keeps split.
     Lowered: RotaryEmbedding on 4-D [B, N, S, H] input (cos/sin already gathered to [B, S, R/2], or gathered
-    here at position_ids), rotate-half or interleaved, a partial rotary_embedding_dim; Attention on 4-D q, k,
+    here at position_ids), rotate-half or interleaved, a partial rotary_embedding_dim (another is left as it
+    is: no last-token op, the cp pass gathers its input as before); Attention on 4-D q, k,
     v with the same head count (the export repeats the KV heads itself), no past inputs (the export joins the
     cache itself), is_causal 0, an optional bool or float mask, scale: Softmax(q @ k^T * scale + mask) @ v.
-    Anything else (3-D inputs, past inputs, is_causal, softcap, qk_matmul_output, softmax_precision) is
+    Any other Attention (3-D inputs, past inputs, is_causal, softcap, qk_matmul_output, softmax_precision) is
     refused in one line naming node, value and fix."""
     graph = model.graph
     made = 0
@@ -458,8 +459,7 @@ def lower_onnx_attention(model: ir.Model) -> int:
         if node.domain not in _STANDARD:
             continue
         if node.op_type == "RotaryEmbedding":
-            _RotaryLowering(graph, node).run()
-            made += 1
+            made += _RotaryLowering(graph, node).run()
         elif node.op_type == "Attention":
             _AttentionLowering(graph, node).run()
             made += 1
@@ -473,23 +473,24 @@ def _rank_and_dtype(node: ir.Node, value: ir.Value) -> tuple[int, ir.DataType]:
 
 
 class _RotaryLowering(_Builder):
-    def run(self) -> None:
+    def run(self) -> bool:
+        """Lowered, or False where it is left as it is: a RotaryEmbedding is no last-token op, the cp pass takes
+        it as before (its input gathered, correct, no split) where this does not know its layout."""
         node = self.node
         x, cos_cache, sin_cache = node.inputs[0], node.inputs[1], node.inputs[2]
         positions = node.inputs[3] if len(node.inputs) > 3 else None
-        if x is None or cos_cache is None or sin_cache is None:
-            raise _standard_refusal(node, "its input, cos_cache or sin_cache is missing")
-        rank, self.dtype = _rank_and_dtype(node, x)
-        if rank != 4:
-            raise _standard_refusal(node, f"its input {x.name!r} has rank {rank}; only [batch, heads, tokens, "
-                                    "head_size] is lowered")
+        if x is None or cos_cache is None or sin_cache is None or x.shape is None or x.dtype is None:
+            return False
+        if len(x.shape) != 4:
+            return False  # 3-D [batch, tokens, hidden]: its heads would need num_heads
+        self.dtype = x.dtype
         attribute = node.attributes.get("rotary_embedding_dim")
         rotary_dim = attribute.as_int() if attribute is not None else 0
-        head = x.shape[3] if x.shape is not None else None
+        head = x.shape[3]
         head_size = head if isinstance(head, int) else None
         if rotary_dim == 0:
             if head_size is None:
-                raise _standard_refusal(node, f"the head size of {x.name!r} is not known")
+                return False
             rotary_dim = head_size
         interleaved = node.attributes.get("interleaved")
         if positions is not None:
@@ -501,8 +502,9 @@ class _RotaryLowering(_Builder):
         out = self._rotary(x, cos, sin, rotary_dim, head_size, "x",
                            interleaved is not None and interleaved.as_int() == 1)
         # RotaryEmbedding keeps its input's shape (an Attention lowered after it reads it)
-        out.shape, out.type = (ir.Shape(x.shape) if x.shape is not None else None), x.type
+        out.shape, out.type = ir.Shape(x.shape), x.type
         self._replace([out])
+        return True
 
 
 class _AttentionLowering(_Builder):
