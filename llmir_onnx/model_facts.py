@@ -391,13 +391,22 @@ _LAST_TOKEN_ATTENTION = frozenset(
 
 def last_token_attention(graph: ir.Graph) -> ir.Node | None:
     """The first fused attention node that takes its queries as the last tokens of the sequence, or None:
-    `partition --cp` refuses such a model (passes/context_parallel.py), and `plan` offers no cp layout for it."""
+    `partition --cp` refuses such a model (passes/context_parallel.py) once it has lowered the top-level
+    GroupQueryAttention and ONNX Attention nodes into standard ops (lower_attention.py), and `plan`, which
+    estimates cp layouts on the lowered graph too (plan/layouts.py `_cp_analysis`), offers no cp layout."""
     import onnx_ir as ir
 
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if (node.domain, node.op_type) in _LAST_TOKEN_ATTENTION:
             return node
     return None
+
+
+def is_lowered_for_cp(node: ir.Node) -> bool:
+    """Whether `partition --cp` writes this fused attention node out in standard ops (lower_attention.py):
+    com.microsoft GroupQueryAttention and ONNX Attention, at the top level of the graph."""
+    return (node.domain, node.op_type) in (("com.microsoft", "GroupQueryAttention"), ("", "Attention"),
+                                           ("ai.onnx", "Attention"))
 
 
 def last_token_attention_reason(node: ir.Node) -> str:

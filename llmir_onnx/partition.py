@@ -229,6 +229,15 @@ def plan_ranks(
         tp_weights=options.tp_weights,
     )
     template = model if consume_model else model.clone()
+    if options.cp > 1:
+        # A fused attention op that takes its queries as the last tokens (onnxruntime-genai's
+        # GroupQueryAttention, ONNX Attention) cannot take a cp chunk of them: written out in standard ops first,
+        # its attention is what the cp pass splits (lower_attention.py). Only with cp: a plan without it
+        # keeps the op.
+        from llmir_onnx.lower_attention import lower_group_query_attention, lower_onnx_attention
+
+        lower_group_query_attention(template)
+        lower_onnx_attention(template)
     state = _run_pass(AnnotatePass(state), template).state
     state = _run_pass(PropagatePass(state), template).state
     if options.sequence_parallel:

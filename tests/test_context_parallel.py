@@ -11,6 +11,7 @@ legacy (TorchScript) and a torch dynamo export.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,7 @@ LAYOUTS = [
     ("llama-gqa-torch-dynamo", 1, 4, 1),
     ("llama-gqa-torch-dynamo", 2, 2, 1),
     ("llama-gqa-torch-dynamo", 1, 2, 2),
+    ("llama-gqa-torch-dynamo-opset23", 2, 2, 1),  # ONNX Attention and RotaryEmbedding, lowered (lower_attention.py)
     ("qwen3-optimum", 1, 2, 1),
     ("gpt2-torch-dynamo", 1, 2, 1),
 ]
@@ -158,21 +160,6 @@ def _generate_check(plan: Path) -> None:
     assert "equal the original model's greedy tokens" in result.stderr
 
 
-def test_fused_last_token_attention_is_refused(tmp_path: Path) -> None:
-    """GroupQueryAttention (onnxruntime-genai) takes its queries as the last tokens: one line naming the node."""
-    result = subprocess.run(
-        [*CLI, "partition", str(MODELS / "llama-gqa-genai" / "model.onnx"), "-o", str(tmp_path / "plan"), "--cp",
-         "2"],
-        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
-    )
-    assert result.returncode != 0
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr
-    assert "GroupQueryAttention" in lines[0] and "/model/layers.0/attn/GroupQueryAttention" in lines[0]
-    assert "partition without --cp" in lines[0]
-    assert not (tmp_path / "plan").exists()
-
-
 def test_cp_with_sp_is_refused(tmp_path: Path) -> None:
     with pytest.raises(LlmirError, match="--cp 2 with --sp is not supported"):
         from llmir_onnx.api import partition_to_dir
@@ -259,6 +246,7 @@ SHARDED_LAYOUTS = [
     ("llama-gqa-torch-legacy", 1, 2, 2),
     ("llama-gqa-torch-dynamo", 1, 2, 1),
     ("llama-gqa-torch-dynamo", 2, 2, 2),
+    ("llama-gqa-torch-dynamo-opset23", 1, 2, 1),
     ("qwen3-optimum", 1, 2, 1),
     ("qwen3-optimum", 1, 4, 1),
 ]
@@ -490,4 +478,131 @@ def test_sharded_cache_refuses_a_cache_read_outside_attention(tmp_path: Path) ->
     assert len(lines) == 1, result.stderr
     assert "--cp-kv-cache sharded: node /model/model/layers.0/self_attn/Slice_4 (Slice)" in lines[0]
     assert lines[0].endswith("partition with --cp-kv-cache replicated")
+    assert not (tmp_path / "plan").exists()
+
+
+# --- onnxruntime-genai exports: GroupQueryAttention lowered into standard ops (lower_attention.py) ---
+
+GENAI = "llama-gqa-genai"  # 8 heads, 4 KV heads of 16: tp 2 splits whole KV heads
+# (new tokens, past tokens, batch) as CASES; no several new tokens after a past at batch 2: onnxruntime's
+# GroupQueryAttention refuses that batch (the original model cannot give the reference).
+GENAI_CASES = [(4, 0, 1), (5, 0, 1), (1, 3, 1), (1, 4, 2), (3, 2, 1), (6, 0, 2)]
+
+
+@pytest.fixture(scope="module")
+def genai_cp2_tp2_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """`llmir-onnx partition` of the genai export at cp 2 x tp 2, shared by the tests that read it."""
+    plan = tmp_path_factory.mktemp("genai") / "plan"
+    result = subprocess.run(
+        [*CLI, "partition", str(MODELS / GENAI / "model.onnx"), "-o", str(plan), "--cp", "2", "--tp", "2"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr
+    return plan
+
+
+def _assert_genai_cases_match(plan: Path, name: str = GENAI) -> None:
+    from llmir_onnx.runtime.verify import verify_plan_cases
+
+    model_path = MODELS / name / "model.onnx"
+    feeds = [model_past_feeds(model_path, FeedSizes(batch=b, new_tokens=n, past_tokens=p)) for n, p, b in GENAI_CASES]
+    for (new, past, batch), (_, rows) in zip(GENAI_CASES, verify_plan_cases(plan, feeds, model_path=model_path,
+                                                                             timeout_s=TIMEOUT_S), strict=True):
+        names = {row.name for row in rows}
+        assert "logits" in names and any(n.startswith("present") for n in names), names
+        bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+        assert not bad, f"batch {batch}, {new} new after {past}: " + "; ".join(bad)
+
+
+def test_genai_gqa_cp_plan_matches_the_original(genai_cp2_tp2_plan: Path) -> None:
+    """The genai export at cp 2 x tp 2: no GroupQueryAttention left, the attention split on the queries (the
+    only cp gathers are each layer's new keys and values and the logits), and logits and presents equal the
+    original's for prompts cp divides and not, decode steps after a cache, batch 1 and 2."""
+    manifest = json.loads((genai_cp2_tp2_plan / "manifest.json").read_text())
+    assert manifest["mesh"]["cp"] == 2 and manifest["mesh"]["world_size"] == 4
+    for rank in range(4):
+        model = _rank_model(genai_cp2_tp2_plan, rank)
+        assert not [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+        gathered = [name for name, _ in _cp_gathers(model)]
+        assert len(gathered) == 2 * 2 + 1, gathered
+        assert all(("k_rotated" in name or "v_bnsh" in name) for name in gathered[:-1]), gathered
+    _assert_genai_cases_match(genai_cp2_tp2_plan)
+
+
+def test_genai_gqa_cp_tp_pp_plan_matches_the_original(tmp_path: Path) -> None:
+    """cp 2 x tp 2 x pp 2: the genai skip norm opens each layer with the previous one's down_proj output, so
+    a stage receives a tp AllReduce of a token chunk, whose chunk shape must be declared for its Recv."""
+    from llmir_onnx.api import partition_to_dir
+
+    plan = tmp_path / "plan"
+    partition_to_dir(MODELS / GENAI / "model.onnx", plan, tp=2, cp=2, pp=2)
+    _assert_genai_cases_match(plan)
+
+
+def test_genai_qwen3_head_norms_keep_the_token_split(tmp_path: Path) -> None:
+    """Qwen3 by the genai builder normalizes q and k per head on [batch, tokens * heads, head_dim] (tokens and
+    heads in one axis); the lowering moves that norm to [batch, tokens, heads, head_dim], so at cp 2 the q/k
+    path stays split (the only cp gathers: each layer's new keys and values, the logits) and equals the
+    original."""
+    from llmir_onnx.api import partition_to_dir
+
+    plan = tmp_path / "plan"
+    partition_to_dir(MODELS / "qwen3-genai" / "model.onnx", plan, tp=1, cp=2)
+    for rank in range(2):
+        gathered = [name for name, _ in _cp_gathers(_rank_model(plan, rank))]
+        assert len(gathered) == 2 * 2 + 1 and all(("k_rotated" in n or "v_bnsh" in n) for n in gathered[:-1]), gathered
+    _assert_genai_cases_match(plan, "qwen3-genai")
+
+
+def test_genai_gqa_cp_plan_generates_the_original_greedy_tokens(genai_cp2_tp2_plan: Path) -> None:
+    """A 7-token prompt prefilled on the cp 2 x tp 2 ranks, then decoded: the original's greedy tokens."""
+    _generate_check(genai_cp2_tp2_plan)
+
+
+def test_genai_gqa_sequence_sharded_cache_prefill_and_decode_match_the_original(tmp_path: Path) -> None:
+    """--cp-kv-cache sharded on the lowered attention (cp 2, tp 1): a prefill then decode steps, each on the
+    cache each rank holds, equal the original at every step (the chains of the sharded-cache tests)."""
+    from llmir_onnx.runtime.verify import verify_plan_cases
+
+    plan = tmp_path / "plan"
+    manifest = _partition_sharded(GENAI, plan, 1, 2, 1)
+    assert manifest["mesh"]["kv_cache"] == "sharded over cp (sequence)"
+    for rank in range(2):
+        # the lowered Softmax is combined over the cache's shards: one max and two sums per layer
+        reductions = [next(a.s.decode() for a in n.attribute if a.name == "reduction")
+                      for n in _rank_model(plan, rank).graph.node
+                      if n.op_type == "AllReduce" and n.name.startswith("llmir/cp/")]
+        assert reductions.count("max") == 2 and reductions.count("sum") == 4, reductions
+    model_path = MODELS / GENAI / "model.onnx"
+    cases = _chained_cases(model_path)
+    results = verify_plan_cases(plan, [feeds for *_, feeds in cases], model_path=model_path, timeout_s=TIMEOUT_S,
+                                chained=True)
+    for (prompt, batch, step, _), (outputs, rows) in zip(cases, results, strict=True):
+        present = next(array for n, array in outputs.items() if n.startswith("present"))
+        assert present.shape[2] == prompt + step
+        bad = [f"{row.name}: max abs {row.max_abs_error:.3g}" for row in rows if not row.ok]
+        assert not bad, f"batch {batch}, prompt {prompt}, step {step}: " + "; ".join(bad)
+
+
+def test_genai_gqa_unsupported_attribute_is_refused(tmp_path: Path) -> None:
+    """A GroupQueryAttention attribute the lowering does not take (softcap): one line naming the node, the
+    attribute's value and the fix; no plan written."""
+    proto = onnx.load(str(MODELS / GENAI / "model.onnx"), load_external_data=False)
+    node = next(n for n in proto.graph.node if n.op_type == "GroupQueryAttention")
+    next(a for a in node.attribute if a.name == "softcap").f = 50.0
+    source = tmp_path / "model"
+    source.mkdir()
+    onnx.save(proto, str(source / "model.onnx"))
+    shutil.copy(MODELS / GENAI / "model.onnx.data", source / "model.onnx.data")  # a link would be refused
+    result = subprocess.run(
+        [*CLI, "partition", str(source / "model.onnx"), "-o", str(tmp_path / "plan"), "--cp", "2"],
+        capture_output=True, text=True, timeout=TIMEOUT_S, cwd=ROOT,
+    )
+    assert result.returncode != 0
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert lines[0].endswith(
+        "--cp cannot lower node /model/layers.0/attn/GroupQueryAttention (GroupQueryAttention) into standard ops: "
+        "attribute softcap=50.0 is not supported (only its default 0.0); use --cp 1"
+    ), lines[0]
     assert not (tmp_path / "plan").exists()

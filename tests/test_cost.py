@@ -410,15 +410,45 @@ def test_sharded_cache_layouts_by_hand(tiny: tuple[object, Path]) -> None:
     assert "kv over cp" not in format_layout_table([lay for lay in layouts if lay.cp == 1])
 
 
-def test_cp_layouts_only_for_models_partition_cp_takes() -> None:
-    """GroupQueryAttention (onnxruntime-genai) takes its queries as the last tokens: partition --cp refuses
-    it, so plan lists its cp layouts as invalid, with the pass's own reason."""
+@pytest.mark.parametrize(("tp", "cp"), [(1, 2), (2, 2)])
+def test_cp_layout_estimate_of_a_genai_export_matches_its_cp_rank_models(tp: int, cp: int) -> None:
+    """GroupQueryAttention (onnxruntime-genai): partition --cp lowers it into standard ops, and plan estimates
+    its cp layouts on the lowered graph alike (`_cp_analysis`): the KV cache and the collective buffers as
+    the real cp rank models' exactly, activations and times close, as for a torch export."""
+    from llmir_onnx.partition import PartitionOptions, partition
+
+    path = Path(__file__).resolve().parents[1] / "models" / "llama-gqa-genai" / "model.onnx"
+    device = load_profile("cpu-here")
+    ranks = partition(load_model(path), PartitionOptions(tp=tp, cp=cp, max_seq=64)).ranks
+    layouts = enumerate_layouts(load_model(path), tp * cp, GiB, device, max_batch=2, max_seq=64, max_cp=cp)
+    layout = next(lay for lay in layouts if (lay.tp, lay.cp, lay.pp) == (tp, cp, 1))
+    assert layout.valid, layout.reason
+    predicted = layout.ranks[0]
+    actual = plan_memory(ranks[0].model, 2, 64)
+    assert actual.kv_cache_bytes == predicted.kv_cache_bytes
+    assert actual.communication_bytes == predicted.communication_bytes
+    assert abs(actual.activation_peak_bytes - predicted.activation_peak_bytes) <= 0.1 * actual.activation_peak_bytes
+    timing = estimate_phases(ranks[0].model, device, 2, 64)
+    assert layout.prefill_s == pytest.approx(timing.prefill.total_s, rel=0.15)
+    assert layout.decode_step_s == pytest.approx(timing.decode.total_s, rel=0.15)
+
+
+def test_cp_layouts_of_a_model_the_lowering_refuses_are_invalid_with_its_reason() -> None:
+    """A GroupQueryAttention attribute the lowering does not take (softcap): plan's cp layouts are invalid with
+    the line partition --cp prints."""
+    import onnx_ir as ir
+
     model = load_model(Path(__file__).resolve().parents[1] / "models" / "llama-gqa-genai" / "model.onnx")
+    node = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    node.attributes["softcap"] = ir.AttrFloat32("softcap", 50.0)
     layouts = enumerate_layouts(model, 2, GiB, load_profile("h100-sxm"), 1, 64, max_cp=2)
     cp2s = [lay for lay in layouts if lay.cp == 2]
     assert {lay.cp_kv_cache for lay in cp2s} == {"replicated", "sharded"}
     for cp2 in cp2s:
-        assert not cp2.valid and "GroupQueryAttention" in cp2.reason and "--cp cannot split the queries" in cp2.reason
+        assert not cp2.valid and cp2.reason == (
+            "--cp cannot lower node /model/layers.0/attn/GroupQueryAttention (GroupQueryAttention) into standard "
+            "ops: attribute softcap=50.0 is not supported (only its default 0.0); use --cp 1"
+        )
 
 
 def test_recommend_prefers_cp_when_only_its_prefill_activations_fit(tmp_path: Path) -> None:

@@ -37,10 +37,20 @@ nothing from cp. `kv_cache="sharded"` (the CLI's --cp-kv-cache sharded) shards i
 context_parallel_cache.py finds the nodes that read the cache first (they stay out of the token regions:
 the queries are gathered where they meet the local keys) and rewrites them after the token split.
 
+Which attention it takes. Attention written in standard ops (torch and optimum exports: MatMul, Softmax,
+MatMul, whatever the mask and rotary), com.microsoft GroupQueryAttention (onnxruntime-genai exports) and
+ONNX Attention with RotaryEmbedding (torch dynamo at opset 23), which partition.py lowers into such standard
+ops before the passes run, only when cp > 1 (lower_attention.py; GroupQueryAttention: rotary at the
+positions the op derives from seqlens_k, the KV heads repeated, causal mask, Concat with the past): a fused
+op takes its queries as the last tokens of the sequence (its mask and positions are not read off the
+queries), so a chunk of them cannot be fed to it, while its lowered form is the same attention this pass
+splits for torch exports, --cp-kv-cache sharded included.
+
 What it does not do yet. Projections on [batch*tokens, hidden] (GPT-2's Gemm exports) have no token axis:
-their q, k, v and attention run whole on every cp rank (correct, no gain).
-Fused attention ops that take their queries as the last tokens of the sequence (GroupQueryAttention, ONNX
-Attention) cannot take a chunk: refused.
+their q, k, v and attention run whole on every cp rank (correct, no gain); nor do MatMulNBits projections
+(genai int4) join the token split (the norms run on the chunk, are gathered before each projection).
+Other fused attention ops that take their queries as the last tokens of the sequence (com.microsoft
+Attention and MultiHeadAttention, a lowered op inside a subgraph) cannot take a chunk: refused.
 
 Ranks. The cp rank is baked into each rank model: the local cuts' offsets read one initializer holding
 the cp rank (0 here, `ShardingState.cp_rank_constants` gives its value on each cp rank), and the AllGather
@@ -60,7 +70,7 @@ from llmir_onnx import ops
 from llmir_onnx.errors import PlanError
 from llmir_onnx.ir_io import MAX_IR_VERSION
 from llmir_onnx.mesh import MeshAxis
-from llmir_onnx.model_facts import last_token_attention, last_token_attention_reason
+from llmir_onnx.model_facts import is_lowered_for_cp, last_token_attention, last_token_attention_reason
 from llmir_onnx.passes.context_parallel_cache import SequenceShardedCache
 from llmir_onnx.passes.sequence_parallel import PER_TOKEN_RULE_MODULES, SequenceParallelPass
 from llmir_onnx.passes.state import (
@@ -306,6 +316,10 @@ def _is_weight(value: ir.Value) -> bool:
 
 def _refuse_last_token_attention(graph: ir.Graph) -> None:
     node = last_token_attention(graph)
+    if node is not None and is_lowered_for_cp(node):
+        # the top-level ones were lowered into standard ops (partition.py): this one is in a subgraph
+        raise PlanError(f"--cp cannot lower node {node.name} ({node.op_type}) inside a subgraph into standard "
+                        "ops; use --cp 1")
     if node is not None:
         raise PlanError(f"{last_token_attention_reason(node)}; partition without --cp")
 

@@ -528,6 +528,15 @@ def _declare_chunk_shapes(model: ir.Model, state: ShardingState, shards: dict[st
             dims: list[int | ir.SymbolicDim] = [d if isinstance(d, int) else ir.SymbolicDim(str(d)) for d in shape]
             dims[placement.dim] = ir.SymbolicDim(f"({token} + {parts - 1}) // {parts}")
             value.shape = ir.Shape(dims)
+    # A tp AllReduce of a chunk (a row-parallel projection's partial sums, cp x tp) holds the same chunk: a
+    # pipeline stage that receives it (genai's skip norm opens the next layer) must be able to declare it.
+    for node in model.graph:
+        if node.domain != ops.LLMIR_DOMAIN or node.op_type != "AllReduce" or not node.inputs or node.inputs[0] is None:
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        if out.shape is None and source.shape is not None and source.name in shards:
+            out.shape = ir.Shape(list(source.shape))
+            out.type = out.type or source.type
 
 
 _NOT_FLOAT_OPS = frozenset(

@@ -73,6 +73,7 @@ from llmir_onnx.ir_io import io_dtype, io_name, io_shape
 from llmir_onnx.mesh import DeviceMesh, MeshCoords, cache_block, grouped_shares
 from llmir_onnx.model_facts import (
     is_kv_output_name,
+    is_lowered_for_cp,
     kv_cache_inputs,
     last_token_attention,
     last_token_attention_reason,
@@ -1106,6 +1107,7 @@ def enumerate_layouts(
     analysis = _Analysis(model, max_batch, max_seq, overrides, vocab_parallel)
     if max_cp < 1:
         raise PlanError(f"--max-cp {max_cp}: must be at least 1")
+    cp_analysis = _cp_analysis(model, analysis, max_batch, max_seq, overrides, vocab_parallel) if max_cp > 1 else None
     counts = range(1, devices + 1) if include_fewer else [devices]
     layouts = []
     for used in counts:
@@ -1125,9 +1127,34 @@ def enumerate_layouts(
             for tp in range(1, used // cp + 1):
                 if (used // cp) % tp == 0:
                     for cache in CP_KV_CACHES:
-                        layouts.append(_layout(analysis, tp, used // cp // tp, cluster.first(used), max_batch,
-                                               max_seq, allow_kv_replication, cp=cp, cp_kv_cache=cache))  # fmt: skip
+                        layouts.append(_layout(cp_analysis or analysis, tp, used // cp // tp, cluster.first(used),
+                                               max_batch, max_seq, allow_kv_replication, cp=cp,
+                                               cp_kv_cache=cache))  # fmt: skip
     return rank_layouts(layouts)
+
+
+def _cp_analysis(
+    model: ir.Model, analysis: _Analysis, max_batch: int, max_seq: int, overrides: Mapping[str, int] | None,
+    vocab_parallel: bool,
+) -> _Analysis | None:
+    """The analysis cp layouts are estimated on: `partition --cp` lowers GroupQueryAttention and ONNX Attention
+    into standard ops before it splits the tokens (lower_attention.py), so its cp ranks run the lowered
+    graph, not the fused ops the other layouts run. None when there is nothing to lower (the same analysis
+    serves), or when the lowering refuses the model (its cp layouts then stay invalid with the lowering's
+    refusal for a reason, the line partition --cp prints)."""
+    from llmir_onnx.lower_attention import lower_group_query_attention, lower_onnx_attention
+
+    if not any(is_lowered_for_cp(node) for node in analysis.nodes):
+        return None
+    lowered = model.clone()
+    try:
+        lower_group_query_attention(lowered)
+        lower_onnx_attention(lowered)
+    except PlanError as error:
+        refused = _CpFacts(str(error), frozenset(), {})
+        analysis._cp = {False: refused, True: refused}  # either cache layout: the lowering comes first
+        return None
+    return _Analysis(lowered, max_batch, max_seq, overrides, vocab_parallel)
 
 
 def rank_layouts(layouts: Sequence[LayoutEstimate]) -> list[LayoutEstimate]:
