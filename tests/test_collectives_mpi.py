@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from llmir_onnx.runtime.launch import custom_ops_library_path
+from llmir_onnx.runtime.segments import JOB_ENV, remove_noted_shared_memory
 
 REPO = Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "mpi_workers" / "collectives_worker.py"
@@ -77,6 +78,9 @@ def launch(
     env["LLMIR_COMM_TIMEOUT_S"] = str(comm_timeout_s)
     verdict_dir = tempfile.mkdtemp(prefix="llmir-verdicts-")
     env[VERDICT_DIR_ENV] = verdict_dir
+    # The ranks record MPICH's /dev/shm segments there, unlinked below: these workers leave with os._exit on
+    # failure, before MPI_Finalize, as a job's ranks do (runtime/segments.py).
+    env[JOB_ENV] = verdict_dir
     command = [sys.executable, str(WORKER), scenario, *args, f"--run-id={run_id}"]
     if world > 0:
         command = [str(MPIEXEC), *mpiexec_flags, "-n", str(world), *command]
@@ -89,6 +93,7 @@ def launch(
         output = (error.stdout or b"").decode() if isinstance(error.stdout, bytes) else (error.stdout or "")
         pytest.fail(f"{scenario} on {world} ranks hung past {timeout_s} s (run id {run_id}); output:\n{output}")
     finally:
+        remove_noted_shared_memory(Path(verdict_dir), max(world, 1))
         shutil.rmtree(verdict_dir, ignore_errors=True)
     elapsed = time.monotonic() - start
     output = completed.stdout + completed.stderr

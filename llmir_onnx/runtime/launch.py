@@ -309,6 +309,7 @@ def setup_communication(cuda: bool = False, expected_world_size: int | None = No
             f"the ai.llmir library could not initialize communication (world size {world_size}, rank {rank}); "
             "see the messages above"
         )
+    note_shared_memory_segments(rank)  # MPI is up: a job's parent unlinks them however this rank ends
     _check_world_size(world_size, env.launcher, env, expected_world_size, cuda)
     if env.launcher != LAUNCHER_NONE and rank != env.rank:
         raise CommunicationError(
@@ -326,7 +327,6 @@ def setup_communication(cuda: bool = False, expected_world_size: int | None = No
     _context = CommContext(rank, world_size, env.local_rank, env.launcher, cuda, library_path, version, library,
                            compute_meter=meter)  # fmt: skip
     atexit.register(_context.finalize)
-    note_shared_memory_segments(rank)  # a job's parent unlinks them however this rank ends
     throttle_rank_from_env(rank)  # LLMIR_CPU_SHARE: emulate a slower device for this rank
     return _context
 
