@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +39,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-SHAPE = ["--hidden", "256", "--layers", "4", "--heads", "8", "--kv-heads", "4", "--intermediate", "704",
-         "--vocab", "2048", "--max-position", "4096", "--dtype", "float32"]
+# The prefill bench's model and rank launcher (bench/ is on sys.path: this script's own folder).
+from cp_prefill_memory import SHAPE, make_model, run_workers  # noqa: E402
+
 # (label, cp, --cp-kv-cache)
 LAYOUTS = (("cp 1", 1, "replicated"), ("cp 2 replicated", 2, "replicated"), ("cp 2 sharded", 2, "sharded"),
            ("cp 4 sharded", 4, "sharded"))  # fmt: skip
@@ -82,18 +82,8 @@ def worker(plan_dir: Path, feeds_file: Path, runs: int, out: Path) -> None:
 
 
 def measure_round(plans: dict[str, tuple[int, Path]], feeds: Path, runs: int, out: Path) -> dict[str, list[dict]]:
-    from llmir_onnx.runtime.job import mpiexec_path
-
-    got = {}
-    for label, (cp, plan) in plans.items():
-        folder = out / label.replace(" ", "_")
-        command = [mpiexec_path(), "-n", str(cp), sys.executable, __file__, "--worker", str(plan), str(feeds),
-                   str(runs), str(folder)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-        if result.returncode:
-            raise SystemExit(f"{label} ranks failed (rc {result.returncode}): {result.stderr.strip()[-2000:]}")
-        got[label] = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(cp)]
-    return got
+    return {label: run_workers(__file__, label, cp, [str(plan), str(feeds), str(runs)], out / label.replace(" ", "_"))
+            for label, (cp, plan) in plans.items()}  # fmt: skip
 
 
 def main() -> None:
@@ -119,9 +109,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cp_decode_bench_") as tmp:
         folder = Path(tmp)
-        subprocess.run([sys.executable, str(REPO / "models" / "make_synthetic.py"), *SHAPE, "--out",
-                        str(folder / "model")], check=True, capture_output=True)  # fmt: skip
-        model_path = folder / "model" / "model.onnx"
+        model_path = make_model(folder)
         model = load_model(model_path, check_data=False)
         feeds = folder / "feeds.npz"
         np.savez(feeds, **random_feeds(model, FeedSizes(batch=args.batch, new_tokens=1, past_tokens=args.seq - 1)))

@@ -98,19 +98,28 @@ def worker(plan_dir: Path, seq: int, runs: int, out: Path) -> None:
     (out / f"rank{comm.rank}.json").write_text(json.dumps({"walls": walls, "rss_growth": growth, "before": before}))
 
 
-def measure_round(plans: dict[int, Path], seq: int, runs: int, out: Path) -> dict[int, list[dict]]:
+def make_model(folder: Path) -> Path:
+    """The synthetic LLaMA of SHAPE, written under `folder`/model; its model.onnx (also cp_decode_cache.py's)."""
+    subprocess.run([sys.executable, str(REPO / "models" / "make_synthetic.py"), *SHAPE, "--out",
+                    str(folder / "model")], check=True, capture_output=True)  # fmt: skip
+    return folder / "model" / "model.onnx"
+
+
+def run_workers(script: str, label: str, ranks: int, worker_args: list[str], folder: Path) -> list[dict]:
+    """`mpiexec -n ranks python script --worker ARGS... folder` (a bench's own worker, one per rank); the
+    rankN.json each rank wrote into `folder`, in rank order (also cp_decode_cache.py's)."""
     from llmir_onnx.runtime.job import mpiexec_path
 
-    got = {}
-    for cp, plan in plans.items():
-        folder = out / f"cp{cp}"
-        command = [mpiexec_path(), "-n", str(cp), sys.executable, __file__, "--worker", str(plan),
-                   str(seq), str(runs), str(folder)]  # fmt: skip
-        result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
-        if result.returncode:
-            raise SystemExit(f"cp {cp} ranks failed (rc {result.returncode}): {result.stderr.strip()[-2000:]}")
-        got[cp] = [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(cp)]
-    return got
+    command = [mpiexec_path(), "-n", str(ranks), sys.executable, script, "--worker", *worker_args, str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1200)
+    if result.returncode:
+        raise SystemExit(f"{label} ranks failed (rc {result.returncode}): {result.stderr.strip()[-2000:]}")
+    return [json.loads((folder / f"rank{rank}.json").read_text()) for rank in range(ranks)]
+
+
+def measure_round(plans: dict[int, Path], seq: int, runs: int, out: Path) -> dict[int, list[dict]]:
+    return {cp: run_workers(__file__, f"cp {cp}", cp, [str(plan), str(seq), str(runs)], out / f"cp{cp}")
+            for cp, plan in plans.items()}  # fmt: skip
 
 
 def main() -> None:
@@ -132,9 +141,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="cp_bench_") as tmp:
         folder = Path(tmp)
-        subprocess.run([sys.executable, str(REPO / "models" / "make_synthetic.py"), *SHAPE, "--out",
-                        str(folder / "model")], check=True, capture_output=True)
-        model = folder / "model" / "model.onnx"
+        model = make_model(folder)
         print(f"synthetic LLaMA {' '.join(SHAPE)}; batch 1 x {args.seq} new tokens, tp 1")
         rows = []
         plans = {}
