@@ -297,22 +297,18 @@ DISPATCH_PAST = 15
 def decoder_dispatch_benchmark(work: Path) -> tuple[Callable[[], object], int, float]:
     """(one decode step of the DISPATCH_DECODER written into `work`, the nodes the cost model charges an
     overhead, the step's bytes the cost model charges) in a 1-thread session with default optimizations."""
-    import importlib.util
-
     import onnx_ir as ir
 
     from llmir_onnx.plan.cost import FREE_OPS, node_costs
     from llmir_onnx.plan.shapes import Sizes
 
-    module = sys.modules.get("make_synthetic")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "models/make_synthetic.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["make_synthetic"] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
-    config = module.SyntheticConfig(**DISPATCH_DECODER)
-    path = module.generate(config, work)
+    # models/ is no package; its generator is imported as the module the tests load it as (make_synthetic).
+    if str(REPO / "models") not in sys.path:
+        sys.path.insert(0, str(REPO / "models"))
+    import make_synthetic
+
+    config = make_synthetic.SyntheticConfig(**DISPATCH_DECODER)
+    path = make_synthetic.generate(config, work)
     costs = node_costs(ir.load(str(path)), Sizes(batch=1, seq=1, past=DISPATCH_PAST))
     counted = sum(1 for cost in costs if cost.op_type not in FREE_OPS)
     moved = float(sum(cost.bytes for cost in costs))

@@ -18,7 +18,6 @@ so its start costs about what `cp`'s does. Prints the digest (or the byte count 
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import queue
 import sys
@@ -28,27 +27,15 @@ import threading
 COPY_CHUNK_BYTES = 64 << 20
 # Bytes mapped at once to hash (the writer's HASH_CHUNK_BYTES).
 HASH_WINDOW_BYTES = 8 << 20
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)
 
 
 def _hash_behind(fd: int, pieces: queue.SimpleQueue[tuple[int, int] | None], result: list[str]) -> None:
     """BLAKE3 of the target's pieces as the copy finishes them, in file order, mapped from the page cache."""
-    from llmir_onnx.digest import new_hasher
+    from llmir_onnx.digest import hash_mapped_range, new_hasher
 
     hasher = new_hasher()
     while (piece := pieces.get()) is not None:
-        start, stop = piece
-        while start < stop:
-            length = min(HASH_WINDOW_BYTES, stop - start)
-            skip = start % mmap.ALLOCATIONGRANULARITY
-            window = mmap.mmap(fd, skip + length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
-                               offset=start - skip)  # fmt: skip
-            try:
-                with memoryview(window) as view, view[skip:] as part:
-                    hasher.update(part)
-            finally:
-                window.close()
-            start += length
+        hash_mapped_range(hasher, fd, *piece, HASH_WINDOW_BYTES)
     result.append(hasher.hexdigest())
 
 

@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from synthetic_helpers import synthetic_module
 
 from llmir_onnx import weight_slices
 from llmir_onnx.api import partition_to_dir
@@ -31,16 +30,7 @@ from llmir_onnx.weight_slices import ExternalSlice, Zeros, rank_weight
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _load_synthetic() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "models" / "make_synthetic.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("make_synthetic", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-synthetic = _load_synthetic()
+synthetic = synthetic_module()
 TINY = synthetic.PRESETS["tiny"]
 
 

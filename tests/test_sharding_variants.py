@@ -9,28 +9,17 @@ k over all heads (OLMo 2: one AllReduce of the mean of squares per norm, no gath
 from __future__ import annotations
 
 import collections
-import importlib.util
-import sys
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 import onnx
 import pytest
+from synthetic_helpers import synthetic_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_synthetic", ROOT / "models" / "make_synthetic.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_synthetic"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-synthetic = _generator()
+synthetic = synthetic_module()
 BASE = replace(synthetic.PRESETS["tiny"], hidden=64, heads=4, kv_heads=2, intermediate=96, vocab=128, max_position=64)
 VARIANTS = {
     "head-norm-one-kv-head": replace(BASE, kv_heads=1, qk_norm="head"),

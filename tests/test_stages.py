@@ -19,6 +19,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from plan_helpers import rank_model, tp_models_for_split, write_plan
+from synthetic_helpers import synthetic_module
 
 from llmir_onnx.errors import InputModelError, PlanError
 from llmir_onnx.ir_io import load_model, save_model
@@ -293,16 +294,8 @@ def tiny_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def synthetic4_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 4-layer model from models/make_synthetic.py (the torch-legacy export pattern)."""
     import dataclasses
-    import importlib.util
-    import sys
 
-    module = sys.modules.get("make_synthetic")
-    if module is None:
-        spec = importlib.util.spec_from_file_location("make_synthetic", MODELS / "make_synthetic.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["make_synthetic"] = module  # dataclasses look their module up while the class is built
-        spec.loader.exec_module(module)
+    module = synthetic_module()
     config = dataclasses.replace(module.PRESETS["tiny"], layers=4)
     return module.generate(config, tmp_path_factory.mktemp("synthetic4"))
 

@@ -2,34 +2,23 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
+from synthetic_helpers import synthetic_module
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_generator() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("make_synthetic", REPO / "models" / "make_synthetic.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_synthetic"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-synthetic = load_generator()
+synthetic = synthetic_module()
 
 
 def weights(model_path: Path) -> dict[str, np.ndarray]:

@@ -36,7 +36,6 @@ as small protobufs (no weight passes through protobuf).
 from __future__ import annotations
 
 import functools
-import mmap
 import os
 import queue
 import sys
@@ -50,7 +49,7 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from llmir_onnx.digest import FileDigest, new_hasher
+from llmir_onnx.digest import FileDigest, hash_mapped_range, new_hasher
 from llmir_onnx.ir_io import graph_protos
 from llmir_onnx.weight_slices import ExternalSlice, Zeros, copy_range_at, gather_slices, pwrite_all
 
@@ -65,7 +64,6 @@ HASH_THREADS = 2
 # Bytes of a file's completed prefix mapped at once to hash them.
 HASH_CHUNK_BYTES = 8 << 20
 _ZEROS = bytes(HASH_CHUNK_BYTES)
-_POPULATE = getattr(mmap, "MAP_POPULATE", 0)  # map a window's pages in one call, not a fault each
 
 
 def rank_data_name(rank: int) -> str:
@@ -312,24 +310,12 @@ class _OrderedHash:
             return end
 
     def _hash_range(self, start: int, stop: int) -> None:
-        """Hash bytes [start, stop) of the file where they lie, in the page cache: mapped a window at a
-        time, not read (a read copies every byte into this process first, which cost more CPU than the
-        hash itself: 0.5 s of system time per GiB on the 2-core VM, against 0.1 s to map the pages)."""
+        """Hash bytes [start, stop) of the file where they lie, in the page cache (`hash_mapped_range`)."""
         fd = self._fd()
         # The file only grows while it is written; past its current end lie zeros (see the class docstring),
         # and mapping them would fault (SIGBUS), so they are hashed as zeros instead.
         mapped_stop = min(stop, os.fstat(fd).st_size)
-        while start < mapped_stop:
-            length = min(HASH_CHUNK_BYTES, mapped_stop - start)
-            skip = start % mmap.ALLOCATIONGRANULARITY
-            window = mmap.mmap(fd, skip + length, flags=mmap.MAP_SHARED | _POPULATE, prot=mmap.PROT_READ,
-                               offset=start - skip)  # fmt: skip
-            try:
-                with memoryview(window) as view, view[skip:] as part:
-                    self._digest.update(part)
-            finally:
-                window.close()
-            start += length
+        hash_mapped_range(self._digest, fd, start, mapped_stop, HASH_CHUNK_BYTES)
         start = max(start, mapped_stop)
         while start < stop:
             length = min(len(_ZEROS), stop - start)
