@@ -8,7 +8,8 @@
    ranks will be; `bench/calibrate_cpu.py --quick --average --clock cpu`: the mean over >= 1 s of runs
    per figure, onnxruntime's kernels, one thread, each run timed by the ai.llmir library's compute
    meter, the clock the ranks are measured with below; with the last-level cache's size and bandwidth,
-   node_overhead on a tiny decoder's decode step and the weight sizes' curve, weight_bandwidth):
+   node_overhead on a tiny decoder's decode step, the weight sizes' curve, weight_bandwidth, and a run's cold
+   start, run_overhead):
    `cpu-fast`, the machine as it is, and `cpu-slow`, the machine with its compute stretched by --stretch K
    (`--compute-stretch K`: `llmir_onnx/runtime/stretch.py`, LLMIR_COMPUTE_STRETCH: the library sleeps
    (K - 1) x the thread's CPU time between collectives). Links are cpu-here's.

@@ -52,7 +52,7 @@ charges them at the memory bandwidth, as before.
 `run_overhead` (`estimate_time`, and the layout search per rank and phase) is charged once per run, not per
 node: the start of a run refetches the runtime's code and per-run state that other work evicted between two
 runs, a fixed cost whatever the node count. `node_overhead` is calibrated back to back (warm): a decode
-step of a small rank graph (one layer and the lm_head: 85 nodes run) measured 1.5 x its back-to-back time
+step of a small rank graph (one layer and the lm_head: 85 nodes run) measured 1.8 x its back-to-back time
 when the caches were emptied before it (docs/BENCHMARKS.md, "A rank's decode step starts cold").
 
 The link of a collective is the device's own (`link_bandwidth`, `link_latency`: NVLink inside a host)
