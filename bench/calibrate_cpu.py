@@ -31,6 +31,13 @@ Measures, with one thread (OMP/OpenBLAS/MKL threads = 1, onnxruntime intra_op_nu
   comparison the same chain on a [1, 512] row. Measured with the session's own clock, not onnxruntime's
   profiler: the profiler adds several microseconds to every node it times (docs/BENCHMARKS.md, "Mixed
   devices"), more than such a node costs;
+- what a run costs once when it starts with cold caches, the profile's `run_overhead`: a run of a 1-node
+  graph (one `Mul` on [1, 1]) right after 2 x the last-level cache of other data streamed through this
+  thread (a numpy multiply, not timed), less the same run right after it (warm), the two timed
+  alternately: the runtime's code and per-run state fetched back, which node_overhead (measured back to
+  back) does not hold. A rank's run starts cold: the other ranks on its cores, the caller's work and the
+  step's own weights evict the caches between two runs (docs/BENCHMARKS.md, "A rank's decode step starts
+  cold");
 - the rate at which a MatMul reads a weight of a given size, the profile's `weight_bandwidth`: per size
   (64 KiB, 256 KiB, 1, 4, 16, 64 MiB) a chain of [1, k] x W[k, k] MatMuls (k = sqrt(size / 4)) with
   distinct weights, as many as make 2 x the last-level cache (so each weight is read from memory, as a
@@ -274,6 +281,38 @@ def cache_chain_numel(cache_bytes: int) -> int:
     return cache_bytes // 8 // 4
 
 
+def cache_flush(cache_bytes: int) -> Callable[[], object]:
+    """A function that streams 2 x `cache_bytes` of other data through this thread's caches (reads one array
+    of `cache_bytes`, writes another): what a run finds after other work used the machine."""
+    source = np.ones(max(1, cache_bytes // 4), np.float32)
+    target = np.empty_like(source)
+    return lambda: np.multiply(source, 1.0, out=target)
+
+
+def cold_and_warm_seconds(run: Callable[[], object], flush: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(a run right after `flush`, the same run right after that one), timed alternately on the --clock (the
+    flush not timed): the best of each, or under --average the mean of each over at least AVERAGE_S."""
+    run = metered(run)
+    run()
+    cold: list[float] = []
+    warm: list[float] = []
+    started = time.perf_counter()
+    while len(cold) < repeats or (AVERAGE and time.perf_counter() - started < AVERAGE_S):
+        flush()
+        for spent in (cold, warm):
+            start = clock()
+            run()
+            spent.append(clock() - start)
+    if AVERAGE:
+        return sum(cold) / len(cold), sum(warm) / len(warm)
+    return min(cold), min(warm)
+
+
+def run_overhead_of(cold: float, warm: float) -> float:
+    """The cost of a run's cold start: a cold run less the same run warm (its nodes cost the same in both)."""
+    return max(cold - warm, 0.0)
+
+
 def node_overhead_of(per_node: float, width: int, bandwidth: float) -> float:
     """A chain node's seconds less the memory time the cost model charges it separately (two inputs read,
     one output written, over `bandwidth`): the per-node overhead."""
@@ -484,6 +523,12 @@ def main() -> None:
     rows.append((f"onnxruntime decode step of a tiny decoder (past {DISPATCH_PAST})",
                  f"{decoder_seconds * 1e6:.1f} us, {counted} counted nodes"))  # fmt: skip
     rows.append(("  less its bytes / MatMul bandwidth, per counted node (node_overhead)", f"{overhead * 1e6:.2f} us"))
+    one_node, _ = node_chain_benchmark(1, 1)
+    cold_run, warm_run = cold_and_warm_seconds(one_node, cache_flush(last_level_cache_bytes()), repeats * 3)
+    run_overhead = run_overhead_of(cold_run, warm_run)
+    rows.append(("onnxruntime run of 1 Mul on [1, 1]: after 2 x the last-level cache streamed, back to back",
+                 f"{cold_run * 1e6:.1f} us, {warm_run * 1e6:.1f} us"))  # fmt: skip
+    rows.append(("  the difference (run_overhead)", f"{run_overhead * 1e6:.1f} us"))
     # Each size's chain alternates run by run with the 256 MiB GEMV, and its rate is taken relative to the
     # GEMV's at the same moments, times the GEMV's figure above (memory_bandwidth): on a shared machine two
     # figures measured a second apart differ by more than the sizes do (0.56-1.13 x the GEMV's rate, with no
@@ -538,6 +583,7 @@ def main() -> None:
         "cache_bytes": cache_bytes,
         "cache_bandwidth": float(f"{cache_bandwidth:.3g}"),
         "weight_bandwidth": weight_bandwidth,
+        "run_overhead": float(f"{run_overhead:.3g}"),
     }
     print("onnxruntime-calibrated (the built-in cpu-here):", json.dumps(ort_fields))
     print("numpy-calibrated (bench/profiles/cpu-here-numpy.json):", json.dumps(numpy_fields))

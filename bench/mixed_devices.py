@@ -8,7 +8,8 @@
    ranks will be; `bench/calibrate_cpu.py --quick --average --clock cpu`: the mean over >= 1 s of runs
    per figure, onnxruntime's kernels, one thread, each run timed by the ai.llmir library's compute
    meter, the clock the ranks are measured with below; with the last-level cache's size and bandwidth,
-   node_overhead on a tiny decoder's decode step and the weight sizes' curve, weight_bandwidth):
+   node_overhead on a tiny decoder's decode step, the weight sizes' curve, weight_bandwidth, and a run's cold
+   start, run_overhead):
    `cpu-fast`, the machine as it is, and `cpu-slow`, the machine with its compute stretched by --stretch K
    (`--compute-stretch K`: `llmir_onnx/runtime/stretch.py`, LLMIR_COMPUTE_STRETCH: the library sleeps
    (K - 1) x the thread's CPU time between collectives). Links are cpu-here's.
@@ -36,9 +37,8 @@
 6. Interleaved calibration: calibrate_cpu.py's micro-benchmarks also run between each rank's chunks of
    runs, on the same clock and (rank 1) stretched, and the cost model's prediction on those figures is
    shown next to the manifest's.
-7. The model before 2026-12-04 on the same calibration and runs: node_overhead from the 400-Mul chain
-   (calibrate_cpu.py --json-mul-chain; interleaved: the same chain's runs) and every weight at the memory
-   bandwidth (no weight_bandwidth), for a before / after in one run.
+7. The model before the run's cold start was charged (2026-12-04, `run_overhead`) on the same calibration
+   and runs: the same profiles without `run_overhead`, for a before / after in one run.
 """
 
 from __future__ import annotations
@@ -74,32 +74,24 @@ DECODE_RUNS_FACTOR = 20
 WITHIN = 0.2  # issue 15's "within 20%": predicted / measured in [0.8, 1.2]
 
 
-def calibrate(emulations: dict[str, list[str]], work: Path) -> tuple[dict[str, dict], dict[str, float]]:
-    """(the onnxruntime-calibrated fields of bench/calibrate_cpu.py (averaged) per profile name, and the
-    node_overhead of its 400-Mul chain per profile name: the figure before 2026-12-04), each under its
+def calibrate(emulations: dict[str, list[str]], work: Path) -> dict[str, dict]:
+    """The onnxruntime-calibrated fields of bench/calibrate_cpu.py (averaged) per profile name, each under its
     emulation (calibrate_cpu.py's arguments: none or `--compute-stretch K`), on the compute meter's clock. The
     calibrations run at the same time, as the two ranks will: each sees the other's load, as its rank will."""
     running = {}
     for name, emulation in emulations.items():
         command = [sys.executable, str(REPO / "bench/calibrate_cpu.py"), "--quick", "--average",
-                   "--clock", "cpu", "--json", str(work / f"{name}.json"),
-                   "--json-mul-chain", str(work / f"{name}-mul-chain.json"), *emulation]  # fmt: skip
+                   "--clock", "cpu", "--json", str(work / f"{name}.json"), *emulation]  # fmt: skip
         running[name] = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     for name, process in running.items():
         if process.wait() != 0:
             raise SystemExit(f"calibrating {name} failed")
-    fields = {name: json.loads((work / f"{name}.json").read_text()) for name in emulations}
-    mul_chain = {
-        name: float(json.loads((work / f"{name}-mul-chain.json").read_text())["node_overhead"]) for name in emulations
-    }
-    return fields, mul_chain
+    return {name: json.loads((work / f"{name}.json").read_text()) for name in emulations}
 
 
-def model_before(profile: dict, mul_chain_overhead: float) -> dict:
-    """The profile as the cost model had it before 2026-12-04: node_overhead from the 400-Mul chain, every
-    weight at the memory bandwidth (no weight_bandwidth)."""
-    before = {key: value for key, value in profile.items() if key != "weight_bandwidth"}
-    return {**before, "node_overhead": mul_chain_overhead}
+def model_before(profile: dict) -> dict:
+    """The profile as the cost model had it before the run's cold start was charged: no run_overhead."""
+    return {key: value for key, value in profile.items() if key != "run_overhead"}
 
 
 def profile_json(name: str, fields: dict, description: str) -> dict:
@@ -128,7 +120,8 @@ def cli(*args: str, env: dict[str, str] | None = None) -> str:
 class InterleavedCalibration:
     """bench/calibrate_cpu.py's onnxruntime micro-benchmarks (MatMul n = 1024 float32, MatMul [1, 8192] x
     W[8192, 8192], the tiny decoder's decode step for node_overhead, the chain of 400 Mul on [1, 1] for the
-    cache chain's nodes, the cache chain of 20 Mul on 1/8 of the L3), run between a rank's measured runs so
+    cache chain's nodes, the cache chain of 20 Mul on 1/8 of the L3, a 1-Mul run cold (after the caches
+    were flushed, not timed) and warm for run_overhead), run between a rank's measured runs so
     that they see the same moments of the machine's load, timed like the runs: each run metered (and on a
     stretched rank stretched) by the library's compute meter, its device time the meter's; each figure is
     the total work over the total time of its runs (a mean, as --average). The weight sizes' curve is not
@@ -151,6 +144,11 @@ class InterleavedCalibration:
             Path(self.decoder_dir.name)
         )
         self.cache_bandwidth_of = calibrate_cpu.cache_bandwidth_of
+        self.run_overhead_of = calibrate_cpu.run_overhead_of
+        self.flush = calibrate_cpu.cache_flush(calibrate_cpu.last_level_cache_bytes())
+        self.one_node, _ = calibrate_cpu.node_chain_benchmark(1, 1)
+        self.cold_runs = 0
+        self.cold_seconds = self.warm_seconds = 0.0
         self.cache_nodes = calibrate_cpu.CACHE_CHAIN_NODES
         cache_numel = calibrate_cpu.cache_chain_numel(calibrate_cpu.last_level_cache_bytes())
         self.benchmarks = {
@@ -176,6 +174,18 @@ class InterleavedCalibration:
                     run()
                 self.seconds[name] += self.meter.device_seconds() - before
                 self.work[name] += work
+        for _ in range(5):
+            self.flush()
+            for kind in ("cold", "warm"):
+                before = self.meter.device_seconds()
+                with self.comm.metered_run():
+                    self.one_node()
+                spent = self.meter.device_seconds() - before
+                if kind == "cold":
+                    self.cold_seconds += spent
+                else:
+                    self.warm_seconds += spent
+            self.cold_runs += 1
 
     def fields(self) -> dict[str, float]:
         rate = {name: self.work[name] / self.seconds[name] for name in self.benchmarks}
@@ -186,8 +196,9 @@ class InterleavedCalibration:
         runs = self.work["cache"] / self.benchmarks["cache"][1]
         cache = self.cache_bandwidth_of(self.seconds["cache"] / runs, self.benchmarks["cache"][1], self.cache_nodes,
                                         mul_chain_overhead)  # fmt: skip
+        run_overhead = self.run_overhead_of(self.cold_seconds / self.cold_runs, self.warm_seconds / self.cold_runs)
         return {"float32": rate["flops"], "memory_bandwidth": rate["bandwidth"], "node_overhead": overhead,
-                "cache_bandwidth": cache, "mul_chain_node_overhead": mul_chain_overhead}  # fmt: skip
+                "cache_bandwidth": cache, "run_overhead": run_overhead}  # fmt: skip
 
 
 def worker(plan_dir: Path, feeds_dir: Path, out_dir: Path, runs: int) -> None:
@@ -262,6 +273,8 @@ def interleaved_prediction(plan_dir: Path, rank: int, phase: str, profile: dict,
         "cache_bandwidth": calibrated.get("cache_bandwidth", profile.get("cache_bandwidth", 0.0)),
         "weight_bandwidth": [[size, rate * scale] for size, rate in profile.get("weight_bandwidth", [])],
     }
+    if "run_overhead" in profile:  # the model before it: a profile without it, whatever was calibrated
+        fields["run_overhead"] = calibrated.get("run_overhead", profile["run_overhead"])
     device = profile_from_dict(fields)
     model = ir.load(str(plan_dir / manifest.rank_entry(rank).file))
     estimate = getattr(estimate_phases(model, device, 1, manifest.options["max_seq"]), phase)
@@ -285,7 +298,6 @@ def report(
     measured: list[dict],
     slow_label: str,
     profiles: dict[str, dict],
-    mul_chain: dict[str, float],
 ) -> list[str]:
     manifest = Manifest.read(plan_dir)
     shares = manifest.mesh.get("tp_shares")
@@ -317,16 +329,11 @@ def report(
             if abs(again - predicted) > 1e-9 + 1e-6 * predicted:
                 raise SystemExit(f"{name} rank {entry.rank} {phase}: re-estimated {again} s, manifest {predicted} s")
             interleaved = interleaved_prediction(plan_dir, entry.rank, phase, profile, got["calibrated"])
-            # the model before 2026-12-04 on the same calibration run: the 400-Mul chain's node_overhead, every
-            # weight at the memory bandwidth
-            old = model_before(profile, mul_chain[device])
+            # the model before run_overhead on the same calibration run: the same profile without it
+            old = model_before(profile)
             before = interleaved_prediction(plan_dir, entry.rank, phase, old,
                                             {"float32": profile["peak_flops"]["float32"], **old})  # fmt: skip
-            calibrated_now = got["calibrated"]
-            interleaved_before = interleaved_prediction(
-                plan_dir, entry.rank, phase, old,
-                {**calibrated_now, "node_overhead": calibrated_now["mul_chain_node_overhead"]},
-            )  # fmt: skip
+            interleaved_before = interleaved_prediction(plan_dir, entry.rank, phase, old, got["calibrated"])
             ratio = predicted / busy
             within = "**yes**" if abs(ratio - 1) <= WITHIN + 1e-12 else "no"
             lines.append(
@@ -380,7 +387,7 @@ def main() -> None:
     slow_env = {"LLMIR_COMPUTE_STRETCH": f"1={args.stretch!r}"}
     slow_calibration = ["--compute-stretch", repr(args.stretch)]
     slow_label = f"stretch {args.stretch:g}"
-    calibrated, mul_chain = calibrate({"cpu-fast": [], "cpu-slow": slow_calibration}, work)
+    calibrated = calibrate({"cpu-fast": [], "cpu-slow": slow_calibration}, work)
     fast, slow = calibrated["cpu-fast"], calibrated["cpu-slow"]
     cluster = {
         "profiles": {
@@ -399,7 +406,6 @@ def main() -> None:
     (work / "cluster.json").write_text(json.dumps(cluster, indent=1))
     print(f"calibrated: cpu-fast {json.dumps(fast)}")
     print(f"calibrated: cpu-slow {json.dumps(slow)} ({slow_label})")
-    print(f"the 400-Mul chain's node_overhead (the model before): {json.dumps(mul_chain)}")
 
     rows = []
     for name, layout in (("tp2", ["--tp", "2"]), ("pp2", ["--pp", "2"])):
@@ -412,13 +418,13 @@ def main() -> None:
         shown_env = " ".join(f"{key}={value}" for key, value in slow_env.items())
         print(f"$ {shown_env} llmir-onnx verify {name}\n  {verified.strip().splitlines()[-1]}")
         measured = measure(plan_dir, feeds_dir, work / f"{name}-measured", args.runs, slow_env)
-        rows += report(name, plan_dir, measured, slow_label, cluster["profiles"], mul_chain)
+        rows += report(name, plan_dir, measured, slow_label, cluster["profiles"])
     print(f"\n{started}, load average {load_before[0]:.2f} before, {os.getloadavg()[0]:.2f} after "
           f"({os.cpu_count()} CPUs), {args.runs} prefill and {args.runs * DECODE_RUNS_FACTOR} decode runs after 2 "
           "warm-ups each\n")  # fmt: skip
     print("| plan | rank | device | share of the work | phase | predicted (manifest, no comm) | measured: thread CPU "
           "outside comm x stretch, mean | predicted / measured | within 20% | predicted by the model before "
-          "(400-Mul node_overhead, no weight_bandwidth) | before / measured | predicted on the interleaved "
+          "(no run_overhead) | before / measured | predicted on the interleaved "
           "calibration | interleaved / measured | the model before, interleaved | before interleaved / measured "
           "| thread CPU outside comm, mean | stretch sleeps, mean | run (wall), "
           "mean | thread CPU / process CPU in the runs |")  # fmt: skip
@@ -427,7 +433,11 @@ def main() -> None:
     within = sum("| **yes** |" in row for row in rows)
     print(f"\nwithin 20%: {within} of {len(rows)} rows")
     before = sum(abs(float(row.split(" | ")[10]) - 1) <= WITHIN + 1e-12 for row in rows)
-    print(f"within 20% on the model before (400-Mul node_overhead, no weight_bandwidth): {before} of {len(rows)} rows")
+    print(f"within 20% on the model before (no run_overhead): {before} of {len(rows)} rows")
+    interleaved = sum(abs(float(row.split(" | ")[12]) - 1) <= WITHIN + 1e-12 for row in rows)
+    interleaved_before = sum(abs(float(row.split(" | ")[14]) - 1) <= WITHIN + 1e-12 for row in rows)
+    print(f"within 20% on the interleaved calibration: {interleaved} of {len(rows)} rows; the model before: "
+          f"{interleaved_before} of {len(rows)} rows")
 
 
 if __name__ == "__main__":

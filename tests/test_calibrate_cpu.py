@@ -62,3 +62,31 @@ def test_the_dispatch_decoder_counts_the_nodes_the_cost_model_charges(
     # the overhead is the step less its roofline, per counted node
     assert calibrate_cpu.decoder_node_overhead(1e-3, 200, 1e6, 1e10) == pytest.approx((1e-3 - 1e-4) / 200)
     assert calibrate_cpu.weight_rate_of(2e-6, 4096, 1e-6) == pytest.approx(4096 / 1e-6)
+
+
+def test_run_overhead_is_a_cold_run_less_the_warm_run_right_after_it(calibrate_cpu: ModuleType) -> None:
+    """run_overhead's benchmark: each cold run comes right after the flush, each warm run right after a cold
+    one; the figure is the difference (a run whose cold start costs 3 ms more gives 3 ms: a benchmark that timed
+    the flush, or two warm runs, does not)."""
+    order: list[str] = []
+    ticks = iter(range(10**6))
+    clock = calibrate_cpu.clock
+    calibrate_cpu.clock = lambda: float(next(ticks)) * 1e-3  # each call 1 ms later than the one before
+    try:
+
+        def run() -> None:
+            order.append("run")
+            if order[-2:-1] == ["flush"]:  # a cold run: 3 ms more on this clock
+                for _ in range(3):
+                    calibrate_cpu.clock()
+
+        cold, warm = calibrate_cpu.cold_and_warm_seconds(run, lambda: order.append("flush"), 4)
+    finally:
+        calibrate_cpu.clock = clock
+    assert order == ["run"] + ["flush", "run", "run"] * 4
+    assert (cold, warm) == (pytest.approx(4e-3), pytest.approx(1e-3))
+    assert calibrate_cpu.run_overhead_of(cold, warm) == pytest.approx(3e-3)
+    assert calibrate_cpu.run_overhead_of(1e-3, 2e-3) == 0.0  # never negative
+    # the flush streams 2 x the size asked through the caches: reads one array of that size, writes another
+    flush = calibrate_cpu.cache_flush(1 << 20)
+    assert flush().nbytes == 1 << 20

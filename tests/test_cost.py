@@ -681,3 +681,57 @@ def test_weight_bandwidth_is_checked_and_round_trips(tmp_path: Path) -> None:
     ):
         with pytest.raises(PlanError, match=message):
             profile_from_dict({**_WEIGHT_CURVE_DEVICE, **bad})
+
+
+def test_a_run_pays_its_run_overhead_once_whatever_its_node_count() -> None:
+    """run_overhead (calibrate_cpu.py: a cold run less a warm one) is charged once per run, as overhead, in
+    both phases; a profile without it charges nothing, the figures of before. A model that charged it per
+    node (two nodes here) or not at all fails."""
+    sizes = Sizes(batch=1, seq=1)
+    costs = node_costs(_matmul_model(32, 32), sizes)
+    plain = profile_from_dict(_WEIGHT_CURVE_DEVICE)
+    cold = profile_from_dict({**_WEIGHT_CURVE_DEVICE, "run_overhead": 2e-3})
+    assert plain.run_overhead == 0.0 and len(costs) == 2
+    before, after = (estimate_time(costs, device, "decode", sizes) for device in (plain, cold))
+    assert after.overhead_s == pytest.approx(before.overhead_s + 2e-3, abs=1e-15)
+    assert after.total_s == pytest.approx(before.total_s + 2e-3, abs=1e-15)
+    assert after.roofline_s == before.roofline_s and after.comm_s == before.comm_s
+    phases_plain = estimate_phases(_matmul_model(32, 32), plain, 1, 8)
+    phases_cold = estimate_phases(_matmul_model(32, 32), cold, 1, 8)
+    for phase in ("prefill", "decode"):
+        gained = getattr(phases_cold, phase).total_s - getattr(phases_plain, phase).total_s
+        assert gained == pytest.approx(2e-3, abs=1e-15)
+
+
+def test_the_layout_search_charges_run_overhead_once_per_rank_like_the_rank_models(tiny: tuple[object, Path]) -> None:
+    """The layout search adds a profile's run_overhead to each rank's prefill and decode once, as
+    estimate_phases does on the partitioned rank model."""
+    from llmir_onnx.partition import PartitionOptions, partition
+
+    _, path = tiny
+    here = load_profile("cpu-here")
+    cold = profile_from_dict({**asdict(here), "name": "cpu-here-cold", "run_overhead": 5e-4})
+    layout_decode, rank_decode = {}, {}
+    rank = partition(load_model(path), PartitionOptions(tp=2)).ranks[0]
+    for device in (here, cold):
+        layouts = enumerate_layouts(load_model(path), 2, GiB, device, max_batch=1, max_seq=64)
+        layout = next(lay for lay in layouts if (lay.tp, lay.pp) == (2, 1))
+        layout_decode[device.run_overhead] = (layout.decode_step_s, layout.prefill_s)
+        timing = estimate_phases(rank.model, device, 1, 64)
+        rank_decode[device.run_overhead] = (timing.decode.total_s, timing.prefill.total_s)
+    for figures in (layout_decode, rank_decode):
+        for phase in (0, 1):
+            assert figures[5e-4][phase] - figures[0.0][phase] == pytest.approx(5e-4, rel=1e-9)
+
+
+def test_run_overhead_is_checked_and_round_trips(tmp_path: Path) -> None:
+    device = profile_from_dict({**_WEIGHT_CURVE_DEVICE, "run_overhead": 1.5e-4})
+    path = tmp_path / "cold.json"
+    path.write_text(device.to_json())
+    assert load_profile(path) == device and load_profile(path).run_overhead == 1.5e-4
+    # a profile file written before the field: no run overhead
+    numpy_profile = load_profile(str(Path(__file__).resolve().parents[1] / "bench/profiles/cpu-here-numpy.json"))
+    assert numpy_profile.run_overhead == 0.0
+    for bad in (-1e-6, True, "1e-4"):
+        with pytest.raises(PlanError, match="run_overhead must be a number of seconds >= 0"):
+            profile_from_dict({**_WEIGHT_CURVE_DEVICE, "run_overhead": bad})

@@ -18,6 +18,7 @@ Time of a node on a `DeviceProfile` (roofline + alpha-beta):
                + cached bytes / (cache_bandwidth * memory_efficiency)
                + sum over weights w of a MatMul / Gemm: w / weight_bytes_per_second(w)   (`memory_seconds`)
     node     = max(compute, memory) + node_overhead
+    run      = sum of its nodes + run_overhead   (once per run: the runtime's state back into cold caches)
     comm     = steps * latency + factor * comm_bytes / bandwidth,  factor = 2(n-1)/n for AllReduce,
                (n-1)/n for AllGather / ReduceScatter (n = group size), 1 for Send / Recv; an AllGather
                of unequal parts (`sizes`) 1 - min(sizes)/sum(sizes): the member with the smallest part
@@ -47,6 +48,12 @@ Weights of a matrix product (an initializer input of MatMul / FusedMatMul / Gemm
 matrix-vector product of a small weight streams it slower than the large one the memory bandwidth is
 measured on (docs/BENCHMARKS.md, "Why decode is predicted too fast"). A profile without `weight_bandwidth`
 charges them at the memory bandwidth, as before.
+
+`run_overhead` (`estimate_time`, and the layout search per rank and phase) is charged once per run, not per
+node: the start of a run refetches the runtime's code and per-run state that other work evicted between two
+runs, a fixed cost whatever the node count. `node_overhead` is calibrated back to back (warm): a decode
+step of a small rank graph (one layer and the lm_head: 85 nodes run) measured 1.8 x its back-to-back time
+when the caches were emptied before it (docs/BENCHMARKS.md, "A rank's decode step starts cold").
 
 The link of a collective is the device's own (`link_bandwidth`, `link_latency`: NVLink inside a host)
 unless a `link_of` says otherwise (a cluster's `group_link`: the slowest link the group spans, and how
@@ -355,10 +362,11 @@ def estimate_time(
     sizes: Sizes,
     links: Iterable[tuple[LinkProfile, int] | None] | None = None,
 ) -> TimeEstimate:
-    """Sum of the nodes' times; `links`, parallel to `costs`, the link of each (None: the device's)."""
+    """Sum of the nodes' times and the run's own overhead; `links`, parallel to `costs`, the link of each
+    (None: the device's)."""
     flops = moved = comm_bytes = nodes = 0
     compute_s = memory_s = roofline_s = comm_s = 0.0
-    overhead_s = 0.0
+    overhead_s = device.run_overhead
     costs = list(costs)
     node_links = list(links) if links is not None else [None] * len(costs)
     for cost, link in zip(costs, node_links, strict=True):

@@ -13,6 +13,7 @@ default is given; numbers are SI units: bytes, bytes per second, FLOP per second
       "link_bandwidth": 4.5e11,                  // bytes/s per direction between two ranks
       "link_latency": 1e-05,                     // s, the alpha of one collective or send
       "node_overhead": 5e-06,                    // s per graph node (kernel launch / dispatch)
+      "run_overhead": 1.5e-04,                   // s per session run, once (default 0; see below)
       "compute_efficiency": 0.7,                 // fraction of peak_flops matmuls reach (default 1)
       "memory_efficiency": 0.8,                  // fraction of memory_bandwidth reached (default 1;
                                                  //   applies to cache_bandwidth too)
@@ -42,6 +43,14 @@ Between two sizes the rate is interpolated linearly in log(size); below the smal
 largest the end points' rates hold (`weight_bytes_per_second`). The memory efficiency applies to it as to
 `memory_bandwidth`. A profile without it (every profile written before it
 existed, and the GPU profiles, for which no such measure was made) reads weights at `memory_bandwidth`.
+
+`run_overhead` is what a run costs once, beyond its nodes: the runtime's code and per-run state fetched
+back into the caches at the start of a run (`bench/calibrate_cpu.py`: a 1-node graph's run right after 2 x
+the last-level cache of other data streamed through, less the same run back to back). A rank's run starts
+cold: between two of its runs the other ranks sharing its cores, the caller's own work and the step's
+weights (a real model's decode step reads more weights than the cache holds) evict what the last run left
+(docs/BENCHMARKS.md, "A rank's decode step starts cold"). `node_overhead` is measured back to back, warm.
+A profile without it (every profile written before it existed, and the GPU profiles) charges 0.
 
 `link_bandwidth` / `link_latency` are the link between two devices of one host (NVLink for the GPU
 profiles); `host_link` names the link between hosts (`LINKS`: NVLink, PCIe, InfiniBand, RoCE,
@@ -97,6 +106,9 @@ class DeviceProfile:
     # (weight bytes, bytes/s) by increasing size: how fast a MatMul / Gemm reads a weight of that size
     # (module docstring). (): every weight at memory_bandwidth (profiles written before this field existed).
     weight_bandwidth: tuple[tuple[int, float], ...] = ()
+    # Seconds a run costs once beyond its nodes: the runtime's code and state fetched back into cold caches
+    # (module docstring). 0: not charged (profiles written before this field existed, the GPU profiles).
+    run_overhead: float = 0.0
 
     def flops_per_second(self, dtype: str) -> float:
         """Achievable FLOP/s for arithmetic in `dtype` (falls back to float32's peak)."""
@@ -292,6 +304,9 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
             "bandwidth) or neither (no cache: every byte at memory_bandwidth)"
         )
     weight_bandwidth = _weight_bandwidth_from(raw.get("weight_bandwidth", []), source)
+    run_overhead = raw.get("run_overhead", 0.0)
+    if not (isinstance(run_overhead, (int, float)) and not isinstance(run_overhead, bool) and run_overhead >= 0):
+        raise PlanError(f"device profile {source}: run_overhead must be a number of seconds >= 0, got {run_overhead!r}")
     flops = {}
     for dtype, value in raw["peak_flops"].items():
         if not isinstance(value, (int, float)) or value <= 0:
@@ -313,6 +328,7 @@ def profile_from_dict(raw: dict[str, Any], source: str = "<dict>") -> DeviceProf
         cache_bytes=cache_bytes,
         cache_bandwidth=float(cache_bandwidth),
         weight_bandwidth=weight_bandwidth,
+        run_overhead=float(run_overhead),
     )
 
 

@@ -935,7 +935,7 @@ def _rank_estimate(
     largest_comm = 0.0
     cp_link, cp_hosts = devices.cp_link or (device.intra_host_link, 1)
     for phase in ("prefill", "decode"):
-        total = 0.0
+        total = device.run_overhead  # once per run (plan/cost.py)
         for i in nodes:
             flops, moved, activations, payload, counted, read = analysis.scaled_node(i, phase, tp, part, cp, sharded)
             cost = analysis.costs[phase][i]
