@@ -159,6 +159,54 @@ def test_nonzero_of_run_time_data_is_refused_naming_the_node() -> None:
         [numpy_helper.from_array(np.array(0, np.float32), "zero")],
     )
     model = ir.from_proto(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
-    refusal = r"^node '/mask/NonZero' \(NonZero\): .* non-zeros of 'positive', which is computed at run time"
+    refusal = r"^node '/mask/NonZero' \(NonZero\): .* non-zeros of 'positive', known only at run time, .*not supported"
     with pytest.raises(PlanError, match=refusal):
         evaluate_shapes(model, Sizes(1, 1))
+
+
+def router_model(with_nonzero: bool) -> onnx.ModelProto:
+    """A mixture of experts' router as torch's legacy exporter writes Mixtral's: the top 2 of 4 experts per
+    token, one-hot masks of them, and (`with_nonzero`) the tokens each expert got, found with NonZero."""
+    nodes = [
+        helper.make_node("TopK", ["router_logits", "k"], ["top_values", "top_experts"], axis=-1),
+        helper.make_node("OneHot", ["top_experts", "experts", "off_on"], ["masks"], name="/moe/OneHot", axis=-1),
+        helper.make_node("Transpose", ["masks"], ["per_expert"], perm=[2, 1, 0]),
+    ]
+    outputs = [helper.make_tensor_value_info("per_expert", TensorProto.INT64, [4, 2, "sequence_length"])]
+    if with_nonzero:
+        nodes += [
+            helper.make_node("Gather", ["per_expert", "zero"], ["expert0"], axis=0),
+            helper.make_node("NonZero", ["expert0"], ["expert0_tokens"], name="/moe/NonZero"),
+        ]
+        outputs = [helper.make_tensor_value_info("expert0_tokens", TensorProto.INT64, [2, None])]
+    graph = helper.make_graph(
+        nodes,
+        "router",
+        [helper.make_tensor_value_info("router_logits", TensorProto.FLOAT, ["sequence_length", 4])],
+        outputs,
+        [
+            _ints("k", [2]),
+            numpy_helper.from_array(np.array(4, np.int64), "experts"),
+            _ints("off_on", [0, 1]),
+            numpy_helper.from_array(np.array(0, np.int64), "zero"),
+        ],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_one_hot_is_sized_and_routing_by_nonzero_is_refused(tmp_path: Path) -> None:
+    """OneHot's shape is its indices' with the depth inserted (what onnxruntime computes); the tokens an expert
+    gets are data (NonZero of the router's masks): the planner refuses them, naming the node."""
+    from llmir_onnx.errors import PlanError
+    from tests.test_memory import every_value_by_onnxruntime
+
+    path = tmp_path / "router.onnx"
+    onnx.save(router_model(with_nonzero=False), path)
+    shapes = evaluate_shapes(load_model(path), Sizes(batch=1, seq=5))
+    logits = np.random.default_rng(2).standard_normal((5, 4)).astype(np.float32)
+    for name, array in every_value_by_onnxruntime(path, shapes, {"router_logits": logits}).items():
+        assert shapes[name].shape == array.shape, name
+    assert shapes["masks"].shape == (5, 2, 4)
+    refusal = r"^node '/moe/NonZero' \(NonZero\): .*known only at run time.* mixture of experts"
+    with pytest.raises(PlanError, match=refusal):
+        evaluate_shapes(ir.from_proto(router_model(with_nonzero=True)), Sizes(batch=1, seq=5))

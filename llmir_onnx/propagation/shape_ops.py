@@ -670,9 +670,9 @@ def non_zero_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShap
     if first.value is None:
         source = node.inputs[0].name if node.inputs[0] is not None else ""
         raise PlanError(
-            f"node {node.name!r} (NonZero): its output's size is the number of non-zeros of {source!r}, which is "
-            "computed at run time, so the planner cannot size it; export the model without data-dependent ops "
-            "(NonZero) on this path"
+            f"node {node.name!r} (NonZero): its output's size is the number of non-zeros of {source!r}, known only "
+            "at run time, so the planner cannot size it; data-dependent ops (a mixture of experts' token routing, "
+            "for one) are not supported: export the model without them"
         )
     return [TensorShape((len(first.shape), int(np.count_nonzero(first.value))), ir.DataType.INT64)]
 
