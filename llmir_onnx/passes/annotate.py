@@ -3,7 +3,8 @@
 * every node gets a unique name (errors name nodes), constants become initializers and weight
   aliases (torch's `Identity(initializer)`) are folded, so "is this a weight" is one question;
 * global shapes of every value come from onnxruntime's symbolic shape inference (it understands the
-  contrib ops and computes reshape targets from Shape chains), falling back to onnx's;
+  contrib ops and computes reshape targets from Shape chains), falling back to onnx's, whose open dims
+  (head counts of computed reshape targets) the planner's own evaluation of the model then settles;
 * weight matmuls get a role. In topological order, a weight matmul whose output reaches other weight
   matmuls (without passing through one) opens a block: column-parallel. The matmuls it reaches close
   the block: row-parallel. A weight matmul that reaches none (the lm_head) stays replicated. No
