@@ -44,6 +44,8 @@ import transformers
 from readme import write_readme
 from transformers import (
     AutoModelForCausalLM,
+    BloomConfig,
+    CohereConfig,
     DynamicCache,
     FalconConfig,
     GPT2Config,
@@ -318,6 +320,43 @@ def make_stablelm_config() -> PretrainedConfig:
     )
 
 
+def make_bloom_config() -> PretrainedConfig:
+    # BLOOM: ALiBi (a per-head slope times the key position, added to the scores; no rotary), the fused
+    # query_key_value grouped per head ([heads, 3, head_dim]: each head's q, k, v side by side), scores over
+    # batch * heads merged into one axis (baddbmm), LayerNorm after the embedding, tied lm_head.
+    return BloomConfig(
+        vocab_size=512,
+        hidden_size=64,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["BloomForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
+def make_cohere_config() -> PretrainedConfig:
+    # Cohere: rotary on interleaved pairs (x[..., ::2], x[..., 1::2]) with cos/sin made by repeat_interleave,
+    # which torch's legacy exporter (under optimum) writes with ReduceMax and NonZero of constants that
+    # onnxruntime's symbolic shape inference cannot follow; LayerNorm without bias, attention and MLP in
+    # parallel, logits scaled by logit_scale, tied lm_head; 4 heads over 2 KV heads.
+    return CohereConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        logit_scale=0.0625,
+        bos_token_id=1,
+        eos_token_id=2,
+        architectures=["CohereForCausalLM"],
+        torch_dtype="float32",
+    )
+
+
 def make_llama_wide_config() -> PretrainedConfig:
     # For the quantized and half-precision genai exports: the row-parallel projections' inner
     # dims (o_proj: 8 heads x 64 = 512, down_proj: 512) stay whole int4 blocks of 128 at tp 4.
@@ -348,6 +387,8 @@ FAMILIES: dict[str, Callable[[], PretrainedConfig]] = {
     "starcoder2-kv2": make_starcoder2_config,
     "stablelm-qkln": make_stablelm_config,
     "llama-wide": make_llama_wide_config,
+    "bloom-alibi": make_bloom_config,
+    "cohere-interleaved": make_cohere_config,
 }
 
 
@@ -693,6 +734,7 @@ EXPORTERS: dict[str, Exporter] = {
             "olmo2-kv2",
             "olmo-clip",
             "starcoder2-kv2",
+            "bloom-alibi",
         ),
     ),
     "torch-dynamo": Exporter(export_torch_dynamo, (*ALL_FAMILIES, "qwen3-kv1", "stablelm-qkln")),
@@ -701,7 +743,9 @@ EXPORTERS: dict[str, Exporter] = {
     # optimum 2.1 cannot export falcon-gqa: its dummy past has num_kv_heads (2) heads where the
     # model caches k and v broadcast to all 8 query heads (torch.cat: "Expected size 2 but got size 8").
     # optimum-onnx 0.1.0 has no StarCoder2 config ("custom or unsupported architecture").
-    "optimum": Exporter(export_optimum, (*ALL_FAMILIES, "qwen2-kv2", "stablelm-qkln")),
+    # Cohere through the torch-legacy path above fails in torch's export of a torch.cat ("All tensors must
+    # have the same rank"); optimum (the same legacy exporter with its own wrapper) exports it.
+    "optimum": Exporter(export_optimum, (*ALL_FAMILIES, "qwen2-kv2", "stablelm-qkln", "cohere-interleaved")),
     # The genai builder has no GPT-2 support (no GPT2LMHeadModel in its model table). Its Phi-3
     # export (0.11.4) is wrong: lm_head reads layer 0's post-attention norm instead of the final
     # norm (logits differ from torch by ~10), so it is not exported.

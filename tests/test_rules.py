@@ -1261,7 +1261,7 @@ RULES_WITHOUT_SHAPES = frozenset(
         ("", op)
         for op in (
             "Acos", "Acosh", "Asin", "Asinh", "Atan", "Atanh", "BitShift", "BitwiseNot", "BitwiseXor", "Celu", "Cosh",
-            "EyeLike", "Hardmax", "HardSwish", "Mish", "NonZero", "RandomNormalLike", "RandomUniformLike", "Shrink",
+            "EyeLike", "Hardmax", "HardSwish", "Mish", "RandomNormalLike", "RandomUniformLike", "Shrink",
             "Sinh", "Softsign", "Swish", "Tan", "ThresholdedRelu",
         )
     }

@@ -52,3 +52,45 @@ def test_explicit_tolerances_apply_to_every_output() -> None:
     assert not rows[0].ok and (rows[0].atol, rows[0].rtol) == (1e-4, 1e-4)
     table = format_comparisons(rows)
     assert "ok (atol=0.0001, rtol=0.0001)" in table and table.rstrip().endswith("NO")
+
+
+def test_an_original_that_does_not_run_is_named_not_an_internal_error(tmp_path) -> None:
+    """verify's default past is made by the original model; where onnxruntime cannot run the export at all
+    (here a Reshape of the tokens into rows of 4 fails on 3 tokens), the user is told the model fails on its
+    own, in one line, with onnxruntime's reason."""
+    import onnx
+    import pytest
+    from onnx import TensorProto, helper, numpy_helper
+
+    from llmir_onnx.errors import InputModelError
+    from llmir_onnx.runtime.feeds import FeedSizes, model_past_feeds
+
+    past = ["batch_size", 1, "past_sequence_length", 4]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Cast", ["input_ids"], ["ids"], to=TensorProto.FLOAT),
+            helper.make_node("Reshape", ["ids", "rows_of_4"], ["new_keys"], name="/rows/Reshape"),
+            helper.make_node("Concat", ["past_key_values.0.key", "new_keys"], ["present.0.key"], axis=2),
+            helper.make_node("Concat", ["past_key_values.0.value", "new_keys"], ["present.0.value"], axis=2),
+            helper.make_node("Unsqueeze", ["ids", "last"], ["logits"]),
+        ],
+        "does_not_run",
+        [
+            helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+            helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, past),
+            helper.make_tensor_value_info("past_key_values.0.value", TensorProto.FLOAT, past),
+        ],
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", 1]),
+            helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, [*past[:2], "total", 4]),
+            helper.make_tensor_value_info("present.0.value", TensorProto.FLOAT, [*past[:2], "total", 4]),
+        ],
+        [
+            numpy_helper.from_array(np.array([0, 1, -1, 4], np.int64), "rows_of_4"),
+            numpy_helper.from_array(np.array([-1], np.int64), "last"),
+        ],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "model.onnx")
+    refusal = r"^the original model \S+model\.onnx fails in onnxruntime on its own \(.*/rows/Reshape.*\) while making"
+    with pytest.raises(InputModelError, match=refusal):
+        model_past_feeds(tmp_path / "model.onnx", FeedSizes(batch=1, new_tokens=4, past_tokens=3))

@@ -3,7 +3,8 @@
 * every node gets a unique name (errors name nodes), constants become initializers and weight
   aliases (torch's `Identity(initializer)`) are folded, so "is this a weight" is one question;
 * global shapes of every value come from onnxruntime's symbolic shape inference (it understands the
-  contrib ops and computes reshape targets from Shape chains), falling back to onnx's;
+  contrib ops and computes reshape targets from Shape chains), falling back to onnx's, whose open dims
+  (head counts of computed reshape targets) the planner's own evaluation of the model then settles;
 * weight matmuls get a role. In topological order, a weight matmul whose output reaches other weight
   matmuls (without passing through one) opens a block: column-parallel. The matmuls it reaches close
   the block: row-parallel. A weight matmul that reaches none (the lm_head) stays replicated. No
@@ -24,11 +25,12 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, NameFixPass, TopologicalSortPass
 
-from llmir_onnx.errors import ShardingError
+from llmir_onnx.errors import PlanError, ShardingError
 from llmir_onnx.mesh import DeviceMesh, grouped_shares
 from llmir_onnx.model_facts import TOKEN_IDS, input_kind
 from llmir_onnx.passes.state import ShardingPassResult, ShardingState, control_flow_owners
 from llmir_onnx.placement import Shard
+from llmir_onnx.plan.shapes import types_in_input_terms
 from llmir_onnx.propagation.attention import gqa_packed_blocks
 from llmir_onnx.propagation.base import RuleContext, Shape, WeightRole, normalize_dim
 from llmir_onnx.propagation.elementwise import ELEMENTWISE_OPS
@@ -106,6 +108,7 @@ def global_shapes(model: ir.Model) -> dict[str, Shape]:
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
     symbolic: dict[str, Shape] = {}
+    symbolic_failed = False
     try:
         # onnxruntime is an optional extra: without it, the except below leaves onnx's inference to answer.
         from onnxruntime.tools import symbolic_shape_infer
@@ -125,7 +128,8 @@ def global_shapes(model: ir.Model) -> dict[str, Shape]:
             noisy.setLevel(level)
         symbolic = _shapes_of(inferred)
     except Exception as error:  # its failures are many and not ours; onnx's inference still answers
-        logger.info("symbolic shape inference failed (%s); using onnx shape inference only", error)
+        logger.info("symbolic shape inference failed (%r); using onnx shape inference only", error)
+        symbolic_failed = True
     # onnx's inference never guesses: where it knows a size it is right. onnxruntime's symbolic inference
     # computes reshape targets from Shape chains (head counts) but, merging unknown broadcast dims, can
     # claim a size-1 mask axis has the size of the head axis. Take onnx's integers first.
@@ -142,7 +146,45 @@ def global_shapes(model: ir.Model) -> dict[str, Shape]:
     for value in model.graph.initializers.values():
         if value.const_value is not None:
             shapes[value.name] = tuple(value.const_value.shape.numpy())  # an initializer's shape is static
-    return shapes
+    return _settle_open_dims(model, shapes) if symbolic_failed else shapes
+
+
+def _settle_open_dims(model: ir.Model, shapes: dict[str, Shape]) -> dict[str, Shape]:
+    """`shapes` with the dims onnx's inference left open (unknown, or its own `unk__N`) settled by evaluating
+    the model at two unrelated sizes: a static int, or the graph-input dim it always equals.
+
+    Without onnxruntime's symbolic inference (it fails on shape computations it cannot evaluate, such as
+    torch's legacy export of repeat_interleave in Cohere's rotary), onnx's leaves the head count of every
+    `Reshape(x, Concat(.., [-1], [head_dim]))` open, and an axis of unknown size cannot be split. The
+    planner's own evaluation computes those targets; where it cannot, the shapes stay as they were."""
+    named = {str(d.value) for v in model.graph.inputs for d in v.shape or () if isinstance(d, ir.SymbolicDim)}
+
+    def is_open(dim: int | str | None) -> bool:
+        return dim is None or (isinstance(dim, str) and dim not in named)
+
+    names = [
+        value.name
+        for node in model.graph
+        for value in node.outputs
+        if value.name and (shapes.get(value.name) is None or any(map(is_open, shapes[value.name] or ())))
+    ]
+    if not names:
+        return shapes
+    try:
+        evaluated = types_in_input_terms(model, names)
+    except PlanError as error:
+        logger.info("the planner cannot evaluate the model either (%s); open dims stay open", error)
+        return shapes
+    settled = dict(shapes)
+    for name, (_, dims) in evaluated.items():
+        known = shapes.get(name)
+        if known is None or len(known) != len(dims):
+            settled[name] = dims
+            continue
+        settled[name] = tuple(
+            new if is_open(old) and new is not None else old for old, new in zip(known, dims, strict=True)
+        )
+    return settled
 
 
 def _is_weight(value: ir.Value | None, shapes: dict[str, Shape], rank: int = 2) -> bool:

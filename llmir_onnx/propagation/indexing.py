@@ -12,7 +12,14 @@ import onnx_ir as ir
 from llmir_onnx.placement import REPLICATE, Placement, Shard
 from llmir_onnx.propagation.base import Decision, RuleContext, normalize_dim, register, replicated
 from llmir_onnx.propagation.registry import ShapeEnvironment, attr_int, define
-from llmir_onnx.propagation.tensor_shapes import TensorShape, first_input, required_input, same_as_first
+from llmir_onnx.propagation.tensor_shapes import (
+    TensorShape,
+    first_input,
+    input_ints,
+    norm_axis,
+    required_input,
+    same_as_first,
+)
 
 
 def _the_shard(placements: list[Placement | None]) -> Shard | None:
@@ -92,6 +99,17 @@ def gather_elements_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[Ten
     return [TensorShape(required_input(inputs, 1, node, "indices").shape, first_input(inputs).dtype)]
 
 
+def one_hot_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """indices' shape with an axis of `depth` inserted at `axis`, in the type of `values` (a mixture of
+    experts' router turns its top-k expert ids into masks this way)."""
+    indices = first_input(inputs)
+    depth = input_ints(inputs, 1, node, "depth")[0]
+    values = required_input(inputs, 2, node, "values")
+    axis = norm_axis(attr_int(node, "axis", -1), len(indices.shape) + 1)
+    return [TensorShape((*indices.shape[:axis], depth, *indices.shape[axis:]), values.dtype)]
+
+
 define(["GatherND"], shape=gather_nd_shape)
+define(["OneHot"], shape=one_hot_shape)
 define(["ScatterND", "ScatterElements"], shape=same_as_first)
 define(["GatherElements"], shape=gather_elements_shape)

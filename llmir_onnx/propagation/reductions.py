@@ -6,6 +6,10 @@ everything else (mean, max, norms over the hidden axis) needs the full axis, so 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.placement import PARTIAL_SUM, REPLICATE, Partial, Placement, Shard
@@ -17,6 +21,7 @@ from llmir_onnx.propagation.tensor_shapes import (
     first_input,
     input_ints,
     int_list,
+    known_arrays,
     norm_axis,
     same_as_first,
 )
@@ -188,6 +193,30 @@ def reduce_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape 
     return [TensorShape(shape, dtype)]
 
 
+# Reductions the planner computes on small known tensors: torch's legacy export of repeat_interleave
+# (Cohere's rotary) takes the repeat count as ReduceMax(ConstantOfShape(..., value=2)) into an Expand target.
+_NUMPY_REDUCTIONS: dict[str, Callable[..., Any]] = {
+    "ReduceSum": np.sum,
+    "ReduceMean": np.mean,
+    "ReduceMax": np.max,
+    "ReduceMin": np.min,
+    "ReduceProd": np.prod,
+}
+
+
+def reduce_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    data = np.asarray(known_arrays(arrays, 1)[0])
+    axes = attr_ints(node, "axes")
+    if axes is None and len(arrays) > 1 and arrays[1] is not None:
+        axes = [int(v) for v in np.asarray(arrays[1]).reshape(-1)]
+    if not axes:
+        if attr_int(node, "noop_with_empty_axes", 0):
+            return data
+        axes = list(range(data.ndim))
+    reduced = _NUMPY_REDUCTIONS[node.op_type](data, axis=tuple(axes), keepdims=bool(attr_int(node, "keepdims", 1)))
+    return np.asarray(reduced, dtype=data.dtype)  # numpy's mean of integers is a float; ONNX keeps the type
+
+
 def top_k_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
     first = first_input(inputs)
     k = input_ints(inputs, 1, node, "k")[0]
@@ -205,5 +234,6 @@ define(["LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization"
 define(["LayerNormalization", "SimplifiedLayerNormalization"], domain=MS_DOMAIN, shape=norm_shape)
 define(["SkipSimplifiedLayerNormalization", "SkipLayerNormalization"], domain=MS_DOMAIN, shape=skip_norm_shape)
 define(REDUCE_OPS, shape=reduce_shape)
+define(tuple(_NUMPY_REDUCTIONS), value=reduce_value)
 define(PARTIAL_REDUCTIONS, localize=_scale_partial_reduction)
 define(["TopK"], shape=top_k_shape)

@@ -657,6 +657,26 @@ def constant_of_shape_value(node: ir.Node, arrays: list[np.ndarray | None]) -> n
     return np.full(shape, fill, dtype=np.asarray(fill).dtype)
 
 
+def non_zero_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
+    data = np.asarray(known_arrays(arrays, 1)[0])
+    # [rank, count]: one row of indices per axis (a scalar's NonZero is left to the shape rule).
+    return np.stack(np.nonzero(data)).astype(np.int64) if data.ndim else None
+
+
+def non_zero_shape(env: ShapeEnvironment, node: ir.Node, inputs: list[TensorShape | None]) -> list[TensorShape]:
+    """[rank, count of non-zeros]: the count is the input's data, known only where the planner computed it
+    (torch's legacy export of repeat_interleave takes NonZero of a constant mask: Cohere's rotary)."""
+    first = first_input(inputs)
+    if first.value is None:
+        source = node.inputs[0].name if node.inputs[0] is not None else ""
+        raise PlanError(
+            f"node {node.name!r} (NonZero): its output's size is the number of non-zeros of {source!r}, known only "
+            "at run time, so the planner cannot size it; data-dependent ops (a mixture of experts' token routing, "
+            "for one) are not supported: export the model without them"
+        )
+    return [TensorShape((len(first.shape), int(np.count_nonzero(first.value))), ir.DataType.INT64)]
+
+
 def expand_value(node: ir.Node, arrays: list[np.ndarray | None]) -> np.ndarray | None:
     a = known_arrays(arrays, 1)[0]
     target = tuple(int(v) for v in np.asarray(arrays[1]).reshape(-1))
@@ -717,5 +737,6 @@ define(["Squeeze", "Unsqueeze"], shape=squeeze_shape, value=squeeze_value)
 define(["Tile"], shape=tile_shape)
 define(["ConstantOfShape"], shape=constant_of_shape_shape, value=constant_of_shape_value)
 define(["Range"], shape=range_shape, value=range_value)
+define(["NonZero"], shape=non_zero_shape, value=non_zero_value)
 define(["Pad"], shape=pad_shape)
 define(["Trilu"], shape=same_as_first)

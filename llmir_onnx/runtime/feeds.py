@@ -106,7 +106,17 @@ def model_past_feeds(model_path: Path, sizes: FeedSizes = FeedSizes()) -> dict[s
     if not pairs:
         return feeds
     prompt_sizes = FeedSizes(sizes.batch, new_tokens=sizes.past_tokens, past_tokens=0, seed=sizes.seed + 1)
-    presents = dict(zip(output_names, session.run(output_names, random_feeds(model, prompt_sizes)), strict=True))
+    try:
+        outputs = session.run(output_names, random_feeds(model, prompt_sizes))
+    except Exception as error:  # onnxruntime's errors (Fail, InvalidArgument, ...) share no narrower base
+        # The model as exported does not run, whatever the plan does: say so, not "internal error".
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputModelError(
+            f"the original model {model_path} fails in onnxruntime on its own ({reason}) while making the past KV "
+            f"cache of {sizes.past_tokens} random tokens that verify starts from; the export does not run as it is: "
+            "re-export it (and check it in onnxruntime), or give inputs the model takes with --inputs"
+        ) from error
+    presents = dict(zip(output_names, outputs, strict=True))
     for present, past in pairs.items():
         feeds[past] = presents[present]
     return feeds
