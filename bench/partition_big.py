@@ -1,7 +1,7 @@
 """Partition a multi-GB model at tp 4 x pp 2: wall time against `cp` of its weights, peak memory.
 
     .venv/bin/python bench/partition_big.py --work /big/scratch [--shape 7b] [--layers 12] [--rounds 5]
-                                            [--keep] [--verify] [--floor]
+                                            [--keep] [--verify] [--floor] [--checkout A --checkout B]
 
 Generates a LLaMA-shaped float16 model with models/make_synthetic.py (`--shape 7b`: hidden 4096, 32
 heads, 8 kv heads, intermediate 11008, vocab 32000, 12 layers are 4.45 GiB of weights; `--shape 70b`:
@@ -15,6 +15,11 @@ With `--floor`, each round runs a third step between the two: `bench/copy_floor.
 weight file in the kernel as `cp` does and BLAKE3-hashes the copy behind it on a second thread (the
 least work of a partition that records its files' digests), so the floor is measured in the same
 state of the machine as the two it lies between.
+
+With `--checkout DIR` (repeatable), each round partitions once with each checkout's code
+(`DIR/.venv/bin/python -m llmir_onnx.cli.main`, run from DIR), the first checkout first in odd rounds
+and last in even ones, each against the same round's cp (and floor); with two checkouts the second's
+time over the first's per round is reported too: a before/after comparison interleaved in one run.
 
 The steps start from the same state: no output exists (each round deletes them first), and a
 `sync` (not timed; then `--settle` seconds of waiting) so one step's dirty pages are not flushed on
@@ -57,13 +62,17 @@ def _sync() -> float:
     return time.perf_counter() - start
 
 
-def _timed(command: list[str], settle_s: float) -> tuple[float, float, int, float]:
+# (seconds to return, seconds to return + sync, peak RSS in bytes, CPU seconds) of one timed step.
+Timing = tuple[float, float, int, float]
+
+
+def _timed(command: list[str], settle_s: float, cwd: Path | None = None) -> Timing:
     """(seconds to return, seconds to return + sync, peak RSS of the child in bytes, its CPU seconds: user +
     system)."""
     _sync()
     time.sleep(settle_s)
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=cwd)
     # wait4 gives this child's own rusage (RUSAGE_CHILDREN would report the largest child so far).
     _, status, usage = os.wait4(child.pid, 0)
     returned = time.perf_counter() - start
@@ -102,6 +111,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--floor", action="store_true", help="also time bench/copy_floor.py (copy + BLAKE3 of the copy) in each round"
     )
+    parser.add_argument(
+        "--checkout", type=Path, action="append", help="partition with this checkout's .venv (repeatable: A/B)"
+    )
     args = parser.parse_args(argv)
     work = args.work.resolve()
     model_dir = work / "model"
@@ -119,12 +131,18 @@ def main(argv: list[str] | None = None) -> int:
     weight_bytes = data.stat().st_size
     copy = work / "copy.data"
     cli = [PYTHON, "-m", "llmir_onnx.cli.main"]
-    partition_cmd = [*cli, "partition", str(model), "--tp", "4", "--pp", "2", "-o", str(plan_dir), "--quiet"]
+    partition_args = ["partition", str(model), "--tp", "4", "--pp", "2", "-o", str(plan_dir), "--quiet"]
+    # (label, folder to run in, command): this checkout with this interpreter, or each --checkout with its own.
+    sides = [(str(checkout), checkout.resolve(), [str(checkout.resolve() / ".venv" / "bin" / "python"),
+              "-m", "llmir_onnx.cli.main", *partition_args]) for checkout in args.checkout or []]  # fmt: skip
+    sides = sides or [("this checkout", None, [*cli, *partition_args])]
     available = _available_bytes()  # before the rounds: what the source and one output had to fit in
     floor_cmd = [PYTHON, str(ROOT / "bench" / "copy_floor.py"), str(data), str(copy)]
-    rounds = []
-    floors = []
-    for _ in range(args.rounds):
+    print(f"{time.strftime('%H:%M:%S', time.gmtime())} UTC, load average before (1, 5, 15 min): "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)  # fmt: skip
+    runs: list[list[tuple[Timing, Timing]]] = [[] for _ in sides]  # per side: (cp, partition) per round
+    floors: list[Timing] = []
+    for index in range(args.rounds):
         # The steps start from the same state: no output exists (deleting one frees its pages in the
         # page cache, which the next writer then gets without reclaiming others).
         copy.unlink(missing_ok=True)
@@ -134,9 +152,38 @@ def main(argv: list[str] | None = None) -> int:
         if args.floor:
             floors.append(_timed(floor_cmd, args.settle))
             copy.unlink()
-        part = _timed(partition_cmd, args.settle)
-        rounds.append((cp, part))
+        # Interleaved: the first side runs first in odd rounds, last in even ones.
+        for side in range(len(sides)) if index % 2 == 0 else reversed(range(len(sides))):
+            shutil.rmtree(plan_dir, ignore_errors=True)
+            _, cwd, command = sides[side]
+            runs[side].append((cp, _timed(command, args.settle, cwd)))
     plan_bytes = sum(p.stat().st_size for p in plan_dir.iterdir())
+    for label, rounds in zip((label for label, _, _ in sides), runs, strict=True):
+        if len(sides) > 1:
+            print(f"--- {label}")
+        _report(rounds, floors, weight_bytes, plan_bytes, available)
+    if len(sides) == 2:
+        walls = [b[1][0] / a[1][0] for a, b in zip(*runs, strict=True)]
+        cpus = [b[1][3] / a[1][3] for a, b in zip(*runs, strict=True)]
+        print(f"{sides[1][0]} / {sides[0][0]} per round: wall {', '.join(f'{r:.2f}' for r in walls)} (median "
+              f"{statistics.median(walls):.3f}x); CPU {', '.join(f'{r:.2f}' for r in cpus)} (median "
+              f"{statistics.median(cpus):.3f}x)")  # fmt: skip
+    print(f"{time.strftime('%H:%M:%S', time.gmtime())} UTC, load average after (1, 5, 15 min): "
+          f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}")  # fmt: skip
+    if args.verify:
+        start = time.perf_counter()
+        subprocess.run([*cli, "verify", str(plan_dir), "--new-tokens", "2", "--past-tokens", "1"], check=True)
+        print(f"verify: {time.perf_counter() - start:.1f} s")
+    if not args.keep:
+        shutil.rmtree(plan_dir, ignore_errors=True)
+        shutil.rmtree(model_dir, ignore_errors=True)
+    return 0
+
+
+def _report(
+    rounds: list[tuple[Timing, Timing]], floors: list[Timing], weight_bytes: int, plan_bytes: int, available: int
+) -> None:
+    """The rounds of one checkout against their cps (and floors): tables, medians, and the JSON of them."""
     # The disk of a shared VM swings 2-4x within a minute: each round's ratio compares a partition
     # with the cp just before it; the median round is the figure.
     ratios = sorted(part[0] / cp[0] for cp, part in rounds)
@@ -191,16 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cache state: source plus one output ({2 * weight_bytes / gib:.1f} GiB) exceed the memory "
               f"available at the start ({available / gib:.1f} GiB): steps re-read part of the source "
               "and wait on writeback")  # fmt: skip
-    print(f"load average after the run (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(json.dumps(rows))
-    if args.verify:
-        start = time.perf_counter()
-        subprocess.run([*cli, "verify", str(plan_dir), "--new-tokens", "2", "--past-tokens", "1"], check=True)
-        print(f"verify: {time.perf_counter() - start:.1f} s")
-    if not args.keep:
-        shutil.rmtree(plan_dir, ignore_errors=True)
-        shutil.rmtree(model_dir, ignore_errors=True)
-    return 0
 
 
 if __name__ == "__main__":

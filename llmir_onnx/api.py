@@ -174,7 +174,7 @@ def partition_to_dir(
         result = build_rank_models(tp_ranks, weights, options)
         check_value_pins(pins, result.placements)
         mesh = result.mesh
-        with shared_shape_evaluations():
+        with shared_shape_evaluations(result.shape_references):
             details = _rank_details(result, profile, max_batch, max_seq, device_memory_bytes, devices)
         groups = {"tp": [list(g) for g in mesh.groups("tp")], "pp": [list(g) for g in mesh.groups("pp")]}
         if cp > 1:

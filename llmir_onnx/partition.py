@@ -69,7 +69,7 @@ from llmir_onnx.plan.cost import node_time_function
 from llmir_onnx.plan.data_files import RankWeights
 from llmir_onnx.plan.devices import Cluster, load_profile
 from llmir_onnx.plan.manifest import SliceBinding
-from llmir_onnx.plan.shapes import default_max_seq
+from llmir_onnx.plan.shapes import ShapeReference, default_max_seq
 from llmir_onnx.plan.tp_rank_copy import TpRankCopy, moved_rank_copy, tp_rank_copy
 
 # The KV cache layouts over the cp axis (PartitionOptions.cp_kv_cache, the CLI's --cp-kv-cache).
@@ -149,6 +149,9 @@ class PartitionResult:
     warnings: list[str]
     # Each sliced weight: its global shape, placement and the [start, stop) ranges of its sliced dim per tp rank.
     weight_splits: list[dict[str, object]] | None = None
+    # pp > 1: tp rank 0's whole model evaluated at the plan's sizes before it was cut into the stages, for
+    # the stages' memory plans and costs (`plan.shapes.shared_shape_evaluations`).
+    shape_references: tuple[ShapeReference, ...] = ()
 
 
 def _binding(value: ir.Value, placement: Placement, size: int | str | None, tp: int, tp_rank: int) -> SliceBinding:
@@ -479,11 +482,13 @@ class RankWeightsPlan:
     `ranks`: each rank's weights ({initializer name: tensor}, lazy slices of the source's data) and its
     pipeline stage, sorted by rank: what the weight writer places and writes. `stage_splits` (pp > 1):
     the stage split decided and not built yet: one of tp rank 0's model, whose stages every other tp
-    rank copies, or with an uneven split one per tp rank; empty at pp 1.
+    rank copies, or with an uneven split one per tp rank; empty at pp 1. `shape_references` (pp > 1): the
+    evaluations of tp rank 0's whole model that planned the split, which the stages' analyses take from.
     """
 
     ranks: tuple[RankWeights, ...]
     stage_splits: tuple[StageSplitPlan, ...] = ()
+    shape_references: tuple[ShapeReference, ...] = ()
 
 
 def plan_rank_weights(tp_ranks: TpRanks, options: PartitionOptions) -> RankWeightsPlan:
@@ -513,7 +518,11 @@ def plan_rank_weights(tp_ranks: TpRanks, options: PartitionOptions) -> RankWeigh
     mesh = DeviceMesh(pp=options.pp, cp=options.cp, tp=options.tp)
     first = tp_ranks.model
     max_seq = options.max_seq or default_max_seq(first)
-    node_cost = node_time_function(first, load_profile(options.device), options.max_batch, max_seq)
+    # Its evaluations are kept: the stages cut from it take their shapes and node costs (`build_rank_models`).
+    references: list[ShapeReference] = []
+    node_cost = node_time_function(
+        first, load_profile(options.device), options.max_batch, max_seq, references=references
+    )
     stage_costs = memory_limits = None
     if options.cluster is not None:
         stage_costs, memory_limits = _stage_device_costs(first, mesh, options.cluster, options.max_batch, max_seq)
@@ -553,7 +562,7 @@ def plan_rank_weights(tp_ranks: TpRanks, options: PartitionOptions) -> RankWeigh
             for cp_rank, cp_tensors in _cp_rank_tensors(tp_ranks, rank_weights, options.cp)
             for stage in range(mesh.pp)
         )
-    return RankWeightsPlan(tuple(sorted(ranks, key=lambda entry: entry.rank)), tuple(splits))
+    return RankWeightsPlan(tuple(sorted(ranks, key=lambda entry: entry.rank)), tuple(splits), tuple(references))
 
 
 def _cp_rank_tensors(
@@ -602,7 +611,9 @@ def build_rank_models(tp_ranks: TpRanks, weights: RankWeightsPlan, options: Part
             _remove_unused(program.model_or_copy)
     if options.cp > 1:
         ranks = _cp_rank_copies(ranks, weights, mesh)
-    return PartitionResult(mesh, ranks, tp_ranks.placements, tp_ranks.warnings, tp_ranks.weight_splits)
+    return PartitionResult(
+        mesh, ranks, tp_ranks.placements, tp_ranks.warnings, tp_ranks.weight_splits, weights.shape_references
+    )
 
 
 def _cp_rank_copies(programs: list[RankProgram], weights: RankWeightsPlan, mesh: DeviceMesh) -> list[RankProgram]:

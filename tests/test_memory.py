@@ -207,3 +207,62 @@ def test_shapes_of_bundled_exports_match_onnxruntime(path: Path) -> None:
         math.prod(i.dims) * ir.DataType(i.data_type).itemsize
         for i in onnx.load(str(path), load_external_data=False).graph.initializer
     )
+
+
+def _same_values(a: dict[str, TensorShape], b: dict[str, TensorShape]) -> bool:
+    def same(x: TensorShape, y: TensorShape) -> bool:
+        values = (x.value is None and y.value is None) or (
+            x.value is not None and y.value is not None and np.array_equal(x.value, y.value)
+        )
+        return x.shape == y.shape and x.dtype == y.dtype and values
+
+    return a.keys() == b.keys() and all(same(a[name], b[name]) for name in a)
+
+
+def test_stage_analyses_that_take_the_whole_models_shapes_equal_their_own(tiny: tuple[object, Path]) -> None:
+    """A tp 2 x pp 2 partition keeps tp rank 0's whole-model evaluations (`shape_references`); each stage's
+    shapes, node costs and memory plan taken from them are what evaluating the stage on its own gives."""
+    from llmir_onnx.partition import PartitionOptions, partition
+    from llmir_onnx.plan.cost import NODE_COSTS, node_costs
+    from llmir_onnx.plan.shapes import shared_shape_evaluations, taken_results
+
+    _, path = tiny
+    result = partition(load_model(path), PartitionOptions(tp=2, pp=2))
+    assert len(result.shape_references) == 2  # prefill and decode
+    stages = [program.model for program in result.ranks if program.rank in (0, 2)]  # tp rank 0 of each stage
+    for reference in result.shape_references:
+        for stage in stages:
+            own_shapes = evaluate_shapes(stage, reference.sizes)
+            own_costs = node_costs(stage, reference.sizes)
+            own_plan = plan_memory(stage, max_batch=reference.sizes.batch, max_seq=reference.sizes.total)
+            with shared_shape_evaluations(result.shape_references):
+                assert _same_values(evaluate_shapes(stage, reference.sizes), own_shapes)
+                assert node_costs(stage, reference.sizes) == own_costs
+                assert plan_memory(stage, max_batch=reference.sizes.batch, max_seq=reference.sizes.total) == own_plan
+                # Most of a stage's nodes are the whole model's: taken, not evaluated again.
+                assert len(taken_results(stage, reference.sizes, None, NODE_COSTS)) > len(stage.graph) // 2
+
+
+def test_a_node_that_differs_from_the_reference_is_evaluated_again(tiny: tuple[object, Path]) -> None:
+    """Taking from a reference is by node: a node whose attributes differ (here a Cast's target type) and
+    everything reading it are evaluated anew; the nodes before it are taken."""
+    from llmir_onnx.plan.shapes import ShapeEvaluator
+
+    _, path = tiny
+    model = load_model(path)
+    sizes = Sizes(batch=2, seq=5, past=3)
+    recorded = ShapeEvaluator(model, sizes, record=True)
+    recorded.run()
+    reference = recorded.reference()
+    changed = model.clone()
+    cast = next(
+        node
+        for node in changed.graph
+        if node.op_type == "Cast" and reference.values[node.outputs[0].name].dtype == ir.DataType.FLOAT
+    )
+    cast.attributes["to"] = ir.AttrInt64("to", ir.DataType.FLOAT16)
+    taken = ShapeEvaluator(changed, sizes, reference=reference)
+    values = taken.run()
+    assert _same_values(values, ShapeEvaluator(changed, sizes).run())
+    assert values[cast.outputs[0].name].dtype == ir.DataType.FLOAT16
+    assert id(cast) not in taken.reused and taken.reused

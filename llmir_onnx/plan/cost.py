@@ -73,13 +73,23 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import cast
 
 import onnx_ir as ir
 
 from llmir_onnx.model_facts import layer_of_node_by_name
 from llmir_onnx.plan.devices import DeviceProfile, LinkProfile
 from llmir_onnx.plan.memory import phase_sizes
-from llmir_onnx.plan.shapes import LLMIR_DOMAIN, Sizes, TensorShape, evaluate_shapes
+from llmir_onnx.plan.shapes import (
+    LLMIR_DOMAIN,
+    NodeSignatures,
+    ShapeEvaluator,
+    ShapeReference,
+    Sizes,
+    TensorShape,
+    evaluate_shapes,
+    taken_results,
+)
 
 META_FLOPS = "llmir.flops"
 META_BYTES = "llmir.bytes"
@@ -272,9 +282,15 @@ def node_cost(node: ir.Node, shapes: Mapping[str, TensorShape]) -> NodeCost:
     )
 
 
+# Where a `ShapeReference` keeps the node costs of its model (`node_time_function`), by first output name.
+NODE_COSTS = "node_cost"
+
+
 def node_costs(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None) -> list[NodeCost]:
     shapes = evaluate_shapes(model, sizes, overrides)
-    return [node_cost(node, shapes) for node in model.graph]
+    # A node taken from a reference evaluation (a stage's node of the whole model) costs what it cost there.
+    taken = taken_results(model, sizes, overrides, NODE_COSTS)
+    return [cast(NodeCost, taken[id(node)]) if id(node) in taken else node_cost(node, shapes) for node in model.graph]
 
 
 def annotate_costs(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None) -> list[NodeCost]:
@@ -429,22 +445,35 @@ def node_time_function(
     max_seq: int,
     overrides: Mapping[str, int] | None = None,
     link_of: LinkOf | None = None,
+    references: list[ShapeReference] | None = None,
 ) -> Callable[[ir.Node], float]:
     """Predicted prefill + decode seconds of each node of `model`, as a callable on its nodes.
 
     Meant as the per-node cost of pipeline stage balancing (`plan.stage_balance`): the shapes are
     evaluated once per phase here, so calling it per node is a dictionary lookup. Nodes of another
-    model raise KeyError.
+    model raise KeyError. With `references`, each phase's evaluation and node costs are appended to it as a
+    `ShapeReference`, for the analyses of the stages cut from `model` (`shared_shape_evaluations`).
     """
     seconds: dict[int, float] = {}
+    signatures = NodeSignatures()  # one graph evaluated at two sizes: each node's signature once
     for sizes in phase_sizes(max_batch, max_seq).values():
-        shapes = evaluate_shapes(model, sizes, overrides)
+        evaluator = (
+            ShapeEvaluator(model, sizes, overrides, record=True, signatures=signatures)
+            if references is not None
+            else None
+        )
+        shapes = evaluator.run() if evaluator is not None else evaluate_shapes(model, sizes, overrides)
+        costs: dict[str, NodeCost] = {}
         for node in model.graph:
             cost = node_cost(node, shapes)
+            if evaluator is not None and node.outputs and node.outputs[0].name:
+                costs[node.outputs[0].name] = cost
             link = link_of(node) if link_of is not None and cost.domain == LLMIR_DOMAIN else None
             compute, memory, comm = node_seconds(cost, device, link)
             overhead = 0.0 if cost.op_type in FREE_OPS else device.node_overhead
             seconds[id(node)] = seconds.get(id(node), 0.0) + max(compute, memory) + comm + overhead
+        if evaluator is not None and references is not None:
+            references.append(evaluator.reference({NODE_COSTS: costs}))
 
     def time_of(node: ir.Node) -> float:
         return seconds[id(node)]

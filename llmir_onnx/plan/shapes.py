@@ -144,23 +144,56 @@ def bind_dims(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None
 
 
 class ShapeEvaluator:
-    """Evaluates shapes (and small integer values) of every value of one graph at concrete sizes."""
+    """Evaluates shapes (and small integer values) of every value of one graph at concrete sizes.
 
-    def __init__(self, model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None) -> None:
+    With a `reference` (an evaluation at the same sizes of a graph this one was cut from, `ShapeReference`),
+    a node that is the reference's node of the same outputs (`node_signature`) and reads the very values the
+    reference's read takes the reference's outputs instead of being evaluated (`reused` holds their ids); a
+    value computed anew that equals the reference's of its name becomes the reference's object, so its
+    readers can be taken too. With `record`, `reference()` returns this evaluation as such a reference.
+    """
+
+    def __init__(
+        self,
+        model: ir.Model,
+        sizes: Sizes,
+        overrides: Mapping[str, int] | None = None,
+        reference: ShapeReference | None = None,
+        record: bool = False,
+        signatures: NodeSignatures | None = None,
+    ) -> None:
         self.model = model
         self.sizes = sizes
+        self.overrides = _overrides_key(overrides)
         self.dims = bind_dims(model, sizes, overrides)
         self.values: dict[str, TensorShape] = {}
+        self.reused: set[int] = set()  # ids of the nodes taken from the reference
+        self.taken_from = reference  # the reference this evaluation takes from, if any
+        self._record = record
+        self._signatures: dict[str, NodeSignature] = {}  # recorded: by first output name
+        # Signatures of this graph's nodes, shared by its evaluations at other sizes (the graph must not change).
+        self._signature_of = signatures if signatures is not None else NodeSignatures()
+        self._bound_by_name = False  # the node being evaluated bound a declared dim (`bind_dim`)
 
     # -- entry points
 
     def run(self) -> dict[str, TensorShape]:
         graph = self.model.graph
+        reference = self.taken_from
         for value in graph.inputs:
-            self.values[value.name or ""] = TensorShape(self._input_shape(value), self._dtype(value))
+            shape = TensorShape(self._input_shape(value), self._dtype(value))
+            self.values[value.name or ""] = reference.interned(value.name or "", shape) if reference else shape
         for name, value in graph.initializers.items():
-            self.values[name] = self._initializer(value)
+            taken = reference.initializer(name, value) if reference is not None else None
+            self.values[name] = taken if taken is not None else self._initializer(value)
         for node in graph:
+            if reference is not None and reference.takes(node, self.values, self._signature_of):
+                for output in node.outputs:
+                    if output.name in reference.values:  # what its evaluation there gave (all but trailing optionals)
+                        self.values[output.name] = reference.values[output.name]
+                self.reused.add(id(node))
+                continue
+            self._bound_by_name = False
             try:
                 self._node(node)
             except (ValueError, IndexError, ShapeMismatchError) as error:  # numpy's, on shapes the model cannot take
@@ -170,7 +203,23 @@ class ShapeEvaluator:
                     "sequences this long: lower --max-seq",
                     where=f"node {node.name!r} ({node.op_type})",
                 ) from error
+            if reference is not None:
+                for output in node.outputs:
+                    if output.name in self.values:
+                        self.values[output.name] = reference.interned(output.name, self.values[output.name])
+            # A node whose shape depends on how a declared dim binds is not taken from a reference.
+            elif self._record and not self._bound_by_name and node.outputs and node.outputs[0].name:
+                self._signatures[node.outputs[0].name] = self._signature_of(node)
         return self.values
+
+    def reference(self, results: Mapping[str, Mapping[str, object]] | None = None) -> ShapeReference:
+        """This evaluation, for graphs cut from this one (`record` must have been set; after `run`), with what
+        analyses computed per node at these shapes (`results`: by analysis, then first output name)."""
+        if not self._record:
+            raise PlanError("a shape evaluation kept as a reference must be run with record=True")
+        initializers = {name: value.const_value for name, value in self.model.graph.initializers.items()}
+        kept = {analysis: dict(by_name) for analysis, by_name in (results or {}).items()}
+        return ShapeReference(self.sizes, self.overrides, self.values, self._signatures, initializers, kept)
 
     # -- sources
 
@@ -270,6 +319,7 @@ class ShapeEvaluator:
     def bind_dim(self, dim: int | ir.SymbolicDim, node: ir.Node) -> int:
         if isinstance(dim, int):
             return dim
+        self._bound_by_name = True
         name = str(dim.value)
         if name in self.dims:
             return self.dims[name]
@@ -284,39 +334,190 @@ class ShapeEvaluator:
         return guess
 
 
-# Evaluations kept while `shared_shape_evaluations` is open: key -> (model, shapes). The model is held so
+class _Same:
+    """An attribute value compared by identity (a tensor or graph attribute: the node's own object)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, _Same) and other.value is self.value
+
+    def __hash__(self) -> int:
+        return id(self.value)
+
+
+_PLAIN_ATTRIBUTES = frozenset({ir.AttributeType.INT, ir.AttributeType.FLOAT, ir.AttributeType.STRING})
+_LIST_ATTRIBUTES = frozenset({ir.AttributeType.INTS, ir.AttributeType.FLOATS, ir.AttributeType.STRINGS})
+
+NodeSignature = tuple[object, ...]
+
+
+def node_signature(node: ir.Node) -> NodeSignature:
+    """What a node's shapes and cost depend on besides its inputs' shapes: its op, name, attributes, the names
+    of what it reads and writes, and where those stand in its graph (initializer, produced, graph output)."""
+    attributes = tuple(
+        (
+            name,
+            attribute.type,
+            attribute.value
+            if attribute.type in _PLAIN_ATTRIBUTES
+            else tuple(attribute.value)
+            if attribute.type in _LIST_ATTRIBUTES
+            else _Same(attribute.value),
+        )
+        for name, attribute in node.attributes.items()
+    )
+    inputs = tuple(
+        None if value is None else (value.name, value.is_initializer(), value.producer() is not None,
+                                    value.is_graph_output())
+        for value in node.inputs
+    )  # fmt: skip
+    outputs = tuple((value.name, value.is_graph_output()) for value in node.outputs)
+    return (node.domain, node.op_type, node.overload, node.name, attributes, inputs, outputs)
+
+
+class NodeSignatures:
+    """`node_signature` of each node asked for, computed once: for evaluations of one graph at several sizes
+    (the graph must not change in between). Holds the nodes, so their ids stay theirs."""
+
+    def __init__(self) -> None:
+        self._known: dict[int, tuple[ir.Node, NodeSignature]] = {}
+
+    def __call__(self, node: ir.Node) -> NodeSignature:
+        known = self._known.get(id(node))
+        if known is None:
+            known = self._known[id(node)] = (node, node_signature(node))
+        return known[1]
+
+
+def _same_shape(a: TensorShape, b: TensorShape) -> bool:
+    if a is b:
+        return True
+    if a.shape != b.shape or a.dtype != b.dtype or (a.value is None) != (b.value is None):
+        return False
+    if a.value is None or b.value is None:
+        return True
+    return a.value.dtype == b.value.dtype and a.value.shape == b.value.shape and bool(np.array_equal(a.value, b.value))
+
+
+def _overrides_key(overrides: Mapping[str, int] | None) -> tuple[tuple[str, int], ...]:
+    return tuple(sorted((overrides or {}).items()))
+
+
+@dataclass(frozen=True)
+class ShapeReference:
+    """One graph's evaluation at `sizes` (`ShapeEvaluator(record=True).reference()`), for the graphs cut from it.
+
+    A pipeline stage is cut from tp rank 0's whole model: most of its nodes are that model's nodes (the
+    same op, name, attributes, inputs), so their shapes are the whole model's at the same sizes. The stage
+    split's cost model evaluates the whole model at the plan's prefill and decode sizes before the stages
+    exist; the stages' memory plans and costs then take those shapes (`shared_shape_evaluations`) instead of
+    evaluating every stage again. `signatures`: the nodes that may be taken, by first output name (a node
+    whose shape bound a declared dim by name is not among them); `initializers`: the tensor each name held;
+    `results`: what analyses computed per node at these shapes (`plan.cost` keeps its node costs there), by
+    analysis, then first output name.
+    """
+
+    sizes: Sizes
+    overrides: tuple[tuple[str, int], ...]
+    values: dict[str, TensorShape]
+    signatures: dict[str, NodeSignature]
+    initializers: dict[str, ir.TensorProtocol | None]
+    results: dict[str, dict[str, object]]
+
+    def takes(
+        self, node: ir.Node, values: Mapping[str, TensorShape], signature_of: Callable[[ir.Node], NodeSignature]
+    ) -> bool:
+        """Whether `node` is the reference's node of its outputs reading the very values the reference's read."""
+        if not node.outputs or not node.outputs[0].name:
+            return False
+        signature = self.signatures.get(node.outputs[0].name)
+        if signature is None or signature != signature_of(node):
+            return False
+        for value in node.inputs:
+            if value is not None and value.name and values.get(value.name) is not self.values.get(value.name):
+                return False
+        return True
+
+    def interned(self, name: str, shape: TensorShape) -> TensorShape:
+        """The reference's object for `name` when it equals `shape` (so readers of it can be taken), else `shape`."""
+        known = self.values.get(name)
+        return known if known is not None and _same_shape(known, shape) else shape
+
+    def initializer(self, name: str, value: ir.Value) -> TensorShape | None:
+        """The reference's shape of an initializer holding the very tensor the reference's did, else None."""
+        tensor = self.initializers.get(name)
+        if tensor is None or value.const_value is not tensor:
+            return None
+        return self.values.get(name)
+
+
+# Evaluations kept while `shared_shape_evaluations` is open: key -> (model, evaluator). The model is held so
 # that its id cannot be reused by another model while the entry lives.
 _SharedKey = tuple[int, Sizes, tuple[tuple[str, int], ...]]
-_shared_evaluations: dict[_SharedKey, tuple[ir.Model, dict[str, TensorShape]]] | None = None
+_shared_evaluations: dict[_SharedKey, tuple[ir.Model, ShapeEvaluator]] | None = None
+_references: tuple[ShapeReference, ...] = ()
+_block_signatures: NodeSignatures | None = None
 
 
 @contextmanager
-def shared_shape_evaluations() -> Iterator[None]:
-    """Within it, `evaluate_shapes` evaluates each (model, sizes, overrides) once.
+def shared_shape_evaluations(references: Iterable[ShapeReference] = ()) -> Iterator[None]:
+    """Within it, `evaluate_shapes` evaluates each (model, sizes, overrides) once, taking what it can from
+    the `references` at the same sizes (the whole model the evaluated stages were cut from).
 
     The memory plan, the cost model and the traffic estimate each evaluate a rank's model at the same
     prefill and decode sizes: for a plan's ranks that was about 7 evaluations per stage, the largest
     part of planning. Only for graphs that do not change inside the block (the finished rank models);
     the results are shared, so callers must not change them."""
-    global _shared_evaluations
-    outer = _shared_evaluations
+    global _shared_evaluations, _references, _block_signatures
+    outer, outer_references, outer_signatures = _shared_evaluations, _references, _block_signatures
     _shared_evaluations = {} if outer is None else outer
+    _references = (*outer_references, *references)
+    _block_signatures = NodeSignatures() if outer_signatures is None else outer_signatures
     try:
         yield
     finally:
-        _shared_evaluations = outer
+        _shared_evaluations, _references, _block_signatures = outer, outer_references, outer_signatures
+
+
+def _shared_evaluator(model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None) -> ShapeEvaluator | None:
+    if _shared_evaluations is None:
+        return None
+    key = (id(model), sizes, _overrides_key(overrides))
+    if key not in _shared_evaluations:
+        reference = next((r for r in _references if r.sizes == sizes and r.overrides == key[2]), None)
+        evaluator = ShapeEvaluator(model, sizes, overrides, reference=reference, signatures=_block_signatures)
+        evaluator.run()
+        _shared_evaluations[key] = (model, evaluator)
+    return _shared_evaluations[key][1]
 
 
 def evaluate_shapes(
     model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None = None
 ) -> dict[str, TensorShape]:
     """Shapes (and small values) of every value of `model` at `sizes`, keyed by value name."""
-    if _shared_evaluations is None:
-        return ShapeEvaluator(model, sizes, overrides).run()
-    key = (id(model), sizes, tuple(sorted((overrides or {}).items())))
-    if key not in _shared_evaluations:
-        _shared_evaluations[key] = (model, ShapeEvaluator(model, sizes, overrides).run())
-    return _shared_evaluations[key][1]
+    evaluator = _shared_evaluator(model, sizes, overrides)
+    return evaluator.values if evaluator is not None else ShapeEvaluator(model, sizes, overrides).run()
+
+
+def taken_results(
+    model: ir.Model, sizes: Sizes, overrides: Mapping[str, int] | None, analysis: str
+) -> dict[int, object]:
+    """Inside `shared_shape_evaluations`: what `analysis` computed on the reference for each node of `model`
+    that its evaluation at `sizes` took from the reference (by node id; the same node, the same shapes, so
+    the same result). Empty outside the block or without a reference."""
+    evaluator = _shared_evaluator(model, sizes, overrides)
+    if evaluator is None or evaluator.taken_from is None:
+        return {}
+    results = evaluator.taken_from.results.get(analysis, {})
+    taken: dict[int, object] = {}
+    for node in model.graph:
+        if id(node) in evaluator.reused and (name := node.outputs[0].name) in results:
+            taken[id(node)] = results[name]
+    return taken
 
 
 def types_in_input_terms(
