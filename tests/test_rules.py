@@ -1025,6 +1025,7 @@ NBITS_CASES = [
     nbits_mlp_case(32, True, 64, 128, (4,)),
     nbits_mlp_case(32, True, 64, 384, (4,)),
     nbits_mlp_case(32, True, 48, 288, (3,)),
+    nbits_mlp_case(32, True, 64, 11008, (8,)),  # LLaMA-7B's down_proj K: 344 blocks, 43 a rank
 ]
 NBITS_TPS = [(case, tp) for case in NBITS_CASES for tp in case.tps]
 
