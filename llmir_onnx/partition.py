@@ -319,6 +319,8 @@ def _weight_splits(state: ShardingState) -> list[dict[str, object]]:
         shape = state.shapes.get(name)
         if not isinstance(placement, Shard) or shape is None or not isinstance(shape[placement.dim], int):
             continue
+        if name in state.rank_constants:
+            continue  # computed for each rank (packed zero points re-packed), not a range of the source's
         size = int(shape[placement.dim])
         splits.append(
             {

@@ -14,6 +14,9 @@ model's size.
   slice's columns into a reused buffer, which is written. Several slices of one weight (the tp
   ranks' shares) are gathered from the same window, so the rows are read once for all of them.
 * `numpy()` and `tobytes()` still give the whole slice (tests and small models use them).
+* Packed zero points of int4/int2 MatMulNBits whose rank share starts or ends inside a byte are no
+  slice of the source's bytes: `packed_rank_elements` reads the bytes that hold a rank's blocks and
+  re-packs them (a small per-rank tensor, a few bits per quantization block).
 
 Pages a process maps count in its resident set until unmapped, so no mapping outlives its window:
 reading a 100 GB model through one mapping would look (and, under memory pressure, act) like
@@ -287,3 +290,39 @@ def rank_weight(
     if view:
         local_array = local_array.reshape(-1)
     return ir.tensor(local_array, name=name)
+
+
+def repack_elements(packed: np.ndarray, bits: int, ranges: Sequence[tuple[int, int]]) -> np.ndarray:
+    """Elements `ranges` of each row of `packed` ([rows, bytes], `8 // bits` elements a byte, the first in
+    the low bits: onnxruntime's MatMulNBits zero points), packed the same way from the row's first byte.
+
+    A row whose elements do not fill its last byte keeps zeros in the bits left over, as onnxruntime's
+    quantizer pads a row (its kernels never read them).
+    """
+    per_byte = 8 // bits
+    rows = packed.shape[0]
+    shifts = (np.arange(per_byte) * bits).astype(np.uint8)
+    elements = ((packed[:, :, None] >> shifts) & np.uint8((1 << bits) - 1)).reshape(rows, -1)
+    kept = np.concatenate([elements[:, start:stop] for start, stop in ranges], axis=1)
+    width = -(-kept.shape[1] // per_byte)
+    padded = np.zeros((rows, width * per_byte), dtype=np.uint8)
+    padded[:, : kept.shape[1]] = kept
+    return np.bitwise_or.reduce(padded.reshape(rows, width, per_byte) << shifts, axis=2).astype(np.uint8)
+
+
+def packed_rank_elements(
+    tensor: ir.TensorProtocol, rows: int, bits: int, ranges: Sequence[tuple[int, int]]
+) -> np.ndarray:
+    """`repack_elements` of a packed uint8 weight of `rows` rows, reading only the bytes that hold `ranges`
+    (a slice of the external data, mapped while it is read)."""
+    per_byte = 8 // bits
+    row_bytes = tensor.size // rows
+    first = min(start for start, _ in ranges) // per_byte
+    last = -(-max(stop for _, stop in ranges) // per_byte)
+    if _streamable(tensor):
+        assert isinstance(tensor, ir.ExternalTensor)
+        covering = ExternalSlice(tensor, (rows, row_bytes), 1, [(first, last)], (rows, last - first)).numpy()
+    else:
+        covering = tensor.numpy().reshape(rows, row_bytes)[:, first:last]
+    offset = first * per_byte
+    return repack_elements(covering, bits, [(start - offset, stop - offset) for start, stop in ranges])

@@ -233,3 +233,41 @@ def test_a_copied_graph_with_an_unplanned_subgraph_weight_is_made_instead(tmp_pa
     then_graph = next(a.g for a in graph.node[0].attribute if a.name == "then_branch")
     placed = {entry.key: entry.value for entry in then_graph.initializer[0].external_data}
     assert (placed["location"], placed["offset"], placed["length"]) == ("rank1.onnx.data", "4096", "2048")
+
+
+def _packed_by_hand(elements: list[int], bits: int) -> list[int]:
+    """Elements packed `8 // bits` a byte, the first in the low bits; the bits left over are zeros."""
+    packed = [0] * -(-len(elements) * bits // 8)
+    for index, element in enumerate(elements):
+        packed[index * bits // 8] |= element << (index * bits % 8)
+    return packed
+
+
+@pytest.mark.parametrize(
+    ("bits", "blocks", "ranks"),
+    [
+        # Odd shares: the first ends mid-byte, the second starts there, the third ends in the row's padding.
+        (4, 9, [[(0, 3)], [(3, 6)], [(6, 9)]]),
+        (4, 4, [[(0, 1)], [(1, 2)], [(2, 3)], [(3, 4)]]),  # one block a rank: low nibble, high nibble
+        (2, 10, [[(0, 5)], [(5, 10)]]),  # 2-bit, four a byte: the second share starts at a byte's second element
+        (4, 12, [[(1, 4), (6, 9)]]),  # a rank holding two pieces of the axis, joined
+    ],
+)
+@pytest.mark.parametrize("external", [True, False])
+def test_packed_zero_points_are_repacked_from_a_ranks_first_block(
+    bits: int, blocks: int, ranks: list[list[tuple[int, int]]], external: bool, tmp_path: Path
+) -> None:
+    """MatMulNBits zero points [N, ceil(blocks * bits / 8)]: a rank's blocks re-packed from its first byte,
+    read from the source's bytes (external or in memory); the source's own padding bits are never taken."""
+    rows, mask = 3, (1 << bits) - 1
+    rng = np.random.default_rng(5)
+    elements = rng.integers(0, mask + 1, (rows, blocks)).tolist()
+    source = np.array([_packed_by_hand(row, bits) for row in elements], dtype=np.uint8)
+    used = blocks * bits % 8
+    if used:  # padding bits set in the source: a re-pack that copied a whole last byte would carry them over
+        source[:, -1] |= np.uint8((0xFF << used) & 0xFF)
+    tensor = _source(tmp_path, {"zp": source.reshape(-1)})["zp"] if external else ir.tensor(source.reshape(-1))
+    for ranges in ranks:
+        got = weight_slices.packed_rank_elements(tensor, rows, bits, ranges)
+        want = [_packed_by_hand([e for start, stop in ranges for e in row[start:stop]], bits) for row in elements]
+        np.testing.assert_array_equal(got, np.array(want, dtype=np.uint8), err_msg=f"{bits}-bit blocks {ranges}")

@@ -44,7 +44,7 @@ from llmir_onnx.propagation.shape_ops import (
     slice_axes,
     slice_params,
 )
-from llmir_onnx.weight_slices import rank_weight
+from llmir_onnx.weight_slices import packed_rank_elements, rank_weight
 
 
 class LocalizePass(ir.passes.InPlacePass):
@@ -127,6 +127,21 @@ class LocalizePass(ir.passes.InPlacePass):
             return held.local_size(heads, tp, self.tp_rank)
         # kv heads fewer than ranks are replicated: each rank keeps one.
         return heads // tp if heads % tp == 0 else 1
+
+    def hold_packed_elements(
+        self, value: ir.Value, rows: int, bits: int, ranges: Callable[[int], list[tuple[int, int]]]
+    ) -> None:
+        tensor = value.const_value
+        if tensor is None:
+            raise ShardingError(f"{value.name!r} packs elements a tp rank splits mid-byte; it must be an initializer")
+        flat = len(tensor.shape) == 1
+
+        def held(tp_rank: int) -> np.ndarray:
+            packed = packed_rank_elements(tensor, rows, bits, ranges(tp_rank))
+            return packed.reshape(-1) if flat else packed
+
+        # A rank's own tensor, written like the other per-rank constants (small: a few bits per block).
+        self.state.rank_constants[value.name] = held
 
     def localize_gather(self, graph: ir.Graph, node: ir.Node) -> None:
         """The embedding lookup (split by vocabulary) or a Gather of one block of a fused axis."""

@@ -9,6 +9,8 @@ their operands: a shared batch/head axis stays sharded, a sharded contraction ax
 
 from __future__ import annotations
 
+import math
+
 import onnx_ir as ir
 
 from llmir_onnx.errors import ShardingError
@@ -132,7 +134,40 @@ def localize_matmul_nbits(localizer: Localizer, graph: ir.Graph, node: ir.Node) 
             f"node {node.name} (MatMulNBits) would be split unevenly ({placement}); quantized weights take "
             f"an even split only: use a tp that divides the heads and its {name}={node.attributes[name].as_int()}"
         )
+    if role.kind == "row":
+        _localize_packed_zero_points(localizer, node, placement)
     node.attributes[name] = ir.AttrInt64(name, node.attributes[name].as_int() // localizer.tp)
+
+
+def _packed_zero_points(node: ir.Node) -> tuple[ir.Value, int] | None:
+    """The zero points and their bits when packed below a byte (uint8, 2 or 4 bits): several blocks a byte."""
+    zero_points = node.inputs[3] if len(node.inputs) > 3 else None
+    bits = attr_int(node, "bits", 4)
+    if zero_points is None or zero_points.dtype != ir.DataType.UINT8 or bits >= 8:
+        return None
+    return zero_points, bits
+
+
+def _localize_packed_zero_points(localizer: Localizer, node: ir.Node, blocks: Shard) -> None:
+    """A rank's K blocks that start or end inside a byte of packed zero points get their own re-packed copy."""
+    packed = _packed_zero_points(node)
+    if packed is None:
+        return
+    zero_points, bits = packed
+    k_blocks = -(-attr_int(node, "K", 0) // attr_int(node, "block_size", 0))
+    tp = localizer.tp
+    if (k_blocks // tp * bits) % 8 == 0:
+        return  # every rank's blocks fill whole bytes: the plain slice of the bytes is right
+    if 8 % bits:
+        raise ShardingError(
+            f"node {node.name} (MatMulNBits) has {bits}-bit zero points, which a rank's {k_blocks // tp} K blocks "
+            f"split inside a byte; use a tp that gives each rank a multiple of {8 // math.gcd(bits, 8)} blocks"
+        )
+
+    def ranges(tp_rank: int) -> list[tuple[int, int]]:
+        return blocks.local_ranges(k_blocks, tp, tp_rank)
+
+    localizer.hold_packed_elements(zero_points, attr_int(node, "N", 0), bits, ranges)
 
 
 @register(["MatMulNBits"], domain=MS_DOMAIN, shape=matmul_nbits_shape, localize=localize_matmul_nbits)
@@ -140,7 +175,8 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
     """Block-quantized weights: B [N, k_blocks, blob], scales and zero points per (N, k_block).
 
     Column-parallel splits N (rows of every quantized input); row-parallel splits the k blocks, so
-    K / tp must be a whole number of quantization blocks (and of packed zero-point bytes).
+    K / tp must be a whole number of quantization blocks. Packed zero points (2 or 4 bits) whose bytes a
+    rank's blocks share with another's are re-packed per rank by localize.
     """
     role = ctx.role(node)
     if role is None or role.kind not in ("column", "row") or (len(node.inputs) > 4 and node.inputs[4] is not None):
@@ -169,10 +205,11 @@ def matmul_nbits_rule(ctx: RuleContext, node: ir.Node, placements: list[Placemen
             required.append(Shard(1))
     if role.kind == "row":
         ctx.require_divisible(node, f"the number of K blocks (K={k}, block_size {block_size})", [k_blocks])
-        zero_points = node.inputs[3] if len(node.inputs) > 3 else None
-        if zero_points is not None and zero_points.dtype == ir.DataType.UINT8:
-            # Packed zero points: a rank's blocks must fill whole bytes of every row.
-            bits = attr_int(node, "bits", 4)
+        packed = _packed_zero_points(node)
+        if packed is not None and (8 % packed[1] != 0 or packed[0].const_value is None):
+            # Zero points of a width that does not tile a byte, or computed at run time, cannot be re-packed
+            # per rank (localize does that for 2 and 4 bits): a rank's blocks must fill whole bytes of a row.
+            bits = packed[1]
             row_bytes = -(-k_blocks * bits // 8)
             what = f"the packed zero-point bytes per row ({bits}-bit, K={k}, block_size {block_size})"
             ctx.require_divisible(node, what, [row_bytes])

@@ -71,6 +71,13 @@ class Localizer(Protocol):
         """How many of `heads` heads (or kv heads, replicated when fewer than the ranks) this rank holds."""
         ...
 
+    def hold_packed_elements(
+        self, value: ir.Value, rows: int, bits: int, ranges: Callable[[int], list[tuple[int, int]]]
+    ) -> None:
+        """Initializer `value` packs `8 // bits` elements a byte in each of its `rows` rows: tp rank r holds
+        the elements `ranges(r)` of every row, re-packed from its first byte (a share may start mid-byte)."""
+        ...
+
     # Graph rewrites the localize pass provides for the core ONNX ops that carry sizes in inputs.
     def localize_target(self, graph: ir.Graph, node: ir.Node) -> None: ...
     def localize_split(self, graph: ir.Graph, node: ir.Node) -> None: ...
