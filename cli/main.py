@@ -353,11 +353,15 @@ def verify(
     import numpy as np
 
     from llmir_onnx.errors import InputModelError
-    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.ir_io import check_output_path, load_model
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.runtime.feeds import PAST_FROM_MODEL, PAST_FROM_NOISE, FeedSizes, model_past_feeds, random_feeds
     from llmir_onnx.runtime.verify import format_comparisons, load_feeds, raise_if_mismatch, verify_plan
 
+    if save_outputs is not None:
+        check_output_path(save_outputs, "--save-outputs")
+    if profile_dir is not None:
+        check_output_path(profile_dir, "--profile-dir", folder=True)
     if past_from not in (PAST_FROM_MODEL, PAST_FROM_NOISE):
         raise InputModelError(f"--past-from {past_from!r} is not one of: {PAST_FROM_MODEL}, {PAST_FROM_NOISE}")
     if inputs is not None:

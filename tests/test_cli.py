@@ -199,6 +199,11 @@ def test_outputs_that_cannot_be_written_are_refused_before_any_work(llama_plan: 
         (["annotate", str(llama_plan), "-o", str(a_folder)], ["-o", "is a folder; give the path of a file"]),
         (["generate", str(llama_plan), "--prompt-ids", "1", "--save-tokens", str(a_file / "t.json")],
          ["--save-tokens", "is a file, not a folder"]),
+        (["generate", str(llama_plan), "--prompt-ids", "1", "--timeline", str(a_file / "t.json")],
+         ["--timeline", "is a file, not a folder"]),
+        (["verify", str(llama_plan), "--save-outputs", str(a_file / "o.npz")], ["--save-outputs", "is a file"]),
+        (["verify", str(llama_plan), "--timeline", str(a_file / "t.json")], ["--timeline", "is a file"]),
+        (["verify", str(llama_plan), "--profile-dir", str(a_file / "p")], ["--profile-dir", "is a file"]),
     ]
     for args, fragments in cases:
         assert_one_line_error(run_cli(*args), *fragments)
@@ -237,3 +242,20 @@ def test_ctrl_c_during_partition_leaves_nothing(
     assert capsys.readouterr().err == "llmir-onnx: interrupted\n"
     assert len(staged) == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("document", "fragments"),
+    [
+        ({"hosts": [{"count": 2}]}, ['non-empty "devices" list, e.g. {"devices": [{"profile": "h100-sxm"']),
+        ({"devices": [{"count": 2}]}, ['devices[0]: each device is an object with at least "profile", e.g.']),
+    ],
+)
+def test_a_cluster_file_without_its_fields_shows_the_format(
+    document: dict[str, object], fragments: list[str], tmp_path: Path
+) -> None:
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps(document))
+    result = run_cli("partition", str(LLAMA), "--tp", "2", "--devices", str(cluster), "-o", str(tmp_path / "plan"))
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "plan").exists()

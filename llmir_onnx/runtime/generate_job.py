@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmir_onnx.errors import GenerationError, VerificationError
+from llmir_onnx.ir_io import check_output_path
 from llmir_onnx.plan.integrity import check_plan_files
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.plan.timeline import write_timeline
@@ -350,6 +351,8 @@ def generate_plan(
     if timeline is not None and env.launcher != LAUNCHER_NONE:
         raise GenerationError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
                               "(run it without mpiexec/srun)")
+    if timeline is not None:
+        check_output_path(Path(timeline), "--timeline")
     if env.launcher == LAUNCHER_NONE:
         # Once here for every rank, before any starts; the ranks then check only paths and sizes.
         check_plan_files(plan_dir, manifest, check_hashes=check_hashes)

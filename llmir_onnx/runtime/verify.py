@@ -21,6 +21,7 @@ import numpy as np
 import onnx_ir as ir
 
 from llmir_onnx.errors import CommunicationError, InputModelError, PlanError, VerificationError
+from llmir_onnx.ir_io import check_output_path
 from llmir_onnx.model_facts import kv_cache_pairs
 from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding, TensorInfo, cp_cache_runs
@@ -407,6 +408,8 @@ def verify_plan_cases(
     if timeline is not None and env.launcher != "none":
         raise PlanError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
                         "(run it without mpiexec/srun)")
+    if timeline is not None:
+        check_output_path(timeline, "--timeline")
     if env.launcher != "none":
         work_dir = plan_dir / ".verify"
         if env.rank == 0:
