@@ -81,6 +81,12 @@ def reports_errors(command: Callable[P, R]) -> Callable[P, R]:
             raise typer.Exit(error.exit_code) from None
         except typer.Exit:
             raise
+        except KeyboardInterrupt:
+            if debug:
+                traceback.print_exc()
+            # Ctrl-C: one line and the shell's code for SIGINT (partition's staging folder is already gone).
+            typer.echo("llmir-onnx: interrupted", err=True)
+            raise typer.Exit(130) from None
         except Exception as error:
             if debug:
                 traceback.print_exc()
@@ -195,11 +201,14 @@ def partition(
 ) -> None:
     """Write one ONNX model per rank (tp x pp) and a manifest into OUT."""
     from llmir_onnx.api import partition_to_dir
+    from llmir_onnx.errors import PlanError
     from llmir_onnx.model_facts import parse_dim_hints
     from llmir_onnx.plan.devices import parse_devices, parse_tp_weights
     from llmir_onnx.plan.memory import format_bytes, parse_bytes
     from llmir_onnx.progress import Progress
 
+    if quiet and show_progress:
+        raise PlanError("--quiet and --progress ask for opposite things; pass one of them")
     memory_bytes = parse_bytes(device_memory) if device_memory is not None else None
     weights = parse_tp_weights(tp_weights, tp) if tp_weights is not None else None
     cluster = None
@@ -344,11 +353,15 @@ def verify(
     import numpy as np
 
     from llmir_onnx.errors import InputModelError
-    from llmir_onnx.ir_io import load_model
+    from llmir_onnx.ir_io import check_output_path, load_model
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.runtime.feeds import PAST_FROM_MODEL, PAST_FROM_NOISE, FeedSizes, model_past_feeds, random_feeds
     from llmir_onnx.runtime.verify import format_comparisons, load_feeds, raise_if_mismatch, verify_plan
 
+    if save_outputs is not None:
+        check_output_path(save_outputs, "--save-outputs")
+    if profile_dir is not None:
+        check_output_path(profile_dir, "--profile-dir", folder=True)
     if past_from not in (PAST_FROM_MODEL, PAST_FROM_NOISE):
         raise InputModelError(f"--past-from {past_from!r} is not one of: {PAST_FROM_MODEL}, {PAST_FROM_NOISE}")
     if inputs is not None:
@@ -441,8 +454,11 @@ def generate(
     import json
 
     from llmir_onnx.errors import GenerationError
+    from llmir_onnx.ir_io import check_output_path
     from llmir_onnx.runtime.generate_job import encode_prompts, eos_token_ids, generate_plan, load_tokenizer
 
+    if save_tokens is not None:
+        check_output_path(save_tokens, "--save-tokens")
     tokenizer = load_tokenizer(tokenizer_dir) if tokenizer_dir is not None else None
     if bool(prompt) == bool(prompt_ids):
         raise GenerationError("give exactly one of --prompt (with --tokenizer) and --prompt-ids")
@@ -637,17 +653,31 @@ def annotate(
 
 def main() -> None:
     """The `llmir-onnx` process: the command, then exit (without the interpreter's teardown after a partition)."""
+    # click's exceptions: click's own module, or (typer >= 0.2x) typer's copy of it.
+    click_errors = sys.modules[typer.BadParameter.__module__]
     try:
-        app(prog_name="llmir-onnx")  # standalone mode: ends by raising SystemExit
-    except SystemExit as stop:
-        if _Process.exit_without_teardown and stop.code in (None, 0):
-            # Only the partition's own objects are left to free: its files are closed and in place, its
-            # threads joined. Flush what Python would flush at exit, then leave.
-            logging.shutdown()
-            sys.stdout.flush()
-            sys.stderr.flush()
-            os._exit(0)
-        raise
+        # Not standalone: click's usage errors come back here, to be printed on one line like ours.
+        code = app(prog_name="llmir-onnx", standalone_mode=False)
+    except click_errors.ClickException as error:
+        if type(error).__name__ == "NoArgsIsHelpError":  # `llmir-onnx` alone: its help
+            error.show()
+            sys.exit(error.exit_code)
+        context = getattr(error, "ctx", None)
+        command = context.command_path if context is not None else "llmir-onnx"
+        typer.echo(f"llmir-onnx: error: {' '.join(error.format_message().split())} (see `{command} --help`)",
+                   err=True)
+        sys.exit(error.exit_code)
+    except typer.Abort:
+        typer.echo("llmir-onnx: aborted", err=True)
+        sys.exit(1)
+    if _Process.exit_without_teardown and code in (None, 0):
+        # Only the partition's own objects are left to free: its files are closed and in place, its
+        # threads joined. Flush what Python would flush at exit, then leave.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from llmir_onnx.errors import PlanError, ShardingError
-from llmir_onnx.ir_io import load_model
+from llmir_onnx.ir_io import check_output_path, load_model
 from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.model_facts import layer_of_node_by_name
 from llmir_onnx.partition import PartitionOptions, plan
@@ -146,6 +146,7 @@ def annotate_model(
 
 def write_annotated_source(plan_dir: Path, out: Path, model_path: Path | None = None) -> tuple[Path, int]:
     """The plan's source model with the plan as IR v11 annotations, saved to `out` (weights in `out`.data)."""
+    check_output_path(out, "-o")
     manifest = Manifest.read(plan_dir)
     source = model_path or Path(manifest.source["path"])
     model = load_model(source)

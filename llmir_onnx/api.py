@@ -136,6 +136,11 @@ def partition_to_dir(
         )
     if tp_weights is None and devices is not None:
         tp_weights = derived_tp_weights(devices, tp, pp)
+    if stage_cut_after_layer is not None and len(stage_cut_after_layer) != pp - 1:
+        cuts = ",".join(map(str, stage_cut_after_layer))
+        raise PlanError(f"--stage-cuts {cuts} makes {len(stage_cut_after_layer) + 1} stages but --pp is {pp}; "
+                        f"pass --pp {len(stage_cut_after_layer) + 1}, or "
+                        + (f"{pp - 1} cut(s) for --pp {pp}" if pp > 1 else "drop --stage-cuts"))
     progress = progress if progress is not None else QUIET
     progress.phase(f"loading {model_path.name} (weights stay on disk)")
     source = load_model(model_path)

@@ -34,5 +34,9 @@ class VerificationError(LlmirError):
     exit_code = 1
 
 
+class OutputPathError(LlmirError):
+    """A path given for output cannot be written: a folder where a file goes, a file where a folder goes."""
+
+
 class GenerationError(LlmirError):
     """Generation cannot run as asked: bad sampling options, prompts, tokenizer, or a rank that failed."""

@@ -138,3 +138,124 @@ def test_plan_max_cp_lists_cp_layouts(llama_7b_shapes: Path) -> None:
     modes = sorted((layout["tp"], layout["cp_kv_cache"]) for layout in document["layouts"] if layout["cp"] == 2)
     assert modes == [(tp, mode) for tp in (1, 2, 4) for mode in ("replicated", "sharded")]
     assert document["recommended"] == "tp8 x pp1"
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["partition", str(LLAMA), "--tp", "0"], ["Invalid value for '--tp'", "`llmir-onnx partition --help`"]),
+        (["partition", str(LLAMA), "--tp", "abc"], ["Invalid value for '--tp'", "valid integer"]),
+        (["partition", str(LLAMA), "--max-seq", "0"], ["Invalid value for '--max-seq'"]),
+        (["partition", str(LLAMA), "--bogus"], ["No such option: --bogus"]),
+        (["partitoin"], ["No such command 'partitoin'", "Did you mean 'partition'?"]),
+    ],
+)
+def test_usage_errors_are_one_line_and_write_nothing(args: list[str], fragments: list[str], tmp_path: Path) -> None:
+    """click's own errors (a bad number, an unknown option or command) print as ours: one line, no box."""
+    result = run_cli(*args, "-o", str(tmp_path / "plan"))
+    assert_one_line_error(result, *fragments)
+    assert result.returncode == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_model_folder_instead_of_its_file_names_the_onnx_inside(tmp_path: Path) -> None:
+    result = run_cli("partition", str(LLAMA.parent), "-o", str(tmp_path / "plan"))
+    assert_one_line_error(result, "is a folder", f"e.g. {str(LLAMA)!r}")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "fragments"),
+    [
+        (["--quiet", "--progress"], ["--quiet and --progress ask for opposite things"]),
+        (["--stage-cuts", "0"], ["--stage-cuts 0 makes 2 stages but --pp is 1", "drop --stage-cuts"]),
+        (["--pp", "2", "--stage-cuts", "5"], ["--stage-cuts 5: the cuts must be strictly increasing", "0..0"]),
+    ],
+)
+def test_conflicting_partition_flags_are_refused(args: list[str], fragments: list[str], tmp_path: Path) -> None:
+    result = run_cli("partition", str(LLAMA), "-o", str(tmp_path / "plan"), *args)
+    assert_one_line_error(result, *fragments)
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def llama_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    plan = tmp_path_factory.mktemp("llama") / "plan"
+    result = run_cli("partition", str(LLAMA), "--tp", "2", "-o", str(plan), "--quiet")
+    assert result.returncode == 0, result.stderr
+    return plan
+
+
+def test_outputs_that_cannot_be_written_are_refused_before_any_work(llama_plan: Path, tmp_path: Path) -> None:
+    """A folder where a file goes, or a path under a file: one line naming the option, and no partial file
+    (report's `.NAME.partial`, annotate's `NAME.data`) left beside it."""
+    a_file, a_folder = tmp_path / "a_file", tmp_path / "a_folder"
+    a_file.write_text("x")
+    a_folder.mkdir()
+    cases = [
+        (["partition", str(LLAMA), "-o", str(a_file / "plan")], ["-o", "is a file, not a folder"]),
+        (["report", str(llama_plan), "-o", str(a_file / "r.html")], ["-o", "is a file, not a folder"]),
+        (["report", str(llama_plan), "-o", str(a_folder)], ["-o", "is a folder; give the path of a file"]),
+        (["annotate", str(llama_plan), "-o", str(a_folder)], ["-o", "is a folder; give the path of a file"]),
+        (["generate", str(llama_plan), "--prompt-ids", "1", "--save-tokens", str(a_file / "t.json")],
+         ["--save-tokens", "is a file, not a folder"]),
+        (["generate", str(llama_plan), "--prompt-ids", "1", "--timeline", str(a_file / "t.json")],
+         ["--timeline", "is a file, not a folder"]),
+        (["verify", str(llama_plan), "--save-outputs", str(a_file / "o.npz")], ["--save-outputs", "is a file"]),
+        (["verify", str(llama_plan), "--timeline", str(a_file / "t.json")], ["--timeline", "is a file"]),
+        (["verify", str(llama_plan), "--profile-dir", str(a_file / "p")], ["--profile-dir", "is a file"]),
+    ]
+    for args, fragments in cases:
+        assert_one_line_error(run_cli(*args), *fragments)
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["a_file", "a_folder"], args
+        assert list(a_folder.iterdir()) == []
+
+
+@pytest.mark.parametrize("ids", ["512", "3,-5"])
+def test_generate_refuses_prompt_ids_outside_the_vocabulary(ids: str, llama_plan: Path) -> None:
+    """Before any rank starts: 512 would fail in a rank's Gather, -5 would silently read the 5th last row."""
+    result = run_cli("generate", str(llama_plan), "--prompt-ids", ids, "--max-new-tokens", "1")
+    assert_one_line_error(result, f"[{ids.split(',')[-1]}]", "outside the model's vocabulary (0 to 511)")
+
+
+def test_ctrl_c_during_partition_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C while the rank models are being written: one line, exit 130, no staging folder or plan left
+    (nor the parent folder the partition made)."""
+    from llmir_onnx.cli.main import main
+
+    import llmir_onnx.api
+
+    staged: list[Path] = []
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        staged.extend(tmp_path.glob("new/.plan.partial-*"))  # the weights are streaming into it now
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(llmir_onnx.api, "build_rank_models", interrupted)
+    monkeypatch.setattr(sys, "argv", ["llmir-onnx", "partition", str(LLAMA), "--tp", "2", "-o",
+                                      str(tmp_path / "new" / "plan"), "--quiet"])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "llmir-onnx: interrupted\n"
+    assert len(staged) == 1
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("document", "fragments"),
+    [
+        ({"hosts": [{"count": 2}]}, ['non-empty "devices" list, e.g. {"devices": [{"profile": "h100-sxm"']),
+        ({"devices": [{"count": 2}]}, ['devices[0]: each device is an object with at least "profile", e.g.']),
+    ],
+)
+def test_a_cluster_file_without_its_fields_shows_the_format(
+    document: dict[str, object], fragments: list[str], tmp_path: Path
+) -> None:
+    cluster = tmp_path / "cluster.json"
+    cluster.write_text(json.dumps(document))
+    result = run_cli("partition", str(LLAMA), "--tp", "2", "--devices", str(cluster), "-o", str(tmp_path / "plan"))
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "plan").exists()

@@ -131,3 +131,41 @@ def _verify_numerically(plan: Path, model: Path) -> None:
     feeds = {"x": np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)}
     _, rows = verify_plan(plan, feeds, model_path=model)
     assert [row.name for row in rows] == ["y"] and all(row.ok for row in rows), format_comparisons(rows)
+
+
+@pytest.fixture(scope="module")
+def relu_plan(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("relu")
+    model = single_relu(folder / "model")
+    plan = folder / "plan"
+    result = run_cli("partition", str(model), "-o", str(plan), "--quiet")
+    assert result.returncode == 0, result.stderr
+    return plan
+
+
+GOOD_X = np.zeros((2, 64), np.float32)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "fragments"),
+    [
+        (None, ["inputs file", "does not exist", "numpy.savez"]),
+        ("not an npz", ["cannot read", "as an NPZ of inputs", "numpy.savez"]),
+        ({}, ["lack the model's input(s) ['x']", "give every input"]),
+        ({"x": GOOD_X, "z": GOOD_X}, ["hold ['z'], not inputs of the model", "remove them"]),
+        ({"x": GOOD_X.astype(np.float64)}, ["input 'x' is float64, the model takes float32", "astype('float32')"]),
+        ({"x": GOOD_X[:, :32]}, ["input 'x' has 32 in dim 1, the model takes [2, 64]", "give it 64 there"]),
+        ({"x": GOOD_X[0]}, ["input 'x' has shape [64], the model takes [2, 64] (2 dims)", "reshape it"]),
+    ],
+)
+def test_verify_inputs_that_do_not_fit_the_model_are_one_line(
+    arrays: dict[str, np.ndarray] | str | None, fragments: list[str], relu_plan: Path, tmp_path: Path
+) -> None:
+    """--inputs is checked against the original model's inputs before any rank starts (a rank's onnxruntime
+    error, or an internal error, before)."""
+    path = tmp_path / "inputs.npz"
+    if isinstance(arrays, str):
+        path.write_text(arrays)
+    elif arrays is not None:
+        np.savez(path, **arrays)
+    assert_one_line_error(run_cli("verify", str(relu_plan), "--inputs", str(path)), *fragments)

@@ -539,7 +539,8 @@ def cluster_from_json(path: Path, *, devices_per_host: int | None = None, memory
     except json.JSONDecodeError as error:
         raise PlanError(f"{where} is not valid JSON ({error})") from error
     if not isinstance(raw, dict) or not isinstance(raw.get("devices"), list) or not raw["devices"]:
-        raise PlanError(f'{where} must hold an object with a non-empty "devices" list; see plan/devices.py')
+        raise PlanError(f'{where} must hold an object with a non-empty "devices" list, e.g. '
+                        '{"devices": [{"profile": "h100-sxm", "count": 8}]}')
     unknown = sorted(set(raw) - {"devices", "profiles"})
     if unknown:
         raise PlanError(f"{where}: unknown key {', '.join(unknown)}; the keys are devices and profiles")
@@ -552,7 +553,8 @@ def cluster_from_json(path: Path, *, devices_per_host: int | None = None, memory
     for index, entry in enumerate(raw["devices"]):
         at = f"{where} devices[{index}]"
         if not isinstance(entry, dict) or "profile" not in entry:
-            raise PlanError(f'{at}: each device is an object with at least "profile"')
+            raise PlanError(f'{at}: each device is an object with at least "profile", e.g. '
+                            '{"profile": "h100-sxm", "count": 8}')
         extra = sorted(set(entry) - {"profile", "count", "host", "memory"})
         if extra:
             raise PlanError(f"{at}: unknown key {', '.join(extra)}; the keys are profile, count, host, memory")

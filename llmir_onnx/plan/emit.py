@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from llmir_onnx.digest import FileDigest, sha256_file
 from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import model_proto, write_model_proto
+from llmir_onnx.ir_io import check_output_path, model_proto, write_model_proto
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.plan.rank_check import check_rank_model
@@ -155,6 +155,7 @@ def atomic_output_dir(out_dir: Path, *, force: bool = False) -> Iterator[Path]:
     out_dir = out_dir.resolve()
     if out_dir.exists() and not out_dir.is_dir():
         raise PlanError(f"{str(out_dir)!r} exists and is not a folder; choose another -o")
+    check_output_path(out_dir, "-o", folder=True)
     if not force:
         _refuse_foreign_files(out_dir)
     created = [folder for folder in [out_dir.parent, *out_dir.parent.parents] if not folder.exists()]

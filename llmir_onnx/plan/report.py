@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from llmir_onnx.errors import LlmirError, PlanError
-from llmir_onnx.ir_io import load_model
+from llmir_onnx.ir_io import check_output_path, load_model
 from llmir_onnx.mesh import unit_range
 from llmir_onnx.plan.devices import load_profile
 from llmir_onnx.plan.layouts import model_shape
@@ -379,8 +379,12 @@ def render_report(plan_dir: Path, timeline: Path | None = None) -> str:
 
 
 def write_report(plan_dir: Path, out: Path, timeline: Path | None = None) -> Path:
+    check_output_path(out, "-o")
     page = render_report(plan_dir, timeline)
     temporary = out.with_name(f".{out.name}.partial")
-    temporary.write_text(page)
-    temporary.replace(out)
+    try:
+        temporary.write_text(page)
+        temporary.replace(out)
+    finally:
+        temporary.unlink(missing_ok=True)  # only left when the write or the rename failed
     return out

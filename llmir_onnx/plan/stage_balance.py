@@ -289,8 +289,9 @@ def stage_layer_ranges(num_layers: int, cut_after_layer: Sequence[int]) -> tuple
     cuts = list(cut_after_layer)
     if cuts != sorted(set(cuts)) or any(not 0 <= c < num_layers - 1 for c in cuts):
         raise PlanError(
-            f"stage_cut_after_layer {cuts} must be strictly increasing layer indices in 0..{num_layers - 2} "
-            f"(the model has {num_layers} layers; a cut after the last layer would leave an empty stage)"
+            f"--stage-cuts {','.join(map(str, cuts))}: the cuts must be strictly increasing layer indices in "
+            f"0..{num_layers - 2} (the model has {num_layers} layers; a cut after the last layer would leave an "
+            "empty stage)"
         )
     bounds = [0, *(c + 1 for c in cuts), num_layers]
     return tuple(range(bounds[s], bounds[s + 1]) for s in range(len(bounds) - 1))

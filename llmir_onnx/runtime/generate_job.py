@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from llmir_onnx.errors import GenerationError, VerificationError
+from llmir_onnx.ir_io import check_output_path
 from llmir_onnx.plan.integrity import check_plan_files
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.plan.timeline import write_timeline
@@ -31,6 +32,7 @@ from llmir_onnx.runtime.generate import (
     TokenBroadcast,
     TokenRates,
     generate,
+    logits_name,
     logits_owner,
     recompute_greedy,
     token_broadcast_model,
@@ -268,6 +270,18 @@ class GenerationOutcome:
                                     f"without a KV cache): {self.difference}")
 
 
+def _check_token_ids(manifest: Manifest, rows: list[list[int]]) -> None:
+    """Refuse prompt ids outside the vocabulary (the logits' last dim, where the model fixes it): a Gather
+    would fail in a rank on a too large one and silently count a negative one from the end."""
+    logits = next(info for info in manifest.outputs if info.name == logits_name([o.name for o in manifest.outputs]))
+    vocab = logits.shape[-1] if logits.shape and isinstance(logits.shape[-1], int) else None
+    outside = sorted({token for row in rows for token in row if token < 0 or (vocab is not None and token >= vocab)})
+    if outside:
+        allowed = f"0 to {vocab - 1}" if vocab is not None else "0 or more"
+        raise GenerationError(f"prompt token id(s) {outside[:5]} are outside the model's vocabulary ({allowed}); "
+                              "pass ids from the model's tokenizer")
+
+
 def generate_plan(
     plan_dir: str | Path,
     prompt_ids: Sequence[Sequence[int]],
@@ -312,6 +326,7 @@ def generate_plan(
             f"batched prompts must have the same number of tokens (got {[len(row) for row in rows]}); "
             "padding is not supported"
         )
+    _check_token_ids(manifest, rows)
     # The last step runs on the prompt and every generated token but the last.
     manifest.check_cache_tokens(len(rows[0]) + max_new_tokens - 1, f"a {len(rows[0])}-token prompt and "
                                 f"--max-new-tokens {max_new_tokens}")
@@ -336,6 +351,8 @@ def generate_plan(
     if timeline is not None and env.launcher != LAUNCHER_NONE:
         raise GenerationError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
                               "(run it without mpiexec/srun)")
+    if timeline is not None:
+        check_output_path(Path(timeline), "--timeline")
     if env.launcher == LAUNCHER_NONE:
         # Once here for every rank, before any starts; the ranks then check only paths and sizes.
         check_plan_files(plan_dir, manifest, check_hashes=check_hashes)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
 
-from llmir_onnx.errors import CommunicationError, PlanError, VerificationError
+from llmir_onnx.errors import CommunicationError, InputModelError, PlanError, VerificationError
+from llmir_onnx.ir_io import check_output_path
 from llmir_onnx.model_facts import kv_cache_pairs
 from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding, TensorInfo, cp_cache_runs
@@ -80,8 +82,56 @@ def default_tolerance_for(expected: np.ndarray) -> tuple[float, float]:
 
 
 def load_feeds(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path) as archive:
-        return {name: archive[name] for name in archive.files}
+    """The arrays of the NPZ at `path` (a user's --inputs, or the feeds the launcher wrote for its ranks)."""
+    if not path.is_file():
+        raise InputModelError(f"inputs file {str(path)!r} does not exist; pass an NPZ of the original model's "
+                              "inputs, written with numpy.savez(path, input_name=array, ...)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {name: archive[name] for name in archive.files}
+    except (OSError, ValueError, AttributeError, EOFError) as error:  # AttributeError: a lone .npy array
+        raise InputModelError(
+            f"cannot read {str(path)!r} as an NPZ of inputs ({type(error).__name__}); write one with "
+            "numpy.savez(path, input_name=array, ...)"
+        ) from None
+
+
+def check_feeds(inputs: Sequence[TensorInfo], feeds: dict[str, np.ndarray], where: str) -> None:
+    """Refuse, before any rank starts, `feeds` that do not match the original model's `inputs`: a name
+    missing or unknown, an element type, a rank or a fixed dim that differs, or one symbolic dim given two
+    sizes."""
+    names = [info.name for info in inputs]
+    missing = [name for name in names if name not in feeds]
+    if missing:
+        raise InputModelError(f"{where} lack the model's input(s) {missing}; give every input of the original "
+                              f"model, keyed by its name: {names}")
+    unknown = sorted(set(feeds) - set(names))
+    if unknown:
+        raise InputModelError(f"{where} hold {unknown}, not inputs of the model; remove them (its inputs: {names})")
+    sizes: dict[str, tuple[str, int]] = {}  # symbolic dim -> (the input that set it, its size)
+    for info in inputs:
+        array = feeds[info.name]
+        expected = ir.DataType[info.dtype.upper()].numpy() if info.dtype.upper() in ir.DataType.__members__ else None
+        if expected is not None and array.dtype != expected:
+            raise InputModelError(f"{where}: input {info.name!r} is {array.dtype}, the model takes {expected}; "
+                                  f"convert it (array.astype({str(expected)!r}))")
+        if not info.shape:
+            continue
+        declared = f"[{', '.join(map(str, info.shape))}]"
+        if array.ndim != len(info.shape):
+            raise InputModelError(f"{where}: input {info.name!r} has shape {list(array.shape)}, the model takes "
+                                  f"{declared} ({len(info.shape)} dims); reshape it")
+        for axis, (dim, size) in enumerate(zip(info.shape, array.shape, strict=True)):
+            if isinstance(dim, int) and dim != size:
+                raise InputModelError(f"{where}: input {info.name!r} has {size} in dim {axis}, the model takes "
+                                      f"{declared}; give it {dim} there")
+            if isinstance(dim, str) and dim:
+                first, first_size = sizes.setdefault(dim, (info.name, size))
+                if first_size != size:
+                    raise InputModelError(
+                        f"{where}: input {info.name!r} has {size} in dim {axis} but {first!r} has {first_size} for "
+                        f"the same dim {dim!r} of the model; give both the same size"
+                    )
 
 
 def rank_outputs_path(work_dir: Path, rank: int, case: int) -> Path:
@@ -346,6 +396,7 @@ def verify_plan_cases(
         raise PlanError("verify needs at least one set of inputs")
     manifest = Manifest.read(plan_dir)
     for case, feeds in enumerate(feed_cases):
+        check_feeds(manifest.inputs, feeds, "the inputs" if len(feed_cases) == 1 else f"the inputs of case {case}")
         masks = [array for name, array in feeds.items() if "mask" in name.lower() and array.ndim in (2, 4)]
         if masks:  # the mask's last axis: the step's total length (past + new)
             manifest.check_cache_tokens(int(masks[0].shape[-1]), f"feed case {case}")
@@ -357,6 +408,8 @@ def verify_plan_cases(
     if timeline is not None and env.launcher != "none":
         raise PlanError("--timeline needs the run calls of every rank: let llmir-onnx start the ranks "
                         "(run it without mpiexec/srun)")
+    if timeline is not None:
+        check_output_path(timeline, "--timeline")
     if env.launcher != "none":
         work_dir = plan_dir / ".verify"
         if env.rank == 0:
