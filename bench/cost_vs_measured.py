@@ -43,6 +43,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tests/test_synthetic.py imports its helpers as pytest does
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402

@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # tests/test_synthetic.py imports its helpers as pytest does
 
 import numpy as np  # noqa: E402
 

@@ -49,6 +49,7 @@ def main() -> None:
     parser.add_argument("--max-cp", type=int, default=8)
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
+    sys.path.insert(0, str(REPO / "tests"))  # tests/test_synthetic.py imports its helpers as pytest does
     from tests.test_synthetic import synthetic
 
     with tempfile.TemporaryDirectory(prefix="plan_time_") as tmp:
