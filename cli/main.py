@@ -352,8 +352,8 @@ def verify(
     """Run every rank as a process, reassemble the outputs and compare with the original model."""
     import numpy as np
 
-    from llmir_onnx.errors import InputModelError
-    from llmir_onnx.ir_io import check_output_path, load_model
+    from llmir_onnx.errors import InputModelError, check_output_path
+    from llmir_onnx.ir_io import load_model
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.runtime.feeds import PAST_FROM_MODEL, PAST_FROM_NOISE, FeedSizes, model_past_feeds, random_feeds
     from llmir_onnx.runtime.verify import format_comparisons, load_feeds, raise_if_mismatch, verify_plan
@@ -453,8 +453,7 @@ def generate(
     """Generate text with a plan: prefill, then decode with per-rank KV caches (starts its own ranks)."""
     import json
 
-    from llmir_onnx.errors import GenerationError
-    from llmir_onnx.ir_io import check_output_path
+    from llmir_onnx.errors import GenerationError, check_output_path
     from llmir_onnx.runtime.generate_job import encode_prompts, eos_token_ids, generate_plan, load_tokenizer
 
     if save_tokens is not None:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from llmir_onnx.errors import PlanError, ShardingError
-from llmir_onnx.ir_io import check_output_path, load_model
+from llmir_onnx.errors import PlanError, ShardingError, check_output_path
+from llmir_onnx.ir_io import load_model
 from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.model_facts import layer_of_node_by_name
 from llmir_onnx.partition import PartitionOptions, plan

@@ -5,6 +5,9 @@ The CLI prints `str(error)` on one line and exits non-zero; tracebacks only with
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class LlmirError(Exception):
     """Base of every error llmir-onnx reports to a user."""
@@ -40,3 +43,21 @@ class OutputPathError(LlmirError):
 
 class GenerationError(LlmirError):
     """Generation cannot run as asked: bad sampling options, prompts, tokenizer, or a rank that failed."""
+
+
+def check_output_path(path: Path, option: str, *, folder: bool = False) -> None:
+    """Refuse, before any work is done, an output `path` (given as `option`) that cannot be written: one
+    under a file, one without write permission, or (unless `folder`) a folder where a file goes. Here, not in
+    ir_io, so that rank processes (verify, generate) check their outputs without importing onnx."""
+    for parent in path.absolute().parents:
+        if not parent.exists():
+            continue
+        if not parent.is_dir():
+            raise OutputPathError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder; "
+                                  f"give {option} a path under a folder")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise OutputPathError(f"{option} {str(path)!r}: cannot write in {str(parent)!r} (permission denied); "
+                                  f"give {option} a path in a folder you can write")
+        break
+    if not folder and path.is_dir():
+        raise OutputPathError(f"{option} {str(path)!r} is a folder; give the path of a file to write")

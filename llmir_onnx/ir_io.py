@@ -15,7 +15,7 @@ import onnx
 import onnx_ir as ir
 
 from llmir_onnx.digest import FileDigest, bytes_digest
-from llmir_onnx.errors import InputModelError, OutputPathError
+from llmir_onnx.errors import InputModelError
 
 # onnxruntime-gpu 1.31 refuses IR 11+ models written by newer onnx helpers; 10 is read everywhere.
 MAX_IR_VERSION = 10
@@ -140,23 +140,6 @@ def lift_external_constants(model: ir.Model) -> int:
             graph.register_initializer(value)
             lifted += 1
     return lifted
-
-
-def check_output_path(path: Path, option: str, *, folder: bool = False) -> None:
-    """Refuse, before any work is done, an output `path` (given as `option`) that cannot be written: one
-    under a file, one without write permission, or (unless `folder`) a folder where a file goes."""
-    for parent in path.absolute().parents:
-        if not parent.exists():
-            continue
-        if not parent.is_dir():
-            raise OutputPathError(f"{option} {str(path)!r}: {str(parent)!r} is a file, not a folder; "
-                                  f"give {option} a path under a folder")
-        if not os.access(parent, os.W_OK | os.X_OK):
-            raise OutputPathError(f"{option} {str(path)!r}: cannot write in {str(parent)!r} (permission denied); "
-                                  f"give {option} a path in a folder you can write")
-        break
-    if not folder and path.is_dir():
-        raise OutputPathError(f"{option} {str(path)!r} is a folder; give the path of a file to write")
 
 
 def load_model(path: str | os.PathLike, *, check_data: bool = True) -> ir.Model:

@@ -23,8 +23,8 @@ import onnx
 import onnx_ir as ir
 
 from llmir_onnx.digest import FileDigest, sha256_file
-from llmir_onnx.errors import PlanError
-from llmir_onnx.ir_io import check_output_path, model_proto, write_model_proto
+from llmir_onnx.errors import PlanError, check_output_path
+from llmir_onnx.ir_io import model_proto, write_model_proto
 from llmir_onnx.plan.data_files import RankWeights, WeightWriter, reference_placed_weights_in_proto
 from llmir_onnx.plan.manifest import MANIFEST_NAME, Manifest, RankEntry, SliceBinding, TensorInfo
 from llmir_onnx.plan.rank_check import check_rank_model

@@ -18,8 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmir_onnx.errors import LlmirError, PlanError
-from llmir_onnx.ir_io import check_output_path, load_model
+from llmir_onnx.errors import LlmirError, PlanError, check_output_path
+from llmir_onnx.ir_io import load_model
 from llmir_onnx.mesh import unit_range
 from llmir_onnx.plan.devices import load_profile
 from llmir_onnx.plan.layouts import model_shape

@@ -23,8 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from llmir_onnx.errors import GenerationError, VerificationError
-from llmir_onnx.ir_io import check_output_path
+from llmir_onnx.errors import GenerationError, VerificationError, check_output_path
 from llmir_onnx.plan.integrity import check_plan_files
 from llmir_onnx.plan.manifest import Manifest
 from llmir_onnx.plan.timeline import write_timeline

@@ -18,10 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
-from llmir_onnx.errors import CommunicationError, InputModelError, PlanError, VerificationError
-from llmir_onnx.ir_io import check_output_path
+from llmir_onnx.errors import CommunicationError, InputModelError, PlanError, VerificationError, check_output_path
 from llmir_onnx.model_facts import kv_cache_pairs
 from llmir_onnx.plan.integrity import check_plan_files, check_rank_files
 from llmir_onnx.plan.manifest import Manifest, RankEntry, SliceBinding, TensorInfo, cp_cache_runs
@@ -96,6 +94,14 @@ def load_feeds(path: Path) -> dict[str, np.ndarray]:
         ) from None
 
 
+# The manifest's element type names (onnx's, lower case) -> numpy's dtype name, for the types a feed can be
+# checked by name alone: a rank process may not import onnx / onnx_ir / ml_dtypes (tests/test_rank_imports.py).
+_FEED_DTYPE_NAMES = {
+    "float": "float32", "double": "float64", "float16": "float16", "bfloat16": "bfloat16", "bool": "bool",
+    **{name: name for name in ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")},
+}
+
+
 def check_feeds(inputs: Sequence[TensorInfo], feeds: dict[str, np.ndarray], where: str) -> None:
     """Refuse, before any rank starts, `feeds` that do not match the original model's `inputs`: a name
     missing or unknown, an element type, a rank or a fixed dim that differs.
@@ -113,8 +119,8 @@ def check_feeds(inputs: Sequence[TensorInfo], feeds: dict[str, np.ndarray], wher
         raise InputModelError(f"{where} hold {unknown}, not inputs of the model; remove them (its inputs: {names})")
     for info in inputs:
         array = feeds[info.name]
-        expected = ir.DataType[info.dtype.upper()].numpy() if info.dtype.upper() in ir.DataType.__members__ else None
-        if expected is not None and array.dtype != expected:
+        expected = _FEED_DTYPE_NAMES.get(info.dtype)
+        if expected is not None and array.dtype.name != expected:
             raise InputModelError(f"{where}: input {info.name!r} is {array.dtype}, the model takes {expected}; "
                                   f"convert it (array.astype({str(expected)!r}))")
         if not info.shape:
