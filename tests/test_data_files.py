@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -152,7 +153,7 @@ def test_pieces_cover_each_place_once(tmp_path: Path, monkeypatch: pytest.Monkey
     for _, place in layout.jobs:
         inside = [(start, stop) for start, stop in spans if place.offset <= start < place.offset + place.length]
         assert inside[0][0] == place.offset and inside[-1][1] == place.offset + place.length
-        assert all(stop == next_start for (_, stop), (next_start, _) in zip(inside, inside[1:], strict=False))
+        assert all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(inside))
     assert sum(stop - start for start, stop in spans) == layout.total_bytes
 
 
