@@ -250,7 +250,6 @@ def test_ctrl_c_during_annotate_keeps_the_previous_output(
     """Ctrl-C after the annotated model and its weights are half written: exit 130, the annotated model of
     an earlier run and its `.data` untouched, no partial file or folder beside them."""
     import onnx_ir
-
     from llmir_onnx.cli.main import main
 
     out = tmp_path / "annotated.onnx"

@@ -3,22 +3,18 @@ on stderr. If the progress stops saying so, the bench must fail, not report anot
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from pathlib import Path
 
 import pytest
+from synthetic_helpers import script_module
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "llama-gqa-torch-legacy" / "model.onnx"
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("partition_big", ROOT / "bench" / "partition_big.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(ROOT / "bench" / "partition_big.py")
 
 
 def test_the_first_write_is_found_in_a_partitions_progress(tmp_path: Path) -> None:
