@@ -16,6 +16,11 @@ weight file in the kernel as `cp` does and BLAKE3-hashes the copy behind it on a
 least work of a partition that records its files' digests), so the floor is measured in the same
 state of the machine as the two it lies between.
 
+With `--phases`, each partition runs with `--progress` instead of `--quiet` and its stderr is read as
+it comes: the moment the weights start streaming to disk (the first `writing` of its progress) splits
+its time into the fixed cost before the first byte (interpreter, imports, loading, sharding, the stage
+split) and the writing after it, each over the round's cp.
+
 With `--checkout DIR` (repeatable), each round partitions once with each checkout's code
 (`DIR/.venv/bin/python -m llmir_onnx.cli.main`, run from DIR), the first checkout first in odd rounds
 and last in even ones, each against the same round's cp (and floor); with two checkouts the second's
@@ -45,8 +50,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import IO, NamedTuple
 
 ROOT = Path(__file__).resolve().parent.parent
 # (hidden, heads, intermediate) of one decoder layer: 0.38 GiB (7b) and 1.6 GiB (70b) of float16 weights.
@@ -62,25 +69,55 @@ def _sync() -> float:
     return time.perf_counter() - start
 
 
-# (seconds to return, seconds to return + sync, peak RSS in bytes, CPU seconds) of one timed step.
-Timing = tuple[float, float, int, float]
+class Timing(NamedTuple):
+    """One timed step: seconds to return, to return + sync, peak RSS of the child in bytes, its CPU seconds
+    (user + system), and with a marker the seconds until its stderr first said it."""
+
+    returned: float
+    durable: float
+    peak_rss: int
+    cpu: float
+    marked: float | None = None
 
 
-def _timed(command: list[str], settle_s: float, cwd: Path | None = None) -> Timing:
-    """(seconds to return, seconds to return + sync, peak RSS of the child in bytes, its CPU seconds: user +
-    system)."""
+# What a partition's progress says when its weights start streaming to disk (plan/emit.py).
+WRITING_MARKER = b"writing"
+
+
+def _time_of_marker(stream: IO[bytes], marker: bytes, start: float, found: list[float]) -> None:
+    """Read `stream` to its end; append the time (since `start`) its bytes first held `marker`."""
+    tail = b""
+    while chunk := os.read(stream.fileno(), 1 << 16):
+        if not found and marker in tail + chunk:
+            found.append(time.perf_counter() - start)
+        tail = chunk[-len(marker) :]
+
+
+def _timed(command: list[str], settle_s: float, cwd: Path | None = None, marker: bytes | None = None) -> Timing:
+    """Run `command` after a sync (and `settle_s`), timed; with `marker`, also when its stderr first held it."""
     _sync()
     time.sleep(settle_s)
     start = time.perf_counter()
-    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, cwd=cwd)
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE if marker else None, cwd=cwd)
+    found: list[float] = []
+    reader = None
+    if marker:
+        assert child.stderr is not None
+        reader = threading.Thread(target=_time_of_marker, args=(child.stderr, marker, start, found))
+        reader.start()
     # wait4 gives this child's own rusage (RUSAGE_CHILDREN would report the largest child so far).
     _, status, usage = os.wait4(child.pid, 0)
     returned = time.perf_counter() - start
+    if reader is not None:
+        reader.join()
     child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
         raise SystemExit(f"{' '.join(command)} exited with {child.returncode}")
+    if marker and not found:
+        raise SystemExit(f"{' '.join(command)} never printed {marker.decode()!r} on stderr")
     durable = returned + _sync()
-    return returned, durable, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime
+    return Timing(returned, durable, usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime,
+                  found[0] if found else None)  # fmt: skip
 
 
 def _available_bytes() -> int:
@@ -114,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--checkout", type=Path, action="append", help="partition with this checkout's .venv (repeatable: A/B)"
     )
+    parser.add_argument(
+        "--phases", action="store_true", help="time the partition's first written byte too (it runs with --progress)"
+    )
     args = parser.parse_args(argv)
     work = args.work.resolve()
     model_dir = work / "model"
@@ -131,7 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     weight_bytes = data.stat().st_size
     copy = work / "copy.data"
     cli = [PYTHON, "-m", "llmir_onnx.cli.main"]
-    partition_args = ["partition", str(model), "--tp", "4", "--pp", "2", "-o", str(plan_dir), "--quiet"]
+    partition_args = ["partition", str(model), "--tp", "4", "--pp", "2", "-o", str(plan_dir),
+                      "--progress" if args.phases else "--quiet"]  # fmt: skip
+    marker = WRITING_MARKER if args.phases else None
     # (label, folder to run in, command): this checkout with this interpreter, or each --checkout with its own.
     sides = [(str(checkout), checkout.resolve(), [str(checkout.resolve() / ".venv" / "bin" / "python"),
               "-m", "llmir_onnx.cli.main", *partition_args]) for checkout in args.checkout or []]  # fmt: skip
@@ -156,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         for side in range(len(sides)) if index % 2 == 0 else reversed(range(len(sides))):
             shutil.rmtree(plan_dir, ignore_errors=True)
             _, cwd, command = sides[side]
-            runs[side].append((cp, _timed(command, args.settle, cwd)))
+            runs[side].append((cp, _timed(command, args.settle, cwd, marker)))
     plan_bytes = sum(p.stat().st_size for p in plan_dir.iterdir())
     for label, rounds in zip((label for label, _, _ in sides), runs, strict=True):
         if len(sides) > 1:
@@ -194,7 +236,8 @@ def _report(
         "plan_bytes": plan_bytes,
         "rounds": [
             {"cp_s": cp[0], "cp_durable_s": cp[1], "partition_s": part[0], "partition_durable_s": part[1],
-             "partition_peak_rss_bytes": part[2], "cp_cpu_s": cp[3], "partition_cpu_s": part[3]}
+             "partition_peak_rss_bytes": part[2], "cp_cpu_s": cp[3], "partition_cpu_s": part[3],
+             **({"partition_first_byte_s": part.marked} if part.marked is not None else {})}
             for cp, part in rounds
         ],
         "median_ratio_time_vs_cp": statistics.median(ratios),
@@ -229,6 +272,18 @@ def _report(
         print(f"floor (copy + BLAKE3 of the copy) / cp, median of rounds: {rows['median_ratio_floor_vs_cp']:.2f}x "
               f"(CPU {rows['median_ratio_floor_cpu_vs_cp']:.2f}x); partition / floor: "
               f"{rows['median_ratio_time_vs_floor']:.2f}x")  # fmt: skip
+    if all(part.marked is not None for _, part in rounds):
+        before = [part.marked / cp[0] for cp, part in rounds if part.marked is not None]
+        after = [(part[0] - part.marked) / cp[0] for cp, part in rounds if part.marked is not None]
+        rows["median_ratio_first_byte_vs_cp"] = statistics.median(before)
+        rows["median_ratio_writing_vs_cp"] = statistics.median(after)
+        print(f"{'round':<7}{'cp':>9}{'1st byte':>10}{'/cp':>7}{'writing':>10}{'/cp':>7}")
+        for index, (cp, part) in enumerate(rounds, 1):
+            assert part.marked is not None
+            print(f"{index:<7}{cp[0]:>8.2f}s{part.marked:>9.2f}s{part.marked / cp[0]:>6.2f}x"
+                  f"{part[0] - part.marked:>9.2f}s{(part[0] - part.marked) / cp[0]:>6.2f}x")  # fmt: skip
+        print(f"partition = before its first byte + writing; over cp, medians of rounds: "
+              f"{rows['median_ratio_first_byte_vs_cp']:.2f}x + {rows['median_ratio_writing_vs_cp']:.2f}x")  # fmt: skip
     print(f"peak RSS / weight bytes      : {rows['ratio_peak_rss_vs_weights']:.4f} "
           f"({peak / 2**20:.0f} MiB), target <= 0.05")  # fmt: skip
     if 2 * weight_bytes < available:

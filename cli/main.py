@@ -352,7 +352,7 @@ def verify(
     """Run every rank as a process, reassemble the outputs and compare with the original model."""
     import numpy as np
 
-    from llmir_onnx.errors import InputModelError, check_output_path
+    from llmir_onnx.errors import InputModelError, atomic_output, check_output_path
     from llmir_onnx.ir_io import load_model
     from llmir_onnx.plan.manifest import Manifest
     from llmir_onnx.runtime.feeds import PAST_FROM_MODEL, PAST_FROM_NOISE, FeedSizes, model_past_feeds, random_feeds
@@ -384,8 +384,9 @@ def verify(
     if not rows:  # a non-zero rank under an external launcher: rank 0 reports
         return
     if save_outputs is not None:
-        # mypy: an output named `allow_pickle` would bind savez's flag of that name; model outputs are never so named.
-        np.savez(save_outputs, **outputs)  # type: ignore[arg-type]
+        with atomic_output(save_outputs) as temporary:  # savez adds .npz to a name without it, as before
+            # mypy: an output named `allow_pickle` would bind savez's flag of that name; outputs are never so named.
+            np.savez(temporary, **outputs)  # type: ignore[arg-type]
     typer.echo(format_comparisons(rows))
     raise_if_mismatch(rows)
     typer.echo(f"all {len(rows)} outputs match the original model")
@@ -453,7 +454,7 @@ def generate(
     """Generate text with a plan: prefill, then decode with per-rank KV caches (starts its own ranks)."""
     import json
 
-    from llmir_onnx.errors import GenerationError, check_output_path
+    from llmir_onnx.errors import GenerationError, atomic_output, check_output_path
     from llmir_onnx.runtime.generate_job import encode_prompts, eos_token_ids, generate_plan, load_tokenizer
 
     if save_tokens is not None:
@@ -487,7 +488,8 @@ def generate(
             typer.echo(f"[{index}] {text}")
     typer.echo(f"llmir-onnx: {outcome.report.summary()}", err=True)
     if save_tokens is not None:
-        save_tokens.write_text(json.dumps(outcome.record()))
+        with atomic_output(save_tokens) as temporary:
+            temporary.write_text(json.dumps(outcome.record()))
     if check:
         outcome.raise_if_differs()
         assert outcome.reference_tokens is not None

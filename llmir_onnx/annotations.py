@@ -32,7 +32,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from llmir_onnx.errors import PlanError, ShardingError, check_output_path
+from llmir_onnx.errors import PlanError, ShardingError, atomic_output, check_output_path
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.mesh import DeviceMesh
 from llmir_onnx.model_facts import layer_of_node_by_name
@@ -169,8 +169,8 @@ def write_annotated_source(plan_dir: Path, out: Path, model_path: Path | None = 
     layer_ranges = [range(*e.layers) if e.layers else range(0) for _, e in sorted(first_of_stage.items())]
     tp_groups = [mesh.group(mesh.rank_of(mesh.coords(e.rank)), "tp") for _, e in sorted(first_of_stage.items())]
     count = annotate_model(model, placements, redistributed, tp_groups, layer_ranges, mesh.world_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    ir.save(model, out, external_data=f"{out.name}.data")
+    with atomic_output(out) as temporary:
+        ir.save(model, temporary, external_data=f"{out.name}.data")
     return out, count
 
 

@@ -1,11 +1,16 @@
 """One error hierarchy. A user-facing error names the node, the op, the value and the fix.
 
-The CLI prints `str(error)` on one line and exits non-zero; tracebacks only with --debug.
+The CLI prints `str(error)` on one line and exits non-zero; tracebacks only with --debug. The checks and
+writing of output paths live here too (`check_output_path`, `atomic_output`), so that rank processes use
+them without importing onnx.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -61,3 +66,21 @@ def check_output_path(path: Path, option: str, *, folder: bool = False) -> None:
         break
     if not folder and path.is_dir():
         raise OutputPathError(f"{option} {str(path)!r} is a folder; give the path of a file to write")
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """A path to write `path`'s content to (and any files named after it, such as `path`.data), in a hidden
+    folder beside it; when the block ends without an error, every file written there is moved beside
+    `path` (`path` itself last, so it never refers to files not yet in place), else they are all removed:
+    an interrupted or failed write leaves no half-written output (nor a previous one destroyed)."""
+    staging = path.parent / f".{path.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a process killed mid-write
+    staging.mkdir(parents=True)
+    try:
+        yield staging / path.name
+        written = sorted(staging.iterdir(), key=lambda file: file.name == path.name)
+        for file in written:
+            file.replace(path.parent / file.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

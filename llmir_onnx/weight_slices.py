@@ -79,9 +79,12 @@ def pwrite_all(fd: int, data: memoryview | bytes, offset: int) -> None:
         offset += written
 
 
-def gather_slices(slices: Sequence[ExternalSlice], write: Callable[[int, memoryview], object]) -> None:
+def gather_slices(
+    slices: Sequence[ExternalSlice], write: Callable[[int, memoryview], object], rows: tuple[int, int] | None = None
+) -> None:
     """Stream short-run slices of one source weight (same view and axis): `write(index, chunk)` gets the
-    bytes of `slices[index]` in order, a window of whole rows at a time.
+    bytes of `slices[index]` in order, a window of whole rows at a time; only outer rows [start, stop) of
+    `rows` when given (a writer thread's share of a big weight).
 
     Each window is mapped once for all the slices and unmapped before the next; one output buffer is
     reused (a fresh array per window would page-fault, and zero, every byte again).
@@ -101,18 +104,19 @@ def gather_slices(slices: Sequence[ExternalSlice], write: Callable[[int, memoryv
                 f"{first.source.path}: external data ends at byte {size}, inside weight {first.source.name!r} "
                 f"(bytes {base}..{base + outer * row_bytes})"
             )
-        for row in range(0, outer, rows_per_window):
-            rows = min(rows_per_window, outer - row)
+        first_row, stop_row = rows if rows is not None else (0, outer)
+        for row in range(first_row, stop_row, rows_per_window):
+            count = min(rows_per_window, stop_row - row)
             start = base + row * row_bytes
             aligned = start - start % mmap.ALLOCATIONGRANULARITY
-            window = mmap.mmap(source.fileno(), start - aligned + rows * row_bytes, flags=mmap.MAP_SHARED | populate,
+            window = mmap.mmap(source.fileno(), start - aligned + count * row_bytes, flags=mmap.MAP_SHARED | populate,
                                prot=mmap.PROT_READ, offset=aligned)  # fmt: skip
             try:
-                block = np.frombuffer(window, dtype=np.uint8, count=rows * row_bytes, offset=start - aligned)
-                block = block.reshape(rows, axis, inner_bytes)
+                block = np.frombuffer(window, dtype=np.uint8, count=count * row_bytes, offset=start - aligned)
+                block = block.reshape(count, axis, inner_bytes)
                 for index, piece in enumerate(slices):
                     local_axis = sum(b - a for a, b in piece.ranges)
-                    gathered = out[: rows * local_axis * inner_bytes].reshape(rows, local_axis, inner_bytes)
+                    gathered = out[: count * local_axis * inner_bytes].reshape(count, local_axis, inner_bytes)
                     column = 0
                     for a, b in piece.ranges:
                         np.copyto(gathered[:, column : column + b - a], block[:, a:b])
@@ -179,11 +183,20 @@ class ExternalSlice(ir.LazyTensor):
             return False  # one row: each range is a run as long as the slice's share of it
         return min(stop - start for start, stop in self._ranges) * inner_bytes < LONG_RUN_BYTES
 
-    def copy_runs(self, source_fd: int, target_fd: int, target_offset: int) -> None:
-        """Copy the slice run by run to `target_offset` of `target_fd`, file to file (in the kernel)."""
+    def copy_runs(
+        self, source_fd: int, target_fd: int, target_offset: int, window: tuple[int, int] | None = None
+    ) -> None:
+        """Copy the slice run by run to `target_offset` of `target_fd`, file to file (in the kernel); with
+        `window`, only the slice's bytes [start, stop), to the same place as in the whole copy."""
+        start, stop = window if window is not None else (0, self.nbytes)
+        position = 0  # of the run below in the slice's bytes
         for run_offset, run_length in self.byte_runs():
-            copy_range_at(source_fd, run_offset, run_length, target_fd, target_offset)
-            target_offset += run_length
+            first, last = max(start, position), min(stop, position + run_length)
+            if first < last:
+                copy_range_at(source_fd, run_offset + first - position, last - first, target_fd, target_offset + first)
+            position += run_length
+            if position >= stop:
+                break
 
     def byte_runs(self) -> Iterator[tuple[int, int]]:
         """(source file offset, length) of each contiguous piece, in the slice's byte order."""

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib.util
 from pathlib import Path
 
 import blake3
@@ -20,6 +19,7 @@ import ml_dtypes
 import numpy as np
 import onnx
 import pytest
+from synthetic_helpers import script_module
 
 from llmir_onnx.plan.manifest import FileDigest, Manifest, TensorInfo
 from llmir_onnx.runtime.feeds import export_check_feeds
@@ -30,11 +30,7 @@ FLOAT, FLOAT16, BFLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onn
 
 
 def _retype_graph(graph: onnx.GraphProto, source: int, target: int) -> None:
-    spec = importlib.util.spec_from_file_location("to_float64", MODELS / "to_float64.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.retype_graph(graph, source, target)
+    script_module(MODELS / "to_float64.py").retype_graph(graph, source, target)
 
 
 def _retyped_copy(source: Path, destination: Path, from_type: int, to_type: int) -> Path:

@@ -244,6 +244,34 @@ def test_ctrl_c_during_partition_leaves_nothing(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_ctrl_c_during_annotate_keeps_the_previous_output(
+    llama_plan: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Ctrl-C after the annotated model and its weights are half written: exit 130, the annotated model of
+    an earlier run and its `.data` untouched, no partial file or folder beside them."""
+    import onnx_ir
+    from llmir_onnx.cli.main import main
+
+    out = tmp_path / "annotated.onnx"
+    earlier = {out: b"earlier model", out.with_name("annotated.onnx.data"): b"earlier weights"}
+    for path, content in earlier.items():
+        path.write_bytes(content)
+    save = onnx_ir.save
+
+    def interrupted(model: object, path: Path, **kwargs: object) -> None:
+        save(model, path, **kwargs)  # type: ignore[arg-type]
+        path.write_bytes(path.read_bytes()[:100])  # as if stopped mid-write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_ir, "save", interrupted)
+    monkeypatch.setattr(sys, "argv", ["llmir-onnx", "annotate", str(llama_plan), "-o", str(out)])
+    with pytest.raises(SystemExit) as stop:
+        main()
+    assert stop.value.code == 130
+    assert capsys.readouterr().err == "llmir-onnx: interrupted\n"
+    assert {path: path.read_bytes() for path in tmp_path.iterdir()} == earlier
+
+
 @pytest.mark.parametrize(
     ("document", "fragments"),
     [

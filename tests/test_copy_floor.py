@@ -3,11 +3,11 @@ hash the copy exactly as a plan's digest would be taken, or its time is not the 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+from synthetic_helpers import script_module
 
 from llmir_onnx.digest import hash_file
 
@@ -15,11 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _copy_floor():
-    spec = importlib.util.spec_from_file_location("copy_floor", ROOT / "bench" / "copy_floor.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(ROOT / "bench" / "copy_floor.py")
 
 
 def test_the_floor_copies_every_byte_and_hashes_the_copy_in_file_order(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 from collections import defaultdict
 from pathlib import Path
@@ -69,17 +70,20 @@ def test_every_rank_weight_is_written_once_where_it_is_placed(
     """... and each file's size and digest, taken as it is written, are those of the bytes on disk, also
     when its weights are written in another order than the file's (`shuffled`)."""
     if order == "shuffled":
-        in_source_order = data_files._write_units
+        in_source_order = data_files._pieces_in_source_order
 
-        def shuffled(jobs: list[tuple[ir.TensorProtocol, data_files.WeightPlace]]) -> list[data_files.Unit]:
-            units = in_source_order(jobs)
-            random.Random(3).shuffle(units)
-            return units
+        def shuffled(jobs: list[tuple[ir.TensorProtocol, data_files.WeightPlace]]) -> list[data_files._Piece]:
+            pieces = in_source_order(jobs)
+            random.Random(3).shuffle(pieces)
+            return pieces
 
-        monkeypatch.setattr(data_files, "_write_units", shuffled)
+        monkeypatch.setattr(data_files, "_pieces_in_source_order", shuffled)
     # Small windows and run thresholds: the gather crosses many windows, and both copy paths run.
     monkeypatch.setattr(weight_slices, "CHUNK_BYTES", 700)
     monkeypatch.setattr(weight_slices, "LONG_RUN_BYTES", 64)
+    # Pieces smaller than a weight and cutting its rows and runs mid-way: every weight is written by several
+    # pieces (in any order when shuffled), each at its own offset.
+    monkeypatch.setattr(data_files, "PIECE_BYTES", 3000)
     # Hashing windows smaller than a weight and not page-aligned: prefixes span several mapped windows.
     monkeypatch.setattr(data_files, "HASH_CHUNK_BYTES", 5000)
     rng = np.random.default_rng(1)
@@ -131,6 +135,26 @@ def test_every_rank_weight_is_written_once_where_it_is_placed(
     assert layout.total_bytes == sum(length for _, _, length in distinct)
     on_disk = sum((plan / name).stat().st_size for name in layout.file_sizes)
     assert on_disk < layout.total_bytes + ALIGNMENT_BYTES * len(distinct)
+
+
+def test_pieces_cover_each_place_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pieces the writer threads take split big weights and cover every byte of every place once."""
+    monkeypatch.setattr(data_files, "PIECE_BYTES", 3000)
+    arrays = {name: np.ones((48, 64), np.float32) for name in ("columns", "rows", "whole")}
+    source = _source(tmp_path, arrays)
+    tensors = {f"columns{t}": rank_weight(source["columns"], Shard(1), TP, t) for t in range(TP)}
+    tensors |= {f"rows{t}": rank_weight(source["rows"], Shard(0), TP, t) for t in range(TP)}
+    tensors["whole"] = source["whole"]
+    layout = data_files.plan_layout([RankWeights(0, 0, tensors)])
+    pieces = data_files._pieces_in_source_order(layout.jobs)
+    assert len(pieces) > len(layout.jobs) - TP + 1  # the 4 column slices are one group, cut again
+    assert {span.file for piece in pieces for span in piece.spans} == {rank_data_name(0)}
+    spans = sorted((span.offset, span.offset + span.length) for piece in pieces for span in piece.spans)
+    for _, place in layout.jobs:
+        inside = [(start, stop) for start, stop in spans if place.offset <= start < place.offset + place.length]
+        assert inside[0][0] == place.offset and inside[-1][1] == place.offset + place.length
+        assert all(stop == next_start for (_, stop), (next_start, _) in itertools.pairwise(inside))
+    assert sum(stop - start for start, stop in spans) == layout.total_bytes
 
 
 def test_a_weight_made_after_planning_goes_to_the_end_of_its_rank_file(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ SmolLM2 (real weights, 650 MB) runs only with LLMIR_TEST_SMOLLM2=1: it takes abo
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
@@ -18,6 +17,7 @@ from types import ModuleType
 
 import numpy as np
 import pytest
+from synthetic_helpers import script_module
 
 from llmir_onnx.errors import LlmirError
 from llmir_onnx.runtime.feeds import export_check_feeds
@@ -126,11 +126,7 @@ def test_int4_matmulnbits_matches_original(tmp_path: Path) -> None:
 
 
 def _models_script(name: str) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(name, MODELS / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return script_module(MODELS / f"{name}.py")
 
 
 def _assert_float64_plan_exact(model_path: Path, plan_dir: Path, tp: int, pp: int) -> None:

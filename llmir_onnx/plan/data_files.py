@@ -15,7 +15,10 @@ source order:
   whole tensors and long row slices are copied file to file in the kernel (`copy_file_range`);
   the column slices that the tp ranks take from one source tensor are gathered together from one
   mapped window of rows, so those rows are read once for all ranks, not once per rank; a tensor
-  that is all zeros (a Partial share) is a hole in a sparse file and costs nothing.
+  that is all zeros (a Partial share) is a hole in a sparse file and costs nothing. A weight over
+  `PIECE_BYTES` is cut into pieces (bytes, or rows of a gathered group) that the writer threads take
+  one at a time: a 250 MiB lm_head, last in the source, kept one thread busy alone for 0.8 s at the
+  end of a 4.45 GiB partition while the other had finished (docs/BENCHMARKS.md).
 
 * Hashing. The manifest holds each file's digest (BLAKE3, llmir_onnx/digest.py), taken while the
   file is written (no second pass over the plan): the kernel copies never bring the bytes into this
@@ -59,6 +62,9 @@ ALIGNMENT_BYTES = 4096
 WRITER_THREADS = 2
 # How often a thread holding the GIL hands it over while the weights are being written.
 GIL_SWITCH_INTERVAL_S = 0.0002
+# Bytes a writer thread takes at once: a bigger weight (an lm_head, a wide layer's gathered projections)
+# is cut into pieces that both threads share, or the last one left at the end is one thread's alone.
+PIECE_BYTES = 32 << 20
 # Threads hashing the files' completed prefixes behind the writers (one file at a time each).
 HASH_THREADS = 2
 # Bytes of a file's completed prefix mapped at once to hash them.
@@ -401,32 +407,68 @@ class _Files:
         self._fds.clear()
 
 
-def _write_gathered(
-    group: list[tuple[ExternalSlice, WeightPlace]], files: _Files, advance: Callable[[int], None]
-) -> None:
-    """Column slices of one source tensor for several ranks, from one pass over its rows."""
-    written = [0] * len(group)
-
-    def write(index: int, chunk: memoryview) -> None:
-        place = group[index][1]
-        pwrite_all(files.fd(place.file), chunk, place.offset + written[index])
-        written[index] += chunk.nbytes
-        advance(chunk.nbytes)
-
-    gather_slices([tensor for tensor, _ in group], write)
-    for (tensor, place), count in zip(group, written, strict=True):
-        if count != place.length:
-            raise OSError(f"wrote {count} of {place.length} bytes of {tensor.name!r}")
-    for _, place in group:
-        files.written(place)
-
-
 # One tensor to write, or the column slices of one source tensor that several ranks take.
 Unit = tuple[ir.TensorProtocol, WeightPlace] | list[tuple[ExternalSlice, WeightPlace]]
 
 
-def _write_units(jobs: Sequence[tuple[ir.TensorProtocol, WeightPlace]]) -> list[Unit]:
-    """The jobs in source order; the short-run slices of one source tensor as one group, where its first was."""
+@dataclass(frozen=True)
+class _Piece:
+    """The part of a unit one writer thread takes: outer rows [start, stop) of a gathered group (every
+    rank's share of those rows), else bytes [start, stop) of the one tensor as placed."""
+
+    unit: Unit
+    start: int
+    stop: int
+
+    @property
+    def spans(self) -> list[WeightPlace]:
+        """Where its bytes go: one span of each place it writes into (what its file's hash waits for)."""
+        if isinstance(self.unit, list):
+            outer = self.unit[0][0].layout()[0]
+            row_bytes = [place.length // outer for _, place in self.unit]
+            return [
+                WeightPlace(place.file, place.offset + self.start * local, (self.stop - self.start) * local)
+                for (_, place), local in zip(self.unit, row_bytes, strict=True)
+            ]
+        place = self.unit[1]
+        return [WeightPlace(place.file, place.offset + self.start, self.stop - self.start)]
+
+
+def _pieces(unit: Unit) -> list[_Piece]:
+    """`unit` cut into pieces of about `PIECE_BYTES` that the writer threads take one at a time."""
+    if isinstance(unit, list):
+        outer, axis, inner_bytes = unit[0][0].layout()
+        # Source rows: the group's shares of them add up to the rows themselves.
+        rows = max(1, PIECE_BYTES // (axis * inner_bytes))
+        return [_Piece(unit, row, min(row + rows, outer)) for row in range(0, outer, rows)]
+    tensor, place = unit
+    if isinstance(tensor, (ExternalSlice, ir.ExternalTensor)) and place.length > PIECE_BYTES:
+        return [_Piece(unit, at, min(at + PIECE_BYTES, place.length)) for at in range(0, place.length, PIECE_BYTES)]
+    return [_Piece(unit, 0, place.length)]
+
+
+def _write_gathered(
+    group: list[tuple[ExternalSlice, WeightPlace]], rows: tuple[int, int], spans: list[WeightPlace],
+    files: _Files, advance: Callable[[int], None],
+) -> None:  # fmt: skip
+    """Rows `rows` of the column slices of one source tensor for several ranks, from one pass over them."""
+    written = [0] * len(group)
+
+    def write(index: int, chunk: memoryview) -> None:
+        span = spans[index]
+        pwrite_all(files.fd(span.file), chunk, span.offset + written[index])
+        written[index] += chunk.nbytes
+        advance(chunk.nbytes)
+
+    gather_slices([tensor for tensor, _ in group], write, rows)
+    for (tensor, _), span, count in zip(group, spans, written, strict=True):
+        if count != span.length:
+            raise OSError(f"wrote {count} of {span.length} bytes of rows {rows[0]}..{rows[1]} of {tensor.name!r}")
+
+
+def _pieces_in_source_order(jobs: Sequence[tuple[ir.TensorProtocol, WeightPlace]]) -> list[_Piece]:
+    """The jobs' pieces in source order; the short-run slices of one source tensor as one group, where its
+    first was."""
     groups: dict[tuple[object, ...], list[tuple[ExternalSlice, WeightPlace]]] = {}
     units: list[Unit] = []
     for tensor, place in sorted(jobs, key=_source_order):
@@ -439,33 +481,36 @@ def _write_units(jobs: Sequence[tuple[ir.TensorProtocol, WeightPlace]]) -> list[
             groups[key].append((tensor, place))
         else:
             units.append((tensor, place))
-    return units
+    return [piece for unit in units for piece in _pieces(unit)]
 
 
-def _write_unit(unit: Unit, files: _Files, advance: Callable[[int], None]) -> None:
-    if isinstance(unit, list):
-        _write_gathered(unit, files, advance)
-        return
-    tensor, place = unit
-    fd = files.fd(place.file)
-    if isinstance(tensor, Zeros):
-        pass  # a hole in the file
-    elif isinstance(tensor, ExternalSlice):
-        with open(tensor.source.path, "rb") as source_file:
-            tensor.copy_runs(source_file.fileno(), fd, place.offset)
-    elif isinstance(tensor, ir.ExternalTensor):
-        with open(tensor.path, "rb") as source_file:
-            copy_range_at(source_file.fileno(), tensor.offset or 0, place.length, fd, place.offset)
+def _write_piece(piece: _Piece, files: _Files, advance: Callable[[int], None]) -> None:
+    spans = piece.spans
+    if isinstance(piece.unit, list):
+        _write_gathered(piece.unit, (piece.start, piece.stop), spans, files, advance)
     else:
-        pwrite_all(fd, tensor.tobytes(), place.offset)
-    advance(place.length)
-    files.written(place)
+        tensor, place = piece.unit
+        fd = files.fd(place.file)
+        if isinstance(tensor, Zeros):
+            pass  # a hole in the file
+        elif isinstance(tensor, ExternalSlice):
+            with open(tensor.source.path, "rb") as source_file:
+                tensor.copy_runs(source_file.fileno(), fd, place.offset, (piece.start, piece.stop))
+        elif isinstance(tensor, ir.ExternalTensor):
+            with open(tensor.path, "rb") as source_file:
+                copy_range_at(source_file.fileno(), (tensor.offset or 0) + piece.start, piece.stop - piece.start,
+                              fd, place.offset + piece.start)  # fmt: skip
+        else:
+            pwrite_all(fd, tensor.tobytes(), place.offset)  # in memory: always one piece
+        advance(piece.stop - piece.start)
+    for span in spans:
+        files.written(span)
 
 
 class WeightWriter:
     """Writes a plan's weight files in the background, from the moment the weights are known.
 
-    `start` places the weights (`plan_layout`) and starts two threads that take the units in source
+    `start` places the weights (`plan_layout`) and starts two threads that take their pieces in source
     order: column slices gathered from the source (a memory copy, then a write), whole tensors and
     row slices copied file to file in the kernel. Meanwhile the caller builds the rank graphs (Python,
     mostly holding the GIL; the copies release it), then `place`s each rank model and `finish`es.
@@ -499,27 +544,28 @@ class WeightWriter:
             raise RuntimeError("WeightWriter.start called twice")
         self.layout = plan_layout(ranks)
         self._written_jobs = len(self.layout.jobs)
-        self._files.expect([place for _, place in self.layout.jobs])
+        pieces = _pieces_in_source_order(self.layout.jobs)
+        self._files.expect([span for piece in pieces for span in piece.spans])
         # The writer threads need the GIL for a moment between copies; the caller's graph building holds
         # it for 5 ms at a time by default, which starved the writes to ~0.5 GB/s on a 32-layer model.
         self._switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
         # Both threads take the next unit in source order from one queue: a split by kind (gathers on one
         # thread, kernel copies on the other) left one thread idle for half the time on wide layers.
-        pending: queue.SimpleQueue[Unit] = queue.SimpleQueue()
-        for unit in _write_units(self.layout.jobs):
-            pending.put(unit)
+        pending: queue.SimpleQueue[_Piece] = queue.SimpleQueue()
+        for piece in pieces:
+            pending.put(piece)
         self._pool = ThreadPoolExecutor(max_workers=WRITER_THREADS, thread_name_prefix="llmir-write")
         self._futures = [self._pool.submit(self._run, pending) for _ in range(WRITER_THREADS)]
 
-    def _run(self, pending: queue.SimpleQueue[Unit]) -> None:
+    def _run(self, pending: queue.SimpleQueue[_Piece]) -> None:
         try:
             while not self._failed.is_set():
                 try:
-                    unit = pending.get_nowait()
+                    piece = pending.get_nowait()
                 except queue.Empty:
                     return
-                _write_unit(unit, self._files, self._advance)
+                _write_piece(piece, self._files, self._advance)
         except BaseException:
             self._failed.set()
             raise
@@ -556,7 +602,8 @@ class WeightWriter:
             self._join(raise_errors=False)
             raise
         late = self.layout.jobs[self._written_jobs :]
-        self._files.expect([place for _, place in late])
-        for unit in _write_units(late):
-            _write_unit(unit, self._files, self._advance)
+        pieces = _pieces_in_source_order(late)
+        self._files.expect([span for piece in pieces for span in piece.spans])
+        for piece in pieces:
+            _write_piece(piece, self._files, self._advance)
         self.digests = self._files.finish(self.layout.file_sizes)

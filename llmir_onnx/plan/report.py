@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from llmir_onnx.errors import LlmirError, PlanError, check_output_path
+from llmir_onnx.errors import LlmirError, PlanError, atomic_output, check_output_path
 from llmir_onnx.ir_io import load_model
 from llmir_onnx.mesh import unit_range
 from llmir_onnx.plan.devices import load_profile
@@ -381,10 +381,6 @@ def render_report(plan_dir: Path, timeline: Path | None = None) -> str:
 def write_report(plan_dir: Path, out: Path, timeline: Path | None = None) -> Path:
     check_output_path(out, "-o")
     page = render_report(plan_dir, timeline)
-    temporary = out.with_name(f".{out.name}.partial")
-    try:
+    with atomic_output(out) as temporary:
         temporary.write_text(page)
-        temporary.replace(out)
-    finally:
-        temporary.unlink(missing_ok=True)  # only left when the write or the rename failed
     return out

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from llmir_onnx.errors import PlanError
+from llmir_onnx.errors import PlanError, atomic_output
 from llmir_onnx.plan.manifest import Manifest
 
 TIMELINE_FORMAT = "llmir-onnx-timeline"
@@ -77,5 +77,6 @@ def write_timeline(
     body: dict[str, object] = {"format": TIMELINE_FORMAT, "version": TIMELINE_VERSION, "events": events}
     if compute_stretch:
         body["compute_stretch"] = {str(rank): totals for rank, totals in sorted(compute_stretch.items())}
-    path.write_text(json.dumps(body) + "\n")
+    with atomic_output(path) as temporary:
+        temporary.write_text(json.dumps(body) + "\n")
     return path
