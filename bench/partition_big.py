@@ -19,7 +19,9 @@ state of the machine as the two it lies between.
 With `--phases`, each partition runs with `--progress` instead of `--quiet` and its stderr is read as
 it comes: the moment the weights start streaming to disk (the first `writing` of its progress) splits
 its time into the fixed cost before the first byte (interpreter, imports, loading, sharding, the stage
-split) and the writing after it, each over the round's cp.
+split) and the writing after it, each over the round's cp. The moment is when this script's reader saw
+the text: on a busy machine it can see it late (after the partition even), which moves time from the
+writing to the fixed cost; read it on a quiet machine.
 
 With `--checkout DIR` (repeatable), each round partitions once with each checkout's code
 (`DIR/.venv/bin/python -m llmir_onnx.cli.main`, run from DIR), the first checkout first in odd rounds

@@ -22,7 +22,9 @@ def test_the_first_write_is_found_in_a_partitions_progress(tmp_path: Path) -> No
     command = [sys.executable, "-m", "llmir_onnx.cli.main", "partition", str(MODEL), "--tp", "2", "--pp", "2",
                "-o", str(tmp_path / "plan"), "--progress"]  # fmt: skip
     timing = bench._timed(command, 0.0, ROOT, bench.WRITING_MARKER)
-    assert timing.marked is not None and 0 < timing.marked <= timing.returned
+    # Not compared with timing.returned: on a busy machine the reader may see the marker after the child
+    # has exited (the bench's figure is then late by that wait, which it says).
+    assert timing.marked is not None and timing.marked > 0
     assert (tmp_path / "plan" / "manifest.json").is_file()
 
 
@@ -30,7 +32,7 @@ def test_a_marker_split_over_two_writes_is_found(tmp_path: Path) -> None:
     bench = _bench()
     script = "import sys, time; sys.stderr.write('wri'); sys.stderr.flush(); time.sleep(0.05); sys.stderr.write('ting')"
     timing = bench._timed([sys.executable, "-c", script], 0.0, None, bench.WRITING_MARKER)
-    assert timing.marked is not None and timing.marked <= timing.returned
+    assert timing.marked is not None
 
 
 def test_a_partition_that_never_writes_fails_the_bench() -> None:
