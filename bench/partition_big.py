@@ -274,16 +274,14 @@ def _report(
         print(f"floor (copy + BLAKE3 of the copy) / cp, median of rounds: {rows['median_ratio_floor_vs_cp']:.2f}x "
               f"(CPU {rows['median_ratio_floor_cpu_vs_cp']:.2f}x); partition / floor: "
               f"{rows['median_ratio_time_vs_floor']:.2f}x")  # fmt: skip
-    if all(part.marked is not None for _, part in rounds):
-        before = [part.marked / cp[0] for cp, part in rounds if part.marked is not None]
-        after = [(part[0] - part.marked) / cp[0] for cp, part in rounds if part.marked is not None]
-        rows["median_ratio_first_byte_vs_cp"] = statistics.median(before)
-        rows["median_ratio_writing_vs_cp"] = statistics.median(after)
+    # (cp, seconds before the first byte, seconds writing after it) of each round, with --phases
+    phases = [(cp.returned, part.marked, part.returned - part.marked) for cp, part in rounds if part.marked is not None]
+    if phases:
+        rows["median_ratio_first_byte_vs_cp"] = statistics.median(before / cp for cp, before, _ in phases)
+        rows["median_ratio_writing_vs_cp"] = statistics.median(after / cp for cp, _, after in phases)
         print(f"{'round':<7}{'cp':>9}{'1st byte':>10}{'/cp':>7}{'writing':>10}{'/cp':>7}")
-        for index, (cp, part) in enumerate(rounds, 1):
-            assert part.marked is not None
-            print(f"{index:<7}{cp[0]:>8.2f}s{part.marked:>9.2f}s{part.marked / cp[0]:>6.2f}x"
-                  f"{part[0] - part.marked:>9.2f}s{(part[0] - part.marked) / cp[0]:>6.2f}x")  # fmt: skip
+        for index, (cp_s, before, after) in enumerate(phases, 1):
+            print(f"{index:<7}{cp_s:>8.2f}s{before:>9.2f}s{before / cp_s:>6.2f}x{after:>9.2f}s{after / cp_s:>6.2f}x")
         print(f"partition = before its first byte + writing; over cp, medians of rounds: "
               f"{rows['median_ratio_first_byte_vs_cp']:.2f}x + {rows['median_ratio_writing_vs_cp']:.2f}x")  # fmt: skip
     print(f"peak RSS / weight bytes      : {rows['ratio_peak_rss_vs_weights']:.4f} "
